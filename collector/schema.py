@@ -1,0 +1,146 @@
+"""The SQLite schema: created and migrated on open, versioned in `meta`.
+
+This file is the contract between the collector (the one writer) and the query
+server (read-only readers); docs/SCHEMA.md describes every column.  Migrations
+run in order inside one transaction each, so a crash mid-migration leaves the
+previous version intact.
+
+Layout, and why:
+- `readings` is WITHOUT ROWID, clustered on (series, ts, boot, seq): the range
+  and latest-value queries walk one series' rows in time order straight off
+  the primary key, and the writer maintains one B-tree instead of a table plus
+  a secondary index.  sqlite-utils cannot declare WITHOUT ROWID, so that one
+  table is plain SQL.
+- metric names are interned in `series` (sensor, metric) -> small integer, so
+  a reading row carries 8 bytes of key instead of two strings.
+- `boot` is -1 for sensors that send no boot field (a primary key column may
+  not be NULL in a WITHOUT ROWID table); readers map -1 back to null.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+import sqlite_utils
+
+from .errors import SetupError
+
+SCHEMA_VERSION = 1
+NO_BOOT = -1  # stored in place of a missing boot field
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db["sensors"].create(
+        {
+            "sensor": str,
+            "first_seen": float,
+            "last_seen": float,
+            "datagrams": int,
+            "readings": int,
+            "lost": int,
+            "duplicates": int,
+            "reordered": int,
+            "restarts": int,
+            "tracker": str,  # JSON snapshot of the sequence tracker (restart safety)
+        },
+        pk="sensor",
+        not_null=["first_seen", "last_seen"],
+        defaults={k: 0 for k in ("datagrams", "readings", "lost", "duplicates", "reordered", "restarts")},
+    )
+    db["series"].create({"id": int, "sensor": str, "metric": str}, pk="id", not_null=["sensor", "metric"])
+    db["series"].create_index(["sensor", "metric"], unique=True)
+    db.execute(
+        """CREATE TABLE readings (
+               series INTEGER NOT NULL,
+               ts REAL NOT NULL,
+               boot INTEGER NOT NULL,
+               seq INTEGER NOT NULL,
+               value REAL NOT NULL,
+               received REAL NOT NULL,
+               PRIMARY KEY (series, ts, boot, seq)
+           ) WITHOUT ROWID"""
+    )
+    # One row per run of missing seqs that is still missing.  `stream` counts
+    # the sensor's restarts, so gaps of an earlier stream with the same boot
+    # (a seq reset without a boot field) never collide with newer ones.
+    db["gaps"].create(
+        {
+            "sensor": str,
+            "stream": int,
+            "boot": int,
+            "first_seq": int,
+            "last_seq": int,
+            "missing": int,
+            "detected_at": float,
+        },
+        pk=("sensor", "stream", "first_seq"),
+        not_null=["boot", "last_seq", "missing", "detected_at"],
+    )
+    db["gaps"].create_index(["detected_at"])
+    # Collector counters, cumulative across restarts: received, stored,
+    # stored_readings, duplicates, kernel_drops, truncated, storage_dropped,
+    # rejected:<reason>, and last_flush (Unix seconds).
+    db["counters"].create({"name": str, "value": float}, pk="name", not_null=["value"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    if "meta" not in db.table_names():
+        return 0
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Bring the database to SCHEMA_VERSION; returns the version found."""
+    found = schema_version(db)
+    if found > SCHEMA_VERSION:
+        raise SetupError(
+            f"database schema version {found} is newer than this collector's {SCHEMA_VERSION}: upgrade gateway-telemetry"
+        )
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        with db.conn:  # one transaction per step
+            db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            MIGRATIONS[version - 1](db)
+            db["meta"].upsert({"key": "schema_version", "value": str(version)}, pk="key")
+    return found
+
+
+def open_writer(path: str) -> sqlite_utils.Database:
+    """Open (creating if need be) the database as its one long-lived writer.
+
+    WAL lets readers run beside the writer; synchronous=NORMAL keeps WAL
+    durable across a process crash (only an OS crash may lose the last
+    commits).  Exactly one writer connection exists: SQLite 3.40.1, bundled
+    here, is inside the range of the WAL-reset bug that two concurrent writers
+    or checkpointers can trigger.
+    """
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db = sqlite_utils.Database(conn)
+        db.enable_wal()
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+        migrate(db)
+    except sqlite3.Error as exc:
+        raise SetupError(f"cannot open database {path}: {exc} (is the directory writable by this user?)") from None
+    return db
+
+
+def open_reader(path: str) -> sqlite3.Connection:
+    """Open the database read-only (mode=ro): a reader can never change data."""
+    from urllib.parse import quote
+
+    try:
+        conn = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=5000")
+        found = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.Error as exc:
+        raise SetupError(f"cannot open database {path} read-only: {exc} (has the collector created it yet?)") from None
+    if found is None or int(found[0]) != SCHEMA_VERSION:
+        raise SetupError(f"database {path} has schema {found and found[0]}, expected {SCHEMA_VERSION}")
+    return conn

@@ -1,0 +1,1 @@
+"""gateway-telemetry query service: newline-delimited JSON over TLS, and its client."""

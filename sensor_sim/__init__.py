@@ -1,0 +1,1 @@
+"""sensor-sim: simulated sensors speaking wire format v1, with fault injection and ground truth."""

@@ -1,0 +1,82 @@
+"""Shared fixtures: real files under tmp_path, and hygiene checks.
+
+Every test must leave no thread and no child process behind (zeroconf's
+conftest does the same): a leaked collector or simulator would keep a port
+bound and make later tests flaky in ways that are hard to trace.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _children() -> set[int]:
+    """PIDs of this process's live (non-zombie) children, from /proc."""
+    me = str(os.getpid())
+    found = set()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # not Linux: nothing to check
+        return found
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state, ppid, ...
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) >= 2 and fields[1] == me and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail a test that leaves a thread or a child process running."""
+    threads_before = set(threading.enumerate())
+    children_before = _children()
+    yield
+    deadline = time.monotonic() + 5.0
+    while True:
+        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        children = _children() - children_before
+        if not threads and not children:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    for pid in children:  # do not let one leak poison the rest of the run
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    pytest.fail(f"test leaked threads {[t.name for t in threads]} / child processes {sorted(children)}")
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "telemetry.db")
+
+
+@pytest.fixture
+def bin_path():
+    """Path of a console script installed beside this interpreter."""
+
+    def find(name: str) -> str:
+        path = Path(sys.executable).parent / name
+        if not path.exists():
+            pytest.fail(f"{name} is not installed next to {sys.executable}: run pip install -e .")
+        return str(path)
+
+    return find
