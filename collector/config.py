@@ -1,0 +1,186 @@
+"""Settings from flags, environment, a TOML file and defaults, in that order.
+
+Both daemons read one file (`gateway.toml`, tables `[collector]` and `[query]`).
+Precedence is flags > environment > file > defaults, as operators expect from
+collectd or Telegraf.  Click already resolves flags and environment variables
+(and tells us which one a value came from), so this module only adds the file
+layer underneath and validates it: an unknown key, or a value of the wrong
+type, is a ConfigError naming the file, the table and the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key of a config table; also the name of its click parameter.
+
+    `parse` turns a file value into the internal value or raises
+    ValueError/TypeError with a message; click does the same for flags.
+    """
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any = None
+    multiple: bool = False  # a list in the file, a repeatable flag
+
+    @property
+    def key(self) -> str:
+        """The TOML key: the parameter name with dashes (flush-interval)."""
+        return self.name.replace("_", "-")
+
+
+def read_table(path: str | None, table: str) -> dict[str, Any]:
+    """Return the `[table]` of a TOML file ({} when no file is given)."""
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    value = doc.get(table, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: [{table}] must be a table")
+    return value
+
+
+def _from_file(setting: Setting, raw: Any, where: str) -> Any:
+    try:
+        if setting.multiple:
+            if not isinstance(raw, list):
+                raw = [raw]
+            return tuple(setting.parse(item) for item in raw)
+        return setting.parse(raw)
+    except (ValueError, TypeError, click.BadParameter) as exc:
+        message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+        raise ConfigError(f"{where}: bad value for {setting.key!r}: {message}") from None
+
+
+def merge(
+    ctx: click.Context,
+    settings: Sequence[Setting],
+    file_values: dict[str, Any],
+    where: str,
+) -> dict[str, Any]:
+    """Combine click's values (flags, env) with the file's and the defaults.
+
+    Returns {setting.name: value}.  A key in the file that no setting knows is
+    an error, so a typo never silently falls back to a default.
+    """
+    known = {s.key: s for s in settings}
+    for key in file_values:
+        if key not in known:
+            near = _nearest(key, known)
+            hint = f" (did you mean {near!r}?)" if near else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+    result: dict[str, Any] = {}
+    for setting in settings:
+        source = ctx.get_parameter_source(setting.name)
+        value = ctx.params.get(setting.name)
+        given = source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        if setting.multiple and given and not value:
+            given = False
+        if given:
+            result[setting.name] = value
+        elif setting.key in file_values:
+            result[setting.name] = _from_file(setting, file_values[setting.key], where)
+        else:
+            result[setting.name] = setting.default
+    return result
+
+
+def _nearest(key: str, known: Iterable[str]) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(key, list(known), n=1)
+    return found[0] if found else None
+
+
+# Parsers shared by both daemons' settings.
+
+
+def positive_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    number = float(value)
+    if not number > 0:
+        raise ValueError(f"must be > 0, got {value!r}")
+    return number
+
+
+def positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    number = int(value)
+    if number <= 0:
+        raise ValueError(f"must be > 0, got {value!r}")
+    return number
+
+
+def string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}")
+    return value
+
+
+def host_port(default_port: int) -> Callable[[Any], tuple[str, int]]:
+    """Parser for HOST:PORT, [V6ADDR]:PORT, :PORT or HOST (default port)."""
+
+    def parse(value: Any) -> tuple[str, int]:
+        return parse_host_port(string(value), default_port)
+
+    return parse
+
+
+def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split 'host:port', '[v6]:port', ':port' or 'host' into (host, port).
+
+    Raises ValueError with a message a person can act on.
+    """
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']' after an IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected ':PORT' after ']'")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") > 1:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:4739")
+    elif ":" in text:
+        host, port_text = text.rsplit(":", 1)
+    else:
+        host, port_text = text, ""
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"{text!r}: a port is required (HOST:PORT)")
+        port = default_port
+    else:
+        if not port_text.isdigit():
+            raise ValueError(f"{text!r}: port {port_text!r} is not a number")
+        port = int(port_text)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{text!r}: port {port} is out of range 0-65535")
+    return host or "0.0.0.0", port
