@@ -1,0 +1,414 @@
+"""The TLS listener: one selectors loop, non-blocking TLS, JSON lines in and out.
+
+Promises: no client can delay another by being slow, silent, half-open or not
+speaking TLS at all, because every socket is non-blocking and the handshake is
+driven by readiness events (SSLWantRead/WriteError), never by a blocking call;
+every connection's memory is bounded (a request line by MAX_LINE_BYTES, queued
+output by `max_output` plus one response: a client that stops reading stops
+being read); a request that fails inside answers `internal` and is logged,
+never ending the loop.  Requests are answered in order, one response per line.
+Shaped like socketserver: `serve_forever()` / `shutdown()` (thread- and
+signal-safe, via a wake-up socketpair), port 0 read back in `server_address`.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from collector.errors import SetupError
+
+from .ops import Ops
+from .protocol import MAX_LINE_BYTES, LineBuffer, LineTooLong, RequestError, encode_error, encode_result, parse_request
+
+log = logging.getLogger("telemetry.query")
+
+DEFAULT_PORT = 4740
+READ_CHUNK = 64 * 1024  # bytes per recv; one TLS record is at most 16 KiB anyway
+SEND_CHUNK = 256 * 1024
+READS_PER_TURN = 8  # recv calls for one client before others get a turn (fairness)
+SWEEP_SECONDS = 0.25  # how often timeouts are checked
+LINGER_SECONDS = 2.0  # after too_large: how long we drain a client's input before closing
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_connections: int = 1000
+    idle_timeout: float = 300.0  # seconds without a byte moving either way
+    handshake_timeout: float = 10.0  # seconds from accept to a finished TLS handshake
+    max_output: int = 4 * 1024 * 1024  # queued response bytes before we stop reading a client
+
+
+def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
+    """TLS 1.2+ with forward-secret AEAD ciphers only; mutual TLS when client_ca is given."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.2 suites; TLS 1.3 suites are all AEAD already and set separately by OpenSSL.
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+
+    def no_passphrase() -> bytes:
+        raise SetupError(f"private key {key} is encrypted: give an unencrypted key readable only by this service")
+
+    try:
+        ctx.load_cert_chain(cert, key, password=no_passphrase)
+    except FileNotFoundError as exc:
+        raise SetupError(f"cannot read {exc.filename}: no such file (check --cert/--key)") from None
+    except PermissionError as exc:
+        raise SetupError(f"cannot read {exc.filename}: permission denied (the service user must read it)") from None
+    except ssl.SSLError as exc:
+        # Never include key material; OpenSSL's reason is enough.
+        raise SetupError(f"cannot load --cert {cert} / --key {key}: {exc.reason or 'not a PEM certificate and matching key'}") from None
+    if client_ca is not None:
+        # create_default_context(CLIENT_AUTH) leaves CERT_NONE: without this line
+        # a client with no certificate would be let in.
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        try:
+            ctx.load_verify_locations(cafile=client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise SetupError(f"cannot load --client-ca {client_ca}: {getattr(exc, 'strerror', None) or exc}") from None
+    return ctx
+
+
+class Service:
+    """Turns one request line into one response line (bytes in, bytes out)."""
+
+    def __init__(self, ops: Ops) -> None:
+        self.ops = ops
+
+    def handle(self, line: bytes) -> bytes:
+        request_id = None
+        try:
+            request = parse_request(line)
+            request_id = request.id
+            return encode_result(request_id, self.ops.run(request))
+        except RequestError as exc:
+            return encode_error(exc.request_id if exc.request_id is not None else request_id, exc.code, exc.message)
+        except Exception:  # a bug or a database fault: answer, log, keep serving
+            log.exception("internal error answering a request (op line of %d bytes)", len(line))
+            return encode_error(request_id, "internal", "internal error; the server log has details")
+
+
+_HANDSHAKE, _OPEN, _CLOSING = "handshake", "open", "closing"
+
+
+class _Conn:
+    __slots__ = ("sock", "peer", "state", "lines", "out", "out_bytes", "out_offset",
+                 "accepted", "touched", "eof", "events", "want")
+
+    def __init__(self, sock: ssl.SSLSocket, peer: str, now: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.state = _HANDSHAKE
+        self.lines = LineBuffer(MAX_LINE_BYTES)
+        self.out: deque[bytes] = deque()
+        self.out_bytes = 0
+        self.out_offset = 0  # bytes of out[0] already sent
+        self.accepted = now
+        self.touched = now
+        self.eof = False
+        self.events = 0  # what the selector currently watches
+        self.want = 0  # what TLS asked for last
+
+
+class QueryServer:
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        address: tuple[str, int],
+        service: Service,
+        limits: ServerLimits = ServerLimits(),
+        notify: Callable[[str], None] = lambda state: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.context = context
+        self.service = service
+        self.limits = limits
+        self.notify = notify
+        self._clock = clock
+        self._listener = _listen(*address)
+        self.server_address = self._listener.getsockname()[:2]
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._listener, selectors.EVENT_READ, "listener")
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._conns: dict[int, _Conn] = {}
+        self._ready: set[int] = set()  # conns with TLS data already decrypted (no readiness event will come)
+        self._stop = False
+        self._refused = 0
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def describe(self) -> str:
+        host, port = self.server_address
+        host = f"[{host}]" if ":" in host else host
+        return f"listening tls {host}:{port}"
+
+    def shutdown(self) -> None:
+        """Ask serve_forever to return; safe from another thread or a signal handler."""
+        self._stop = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:  # buffer full (already woken) or closed
+            pass
+
+    def serve_forever(self) -> None:
+        self.notify("READY=1")
+        next_sweep = self._clock() + SWEEP_SECONDS
+        try:
+            while not self._stop:
+                timeout = 0 if self._ready else max(0.0, next_sweep - self._clock())
+                for key, mask in self._sel.select(timeout):
+                    if key.data == "listener":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._drain_wake()
+                    else:
+                        conn = self._conns.get(key.fd)
+                        if conn is not None:
+                            self._service(conn)
+                for fd in list(self._ready):
+                    self._ready.discard(fd)
+                    conn = self._conns.get(fd)
+                    if conn is not None:
+                        self._service(conn)
+                now = self._clock()
+                if now >= next_sweep:
+                    self._sweep(now)
+                    next_sweep = now + SWEEP_SECONDS
+        finally:
+            self.notify("STOPPING=1")
+            self.close()
+
+    def close(self) -> None:
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        for sock in (self._listener, self._wake_r, self._wake_w):
+            try:
+                self._sel.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+        self._sel.close()
+
+    # -- loop internals ------------------------------------------------------
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _accept(self) -> None:
+        for _ in range(64):  # bounded: a connection flood cannot starve the others
+            try:
+                sock, addr = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # EMFILE and friends: survive, say what to change
+                log.error("accept failed: %s (raise LimitNOFILE or lower max-connections)", exc.strerror)
+                return
+            if len(self._conns) >= self.limits.max_connections:
+                self._refused += 1
+                if self._refused in (1, 10, 100) or self._refused % 1000 == 0:
+                    log.warning("refused %d connections: max-connections %d reached", self._refused,
+                                self.limits.max_connections)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ValueError):
+                sock.close()
+                continue
+            conn = _Conn(tls, f"{addr[0]}:{addr[1]}", self._clock())
+            self._conns[tls.fileno()] = conn
+            conn.events = selectors.EVENT_READ
+            self._sel.register(tls, conn.events, conn)
+            self._service(conn)
+
+    def _sweep(self, now: float) -> None:
+        for conn in list(self._conns.values()):
+            if conn.state == _HANDSHAKE and now - conn.accepted > self.limits.handshake_timeout:
+                log.info("%s: TLS handshake not finished in %gs, closed", conn.peer, self.limits.handshake_timeout)
+                self._drop(conn)
+            elif conn.state == _CLOSING and now - conn.accepted > LINGER_SECONDS:
+                self._drop(conn)
+            elif now - conn.touched > self.limits.idle_timeout:
+                log.info("%s: idle for %gs, closed", conn.peer, self.limits.idle_timeout)
+                self._drop(conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        fd = conn.sock.fileno()
+        self._conns.pop(fd, None)
+        self._ready.discard(fd)
+        try:
+            self._sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def _service(self, conn: _Conn) -> None:
+        """Advance one connection as far as it goes without blocking."""
+        try:
+            if conn.state != _HANDSHAKE or self._handshake(conn):
+                self._pump(conn)
+        except (ssl.SSLError, OSError) as exc:  # reset, bad record, plaintext, refused certificate...
+            log.debug("%s: closed: %s", conn.peer, exc)
+            self._drop(conn)
+            return
+        if conn.eof and not conn.out_bytes and (conn.state == _CLOSING or not len(conn.lines)):
+            self._drop(conn)
+            return
+        events = conn.want | (selectors.EVENT_WRITE if conn.out_bytes else 0)
+        events = events or selectors.EVENT_READ
+        if events != conn.events:
+            conn.events = events
+            self._sel.modify(conn.sock, events, conn)
+
+    def _handshake(self, conn: _Conn) -> bool:
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            conn.want = selectors.EVENT_READ
+            return False
+        except ssl.SSLWantWriteError:
+            conn.want = selectors.EVENT_WRITE
+            return False
+        conn.state = _OPEN
+        conn.touched = self._clock()
+        return True
+
+    def _pump(self, conn: _Conn) -> None:
+        conn.want = 0
+        reads = 0
+        while True:
+            self._answer_lines(conn)
+            if conn.out_bytes:
+                self._flush(conn)
+            if conn.state == _CLOSING:
+                self._linger(conn)
+                return
+            if conn.eof or conn.out_bytes >= self.limits.max_output:
+                return  # backpressure: a client that does not read is not read either
+            if reads >= READS_PER_TURN:
+                self._ready.add(conn.sock.fileno())  # TLS may hold decrypted bytes: no event would come
+                return
+            try:
+                data = conn.sock.recv(READ_CHUNK)
+            except ssl.SSLWantReadError:
+                conn.want |= selectors.EVENT_READ
+                return
+            except ssl.SSLWantWriteError:
+                conn.want |= selectors.EVENT_WRITE
+                return
+            reads += 1
+            conn.touched = self._clock()
+            if data:
+                conn.lines.feed(data)
+                continue
+            conn.eof = True
+            rest = conn.lines.rest()
+            if len(rest) > MAX_LINE_BYTES:
+                self._too_large(conn)
+            elif rest:  # an unterminated last line before EOF is still a request
+                self._queue(conn, self.service.handle(rest))
+
+    def _answer_lines(self, conn: _Conn) -> None:
+        while conn.state == _OPEN and conn.out_bytes < self.limits.max_output:
+            try:
+                line = conn.lines.next_line()
+            except LineTooLong:
+                self._too_large(conn)
+                return
+            if line is None:
+                return
+            self._queue(conn, self.service.handle(line))
+
+    def _too_large(self, conn: _Conn) -> None:
+        self._queue(conn, encode_error(None, "too_large", f"request line longer than {MAX_LINE_BYTES} bytes; closing"))
+        conn.lines = LineBuffer(MAX_LINE_BYTES)  # free what was buffered
+        conn.state = _CLOSING
+        conn.accepted = self._clock()  # start of the linger period
+
+    def _queue(self, conn: _Conn, data: bytes) -> None:
+        conn.out.append(data)
+        conn.out_bytes += len(data)
+
+    def _flush(self, conn: _Conn) -> None:
+        while conn.out:
+            head = conn.out[0]
+            # On a retry after SSLWantWriteError the same bytes are offered
+            # again, as OpenSSL requires (out[0] and the offset are unchanged).
+            chunk = memoryview(head)[conn.out_offset : conn.out_offset + SEND_CHUNK]
+            try:
+                sent = conn.sock.send(chunk)
+            except ssl.SSLWantWriteError:
+                conn.want |= selectors.EVENT_WRITE
+                return
+            except ssl.SSLWantReadError:
+                conn.want |= selectors.EVENT_READ
+                return
+            conn.touched = self._clock()
+            conn.out_offset += sent
+            conn.out_bytes -= sent
+            if conn.out_offset >= len(head):
+                conn.out.popleft()
+                conn.out_offset = 0
+
+    def _linger(self, conn: _Conn) -> None:
+        """After too_large: send the error, then FIN, then drain until the peer closes.
+
+        Closing with unread input would send a RST, and a RST can destroy the
+        error response before the client reads it.  Draining is bounded by
+        LINGER_SECONDS (checked in _sweep).
+        """
+        if conn.out_bytes:
+            return
+        if not conn.eof:
+            if isinstance(conn.sock, ssl.SSLSocket) and conn.sock._sslobj is not None:  # noqa: SLF001
+                conn.sock.shutdown(socket.SHUT_WR)  # drops TLS: what follows is raw bytes to discard
+            try:
+                while conn.sock.recv(READ_CHUNK):
+                    pass
+                conn.eof = True
+            except BlockingIOError:
+                conn.want = selectors.EVENT_READ
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A non-blocking listening TCP socket on host:port (port 0: any free port)."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise SetupError(f"cannot resolve listen address {host!r}: {exc.strerror}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(512)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        hint = {
+            98: "another process uses this port: pick another --listen port or stop it",
+            13: "ports below 1024 need privileges: use the default 4740 or CAP_NET_BIND_SERVICE",
+            99: "this host has no such address: check --listen",
+        }.get(exc.errno or 0, "check --listen")
+        raise SetupError(f"cannot listen on {host}:{port}: {exc.strerror} ({hint})") from None
+    return sock
