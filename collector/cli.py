@@ -1,8 +1,148 @@
-"""telemetry-collector command line (placeholder until the collector lands)."""
+"""telemetry-collector: the command line edge of the collector.
 
+Flags, TELEMETRY_COLLECTOR_* environment variables and the `[collector]`
+table of a TOML file become one `server.Settings` (flags > env > file >
+defaults, collector.config); every ConfigError or SetupError raised inside
+becomes one readable line and exit code 2 here, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
 import sys
 
+import click
 
-def main() -> None:
-    sys.stderr.write("telemetry-collector: not built yet\n")
-    sys.exit(2)
+from . import __version__, config, net, tuning
+from .errors import ConfigError, SetupError
+from .server import Collector, Settings
+
+ENV = "TELEMETRY_COLLECTOR_"
+
+
+class SetupFailed(click.ClickException):
+    """An error an operator can act on: one line, exit code 2 (like a usage error)."""
+
+    exit_code = 2
+
+
+def _group(value) -> tuple[str, int | None]:
+    return net.parse_group(config.string(value))
+
+
+def _host_port(value) -> tuple[str, int]:
+    return config.parse_host_port(config.string(value), tuning.DEFAULT_UDP_PORT)
+
+
+class _ParserType(click.ParamType):
+    """A click type around one of our parsers, so flags and file values parse alike."""
+
+    def __init__(self, name: str, parse) -> None:
+        self.name = name
+        self._parse = parse
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            return self._parse(value)
+        except (ValueError, TypeError, ConfigError) as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SETTINGS = [
+    config.Setting("db", config.string, tuning.DEFAULT_DB_PATH),
+    config.Setting("listen", _host_port, ((tuning.DEFAULT_LISTEN_HOST, tuning.DEFAULT_UDP_PORT),), multiple=True),
+    config.Setting("multicast", _group, (), multiple=True),
+    config.Setting("multicast_interface", config.string, None),
+    config.Setting("flush_interval", config.positive_float, tuning.DEFAULT_FLUSH_INTERVAL_S),
+    config.Setting("batch_size", config.positive_int, tuning.DEFAULT_BATCH_ROWS),
+    config.Setting("rcvbuf", config.positive_int, tuning.DEFAULT_RCVBUF_BYTES),
+    config.Setting("status_interval", config.positive_float, tuning.DEFAULT_STATUS_INTERVAL_S),
+]
+
+
+def _positive(kind):
+    def parse(value):
+        try:
+            return kind(value) if kind is int else config.positive_float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number") from None
+
+    def check(value):
+        number = parse(value)
+        if number <= 0:
+            raise ValueError(f"must be > 0, got {value!r}")
+        return number
+
+    return check
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": None})
+@click.option("--db", envvar=ENV + "DB", metavar="PATH",
+              help=f"SQLite database file, created if missing.  [default: {tuning.DEFAULT_DB_PATH}]")
+@click.option("--listen", multiple=True, envvar=ENV + "LISTEN", metavar="HOST:PORT",
+              type=_ParserType("HOST:PORT", _host_port),
+              help=f"Unicast address to receive on; repeat for more; IPv6 as [::1]:PORT.  "
+                   f"[default: 0.0.0.0:{tuning.DEFAULT_UDP_PORT}]")
+@click.option("--multicast", multiple=True, envvar=ENV + "MULTICAST", metavar="GROUP[:PORT]",
+              type=_ParserType("GROUP[:PORT]", _group),
+              help="Multicast group to join (IPv4 or IPv6, [ff15::1]:PORT); repeat for more.  "
+                   "The port defaults to the first --listen port.")
+@click.option("--multicast-interface", envvar=ENV + "MULTICAST_INTERFACE", metavar="ADDR|IFNAME",
+              help="Interface to join groups on, by address or name.  [default: the kernel's route]")
+@click.option("--flush-interval", envvar=ENV + "FLUSH_INTERVAL", metavar="SECONDS",
+              type=_ParserType("SECONDS", _positive(float)),
+              help=f"Write a batch at least this often.  [default: {tuning.DEFAULT_FLUSH_INTERVAL_S}]")
+@click.option("--batch-size", envvar=ENV + "BATCH_SIZE", metavar="ROWS",
+              type=_ParserType("ROWS", _positive(int)),
+              help=f"Write a batch when this many readings wait.  [default: {tuning.DEFAULT_BATCH_ROWS}]")
+@click.option("--rcvbuf", envvar=ENV + "RCVBUF", metavar="BYTES",
+              type=_ParserType("BYTES", _positive(int)),
+              help=f"Socket receive buffer to ask for.  [default: {tuning.DEFAULT_RCVBUF_BYTES}]")
+@click.option("--status-interval", envvar=ENV + "STATUS_INTERVAL", metavar="SECONDS",
+              type=_ParserType("SECONDS", _positive(float)),
+              help=f"Log a status line this often.  [default: {tuning.DEFAULT_STATUS_INTERVAL_S:g}]")
+@click.option("--config", "config_path", envvar="TELEMETRY_CONFIG", metavar="FILE.toml",
+              type=click.Path(dir_okay=False),
+              help="TOML file whose [collector] table holds the same names (flags win).")
+@click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Less log output: warnings and errors only.")
+@click.version_option(__version__, "--version")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, verbose: int, quiet: int, **_: object) -> None:
+    """Receive sensor datagrams over UDP and store them in SQLite with exact loss accounts.
+
+    Every option can also come from the environment (TELEMETRY_COLLECTOR_DB,
+    TELEMETRY_COLLECTOR_LISTEN, ... the option name in capitals; repeatable
+    ones take space-separated values) or from the [collector] table of a TOML
+    file given with --config or TELEMETRY_CONFIG.  Flags win over the
+    environment, which wins over the file.  SIGTERM or Ctrl-C flushes and exits 0.
+
+    \b
+    Example:
+      telemetry-collector --db /var/lib/telemetry/telemetry.db \\
+          --listen 0.0.0.0:4739 --listen [::]:4739 \\
+          --multicast 239.12.0.1 --multicast-interface eth0
+    """
+    level = logging.INFO + 10 * (quiet - verbose)
+    logging.basicConfig(level=max(logging.DEBUG, min(level, logging.ERROR)), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        values = config.merge(ctx, SETTINGS, config.read_table(config_path, "collector"),
+                              f"{config_path} [collector]")
+        settings = Settings(**values)
+        from .sdnotify import Notifier
+
+        collector = Collector(settings, notify=Notifier())
+    except (ConfigError, SetupError) as exc:
+        raise SetupFailed(str(exc)) from None
+    try:
+        collector.install_signal_handlers()
+        collector.log_start()
+        collector.serve_forever()
+    finally:
+        collector.server_close()
+    if collector.unflushed_at_exit:
+        sys.exit(1)
+    logging.getLogger("collector").info("stopped cleanly; every accepted datagram is stored")

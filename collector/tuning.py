@@ -1,0 +1,65 @@
+"""Tuning constants of the collector, each with its unit and the reason for its value.
+
+Every number the receive loop, the socket set-up or the batch writer depends on
+lives here, so an operator reading docs/OPERATIONS.md and a developer reading
+the code talk about the same figures.  Defaults are chosen for a small
+gateway box (one or two cores, a few hundred MB of RAM, flash storage).
+"""
+
+from __future__ import annotations
+
+# --- defaults of the command line -------------------------------------------------------
+
+DEFAULT_UDP_PORT = 4739
+DEFAULT_DB_PATH = "telemetry.db"
+DEFAULT_LISTEN_HOST = "0.0.0.0"
+DEFAULT_FLUSH_INTERVAL_S = 1.0
+# Rows per transaction.  At ~2 us a row (measured, prepared executemany into
+# the clustered readings table) 20,000 rows hold the loop for ~40 ms, which a
+# few MB of socket buffer absorbs at 100k datagrams/s; smaller batches pay the
+# per-commit cost (WAL append + occasional checkpoint) more often.
+DEFAULT_BATCH_ROWS = 20_000
+# What we ask the kernel for.  Linux doubles the request (bookkeeping
+# overhead) and caps it at net.core.rmem_max unless SO_RCVBUFFORCE is allowed
+# (CAP_NET_ADMIN).  8 MiB holds roughly 10,000 small datagrams on loopback
+# (each costs about 768 bytes of skb truesize), i.e. 100 ms at 100k/s.
+DEFAULT_RCVBUF_BYTES = 8 * 1024 * 1024
+DEFAULT_STATUS_INTERVAL_S = 60.0
+
+# --- the receive loop ------------------------------------------------------------------
+
+# Largest read per recv.  Bigger than any UDP payload that is not an IPv6
+# jumbogram (65,507 over IPv4, 65,527 over IPv6), so oversized datagrams are
+# read whole and rejected as too_large by the decoder; only a jumbogram can
+# still come back truncated (MSG_TRUNC), and it is counted, never half-stored.
+# recv(65536) measured 1.03 us against 1.22 us for recv(8193): CPython shrinks
+# the buffer in place.
+RECV_BUFFER_BYTES = 65536
+# Datagrams read from one socket per wake before moving to the next ready one,
+# so a flooded socket cannot starve the others.  256 x ~8 us = ~2 ms.
+DRAIN_BUDGET_DATAGRAMS = 256
+# At most one rejected-datagram log line per reason in this many seconds.
+REJECT_LOG_INTERVAL_S = 10.0
+
+# --- the batch writer ------------------------------------------------------------------
+
+# Rows kept in memory while the database refuses writes (disk full, locked).
+# A row tuple costs ~150 bytes in CPython, so 500,000 rows is ~75 MB; beyond
+# it the oldest rows are dropped and counted in storage_dropped.
+MAX_BACKLOG_ROWS = 500_000
+# Retry a failed flush after this delay, doubling up to the maximum (seconds).
+RETRY_INITIAL_S = 0.5
+RETRY_MAX_S = 30.0
+# The writer must not block the receive loop for long: a competing writer
+# (there should be none) makes a flush fail fast and retry, instead of
+# holding the loop for open_writer's default 5 s while the socket buffer fills.
+WRITER_BUSY_TIMEOUT_MS = 200
+# systemd watchdog pings at most this often (seconds); sdnotify rate-limits too.
+WATCHDOG_MIN_INTERVAL_S = 2.0
+
+# --- Linux socket options the socket module may not name -------------------------------
+
+SO_RXQ_OVFL = 40  # asm-generic/socket.h: cumulative drop count in ancillary data
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h: SO_RCVBUF beyond rmem_max, needs CAP_NET_ADMIN
+IP_MULTICAST_ALL = 49  # linux/in.h
+IPV6_MULTICAST_ALL = 29  # linux/in6.h (kernel 4.20+)
