@@ -26,7 +26,7 @@ from .faults import FaultRates
 from .net import parse_target
 from .replay import ReplayConfig, load, run_replay
 from .signals import DEFAULT_METRICS, MODELS, parse_metrics
-from .sim import Progress, SimConfig, run
+from .sim import Progress, SimConfig, check_sensor_id, run
 
 
 class TargetType(click.ParamType):
@@ -210,6 +210,11 @@ def command(ctx: click.Context, targets, sensors, id_prefix, rate, count, durati
             raise click.UsageError(f"--replay sends recorded readings; drop {', '.join(clash)}")
     elif _given(ctx, "speed"):
         raise click.UsageError("--speed only applies to --replay")
+    if replay is None:
+        try:
+            check_sensor_id(f"{id_prefix}-{sensors:04d}")  # the longest id
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--id-prefix") from None
     faults = FaultRates(loss, duplicate, reorder)
     common = dict(targets=list(targets), seed=seed, boot=boot, boot_value=boot_value,
                   start_seq=start_seq, ttl=ttl, multicast_interface=multicast_interface,
