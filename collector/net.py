@@ -249,8 +249,39 @@ def _new_socket(family: int) -> socket.socket:
     if family == socket.AF_INET6:
         # [::]:P must not also take 0.0.0.0:P: an IPv4 listener may want it.
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    if IS_LINUX:
+        # With IP_MULTICAST_ALL on (Linux's default) a socket bound to the
+        # wildcard receives every group any socket on the host joined on its
+        # port: a unicast listener on 0.0.0.0:4739 would get each multicast
+        # datagram a second time.  Off, a socket gets only groups it joined.
+        try:
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_MULTICAST_ALL", tuning.IP_MULTICAST_ALL), 0)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, tuning.IPV6_MULTICAST_ALL, 0)
+        except OSError:
+            pass  # IPv6 before kernel 4.20: multicast sockets bind to their group instead
     sock.setblocking(False)
     return sock
+
+
+def _probe_unused(family: int, sockaddr: tuple, label: str, port: int) -> None:
+    """Fail if another socket holds the port, even one with SO_REUSEADDR.
+
+    Two UDP sockets that both set SO_REUSEADDR may bind the same address on
+    Linux, and the kernel then hands each unicast datagram to only one of
+    them: a second collector would silently take half the traffic.  A bind
+    without SO_REUSEADDR conflicts with any holder, so it answers "in use?".
+    """
+    probe = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(sockaddr)
+    except OSError as exc:
+        raise _bind_error(exc, label, port) from None
+    finally:
+        probe.close()
 
 
 def _finish(sock: socket.socket, label: str, rcvbuf: int) -> Endpoint:
@@ -270,8 +301,10 @@ def open_unicast(host: str, port: int, rcvbuf: int = tuning.DEFAULT_RCVBUF_BYTES
         reason = getattr(exc, "strerror", None) or str(exc)
         raise SetupError(f"cannot resolve listen address {host!r}: {reason}") from None
     family, _, _, _, sockaddr = infos[0]
-    sock = _new_socket(family)
     wanted = format_address(sockaddr)
+    if port:
+        _probe_unused(family, sockaddr, f"udp {wanted}", port)
+    sock = _new_socket(family)
     try:
         sock.bind(sockaddr)
     except OSError as exc:
@@ -312,8 +345,6 @@ def open_multicast(
             sock.close()
             raise _bind_error(exc, label, port) from None
         try:
-            if IS_LINUX:
-                sock.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_MULTICAST_ALL", tuning.IP_MULTICAST_ALL), 0)
             if interface.index and interface.ipv4 is None:
                 # struct ip_mreqn: group, local address (any), interface index
                 mreq = address.packed + bytes(4) + struct.pack("@i", interface.index)
@@ -336,11 +367,6 @@ def open_multicast(
             sock.close()
             raise _bind_error(exc, label, port) from None
         try:
-            if IS_LINUX:
-                try:
-                    sock.setsockopt(socket.IPPROTO_IPV6, tuning.IPV6_MULTICAST_ALL, 0)
-                except OSError:
-                    pass  # kernels before 4.20: bound to the group, which filters too
             # struct ipv6_mreq: group, interface index (0 = by route)
             mreq = address.packed + struct.pack("@I", interface.index)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
