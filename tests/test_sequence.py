@@ -1,0 +1,490 @@
+"""The sequence tracker's rules, case by case, and exact accounts under any faults.
+
+Named cases read like the rules in docs/SEQUENCE.md; the hypothesis tests
+check the accounts against a ground truth computed independently from the
+arrivals (lost = missing in [min, max] received, reordered = unique arrivals
+after a higher seq), with and without a snapshot/restore in the middle.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from collector.sequence import (
+    MAX_DROPOUT,
+    MAX_MISORDER,
+    MAX_OPEN_GAPS,
+    MIN_SEQUENTIAL,
+    WINDOW,
+    Duplicate,
+    First,
+    Gap,
+    GapRecord,
+    InOrder,
+    Late,
+    Reordered,
+    Restart,
+    SensorTracker,
+    Stray,
+)
+
+M = 2**32
+NOW = 1000.0
+
+
+def feed(t: SensorTracker, boot, seqs, now=NOW):
+    return [t.observe(boot, s, now) for s in seqs]
+
+
+def counters(t: SensorTracker) -> tuple[int, int, int, int, int]:
+    return (t.datagrams, t.lost, t.duplicates, t.reordered, t.restarts)
+
+
+def gaps(t: SensorTracker) -> list[tuple[int, int, int, int]]:
+    return [(g.stream, g.first_seq, g.last_seq, g.missing) for g in t.open_gaps()]
+
+
+def roundtrip(t: SensorTracker, db: dict) -> SensorTracker:
+    """What the collector does: apply the gap changes, store the snapshot as JSON, restore."""
+    apply(db, t.pop_gap_changes())
+    return SensorTracker.restore(json.loads(json.dumps(t.snapshot())), list(db.values()))
+
+
+def apply(db: dict, changes: dict) -> None:
+    for key, rec in changes.items():
+        if rec is None:
+            del db[key]  # a KeyError here would mean a delete of a row never written
+        else:
+            db[key] = rec
+
+
+def test_constants_are_consistent():
+    assert WINDOW >= 1024 and MAX_MISORDER == WINDOW and MIN_SEQUENTIAL == 2
+    assert MAX_OPEN_GAPS > WINDOW // 2  # gaps inside the window are never forgotten
+    assert WINDOW < MAX_DROPOUT < 2**31
+
+
+# --- in order, gaps, late fills ---------------------------------------------
+
+
+def test_first_datagram_starts_the_accounts_without_a_gap_before_it():
+    t = SensorTracker()
+    assert t.observe(None, 1_000_000, NOW) == First()
+    assert t.observe(None, 1_000_001, NOW) == InOrder()
+    assert counters(t) == (2, 0, 0, 0, 0)
+    assert t.stream == 0 and t.open_gaps() == []
+
+
+def test_in_order():
+    t = SensorTracker()
+    assert feed(t, 3, range(5)) == [First()] + [InOrder()] * 4
+    assert counters(t) == (5, 0, 0, 0, 0)
+
+
+def test_gap():
+    t = SensorTracker()
+    feed(t, None, [4, 5])
+    assert t.observe(None, 9, 1234.5) == Gap(6, 8)
+    assert counters(t) == (3, 3, 0, 0, 0)
+    assert t.open_gaps() == [GapRecord(0, None, 6, 8, 3, 1234.5)]
+
+
+def test_late_fill_shrinks_the_front_back_and_splits_the_middle():
+    t = SensorTracker()
+    feed(t, None, [0, 10])  # gap 1..9
+    assert t.observe(None, 1, NOW) == Late(1)
+    assert gaps(t) == [(0, 2, 9, 8)]
+    assert t.observe(None, 9, NOW) == Late(9)
+    assert gaps(t) == [(0, 2, 8, 7)]
+    assert t.observe(None, 5, NOW) == Late(5)
+    assert gaps(t) == [(0, 2, 4, 3), (0, 6, 8, 3)]
+    assert feed(t, None, [2, 3, 4]) == [Late(2), Late(3), Late(4)]
+    assert gaps(t) == [(0, 6, 8, 3)]
+    assert counters(t) == (8, 3, 0, 6, 0)
+    assert [g.detected_at for g in t.open_gaps()] == [NOW]  # a shrunk gap keeps its detection time
+
+
+def test_duplicate_in_window():
+    t = SensorTracker()
+    feed(t, 1, [100, 101])
+    assert t.observe(1, 101, NOW) == Duplicate()  # the highest
+    assert t.observe(1, 100, NOW) == Duplicate()  # the base
+    feed(t, 1, range(102, 100 + WINDOW + 1))
+    assert t.observe(1, 100, NOW) == Duplicate()  # exactly WINDOW behind the highest
+    assert counters(t) == (WINDOW + 1, 0, 3, 0, 0)
+
+
+def test_duplicate_of_a_very_old_seq_is_kept_as_a_stray_not_dropped():
+    # Beyond the window, a seq in no gap cannot be told from the first
+    # datagram of a seq reset: it is stored (Stray), and without a sequential
+    # follower it never enters the accounts.
+    t = SensorTracker()
+    feed(t, None, range(0, 10_000))
+    assert t.observe(None, 5, NOW) == Stray(5)
+    assert t.observe(None, 10_000, NOW) == InOrder()
+    assert counters(t) == (10_002, 0, 0, 0, 0)
+    assert t.stream == 0
+
+
+def test_a_very_old_seq_inside_a_remembered_gap_is_late():
+    t = SensorTracker()
+    feed(t, None, [0, 2])  # gap 1..1
+    feed(t, None, range(3, 3 + 3 * WINDOW))
+    assert t.observe(None, 1, NOW) == Late(1)
+    assert t.lost == 0 and t.reordered == 1 and t.open_gaps() == []
+
+
+# --- wraparound ----------------------------------------------------------------
+
+
+def test_wraparound_is_in_order():
+    t = SensorTracker()
+    assert feed(t, None, [M - 2, M - 1, 0, 1]) == [First(), InOrder(), InOrder(), InOrder()]
+    assert counters(t) == (4, 0, 0, 0, 0)
+    assert t.observe(None, M - 1, NOW) == Duplicate()
+
+
+def test_gap_across_the_wrap():
+    t = SensorTracker()
+    feed(t, 9, [M - 3])
+    assert t.observe(9, 1, NOW) == Gap(M - 2, 0)
+    assert gaps(t) == [(0, M - 2, 0, 3)]
+    assert t.observe(9, M - 1, NOW) == Late(M - 1)
+    assert gaps(t) == [(0, M - 2, M - 2, 1), (0, 0, 0, 1)]
+    assert t.lost == 2
+
+
+# --- restarts ------------------------------------------------------------------
+
+
+def test_boot_change_is_a_restart_and_old_gaps_stay_lost():
+    t = SensorTracker()
+    feed(t, 1, [0, 1, 5])  # stream 0 loses 2..4
+    assert t.observe(2, 0, NOW) == Restart("boot")
+    assert t.stream == 1
+    assert t.observe(2, 1, NOW) == InOrder()  # no gap invented across streams
+    assert counters(t) == (5, 3, 0, 0, 1)
+    assert gaps(t) == [(0, 2, 4, 3)]  # the previous stream's gap is still remembered
+    assert t.observe(3, 7, NOW) == Restart("boot")  # a second restart forgets stream 0's gaps
+    assert t.stream == 2 and t.open_gaps() == [] and t.lost == 3 and t.restarts == 2
+    assert t.observe(1, 3, NOW) == Restart("boot")  # boot 1 is two streams back: a new stream
+    assert t.lost == 3
+
+
+def test_stragglers_of_the_previous_boot_are_accounted_to_its_stream():
+    t = SensorTracker()
+    feed(t, 1, [0, 1, 5])
+    assert t.observe(2, 0, NOW) == Restart("boot")
+    assert t.observe(1, 3, NOW) == Late(3)  # fills the old stream's gap
+    assert t.observe(1, 1, NOW) == Duplicate()
+    assert t.observe(1, 8, NOW) == Reordered(8)  # its tail, sent before the reboot
+    assert t.observe(2, 1, NOW) == InOrder()  # the new stream never noticed
+    assert gaps(t) == [(0, 2, 2, 1), (0, 4, 4, 1), (0, 6, 7, 2)]
+    assert counters(t) == (7, 4, 1, 2, 1)
+    assert t.stream == 1
+
+
+@pytest.mark.parametrize("boot", [None, 5])
+def test_seq_reset_without_boot_change_is_a_restart_after_two_sequential(boot):
+    t = SensorTracker()
+    feed(t, boot, range(20_000, 30_000))
+    feed(t, boot, [30_005])  # a gap of 5 that stays lost
+    assert t.observe(boot, 0, NOW) == Stray(0)  # RFC 3550 probation: not yet believed
+    assert t.observe(boot, 1, NOW) == Restart("seq_jump")
+    assert t.observe(boot, 2, NOW) == InOrder()
+    assert t.stream == 1
+    assert counters(t) == (10_004, 5, 0, 0, 1)
+    assert t.observe(boot, 0, NOW) == Duplicate()  # the Stray became the new stream's base
+
+
+def test_wild_single_jump_is_not_believed():
+    t = SensorTracker()
+    feed(t, None, [100, 101])
+    assert t.observe(None, 3_000_000, NOW) == Stray(3_000_000)
+    assert feed(t, None, [102, 103]) == [InOrder(), InOrder()]
+    assert counters(t) == (5, 0, 0, 0, 0) and t.stream == 0 and t.open_gaps() == []
+    # RFC 3550 keeps bad_seq across in-order datagrams: the follower still confirms.
+    assert t.observe(None, 3_000_001, NOW) == Restart("seq_jump")
+    assert t.observe(None, 3_000_000, NOW) == Duplicate()
+
+
+def test_forward_jump_limit_is_max_dropout():
+    t = SensorTracker()
+    feed(t, None, [0])
+    # RFC 3550: a forward step (udelta) below MAX_DROPOUT is in order with a gap.
+    assert t.observe(None, MAX_DROPOUT - 1, NOW) == Gap(1, MAX_DROPOUT - 2)
+    assert t.observe(None, 2 * MAX_DROPOUT - 1, NOW) == Stray(2 * MAX_DROPOUT - 1)
+    assert t.lost == MAX_DROPOUT - 2
+
+
+# --- the stream's base ----------------------------------------------------------
+
+
+def test_reorder_before_stream_start_extends_the_base_down():
+    t = SensorTracker()
+    feed(t, None, [10, 11])
+    assert t.observe(None, 7, NOW) == Reordered(7)
+    assert gaps(t) == [(0, 8, 9, 2)]
+    assert t.observe(None, 9, NOW) == Late(9)
+    assert t.observe(None, 6, NOW) == Reordered(6)  # adjacent: no gap
+    assert t.observe(None, 7, NOW) == Duplicate()
+    assert counters(t) == (5, 1, 1, 3, 0)
+    assert gaps(t) == [(0, 8, 8, 1)]
+
+
+def test_reorder_before_stream_start_across_the_wrap():
+    t = SensorTracker()
+    feed(t, None, [1])
+    assert t.observe(None, M - 2, NOW) == Reordered(M - 2)
+    assert gaps(t) == [(0, M - 1, 0, 2)]
+    assert t.lost == 2
+
+
+def test_below_the_base_beyond_the_window_is_a_stray():
+    t = SensorTracker()
+    feed(t, None, range(10_000, 10_000 + WINDOW + 1))
+    assert t.observe(None, 9_999, NOW) == Stray(9_999)  # WINDOW + 1 behind the highest
+    assert t.lost == 0 and t.reordered == 0
+
+
+# --- the gap change log -------------------------------------------------------------
+
+
+def test_pop_gap_changes_exact_contents():
+    t = SensorTracker()
+    feed(t, 4, [0, 10], now=1.0)  # gap 1..9
+    assert t.pop_gap_changes() == {(0, 1): GapRecord(0, 4, 1, 9, 9, 1.0)}
+    assert t.pop_gap_changes() == {}
+    t.observe(4, 1, 2.0)  # front: the key moves
+    assert t.pop_gap_changes() == {(0, 1): None, (0, 2): GapRecord(0, 4, 2, 9, 8, 1.0)}
+    t.observe(4, 9, 2.0)  # back: replaced in place
+    assert t.pop_gap_changes() == {(0, 2): GapRecord(0, 4, 2, 8, 7, 1.0)}
+    t.observe(4, 5, 2.0)  # split
+    assert t.pop_gap_changes() == {(0, 2): GapRecord(0, 4, 2, 4, 3, 1.0), (0, 6): GapRecord(0, 4, 6, 8, 3, 1.0)}
+    # Created and filled between two pops: never written, so nothing to delete.
+    feed(t, 4, [13, 11, 12], now=3.0)
+    assert t.pop_gap_changes() == {}
+    # A key that moves twice between pops nets out to one delete and one insert.
+    feed(t, 4, [6, 7], now=3.0)
+    assert t.pop_gap_changes() == {(0, 6): None, (0, 8): GapRecord(0, 4, 8, 8, 1, 1.0)}
+    t.observe(5, 0, 4.0)  # restart: no change to the old rows
+    assert t.pop_gap_changes() == {}
+    t.observe(5, 3, 5.0)
+    assert t.pop_gap_changes() == {(1, 1): GapRecord(1, 5, 1, 2, 2, 5.0)}
+
+
+def test_max_open_gaps_bound_forgets_the_oldest_but_keeps_them_lost():
+    t = SensorTracker()
+    db: dict = {}
+    extra = 10
+    seqs = range(0, 2 * (MAX_OPEN_GAPS + extra) + 1, 2)  # every odd seq missing
+    feed(t, None, seqs[:2])
+    apply(db, t.pop_gap_changes())
+    assert list(db) == [(0, 1)]
+    feed(t, None, seqs[2:])
+    assert len(t.open_gaps()) == MAX_OPEN_GAPS
+    assert t.open_gaps()[0].first_seq == 2 * extra + 1
+    assert t.lost == MAX_OPEN_GAPS + extra
+    changes = t.pop_gap_changes()
+    assert None not in changes.values()  # a forgotten gap's row is never deleted
+    apply(db, changes)
+    assert len(db) == MAX_OPEN_GAPS + extra
+    assert t.observe(None, 1, NOW) == Stray(1)  # forgotten: no longer fillable
+    assert t.observe(None, 2 * extra + 1, NOW) == Late(2 * extra + 1)
+    assert t.lost == MAX_OPEN_GAPS + extra - 1
+    assert t.pop_gap_changes() == {(0, 2 * extra + 1): None}
+    # Restore recognises the forgotten rows and leaves them alone.
+    del db[(0, 2 * extra + 1)]
+    t2 = roundtrip(t, db)
+    assert t2.open_gaps() == t.open_gaps()
+    assert t2.observe(None, 3, NOW) == Stray(3)
+
+
+# --- snapshot / restore ---------------------------------------------------------
+
+
+def test_snapshot_restore_mid_stream_behaves_identically():
+    t = SensorTracker()
+    db: dict = {}
+    feed(t, 8, [M - 5, M - 4, M - 1, 2, 3])  # gaps M-3..M-2 and 0..1, across the wrap
+    feed(t, 8, [M - 2])
+    t2 = roundtrip(t, db)
+    assert json.loads(json.dumps(t2.snapshot())) == json.loads(json.dumps(t.snapshot()))
+    assert t2.open_gaps() == t.open_gaps()
+    assert counters(t2) == counters(t)
+    tail = [4, 3, M - 4, M - 3, 0, 9, 1, 1, 7, 20]
+    assert feed(t2, 8, tail) == feed(t, 8, tail)
+    assert feed(t2, 8, [5, 6]) == [Late(5), Late(6)]  # no invented gap, no lost duplicate
+    assert feed(t, 8, [5, 6]) == [Late(5), Late(6)]
+    assert t2.pop_gap_changes() == t.pop_gap_changes()
+    assert t2.open_gaps() == t.open_gaps()
+    assert counters(t2) == counters(t) == (15, 11, 3, 7, 0)
+
+
+def test_restore_keeps_probation_and_the_previous_boot():
+    t = SensorTracker()
+    db: dict = {}
+    feed(t, 1, [0, 3])
+    feed(t, 2, [50, 51])
+    feed(t, 2, [9_000_000])  # a Stray: the follower must still confirm after restore
+    t2 = roundtrip(t, db)
+    assert t2.observe(1, 2, NOW) == Late(2)  # the previous boot's gap survived the restore
+    assert t2.observe(2, 9_000_001, NOW) == Restart("seq_jump")
+    assert t2.stream == 2 and t2.restarts == 2
+
+
+def test_restore_ignores_rows_of_older_streams():
+    t = SensorTracker()
+    db: dict = {}
+    feed(t, 1, [0, 3])
+    feed(t, 2, [0, 3])
+    feed(t, 3, [0, 3])  # stream 0's gap is forgotten; its row stays final
+    t2 = roundtrip(t, db)
+    assert sorted(db) == [(0, 1), (1, 1), (2, 1)]
+    assert gaps(t2) == [(1, 1, 2, 2), (2, 1, 2, 2)]
+    assert t2.observe(1, 1, NOW) == Restart("boot")
+
+
+def test_restore_of_an_empty_tracker():
+    t2 = SensorTracker.restore(json.loads(json.dumps(SensorTracker().snapshot())), [])
+    assert t2.observe(None, 5, NOW) == First()
+
+
+def test_restore_rejects_an_unknown_snapshot_version():
+    with pytest.raises(ValueError, match="version"):
+        SensorTracker.restore({"v": 99}, [])
+
+
+# --- properties -------------------------------------------------------------------
+
+
+@st.composite
+def faulty_stream(draw, max_len=150):
+    """Arrivals (extended seqs) of one stream with drops, duplicates and bounded reordering.
+
+    Hypothesis draws the shape (start seq, length, burst losses, fault rates);
+    a drawn Random makes the per-datagram choices, which keeps generation fast.
+    """
+    start = draw(st.one_of(st.integers(0, M - 1), st.integers(M - 300, M - 1), st.integers(0, 300)))
+    n = draw(st.integers(1, max_len))
+    bursts = draw(st.dictionaries(st.integers(1, n), st.integers(2, 3 * WINDOW), max_size=3))
+    loss, dup = draw(st.sampled_from([0.0, 0.05, 0.3])), draw(st.sampled_from([0.0, 0.05, 0.3]))
+    reorder, depth = draw(st.sampled_from([0.0, 0.1, 0.5])), draw(st.sampled_from([1, 3, 40]))
+    rnd = draw(st.randoms(use_true_random=False))
+    keyed = []
+    ext = start
+    for pos in range(n):
+        ext += bursts.get(pos, 1) if pos else 0
+        if rnd.random() < loss:
+            continue
+        copies = 1 + (rnd.random() < dup) + (rnd.random() < dup / 3)
+        for _ in range(copies):
+            delay = rnd.randint(1, depth) if rnd.random() < reorder else 0
+            keyed.append((pos + delay, len(keyed), ext))
+    arrivals = [e for _, _, e in sorted(keyed)]
+    # Stay in the documented exact regime: a duplicate or an arrival below
+    # the lowest so far must be within WINDOW of the highest at that time
+    # (farther ones are Strays by design).  Others are lost on the way.
+    kept, seen, hi, lo = [], set(), None, None
+    for e in arrivals:
+        if hi is not None and (e in seen or e < lo) and e < hi - WINDOW:
+            continue
+        kept.append(e)
+        seen.add(e)
+        hi, lo = (e, e) if hi is None else (max(hi, e), min(lo, e))
+    assume(kept)
+    return kept
+
+
+def truth(arrivals: list[int]) -> dict:
+    seen: set[int] = set()
+    hi = None
+    reordered = 0
+    for ext in arrivals:
+        if ext not in seen and hi is not None and ext < hi:
+            reordered += 1
+        seen.add(ext)
+        hi = ext if hi is None else max(hi, ext)
+    received = sorted(seen)
+    runs = [(a + 1, b - 1) for a, b in zip(received, received[1:]) if b > a + 1]
+    return {
+        "datagrams": len(seen),
+        "duplicates": len(arrivals) - len(seen),
+        "lost": received[-1] - received[0] + 1 - len(seen),
+        "reordered": reordered,
+        "gaps": [(a % M, b % M, b - a + 1) for a, b in runs],
+    }
+
+
+def check(t: SensorTracker, want: dict, db: dict, stream: int = 0) -> None:
+    assert (t.datagrams, t.duplicates, t.lost, t.reordered, t.restarts) == (
+        want["datagrams"], want["duplicates"], want["lost"], want["reordered"], 0)
+    assert [(g.first_seq, g.last_seq, g.missing) for g in t.open_gaps()] == want["gaps"]
+    apply(db, t.pop_gap_changes())
+    assert sorted((k[1], r.last_seq, r.missing) for k, r in db.items()) == sorted(want["gaps"])
+    assert all(k == (r.stream, r.first_seq) for k, r in db.items())
+
+
+def check_events(events: list, arrivals: list[int]) -> None:
+    assert not any(isinstance(e, (Stray, Restart)) for e in events)
+    assert type(events[0]) is First
+    seen = set()
+    for e, ext in zip(events, arrivals):
+        assert (type(e) is Duplicate) == (ext in seen)
+        seen.add(ext)
+
+
+PROPS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
+                                                                          HealthCheck.too_slow])
+
+
+@PROPS
+@given(arrivals=faulty_stream(), boot=st.one_of(st.none(), st.integers(0, M - 1)))
+def test_accounts_equal_the_ground_truth(arrivals, boot):
+    t = SensorTracker()
+    events = [t.observe(boot, ext % M, float(i)) for i, ext in enumerate(arrivals)]
+    check_events(events, arrivals)
+    check(t, truth(arrivals), {})
+
+
+@PROPS
+@given(arrivals=faulty_stream(), cut=st.floats(0.0, 1.0), boot=st.one_of(st.none(), st.integers(0, M - 1)))
+def test_accounts_survive_snapshot_restore_at_any_point(arrivals, cut, boot):
+    k = int(cut * len(arrivals))
+    ref, t, db = SensorTracker(), SensorTracker(), {}
+    for ext in arrivals[:k]:
+        assert t.observe(boot, ext % M, 1.0) == ref.observe(boot, ext % M, 1.0)
+    t = roundtrip(t, db)
+    ref.pop_gap_changes()
+    for ext in arrivals[k:]:
+        assert t.observe(boot, ext % M, 2.0) == ref.observe(boot, ext % M, 2.0)
+    assert t.open_gaps() == ref.open_gaps()
+    check(t, truth(arrivals), db)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
+                                                                 HealthCheck.too_slow])
+@given(streams=st.lists(faulty_stream(max_len=40), min_size=1, max_size=4))
+def test_accounts_over_boot_restarts(streams):
+    t, db = SensorTracker(), {}
+    want_lost = 0
+    for boot, arrivals in enumerate(streams):
+        events = [t.observe(boot, ext % M, 0.0) for ext in arrivals]
+        assert type(events[0]) is (First if boot == 0 else Restart)
+        want_lost += truth(arrivals)["lost"]
+    apply(db, t.pop_gap_changes())
+    wants = [truth(a) for a in streams]
+    assert t.restarts == t.stream == len(streams) - 1
+    assert t.datagrams == sum(w["datagrams"] for w in wants)
+    assert t.duplicates == sum(w["duplicates"] for w in wants)
+    assert t.reordered == sum(w["reordered"] for w in wants)
+    assert t.lost == want_lost
+    # Every stream's gaps have rows (old ones final); the last two are remembered.
+    assert sorted((k[0], k[1], r.last_seq) for k, r in db.items()) == sorted(
+        (i, a, b) for i, w in enumerate(wants) for a, b, _ in w["gaps"])
+    assert [(g.stream, g.first_seq) for g in t.open_gaps()] == [
+        (i, a) for i, w in enumerate(wants) if i >= len(wants) - 2 for a, _, _ in w["gaps"]]
