@@ -122,7 +122,7 @@ def _progress_printer(enabled: bool):
     return show
 
 
-def _summary(report: dict[str, Any]) -> str:
+def _summary(report: dict[str, Any], asked: float | None = None) -> str:
     sensors = report["sensors"].values()
     generated = sum(s["generated"] for s in sensors)
     dropped = sum(len(s["dropped"]) for s in sensors)
@@ -131,7 +131,8 @@ def _summary(report: dict[str, Any]) -> str:
     elapsed = report["elapsed_s"]
     rate = report["datagrams_sent"] / elapsed if elapsed > 0 else 0.0
     parts = [f"sensor-sim: {report['datagrams_sent']} datagrams sent to "
-             f"{len(report['targets'])} target(s) in {elapsed:.2f} s ({rate:.0f}/s); "
+             f"{len(report['targets'])} target(s) in {elapsed:.2f} s ({rate:.0f}/s"
+             f"{f' of {asked:.0f}/s asked' if asked else ''}); "
              f"{len(report['sensors'])} sensors generated {generated}"]
     if dropped or duplicated or reordered:
         parts.append(f"; injected: {dropped} dropped, {duplicated} duplicated, {reordered} reordered")
@@ -244,7 +245,8 @@ def command(ctx: click.Context, targets, sensors, id_prefix, rate, count, durati
             signal.signal(s, handler)
     if report_path:
         _write_report(report_path, report)
-    click.echo(_summary(report), err=True)
+    asked = sensors * rate * len(targets) if rate and replay is None else None
+    click.echo(_summary(report, asked), err=True)
     if stop.signum is not None:
         ctx.exit(128 + stop.signum)
 

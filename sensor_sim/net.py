@@ -6,7 +6,8 @@ IP_MULTICAST_TTL/IPV6_MULTICAST_HOPS from `ttl`, multicast loop on, and the
 outgoing multicast interface when one is given.  `Sender.send` counts each
 sendto that succeeded and each that failed; a failure the network may recover
 from (a full buffer, an unreachable host) is counted and survived, any other
-is a SetupError that says what was refused.
+is a SetupError that says what was refused.  A wrong multicast interface is a
+ConfigError: the flag is wrong, not the network.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import struct
 from dataclasses import dataclass
 
 from collector.config import parse_host_port
-from collector.errors import SetupError
+from collector.errors import ConfigError, SetupError
 
 # Errors a later sendto may not repeat: counted per errno name, never fatal.
 TRANSIENT_ERRNOS = frozenset(
@@ -72,7 +73,7 @@ def _interface_index(interface: str) -> int:
     try:
         return socket.if_nametoindex(interface)
     except OSError:
-        raise SetupError(f"multicast interface {interface!r}: no such network interface") from None
+        raise ConfigError(f"multicast interface {interface!r}: no such network interface") from None
 
 
 def open_socket(family: int, ttl: int = 1, multicast_interface: str | None = None) -> socket.socket:
@@ -99,7 +100,7 @@ def open_socket(family: int, ttl: int = 1, multicast_interface: str | None = Non
                 except ValueError:
                     pass
                 else:
-                    raise SetupError(
+                    raise ConfigError(
                         f"multicast interface {multicast_interface}: IPv6 needs an interface"
                         " name or index (e.g. eth0 or 2), not an IPv4 address")
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF,

@@ -32,7 +32,7 @@ from .signals import DEFAULT_METRICS, SensorSignals
 
 PROGRESS_EVERY_S = 5.0
 MAX_SLEEP_S = 0.1  # bounds how late a stop request (Ctrl-C) is noticed
-MAX_RATE_BATCH = 256  # slots sent between clock/stop checks at --rate max
+MAX_BATCH = 256  # slots sent between clock/stop checks (~3 ms at --rate max)
 
 
 class StopFlag(Protocol):
@@ -220,8 +220,11 @@ def run(cfg: SimConfig, *, stop: StopFlag | None = None,
                 if due <= k:
                     time.sleep(min(k * interval - now, MAX_SLEEP_S))
                     continue
+                # Behind schedule (CPU-bound): catch up in bounded batches so
+                # a stop request is still seen within milliseconds.
+                due = min(due, k + MAX_BATCH)
             else:
-                due = k + MAX_RATE_BATCH
+                due = k + MAX_BATCH
             if total is not None and due > total:
                 due = total
             for j in range(k, due):
