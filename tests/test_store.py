@@ -1,0 +1,170 @@
+"""The batch writer on real SQLite files: one transaction per flush, restart safety, disk full."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from collector import schema
+from collector.sequence import Duplicate, Gap, Late
+from collector.store import BatchWriter
+
+
+def feed(writer: BatchWriter, sensor: str, boot, seq: int, now: float, readings=None):
+    """What the server's hot path does for one datagram (without sockets)."""
+    state = writer.sensors.get(sensor) or writer.new_sensor(sensor, now)
+    event = state.tracker.observe(boot, seq, now)
+    state.last_seen = now
+    writer.dirty.add(state)
+    if isinstance(event, Duplicate):
+        writer.counters["duplicates"] += 1
+        return event
+    readings = readings or {"temp": 20.0 + seq, "hum": 50}
+    for name, value in readings.items():
+        series = state.series.get(name) or writer.new_series(state, name)
+        writer.rows.append((series, now, schema.NO_BOOT if boot is None else boot, seq, value, now))
+    state.readings += len(readings)
+    writer.pending_datagrams += 1
+    return event
+
+
+def rows(path, sql, *params):
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def test_flush_writes_readings_sensors_gaps_and_counters_together(db_path):
+    w = BatchWriter(db_path)
+    w.load()
+    for seq in (0, 1, 4, 5):  # 2 and 3 missing
+        feed(w, "s1", 7, seq, 100.0 + seq)
+    feed(w, "s2", None, 10, 100.5, {"v": 1.5})
+    w.counters["received"] = 5
+    assert w.flush(200.0) is True
+    assert w.rows == [] and w.dirty == set() and w.pending_datagrams == 0
+    got = rows(db_path, "SELECT sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts"
+                        " FROM sensors ORDER BY sensor")
+    assert got == [("s1", 100.0, 105.0, 4, 8, 2, 0, 0, 0), ("s2", 100.5, 100.5, 1, 1, 0, 0, 0, 0)]
+    assert rows(db_path, "SELECT sensor, stream, boot, first_seq, last_seq, missing FROM gaps") == [("s1", 0, 7, 2, 3, 2)]
+    assert rows(db_path, "SELECT id, sensor, metric FROM series ORDER BY id") == [(1, "s1", "temp"), (2, "s1", "hum"), (3, "s2", "v")]
+    assert rows(db_path, "SELECT count(*) FROM readings WHERE boot = 7") == [(8,)]
+    assert rows(db_path, "SELECT boot, seq, value FROM readings WHERE series = 3") == [(-1, 10, 1.5)]
+    counters = dict(rows(db_path, "SELECT name, value FROM counters"))
+    assert counters["received"] == 5 and counters["stored"] == 5 and counters["stored_readings"] == 9
+    assert counters["last_flush"] == 200.0
+    snapshot = json.loads(rows(db_path, "SELECT tracker FROM sensors WHERE sensor = 's1'")[0][0])
+    assert snapshot["lost"] == 2
+    # A late arrival fills part of the gap: the gap row follows in the next flush.
+    assert feed(w, "s1", 7, 2, 300.0) == Late(2)
+    assert w.flush(301.0)
+    assert rows(db_path, "SELECT first_seq, last_seq, missing FROM gaps") == [(3, 3, 1)]
+    assert feed(w, "s1", 7, 3, 302.0) == Late(3)
+    assert w.flush(303.0)
+    assert rows(db_path, "SELECT count(*) FROM gaps") == [(0,)]
+    assert rows(db_path, "SELECT lost, reordered FROM sensors WHERE sensor = 's1'") == [(0, 2)]
+    w.close()
+
+
+def test_restart_rebuilds_trackers_so_no_gap_is_invented_and_duplicates_are_known(db_path):
+    w = BatchWriter(db_path)
+    w.load()
+    for seq in (10, 11, 13):
+        feed(w, "s1", 3, seq, 1.0)
+    w.counters["received"] = 3
+    assert w.flush(2.0)
+    w.close()
+
+    again = BatchWriter(db_path)
+    again.load()
+    assert again.counters["received"] == 3 and again.counters["stored"] == 3
+    assert feed(again, "s1", 3, 13, 5.0) == Duplicate()
+    assert feed(again, "s1", 3, 12, 5.0) == Late(12)  # the gap survived the restart and is fillable
+    assert feed(again, "s1", 3, 14, 5.0).__class__.__name__ == "InOrder"
+    assert feed(again, "s1", 3, 16, 5.0) == Gap(15, 15)
+    state = again.sensors["s1"]
+    assert state.series == {"temp": 1, "hum": 2}  # series ids reused, none re-created
+    assert again.flush(6.0)
+    assert rows(db_path, "SELECT datagrams, readings, lost, duplicates, reordered FROM sensors") == [(6, 12, 1, 1, 1)]
+    assert rows(db_path, "SELECT count(*) FROM series") == [(2,)]
+    assert rows(db_path, "SELECT first_seq, last_seq FROM gaps") == [(15, 15)]
+    again.close()
+
+
+def test_database_full_keeps_a_bounded_backlog_counts_drops_and_recovers(db_path, caplog):
+    w = BatchWriter(db_path, max_backlog_rows=100)
+    w.load()
+    assert w.flush(0.0)
+    pages = w.conn.execute("PRAGMA page_count").fetchone()[0]
+    w.conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full from now on
+    sent_readings = 0
+    for seq in range(200):  # 2 readings each: 400 rows offered
+        feed(w, "s1", 1, seq, 10.0)
+        sent_readings += 2
+        if seq % 20 == 19:
+            if not w.flush(10.0 + seq):
+                w.trim()
+    assert w.failing_since is not None
+    assert len(w.rows) <= 100
+    dropped = w.counters["storage_dropped"]
+    assert dropped > 0 and dropped % 2 == 0  # whole datagrams only
+    stored_before = w.counters["stored_readings"]  # pages with free room took some first
+    assert dropped + len(w.rows) + stored_before == sent_readings
+    assert w.retry_at > w.failing_since
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "database or disk is full" in errors[0].getMessage()  # once per episode
+
+    w.conn.execute("PRAGMA max_page_count = 1073741823")
+    kept = len(w.rows)
+    assert w.flush(500.0)
+    assert w.failing_since is None
+    assert rows(db_path, "SELECT count(*) FROM readings") == [(stored_before + kept,)]
+    counters = dict(rows(db_path, "SELECT name, value FROM counters"))
+    assert counters["stored_readings"] == stored_before + kept
+    assert counters["stored"] == (stored_before + kept) // 2
+    assert counters["storage_dropped"] == dropped == sent_readings - kept - stored_before
+    # The accounts were never lost: all 200 datagrams counted, seqs all present.
+    assert rows(db_path, "SELECT datagrams, readings, lost FROM sensors") == [(200, 400, 0)]
+    assert any("writable again" in r.getMessage() for r in caplog.records)
+    w.close()
+
+
+def test_trim_drops_oldest_whole_datagrams(db_path):
+    w = BatchWriter(db_path, max_backlog_rows=10)
+    w.load()
+    for seq in range(9):
+        feed(w, "s1", None, seq, 1.0, {"a": 1, "b": 2, "c": 3})  # 27 rows
+    dropped = w.trim()
+    assert dropped == 18  # 17 excess + 1 slack = 18, already a datagram boundary
+    assert [r[3] for r in w.rows] == [6, 6, 6, 7, 7, 7, 8, 8, 8]
+    assert w.pending_datagrams == 3
+    w.close()
+
+
+def test_corrupt_tracker_snapshot_starts_afresh_with_a_warning(db_path, caplog):
+    w = BatchWriter(db_path)
+    w.load()
+    feed(w, "s1", 1, 5, 1.0)
+    assert w.flush(1.0)
+    w.conn.execute("UPDATE sensors SET tracker = ?", (json.dumps({"v": 999}),))
+    w.close()
+    again = BatchWriter(db_path)
+    again.load()
+    assert "s1" in again.sensors and again.sensors["s1"].tracker.datagrams == 0
+    assert "start afresh" in caplog.text
+    again.close()
+
+
+def test_writer_opens_wal_and_refuses_an_unwritable_place(tmp_path):
+    from collector.errors import SetupError
+
+    w = BatchWriter(str(tmp_path / "t.db"))
+    assert w.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert w.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    w.close()
+    with pytest.raises(SetupError, match="cannot open database"):
+        BatchWriter(str(tmp_path / "missing-dir" / "t.db"))
