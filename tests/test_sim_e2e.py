@@ -7,7 +7,6 @@ exactly: the report is the ground truth the collector's tests rely on.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
