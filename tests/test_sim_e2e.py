@@ -366,3 +366,39 @@ def test_demo_counts_what_was_sent(capsys):
     total = [line for line in out.splitlines() if line.startswith("total:")][0]
     sent, received = total.split()[1], total.split()[3]
     assert sent == received and int(sent) > 0
+
+
+class FakeClock:
+    """A monotonic clock that advances one second per reading: progress without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_progress_every_five_seconds_and_a_stop_flag_in_process():
+    from sensor_sim.faults import FaultRates
+    from sensor_sim.net import resolve
+    from sensor_sim.sim import SimConfig, run
+
+    stop = threading.Event()
+    seen = []
+
+    def progress(p):
+        seen.append((p.elapsed, p.sent, p.failed))
+        if len(seen) == 2:
+            stop.set()
+
+    with Receiver() as rx:
+        cfg = SimConfig(targets=[resolve("127.0.0.1", rx.port)], sensors=100, rate=None,
+                        count=1000, seed=3, faults=FaultRates(reorder=0.5))
+        report = run(cfg, stop=stop, progress=progress, clock=FakeClock())
+        check_against_report(rx, report)
+    # One clock reading per batch of 256 slots: progress at 5 s and 10 s, then stop.
+    assert [(e, f) for e, _, f in seen] == [(5.0, 0), (10.0, 0)]
+    assert report["interrupted"] is True
+    assert sum(t["generated"] for t in report["sensors"].values()) == 10 * 256
+    assert seen[1][1] <= report["datagrams_sent"]  # held-back datagrams were sent at the stop
