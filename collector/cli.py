@@ -63,19 +63,19 @@ SETTINGS = [
 
 
 def _positive(kind):
+    """Flag parser: a number > 0, with the same messages as the file layer."""
+    check = config.positive_int if kind is int else config.positive_float
+
     def parse(value):
         try:
-            return kind(value) if kind is int else config.positive_float(value)
+            number = float(value)
         except ValueError:
             raise ValueError(f"{value!r} is not a number") from None
+        if kind is int and not number.is_integer():
+            raise ValueError(f"{value!r} is not a whole number")
+        return check(int(number) if kind is int else value)
 
-    def check(value):
-        number = parse(value)
-        if number <= 0:
-            raise ValueError(f"must be > 0, got {value!r}")
-        return number
-
-    return check
+    return parse
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": None})
