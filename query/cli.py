@@ -180,6 +180,7 @@ _HINTS = {
     "verify": "pass the CA that signed the server's certificate with --ca or TELEMETRY_CA",
     "hostname": "use the name the server's certificate was issued for in --server (TELEMETRY_SERVER)",
     "client_cert": "pass a client certificate the server trusts with --cert and --key (TELEMETRY_CERT, TELEMETRY_KEY)",
+    "closed": "if the server requires mutual TLS, pass --cert and --key (TELEMETRY_CERT, TELEMETRY_KEY)",
     "tls": "check that --server points at `telemetry-query serve` (TLS 1.2 or newer)",
     "protocol": "check that --server points at `telemetry-query serve`",
     "files": "check --ca, --cert and --key (TELEMETRY_CA, TELEMETRY_CERT, TELEMETRY_KEY)",

@@ -53,10 +53,13 @@ def client_context(ca: str | None = None, cert: str | None = None, key: str | No
 
 def _tls_failure(exc: ssl.SSLError, host: str) -> ConnectError:
     if isinstance(exc, ssl.SSLCertVerificationError):
-        if "hostname" in (exc.verify_message or "") or "IP address mismatch" in (exc.verify_message or ""):
+        message = (exc.verify_message or "").lower()
+        if "hostname mismatch" in message or "ip address mismatch" in message:
             return ConnectError("hostname", f"the server's certificate is not valid for {host!r} ({exc.verify_message})")
         return ConnectError("verify", f"the server's certificate does not verify: {exc.verify_message}")
     reason = exc.reason or str(exc)
+    if isinstance(exc, ssl.SSLEOFError):
+        return ConnectError("closed", f"{host} closed the TLS connection without a reason (it may want a client certificate)")
     if reason in ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE", "PEER_DID_NOT_RETURN_A_CERTIFICATE"):
         return ConnectError("client_cert", f"the server refused the TLS handshake ({reason}): it wants a client certificate it trusts")
     if reason in ("SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_CERTIFICATE_EXPIRED",

@@ -52,6 +52,10 @@ def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSL
     # TLS 1.2 suites; TLS 1.3 suites are all AEAD already and set separately by OpenSSL.
     ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    # A client that half-closes TCP after its last request (printf ... | openssl
+    # s_client) still gets its answers: OpenSSL 3 would otherwise fail the
+    # whole connection on the FIN and refuse to write.
+    ctx.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
 
     def no_passphrase() -> bytes:
         raise SetupError(f"private key {key} is encrypted: give an unencrypted key readable only by this service")
@@ -148,6 +152,10 @@ class QueryServer:
     @property
     def connections(self) -> int:
         return len(self._conns)
+
+    def buffered_output(self) -> int:
+        """The most response bytes queued for any one client (bounded by max_output + one response)."""
+        return max((c.out_bytes for c in list(self._conns.values())), default=0)
 
     def describe(self) -> str:
         host, port = self.server_address
@@ -265,7 +273,14 @@ class QueryServer:
         try:
             if conn.state != _HANDSHAKE or self._handshake(conn):
                 self._pump(conn)
-        except (ssl.SSLError, OSError) as exc:  # reset, bad record, plaintext, refused certificate...
+        except ssl.SSLError as exc:  # plaintext, old TLS, refused certificate, bad record...
+            log.debug("%s: TLS failed: %s", conn.peer, exc)
+            if conn.state == _HANDSHAKE:
+                self._refuse(conn)
+            else:
+                self._drop(conn)
+            return
+        except OSError as exc:  # reset, broken pipe
             log.debug("%s: closed: %s", conn.peer, exc)
             self._drop(conn)
             return
@@ -295,14 +310,18 @@ class QueryServer:
         conn.want = 0
         reads = 0
         while True:
-            self._answer_lines(conn)
+            more_lines = self._answer_lines(conn)
             if conn.out_bytes:
                 self._flush(conn)
             if conn.state == _CLOSING:
                 self._linger(conn)
                 return
-            if conn.eof or conn.out_bytes >= self.limits.max_output:
+            if conn.out_bytes >= self.limits.max_output:
                 return  # backpressure: a client that does not read is not read either
+            if more_lines:
+                continue  # the output drained: answer what is already buffered before reading more
+            if conn.eof:
+                return
             if reads >= READS_PER_TURN:
                 self._ready.add(conn.sock.fileno())  # TLS may hold decrypted bytes: no event would come
                 return
@@ -314,6 +333,8 @@ class QueryServer:
             except ssl.SSLWantWriteError:
                 conn.want |= selectors.EVENT_WRITE
                 return
+            except ssl.SSLEOFError:  # TCP FIN without close_notify: OpenSSL 3 reports it, we treat it as EOF
+                data = b""
             reads += 1
             conn.touched = self._clock()
             if data:
@@ -326,16 +347,20 @@ class QueryServer:
             elif rest:  # an unterminated last line before EOF is still a request
                 self._queue(conn, self.service.handle(rest))
 
-    def _answer_lines(self, conn: _Conn) -> None:
-        while conn.state == _OPEN and conn.out_bytes < self.limits.max_output:
+    def _answer_lines(self, conn: _Conn) -> bool:
+        """Answer buffered lines until none is complete (False) or the output is full (True)."""
+        while conn.state == _OPEN:
+            if conn.out_bytes >= self.limits.max_output:
+                return True
             try:
                 line = conn.lines.next_line()
             except LineTooLong:
                 self._too_large(conn)
-                return
+                return False
             if line is None:
-                return
+                return False
             self._queue(conn, self.service.handle(line))
+        return False
 
     def _too_large(self, conn: _Conn) -> None:
         self._queue(conn, encode_error(None, "too_large", f"request line longer than {MAX_LINE_BYTES} bytes; closing"))
@@ -367,6 +392,28 @@ class QueryServer:
             if conn.out_offset >= len(head):
                 conn.out.popleft()
                 conn.out_offset = 0
+
+    def _refuse(self, conn: _Conn) -> None:
+        """A failed handshake: OpenSSL has sent its alert; linger so a RST cannot destroy it.
+
+        Under TLS 1.3 a client whose certificate we refuse has already sent
+        its first request, and closing on unread bytes would reset the
+        connection before the client reads the alert that says why.
+        """
+        conn.state = _CLOSING
+        conn.out.clear()
+        conn.out_bytes = 0
+        conn.accepted = self._clock()
+        try:
+            self._linger(conn)
+        except OSError:
+            self._drop(conn)
+            return
+        if conn.eof:
+            self._drop(conn)
+            return
+        conn.events = selectors.EVENT_READ
+        self._sel.modify(conn.sock, conn.events, conn)
 
     def _linger(self, conn: _Conn) -> None:
         """After too_large: send the error, then FIN, then drain until the peer closes.

@@ -1,0 +1,459 @@
+"""The TLS query server over real sockets: mutual TLS, pipelining, limits, hostile clients, fuzz."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import random
+import resource
+import socket
+import ssl
+import time
+import warnings
+
+import pytest
+import trustme
+from helpers import wait_for
+from test_query_fixtures import T0, expected_rows, known_db, running_server, tls  # noqa: F401  (fixtures)
+
+from collector.schema import open_reader
+from query.client import ConnectError, QueryClient, ServerError
+from query.ops import Ops
+from query.protocol import CODES, MAX_LINE_BYTES
+from query.server import ServerLimits
+
+
+def connect(server, ctx: ssl.SSLContext, host: str = "localhost") -> ssl.SSLSocket:
+    raw = socket.create_connection(server.server_address, timeout=5)
+    return ctx.wrap_socket(raw, server_hostname=host)
+
+
+def read_lines(sock, count: int) -> list[dict]:
+    f = sock.makefile("rb")
+    try:
+        out = []
+        for _ in range(count):
+            line = f.readline()
+            assert line.endswith(b"\n"), f"connection ended after {len(out)} of {count} responses"
+            out.append(json.loads(line))
+        return out
+    finally:
+        f.close()
+
+
+def ping_seconds(server, tls, ca_cert: bool = False) -> float:
+    """Wall time of connect + handshake + one ping on a fresh connection."""
+    start = time.monotonic()
+    with QueryClient("localhost", server.server_address[1], ca=tls.ca_pem,
+                     cert=tls.client_cert if ca_cert else None, key=tls.client_key if ca_cert else None) as c:
+        assert c.request("ping")["protocol"] == 1
+    return time.monotonic() - start
+
+
+def refused(server, ctx: ssl.SSLContext) -> bool:
+    """True when the server will not serve this client.
+
+    Under TLS 1.3 the server checks the client certificate after the
+    client's handshake has returned, so refusal shows up as an SSLError from
+    the handshake, or as an alert, reset or EOF on the first read.
+    """
+    try:
+        sock = connect(server, ctx)
+    except (ssl.SSLError, ConnectionError):
+        return True
+    try:
+        sock.sendall(b'{"op":"ping"}\n')
+        data = sock.recv(4096)
+    except (ssl.SSLError, ConnectionError):
+        return True
+    finally:
+        sock.close()
+    return data == b""
+
+
+# -- mutual TLS and TLS versions -------------------------------------------------
+
+
+def test_mtls_matrix(known_db, tls, tmp_path):
+    other_ca = trustme.CA()
+    stranger = other_ca.issue_cert("client@example.org")
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
+    expired = tls.ca.issue_cert("client@example.org", not_before=past, not_after=past + datetime.timedelta(days=1))
+    with running_server(known_db, tls, mtls=True) as server:
+        good = tls.client_context()
+        with connect(server, good) as sock:
+            sock.sendall(b'{"op":"ping","id":1}\n')
+            assert read_lines(sock, 1)[0]["ok"] is True
+
+        assert refused(server, tls.client_context(cert=False))
+
+        wrong_ca = tls.client_context(cert=False)
+        stranger.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "stranger.pem"))
+        wrong_ca.load_cert_chain(str(tmp_path / "stranger.pem"))
+        assert refused(server, wrong_ca)
+
+        old = tls.client_context(cert=False)
+        expired.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "expired.pem"))
+        old.load_cert_chain(str(tmp_path / "expired.pem"))
+        assert refused(server, old)
+
+        # The refusals cost nothing: a good client is still served.
+        assert ping_seconds(server, tls, ca_cert=True) < 1.0
+        with pytest.raises(ConnectError) as info:
+            with QueryClient("localhost", server.server_address[1], ca=tls.ca_pem) as c:
+                c.request("ping")
+        assert info.value.kind == "client_cert"
+
+
+def test_without_client_ca_no_client_certificate_is_needed(known_db, tls):
+    with running_server(known_db, tls) as server:
+        assert not refused(server, tls.client_context(cert=False))
+
+
+def test_tls_1_1_client_is_refused_by_the_server(known_db, tls):
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # deprecated names on purpose: this is the old client
+    warnings.simplefilter("ignore", DeprecationWarning)
+    old.load_verify_locations(tls.ca_pem)
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    old.minimum_version = ssl.TLSVersion.TLSv1
+    old.maximum_version = ssl.TLSVersion.TLSv1_1
+    with running_server(known_db, tls) as server:
+        with pytest.raises(ssl.SSLError) as info:
+            connect(server, old)
+        # The server's alert, not the client's own refusal to speak TLS 1.1.
+        assert info.value.reason in ("TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL"), info.value.reason
+        assert ping_seconds(server, tls) < 1.0
+
+
+def test_tls_1_2_client_is_served_with_an_aead_cipher(known_db, tls):
+    ctx = tls.client_context(cert=False)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with running_server(known_db, tls) as server:
+        with connect(server, ctx) as sock:
+            assert sock.version() == "TLSv1.2"
+            assert "GCM" in sock.cipher()[0] or "CHACHA20" in sock.cipher()[0]
+            sock.sendall(b'{"op":"ping"}\n')
+            assert read_lines(sock, 1)[0]["ok"]
+
+
+def test_client_checks_the_server_name(known_db, tls, tmp_path):
+    with running_server(known_db, tls) as server:
+        port = server.server_address[1]
+        with pytest.raises(ConnectError) as info:
+            QueryClient("127.0.0.2", port, ca=tls.ca_pem).connect()  # nothing listens there
+        assert info.value.kind == "connect"
+        with pytest.raises(ConnectError) as info:
+            QueryClient("localhost", port).connect()  # system CAs do not know trustme's
+        assert info.value.kind == "verify"
+    # A server whose certificate names another host.
+    elsewhere = tls.ca.issue_cert("elsewhere.example")
+    elsewhere.cert_chain_pems[0].write_to_path(str(tmp_path / "e.pem"))
+    elsewhere.private_key_pem.write_to_path(str(tmp_path / "e.key"))
+    from dataclasses import replace
+
+    with running_server(known_db, replace(tls, server_cert=str(tmp_path / "e.pem"),
+                                          server_key=str(tmp_path / "e.key"))) as server:
+        with pytest.raises(ConnectError) as info:
+            QueryClient("localhost", server.server_address[1], ca=tls.ca_pem).connect()
+        assert info.value.kind == "hostname"
+
+
+def test_ipv6_loopback(known_db, tls):
+    if not socket.has_ipv6:
+        pytest.fail("this host has no IPv6 (the suite expects ::1)")
+    with running_server(known_db, tls, host="::1") as server:
+        assert server.describe().startswith("listening tls [::1]:")
+        with QueryClient("::1", server.server_address[1], ca=tls.ca_pem) as c:
+            assert c.request("latest", sensor="s2")[0]["seq"] == 109
+
+
+# -- the protocol over the wire ---------------------------------------------------
+
+
+def test_every_op_over_tls(known_db, tls):
+    with running_server(known_db, tls, mtls=True) as server:
+        with QueryClient("localhost", server.server_address[1], ca=tls.ca_pem, cert=tls.client_cert,
+                         key=tls.client_key) as c:
+            assert c.request("ping")["version"] == "0.1.0"
+            assert [s["sensor"] for s in c.request("sensors")][:2] == ["s1", "s2"]
+            assert len(c.request("latest")) == 4
+            page = c.request("readings", sensor="s1", metric="temp", limit=100)
+            assert page["rows"] == expected_rows("s1", "temp")[:100]
+            page = c.request("readings", sensor="s1", metric="temp", limit=1000, cursor=page["next"])
+            assert page == {"rows": expected_rows("s1", "temp")[100:], "next": None}
+            assert c.request("aggregate", sensor="s2", metric="temp", bucket=20)[0] == {
+                "start": -40, "count": 1, "min": 0.0, "max": 0.0, "avg": 0.0, "sum": 0.0}
+            assert len(c.request("gaps")) == 3
+            assert c.request("stats")["received"] == 341
+            with pytest.raises(ServerError) as info:
+                c.request("readings", sensor="s1", limit=0)
+            assert info.value.code == "bad_request" and "'limit'" in info.value.message
+
+
+PIPELINE = [
+    {"op": "ping", "id": 0},
+    {"op": "readings", "id": 1, "sensor": "s1", "metric": "hum", "limit": 3},
+    {"op": "nope", "id": 2},
+    {"op": "aggregate", "id": 3, "sensor": "s1", "metric": "temp", "bucket": True},
+    {"op": "latest", "id": 4, "sensor": "s2"},
+]
+
+
+def pipeline_bytes(repeat: int) -> bytes:
+    lines = []
+    for n in range(repeat):
+        for request in PIPELINE:
+            lines.append(json.dumps({**request, "id": n * 10 + request["id"]}).encode())
+        lines.append(b"{not json")
+    return b"\n".join(lines) + b"\n"
+
+
+def check_pipeline(responses: list[dict], repeat: int) -> None:
+    assert len(responses) == repeat * 6
+    for n in range(repeat):
+        chunk = responses[n * 6 : n * 6 + 6]
+        assert [r["id"] for r in chunk] == [n * 10 + i for i in range(5)] + [None]
+        assert [r["ok"] for r in chunk] == [True, True, False, False, True, False]
+        assert [r["error"]["code"] for r in chunk if not r["ok"]] == ["unknown_op", "bad_request", "bad_json"]
+        assert chunk[1]["result"]["rows"] == expected_rows("s1", "hum")[:3]
+
+
+def test_pipelined_requests_in_one_send_are_answered_in_order(known_db, tls):
+    with running_server(known_db, tls) as server:
+        with connect(server, tls.client_context(cert=False)) as sock:
+            sock.sendall(pipeline_bytes(100))
+            check_pipeline(read_lines(sock, 600), 100)
+
+
+def test_requests_fed_a_few_bytes_at_a_time(known_db, tls):
+    data = pipeline_bytes(10)
+    with running_server(known_db, tls) as server:
+        with connect(server, tls.client_context(cert=False)) as sock:
+            for i in range(0, len(data), 3):
+                sock.sendall(data[i : i + 3])
+            check_pipeline(read_lines(sock, 60), 10)
+
+
+def test_unterminated_last_line_before_eof_is_answered(known_db, tls):
+    with running_server(known_db, tls) as server:
+        with connect(server, tls.client_context(cert=False)) as sock:
+            sock.sendall(b'{"op":"ping","id":1}\n{"op":"ping","id":2}')
+            socket.socket.shutdown(sock, socket.SHUT_WR)  # TCP half-close; SSLSocket.shutdown would drop TLS
+            assert [r["id"] for r in read_lines(sock, 2)] == [1, 2]
+            assert sock.recv(100) == b""
+
+
+def test_errors_leave_the_connection_usable(known_db, tls):
+    bad_lines = [b"", b"{", b"[1,2]", b'{"op":"x"}', b'{"op":"readings","sensor":"s1","limit":true}',
+                 b'{"op":"readings","sensor":"s1","since":NaN}', b"[" * 50_000, b"\xff\xfe\xfd",
+                 b'{"op":"readings","sensor":"\\ud800"}', b'{"op":"ping","zzz":1}']
+    with running_server(known_db, tls) as server:
+        with connect(server, tls.client_context(cert=False)) as sock:
+            for line in bad_lines:
+                sock.sendall(line + b'\n{"op":"ping","id":"after"}\n')
+                error, after = read_lines(sock, 2)
+                assert error["ok"] is False and error["error"]["code"] in ("bad_json", "bad_request", "unknown_op")
+                assert after == {"id": "after", "ok": True, "result": {"version": "0.1.0", "protocol": 1}}
+
+
+def test_oversized_line_gets_too_large_and_the_connection_closes(known_db, tls):
+    with running_server(known_db, tls) as server:
+        ctx = tls.client_context(cert=False)
+        with connect(server, ctx) as sock:
+            exact = b'{"op":"ping","id":7' + b" " * (MAX_LINE_BYTES - 20) + b"}"
+            assert len(exact) == MAX_LINE_BYTES
+            sock.sendall(exact + b"\n")
+            assert read_lines(sock, 1)[0] == {"id": 7, "ok": True, "result": {"version": "0.1.0", "protocol": 1}}
+        with connect(server, ctx) as sock, connect(server, ctx) as bystander:
+            sock.sendall(b'{"op":"ping","pad":"' + b"x" * 70_000 + b'"}\n{"op":"ping"}\n')
+            f = sock.makefile("rb")
+            response = json.loads(f.readline())
+            assert response["error"]["code"] == "too_large"
+            assert f.readline() == b""  # closed: the ping after it is never answered
+            f.close()
+            bystander.sendall(b'{"op":"ping","id":1}\n')
+            assert read_lines(bystander, 1)[0]["ok"]
+
+
+# -- hostile and idle clients -----------------------------------------------------
+
+
+def test_plaintext_and_50_stalled_handshakes_do_not_delay_a_ping(known_db, tls):
+    with running_server(known_db, tls) as server:
+        stalled = []
+        try:
+            for i in range(50):
+                s = socket.create_connection(server.server_address, timeout=5)
+                if i % 2:
+                    s.sendall(b"\x16\x03\x01\x02\x00\x01")  # the first bytes of a ClientHello, then silence
+                stalled.append(s)
+            plain = socket.create_connection(server.server_address, timeout=5)
+            stalled.append(plain)
+            plain.sendall(b'{"op":"ping"}\n')
+            wait_for(lambda: server.connections == 51, 5, what="51 connections")
+            assert ping_seconds(server, tls) < 0.5
+            # The plaintext client was refused (TLS alert, then close), not answered.
+            data = b""
+            while chunk := plain.recv(4096):
+                data += chunk
+            assert b'"ok"' not in data
+        finally:
+            for s in stalled:
+                s.close()
+
+
+def test_500_idle_connections_and_a_ping_under_100ms(known_db, tls):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1500:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    ctx = tls.client_context(cert=False)
+    with running_server(known_db, tls) as server:
+        idle = []
+        try:
+            for _ in range(500):
+                idle.append(connect(server, ctx))
+            wait_for(lambda: server.connections == 500, 10, what="500 connections")
+            with connect(server, ctx) as sock:
+                worst = 0.0
+                for _ in range(20):
+                    start = time.monotonic()
+                    sock.sendall(b'{"op":"ping"}\n')
+                    assert sock.recv(4096).endswith(b"\n")
+                    worst = max(worst, time.monotonic() - start)
+            assert worst < 0.1
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_handshake_and_idle_timeouts_close_connections(known_db, tls):
+    limits = ServerLimits(handshake_timeout=0.3, idle_timeout=0.6)
+    with running_server(known_db, tls, limits=limits) as server:
+        stalled = socket.create_connection(server.server_address, timeout=5)
+        idle = connect(server, tls.client_context(cert=False))
+        idle.sendall(b'{"op":"ping"}\n')
+        read_lines(idle, 1)
+        try:
+            start = time.monotonic()
+            assert stalled.recv(100) == b""  # closed by the handshake timeout
+            assert time.monotonic() - start < 3
+            assert idle.recv(100) == b""  # closed by the idle timeout
+            wait_for(lambda: server.connections == 0, 5, what="all connections closed")
+        finally:
+            stalled.close()
+            idle.close()
+
+
+def test_max_connections(known_db, tls):
+    ctx = tls.client_context(cert=False)
+    with running_server(known_db, tls, limits=ServerLimits(max_connections=2)) as server:
+        a, b = connect(server, ctx), connect(server, ctx)
+        try:
+            wait_for(lambda: server.connections == 2, 5, what="2 connections")
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                connect(server, ctx).recv(1)
+            a.close()
+            wait_for(lambda: server.connections == 1, 5, what="a slot to free up")
+            with connect(server, ctx) as c:
+                c.sendall(b'{"op":"ping"}\n')
+                assert read_lines(c, 1)[0]["ok"]
+        finally:
+            a.close()
+            b.close()
+
+
+def test_a_client_that_never_reads_has_bounded_output(known_db, tls):
+    limits = ServerLimits(max_output=64 * 1024)
+    request = b'{"op":"readings","sensor":"s1","metric":"temp","limit":300}\n'
+    with running_server(known_db, tls, limits=limits) as server:
+        ctx = tls.client_context(cert=False)
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        raw.settimeout(5)
+        raw.connect(server.server_address)
+        with ctx.wrap_socket(raw, server_hostname="localhost") as hog:
+            hog.sendall(request * 400)  # ~12 MB of answers
+            wait_for(lambda: server.buffered_output() >= limits.max_output, 5, what="output to back up")
+            one_response = 40_000
+            for _ in range(20):
+                assert server.buffered_output() <= limits.max_output + one_response
+                assert ping_seconds(server, tls) < 0.5
+            # Once it reads, it gets every answer, in order.
+            responses = read_lines(hog, 400)
+            assert all(r["result"]["rows"] == expected_rows("s1", "temp") for r in responses)
+
+
+def test_internal_errors_are_answered_logged_and_survived(known_db, tls, caplog):
+    class Broken(Ops):
+        def op_gaps(self, **_):
+            raise RuntimeError("boom with /secret/path")
+
+    conn = open_reader(known_db)
+    try:
+        with caplog.at_level(logging.ERROR, logger="telemetry.query"):
+            with running_server(known_db, tls, ops=Broken(conn)) as server:
+                with connect(server, tls.client_context(cert=False)) as sock:
+                    sock.sendall(b'{"op":"gaps","id":1}\n{"op":"ping","id":2}\n')
+                    error, ping = read_lines(sock, 2)
+        assert error == {"id": 1, "ok": False,
+                         "error": {"code": "internal", "message": "internal error; the server log has details"}}
+        assert ping["ok"]
+        assert any("boom" in (r.exc_text or "") for r in caplog.records)
+    finally:
+        conn.close()
+
+
+def mutate(rng: random.Random, line: bytes) -> bytes:
+    data = bytearray(line)
+    for _ in range(rng.randint(1, 4)):
+        choice = rng.random()
+        pos = rng.randrange(len(data) + 1)
+        if choice < 0.4 and data:
+            data[min(pos, len(data) - 1)] = rng.randrange(256)
+        elif choice < 0.7:
+            data[pos:pos] = rng.choice([b"{", b"}", b"[", b"]", b'"', b",", b":", b"NaN", b"-1e999", b"\\u0000",
+                                        b"true", b"null", b"9" * 30, b"\\ud800", b"\xc3", b"'; DROP TABLE x;--"])
+        else:
+            del data[pos : pos + rng.randint(1, 8)]
+    return bytes(data).replace(b"\n", b" ")
+
+
+SEEDS = [json.dumps(r).encode() for r in PIPELINE] + [
+    b'{"op":"readings","sensor":"s1","since":1700000000,"until":1700000500,"limit":5,"order":"desc"}',
+    b'{"op":"aggregate","sensor":"s1","metric":"temp","bucket":60,"since":1700000000}',
+    b'{"op":"gaps","sensor":"s1","since":0}', b'{"op":"sensors","sensor":"s2"}', b'{"op":"stats"}',
+]
+
+
+def test_fuzz_20000_lines_one_response_each_and_no_server_exception(known_db, tls, caplog):
+    rng = random.Random(20251125)
+    lines = []
+    for i in range(20_000):
+        kind = i % 4
+        if kind == 0:
+            lines.append(bytes(rng.randrange(256) for _ in range(rng.randint(0, 40))).replace(b"\n", b""))
+        else:
+            lines.append(mutate(rng, rng.choice(SEEDS)))
+    with caplog.at_level(logging.WARNING, logger="telemetry.query"):
+        with running_server(known_db, tls) as server:
+            with connect(server, tls.client_context(cert=False)) as sock:
+                f = sock.makefile("rb")
+                codes: dict[str, int] = {}
+                for start in range(0, len(lines), 1000):
+                    batch = lines[start : start + 1000]
+                    sock.sendall(b"\n".join(batch) + b"\n")
+                    for _ in batch:
+                        line = f.readline()
+                        assert line.endswith(b"\n")
+                        response = json.loads(line)  # standard JSON: no NaN/Infinity tokens
+                        code = "ok" if response["ok"] else response["error"]["code"]
+                        codes[code] = codes.get(code, 0) + 1
+                sock.sendall(b'{"op":"ping","id":"last"}\n')
+                assert json.loads(f.readline())["id"] == "last"
+                f.close()
+    assert sum(codes.values()) == 20_000
+    assert "internal" not in codes and "too_large" not in codes
+    assert set(codes) <= set(CODES) | {"ok"}
+    assert codes.get("ok", 0) > 100 and codes["bad_json"] > 1000  # the fuzz reached both paths
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
