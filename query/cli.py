@@ -238,7 +238,7 @@ class _Session:
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--server") from None
         if (settings["cert"] is None) != (settings["key"] is None):
-            raise click.UsageError("--cert and --key go together (TELEMETRY_CERT, TELEMETRY_KEY)")
+            raise SetupFailed("--cert and --key go together: give both, or neither (TELEMETRY_CERT, TELEMETRY_KEY)")
         self.settings = settings
         self._client: QueryClient | None = None
 
@@ -258,6 +258,15 @@ class _Session:
 
     def echo(self, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
         click.echo(render(rows, self.fmt, columns), nl=False)
+
+    def echo_object(self, result: dict[str, Any]) -> None:
+        """One object (ping, stats): as-is in JSON, key/value rows in table and CSV."""
+        if self.fmt == "json":
+            click.echo(json.dumps(result, indent=1))
+            return
+        if self.fmt == "table":
+            result = {k: human_time(v) if k in TIME_FIELDS and v is not None else v for k, v in result.items()}
+        self.echo(_flatten(result), ["key", "value"])
 
     def close(self) -> None:
         if self._client is not None:
@@ -349,7 +358,7 @@ def ping(session: _Session) -> None:
     Example:
       telemetry-query --ca ca.pem ping
     """
-    session.echo(_flatten(session.request("ping")), ["key", "value"])
+    session.echo_object(session.request("ping"))
 
 
 @_session_command("sensors")
@@ -453,13 +462,7 @@ def stats(session: _Session) -> None:
     Example:
       telemetry-query --format json stats
     """
-    result = session.request("stats")
-    if session.fmt == "json":
-        click.echo(json.dumps(result, indent=1))
-        return
-    if session.fmt == "table" and result.get("last_flush") is not None:
-        result["last_flush"] = human_time(result["last_flush"])
-    session.echo(_flatten(result), ["key", "value"])
+    session.echo_object(session.request("stats"))
 
 
 @_session_command("raw")

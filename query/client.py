@@ -11,6 +11,7 @@ ConnectError whose `kind` tells the caller which setting to fix
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 from typing import Any
@@ -99,10 +100,13 @@ class QueryClient:
     def connect(self) -> None:
         if self._sock is not None:
             return
+        for path in (self._ca, self._cert, self._key):
+            if path is not None and not os.path.isfile(path):
+                raise ConnectError("files", f"cannot read {path}: no such file")
         try:
             ctx = self._context or client_context(self._ca, self._cert, self._key)
-        except FileNotFoundError as exc:
-            raise ConnectError("files", f"cannot read {exc.filename}: no such file") from None
+        except OSError as exc:
+            raise ConnectError("files", f"cannot read the CA or client certificate/key: {exc.strerror or exc}") from None
         except ssl.SSLError as exc:
             raise ConnectError("files", f"cannot load the CA or client certificate/key: {exc.reason or exc}") from None
         try:
