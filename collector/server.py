@@ -58,15 +58,16 @@ class Settings:
 class _Source:
     """Per-socket state: the endpoint, its kernel drop count, whether we need sources."""
 
-    __slots__ = ("endpoint", "sock", "drops", "want_source")
+    __slots__ = ("endpoint", "sock", "drops", "want_source_until")
 
     def __init__(self, endpoint: net.Endpoint) -> None:
         self.endpoint = endpoint
         self.sock = endpoint.sock
         self.drops = 0  # last cumulative SO_RXQ_OVFL value seen
         # Plain recv() is ~0.4 us cheaper than recvfrom(); we switch to
-        # recvfrom only while a rejected datagram's log line waits for a source.
-        self.want_source = False
+        # recvfrom only while a rejected datagram's log line waits for a
+        # source, for one log interval at most.
+        self.want_source_until = 0.0
 
 
 def _noop(message: str) -> None:
@@ -91,6 +92,7 @@ class Collector:
         self._done = threading.Event()
         self.unflushed_at_exit = 0
         self._activity = False  # a datagram arrived since the last flush: counters changed
+        self._now = 0.0  # the clock at the last drain
         self._reject_next_log = dict.fromkeys(REASONS, 0.0)
         try:
             self._bind()
@@ -274,15 +276,26 @@ class Collector:
                 drops = _U32.unpack_from(cdata)[0]
                 counters["kernel_drops"] += (drops - source.drops) & 0xFFFFFFFF
                 source.drops = drops
-        batch = [(data, address)]
+        datas = [data]
+        addresses = [address] if source.want_source_until > self._now else None
         if flags & socket.MSG_TRUNC:
-            batch.pop()
+            datas.pop()
             truncated += 1
-        want_source = source.want_source
-        recv = sock.recvfrom if want_source else sock.recv
+            if addresses:
+                addresses.pop()
         try:
-            for _ in range(self.settings.drain_budget - 1):
-                batch.append(recv(bufsize) if want_source else (recv(bufsize), None))
+            if addresses is None:
+                # The fast path: plain recv, no source address (measured
+                # 1.03 us against 1.39 us for recvfrom per datagram).
+                recv = sock.recv
+                append_data = datas.append
+                for _ in range(self.settings.drain_budget - 1):
+                    append_data(recv(bufsize))
+            else:
+                for _ in range(self.settings.drain_budget - 1):
+                    data, address = sock.recvfrom(bufsize)
+                    datas.append(data)
+                    addresses.append(address)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:
@@ -299,7 +312,7 @@ class Collector:
         new_series = store.new_series
         duplicate = Duplicate
         accepted = duplicates = 0
-        for data, address in batch:
+        for i, data in enumerate(datas):
             if len(data) >= bufsize:
                 truncated += 1  # only a datagram bigger than any UDP payload fills the buffer
                 continue
@@ -327,19 +340,21 @@ class Collector:
                 state.readings += len(readings)
                 accepted += 1
             except DecodeError as exc:
-                self._rejected(source, exc, address, now)
+                self._rejected(source, exc, addresses[i] if addresses else None, now)
             except Exception:
                 # A bug must cost one datagram, never the loop.
                 counters["internal_errors"] += 1
                 if now >= self._reject_next_log.get("internal", 0.0):
                     self._reject_next_log["internal"] = now + tuning.REJECT_LOG_INTERVAL_S
-                    log.exception("internal error on a datagram from %s", _source_text(address))
-        counters["received"] += len(batch) + (1 if flags & socket.MSG_TRUNC else 0)
+                    log.exception("internal error on a datagram from %s",
+                                  _source_text(addresses[i] if addresses else None))
+        counters["received"] += len(datas) + (1 if flags & socket.MSG_TRUNC else 0)
         counters["duplicates"] += duplicates
         if truncated:
             counters["truncated"] += truncated
         store.pending_datagrams += accepted
         self._activity = True
+        self._now = now
 
     def _rejected(self, source: _Source, exc: DecodeError, address, now: float) -> None:
         reason = exc.reason
@@ -350,9 +365,9 @@ class Collector:
             return
         if address is None:
             # Read from the fast path without a source: log the next one with it.
-            source.want_source = True
+            source.want_source_until = now + tuning.REJECT_LOG_INTERVAL_S
             return
-        source.want_source = False
+        source.want_source_until = 0.0
         self._reject_next_log[reason] = now + tuning.REJECT_LOG_INTERVAL_S
         log.warning(
             "rejected datagram from %s on %s: %s (%d %s so far; at most one line per %g s per reason)",

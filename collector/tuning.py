@@ -54,6 +54,11 @@ RETRY_MAX_S = 30.0
 # (there should be none) makes a flush fail fast and retry, instead of
 # holding the loop for open_writer's default 5 s while the socket buffer fills.
 WRITER_BUSY_TIMEOUT_MS = 200
+# SQLite page cache of the writer connection (KiB; PRAGMA cache_size=-N).  The
+# readings B-tree takes inserts at one point per series; with ~100 series and
+# a table of millions of rows, the default 2 MiB cache measured 4.2 us/row
+# against 2.8 us/row with 32 MiB (bench/ingest.py --compare-insert).
+WRITER_CACHE_KIB = 32 * 1024
 # systemd watchdog pings at most this often (seconds); sdnotify rate-limits too.
 WATCHDOG_MIN_INTERVAL_S = 2.0
 
