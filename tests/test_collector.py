@@ -99,6 +99,7 @@ def test_storm_of_junk_loses_no_valid_datagram_and_counts_each_junk_by_reason(db
     assert {r: c[f"rejected:{r}"] for r in wire.REASONS} == expected
     assert c["received"] == total and c["stored"] == valid and c["stored_readings"] == 2 * valid
     assert c["duplicates"] == 0 and c["truncated"] == 0 and c["internal_errors"] == 0
+    assert c["received"] == c["stored"] + c["duplicates"] + sum(c[f"rejected:{r}"] for r in wire.REASONS)
     assert query(db_path, "SELECT datagrams, readings, lost, duplicates FROM sensors") == [(valid, 2 * valid, 0, 0)]
     assert query(db_path, "SELECT count(*), min(seq), max(seq) FROM readings") == [(2 * valid, 0, valid - 1)]
     # Rate-limited: one line per reason, naming the reason and the source.

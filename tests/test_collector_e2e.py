@@ -165,6 +165,9 @@ def test_loss_and_reordering_accounts_equal_the_simulator_report(collector, sim,
         assert exp["lost"] > 0 and exp["reordered"] > 0  # the faults really happened
         assert got[sensor] == {**exp, "restarts": 0}, sensor
     assert stored_readings_per_sensor(db_path) == {s: a["readings"] for s, a in got.items()}
+    # The gap rows add up to the accounts (docs/SCHEMA.md).
+    missing = dict(query(db_path, "SELECT sensor, sum(missing) FROM gaps GROUP BY sensor"))
+    assert missing == {s: a["lost"] for s, a in got.items() if a["lost"]}
     counters = query_dict(db_path, "SELECT name, value FROM counters")
     assert counters["received"] == report["datagrams_sent"] and counters["kernel_drops"] == 0
 
