@@ -209,9 +209,9 @@ def command(ctx: click.Context, targets, sensors, id_prefix, rate, count, durati
         clash = [f"--{n.replace('_', '-')}" for n in _GENERATOR_FLAGS if _given(ctx, n)]
         if clash:
             raise click.UsageError(f"--replay sends recorded readings; drop {', '.join(clash)}")
-    elif _given(ctx, "speed"):
-        raise click.UsageError("--speed only applies to --replay")
-    if replay is None:
+    else:
+        if _given(ctx, "speed"):
+            raise click.UsageError("--speed only applies to --replay")
         try:
             check_sensor_id(f"{id_prefix}-{sensors:04d}")  # the longest id
         except ConfigError as exc:
