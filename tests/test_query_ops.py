@@ -317,10 +317,11 @@ def test_every_query_uses_the_primary_key(known_db):
 def test_query_budget_answers_bad_request(tmp_path):
     path = str(tmp_path / "big.db")
     db = open_writer(path)
-    with db.conn:
-        db.conn.execute("INSERT INTO series (id, sensor, metric) VALUES (1, 'b', 'm')")
-        db.conn.executemany("INSERT INTO readings VALUES (1, ?, -1, ?, ?, 0)",
-                            [(float(i), i, i * 0.5) for i in range(60_000)])
+    db.conn.execute("BEGIN")  # the writer connection autocommits (isolation_level=None)
+    db.conn.execute("INSERT INTO series (id, sensor, metric) VALUES (1, 'b', 'm')")
+    db.conn.executemany("INSERT INTO readings VALUES (1, ?, -1, ?, ?, 0)",
+                        [(float(i), i, i * 0.5) for i in range(60_000)])
+    db.conn.execute("COMMIT")
     db.conn.close()
     conn = open_reader(path)
     try:
