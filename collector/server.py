@@ -21,6 +21,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -88,6 +89,7 @@ class Collector:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._stop = False
+        self._calls: deque[Callable[[], object]] = deque()
         self._serving = threading.Event()
         self._done = threading.Event()
         self.unflushed_at_exit = 0
@@ -149,6 +151,18 @@ class Collector:
             pass  # buffer full: a wake-up is pending anyway
         if self._serving.is_set() and threading.current_thread() is not getattr(self, "_thread", None):
             self._done.wait()
+
+    def call_soon(self, func: Callable[[], object]) -> None:
+        """Run `func` in the loop's thread at its next wake (thread-safe).
+
+        The loop owns the database connection; anything that must touch it
+        from outside (a test, an admin hook) goes through here.
+        """
+        self._calls.append(func)
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
 
     def flush(self) -> bool:
         """Write the pending batch now (only between loop iterations or when not serving)."""
@@ -250,10 +264,14 @@ class Collector:
         try:
             while self._wake_r.recv(512):
                 pass
-        except BlockingIOError:
+        except OSError:  # BlockingIOError: drained
             pass
-        except OSError:
-            pass
+        while self._calls:
+            func = self._calls.popleft()
+            try:
+                func()
+            except Exception:
+                log.exception("a call_soon function failed")
 
     def _drain(self, source: _Source) -> None:
         """Read up to the budget from one socket, then decode, track and queue each datagram."""
@@ -301,7 +319,16 @@ class Collector:
         except OSError as exc:
             log.warning("%s: receive failed: %s", source.endpoint.label, exc.strerror or exc)
 
-        now = self.clock()
+        if truncated:
+            counters["truncated"] += truncated
+        counters["received"] += len(datas) + (1 if flags & socket.MSG_TRUNC else 0)
+        self._process(datas, addresses, source, self.clock())
+
+    def _process(self, datas: list[bytes], addresses: list | None, source: _Source, now: float) -> None:
+        """Decode, track and queue one burst of datagrams (the hot path)."""
+        bufsize = self.settings.recv_buffer_bytes
+        counters = self.store.counters
+        truncated = 0
         store = self.store
         rows = store.rows
         append = rows.append
@@ -348,7 +375,6 @@ class Collector:
                     self._reject_next_log["internal"] = now + tuning.REJECT_LOG_INTERVAL_S
                     log.exception("internal error on a datagram from %s",
                                   _source_text(addresses[i] if addresses else None))
-        counters["received"] += len(datas) + (1 if flags & socket.MSG_TRUNC else 0)
         counters["duplicates"] += duplicates
         if truncated:
             counters["truncated"] += truncated

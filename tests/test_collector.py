@@ -262,3 +262,39 @@ def test_counters_are_cumulative_across_restarts(db_path):
     c = counters(db_path)
     assert c["received"] == 22 and c["stored"] == 20 and c["rejected:not_msgpack"] == 2
     assert query(db_path, "SELECT datagrams, lost, restarts FROM sensors") == [(20, 0, 0)]
+
+
+def test_disk_full_while_running_keeps_receiving_counts_drops_and_recovers(db_path, caplog):
+    caplog.set_level(logging.INFO, logger="collector")
+    with running(db_path, max_backlog_rows=60, batch_size=20) as (collector, _):
+        conn = collector.store.conn
+        full = threading.Event()
+
+        def fill_disk():
+            conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+            full.set()
+
+        collector.call_soon(fill_disk)
+        wait_for(full.is_set, 5, what="the disk to fill")
+        s = sender()
+        for seq in range(150):  # 300 readings, far more than the pages left and the backlog
+            s.sendto(good("full-1", seq), collector.addresses[0])
+        wait_for(lambda: collector.counters["received"] == 150, 5, what="150 received")
+        wait_for(lambda: collector.counters["storage_dropped"] > 0, 5, what="backlog overflow")
+        assert collector.store.failing_since is not None
+        assert len(collector.store.rows) <= 60
+
+        collector.call_soon(lambda: conn.execute("PRAGMA max_page_count = 1073741823"))
+        wait_for(lambda: collector.store.failing_since is None, 10, what="recovery")
+        s.sendto(good("full-1", 150), collector.addresses[0])  # and it goes on storing
+        wait_for(lambda: collector.counters["received"] == 151, 5, what="151 received")
+        s.close()
+    c = counters(db_path)
+    stored_rows = query(db_path, "SELECT count(*) FROM readings")[0][0]
+    assert c["stored_readings"] == stored_rows
+    assert stored_rows + c["storage_dropped"] == 302
+    assert c["stored"] * 2 == stored_rows
+    assert query(db_path, "SELECT datagrams, readings, lost FROM sensors") == [(151, 302, 0)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("database or disk is full" in m for m in messages) == 1  # once per episode
+    assert sum("writable again" in m for m in messages) == 1
