@@ -1,0 +1,97 @@
+"""The README's first command: the whole system on loopback, ending clean.
+
+Runs the real demo as a process (as a person would), checks that its ground
+truth and the collector's accounts agree, and that no process survives it:
+neither after a normal run nor after Ctrl-C in the middle.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from helpers import wait_for
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains `text` (the demo's scratch directory)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def workdir_of(output: str) -> str:
+    match = re.search(r"client 'demo' in (\S+)/tls", output)
+    assert match, output
+    return match.group(1)
+
+
+def test_demo_runs_end_to_end_and_leaves_nothing_behind():
+    result = subprocess.run(
+        [sys.executable, "-m", "sensor_sim.demo", "--duration", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    for step in ("certificates", "collector", "query server", "sensors", "questions", "ground truth", "shutdown"):
+        assert f"] {step}: " in out
+    for command in ("sensors", "latest field-0001", "aggregate field-0001", "gaps field-0006", "stats"):
+        assert f"$ telemetry-query {command}" in out
+    truth = re.findall(r"^  (datagrams that reached the wire|dropped between first and last seq|sent twice)"
+                       r"\s+(\d+)\s+(\d+)  ok$", out, re.M)
+    assert len(truth) == 3, out
+    sent = int(truth[0][1])
+    assert sent >= 16 * 10  # 16 sensors at 10 Hz for 2 s, minus a little loss
+    assert "DIFFERS" not in out
+    for name in ("collector", "query-server", "sensors-unicast", "sensors-multicast"):
+        assert re.search(rf"^  {name}\s+exit 0$", out, re.M), name
+    workdir = workdir_of(out)
+    assert processes_mentioning(workdir) == []
+    assert not Path(workdir).exists()
+
+
+def test_ctrl_c_stops_every_process_and_cleans_up():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sensor_sim.demo", "--duration", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        # Read until the sensors are running: every child is up by then.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "] sensors: " in line:
+                break
+        output = "".join(lines)
+        assert "] sensors: " in output, output
+        workdir = workdir_of(output)
+        # collector, query server and both simulators
+        wait_for(lambda: len(processes_mentioning(workdir)) >= 4, timeout=15, what="demo children")
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, rest
+    assert "interrupted: stopping every process" in rest
+    wait_for(lambda: processes_mentioning(workdir) == [], timeout=10, what="demo children to exit")
+    assert not Path(workdir).exists()
