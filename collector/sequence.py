@@ -103,8 +103,9 @@ class Restart:
 @dataclass(frozen=True, slots=True)
 class Stray:
     """Far from the stream (RFC 3550 "very large jump") and in no open gap:
-    stored, left out of the accounts until the next seq (seq + 1) confirms a
-    restart.  Not in the lead's original list; see docs/SEQUENCE.md."""
+    stored, left out of the accounts unless seq + 1 follows and confirms a
+    restart.  An addition to the first agreed event list; like every event
+    but Duplicate it means "store"."""
 
     seq: int
 
@@ -316,7 +317,10 @@ class SensorTracker:
             self.datagrams += 1
             return _FIRST
         p = self._prev
-        if p is not None and boot == p.boot:
+        # A straggler is overtaken by a few of the new boot's datagrams, not
+        # by a window's worth: past that, the old boot value is a new run (a
+        # sensor reusing boot values) and must not be read as old duplicates.
+        if p is not None and boot == p.boot and cur.max - cur.base < WINDOW:
             return self._straggler(p, seq, now)
         self._prev = cur  # the previous stream before it is forgotten
         self._bad_seq = None

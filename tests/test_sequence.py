@@ -188,6 +188,17 @@ def test_stragglers_of_the_previous_boot_are_accounted_to_its_stream():
     assert t.stream == 1
 
 
+def test_previous_boot_takes_stragglers_only_while_the_new_stream_is_young():
+    t = SensorTracker()
+    feed(t, 1, range(0, 50))
+    feed(t, 2, range(0, WINDOW))
+    assert t.observe(1, 50, NOW) == Reordered(50)  # the new stream is WINDOW - 1 long: still young
+    feed(t, 2, [WINDOW])
+    assert t.observe(1, 10, NOW) == Restart("boot")  # boot 1 reused: a new run, not old duplicates
+    assert t.observe(1, 11, NOW) == InOrder()
+    assert t.stream == 2 and t.restarts == 2 and t.duplicates == 0 and t.reordered == 1
+
+
 @pytest.mark.parametrize("boot", [None, 5])
 def test_seq_reset_without_boot_change_is_a_restart_after_two_sequential(boot):
     t = SensorTracker()
@@ -500,7 +511,9 @@ def test_stragglers_across_a_boot_restart(old, new, late, where, boots):
     arrivals = [(boots[0], e) for e in head] + [(boots[1], e) for e in new]
     # Each straggler lands somewhere after the new stream's first datagram;
     # the old stream's own order is kept (it was drawn inside the exact regime).
-    spots = sorted(where.randint(len(head) + 1, len(head) + len(new)) for _ in tail)
+    # It stays a straggler while the new stream spans less than WINDOW seqs.
+    young = next((j for j in range(1, len(new) + 1) if max(new[:j]) - min(new[:j]) >= WINDOW), len(new) + 1) - 1
+    spots = sorted(where.randint(len(head) + 1, len(head) + young) for _ in tail)
     for k, (spot, e) in enumerate(zip(spots, tail)):
         arrivals.insert(spot + k, (boots[0], e))
     t, db = SensorTracker(), {}
