@@ -34,7 +34,8 @@ READ_CHUNK = 64 * 1024  # bytes per recv; one TLS record is at most 16 KiB anywa
 SEND_CHUNK = 256 * 1024
 READS_PER_TURN = 8  # recv calls for one client before others get a turn (fairness)
 SWEEP_SECONDS = 0.25  # how often timeouts are checked
-LINGER_SECONDS = 2.0  # after too_large: how long we drain a client's input before closing
+LINGER_SECONDS = 2.0  # after too_large or a failed handshake: how long we drain a client's input
+ACCEPT_PAUSE_SECONDS = 0.5  # after accept() fails (EMFILE): stop accepting this long
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,8 @@ class QueryServer:
         self._ready: set[int] = set()  # conns with TLS data already decrypted (no readiness event will come)
         self._stop = False
         self._refused = 0
+        self._accept_paused_until: float | None = None
+        self._closed = False
 
     @property
     def connections(self) -> int:
@@ -199,6 +202,9 @@ class QueryServer:
             self.close()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for conn in list(self._conns.values()):
             self._drop(conn)
         for sock in (self._listener, self._wake_r, self._wake_w):
@@ -224,8 +230,13 @@ class QueryServer:
                 sock, addr = self._listener.accept()
             except BlockingIOError:
                 return
-            except OSError as exc:  # EMFILE and friends: survive, say what to change
-                log.error("accept failed: %s (raise LimitNOFILE or lower max-connections)", exc.strerror)
+            except OSError as exc:  # EMFILE and friends: survive, say what to change, retry later
+                log.error("accept failed: %s (raise LimitNOFILE or lower --max-connections); "
+                          "not accepting for %gs", exc.strerror, ACCEPT_PAUSE_SECONDS)
+                # The listener stays readable while the backlog waits: without a
+                # pause the loop would spin (and log) as fast as it can.
+                self._sel.unregister(self._listener)
+                self._accept_paused_until = self._clock() + ACCEPT_PAUSE_SECONDS
                 return
             if len(self._conns) >= self.limits.max_connections:
                 self._refused += 1
@@ -248,6 +259,9 @@ class QueryServer:
             self._service(conn)
 
     def _sweep(self, now: float) -> None:
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._accept_paused_until = None
+            self._sel.register(self._listener, selectors.EVENT_READ, "listener")
         for conn in list(self._conns.values()):
             if conn.state == _HANDSHAKE and now - conn.accepted > self.limits.handshake_timeout:
                 log.info("%s: TLS handshake not finished in %gs, closed", conn.peer, self.limits.handshake_timeout)

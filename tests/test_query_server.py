@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import random
 import resource
 import socket
@@ -457,3 +458,27 @@ def test_fuzz_20000_lines_one_response_each_and_no_server_exception(known_db, tl
     assert set(codes) <= set(CODES) | {"ok"}
     assert codes.get("ok", 0) > 100 and codes["bad_json"] > 1000  # the fuzz reached both paths
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_running_out_of_file_descriptors_pauses_accepting_instead_of_spinning(known_db, tls, caplog):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with caplog.at_level(logging.ERROR, logger="telemetry.query"):
+        with running_server(known_db, tls) as server:
+            # Sockets made before the limit drops: connect() needs no new descriptor, accept() does.
+            clients = [socket.socket() for _ in range(3)]
+            try:
+                used = len(os.listdir("/proc/self/fd"))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (used, hard))
+                try:
+                    for c in clients:
+                        c.connect(server.server_address)
+                    wait_for(lambda: "accept failed" in caplog.text, 5, what="accept to fail")
+                finally:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            finally:
+                for c in clients:
+                    c.close()
+            assert ping_seconds(server, tls) < 3  # accepting again after the pause
+    failures = [r for r in caplog.records if "accept failed" in r.getMessage()]
+    assert 1 <= len(failures) <= 3, len(failures)
+    assert "LimitNOFILE" in failures[0].getMessage()
