@@ -166,7 +166,7 @@ class Collector:
 
     def flush(self) -> bool:
         """Write the pending batch now (only between loop iterations or when not serving)."""
-        return self.store.flush(self.clock())
+        return self.store.flush(self.clock(), time.monotonic())
 
     def server_close(self) -> None:
         for ep in self.endpoints:
@@ -208,37 +208,39 @@ class Collector:
             sel.register(self._wake_r, selectors.EVENT_READ, None)
             self._serving.set()
             self.notify("READY=1")
-            now = self.clock()
-            next_flush = now + s.flush_interval
-            next_status = now + s.status_interval
+            # Deadlines run on the monotonic clock: a gateway without an RTC
+            # may step its wall clock by years when NTP syncs.
+            mono = time.monotonic()
+            next_flush = mono + s.flush_interval
+            next_status = mono + s.status_interval
             next_watchdog = 0.0
-            self._status_base = (now, dict(store.counters), self._lost())
+            self._status_base = (mono, dict(store.counters), self._lost())
             drain = self._drain
             while not self._stop:
-                timeout = min(next_flush, next_status) - self.clock()
+                timeout = min(next_flush, next_status)
                 if store.failing_since is not None:
-                    timeout = min(timeout, store.retry_at - self.clock())
-                for key, _ in sel.select(max(timeout, 0.0)):
+                    timeout = min(timeout, store.retry_at)
+                for key, _ in sel.select(max(timeout - time.monotonic(), 0.0)):
                     source = key.data
                     if source is None:
                         self._drain_wakeups()
                     else:
                         drain(source)
-                now = self.clock()
-                if len(store.rows) >= s.batch_size or now >= next_flush:
-                    if store.failing_since is None or now >= store.retry_at:
+                mono = time.monotonic()
+                if len(store.rows) >= s.batch_size or mono >= next_flush:
+                    if store.failing_since is None or mono >= store.retry_at:
                         if self._activity or store.rows or store.dirty:
-                            if store.flush(now):
+                            if store.flush(self.clock(), mono):
                                 self._activity = False
                     if store.failing_since is not None:
                         store.trim()
-                    next_flush = now + s.flush_interval
-                if now >= next_status:
-                    self._log_status(now)
-                    next_status = now + s.status_interval
-                if now >= next_watchdog:
+                    next_flush = mono + s.flush_interval
+                if mono >= next_status:
+                    self._log_status(mono)
+                    next_status = mono + s.status_interval
+                if mono >= next_watchdog:
                     self.notify("WATCHDOG=1")
-                    next_watchdog = now + tuning.WATCHDOG_MIN_INTERVAL_S
+                    next_watchdog = mono + tuning.WATCHDOG_MIN_INTERVAL_S
         finally:
             self.notify("STOPPING=1")
             sel.close()
@@ -250,7 +252,7 @@ class Collector:
         # Bounded: a database that stays unwritable must not keep us from exiting.
         deadline = time.monotonic() + 5.0
         while True:
-            if store.flush(self.clock()):
+            if store.flush(self.clock(), time.monotonic()):
                 self.unflushed_at_exit = 0
                 return
             if time.monotonic() > deadline:

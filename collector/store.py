@@ -104,7 +104,7 @@ class BatchWriter:
         self._new_series: list[tuple[int, str, str]] = []
         self._pending_gaps: dict[tuple[str, int, int], GapRecord | None] = {}
         self._next_series_id = 1
-        # Failure episode: when set, the database refused the last flush.
+        # Failure episode (monotonic seconds): when set, the database refused the last flush.
         self.failing_since: float | None = None
         self.retry_at = 0.0
         self._retry_delay = tuning.RETRY_INITIAL_S
@@ -188,8 +188,13 @@ class BatchWriter:
     def _datagram_key(self, row: tuple) -> tuple:
         return (self._sensor_of[row[0]], row[2], row[3], row[5])
 
-    def flush(self, now: float) -> bool:
-        """Write the pending batch in one transaction; False if the database refused it."""
+    def flush(self, now: float, monotonic: float | None = None) -> bool:
+        """Write the pending batch in one transaction; False if the database refused it.
+
+        `now` (Unix time) is recorded as last_flush; `monotonic` (default:
+        `now`) schedules the retry, so a wall-clock step cannot stall it.
+        """
+        mono = now if monotonic is None else monotonic
         for state in self.dirty:
             sensor = state.sensor
             for (stream, first_seq), record in state.tracker.pop_gap_changes().items():
@@ -226,7 +231,7 @@ class BatchWriter:
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            self._failed(now, exc)
+            self._failed(mono, exc)
             return False
         counters["stored_readings"] += stored
         counters["stored"] += self.pending_datagrams
@@ -239,7 +244,7 @@ class BatchWriter:
         if self.failing_since is not None:
             log.warning(
                 "database writable again after %.1f s; %d readings were dropped meanwhile (storage_dropped)",
-                now - self.failing_since, self._episode_dropped,
+                mono - self.failing_since, self._episode_dropped,
             )
             self.failing_since = None
             self._episode_dropped = 0
