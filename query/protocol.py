@@ -27,6 +27,7 @@ MAX_LIMIT = 10_000
 MAX_STRING_CHARS = 256  # sensor/metric names are <= 64 on the wire; this only bounds the work
 MAX_ABS_TIME = 1e12  # Unix seconds; far beyond any real clock, well inside float and int64
 MIN_BUCKET = 0.001  # seconds
+MAX_ID_DEPTH = 32  # nesting of the echoed `id`
 
 CODES = ("bad_json", "bad_request", "unknown_op", "too_large", "internal")
 
@@ -206,6 +207,10 @@ def parse_request(line: bytes) -> Request:
     if type(doc) is not dict:
         raise RequestError("bad_request", f"a request is a JSON object, got {_json_type(doc)}")
     request_id = doc.get("id")
+    if _too_deep(request_id):
+        # json.loads accepts ~990 levels, but echoing them back from a deeper
+        # call stack could hit the recursion limit in json.dumps.
+        raise RequestError("bad_request", f"parameter 'id' is nested deeper than {MAX_ID_DEPTH} levels")
     op = doc.get("op")
     if op is None:
         raise RequestError("bad_request", "parameter 'op' is missing", request_id)
@@ -232,6 +237,15 @@ def parse_request(line: bytes) -> Request:
         if required and name not in params:
             raise RequestError("bad_request", f"parameter {name!r} is missing", request_id)
     return Request(op, request_id, params)
+
+
+def _too_deep(value: Any) -> bool:
+    level = [value]
+    for _ in range(MAX_ID_DEPTH):
+        level = [c for v in level if isinstance(v, (list, dict)) for c in (v.values() if isinstance(v, dict) else v)]
+        if not level:
+            return False
+    return True
 
 
 def _short(exc: Exception) -> str:

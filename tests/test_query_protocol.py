@@ -109,6 +109,17 @@ def test_unknown_op_and_id_echo():
     assert (error.code, error.request_id) == ("bad_request", 9)
 
 
+def test_deeply_nested_id_is_refused_not_echoed():
+    for depth, ok in ((32, True), (33, False), (500, False)):
+        line = b'{"op":"ping","id":' + b"[" * depth + b"]" * depth + b"}"
+        if ok:
+            assert parse_request(line).op == "ping"
+        else:
+            error = error_of(line)
+            assert (error.code, error.request_id) == ("bad_request", None)
+            assert "'id'" in error.message
+
+
 def test_valid_requests_parse_to_typed_params():
     assert parse_request(b'{"op":"ping"}') == Request("ping", None, {})
     request = parse_request(b'{"op":"readings","id":"a","sensor":"s1","since":5,"until":6.5,'
