@@ -230,7 +230,8 @@ def test_version():
 # -- serve ---------------------------------------------------------------------------
 
 
-def test_serve_as_a_process_logs_its_port_answers_and_stops_on_sigterm(known_db, tls, bin_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_as_a_process_logs_its_port_answers_and_stops_on_a_signal(known_db, tls, bin_path, stop):
     proc = subprocess.Popen(
         [bin_path("telemetry-query"), "serve", "--db", known_db, "--listen", "127.0.0.1:0", "--cert", tls.server_cert,
          "--key", tls.server_key, "--client-ca", tls.ca_pem],
@@ -246,7 +247,7 @@ def test_serve_as_a_process_logs_its_port_answers_and_stops_on_sigterm(known_db,
         port = int(found.group(2))
         with QueryClient("localhost", port, ca=tls.ca_pem, cert=tls.client_cert, key=tls.client_key) as c:
             assert c.request("latest", sensor="s2")[0]["value"] == 9.0
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop)
         assert proc.wait(10) == 0
         rest = proc.stderr.read().decode()
     finally:

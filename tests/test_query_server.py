@@ -22,7 +22,7 @@ from collector.schema import open_reader
 from query.client import ConnectError, QueryClient, ServerError
 from query.ops import Ops
 from query.protocol import CODES, MAX_LINE_BYTES
-from query.server import ServerLimits
+from query.server import ServerLimits, server_context
 
 
 def connect(server, ctx: ssl.SSLContext, host: str = "localhost") -> ssl.SSLSocket:
@@ -136,6 +136,27 @@ def test_tls_1_2_client_is_served_with_an_aead_cipher(known_db, tls):
             assert "GCM" in sock.cipher()[0] or "CHACHA20" in sock.cipher()[0]
             sock.sendall(b'{"op":"ping"}\n')
             assert read_lines(sock, 1)[0]["ok"]
+
+
+def test_tls_1_2_without_an_aead_cipher_is_refused(known_db, tls):
+    ctx = tls.client_context(cert=False)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384")  # CBC: offered, never accepted
+    with running_server(known_db, tls) as server:
+        with pytest.raises(ssl.SSLError) as info:
+            connect(server, ctx)
+        assert info.value.reason == "SSLV3_ALERT_HANDSHAKE_FAILURE", info.value.reason
+
+
+def test_server_context_settings(tls):
+    plain = server_context(tls.server_cert, tls.server_key)
+    mutual = server_context(tls.server_cert, tls.server_key, tls.ca_pem)
+    assert plain.minimum_version == mutual.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert plain.verify_mode == ssl.CERT_NONE
+    assert mutual.verify_mode == ssl.CERT_REQUIRED
+    tls12 = {c["name"] for c in mutual.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    assert tls12 and all("GCM" in name or "CHACHA20" in name for name in tls12)
+    assert all(name.startswith("ECDHE-") for name in tls12)
 
 
 def test_client_checks_the_server_name(known_db, tls, tmp_path):
