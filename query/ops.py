@@ -1,6 +1,6 @@
 """Each query op as read-only, parameterized SQL over the collector's schema.
 
-`Ops.run(request, now)` takes a validated protocol.Request and returns the
+`Ops.run(request)` takes a validated protocol.Request and returns the
 JSON-ready result, or raises protocol.RequestError (bad_request) when the
 request is well-formed but asks for too much (more rows than the server's cap,
 more aggregate buckets than allowed, longer than the query time budget).  The

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from collector.errors import SetupError
 
@@ -33,6 +34,7 @@ DEFAULT_PORT = 4740
 READ_CHUNK = 64 * 1024  # bytes per recv; one TLS record is at most 16 KiB anyway
 SEND_CHUNK = 256 * 1024
 READS_PER_TURN = 8  # recv calls for one client before others get a turn (fairness)
+TURN_SECONDS = 0.005  # work for one client before others get a turn (at least one request)
 SWEEP_SECONDS = 0.25  # how often timeouts are checked
 LINGER_SECONDS = 2.0  # after too_large or a failed handshake: how long we drain a client's input
 ACCEPT_PAUSE_SECONDS = 0.5  # after accept() fails (EMFILE): stop accepting this long
@@ -101,6 +103,11 @@ class Service:
 
 
 _HANDSHAKE, _OPEN, _CLOSING = "handshake", "open", "closing"
+
+
+class _Answered(NamedTuple):
+    full: bool  # stopped because the output reached max_output
+    turn_over: bool  # stopped because this client's turn (TURN_SECONDS) is used up
 
 
 class _Conn:
@@ -323,8 +330,9 @@ class QueryServer:
     def _pump(self, conn: _Conn) -> None:
         conn.want = 0
         reads = 0
+        turn_ends = self._clock() + TURN_SECONDS
         while True:
-            more_lines = self._answer_lines(conn)
+            stopped = self._answer_lines(conn, turn_ends)
             if conn.out_bytes:
                 self._flush(conn)
             if conn.state == _CLOSING:
@@ -332,12 +340,15 @@ class QueryServer:
                 return
             if conn.out_bytes >= self.limits.max_output:
                 return  # backpressure: a client that does not read is not read either
-            if more_lines:
+            if stopped.turn_over or reads >= READS_PER_TURN:
+                # Others get a turn first.  Come back without waiting for an
+                # event: the lines are buffered here, or decrypted inside TLS,
+                # where the selector cannot see them.
+                self._ready.add(conn.sock.fileno())
+                return
+            if stopped.full:
                 continue  # the output drained: answer what is already buffered before reading more
             if conn.eof:
-                return
-            if reads >= READS_PER_TURN:
-                self._ready.add(conn.sock.fileno())  # TLS may hold decrypted bytes: no event would come
                 return
             try:
                 data = conn.sock.recv(READ_CHUNK)
@@ -361,20 +372,22 @@ class QueryServer:
             elif rest:  # an unterminated last line before EOF is still a request
                 self._queue(conn, self.service.handle(rest))
 
-    def _answer_lines(self, conn: _Conn) -> bool:
-        """Answer buffered lines until none is complete (False) or the output is full (True)."""
+    def _answer_lines(self, conn: _Conn, turn_ends: float) -> _Answered:
+        """Answer buffered lines until none is complete, the output is full or the turn is over."""
         while conn.state == _OPEN:
             if conn.out_bytes >= self.limits.max_output:
-                return True
+                return _Answered(full=True, turn_over=False)
+            if self._clock() >= turn_ends:
+                return _Answered(full=False, turn_over=True)
             try:
                 line = conn.lines.next_line()
             except LineTooLong:
                 self._too_large(conn)
-                return False
+                break
             if line is None:
-                return False
+                break
             self._queue(conn, self.service.handle(line))
-        return False
+        return _Answered(full=False, turn_over=False)
 
     def _too_large(self, conn: _Conn) -> None:
         self._queue(conn, encode_error(None, "too_large", f"request line longer than {MAX_LINE_BYTES} bytes; closing"))

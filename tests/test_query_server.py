@@ -503,3 +503,39 @@ def test_running_out_of_file_descriptors_pauses_accepting_instead_of_spinning(kn
     failures = [r for r in caplog.records if "accept failed" in r.getMessage()]
     assert 1 <= len(failures) <= 3, len(failures)
     assert "LimitNOFILE" in failures[0].getMessage()
+
+
+def test_a_pipelining_client_does_not_starve_another(known_db, tls):
+    import threading
+
+    count = 1500
+    got: list[int] = []
+    with running_server(known_db, tls) as server:
+        ctx = tls.client_context(cert=False)
+        hog = connect(server, ctx)
+        hog.settimeout(30)
+
+        def flood():
+            # ~0.2 ms of SQL each: one 16 KB TLS record of these is ~40 ms of work.
+            hog.sendall(b'{"op":"aggregate","sensor":"s1","metric":"temp","bucket":1}\n' * count)
+
+        def drain():
+            got.append(len(read_lines(hog, count)))
+
+        threads = [threading.Thread(target=flood), threading.Thread(target=drain)]
+        try:
+            for t in threads:
+                t.start()
+            with connect(server, ctx) as sock:
+                worst = 0.0
+                for _ in range(30):
+                    start = time.monotonic()
+                    sock.sendall(b'{"op":"ping"}\n')
+                    assert sock.recv(4096).endswith(b"\n")
+                    worst = max(worst, time.monotonic() - start)
+        finally:
+            for t in threads:
+                t.join(30)
+            hog.close()
+    assert got == [count]
+    assert worst < 0.1, worst
