@@ -133,6 +133,25 @@ def enable_drop_counter(sock: socket.socket) -> bool:
     return True
 
 
+def read_drops(sock: socket.socket) -> int | None:
+    """The socket's cumulative kernel drop count now (SO_MEMINFO), or None if unavailable.
+
+    SO_RXQ_OVFL reports the same counter, but only in the ancillary data of
+    the next datagram queued after the drops; this reads it at any time, so
+    drops at the end of a burst are accounted without waiting for traffic.
+    """
+    if not IS_LINUX:
+        return None
+    size = 4 * (tuning.SK_MEMINFO_DROPS + 1)
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, tuning.SO_MEMINFO, size)
+    except OSError:
+        return None
+    if len(raw) < size:
+        return None
+    return struct.unpack_from("=I", raw, 4 * tuning.SK_MEMINFO_DROPS)[0]
+
+
 # --- interfaces ----------------------------------------------------------------------------
 
 

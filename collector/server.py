@@ -95,6 +95,7 @@ class Collector:
         self.unflushed_at_exit = 0
         self._activity = False  # a datagram arrived since the last flush: counters changed
         self._now = 0.0  # the clock at the last drain
+        self._sources: list[_Source] = []
         self._reject_next_log = dict.fromkeys(REASONS, 0.0)
         try:
             self._bind()
@@ -203,8 +204,9 @@ class Collector:
         store = self.store
         sel = selectors.DefaultSelector()
         try:
-            for ep in self.endpoints:
-                sel.register(ep.sock, selectors.EVENT_READ, _Source(ep))
+            self._sources = [_Source(ep) for ep in self.endpoints]
+            for source in self._sources:
+                sel.register(source.sock, selectors.EVENT_READ, source)
             sel.register(self._wake_r, selectors.EVENT_READ, None)
             self._serving.set()
             self.notify("READY=1")
@@ -228,6 +230,7 @@ class Collector:
                         drain(source)
                 mono = time.monotonic()
                 if len(store.rows) >= s.batch_size or mono >= next_flush:
+                    self._poll_drops()
                     if store.failing_since is None or mono >= store.retry_at:
                         if self._activity or store.rows or store.dirty:
                             if store.flush(self.clock(), mono):
@@ -236,6 +239,7 @@ class Collector:
                         store.trim()
                     next_flush = mono + s.flush_interval
                 if mono >= next_status:
+                    self._poll_drops()
                     self._log_status(mono)
                     next_status = mono + s.status_interval
                 if mono >= next_watchdog:
@@ -244,6 +248,7 @@ class Collector:
         finally:
             self.notify("STOPPING=1")
             sel.close()
+            self._poll_drops()
             self._final_flush()
             self._done.set()
 
@@ -293,9 +298,7 @@ class Collector:
             return
         for level, kind, cdata in ancdata:
             if level == socket.SOL_SOCKET and kind == tuning.SO_RXQ_OVFL and len(cdata) >= 4:
-                drops = _U32.unpack_from(cdata)[0]
-                counters["kernel_drops"] += (drops - source.drops) & 0xFFFFFFFF
-                source.drops = drops
+                self._account_drops(source, _U32.unpack_from(cdata)[0])
         datas = [data]
         addresses = [address] if source.want_source_until > self._now else None
         if flags & socket.MSG_TRUNC:
@@ -383,6 +386,20 @@ class Collector:
         store.pending_datagrams += accepted
         self._activity = True
         self._now = now
+
+    def _account_drops(self, source: _Source, drops: int) -> None:
+        """Fold a reading of the socket's cumulative (uint32) drop counter into kernel_drops."""
+        delta = (drops - source.drops) & 0xFFFFFFFF
+        if 0 < delta < 1 << 31:  # an older reading (from an earlier-queued datagram) is behind: ignore
+            self.store.counters["kernel_drops"] += delta
+            source.drops = drops
+
+    def _poll_drops(self) -> None:
+        """Catch up on drops no datagram has reported yet (before a flush or a status line)."""
+        for source in self._sources:
+            drops = net.read_drops(source.sock)
+            if drops is not None:
+                self._account_drops(source, drops)
 
     def _rejected(self, source: _Source, exc: DecodeError, address, now: float) -> None:
         reason = exc.reason

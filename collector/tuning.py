@@ -65,6 +65,8 @@ WATCHDOG_MIN_INTERVAL_S = 2.0
 # --- Linux socket options the socket module may not name -------------------------------
 
 SO_RXQ_OVFL = 40  # asm-generic/socket.h: cumulative drop count in ancillary data
+SO_MEMINFO = 55  # asm-generic/socket.h: u32[SK_MEMINFO_VARS], Linux 4.12+
+SK_MEMINFO_DROPS = 8  # linux/sock_diag.h: index of the socket's drop count
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h: SO_RCVBUF beyond rmem_max, needs CAP_NET_ADMIN
 IP_MULTICAST_ALL = 49  # linux/in.h
 IPV6_MULTICAST_ALL = 29  # linux/in6.h (kernel 4.20+)

@@ -124,35 +124,54 @@ def test_truncated_datagrams_are_counted_never_half_stored(db_path):
     assert query(db_path, "SELECT sensor FROM sensors") == [("small-1",)]
 
 
-def test_kernel_drops_are_told_apart_from_network_loss(db_path):
-    """Fill a small socket buffer while nobody reads: received + kernel_drops == sent, exactly."""
-    collector = Collector(Settings(db=db_path, listen=(("127.0.0.1", 0),), rcvbuf=4096, flush_interval=0.05))
-    port = collector.addresses[0][1]
+def _flood_then_serve(db_path, flush_interval):
+    """A collector with a tiny socket buffer, flooded before its loop starts."""
+    collector = Collector(Settings(db=db_path, listen=(("127.0.0.1", 0),), rcvbuf=4096,
+                                   flush_interval=flush_interval, status_interval=3600.0))
     s = sender()
-    sent = 0
     for seq in range(3000):
-        s.sendto(good("burst-1", seq), ("127.0.0.1", port))
-        sent += 1
+        s.sendto(good("burst-1", seq), collector.addresses[0])
     thread = threading.Thread(target=collector.serve_forever, name="collector")
     thread.start()
+    return collector, thread, s
+
+
+def _stop(collector, thread, s):
+    s.close()
+    collector.shutdown()
+    thread.join(10)
+    collector.server_close()
+
+
+def test_kernel_drops_from_ancillary_data_of_the_next_datagram(db_path):
+    """SO_RXQ_OVFL: with no flush due, the drops arrive with the next datagram queued."""
+    collector, thread, s = _flood_then_serve(db_path, flush_interval=3600.0)
     try:
-        first = wait_for(lambda: collector.counters["received"], 5, what="the queued datagrams")
-        assert 0 < first < sent
-        # Linux reports drops in the ancillary data of the next datagram queued.
-        s.sendto(good("burst-1", sent), ("127.0.0.1", port))
-        sent += 1
-        wait_for(lambda: collector.counters["received"] + collector.counters["kernel_drops"] == sent, 5,
+        received = wait_for(lambda: collector.counters["received"], 5, what="the queued datagrams")
+        assert 0 < received < 3000
+        s.sendto(good("burst-1", 3000), collector.addresses[0])
+        wait_for(lambda: collector.counters["received"] + collector.counters["kernel_drops"] == 3001, 5,
                  what="drops accounted")
     finally:
-        s.close()
-        collector.shutdown()
-        thread.join(10)
-        collector.server_close()
+        _stop(collector, thread, s)
     c = counters(db_path)
-    assert c["kernel_drops"] > 0 and c["received"] + c["kernel_drops"] == sent
+    assert c["kernel_drops"] > 0 and c["received"] + c["kernel_drops"] == 3001
     # The tracker sees the kernel's drops as a gap (it cannot tell who lost them).
-    (lost,) = query(db_path, "SELECT lost FROM sensors")[0]
-    assert lost == c["kernel_drops"]
+    assert query(db_path, "SELECT lost FROM sensors") == [(c["kernel_drops"],)]
+
+
+def test_kernel_drops_polled_at_flush_without_further_traffic(db_path):
+    """SO_MEMINFO at each flush: drops at the end of a burst are counted without waiting."""
+    collector, thread, s = _flood_then_serve(db_path, flush_interval=0.05)
+    try:
+        wait_for(lambda: counters(db_path).get("received", 0) + counters(db_path).get("kernel_drops", 0) == 3000,
+                 5, what="drops accounted in the database")
+    finally:
+        _stop(collector, thread, s)
+    c = counters(db_path)
+    assert c["kernel_drops"] > 0 and c["received"] + c["kernel_drops"] == 3000
+    (stored,) = query(db_path, "SELECT count(DISTINCT seq) FROM readings")[0]
+    assert stored == c["received"]
 
 
 def test_batch_size_flushes_before_the_interval(db_path):
