@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import struct
 import tracemalloc
-from pathlib import Path
 
 import msgpack
 import pytest
@@ -17,8 +16,8 @@ from hypothesis import strategies as st
 from collector import wire
 from collector.errors import DecodeError, EncodeError
 from collector.wire import REASONS, Datagram, decode, encode
+from doc_examples import DOC, doc_examples
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md"
 
 
 def reason(data: bytes) -> str:
@@ -55,27 +54,6 @@ def with_unknown(value: bytes) -> bytes:
 
 
 # --- the examples in docs/PROTOCOL.md, checked verbatim ----------------------------------
-
-def doc_examples(text: str | None = None) -> dict[str, tuple[bytes, str]]:
-    """name -> (bytes, verdict) for every ```msgpack-hex block of the doc.
-
-    Each line is hex bytes, then two or more spaces, then a comment; the
-    `=>` line is the verdict ("accepted" or "rejected: <reason>").
-    """
-    text = DOC.read_text() if text is None else text
-    examples = {}
-    for name, body in re.findall(r"```msgpack-hex (\S+)\n(.*?)```", text, re.S):
-        hex_parts, verdict = [], None
-        for line in body.splitlines():
-            if line.startswith("=>"):
-                verdict = line[2:].strip()
-            elif line.strip():
-                hex_parts.append(line.strip().split("  ", 1)[0])
-        assert verdict is not None, f"example {name} has no => verdict line"
-        assert name not in examples, f"example {name} appears twice"
-        examples[name] = (bytes.fromhex(" ".join(hex_parts)), verdict)
-    return examples
-
 
 DOC_ACCEPTED = {
     "minimal": Datagram("s1", 7, None, None, {"t": 21.5, "rh": 48}),
@@ -114,7 +92,7 @@ def test_doc_example_is_rejected(name):
 
 def test_doc_example_parser_reads_annotated_lines():
     text = "```msgpack-hex demo\n81 a1 76  fixmap, \"v\"\n  01      one\n=> rejected: x\n```\n"
-    assert doc_examples(text) == {"demo": (b"\x81\xa1\x76\x01", "rejected: x")}
+    assert doc_examples(text=text) == {"demo": (b"\x81\xa1\x76\x01", "rejected: x")}
 
 
 def test_reason_table_in_doc_matches_reasons():
