@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib.util
 import os
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -285,3 +287,26 @@ def test_load_keys_refuses_a_huge_file(tmp_path):
 
 def test_sign_accepts_exactly_max_size():
     assert len(sign(b"\x00" * 8170, "s1", KEY)) == wire.MAX_DATAGRAM_BYTES
+
+
+def test_fuzz_mutated_signed_datagrams_never_verify():
+    spec = importlib.util.spec_from_file_location("fuzz_wire", DOC.parent.parent / "bench"
+                                                  / "fuzz_wire.py")
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    keys = {"s1": KEY, "s1@2026": KEY}
+    corpus = [sign(BODY, "s1", KEY), sign(body(seq=2**32 - 1), "s1@2026", KEY)]
+    rng = random.Random(4)
+    tally = {}
+    for _ in range(20_000):
+        data = fuzz.mutate(rng, corpus)
+        try:
+            decode_signed(data, keys)
+        except DecodeError as exc:
+            tally[exc.reason] = tally.get(exc.reason, 0) + 1
+        else:
+            assert data in corpus, data.hex()  # a mutation that changed nothing
+            tally["unchanged"] = tally.get("unchanged", 0) + 1
+    assert sum(tally.values()) == 20_000
+    assert set(tally) <= ALL_REASONS | {"unchanged"}
+    assert tally["bad_mac"] > 1000
