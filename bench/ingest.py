@@ -241,8 +241,9 @@ def search(step, args, workdir, label: str) -> tuple[dict | None, list[dict]]:
             r = step(mid, args, workdir)
             r["achieved"] = r["sent"] / r["send_elapsed"]
             results.append(r)
-            print(f"  {label} {mid:>9,.0f}/s offered: received {r['received']:,}" + ("  ok" if r["ok"] else "  LOSS"),
-                  flush=True)
+            print(f"  {label} {mid:>9,.0f}/s offered: sent {r['sent']:,} in {r['send_elapsed']:.2f}s, "
+                  f"received {r['received']:,}" + (f", kernel_drops {r['kernel_drops']}" if "stored" in r else "")
+                  + ("  ok" if r["ok"] else "  LOSS"), flush=True)
             if r["ok"]:
                 best, lo = r, mid
             else:
