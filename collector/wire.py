@@ -110,7 +110,9 @@ def _too_deep(values: Any, level: int) -> bool:
     """True if any container among `values` (at `level`) nests past MAX_DEPTH.
 
     Iterative, so it cannot hit the recursion limit; its work is bounded by
-    the number of objects, hence by the datagram size (~1 ms worst case).
+    the number of objects, hence by the datagram size: the worst case, 8000
+    empty containers in 8 KiB, measured ~1.3 ms here against ~0.25 ms for
+    msgpack to build them.  Valid datagrams without unknown keys skip it.
     """
     stack = [(v, level) for v in values if type(v) is list or type(v) is dict]
     while stack:
