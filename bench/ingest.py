@@ -259,11 +259,11 @@ def compare_insert(rows_existing: int, rows_new: int) -> None:
 
     sys.path.insert(0, str(ROOT))
     from collector import schema, tuning
-    from collector.store import INSERT_READINGS
+    from collector.store import INSERT_READINGS, _insert_readings
 
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
-        for how in ("executemany", "insert_all"):
+        for how in ("executemany", "insert_all", "multirow"):
             path = os.path.join(tmp, f"{how}.db")
             db = schema.open_writer(path)
             conn = db.conn
@@ -283,6 +283,8 @@ def compare_insert(rows_existing: int, rows_new: int) -> None:
                 conn.execute("BEGIN")
                 if how == "executemany":
                     conn.executemany(INSERT_READINGS, chunk)
+                elif how == "multirow":
+                    _insert_readings(conn, chunk)
                 else:
                     cols = ("series", "ts", "boot", "seq", "value", "received")
                     sqlite_utils.Database(conn)["readings"].insert_all(
