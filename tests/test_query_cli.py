@@ -14,18 +14,13 @@ import threading
 import click
 import pytest
 from click.testing import CliRunner
-from test_query_fixtures import (  # noqa: F401  (fixtures)
-    GAPS,
-    SENSORS,
-    T0,
-    expected_rows,
-    known_db,
-    running_server,
-    tls,
-)
+import test_query_fixtures as fx
+from test_query_fixtures import GAPS, SENSORS, T0, expected_rows, running_server
 
 from query.cli import build_server, main
 from query.client import QueryClient
+
+known_db, tls = fx.known_db, fx.tls  # fixtures, found by name
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import subprocess
 
 import pytest
 from helpers import wait_for
-from test_query_fixtures import running_server, tls  # noqa: F401  (fixture)
+import test_query_fixtures as fx
+from test_query_fixtures import running_server
 
 from collector.wire import encode
 from query.client import QueryClient
@@ -23,6 +24,8 @@ from query.client import QueryClient
 T0 = 1_764_000_000
 SKIPPED = {50, 51, 52}
 SENT = [s for s in range(200) if s not in SKIPPED]
+
+tls = fx.tls  # fixtures, found by name
 
 
 def temp(seq: int) -> float:

@@ -16,13 +16,16 @@ import warnings
 import pytest
 import trustme
 from helpers import wait_for
-from test_query_fixtures import T0, expected_rows, known_db, running_server, tls  # noqa: F401  (fixtures)
+import test_query_fixtures as fx
+from test_query_fixtures import expected_rows, running_server
 
 from collector.schema import open_reader
 from query.client import ConnectError, QueryClient, ServerError
 from query.ops import Ops
 from query.protocol import CODES, MAX_LINE_BYTES
 from query.server import ServerLimits, server_context
+
+known_db, tls = fx.known_db, fx.tls  # fixtures, found by name
 
 
 def connect(server, ctx: ssl.SSLContext, host: str = "localhost") -> ssl.SSLSocket:
