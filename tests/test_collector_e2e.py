@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -33,7 +34,7 @@ class CollectorProcess:
         self.db = db
         self._log_file = open(log, "ab")
         cmd = [*prefix, exe, "--db", db, "--flush-interval", "0.05", *args]
-        if "--listen" not in args:
+        if "--listen" not in args and "--config" not in args:
             cmd += ["--listen", "127.0.0.1:0"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log_file)
         found = wait_for(lambda: self._ports() or self._dead(), 10, what="the collector's listening line")
@@ -394,3 +395,22 @@ def test_cli_flags_win_over_env_over_file(bin_path, collector, tmp_path, db_path
 def test_help_has_an_example(bin_path):
     result = run_cli(bin_path, "-h")
     assert result.returncode == 0 and "Example:" in result.stdout and "TELEMETRY_COLLECTOR_" in result.stdout
+
+
+def test_config_file_multicast_only_env_over_file(collector, sim, tmp_path, db_path, monkeypatch):
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a free port for the group
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    cfg = tmp_path / "gateway.toml"
+    # No unicast listener at all; the interface in the file is wrong, the environment's wins.
+    cfg.write_text(f'[collector]\nlisten = []\nmulticast = "239.77.6.1:{port}"\nmulticast-interface = "192.0.2.1"\n'
+                   f'status-interval = 3600\n')
+    monkeypatch.setenv("TELEMETRY_COLLECTOR_MULTICAST_INTERFACE", "lo")
+    c = collector("--config", str(cfg))
+    assert c.ports == [f"239.77.6.1:{port}"]
+    report = sim(f"239.77.6.1:{port}", "--sensors", "2", "--count", "10", "--multicast-interface", "127.0.0.1",
+                 "--ttl", "0")
+    c.wait_received(report["datagrams_sent"])
+    assert c.stop() == 0
+    assert {s: a["datagrams"] for s, a in accounts(db_path).items()} == {s: 10 for s in report["sensors"]}
