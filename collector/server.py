@@ -8,8 +8,9 @@ ends with a final flush, so nothing accepted is lost on a clean stop.
 
 Each wake drains every ready socket up to a budget, so one flooded socket
 cannot starve the others, then flushes when the batch is full or the flush
-interval is up.  The hot path reads top to bottom in `_drain`: no logging,
-no objects beyond the decoded datagram and one row tuple per reading.
+interval is up.  The hot path reads top to bottom in `_drain` (receive) and
+`_process` (decode, track, queue): no logging, no objects beyond the decoded
+datagram and one row tuple per reading.
 """
 
 from __future__ import annotations

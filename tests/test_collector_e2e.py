@@ -299,6 +299,13 @@ def test_sigterm_flushes_everything_accepted(collector, sim, db_path):
     assert "stopped cleanly" in c.log.read_text()
 
 
+def test_sigint_stops_cleanly_too(collector, db_path):
+    c = collector()
+    assert c.stop(signal.SIGINT) == 0
+    assert "stopped cleanly" in c.log.read_text()
+    assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
+
+
 def test_collector_restart_mid_stream_invents_no_gap_and_misses_no_duplicate(collector, sim, db_path):
     first = collector()
     target = f"127.0.0.1:{first.port()}"
