@@ -514,6 +514,7 @@ SERVE_SETTINGS = [
     config.Setting("max_buckets", config.positive_int, 10_000),
     config.Setting("query_timeout", config.positive_float, 2.0),
     config.Setting("max_output", config.positive_int, 4 * 1024 * 1024),
+    config.Setting("workers", config.positive_int, 2),
 ]
 
 
@@ -557,6 +558,8 @@ def notify_noop(state: str) -> None:
 @_serve_option("--max-buckets", "N", "Buckets one aggregate may span. [default: 10000]", config.positive_int)
 @_serve_option("--query-timeout", "SECONDS", "SQL time budget of one request. [default: 2]", config.positive_float)
 @_serve_option("--max-output", "BYTES", "Queued response bytes per client before it is no longer read. [default: 4 MiB]",
+               config.positive_int)
+@_serve_option("--workers", "N", "Threads running SQL, each with its own read-only connection. [default: 2]",
                config.positive_int)
 @click.option("--config", "config_path", envvar="TELEMETRY_CONFIG", metavar="FILE.toml", type=click.Path(dir_okay=False),
               help="TOML file whose [query] table holds the same names (flags and env win).")
@@ -606,9 +609,11 @@ def build_server(values: dict[str, Any], notify: Callable[[str], None] = notify_
         raise ConfigError("--cert and --key are required (TELEMETRY_QUERY_CERT/KEY or [query] cert/key): "
                           "the query service only speaks TLS")
     context = server_context(values["cert"], values["key"], values["client_ca"])
-    conn = open_reader(values["db"])
-    ops = Ops(conn, Limits(max_rows=values["max_rows"], max_buckets=values["max_buckets"],
-                           query_seconds=values["query_timeout"]))
+    db = values["db"]
+    open_reader(db).close()  # fail now, with the reason, rather than in each worker
+    ops_limits = Limits(max_rows=values["max_rows"], max_buckets=values["max_buckets"],
+                        query_seconds=values["query_timeout"])
     limits = ServerLimits(max_connections=values["max_connections"], idle_timeout=values["idle_timeout"],
                           handshake_timeout=values["handshake_timeout"], max_output=values["max_output"])
-    return QueryServer(context, values["listen"], Service(ops), limits, notify=notify)
+    service = Service(lambda: Ops(open_reader(db), ops_limits), workers=values["workers"])
+    return QueryServer(context, values["listen"], service, limits, notify=notify)

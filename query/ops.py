@@ -36,7 +36,7 @@ from .protocol import (
 class Limits:
     max_rows: int = 10_000  # rows in any one response (readings pages, lists)
     max_buckets: int = 10_000  # buckets one aggregate may span
-    query_seconds: float = 2.0  # budget for one request's SQL (the loop serves no one else meanwhile)
+    query_seconds: float = 2.0  # budget for one request's SQL (it holds a worker that long)
 
 
 _PROGRESS_STEPS = 20_000  # VM instructions between budget checks (~1 ms of work)
@@ -50,12 +50,21 @@ def _count(value: Any) -> int:
     return int(value or 0)
 
 
+def ping() -> dict[str, Any]:
+    return {"version": __version__, "protocol": PROTOCOL_VERSION}
+
+
 class Ops:
+    """The ops over one connection; one Ops per thread (a connection is not shared)."""
+
     def __init__(self, conn: sqlite3.Connection, limits: Limits = Limits()) -> None:
         self.conn = conn
         self.limits = limits
         self._deadline = math.inf
         conn.set_progress_handler(self._over_budget, _PROGRESS_STEPS)
+
+    def close(self) -> None:
+        self.conn.close()
 
     def _over_budget(self) -> int:
         return 1 if time.monotonic() > self._deadline else 0
@@ -88,7 +97,7 @@ class Ops:
     # -- ops ---------------------------------------------------------------
 
     def op_ping(self) -> dict[str, Any]:
-        return {"version": __version__, "protocol": PROTOCOL_VERSION}
+        return ping()
 
     def op_sensors(self, sensor: str | None = None) -> list[dict[str, Any]]:
         where, args = ("WHERE sensor = ?", [sensor]) if sensor is not None else ("", [])

@@ -14,9 +14,11 @@ signal-safe, via a wake-up socketpair), port 0 read back in `server_address`.
 from __future__ import annotations
 
 import logging
+import queue
 import selectors
 import socket
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,8 +27,17 @@ from typing import NamedTuple
 
 from collector.errors import SetupError
 
-from .ops import Ops
-from .protocol import MAX_LINE_BYTES, LineBuffer, LineTooLong, RequestError, encode_error, encode_result, parse_request
+from .ops import Ops, ping
+from .protocol import (
+    MAX_LINE_BYTES,
+    LineBuffer,
+    LineTooLong,
+    Request,
+    RequestError,
+    encode_error,
+    encode_result,
+    parse_request,
+)
 
 log = logging.getLogger("telemetry.query")
 
@@ -34,6 +45,7 @@ DEFAULT_PORT = 4740
 READ_CHUNK = 64 * 1024  # bytes per recv; one TLS record is at most 16 KiB anyway
 SEND_CHUNK = 256 * 1024
 READS_PER_TURN = 8  # recv calls for one client before others get a turn (fairness)
+READ_AHEAD_BYTES = 2 * MAX_LINE_BYTES  # input buffered while a connection waits for its answer
 TURN_SECONDS = 0.005  # work for one client before others get a turn (at least one request)
 SWEEP_SECONDS = 0.25  # how often timeouts are checked
 LINGER_SECONDS = 2.0  # after too_large or a failed handshake: how long we drain a client's input
@@ -84,22 +96,49 @@ def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSL
 
 
 class Service:
-    """Turns one request line into one response line (bytes in, bytes out)."""
+    """Turns request lines into response lines (bytes in, bytes out).
 
-    def __init__(self, ops: Ops) -> None:
-        self.ops = ops
+    `parse` runs in the loop (pure and cheap); `answer` runs the SQL on a
+    worker's own Ops (its own read-only connection), made by `make_ops`.
+    """
 
-    def handle(self, line: bytes) -> bytes:
-        request_id = None
+    def __init__(self, make_ops: Callable[[], Ops], workers: int = 2) -> None:
+        self.make_ops = make_ops
+        self.workers = workers
+
+    @staticmethod
+    def parse(line: bytes) -> Request | bytes:
+        """The request, or the error response when the line is not a valid one."""
         try:
-            request = parse_request(line)
-            request_id = request.id
-            return encode_result(request_id, self.ops.run(request))
+            return parse_request(line)
         except RequestError as exc:
-            return encode_error(exc.request_id if exc.request_id is not None else request_id, exc.code, exc.message)
+            return encode_error(exc.request_id, exc.code, exc.message)
+
+    @staticmethod
+    def needs_database(request: Request) -> bool:
+        return request.op != "ping"
+
+    @staticmethod
+    def answer_inline(request: Request) -> bytes:
+        """Answer an op that needs no database (ping) in the loop itself."""
+        return encode_result(request.id, ping())
+
+    @staticmethod
+    def answer(ops: Ops | None, request: Request) -> bytes:
+        try:
+            if ops is None:
+                raise RuntimeError("no database connection (see the error logged when the worker started)")
+            return encode_result(request.id, ops.run(request))
+        except RequestError as exc:
+            return encode_error(request.id, exc.code, exc.message)
         except Exception:  # a bug or a database fault: answer, log, keep serving
-            log.exception("internal error answering a request (op line of %d bytes)", len(line))
-            return encode_error(request_id, "internal", "internal error; the server log has details")
+            log.exception("internal error answering op %r", request.op)
+            return encode_error(request.id, "internal", "internal error; the server log has details")
+
+    def handle(self, ops: Ops | None, line: bytes) -> bytes:
+        """parse + answer in one call (for callers without a loop)."""
+        parsed = self.parse(line)
+        return parsed if isinstance(parsed, bytes) else self.answer(ops, parsed)
 
 
 _HANDSHAKE, _OPEN, _CLOSING = "handshake", "open", "closing"
@@ -112,7 +151,7 @@ class _Answered(NamedTuple):
 
 class _Conn:
     __slots__ = ("sock", "peer", "state", "lines", "out", "out_bytes", "out_offset",
-                 "accepted", "touched", "eof", "events", "want")
+                 "accepted", "touched", "eof", "events", "want", "busy")
 
     def __init__(self, sock: ssl.SSLSocket, peer: str, now: float) -> None:
         self.sock = sock
@@ -125,8 +164,9 @@ class _Conn:
         self.accepted = now
         self.touched = now
         self.eof = False
-        self.events = 0  # what the selector currently watches
+        self.events = 0  # what the selector currently watches (0: not registered)
         self.want = 0  # what TLS asked for last
+        self.busy = False  # a request of this connection is with a worker: answers stay in order
 
 
 class QueryServer:
@@ -156,6 +196,16 @@ class QueryServer:
         self._ready: set[int] = set()  # conns with TLS data already decrypted (no readiness event will come)
         self._stop = False
         self._refused = 0
+        # Requests that need SQL go to worker threads, one in flight per
+        # connection, so a long query delays neither handshakes nor pings nor
+        # other clients; answers come back through _done and a wake-up.
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: deque[tuple[_Conn, bytes]] = deque()
+        self._workers: list[threading.Thread] = []
+        for i in range(max(1, service.workers)):  # joined by close()
+            worker = threading.Thread(target=self._work, name=f"query-worker-{i}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
         self._accept_paused_until: float | None = None
         self._closed = False
 
@@ -175,10 +225,7 @@ class QueryServer:
     def shutdown(self) -> None:
         """Ask serve_forever to return; safe from another thread or a signal handler."""
         self._stop = True
-        try:
-            self._wake_w.send(b"x")
-        except OSError:  # buffer full (already woken) or closed
-            pass
+        self._wake()
 
     def serve_forever(self) -> None:
         self.notify("READY=1")
@@ -191,6 +238,7 @@ class QueryServer:
                         self._accept()
                     elif key.data == "wake":
                         self._drain_wake()
+                        self._collect_answers()
                     else:
                         conn = self._conns.get(key.fd)
                         if conn is not None:
@@ -214,6 +262,10 @@ class QueryServer:
         self._closed = True
         for conn in list(self._conns.values()):
             self._drop(conn)
+        for _ in self._workers:
+            self._jobs.put(None)
+        for worker in self._workers:
+            worker.join()  # a running query ends within the query budget
         for sock in (self._listener, self._wake_r, self._wake_w):
             try:
                 self._sel.unregister(sock)
@@ -223,6 +275,36 @@ class QueryServer:
         self._sel.close()
 
     # -- loop internals ------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            ops = self.service.make_ops()
+        except Exception:  # the database went away: answer `internal`, say why once
+            log.exception("worker cannot open the database")
+            ops = None
+        try:
+            while (job := self._jobs.get()) is not None:
+                conn, request = job
+                self._done.append((conn, self.service.answer(ops, request)))
+                self._wake()
+        finally:
+            if ops is not None:
+                ops.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"w")
+        except OSError:  # full: a wake-up is pending anyway
+            pass
+
+    def _collect_answers(self) -> None:
+        while self._done:
+            conn, data = self._done.popleft()
+            if self._conns.get(conn.sock.fileno()) is not conn:
+                continue  # closed while its query ran
+            conn.busy = False
+            self._queue(conn, data)
+            self._service(conn)
 
     def _drain_wake(self) -> None:
         try:
@@ -283,10 +365,9 @@ class QueryServer:
         fd = conn.sock.fileno()
         self._conns.pop(fd, None)
         self._ready.discard(fd)
-        try:
+        if conn.events:
             self._sel.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
+            conn.events = 0
         conn.sock.close()
 
     def _service(self, conn: _Conn) -> None:
@@ -309,10 +390,21 @@ class QueryServer:
             self._drop(conn)
             return
         events = conn.want | (selectors.EVENT_WRITE if conn.out_bytes else 0)
-        events = events or selectors.EVENT_READ
-        if events != conn.events:
-            conn.events = events
+        if not events and not conn.busy:
+            events = selectors.EVENT_READ
+        self._set_events(conn, events)
+
+    def _set_events(self, conn: _Conn, events: int) -> None:
+        """Watch for `events`; 0 unregisters (a busy connection waiting for nothing but its answer)."""
+        if events == conn.events:
+            return
+        if not events:
+            self._sel.unregister(conn.sock)
+        elif not conn.events:
+            self._sel.register(conn.sock, events, conn)
+        else:
             self._sel.modify(conn.sock, events, conn)
+        conn.events = events
 
     def _handshake(self, conn: _Conn) -> bool:
         try:
@@ -348,8 +440,8 @@ class QueryServer:
                 return
             if stopped.full:
                 continue  # the output drained: answer what is already buffered before reading more
-            if conn.eof:
-                return
+            if conn.eof or conn.busy and len(conn.lines) >= READ_AHEAD_BYTES:
+                return  # a busy connection reads ahead only this far
             try:
                 data = conn.sock.recv(READ_CHUNK)
             except ssl.SSLWantReadError:
@@ -370,11 +462,16 @@ class QueryServer:
             if len(rest) > MAX_LINE_BYTES:
                 self._too_large(conn)
             elif rest:  # an unterminated last line before EOF is still a request
-                self._queue(conn, self.service.handle(rest))
+                conn.lines.feed(rest + b"\n")
 
     def _answer_lines(self, conn: _Conn, turn_ends: float) -> _Answered:
-        """Answer buffered lines until none is complete, the output is full or the turn is over."""
-        while conn.state == _OPEN:
+        """Answer buffered lines until none is complete, the output is full or the turn is over.
+
+        A line that needs the database goes to a worker and stops the
+        connection (busy) until its answer is queued: responses keep the
+        order of requests.
+        """
+        while conn.state == _OPEN and not conn.busy:
             if conn.out_bytes >= self.limits.max_output:
                 return _Answered(full=True, turn_over=False)
             if self._clock() >= turn_ends:
@@ -386,7 +483,14 @@ class QueryServer:
                 break
             if line is None:
                 break
-            self._queue(conn, self.service.handle(line))
+            parsed = self.service.parse(line)
+            if isinstance(parsed, bytes):
+                self._queue(conn, parsed)
+            elif self.service.needs_database(parsed):
+                conn.busy = True
+                self._jobs.put((conn, parsed))
+            else:
+                self._queue(conn, self.service.answer_inline(parsed))
         return _Answered(full=False, turn_over=False)
 
     def _too_large(self, conn: _Conn) -> None:
@@ -439,8 +543,7 @@ class QueryServer:
         if conn.eof:
             self._drop(conn)
             return
-        conn.events = selectors.EVENT_READ
-        self._sel.modify(conn.sock, conn.events, conn)
+        self._set_events(conn, selectors.EVENT_READ)
 
     def _linger(self, conn: _Conn) -> None:
         """After too_large: send the error, then FIN, then drain until the peer closes.

@@ -320,7 +320,7 @@ def test_notify_hook_sees_ready_and_stopping(known_db, tls):
     seen: list[str] = []
     values = {"db": known_db, "listen": ("127.0.0.1", 0), "cert": tls.server_cert, "key": tls.server_key,
               "client_ca": None, "max_connections": 10, "idle_timeout": 5.0, "handshake_timeout": 5.0,
-              "max_rows": 100, "max_buckets": 100, "query_timeout": 1.0, "max_output": 65536}
+              "max_rows": 100, "max_buckets": 100, "query_timeout": 1.0, "max_output": 65536, "workers": 1}
     server = build_server(values, notify=seen.append)
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
@@ -333,6 +333,5 @@ def test_notify_hook_sees_ready_and_stopping(known_db, tls):
     finally:
         server.shutdown()
         thread.join(5)
-        server.service.ops.conn.close()
     assert seen == ["READY=1", "STOPPING=1"]
 

@@ -152,11 +152,11 @@ def known_db(tmp_path_factory) -> str:
 
 @contextlib.contextmanager
 def running_server(db: str, tls: Tls, *, mtls: bool = False, host: str = "127.0.0.1",
-                   limits: ServerLimits = ServerLimits(), ops_limits: Limits = Limits(), ops: Ops | None = None):
+                   limits: ServerLimits = ServerLimits(), ops_limits: Limits = Limits(), make_ops=None,
+                   workers: int = 2):
     """A QueryServer on a port of its own, served from a thread; stopped and joined on exit."""
     ctx = server_context(tls.server_cert, tls.server_key, tls.ca_pem if mtls else None)
-    conn = open_reader(db)
-    service = Service(ops or Ops(conn, ops_limits))
+    service = Service(make_ops or (lambda: Ops(open_reader(db), ops_limits)), workers)
     server = QueryServer(ctx, (host, 0), service, limits)
     thread = threading.Thread(target=server.serve_forever, name="query-server")
     thread.start()
@@ -165,5 +165,4 @@ def running_server(db: str, tls: Tls, *, mtls: bool = False, host: str = "127.0.
     finally:
         server.shutdown()
         thread.join(10)
-        conn.close()
         assert not thread.is_alive(), "server did not stop"

@@ -336,13 +336,14 @@ def test_an_internal_error_answers_internal_without_details_and_is_logged(known_
         def op_stats(self):
             raise ZeroDivisionError("secret detail")
 
-    conn = open_reader(known_db)
+    service = Service(lambda: Broken(open_reader(known_db)))
+    ops = service.make_ops()
     try:
-        service = Service(Broken(conn))
         with caplog.at_level(logging.ERROR, logger="telemetry.query"):
-            line = service.handle(b'{"op":"stats","id":4}')
+            line = service.handle(ops, b'{"op":"stats","id":4}')
         assert b'"code":"internal"' in line and b"secret" not in line and b'"id":4' in line
         assert any("ZeroDivisionError" in (r.exc_text or "") for r in caplog.records)
-        assert b'"ok":true' in service.handle(b'{"op":"ping"}')
+        assert b'"ok":true' in service.handle(ops, b'{"op":"ping"}')
+        assert b'"code":"internal"' in service.handle(None, b'{"op":"stats","id":5}')  # no database at all
     finally:
-        conn.close()
+        ops.close()

@@ -418,19 +418,15 @@ def test_internal_errors_are_answered_logged_and_survived(known_db, tls, caplog)
         def op_gaps(self, **_):
             raise RuntimeError("boom with /secret/path")
 
-    conn = open_reader(known_db)
-    try:
-        with caplog.at_level(logging.ERROR, logger="telemetry.query"):
-            with running_server(known_db, tls, ops=Broken(conn)) as server:
-                with connect(server, tls.client_context(cert=False)) as sock:
-                    sock.sendall(b'{"op":"gaps","id":1}\n{"op":"ping","id":2}\n')
-                    error, ping = read_lines(sock, 2)
-        assert error == {"id": 1, "ok": False,
-                         "error": {"code": "internal", "message": "internal error; the server log has details"}}
-        assert ping["ok"]
-        assert any("boom" in (r.exc_text or "") for r in caplog.records)
-    finally:
-        conn.close()
+    with caplog.at_level(logging.ERROR, logger="telemetry.query"):
+        with running_server(known_db, tls, make_ops=lambda: Broken(open_reader(known_db))) as server:
+            with connect(server, tls.client_context(cert=False)) as sock:
+                sock.sendall(b'{"op":"gaps","id":1}\n{"op":"ping","id":2}\n')
+                error, ping = read_lines(sock, 2)
+    assert error == {"id": 1, "ok": False,
+                     "error": {"code": "internal", "message": "internal error; the server log has details"}}
+    assert ping["ok"]
+    assert any("boom" in (r.exc_text or "") for r in caplog.records)
 
 
 def mutate(rng: random.Random, line: bytes) -> bytes:
@@ -546,3 +542,41 @@ def test_a_pipelining_client_does_not_starve_another(known_db, tls):
             hog.close()
     assert got == [count]
     assert worst < 0.1, worst
+
+
+def test_a_long_query_delays_neither_pings_nor_other_clients_and_order_is_kept(known_db, tls):
+    import threading
+
+    gate = threading.Event()
+
+    class Gated(Ops):
+        def op_gaps(self, **params):
+            assert gate.wait(10), "the test never opened the gate"
+            return super().op_gaps(**params)
+
+    with running_server(known_db, tls, make_ops=lambda: Gated(open_reader(known_db)), workers=2) as server:
+        ctx = tls.client_context(cert=False)
+        slow = connect(server, ctx)
+        try:
+            slow.sendall(b'{"op":"gaps","id":"slow"}\n{"op":"ping","id":"after"}\n')
+            slow.settimeout(0.2)
+            with pytest.raises(socket.timeout):
+                slow.recv(1)  # the ping waits behind the gaps of its own connection
+            with connect(server, ctx) as other:
+                start = time.monotonic()
+                other.sendall(b'{"op":"ping","id":1}\n{"op":"latest","sensor":"s2","id":2}\n')
+                first, second = read_lines(other, 2)
+                assert time.monotonic() - start < 0.5
+                assert (first["id"], second["id"], second["result"][0]["seq"]) == (1, 2, 109)
+            quitter = connect(server, ctx)  # leaves while its query runs: the answer is dropped
+            quitter.sendall(b'{"op":"gaps"}\n')
+            quitter.close()
+            wait_for(lambda: server.connections == 1, 5, what="the quitter to be gone")
+            gate.set()
+            slow.settimeout(5)
+            gaps, ping = read_lines(slow, 2)
+            assert (gaps["id"], len(gaps["result"]), ping["id"]) == ("slow", 3, "after")
+            assert ping_seconds(server, tls) < 1.0
+        finally:
+            gate.set()
+            slow.close()
