@@ -168,3 +168,28 @@ def test_writer_opens_wal_and_refuses_an_unwritable_place(tmp_path):
     w.close()
     with pytest.raises(SetupError, match="cannot open database"):
         BatchWriter(str(tmp_path / "missing-dir" / "t.db"))
+
+
+def test_locked_database_fails_fast_and_the_retry_succeeds(db_path, caplog):
+    w = BatchWriter(db_path)
+    w.load()
+    feed(w, "s1", 1, 0, 1.0)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
+    try:
+        import time
+
+        started = time.monotonic()
+        assert w.flush(2.0, 100.0) is False
+        assert time.monotonic() - started < 2.0  # busy_timeout is short: the loop is not held for long
+        assert w.failing_since == 100.0 and w.retry_at == 100.5
+        assert "database is locked" in caplog.text
+        assert w.flush(3.0, 100.5) is False
+        assert w.retry_at == 101.5  # backoff doubles
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert w.flush(4.0, 101.5) is True
+    assert w.failing_since is None and w.retry_at == 0.0
+    assert rows(db_path, "SELECT count(*) FROM readings") == [(2,)]
+    w.close()
