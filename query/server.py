@@ -5,8 +5,11 @@ speaking TLS at all, because every socket is non-blocking and the handshake is
 driven by readiness events (SSLWantRead/WriteError), never by a blocking call;
 every connection's memory is bounded (a request line by MAX_LINE_BYTES, queued
 output by `max_output` plus one response: a client that stops reading stops
-being read); a request that fails inside answers `internal` and is logged,
-never ending the loop.  Requests are answered in order, one response per line.
+being read); SQL runs on worker threads with their own read-only
+connections, one request in flight per connection, so a long query holds a
+worker and never the loop; a request that fails inside answers `internal`
+and is logged, never ending the loop.  Requests are answered in order, one
+response per line.
 Shaped like socketserver: `serve_forever()` / `shutdown()` (thread- and
 signal-safe, via a wake-up socketpair), port 0 read back in `server_address`.
 """
