@@ -52,6 +52,7 @@ READ_AHEAD_BYTES = 2 * MAX_LINE_BYTES  # input buffered while a connection waits
 TURN_SECONDS = 0.005  # work for one client before others get a turn (at least one request)
 SWEEP_SECONDS = 0.25  # how often timeouts are checked
 LINGER_SECONDS = 2.0  # after too_large or a failed handshake: how long we drain a client's input
+WORKER_JOIN_SECONDS = 10.0  # shutdown waits this long for a worker's running query
 ACCEPT_PAUSE_SECONDS = 0.5  # after accept() fails (EMFILE): stop accepting this long
 
 
@@ -268,7 +269,9 @@ class QueryServer:
         for _ in self._workers:
             self._jobs.put(None)
         for worker in self._workers:
-            worker.join()  # a running query ends within the query budget
+            worker.join(WORKER_JOIN_SECONDS)  # a running query ends within its budget (--query-timeout)
+            if worker.is_alive():
+                log.warning("%s still running a query at shutdown; leaving it (daemon thread)", worker.name)
         for sock in (self._listener, self._wake_r, self._wake_w):
             try:
                 self._sel.unregister(sock)
