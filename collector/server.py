@@ -289,7 +289,9 @@ class Collector:
         truncated = 0
         # The first read of a burst uses recvmsg: its ancillary data carries the
         # kernel's cumulative drop count for this socket (SO_RXQ_OVFL), and its
-        # flags say whether the datagram was cut (MSG_TRUNC).
+        # flags say whether the datagram was cut (MSG_TRUNC).  The rest use
+        # plain recv: measured 1.03 us per datagram against 1.62 us for
+        # recvmsg, and one drop reading per burst is enough (it is cumulative).
         try:
             data, ancdata, flags, address = sock.recvmsg(bufsize, ANC_BUFSIZE)
         except (BlockingIOError, InterruptedError):
@@ -309,8 +311,8 @@ class Collector:
                 addresses.pop()
         try:
             if addresses is None:
-                # The fast path: plain recv, no source address (measured
-                # 1.03 us against 1.39 us for recvfrom per datagram).
+                # The fast path: plain recv, no source address (1.03 us
+                # against 1.39 us for recvfrom per datagram).
                 recv = sock.recv
                 append_data = datas.append
                 for _ in range(self.settings.drain_budget - 1):
