@@ -279,16 +279,20 @@ def test_ipv6_multicast_in_a_private_network_namespace(collector, sim, db_path, 
     _netns_or_skip(name)
     request.addfinalizer(lambda: subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10))
     inside = ("ip", "netns", "exec", name)
-    c = collector("--listen", "[::1]:0", "--multicast", "[ff15::7e1e]:4739", "--multicast-interface", "veth0",
-                  prefix=inside)
-    assert c.ports[1] == "[ff15::7e1e]:4739"
-    report = sim("[ff15::7e1e]:4739", "--sensors", "4", "--count", "50", "--multicast-interface", "veth1",
-                 "--ttl", "1", prefix=inside)
-    c.wait_received(report["datagrams_sent"])
+    # A site-scope group and a link-local one (which needs the interface as its scope id).
+    c = collector("--listen", "[::1]:0", "--multicast", "[ff15::7e1e]:4739", "--multicast", "[ff02::7e1e]:4739",
+                  "--multicast-interface", "veth0", prefix=inside)
+    assert c.ports[1:] == ["[ff15::7e1e]:4739", "[ff02::7e1e]:4739"]
+    site = sim("[ff15::7e1e]:4739", "--sensors", "4", "--count", "50", "--multicast-interface", "veth1",
+               "--ttl", "1", "--id-prefix", "site", prefix=inside)
+    link = sim("[ff02::7e1e%veth1]:4739", "--sensors", "2", "--count", "30", "--multicast-interface", "veth1",
+               "--ttl", "1", "--id-prefix", "link", prefix=inside)
+    c.wait_received(site["datagrams_sent"] + link["datagrams_sent"])
     assert c.stop() == 0
-    assert {s: a["datagrams"] for s, a in accounts(db_path).items()} == {s: 50 for s in report["sensors"]}
+    expected_counts = {**{s: 50 for s in site["sensors"]}, **{s: 30 for s in link["sensors"]}}
+    assert {s: a["datagrams"] for s, a in accounts(db_path).items()} == expected_counts
     counters = query_dict(db_path, "SELECT name, value FROM counters")
-    assert counters["received"] == 200 and counters["duplicates"] == 0  # one copy each: veth0 only
+    assert counters["received"] == 260 and counters["duplicates"] == 0  # one copy each: joined on veth0 only
 
 
 def test_sigterm_flushes_everything_accepted(collector, sim, db_path):
