@@ -78,12 +78,10 @@ class LineBuffer:
         self._scanned = 0
         return line
 
-    def rest(self) -> bytes:
-        """What is left after the last newline (an unterminated final line at EOF)."""
-        rest = bytes(self._buf)
-        self._buf.clear()
-        self._scanned = 0
-        return rest
+    def finish(self) -> None:
+        """At EOF: an unterminated last line becomes a line (complete ones stay as they are)."""
+        if self._buf and not self._buf.endswith(b"\n"):
+            self._buf += b"\n"
 
 
 @dataclass(frozen=True)

@@ -392,7 +392,7 @@ class QueryServer:
             log.debug("%s: closed: %s", conn.peer, exc)
             self._drop(conn)
             return
-        if conn.eof and not conn.out_bytes and (conn.state == _CLOSING or not len(conn.lines)):
+        if conn.eof and not conn.out_bytes and (conn.state == _CLOSING or not len(conn.lines) and not conn.busy):
             self._drop(conn)
             return
         events = conn.want | (selectors.EVENT_WRITE if conn.out_bytes else 0)
@@ -464,11 +464,7 @@ class QueryServer:
                 conn.lines.feed(data)
                 continue
             conn.eof = True
-            rest = conn.lines.rest()
-            if len(rest) > MAX_LINE_BYTES:
-                self._too_large(conn)
-            elif rest:  # an unterminated last line before EOF is still a request
-                conn.lines.feed(rest + b"\n")
+            conn.lines.finish()  # an unterminated last line before EOF is still a request
 
     def _answer_lines(self, conn: _Conn, turn_ends: float) -> _Answered:
         """Answer buffered lines until none is complete, the output is full or the turn is over.

@@ -40,7 +40,19 @@ def test_lines_reassemble_from_single_bytes():
         buf.feed(data[i : i + 1])
         got += lines_of(buf)
     assert got == [b'{"op":"ping"}', b'{"op":"stats","id":2}', b""]
-    assert buf.rest() == b'{"op"'
+    buf.finish()  # EOF: the unterminated last line counts
+    assert lines_of(buf) == [b'{"op"']
+
+
+def test_finish_at_eof_adds_no_empty_line():
+    buf = LineBuffer()
+    buf.feed(b"a\nb\n")
+    buf.finish()
+    assert lines_of(buf) == [b"a", b"b"]
+    buf.feed(b"c\nd")
+    buf.finish()
+    buf.finish()
+    assert lines_of(buf) == [b"c", b"d"]
 
 
 def test_line_of_exactly_the_limit_passes_and_one_more_byte_is_too_long():
