@@ -28,6 +28,7 @@ import click
 
 from collector import config, tuning
 from collector.errors import ConfigError, SetupError
+from collector.sdnotify import Notifier
 
 from . import __version__
 from .client import ConnectError, QueryClient, ServerError
@@ -131,7 +132,8 @@ def _cell(key: str, value: Any, human: bool) -> str:
     if human and (key in TIME_FIELDS) and isinstance(value, (int, float)) and not isinstance(value, bool):
         return human_time(value)
     if isinstance(value, float):
-        return repr(value)
+        # 12 significant digits: 16.8275, not the 16.827499999999997 of an average
+        return repr(float(format(value, ".12g")))
     return str(value)
 
 
@@ -539,7 +541,7 @@ def _serve_option(flag: str, metavar: str, help: str, parse: Callable[[Any], Any
 
 
 def notify_noop(state: str) -> None:
-    """Where the lead plugs sd_notify in: called with READY=1 and STOPPING=1."""
+    """The default notify hook of build_server: outside systemd nothing listens."""
 
 
 @main.command("serve")
@@ -584,7 +586,8 @@ def serve(ctx: click.Context, config_path: str | None, verbose: int, **_: Any) -
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
         values = config.merge(ctx, SERVE_SETTINGS, config.read_table(config_path, "query"), f"{config_path} [query]")
-        server = build_server(values)
+        notify = Notifier()
+        server = build_server(values, notify=notify)
     except (ConfigError, SetupError) as exc:
         raise SetupFailed(str(exc)) from None
     log = logging.getLogger("telemetry.query")
@@ -595,6 +598,7 @@ def serve(ctx: click.Context, config_path: str | None, verbose: int, **_: Any) -
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    notify.close()
     log.info("stopped")
 
 

@@ -255,6 +255,7 @@ class QueryServer:
                 now = self._clock()
                 if now >= next_sweep:
                     self._sweep(now)
+                    self.notify("WATCHDOG=1")  # the loop is alive (systemd WatchdogSec=)
                     next_sweep = now + SWEEP_SECONDS
         finally:
             self.notify("STOPPING=1")
