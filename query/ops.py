@@ -6,7 +6,7 @@ request is well-formed but asks for too much (more rows than the server's cap,
 more aggregate buckets than allowed, longer than the query time budget).  The
 connection comes from collector.schema.open_reader (mode=ro), so no statement
 here can change data.  Every range query walks one series' rows off the
-readings primary key (series, ts, boot, seq); docs/QUERY.md lists the plans.
+readings primary key (series, ts, boot, seq); docs/PROTOCOL.md lists the plans.
 """
 
 from __future__ import annotations

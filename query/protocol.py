@@ -6,7 +6,7 @@ parameters have exactly the documented types, or raises `RequestError` with
 one code from `CODES` and a message naming the offending parameter.  Nothing
 else escapes (json's RecursionError on deep nesting and its NaN/Infinity
 extensions included).  Responses are encoded with allow_nan=False, so no
-peer ever receives a non-standard JSON token.  docs/QUERY.md is the contract.
+peer ever receives a non-standard JSON token.  docs/PROTOCOL.md ("Query protocol v1") is the contract.
 """
 
 from __future__ import annotations
