@@ -53,6 +53,8 @@ class Settings:
     status_interval: float = tuning.DEFAULT_STATUS_INTERVAL_S
     # Knobs for tests and the benchmark; operators have no flag for them.
     max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS
+    max_sensors: int = tuning.MAX_SENSORS
+    max_series_per_sensor: int = tuning.MAX_SERIES_PER_SENSOR
     recv_buffer_bytes: int = tuning.RECV_BUFFER_BYTES
     drain_budget: int = tuning.DRAIN_BUDGET_DATAGRAMS
 
@@ -100,7 +102,9 @@ class Collector:
         self._reject_next_log = dict.fromkeys(REASONS, 0.0)
         try:
             self._bind()
-            self.store = BatchWriter(settings.db, max_backlog_rows=settings.max_backlog_rows)
+            self.store = BatchWriter(settings.db, max_backlog_rows=settings.max_backlog_rows,
+                                     max_sensors=settings.max_sensors,
+                                     max_series_per_sensor=settings.max_series_per_sensor)
             self.store.load()
         except BaseException:
             self.server_close()
@@ -356,6 +360,10 @@ class Collector:
                 state = sensors_get(sensor)
                 if state is None:
                     state = new_sensor(sensor, now)
+                    if state is None:
+                        self._refused(f"datagrams from new sensor {sensor}: {len(sensors)} sensors are tracked "
+                                      f"already (MAX_SENSORS)", "refused_sensors", 1, now)
+                        continue
                 event = state.tracker.observe(boot, seq, now)
                 state.last_seen = now
                 dirty_add(state)
@@ -371,6 +379,11 @@ class Collector:
                     series_id = series.get(name)
                     if series_id is None:
                         series_id = new_series(state, name)
+                        if series_id is None:
+                            self._refused(f"reading {name} of sensor {sensor}: it has {len(series)} metrics "
+                                          f"already (MAX_SERIES_PER_SENSOR)", "refused_readings", 1, now)
+                            state.readings -= 1  # not kept: the += below must not count it
+                            continue
                     append((series_id, ts, boot, seq, value, now))
                 state.readings += len(readings)
                 accepted += 1
@@ -389,6 +402,14 @@ class Collector:
         store.pending_datagrams += accepted
         self._activity = True
         self._now = now
+
+    def _refused(self, what: str, counter: str, n: int, now: float) -> None:
+        """Count what a cardinality guard kept out; log it at most once per interval."""
+        counters = self.store.counters
+        counters[counter] += n
+        if now >= self._reject_next_log.get(counter, 0.0):
+            self._reject_next_log[counter] = now + tuning.REJECT_LOG_INTERVAL_S
+            log.warning("refusing %s; counted in %s (%d so far)", what, counter, counters[counter])
 
     def _account_drops(self, source: _Source, drops: int) -> None:
         """Fold a reading of the socket's cumulative (uint32) drop counter into kernel_drops."""

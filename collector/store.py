@@ -33,6 +33,8 @@ COUNTERS = (
     "kernel_drops",
     "truncated",
     "storage_dropped",
+    "refused_sensors",
+    "refused_readings",
 )
 
 # The hot insert: a prepared executemany of plain tuples, 64 rows per
@@ -109,13 +111,17 @@ class BatchWriter:
     `flush(now)` when the batch is full or the interval is up.
     """
 
-    def __init__(self, path: str, *, max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS) -> None:
+    def __init__(self, path: str, *, max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS,
+                 max_sensors: int = tuning.MAX_SENSORS,
+                 max_series_per_sensor: int = tuning.MAX_SERIES_PER_SENSOR) -> None:
         self.path = path
         self.db = schema.open_writer(path)
         self.conn: sqlite3.Connection = self.db.conn
         self.conn.execute(f"PRAGMA busy_timeout={int(tuning.WRITER_BUSY_TIMEOUT_MS)}")
         self.conn.execute(f"PRAGMA cache_size=-{int(tuning.WRITER_CACHE_KIB)}")
         self.max_backlog_rows = max_backlog_rows
+        self.max_sensors = max_sensors
+        self.max_series_per_sensor = max_series_per_sensor
         self.rows: list[tuple] = []
         self.dirty: set[SensorState] = set()
         self.series: dict[str, dict[str, int]] = defaultdict(dict)  # sensor -> metric -> id
@@ -164,12 +170,18 @@ class BatchWriter:
                                 "its sequence accounts start afresh", sensor, exc)
             self.sensors[sensor] = SensorState(sensor, restored, self.series[sensor], first_seen, last_seen, readings)
 
-    def new_sensor(self, sensor: str, now: float) -> SensorState:
+    def new_sensor(self, sensor: str, now: float) -> SensorState | None:
+        """Start tracking a sensor; None when MAX_SENSORS are tracked already."""
+        if len(self.sensors) >= self.max_sensors:
+            return None
         state = SensorState(sensor, SensorTracker(), self.series[sensor], now, now)
         self.sensors[sensor] = state
         return state
 
-    def new_series(self, state: SensorState, metric: str) -> int:
+    def new_series(self, state: SensorState, metric: str) -> int | None:
+        """Intern a sensor's metric name; None when it has MAX_SERIES_PER_SENSOR already."""
+        if len(state.series) >= self.max_series_per_sensor:
+            return None
         series_id = self._next_series_id
         self._next_series_id += 1
         state.series[metric] = series_id

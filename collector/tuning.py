@@ -41,6 +41,13 @@ DRAIN_BUDGET_DATAGRAMS = 256
 # At most one rejected-datagram log line per reason in this many seconds.
 REJECT_LOG_INTERVAL_S = 10.0
 
+# Cardinality guards: anyone can send UDP, so sensor ids and metric names are
+# attacker-controlled.  Each tracked sensor costs ~1-2 KB of memory and a row;
+# beyond these limits datagrams from new sensors (refused_sensors) and
+# readings with new metric names (refused_readings) are counted, not kept.
+MAX_SENSORS = 20_000
+MAX_SERIES_PER_SENSOR = 256
+
 # --- the batch writer ------------------------------------------------------------------
 
 # Rows kept in memory while the database refuses writes (disk full, locked).

@@ -329,3 +329,24 @@ def test_disk_full_while_running_keeps_receiving_counts_drops_and_recovers(db_pa
     messages = [r.getMessage() for r in caplog.records]
     assert sum("database or disk is full" in m for m in messages) == 1  # once per episode
     assert sum("writable again" in m for m in messages) == 1
+
+
+def test_cardinality_guards_refuse_new_sensors_and_metrics_beyond_the_limits(db_path, caplog):
+    caplog.set_level(logging.WARNING, logger="collector")
+    with running(db_path, max_sensors=3, max_series_per_sensor=2) as (collector, _):
+        s = sender()
+        datagrams = [good(f"card-{i}", 1) for i in range(5)]  # 2 of these 5 sensors are one too many
+        datagrams += [wire.encode("card-0", 2, {"temp": 1.0, "hum": 2.0, "extra": 3.0})]  # a third metric
+        send_paced(s, collector, datagrams, collector.addresses[0])
+        s.close()
+        wait_for(lambda: collector.counters["received"] == 6, 5, what="6 received")
+    c = counters(db_path)
+    assert c["refused_sensors"] == 2 and c["refused_readings"] == 1
+    assert c["stored"] == 4 and c["stored_readings"] == 8
+    assert query(db_path, "SELECT sensor, datagrams, readings FROM sensors ORDER BY sensor") == [
+        ("card-0", 2, 4), ("card-1", 1, 2), ("card-2", 1, 2)]
+    assert query(db_path, "SELECT count(*) FROM series") == [(6,)]
+    text = caplog.text
+    assert "refusing datagrams from new sensor card-3" in text and "MAX_SENSORS" in text
+    assert "card-4" not in text  # rate-limited: one line per interval
+    assert "refusing reading extra of sensor card-0" in text
