@@ -117,7 +117,9 @@ def main(ctx: click.Context, config_path: str | None, verbose: int, quiet: int, 
     TELEMETRY_COLLECTOR_LISTEN, ... the option name in capitals; repeatable
     ones take space-separated values) or from the [collector] table of a TOML
     file given with --config or TELEMETRY_CONFIG.  Flags win over the
-    environment, which wins over the file.  SIGTERM or Ctrl-C flushes and exits 0.
+    environment, which wins over the file.  SIGTERM or Ctrl-C flushes and exits 0;
+    exit code 2 is a bad flag, config value or set-up error (one line says
+    which), 1 a final flush the database refused.  See docs/OPERATIONS.md.
 
     \b
     Example:
