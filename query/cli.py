@@ -512,6 +512,7 @@ SERVE_SETTINGS = [
     config.Setting("max_connections", config.positive_int, 1000),
     config.Setting("idle_timeout", config.positive_float, 300.0),
     config.Setting("handshake_timeout", config.positive_float, 10.0),
+    config.Setting("line_timeout", config.positive_float, 30.0),
     config.Setting("max_rows", config.positive_int, 10_000),
     config.Setting("max_buckets", config.positive_int, 10_000),
     config.Setting("query_timeout", config.positive_float, 2.0),
@@ -555,6 +556,8 @@ def notify_noop(state: str) -> None:
                config.positive_int)
 @_serve_option("--idle-timeout", "SECONDS", "Close a connection idle this long. [default: 300]", config.positive_float)
 @_serve_option("--handshake-timeout", "SECONDS", "Close a connection whose TLS handshake takes longer. [default: 10]",
+               config.positive_float)
+@_serve_option("--line-timeout", "SECONDS", "Close a connection whose request line takes longer to arrive. [default: 30]",
                config.positive_float)
 @_serve_option("--max-rows", "N", "Rows in one response at most. [default: 10000]", config.positive_int)
 @_serve_option("--max-buckets", "N", "Buckets one aggregate may span. [default: 10000]", config.positive_int)
@@ -618,6 +621,7 @@ def build_server(values: dict[str, Any], notify: Callable[[str], None] = notify_
     ops_limits = Limits(max_rows=values["max_rows"], max_buckets=values["max_buckets"],
                         query_seconds=values["query_timeout"])
     limits = ServerLimits(max_connections=values["max_connections"], idle_timeout=values["idle_timeout"],
-                          handshake_timeout=values["handshake_timeout"], max_output=values["max_output"])
+                          handshake_timeout=values["handshake_timeout"], line_timeout=values["line_timeout"],
+                          max_output=values["max_output"])
     service = Service(lambda: Ops(open_reader(db), ops_limits), workers=values["workers"])
     return QueryServer(context, values["listen"], service, limits, notify=notify)

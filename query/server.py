@@ -61,6 +61,10 @@ class ServerLimits:
     max_connections: int = 1000
     idle_timeout: float = 300.0  # seconds without a byte moving either way
     handshake_timeout: float = 10.0  # seconds from accept to a finished TLS handshake
+    # Seconds from the first byte of a request line to its newline.  The idle
+    # timeout alone lets a slowloris client hold a connection for ever by
+    # dripping one byte per idle period; a real client sends a line at once.
+    line_timeout: float = 30.0
     max_output: int = 4 * 1024 * 1024  # queued response bytes before we stop reading a client
 
 
@@ -155,7 +159,7 @@ class _Answered(NamedTuple):
 
 class _Conn:
     __slots__ = ("sock", "peer", "state", "lines", "out", "out_bytes", "out_offset",
-                 "accepted", "touched", "eof", "events", "want", "busy")
+                 "accepted", "touched", "eof", "events", "want", "busy", "partial_since")
 
     def __init__(self, sock: ssl.SSLSocket, peer: str, now: float) -> None:
         self.sock = sock
@@ -171,6 +175,7 @@ class _Conn:
         self.events = 0  # what the selector currently watches (0: not registered)
         self.want = 0  # what TLS asked for last
         self.busy = False  # a request of this connection is with a worker: answers stay in order
+        self.partial_since: float | None = None  # when the unfinished line now buffered began
 
 
 class QueryServer:
@@ -364,6 +369,9 @@ class QueryServer:
                 self._drop(conn)
             elif conn.state == _CLOSING and now - conn.accepted > LINGER_SECONDS:
                 self._drop(conn)
+            elif conn.partial_since is not None and now - conn.partial_since > self.limits.line_timeout:
+                log.info("%s: request line unfinished after %gs, closed", conn.peer, self.limits.line_timeout)
+                self._drop(conn)
             elif now - conn.touched > self.limits.idle_timeout:
                 log.info("%s: idle for %gs, closed", conn.peer, self.limits.idle_timeout)
                 self._drop(conn)
@@ -485,7 +493,12 @@ class QueryServer:
                 self._too_large(conn)
                 break
             if line is None:
+                if not len(conn.lines):
+                    conn.partial_since = None
+                elif conn.partial_since is None:
+                    conn.partial_since = self._clock()
                 break
+            conn.partial_since = None
             parsed = self.service.parse(line)
             if isinstance(parsed, bytes):
                 self._queue(conn, parsed)

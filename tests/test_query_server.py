@@ -20,6 +20,7 @@ import test_query_fixtures as fx
 from test_query_fixtures import expected_rows, running_server
 
 from collector.schema import open_reader
+from query import __version__
 from query.client import ConnectError, QueryClient, ServerError
 from query.ops import Ops
 from query.protocol import CODES, MAX_LINE_BYTES
@@ -380,6 +381,38 @@ def test_handshake_and_idle_timeouts_close_connections(known_db, tls):
         finally:
             stalled.close()
             idle.close()
+
+
+def test_slowloris_line_is_cut_off_while_others_are_served(known_db, tls):
+    # Each byte arrives well within the idle timeout, but the line never ends.
+    limits = ServerLimits(line_timeout=0.5, idle_timeout=60)
+    ctx = tls.client_context(cert=False)
+    with running_server(known_db, tls, limits=limits) as server:
+        drip, good = connect(server, ctx), connect(server, ctx)
+        try:
+            drip.settimeout(0.1)
+            start = time.monotonic()
+            closed = False
+            for byte in b'{"op":"ping"' * 10:  # bounded: at most 120 bytes, ~12 s
+                try:
+                    drip.sendall(bytes([byte]))
+                    closed = drip.recv(100) == b""
+                except TimeoutError:
+                    pass
+                except (ssl.SSLError, OSError):
+                    closed = True
+                if closed:
+                    break
+                good.sendall(b'{"op":"ping","id":1}\n')
+                assert read_lines(good, 1)[0] == {"id": 1, "ok": True, "result": {"version": __version__, "protocol": 1}}
+            assert closed, "the dripping connection was never closed"
+            assert 0.5 <= time.monotonic() - start < 3
+            # A pipelined client whose lines are complete is never cut off.
+            good.sendall(b'{"op":"sensors"}\n' * 50)
+            assert len(read_lines(good, 50)) == 50
+        finally:
+            drip.close()
+            good.close()
 
 
 def test_max_connections(known_db, tls):
