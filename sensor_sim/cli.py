@@ -19,6 +19,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from collector.auth import load_keys, parse_key
 from collector.errors import ConfigError, SetupError
 
 from . import __version__
@@ -26,7 +27,7 @@ from .faults import FaultRates
 from .net import parse_target
 from .replay import ReplayConfig, load, run_replay
 from .signals import DEFAULT_METRICS, MODELS, parse_metrics
-from .sim import Progress, SimConfig, check_sensor_id, run
+from .sim import SENSOR_PLACEHOLDER, Progress, Signing, SimConfig, check_sensor_id, run
 
 
 class TargetType(click.ParamType):
@@ -155,12 +156,15 @@ every datagram and datagrams_sent counts each successful sendto.
 
 Faults (--loss, --duplicate, --reorder) are drawn from --seed; --report FILE
 writes the ground truth of what was actually sent.  Ctrl-C stops, writes the
-report and exits 130.  See docs/SIMULATOR.md.
+report and exits 130.  With --key (or --keys) every datagram is signed
+(HMAC-SHA-256-128, docs/PROTOCOL.md).  See docs/SIMULATOR.md.
 
-Example:
+Example (the second and third sign, with one key or with each sensor's own):
 
 \b
   sensor-sim --target 127.0.0.1:4739 --sensors 100 --rate 2 --duration 60 --loss 0.05 --report truth.json
+  SENSOR_SIM_KEY=$(cat sim.key) sensor-sim --target 127.0.0.1:4739 --sensors 3 --count 10
+  sensor-sim --target 127.0.0.1:4739 --sensors 3 --keys /etc/telemetry/keys --key-id '{{sensor}}@2026'
 """
 
 
@@ -198,13 +202,22 @@ Example:
               help="Send recorded readings (CSV or JSON lines: sensor, ts, metric, value).")
 @click.option("--speed", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
               help="Replay time factor (10 = ten times faster).")
+@click.option("--key", "key_hex", envvar="SENSOR_SIM_KEY", metavar="HEX",
+              help="Sign every datagram with this key (16-64 bytes in hex; also $SENSOR_SIM_KEY, "
+                   "which keeps it out of the process list).")
+@click.option("--keys", "keys_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Sign each sensor with its own key from this key file (the collector's format).")
+@click.option("--key-id", metavar="ID",
+              help=f"Key id to sign with; {SENSOR_PLACEHOLDER} becomes each sensor's id.  "
+                   f"[default: {SENSOR_PLACEHOLDER}]")
 @click.option("-v", "--verbose", is_flag=True, help="Print a progress line every few seconds.")
 @click.pass_context
 def command(ctx: click.Context, targets, sensors, id_prefix, rate, count, duration, seed, metrics,
             boot, boot_value, start_seq, multicast_interface, ttl, loss, duplicate, reorder,
-            report_path, replay, speed, verbose) -> None:
+            report_path, replay, speed, key_hex, keys_path, key_id, verbose) -> None:
     if count is not None and duration is not None:
         raise click.UsageError("give --count or --duration, not both")
+    signing = _signing(key_hex, keys_path, key_id)
     if replay is not None:
         clash = [f"--{n.replace('_', '-')}" for n in _GENERATOR_FLAGS if _given(ctx, n)]
         if clash:
@@ -219,7 +232,7 @@ def command(ctx: click.Context, targets, sensors, id_prefix, rate, count, durati
     faults = FaultRates(loss, duplicate, reorder)
     common = dict(targets=list(targets), seed=seed, boot=boot, boot_value=boot_value,
                   start_seq=start_seq, ttl=ttl, multicast_interface=multicast_interface,
-                  faults=faults)
+                  faults=faults, signing=signing)
     if replay is not None:
         try:
             groups = load(replay)
@@ -249,6 +262,23 @@ def command(ctx: click.Context, targets, sensors, id_prefix, rate, count, durati
     click.echo(_summary(report, asked), err=True)
     if stop.signum is not None:
         ctx.exit(128 + stop.signum)
+
+
+def _signing(key_hex: str | None, keys_path: str | None, key_id: str | None) -> Signing | None:
+    """--key / --keys / --key-id -> Signing; errors name the flag, never the key."""
+    if key_hex is not None and keys_path is not None:
+        raise click.UsageError("give --key or --keys, not both")
+    if key_hex is None and keys_path is None:
+        if key_id is not None:
+            raise click.UsageError("--key-id needs --key or --keys")
+        return None
+    try:
+        if keys_path is not None:
+            keys = load_keys(keys_path)
+            return Signing(key_id or SENSOR_PLACEHOLDER, keys=keys)
+        return Signing(key_id or SENSOR_PLACEHOLDER, key=parse_key(key_hex))
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--keys" if keys_path else "--key") from None
 
 
 def main() -> None:

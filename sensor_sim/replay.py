@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 import math
 import time
 from collections.abc import Callable
@@ -24,8 +25,8 @@ from collector.wire import MAX_TS, encode
 
 from .faults import FaultRates
 from .net import Sender, Target
-from .sim import (MAX_SLEEP_S, PROGRESS_EVERY_S, Engine, Progress, SimSensor, StopFlag,
-                  _NeverStop, build_report, derive_boots, derive_seed)
+from .sim import (MAX_SLEEP_S, PROGRESS_EVERY_S, Engine, Progress, Signing, SimSensor, StopFlag,
+                  _NeverStop, build_report, check_signing, derive_boots, derive_seed)
 
 COLUMNS = ("sensor", "ts", "metric", "value")
 
@@ -139,6 +140,7 @@ class ReplayConfig:
     ttl: int = 1
     multicast_interface: str | None = None
     faults: FaultRates = field(default_factory=FaultRates)
+    signing: Signing | None = None
 
 
 def run_replay(cfg: ReplayConfig, *, stop: StopFlag | None = None,
@@ -153,7 +155,10 @@ def run_replay(cfg: ReplayConfig, *, stop: StopFlag | None = None,
     order = list(dict.fromkeys(g.sensor for g in cfg.groups))
     boots = derive_boots(len(order), enabled=cfg.boot, seed=cfg.seed, value=cfg.boot_value,
                          now=wall())
-    by_id = {sid: SimSensor(sid, boot, cfg.start_seq) for sid, boot in zip(order, boots)}
+    counts = Counter(g.sensor for g in cfg.groups)
+    check_signing(cfg.signing, order, boots, cfg.start_seq, dict(counts))
+    by_id = {sid: SimSensor(sid, boot, cfg.start_seq, signing=cfg.signing)
+             for sid, boot in zip(order, boots)}
     sensors = list(by_id.values())
     t_first = cfg.groups[0].ts
     sender = Sender(cfg.targets, cfg.ttl, cfg.multicast_interface)

@@ -9,7 +9,8 @@ timer per sensor.  When several slots are due at once (high rates, a late
 wake-up) they are sent back to back.  With rate=None ("max") no slot waits.
 
 `Engine` is shared with replay: it encodes each datagram with
-`collector.wire.encode`, passes it through `Faults`, sends it with `Sender`,
+`collector.wire.encode` (and, with `Signing`, wraps it with
+`collector.auth.sign`), passes it through `Faults`, sends it with `Sender`,
 and records the outcome in each sensor's `Truth`.  The report is built only
 from what `Sender` says succeeded.
 """
@@ -23,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from collector.errors import ConfigError, EncodeError
+from collector.auth import key_allows, sign
+from collector.errors import ConfigError, EncodeError, SetupError
 from collector.wire import encode
 
 from .faults import SEQ_MASK, Faults, FaultRates, Truth
@@ -44,6 +46,66 @@ class _NeverStop:
         return False
 
 
+SENSOR_PLACEHOLDER = "{sensor}"
+
+
+@dataclass(frozen=True)
+class Signing:
+    """How sensors sign (docs/PROTOCOL.md, "Signed datagrams").
+
+    `key_id` is a template: "{sensor}" becomes each sensor's id, so one
+    setting serves any number of sensors ("{sensor}@2026" for a rotated key).
+    The key is `key` for every sensor, or each key id's own from `keys` (a
+    key file as the collector reads it).
+    """
+
+    key_id: str = SENSOR_PLACEHOLDER
+    key: bytes | None = None
+    keys: dict[str, bytes] | None = None
+
+    def __repr__(self) -> str:  # never show a key
+        return f"Signing(key_id={self.key_id!r}, {'keys' if self.keys is not None else 'key'}=...)"
+
+    def for_sensor(self, sensor_id: str) -> tuple[str, bytes]:
+        """(key id, key) for one sensor, or ConfigError."""
+        key_id = self.key_id.replace(SENSOR_PLACEHOLDER, sensor_id)
+        if not key_allows(key_id, sensor_id):
+            raise ConfigError(f"key id {key_id!r} cannot sign for sensor {sensor_id!r}: a key id is "
+                              f"the sensor id, optionally followed by @suffix (use {{sensor}} in "
+                              f"--key-id for several sensors)")
+        key = self.key if self.keys is None else self.keys.get(key_id)
+        if key is None:
+            raise ConfigError(f"no key {key_id!r} in the key file")
+        try:
+            sign(b"\x80", key_id, key)  # the key id's alphabet and the key's length
+        except EncodeError as exc:
+            raise ConfigError(str(exc)) from None
+        return key_id, key
+
+
+def check_signing(signing: Signing | None, ids: list[str], boots: list[int | None],
+                  start_seq: int, per_sensor: dict[str, int] | int | None) -> None:
+    """ConfigError unless every sensor can sign and no seq would wrap under one boot.
+
+    A signing sensor must never send a (boot, seq) twice, so seq may not wrap
+    under one boot (docs/PROTOCOL.md).  The simulator refuses such a run
+    rather than switching boot mid-run, which would make its report two
+    streams per sensor.  `per_sensor`: datagrams per sensor when known.
+    """
+    if signing is None:
+        return
+    if any(b is None for b in boots):
+        raise ConfigError("signed datagrams carry boot: drop --no-boot")
+    for sid in ids:
+        signing.for_sensor(sid)
+    if per_sensor is None:
+        return
+    most = max(per_sensor.values()) if isinstance(per_sensor, dict) else per_sensor
+    if start_seq + most > 1 << 32:
+        raise ConfigError(f"--start-seq {start_seq} + {most} datagrams would wrap seq under one boot, "
+                          f"which signed datagrams must not (lower --start-seq)")
+
+
 @dataclass
 class SimConfig:
     targets: list[Target]
@@ -60,6 +122,7 @@ class SimConfig:
     ttl: int = 1
     multicast_interface: str | None = None
     faults: FaultRates = field(default_factory=FaultRates)
+    signing: Signing | None = None
 
     def sensor_ids(self) -> list[str]:
         return [f"{self.id_prefix}-{i:04d}" for i in range(1, self.sensors + 1)]
@@ -98,16 +161,17 @@ def derive_boots(n: int, *, enabled: bool, seed: int | None, value: int | None,
 class SimSensor:
     """One simulated sensor: identity, signal models, fault queue, ground truth."""
 
-    __slots__ = ("id", "boot", "signals", "next_idx", "held", "truth")
+    __slots__ = ("id", "boot", "signals", "next_idx", "held", "truth", "key_id", "key")
 
     def __init__(self, sensor_id: str, boot: int | None, first_seq: int,
-                 signals: SensorSignals | None = None) -> None:
+                 signals: SensorSignals | None = None, signing: Signing | None = None) -> None:
         self.id = sensor_id
         self.boot = boot
         self.signals = signals
         self.next_idx = 0
         self.held: list[list[Any]] = []
         self.truth = Truth(boot, first_seq & SEQ_MASK)
+        self.key_id, self.key = (None, None) if signing is None else signing.for_sensor(sensor_id)
 
 
 class Engine:
@@ -124,6 +188,13 @@ class Engine:
         truth.generated += 1
         seq = (truth.first_seq + idx) & SEQ_MASK
         data = encode(s.id, seq, readings, boot=s.boot, ts=ts)
+        if s.key is not None:
+            if idx and seq == 0:
+                # Only an unbounded run gets here (check_signing refuses the
+                # rest): 2**32 - start_seq datagrams of one sensor.
+                raise SetupError(f"{s.id}: seq would wrap under boot {s.boot}, which signed "
+                                 f"datagrams must not; restart with a new --boot-value")
+            data = sign(data, s.key_id, s.key)
         if self.faults is None:
             # Without faults, datagrams leave in idx order: nothing to reorder.
             if not self.sender.send(data):
@@ -186,16 +257,17 @@ def run(cfg: SimConfig, *, stop: StopFlag | None = None,
     seed = derive_seed(cfg.seed)
     boots = derive_boots(len(ids), enabled=cfg.boot, seed=cfg.seed, value=cfg.boot_value,
                          now=wall())
-    signal_rng = random.Random(f"{seed}:signals")
-    t0 = wall()
-    sensors = [SimSensor(sid, boot, cfg.start_seq, SensorSignals(cfg.metrics, signal_rng, t0))
-               for sid, boot in zip(ids, boots)]
-    n = len(sensors)
+    n = len(ids)
     interval = 1.0 / (n * cfg.rate) if cfg.rate else 0.0
     total = n * cfg.count if cfg.count is not None else None
     if total is None and cfg.duration is not None and interval:
         # A fixed rate and duration give an exact number of slots.
         total = max(1, math.floor(cfg.duration / interval + 1e-9))
+    check_signing(cfg.signing, ids, boots, cfg.start_seq, None if total is None else -(-total // n))
+    signal_rng = random.Random(f"{seed}:signals")
+    t0 = wall()
+    sensors = [SimSensor(sid, boot, cfg.start_seq, SensorSignals(cfg.metrics, signal_rng, t0), cfg.signing)
+               for sid, boot in zip(ids, boots)]
     deadline = math.inf
     if cfg.duration is not None and not interval:
         deadline = cfg.duration
