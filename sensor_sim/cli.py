@@ -157,9 +157,11 @@ every datagram and datagrams_sent counts each successful sendto.
 Faults (--loss, --duplicate, --reorder) are drawn from --seed; --report FILE
 writes the ground truth of what was actually sent.  Ctrl-C stops, writes the
 report and exits 130.  With --key (or --keys) every datagram is signed
-(HMAC-SHA-256-128, docs/PROTOCOL.md).  See docs/SIMULATOR.md.
+(HMAC-SHA-256-128, docs/PROTOCOL.md): in the example below, the second run
+signs with one key for all sensors, the third with each sensor's own key from
+a key file.  See docs/SIMULATOR.md.
 
-Example (the second and third sign, with one key or with each sensor's own):
+Example:
 
 \b
   sensor-sim --target 127.0.0.1:4739 --sensors 100 --rate 2 --duration 60 --loss 0.05 --report truth.json
