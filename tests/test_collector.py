@@ -350,3 +350,37 @@ def test_cardinality_guards_refuse_new_sensors_and_metrics_beyond_the_limits(db_
     assert "refusing datagrams from new sensor card-3" in text and "MAX_SENSORS" in text
     assert "card-4" not in text  # rate-limited: one line per interval
     assert "refusing reading extra of sensor card-0" in text
+
+
+def test_any_bytes_are_accounted_exactly_once_and_never_hit_a_bug(tmp_path):
+    """Property: each datagram of a burst lands in exactly one account; internal_errors stays 0."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from collector.server import _Source
+
+    valid = st.builds(
+        lambda sensor, seq, boot, n: wire.encode(f"p-{sensor}", seq, {f"m{i}": float(i) for i in range(n)}, boot=boot),
+        st.integers(0, 5), st.integers(0, 2**32 - 1), st.none() | st.integers(0, 3), st.integers(1, 4),
+    )
+    junk = st.binary(max_size=64) | st.sampled_from(list(JUNK.values()))
+    collector = Collector(Settings(db=str(tmp_path / "p.db"), listen=(("127.0.0.1", 0),)))
+    source = _Source(collector.endpoints[0])
+    c = collector.counters
+
+    def accounted():
+        return (collector.store.pending_datagrams + c["duplicates"] + c["truncated"] + c["refused_sensors"]
+                + c["internal_errors"] + sum(c[f"rejected:{r}"] for r in wire.REASONS))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(valid | junk, max_size=30))
+    def check(burst):
+        before = accounted()
+        collector._process(list(burst), None, source, 1_700_000_000.0)
+        assert accounted() - before == len(burst)
+        assert c["internal_errors"] == 0
+
+    try:
+        check()
+    finally:
+        collector.server_close()
