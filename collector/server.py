@@ -198,9 +198,11 @@ class Collector:
             log.info("listening %s (rcvbuf asked %d, granted %d; %s)", ep.label, ep.rcvbuf_requested,
                      ep.rcvbuf_granted, drops)
         s = self.settings
+        # One line naming everything, for whoever reads only the first lines of a log.
         log.info(
-            "database %s (sqlite_version %s, %d sensors known), flush every %.3g s or %d rows",
-            s.db, sqlite3.sqlite_version, len(self.store.sensors), s.flush_interval, s.batch_size,
+            "started: %s; database %s (sqlite_version %s, %d sensors known); flush every %.3g s or %d rows",
+            ", ".join(ep.label for ep in self.endpoints), s.db, sqlite3.sqlite_version,
+            len(self.store.sensors), s.flush_interval, s.batch_size,
         )
 
     def serve_forever(self) -> None:

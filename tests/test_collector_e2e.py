@@ -47,7 +47,7 @@ class CollectorProcess:
 
     def _ports(self) -> list[str]:
         text = self.log.read_text()
-        if "database " not in text:
+        if "started: " not in text:
             return []
         return re.findall(r"listening udp (\S+)", text)
 
