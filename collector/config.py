@@ -10,6 +10,7 @@ type, is a ConfigError naming the file, the table and the key.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -184,3 +185,37 @@ def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, in
         if not 0 <= port <= 65535:
             raise ValueError(f"{text!r}: port {port} is out of range 0-65535")
     return host or "0.0.0.0", port
+
+
+def format_host_port(host: str, port: int | None) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return host if port is None else f"{host}:{port}"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and (
+        value[1] is None or isinstance(value[1], int)
+    ):
+        return json.dumps(format_host_port(*value))  # an address or a multicast group
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def render(table: str, settings: Sequence[Setting], values: dict[str, Any]) -> str:
+    """The effective settings as a TOML table (what --check prints): the file an
+    operator would write to get exactly this configuration."""
+    lines = [f"[{table}]"]
+    for setting in settings:
+        value = values[setting.name]
+        if value is None:
+            lines.append(f"# {setting.key} is not set")
+        else:
+            lines.append(f"{setting.key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

@@ -568,9 +568,11 @@ def notify_noop(state: str) -> None:
                config.positive_int)
 @click.option("--config", "config_path", envvar="TELEMETRY_CONFIG", metavar="FILE.toml", type=click.Path(dir_okay=False),
               help="TOML file whose [query] table holds the same names (flags and env win).")
+@click.option("--check", is_flag=True,
+              help="Validate the settings and load the certificates, print the effective [query] table, exit.")
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
 @click.pass_context
-def serve(ctx: click.Context, config_path: str | None, verbose: int, **_: Any) -> None:
+def serve(ctx: click.Context, config_path: str | None, check: bool, verbose: int, **_: Any) -> None:
     """Run the query server: JSON lines over TLS (1.2+), database read-only.
 
     Every option can also come from the environment (TELEMETRY_QUERY_DB,
@@ -589,6 +591,10 @@ def serve(ctx: click.Context, config_path: str | None, verbose: int, **_: Any) -
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
         values = config.merge(ctx, SERVE_SETTINGS, config.read_table(config_path, "query"), f"{config_path} [query]")
+        if check:
+            tls_context(values)  # the database may not exist yet: only TLS material is loaded
+            click.echo(config.render("query", SERVE_SETTINGS, values), nl=False)
+            return
         notify = Notifier()
         server = build_server(values, notify=notify)
     except (ConfigError, SetupError) as exc:
@@ -605,17 +611,24 @@ def serve(ctx: click.Context, config_path: str | None, verbose: int, **_: Any) -
     log.info("stopped")
 
 
+def tls_context(values: dict[str, Any]):
+    """The server's TLS context from the settings; also what --check verifies (without binding)."""
+    from .server import server_context
+
+    if not values["cert"] or not values["key"]:
+        raise ConfigError("--cert and --key are required (TELEMETRY_QUERY_CERT/KEY or [query] cert/key): "
+                          "the query service only speaks TLS")
+    return server_context(values["cert"], values["key"], values["client_ca"])
+
+
 def build_server(values: dict[str, Any], notify: Callable[[str], None] = notify_noop):
     """Settings (as merged by collector.config) -> a bound QueryServer.  Raises ConfigError/SetupError."""
     from collector.schema import open_reader
 
     from .ops import Limits, Ops
-    from .server import QueryServer, ServerLimits, Service, server_context
+    from .server import QueryServer, ServerLimits, Service
 
-    if not values["cert"] or not values["key"]:
-        raise ConfigError("--cert and --key are required (TELEMETRY_QUERY_CERT/KEY or [query] cert/key): "
-                          "the query service only speaks TLS")
-    context = server_context(values["cert"], values["key"], values["client_ca"])
+    context = tls_context(values)
     db = values["db"]
     open_reader(db).close()  # fail now, with the reason, rather than in each worker
     ops_limits = Limits(max_rows=values["max_rows"], max_buckets=values["max_buckets"],
