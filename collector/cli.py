@@ -106,11 +106,13 @@ def _positive(kind):
 @click.option("--config", "config_path", envvar="TELEMETRY_CONFIG", metavar="FILE.toml",
               type=click.Path(dir_okay=False),
               help="TOML file whose [collector] table holds the same names (flags win).")
+@click.option("--check", is_flag=True,
+              help="Validate the settings, print the effective [collector] table and exit (binds nothing).")
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
 @click.option("-q", "--quiet", count=True, help="Less log output: warnings and errors only.")
 @click.version_option(__version__, "--version")
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None, verbose: int, quiet: int, **_: object) -> None:
+def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int, quiet: int, **_: object) -> None:
     """Receive sensor datagrams over UDP and store them in SQLite with exact loss accounts.
 
     Every option can also come from the environment (TELEMETRY_COLLECTOR_DB,
@@ -134,6 +136,9 @@ def main(ctx: click.Context, config_path: str | None, verbose: int, quiet: int, 
         values = config.merge(ctx, SETTINGS, config.read_table(config_path, "collector"),
                               f"{config_path} [collector]")
         settings = Settings(**values)
+        if check:
+            click.echo(config.render("collector", SETTINGS, values), nl=False)
+            return
         from .sdnotify import Notifier
 
         collector = Collector(settings, notify=Notifier())

@@ -118,7 +118,10 @@ def _nearest(key: str, known: Iterable[str]) -> str | None:
 def positive_float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise TypeError(f"expected a number, got {type(value).__name__}")
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
     if not number > 0:
         raise ValueError(f"must be > 0, got {value!r}")
     return number
@@ -127,7 +130,10 @@ def positive_float(value: Any) -> float:
 def positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise TypeError(f"expected an integer, got {type(value).__name__}")
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {value!r}") from None
     if number <= 0:
         raise ValueError(f"must be > 0, got {value!r}")
     return number

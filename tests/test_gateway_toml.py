@@ -1,0 +1,111 @@
+"""deploy/gateway.toml: every key it documents works, and every key the daemons know is in it.
+
+Both daemons run for real (`--check` validates and prints the effective
+table), so the example an operator copies cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from collector import cli as collector_cli
+from query import certs
+from query import cli as query_cli
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "gateway.toml"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=clean_env(**env))
+
+
+def normalised(table: dict) -> dict:
+    """Numbers as floats, so `60` in the file equals `60.0` printed back."""
+    return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in table.items()}
+
+
+@pytest.fixture
+def example(tmp_path) -> Path:
+    """The example with its TLS paths pointed at real certificates made here."""
+    tls = tmp_path / "tls"
+    certs.make_ca(tls)
+    certs.issue(tls, "server", "localhost", server=True, dns=("localhost",), days=1)
+    text = EXAMPLE.read_text().replace("/etc/gateway-telemetry/tls", str(tls))
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def commands(bin_path):
+    return {
+        "collector": [bin_path("telemetry-collector")],
+        "query": [bin_path("telemetry-query"), "serve"],
+    }
+
+
+@pytest.mark.parametrize("table, settings", [("collector", collector_cli.SETTINGS), ("query", query_cli.SERVE_SETTINGS)])
+def test_the_example_documents_every_key_the_daemon_knows(table, settings):
+    documented = set(tomllib.loads(EXAMPLE.read_text())[table])
+    assert documented == {s.key for s in settings}
+
+
+@pytest.mark.parametrize("table", ["collector", "query"])
+def test_every_documented_value_is_taken_as_written(table, example, commands):
+    result = run([*commands[table], "--config", str(example), "--check"])
+    assert result.returncode == 0, result.stderr
+    effective = tomllib.loads(result.stdout)[table]
+    assert normalised(effective) == normalised(tomllib.loads(example.read_text())[table])
+
+
+def test_environment_beats_the_file_and_flags_beat_both(example, commands):
+    env = {"TELEMETRY_COLLECTOR_FLUSH_INTERVAL": "3", "TELEMETRY_COLLECTOR_DB": "/tmp/from-env.db"}
+    result = run([*commands["collector"], "--config", str(example), "--check", "--db", "/tmp/from-flag.db"], **env)
+    effective = tomllib.loads(result.stdout)["collector"]
+    assert effective["flush-interval"] == 3.0
+    assert effective["db"] == "/tmp/from-flag.db"
+    assert effective["batch-size"] == 20000  # from the file
+
+
+def test_config_file_named_by_environment(example, commands):
+    result = run([*commands["query"], "--check"], TELEMETRY_CONFIG=str(example))
+    assert result.returncode == 0, result.stderr
+    assert tomllib.loads(result.stdout)["query"]["listen"] == "[::]:4740"
+
+
+@pytest.mark.parametrize("table", ["collector", "query"])
+def test_an_unknown_key_is_one_line_naming_it(table, example, commands):
+    text = example.read_text().replace(f"[{table}]\n", f"[{table}]\nflush-intervall = 2\n", 1)
+    example.write_text(text)
+    result = run([*commands[table], "--config", str(example), "--check"])
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"[{table}]: unknown key 'flush-intervall'" in result.stderr
+
+
+def test_a_bad_value_is_one_line_naming_key_and_file(example, commands):
+    example.write_text(example.read_text().replace("batch-size = 20000", 'batch-size = "lots"'))
+    result = run([*commands["collector"], "--config", str(example), "--check"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"Error: {example} [collector]: bad value for 'batch-size': expected an integer, got 'lots'"
+    )
+
+
+def test_query_check_refuses_missing_certificates(tmp_path, commands):
+    text = EXAMPLE.read_text().replace("/etc/gateway-telemetry/tls", str(tmp_path / "nowhere"))
+    (tmp_path / "g.toml").write_text(text)
+    result = run([*commands["query"], "--config", str(tmp_path / "g.toml"), "--check"])
+    assert result.returncode == 2
+    assert "no such file (check --cert/--key)" in result.stderr and result.stderr.count("\n") == 1
