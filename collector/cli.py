@@ -125,7 +125,7 @@ def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int,
 
     \b
     Example:
-      telemetry-collector --db /var/lib/telemetry/telemetry.db \\
+      telemetry-collector --db /var/lib/gateway-telemetry/telemetry.db \\
           --listen 0.0.0.0:4739 --listen [::]:4739 \\
           --multicast 239.12.0.1 --multicast-interface eth0
     """

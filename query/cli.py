@@ -584,7 +584,7 @@ def serve(ctx: click.Context, config_path: str | None, check: bool, verbose: int
 
     \b
     Example:
-      telemetry-query serve --db /var/lib/telemetry/telemetry.db --listen [::]:4740 \\
+      telemetry-query serve --db /var/lib/gateway-telemetry/telemetry.db --listen [::]:4740 \\
           --cert server.pem --key server.key --client-ca ca.pem
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
