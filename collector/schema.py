@@ -15,6 +15,11 @@ Layout, and why:
   a reading row carries 8 bytes of key instead of two strings.
 - `boot` is -1 for sensors that send no boot field (a primary key column may
   not be NULL in a WITHOUT ROWID table); readers map -1 back to null.
+
+Version 2 adds `sensors.replay`, the anti-replay window of signed datagrams
+(collector/replay.py), written in the same transaction as the readings it
+admitted.  Migrations are additive, so a reader of version N never finds a
+column it relied on gone.
 """
 
 from __future__ import annotations
@@ -24,10 +29,14 @@ from collections.abc import Callable
 
 import sqlite_utils
 
+from . import auth, replay, wire
 from .errors import SetupError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 NO_BOOT = -1  # stored in place of a missing boot field
+# Every reason the collector counts as `rejected:<reason>` in `counters`:
+# the wire format's, then those of signed datagrams, then the replay window's.
+REJECT_REASONS = tuple(dict.fromkeys(wire.REASONS + auth.REASONS + replay.REASONS))
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -80,11 +89,19 @@ def _v1(db: sqlite_utils.Database) -> None:
     db["gaps"].create_index(["detected_at"])
     # Collector counters, cumulative across restarts: received, stored,
     # stored_readings, duplicates, kernel_drops, truncated, storage_dropped,
-    # rejected:<reason>, and last_flush (Unix seconds).
+    # rejected:<reason> (REJECT_REASONS), and last_flush (Unix seconds).
     db["counters"].create({"name": str, "value": float}, pk="name", not_null=["value"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    # JSON snapshot of the sensor's anti-replay window; NULL until its first
+    # signed datagram.  Guarded, so a step interrupted after the ALTER (the
+    # connection is in autocommit mode) can run again.
+    if "replay" not in db["sensors"].columns_dict:
+        db["sensors"].add_column("replay", str)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

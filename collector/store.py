@@ -2,7 +2,8 @@
 
 One transaction per flush holds everything that changed since the last one:
 new series, the readings, each touched sensor's accounts with its tracker
-snapshot, the gap changes its tracker reported, and the collector counters.
+snapshot and replay window, the gap changes its tracker reported, and the
+collector counters.
 So what the database says about a sensor's sequence always matches the
 readings stored for it, and a restart rebuilds the trackers from exactly that
 (`load`).  A flush the database refuses (disk full, locked, unwritable)
@@ -20,7 +21,8 @@ from collections import defaultdict
 from itertools import chain, islice
 
 from . import schema, tuning
-from .sequence import GapRecord, SensorTracker
+from .replay import ReplayWindow
+from .sequence import WINDOW, GapRecord, SensorTracker
 
 log = logging.getLogger("collector.store")
 
@@ -53,12 +55,13 @@ INSERT_READINGS_MULTI = (
 )
 INSERT_SERIES = "INSERT INTO series (id, sensor, metric) VALUES (?, ?, ?)"
 UPSERT_SENSOR = """
-INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts, tracker)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts,
+                     tracker, replay)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (sensor) DO UPDATE SET
     last_seen = excluded.last_seen, datagrams = excluded.datagrams, readings = excluded.readings,
     lost = excluded.lost, duplicates = excluded.duplicates, reordered = excluded.reordered,
-    restarts = excluded.restarts, tracker = excluded.tracker
+    restarts = excluded.restarts, tracker = excluded.tracker, replay = excluded.replay
 """
 UPSERT_GAP = """
 INSERT OR REPLACE INTO gaps (sensor, stream, boot, first_seq, last_seq, missing, detected_at)
@@ -85,22 +88,48 @@ def _insert_readings(conn: sqlite3.Connection, rows: list[tuple]) -> int:
 class SensorState:
     """What the collector keeps per sensor between datagrams."""
 
-    __slots__ = ("sensor", "tracker", "series", "first_seen", "last_seen", "readings")
+    __slots__ = ("sensor", "tracker", "series", "first_seen", "last_seen", "readings", "replay")
 
     def __init__(self, sensor: str, tracker: SensorTracker, series: dict[str, int],
-                 first_seen: float, last_seen: float, readings: int = 0) -> None:
+                 first_seen: float, last_seen: float, readings: int = 0,
+                 replay: ReplayWindow | None = None) -> None:
         self.sensor = sensor
         self.tracker = tracker
         self.series = series  # metric -> series id, shared with BatchWriter.series
         self.first_seen = first_seen
         self.last_seen = last_seen
         self.readings = readings
+        # The anti-replay window of signed datagrams; None until the first one.
+        self.replay = replay
 
     def row(self) -> tuple:
         t = self.tracker
         snapshot = json.dumps(t.snapshot(), separators=(",", ":"))
+        window = None if self.replay is None else json.dumps(self.replay.snapshot(), separators=(",", ":"))
         return (self.sensor, self.first_seen, self.last_seen, t.datagrams, self.readings,
-                t.lost, t.duplicates, t.reordered, t.restarts, snapshot)
+                t.lost, t.duplicates, t.reordered, t.restarts, snapshot, window)
+
+
+def _restore_window(sensor: str, text: str, tracker: SensorTracker) -> ReplayWindow:
+    """The sensor's replay window from its stored snapshot.
+
+    A damaged snapshot must not reopen the door to replays, so the fallback
+    fails closed: everything up to the highest (boot, seq) the tracker has
+    accounted is taken as seen, and only newer datagrams are accepted.
+    """
+    try:
+        return ReplayWindow.restore(json.loads(text))
+    except (ValueError, TypeError, KeyError) as exc:
+        window = ReplayWindow()
+        cur = tracker.snapshot()["cur"]  # the tracker's current stream: its boot and highest seq
+        if cur is None or type(cur["boot"]) is not int:
+            log.warning("sensor %s: replay window in the database is unusable (%s), and its accounts "
+                        "give no boot to start from: it starts afresh", sensor, exc)
+            return window
+        window.boot, window.top, window.bits = cur["boot"], cur["max"] & 0xFFFFFFFF, (1 << WINDOW) - 1
+        log.warning("sensor %s: replay window in the database is unusable (%s); taking every signed "
+                    "datagram up to boot %d seq %d as seen", sensor, exc, window.boot, window.top)
+        return window
 
 
 class BatchWriter:
@@ -157,8 +186,8 @@ class BatchWriter:
         ):
             boot = None if boot == schema.NO_BOOT else boot
             gaps[sensor].append(GapRecord(stream, boot, first, last, missing, detected))
-        for sensor, first_seen, last_seen, readings, tracker in conn.execute(
-            "SELECT sensor, first_seen, last_seen, readings, tracker FROM sensors"
+        for sensor, first_seen, last_seen, readings, tracker, replay in conn.execute(
+            "SELECT sensor, first_seen, last_seen, readings, tracker, replay FROM sensors"
         ):
             restored = SensorTracker()
             if tracker:
@@ -168,7 +197,9 @@ class BatchWriter:
                     # Counting on from zero beats refusing to start; say so once.
                     log.warning("sensor %s: tracker state in the database is unusable (%s); "
                                 "its sequence accounts start afresh", sensor, exc)
-            self.sensors[sensor] = SensorState(sensor, restored, self.series[sensor], first_seen, last_seen, readings)
+            window = None if replay is None else _restore_window(sensor, replay, restored)
+            self.sensors[sensor] = SensorState(sensor, restored, self.series[sensor], first_seen, last_seen,
+                                               readings, window)
 
     def new_sensor(self, sensor: str, now: float) -> SensorState | None:
         """Start tracking a sensor; None when MAX_SENSORS are tracked already."""

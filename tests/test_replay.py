@@ -1,18 +1,24 @@
 """The anti-replay window: each rule of docs/PROTOCOL.md by name, the window's
 edges exactly, snapshot/restore, and hypothesis against a set-based model:
 any interleaving of fresh and replayed (boot, seq) pairs is accepted exactly
-once per fresh pair."""
+once per fresh pair.  Then its persistence: schema v2 (a v1 database migrated
+on open, data intact), written with the flush and loaded back, and a damaged
+snapshot failing closed."""
 
 from __future__ import annotations
 
 import json
 import random
+import sqlite3
 
 import pytest
+import sqlite_utils
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from collector import schema
 from collector.replay import ReplayWindow
+from collector.store import BatchWriter
 from collector.sequence import WINDOW
 
 W = WINDOW
@@ -267,3 +273,108 @@ def test_any_interleaving_of_fresh_and_replayed_gives_each_fresh_pair_once(data)
     assert len(set(accepted)) == len(accepted)
     for pair in sent:  # and a replay of the whole capture afterwards yields nothing
         assert not admit(w, *pair)
+
+
+# --- persistence in the database (schema v2, store.py) -------------------------------------
+
+
+def _v1_database(path: str) -> None:
+    """A database exactly as schema version 1 made it, with a sensor, a series, readings, a gap."""
+    db = sqlite_utils.Database(sqlite3.connect(path, isolation_level=None))
+    with db.conn:
+        db["meta"].create({"key": str, "value": str}, pk="key")
+        schema.MIGRATIONS[0](db)
+        db["meta"].insert({"key": "schema_version", "value": "1"})
+        db.execute("INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, "
+                   "reordered, restarts, tracker) VALUES ('s1', 1.0, 2.0, 3, 3, 1, 0, 0, 0, NULL)")
+        db.execute("INSERT INTO series (id, sensor, metric) VALUES (1, 's1', 't')")
+        db.conn.executemany("INSERT INTO readings VALUES (1, ?, 5, ?, ?, 2.0)", [(100.0 + s, s, 20.0 + s) for s in (0, 1, 3)])
+        db.execute("INSERT INTO gaps VALUES ('s1', 0, 5, 2, 2, 1, 1.5)")
+        db.execute("INSERT INTO counters VALUES ('received', 3)")
+    db.conn.close()
+
+
+def test_a_v1_database_is_migrated_to_v2_on_open_with_its_data_intact(tmp_path):
+    path = str(tmp_path / "v1.db")
+    _v1_database(path)
+    before = {t: sqlite3.connect(path).execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+              for t in ("sensors", "series", "readings", "gaps", "counters")}
+    with pytest.raises(Exception, match="has schema 1, expected 2"):
+        schema.open_reader(path)  # a reader needs the writer to migrate first
+    db = schema.open_writer(path)
+    try:
+        assert schema.schema_version(db) == schema.SCHEMA_VERSION == 2
+        assert "replay" in db["sensors"].columns_dict
+        after = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in before}
+    finally:
+        db.conn.close()
+    assert after["sensors"] == [row + (None,) for row in before["sensors"]]
+    assert {t: after[t] for t in before if t != "sensors"} == {t: before[t] for t in before if t != "sensors"}
+    reader = schema.open_reader(path)
+    reader.close()
+    again = schema.open_writer(path)  # opening a v2 database changes nothing
+    assert schema.schema_version(again) == 2
+    again.conn.close()
+
+
+def test_the_v2_step_runs_again_after_a_crash_between_alter_and_version(tmp_path):
+    path = str(tmp_path / "half.db")
+    _v1_database(path)
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE sensors ADD COLUMN replay TEXT")  # the step's ALTER, but version still 1
+    conn.commit()
+    conn.close()
+    db = schema.open_writer(path)
+    assert schema.schema_version(db) == 2
+    db.conn.close()
+
+
+def test_the_window_is_written_with_the_flush_and_restored_on_load(tmp_path):
+    path = str(tmp_path / "w.db")
+    store = BatchWriter(path)
+    state = store.new_sensor("s1", 1.0)
+    state.replay = ReplayWindow()
+    for seq in (10, 12, 11, 15):
+        admit(state.replay, 3, seq)
+    state.tracker.observe(3, 15, 1.0)
+    store.dirty.add(state)
+    assert store.flush(2.0)
+    plain = store.new_sensor("p1", 1.0)  # never signed: no window
+    store.dirty.add(plain)
+    assert store.flush(3.0)
+    store.close()
+
+    again = BatchWriter(path)
+    again.load()
+    try:
+        w = again.sensors["s1"].replay
+        assert w.snapshot() == state.replay.snapshot()
+        assert [w.check(3, s) for s in (10, 11, 12, 13, 14, 15, 16)] == [False] * 3 + [True] * 2 + [False, True]
+        assert again.sensors["p1"].replay is None
+    finally:
+        again.close()
+
+
+def test_a_damaged_window_fails_closed_at_the_trackers_highest(tmp_path, caplog):
+    path = str(tmp_path / "d.db")
+    store = BatchWriter(path)
+    state = store.new_sensor("s1", 1.0)
+    state.replay = ReplayWindow()
+    for seq in range(5):
+        admit(state.replay, 7, seq)
+        state.tracker.observe(7, seq, 1.0)
+    store.dirty.add(state)
+    assert store.flush(2.0)
+    store.conn.execute("UPDATE sensors SET replay = '{\"v\": 1, \"boot\": \"x\"}'")
+    store.close()
+
+    again = BatchWriter(path)
+    again.load()
+    try:
+        w = again.sensors["s1"].replay
+        assert not any(w.check(7, s) for s in range(5))  # nothing already accounted comes back
+        assert not w.check(6, 100) and w.check(7, 5) and w.check(8, 0)
+    finally:
+        again.close()
+    assert "replay window in the database is unusable" in caplog.text
+    assert "up to boot 7 seq 4 as seen" in caplog.text
