@@ -59,6 +59,8 @@ SETTINGS = [
     config.Setting("batch_size", config.positive_int, tuning.DEFAULT_BATCH_ROWS),
     config.Setting("rcvbuf", config.positive_int, tuning.DEFAULT_RCVBUF_BYTES),
     config.Setting("status_interval", config.positive_float, tuning.DEFAULT_STATUS_INTERVAL_S),
+    config.Setting("keys", config.string, None),
+    config.Setting("require_auth", config.boolean, False),
 ]
 
 
@@ -103,6 +105,11 @@ def _positive(kind):
 @click.option("--status-interval", envvar=ENV + "STATUS_INTERVAL", metavar="SECONDS",
               type=_ParserType("SECONDS", _positive(float)),
               help=f"Log a status line this often.  [default: {tuning.DEFAULT_STATUS_INTERVAL_S:g}]")
+@click.option("--keys", envvar=ENV + "KEYS", metavar="FILE",
+              help="Key file for signed datagrams: one 'key_id = hex' per line, not readable by others; "
+                   "SIGHUP reloads it.  See docs/SECURITY.md.")
+@click.option("--require-auth/--no-require-auth", default=False, envvar=ENV + "REQUIRE_AUTH",
+              help="Reject unsigned datagrams (not_signed).  Needs --keys.  [default: off]")
 @click.option("--config", "config_path", envvar="TELEMETRY_CONFIG", metavar="FILE.toml",
               type=click.Path(dir_okay=False),
               help="TOML file whose [collector] table holds the same names (flags win).")
@@ -119,7 +126,8 @@ def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int,
     TELEMETRY_COLLECTOR_LISTEN, ... the option name in capitals; repeatable
     ones take space-separated values) or from the [collector] table of a TOML
     file given with --config or TELEMETRY_CONFIG.  Flags win over the
-    environment, which wins over the file.  SIGTERM or Ctrl-C flushes and exits 0;
+    environment, which wins over the file.  SIGHUP reloads the key file
+    (--keys).  SIGTERM or Ctrl-C flushes and exits 0;
     exit code 2 is a bad flag, config value or set-up error (one line says
     which), 1 a final flush the database refused.  See docs/OPERATIONS.md.
 

@@ -10,7 +10,9 @@ Each wake drains every ready socket up to a budget, so one flooded socket
 cannot starve the others, then flushes when the batch is full or the flush
 interval is up.  The hot path reads top to bottom in `_drain` (receive) and
 `_process` (decode, track, queue): no logging, no objects beyond the decoded
-datagram and one row tuple per reading.
+datagram and one row tuple per reading.  Signed datagrams (first byte 0x93)
+take a side door, `_verify` (tag, body, replay window), then rejoin it; the
+key file is reloaded on SIGHUP between bursts, never inside one.
 """
 
 from __future__ import annotations
@@ -26,15 +28,17 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import net, tuning
-from .errors import DecodeError, SetupError
-from .schema import NO_BOOT
+from . import auth, net, tuning
+from .errors import ConfigError, DecodeError, SetupError
+from .replay import ReplayWindow
+from .schema import NO_BOOT, REJECT_REASONS
 from .sequence import Duplicate
 from .store import BatchWriter
-from .wire import REASONS, decode
+from .wire import decode
 
 log = logging.getLogger("collector")
 
+_SIGNED_MARKER = bytes((auth.SIGNED_MARKER,))
 ANC_BUFSIZE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 64
 _U32 = struct.Struct("=I")
 
@@ -51,6 +55,8 @@ class Settings:
     batch_size: int = tuning.DEFAULT_BATCH_ROWS
     rcvbuf: int = tuning.DEFAULT_RCVBUF_BYTES
     status_interval: float = tuning.DEFAULT_STATUS_INTERVAL_S
+    keys: str | None = None  # key file of signed datagrams (auth.load_keys); reloaded on SIGHUP
+    require_auth: bool = False  # reject plain datagrams as not_signed
     # Knobs for tests and the benchmark; operators have no flag for them.
     max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS
     max_sensors: int = tuning.MAX_SENSORS
@@ -99,7 +105,16 @@ class Collector:
         self._activity = False  # a datagram arrived since the last flush: counters changed
         self._now = 0.0  # the clock at the last drain
         self._sources: list[_Source] = []
-        self._reject_next_log = dict.fromkeys(REASONS, 0.0)
+        self._reject_next_log = dict.fromkeys(REJECT_REASONS, 0.0)
+        # Signed datagrams: the key set, swapped whole on reload, and the
+        # sensor ids it has keys for (their plain datagrams are not_signed).
+        self.keyring: dict[str, bytes] = {}
+        self._keyed: frozenset[str] = frozenset()
+        self._reload_requested = False
+        if settings.require_auth and not settings.keys:
+            raise ConfigError("--require-auth needs --keys FILE: without keys every datagram would be rejected")
+        if settings.keys:
+            self._set_keys(auth.load_keys(settings.keys))  # ConfigError before anything is bound
         try:
             self._bind()
             self.store = BatchWriter(settings.db, max_backlog_rows=settings.max_backlog_rows,
@@ -109,7 +124,7 @@ class Collector:
         except BaseException:
             self.server_close()
             raise
-        for reason in REASONS:
+        for reason in REJECT_REASONS:
             self.store.counters.setdefault(f"rejected:{reason}", 0)
         self.store.counters.setdefault("internal_errors", 0)
 
@@ -137,14 +152,43 @@ class Collector:
         return self.store.counters
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT stop the loop (main thread only); the wake-up fd ends select()."""
+        """SIGTERM/SIGINT stop the loop, SIGHUP reloads the key file (main thread
+        only); the wake-up fd ends select(), and the loop does the work."""
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
 
         def stop(signum, frame):
             self._stop = True
 
+        def reload(signum, frame):
+            # Only a flag: reading files and logging do not belong in a handler.
+            self._reload_requested = True
+
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    # --- keys ----------------------------------------------------------------------------
+
+    def _set_keys(self, keys: dict[str, bytes]) -> None:
+        self.keyring = keys
+        self._keyed = frozenset(key_id.partition("@")[0] for key_id in keys)
+
+    def reload_keys(self) -> bool:
+        """Read the key file again and swap the key set in whole (the loop's
+        thread only: SIGHUP, or call_soon).  A file that fails to load leaves
+        the old keys in force; either way one log line, never a key."""
+        path = self.settings.keys
+        if path is None:
+            log.warning("keys not reloaded: no key file is configured (--keys)")
+            return False
+        try:
+            keys = auth.load_keys(path)
+        except ConfigError as exc:
+            log.error("keys not reloaded, the previous %d keys stay in force: %s", len(self.keyring), exc)
+            return False
+        self._set_keys(keys)
+        log.info("keys reloaded from %s: %d keys for %d sensors", path, len(keys), len(self._keyed))
+        return True
 
     # --- control -----------------------------------------------------------------------
 
@@ -198,6 +242,11 @@ class Collector:
             log.info("listening %s (rcvbuf asked %d, granted %d; %s)", ep.label, ep.rcvbuf_requested,
                      ep.rcvbuf_granted, drops)
         s = self.settings
+        if s.keys:
+            log.info("signed datagrams: %d key%s for %d sensors from %s (SIGHUP reloads it); unsigned "
+                     "datagrams are %s", len(self.keyring), "" if len(self.keyring) == 1 else "s",
+                     len(self._keyed), s.keys,
+                     "rejected (--require-auth)" if s.require_auth else "accepted from sensors without a key")
         # One line naming everything, for whoever reads only the first lines of a log.
         log.info(
             "started: %s; database %s (sqlite_version %s, %d sensors known); flush every %.3g s or %d rows",
@@ -235,6 +284,9 @@ class Collector:
                         self._drain_wakeups()
                     else:
                         drain(source)
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.reload_keys()
                 mono = time.monotonic()
                 if len(store.rows) >= s.batch_size or mono >= next_flush:
                     self._poll_drops()
@@ -353,13 +405,25 @@ class Collector:
         new_series = store.new_series
         duplicate = Duplicate
         accepted = duplicates = 0
+        signed_marker = _SIGNED_MARKER
+        require_auth = self.settings.require_auth
+        keyed = self._keyed
         for i, data in enumerate(datas):
             if len(data) >= bufsize:
                 truncated += 1  # only a datagram bigger than any UDP payload fills the buffer
                 continue
             try:
-                sensor, seq, boot, ts, readings = decode(data)
-                state = sensors_get(sensor)
+                # One slice and compare tells the forms apart (docs/PROTOCOL.md): plain
+                # datagrams pay nothing more, unless --keys is set, one set lookup.
+                if data[:1] != signed_marker:
+                    if require_auth:
+                        raise DecodeError("not_signed", "a plain datagram, and --require-auth is on")
+                    sensor, seq, boot, ts, readings = decode(data)
+                    if sensor in keyed:
+                        raise DecodeError("not_signed", f"sensor {sensor!r} has a key: its datagrams must be signed")
+                    state = sensors_get(sensor)
+                else:
+                    (sensor, seq, boot, ts, readings), state = self._verify(data, now)
                 if state is None:
                     state = new_sensor(sensor, now)
                     if state is None:
@@ -404,6 +468,29 @@ class Collector:
         store.pending_datagrams += accepted
         self._activity = True
         self._now = now
+
+    def _verify(self, data: bytes, now: float):
+        """A signed datagram: authenticate, decode, then the replay window.
+
+        Returns (Datagram, SensorState), the state None when MAX_SENSORS
+        refuses a new sensor (the caller counts that), or raises DecodeError
+        (auth.REASONS, wire.REASONS, "replayed").  The window moves only here,
+        after the tag verified and the body decoded (RFC 4303 3.4.3).
+        """
+        datagram, _ = auth.decode_signed(data, self.keyring)
+        store = self.store
+        state = store.sensors.get(datagram.sensor) or store.new_sensor(datagram.sensor, now)
+        if state is None:
+            return datagram, None
+        window = state.replay
+        if window is None:
+            window = state.replay = ReplayWindow()
+        boot, seq = datagram.boot, datagram.seq
+        if not window.check(boot, seq):
+            raise DecodeError("replayed", f"sensor {datagram.sensor!r} boot {boot} seq {seq} was accepted "
+                                          f"before, or is older than the replay window")
+        window.accept(boot, seq)
+        return datagram, state
 
     def _refused(self, what: str, counter: str, n: int, now: float) -> None:
         """Count what a cardinality guard kept out; log it at most once per interval."""

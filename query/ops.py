@@ -17,8 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from collector.schema import NO_BOOT
-from collector.wire import REASONS
+from collector.schema import NO_BOOT, REJECT_REASONS
 
 from . import __version__
 from .protocol import (
@@ -303,7 +302,9 @@ class Ops:
         lost, duplicates = self.conn.execute(
             "SELECT total(lost), total(duplicates) FROM sensors"
         ).fetchone()
-        rejected = {reason: 0 for reason in REASONS}
+        # Every reason the collector counts (wire, signed datagrams, replays),
+        # zero or not; an unknown one found in the table is listed too.
+        rejected = {reason: 0 for reason in REJECT_REASONS}
         for name, value in counters.items():
             if name.startswith("rejected:"):
                 rejected[name[len("rejected:"):]] = _count(value)

@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 from collections import Counter
+from contextlib import contextmanager
 
 import pytest
 
-from collector import auth
+from collector import auth, wire
 from collector.errors import ConfigError
+from collector.schema import REJECT_REASONS, open_reader
+from collector.server import Collector, Settings
 from helpers import wait_for
+from query.ops import Ops
 from sensor_sim import Sensor
 
 KEY = bytes(range(32))
@@ -196,3 +203,316 @@ def test_sensor_api_refuses_bad_signing_arguments():
         Sensor("gh-1", target=("127.0.0.1", 9), key="abcd")
     with pytest.raises(ConfigError, match="key_id without key"):
         Sensor("gh-1", target=("127.0.0.1", 9), key_id="gh-1")
+
+
+# --- the collector verifies ------------------------------------------------------------------
+
+AUTH_REASONS = ("not_signed", "bad_envelope", "unknown_key", "bad_mac", "wrong_key", "replayed")
+
+
+@contextmanager
+def running(db_path: str, **overrides):
+    values = dict(db=db_path, listen=(("127.0.0.1", 0),), flush_interval=0.05, status_interval=3600.0)
+    values.update(overrides)
+    collector = Collector(Settings(**values))
+    thread = threading.Thread(target=collector.serve_forever, name="collector")
+    thread.start()
+    try:
+        yield collector
+    finally:
+        collector.shutdown()
+        thread.join(10)
+        collector.server_close()
+
+
+def db_query(db_path, sql, *params):
+    conn = sqlite3.connect(db_path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def db_counters(db_path) -> dict:
+    return dict(db_query(db_path, "SELECT name, value FROM counters"))
+
+
+def signed(sensor: str, seq: int, boot: int = 1, key: bytes = KEY, key_id: str | None = None,
+           value: float = 20.0) -> bytes:
+    body = wire.encode(sensor, seq, {"temp": value}, boot=boot, ts=1_700_000_000 + seq)
+    return auth.sign(body, key_id or sensor, key)
+
+
+class Link:
+    """A plain UDP socket on 127.0.0.1 that sends to one collector and waits until it has read."""
+
+    def __init__(self, collector: Collector) -> None:
+        self.collector = collector
+        self.address = collector.addresses[0]
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+
+    def send(self, *datagrams: bytes) -> None:
+        before = self.collector.counters["received"]
+        for d in datagrams:
+            self.sock.sendto(d, self.address)
+        wait_for(lambda: self.collector.counters["received"] >= before + len(datagrams), 5,
+                 what=f"{len(datagrams)} datagrams read")
+
+    def flushed(self) -> dict:
+        """The counters as the database has them, after a flush of everything read."""
+        done = threading.Event()
+        self.collector.call_soon(lambda: (self.collector.flush(), done.set()))
+        assert done.wait(5)
+        return db_counters(self.collector.settings.db)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def rejected(c: dict) -> dict:
+    return {r: int(c[f"rejected:{r}"]) for r in REJECT_REASONS if c.get(f"rejected:{r}")}
+
+
+def temps(db_path, sensor: str) -> list[tuple]:
+    return db_query(db_path, "SELECT r.boot, r.seq, r.value FROM readings r JOIN series s ON s.id = r.series "
+                             "WHERE s.sensor = ? ORDER BY r.boot, r.seq", sensor)
+
+
+def test_every_reason_is_a_counter_from_the_start_and_stats_lists_them(db_path, tmp_path):
+    keys = write_keys(tmp_path / "keys", s1=KEY_HEX)
+    with running(db_path, keys=str(keys)) as c:
+        link = Link(c)
+        link.send(signed("s1", 0))
+        counts = link.flushed()
+        link.close()
+    for reason in AUTH_REASONS + tuple(wire.REASONS):
+        assert counts[f"rejected:{reason}"] == 0
+    conn = open_reader(db_path)
+    try:
+        stats = Ops(conn).op_stats()
+    finally:
+        conn.close()
+    assert set(stats["rejected"]) == set(REJECT_REASONS) >= set(AUTH_REASONS)
+    assert stats["stored"] == 1 and not any(stats["rejected"].values())
+
+
+def test_signed_sim_to_collector_stores_everything_and_accounts_exactly(bin_path, db_path, tmp_path):
+    keys = write_keys(tmp_path / "keys", **{f"sim-000{i}": KEY_HEX for i in (1, 2, 3)})
+    with running(db_path, keys=str(keys), require_auth=True) as c:
+        proc, report = run_sim(bin_path, tmp_path, "--target", f"127.0.0.1:{c.addresses[0][1]}",
+                               "--sensors", "3", "--count", "200", "--rate", "300", "--seed", "11",
+                               "--loss", "0.05", "--duplicate", "0.03", "--reorder", "0.05",
+                               "--key", KEY_HEX)
+        assert proc.returncode == 0, proc.stderr
+        link = Link(c)
+        wait_for(lambda: c.counters["received"] >= report["datagrams_sent"], 10, what="all datagrams")
+        counts = link.flushed()
+        link.close()
+    truths = report["sensors"]
+    dropped = sum(len(t["dropped"]) for t in truths.values())
+    duplicated = sum(len(t["duplicated"]) for t in truths.values())
+    assert dropped and duplicated and sum(t["reordered"] for t in truths.values())
+    assert counts["received"] == report["datagrams_sent"] == 600 - dropped + duplicated
+    assert counts["stored"] == 600 - dropped
+    # a duplicate of a signed datagram is a byte-identical copy: a replay
+    assert rejected(counts) == {"replayed": duplicated}
+    rows = db_query(db_path, "SELECT sensor, datagrams, lost, duplicates, restarts FROM sensors ORDER BY sensor")
+    assert rows == [(sid, 200 - len(t["dropped"]), _lost(t), 0, 0) for sid, t in sorted(truths.items())]
+
+
+def _lost(truth: dict) -> int:
+    """Dropped seqs between the lowest and highest received (the tracker's definition)."""
+    got = sorted(set(range(truth["generated"])) - set(truth["dropped"]))
+    return sum(1 for s in truth["dropped"] if got[0] < s < got[-1])
+
+
+def test_replays_are_rejected_now_after_a_restart_and_with_a_lower_boot(db_path, tmp_path):
+    keys = write_keys(tmp_path / "keys", s1=KEY_HEX)
+    captured = [signed("s1", seq, boot=5, value=seq) for seq in range(4)]
+    with running(db_path, keys=str(keys)) as c:
+        link = Link(c)
+        link.send(*captured)
+        link.send(captured[1])  # resent later, same bytes, from another socket than the sensor's
+        counts = link.flushed()
+        link.close()
+    assert counts["stored"] == 4 and rejected(counts) == {"replayed": 1}
+    assert temps(db_path, "s1") == [(5, s, float(s)) for s in range(4)]
+
+    with running(db_path, keys=str(keys)) as c:  # a restart: the window comes back from the database
+        link = Link(c)
+        link.send(*captured)  # every one of them again
+        link.send(signed("s1", 1000, boot=4))  # a lower boot, never seen: replayed too
+        link.send(signed("s1", 2, boot=5, value=99.0))  # a new datagram claiming an old seq
+        link.send(signed("s1", 4, boot=5, value=4.0), signed("s1", 0, boot=6, value=60.0))  # fresh
+        counts = link.flushed()
+        link.close()
+    assert rejected(counts) == {"replayed": 1 + 4 + 1 + 1}
+    assert counts["stored"] == 6
+    assert temps(db_path, "s1") == [(5, s, float(s)) for s in range(5)] + [(6, 0, 60.0)]
+    assert db_query(db_path, "SELECT datagrams, duplicates, restarts FROM sensors") == [(6, 0, 1)]
+
+
+def test_each_rejection_reason_of_a_signed_datagram(db_path, tmp_path):
+    keys = write_keys(tmp_path / "keys", s1=KEY_HEX, s2=KEY2_HEX)
+    good = signed("s1", 7)
+    tampered = bytearray(good)
+    tampered[20] ^= 0x01  # a body byte
+    bad_tag = good[:-1] + bytes([good[-1] ^ 0x80])
+    cases = {
+        "bad_mac": [bytes(tampered), bad_tag, signed("s1", 8, key=KEY2)],
+        "unknown_key": [signed("s3", 1, key=KEY), signed("s1", 9, key_id="s1@2027")],
+        "wrong_key": [signed("s1", 10, key=KEY2, key_id="s2")],
+        "bad_envelope": [b"\x93\xa2s1" + b"\x80" * 3, good[:-1]],
+        "bad_boot": [auth.sign(wire.encode("s1", 11, {"t": 1}), "s1", KEY)],
+        "not_msgpack": [auth.sign(b"\xc1", "s1", KEY)],
+    }
+    with running(db_path, keys=str(keys)) as c:
+        link = Link(c)
+        link.send(good)
+        for datagrams in cases.values():
+            link.send(*datagrams)
+        counts = link.flushed()
+        link.close()
+    assert rejected(counts) == {reason: len(d) for reason, d in cases.items()}
+    assert counts["stored"] == 1
+    assert temps(db_path, "s1") == [(1, 7, 20.0)]
+    assert [r[0] for r in db_query(db_path, "SELECT sensor FROM sensors")] == ["s1"]
+
+
+def test_plain_datagrams_with_and_without_require_auth(db_path, tmp_path):
+    keys = write_keys(tmp_path / "keys", s1=KEY_HEX)
+    plain_keyed = wire.encode("s1", 1, {"t": 1.0}, boot=1)  # s1 has a key: must sign
+    plain_free = wire.encode("p1", 1, {"t": 1.0}, boot=1)  # p1 has none
+    with running(db_path, keys=str(keys)) as c:
+        link = Link(c)
+        link.send(plain_keyed, plain_free, signed("s1", 2))
+        counts = link.flushed()
+        link.close()
+    assert rejected(counts) == {"not_signed": 1} and counts["stored"] == 2
+    with running(db_path, keys=str(keys), require_auth=True) as c:
+        link = Link(c)
+        link.send(plain_free, wire.encode("p1", 2, {"t": 1.0}), b"", signed("s1", 3))
+        counts = link.flushed()
+        link.close()
+    assert rejected(counts) == {"not_signed": 1 + 3} and counts["stored"] == 3
+
+
+def test_bad_key_settings_are_config_errors_naming_no_key(db_path, tmp_path):
+    from collector.errors import ConfigError
+
+    keys = write_keys(tmp_path / "keys", mode=0o644, s1=KEY_HEX)
+    with pytest.raises(ConfigError, match="chmod 600") as info:
+        Collector(Settings(db=db_path, listen=(("127.0.0.1", 0),), keys=str(keys)))
+    assert KEY_HEX not in str(info.value)
+    with pytest.raises(ConfigError, match="--require-auth needs --keys"):
+        Collector(Settings(db=db_path, listen=(("127.0.0.1", 0),), require_auth=True))
+
+
+# --- the collector as a process: SIGHUP, exit codes, logs ----------------------------------
+
+
+def start_collector(bin_path, db_path, log_path, *args):
+    log = open(log_path, "ab")
+    proc = subprocess.Popen([bin_path("telemetry-collector"), "--db", db_path, "--flush-interval", "0.05",
+                             "--listen", "127.0.0.1:0", *args], stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
+
+    def port():
+        if proc.poll() is not None:
+            return "dead"
+        found = re.findall(r"listening udp \S+:(\d+)", log_path.read_text())
+        return int(found[0]) if found and "database " in log_path.read_text() else None
+
+    got = wait_for(port, 10, what="the collector's listening line")
+    assert got != "dead", log_path.read_text()
+    return proc, got
+
+
+def test_sighup_reloads_keys_and_a_bad_file_keeps_the_old_ones(bin_path, db_path, tmp_path):
+    keys = write_keys(tmp_path / "keys", s1=KEY_HEX)
+    log_path = tmp_path / "collector.log"
+    proc, port = start_collector(bin_path, db_path, log_path, "--keys", str(keys), "--require-auth")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        def counter(name):
+            try:
+                return db_counters(db_path).get(name, 0)
+            except sqlite3.Error:
+                return 0
+
+        sock.sendto(signed("s2", 0, key=KEY2), ("127.0.0.1", port))
+        wait_for(lambda: counter("rejected:unknown_key") == 1, 10, what="unknown_key")
+
+        write_keys(keys, s1=KEY_HEX, s2=KEY2_HEX)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "keys reloaded" in log_path.read_text(), 10, what="the reload line")
+        sock.sendto(signed("s2", 1, key=KEY2), ("127.0.0.1", port))
+        wait_for(lambda: counter("stored") == 1, 10, what="s2 stored")
+
+        os.chmod(keys, 0o644)  # a reload that fails: the old keys stay in force
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "keys not reloaded" in log_path.read_text(), 10, what="the refusal line")
+        sock.sendto(signed("s2", 2, key=KEY2), ("127.0.0.1", port))
+        wait_for(lambda: counter("stored") == 2, 10, what="s2 still stored")
+
+        os.chmod(keys, 0o600)
+        write_keys(keys, s1=KEY_HEX)  # s2's key removed
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: log_path.read_text().count("keys reloaded") == 2, 10, what="the second reload")
+        sock.sendto(signed("s2", 3, key=KEY2), ("127.0.0.1", port))
+        wait_for(lambda: counter("rejected:unknown_key") == 2, 10, what="unknown_key again")
+    finally:
+        sock.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    text = log_path.read_text()
+    assert len([line for line in text.splitlines() if "keys not reloaded" in line]) == 1
+    for secret in (KEY_HEX, KEY2_HEX, KEY.hex().upper(), KEY2_HEX.upper()):
+        assert secret not in text
+    assert "Traceback" not in text
+
+
+def test_cli_key_file_errors_are_one_line_exit_2_without_the_key(bin_path, db_path, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
+    keys = write_keys(tmp_path / "keys", mode=0o604, s1=KEY_HEX)
+    broken = write_keys(tmp_path / "broken", s1="00" * 8)
+    conf = tmp_path / "gateway.toml"
+    conf.write_text(f'[collector]\nkeys = "{keys}"\nrequire-auth = "yes"\n')
+    for args, message in (
+        (["--keys", str(keys)], f"key file {keys} is mode 0604"),
+        (["--keys", str(broken)], f"key file {broken} line 1 (key s1): a key must be 16-64 bytes"),
+        (["--keys", str(tmp_path / "missing")], "No such file"),
+        (["--require-auth"], "--require-auth needs --keys"),
+        (["--config", str(conf)], "bad value for 'require-auth'"),
+    ):
+        proc = subprocess.run([bin_path("telemetry-collector"), "--db", db_path, "--listen", "127.0.0.1:0",
+                               *args], capture_output=True, text=True, timeout=15, env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and message in errors[0], proc.stderr
+        assert KEY_HEX not in proc.stderr and "00" * 8 not in proc.stderr
+
+
+def test_keys_and_require_auth_from_the_environment_and_the_file(bin_path, db_path, tmp_path):
+    keys = write_keys(tmp_path / "keys", s1=KEY_HEX)
+    conf = tmp_path / "gateway.toml"
+    conf.write_text(f'[collector]\nkeys = "{keys}"\nrequire-auth = true\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
+    for extra_env, args in (({}, ["--config", str(conf)]),
+                            ({"TELEMETRY_COLLECTOR_KEYS": str(keys), "TELEMETRY_COLLECTOR_REQUIRE_AUTH": "1"}, [])):
+        log_path = tmp_path / f"c{len(extra_env)}.log"
+        log = open(log_path, "ab")
+        proc = subprocess.Popen([bin_path("telemetry-collector"), "--db", db_path, "--listen", "127.0.0.1:0",
+                                 "--flush-interval", "0.05", *args], stdout=subprocess.DEVNULL, stderr=log,
+                                env={**env, **extra_env})
+        log.close()
+        try:
+            wait_for(lambda: "signed datagrams: 1 key" in log_path.read_text() or proc.poll() is not None, 10,
+                     what="the keys line")
+            assert proc.poll() is None, log_path.read_text()
+            assert "unsigned datagrams are rejected" in log_path.read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
