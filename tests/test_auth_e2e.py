@@ -516,3 +516,70 @@ def test_keys_and_require_auth_from_the_environment_and_the_file(bin_path, db_pa
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
+
+
+def test_any_mix_of_signed_forged_replayed_and_junk_is_accounted_exactly_once(tmp_path):
+    """Property: with keys loaded, every datagram of a burst lands in exactly one
+    account, internal_errors stays 0, and a resent signed datagram is always replayed."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from collector.server import _Source
+
+    keys = write_keys(tmp_path / "keys", s1=KEY_HEX, s2=KEY2_HEX)
+    collector = Collector(Settings(db=str(tmp_path / "p.db"), listen=(("127.0.0.1", 0),), keys=str(keys)))
+    source = _Source(collector.endpoints[0])
+    c = collector.counters
+    next_seq = {"s1": 0, "s2": 0}
+    sent: list[bytes] = []
+
+    def accounted():
+        return (collector.store.pending_datagrams + c["duplicates"] + c["truncated"] + c["refused_sensors"]
+                + c["internal_errors"] + sum(c[f"rejected:{r}"] for r in REJECT_REASONS))
+
+    def fresh(sensor: str) -> bytes:
+        next_seq[sensor] += 1
+        d = signed(sensor, next_seq[sensor], key=KEY if sensor == "s1" else KEY2)
+        sent.append(d)
+        return d
+
+    kinds = st.one_of(
+        st.sampled_from(["s1", "s2"]).map(lambda s: ("fresh", s)),
+        st.just(("replay", None)),
+        st.tuples(st.just("flip"), st.integers(0, 200)),
+        st.tuples(st.just("plain"), st.sampled_from(["s1", "p1"])),
+        st.tuples(st.just("junk93"), st.binary(max_size=80)),
+        st.tuples(st.just("junk"), st.binary(max_size=80)),
+    )
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(kinds, max_size=30))
+    def check(plan):
+        burst, replays = [], 0
+        for kind, arg in plan:
+            if kind == "fresh":
+                burst.append(fresh(arg))
+            elif kind == "replay" and sent:
+                burst.append(sent[len(sent) // 2])
+                replays += 1
+            elif kind == "flip" and sent:
+                d = bytearray(sent[-1])
+                d[arg % len(d)] ^= 0x04
+                burst.append(bytes(d))
+            elif kind == "plain":
+                burst.append(wire.encode(arg, len(sent), {"t": 1.0}, boot=1))
+            elif kind == "junk93":
+                burst.append(b"\x93" + arg)
+            elif kind == "junk":
+                burst.append(arg)
+        before, replayed = accounted(), c["rejected:replayed"]
+        collector._process(burst, None, source, 1_700_000_000.0)
+        assert accounted() - before == len(burst)
+        assert c["internal_errors"] == 0
+        assert c["rejected:replayed"] - replayed >= replays
+
+    try:
+        check()
+    finally:
+        collector.server_close()
+    assert c["rejected:replayed"] and c["rejected:bad_mac"] and c["rejected:not_signed"]
