@@ -242,9 +242,9 @@ class Collector:
                      ep.rcvbuf_granted, drops)
         s = self.settings
         if s.keys:
-            log.info("signed datagrams: %d key%s for %d sensors from %s (SIGHUP reloads it); unsigned "
+            log.info("signed datagrams: %d key%s for %d sensor%s from %s (SIGHUP reloads it); unsigned "
                      "datagrams are %s", len(self.keyring), "" if len(self.keyring) == 1 else "s",
-                     len(self._keyed), s.keys,
+                     len(self._keyed), "" if len(self._keyed) == 1 else "s", s.keys,
                      "rejected (--require-auth)" if s.require_auth else "accepted from sensors without a key")
         # One line naming everything, for whoever reads only the first lines of a log.
         log.info(
