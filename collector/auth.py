@@ -6,7 +6,7 @@ whose `tag` is HMAC-SHA-256(key, every byte before the tag), truncated to 16
 bytes (RFC 4868's HMAC-SHA-256-128).  The envelope sits at fixed offsets, so
 `verify` finds the body by slicing, authenticates before anything parses the
 body, and compares tags in constant time.  Replay protection from (boot, seq)
-is the tracker's job; docs/PROTOCOL.md ("Signed datagrams") is the contract,
+is collector/replay.py's job; docs/PROTOCOL.md ("Signed datagrams") is the contract,
 with a test vector.
 """
 
@@ -34,7 +34,7 @@ _KEY_LINE_RE = re.compile(r"\s*([^=\s]+)\s*=\s*([0-9A-Fa-f]+)\s*\Z")
 
 # Reasons a signed datagram is rejected before its body is decoded; the body
 # then gets wire.REASONS, and decode_signed adds "wrong_key" (a key used for
-# another sensor's id).  "replayed" is the tracker's verdict, not ours.
+# another sensor's id).  "replayed" is the replay window's verdict, not ours.
 REASONS = ("too_large", "not_signed", "bad_envelope", "unknown_key", "bad_mac", "wrong_key")
 
 _MAX_KEY_FILE_BYTES = 1 << 20  # ~10000 keys; a bigger file is a wrong path, not a key file
