@@ -20,34 +20,12 @@ from .server import Collector, Settings
 ENV = "TELEMETRY_COLLECTOR_"
 
 
-class SetupFailed(click.ClickException):
-    """An error an operator can act on: one line, exit code 2 (like a usage error)."""
-
-    exit_code = 2
-
-
 def _group(value) -> tuple[str, int | None]:
     return net.parse_group(config.string(value))
 
 
 def _host_port(value) -> tuple[str, int]:
     return config.parse_host_port(config.string(value), tuning.DEFAULT_UDP_PORT)
-
-
-class _ParserType(click.ParamType):
-    """A click type around one of our parsers, so flags and file values parse alike."""
-
-    def __init__(self, name: str, parse) -> None:
-        self.name = name
-        self._parse = parse
-
-    def convert(self, value, param, ctx):
-        if not isinstance(value, str):
-            return value
-        try:
-            return self._parse(value)
-        except (ValueError, TypeError, ConfigError) as exc:
-            self.fail(str(exc), param, ctx)
 
 
 SETTINGS = [
@@ -84,26 +62,26 @@ def _positive(kind):
 @click.option("--db", envvar=ENV + "DB", metavar="PATH",
               help=f"SQLite database file, created if missing.  [default: {tuning.DEFAULT_DB_PATH}]")
 @click.option("--listen", multiple=True, envvar=ENV + "LISTEN", metavar="HOST:PORT",
-              type=_ParserType("HOST:PORT", _host_port),
+              type=config.ParsedParam("HOST:PORT", _host_port),
               help=f"Unicast address to receive on; repeat for more; IPv6 as [::1]:PORT.  "
                    f"[default: 0.0.0.0:{tuning.DEFAULT_UDP_PORT}]")
 @click.option("--multicast", multiple=True, envvar=ENV + "MULTICAST", metavar="GROUP[:PORT]",
-              type=_ParserType("GROUP[:PORT]", _group),
+              type=config.ParsedParam("GROUP[:PORT]", _group),
               help="Multicast group to join (IPv4 or IPv6, [ff15::1]:PORT); repeat for more.  "
                    "The port defaults to the first --listen port.")
 @click.option("--multicast-interface", envvar=ENV + "MULTICAST_INTERFACE", metavar="ADDR|IFNAME",
               help="Interface to join groups on, by address or name.  [default: the kernel's route]")
 @click.option("--flush-interval", envvar=ENV + "FLUSH_INTERVAL", metavar="SECONDS",
-              type=_ParserType("SECONDS", _positive(float)),
+              type=config.ParsedParam("SECONDS", _positive(float)),
               help=f"Write a batch at least this often.  [default: {tuning.DEFAULT_FLUSH_INTERVAL_S}]")
 @click.option("--batch-size", envvar=ENV + "BATCH_SIZE", metavar="ROWS",
-              type=_ParserType("ROWS", _positive(int)),
+              type=config.ParsedParam("ROWS", _positive(int)),
               help=f"Write a batch when this many readings wait.  [default: {tuning.DEFAULT_BATCH_ROWS}]")
 @click.option("--rcvbuf", envvar=ENV + "RCVBUF", metavar="BYTES",
-              type=_ParserType("BYTES", _positive(int)),
+              type=config.ParsedParam("BYTES", _positive(int)),
               help=f"Socket receive buffer to ask for.  [default: {tuning.DEFAULT_RCVBUF_BYTES}]")
 @click.option("--status-interval", envvar=ENV + "STATUS_INTERVAL", metavar="SECONDS",
-              type=_ParserType("SECONDS", _positive(float)),
+              type=config.ParsedParam("SECONDS", _positive(float)),
               help=f"Log a status line this often.  [default: {tuning.DEFAULT_STATUS_INTERVAL_S:g}]")
 @click.option("--keys", envvar=ENV + "KEYS", metavar="FILE",
               help="Key file for signed datagrams: one 'key_id = hex' per line, not readable by others; "
@@ -151,7 +129,7 @@ def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int,
 
         collector = Collector(settings, notify=Notifier())
     except (ConfigError, SetupError) as exc:
-        raise SetupFailed(str(exc)) from None
+        raise config.SetupFailed(str(exc)) from None
     try:
         collector.install_signal_handlers()
         collector.log_start()

@@ -112,6 +112,28 @@ def _nearest(key: str, known: Iterable[str]) -> str | None:
     return found[0] if found else None
 
 
+class SetupFailed(click.ClickException):
+    """An error an operator can act on: one line, exit code 2 (like a usage error)."""
+
+    exit_code = 2
+
+
+class ParsedParam(click.ParamType):
+    """A click type around one of the parsers below, so flags and file values parse alike."""
+
+    def __init__(self, name: str, parse: Callable[[Any], Any]) -> None:
+        self.name = name
+        self._parse = parse
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            return self._parse(value)
+        except (ValueError, TypeError, ConfigError) as exc:
+            self.fail(str(exc), param, ctx)
+
+
 # Parsers shared by both daemons' settings.
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import click
 
 from collector import config, tuning
+from collector.config import SetupFailed
 from collector.errors import ConfigError, SetupError
 from collector.sdnotify import Notifier
 
@@ -170,10 +171,6 @@ class ServerSaidNo(click.ClickException):
 
 class CannotConnect(click.ClickException):
     exit_code = 3
-
-
-class SetupFailed(click.ClickException):
-    exit_code = 2
 
 
 _HINTS = {
@@ -521,23 +518,9 @@ SERVE_SETTINGS = [
 ]
 
 
-class _Parsed(click.ParamType):
-    def __init__(self, name: str, parse: Callable[[Any], Any]) -> None:
-        self.name = name
-        self._parse = parse
-
-    def convert(self, value, param, ctx):
-        if not isinstance(value, str):
-            return value
-        try:
-            return self._parse(value)
-        except (ValueError, TypeError) as exc:
-            self.fail(str(exc), param, ctx)
-
-
 def _serve_option(flag: str, metavar: str, help: str, parse: Callable[[Any], Any] | None = None) -> Callable:
     name = flag.lstrip("-").replace("-", "_").upper()
-    kind = _Parsed(metavar, parse) if parse else None
+    kind = config.ParsedParam(metavar, parse) if parse else None
     return click.option(flag, envvar=SERVE_ENV + name, metavar=metavar, type=kind, help=help)
 
 
