@@ -50,7 +50,7 @@ def build(path: str) -> None:
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
             os.remove(path + suffix)
-    open_writer(path).conn.close()  # schema v1, exactly as the collector creates it
+    open_writer(path).conn.close()  # the schema exactly as the collector creates it
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=DELETE")  # bulk load without a 400 MB WAL
     conn.execute("PRAGMA synchronous=OFF")
@@ -121,6 +121,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rebuild or not os.path.exists(args.db):
         build(args.db)
+    else:
+        open_writer(args.db).conn.close()  # a cached database from an older schema is migrated
     n = args.requests
     rng = random.Random(2)
     direct = open_reader(args.db)
