@@ -166,7 +166,7 @@ Example:
 \b
   sensor-sim --target 127.0.0.1:4739 --sensors 100 --rate 2 --duration 60 --loss 0.05 --report truth.json
   SENSOR_SIM_KEY=$(cat sim.key) sensor-sim --target 127.0.0.1:4739 --sensors 3 --count 10
-  sensor-sim --target 127.0.0.1:4739 --sensors 3 --keys /etc/telemetry/keys --key-id '{{sensor}}@2026'
+  sensor-sim --target 127.0.0.1:4739 --sensors 3 --keys /etc/gateway-telemetry/keys --key-id '{{sensor}}@2026'
 """
 
 
