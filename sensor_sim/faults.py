@@ -109,7 +109,7 @@ class Truth:
     """Ground truth of one sensor: what was generated, dropped, and actually sent."""
 
     __slots__ = ("boot", "first_seq", "generated", "dropped", "duplicated", "reordered",
-                 "send_failed", "_highest")
+                 "reordered_copies", "send_failed", "_highest")
 
     def __init__(self, boot: int | None, first_seq: int) -> None:
         self.boot = boot
@@ -118,6 +118,9 @@ class Truth:
         self.dropped: list[int] = []
         self.duplicated: list[int] = []
         self.reordered = 0
+        # Second copies among the reordered: a receiver calls such a copy a
+        # duplicate, not reordered, so it needs them apart to be exact.
+        self.reordered_copies = 0
         self.send_failed: list[int] = []
         self._highest = -1  # highest idx sent so far
 
@@ -128,6 +131,7 @@ class Truth:
         """Record a datagram that reached the network (at least one sendto succeeded)."""
         if idx < self._highest:
             self.reordered += 1
+            self.reordered_copies += copy
         else:
             self._highest = idx
         if copy:
@@ -141,5 +145,6 @@ class Truth:
             "dropped": self.dropped,
             "duplicated": self.duplicated,
             "reordered": self.reordered,
+            "reordered_copies": self.reordered_copies,
             "send_failed": self.send_failed,
         }

@@ -100,6 +100,7 @@ def test_truth_counts_datagrams_sent_after_a_higher_idx():
     for idx, copy in [(0, False), (2, False), (1, False), (1, True), (3, False), (2, True)]:
         t.sent(idx, copy)
     assert t.reordered == 3  # 1, its copy, and the late copy of 2
+    assert t.reordered_copies == 2  # the two copies among them
     assert t.duplicated == [2**32 - 1, 0]  # seqs, wrapped
     assert t.seq(3) == 1
 
