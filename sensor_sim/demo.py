@@ -170,10 +170,12 @@ class Demo:
         step("ground truth", "what the simulators did on purpose, against what the collector worked out")
         lost = sum(s["lost"] for s in sensors)
         dups = sum(s["duplicates"] for s in sensors)
+        late = sum(s["reordered"] for s in sensors)
         rows = [
             ("datagrams that reached the wire", truth["sent"], stats.get("received")),
             ("dropped between first and last seq", truth["lost"], lost),
             ("sent twice", truth["duplicates"], dups),
+            ("sent after a higher seq", truth["reordered"], late),
         ]
         width = max(len(r[0]) for r in rows)
         click.echo(f"  {'':{width}}  {'simulator':>9}  {'collector':>9}")
@@ -207,7 +209,7 @@ class Demo:
 
 def _ground_truth(*reports: Path) -> dict[str, int]:
     """Totals from sensor-sim reports: sent, lost as the collector can see it, duplicates."""
-    sent = lost = dups = 0
+    sent = lost = dups = reordered = 0
     for path in reports:
         report = json.loads(path.read_text())
         sent += report["datagrams_sent"]
@@ -220,7 +222,9 @@ def _ground_truth(*reports: Path) -> dict[str, int]:
                 lo, hi = delivered[0], delivered[-1]
                 lost += sum(1 for i in range(lo, hi + 1) if (first + i) % 2**32 in dropped)
             dups += len(info["duplicated"])
-    return {"sent": sent, "delivered": sent, "lost": lost, "duplicates": dups}
+            # A reordered second copy is a duplicate to the collector, not reordered.
+            reordered += info["reordered"] - info["reordered_copies"]
+    return {"sent": sent, "delivered": sent, "lost": lost, "duplicates": dups, "reordered": reordered}
 
 
 class _Steps:
