@@ -1,7 +1,11 @@
-"""Helpers for tests: waiting on conditions with a deadline, never fixed sleeps."""
+"""Helpers for tests: waiting on conditions with a deadline (never fixed sleeps),
+reading a database the way an operator would, and a loopback UDP receiver."""
 
 from __future__ import annotations
 
+import socket
+import sqlite3
+import threading
 import time
 
 
@@ -15,3 +19,64 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def db_query(db_path: str, sql: str, *params) -> list[tuple]:
+    """Run one read on its own connection (closed again: no lock outlives the call)."""
+    conn = sqlite3.connect(db_path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def db_counters(db_path: str) -> dict:
+    return dict(db_query(db_path, "SELECT name, value FROM counters"))
+
+
+class Receiver:
+    """A UDP socket on loopback (port 0) drained by a thread: the raw bytes, in arrival order.
+
+    `group` joins an IPv4 multicast group on 127.0.0.1 instead.
+    """
+
+    def __init__(self, family: int = socket.AF_INET, host: str = "127.0.0.1",
+                 group: str | None = None) -> None:
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        # Room for a whole test's traffic even if the thread is slow to run.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind((group or host, 0))
+        if group:
+            mreq = socket.inet_aton(group) + socket.inet_aton("127.0.0.1")
+            self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+        self.port = self.sock.getsockname()[1]
+        self.target = f"[{host}]:{self.port}" if family == socket.AF_INET6 else f"{group or host}:{self.port}"
+        self.raw: list[bytes] = []
+        self.sock.settimeout(0.02)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="test-receiver")
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.raw.append(self.sock.recv(65535))
+            except TimeoutError:
+                pass
+
+    def __enter__(self) -> "Receiver":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+    def datagrams(self):
+        from collector.wire import decode
+
+        return [decode(d) for d in list(self.raw)]
+
+    def wait(self, n: int) -> list[bytes]:
+        wait_for(lambda: len(self.raw) >= n, 10, what=f"{n} datagrams (got {len(self.raw)})")
+        return list(self.raw)

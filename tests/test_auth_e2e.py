@@ -22,7 +22,7 @@ from collector import auth, wire
 from collector.errors import ConfigError
 from collector.schema import REJECT_REASONS, open_reader
 from collector.server import Collector, Settings
-from helpers import wait_for
+from helpers import Receiver, db_counters, db_query, wait_for
 from query.ops import Ops
 from sensor_sim import Sensor
 
@@ -30,41 +30,6 @@ KEY = bytes(range(32))
 KEY_HEX = KEY.hex()
 KEY2_HEX = "6b0e4c2f8a3d91e7c5b2f4a8d6e1093c7f2a5b8e0d4c6f1a3b9e7d2c5f8a0b4e"
 KEY2 = bytes.fromhex(KEY2_HEX)
-
-
-class Receiver:
-    """A UDP socket on 127.0.0.1 (port 0) drained by a thread: the raw bytes, in order."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.target = f"127.0.0.1:{self.port}"
-        self.raw: list[bytes] = []
-        self.sock.settimeout(0.02)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="test-receiver")
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.raw.append(self.sock.recv(65535))
-            except TimeoutError:
-                pass
-
-    def __enter__(self) -> Receiver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
-
-    def wait(self, n: int) -> list[bytes]:
-        wait_for(lambda: len(self.raw) >= n, 10, what=f"{n} datagrams (got {len(self.raw)})")
-        return list(self.raw)
 
 
 def write_keys(path, mode: int = 0o600, **keys: str):
@@ -223,18 +188,6 @@ def running(db_path: str, **overrides):
         collector.shutdown()
         thread.join(10)
         collector.server_close()
-
-
-def db_query(db_path, sql, *params):
-    conn = sqlite3.connect(db_path)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
-def db_counters(db_path) -> dict:
-    return dict(db_query(db_path, "SELECT name, value FROM counters"))
 
 
 def signed(sensor: str, seq: int, boot: int = 1, key: bytes = KEY, key_id: str | None = None,

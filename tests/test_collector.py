@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import sqlite3
 import threading
 from contextlib import contextmanager
 
@@ -15,7 +14,7 @@ from collector import wire
 from collector.errors import SetupError
 from collector.schema import REJECT_REASONS
 from collector.server import Collector, Settings
-from helpers import wait_for
+from helpers import db_counters as counters, db_query as query, wait_for
 
 
 @contextmanager
@@ -32,18 +31,6 @@ def running(db_path: str, **overrides):
         collector.shutdown()
         thread.join(10)
         collector.server_close()
-
-
-def query(db_path, sql, *params):
-    conn = sqlite3.connect(db_path)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
-def counters(db_path) -> dict:
-    return {k: v for k, v in query(db_path, "SELECT name, value FROM counters")}
 
 
 def sender(family=socket.AF_INET) -> socket.socket:

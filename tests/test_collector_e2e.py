@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import wait_for
+from helpers import db_query as query, wait_for
 
 MASK = 0xFFFFFFFF
 METRICS = 3  # sensor-sim's default metrics: temp, hum, battery
@@ -109,14 +109,6 @@ def sim(bin_path, tmp_path):
         return json.loads(report.read_text())
 
     return run
-
-
-def query(db, sql, *params):
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def query_dict(db, sql):

@@ -15,55 +15,11 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from collector.wire import decode
-from helpers import wait_for
+from helpers import Receiver
 from sensor_sim import DEFAULT_UDP_PORT, Sensor
 from sensor_sim.signals import DEFAULT_METRICS
 
 MCAST_GROUP = "239.255.77.1"
-
-
-class Receiver:
-    """A UDP socket on loopback (port 0) drained by a thread; `datagrams()` decodes what arrived."""
-
-    def __init__(self, family: int = socket.AF_INET, host: str = "127.0.0.1",
-                 group: str | None = None) -> None:
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        # Room for a whole test's traffic even if the thread is slow to run.
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.bind((group or host, 0))
-        if group:
-            mreq = socket.inet_aton(group) + socket.inet_aton("127.0.0.1")
-            self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
-        self.port = self.sock.getsockname()[1]
-        self.target = f"[{host}]:{self.port}" if family == socket.AF_INET6 else \
-            f"{group or host}:{self.port}"
-        self.raw: list[bytes] = []
-        self.sock.settimeout(0.02)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="test-receiver")
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.raw.append(self.sock.recv(65535))
-            except TimeoutError:
-                pass
-
-    def __enter__(self) -> Receiver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
-
-    def datagrams(self):
-        return [decode(d) for d in list(self.raw)]
-
-    def wait(self, n: int) -> None:
-        wait_for(lambda: len(self.raw) >= n, 10, what=f"{n} datagrams (got {len(self.raw)})")
 
 
 def sim(bin_path, tmp_path, *args: str, check: bool = True):

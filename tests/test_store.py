@@ -10,6 +10,7 @@ import pytest
 from collector import schema
 from collector.sequence import Duplicate, Gap, Late
 from collector.store import BatchWriter
+from helpers import db_query as rows
 
 
 def feed(writer: BatchWriter, sensor: str, boot, seq: int, now: float, readings=None):
@@ -28,14 +29,6 @@ def feed(writer: BatchWriter, sensor: str, boot, seq: int, now: float, readings=
     state.readings += len(readings)
     writer.pending_datagrams += 1
     return event
-
-
-def rows(path, sql, *params):
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def test_flush_writes_readings_sensors_gaps_and_counters_together(db_path):
