@@ -45,6 +45,18 @@ def _boot(value: int) -> int | None:
     return None if value == NO_BOOT else value
 
 
+def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """'WHERE a = ? AND b >= ?' and its parameters, for the conditions whose value is given.
+
+    The SQL fragments are constants of this module; only values travel as
+    parameters, so nothing a client sends ever becomes SQL text.
+    """
+    used = [(sql, value) for sql, value in conditions if value is not None]
+    if not used:
+        return "", []
+    return "WHERE " + " AND ".join(sql for sql, _ in used), [value for _, value in used]
+
+
 def _count(value: Any) -> int:
     return int(value or 0)
 
@@ -99,7 +111,7 @@ class Ops:
         return ping()
 
     def op_sensors(self, sensor: str | None = None) -> list[dict[str, Any]]:
-        where, args = ("WHERE sensor = ?", [sensor]) if sensor is not None else ("", [])
+        where, args = _where(("sensor = ?", sensor))
         rows = self._capped(
             "SELECT sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts"
             f" FROM sensors {where} ORDER BY sensor",
@@ -118,14 +130,7 @@ class Ops:
         ]
 
     def op_latest(self, sensor: str | None = None, metric: str | None = None) -> list[dict[str, Any]]:
-        conds, args = [], []
-        if sensor is not None:
-            conds.append("s.sensor = ?")
-            args.append(sensor)
-        if metric is not None:
-            conds.append("s.metric = ?")
-            args.append(metric)
-        where = ("WHERE " + " AND ".join(conds)) if conds else ""
+        where, args = _where(("s.sensor = ?", sensor), ("s.metric = ?", metric))
         # max(ts) per series is one B-tree descent (min/max optimisation on the
         # primary key); the join then reads the rows at that (series, ts).
         # Several readings may share the newest ts: the last in key order
@@ -254,18 +259,12 @@ class Ops:
                 f"parameter 'bucket' too small for the range: {spans} buckets, at most {self.limits.max_buckets}"
                 " (widen 'bucket' or narrow 'since'/'until')",
             )
-        conds, args = ["series = ?"], [sid]
-        if since is not None:
-            conds.append("ts >= ?")
-            args.append(since)
-        if until is not None:
-            conds.append("ts < ?")
-            args.append(until)
+        where, args = _where(("series = ?", sid), ("ts >= ?", since), ("ts < ?", until))
         # floor(), not CAST: CAST truncates toward zero and would fold
         # [-bucket, 0) into bucket 0.
         rows = self._all(
             "SELECT CAST(floor(ts / ?) AS INTEGER) AS k, count(*), min(value), max(value), sum(value)"
-            f" FROM readings WHERE {' AND '.join(conds)} GROUP BY k ORDER BY k",
+            f" FROM readings {where} GROUP BY k ORDER BY k",
             [bucket, *args],
         )
         return [
@@ -276,17 +275,7 @@ class Ops:
     def op_gaps(
         self, sensor: str | None = None, since: float | None = None, until: float | None = None
     ) -> list[dict[str, Any]]:
-        conds, args = [], []
-        if sensor is not None:
-            conds.append("sensor = ?")
-            args.append(sensor)
-        if since is not None:
-            conds.append("detected_at >= ?")
-            args.append(since)
-        if until is not None:
-            conds.append("detected_at < ?")
-            args.append(until)
-        where = ("WHERE " + " AND ".join(conds)) if conds else ""
+        where, args = _where(("sensor = ?", sensor), ("detected_at >= ?", since), ("detected_at < ?", until))
         rows = self._capped(
             f"SELECT sensor, boot, first_seq, last_seq, missing, detected_at FROM gaps {where}"
             " ORDER BY detected_at, sensor, stream, first_seq",
