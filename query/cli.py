@@ -114,11 +114,18 @@ def human_time(value: float | None) -> str:
 TIME_FIELDS = {"ts", "first_seen", "last_seen", "start", "detected_at", "last_flush"}
 
 
-def _flatten(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """A single object (ping, stats) as key/value rows; nested objects as key.sub."""
+def _flatten(result: dict[str, Any], human: bool = False) -> list[dict[str, Any]]:
+    """A single object (ping, stats) as key/value rows; nested objects as key.sub.
+
+    For a person (`human`), counts by reason (stats' `rejected`) become their
+    total and the reasons that happened; CSV keeps every key for scripts.
+    """
     rows = []
     for key, value in result.items():
         if isinstance(value, dict):
+            if human and all(type(v) in (int, float) for v in value.values()):
+                rows.append({"key": key, "value": sum(value.values())})
+                value = {k: v for k, v in value.items() if v}
             rows += [{"key": f"{key}.{k}", "value": v} for k, v in value.items()]
         else:
             rows.append({"key": key, "value": value})
@@ -265,7 +272,7 @@ class _Session:
             return
         if self.fmt == "table":
             result = {k: human_time(v) if k in TIME_FIELDS and v is not None else v for k, v in result.items()}
-        self.echo(_flatten(result), ["key", "value"])
+        self.echo(_flatten(result, human=self.fmt == "table"), ["key", "value"])
 
     def close(self) -> None:
         if self._client is not None:

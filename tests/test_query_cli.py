@@ -17,6 +17,7 @@ from click.testing import CliRunner
 import test_query_fixtures as fx
 from test_query_fixtures import GAPS, SENSORS, T0, expected_rows, running_server
 
+from collector.schema import REJECT_REASONS
 from query.cli import build_server, main
 from query.client import QueryClient
 
@@ -131,6 +132,12 @@ def test_aggregate_gaps_stats(live):
     stats = cli(["stats"], env).stdout
     assert re.search(r"^last_flush\s+2023-11-14T23:03:20\.500Z$", stats, re.M)
     assert re.search(r"^rejected\.bad_id\s+2$", stats, re.M)
+    # A person sees the total and the reasons that happened; CSV keeps every reason.
+    rejected_rows = re.findall(r"^(rejected\S*)\s+(\d+)$", stats, re.M)
+    assert rejected_rows == [("rejected", "9"), ("rejected.not_msgpack", "6"), ("rejected.bad_id", "2"),
+                             ("rejected.something_new", "1")]
+    csv_keys = [row["key"] for row in csv.DictReader(io.StringIO(cli(["--format", "csv", "stats"], env).stdout))]
+    assert {k for k in csv_keys if k.startswith("rejected.")} == {f"rejected.{r}" for r in (*REJECT_REASONS, "something_new")}
     assert json.loads(cli(["--format", "json", "stats"], env).stdout)["rejected"]["not_msgpack"] == 6
 
 
