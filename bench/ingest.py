@@ -11,6 +11,7 @@ collector's peak RSS (VmHWM).  Every step is bounded in count and time.
 
     .venv/bin/python bench/ingest.py                 # the search, ~1-2 minutes
     .venv/bin/python bench/ingest.py --compare-insert  # executemany vs sqlite-utils insert_all
+    .venv/bin/python bench/ingest.py --signed --skip-bare  # HMAC-signed datagrams, --require-auth
 """
 
 from __future__ import annotations
@@ -56,12 +57,28 @@ def datagram_prefixes(sensors: int) -> list[bytes]:
     return out
 
 
-def send(target: str, rate: float, count: int, sensors: int, max_seconds: float) -> None:
+# One key for every bench sensor, each under its own key id (the sensor id).
+BENCH_KEY = bytes(range(32))
+
+
+def key_file(path: Path, sensors: int) -> Path:
+    path.write_text("".join(f"bench-{i:04d} = {BENCH_KEY.hex()}\n" for i in range(sensors)))
+    path.chmod(0o600)
+    return path
+
+
+def send(target: str, rate: float, count: int, sensors: int, max_seconds: float, signed: bool = False) -> None:
     host, port = target.rsplit(":", 1)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.connect((host, int(port)))
     prefixes = datagram_prefixes(sensors)
     pack = struct.Struct(">I").pack
+    if signed:
+        sys.path.insert(0, str(ROOT))
+        from collector.auth import sign
+
+        ids = [f"bench-{i:04d}" for i in range(sensors)]
+    send_ = sock.send
     send_ = sock.send
     sent = failed = 0
     start = time.perf_counter()
@@ -77,8 +94,12 @@ def send(target: str, rate: float, count: int, sensors: int, max_seconds: float)
         elif now > deadline:
             break
         for j in range(i, min(i + chunk, count)):
+            k = j % sensors
+            data = prefixes[k] + pack(j // sensors)
+            if signed:
+                data = sign(data, ids[k], BENCH_KEY)
             try:
-                send_(prefixes[j % sensors] + pack(j // sensors))
+                send_(data)
                 sent += 1
             except OSError:
                 failed += 1
@@ -120,10 +141,12 @@ def bare_recv(port_file: str, rcvbuf: int, idle: float) -> None:
 # --- one step --------------------------------------------------------------------------------
 
 
-def run_sender(port: int, rate: float, seconds: float, sensors: int, core: int | None) -> dict:
+def run_sender(port: int, rate: float, seconds: float, sensors: int, core: int | None, signed: bool = False) -> dict:
     count = int(rate * seconds)
     cmd = [*taskset(core), sys.executable, __file__, "--_send", f"127.0.0.1:{port}", "--_rate", str(rate),
            "--_count", str(count), "--sensors", str(sensors), "--_max-seconds", str(seconds * 3 + 5)]
+    if signed:
+        cmd.append("--signed")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 4 + 30, check=True)
     return json.loads(out.stdout)
 
@@ -135,6 +158,8 @@ def step_collector(rate, args, workdir) -> dict:
         cmd = [*taskset(args.collector_core), str(BIN / "telemetry-collector"), "--db", str(db),
                "--listen", "127.0.0.1:0", "--status-interval", "3600", "--flush-interval", str(args.flush_interval),
                "--batch-size", str(args.batch_size)]
+        if args.signed:
+            cmd += ["--keys", str(key_file(Path(workdir) / "keys", args.sensors)), "--require-auth"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logf)
         try:
             port = None
@@ -145,7 +170,7 @@ def step_collector(rate, args, workdir) -> dict:
                 time.sleep(0.02)
             if port is None:
                 raise RuntimeError(f"collector did not start: {log.read_text()}")
-            sent = run_sender(port, rate, args.seconds, args.sensors, args.sender_core)
+            sent = run_sender(port, rate, args.seconds, args.sensors, args.sender_core, args.signed)
             # Wait until the collector has read everything (received stops growing).
             last, still = -1, 0
             deadline = time.monotonic() + 30
@@ -189,7 +214,7 @@ def step_bare(rate, args, workdir) -> dict:
             proc.kill()
             raise RuntimeError("bare receiver did not start")
         time.sleep(0.01)
-    sent = run_sender(int(port_file.read_text()), rate, args.seconds, args.sensors, args.sender_core)
+    sent = run_sender(int(port_file.read_text()), rate, args.seconds, args.sensors, args.sender_core, args.signed)
     out, _ = proc.communicate(timeout=60)
     received = json.loads(out)["received"]
     return {"rate": rate, "sent": sent["sent"], "send_elapsed": sent["elapsed"], "received": received,
@@ -317,6 +342,7 @@ def main() -> None:
     p.add_argument("--skip-bare", action="store_true")
     p.add_argument("--skip-collector", action="store_true")
     p.add_argument("--compare-insert", action="store_true")
+    p.add_argument("--signed", action="store_true", help="HMAC-signed datagrams; the collector runs --require-auth")
     p.add_argument("--_send")
     p.add_argument("--_rate", type=float)
     p.add_argument("--_count", type=int)
@@ -325,7 +351,7 @@ def main() -> None:
     p.add_argument("--_rcvbuf", type=int, default=8 * 1024 * 1024)
     args = p.parse_args()
     if args._send:
-        send(args._send, args._rate, args._count, args.sensors, args._max_seconds)
+        send(args._send, args._rate, args._count, args.sensors, args._max_seconds, args.signed)
         return
     if args._bare:
         bare_recv(args._bare, args._rcvbuf, idle=1.0)
@@ -337,7 +363,7 @@ def main() -> None:
         args.collector_core = args.sender_core = None
     with tempfile.TemporaryDirectory() as workdir:
         print(f"collector on core {args.collector_core}, sender on core {args.sender_core}, "
-              f"{args.sensors} sensors, 2 readings/datagram, {args.seconds:g} s per step")
+              f"{args.sensors} sensors, 2 readings/datagram{', signed' if args.signed else ''}, {args.seconds:g} s per step")
         best = None
         if not args.skip_collector:
             best, _ = search(step_collector, args, workdir, "collector")
