@@ -175,6 +175,10 @@ def load_keys(path: str | os.PathLike) -> dict[str, bytes]:
             if size > _MAX_KEY_FILE_BYTES:
                 raise ConfigError(f"key file {path}: over {_MAX_KEY_FILE_BYTES} bytes")
         raw = b"".join(chunks)
+    except OSError as exc:
+        # A read error (EIO on failing flash) is the file's fault like any
+        # other: at start one line and exit 2, on SIGHUP the old keys stay.
+        raise ConfigError(f"key file {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
     try:

@@ -310,3 +310,11 @@ def test_fuzz_mutated_signed_datagrams_never_verify():
     assert sum(tally.values()) == 20_000
     assert set(tally) <= ALL_REASONS | {"unchanged"}
     assert tally["bad_mac"] > 1000
+
+
+def test_load_keys_turns_a_read_error_into_a_config_error():
+    # /proc/self/mem is a regular file of mode 0600 owned by us whose read at
+    # offset 0 fails with EIO: a real read error (a failing flash page) with
+    # no mock.  An OSError escaping here would kill the collector on SIGHUP.
+    with pytest.raises(ConfigError, match="key file /proc/self/mem: Input/output error"):
+        load_keys("/proc/self/mem")

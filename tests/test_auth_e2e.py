@@ -536,3 +536,18 @@ def test_any_mix_of_signed_forged_replayed_and_junk_is_accounted_exactly_once(tm
     finally:
         collector.server_close()
     assert c["rejected:replayed"] and c["rejected:bad_mac"] and c["rejected:not_signed"]
+
+
+def test_a_key_file_that_fails_to_read_on_reload_keeps_the_old_keys(db_path, tmp_path, caplog):
+    keys = write_keys(tmp_path / "keys", s1=KEY_HEX)
+    link = tmp_path / "keys-link"
+    link.symlink_to(keys)
+    collector = Collector(Settings(db=db_path, listen=(("127.0.0.1", 0),), keys=str(link)))
+    try:
+        link.unlink()
+        link.symlink_to("/proc/self/mem")  # a regular 0600 file whose read fails with EIO
+        assert collector.reload_keys() is False
+        assert set(collector.keyring) == {"s1"}
+        assert sum("keys not reloaded" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        collector.server_close()
