@@ -93,6 +93,15 @@ class Collector:
         self.clock = clock
         self.endpoints: list[net.Endpoint] = []
         self.store: BatchWriter | None = None
+        # Signed datagrams: the key set, swapped whole on reload, and the
+        # sensor ids it has keys for (their plain datagrams are not_signed).
+        # Checked before anything is opened, so a refusal leaks nothing.
+        self.keyring: dict[str, bytes] = {}
+        self._keyed: frozenset[str] = frozenset()
+        if settings.require_auth and not settings.keys:
+            raise ConfigError("--require-auth needs --keys FILE: without keys every datagram would be rejected")
+        if settings.keys:
+            self._set_keys(auth.load_keys(settings.keys))  # ConfigError before anything is bound
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -105,15 +114,7 @@ class Collector:
         self._now = 0.0  # the clock at the last drain
         self._sources: list[_Source] = []
         self._reject_next_log = dict.fromkeys(REJECT_REASONS, 0.0)
-        # Signed datagrams: the key set, swapped whole on reload, and the
-        # sensor ids it has keys for (their plain datagrams are not_signed).
-        self.keyring: dict[str, bytes] = {}
-        self._keyed: frozenset[str] = frozenset()
         self._reload_requested = False
-        if settings.require_auth and not settings.keys:
-            raise ConfigError("--require-auth needs --keys FILE: without keys every datagram would be rejected")
-        if settings.keys:
-            self._set_keys(auth.load_keys(settings.keys))  # ConfigError before anything is bound
         try:
             self._bind()
             self.store = BatchWriter(settings.db, max_backlog_rows=settings.max_backlog_rows,

@@ -372,3 +372,24 @@ def test_any_bytes_are_accounted_exactly_once_and_never_hit_a_bug(tmp_path):
         check()
     finally:
         collector.server_close()
+
+
+def _open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_settings_refused_before_binding_leave_no_socket_open(db_path, tmp_path):
+    from collector.errors import ConfigError
+
+    before = _open_fds()
+    # pytest.raises keeps the traceback, and with it the half-built Collector:
+    # anything it left open is still open when we count.
+    with pytest.raises(ConfigError, match="--require-auth needs --keys") as info:
+        Collector(Settings(db=db_path, listen=(("127.0.0.1", 0),), require_auth=True))
+    assert _open_fds() == before
+    with pytest.raises(ConfigError, match="No such file") as info:
+        Collector(Settings(db=db_path, listen=(("127.0.0.1", 0),), keys=str(tmp_path / "absent")))
+    assert _open_fds() == before
+    del info
