@@ -258,12 +258,16 @@ def _join_error(exc: OSError, group: str, interface: Interface) -> SetupError:
 # --- sockets -------------------------------------------------------------------------------
 
 
-def _new_socket(family: int) -> socket.socket:
+def _udp_socket(family: int) -> socket.socket:
     try:
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        return socket.socket(family, socket.SOCK_DGRAM)
     except OSError as exc:
         kind = "IPv6" if family == socket.AF_INET6 else "IPv4"
         raise SetupError(f"cannot create an {kind} UDP socket: {exc.strerror}") from None
+
+
+def _new_socket(family: int) -> socket.socket:
+    sock = _udp_socket(family)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
         # [::]:P must not also take 0.0.0.0:P: an IPv4 listener may want it.
@@ -292,7 +296,7 @@ def _probe_unused(family: int, sockaddr: tuple, label: str, port: int) -> None:
     them: a second collector would silently take half the traffic.  A bind
     without SO_REUSEADDR conflicts with any holder, so it answers "in use?".
     """
-    probe = socket.socket(family, socket.SOCK_DGRAM)
+    probe = _udp_socket(family)  # IPv6 compiled out (EAFNOSUPPORT) shows here first
     try:
         if family == socket.AF_INET6:
             probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -204,3 +204,41 @@ def test_constants_have_linux_values():
     assert tuning.SO_RXQ_OVFL == 40 and tuning.IP_MULTICAST_ALL == 49 and tuning.SO_RCVBUFFORCE == 33
     if hasattr(socket, "IP_MULTICAST_ALL"):
         assert socket.IP_MULTICAST_ALL == tuning.IP_MULTICAST_ALL
+
+
+@pytest.fixture
+def no_free_fd():
+    """Every file descriptor below a lowered RLIMIT_NOFILE taken: socket() fails (EMFILE).
+
+    A real kernel refusal standing in for the one a gateway with IPv6
+    compiled out gives for `--listen [::]:4739` (EAFNOSUPPORT)."""
+    import errno
+    import os
+    import resource
+
+    socket.getaddrinfo("127.0.0.1", 0)  # imports the idna codec while a file can still be opened
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 16
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    held = []
+    try:
+        while True:
+            try:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+                break
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_socket_the_kernel_refuses_is_a_setup_error_with_a_fixed_port_too(no_free_fd):
+    # With a fixed port the probe for another holder runs first; its socket
+    # must fail as readably as the listener's own (port 0 skips the probe).
+    with pytest.raises(SetupError, match="cannot create an IPv4 UDP socket: Too many open files"):
+        net.open_unicast("127.0.0.1", 0)
+    with pytest.raises(SetupError, match="cannot create an IPv4 UDP socket: Too many open files"):
+        net.open_unicast("127.0.0.1", tuning.DEFAULT_UDP_PORT)
