@@ -17,6 +17,7 @@ signal-safe, via a wake-up socketpair), port 0 read back in `server_address`.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import selectors
 import socket
@@ -83,12 +84,15 @@ def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSL
     def no_passphrase() -> bytes:
         raise SetupError(f"private key {key} is encrypted: give an unencrypted key readable only by this service")
 
+    # ssl's OSError carries no filename: find which of the two it was.
     try:
         ctx.load_cert_chain(cert, key, password=no_passphrase)
     except FileNotFoundError as exc:
-        raise SetupError(f"cannot read {exc.filename}: no such file (check --cert/--key)") from None
+        missing = exc.filename or next((p for p in (cert, key) if not os.path.exists(p)), f"{cert} or {key}")
+        raise SetupError(f"cannot read {missing}: no such file (check --cert/--key)") from None
     except PermissionError as exc:
-        raise SetupError(f"cannot read {exc.filename}: permission denied (the service user must read it)") from None
+        denied = exc.filename or next((p for p in (cert, key) if not os.access(p, os.R_OK)), f"{cert} or {key}")
+        raise SetupError(f"cannot read {denied}: permission denied (the service user must read it)") from None
     except ssl.SSLError as exc:
         # Never include key material; OpenSSL's reason is enough.
         raise SetupError(f"cannot load --cert {cert} / --key {key}: {exc.reason or 'not a PEM certificate and matching key'}") from None

@@ -311,6 +311,11 @@ def test_serve_bad_settings_are_one_line_exit_2(tls, tmp_path, config_text, env,
 def test_serve_setup_errors_are_one_line_exit_2(known_db, tls, tmp_path):
     assert "cannot read" in serve_error(["--db", known_db, "--cert", "/nonexistent.pem", "--key", tls.server_key])
     assert "cannot load" in serve_error(["--db", known_db, "--cert", tls.server_key, "--key", tls.server_key])
+    # The missing file is named (ssl's FileNotFoundError carries no filename of its own).
+    assert "cannot read /nonexistent.pem: no such file" in serve_error(
+        ["--db", known_db, "--cert", "/nonexistent.pem", "--key", tls.server_key])
+    assert "cannot read /nonexistent.key: no such file" in serve_error(
+        ["--db", known_db, "--cert", tls.server_cert, "--key", "/nonexistent.key"])
     assert "read-only" in serve_error(["--db", str(tmp_path / "none.db"), "--cert", tls.server_cert,
                                        "--key", tls.server_key, "--listen", "127.0.0.1:0"])
     import socket
