@@ -151,6 +151,7 @@ def main() -> None:
 
         telemetry-certs init /etc/gateway-telemetry/tls --dns gw1.example.net --ip 192.0.2.10
         telemetry-certs client /etc/gateway-telemetry/tls alice
+        telemetry-certs server /etc/gateway-telemetry/tls --dns gw1.example.net --ip 192.0.2.10
     """
 
 
@@ -179,6 +180,28 @@ def init(directory: Path, dns: tuple[str, ...], ip: tuple[str, ...], days: int, 
     make_ca(directory)
     issue(directory, "server", (dns or ip)[0], server=True, dns=dns, ips=ip, days=days)
     click.echo(f"wrote {directory}/ca.pem, ca.key, server.pem, server.key", err=True)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--dns", multiple=True, help="DNS name of the gateway (repeatable).")
+@click.option("--ip", multiple=True, callback=_check_ips, help="IP address of the gateway (repeatable).")
+@click.option("--days", type=click.IntRange(1, 3650), default=SERVER_DAYS, show_default=True,
+              help="Server certificate lifetime.")
+def server(directory: Path, dns: tuple[str, ...], ip: tuple[str, ...], days: int) -> None:
+    """Renew the server certificate: a new server.pem/server.key from the CA in DIRECTORY.
+
+    The CA stays, so clients need nothing new.  Give the same --dns and --ip
+    as at `init` (or new ones); server.key is written 0600 again.
+
+    Example:
+
+        telemetry-certs server ./tls --dns localhost --ip 127.0.0.1 --ip ::1
+    """
+    if not dns and not ip:
+        raise click.UsageError("name the gateway with at least one --dns or --ip (clients verify it)")
+    cert_path, key_path = issue(directory, "server", (dns or ip)[0], server=True, dns=dns, ips=ip, days=days)
+    click.echo(f"wrote {cert_path}, {key_path}", err=True)
 
 
 @main.command()

@@ -103,3 +103,20 @@ def test_usage_errors_are_one_line(tmp_path):
 def test_init_refuses_to_replace_a_ca_by_accident(tls_dir, tmp_path):
     result = make(tmp_path, "init", tls_dir, "--dns", "localhost")
     assert result.exit_code == 1 and "use --force" in result.output
+
+
+def test_server_renews_the_server_certificate_under_the_same_ca(tls_dir, tmp_path):
+    old = x509.load_pem_x509_certificate((tls_dir / "server.pem").read_bytes())
+    ca_before = (tls_dir / "ca.pem").read_bytes()
+    result = make(tmp_path, "server", tls_dir, "--dns", "localhost", "--ip", "127.0.0.1", "--days", "30")
+    assert result.exit_code == 0, result.output
+    new = x509.load_pem_x509_certificate((tls_dir / "server.pem").read_bytes())
+    assert new.serial_number != old.serial_number
+    assert new.not_valid_after_utc - new.not_valid_before_utc == datetime.timedelta(days=30)
+    assert (tls_dir / "ca.pem").read_bytes() == ca_before
+    assert stat.S_IMODE((tls_dir / "server.key").stat().st_mode) == 0o600
+    assert handshake(tls_dir, "alice") == "alice"  # the old client certificate still works
+    result = make(tmp_path, "server", tls_dir)
+    assert result.exit_code == 2 and "at least one --dns or --ip" in result.output
+    result = make(tmp_path, "server", tmp_path / "empty", "--dns", "localhost")
+    assert result.exit_code == 1 and "create the CA first" in result.output
