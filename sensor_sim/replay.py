@@ -58,7 +58,13 @@ def _rows_csv(lines: list[str]):
     if missing:
         raise ValueError(f"line 1: CSV header must name {', '.join(COLUMNS)}; "
                          f"missing {', '.join(missing)}")
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
+            raise ValueError(f"line {reader.reader.line_num}: {exc}") from None
         line = reader.line_num
         if None in row.values() or None in row:
             raise ValueError(f"line {line}: expected {len(reader.fieldnames)} fields")
@@ -78,6 +84,8 @@ def _rows_jsonl(lines: list[str]):
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"line {line}: not JSON: {exc.msg}") from None
+        except RecursionError:
+            raise ValueError(f"line {line}: not JSON: nested too deeply") from None
         if not isinstance(obj, dict) or any(c not in obj for c in COLUMNS):
             raise ValueError(f"line {line}: expected an object with keys {', '.join(COLUMNS)}")
         ts, value = obj["ts"], obj["value"]
@@ -86,7 +94,11 @@ def _rows_jsonl(lines: list[str]):
                 raise ValueError(f"line {line}: {name} must be a number, got {v!r:.40}")
         if not isinstance(obj["sensor"], str) or not isinstance(obj["metric"], str):
             raise ValueError(f"line {line}: sensor and metric must be strings")
-        yield line, obj["sensor"], float(ts), obj["metric"], value
+        try:
+            ts = float(ts)
+        except OverflowError:  # an int literal too large for a float
+            raise ValueError(f"line {line}: ts is not Unix seconds in [0, 2**32)") from None
+        yield line, obj["sensor"], ts, obj["metric"], value
 
 
 def load(path: str | Path) -> list[Group]:

@@ -173,6 +173,12 @@ def test_replay_load_groups_rows_of_one_sensor_and_ts(tmp_path):
     ("a.jsonl", '{"sensor":"x","ts":1,"metric":"t","value":1}\n{"sensor":"x"\n', "a.jsonl:2: not JSON"),
     ("a.jsonl", '{"sensor":"x","ts":1,"metric":"t","value":"1"}\n', "a.jsonl:1: value must be a number"),
     ("a.jsonl", '{"sensor":"x","ts":1,"metric":"t"}\n', "a.jsonl:1: expected an object with keys"),
+    # Hostile files: each is one line naming file and line, never a traceback.
+    ("a.csv", "sensor,ts,metric,value\nx,1,t," + "1" * 200_000 + "\n", "a.csv:2: field larger than"),
+    ("a.jsonl", '{"sensor":"x","ts":1,"metric":"t","value":1}\n' + "[" * 100_000 + "\n",
+     "a.jsonl:2: not JSON: nested too deeply"),
+    ("a.jsonl", '{"sensor":"x","ts":1' + "0" * 400 + ',"metric":"t","value":1}\n',
+     "a.jsonl:1: ts is not Unix seconds"),
 ])
 def test_replay_load_names_the_bad_line(tmp_path, name, text, message):
     p = tmp_path / name
