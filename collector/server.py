@@ -361,7 +361,9 @@ class Collector:
             if level == socket.SOL_SOCKET and kind == tuning.SO_RXQ_OVFL and len(cdata) >= 4:
                 self._account_drops(source, _U32.unpack_from(cdata)[0])
         datas = [data]
-        addresses = [address] if source.want_source_until > self._now else None
+        want = source.want_source_until
+        # (A wish more than an interval ahead outlived a backward clock step.)
+        addresses = [address] if self._now < want <= self._now + tuning.REJECT_LOG_INTERVAL_S else None
         if flags & socket.MSG_TRUNC:
             datas.pop()
             truncated += 1
@@ -463,7 +465,7 @@ class Collector:
             except Exception:
                 # A bug must cost one datagram, never the loop.
                 counters["internal_errors"] += 1
-                if now >= self._reject_next_log.get("internal", 0.0):
+                if not self._quiet("internal", now):
                     self._reject_next_log["internal"] = now + tuning.REJECT_LOG_INTERVAL_S
                     log.exception("internal error on a datagram from %s",
                                   _source_text(addresses[i] if addresses else None))
@@ -497,11 +499,22 @@ class Collector:
         window.accept(boot, seq)
         return datagram, state
 
+    def _quiet(self, key: str, now: float) -> bool:
+        """True while log lines of `key` are held back (at most one per interval).
+
+        The deadline is on the wall clock, like `now`; one more than an
+        interval ahead means the clock stepped back (NTP setting right a
+        gateway that booted without an RTC), and must not silence the log
+        for the size of the step.
+        """
+        until = self._reject_next_log.get(key, 0.0)
+        return now < until <= now + tuning.REJECT_LOG_INTERVAL_S
+
     def _refused(self, what: str, counter: str, n: int, now: float) -> None:
         """Count what a cardinality guard kept out; log it at most once per interval."""
         counters = self.store.counters
         counters[counter] += n
-        if now >= self._reject_next_log.get(counter, 0.0):
+        if not self._quiet(counter, now):
             self._reject_next_log[counter] = now + tuning.REJECT_LOG_INTERVAL_S
             log.warning("refusing %s; counted in %s (%d so far)", what, counter, counters[counter])
 
@@ -524,7 +537,7 @@ class Collector:
         key = f"rejected:{reason}"
         counters = self.store.counters
         counters[key] = counters.get(key, 0) + 1
-        if now < self._reject_next_log.get(reason, 0.0):
+        if self._quiet(reason, now):
             return
         if address is None:
             # Read from the fast path without a source: log the next one with it.

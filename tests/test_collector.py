@@ -393,3 +393,42 @@ def test_settings_refused_before_binding_leave_no_socket_open(db_path, tmp_path)
         Collector(Settings(db=db_path, listen=(("127.0.0.1", 0),), keys=str(tmp_path / "absent")))
     assert _open_fds() == before
     del info
+
+
+def test_rejection_log_lines_resume_at_once_after_the_wall_clock_steps_back(db_path, caplog):
+    """A gateway without an RTC may boot with a clock far ahead and be set
+    back by NTP: the rate limit of log lines must not then stay shut for the
+    size of the step (here a day)."""
+    from collector.server import _Source
+
+    caplog.set_level(logging.WARNING, logger="collector")
+    collector = Collector(Settings(db=db_path, listen=(("127.0.0.1", 0),)))
+    try:
+        source = _Source(collector.endpoints[0])
+        bad, peer = JUNK["bad_seq"], ("127.0.0.1", 40000)
+        t = 1_800_000_000.0
+        for now in (t, t + 1, t - 86_400, t - 86_399):
+            collector._process([bad], [peer], source, now)
+    finally:
+        collector.server_close()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected datagram")]
+    assert len(lines) == 2, lines
+    assert collector.counters["rejected:bad_seq"] == 4
+
+
+def test_refusal_log_lines_resume_at_once_after_the_wall_clock_steps_back(db_path, caplog):
+    from collector.server import _Source
+
+    caplog.set_level(logging.WARNING, logger="collector")
+    collector = Collector(Settings(db=db_path, listen=(("127.0.0.1", 0),), max_sensors=1))
+    try:
+        source = _Source(collector.endpoints[0])
+        t = 1_800_000_000.0
+        collector._process([good("only", 1)], None, source, t)
+        for i, now in enumerate((t, t + 1, t - 86_400, t - 86_399)):
+            collector._process([good(f"extra-{i}", 1)], None, source, now)
+    finally:
+        collector.server_close()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing")]
+    assert len(lines) == 2, lines
+    assert collector.counters["refused_sensors"] == 4
