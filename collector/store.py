@@ -21,6 +21,7 @@ from collections import defaultdict
 from itertools import chain, islice
 
 from . import schema, tuning
+from .errors import SetupError
 from .replay import ReplayWindow
 from .sequence import WINDOW, GapRecord, SensorTracker
 
@@ -170,7 +171,19 @@ class BatchWriter:
     # --- start-up ----------------------------------------------------------------------
 
     def load(self) -> None:
-        """Rebuild series ids, sensor states (trackers) and counters from the database."""
+        """Rebuild series ids, sensor states (trackers) and counters from the database.
+
+        Raises SetupError when SQLite cannot read them (a damaged file): one
+        line for the operator, not a traceback.
+        """
+        try:
+            self._load()
+        except sqlite3.Error as exc:
+            raise SetupError(f"cannot read database {self.path}: {exc} (check it with "
+                             f"'sqlite3 {self.path} \"PRAGMA integrity_check\"'; restore a backup "
+                             f"or move the file aside to start a new one)") from None
+
+    def _load(self) -> None:
         conn = self.conn
         for name, value in conn.execute("SELECT name, value FROM counters"):
             self.counters[name] = value if name == "last_flush" else int(value)

@@ -186,3 +186,25 @@ def test_locked_database_fails_fast_and_the_retry_succeeds(db_path, caplog):
     assert w.failing_since is None and w.retry_at == 0.0
     assert rows(db_path, "SELECT count(*) FROM readings") == [(2,)]
     w.close()
+
+
+def test_a_damaged_database_is_a_setup_error_not_a_traceback(db_path):
+    from collector.errors import SetupError
+
+    w = BatchWriter(db_path)
+    w.load()
+    pages_before = w.conn.execute("PRAGMA page_count").fetchone()[0]
+    for i in range(400):  # sensors rows (and their index) on pages added after the schema's
+        feed(w, f"sensor-with-a-long-name-{i:04d}", 1, 0, 100.0)
+    assert w.flush(100.0)
+    w.close()  # the last connection checkpoints the WAL into the file
+    with open(db_path, "r+b") as f:
+        size = f.seek(0, 2)
+        f.seek(4096 * pages_before)
+        f.write(b"\xa5" * (size - 4096 * pages_before))  # flash pages gone bad
+    w = BatchWriter(db_path)  # the schema pages are intact: it opens
+    try:
+        with pytest.raises(SetupError, match=r"cannot read database .*malformed"):
+            w.load()
+    finally:
+        w.close()
