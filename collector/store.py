@@ -246,17 +246,23 @@ class BatchWriter:
             return 0
         # Drop a tenth more than needed, so trimming is not an O(n) shift per burst.
         rows = self.rows
-        drop = min(len(rows), excess + self.max_backlog_rows // 10)
-        while drop < len(rows) and self._datagram_key(rows[drop]) == self._datagram_key(rows[drop - 1]):
-            drop += 1  # never split a datagram: drop its remaining readings too
-        # A datagram's rows are consecutive and share sensor, boot, seq and
-        # receive time; count the datagrams going so `stored` stays exact.
-        datagrams, last = 0, None
-        for row in rows[:drop]:
+        want = min(len(rows), excess + self.max_backlog_rows // 10)
+        # Never split a datagram, and count the datagrams going so `stored`
+        # stays exact.  A datagram's rows are consecutive, share sensor, boot,
+        # seq and receive time, and each has its own series (metric names are
+        # unique within a datagram): a series seen again under the same key
+        # starts the next datagram (two copies of one Stray in a burst).
+        drop = datagrams = 0
+        last, seen = None, set()
+        for row in rows:
             key = self._datagram_key(row)
-            if key != last:
+            if key != last or row[0] in seen:
+                if drop >= want:
+                    break
                 datagrams += 1
-                last = key
+                last, seen = key, set()
+            seen.add(row[0])
+            drop += 1
         del rows[:drop]
         self.pending_datagrams -= datagrams
         self.counters["storage_dropped"] += drop

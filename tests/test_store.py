@@ -138,6 +138,26 @@ def test_trim_drops_oldest_whole_datagrams(db_path):
     w.close()
 
 
+def test_trim_counts_two_identical_strays_of_one_burst_as_two_datagrams(db_path):
+    """A far-off seq sent twice is stored twice (a Stray is kept, never called
+    a duplicate); in one burst both copies share sensor, boot, seq and receive
+    time, and trim must still see two datagrams, or `stored` counts one that
+    was dropped."""
+    w = BatchWriter(db_path, max_backlog_rows=10)
+    w.load()
+    feed(w, "s1", 1, 0, 100.0)
+    for _ in range(2):
+        assert type(feed(w, "s1", 1, 5_000_000, 101.0)).__name__ == "Stray"
+    for seq in range(1, 6):
+        feed(w, "s1", 1, seq, 102.0)  # 8 datagrams, 16 rows
+    assert w.trim() == 8  # 6 excess + 1 slack, rounded up to the end of a datagram
+    assert [r[3] for r in w.rows] == [2, 2, 3, 3, 4, 4, 5, 5]
+    assert w.pending_datagrams == 4
+    assert w.flush(103.0)
+    assert w.counters["stored"] == 4 and w.counters["stored_readings"] == 8
+    w.close()
+
+
 def test_corrupt_tracker_snapshot_starts_afresh_with_a_warning(db_path, caplog):
     w = BatchWriter(db_path)
     w.load()
