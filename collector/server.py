@@ -63,6 +63,11 @@ class Settings:
     recv_buffer_bytes: int = tuning.RECV_BUFFER_BYTES
     drain_budget: int = tuning.DRAIN_BUDGET_DATAGRAMS
 
+    def __post_init__(self) -> None:
+        # Here rather than in Collector, so `--check` refuses what a start would.
+        if self.require_auth and not self.keys:
+            raise ConfigError("--require-auth needs --keys FILE: without keys every datagram would be rejected")
+
 
 class _Source:
     """Per-socket state: the endpoint, its kernel drop count, whether we need sources."""
@@ -95,11 +100,9 @@ class Collector:
         self.store: BatchWriter | None = None
         # Signed datagrams: the key set, swapped whole on reload, and the
         # sensor ids it has keys for (their plain datagrams are not_signed).
-        # Checked before anything is opened, so a refusal leaks nothing.
+        # Loaded before anything is opened, so a refusal leaks nothing.
         self.keyring: dict[str, bytes] = {}
         self._keyed: frozenset[str] = frozenset()
-        if settings.require_auth and not settings.keys:
-            raise ConfigError("--require-auth needs --keys FILE: without keys every datagram would be rejected")
         if settings.keys:
             self._set_keys(auth.load_keys(settings.keys))  # ConfigError before anything is bound
         self._wake_r, self._wake_w = socket.socketpair()

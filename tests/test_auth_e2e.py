@@ -551,3 +551,12 @@ def test_a_key_file_that_fails_to_read_on_reload_keeps_the_old_keys(db_path, tmp
         assert sum("keys not reloaded" in r.getMessage() for r in caplog.records) == 1
     finally:
         collector.server_close()
+
+
+def test_check_refuses_require_auth_without_keys_as_a_start_would(bin_path, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
+    proc = subprocess.run([bin_path("telemetry-collector"), "--db", str(tmp_path / "c.db"), "--require-auth",
+                           "--check"], capture_output=True, text=True, timeout=15, env=env)
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr == "Error: --require-auth needs --keys FILE: without keys every datagram would be rejected\n"
+    assert proc.stdout == ""
