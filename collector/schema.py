@@ -138,13 +138,19 @@ def open_writer(path: str) -> sqlite_utils.Database:
     """
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise SetupError(f"cannot open database {path}: {exc} (is the directory writable by this user?)") from None
+    try:
         db = sqlite_utils.Database(conn)
         db.enable_wal()
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
         migrate(db)
-    except sqlite3.Error as exc:
-        raise SetupError(f"cannot open database {path}: {exc} (is the directory writable by this user?)") from None
+    except BaseException as exc:
+        conn.close()  # a refused database (newer schema, unwritable, damaged) is left closed
+        if isinstance(exc, sqlite3.Error):
+            raise SetupError(f"cannot open database {path}: {exc} (is the directory writable by this user?)") from None
+        raise
     return db
 
 

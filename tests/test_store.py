@@ -228,3 +228,22 @@ def test_a_damaged_database_is_a_setup_error_not_a_traceback(db_path):
             w.load()
     finally:
         w.close()
+
+
+def test_a_database_from_a_newer_collector_is_refused_and_left_closed(db_path):
+    import os
+
+    from collector.errors import SetupError
+
+    schema.open_writer(db_path).conn.close()
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    before = len(os.listdir("/proc/self/fd"))
+    # pytest.raises keeps the traceback and its frames: a connection left
+    # open by the failed open would still hold its file descriptors here.
+    with pytest.raises(SetupError, match="schema version 99 is newer than this collector's 2") as info:
+        schema.open_writer(db_path)
+    assert len(os.listdir("/proc/self/fd")) == before
+    del info
