@@ -139,10 +139,11 @@ def _cell(key: str, value: Any, human: bool) -> str:
         return ",".join(str(v) for v in value)
     if human and (key in TIME_FIELDS) and isinstance(value, (int, float)) and not isinstance(value, bool):
         return human_time(value)
-    if isinstance(value, float):
-        # 12 significant digits: 16.8275, not the 16.827499999999997 of an average
+    if isinstance(value, float) and human:
+        # 12 significant digits: 16.8275, not the 16.827499999999997 of an average.
+        # CSV keeps repr: 12 digits would cut a Unix ts to 10 ms.
         return repr(float(format(value, ".12g")))
-    return str(value)
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def render(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None) -> str:

@@ -349,3 +349,12 @@ def test_notify_hook_sees_ready_and_stopping(known_db, tls):
     # WATCHDOG=1 comes from every sweep of the loop (the Notifier rate-limits it).
     assert [m for m in seen if m != "WATCHDOG=1"] == ["READY=1", "STOPPING=1"]
 
+
+
+def test_csv_keeps_every_digit_the_table_rounds_for_people():
+    from query.cli import render
+
+    rows = [{"ts": 1795641958.7244017, "value": 16.827499999999997, "seq": 3}]
+    parsed = next(csv.DictReader(io.StringIO(render(rows, "csv"))))
+    assert float(parsed["ts"]) == rows[0]["ts"] and float(parsed["value"]) == rows[0]["value"]
+    assert render(rows, "table").splitlines()[1].split() == ["2026-11-25T21:25:58.724Z", "16.8275", "3"]
