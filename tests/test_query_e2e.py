@@ -103,3 +103,21 @@ def test_collector_database_answers_every_op(bin_path, db_path, tmp_path, tls):
             proc.kill()
             proc.wait()
 
+
+
+def test_every_request_and_response_in_protocol_md_is_what_the_server_says(known_db, tls):
+    """docs/PROTOCOL.md's `> request` / `< response` pairs, sent verbatim to a real server."""
+    import json
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
+    pairs = re.findall(r"^> (.*)\n< (.*)$", text.split("## Query protocol v1", 1)[1], re.M)
+    assert len(pairs) == 11
+    with running_server(known_db, tls) as server:
+        with QueryClient("localhost", server.server_address[1], ca=tls.ca_pem) as client:
+            for request, response in pairs:
+                client.send_raw(request.encode() + b"\n")
+                assert client.read_response() == json.loads(response), request
+
+
+known_db = fx.known_db  # fixture, found by name
