@@ -281,7 +281,10 @@ class Collector:
                 timeout = min(next_flush, next_status)
                 if store.failing_since is not None:
                     timeout = min(timeout, store.retry_at)
-                for key, _ in sel.select(max(timeout - time.monotonic(), 0.0)):
+                # Capped: epoll cannot wait longer than 2**31-1 ms, and an
+                # interval may be longer (or inf): the loop just wakes again.
+                wait = min(max(timeout - time.monotonic(), 0.0), tuning.MAX_SELECT_TIMEOUT_S)
+                for key, _ in sel.select(wait):
                     source = key.data
                     if source is None:
                         self._drain_wakeups()

@@ -39,6 +39,9 @@ RECV_BUFFER_BYTES = 65536
 # Datagrams read from one socket per wake before moving to the next ready one,
 # so a flooded socket cannot starve the others.  256 x ~8 us = ~2 ms.
 DRAIN_BUDGET_DATAGRAMS = 256
+# The longest one select() waits (seconds): epoll takes at most 2**31-1 ms,
+# and --flush-interval / --status-interval may be longer, even inf.
+MAX_SELECT_TIMEOUT_S = 3600.0
 # At most one rejected-datagram log line per reason in this many seconds.
 REJECT_LOG_INTERVAL_S = 10.0
 

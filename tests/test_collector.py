@@ -432,3 +432,21 @@ def test_refusal_log_lines_resume_at_once_after_the_wall_clock_steps_back(db_pat
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing")]
     assert len(lines) == 2, lines
     assert collector.counters["refused_sensors"] == 4
+
+
+def test_intervals_too_long_for_epoll_still_run_the_loop(db_path):
+    """epoll takes at most 2**31-1 ms (24.8 days): a longer or infinite
+    `flush-interval` and `status-interval` (TOML has `inf`) must not crash
+    the loop on its first select()."""
+    errors = []
+    hook, threading.excepthook = threading.excepthook, errors.append
+    try:
+        with running(db_path, flush_interval=float("inf"), status_interval=30 * 86400.0, batch_size=2) as (c, _):
+            s = sender()
+            s.sendto(good("long-1", 1), c.addresses[0])  # 2 readings: a full batch
+            s.close()
+            wait_for(lambda: c.counters["stored"] == 1 or errors, 5, what="a flush by batch size")
+    finally:
+        threading.excepthook = hook
+    assert errors == []
+    assert counters(db_path)["stored_readings"] == 2
