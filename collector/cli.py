@@ -28,6 +28,16 @@ def _host_port(value) -> tuple[str, int]:
     return config.parse_host_port(config.string(value), tuning.DEFAULT_UDP_PORT)
 
 
+MAX_RCVBUF_BYTES = 2**31 - 1  # setsockopt(SO_RCVBUF) takes a C int
+
+
+def _rcvbuf(value) -> int:
+    number = config.positive_int(value)
+    if number > MAX_RCVBUF_BYTES:
+        raise ValueError(f"must be at most {MAX_RCVBUF_BYTES} (the kernel takes a C int), got {value!r}")
+    return number
+
+
 SETTINGS = [
     config.Setting("db", config.string, tuning.DEFAULT_DB_PATH),
     config.Setting("listen", _host_port, ((tuning.DEFAULT_LISTEN_HOST, tuning.DEFAULT_UDP_PORT),), multiple=True),
@@ -35,16 +45,16 @@ SETTINGS = [
     config.Setting("multicast_interface", config.string, None),
     config.Setting("flush_interval", config.positive_float, tuning.DEFAULT_FLUSH_INTERVAL_S),
     config.Setting("batch_size", config.positive_int, tuning.DEFAULT_BATCH_ROWS),
-    config.Setting("rcvbuf", config.positive_int, tuning.DEFAULT_RCVBUF_BYTES),
+    config.Setting("rcvbuf", _rcvbuf, tuning.DEFAULT_RCVBUF_BYTES),
     config.Setting("status_interval", config.positive_float, tuning.DEFAULT_STATUS_INTERVAL_S),
     config.Setting("keys", config.string, None),
     config.Setting("require_auth", config.boolean, False),
 ]
 
 
-def _positive(kind):
+def _positive(kind, check=None):
     """Flag parser: a number > 0, with the same messages as the file layer."""
-    check = config.positive_int if kind is int else config.positive_float
+    check = check or (config.positive_int if kind is int else config.positive_float)
 
     def parse(value):
         try:
@@ -78,7 +88,7 @@ def _positive(kind):
               type=config.ParsedParam("ROWS", _positive(int)),
               help=f"Write a batch when this many readings wait.  [default: {tuning.DEFAULT_BATCH_ROWS}]")
 @click.option("--rcvbuf", envvar=ENV + "RCVBUF", metavar="BYTES",
-              type=config.ParsedParam("BYTES", _positive(int)),
+              type=config.ParsedParam("BYTES", _positive(int, _rcvbuf)),
               help=f"Socket receive buffer to ask for.  [default: {tuning.DEFAULT_RCVBUF_BYTES}]")
 @click.option("--status-interval", envvar=ENV + "STATUS_INTERVAL", metavar="SECONDS",
               type=config.ParsedParam("SECONDS", _positive(float)),

@@ -420,3 +420,15 @@ def test_config_file_multicast_only_env_over_file(collector, sim, tmp_path, db_p
     c.wait_received(report["datagrams_sent"])
     assert c.stop() == 0
     assert {s: a["datagrams"] for s, a in accounts(db_path).items()} == {s: 10 for s in report["sensors"]}
+
+
+def test_a_receive_buffer_beyond_a_c_int_is_one_line_from_flag_and_file(bin_path, tmp_path, db_path):
+    # The kernel takes SO_RCVBUF as a C int: a bigger number must be refused
+    # at the edge, not crash socket set-up with a traceback.
+    message = "must be at most 2147483647"
+    assert message in _one_line_error(run_cli(bin_path, "--listen", "127.0.0.1:0", "--db", db_path,
+                                              "--rcvbuf", "3000000000"))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[collector]\nrcvbuf = 3000000000\n")
+    assert message in _one_line_error(run_cli(bin_path, "--listen", "127.0.0.1:0", "--db", db_path,
+                                              "--config", str(cfg)))
