@@ -28,6 +28,14 @@ def _host_port(value) -> tuple[str, int]:
     return config.parse_host_port(config.string(value), tuning.DEFAULT_UDP_PORT)
 
 
+def _db_path(value) -> str:
+    path = config.string(value)
+    if path.strip() in ("", ":memory:"):
+        # SQLite would open a temporary database that vanishes at exit.
+        raise ValueError(f"{path!r}: the database must be a file (a path such as telemetry.db)")
+    return path
+
+
 MAX_RCVBUF_BYTES = 2**31 - 1  # setsockopt(SO_RCVBUF) takes a C int
 
 
@@ -39,7 +47,7 @@ def _rcvbuf(value) -> int:
 
 
 SETTINGS = [
-    config.Setting("db", config.string, tuning.DEFAULT_DB_PATH),
+    config.Setting("db", _db_path, tuning.DEFAULT_DB_PATH),
     config.Setting("listen", _host_port, ((tuning.DEFAULT_LISTEN_HOST, tuning.DEFAULT_UDP_PORT),), multiple=True),
     config.Setting("multicast", _group, (), multiple=True),
     config.Setting("multicast_interface", config.string, None),
@@ -69,7 +77,7 @@ def _positive(kind, check=None):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": None})
-@click.option("--db", envvar=ENV + "DB", metavar="PATH",
+@click.option("--db", envvar=ENV + "DB", metavar="PATH", type=config.ParsedParam("PATH", _db_path),
               help=f"SQLite database file, created if missing.  [default: {tuning.DEFAULT_DB_PATH}]")
 @click.option("--listen", multiple=True, envvar=ENV + "LISTEN", metavar="HOST:PORT",
               type=config.ParsedParam("HOST:PORT", _host_port),

@@ -432,3 +432,12 @@ def test_a_receive_buffer_beyond_a_c_int_is_one_line_from_flag_and_file(bin_path
     cfg.write_text("[collector]\nrcvbuf = 3000000000\n")
     assert message in _one_line_error(run_cli(bin_path, "--listen", "127.0.0.1:0", "--db", db_path,
                                               "--config", str(cfg)))
+
+
+def test_a_database_path_sqlite_would_not_keep_is_refused(bin_path, tmp_path):
+    # "" and ":memory:" open a database that vanishes at exit: every reading lost.
+    for path in ("", ":memory:"):
+        assert "the database must be a file" in _one_line_error(run_cli(bin_path, "--db", path, "--check"))
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[collector]\ndb = "{path}"\n')
+        assert "the database must be a file" in _one_line_error(run_cli(bin_path, "--config", str(cfg), "--check"))
