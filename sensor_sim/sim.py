@@ -35,6 +35,10 @@ from .signals import DEFAULT_METRICS, SensorSignals
 PROGRESS_EVERY_S = 5.0
 MAX_SLEEP_S = 0.1  # bounds how late a stop request (Ctrl-C) is noticed
 MAX_BATCH = 256  # slots sent between clock/stop checks (~3 ms at --rate max)
+# With --rate and --duration, slots still due when the duration is up are sent
+# late, for an exact count, but only this long: a rate beyond one core would
+# otherwise turn --duration 60 into an hour.
+LATE_GRACE_S = 1.0
 
 
 class StopFlag(Protocol):
@@ -269,8 +273,8 @@ def run(cfg: SimConfig, *, stop: StopFlag | None = None,
     sensors = [SimSensor(sid, boot, cfg.start_seq, SensorSignals(cfg.metrics, signal_rng, t0), cfg.signing)
                for sid, boot in zip(ids, boots)]
     deadline = math.inf
-    if cfg.duration is not None and not interval:
-        deadline = cfg.duration
+    if cfg.duration is not None:
+        deadline = cfg.duration + (LATE_GRACE_S if interval else 0.0)
 
     sender = Sender(cfg.targets, cfg.ttl, cfg.multicast_interface)
     try:

@@ -250,6 +250,9 @@ def test_sigint_stops_writes_the_report_and_exits_130(bin_path, tmp_path):
     (["--target", "127.0.0.1:9", "--id-prefix", "x" * 60], "must be 1-64"),
     (["--target", "127.0.0.1:9", "--speed", "2"], "--speed only applies to --replay"),
     (["--sensors", "3"], "Missing option '--target'"),
+    # Found before the run, not after it (the report of a long run would be lost).
+    (["--target", "127.0.0.1:9", "--report", "/nonexistent-dir/truth.json"],
+     "Invalid value for --report: /nonexistent-dir is not a directory"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(bin_path, args, message):
     proc = subprocess.run([bin_path("sensor-sim"), *args, "--count", "1"] if "--count" not in args
@@ -348,3 +351,20 @@ def test_progress_every_five_seconds_and_a_stop_flag_in_process():
     assert report["interrupted"] is True
     assert sum(t["generated"] for t in report["sensors"].values()) == 10 * 256
     assert seen[1][1] <= report["datagrams_sent"]  # held-back datagrams were sent at the stop
+
+
+def test_duration_bounds_a_run_that_cannot_keep_up_with_its_rate():
+    """--rate beyond one core with --duration: stop within LATE_GRACE_S of the duration, not after
+    every slot (at ~100,000/s, 5,000,000 slots would take most of a minute)."""
+    from sensor_sim.net import parse_target
+    from sensor_sim.sim import LATE_GRACE_S, SimConfig, run
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:  # nobody reads: sendto still succeeds
+        sink.bind(("127.0.0.1", 0))
+        cfg = SimConfig(targets=[parse_target(f"127.0.0.1:{sink.getsockname()[1]}")], sensors=1,
+                        rate=5_000_000.0, duration=0.2, seed=1)
+        report = run(cfg)
+    assert 0.2 <= report["elapsed_s"] < 0.2 + LATE_GRACE_S + 0.5
+    sensor = report["sensors"]["sim-0001"]
+    assert 0 < sensor["generated"] < 1_000_000
+    assert report["datagrams_sent"] + report["send_failures"] == sensor["generated"]
