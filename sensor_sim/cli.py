@@ -100,6 +100,15 @@ class _Stop:
         self.event.set()
 
 
+def _check_report_dir(path: str) -> None:
+    """Exit 2 now if the report cannot be written later: a long run's report is not lost at its end."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise click.BadParameter(f"{parent} is not a directory", param_hint="--report")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"directory {parent} is not writable", param_hint="--report")
+
+
 def _write_report(path: str, report: dict[str, Any]) -> None:
     # Write then rename, so a reader never sees half a report.
     tmp = Path(f"{path}.tmp{os.getpid()}")
@@ -231,6 +240,8 @@ def command(ctx: click.Context, targets, sensors, id_prefix, rate, count, durati
             check_sensor_id(f"{id_prefix}-{sensors:04d}")  # the longest id
         except ConfigError as exc:
             raise click.BadParameter(str(exc), param_hint="--id-prefix") from None
+    if report_path:
+        _check_report_dir(report_path)
     faults = FaultRates(loss, duplicate, reorder)
     common = dict(targets=list(targets), seed=seed, boot=boot, boot_value=boot_value,
                   start_seq=start_seq, ttl=ttl, multicast_interface=multicast_interface,
