@@ -262,6 +262,8 @@ class _Session:
             raise ServerSaidNo(f"server said {exc.code}: {exc.message}") from None
         except ConnectError as exc:
             raise _connect_failure(exc) from None
+        except ValueError as exc:  # a request the protocol cannot carry (over-long arguments)
+            raise click.UsageError(f"{exc}: shorten the arguments") from None
 
     def echo(self, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
         click.echo(render(rows, self.fmt, columns), nl=False)

@@ -173,7 +173,7 @@ class QueryClient:
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send one request object and return the whole response object."""
         line = json.dumps(request, allow_nan=False, separators=(",", ":")).encode() + b"\n"
-        if len(line) > MAX_LINE_BYTES:
+        if len(line) - 1 > MAX_LINE_BYTES:  # the server's limit does not count the newline
             raise ValueError(f"request longer than {MAX_LINE_BYTES} bytes")
         self.send_raw(line)
         return self.read_response()

@@ -166,6 +166,8 @@ def test_exit_1_when_the_server_says_no(live):
     (["--format", "xml", "ping"], ["--format"]),
     (["--server", "host:notaport", "ping"], ["--server"]),
     (["frobnicate"], ["frobnicate"]),
+    (["sensors", "x" * 70_000], ["request longer than 65536 bytes"]),
+    (["raw", '{"op": "ping", "id": "%s"}' % ("x" * 70_000)], ["REQUEST", "request longer than 65536 bytes"]),
 ])
 def test_exit_2_on_usage_errors(live, args, words):
     result = cli(args, live["env"], code=2)
@@ -358,3 +360,16 @@ def test_csv_keeps_every_digit_the_table_rounds_for_people():
     parsed = next(csv.DictReader(io.StringIO(render(rows, "csv"))))
     assert float(parsed["ts"]) == rows[0]["ts"] and float(parsed["value"]) == rows[0]["value"]
     assert render(rows, "table").splitlines()[1].split() == ["2026-11-25T21:25:58.724Z", "16.8275", "3"]
+
+
+def test_a_request_line_of_exactly_the_limit_is_sent_and_answered(live):
+    from query.protocol import MAX_LINE_BYTES
+
+    head = '{"op":"ping","id":"'
+    request = {"op": "ping", "id": "x" * (MAX_LINE_BYTES - len(head) - 2)}
+    assert len(json.dumps(request, separators=(",", ":"))) == MAX_LINE_BYTES
+    with QueryClient("localhost", live["port"], ca=live["tls"].ca_pem, cert=live["tls"].client_cert,
+                     key=live["tls"].client_key) as client:
+        assert client.call(request)["ok"] is True
+        with pytest.raises(ValueError, match="longer than 65536"):
+            client.call({**request, "id": request["id"] + "x"})
