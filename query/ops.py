@@ -131,22 +131,21 @@ class Ops:
 
     def op_latest(self, sensor: str | None = None, metric: str | None = None) -> list[dict[str, Any]]:
         where, args = _where(("s.sensor = ?", sensor), ("s.metric = ?", metric))
-        # max(ts) per series is one B-tree descent (min/max optimisation on the
-        # primary key); the join then reads the rows at that (series, ts).
-        # Several readings may share the newest ts: the last in key order
-        # (highest boot, then seq) wins, as it would in a `readings desc` page.
+        # The last key of each series is one B-tree descent (the subquery walks
+        # the primary key backwards, LIMIT 1), then one point lookup.  Several
+        # readings may share the newest ts: the last in key order (highest
+        # boot, then seq) wins, as it would in a `readings desc` page.  Joining
+        # on max(ts) alone would return every tied row: a sensor with a stuck
+        # clock would make `latest` list its whole history.
         rows = self._capped(
             "SELECT s.sensor, s.metric, r.ts, r.value, r.seq FROM series s"
-            " JOIN readings r ON r.series = s.id AND r.ts = (SELECT max(ts) FROM readings WHERE series = s.id)"
-            f" {where} ORDER BY s.sensor, s.metric, r.boot DESC, r.seq DESC",
+            " JOIN readings r ON r.series = s.id AND (r.ts, r.boot, r.seq) ="
+            " (SELECT ts, boot, seq FROM readings WHERE series = s.id ORDER BY ts DESC, boot DESC, seq DESC LIMIT 1)"
+            f" {where} ORDER BY s.sensor, s.metric",
             args, "readings", "name a 'sensor'",
         )
-        result: list[dict[str, Any]] = []
-        for name, met, ts, value, seq in rows:
-            if result and result[-1]["sensor"] == name and result[-1]["metric"] == met:
-                continue
-            result.append({"sensor": name, "metric": met, "ts": ts, "value": value, "seq": seq})
-        return result
+        return [{"sensor": name, "metric": met, "ts": ts, "value": value, "seq": seq}
+                for name, met, ts, value, seq in rows]
 
     def op_readings(
         self,

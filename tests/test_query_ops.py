@@ -347,3 +347,26 @@ def test_an_internal_error_answers_internal_without_details_and_is_logged(known_
         assert b'"code":"internal"' in service.handle(None, b'{"op":"stats","id":5}')  # no database at all
     finally:
         ops.close()
+
+
+def test_latest_is_one_row_per_series_when_every_reading_shares_its_ts(tmp_path):
+    """A sensor whose clock is stuck sends one ts for ever: `latest` still answers one row per
+    series (the last in key order), not every tied reading against --max-rows."""
+    path = str(tmp_path / "stuck.db")
+    db = open_writer(path)
+    db.conn.execute("BEGIN")
+    db.conn.execute("INSERT INTO series (id, sensor, metric) VALUES (1, 'stuck', 't'), (2, 'ok', 't')")
+    db.conn.executemany("INSERT INTO readings VALUES (1, 1000.0, ?, ?, ?, 0)",
+                        [(boot, seq, boot * 100 + seq) for boot in (NO_BOOT, 4, 5) for seq in range(50)])
+    db.conn.executemany("INSERT INTO readings VALUES (2, ?, 1, ?, ?, 0)", [(float(i), i, i) for i in range(30)])
+    db.conn.execute("COMMIT")
+    db.conn.close()
+    conn = open_reader(path)
+    try:
+        capped = Ops(conn, Limits(max_rows=10))
+        assert run(capped, op="latest") == [
+            {"sensor": "ok", "metric": "t", "ts": 29.0, "value": 29.0, "seq": 29},
+            {"sensor": "stuck", "metric": "t", "ts": 1000.0, "value": 549.0, "seq": 49},
+        ]
+    finally:
+        conn.close()
