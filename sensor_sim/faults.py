@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 SEQ_MASK = 0xFFFFFFFF
 # A held datagram is released after at most this many later datagrams of its
 # sensor were generated, so no datagram is ever displaced by more than
-# MAX_HOLD seqs: far inside the collector's 1024-seq reorder window.
+# MAX_HOLD seqs: far inside the collector's 4096-seq window (collector.sequence.WINDOW).
 MAX_HOLD = 3
 
 
