@@ -156,4 +156,4 @@ def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int,
         collector.server_close()
     if collector.unflushed_at_exit:
         sys.exit(1)
-    logging.getLogger("collector").info("stopped cleanly; every accepted datagram is stored")
+    logging.getLogger("collector").log(*collector.stop_message())

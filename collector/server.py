@@ -130,6 +130,7 @@ class Collector:
         for reason in REJECT_REASONS:
             self.store.counters.setdefault(f"rejected:{reason}", 0)
         self.store.counters.setdefault("internal_errors", 0)
+        self._dropped_before = self.store.counters["storage_dropped"]  # by earlier runs
 
     # --- set-up ------------------------------------------------------------------------
 
@@ -331,6 +332,15 @@ class Collector:
         self.unflushed_at_exit = len(store.rows)
         log.error("exiting with %d readings not written to %s (database refused the final flush)",
                   self.unflushed_at_exit, self.settings.db)
+
+    def stop_message(self) -> tuple[int, str]:
+        """(log level, line) to end a run whose final flush succeeded: it may
+        claim that everything accepted is stored only if this run dropped nothing."""
+        dropped = int(self.store.counters["storage_dropped"] - self._dropped_before)
+        if dropped:
+            return logging.WARNING, (f"stopped; {dropped} readings of this run were dropped while the database "
+                                     f"refused writes (storage_dropped); every other accepted datagram is stored")
+        return logging.INFO, "stopped cleanly; every accepted datagram is stored"
 
     def _drain_wakeups(self) -> None:
         try:

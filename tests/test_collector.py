@@ -450,3 +450,37 @@ def test_intervals_too_long_for_epoll_still_run_the_loop(db_path):
         threading.excepthook = hook
     assert errors == []
     assert counters(db_path)["stored_readings"] == 2
+
+
+def test_the_last_line_says_so_when_this_run_dropped_readings(db_path):
+    with running(db_path) as (collector, _):
+        pass
+    assert collector.stop_message() == (logging.INFO, "stopped cleanly; every accepted datagram is stored")
+
+    with running(db_path, max_backlog_rows=60, batch_size=20) as (collector, _):
+        conn = collector.store.conn
+        full = threading.Event()
+
+        def fill_disk():
+            conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+            full.set()
+
+        collector.call_soon(fill_disk)
+        wait_for(full.is_set, 5, what="the disk to fill")
+        s = sender()
+        send_paced(s, collector, [good("drop-1", seq) for seq in range(150)], collector.addresses[0])
+        s.close()
+        wait_for(lambda: collector.counters["storage_dropped"] > 0, 5, what="backlog overflow")
+        collector.call_soon(lambda: conn.execute("PRAGMA max_page_count = 1073741823"))
+        wait_for(lambda: collector.store.failing_since is None, 10, what="recovery")
+    assert collector.unflushed_at_exit == 0
+    dropped = int(counters(db_path)["storage_dropped"])
+    assert dropped > 0
+    assert collector.stop_message() == (
+        logging.WARNING,
+        f"stopped; {dropped} readings of this run were dropped while the database refused writes "
+        f"(storage_dropped); every other accepted datagram is stored")
+
+    with running(db_path) as (collector, _):  # the next run dropped nothing itself
+        pass
+    assert collector.stop_message()[0] == logging.INFO
