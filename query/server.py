@@ -53,6 +53,9 @@ READ_AHEAD_BYTES = 2 * MAX_LINE_BYTES  # input buffered while a connection waits
 TURN_SECONDS = 0.005  # work for one client before others get a turn (at least one request)
 SWEEP_SECONDS = 0.25  # how often timeouts are checked
 LINGER_SECONDS = 2.0  # after too_large or a failed handshake: how long we drain a client's input
+# ... and how much of it: a client that reads our answer has sent little more
+# by then; one that blasts on would keep the loop copying for LINGER_SECONDS.
+LINGER_MAX_BYTES = 1024 * 1024
 WORKER_JOIN_SECONDS = 10.0  # shutdown waits this long for a worker's running query
 ACCEPT_PAUSE_SECONDS = 0.5  # after accept() fails (EMFILE): stop accepting this long
 
@@ -163,7 +166,7 @@ class _Answered(NamedTuple):
 
 class _Conn:
     __slots__ = ("sock", "peer", "state", "lines", "out", "out_bytes", "out_offset",
-                 "accepted", "touched", "eof", "events", "want", "busy", "partial_since")
+                 "accepted", "touched", "eof", "events", "want", "busy", "partial_since", "drained")
 
     def __init__(self, sock: ssl.SSLSocket, peer: str, now: float) -> None:
         self.sock = sock
@@ -180,6 +183,7 @@ class _Conn:
         self.want = 0  # what TLS asked for last
         self.busy = False  # a request of this connection is with a worker: answers stay in order
         self.partial_since: float | None = None  # when the unfinished line now buffered began
+        self.drained = 0  # bytes discarded while lingering (bounded by LINGER_MAX_BYTES)
 
 
 class QueryServer:
@@ -570,7 +574,8 @@ class QueryServer:
 
         Closing with unread input would send a RST, and a RST can destroy the
         error response before the client reads it.  Draining is bounded by
-        LINGER_SECONDS (checked in _sweep).
+        LINGER_SECONDS (checked in _sweep) and by LINGER_MAX_BYTES: past that
+        the client is not reading its answer but flooding, and is closed.
         """
         if conn.out_bytes:
             return
@@ -578,9 +583,11 @@ class QueryServer:
             if isinstance(conn.sock, ssl.SSLSocket) and conn.sock._sslobj is not None:  # noqa: SLF001
                 conn.sock.shutdown(socket.SHUT_WR)  # drops TLS: what follows is raw bytes to discard
             try:
-                while conn.sock.recv(READ_CHUNK):
-                    pass
-                conn.eof = True
+                while data := conn.sock.recv(READ_CHUNK):
+                    conn.drained += len(data)
+                    if conn.drained > LINGER_MAX_BYTES:
+                        break
+                conn.eof = True  # the peer closed, or is flooding: either way, read no more (callers drop it)
             except BlockingIOError:
                 conn.want = selectors.EVENT_READ
 

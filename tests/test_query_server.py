@@ -626,3 +626,36 @@ def test_a_long_query_delays_neither_pings_nor_other_clients_and_order_is_kept(k
         finally:
             gate.set()
             slow.close()
+
+
+@pytest.mark.parametrize("opening", ["plaintext", "too_large"])
+def test_a_client_that_keeps_sending_after_its_error_is_cut_off_not_drained_for_seconds(known_db, tls, opening):
+    """After a refused handshake or too_large the server drains input only so far (LINGER_MAX_BYTES):
+    a client blasting on would otherwise keep the loop busy copying bytes for LINGER_SECONDS
+    (measured: 7.7 GB in 2 s, pings stalled 58 ms)."""
+    from query.server import LINGER_MAX_BYTES, LINGER_SECONDS
+
+    with running_server(known_db, tls) as server:
+        raw = socket.create_connection(server.server_address, timeout=5)
+        if opening == "plaintext":
+            raw.sendall(b'{"op":"ping"}\n')  # not TLS: the handshake fails
+        else:
+            tls_sock = tls.client_context(cert=False).wrap_socket(raw, server_hostname="localhost")
+            tls_sock.sendall(b"x" * (MAX_LINE_BYTES + 1))
+            assert b"too_large" in tls_sock.recv(4096)
+            raw = socket.socket(fileno=os.dup(tls_sock.fileno()))  # go on below TLS, as an attacker would
+            raw.settimeout(5)  # the dup shares O_NONBLOCK with tls_sock's timeout mode
+            tls_sock.close()
+        junk = b"j" * (1 << 20)
+        sent = 0
+        start = time.monotonic()
+        try:
+            with raw:
+                while time.monotonic() - start < LINGER_SECONDS + 3:
+                    raw.sendall(junk)
+                    sent += len(junk)
+        except (ConnectionResetError, BrokenPipeError):  # the server stopped draining and closed
+            pass
+        assert time.monotonic() - start < LINGER_SECONDS / 2
+        assert sent < LINGER_MAX_BYTES + (64 << 20)  # what was drained plus the kernel's buffers
+        assert ping_seconds(server, tls) < 0.5
