@@ -280,6 +280,13 @@ class QueryServer:
         self._closed = True
         for conn in list(self._conns.values()):
             self._drop(conn)
+        # Requests still queued belong to connections just closed: running them
+        # would only delay the stop (one query-timeout each, per worker).
+        try:
+            while True:
+                self._jobs.get_nowait()
+        except queue.Empty:
+            pass
         for _ in self._workers:
             self._jobs.put(None)
         for worker in self._workers:

@@ -659,3 +659,34 @@ def test_a_client_that_keeps_sending_after_its_error_is_cut_off_not_drained_for_
         assert time.monotonic() - start < LINGER_SECONDS / 2
         assert sent < LINGER_MAX_BYTES + (64 << 20)  # what was drained plus the kernel's buffers
         assert ping_seconds(server, tls) < 0.5
+
+
+def test_shutdown_waits_for_the_running_query_only_not_the_queued_ones(known_db, tls):
+    """Queued requests of connections that shutdown closes are dropped: with 1,000 clients each
+    queueing a 2 s query, stopping would otherwise outlast systemd's TimeoutStopSec."""
+    import threading
+
+    started: list[str] = []
+    running = threading.Event()
+
+    class Slow(Ops):
+        def op_gaps(self, **params):
+            started.append("gaps")
+            running.set()
+            threading.Event().wait(0.3)  # a query that takes 0.3 s of SQL
+            return super().op_gaps(**params)
+
+    clients = []
+    with running_server(known_db, tls, make_ops=lambda: Slow(open_reader(known_db)), workers=1) as server:
+        ctx = tls.client_context(cert=False)
+        for _ in range(10):
+            c = connect(server, ctx)
+            c.sendall(b'{"op":"gaps"}\n')
+            clients.append(c)
+        assert running.wait(5)
+        wait_for(lambda: server._jobs.qsize() == 9, 5, what="nine queries queued behind the first")
+        stopping = time.monotonic()
+    took = time.monotonic() - stopping
+    for c in clients:
+        c.close()
+    assert took < 1.5 and len(started) <= 2, (took, len(started))
