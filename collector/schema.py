@@ -24,6 +24,8 @@ column it relied on gone.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from collections.abc import Callable
 
@@ -152,6 +154,30 @@ def open_writer(path: str) -> sqlite_utils.Database:
             raise SetupError(f"cannot open database {path}: {exc} (is the directory writable by this user?)") from None
         raise
     return db
+
+
+def lock_writer(path: str) -> int:
+    """Take the one-writer lock on the database file; returns the descriptor holding it.
+
+    A second collector pointed at the same file (another port, the same --db)
+    would interleave counters and series ids and run two writers into the WAL
+    bug above, so it is refused.  flock(2) locks are separate from the POSIX
+    record locks SQLite uses, and the kernel drops ours when the process dies
+    (kill -9 included).  Keep the descriptor open for the writer's lifetime and
+    close it only after the SQLite connection: closing any descriptor of the
+    file earlier would release SQLite's own POSIX locks.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise SetupError(f"cannot open database {path}: {exc.strerror} (is the directory writable by this user?)") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SetupError(f"database {path} is in use by another telemetry-collector: "
+                         "one collector writes one database (give this one its own --db)") from None
+    return fd
 
 
 def open_reader(path: str) -> sqlite3.Connection:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 from collections import defaultdict
 from itertools import chain, islice
@@ -145,7 +146,12 @@ class BatchWriter:
                  max_sensors: int = tuning.MAX_SENSORS,
                  max_series_per_sensor: int = tuning.MAX_SERIES_PER_SENSOR) -> None:
         self.path = path
-        self.db = schema.open_writer(path)
+        self._lock_fd = schema.lock_writer(path)
+        try:
+            self.db = schema.open_writer(path)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self.conn: sqlite3.Connection = self.db.conn
         self.conn.execute(f"PRAGMA busy_timeout={int(tuning.WRITER_BUSY_TIMEOUT_MS)}")
         self.conn.execute(f"PRAGMA cache_size=-{int(tuning.WRITER_CACHE_KIB)}")
@@ -354,3 +360,6 @@ class BatchWriter:
             self.conn.close()
         except sqlite3.Error:
             pass
+        if self._lock_fd >= 0:  # after the connection: see schema.lock_writer
+            os.close(self._lock_fd)
+            self._lock_fd = -1

@@ -364,6 +364,16 @@ def _one_line_error(result) -> str:
     return lines[0]
 
 
+def test_a_second_collector_on_the_same_database_is_refused(collector, bin_path, db_path):
+    first = collector()
+    error = _one_line_error(run_cli(bin_path, "--listen", "127.0.0.1:0", "--db", db_path))
+    assert error == (f"Error: database {db_path} is in use by another telemetry-collector: "
+                     "one collector writes one database (give this one its own --db)")
+    assert first.stop() == 0
+    again = collector()  # the lock went with the first process
+    assert again.stop() == 0
+
+
 def test_cli_errors_are_one_line_with_exit_code_2(bin_path, tmp_path, db_path):
     bad_key = tmp_path / "bad.toml"
     bad_key.write_text("[collector]\nflush-intervall = 2\n")

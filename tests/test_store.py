@@ -9,6 +9,7 @@ import pytest
 
 from collector import schema
 from collector.sequence import Duplicate, Gap, Late
+from collector.errors import SetupError
 from collector.store import BatchWriter
 from helpers import db_query as rows
 
@@ -247,3 +248,12 @@ def test_a_database_from_a_newer_collector_is_refused_and_left_closed(db_path):
         schema.open_writer(db_path)
     assert len(os.listdir("/proc/self/fd")) == before
     del info
+
+
+def test_a_second_writer_on_the_same_database_is_refused_until_the_first_closes(db_path):
+    first = BatchWriter(db_path)
+    with pytest.raises(SetupError, match="in use by another telemetry-collector"):
+        BatchWriter(db_path)
+    first.close()
+    second = BatchWriter(db_path)  # the lock went with the first writer
+    second.close()
