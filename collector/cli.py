@@ -110,7 +110,7 @@ def _positive(kind, check=None):
               type=click.Path(dir_okay=False),
               help="TOML file whose [collector] table holds the same names (flags win).")
 @click.option("--check", is_flag=True,
-              help="Validate the settings, print the effective [collector] table and exit (binds nothing).")
+              help="Validate the settings and the key file, print the effective [collector] table and exit (binds nothing).")
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
 @click.option("-q", "--quiet", count=True, help="Less log output: warnings and errors only.")
 @click.version_option(__version__, "--version")
@@ -141,6 +141,10 @@ def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int,
                               f"{config_path} [collector]")
         settings = Settings(**values)
         if check:
+            if settings.keys:
+                from .auth import load_keys
+
+                load_keys(settings.keys)  # readable, private, well-formed: as a start would insist
             click.echo(config.render("collector", SETTINGS, values), nl=False)
             return
         from .sdnotify import Notifier

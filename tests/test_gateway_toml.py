@@ -41,7 +41,11 @@ def example(tmp_path) -> Path:
     tls = tmp_path / "tls"
     certs.make_ca(tls)
     certs.issue(tls, "server", "localhost", server=True, dns=("localhost",), days=1)
+    keys = tmp_path / "keys"
+    keys.write_text("# no signing sensor yet\n")
+    keys.chmod(0o600)
     text = EXAMPLE.read_text().replace("/etc/gateway-telemetry/tls", str(tls))
+    text = text.replace("/etc/gateway-telemetry/keys", str(keys))
     path = tmp_path / "gateway.toml"
     path.write_text(text)
     return path
@@ -109,3 +113,11 @@ def test_query_check_refuses_missing_certificates(tmp_path, commands):
     result = run([*commands["query"], "--config", str(tmp_path / "g.toml"), "--check"])
     assert result.returncode == 2
     assert "no such file (check --cert/--key)" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_collector_check_refuses_a_world_readable_key_file(example, commands):
+    keys = example.parent / "keys"
+    keys.chmod(0o644)
+    result = run([*commands["collector"], "--config", str(example), "--check"])
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert str(keys) in result.stderr and "chmod" in result.stderr
