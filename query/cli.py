@@ -540,7 +540,7 @@ def notify_noop(state: str) -> None:
 
 @main.command("serve")
 @_serve_option("--db", "PATH", f"SQLite database of the collector, opened read-only. [default: {tuning.DEFAULT_DB_PATH}]")
-@_serve_option("--listen", "HOST:PORT", f"Address to listen on; IPv6 as [::]:PORT. [default: 0.0.0.0:{DEFAULT_PORT}]",
+@_serve_option("--listen", "HOST:PORT", f"Address to listen on; [::]:PORT for IPv6 and IPv4. [default: 0.0.0.0:{DEFAULT_PORT}]",
                _host_port)
 @_serve_option("--cert", "PEM", "Server certificate chain (required: there is no plaintext mode).")
 @_serve_option("--key", "PEM", "Private key of --cert (unencrypted, readable only by this service).")

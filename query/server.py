@@ -610,7 +610,10 @@ def _listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # The server has one listening socket: "[::]" means every address,
+            # IPv4 (mapped) included; a named IPv6 address stays IPv6 only.
+            wildcard = sockaddr[0] == "::"
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if wildcard else 1)
         sock.bind(sockaddr)
         sock.listen(512)
         sock.setblocking(False)

@@ -194,6 +194,15 @@ def test_ipv6_loopback(known_db, tls):
             assert c.request("latest", sensor="s2")[0]["seq"] == 109
 
 
+def test_listening_on_the_ipv6_wildcard_serves_ipv4_clients_too(known_db, tls):
+    """listen = "[::]:4740" (deploy/gateway.toml) is the one listening socket: it must not shut
+    out IPv4 clients (the deployed server certificate names the gateway's IPv4 address)."""
+    with running_server(known_db, tls, host="::") as server:
+        for host in ("127.0.0.1", "::1"):
+            with QueryClient(host, server.server_address[1], ca=tls.ca_pem) as c:
+                assert c.request("ping")["protocol"] == 1, host
+
+
 # -- the protocol over the wire ---------------------------------------------------
 
 
