@@ -13,6 +13,7 @@ neither openssl recipes nor a PKI.  Choices, and why:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -133,6 +134,16 @@ def issue(
     return cert_path, key_path
 
 
+@contextlib.contextmanager
+def _writing(directory: Path):
+    """A directory that cannot be made or written is one line (exit 2), not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or directory
+        raise click.BadParameter(f"cannot write {where}: {exc.strerror or exc}", param_hint="DIRECTORY") from None
+
+
 def _check_ips(ctx, param, values):
     for value in values:
         try:
@@ -177,8 +188,9 @@ def init(directory: Path, dns: tuple[str, ...], ip: tuple[str, ...], days: int, 
         raise click.UsageError("name the gateway with at least one --dns or --ip (clients verify it)")
     if (directory / "ca.key").exists() and not force:
         raise click.ClickException(f"{directory / 'ca.key'} exists: use --force to replace the CA")
-    make_ca(directory)
-    issue(directory, "server", (dns or ip)[0], server=True, dns=dns, ips=ip, days=days)
+    with _writing(directory):
+        make_ca(directory)
+        issue(directory, "server", (dns or ip)[0], server=True, dns=dns, ips=ip, days=days)
     click.echo(f"wrote {directory}/ca.pem, ca.key, server.pem, server.key", err=True)
 
 
@@ -200,7 +212,8 @@ def server(directory: Path, dns: tuple[str, ...], ip: tuple[str, ...], days: int
     """
     if not dns and not ip:
         raise click.UsageError("name the gateway with at least one --dns or --ip (clients verify it)")
-    cert_path, key_path = issue(directory, "server", (dns or ip)[0], server=True, dns=dns, ips=ip, days=days)
+    with _writing(directory):
+        cert_path, key_path = issue(directory, "server", (dns or ip)[0], server=True, dns=dns, ips=ip, days=days)
     click.echo(f"wrote {cert_path}, {key_path}", err=True)
 
 
@@ -221,7 +234,8 @@ def client(directory: Path, name: str, days: int) -> None:
     """
     if not _NAME_RE.match(name) or name in ("ca", "server"):
         raise click.BadParameter("use 1-64 of [A-Za-z0-9._-], not 'ca' or 'server'", param_hint="NAME")
-    cert_path, key_path = issue(directory, name, name, server=False, days=days)
+    with _writing(directory):
+        cert_path, key_path = issue(directory, name, name, server=False, days=days)
     click.echo(f"wrote {cert_path}, {key_path}", err=True)
 
 

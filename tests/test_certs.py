@@ -120,3 +120,12 @@ def test_server_renews_the_server_certificate_under_the_same_ca(tls_dir, tmp_pat
     assert result.exit_code == 2 and "at least one --dns or --ip" in result.output
     result = make(tmp_path, "server", tmp_path / "empty", "--dns", "localhost")
     assert result.exit_code == 1 and "create the CA first" in result.output
+
+
+def test_a_directory_that_cannot_be_written_is_one_line_exit_2(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for args in (["init", blocker / "tls", "--dns", "localhost"], ["server", blocker / "tls", "--dns", "localhost"]):
+        result = make(tmp_path, *args)
+        assert result.exit_code == 2, result.output
+        assert f"cannot write {blocker / 'tls'}" in result.output and "Traceback" not in result.output
