@@ -259,12 +259,16 @@ class Ops:
                 " (widen 'bucket' or narrow 'since'/'until')",
             )
         where, args = _where(("series = ?", sid), ("ts >= ?", since), ("ts < ?", until))
-        # floor(), not CAST: CAST truncates toward zero and would fold
-        # [-bucket, 0) into bucket 0.
+        # The bucket index is floor(ts / bucket), written without SQLite's
+        # floor(): that exists only where SQLite was built with its math
+        # functions, which a gateway's system SQLite may not be.  CAST truncates
+        # toward zero, so a negative quotient that is not whole steps down one
+        # (otherwise [-bucket, 0) would fold into bucket 0).
         rows = self._all(
-            "SELECT CAST(floor(ts / ?) AS INTEGER) AS k, count(*), min(value), max(value), sum(value)"
+            "SELECT CAST(ts / ? AS INTEGER) - (ts < 0 AND CAST(ts / ? AS INTEGER) * ? != ts) AS k,"
+            " count(*), min(value), max(value), sum(value)"
             f" FROM readings {where} GROUP BY k ORDER BY k",
-            [bucket, *args],
+            [bucket, bucket, bucket, *args],
         )
         return [
             {"start": k * bucket, "count": n, "min": lo_v, "max": hi_v, "avg": total / n, "sum": total}
