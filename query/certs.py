@@ -166,12 +166,18 @@ def main() -> None:
     """
 
 
+def _server_certificate_options(command):
+    """--dns, --ip and --days: what names the gateway in its server certificate, and for how long."""
+    command = click.option("--days", type=click.IntRange(1, 3650), default=SERVER_DAYS, show_default=True,
+                           help="Server certificate lifetime.")(command)
+    command = click.option("--ip", multiple=True, callback=_check_ips,
+                           help="IP address of the gateway (repeatable).")(command)
+    return click.option("--dns", multiple=True, help="DNS name of the gateway (repeatable).")(command)
+
+
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--dns", multiple=True, help="DNS name of the gateway (repeatable).")
-@click.option("--ip", multiple=True, callback=_check_ips, help="IP address of the gateway (repeatable).")
-@click.option("--days", type=click.IntRange(1, 3650), default=SERVER_DAYS, show_default=True,
-              help="Server certificate lifetime.")
+@_server_certificate_options
 @click.option("--force", is_flag=True, help="Replace an existing CA (invalidates every issued certificate).")
 def init(directory: Path, dns: tuple[str, ...], ip: tuple[str, ...], days: int, force: bool) -> None:
     """Create a CA and the gateway's server certificate in DIRECTORY.
@@ -196,10 +202,7 @@ def init(directory: Path, dns: tuple[str, ...], ip: tuple[str, ...], days: int, 
 
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--dns", multiple=True, help="DNS name of the gateway (repeatable).")
-@click.option("--ip", multiple=True, callback=_check_ips, help="IP address of the gateway (repeatable).")
-@click.option("--days", type=click.IntRange(1, 3650), default=SERVER_DAYS, show_default=True,
-              help="Server certificate lifetime.")
+@_server_certificate_options
 def server(directory: Path, dns: tuple[str, ...], ip: tuple[str, ...], days: int) -> None:
     """Renew the server certificate: a new server.pem/server.key from the CA in DIRECTORY.
 

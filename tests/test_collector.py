@@ -283,18 +283,29 @@ def test_counters_are_cumulative_across_restarts(db_path):
     assert query(db_path, "SELECT datagrams, lost, restarts FROM sensors") == [(20, 0, 0)]
 
 
+def fill_disk(collector: Collector) -> None:
+    """Cap the database at the pages it has now, from the loop thread: the next flush finds the disk full."""
+    conn = collector.store.conn
+    full = threading.Event()
+
+    def cap():
+        conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+        full.set()
+
+    collector.call_soon(cap)
+    wait_for(full.is_set, 5, what="the disk to fill")
+
+
+def free_disk(collector: Collector) -> None:
+    """Lift the cap again: space has returned."""
+    conn = collector.store.conn
+    collector.call_soon(lambda: conn.execute("PRAGMA max_page_count = 1073741823"))
+
+
 def test_disk_full_while_running_keeps_receiving_counts_drops_and_recovers(db_path, caplog):
     caplog.set_level(logging.INFO, logger="collector")
     with running(db_path, max_backlog_rows=60, batch_size=20) as (collector, _):
-        conn = collector.store.conn
-        full = threading.Event()
-
-        def fill_disk():
-            conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
-            full.set()
-
-        collector.call_soon(fill_disk)
-        wait_for(full.is_set, 5, what="the disk to fill")
+        fill_disk(collector)
         s = sender()
         for seq in range(150):  # 300 readings, far more than the pages left and the backlog
             s.sendto(good("full-1", seq), collector.addresses[0])
@@ -303,7 +314,7 @@ def test_disk_full_while_running_keeps_receiving_counts_drops_and_recovers(db_pa
         assert collector.store.failing_since is not None
         assert len(collector.store.rows) <= 60
 
-        collector.call_soon(lambda: conn.execute("PRAGMA max_page_count = 1073741823"))
+        free_disk(collector)
         wait_for(lambda: collector.store.failing_since is None, 10, what="recovery")
         s.sendto(good("full-1", 150), collector.addresses[0])  # and it goes on storing
         wait_for(lambda: collector.counters["received"] == 151, 5, what="151 received")
@@ -458,20 +469,12 @@ def test_the_last_line_says_so_when_this_run_dropped_readings(db_path):
     assert collector.stop_message() == (logging.INFO, "stopped cleanly; every accepted datagram is stored")
 
     with running(db_path, max_backlog_rows=60, batch_size=20) as (collector, _):
-        conn = collector.store.conn
-        full = threading.Event()
-
-        def fill_disk():
-            conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
-            full.set()
-
-        collector.call_soon(fill_disk)
-        wait_for(full.is_set, 5, what="the disk to fill")
+        fill_disk(collector)
         s = sender()
         send_paced(s, collector, [good("drop-1", seq) for seq in range(150)], collector.addresses[0])
         s.close()
         wait_for(lambda: collector.counters["storage_dropped"] > 0, 5, what="backlog overflow")
-        collector.call_soon(lambda: conn.execute("PRAGMA max_page_count = 1073741823"))
+        free_disk(collector)
         wait_for(lambda: collector.store.failing_since is None, 10, what="recovery")
     assert collector.unflushed_at_exit == 0
     dropped = int(counters(db_path)["storage_dropped"])
