@@ -7,6 +7,7 @@ import socket
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
@@ -80,3 +81,26 @@ class Receiver:
     def wait(self, n: int) -> list[bytes]:
         wait_for(lambda: len(self.raw) >= n, 10, what=f"{n} datagrams (got {len(self.raw)})")
         return list(self.raw)
+
+
+@contextmanager
+def running_collector(db_path: str, **overrides):
+    """A Collector serving in a thread on 127.0.0.1 (port 0); yields (collector, notify messages).
+
+    Flushes every 50 ms; `overrides` are further Settings.  On exit it is shut
+    down (final flush included) and closed.
+    """
+    from collector.server import Collector, Settings
+
+    values = dict(db=db_path, listen=(("127.0.0.1", 0),), flush_interval=0.05, status_interval=3600.0)
+    values.update(overrides)
+    notes: list[str] = []
+    collector = Collector(Settings(**values), notify=notes.append)
+    thread = threading.Thread(target=collector.serve_forever, name="collector")
+    thread.start()
+    try:
+        yield collector, notes
+    finally:
+        collector.shutdown()
+        thread.join(10)
+        collector.server_close()

@@ -22,7 +22,7 @@ from collector import auth, wire
 from collector.errors import ConfigError
 from collector.schema import REJECT_REASONS, open_reader
 from collector.server import Collector, Settings
-from helpers import Receiver, db_counters, db_query, wait_for
+from helpers import Receiver, db_counters, db_query, running_collector, wait_for
 from query.ops import Ops
 from sensor_sim import Sensor
 
@@ -177,17 +177,8 @@ AUTH_REASONS = ("not_signed", "bad_envelope", "unknown_key", "bad_mac", "wrong_k
 
 @contextmanager
 def running(db_path: str, **overrides):
-    values = dict(db=db_path, listen=(("127.0.0.1", 0),), flush_interval=0.05, status_interval=3600.0)
-    values.update(overrides)
-    collector = Collector(Settings(**values))
-    thread = threading.Thread(target=collector.serve_forever, name="collector")
-    thread.start()
-    try:
+    with running_collector(db_path, **overrides) as (collector, _):
         yield collector
-    finally:
-        collector.shutdown()
-        thread.join(10)
-        collector.server_close()
 
 
 def signed(sensor: str, seq: int, boot: int = 1, key: bytes = KEY, key_id: str | None = None,

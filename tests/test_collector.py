@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from contextlib import contextmanager
 
 import msgpack
 import pytest
@@ -14,23 +13,10 @@ from collector import wire
 from collector.errors import SetupError
 from collector.schema import REJECT_REASONS
 from collector.server import Collector, Settings
-from helpers import db_counters as counters, db_query as query, wait_for
+from helpers import db_counters as counters, db_query as query, running_collector, wait_for
 
 
-@contextmanager
-def running(db_path: str, **overrides):
-    values = dict(db=db_path, listen=(("127.0.0.1", 0),), flush_interval=0.05, status_interval=3600.0)
-    values.update(overrides)
-    notes: list[str] = []
-    collector = Collector(Settings(**values), notify=notes.append)
-    thread = threading.Thread(target=collector.serve_forever, name="collector")
-    thread.start()
-    try:
-        yield collector, notes
-    finally:
-        collector.shutdown()
-        thread.join(10)
-        collector.server_close()
+running = running_collector
 
 
 def sender(family=socket.AF_INET) -> socket.socket:
