@@ -1,0 +1,129 @@
+"""The ingest log: what each flush committed, in commit order. No sockets, no files.
+
+Storage v3 (docs/SCHEMA.md) writes one `ingest_log` row per flush, in the same
+transaction as the accounts: the datagrams that flush stored, grouped by
+sensor, as one compressed blob.  Rows are appended with increasing ids, so a
+flush touches a few consecutive pages (sequential, bounded writes) instead of
+a page per series.  Everything that must follow what was committed reads this
+table by id (AUTOINCREMENT: an id is never reused, even after the log has
+been emptied, so a reader's position stays valid): the collector itself when it rebuilds its open chunk heads after a
+restart, the query server's live `follow`, and the uplink.  A reader keeps the
+last id it has handled; rows are deleted from the oldest end only.
+
+This module is the format's one definition: `encode_body` and `decode_body`
+are pure and round-trip every value bit-exact (float64 as msgpack float64, so
+-0.0 and NaN payloads survive; integers as msgpack integers, so values beyond
+2**53 survive), and `read_after` is the one query readers run.
+
+Body, version 1: zlib(msgpack([1, [group, ...]])) where a group is
+  [sensor, boot, seqs, ts, received, metrics]
+  sensor   str
+  boot     int, or None when the sensor sends no boot field
+  seqs     [int, ...]          one per datagram, in arrival order
+  ts       [float, ...]        sensor time (receive time when it sent none)
+  received [float, ...]        receive time
+  metrics  {name: [value or None, ...]}  aligned with seqs; None where that
+           datagram did not carry the metric
+A sensor that changed boot within one flush has one group per boot.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import zlib
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import msgpack
+
+BODY_VERSION = 1
+# zlib level 1: the log is transient (deleted once its data is in closed
+# chunks and, when an uplink runs, sent), so it is compressed for write
+# volume, not for size at rest.
+ZLIB_LEVEL = 1
+
+CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS ingest_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    committed REAL NOT NULL,
+    datagrams INTEGER NOT NULL,
+    readings INTEGER NOT NULL,
+    body BLOB NOT NULL
+)"""
+
+
+class Group(NamedTuple):
+    """One sensor's datagrams stored by one flush (one boot)."""
+
+    sensor: str
+    boot: int | None
+    seqs: list[int]
+    ts: list[float]
+    received: list[float]
+    metrics: dict[str, list[Any]]
+
+
+class Entry(NamedTuple):
+    """One ingest_log row, decoded."""
+
+    id: int
+    committed: float
+    groups: list[Group]
+
+
+class LogFormatError(ValueError):
+    """A body that is not a valid version-1 ingest log body."""
+
+
+def encode_body(groups: list[Group]) -> bytes:
+    payload = [BODY_VERSION, [list(g) for g in groups]]
+    return zlib.compress(msgpack.packb(payload, use_bin_type=True), ZLIB_LEVEL)
+
+
+def decode_body(body: bytes) -> list[Group]:
+    try:
+        version, groups = msgpack.unpackb(zlib.decompress(body), raw=False, strict_map_key=True)
+    except (zlib.error, ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise LogFormatError(f"ingest log body: {exc}") from None
+    if version != BODY_VERSION:
+        raise LogFormatError(f"ingest log body version {version!r}, expected {BODY_VERSION}")
+    out = []
+    for g in groups:
+        if not isinstance(g, list) or len(g) != 6:
+            raise LogFormatError("ingest log body: a group is not a 6-element list")
+        out.append(Group(*g))
+    return out
+
+
+def counts(groups: list[Group]) -> tuple[int, int]:
+    """(datagrams, readings) in these groups, for the row's columns."""
+    datagrams = sum(len(g.seqs) for g in groups)
+    readings = sum(sum(v is not None for v in values) for g in groups for values in g.metrics.values())
+    return datagrams, readings
+
+
+def append(conn: sqlite3.Connection, committed: float, groups: list[Group]) -> int:
+    """Append one row inside the caller's transaction; returns its id."""
+    datagrams, readings = counts(groups)
+    cur = conn.execute(
+        "INSERT INTO ingest_log (committed, datagrams, readings, body) VALUES (?, ?, ?, ?)",
+        (committed, datagrams, readings, encode_body(groups)),
+    )
+    return int(cur.lastrowid)
+
+
+def read_after(conn: sqlite3.Connection, after_id: int, limit: int = 100) -> Iterator[Entry]:
+    """Rows with id > after_id, oldest first, at most `limit` of them."""
+    for row_id, committed, body in conn.execute(
+        "SELECT id, committed, body FROM ingest_log WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+    ):
+        yield Entry(row_id, committed, decode_body(body))
+
+
+def last_id(conn: sqlite3.Connection) -> int:
+    """The newest id ever given, even if its row is gone; 0 for a new log.
+
+    A reader that wants only rows committed from now on starts here.
+    """
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'ingest_log'").fetchone()
+    return int(row[0]) if row else 0
