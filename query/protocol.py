@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PROTOCOL_VERSION = 1
+DEFAULT_PORT = 4740  # TCP, TLS; the client's and the server's default
 MAX_LINE_BYTES = 64 * 1024  # a request line longer than this (without "\n") is too_large
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10_000

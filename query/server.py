@@ -45,7 +45,6 @@ from .protocol import (
 
 log = logging.getLogger("telemetry.query")
 
-DEFAULT_PORT = 4740
 READ_CHUNK = 64 * 1024  # bytes per recv; one TLS record is at most 16 KiB anyway
 SEND_CHUNK = 256 * 1024
 READS_PER_TURN = 8  # recv calls for one client before others get a turn (fairness)

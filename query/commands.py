@@ -1,0 +1,344 @@
+"""The client commands of telemetry-query: connection settings, one session per command.
+
+Connection options come from flags or TELEMETRY_SERVER, TELEMETRY_CA,
+TELEMETRY_CERT, TELEMETRY_KEY, TELEMETRY_FORMAT, and may be given before
+(on the group, query/cli.py) or after the command name.  Each command
+asks the server through one `_Session` and renders with query/output.py.
+Exit codes: 1 the server answered with an error, 2 usage, 3 cannot connect
+or TLS failed; each failure is one line saying what to change.  This module
+never imports the server.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from collector import config
+from collector.config import SetupFailed
+
+from .client import ConnectError, QueryClient, ServerError
+from .output import TIME_FIELDS, flatten, render
+from .protocol import DEFAULT_PORT
+from .times import human_time, parse_duration, parse_time
+
+SETTINGS_KEY = "telemetry_query"  # ctx.meta key: the group's connection options
+COMMANDS: list[click.Command] = []  # the client commands, in the order they are defined
+
+
+class ServerSaidNo(click.ClickException):
+    exit_code = 1
+
+
+class CannotConnect(click.ClickException):
+    exit_code = 3
+
+
+_HINTS = {
+    "connect": "is `telemetry-query serve` running there? Set the address with --server or TELEMETRY_SERVER",
+    "timeout": "is `telemetry-query serve` running there? Set the address with --server or TELEMETRY_SERVER",
+    "verify": "pass the CA that signed the server's certificate with --ca or TELEMETRY_CA",
+    "hostname": "use the name the server's certificate was issued for in --server (TELEMETRY_SERVER)",
+    "client_cert": "pass a client certificate the server trusts with --cert and --key (TELEMETRY_CERT, TELEMETRY_KEY)",
+    "closed": "if the server requires mutual TLS, pass --cert and --key (TELEMETRY_CERT, TELEMETRY_KEY)",
+    "tls": "check that --server points at `telemetry-query serve` (TLS 1.2 or newer)",
+    "protocol": "check that --server points at `telemetry-query serve`",
+    "files": "check --ca, --cert and --key (TELEMETRY_CA, TELEMETRY_CERT, TELEMETRY_KEY)",
+}
+
+
+def connection_options(envvars: bool) -> Callable:
+    """--server/--ca/--cert/--key/--format, on the group (with env) and on each command."""
+
+    def env(name: str) -> str | None:
+        return name if envvars else None
+
+    def decorate(f: Callable) -> Callable:
+        options = [
+            click.option("--server", envvar=env("TELEMETRY_SERVER"), metavar="HOST:PORT",
+                         help=f"Query server; its HOST is the name checked against its certificate. "
+                              f"[env TELEMETRY_SERVER; default localhost:{DEFAULT_PORT}]"),
+            click.option("--ca", envvar=env("TELEMETRY_CA"), metavar="PEM", type=click.Path(dir_okay=False),
+                         help="CA certificate(s) to verify the server with [env TELEMETRY_CA; default: system CAs]."),
+            click.option("--cert", envvar=env("TELEMETRY_CERT"), metavar="PEM", type=click.Path(dir_okay=False),
+                         help="Client certificate for mutual TLS [env TELEMETRY_CERT]."),
+            click.option("--key", envvar=env("TELEMETRY_KEY"), metavar="PEM", type=click.Path(dir_okay=False),
+                         help="Private key of --cert [env TELEMETRY_KEY]."),
+            click.option("--format", "fmt", envvar=env("TELEMETRY_FORMAT"),
+                         type=click.Choice(["table", "json", "csv"]),
+                         help="Output: aligned table (times in UTC), json or csv [env TELEMETRY_FORMAT; default table]."),
+        ]
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def _client_command(f: Callable) -> Callable:
+    """Accept the connection options after the command too; pass the merged settings."""
+
+    @connection_options(envvars=False)
+    @click.pass_context
+    @functools.wraps(f)
+    def wrapper(ctx: click.Context, server, ca, cert, key, fmt, **kwargs):
+        base = ctx.find_root().meta.get(SETTINGS_KEY, {})
+        given = {"server": server, "ca": ca, "cert": cert, "key": key, "fmt": fmt}
+        settings = {k: given[k] if given[k] is not None else base.get(k) for k in given}
+        return f(_Session(settings), **kwargs)
+
+    return wrapper
+
+
+class _Session:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.fmt = settings["fmt"] or "table"
+        try:
+            self.host, self.port = config.parse_host_port(settings["server"] or "localhost", DEFAULT_PORT)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--server") from None
+        if (settings["cert"] is None) != (settings["key"] is None):
+            raise SetupFailed("--cert and --key go together: give both, or neither (TELEMETRY_CERT, TELEMETRY_KEY)")
+        self.settings = settings
+        self._client: QueryClient | None = None
+
+    def client(self) -> QueryClient:
+        if self._client is None:
+            s = self.settings
+            self._client = QueryClient(self.host, self.port, ca=s["ca"], cert=s["cert"], key=s["key"])
+        return self._client
+
+    def request(self, op: str, **params: Any) -> Any:
+        try:
+            return self.client().request(op, **params)
+        except ServerError as exc:
+            raise ServerSaidNo(f"server said {exc.code}: {exc.message}") from None
+        except ConnectError as exc:
+            raise _connect_failure(exc) from None
+        except ValueError as exc:  # a request the protocol cannot carry (over-long arguments)
+            raise click.UsageError(f"{exc}: shorten the arguments") from None
+
+    def echo(self, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+        click.echo(render(rows, self.fmt, columns), nl=False)
+
+    def echo_object(self, result: dict[str, Any]) -> None:
+        """One object (ping, stats): as-is in JSON, key/value rows in table and CSV."""
+        if self.fmt == "json":
+            click.echo(json.dumps(result, indent=1))
+            return
+        if self.fmt == "table":
+            result = {k: human_time(v) if k in TIME_FIELDS and v is not None else v for k, v in result.items()}
+        self.echo(flatten(result, human=self.fmt == "table"), ["key", "value"])
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def _connect_failure(exc: ConnectError) -> click.ClickException:
+    hint = _HINTS.get(exc.kind, "")
+    message = f"{exc}: {hint}" if hint else str(exc)
+    if exc.kind == "files":
+        return SetupFailed(message)
+    return CannotConnect(message)
+
+
+def _session_command(name: str, **kwargs: Any) -> Callable:
+    def decorate(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def run(session: _Session, **params: Any) -> None:
+            try:
+                f(session, **params)
+            finally:
+                session.close()
+
+        command = click.command(name, **kwargs)(_client_command(run))
+        COMMANDS.append(command)
+        return command
+
+    return decorate
+
+
+class _TimeType(click.ParamType):
+    name = "TIME"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_time(value, time.time())  # the one clock read, at the edge
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class _DurationType(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return value
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+TIME = _TimeType()
+DURATION = _DurationType()
+_range_options = [
+    click.option("--since", type=TIME, help="From this time (inclusive): Unix seconds, ISO 8601 or an age like 2h."),
+    click.option("--until", type=TIME, help="Up to this time (exclusive), same forms as --since."),
+]
+
+
+def _ranges(f: Callable) -> Callable:
+    for option in reversed(_range_options):
+        f = option(f)
+    return f
+
+
+@_session_command("ping")
+def ping(session: _Session) -> None:
+    """Check that the server answers; prints its version.
+
+    \b
+    Example:
+      telemetry-query --ca ca.pem ping
+    """
+    session.echo_object(session.request("ping"))
+
+
+@_session_command("sensors")
+@click.argument("sensor", required=False)
+def sensors(session: _Session, sensor: str | None) -> None:
+    """List sensors with their datagram, reading and loss accounts.
+
+    \b
+    Example:
+      telemetry-query sensors
+      telemetry-query --format csv sensors boiler-1
+    """
+    session.echo(session.request("sensors", sensor=sensor), [
+        "sensor", "first_seen", "last_seen", "datagrams", "readings", "lost", "duplicates", "reordered",
+        "restarts", "metrics"])
+
+
+@_session_command("latest")
+@click.argument("sensor", required=False)
+@click.option("--metric", help="Only this metric.")
+def latest(session: _Session, sensor: str | None, metric: str | None) -> None:
+    """The newest reading of every (sensor, metric), or of one sensor.
+
+    \b
+    Example:
+      telemetry-query latest boiler-1 --metric temp
+    """
+    session.echo(session.request("latest", sensor=sensor, metric=metric), ["sensor", "metric", "ts", "value", "seq"])
+
+
+@_session_command("readings")
+@click.argument("sensor")
+@click.option("--metric", help="Only this metric (default: all of the sensor's, metric by metric).")
+@_ranges
+@click.option("--limit", type=click.IntRange(1, 10_000), default=1000, show_default=True, help="Rows per page.")
+@click.option("--desc", is_flag=True, help="Newest first.")
+@click.option("--all", "walk_all", is_flag=True, help="Follow the pages to the end of the range.")
+@click.option("--cursor", help="Continue after a previous page (its 'next').")
+def readings(session: _Session, sensor: str, metric: str | None, since: float | None, until: float | None,
+             limit: int, desc: bool, walk_all: bool, cursor: str | None) -> None:
+    """Readings of one sensor in a time range, a page at a time.
+
+    \b
+    Example:
+      telemetry-query readings boiler-1 --metric temp --since 2h --all
+      telemetry-query --format csv readings boiler-1 --since 2026-11-25T00:00:00Z --until 2026-11-26
+    """
+    rows: list[dict[str, Any]] = []
+    params = {"sensor": sensor, "metric": metric, "since": since, "until": until, "limit": limit,
+              "order": "desc" if desc else "asc"}
+    while True:
+        page = session.request("readings", **params, cursor=cursor)
+        rows += page["rows"]
+        cursor = page["next"]
+        if cursor is None or not walk_all:
+            break
+    if session.fmt == "json":
+        click.echo(json.dumps({"rows": rows, "next": cursor}, indent=1))
+    else:
+        session.echo(rows, ["sensor", "metric", "ts", "value", "seq", "boot"])
+    if cursor is not None:
+        click.echo(f"more rows: repeat with --all, or with --cursor {cursor}", err=True)
+
+
+@_session_command("aggregate")
+@click.argument("sensor")
+@click.option("--metric", required=True, help="The metric to aggregate.")
+@click.option("--bucket", type=DURATION, required=True, help="Bucket width: seconds or e.g. 30s, 5m, 1h, 1d.")
+@_ranges
+def aggregate(session: _Session, sensor: str, metric: str, bucket: float, since: float | None,
+              until: float | None) -> None:
+    """Count, min, max, avg and sum per time bucket (aligned to the epoch).
+
+    \b
+    Example:
+      telemetry-query aggregate boiler-1 --metric temp --bucket 5m --since 24h
+    """
+    result = session.request("aggregate", sensor=sensor, metric=metric, bucket=bucket, since=since, until=until)
+    session.echo(result, ["start", "count", "min", "max", "avg", "sum"])
+
+
+@_session_command("gaps")
+@click.argument("sensor", required=False)
+@_ranges
+def gaps(session: _Session, sensor: str | None, since: float | None, until: float | None) -> None:
+    """Runs of sequence numbers still missing (since/until filter on detection time).
+
+    \b
+    Example:
+      telemetry-query gaps boiler-1 --since 7d
+    """
+    session.echo(session.request("gaps", sensor=sensor, since=since, until=until),
+                 ["sensor", "boot", "first_seq", "last_seq", "missing", "detected_at"])
+
+
+@_session_command("stats")
+def stats(session: _Session) -> None:
+    """The collector's counters: received, stored, rejected by reason, lost, drops.
+
+    \b
+    Example:
+      telemetry-query --format json stats
+    """
+    session.echo_object(session.request("stats"))
+
+
+@_session_command("raw")
+@click.argument("request")
+def raw(session: _Session, request: str) -> None:
+    """Send one request object as-is and print the whole response as JSON.
+
+    \b
+    Example:
+      telemetry-query raw '{"op": "readings", "sensor": "boiler-1", "limit": 5}'
+    """
+    try:
+        doc = json.loads(request)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="REQUEST") from None
+    if not isinstance(doc, dict):
+        raise click.BadParameter("a request is a JSON object, e.g. '{\"op\": \"ping\"}'", param_hint="REQUEST")
+    try:
+        response = session.client().call(doc)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="REQUEST") from None
+    except ConnectError as exc:
+        raise _connect_failure(exc) from None
+    click.echo(json.dumps(response))
+    if not response.get("ok"):
+        error = response.get("error") or {}
+        raise ServerSaidNo(f"server said {error.get('code')}: {error.get('message')}")
