@@ -85,6 +85,24 @@ class LineBuffer:
             self._buf += b"\n"
 
 
+class BigInt(str):
+    """An integer literal too long for Python's int() (over 4,300 digits), kept as its JSON text.
+
+    PROTOCOL.md lets `id` be any JSON value and echoes it: such an id comes
+    back digit for digit (its length is bounded by the request line).  As a
+    parameter it is simply out of range.  Converting it instead would need
+    sys.set_int_max_str_digits, a process-wide switch whose limit exists
+    because str <-> int is quadratic.
+    """
+
+
+def _parse_int(text: str) -> int | BigInt:
+    try:
+        return int(text)
+    except ValueError:  # longer than sys.get_int_max_str_digits()
+        return BigInt(text)
+
+
 @dataclass(frozen=True)
 class Request:
     op: str
@@ -111,7 +129,13 @@ def _string(name: str, raw: Any) -> str:
     return raw
 
 
+def _out_of_range(name: str, raw: Any) -> None:
+    if type(raw) is BigInt:
+        raise _bad(name, f"is out of range (an integer of {len(raw.lstrip('-'))} digits)")
+
+
 def _number(name: str, raw: Any) -> float:
+    _out_of_range(name, raw)
     # bool is an int in Python but not a number in this protocol.
     if type(raw) not in (int, float):
         raise _bad(name, f"must be a number, got {_json_type(raw)}")
@@ -128,6 +152,7 @@ def _time(name: str, raw: Any) -> float:
 
 
 def _limit(name: str, raw: Any) -> int:
+    _out_of_range(name, raw)
     if type(raw) is not int:
         raise _bad(name, f"must be an integer, got {_json_type(raw)}")
     if not 1 <= raw <= MAX_LIMIT:
@@ -185,7 +210,7 @@ OPS: dict[str, dict[str, tuple[Any, bool]]] = {
 def _json_type(value: Any) -> str:
     return {
         dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
-        float: "number", type(None): "null",
+        float: "number", type(None): "null", BigInt: "integer",
     }.get(type(value), type(value).__name__)
 
 
@@ -198,10 +223,11 @@ def parse_request(line: bytes) -> Request:
     try:
         text = line.decode("utf-8")
         # parse_constant refuses NaN/Infinity/-Infinity, which json accepts by default.
-        doc = json.loads(text, parse_constant=_reject_constant)
+        # parse_int: an integer beyond int()'s digit limit stays text (BigInt).
+        doc = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int)
     except RecursionError:
         raise RequestError("bad_json", "nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, huge int literals, bad UTF-8
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, bad UTF-8
         raise RequestError("bad_json", f"not a JSON object: {_short(exc)}") from None
     if type(doc) is not dict:
         raise RequestError("bad_request", f"a request is a JSON object, got {_json_type(doc)}")
@@ -263,22 +289,38 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _dump(obj: dict[str, Any]) -> bytes:
+def _json(value: Any) -> str:
     # ensure_ascii: a lone surrogate echoed back in `id` stays encodable.
     try:
-        text = json.dumps(obj, allow_nan=False, separators=(",", ":"))
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
     except ValueError:  # a non-finite float in the data: never emit NaN/Infinity
-        text = json.dumps(_finite(obj), allow_nan=False, separators=(",", ":"))
-    return text.encode("ascii") + b"\n"
+        return json.dumps(_finite(value), allow_nan=False, separators=(",", ":"))
+
+
+def _id_json(value: Any) -> str:
+    """The echoed id as JSON; a BigInt goes back as the digits it came as."""
+    if type(value) is BigInt:
+        return str.__str__(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_id_json(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(_json(k) + ":" + _id_json(v) for k, v in value.items()) + "}"
+    return _json(value)
+
+
+def _dump(request_id: Any, rest: dict[str, Any]) -> bytes:
+    """{"id":...,<rest>} as one line; the id is encoded apart so a BigInt in it echoes exactly."""
+    body = _json(rest)
+    return ('{"id":' + _id_json(request_id) + "," + body[1:]).encode("ascii") + b"\n"
 
 
 def encode_result(request_id: Any, result: Any) -> bytes:
-    return _dump({"id": request_id, "ok": True, "result": result})
+    return _dump(request_id, {"ok": True, "result": result})
 
 
 def encode_error(request_id: Any, code: str, message: str) -> bytes:
     assert code in CODES, code
-    return _dump({"id": request_id, "ok": False, "error": {"code": code, "message": message}})
+    return _dump(request_id, {"ok": False, "error": {"code": code, "message": message}})
 
 
 # Cursors for `readings`: the last key returned, bound to the request that

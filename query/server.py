@@ -24,9 +24,9 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from collector.errors import SetupError
@@ -69,6 +69,35 @@ class ServerLimits:
     # dripping one byte per idle period; a real client sends a line at once.
     line_timeout: float = 30.0
     max_output: int = 4 * 1024 * 1024  # queued response bytes before we stop reading a client
+
+
+@dataclass
+class ServerStats:
+    """What the loop counts (tests read it; logs and metrics may too). Touched by the loop thread only."""
+
+    requests: Counter = field(default_factory=Counter)  # answered requests by op ("invalid" for bad lines)
+    jobs_submitted: int = 0  # requests that needed a worker
+    jobs_run: int = 0  # requests a worker ran
+    jobs_dropped: int = 0  # requests dropped unrun because their connection was gone
+    resets: int = 0  # connections the peer reset (RST), noticed while they were open
+    evicted: int = 0  # connections closed for holding too much unread output (see output_budget)
+
+
+def _peer_reset(sock: socket.socket) -> bool:
+    """True when the kernel says the peer reset the connection (RST), not merely half-closed it (FIN).
+
+    TLS reports both as end of input (OP_IGNORE_UNEXPECTED_EOF); a half-closed
+    client still wants its answers, a reset one is gone.  Linux's TCP_INFO
+    tells them apart: after a RST the socket is CLOSE, after a FIN CLOSE_WAIT.
+    """
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except (AttributeError, OSError):  # not Linux, or already closed
+        return False
+    return state == _TCP_CLOSE
+
+
+_TCP_CLOSE = 7  # include/net/tcp_states.h
 
 
 def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
@@ -164,8 +193,8 @@ class _Answered(NamedTuple):
 
 
 class _Conn:
-    __slots__ = ("sock", "peer", "state", "lines", "out", "out_bytes", "out_offset",
-                 "accepted", "touched", "eof", "events", "want", "busy", "partial_since", "drained")
+    __slots__ = ("sock", "peer", "state", "lines", "out", "out_bytes", "out_offset", "accepted", "touched",
+                 "eof", "events", "want", "busy", "partial_since", "drained", "closed")
 
     def __init__(self, sock: ssl.SSLSocket, peer: str, now: float) -> None:
         self.sock = sock
@@ -183,6 +212,7 @@ class _Conn:
         self.busy = False  # a request of this connection is with a worker: answers stay in order
         self.partial_since: float | None = None  # when the unfinished line now buffered began
         self.drained = 0  # bytes discarded while lingering (bounded by LINGER_MAX_BYTES)
+        self.closed = False  # dropped: its queued request is never run (read by workers too)
 
 
 class QueryServer:
@@ -212,11 +242,19 @@ class QueryServer:
         self._ready: set[int] = set()  # conns with TLS data already decrypted (no readiness event will come)
         self._stop = False
         self._refused = 0
+        self.stats = ServerStats()
         # Requests that need SQL go to worker threads, one in flight per
         # connection, so a long query delays neither handshakes nor pings nor
         # other clients; answers come back through _done and a wake-up.
+        # Each connection has at most one request waiting in _runnable, and
+        # the loop hands a worker the oldest one only when a worker is free:
+        # connections take turns (round robin: a connection's next request
+        # joins the back), and a request whose connection closed meanwhile
+        # is dropped there, never run.  _jobs holds at most `workers` jobs.
+        self._runnable: deque[tuple[_Conn, Request]] = deque()
+        self._in_flight = 0
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._done: deque[tuple[_Conn, bytes]] = deque()
+        self._done: deque[tuple[_Conn, bytes | None]] = deque()
         self._workers: list[threading.Thread] = []
         for i in range(max(1, service.workers)):  # joined by close()
             worker = threading.Thread(target=self._work, name=f"query-worker-{i}", daemon=True)
@@ -281,11 +319,7 @@ class QueryServer:
             self._drop(conn)
         # Requests still queued belong to connections just closed: running them
         # would only delay the stop (one query-timeout each, per worker).
-        try:
-            while True:
-                self._jobs.get_nowait()
-        except queue.Empty:
-            pass
+        self._runnable.clear()
         for _ in self._workers:
             self._jobs.put(None)
         for worker in self._workers:
@@ -311,7 +345,8 @@ class QueryServer:
         try:
             while (job := self._jobs.get()) is not None:
                 conn, request = job
-                self._done.append((conn, self.service.answer(ops, request)))
+                # Closed since the loop handed it over: the peer is gone, skip the SQL.
+                self._done.append((conn, None if conn.closed else self.service.answer(ops, request)))
                 self._wake()
         finally:
             if ops is not None:
@@ -326,11 +361,33 @@ class QueryServer:
     def _collect_answers(self) -> None:
         while self._done:
             conn, data = self._done.popleft()
-            if self._conns.get(conn.sock.fileno()) is not conn:
+            self._in_flight -= 1
+            if data is None:
+                self.stats.jobs_dropped += 1
+            else:
+                self.stats.jobs_run += 1
+            if conn.closed:
                 continue  # closed while its query ran
             conn.busy = False
             self._queue(conn, data)
             self._service(conn)
+        self._dispatch()
+
+    def _submit(self, conn: _Conn, request: Request) -> None:
+        conn.busy = True
+        self.stats.jobs_submitted += 1
+        self._runnable.append((conn, request))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hand waiting requests to free workers, oldest first, skipping those of closed connections."""
+        while self._runnable and self._in_flight < len(self._workers):
+            conn, request = self._runnable.popleft()
+            if conn.closed:
+                self.stats.jobs_dropped += 1
+                continue
+            self._in_flight += 1
+            self._jobs.put((conn, request))
 
     def _drain_wake(self) -> None:
         try:
@@ -391,6 +448,7 @@ class QueryServer:
                 self._drop(conn)
 
     def _drop(self, conn: _Conn) -> None:
+        conn.closed = True  # its waiting request, if any, is skipped (_dispatch, _work)
         fd = conn.sock.fileno()
         self._conns.pop(fd, None)
         self._ready.discard(fd)
@@ -413,6 +471,8 @@ class QueryServer:
             return
         except OSError as exc:  # reset, broken pipe
             log.debug("%s: closed: %s", conn.peer, exc)
+            if isinstance(exc, ConnectionResetError):
+                self.stats.resets += 1
             self._drop(conn)
             return
         if conn.eof and not conn.out_bytes and (conn.state == _CLOSING or not len(conn.lines) and not conn.busy):
@@ -486,6 +546,8 @@ class QueryServer:
             if data:
                 conn.lines.feed(data)
                 continue
+            if _peer_reset(conn.sock):  # gone, not half-closed: its waiting work is dropped
+                raise ConnectionResetError("reset by peer")
             conn.eof = True
             conn.lines.finish()  # an unterminated last line before EOF is still a request
 
@@ -517,8 +579,7 @@ class QueryServer:
             if isinstance(parsed, bytes):
                 self._queue(conn, parsed)
             elif self.service.needs_database(parsed):
-                conn.busy = True
-                self._jobs.put((conn, parsed))
+                self._submit(conn, parsed)
             else:
                 self._queue(conn, self.service.answer_inline(parsed))
         return _Answered(full=False, turn_over=False)

@@ -78,7 +78,6 @@ def error_of(line: bytes) -> RequestError:
     b"", b" ", b"{", b"nope", b'{"op": "ping",}', b"\xff\xfe{}", b'{"op": NaN}', b'{"op": "readings", "since": NaN}',
     b'{"op": "readings", "since": Infinity}', b'{"op": "readings", "until": -Infinity}',
     b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 5000 + b"1" + b"}" * 5000,
-    b'{"op": "readings", "limit": ' + b"9" * 5000 + b"}",  # int longer than Python's 4300-digit limit
 ])
 def test_bad_json(line):
     assert error_of(line).code == "bad_json"
@@ -241,3 +240,32 @@ def test_human_time():
     assert human_time(NOW + 0.25) == "2025-11-25T20:00:00.250Z"
     assert human_time(-20) == "1969-12-31T23:59:40Z"
     assert human_time(None) == ""
+
+
+def test_an_id_beyond_ints_digit_limit_is_echoed_digit_for_digit():
+    """Issue 13.6: a 5,000-digit integer id was bad_json ("Exceeds the limit (4300 digits)")."""
+    from query.protocol import BigInt, encode_error, encode_result
+
+    digits = "9" * 5000
+    for text in (digits, "-" + digits):
+        request = parse_request(b'{"op":"ping","id":' + text.encode() + b"}")
+        assert type(request.id) is BigInt and request.id == text
+        assert encode_result(request.id, {"a": 1}) == b'{"id":' + text.encode() + b',"ok":true,"result":{"a":1}}\n'
+    nested = parse_request(b'{"op":"ping","id":{"n":[1,' + digits.encode() + b',"x"]}}')
+    assert encode_result(nested.id, None) == b'{"id":{"n":[1,' + digits.encode() + b',"x"]},"ok":true,"result":null}\n'
+    # Ordinary ids go through the same path unchanged.
+    assert encode_error("\ud800", "bad_request", "m") == (
+        b'{"id":"\\ud800","ok":false,"error":{"code":"bad_request","message":"m"}}\n')
+    assert json.loads(encode_result(4300 * 10**4299 // 10**4299, 1))["id"] == 4300
+
+
+@pytest.mark.parametrize("name,line", [
+    ("limit", b'{"op":"readings","sensor":"s","limit":%s}'),
+    ("since", b'{"op":"readings","sensor":"s","since":%s}'),
+    ("bucket", b'{"op":"aggregate","sensor":"s","metric":"m","bucket":%s}'),
+    ("sensor", b'{"op":"readings","sensor":%s}'),
+])
+def test_a_huge_integer_parameter_is_bad_request_naming_it(name, line):
+    error = error_of(line % (b"1" * 5000))
+    assert error.code == "bad_request" and f"'{name}'" in error.message
+    assert "5000 digits" in error.message or "string" in error.message

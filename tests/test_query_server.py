@@ -694,7 +694,7 @@ def test_shutdown_waits_for_the_running_query_only_not_the_queued_ones(known_db,
             c.sendall(b'{"op":"gaps"}\n')
             clients.append(c)
         assert running.wait(5)
-        wait_for(lambda: server._jobs.qsize() == 9, 5, what="nine queries queued behind the first")
+        wait_for(lambda: len(server._runnable) == 9, 5, what="nine queries queued behind the first")
         stopping = time.monotonic()
     took = time.monotonic() - stopping
     for c in clients:
