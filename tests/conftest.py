@@ -14,8 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parent.parent
+
+# One hypothesis profile for the suite: no per-example deadline (a shared CI
+# core stalls now and then), and fixtures reused across examples are fine.
+# A test that wants fewer or more examples says only that:
+# @settings(max_examples=N).
+settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                     HealthCheck.function_scoped_fixture])
+settings.load_profile("ci")
 
 
 def _children() -> set[int]:
@@ -62,6 +71,24 @@ def no_leaks():
         except OSError:
             pass
     pytest.fail(f"test leaked threads {[t.name for t in threads]} / child processes {sorted(children)}")
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory):
+    """A trustme CA with server and client certificates, made once per run."""
+    from query_fixtures import make_tls
+
+    return make_tls(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def known_db(tmp_path_factory) -> str:
+    """The query tests' database of known values (query_fixtures), written once per run; read-only."""
+    from query_fixtures import fill_known_db
+
+    path = str(tmp_path_factory.mktemp("known") / "known.db")
+    fill_known_db(path)
+    return path
 
 
 @pytest.fixture

@@ -35,6 +35,32 @@ def db_counters(db_path: str) -> dict:
     return dict(db_query(db_path, "SELECT name, value FROM counters"))
 
 
+def db_dict(db_path: str, sql: str, *params) -> dict:
+    """A two-column read as a dict."""
+    return dict(db_query(db_path, sql, *params))
+
+
+ACCOUNT_COLUMNS = ("datagrams", "readings", "lost", "duplicates", "reordered", "restarts")
+
+
+def accounts(db_path: str) -> dict[str, dict]:
+    """Each sensor's accounts as the collector stored them."""
+    rows = db_query(db_path, f"SELECT sensor, {', '.join(ACCOUNT_COLUMNS)} FROM sensors")
+    return {r[0]: dict(zip(ACCOUNT_COLUMNS, r[1:])) for r in rows}
+
+
+def load_fuzz_engine():
+    """bench/fuzz_wire.py, the wire fuzz engine, imported as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("fuzz_wire", Path(__file__).resolve().parent.parent / "bench"
+                                                  / "fuzz_wire.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class Receiver:
     """A UDP socket on loopback (port 0) drained by a thread: the raw bytes, in arrival order.
 

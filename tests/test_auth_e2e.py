@@ -22,6 +22,7 @@ from collector import auth, wire
 from collector.errors import ConfigError
 from collector.schema import REJECT_REASONS, open_reader
 from collector.server import Collector, Settings
+from processes import CollectorProcess
 from helpers import Receiver, db_counters, db_query, running_collector, wait_for
 from query.ops import Ops
 from sensor_sim import Sensor
@@ -357,20 +358,8 @@ def test_bad_key_settings_are_config_errors_naming_no_key(db_path, tmp_path):
 
 
 def start_collector(bin_path, db_path, log_path, *args):
-    log = open(log_path, "ab")
-    proc = subprocess.Popen([bin_path("telemetry-collector"), "--db", db_path, "--flush-interval", "0.05",
-                             "--listen", "127.0.0.1:0", *args], stdout=subprocess.DEVNULL, stderr=log)
-    log.close()
-
-    def port():
-        if proc.poll() is not None:
-            return "dead"
-        found = re.findall(r"listening udp \S+:(\d+)", log_path.read_text())
-        return int(found[0]) if found and "database " in log_path.read_text() else None
-
-    got = wait_for(port, 10, what="the collector's listening line")
-    assert got != "dead", log_path.read_text()
-    return proc, got
+    collector = CollectorProcess(bin_path("telemetry-collector"), db_path, log_path, *args)
+    return collector.proc, collector.port()
 
 
 def test_sighup_reloads_keys_and_a_bad_file_keeps_the_old_ones(bin_path, db_path, tmp_path):
@@ -446,20 +435,11 @@ def test_keys_and_require_auth_from_the_environment_and_the_file(bin_path, db_pa
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
     for extra_env, args in (({}, ["--config", str(conf)]),
                             ({"TELEMETRY_COLLECTOR_KEYS": str(keys), "TELEMETRY_COLLECTOR_REQUIRE_AUTH": "1"}, [])):
-        log_path = tmp_path / f"c{len(extra_env)}.log"
-        log = open(log_path, "ab")
-        proc = subprocess.Popen([bin_path("telemetry-collector"), "--db", db_path, "--listen", "127.0.0.1:0",
-                                 "--flush-interval", "0.05", *args], stdout=subprocess.DEVNULL, stderr=log,
-                                env={**env, **extra_env})
-        log.close()
-        try:
-            wait_for(lambda: "signed datagrams: 1 key" in log_path.read_text() or proc.poll() is not None, 10,
-                     what="the keys line")
-            assert proc.poll() is None, log_path.read_text()
-            assert "unsigned datagrams are rejected" in log_path.read_text()
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(15) == 0
+        with CollectorProcess(bin_path("telemetry-collector"), db_path, tmp_path / f"c{len(extra_env)}.log",
+                              "--listen", "127.0.0.1:0", *args, env={**env, **extra_env}) as collector:
+            assert "signed datagrams: 1 key" in collector.text()
+            assert "unsigned datagrams are rejected" in collector.text()
+            assert collector.stop() == 0
 
 
 def test_any_mix_of_signed_forged_replayed_and_junk_is_accounted_exactly_once(tmp_path):
@@ -496,7 +476,7 @@ def test_any_mix_of_signed_forged_replayed_and_junk_is_accounted_exactly_once(tm
         st.tuples(st.just("junk"), st.binary(max_size=80)),
     )
 
-    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=120)
     @given(st.lists(kinds, max_size=30))
     def check(plan):
         burst, replays = [], 0

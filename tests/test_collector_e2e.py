@@ -20,62 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import db_query as query, wait_for
+from helpers import accounts, db_dict as query_dict, db_query as query, wait_for
+from processes import CollectorProcess
 
 MASK = 0xFFFFFFFF
 METRICS = 3  # sensor-sim's default metrics: temp, hum, battery
-
-
-class CollectorProcess:
-    """telemetry-collector as a child process; its log goes to a file we can poll."""
-
-    def __init__(self, exe: str, db: str, log: Path, *args: str, prefix: tuple[str, ...] = ()) -> None:
-        self.log = log
-        self.db = db
-        self._log_file = open(log, "ab")
-        cmd = [*prefix, exe, "--db", db, "--flush-interval", "0.05", *args]
-        if "--listen" not in args and "--config" not in args:
-            cmd += ["--listen", "127.0.0.1:0"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log_file)
-        found = wait_for(lambda: self._ports() or self._dead(), 10, what="the collector's listening line")
-        if found == "dead":
-            raise AssertionError(f"collector exited {self.proc.returncode}: {log.read_text()}")
-        self.ports = found
-
-    def _dead(self):
-        return "dead" if self.proc.poll() is not None else None
-
-    def _ports(self) -> list[str]:
-        text = self.log.read_text()
-        if "started: " not in text:
-            return []
-        return re.findall(r"listening udp (\S+)", text)
-
-    def port(self, i: int = 0) -> int:
-        return int(self.ports[i].rsplit(":", 1)[1])
-
-    def counters(self) -> dict:
-        try:
-            return query_dict(self.db, "SELECT name, value FROM counters")
-        except sqlite3.Error:
-            return {}
-
-    def wait_received(self, n: int, timeout: float = 15) -> None:
-        wait_for(lambda: self.counters().get("received", 0) >= n, timeout, what=f"{n} datagrams received")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(15)
-        finally:
-            self._log_file.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(15)
-        self._log_file.close()
 
 
 @pytest.fixture
@@ -111,10 +60,6 @@ def sim(bin_path, tmp_path):
     return run
 
 
-def query_dict(db, sql):
-    return dict(query(db, sql))
-
-
 def expected(*truths: dict) -> dict:
     """Accounts of one stream from the simulator's truth (several runs = one stream, in order)."""
     first = truths[0]["first_seq"]
@@ -136,12 +81,6 @@ def expected(*truths: dict) -> dict:
         "duplicates": duplicates,
         "reordered": reordered,
     }
-
-
-def accounts(db) -> dict[str, dict]:
-    cols = ("datagrams", "readings", "lost", "duplicates", "reordered", "restarts")
-    rows = query(db, f"SELECT sensor, {', '.join(cols)} FROM sensors")
-    return {r[0]: dict(zip(cols, r[1:])) for r in rows}
 
 
 def stored_readings_per_sensor(db) -> dict[str, int]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import subprocess
 
-from helpers import wait_for
-from test_collector_e2e import CollectorProcess, accounts, query
+from helpers import accounts, db_query as query, wait_for
+from processes import CollectorProcess
 
 KILLS = 4
 SENSORS = 10

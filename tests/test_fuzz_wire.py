@@ -7,7 +7,6 @@ same verdict as the C extension for every one of the same fuzz cases.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,20 +16,14 @@ from pathlib import Path
 import pytest
 
 from collector import wire
+from helpers import load_fuzz_engine
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "fuzz_wire.py"
 SEED = 20261125
 
 
-def _load_engine():
-    spec = importlib.util.spec_from_file_location("fuzz_wire", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_engine()
+fuzz = load_fuzz_engine()
 
 
 def _run_fallback(code_or_args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:

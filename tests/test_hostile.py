@@ -17,9 +17,10 @@ from collections import Counter
 
 from collector import wire
 from collector.errors import DecodeError
-from helpers import wait_for
-from test_collector_e2e import CollectorProcess, accounts, query_dict
-from test_fuzz_wire import fuzz
+from helpers import accounts, db_dict as query_dict, load_fuzz_engine, wait_for
+from processes import CollectorProcess
+
+fuzz = load_fuzz_engine()
 
 JUNK = 30_000
 SENSORS, COUNT = 10, 400

@@ -14,25 +14,19 @@ import threading
 import click
 import pytest
 from click.testing import CliRunner
-import test_query_fixtures as fx
-from test_query_fixtures import GAPS, SENSORS, T0, expected_rows, running_server
+from processes import QueryServerProcess
+from query_fixtures import GAPS, SENSORS, T0, expected_rows, running_server
 
 from collector.schema import REJECT_REASONS
 from query.cli import build_server, main
 from query.client import QueryClient
 
-known_db, tls = fx.known_db, fx.tls  # fixtures, found by name
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
+def live(known_db, tls):
     """One mutual-TLS server for the module; yields the client environment."""
-    from test_query_fixtures import fill_known_db, make_tls
-
-    base = tmp_path_factory.mktemp("cli")
-    db = str(base / "known.db")
-    fill_known_db(db)
-    certs = make_tls(base / "tls")
+    db, certs = known_db, tls
     with running_server(db, certs, mtls=True) as server:
         yield {
             "env": {"TELEMETRY_SERVER": f"localhost:{server.server_address[1]}", "TELEMETRY_CA": certs.ca_pem,
@@ -235,32 +229,13 @@ def test_version():
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_serve_as_a_process_logs_its_port_answers_and_stops_on_a_signal(known_db, tls, bin_path, stop):
-    proc = subprocess.Popen(
-        [bin_path("telemetry-query"), "serve", "--db", known_db, "--listen", "127.0.0.1:0", "--cert", tls.server_cert,
-         "--key", tls.server_key, "--client-ca", tls.ca_pem],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        lines = []
-        for line in proc.stderr:
-            lines.append(line.decode())
-            found = re.search(r"listening tls (\S+):(\d+)", lines[-1])
-            if found:
-                break
-        assert found, lines
-        port = int(found.group(2))
-        with QueryClient("localhost", port, ca=tls.ca_pem, cert=tls.client_cert, key=tls.client_key) as c:
+def test_serve_as_a_process_logs_its_port_answers_and_stops_on_a_signal(known_db, tls, bin_path, stop, tmp_path):
+    with QueryServerProcess(bin_path("telemetry-query"), tmp_path / "serve.log", "--db", known_db,
+                            "--cert", tls.server_cert, "--key", tls.server_key, "--client-ca", tls.ca_pem) as serve:
+        with QueryClient("localhost", serve.port, ca=tls.ca_pem, cert=tls.client_cert, key=tls.client_key) as c:
             assert c.request("latest", sensor="s2")[0]["value"] == 9.0
-        proc.send_signal(stop)
-        assert proc.wait(10) == 0
-        rest = proc.stderr.read().decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-        proc.stdout.close()
-    log = "".join(lines) + rest
+        assert serve.stop(stop) == 0
+    log = serve.text()
     with open(tls.server_key) as f:
         key_body = f.read().splitlines()[1]
     assert key_body not in log and "PRIVATE KEY" not in log

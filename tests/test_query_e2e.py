@@ -15,8 +15,8 @@ import subprocess
 
 import pytest
 from helpers import wait_for
-import test_query_fixtures as fx
-from test_query_fixtures import running_server
+from processes import CollectorProcess
+from query_fixtures import running_server
 
 from collector.wire import encode
 from query.client import QueryClient
@@ -25,7 +25,6 @@ T0 = 1_764_000_000
 SKIPPED = {50, 51, 52}
 SENT = [s for s in range(200) if s not in SKIPPED]
 
-tls = fx.tls  # fixtures, found by name
 
 
 def temp(seq: int) -> float:
@@ -33,15 +32,8 @@ def temp(seq: int) -> float:
 
 
 def test_collector_database_answers_every_op(bin_path, db_path, tmp_path, tls):
-    log = tmp_path / "collector.log"
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen([bin_path("telemetry-collector"), "--db", db_path, "--listen", "127.0.0.1:0",
-                                 "--flush-interval", "0.05"], stdout=subprocess.DEVNULL, stderr=log_file)
-    try:
-        found = wait_for(lambda: re.search(r"listening udp 127\.0\.0\.1:(\d+)", log.read_text()) or proc.poll(),
-                         10, what="the collector's listening line")
-        assert proc.poll() is None, log.read_text()
-        port = int(found.group(1))
+    with CollectorProcess(bin_path("telemetry-collector"), db_path, tmp_path / "collector.log") as collector:
+        port = collector.port()
         datagrams = [encode("e2e-1", seq, {"temp": temp(seq), "hum": 100 - seq}, boot=5, ts=T0 + seq) for seq in SENT]
         datagrams.insert(11, encode("e2e-1", 10, {"temp": temp(10), "hum": 90}, boot=5, ts=T0 + 10))  # duplicate
         datagrams += [encode("e2e-2", seq, {"volts": 3.0 + seq / 100}) for seq in range(10)]  # no ts, no boot
@@ -96,12 +88,7 @@ def test_collector_database_answers_every_op(bin_path, db_path, tmp_path, tls):
 
             gaps = client.request("gaps", sensor="e2e-1")
             assert [(g["boot"], g["first_seq"], g["last_seq"], g["missing"]) for g in gaps] == [(5, 50, 52, 3)]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert collector.stop() == 0
 
 
 
@@ -120,4 +107,3 @@ def test_every_request_and_response_in_protocol_md_is_what_the_server_says(known
                 assert client.read_response() == json.loads(response), request
 
 
-known_db = fx.known_db  # fixture, found by name

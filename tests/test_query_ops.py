@@ -7,15 +7,13 @@ import math
 import sqlite3
 
 import pytest
-import test_query_fixtures as fx
-from test_query_fixtures import COUNTERS, GAPS, READINGS, SENSORS, SERIES, T0, expected_rows
+from query_fixtures import COUNTERS, GAPS, READINGS, SENSORS, SERIES, T0, expected_rows
 
 from collector.schema import NO_BOOT, open_reader, open_writer
 from query.ops import Limits, Ops
 from query.protocol import RequestError, parse_request
 from query.server import Service
 
-known_db = fx.known_db  # fixtures, found by name
 
 
 @pytest.fixture

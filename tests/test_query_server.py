@@ -16,8 +16,7 @@ import warnings
 import pytest
 import trustme
 from helpers import wait_for
-import test_query_fixtures as fx
-from test_query_fixtures import expected_rows, running_server
+from query_fixtures import expected_rows, running_server
 
 from collector.schema import open_reader
 from query import __version__
@@ -26,7 +25,6 @@ from query.ops import Ops
 from query.protocol import CODES, MAX_LINE_BYTES
 from query.server import ServerLimits, server_context
 
-known_db, tls = fx.known_db, fx.tls  # fixtures, found by name
 
 
 def connect(server, ctx: ssl.SSLContext, host: str = "localhost") -> ssl.SSLSocket:

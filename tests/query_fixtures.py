@@ -138,18 +138,6 @@ def make_tls(directory: Path) -> Tls:
                str(directory / "client.pem"), str(directory / "client.key"), directory)
 
 
-@pytest.fixture(scope="session")
-def tls(tmp_path_factory) -> Tls:
-    return make_tls(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture(scope="session")
-def known_db(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("known") / "known.db")
-    fill_known_db(path)
-    return path
-
-
 @contextlib.contextmanager
 def running_server(db: str, tls: Tls, *, mtls: bool = False, host: str = "127.0.0.1",
                    limits: ServerLimits = ServerLimits(), ops_limits: Limits = Limits(), make_ops=None,

@@ -1,0 +1,106 @@
+"""Our daemons as real child processes, each started the one way: `Daemon`.
+
+A daemon's stderr goes to a log file that the test polls; the daemon is ready
+when its ready line appears (the collector's `started:` line, the query
+server's `listening tls HOST:PORT`), and a daemon that exits first fails the
+test with its log.  Nothing here sleeps for a fixed time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+from pathlib import Path
+
+from helpers import db_query, wait_for
+
+COLLECTOR_READY = r"started: "
+QUERY_READY = r"listening tls (\S+):(\d+)"
+
+
+class Daemon:
+    """A command run as a child process whose log (stderr) is a file we can poll."""
+
+    def __init__(self, cmd: list[str], log: Path, ready: str, *, env: dict[str, str] | None = None,
+                 timeout: float = 10.0) -> None:
+        self.cmd = cmd
+        self.log = log
+        self._log_file = open(log, "ab")
+        full_env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log_file, env=full_env)
+        found = wait_for(lambda: re.search(ready, self.text()) or self._dead(), timeout,
+                         what=f"the ready line of {Path(cmd[0]).name} ({ready!r})")
+        if found == "dead":
+            self._log_file.close()
+            raise AssertionError(f"{Path(cmd[0]).name} exited {self.proc.returncode} before it was ready:\n"
+                                 f"{self.text()}")
+        self.ready = found
+
+    def _dead(self) -> str | None:
+        return "dead" if self.proc.poll() is not None else None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Send `sig` (SIGTERM by default) and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log_file.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(15)
+        self._log_file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        else:
+            self._log_file.close()
+
+
+class CollectorProcess(Daemon):
+    """telemetry-collector; `ports` are the UDP ports it logged, in order."""
+
+    def __init__(self, exe: str, db: str, log: Path, *args: str, prefix: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.db = db
+        cmd = [*prefix, exe, "--db", db, "--flush-interval", "0.05", *args]
+        if "--listen" not in args and "--config" not in args:
+            cmd += ["--listen", "127.0.0.1:0"]
+        super().__init__(cmd, log, COLLECTOR_READY, env=env)
+        self.ports = re.findall(r"listening udp (\S+)", self.text())
+
+    def port(self, i: int = 0) -> int:
+        return int(self.ports[i].rsplit(":", 1)[1])
+
+    def counters(self) -> dict:
+        try:
+            return dict(db_query(self.db, "SELECT name, value FROM counters"))
+        except sqlite3.Error:
+            return {}
+
+    def wait_received(self, n: int, timeout: float = 15) -> None:
+        wait_for(lambda: self.counters().get("received", 0) >= n, timeout, what=f"{n} datagrams received")
+
+
+class QueryServerProcess(Daemon):
+    """telemetry-query serve; `port` is the TLS port it logged."""
+
+    def __init__(self, exe: str, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        cmd = [exe, "serve", *args]
+        if "--listen" not in args and "--config" not in args:
+            cmd += ["--listen", "127.0.0.1:0"]
+        super().__init__(cmd, log, QUERY_READY, env=env)
+        self.port = int(self.ready.group(2))
