@@ -251,8 +251,13 @@ class Progress:
 def run(cfg: SimConfig, *, stop: StopFlag | None = None,
         progress: Callable[[Progress], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time) -> dict[str, Any]:
-    """Run the simulation until count, duration or `stop`; returns the report."""
+        wall: Callable[[], float] = time.time,
+        sleep: Callable[[float], object] = time.sleep) -> dict[str, Any]:
+    """Run the simulation until count, duration or `stop`; returns the report.
+
+    `clock`, `wall` and `sleep` are the time it runs on; tests pass a fake
+    clock whose `sleep` advances it, so pacing is checked without waiting.
+    """
     stop = stop or _NeverStop()
     if cfg.sensors < 1:
         raise ConfigError("--sensors must be at least 1")
@@ -294,7 +299,7 @@ def run(cfg: SimConfig, *, stop: StopFlag | None = None,
             if interval:
                 due = int(now / interval) + 1
                 if due <= k:
-                    time.sleep(min(k * interval - now, MAX_SLEEP_S))
+                    sleep(min(k * interval - now, MAX_SLEEP_S))
                     continue
                 # Behind schedule (CPU-bound): catch up in bounded batches so
                 # a stop request is still seen within milliseconds.

@@ -172,10 +172,9 @@ def test_fixed_rate_and_duration_give_an_exact_count_on_time(bin_path, tmp_path)
                         "--rate", "50", "--duration", "0.5")
         got = check_against_report(rx, report)
     assert report["datagrams_sent"] == 100
-    assert 0.45 <= report["elapsed_s"] < 1.5
-    # Slots are spread evenly: about 200 datagrams/s aggregate.
-    span = max(d.ts for d in got) - min(d.ts for d in got)
-    assert 0.45 <= span < 1.5
+    # That the slots are spread evenly over the duration is checked on a fake
+    # clock in test_sim_units.py (no wall-clock bound here: CI cores stall).
+    assert sorted(d.ts for d in got) == [d.ts for d in got]
 
 
 def test_replay_csv_keeps_values_grouping_and_timing(bin_path, tmp_path):
