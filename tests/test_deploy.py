@@ -53,9 +53,10 @@ def test_unit_has_required_keys(unit):
     assert "--config /etc/gateway-telemetry/gateway.toml" in service["ExecStart"][0]
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
 def test_systemd_analyze_verify_is_clean(unit, tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is not installed: apt-get install systemd (.ci/run does)")
     # verify checks that ExecStart exists: point it at this venv's scripts.
     bindir = str(Path(sys.executable).parent) + "/"
     copy = tmp_path / unit.name
@@ -63,8 +64,11 @@ def test_systemd_analyze_verify_is_clean(unit, tmp_path):
     result = subprocess.run(
         ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.strip() == "" and result.stdout.strip() == ""
+    # verify also loads the units ours name (network-online.target ...) and
+    # reports what the HOST's copies of those get wrong: only lines about our
+    # unit count, so the verdict does not depend on the machine.
+    ours = [line for line in (result.stdout + result.stderr).splitlines() if unit.name in line]
+    assert ours == [], "\n".join(ours)
 
 
 def test_sysctl_dropin_raises_rmem_max_above_twice_the_default_request():
