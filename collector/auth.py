@@ -74,11 +74,6 @@ def sign(body: bytes, key_id: str, key: bytes) -> bytes:
     return data
 
 
-def is_signed(data: bytes) -> bool:
-    """True if `data` is in the signed form (it may still fail to verify)."""
-    return len(data) > 0 and data[0] == SIGNED_MARKER
-
-
 def verify(data: bytes, keyring: dict[str, bytes]) -> tuple[bytes, str]:
     """Authenticate a signed datagram: returns (body bytes, key id) or raises DecodeError.
 

@@ -109,7 +109,8 @@ def append(conn: sqlite3.Connection, committed: float, groups: list[Group]) -> i
         "INSERT INTO ingest_log (committed, datagrams, readings, body) VALUES (?, ?, ?, ?)",
         (committed, datagrams, readings, encode_body(groups)),
     )
-    return int(cur.lastrowid)
+    assert cur.lastrowid is not None  # an INSERT into a rowid table always sets it
+    return cur.lastrowid
 
 
 def read_after(conn: sqlite3.Connection, after_id: int, limit: int = 100) -> Iterator[Entry]:

@@ -1,3 +1,5 @@
 """gateway-telemetry query service: newline-delimited JSON over TLS, and its client."""
 
-__version__ = "0.1.0"
+from collector import __version__
+
+__all__ = ["__version__"]

@@ -16,6 +16,7 @@ signal-safe, via a wake-up socketpair), port 0 read back in `server_address`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -680,9 +681,9 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         hint = {
-            98: "another process uses this port: pick another --listen port or stop it",
-            13: "ports below 1024 need privileges: use the default 4740 or CAP_NET_BIND_SERVICE",
-            99: "this host has no such address: check --listen",
+            errno.EADDRINUSE: "another process uses this port: pick another --listen port or stop it",
+            errno.EACCES: "ports below 1024 need privileges: use the default 4740 or CAP_NET_BIND_SERVICE",
+            errno.EADDRNOTAVAIL: "this host has no such address: check --listen",
         }.get(exc.errno or 0, "check --listen")
         raise SetupError(f"cannot listen on {host}:{port}: {exc.strerror} ({hint})") from None
     return sock

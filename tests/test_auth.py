@@ -92,11 +92,6 @@ def test_key_with_suffix_speaks_for_its_sensor_only():
     assert reason_of(decode_signed, sign(body("s10"), "s1@2026", KEY), keys) == "wrong_key"
 
 
-def test_is_signed_tells_the_forms_apart_by_the_first_byte():
-    assert auth.is_signed(sign(BODY, "s1", KEY))
-    assert not auth.is_signed(BODY) and not auth.is_signed(b"")
-
-
 # --- rejections --------------------------------------------------------------------------
 
 def test_rejects_every_single_bit_flip():
@@ -183,7 +178,7 @@ def test_sign_refuses_what_would_not_verify(call):
 
 # --- properties --------------------------------------------------------------------------
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.binary(max_size=300) | st.binary(max_size=300).map(lambda b: b"\x93" + b))
 def test_any_bytes_verify_or_raise_a_documented_reason(data):
     try:
@@ -197,7 +192,7 @@ def test_any_bytes_verify_or_raise_a_documented_reason(data):
 KEY_ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:/-"
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(st.text(KEY_ID_CHARS, min_size=1, max_size=40), st.text(KEY_ID_CHARS, max_size=20),
        st.binary(min_size=16, max_size=64), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
 def test_sign_then_decode_round_trips(sensor, suffix, key, seq, boot):

@@ -357,7 +357,7 @@ def test_any_bytes_are_accounted_exactly_once_and_never_hit_a_bug(tmp_path):
         return (collector.store.pending_datagrams + c["duplicates"] + c["truncated"] + c["refused_sensors"]
                 + c["internal_errors"] + sum(c[f"rejected:{r}"] for r in REJECT_REASONS))
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=150)
     @given(st.lists(valid | junk, max_size=30))
     def check(burst):
         before = accounted()

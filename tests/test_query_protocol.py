@@ -174,7 +174,7 @@ def test_forged_cursors_are_bad_request(forged):
     assert info.value.code == "bad_request"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_any_bytes_give_a_request_or_a_coded_error(data):
     try:
@@ -192,7 +192,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.sampled_from(["ping", "sensors", "latest", "readings", "aggregate", "gaps", "stats", "x"]),
        st.dictionaries(st.sampled_from(["sensor", "metric", "since", "until", "limit", "order", "cursor", "bucket",
                                         "id", "zzz"]), json_values, max_size=5))

@@ -222,7 +222,7 @@ pairs = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(pairs)
 def test_matches_the_set_model(seq_of_pairs):
     w, m = ReplayWindow(), Model()
@@ -236,7 +236,7 @@ def test_matches_the_set_model(seq_of_pairs):
         assert not w.check(boot, seq)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(st.data())
 def test_any_interleaving_of_fresh_and_replayed_gives_each_fresh_pair_once(data):
     """A sender's stream (boots rising, seqs rising within a boot, reordered by

@@ -452,7 +452,7 @@ def check_events(events: list, arrivals: list[int]) -> None:
 
 
 # Sized so the whole file runs in ~5 s on an idle core.
-PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(max_examples=200)
 FEWER = settings(PROPS, max_examples=100)
 
 

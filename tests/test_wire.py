@@ -461,7 +461,7 @@ def test_encode_refuses_invalid_datagrams(call):
 
 # --- properties --------------------------------------------------------------------------
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500)
 @given(st.binary(max_size=9000))
 def test_any_bytes_give_a_datagram_or_a_decode_error(data):
     try:
@@ -480,7 +480,7 @@ msgpack_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.dictionaries(st.sampled_from(["v", "id", "seq", "boot", "ts", "r", "x"]), msgpack_values))
 def test_any_well_formed_map_gives_a_datagram_or_a_decode_error(obj):
     try:
@@ -503,7 +503,7 @@ times = (st.none() | st.integers(0, 2**32 - 1) | timestamps
          | st.floats(0, 2.0**32, exclude_max=True))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(ids, st.integers(0, 2**32 - 1), st.dictionaries(names, values, min_size=1, max_size=64),
        st.none() | st.integers(0, 2**32 - 1), times)
 def test_encode_decode_round_trips_any_valid_datagram(sensor, seq, readings, boot, ts):
