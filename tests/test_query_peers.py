@@ -14,13 +14,11 @@ import threading
 
 import pytest
 from helpers import wait_for
-import test_query_fixtures as fx
-from test_query_fixtures import running_server
+from query_fixtures import running_server
 
 from collector.schema import open_reader, open_writer
 from query.ops import Ops
 
-tls = fx.tls  # fixture, found by name
 
 HEAVY_ROWS = 10_000
 HEAVY = b'{"op":"readings","sensor":"heavy","metric":"v","limit":10000}\n'
