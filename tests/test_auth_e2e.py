@@ -60,7 +60,7 @@ def test_sim_signs_every_datagram_with_one_key_for_all_sensors(bin_path, tmp_pat
     keyring = {f"sim-000{i}": KEY for i in (1, 2, 3)}
     seen = Counter()
     for data in raw:
-        assert auth.is_signed(data)
+        assert data[0] == auth.SIGNED_MARKER
         datagram, key_id = auth.decode_signed(data, keyring)
         assert key_id == datagram.sensor
         assert datagram.boot == report["sensors"][datagram.sensor]["boot"]
