@@ -11,8 +11,11 @@ never imports the server.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
+import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +25,7 @@ import click
 from collector import config
 from collector.config import SetupFailed
 
+from . import export as exporting
 from .client import ConnectError, QueryClient, ServerError
 from .output import TIME_FIELDS, flatten, render
 from .protocol import DEFAULT_PORT
@@ -123,6 +127,32 @@ class _Session:
         except ValueError as exc:  # a request the protocol cannot carry (over-long arguments)
             raise click.UsageError(f"{exc}: shorten the arguments") from None
 
+    def known_sensors(self) -> list[dict[str, Any]] | None:
+        """Every sensor the server knows (with its metrics), or None when the list is over the server's cap."""
+        try:
+            return self.client().request("sensors")
+        except ServerError:
+            return None
+        except ConnectError as exc:
+            raise _connect_failure(exc) from None
+
+    def check_names(self, sensors: list[str], metric: str | None) -> None:
+        """Exit 1 naming the first sensor or metric the server does not know (called when a result is empty)."""
+        known = self.known_sensors()
+        if known is None:
+            return
+        metrics = {row["sensor"]: row.get("metrics") or [] for row in known}
+        for sensor in sensors:
+            if sensor not in metrics:
+                raise ServerSaidNo(unknown_name("sensor", sensor, list(metrics)))
+        if metric is None:
+            return
+        wanted = sensors or list(metrics)
+        if not any(metric in metrics[name] for name in wanted):
+            offered = sorted({m for name in wanted for m in metrics[name]})
+            where = f" for sensor {sensors[0]}" if len(sensors) == 1 else ""
+            raise ServerSaidNo(unknown_name("metric", metric, offered, where))
+
     def echo(self, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
         click.echo(render(rows, self.fmt, columns), nl=False)
 
@@ -146,6 +176,28 @@ def _connect_failure(exc: ConnectError) -> click.ClickException:
     if exc.kind == "files":
         return SetupFailed(message)
     return CannotConnect(message)
+
+
+def unknown_name(kind: str, name: str, known: list[str], where: str = "") -> str:
+    """'no sensor named X; did you mean A or B?' (or the names there are, when few and none is close)."""
+    message = f"no {kind} named {name!r}{where}"
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    if close:
+        return f"{message}; did you mean {_either(sorted(close))}?"
+    if not known:
+        return f"{message}; the server knows no {kind}s yet"
+    if len(known) <= 10:
+        return f"{message}; the {kind}s are {', '.join(sorted(known))}"
+    return f"{message}; `telemetry-query sensors` lists them"
+
+
+def _either(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def check_range(since: float | None, until: float | None) -> None:
+    if since is not None and until is not None and since >= until:
+        raise click.UsageError(f"--since ({human_time(since)}) must be before --until ({human_time(until)})")
 
 
 def _session_command(name: str, **kwargs: Any) -> Callable:
@@ -197,9 +249,16 @@ _range_options = [
 
 
 def _ranges(f: Callable) -> Callable:
+    """--since/--until, and a reversed or empty range refused before anything is asked."""
+
+    @functools.wraps(f)
+    def checked(session: _Session, **params: Any) -> None:
+        check_range(params.get("since"), params.get("until"))
+        f(session, **params)
+
     for option in reversed(_range_options):
-        f = option(f)
-    return f
+        checked = option(checked)
+    return checked
 
 
 @_session_command("ping")
@@ -223,7 +282,10 @@ def sensors(session: _Session, sensor: str | None) -> None:
       telemetry-query sensors
       telemetry-query --format csv sensors boiler-1
     """
-    session.echo(session.request("sensors", sensor=sensor), [
+    rows = session.request("sensors", sensor=sensor)
+    if not rows and sensor is not None:
+        session.check_names([sensor], None)
+    session.echo(rows, [
         "sensor", "first_seen", "last_seen", "datagrams", "readings", "lost", "duplicates", "reordered",
         "restarts", "metrics"])
 
@@ -238,7 +300,10 @@ def latest(session: _Session, sensor: str | None, metric: str | None) -> None:
     Example:
       telemetry-query latest boiler-1 --metric temp
     """
-    session.echo(session.request("latest", sensor=sensor, metric=metric), ["sensor", "metric", "ts", "value", "seq"])
+    rows = session.request("latest", sensor=sensor, metric=metric)
+    if not rows:
+        session.check_names([sensor] if sensor is not None else [], metric)
+    session.echo(rows, ["sensor", "metric", "ts", "value", "seq"])
 
 
 @_session_command("readings")
@@ -267,6 +332,8 @@ def readings(session: _Session, sensor: str, metric: str | None, since: float | 
         cursor = page["next"]
         if cursor is None or not walk_all:
             break
+    if not rows:
+        session.check_names([sensor], metric)
     if session.fmt == "json":
         click.echo(json.dumps({"rows": rows, "next": cursor}, indent=1))
     else:
@@ -289,6 +356,8 @@ def aggregate(session: _Session, sensor: str, metric: str, bucket: float, since:
       telemetry-query aggregate boiler-1 --metric temp --bucket 5m --since 24h
     """
     result = session.request("aggregate", sensor=sensor, metric=metric, bucket=bucket, since=since, until=until)
+    if not result:
+        session.check_names([sensor], metric)
     session.echo(result, ["start", "count", "min", "max", "avg", "sum"])
 
 
@@ -302,8 +371,74 @@ def gaps(session: _Session, sensor: str | None, since: float | None, until: floa
     Example:
       telemetry-query gaps boiler-1 --since 7d
     """
-    session.echo(session.request("gaps", sensor=sensor, since=since, until=until),
-                 ["sensor", "boot", "first_seq", "last_seq", "missing", "detected_at"])
+    rows = session.request("gaps", sensor=sensor, since=since, until=until)
+    if not rows and sensor is not None:
+        session.check_names([sensor], None)
+    session.echo(rows, ["sensor", "boot", "first_seq", "last_seq", "missing", "detected_at"])
+
+
+@_session_command("export")
+@click.argument("sensor", nargs=-1)
+@click.option("--metric", help="Only this metric (default: every metric of each sensor).")
+@_ranges
+@click.option("--times", type=click.Choice(["iso", "unix"]), default="iso", show_default=True,
+              help="ts as ISO 8601 UTC to the microsecond, or as Unix seconds (the exact float).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Write to FILE (via FILE.part, renamed when complete) instead of standard output.")
+@click.option("--page", "page_rows", type=click.IntRange(1, 10_000), default=exporting.DEFAULT_PAGE_ROWS,
+              show_default=True, help="Rows asked per request (memory is one page).")
+def export(session: _Session, sensor: tuple[str, ...], metric: str | None, since: float | None,
+           until: float | None, times: str, output: str | None, page_rows: int) -> None:
+    """Export readings as CSV (default) or JSON lines (--format json), streamed.
+
+    Every sensor, or the SENSORs named, in sensor order; within a sensor
+    metric by metric, each in time order.  Columns: sensor, metric, ts, value,
+    seq, boot (empty when the sensor sends none).  Values are written in the
+    shortest form that reads back as the same number.  Pages through the
+    `readings` op, writing each page before asking for the next, so a year
+    of data never sits in memory.
+
+    \b
+    Example:
+      telemetry-query export --since 2026-11-01 --until 2026-12-01 -o november.csv
+      telemetry-query --format json export boiler-1 --metric temp --since 7d --times unix
+    """
+    fmt = session.settings["fmt"] or "csv"
+    if fmt == "table":
+        raise click.UsageError("export writes csv or json (JSON lines): pass --format csv or --format json")
+    known = session.known_sensors()
+    names = list(sensor)
+    if known is None and not names:
+        raise ServerSaidNo("the server has more sensors than one answer may list: name the sensors to export")
+    if known is not None:
+        session.check_names(names, metric)  # exits 1 on a name the server does not know
+        names = names or [row["sensor"] for row in known]
+    partial = output + ".part" if output else None
+    try:
+        out = open(partial, "w", encoding="utf-8", newline="") if partial else sys.stdout
+    except OSError as exc:
+        raise SetupFailed(f"cannot write {partial}: {exc.strerror}") from None
+    writer = exporting.Writer(out, "json" if fmt == "json" else "csv", iso=times == "iso")
+    try:
+        for page in exporting.pages(session.request, dict.fromkeys(names), metric=metric, since=since,
+                                    until=until, page_rows=page_rows):
+            writer.write_page(page)
+            out.flush()
+    except BaseException as exc:
+        if partial:
+            out.close()
+            os.unlink(partial)
+        stopped = f"export stopped after {writer.rows} readings" + (f"; {output} not written" if output else "")
+        if isinstance(exc, click.ClickException):
+            exc.message = f"{exc.message} ({stopped})"
+        else:
+            click.echo(stopped, err=True)
+        raise
+    if partial:
+        out.close()
+        os.replace(partial, output)
+    where = f" to {output}" if output else ""
+    click.echo(f"exported {writer.rows} readings of {len(names)} sensor(s){where}", err=True)
 
 
 @_session_command("stats")

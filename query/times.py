@@ -82,3 +82,22 @@ def human_time(value: float | None) -> str:
     if when.microsecond:
         text += f".{when.microsecond // 1000:03d}"
     return text + "Z"
+
+
+def iso_time(value: float) -> str:
+    """Unix seconds -> ISO 8601 UTC to the microsecond (export): '...T20:46:11Z', '.441Z' or '.441250Z'.
+
+    A float Unix time carries about 0.2 us at today's dates, so microseconds
+    keep what a sensor sent; `--times unix` gives the float itself.
+    """
+    try:
+        when = dt.datetime.fromtimestamp(value, dt.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return repr(value)
+    text = when.strftime("%Y-%m-%dT%H:%M:%S")
+    micros = when.microsecond
+    if micros % 1000 == 0 and micros:
+        text += f".{micros // 1000:03d}"
+    elif micros:
+        text += f".{micros:06d}"
+    return text + "Z"

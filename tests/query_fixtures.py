@@ -154,3 +154,45 @@ def running_server(db: str, tls: Tls, *, mtls: bool = False, host: str = "127.0.
         server.shutdown()
         thread.join(10)
         assert not thread.is_alive(), "server did not stop"
+
+
+def fill_series(path: str, sensor: str, metric: str, count: int, t0: float = T0, step: float = 0.25) -> None:
+    """One sensor with `count` readings of one metric (ts t0, t0 + step, ...; value i / 8), for volume tests."""
+    db = open_writer(path)
+    conn = db.conn
+    with conn:
+        conn.execute("BEGIN")
+        sid = conn.execute("INSERT INTO series (sensor, metric) VALUES (?, ?)", (sensor, metric)).lastrowid
+        conn.executemany(
+            "INSERT INTO readings (series, ts, boot, seq, value, received) VALUES (?, ?, ?, ?, ?, ?)",
+            [(sid, t0 + i * step, NO_BOOT, i, i / 8, t0 + i * step) for i in range(count)],
+        )
+        conn.execute(
+            "INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings, lost, duplicates,"
+            " reordered, restarts, tracker) VALUES (?, ?, ?, ?, ?, 0, 0, 0, 0, '{}')",
+            (sensor, t0, t0 + (count - 1) * step, count, count),
+        )
+        conn.execute("COMMIT")
+    db.conn.close()
+
+
+@contextlib.contextmanager
+def live_server(db: str, certs: Tls, *, mtls: bool = True):
+    """A running server on `db`, and the client environment that reaches it."""
+    with running_server(db, certs, mtls=mtls) as server:
+        port = server.server_address[1]
+        env = {"TELEMETRY_SERVER": f"localhost:{port}", "TELEMETRY_CA": certs.ca_pem}
+        if mtls:
+            env.update(TELEMETRY_CERT=certs.client_cert, TELEMETRY_KEY=certs.client_key)
+        yield {"env": env, "tls": certs, "port": port, "db": db, "server": server}
+
+
+def run_cli(args: list[str], env: dict[str, str], code: int = 0):
+    """telemetry-query in-process (click's runner) with `env`; asserts the exit code."""
+    from click.testing import CliRunner
+
+    from query.cli import main
+
+    result = CliRunner().invoke(main, args, env=env, catch_exceptions=False)
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    return result

@@ -14,8 +14,9 @@ import threading
 import click
 import pytest
 from click.testing import CliRunner
+import query_fixtures as fx
 from processes import QueryServerProcess
-from query_fixtures import GAPS, SENSORS, T0, expected_rows, running_server
+from query_fixtures import GAPS, SENSORS, T0, expected_rows
 
 from collector.schema import REJECT_REASONS
 from query.cli import build_server, main
@@ -26,19 +27,11 @@ from query.client import QueryClient
 @pytest.fixture(scope="module")
 def live(known_db, tls):
     """One mutual-TLS server for the module; yields the client environment."""
-    db, certs = known_db, tls
-    with running_server(db, certs, mtls=True) as server:
-        yield {
-            "env": {"TELEMETRY_SERVER": f"localhost:{server.server_address[1]}", "TELEMETRY_CA": certs.ca_pem,
-                    "TELEMETRY_CERT": certs.client_cert, "TELEMETRY_KEY": certs.client_key},
-            "tls": certs, "port": server.server_address[1], "db": db,
-        }
+    with fx.live_server(known_db, tls) as live:
+        yield live
 
 
-def cli(args, env, code=0):
-    result = CliRunner().invoke(main, args, env=env, catch_exceptions=False)
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    return result
+cli = fx.run_cli
 
 
 def one_line_error(result, *words):
@@ -72,7 +65,7 @@ def test_sensors(live):
                                 "reordered", "restarts", "metrics"]
     assert table[1].split() == ["s1", "2023-11-14T22:13:15Z", "2023-11-14T23:03:20.250Z", "320", "350", "7", "2",
                                 "1", "1", "hum,temp"]
-    assert json.loads(cli(["--format", "json", "sensors", "nope"], env).stdout) == []
+    one_line_error(cli(["--format", "json", "sensors", "nope"], env, code=1), "no sensor named 'nope'")
 
 
 def test_latest(live):
@@ -217,7 +210,8 @@ def test_every_command_has_help_with_an_example(path):
 
 
 def test_the_command_list_is_complete():
-    assert set(main.commands) == {"ping", "sensors", "latest", "readings", "aggregate", "gaps", "stats", "raw", "serve"}
+    assert set(main.commands) == {"ping", "sensors", "latest", "readings", "aggregate", "gaps", "stats", "raw", "serve",
+                                 "export"}
 
 
 def test_version():
