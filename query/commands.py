@@ -14,7 +14,9 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from collector import config
 from collector.config import SetupFailed
 
 from . import export as exporting
+from . import plot as plotting
 from .client import ConnectError, QueryClient, ServerError
 from .output import TIME_FIELDS, flatten, render
 from .protocol import DEFAULT_PORT
@@ -272,10 +275,25 @@ def ping(session: _Session) -> None:
     session.echo_object(session.request("ping"))
 
 
+ACTIVITY_COLUMN = "last hour"
+ACTIVITY_BUCKET_S = 300
+ACTIVITY_BUCKETS = 12
+ACTIVITY_MAX_SENSORS = 200
+ACTIVITY_PIPELINE = 50  # requests written at once
+
+
 @_session_command("sensors")
 @click.argument("sensor", required=False)
-def sensors(session: _Session, sensor: str | None) -> None:
+@click.option("--activity/--no-activity", default=True,
+              help="Tables: a last-hour column, readings per 5 minutes as a sparkline (one request per sensor, "
+                   f"up to {ACTIVITY_MAX_SENSORS} sensors).")
+def sensors(session: _Session, sensor: str | None, activity: bool) -> None:
     """List sensors with their datagram, reading and loss accounts.
+
+    In a table, `last hour` draws each sensor's readings of its first metric
+    per 5 minutes over the last hour (by reading time, UTC), scaled to its
+    own busiest 5 minutes: '·' is none at all, so a sensor that went quiet
+    shows a tail of dots.
 
     \b
     Example:
@@ -285,9 +303,44 @@ def sensors(session: _Session, sensor: str | None) -> None:
     rows = session.request("sensors", sensor=sensor)
     if not rows and sensor is not None:
         session.check_names([sensor], None)
-    session.echo(rows, [
-        "sensor", "first_seen", "last_seen", "datagrams", "readings", "lost", "duplicates", "reordered",
-        "restarts", "metrics"])
+    columns = ["sensor", "first_seen", "last_seen", "datagrams", "readings", "lost", "duplicates", "reordered",
+               "restarts", "metrics"]
+    if activity and session.fmt == "table" and rows:
+        if len(rows) <= ACTIVITY_MAX_SENSORS:
+            for row, line in zip(rows, _activity(session, rows, time.time())):
+                row[ACTIVITY_COLUMN] = line
+            columns.append(ACTIVITY_COLUMN)
+        else:
+            click.echo(f"(no {ACTIVITY_COLUMN} column for more than {ACTIVITY_MAX_SENSORS} sensors: "
+                       "name one, or --no-activity)", err=True)
+    session.echo(rows, columns)
+
+
+def _activity(session: _Session, rows: list[dict[str, Any]], now: float) -> list[str]:
+    """A sparkline per sensor row: readings of its first metric per ACTIVITY_BUCKET_S, the last hour."""
+    end = math.floor(now / ACTIVITY_BUCKET_S) * ACTIVITY_BUCKET_S + ACTIVITY_BUCKET_S  # the current bucket's end
+    start = end - ACTIVITY_BUCKETS * ACTIVITY_BUCKET_S
+    requests = [{"op": "aggregate", "sensor": row["sensor"], "metric": row["metrics"][0], "bucket": ACTIVITY_BUCKET_S,
+                 "since": start, "until": end} for row in rows if row.get("metrics")]
+    answers: list[dict[str, Any]] = []
+    try:
+        for i in range(0, len(requests), ACTIVITY_PIPELINE):
+            answers += session.client().pipeline(requests[i:i + ACTIVITY_PIPELINE])
+    except ConnectError as exc:
+        raise _connect_failure(exc) from None
+    lines, found = [], iter(answers)
+    for row in rows:
+        if not row.get("metrics"):
+            lines.append("")
+            continue
+        answer = next(found)
+        counts = [0] * ACTIVITY_BUCKETS
+        for b in answer.get("result") or [] if answer.get("ok") else []:
+            index = round((b["start"] - start) / ACTIVITY_BUCKET_S)
+            if 0 <= index < ACTIVITY_BUCKETS:
+                counts[index] = b["count"]
+        lines.append(plotting.sparkline(counts) if answer.get("ok") else "?")
+    return lines
 
 
 @_session_command("latest")
@@ -439,6 +492,108 @@ def export(session: _Session, sensor: tuple[str, ...], metric: str | None, since
         os.replace(partial, output)
     where = f" to {output}" if output else ""
     click.echo(f"exported {writer.rows} readings of {len(names)} sensor(s){where}", err=True)
+
+
+@_session_command("plot")
+@click.argument("sensor")
+@click.option("--metric", help="The metric to draw (default: the sensor's only metric).")
+@click.option("--since", "since_text", default="1h", show_default=True, metavar="TIME",
+              help="From this time: Unix seconds, ISO 8601 or an age like 6h (with --watch, an age slides along).")
+@click.option("--until", "until_text", metavar="TIME", help="Up to this time (exclusive; default: the newest reading).")
+@click.option("--watch", type=DURATION, is_flag=False, flag_value=5.0, default=None, metavar="[SECONDS]",
+              help="Redraw every SECONDS (default 5) until Ctrl-C.")
+@click.option("--width", type=click.IntRange(40, 2000), help="Columns to fill [default: the terminal's].")
+@click.option("--height", type=click.IntRange(12, 500), help="Lines to fill [default: the terminal's].")
+def plot(session: _Session, sensor: str, metric: str | None, since_text: str, until_text: str | None,
+         watch: float | None, width: int | None, height: int | None) -> None:
+    """Draw a series in the terminal: the readings as a line, or when there are
+    more readings than dots across, each dot column's average with a min/max band.
+
+    The x axis runs from the first to the last reading in the range (a range
+    far longer than the data draws the data); times are UTC.
+
+    \b
+    Example:
+      telemetry-query plot boiler-1 --metric temp --since 6h
+      telemetry-query plot boiler-1 --metric temp --since 15m --watch 2
+    """
+    for text, flag in ((since_text, "--since"), (until_text, "--until")):
+        if text is not None:
+            _parse_time_option(text, flag, time.time())  # a typo is exit 2 before anything is asked
+    if metric is None:
+        metric = _only_metric(session, sensor)
+    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+    def frame() -> str:
+        size = shutil.get_terminal_size((100, 30))
+        columns, lines = width or size.columns, height or size.lines
+        if watch is not None:
+            lines -= 1  # the footer
+        return _plot_frame(session, sensor, metric, since_text, until_text, columns, lines, color, watch is not None)
+
+    if watch is None:
+        click.echo(frame(), nl=False)
+        return
+    try:
+        click.echo("\x1b[2J", nl=False)
+        while True:
+            text = frame() + f"every {watch:g} s, drawn {human_time(time.time())}; Ctrl-C to stop"
+            # Home, each line over the last frame's (erasing its rest), then erase below: one
+            # write per frame and no blank screen in between, so no flicker.
+            click.echo("\x1b[H" + "\x1b[K\n".join(text.split("\n")) + "\x1b[K\x1b[J", nl=False)
+            sys.stdout.flush()
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        click.echo("")
+
+
+def _parse_time_option(text: str, flag: str, now: float) -> float:
+    try:
+        return parse_time(text, now)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=flag) from None
+
+
+def _only_metric(session: _Session, sensor: str) -> str:
+    rows = session.request("sensors", sensor=sensor)
+    if not rows:
+        session.check_names([sensor], None)
+    metrics = rows[0].get("metrics") or [] if rows else []
+    if len(metrics) != 1:
+        listed = ", ".join(metrics) or "none yet"
+        raise click.UsageError(f"sensor {sensor} has metrics {listed}: pick one with --metric")
+    return metrics[0]
+
+
+def _plot_frame(session: _Session, sensor: str, metric: str, since_text: str, until_text: str | None,
+                columns: int, lines: int, color: bool, watching: bool) -> str:
+    """One picture: where the data is in the range, then buckets sized to the canvas (or the raw points)."""
+    now = time.time()
+    since = _parse_time_option(since_text, "--since", now)
+    until = _parse_time_option(until_text, "--until", now) if until_text is not None else None
+    check_range(since, until)
+    query = {"sensor": sensor, "metric": metric, "since": since, "until": until, "limit": 1}
+    first = session.request("readings", **query)["rows"]
+    if not first:
+        session.check_names([sensor], metric)
+        message = (f"no readings of {sensor} {metric} from {human_time(since)}"
+                   + (f" to {human_time(until)}" if until is not None else "") + ": widen --since")
+        if watching:
+            return message + "\n"
+        raise ServerSaidNo(message)
+    last = session.request("readings", **query, order="desc")["rows"][0]
+    lo, hi = first[0]["ts"], last["ts"]
+    width, height = plotting.canvas_size(columns, lines)
+    dots = 2 * width  # braille: two dot columns per character
+    bucket = plotting.bucket_for(lo, hi, dots)
+    buckets = session.request("aggregate", sensor=sensor, metric=metric, bucket=bucket, since=lo,
+                              until=math.nextafter(hi, math.inf))
+    if sum(b["count"] for b in buckets) <= dots:
+        rows = session.request("readings", **{**query, "limit": dots, "until": math.nextafter(hi, math.inf)})["rows"]
+        return plotting.render(sensor, metric, lo, hi, width=width, height=height, color=color,
+                               points=[(r["ts"], r["value"]) for r in rows])
+    return plotting.render(sensor, metric, lo, hi, width=width, height=height, color=color, buckets=buckets,
+                           bucket=bucket)
 
 
 @_session_command("stats")

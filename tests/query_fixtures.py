@@ -196,3 +196,18 @@ def run_cli(args: list[str], env: dict[str, str], code: int = 0):
     result = CliRunner().invoke(main, args, env=env, catch_exceptions=False)
     assert result.exit_code == code, (result.stdout, result.stderr)
     return result
+
+
+def append_readings(path: str, sensor: str, metric: str, rows: list[tuple[float, int, float]]) -> None:
+    """Append (ts, seq, value) readings to an existing series, as a collector's flush would."""
+    db = open_writer(path)
+    conn = db.conn
+    with conn:
+        conn.execute("BEGIN")
+        sid = conn.execute("SELECT id FROM series WHERE sensor = ? AND metric = ?", (sensor, metric)).fetchone()[0]
+        conn.executemany(
+            "INSERT INTO readings (series, ts, boot, seq, value, received) VALUES (?, ?, ?, ?, ?, ?)",
+            [(sid, ts, NO_BOOT, seq, value, ts) for ts, seq, value in rows],
+        )
+        conn.execute("COMMIT")
+    db.conn.close()

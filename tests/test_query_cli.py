@@ -62,9 +62,11 @@ def test_sensors(live):
     assert rows[0]["metrics"] == "hum,temp"
     table = cli(["sensors", "s1"], env).stdout.splitlines()
     assert table[0].split() == ["sensor", "first_seen", "last_seen", "datagrams", "readings", "lost", "duplicates",
-                                "reordered", "restarts", "metrics"]
+                                "reordered", "restarts", "metrics", "last", "hour"]
+    # Its readings are from 2023: nothing in the last hour's twelve 5-minute buckets.
     assert table[1].split() == ["s1", "2023-11-14T22:13:15Z", "2023-11-14T23:03:20.250Z", "320", "350", "7", "2",
-                                "1", "1", "hum,temp"]
+                                "1", "1", "hum,temp", "············"]
+    assert cli(["sensors", "s1", "--no-activity"], env).stdout.splitlines()[0].split()[-1] == "metrics"
     one_line_error(cli(["--format", "json", "sensors", "nope"], env, code=1), "no sensor named 'nope'")
 
 
@@ -211,7 +213,7 @@ def test_every_command_has_help_with_an_example(path):
 
 def test_the_command_list_is_complete():
     assert set(main.commands) == {"ping", "sensors", "latest", "readings", "aggregate", "gaps", "stats", "raw", "serve",
-                                 "export"}
+                                 "export", "plot"}
 
 
 def test_version():
