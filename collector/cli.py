@@ -24,8 +24,7 @@ def _group(value) -> tuple[str, int | None]:
     return net.parse_group(config.string(value))
 
 
-def _host_port(value) -> tuple[str, int]:
-    return config.parse_host_port(config.string(value), tuning.DEFAULT_UDP_PORT)
+_listen = config.host_port(tuning.DEFAULT_UDP_PORT)
 
 
 def _db_path(value) -> str:
@@ -48,7 +47,7 @@ def _rcvbuf(value) -> int:
 
 SETTINGS = [
     config.Setting("db", _db_path, tuning.DEFAULT_DB_PATH),
-    config.Setting("listen", _host_port, ((tuning.DEFAULT_LISTEN_HOST, tuning.DEFAULT_UDP_PORT),), multiple=True),
+    config.Setting("listen", _listen, ((tuning.DEFAULT_LISTEN_HOST, tuning.DEFAULT_UDP_PORT),), multiple=True),
     config.Setting("multicast", _group, (), multiple=True),
     config.Setting("multicast_interface", config.string, None),
     config.Setting("flush_interval", config.positive_float, tuning.DEFAULT_FLUSH_INTERVAL_S),
@@ -80,7 +79,7 @@ def _positive(kind, check=None):
 @click.option("--db", envvar=ENV + "DB", metavar="PATH", type=config.ParsedParam("PATH", _db_path),
               help=f"SQLite database file, created if missing.  [default: {tuning.DEFAULT_DB_PATH}]")
 @click.option("--listen", multiple=True, envvar=ENV + "LISTEN", metavar="HOST:PORT",
-              type=config.ParsedParam("HOST:PORT", _host_port),
+              type=config.ParsedParam("HOST:PORT", _listen),
               help=f"Unicast address to receive on; repeat for more; IPv6 as [::1]:PORT.  "
                    f"[default: 0.0.0.0:{tuning.DEFAULT_UDP_PORT}]")
 @click.option("--multicast", multiple=True, envvar=ENV + "MULTICAST", metavar="GROUP[:PORT]",
@@ -138,7 +137,7 @@ def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int,
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
         values = config.merge(ctx, SETTINGS, config.read_table(config_path, "collector"),
-                              f"{config_path} [collector]")
+                              f"{config_path} [collector]", env_prefix=ENV)
         settings = Settings(**values)
         if check:
             if settings.keys:

@@ -11,6 +11,7 @@ type, is a ConfigError naming the file, the table and the key.
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -77,12 +78,16 @@ def merge(
     settings: Sequence[Setting],
     file_values: dict[str, Any],
     where: str,
+    env_prefix: str | None = None,
 ) -> dict[str, Any]:
     """Combine click's values (flags, env) with the file's and the defaults.
 
     Returns {setting.name: value}.  A key in the file that no setting knows is
-    an error, so a typo never silently falls back to a default.
+    an error, so a typo never silently falls back to a default; so is an
+    environment variable starting with `env_prefix` that no option reads.
     """
+    if env_prefix is not None:
+        check_environment(ctx, env_prefix)
     known = {s.key: s for s in settings}
     for key in file_values:
         if key not in known:
@@ -103,6 +108,48 @@ def merge(
         else:
             result[setting.name] = setting.default
     return result
+
+
+def check_environment(ctx: click.Context, prefix: str, environ: dict[str, str] | None = None) -> None:
+    """A variable named like ours (`prefix`...) that no option of this command reads is a
+    ConfigError naming it and the nearest one, as an unknown TOML key is."""
+    environ = os.environ if environ is None else environ
+    known = {p.envvar for p in ctx.command.params if isinstance(p.envvar, str)}
+    for name in sorted(environ):
+        if name.startswith(prefix) and name not in known:
+            near = _nearest(name, [k for k in known if k.startswith(prefix)])
+            hint = f" (did you mean {near}?)" if near else f"; the variables are {prefix}<OPTION NAME IN CAPITALS>"
+            raise ConfigError(f"unknown environment variable {name}{hint}")
+
+
+def from_environment(ctx: click.Context | None, param: click.Parameter | None) -> str | None:
+    """The environment variable a parameter's value came from, or None (a flag, a default)."""
+    if ctx is None or param is None or param.name is None:
+        return None
+    if ctx.get_parameter_source(param.name) is not ParameterSource.ENVIRONMENT:
+        return None
+    envvar = param.envvar
+    if isinstance(envvar, (list, tuple)):
+        envvar = next((e for e in envvar if e in os.environ), envvar[0] if envvar else None)
+    return envvar
+
+
+def blame(message: str, param: click.Parameter | None, ctx: click.Context | None) -> click.BadParameter:
+    """A bad value's error, naming the environment variable when that is where it came from."""
+    envvar = from_environment(ctx, param)
+    if envvar is None:
+        return click.BadParameter(message, ctx=ctx, param=param)
+    return click.BadParameter(message, ctx=ctx, param=param, param_hint=f"{envvar} in the environment")
+
+
+class Choice(click.Choice):
+    """click.Choice whose error names the environment variable when the value came from one."""
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as exc:
+            raise blame(exc.message, param, ctx) from None
 
 
 def _nearest(key: str, known: Iterable[str]) -> str | None:
@@ -131,7 +178,7 @@ class ParsedParam(click.ParamType):
         try:
             return self._parse(value)
         except (ValueError, TypeError, ConfigError) as exc:
-            self.fail(str(exc), param, ctx)
+            raise blame(str(exc), param, ctx) from None
 
 
 # Parsers shared by both daemons' settings.
@@ -174,20 +221,28 @@ def boolean(value: Any) -> bool:
 
 
 def host_port(default_port: int) -> Callable[[Any], tuple[str, int]]:
-    """Parser for HOST:PORT, [V6ADDR]:PORT, :PORT or HOST (default port)."""
+    """Parser of a listening address (both daemons' `listen`, flags and TOML alike): HOST:PORT,
+    [V6ADDR]:PORT, :PORT, HOST (the default port) or a bare PORT (all IPv4 addresses)."""
 
     def parse(value: Any) -> tuple[str, int]:
-        return parse_host_port(string(value), default_port)
+        return parse_host_port(string(value), default_port, listen=True)
 
     return parse
 
 
-def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+def parse_host_port(text: str, default_port: int | None = None, *, listen: bool = False) -> tuple[str, int]:
     """Split 'host:port', '[v6]:port', ':port' or 'host' into (host, port).
 
-    Raises ValueError with a message a person can act on.
+    A bare number is a port: for an address to `listen` on it means every
+    IPv4 address (as ':PORT' does); for an address to reach it is refused,
+    since a host is needed.  Raises ValueError with a message a person can
+    act on.
     """
     text = text.strip()
+    if text.isdigit():
+        if not listen:
+            raise ValueError(f"{text!r} is a port alone: give the host too, e.g. localhost:{text}")
+        text = ":" + text
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
@@ -197,7 +252,7 @@ def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, in
             raise ValueError(f"{text!r}: expected ':PORT' after ']'")
         port_text = rest[1:] if rest else ""
     elif text.count(":") > 1:
-        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:4739")
+        raise ValueError(f"{text!r}: {_bracket_hint(text, default_port)}")
     elif ":" in text:
         host, port_text = text.rsplit(":", 1)
     else:
@@ -213,6 +268,29 @@ def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, in
         if not 0 <= port <= 65535:
             raise ValueError(f"{text!r}: port {port} is out of range 0-65535")
     return host or "0.0.0.0", port
+
+
+def _bracket_hint(text: str, default_port: int | None) -> str:
+    """What to write instead of an IPv6 address without brackets ('::1:4740' is ambiguous)."""
+    import ipaddress
+
+    def address(value: str) -> bool:
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            return False
+        return True
+
+    head, _, tail = text.rpartition(":")
+    split = address(head) and tail.isdigit()
+    alone = f"[{text}]:{default_port or 'PORT'}"
+    if split and address(text):
+        return f"an IPv6 address needs brackets: write [{head}]:{tail} (port {tail}) or {alone}"
+    if split:
+        return f"an IPv6 address needs brackets: write [{head}]:{tail}"
+    if address(text):
+        return f"an IPv6 address needs brackets: write {alone}"
+    return f"write an IPv6 address in brackets, e.g. [::1]:{default_port or 4739}"
 
 
 def format_host_port(host: str, port: int | None) -> str:

@@ -158,11 +158,11 @@ def _check_ips(ctx, param, values):
 def main() -> None:
     """Create the certificates for mutual TLS on the query port.
 
+    \b
     Example:
-
-        telemetry-certs init /etc/gateway-telemetry/tls --dns gw1.example.net --ip 192.0.2.10
-        telemetry-certs client /etc/gateway-telemetry/tls alice
-        telemetry-certs server /etc/gateway-telemetry/tls --dns gw1.example.net --ip 192.0.2.10
+      telemetry-certs init /etc/gateway-telemetry/tls --dns gw1.example.net --ip 192.0.2.10
+      telemetry-certs client /etc/gateway-telemetry/tls alice
+      telemetry-certs server /etc/gateway-telemetry/tls --dns gw1.example.net --ip 192.0.2.10
     """
 
 
@@ -186,9 +186,9 @@ def init(directory: Path, dns: tuple[str, ...], ip: tuple[str, ...], days: int, 
     gateway as clients will address it: every --dns and --ip becomes a
     subjectAltName checked by the client.  Keep ca.key offline if you can.
 
+    \b
     Example:
-
-        telemetry-certs init ./tls --dns localhost --ip 127.0.0.1 --ip ::1
+      telemetry-certs init ./tls --dns localhost --ip 127.0.0.1 --ip ::1
     """
     if not dns and not ip:
         raise click.UsageError("name the gateway with at least one --dns or --ip (clients verify it)")
@@ -209,9 +209,9 @@ def server(directory: Path, dns: tuple[str, ...], ip: tuple[str, ...], days: int
     The CA stays, so clients need nothing new.  Give the same --dns and --ip
     as at `init` (or new ones); server.key is written 0600 again.
 
+    \b
     Example:
-
-        telemetry-certs server ./tls --dns localhost --ip 127.0.0.1 --ip ::1
+      telemetry-certs server ./tls --dns localhost --ip 127.0.0.1 --ip ::1
     """
     if not dns and not ip:
         raise click.UsageError("name the gateway with at least one --dns or --ip (clients verify it)")
@@ -225,18 +225,23 @@ def server(directory: Path, dns: tuple[str, ...], ip: tuple[str, ...], days: int
 @click.argument("name")
 @click.option("--days", type=click.IntRange(1, 3650), default=CLIENT_DAYS, show_default=True,
               help="Client certificate lifetime.")
-def client(directory: Path, name: str, days: int) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing NAME.key and NAME.pem (the old pair stops "
+                                            "being yours to hand out; it stays valid until it expires).")
+def client(directory: Path, name: str, days: int, force: bool) -> None:
     """Issue a client certificate NAME.pem/NAME.key signed by the CA in DIRECTORY.
 
     Hand the person NAME.pem, NAME.key and ca.pem; they pass them to
     telemetry-query as --cert, --key and --ca.
 
+    \b
     Example:
-
-        telemetry-certs client ./tls alice
+      telemetry-certs client ./tls alice
     """
     if not _NAME_RE.match(name) or name in ("ca", "server"):
         raise click.BadParameter("use 1-64 of [A-Za-z0-9._-], not 'ca' or 'server'", param_hint="NAME")
+    existing = [p for p in (directory / f"{name}.key", directory / f"{name}.pem") if p.exists()]
+    if existing and not force:
+        raise click.ClickException(f"{existing[0]} exists: pick another NAME, or use --force to replace it")
     with _writing(directory):
         cert_path, key_path = issue(directory, name, name, server=False, days=days)
     click.echo(f"wrote {cert_path}, {key_path}", err=True)

@@ -11,10 +11,12 @@ bad config, unreadable files), 3 cannot connect or TLS failed.
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from . import __version__
-from .commands import COMMANDS, SETTINGS_KEY, connection_options
+from .commands import COMMANDS, SETTINGS_KEY, check_client_environment, connection_options
 from .output import render
 from .serve import SERVE_SETTINGS, build_server, serve, tls_context
 from .times import human_time, parse_duration, parse_time
@@ -27,7 +29,7 @@ __all__ = ["main", "render", "build_server", "tls_context", "SERVE_SETTINGS", "h
 @connection_options(envvars=True)
 @click.version_option(__version__, "--version", prog_name="telemetry-query")
 @click.pass_context
-def main(ctx: click.Context, server, ca, cert, key, fmt) -> None:
+def main(ctx: click.Context, server, ca, cert, key, fmt, times) -> None:
     """Query a gateway's telemetry over TLS (and `serve` runs the query server).
 
     Exit codes: 0 ok, 1 the server answered with an error, 2 usage,
@@ -37,7 +39,8 @@ def main(ctx: click.Context, server, ca, cert, key, fmt) -> None:
     Example:
       telemetry-query --server gw1.example.org:4740 --ca ca.pem latest
     """
-    ctx.meta[SETTINGS_KEY] = {"server": server, "ca": ca, "cert": cert, "key": key, "fmt": fmt}
+    check_client_environment(dict(os.environ))
+    ctx.meta[SETTINGS_KEY] = {"server": server, "ca": ca, "cert": cert, "key": key, "fmt": fmt, "times": times}
 
 
 for _command in COMMANDS:

@@ -5,7 +5,7 @@
 message); `pipeline([...])` writes many requests in one send and returns the
 responses in order.  Trouble reaching or trusting the server is a
 ConnectError whose `kind` tells the caller which setting to fix
-(connect, verify, hostname, client_cert, tls, timeout, protocol).
+(dns, connect, verify, hostname, client_cert, tls, timeout, protocol).
 """
 
 from __future__ import annotations
@@ -111,6 +111,10 @@ class QueryClient:
             raise ConnectError("files", f"cannot load the CA or client certificate/key: {exc.reason or exc}") from None
         try:
             raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        except socket.gaierror as exc:  # before OSError: the name, not the server, is the problem
+            raise ConnectError("dns", f"cannot resolve {self.host!r}: {exc.strerror or exc}") from None
+        except UnicodeError:  # the idna codec refuses the name ('a..b', a label over 63 characters)
+            raise ConnectError("dns", f"{self.host!r} is not a valid host name") from None
         except socket.timeout:
             raise ConnectError("timeout", f"cannot connect to {self.host}:{self.port}: timed out") from None
         except OSError as exc:

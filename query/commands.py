@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from collector import config
 from collector.config import SetupFailed
@@ -30,7 +31,7 @@ from collector.config import SetupFailed
 from . import export as exporting
 from . import plot as plotting
 from .client import ConnectError, QueryClient, ServerError
-from .output import TIME_FIELDS, flatten, render
+from .output import TIME_FIELDS, flatten, iso_times, render
 from .protocol import DEFAULT_PORT
 from .times import human_time, parse_duration, parse_time
 
@@ -47,6 +48,7 @@ class CannotConnect(click.ClickException):
 
 
 _HINTS = {
+    "dns": "check the host name in --server (TELEMETRY_SERVER), or give an IP address",
     "connect": "is `telemetry-query serve` running there? Set the address with --server or TELEMETRY_SERVER",
     "timeout": "is `telemetry-query serve` running there? Set the address with --server or TELEMETRY_SERVER",
     "verify": "pass the CA that signed the server's certificate with --ca or TELEMETRY_CA",
@@ -77,8 +79,11 @@ def connection_options(envvars: bool) -> Callable:
             click.option("--key", envvar=env("TELEMETRY_KEY"), metavar="PEM", type=click.Path(dir_okay=False),
                          help="Private key of --cert [env TELEMETRY_KEY]."),
             click.option("--format", "fmt", envvar=env("TELEMETRY_FORMAT"),
-                         type=click.Choice(["table", "json", "csv"]),
+                         type=config.Choice(["table", "json", "csv"]),
                          help="Output: aligned table (times in UTC), json or csv [env TELEMETRY_FORMAT; default table]."),
+            click.option("--times", envvar=env("TELEMETRY_TIMES"), type=config.Choice(["unix", "iso"]),
+                         help="Times in csv and json: Unix seconds or ISO 8601 UTC [env TELEMETRY_TIMES; "
+                              "default unix; export: iso]."),
         ]
         for option in reversed(options):
             f = option(f)
@@ -93,10 +98,13 @@ def _client_command(f: Callable) -> Callable:
     @connection_options(envvars=False)
     @click.pass_context
     @functools.wraps(f)
-    def wrapper(ctx: click.Context, server, ca, cert, key, fmt, **kwargs):
-        base = ctx.find_root().meta.get(SETTINGS_KEY, {})
-        given = {"server": server, "ca": ca, "cert": cert, "key": key, "fmt": fmt}
+    def wrapper(ctx: click.Context, server, ca, cert, key, fmt, times, **kwargs):
+        root = ctx.find_root()
+        base = root.meta.get(SETTINGS_KEY, {})
+        given = {"server": server, "ca": ca, "cert": cert, "key": key, "fmt": fmt, "times": times}
         settings = {k: given[k] if given[k] is not None else base.get(k) for k in given}
+        from_env = server is None and root.get_parameter_source("server") is ParameterSource.ENVIRONMENT
+        settings["server_hint"] = "TELEMETRY_SERVER in the environment" if from_env else "--server"
         return f(_Session(settings), **kwargs)
 
     return wrapper
@@ -108,7 +116,7 @@ class _Session:
         try:
             self.host, self.port = config.parse_host_port(settings["server"] or "localhost", DEFAULT_PORT)
         except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--server") from None
+            raise click.BadParameter(str(exc), param_hint=settings.get("server_hint", "--server")) from None
         if (settings["cert"] is None) != (settings["key"] is None):
             raise SetupFailed("--cert and --key go together: give both, or neither (TELEMETRY_CERT, TELEMETRY_KEY)")
         self.settings = settings
@@ -157,15 +165,18 @@ class _Session:
             raise ServerSaidNo(unknown_name("metric", metric, offered, where))
 
     def echo(self, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
-        click.echo(render(rows, self.fmt, columns), nl=False)
+        click.echo(render(rows, self.fmt, columns, iso=self.settings.get("times") == "iso"), nl=False)
 
     def echo_object(self, result: dict[str, Any]) -> None:
         """One object (ping, stats): as-is in JSON, key/value rows in table and CSV."""
+        if self.fmt == "json" and self.settings.get("times") != "iso":
+            click.echo(json.dumps(result, indent=1))
+            return
+        if self.fmt == "table" or self.settings.get("times") == "iso":
+            result = {k: human_time(v) if k in TIME_FIELDS and v is not None else v for k, v in result.items()}
         if self.fmt == "json":
             click.echo(json.dumps(result, indent=1))
             return
-        if self.fmt == "table":
-            result = {k: human_time(v) if k in TIME_FIELDS and v is not None else v for k, v in result.items()}
         self.echo(flatten(result, human=self.fmt == "table"), ["key", "value"])
 
     def close(self) -> None:
@@ -179,6 +190,22 @@ def _connect_failure(exc: ConnectError) -> click.ClickException:
     if exc.kind == "files":
         return SetupFailed(message)
     return CannotConnect(message)
+
+
+CLIENT_ENV = ("TELEMETRY_SERVER", "TELEMETRY_CA", "TELEMETRY_CERT", "TELEMETRY_KEY", "TELEMETRY_FORMAT",
+              "TELEMETRY_TIMES")
+DAEMON_ENV_PREFIXES = ("TELEMETRY_QUERY_", "TELEMETRY_COLLECTOR_", "TELEMETRY_CONFIG")
+
+
+def check_client_environment(environ: dict[str, str]) -> None:
+    """A TELEMETRY_ variable that is a near miss of one the client reads (TELEMETRY_SEVRER) is
+    exit 2 naming both; the daemons' variables, and names like no variable of ours, pass."""
+    for name in sorted(environ):
+        if not name.startswith("TELEMETRY_") or name in CLIENT_ENV or name.startswith(DAEMON_ENV_PREFIXES):
+            continue
+        near = difflib.get_close_matches(name, CLIENT_ENV, n=1, cutoff=0.8)
+        if near:
+            raise SetupFailed(f"unknown environment variable {name} (did you mean {near[0]}?)")
 
 
 def unknown_name(kind: str, name: str, known: list[str], where: str = "") -> str:
@@ -388,7 +415,8 @@ def readings(session: _Session, sensor: str, metric: str | None, since: float | 
     if not rows:
         session.check_names([sensor], metric)
     if session.fmt == "json":
-        click.echo(json.dumps({"rows": rows, "next": cursor}, indent=1))
+        shown = iso_times(rows) if session.settings.get("times") == "iso" else rows
+        click.echo(json.dumps({"rows": shown, "next": cursor}, indent=1))
     else:
         session.echo(rows, ["sensor", "metric", "ts", "value", "seq", "boot"])
     if cursor is not None:
@@ -434,14 +462,12 @@ def gaps(session: _Session, sensor: str | None, since: float | None, until: floa
 @click.argument("sensor", nargs=-1)
 @click.option("--metric", help="Only this metric (default: every metric of each sensor).")
 @_ranges
-@click.option("--times", type=click.Choice(["iso", "unix"]), default="iso", show_default=True,
-              help="ts as ISO 8601 UTC to the microsecond, or as Unix seconds (the exact float).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Write to FILE (via FILE.part, renamed when complete) instead of standard output.")
 @click.option("--page", "page_rows", type=click.IntRange(1, 10_000), default=exporting.DEFAULT_PAGE_ROWS,
               show_default=True, help="Rows asked per request (memory is one page).")
 def export(session: _Session, sensor: tuple[str, ...], metric: str | None, since: float | None,
-           until: float | None, times: str, output: str | None, page_rows: int) -> None:
+           until: float | None, output: str | None, page_rows: int) -> None:
     """Export readings as CSV (default) or JSON lines (--format json), streamed.
 
     Every sensor, or the SENSORs named, in sensor order; within a sensor
@@ -471,7 +497,8 @@ def export(session: _Session, sensor: tuple[str, ...], metric: str | None, since
         out = open(partial, "w", encoding="utf-8", newline="") if partial else sys.stdout
     except OSError as exc:
         raise SetupFailed(f"cannot write {partial}: {exc.strerror}") from None
-    writer = exporting.Writer(out, "json" if fmt == "json" else "csv", iso=times == "iso")
+    iso = (session.settings["times"] or "iso") == "iso"  # ts to the microsecond; unix: the exact float
+    writer = exporting.Writer(out, "json" if fmt == "json" else "csv", iso=iso)
     try:
         for page in exporting.pages(session.request, dict.fromkeys(names), metric=metric, since=since,
                                     until=until, page_rows=page_rows):

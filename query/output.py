@@ -35,6 +35,20 @@ def flatten(result: dict[str, Any], human: bool = False) -> list[dict[str, Any]]
     return rows
 
 
+# Computed by the server from many readings (sum and its quotient): their last digits are
+# rounding error, so CSV writes them to 15 significant digits (21.736, not 21.735999999999997).
+# Stored values (value, ts, min, max) keep repr, the shortest text that reads back exactly.
+COMPUTED_FIELDS = {"avg", "sum"}
+
+
+def number(value: float, digits: int) -> str:
+    """A float to `digits` significant digits, in its shortest form; whole numbers without '.0'."""
+    rounded = float(format(value, f".{digits}g"))
+    if rounded.is_integer() and abs(rounded) < 1e15:
+        return str(int(rounded))
+    return repr(rounded)
+
+
 def cell(key: str, value: Any, human: bool) -> str:
     if value is None:
         return ""
@@ -43,13 +57,23 @@ def cell(key: str, value: Any, human: bool) -> str:
     if human and (key in TIME_FIELDS) and isinstance(value, (int, float)) and not isinstance(value, bool):
         return human_time(value)
     if isinstance(value, float) and human:
-        # 12 significant digits: 16.8275, not the 16.827499999999997 of an average.
-        # CSV keeps repr: 12 digits would cut a Unix ts to 10 ms.
-        return repr(float(format(value, ".12g")))
+        # 12 significant digits: 16.8275, not the 16.827499999999997 of an average; 20, not 20.0.
+        return number(value, 12)
+    if isinstance(value, float) and key in COMPUTED_FIELDS:
+        return repr(float(format(value, ".15g")))
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def render(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None) -> str:
+def iso_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with their time fields as ISO 8601 UTC text (--times iso)."""
+    return [{k: human_time(v) if k in TIME_FIELDS and isinstance(v, (int, float)) else v for k, v in row.items()}
+            for row in rows]
+
+
+def render(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None, iso: bool = False) -> str:
+    """Rows as a table (for people), JSON or CSV; `iso` writes JSON/CSV times as ISO 8601 UTC."""
+    if iso and fmt != "table":
+        rows = iso_times(rows)
     if fmt == "json":
         return json.dumps(rows, indent=1) + "\n"
     columns = columns or (list(rows[0]) if rows else [])

@@ -26,13 +26,12 @@ from .protocol import DEFAULT_PORT
 SERVE_ENV = "TELEMETRY_QUERY_"
 
 
-def _host_port(value: Any) -> tuple[str, int]:
-    return config.parse_host_port(config.string(value), DEFAULT_PORT)
+_listen = config.host_port(DEFAULT_PORT)
 
 
 SERVE_SETTINGS = [
     config.Setting("db", config.string, tuning.DEFAULT_DB_PATH),
-    config.Setting("listen", _host_port, ("0.0.0.0", DEFAULT_PORT)),
+    config.Setting("listen", _listen, ("0.0.0.0", DEFAULT_PORT)),
     config.Setting("cert", config.string, None),
     config.Setting("key", config.string, None),
     config.Setting("client_ca", config.string, None),
@@ -61,7 +60,7 @@ def notify_noop(state: str) -> None:
 @click.command("serve")
 @_serve_option("--db", "PATH", f"SQLite database of the collector, opened read-only. [default: {tuning.DEFAULT_DB_PATH}]")
 @_serve_option("--listen", "HOST:PORT", f"Address to listen on; [::]:PORT for IPv6 and IPv4. [default: 0.0.0.0:{DEFAULT_PORT}]",
-               _host_port)
+               _listen)
 @_serve_option("--cert", "PEM", "Server certificate chain (required: there is no plaintext mode).")
 @_serve_option("--key", "PEM", "Private key of --cert (unencrypted, readable only by this service).")
 @_serve_option("--client-ca", "PEM", "Require client certificates signed by this CA (mutual TLS).")
@@ -103,9 +102,12 @@ def serve(ctx: click.Context, config_path: str | None, check: bool, verbose: int
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
-        values = config.merge(ctx, SERVE_SETTINGS, config.read_table(config_path, "query"), f"{config_path} [query]")
+        values = config.merge(ctx, SERVE_SETTINGS, config.read_table(config_path, "query"), f"{config_path} [query]",
+                              env_prefix=SERVE_ENV)
         if check:
-            tls_context(values)  # the database may not exist yet: only TLS material is loaded
+            # What a start would refuse, --check refuses: TLS material and the database.
+            tls_context(values)
+            check_database(values["db"])
             click.echo(config.render("query", SERVE_SETTINGS, values), nl=False)
             return
         notify = Notifier()
@@ -134,6 +136,13 @@ def tls_context(values: dict[str, Any]):
     return server_context(values["cert"], values["key"], values["client_ca"])
 
 
+def check_database(db: str) -> None:
+    """Open the database as each worker will (read-only, schema checked): fail with the reason."""
+    from collector.schema import open_reader
+
+    open_reader(db).close()
+
+
 def build_server(values: dict[str, Any], notify: Callable[[str], None] = notify_noop):
     """Settings (as merged by collector.config) -> a bound QueryServer.  Raises ConfigError/SetupError."""
     from collector.schema import open_reader
@@ -143,7 +152,7 @@ def build_server(values: dict[str, Any], notify: Callable[[str], None] = notify_
 
     context = tls_context(values)
     db = values["db"]
-    open_reader(db).close()  # fail now, with the reason, rather than in each worker
+    check_database(db)  # fail now, with the reason, rather than in each worker
     ops_limits = Limits(max_rows=values["max_rows"], max_buckets=values["max_buckets"],
                         query_seconds=values["query_timeout"])
     limits = ServerLimits(max_connections=values["max_connections"], idle_timeout=values["idle_timeout"],

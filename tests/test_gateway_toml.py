@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from collector import cli as collector_cli
+from collector.schema import open_writer
 from query import certs
 from query import cli as query_cli
 
@@ -44,8 +45,11 @@ def example(tmp_path) -> Path:
     keys = tmp_path / "keys"
     keys.write_text("# no signing sensor yet\n")
     keys.chmod(0o600)
+    db = tmp_path / "telemetry.db"
+    open_writer(str(db)).conn.close()  # serve --check opens the database, as a start does
     text = EXAMPLE.read_text().replace("/etc/gateway-telemetry/tls", str(tls))
     text = text.replace("/etc/gateway-telemetry/keys", str(keys))
+    text = text.replace("/var/lib/gateway-telemetry/telemetry.db", str(db))
     path = tmp_path / "gateway.toml"
     path.write_text(text)
     return path

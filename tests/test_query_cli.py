@@ -102,7 +102,7 @@ def test_readings_pages_all_and_formats(live):
     assert seqs == list(range(19, 9, -1))  # ts T0+600.5 .. T0+1140.5, newest first
 
     table = cli(["readings", "s1", "--metric", "hum", "--limit", "2"], env).stdout.splitlines()
-    assert table[1].split() == ["s1", "hum", "2023-11-14T22:13:20.500Z", "0.0", "0", "3"]
+    assert table[1].split() == ["s1", "hum", "2023-11-14T22:13:20.500Z", "0", "0", "3"]  # a whole number, no .0
 
 
 def test_aggregate_gaps_stats(live):
@@ -112,7 +112,7 @@ def test_aggregate_gaps_stats(live):
         (-40, 1, 0.0), (-20, 2, 3.0), (0, 2, 7.0), (20, 2, 11.0), (40, 2, 15.0), (60, 1, 9.0)]
     table = cli(["aggregate", "s2", "--metric", "temp", "--bucket", "1m"], env).stdout.splitlines()
     assert table[0].split() == ["start", "count", "min", "max", "avg", "sum"]
-    assert table[1].split() == ["1969-12-31T23:59:00Z", "3", "0.0", "2.0", "1.0", "3.0"]
+    assert table[1].split() == ["1969-12-31T23:59:00Z", "3", "0", "2", "1", "3"]  # whole numbers without .0
 
     gaps = list(csv.DictReader(io.StringIO(cli(["--format", "csv", "gaps", "s1"], env).stdout)))
     assert [(g["first_seq"], g["boot"], g["missing"]) for g in gaps] == [("10", "", "3"), ("200", "7", "4")]
@@ -268,8 +268,11 @@ def test_serve_settings_precedence_flag_env_file(tls, tmp_path):
     ("[query]\nmax-row = 5\n", {}, ["unknown key 'max-row'", "max-rows"]),
     ("[query]\nidle-timeout = -1\n", {}, ["idle-timeout", "> 0"]),
     ("[query]\nlisten = 5\n", {}, ["listen"]),
-    ("", {"TELEMETRY_QUERY_MAX_CONNECTIONS": "lots"}, ["--max-connections"]),
-    ("", {"TELEMETRY_QUERY_LISTEN": "[::1"}, ["--listen"]),
+    # A bad value from the environment names the variable, not the flag nobody typed.
+    ("", {"TELEMETRY_QUERY_MAX_CONNECTIONS": "lots"}, ["TELEMETRY_QUERY_MAX_CONNECTIONS in the environment"]),
+    ("", {"TELEMETRY_QUERY_LISTEN": "[::1"}, ["TELEMETRY_QUERY_LISTEN in the environment"]),
+    ("", {"TELEMETRY_QUERY_MAX_CONECTIONS": "5"},
+     ["unknown environment variable TELEMETRY_QUERY_MAX_CONECTIONS (did you mean TELEMETRY_QUERY_MAX_CONNECTIONS?)"]),
 ])
 def test_serve_bad_settings_are_one_line_exit_2(tls, tmp_path, config_text, env, words):
     base = ["--cert", tls.server_cert, "--key", tls.server_key]
