@@ -12,7 +12,7 @@ import tracemalloc
 import pytest
 from click.testing import CliRunner
 import query_fixtures as fx
-from query_fixtures import SERIES, expected_rows, fill_known_db, fill_series, make_tls, running_server
+from query_fixtures import SERIES, expected_rows, fill_series, running_server
 
 from collector.schema import open_reader
 from query import export
@@ -84,10 +84,8 @@ def test_unknown_sensor_or_metric_is_exit_1_and_no_file(live, tmp_path):
     assert "export writes csv or json" in result.stderr
 
 
-def test_a_server_lost_mid_export_leaves_no_file_and_says_how_far_it_got(tmp_path):
-    certs = make_tls(tmp_path / "tls")
-    db = str(tmp_path / "known.db")
-    fill_known_db(db)
+def test_a_server_lost_mid_export_leaves_no_file_and_says_how_far_it_got(tmp_path, known_db, tls):
+    certs, db = tls, known_db
     out = tmp_path / "cut.csv"
     server = QueryServer(server_context(certs.server_cert, certs.server_key), ("127.0.0.1", 0),
                          Service(lambda: Ops(open_reader(db)), 1))
@@ -136,11 +134,11 @@ def test_pages_are_asked_for_one_at_a_time(live):
         assert sum(sizes) == 360
 
 
-def test_memory_of_an_export_is_bounded_by_the_page_not_the_range(tmp_path):
+def test_memory_of_an_export_is_bounded_by_the_page_not_the_range(tmp_path, tls):
     db = str(tmp_path / "big.db")
     fill_series(db, "small", "v", 600)
     fill_series(db, "big", "v", 6000)
-    certs = make_tls(tmp_path / "tls")
+    certs = tls
 
     def exported_peak(client, sensor):
         tracemalloc.start()

@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 from helpers import wait_for
-import test_query_fixtures as fx
-from test_query_fixtures import append_readings, fill_series, make_tls, running_server
+import query_fixtures as fx
+from query_fixtures import append_readings, fill_series, running_server
 
 from query import commands, plot
 
@@ -69,17 +69,15 @@ def terminal(tmp_path):
 
 
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, tls):
     """A step (0 for 75 s, then 10 for 75 s, one reading a second) and a zigzag (0, 10, 0, ... 4,000 readings)."""
     db = str(tmp_path / "plot.db")
     fill_series(db, "step", "v", 0)
     append_readings(db, "step", "v", [(T0 + i, i, 0.0 if i < 75 else 10.0) for i in range(150)])
     fill_series(db, "zigzag", "v", 0)
     append_readings(db, "zigzag", "v", [(T0 + i, i, 10.0 * (i % 2)) for i in range(4000)])
-    certs = make_tls(tmp_path / "tls")
-    with running_server(db, certs) as srv:
-        yield {"db": db, "env": {"TELEMETRY_SERVER": f"localhost:{srv.server_address[1]}",
-                                 "TELEMETRY_CA": certs.ca_pem}, "certs": certs}
+    with running_server(db, tls) as srv:
+        yield {"db": db, "env": {"TELEMETRY_SERVER": f"localhost:{srv.server_address[1]}", "TELEMETRY_CA": tls.ca_pem}}
 
 
 def canvas(screen: list[str]) -> list[str]:
@@ -166,7 +164,7 @@ def test_sparkline():
     assert plot.sparkline([3, 3, 3]) == "███"
 
 
-def test_the_sensors_table_draws_each_sensors_last_hour(tmp_path):
+def test_the_sensors_table_draws_each_sensors_last_hour(tmp_path, tls):
     db = str(tmp_path / "spark.db")
     now = 1_800_000_000.0 + 123  # 123 s into a 5-minute bucket
     current = math.floor(now / 300) * 300
@@ -176,9 +174,8 @@ def test_the_sensors_table_draws_each_sensors_last_hour(tmp_path):
     fill_series(db, "quiet", "hum", 0)
     append_readings(db, "quiet", "hum", [(current - 3300 + i, i, 1.0) for i in range(10)]
                     + [(current + i, 10 + i, 1.0) for i in range(20)])
-    certs = make_tls(tmp_path / "tls")
-    with running_server(db, certs) as srv:
-        session = commands._Session({"server": f"localhost:{srv.server_address[1]}", "ca": certs.ca_pem,
+    with running_server(db, tls) as srv:
+        session = commands._Session({"server": f"localhost:{srv.server_address[1]}", "ca": tls.ca_pem,
                                      "cert": None, "key": None, "fmt": "table"})
         try:
             rows = session.request("sensors")
