@@ -45,20 +45,6 @@ def _rcvbuf(value) -> int:
     return number
 
 
-SETTINGS = [
-    config.Setting("db", _db_path, tuning.DEFAULT_DB_PATH),
-    config.Setting("listen", _listen, ((tuning.DEFAULT_LISTEN_HOST, tuning.DEFAULT_UDP_PORT),), multiple=True),
-    config.Setting("multicast", _group, (), multiple=True),
-    config.Setting("multicast_interface", config.string, None),
-    config.Setting("flush_interval", config.positive_float, tuning.DEFAULT_FLUSH_INTERVAL_S),
-    config.Setting("batch_size", config.positive_int, tuning.DEFAULT_BATCH_ROWS),
-    config.Setting("rcvbuf", _rcvbuf, tuning.DEFAULT_RCVBUF_BYTES),
-    config.Setting("status_interval", config.positive_float, tuning.DEFAULT_STATUS_INTERVAL_S),
-    config.Setting("keys", config.string, None),
-    config.Setting("require_auth", config.boolean, False),
-]
-
-
 def _positive(kind, check=None):
     """Flag parser: a number > 0, with the same messages as the file layer."""
     check = check or (config.positive_int if kind is int else config.positive_float)
@@ -75,36 +61,37 @@ def _positive(kind, check=None):
     return parse
 
 
+# Each setting once: flag, TELEMETRY_COLLECTOR_* variable, [collector] key,
+# default and help (deploy/gateway.toml documents the same keys; a test checks).
+SETTINGS = [
+    config.Setting("db", _db_path, tuning.DEFAULT_DB_PATH, metavar="PATH",
+                   help="SQLite database file, created if missing."),
+    config.Setting("listen", _listen, ((tuning.DEFAULT_LISTEN_HOST, tuning.DEFAULT_UDP_PORT),), multiple=True,
+                   metavar="HOST:PORT",
+                   help="Unicast address to receive on; repeat for more; IPv6 as [::1]:PORT."),
+    config.Setting("multicast", _group, (), multiple=True, metavar="GROUP[:PORT]",
+                   help="Multicast group to join (IPv4 or IPv6, [ff15::1]:PORT); repeat for more.  "
+                        "The port defaults to the first --listen port."),
+    config.Setting("multicast_interface", config.string, None, metavar="ADDR|IFNAME",
+                   default_text="the kernel's route", help="Interface to join groups on, by address or name."),
+    config.Setting("flush_interval", config.positive_float, tuning.DEFAULT_FLUSH_INTERVAL_S, metavar="SECONDS",
+                   flag_parse=_positive(float), help="Write a batch at least this often."),
+    config.Setting("batch_size", config.positive_int, tuning.DEFAULT_BATCH_ROWS, metavar="ROWS",
+                   flag_parse=_positive(int), help="Write a batch when this many readings wait."),
+    config.Setting("rcvbuf", _rcvbuf, tuning.DEFAULT_RCVBUF_BYTES, metavar="BYTES",
+                   flag_parse=_positive(int, _rcvbuf), help="Socket receive buffer to ask for."),
+    config.Setting("status_interval", config.positive_float, tuning.DEFAULT_STATUS_INTERVAL_S, metavar="SECONDS",
+                   flag_parse=_positive(float), help="Log a status line this often."),
+    config.Setting("keys", config.string, None, metavar="FILE",
+                   help="Key file for signed datagrams: one 'key_id = hex' per line, not readable by others; "
+                        "SIGHUP reloads it.  See docs/SECURITY.md."),
+    config.Setting("require_auth", config.boolean, False,
+                   help="Reject unsigned datagrams (not_signed).  Needs --keys."),
+]
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": None})
-@click.option("--db", envvar=ENV + "DB", metavar="PATH", type=config.ParsedParam("PATH", _db_path),
-              help=f"SQLite database file, created if missing.  [default: {tuning.DEFAULT_DB_PATH}]")
-@click.option("--listen", multiple=True, envvar=ENV + "LISTEN", metavar="HOST:PORT",
-              type=config.ParsedParam("HOST:PORT", _listen),
-              help=f"Unicast address to receive on; repeat for more; IPv6 as [::1]:PORT.  "
-                   f"[default: 0.0.0.0:{tuning.DEFAULT_UDP_PORT}]")
-@click.option("--multicast", multiple=True, envvar=ENV + "MULTICAST", metavar="GROUP[:PORT]",
-              type=config.ParsedParam("GROUP[:PORT]", _group),
-              help="Multicast group to join (IPv4 or IPv6, [ff15::1]:PORT); repeat for more.  "
-                   "The port defaults to the first --listen port.")
-@click.option("--multicast-interface", envvar=ENV + "MULTICAST_INTERFACE", metavar="ADDR|IFNAME",
-              help="Interface to join groups on, by address or name.  [default: the kernel's route]")
-@click.option("--flush-interval", envvar=ENV + "FLUSH_INTERVAL", metavar="SECONDS",
-              type=config.ParsedParam("SECONDS", _positive(float)),
-              help=f"Write a batch at least this often.  [default: {tuning.DEFAULT_FLUSH_INTERVAL_S}]")
-@click.option("--batch-size", envvar=ENV + "BATCH_SIZE", metavar="ROWS",
-              type=config.ParsedParam("ROWS", _positive(int)),
-              help=f"Write a batch when this many readings wait.  [default: {tuning.DEFAULT_BATCH_ROWS}]")
-@click.option("--rcvbuf", envvar=ENV + "RCVBUF", metavar="BYTES",
-              type=config.ParsedParam("BYTES", _positive(int, _rcvbuf)),
-              help=f"Socket receive buffer to ask for.  [default: {tuning.DEFAULT_RCVBUF_BYTES}]")
-@click.option("--status-interval", envvar=ENV + "STATUS_INTERVAL", metavar="SECONDS",
-              type=config.ParsedParam("SECONDS", _positive(float)),
-              help=f"Log a status line this often.  [default: {tuning.DEFAULT_STATUS_INTERVAL_S:g}]")
-@click.option("--keys", envvar=ENV + "KEYS", metavar="FILE",
-              help="Key file for signed datagrams: one 'key_id = hex' per line, not readable by others; "
-                   "SIGHUP reloads it.  See docs/SECURITY.md.")
-@click.option("--require-auth/--no-require-auth", default=False, envvar=ENV + "REQUIRE_AUTH",
-              help="Reject unsigned datagrams (not_signed).  Needs --keys.  [default: off]")
+@config.options(SETTINGS, ENV)
 @click.option("--config", "config_path", envvar="TELEMETRY_CONFIG", metavar="FILE.toml",
               type=click.Path(dir_okay=False),
               help="TOML file whose [collector] table holds the same names (flags win).")

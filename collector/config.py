@@ -25,21 +25,66 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class Setting:
-    """One key of a config table; also the name of its click parameter.
+    """One key of a config table, declared once: its flag, environment
+    variable, TOML key, default, parser and help all come from here.
 
     `parse` turns a file value into the internal value or raises
-    ValueError/TypeError with a message; click does the same for flags.
+    ValueError/TypeError with a message; `flag_parse` (default: `parse`) does
+    the same for the text of a flag or an environment variable.  A setting
+    whose parser is `boolean` becomes an on/off flag pair.
     """
 
     name: str
     parse: Callable[[Any], Any]
     default: Any = None
     multiple: bool = False  # a list in the file, a repeatable flag
+    help: str = ""
+    metavar: str | None = None
+    flag_parse: Callable[[Any], Any] | None = None
+    default_text: str | None = None  # how --help shows the default, when the value alone says too little
 
     @property
     def key(self) -> str:
         """The TOML key: the parameter name with dashes (flush-interval)."""
         return self.name.replace("_", "-")
+
+    def envvar(self, prefix: str) -> str:
+        return prefix + self.name.upper()
+
+    def shown_default(self) -> str | None:
+        if self.default_text is not None:
+            return self.default_text
+        if self.default is None or self.default == ():
+            return None
+        if self.default is False or self.default is True:
+            return "on" if self.default else "off"
+        if self.multiple:
+            return ", ".join(_toml_value(v).strip('"') for v in self.default)
+        text = _toml_value(self.default)
+        return text[1:-1] if text.startswith('"') else text
+
+    def option(self, env_prefix: str) -> Callable:
+        """The click option for this setting (no default of its own: merge() fills it in)."""
+        shown = self.shown_default()
+        help_text = self.help + (f"  [default: {shown}]" if shown else "")
+        if self.parse is boolean:
+            return click.option(f"--{self.key}/--no-{self.key}", self.name, default=None,
+                                envvar=self.envvar(env_prefix), help=help_text)
+        metavar = self.metavar or self.key.upper()
+        return click.option(f"--{self.key}", self.name, multiple=self.multiple, envvar=self.envvar(env_prefix),
+                            metavar=metavar, type=ParsedParam(metavar, self.flag_parse or self.parse),
+                            help=help_text)
+
+
+def options(settings: Sequence[Setting], env_prefix: str) -> Callable:
+    """Decorate a click command with one option per setting, in table order."""
+
+    def decorate(func: Callable) -> Callable:
+        for setting in reversed(settings):
+            func = setting.option(env_prefix)(func)
+        return func
+
+    return decorate
 
 
 def read_table(path: str | None, table: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 from collector.schema import NO_BOOT, REJECT_REASONS
 
 from . import __version__
+from . import tuning
 from .protocol import (
     DEFAULT_LIMIT,
     PROTOCOL_VERSION,
@@ -33,9 +34,9 @@ from .protocol import (
 
 @dataclass(frozen=True)
 class Limits:
-    max_rows: int = 10_000  # rows in any one response (readings pages, lists)
-    max_buckets: int = 10_000  # buckets one aggregate may span
-    query_seconds: float = 2.0  # budget for one request's SQL (it holds a worker that long)
+    max_rows: int = tuning.MAX_ROWS
+    max_buckets: int = tuning.MAX_BUCKETS
+    query_seconds: float = tuning.QUERY_TIMEOUT_S
 
 
 _PROGRESS_STEPS = 20_000  # VM instructions between budget checks (~1 ms of work)

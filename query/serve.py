@@ -21,6 +21,7 @@ from collector.config import SetupFailed
 from collector.errors import ConfigError, SetupError
 from collector.sdnotify import Notifier
 
+from . import tuning as qt
 from .protocol import DEFAULT_PORT
 
 SERVE_ENV = "TELEMETRY_QUERY_"
@@ -29,28 +30,39 @@ SERVE_ENV = "TELEMETRY_QUERY_"
 _listen = config.host_port(DEFAULT_PORT)
 
 
+# Each setting once: flag, TELEMETRY_QUERY_* variable, [query] key, default
+# (query/tuning.py) and help; deploy/gateway.toml documents the same keys.
 SERVE_SETTINGS = [
-    config.Setting("db", config.string, tuning.DEFAULT_DB_PATH),
-    config.Setting("listen", _listen, ("0.0.0.0", DEFAULT_PORT)),
-    config.Setting("cert", config.string, None),
-    config.Setting("key", config.string, None),
-    config.Setting("client_ca", config.string, None),
-    config.Setting("max_connections", config.positive_int, 1000),
-    config.Setting("idle_timeout", config.positive_float, 300.0),
-    config.Setting("handshake_timeout", config.positive_float, 10.0),
-    config.Setting("line_timeout", config.positive_float, 30.0),
-    config.Setting("max_rows", config.positive_int, 10_000),
-    config.Setting("max_buckets", config.positive_int, 10_000),
-    config.Setting("query_timeout", config.positive_float, 2.0),
-    config.Setting("max_output", config.positive_int, 4 * 1024 * 1024),
-    config.Setting("workers", config.positive_int, 2),
+    config.Setting("db", config.string, tuning.DEFAULT_DB_PATH, metavar="PATH",
+                   help="SQLite database of the collector, opened read-only."),
+    config.Setting("listen", _listen, ("0.0.0.0", DEFAULT_PORT), metavar="HOST:PORT",
+                   help="Address to listen on; [::]:PORT for IPv6 and IPv4."),
+    config.Setting("cert", config.string, None, metavar="PEM",
+                   help="Server certificate chain (required: there is no plaintext mode)."),
+    config.Setting("key", config.string, None, metavar="PEM",
+                   help="Private key of --cert (unencrypted, readable only by this service)."),
+    config.Setting("client_ca", config.string, None, metavar="PEM",
+                   help="Require client certificates signed by this CA (mutual TLS)."),
+    config.Setting("max_connections", config.positive_int, qt.MAX_CONNECTIONS, metavar="N",
+                   help="Open connections at most; more are closed at once."),
+    config.Setting("idle_timeout", config.positive_float, qt.IDLE_TIMEOUT_S, metavar="SECONDS",
+                   help="Close a connection idle this long."),
+    config.Setting("handshake_timeout", config.positive_float, qt.HANDSHAKE_TIMEOUT_S, metavar="SECONDS",
+                   help="Close a connection whose TLS handshake takes longer."),
+    config.Setting("line_timeout", config.positive_float, qt.LINE_TIMEOUT_S, metavar="SECONDS",
+                   help="Close a connection whose request line takes longer to arrive."),
+    config.Setting("max_rows", config.positive_int, qt.MAX_ROWS, metavar="N",
+                   help="Rows in one response at most."),
+    config.Setting("max_buckets", config.positive_int, qt.MAX_BUCKETS, metavar="N",
+                   help="Buckets one aggregate may span."),
+    config.Setting("query_timeout", config.positive_float, qt.QUERY_TIMEOUT_S, metavar="SECONDS",
+                   help="SQL time budget of one request."),
+    config.Setting("max_output", config.positive_int, qt.MAX_OUTPUT_BYTES, metavar="BYTES",
+                   default_text=f"{qt.MAX_OUTPUT_BYTES} (4 MiB)",
+                   help="Queued response bytes per client before it is no longer read."),
+    config.Setting("workers", config.positive_int, qt.WORKERS, metavar="N",
+                   help="Threads running SQL, each with its own read-only connection."),
 ]
-
-
-def _serve_option(flag: str, metavar: str, help: str, parse: Callable[[Any], Any] | None = None) -> Callable:
-    name = flag.lstrip("-").replace("-", "_").upper()
-    kind = config.ParsedParam(metavar, parse) if parse else None
-    return click.option(flag, envvar=SERVE_ENV + name, metavar=metavar, type=kind, help=help)
 
 
 def notify_noop(state: str) -> None:
@@ -58,26 +70,7 @@ def notify_noop(state: str) -> None:
 
 
 @click.command("serve")
-@_serve_option("--db", "PATH", f"SQLite database of the collector, opened read-only. [default: {tuning.DEFAULT_DB_PATH}]")
-@_serve_option("--listen", "HOST:PORT", f"Address to listen on; [::]:PORT for IPv6 and IPv4. [default: 0.0.0.0:{DEFAULT_PORT}]",
-               _listen)
-@_serve_option("--cert", "PEM", "Server certificate chain (required: there is no plaintext mode).")
-@_serve_option("--key", "PEM", "Private key of --cert (unencrypted, readable only by this service).")
-@_serve_option("--client-ca", "PEM", "Require client certificates signed by this CA (mutual TLS).")
-@_serve_option("--max-connections", "N", "Open connections at most; more are closed at once. [default: 1000]",
-               config.positive_int)
-@_serve_option("--idle-timeout", "SECONDS", "Close a connection idle this long. [default: 300]", config.positive_float)
-@_serve_option("--handshake-timeout", "SECONDS", "Close a connection whose TLS handshake takes longer. [default: 10]",
-               config.positive_float)
-@_serve_option("--line-timeout", "SECONDS", "Close a connection whose request line takes longer to arrive. [default: 30]",
-               config.positive_float)
-@_serve_option("--max-rows", "N", "Rows in one response at most. [default: 10000]", config.positive_int)
-@_serve_option("--max-buckets", "N", "Buckets one aggregate may span. [default: 10000]", config.positive_int)
-@_serve_option("--query-timeout", "SECONDS", "SQL time budget of one request. [default: 2]", config.positive_float)
-@_serve_option("--max-output", "BYTES", "Queued response bytes per client before it is no longer read. [default: 4 MiB]",
-               config.positive_int)
-@_serve_option("--workers", "N", "Threads running SQL, each with its own read-only connection. [default: 2]",
-               config.positive_int)
+@config.options(SERVE_SETTINGS, SERVE_ENV)
 @click.option("--config", "config_path", envvar="TELEMETRY_CONFIG", metavar="FILE.toml", type=click.Path(dir_okay=False),
               help="TOML file whose [query] table holds the same names (flags and env win).")
 @click.option("--check", is_flag=True,

@@ -33,6 +33,7 @@ from typing import NamedTuple
 from collector.errors import SetupError
 
 from .ops import Ops, ping
+from . import tuning
 from .protocol import (
     MAX_LINE_BYTES,
     LineBuffer,
@@ -62,14 +63,11 @@ ACCEPT_PAUSE_SECONDS = 0.5  # after accept() fails (EMFILE): stop accepting this
 
 @dataclass(frozen=True)
 class ServerLimits:
-    max_connections: int = 1000
-    idle_timeout: float = 300.0  # seconds without a byte moving either way
-    handshake_timeout: float = 10.0  # seconds from accept to a finished TLS handshake
-    # Seconds from the first byte of a request line to its newline.  The idle
-    # timeout alone lets a slowloris client hold a connection for ever by
-    # dripping one byte per idle period; a real client sends a line at once.
-    line_timeout: float = 30.0
-    max_output: int = 4 * 1024 * 1024  # queued response bytes before we stop reading a client
+    max_connections: int = tuning.MAX_CONNECTIONS
+    idle_timeout: float = tuning.IDLE_TIMEOUT_S
+    handshake_timeout: float = tuning.HANDSHAKE_TIMEOUT_S
+    line_timeout: float = tuning.LINE_TIMEOUT_S
+    max_output: int = tuning.MAX_OUTPUT_BYTES
 
 
 @dataclass

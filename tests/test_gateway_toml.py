@@ -125,3 +125,22 @@ def test_collector_check_refuses_a_world_readable_key_file(example, commands):
     result = run([*commands["collector"], "--config", str(example), "--check"])
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert str(keys) in result.stderr and "chmod" in result.stderr
+
+
+@pytest.mark.parametrize("command, settings, prefix", [
+    (collector_cli.main, collector_cli.SETTINGS, "TELEMETRY_COLLECTOR_"),
+    (query_cli.main.commands["serve"], query_cli.SERVE_SETTINGS, "TELEMETRY_QUERY_"),
+], ids=["collector", "serve"])
+def test_flags_env_and_help_come_from_the_one_settings_table(command, settings, prefix):
+    """Each setting is declared once: its flag, variable and help default cannot drift apart."""
+    params = {p.name: p for p in command.params}
+    for setting in settings:
+        param = params[setting.name]
+        assert param.opts[0] == f"--{setting.key}"
+        assert param.envvar == prefix + setting.name.upper()
+        assert param.help.startswith(setting.help) and setting.help
+        shown = setting.shown_default()
+        if shown is not None:
+            assert param.help.endswith(f"[default: {shown}]")
+    ours = {p.name for p in command.params} - {"config_path", "check", "verbose", "quiet", "version", "help"}
+    assert ours == {s.name for s in settings}
