@@ -324,7 +324,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(bin_path, tmp_path, db_path):
                 "--db", db_path))
     assert "cannot open database" in _one_line_error(
         run_cli(bin_path, "--listen", "127.0.0.1:0", "--db", str(tmp_path / "no" / "such" / "dir.db")))
-    assert "write an IPv6 address in brackets" in _one_line_error(run_cli(bin_path, "--listen", "::1:4739"))
+    assert "an IPv6 address needs brackets: write [::1]:4739" in _one_line_error(run_cli(bin_path, "--listen", "::1:4739"))
     assert "must be > 0" in _one_line_error(run_cli(bin_path, "--flush-interval", "0"))
     assert "'1.5' is not a whole number" in _one_line_error(run_cli(bin_path, "--batch-size", "1.5"))
 
