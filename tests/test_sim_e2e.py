@@ -238,7 +238,7 @@ def test_sigint_stops_writes_the_report_and_exits_130(bin_path, tmp_path):
     (["--target", "127.0.0.1"], "a port is required"),
     (["--target", "a..b:4739"], "cannot resolve host"),
     (["--target", "127.0.0.1:0"], "out of range 1-65535"),
-    (["--target", "::1:4739"], "write an IPv6 address in brackets"),
+    (["--target", "::1:4739"], "an IPv6 address needs brackets: write [::1]:4739"),
     (["--target", "127.0.0.1:9", "--loss", "1.5"], "--loss"),
     (["--target", "127.0.0.1:9", "--reorder", "-0.1"], "--reorder"),
     (["--target", "127.0.0.1:9", "--count", "5", "--duration", "1"], "--count or --duration"),
