@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from . import __version__, config, net, tuning
+from . import __version__, config, health, net, tuning
 from .errors import ConfigError, SetupError
 from .server import Collector, Settings
 
@@ -61,6 +61,16 @@ def _positive(kind, check=None):
     return parse
 
 
+def _count(value) -> int:
+    """An integer >= 0 (0 switches a feature off)."""
+    if not isinstance(value, bool) and isinstance(value, (int, str)) and str(value).strip() == "0":
+        return 0
+    try:
+        return config.positive_int(value)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("must be > 0", "must be >= 0")) from None
+
+
 # Each setting once: flag, TELEMETRY_COLLECTOR_* variable, [collector] key,
 # default and help (deploy/gateway.toml documents the same keys; a test checks).
 SETTINGS = [
@@ -87,6 +97,19 @@ SETTINGS = [
                         "SIGHUP reloads it.  See docs/SECURITY.md."),
     config.Setting("require_auth", config.boolean, False,
                    help="Reject unsigned datagrams (not_signed).  Needs --keys."),
+    config.Setting("metrics", config.metrics_address, None, metavar="HOST:PORT", default_text="off",
+                   help="Serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (e.g. 127.0.0.1:9739); "
+                        "no authentication: bind loopback or a management network."),
+    config.Setting("metrics_sensors", _count, 0, metavar="N",
+                   help="Also export per-sensor metrics (label sensor) for the first N sensors by name; 0: none."),
+    config.Setting("stale_factor", config.positive_float, health.DEFAULT_STALE_FACTOR, metavar="X",
+                   flag_parse=_positive(float),
+                   help="A sensor is stale when silent for X times its own learned send interval..."),
+    config.Setting("stale_floor", config.positive_float, health.DEFAULT_STALE_FLOOR_S, metavar="SECONDS",
+                   flag_parse=_positive(float), help="... and at least this long."),
+    config.Setting("clock_threshold", config.positive_float, health.DEFAULT_CLOCK_THRESHOLD_S, metavar="SECONDS",
+                   flag_parse=_positive(float),
+                   help="Flag a sensor whose clock is off by more than this (its readings are kept)."),
 ]
 
 
@@ -117,7 +140,7 @@ def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int,
     Example:
       telemetry-collector --db /var/lib/gateway-telemetry/telemetry.db \\
           --listen 0.0.0.0:4739 --listen [::]:4739 \\
-          --multicast 239.12.0.1 --multicast-interface eth0
+          --multicast 239.12.0.1 --multicast-interface eth0 --metrics 127.0.0.1:9739
     """
     level = logging.INFO + 10 * (quiet - verbose)
     logging.basicConfig(level=max(logging.DEBUG, min(level, logging.ERROR)), stream=sys.stderr,
@@ -141,6 +164,10 @@ def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int,
     try:
         collector.install_signal_handlers()
         collector.log_start()
+        if collector.metrics_server is not None:
+            from .metrics import describe
+
+            logging.getLogger("collector").info("%s", describe(collector.metrics_server))
         collector.serve_forever()
     finally:
         collector.server_close()

@@ -336,6 +336,14 @@ def _bracket_hint(text: str, default_port: int | None) -> str:
     if address(text):
         return f"an IPv6 address needs brackets: write {alone}"
     return f"write an IPv6 address in brackets, e.g. [::1]:{default_port or 4739}"
+def metrics_address(value: Any) -> tuple[str, int]:
+    """--metrics HOST:PORT: both parts required (the Prometheus exporter has no
+    authentication, so it binds only the address named)."""
+    text = string(value).strip()
+    if text.isdigit():
+        raise ValueError(f"{text!r}: give the address too, e.g. 127.0.0.1:{text} (loopback) or "
+                         f"0.0.0.0:{text} (every address; the metrics have no authentication)")
+    return parse_host_port(text)
 
 
 def format_host_port(host: str, port: int | None) -> str:

@@ -18,7 +18,8 @@ Layout, and why:
 
 Version 2 adds `sensors.replay`, the anti-replay window of signed datagrams
 (collector/replay.py), written in the same transaction as the readings it
-admitted.  Migrations are additive, so a reader of version N never finds a
+admitted.  Version 3 adds the sensor health columns (`_health_columns`).
+Migrations are additive, so a reader of version N never finds a
 column it relied on gone.
 """
 
@@ -34,7 +35,7 @@ import sqlite_utils
 from . import auth, replay, wire
 from .errors import SetupError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 NO_BOOT = -1  # stored in place of a missing boot field
 # Every reason the collector counts as `rejected:<reason>` in `counters`:
 # the wire format's, then those of signed datagrams, then the replay window's.
@@ -103,7 +104,23 @@ def _v2(db: sqlite_utils.Database) -> None:
         db["sensors"].add_column("replay", str)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
+# Sensor health (collector/health.py), written with the sensor's row at each
+# flush: the learned send interval (s), the silence after which the sensor is
+# stale (s; the collector's stale-factor and stale-floor applied), its clock
+# offset (s, sensor minus collector) and whether that is beyond the
+# clock-threshold (0/1).  NULL until learned.
+HEALTH_COLUMNS = {"interval": float, "stale_after": float, "clock_offset": float, "clock_skewed": int}
+
+
+def _health_columns(db: sqlite_utils.Database) -> None:
+    # Guarded per column, like _v2, so an interrupted step can run again.
+    have = db["sensors"].columns_dict
+    for name, kind in HEALTH_COLUMNS.items():
+        if name not in have:
+            db["sensors"].add_column(name, kind)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _health_columns]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

@@ -221,6 +221,11 @@ class SensorTracker:
         self._changes: dict[tuple[int, int], GapRecord | None] = {}
         self._fresh: set[tuple[int, int]] = set()  # keys inserted since the last pop
 
+    @property
+    def position(self) -> int:
+        """The highest seq of the current stream, unwrapped (it keeps growing past 2**32)."""
+        return self._cur.max
+
     # -- the hot path --
 
     def observe(self, boot: int | None, seq: int, now: float) -> Event:

@@ -28,8 +28,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import auth, net, tuning
+from . import auth, health, healthstore, net, tuning
 from .errors import ConfigError, DecodeError, SetupError
+from .metrics import FlushStats
 from .replay import ReplayWindow
 from .schema import NO_BOOT, REJECT_REASONS
 from .sequence import Duplicate
@@ -56,6 +57,11 @@ class Settings:
     status_interval: float = tuning.DEFAULT_STATUS_INTERVAL_S
     keys: str | None = None  # key file of signed datagrams (auth.load_keys); reloaded on SIGHUP
     require_auth: bool = False  # reject plain datagrams as not_signed
+    metrics: tuple[str, int] | None = None  # Prometheus exporter address (collector/metrics.py); None: off
+    metrics_sensors: int = 0  # per-sensor metrics for at most this many sensors (0: none)
+    stale_factor: float = health.DEFAULT_STALE_FACTOR  # collector/health.py
+    stale_floor: float = health.DEFAULT_STALE_FLOOR_S
+    clock_threshold: float = health.DEFAULT_CLOCK_THRESHOLD_S
     # Knobs for tests and the benchmark; operators have no flag for them.
     max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS
     max_sensors: int = tuning.MAX_SENSORS
@@ -67,6 +73,10 @@ class Settings:
         # Here rather than in Collector, so `--check` refuses what a start would.
         if self.require_auth and not self.keys:
             raise ConfigError("--require-auth needs --keys FILE: without keys every datagram would be rejected")
+        try:
+            self.health_policy = health.HealthPolicy(self.stale_factor, self.stale_floor, self.clock_threshold)
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("_", "-")) from None
 
 
 class _Source:
@@ -118,12 +128,22 @@ class Collector:
         self._sources: list[_Source] = []
         self._reject_next_log = dict.fromkeys(REJECT_REASONS, 0.0)
         self._reload_requested = False
+        self._unlogged_rejects: dict[str, tuple[str, str]] = {}  # reason -> (message, socket) awaiting a line
+        self.flush_stats = FlushStats()
+        self.health = health.HealthBook(settings.health_policy)
+        self.metrics_server = None
         try:
             self._bind()
             self.store = BatchWriter(settings.db, max_backlog_rows=settings.max_backlog_rows,
                                      max_sensors=settings.max_sensors,
                                      max_series_per_sensor=settings.max_series_per_sensor)
             self.store.load()
+            healthstore.attach(self.health, self.store)
+            if settings.metrics is not None:
+                from .metrics import CollectorMetrics, serve_metrics
+
+                self.metrics_server = serve_metrics(
+                    settings.metrics, CollectorMetrics(self, clock, settings.metrics_sensors))
         except BaseException:
             self.server_close()
             raise
@@ -223,6 +243,10 @@ class Collector:
         return self.store.flush(self.clock(), time.monotonic())
 
     def server_close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self.metrics_server = None
         for ep in self.endpoints:
             ep.sock.close()
         self._wake_r.close()
@@ -299,8 +323,9 @@ class Collector:
                     self._poll_drops()
                     if store.failing_since is None or mono >= store.retry_at:
                         if self._activity or store.rows or store.dirty:
-                            if store.flush(self.clock(), mono):
+                            if self._flush(mono):
                                 self._activity = False
+                    self._log_unlogged_rejects()
                     if store.failing_since is not None:
                         store.trim()
                     next_flush = mono + s.flush_interval
@@ -318,14 +343,28 @@ class Collector:
             self._final_flush()
             self._done.set()
 
+    def _flush(self, mono: float) -> bool:
+        """One flush from the loop: sample sensor health first, and time it for the metrics."""
+        store = self.store
+        self.health.sample_states(store.dirty)
+        rows = len(store.rows)
+        started = time.monotonic()
+        ok = store.flush(self.clock(), mono)
+        self.flush_stats.record(time.monotonic() - started, rows, ok)
+        if not ok:
+            self.health.forget_written()  # rolled back: the next flush writes every health row again
+        return ok
+
     def _final_flush(self) -> None:
         store = self.store
+        self.health.sample_states(store.dirty)
         # Bounded: a database that stays unwritable must not keep us from exiting.
         deadline = time.monotonic() + 5.0
         while True:
             if store.flush(self.clock(), time.monotonic()):
                 self.unflushed_at_exit = 0
                 return
+            self.health.forget_written()
             if time.monotonic() > deadline:
                 break
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
@@ -455,6 +494,7 @@ class Collector:
                         continue
                 event = state.tracker.observe(boot, seq, now)
                 state.last_seen = now
+                state.last_ts = ts  # the sensor's clock, for its clock offset (collector/health.py)
                 dirty_add(state)
                 if event.__class__ is duplicate:
                     duplicates += 1
@@ -556,16 +596,38 @@ class Collector:
         if self._quiet(reason, now):
             return
         if address is None:
-            # Read from the fast path without a source: log the next one with it.
+            # Read from the fast path without a source: log the next one with
+            # it, or, if none comes before the next flush, this one without.
             source.want_source_until = now + tuning.REJECT_LOG_INTERVAL_S
+            self._unlogged_rejects[reason] = (str(exc), source.endpoint.label)
             return
         source.want_source_until = 0.0
+        self._unlogged_rejects.pop(reason, None)
         self._reject_next_log[reason] = now + tuning.REJECT_LOG_INTERVAL_S
         log.warning(
             "rejected datagram from %s on %s: %s (%d %s so far; at most one line per %g s per reason)",
             _source_text(address), source.endpoint.label, exc, counters[key], reason,
             tuning.REJECT_LOG_INTERVAL_S,
         )
+
+    def _log_unlogged_rejects(self) -> None:
+        """A burst of rejected datagrams read on the fast path (no source address)
+        and nothing after it: log each reason now, without the source, so a
+        burst never goes unlogged (still at most one line per reason per interval)."""
+        if not self._unlogged_rejects:
+            return
+        now = self.clock()
+        counters = self.store.counters
+        for reason, (message, label) in self._unlogged_rejects.items():
+            if self._quiet(reason, now):
+                continue
+            self._reject_next_log[reason] = now + tuning.REJECT_LOG_INTERVAL_S
+            log.warning(
+                "rejected datagram from a source not recorded (read in a burst) on %s: %s (%d %s so far; at most "
+                "one line per %g s per reason)", label, message, counters[f"rejected:{reason}"], reason,
+                tuning.REJECT_LOG_INTERVAL_S,
+            )
+        self._unlogged_rejects.clear()
 
     # --- accounts ----------------------------------------------------------------------
 

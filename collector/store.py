@@ -90,7 +90,7 @@ def _insert_readings(conn: sqlite3.Connection, rows: list[tuple]) -> int:
 class SensorState:
     """What the collector keeps per sensor between datagrams."""
 
-    __slots__ = ("sensor", "tracker", "series", "first_seen", "last_seen", "readings", "replay")
+    __slots__ = ("sensor", "tracker", "series", "first_seen", "last_seen", "readings", "replay", "last_ts")
 
     def __init__(self, sensor: str, tracker: SensorTracker, series: dict[str, int],
                  first_seen: float, last_seen: float, readings: int = 0,
@@ -103,6 +103,7 @@ class SensorState:
         self.readings = readings
         # The anti-replay window of signed datagrams; None until the first one.
         self.replay = replay
+        self.last_ts: float | None = None  # ts of the last datagram (sensor clock), for collector/health.py
 
     def row(self) -> tuple:
         t = self.tracker
@@ -173,6 +174,9 @@ class BatchWriter:
         self.retry_at = 0.0
         self._retry_delay = tuning.RETRY_INITIAL_S
         self._episode_dropped = 0
+        # Called inside each flush's transaction, after the sensors are written,
+        # with (connection, the sensors written): more per-sensor columns.
+        self.sensor_writers: list = []
 
     # --- start-up ----------------------------------------------------------------------
 
@@ -300,6 +304,8 @@ class BatchWriter:
                 stored = _insert_readings(conn, rows)
                 if self.dirty:
                     conn.executemany(UPSERT_SENSOR, [state.row() for state in self.dirty])
+                    for write in self.sensor_writers:
+                        write(conn, self.dirty)
                 if self._pending_gaps:
                     upserts, deletes = [], []
                     for (sensor, stream, first_seq), r in self._pending_gaps.items():

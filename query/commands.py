@@ -314,8 +314,16 @@ ACTIVITY_PIPELINE = 50  # requests written at once
 @click.option("--activity/--no-activity", default=True,
               help="Tables: a last-hour column, readings per 5 minutes as a sparkline (one request per sensor, "
                    f"up to {ACTIVITY_MAX_SENSORS} sensors).")
-def sensors(session: _Session, sensor: str | None, activity: bool) -> None:
-    """List sensors with their datagram, reading and loss accounts.
+@click.option("--stale", is_flag=True, help="Only sensors silent for longer than the collector's stale rule "
+              "(stale-factor x their own send interval, at least stale-floor).")
+def sensors(session: _Session, sensor: str | None, activity: bool, stale: bool) -> None:
+    """List sensors with their accounts and health.
+
+    `interval` is the send interval the collector learned for each sensor;
+    `stale` says it has been silent for longer than its stale rule allows;
+    `clock_offset` is the sensor's clock minus the collector's in seconds,
+    marked `!` beyond the collector's clock-threshold (readings are kept
+    whatever the sensor's clock says).  Blank: not learned yet.
 
     In a table, `last hour` draws each sensor's readings of its first metric
     per 5 minutes over the last hour (by reading time, UTC), scaled to its
@@ -325,13 +333,18 @@ def sensors(session: _Session, sensor: str | None, activity: bool) -> None:
     \b
     Example:
       telemetry-query sensors
+      telemetry-query sensors --stale
       telemetry-query --format csv sensors boiler-1
     """
-    rows = session.request("sensors", sensor=sensor)
-    if not rows and sensor is not None:
+    rows = session.request("sensors", sensor=sensor, stale=True if stale else None)
+    if not rows and sensor is not None and not stale:
         session.check_names([sensor], None)
     columns = ["sensor", "first_seen", "last_seen", "datagrams", "readings", "lost", "duplicates", "reordered",
-               "restarts", "metrics"]
+               "restarts", "interval", "stale", "clock_offset", "metrics"]
+    if session.fmt == "table":
+        rows = [_health_cells(row) for row in rows]
+    elif session.fmt == "csv":
+        columns[-1:-1] = ["stale_after", "clock_skewed"]
     if activity and session.fmt == "table" and rows:
         if len(rows) <= ACTIVITY_MAX_SENSORS:
             for row, line in zip(rows, _activity(session, rows, time.time())):
@@ -341,6 +354,19 @@ def sensors(session: _Session, sensor: str | None, activity: bool) -> None:
             click.echo(f"(no {ACTIVITY_COLUMN} column for more than {ACTIVITY_MAX_SENSORS} sensors: "
                        "name one, or --no-activity)", err=True)
     session.echo(rows, columns)
+
+
+def _health_cells(row: dict[str, Any]) -> dict[str, Any]:
+    """The health columns for a person: 'yes' for stale, an offset with its sign and a mark."""
+    row = dict(row)
+    row["stale"] = "yes" if row.get("stale") else ("no" if row.get("stale_after") is not None else "")
+    offset = row.get("clock_offset")
+    if offset is not None:
+        row["clock_offset"] = f"{offset:+.3f}" + (" !" if row.get("clock_skewed") else "")
+    interval = row.get("interval")
+    if interval is not None:
+        row["interval"] = float(format(interval, ".3g"))
+    return row
 
 
 def _activity(session: _Session, rows: list[dict[str, Any]], now: float) -> list[str]:

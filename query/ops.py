@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from collector.health import is_stale
 from collector.schema import NO_BOOT, REJECT_REASONS
 
 from . import __version__
@@ -69,9 +71,11 @@ def ping() -> dict[str, Any]:
 class Ops:
     """The ops over one connection; one Ops per thread (a connection is not shared)."""
 
-    def __init__(self, conn: sqlite3.Connection, limits: Limits = Limits()) -> None:
+    def __init__(self, conn: sqlite3.Connection, limits: Limits = Limits(),
+                 clock: Callable[[], float] = time.time) -> None:
         self.conn = conn
         self.limits = limits
+        self.clock = clock  # wall clock, against the collector's receive times (staleness)
         self._deadline = math.inf
         conn.set_progress_handler(self._over_budget, _PROGRESS_STEPS)
 
@@ -111,13 +115,19 @@ class Ops:
     def op_ping(self) -> dict[str, Any]:
         return ping()
 
-    def op_sensors(self, sensor: str | None = None) -> list[dict[str, Any]]:
-        where, args = _where(("sensor = ?", sensor))
+    def op_sensors(self, sensor: str | None = None, stale: bool | None = None) -> list[dict[str, Any]]:
+        # Staleness is the collector's rule (collector/health.py is_stale): silent
+        # longer than the stale_after it stored, which holds its stale-factor and floor.
+        now = self.clock()
+        where, args = _where(("sensor = ?", sensor),
+                             ("stale_after IS NOT NULL AND ? - last_seen > stale_after", now if stale else None))
         rows = self._capped(
-            "SELECT sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts"
+            "SELECT sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts,"
+            " interval, stale_after, clock_offset, clock_skewed"
             f" FROM sensors {where} ORDER BY sensor",
             args, "sensors", "name a 'sensor'",
         )
+        where, args = _where(("sensor = ?", sensor))
         metrics: dict[str, list[str]] = {}
         for name, metric in self._all(f"SELECT sensor, metric FROM series {where} ORDER BY sensor, metric", args):
             metrics.setdefault(name, []).append(metric)
@@ -126,6 +136,8 @@ class Ops:
                 "sensor": r[0], "first_seen": r[1], "last_seen": r[2], "datagrams": _count(r[3]),
                 "readings": _count(r[4]), "lost": _count(r[5]), "duplicates": _count(r[6]),
                 "reordered": _count(r[7]), "restarts": _count(r[8]), "metrics": metrics.get(r[0], []),
+                "interval": r[9], "stale": is_stale(r[2], r[10], now), "stale_after": r[10],
+                "clock_offset": r[11], "clock_skewed": None if r[12] is None else bool(r[12]),
             }
             for r in rows
         ]
@@ -311,5 +323,8 @@ class Ops:
             "kernel_drops": _count(counters.get("kernel_drops")),
             "truncated": _count(counters.get("truncated")),
             "storage_dropped": _count(counters.get("storage_dropped")),
+            "internal_errors": _count(counters.get("internal_errors")),
+            "refused_sensors": _count(counters.get("refused_sensors")),
+            "refused_readings": _count(counters.get("refused_readings")),
             "last_flush": counters.get("last_flush"),
         }

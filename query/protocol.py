@@ -173,6 +173,12 @@ def _order(name: str, raw: Any) -> str:
     return raw
 
 
+def _flag(name: str, raw: Any) -> bool:
+    if type(raw) is not bool:
+        raise _bad(name, f"must be true or false, got {_json_type(raw)}")
+    return raw
+
+
 def _cursor(name: str, raw: Any) -> str:
     if type(raw) is not str:
         raise _bad(name, f"must be a string from a previous 'next', got {_json_type(raw)}")
@@ -184,7 +190,7 @@ def _cursor(name: str, raw: Any) -> str:
 # op -> {param: (validator, required)}.  Optional parameters may also be null.
 OPS: dict[str, dict[str, tuple[Any, bool]]] = {
     "ping": {},
-    "sensors": {"sensor": (_string, False)},
+    "sensors": {"sensor": (_string, False), "stale": (_flag, False)},
     "latest": {"sensor": (_string, False), "metric": (_string, False)},
     "readings": {
         "sensor": (_string, True),

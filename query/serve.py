@@ -62,6 +62,9 @@ SERVE_SETTINGS = [
                    help="Queued response bytes per client before it is no longer read."),
     config.Setting("workers", config.positive_int, qt.WORKERS, metavar="N",
                    help="Threads running SQL, each with its own read-only connection."),
+    config.Setting("metrics", config.metrics_address, None, metavar="HOST:PORT", default_text="off",
+                   help="Serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (e.g. 127.0.0.1:9740); "
+                        "no authentication: bind loopback or a management network."),
 ]
 
 
@@ -90,7 +93,7 @@ def serve(ctx: click.Context, config_path: str | None, check: bool, verbose: int
     \b
     Example:
       telemetry-query serve --db /var/lib/gateway-telemetry/telemetry.db --listen [::]:4740 \\
-          --cert server.pem --key server.key --client-ca ca.pem
+          --cert server.pem --key server.key --client-ca ca.pem --metrics 127.0.0.1:9740
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
@@ -105,9 +108,20 @@ def serve(ctx: click.Context, config_path: str | None, check: bool, verbose: int
             return
         notify = Notifier()
         server = build_server(values, notify=notify)
+        exporter = None
+        if values["metrics"] is not None:
+            try:
+                exporter = start_metrics(server, values["metrics"])
+            except BaseException:
+                server.close()
+                raise
     except (ConfigError, SetupError) as exc:
         raise SetupFailed(str(exc)) from None
     log = logging.getLogger("telemetry.query")
+    if exporter is not None:
+        from collector.metrics import describe
+
+        log.info("%s", describe(exporter))
     previous = {sig: signal.signal(sig, lambda *_: server.shutdown()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         log.info("%s (mutual TLS: %s)", server.describe(), "on" if values["client_ca"] else "off")
@@ -115,8 +129,20 @@ def serve(ctx: click.Context, config_path: str | None, check: bool, verbose: int
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
     notify.close()
     log.info("stopped")
+
+
+def start_metrics(server, address: tuple[str, int]):
+    """The Prometheus exporter of a QueryServer (query/metrics.py); returns the HTTP server."""
+    from collector.metrics import serve_metrics
+
+    from .metrics import QueryMetrics
+
+    return serve_metrics(address, QueryMetrics(server, server.service.stats))
 
 
 def tls_context(values: dict[str, Any]):

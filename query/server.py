@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 from collector.errors import SetupError
 
+from .metrics import QueryStats
 from .ops import Ops, ping
 from . import tuning
 from .protocol import (
@@ -147,35 +148,44 @@ class Service:
     def __init__(self, make_ops: Callable[[], Ops], workers: int = 2) -> None:
         self.make_ops = make_ops
         self.workers = workers
+        self.stats = QueryStats()  # requests by op and code, latency (query/metrics.py)
 
-    @staticmethod
-    def parse(line: bytes) -> Request | bytes:
+    def parse(self, line: bytes) -> Request | bytes:
         """The request, or the error response when the line is not a valid one."""
+        started = time.perf_counter()
         try:
             return parse_request(line)
         except RequestError as exc:
+            self.stats.request("", exc.code, time.perf_counter() - started)
             return encode_error(exc.request_id, exc.code, exc.message)
 
     @staticmethod
     def needs_database(request: Request) -> bool:
         return request.op != "ping"
 
-    @staticmethod
-    def answer_inline(request: Request) -> bytes:
+    def answer_inline(self, request: Request) -> bytes:
         """Answer an op that needs no database (ping) in the loop itself."""
-        return encode_result(request.id, ping())
+        started = time.perf_counter()
+        answer = encode_result(request.id, ping())
+        self.stats.request(request.op, "ok", time.perf_counter() - started)
+        return answer
 
-    @staticmethod
-    def answer(ops: Ops | None, request: Request) -> bytes:
+    def answer(self, ops: Ops | None, request: Request) -> bytes:
+        started = time.perf_counter()
+        code = "ok"
         try:
             if ops is None:
                 raise RuntimeError("no database connection (see the error logged when the worker started)")
             return encode_result(request.id, ops.run(request))
         except RequestError as exc:
+            code = exc.code
             return encode_error(request.id, exc.code, exc.message)
         except Exception:  # a bug or a database fault: answer, log, keep serving
+            code = "internal"
             log.exception("internal error answering op %r", request.op)
             return encode_error(request.id, "internal", "internal error; the server log has details")
+        finally:
+            self.stats.request(request.op, code, time.perf_counter() - started)
 
     def handle(self, ops: Ops | None, line: bytes) -> bytes:
         """parse + answer in one call (for callers without a loop)."""
@@ -265,6 +275,11 @@ class QueryServer:
     @property
     def connections(self) -> int:
         return len(self._conns)
+
+    @property
+    def refused(self) -> int:
+        """Connections closed at once because max-connections were open."""
+        return self._refused
 
     def buffered_output(self) -> int:
         """The most response bytes queued for any one client (bounded by max_output + one response)."""
@@ -424,6 +439,7 @@ class QueryServer:
                 sock.close()
                 continue
             conn = _Conn(tls, f"{addr[0]}:{addr[1]}", self._clock())
+            self.service.stats.connection_accepted()
             self._conns[tls.fileno()] = conn
             conn.events = selectors.EVENT_READ
             self._sel.register(tls, conn.events, conn)
@@ -436,6 +452,7 @@ class QueryServer:
         for conn in list(self._conns.values()):
             if conn.state == _HANDSHAKE and now - conn.accepted > self.limits.handshake_timeout:
                 log.info("%s: TLS handshake not finished in %gs, closed", conn.peer, self.limits.handshake_timeout)
+                self.service.stats.handshake_failed("timeout")
                 self._drop(conn)
             elif conn.state == _CLOSING and now - conn.accepted > LINGER_SECONDS:
                 self._drop(conn)
@@ -464,6 +481,7 @@ class QueryServer:
         except ssl.SSLError as exc:  # plaintext, old TLS, refused certificate, bad record...
             log.debug("%s: TLS failed: %s", conn.peer, exc)
             if conn.state == _HANDSHAKE:
+                self.service.stats.handshake_failed("error")
                 self._refuse(conn)
             else:
                 self._drop(conn)

@@ -55,6 +55,12 @@ SENSORS = [
     ("x'; DROP TABLE readings;--", T0, T0, 1, 1, 0, 0, 0, 0),
 ]
 
+# sensor -> (interval, stale_after, clock_offset, clock_skewed), as the collector stores them (schema v3).
+HEALTH = {
+    "s1": (10.0, 30.0, 0.25, 0),  # sends every 10 s; stale 30 s after T0 + 3000.25
+    "s2": (1.0, 10.0, -5.5, 1),  # its clock 5.5 s behind: flagged
+}
+
 GAPS = [
     # sensor, stream, boot, first_seq, last_seq, missing, detected_at
     ("s1", 0, NO_BOOT, 10, 12, 3, T0 + 100.0),
@@ -65,7 +71,8 @@ GAPS = [
 COUNTERS = {
     "received": 341, "stored": 331, "stored_readings": 361, "duplicates": 5, "kernel_drops": 4,
     "truncated": 1, "storage_dropped": 0, "rejected:bad_id": 2, "rejected:not_msgpack": 6,
-    "rejected:something_new": 1, "last_flush": T0 + 3000.5,
+    "rejected:something_new": 1, "internal_errors": 3, "refused_sensors": 8, "refused_readings": 13,
+    "last_flush": T0 + 3000.5,
 }
 
 
@@ -85,6 +92,10 @@ def fill_known_db(path: str) -> None:
             "INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings, lost, duplicates,"
             " reordered, restarts, tracker) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '{}')",
             SENSORS,
+        )
+        conn.executemany(
+            "UPDATE sensors SET interval = ?, stale_after = ?, clock_offset = ?, clock_skewed = ? WHERE sensor = ?",
+            [(*health, sensor) for sensor, health in HEALTH.items()],
         )
         conn.executemany(
             "INSERT INTO gaps (sensor, stream, boot, first_seq, last_seq, missing, detected_at)"

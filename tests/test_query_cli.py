@@ -60,13 +60,20 @@ def test_sensors(live):
     assert [(r["sensor"], int(r["datagrams"]), int(r["lost"]), float(r["first_seen"])) for r in rows] == [
         (s[0], s[3], s[5], s[1]) for s in sorted(SENSORS)]
     assert rows[0]["metrics"] == "hum,temp"
+    assert (rows[0]["interval"], rows[0]["stale"], rows[0]["stale_after"], rows[0]["clock_offset"],
+            rows[0]["clock_skewed"]) == ("10.0", "True", "30.0", "0.25", "False")
     table = cli(["sensors", "s1"], env).stdout.splitlines()
     assert table[0].split() == ["sensor", "first_seen", "last_seen", "datagrams", "readings", "lost", "duplicates",
-                                "reordered", "restarts", "metrics", "last", "hour"]
+                                "reordered", "restarts", "interval", "stale", "clock_offset", "metrics", "last",
+                                "hour"]
     # Its readings are from 2023: nothing in the last hour's twelve 5-minute buckets.
     assert table[1].split() == ["s1", "2023-11-14T22:13:15Z", "2023-11-14T23:03:20.250Z", "320", "350", "7", "2",
-                                "1", "1", "hum,temp", "············"]
+                                "1", "1", "10.0", "yes", "+0.250", "hum,temp", "············"]
     assert cli(["sensors", "s1", "--no-activity"], env).stdout.splitlines()[0].split()[-1] == "metrics"
+    # --stale lists the sensors past their rule (both learned ones are, long ago); s2's clock is flagged.
+    stale = cli(["sensors", "--stale", "--no-activity"], env).stdout.splitlines()
+    assert [line.split()[0] for line in stale[1:]] == ["s1", "s2"]
+    assert "-5.500 !" in stale[2]
     one_line_error(cli(["--format", "json", "sensors", "nope"], env, code=1), "no sensor named 'nope'")
 
 
@@ -121,6 +128,9 @@ def test_aggregate_gaps_stats(live):
     stats = cli(["stats"], env).stdout
     assert re.search(r"^last_flush\s+2023-11-14T23:03:20\.500Z$", stats, re.M)
     assert re.search(r"^rejected\.bad_id\s+2$", stats, re.M)
+    # issue 11 item 6: the cardinality guards and bugs are in the table too.
+    assert re.findall(r"^(internal_errors|refused_sensors|refused_readings)\s+(\d+)$", stats, re.M) == [
+        ("internal_errors", "3"), ("refused_sensors", "8"), ("refused_readings", "13")]
     # A person sees the total and the reasons that happened; CSV keeps every reason.
     rejected_rows = re.findall(r"^(rejected\S*)\s+(\d+)$", stats, re.M)
     assert rejected_rows == [("rejected", "9"), ("rejected.not_msgpack", "6"), ("rejected.bad_id", "2"),

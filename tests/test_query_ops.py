@@ -45,9 +45,27 @@ def test_sensors_lists_accounts_and_metrics(ops):
     assert [s["sensor"] for s in result] == sorted(s[0] for s in SENSORS)
     s1 = result[0]
     assert s1 == {"sensor": "s1", "first_seen": T0 - 5.0, "last_seen": T0 + 3000.25, "datagrams": 320, "readings": 350,
-                  "lost": 7, "duplicates": 2, "reordered": 1, "restarts": 1, "metrics": ["hum", "temp"]}
-    assert run(ops, op="sensors", sensor="s9")[0]["metrics"] == []
+                  "lost": 7, "duplicates": 2, "reordered": 1, "restarts": 1, "metrics": ["hum", "temp"],
+                  "interval": 10.0, "stale": True, "stale_after": 30.0, "clock_offset": 0.25, "clock_skewed": False}
+    s9 = run(ops, op="sensors", sensor="s9")[0]
+    assert s9["metrics"] == [] and (s9["interval"], s9["stale"], s9["clock_offset"], s9["clock_skewed"]) == (
+        None, False, None, None)  # nothing learned: never called stale
     assert run(ops, op="sensors", sensor="nope") == []
+
+
+def test_sensors_stale_by_the_stored_rule_at_the_servers_time(known_db):
+    conn = open_reader(known_db)
+    try:
+        now = T0 + 3000.25
+        for at, stale in ((now + 30.0, ["s2"]), (now + 30.001, ["s1", "s2"]), (25.0, [])):
+            ops = Ops(conn, clock=lambda: at)
+            result = {s["sensor"]: s["stale"] for s in run(ops, op="sensors")}
+            assert sorted(k for k, v in result.items() if v) == stale
+            assert [s["sensor"] for s in run(ops, op="sensors", stale=True)] == stale
+            assert len(run(ops, op="sensors", stale=False)) == len(SENSORS)  # false: no filter
+        assert run(Ops(conn, clock=lambda: 1e10), op="sensors", sensor="s2", stale=True)[0]["clock_skewed"] is True
+    finally:
+        conn.close()
 
 
 def test_latest_picks_the_largest_ts_and_breaks_ties_by_key(ops):
@@ -221,7 +239,8 @@ def test_stats_sums_counters_and_sensors(ops):
     assert result == {
         "received": 341, "stored": 331, "stored_readings": 361, "rejected": rejected,
         "duplicates": sum(s[6] for s in SENSORS), "lost": sum(s[5] for s in SENSORS), "kernel_drops": 4,
-        "truncated": 1, "storage_dropped": 0, "last_flush": COUNTERS["last_flush"],
+        "truncated": 1, "storage_dropped": 0, "internal_errors": 3, "refused_sensors": 8, "refused_readings": 13,
+        "last_flush": COUNTERS["last_flush"],
     }
     assert "bad_readings" in result["rejected"]  # every wire reason is listed, zero or not
 

@@ -244,7 +244,7 @@ def test_a_database_from_a_newer_collector_is_refused_and_left_closed(db_path):
     before = len(os.listdir("/proc/self/fd"))
     # pytest.raises keeps the traceback and its frames: a connection left
     # open by the failed open would still hold its file descriptors here.
-    with pytest.raises(SetupError, match="schema version 99 is newer than this collector's 2") as info:
+    with pytest.raises(SetupError, match=f"schema version 99 is newer than this collector's {schema.SCHEMA_VERSION}") as info:
         schema.open_writer(db_path)
     assert len(os.listdir("/proc/self/fd")) == before
     del info
