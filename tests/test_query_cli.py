@@ -68,7 +68,7 @@ def test_sensors(live):
                                 "hour"]
     # Its readings are from 2023: nothing in the last hour's twelve 5-minute buckets.
     assert table[1].split() == ["s1", "2023-11-14T22:13:15Z", "2023-11-14T23:03:20.250Z", "320", "350", "7", "2",
-                                "1", "1", "10.0", "yes", "+0.250", "hum,temp", "············"]
+                                "1", "1", "10", "yes", "+0.250", "hum,temp", "············"]
     assert cli(["sensors", "s1", "--no-activity"], env).stdout.splitlines()[0].split()[-1] == "metrics"
     # --stale lists the sensors past their rule (both learned ones are, long ago); s2's clock is flagged.
     stale = cli(["sensors", "--stale", "--no-activity"], env).stdout.splitlines()
