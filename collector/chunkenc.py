@@ -568,7 +568,7 @@ def _decode(blob: bytes) -> tuple:
         raise ChunkError(f"chunk version {blob[0]}, expected {VERSION}")
     d = zlib.decompressobj(wbits=-15)
     body = d.decompress(blob[1:-4], _MAX_BODY)
-    if d.unconsumed_tail:
+    if d.unconsumed_tail or (not d.eof and len(body) >= _MAX_BODY):
         raise ChunkError("chunk body is larger than any valid chunk")
     if not d.eof or d.unused_data:
         raise ChunkError("chunk body is truncated or has trailing bytes")
