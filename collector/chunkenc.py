@@ -36,7 +36,8 @@ import struct
 import sys
 import zlib
 from array import array
-from itertools import accumulate, compress, repeat
+from itertools import accumulate
+from itertools import count as count_from
 from typing import Union
 
 Number = Union[int, float]
@@ -62,8 +63,9 @@ _RELATIVE = 0x08           # float ints are stored as differences from the ts co
 # Float representation byte
 _REP_BITS = 0xFF           # the float64's 64 bits as a signed int64
 # Integer stream: transform (high nibble) and width code (low nibble)
-_RAW, _DELTA, _DOD = 0, 1, 2
-_HEADS = {_RAW: 0, _DELTA: 1, _DOD: 2}
+_RAW, _DELTA, _DOD, _LINEAR = 0, 1, 2, 3
+_HEADS = {_RAW: 0, _DELTA: 1, _DOD: 2, _LINEAR: 2}  # varints before the body
+_SKIP = {_RAW: 0, _DELTA: 1, _DOD: 2, _LINEAR: 1}   # values the body does not hold
 _WIDTHS = (0, 1, 2, 4, 8)
 _TYPECODE = {1: "b", 2: "h", 4: "i", 8: "q"}
 _LIMIT = {0: 0, 1: 2**7, 2: 2**15, 4: 2**31, 8: 2**63}
@@ -172,7 +174,28 @@ def _int_stream_candidates(xs: list[int]):
             w = _width(dd)
             if w is not None:
                 out.append((_DOD, [xs[0], d[0]], dd, w))
+            # Residuals from a steady clock: x0 + i * (the median step).
+            step = sorted(d)[len(d) // 2]
+            x0 = xs[0]
+            res = [x - x0 - i * step for i, x in enumerate(xs)][1:]
+            w = _width(res)
+            if w is not None and _INT64_MIN <= step <= _INT64_MAX:
+                out.append((_LINEAR, [x0, step], res, w))
     return out
+
+
+def _cost(packed: bytes, w: int) -> int:
+    """Deflated size of a packed body, each byte plane its own block as _deflate does it."""
+    if w == 0:
+        return 0
+    if len(packed) <= 16:
+        return len(packed)
+    n = len(packed) // w
+    total = 0
+    for b in range(w):
+        c = zlib.compressobj(1, zlib.DEFLATED, -15, 9, zlib.Z_RLE)
+        total += len(c.compress(packed[b * n:(b + 1) * n])) + len(c.flush())
+    return total
 
 
 def _encode_int_stream(out: bytearray, xs: list[int]) -> None:
@@ -180,13 +203,7 @@ def _encode_int_stream(out: bytearray, xs: list[int]) -> None:
     best = None
     for transform, heads, body, w in _int_stream_candidates(xs):
         packed = _pack_body(body, w)
-        if w == 0:
-            cost = 0
-        elif len(packed) <= 16:
-            cost = len(packed)
-        else:
-            cost = len(zlib.compress(packed, 1))
-        cost += sum(len(_zz(h)) for h in heads)
+        cost = _cost(packed, w) + sum(len(_zz(h)) for h in heads)
         if best is None or cost < best[0]:
             best = (cost, transform, heads, packed, w)
     if best is None:  # a caller bug: values were checked to be int64 before
@@ -195,6 +212,12 @@ def _encode_int_stream(out: bytearray, xs: list[int]) -> None:
     out.append((transform << 4) | _WIDTHS.index(w))
     for h in heads:
         _svarint(out, h)
+    marks = getattr(out, "marks", None)
+    if marks is not None and w:
+        n = len(packed) // w
+        for b in range(w):
+            marks.append(len(out) + b * n)
+        marks.append(len(out) + len(packed))
     out += packed
 
 
@@ -210,13 +233,13 @@ def _decode_int_stream(r: _Reader, count: int) -> list[int]:
     if transform not in _HEADS or wcode >= len(_WIDTHS):
         raise ChunkError(f"chunk integer stream code {code:#x}")
     nheads = _HEADS[transform]
-    if count < nheads:
+    if count < max(_SKIP[transform], 1 if nheads else 0):
         raise ChunkError("chunk integer stream shorter than its transform")
     heads = [r.svarint() for _ in range(nheads)]
     for h in heads:
         if not _INT64_MIN <= h <= _INT64_MAX:
             raise ChunkError("chunk integer stream head out of int64 range")
-    n = count - nheads
+    n = count - _SKIP[transform]
     w = _WIDTHS[wcode]
     if w == 0:
         body: list[int] = [0] * n
@@ -236,6 +259,10 @@ def _decode_int_stream(r: _Reader, count: int) -> list[int]:
         return body
     if transform == _DELTA:
         xs = list(accumulate(body, initial=heads[0]))
+    elif transform == _LINEAR:
+        x0, step = heads
+        xs = [x0]
+        xs += map(int.__add__, body, count_from(x0 + step, step))
     else:
         xs = list(accumulate(accumulate(body, initial=heads[1]), initial=heads[0]))
     # Sums of int64 deltas can leave int64 only in a forged blob.
@@ -418,9 +445,9 @@ def _encode_column(out: bytearray, col: list, base: _Encoded | None) -> _Encoded
     relative = False
     if floats:
         rep, fints, exc = _float_ints(floats)
-        if (base is not None and base.ints is not None and base.rep == rep
-                and len(base.ints) == len(fints)):
-            diff = [a - b for a, b in zip(fints, base.ints)]
+        m = _rescale(base.rep, rep) if base is not None and base.ints is not None else None
+        if m is not None and len(base.ints) == len(fints):
+            diff = [a - b * m for a, b in zip(fints, base.ints)]
             if _width(diff) is not None and _stream_cost(diff) < _stream_cost(fints):
                 relative = True
                 stream_ints = diff
@@ -445,7 +472,19 @@ def _stream_cost(xs: list[int]) -> int:
     return len(zlib.compress(bytes(probe), 1)) if len(probe) > 16 else len(probe)
 
 
-def _decode_column(r: _Reader, rows: int, base: list[int] | None) -> tuple[list, list[int] | None]:
+def _rescale(base_rep: int | None, rep: int) -> int | None:
+    """The factor that brings the base column's integers to this column's scale, if any does."""
+    if base_rep is None:
+        return None
+    if base_rep == rep == _REP_BITS:
+        return 1
+    if _REP_BITS in (base_rep, rep) or rep < base_rep:
+        return None
+    return 10 ** (rep - base_rep)
+
+
+def _decode_column(r: _Reader, rows: int, base: tuple[int, list[int]] | None
+                   ) -> tuple[list, tuple[int, list[int]] | None]:
     flags = r.byte()
     if flags & ~(_HAS_NULLS | (3 << _KIND_SHIFT) | _RELATIVE):
         raise ChunkError(f"chunk column flags {flags:#x}")
@@ -475,9 +514,10 @@ def _decode_column(r: _Reader, rows: int, base: list[int] | None) -> tuple[list,
         exc = _decode_exceptions(r, nfloats)
         fints = _decode_int_stream(r, nfloats)
         if flags & _RELATIVE:
-            if base is None or len(base) != nfloats:
+            m = _rescale(base[0], rep) if base is not None else None
+            if m is None or len(base[1]) != nfloats:
                 raise ChunkError("chunk relative column has no matching base")
-            fints = list(map(int.__add__, fints, base))
+            fints = list(map(int.__add__, fints, map(m.__mul__, base[1]) if m != 1 else base[1]))
             if max(fints) > _INT64_MAX or min(fints) < _INT64_MIN:
                 raise ChunkError("chunk relative column leaves int64 range")
         floats = _ints_to_floats(rep, fints)
@@ -497,11 +537,50 @@ def _decode_column(r: _Reader, rows: int, base: list[int] | None) -> tuple[list,
     if mask is not None:
         it = iter(values)
         values = [next(it) if m else None for m in mask]
-    usable_base = fints if kind == _KIND_FLOAT and mask is None else None
+    usable_base = (rep, fints) if kind == _KIND_FLOAT and mask is None else None
     return values, usable_base
 
 
 # -------------------------------------------------------------- the chunk
+
+class _Body(bytearray):
+    """The body being built, with the offsets where a new deflate block should start."""
+
+    marks: list[int]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marks = []
+
+
+BLOCK_MODE = "planes"
+
+
+STRATEGIES = (zlib.Z_RLE, zlib.Z_DEFAULT_STRATEGY)
+
+
+def _deflate(body: _Body) -> bytes:
+    return min((_deflate1(body, st) for st in STRATEGIES), key=len)
+
+
+def _deflate1(body: _Body, strategy: int) -> bytes:
+    if BLOCK_MODE == "one":
+        return zlib.compress(bytes(body), ZLIB_LEVEL, wbits=-15)
+    c = zlib.compressobj(ZLIB_LEVEL, zlib.DEFLATED, -15, 9, strategy)
+    parts = []
+    last = 0
+    for m in sorted(set(body.marks)):
+        if m - last >= MIN_BLOCK:
+            parts.append(c.compress(body[last:m]))
+            parts.append(c.flush(zlib.Z_BLOCK))
+            last = m
+    parts.append(c.compress(body[last:]))
+    parts.append(c.flush())
+    return b"".join(parts)
+
+
+MIN_BLOCK = 64
+
 
 def encode_chunk(seqs: list[int], ts: list[float], received: list[float],
                  metrics: dict[str, list[Number | None]]) -> bytes:
@@ -524,7 +603,7 @@ def encode_chunk(seqs: list[int], ts: list[float], received: list[float],
     _check_column("seqs", seqs, rows)
     _check_column("ts", ts, rows)
     _check_column("received", received, rows)
-    body = bytearray()
+    body = _Body()
     _uvarint(body, rows)
     _uvarint(body, len(metrics))
     for name in metrics:
@@ -541,7 +620,7 @@ def encode_chunk(seqs: list[int], ts: list[float], received: list[float],
     for name, col in metrics.items():
         _check_column(name, col, rows)
         _encode_column(body, col, None)
-    blob = bytes((VERSION,)) + zlib.compress(bytes(body), ZLIB_LEVEL, wbits=-15)
+    blob = bytes((VERSION,)) + _deflate(body)
     return blob + struct.pack("<I", zlib.crc32(blob))
 
 
