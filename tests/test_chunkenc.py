@@ -32,14 +32,15 @@ def same(a, b):
 
 
 def assert_round_trip(seqs, ts, received, metrics):
-    blob = encode_chunk(seqs, ts, received, metrics)
-    s2, t2, r2, m2 = decode_chunk(blob)
-    assert same(seqs, s2)
-    assert same(ts, t2)
-    assert same(received, r2)
-    assert list(m2) == list(metrics)
-    for name in metrics:
-        assert same(metrics[name], m2[name]), name
+    for fast in (True, False):
+        blob = encode_chunk(seqs, ts, received, metrics, fast=fast)
+        s2, t2, r2, m2 = decode_chunk(blob)
+        assert same(seqs, s2)
+        assert same(ts, t2)
+        assert same(received, r2)
+        assert list(m2) == list(metrics)
+        for name in metrics:
+            assert same(metrics[name], m2[name]), name
     return blob
 
 
@@ -301,3 +302,11 @@ def test_chunk_stats():
     assert chunk_stats(ts, [None] * 4) == (0, None, None, None, None, None)
     count, lo, hi, total, _, _ = chunk_stats([1.0, 2.0], [2**62, 2**62])
     assert (count, lo, hi, total) == (2, 2**62, 2**62, 2**63) and type(total) is int
+
+
+def test_int64_extremes_next_to_each_other():
+    """Deltas of 2**64 - 1 do not fit int64: those transforms must not be chosen."""
+    lo, hi = -(2**63), 2**63 - 1
+    for col in ([lo, hi, hi, hi], [hi, lo, lo, lo, lo], [lo, hi] * 8, [0, hi, 0, lo]):
+        n = len(col)
+        assert_round_trip(col, [0.0] * n, [0.0] * n, {"x": col})
