@@ -269,7 +269,9 @@ def _decode_int_stream(r: _Reader, count: int) -> list[int]:
     n = count - _SKIP[transform]
     w = _WIDTHS[wcode]
     if w == 0:
-        body: list[int] = [0] * n
+        body = repeat(0, n)
+        if transform == _RAW:
+            return [0] * n
     else:
         raw = r.take(n * w)
         if w > 1:
@@ -281,9 +283,9 @@ def _decode_int_stream(r: _Reader, count: int) -> list[int]:
         arr.frombytes(raw)
         if _BIG_ENDIAN:
             arr.byteswap()
-        body = arr.tolist()
-    if transform == _RAW:
-        return body
+        if transform == _RAW:
+            return arr.tolist()
+        body = arr  # the transforms below iterate it once: no list of it needed
     lim = _LIMIT[w]
     if transform == _DELTA:
         xs = list(accumulate(body, initial=heads[0]))
@@ -544,6 +546,8 @@ def _decode_column(r: _Reader, rows: int, base: tuple[int, list[int]] | None
     fints = None
     if nfloats:
         rep = r.byte()
+        if rep > MAX_DECIMALS and rep != _REP_BITS:
+            raise ChunkError(f"chunk float representation {rep}")
         exc = _decode_exceptions(r, nfloats)
         fints = _decode_int_stream(r, nfloats)
         if flags & _RELATIVE:
