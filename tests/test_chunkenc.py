@@ -310,3 +310,10 @@ def test_int64_extremes_next_to_each_other():
     for col in ([lo, hi, hi, hi], [hi, lo, lo, lo, lo], [lo, hi] * 8, [0, hi, 0, lo]):
         n = len(col)
         assert_round_trip(col, [0.0] * n, [0.0] * n, {"x": col})
+
+
+def test_a_float_column_of_no_rows_is_no_base_for_received():
+    """Found by the mutation fuzz: a body with 0 rows whose ts column says KIND float."""
+    body = bytes([0, 0, 0x00, 0x02, 0x0A])  # 0 rows, 0 metrics; seqs int, ts float, received float+RELATIVE
+    with pytest.raises(ChunkError):
+        decode_chunk(rebuild(body))
