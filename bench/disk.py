@@ -82,50 +82,58 @@ def median_us(fn, repeat: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def codec_figures(w: Workload, size: int, *, fast: bool, attribute: bool, deadline: float) -> dict:
-    """Bytes of every chunk of the day at this chunk size (and a metric's share if attribute)."""
-    total = base_total = shared = datagrams = chunks = 0
-    per_metric = dict.fromkeys(w.metrics, 0)
-    encode_s = 0.0
-    sample = None
+def codec_figures(w: Workload, configs: list[tuple[int, bool, bool]], deadline: float) -> list[dict]:
+    """Bytes of every chunk of the day for each (chunk size, fast, attribute) config.
+
+    The workload is generated once per sensor and cut for every config.
+    attribute adds each metric's share: the chunk with it minus the chunk
+    without any metric.
+    """
+    acc = [{"total": 0, "base": 0, "shared": 0, "datagrams": 0, "chunks": 0, "encode_s": 0.0,
+            "per_metric": dict.fromkeys(w.metrics, 0), "sample": None} for _ in configs]
     for sensor in w.sensor_ids():
         columns = w.columns(sensor)
-        for chunk in chunks_of(columns, size):
-            if time.monotonic() > deadline:
-                raise BenchError(f"chunk size {size}: out of time after {datagrams} datagrams (--timeout)")
-            start = time.process_time()
-            blob = encode_chunk(*chunk, fast=fast)
-            encode_s += time.process_time() - start
-            if decode_chunk(blob) != chunk:  # == is enough here: the tests check bit-exactness
-                raise BenchError(f"chunk of {sensor} did not round-trip")
-            total += len(blob)
-            base_total += len(baseline_blob(chunk))
-            rows = len(chunk[0])
-            datagrams += rows
-            chunks += 1
-            if attribute:
-                seqs, ts, received, metrics = chunk
-                without = len(encode_chunk(seqs, ts, received, {}, fast=fast))
-                shared += without
-                for name, col in metrics.items():
-                    per_metric[name] += len(encode_chunk(seqs, ts, received, {name: col}, fast=fast)) - without
-            if sample is None and rows == size:
-                sample = chunk
-    readings = datagrams * len(w.metrics)
-    out = {
-        "size": size, "fast": fast, "chunks": chunks, "datagrams": datagrams, "readings": readings,
-        "bytes": total, "per_reading": total / readings, "baseline_per_reading": base_total / readings,
-        "encode_us_per_datagram": encode_s / datagrams * 1e6,
-    }
-    if attribute:
-        out["shared_per_datagram"] = shared / datagrams
-        out["per_metric"] = {name: b / datagrams for name, b in per_metric.items()}
-    if sample is not None:
-        blob, base = encode_chunk(*sample, fast=fast), baseline_blob(sample)
-        out["decode_us"] = median_us(lambda: decode_chunk(blob), 200)
-        out["baseline_decode_us"] = median_us(
-            lambda: msgpack.unpackb(zlib.decompress(base), strict_map_key=False), 200)
-    return out
+        for (size, fast, attribute), a in zip(configs, acc):
+            for chunk in chunks_of(columns, size):
+                if time.monotonic() > deadline:
+                    raise BenchError(f"chunk size {size}: out of time (--timeout)")
+                start = time.process_time()
+                blob = encode_chunk(*chunk, fast=fast)
+                a["encode_s"] += time.process_time() - start
+                if decode_chunk(blob) != chunk:  # == is enough here: the tests check bit-exactness
+                    raise BenchError(f"chunk of {sensor} did not round-trip")
+                a["total"] += len(blob)
+                a["base"] += len(baseline_blob(chunk))
+                a["datagrams"] += len(chunk[0])
+                a["chunks"] += 1
+                if attribute:
+                    seqs, ts, received, metrics = chunk
+                    without = len(encode_chunk(seqs, ts, received, {}, fast=fast))
+                    a["shared"] += without
+                    for name, col in metrics.items():
+                        a["per_metric"][name] += len(encode_chunk(seqs, ts, received, {name: col}, fast=fast)) - without
+                if a["sample"] is None and len(chunk[0]) == size:
+                    a["sample"] = chunk
+    results = []
+    for (size, fast, attribute), a in zip(configs, acc):
+        datagrams = a["datagrams"]
+        readings = datagrams * len(w.metrics)
+        out = {
+            "size": size, "fast": fast, "chunks": a["chunks"], "datagrams": datagrams, "readings": readings,
+            "bytes": a["total"], "per_reading": a["total"] / readings, "baseline_per_reading": a["base"] / readings,
+            "encode_us_per_datagram": a["encode_s"] / datagrams * 1e6,
+        }
+        if attribute:
+            out["shared_per_datagram"] = a["shared"] / datagrams
+            out["per_metric"] = {name: b / datagrams for name, b in a["per_metric"].items()}
+        sample = a["sample"]
+        if sample is not None:
+            blob, base = encode_chunk(*sample, fast=fast), baseline_blob(sample)
+            out["decode_us"] = median_us(lambda: decode_chunk(blob), 200)
+            out["baseline_decode_us"] = median_us(
+                lambda: msgpack.unpackb(zlib.decompress(base), strict_map_key=False), 200)
+        results.append(out)
+    return results
 
 
 # ------------------------------------------------------------------ InfluxDB
@@ -319,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=86_400)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--chunk-sizes", default="1024,256,128", help="datagrams per chunk, comma list")
-    p.add_argument("--fast", action="store_true", help="also measure encode_chunk(fast=True)")
+    p.add_argument("--fast", action="store_true", help="also measure encode_chunk(fast=True) at the first size")
     p.add_argument("--skip-influx", action="store_true", help="our figures only (no ratio)")
     p.add_argument("--influx-extra", action="store_true", help="also an InfluxDB database with seq and received")
     p.add_argument("--timeout", type=float, default=1800, help="seconds each phase may take (default 1800)")
@@ -341,26 +349,25 @@ def main(argv: list[str] | None = None) -> int:
           f"{w.readings:,} readings (seed {a.seed}); machine: {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f} (shared; timings are CPU-time medians)")
     try:
-        ours = []
-        for i, size in enumerate(sizes):
-            for fast in ((False, True) if a.fast else (False,)):
-                r = codec_figures(w, size, fast=fast, attribute=(i == 0 and not fast),
-                                  deadline=time.monotonic() + a.timeout)
-                ours.append(r)
-                print(f"chunks of {size:>5} datagrams{' (fast)' if fast else '':7}: "
-                      f"{r['per_reading']:.3f} B/reading ({r['bytes']:,} B in {r['chunks']} chunks); "
-                      f"zlib(msgpack) baseline {r['baseline_per_reading']:.3f} B/reading "
-                      f"(x{r['baseline_per_reading'] / r['per_reading']:.2f}); "
-                      f"encode {r['encode_us_per_datagram']:.1f} us/datagram")
-                if "decode_us" in r:
-                    print(f"    decode one chunk: {r['decode_us']:.0f} us median "
-                          f"(baseline zlib+msgpack {r['baseline_decode_us']:.0f} us, "
-                          f"x{r['decode_us'] / r['baseline_decode_us']:.2f})")
-                if "per_metric" in r:
-                    print(f"    shared seq+ts+received: {r['shared_per_datagram']:.3f} B/datagram "
-                          f"({r['shared_per_datagram'] / len(w.metrics):.3f} B/reading)")
-                    for name, b in r["per_metric"].items():
-                        print(f"    {name:>9}: {b:.3f} B/reading (its column alone)")
+        configs = [(size, False, i == 0) for i, size in enumerate(sizes)]
+        if a.fast:
+            configs.insert(1, (sizes[0], True, False))
+        ours = codec_figures(w, configs, time.monotonic() + a.timeout)
+        for r in ours:
+            print(f"chunks of {r['size']:>5} datagrams{' (fast)' if r['fast'] else '':7}: "
+                  f"{r['per_reading']:.3f} B/reading ({r['bytes']:,} B in {r['chunks']} chunks); "
+                  f"zlib(msgpack) baseline {r['baseline_per_reading']:.3f} B/reading "
+                  f"(x{r['baseline_per_reading'] / r['per_reading']:.2f}); "
+                  f"encode {r['encode_us_per_datagram']:.1f} us/datagram")
+            if "decode_us" in r:
+                print(f"    decode one chunk: {r['decode_us']:.0f} us median "
+                      f"(baseline zlib+msgpack {r['baseline_decode_us']:.0f} us, "
+                      f"x{r['decode_us'] / r['baseline_decode_us']:.2f})")
+            if "per_metric" in r:
+                print(f"    shared seq+ts+received: {r['shared_per_datagram']:.3f} B/datagram "
+                      f"({r['shared_per_datagram'] / len(w.metrics):.3f} B/reading)")
+                for name, b in r["per_metric"].items():
+                    print(f"    {name:>9}: {b:.3f} B/reading (its column alone)")
         if a.skip_influx:
             return 0
         dbs = {"bench": False}
