@@ -192,6 +192,12 @@ class QueryClient:
             raise ServerError(str(error.get("code")), str(error.get("message")))
         return response.get("result")
 
+    def set_read_timeout(self, seconds: float | None) -> None:
+        """How long read_response waits for a line (a follow waits through quiet periods)."""
+        self.connect()
+        assert self._sock is not None
+        self._sock.settimeout(seconds)
+
     def pipeline(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Write all requests in one send, then read one response per request, in order."""
         data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in requests)

@@ -31,7 +31,7 @@ from collector.config import SetupFailed
 from . import export as exporting
 from . import plot as plotting
 from .client import ConnectError, QueryClient, ServerError
-from .output import TIME_FIELDS, flatten, iso_times, render
+from .output import TIME_FIELDS, cell, flatten, iso_times, render
 from .protocol import DEFAULT_PORT
 from .times import human_time, parse_duration, parse_time
 
@@ -685,3 +685,104 @@ def raw(session: _Session, request: str) -> None:
     if not response.get("ok"):
         error = response.get("error") or {}
         raise ServerSaidNo(f"server said {error.get('code')}: {error.get('message')}")
+
+
+FOLLOW_COLUMNS = ["sensor", "metric", "ts", "value", "seq", "boot"]
+FOLLOW_WIDTHS = (16, 12, 24, 14, 10, 10)  # a stream cannot size columns to its rows
+FOLLOW_RETRIES = 5  # reconnections in a row after a lost connection: 0.5 s doubling to 8 s (15.5 s in all)
+FOLLOW_READ_TIMEOUT = 75.0  # seconds without a line = lost (the server sends a heartbeat every 30 s)
+
+
+@_session_command("follow")
+@click.argument("sensor", required=False)
+@click.option("--metric", help="Only this metric.")
+@click.option("--after", type=click.IntRange(0), help="Resume after this position (printed on stderr at Ctrl-C).")
+def follow(session: _Session, sensor: str | None, metric: str | None, after: int | None) -> None:
+    """Print new readings as the collector commits them, until Ctrl-C.
+
+    The server pushes them as each batch is stored (nothing polls).  A lost
+    connection is retried 5 times over ~15 s and resumed exactly where it
+    stopped (no reading missed or printed twice), then exit 3.  Ctrl-C
+    exits 0.  --format json prints one JSON object per line.
+
+    \b
+    Example:
+      telemetry-query follow boiler-1 --metric temp
+      telemetry-query --format csv follow > live.csv
+    """
+    stream = _FollowStream(session, sensor, metric, after)
+    failures = 0
+    try:
+        while True:
+            try:
+                stream.run()
+            except ConnectError as exc:
+                session.close()
+                session._client = None
+                if stream.progressed:  # this connection delivered: a fresh count of retries
+                    failures = 0
+                if failures >= FOLLOW_RETRIES:
+                    raise _connect_failure(exc) from None
+                delay = 0.5 * 2**failures
+                failures += 1
+                click.echo(f"connection lost ({exc}); reconnecting in {delay:g}s "
+                           f"(attempt {failures} of {FOLLOW_RETRIES})", err=True)
+                time.sleep(delay)
+    except KeyboardInterrupt:
+        if stream.position is not None:
+            click.echo(f"stopped at position {stream.position} (resume with --after {stream.position})", err=True)
+
+
+class _FollowStream:
+    """One follow over one connection at a time; `position` survives reconnections."""
+
+    def __init__(self, session: _Session, sensor: str | None, metric: str | None, after: int | None) -> None:
+        self.session = session
+        self.params = {"op": "follow", "id": "follow", "sensor": sensor, "metric": metric}
+        self.position = after
+        self.progressed = False
+        self.header_done = False
+
+    def run(self) -> None:
+        """Follow until the connection fails (ConnectError); the server's refusal is ServerSaidNo."""
+        self.progressed = False
+        client = self.session.client()
+        request = {k: v for k, v in {**self.params, "after": self.position}.items() if v is not None}
+        response = client.call(request)
+        if not response.get("ok"):
+            error = response.get("error") or {}
+            raise ServerSaidNo(f"server said {error.get('code')}: {error.get('message')}")
+        self.position = response["result"]["position"]
+        client.set_read_timeout(FOLLOW_READ_TIMEOUT)
+        self.print_rows([])  # the header at once: a person sees the command is running
+        while True:
+            doc = client.read_response()
+            if not doc.get("ok"):
+                error = doc.get("error") or {}
+                raise ConnectError("closed", f"the server ended the follow: {error.get('code')}: {error.get('message')}")
+            event = doc.get("event")
+            if event == "readings":
+                self.print_rows(doc["rows"])
+                self.progressed = True
+            elif event == "lost":
+                click.echo(f"warning: the ingest log was trimmed before positions {doc['after'] + 1}-"
+                           f"{doc['position']} were read: their readings are not shown", err=True)
+            if event is not None:
+                self.position = doc["position"]
+
+    def print_rows(self, rows: list[dict[str, Any]]) -> None:
+        fmt = self.session.fmt
+        if fmt == "json":
+            text = "".join(json.dumps(r) + "\n" for r in rows)
+        elif fmt == "csv":
+            text = render(rows, "csv", FOLLOW_COLUMNS)
+            if self.header_done:
+                text = text.split("\n", 1)[1]
+        else:
+            lines = [] if self.header_done else [FOLLOW_COLUMNS]
+            lines += [[cell(c, r.get(c), True) for c in FOLLOW_COLUMNS] for r in rows]
+            text = "".join("  ".join(v.rjust(w) if i >= 3 else v.ljust(w)
+                                     for i, (v, w) in enumerate(zip(values, FOLLOW_WIDTHS))).rstrip() + "\n"
+                           for values in lines)
+        self.header_done = True
+        click.echo(text, nl=False)

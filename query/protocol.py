@@ -30,7 +30,7 @@ MAX_ABS_TIME = 1e12  # Unix seconds; far beyond any real clock, well inside floa
 MIN_BUCKET = 0.001  # seconds
 MAX_ID_DEPTH = 32  # nesting of the echoed `id`
 
-CODES = ("bad_json", "bad_request", "unknown_op", "too_large", "internal")
+CODES = ("bad_json", "bad_request", "unknown_op", "too_large", "internal", "slow_consumer")
 
 
 class RequestError(Exception):
@@ -179,6 +179,13 @@ def _flag(name: str, raw: Any) -> bool:
     return raw
 
 
+def _position(name: str, raw: Any) -> int:
+    _out_of_range(name, raw)
+    if type(raw) is not int or not 0 <= raw < 2**63:
+        raise _bad(name, f"must be a follow position (an integer >= 0 from a previous event), got {raw!r:.40}")
+    return raw
+
+
 def _cursor(name: str, raw: Any) -> str:
     if type(raw) is not str:
         raise _bad(name, f"must be a string from a previous 'next', got {_json_type(raw)}")
@@ -210,6 +217,12 @@ OPS: dict[str, dict[str, tuple[Any, bool]]] = {
     },
     "gaps": {"sensor": (_string, False), "since": (_time, False), "until": (_time, False)},
     "stats": {},
+}
+# Ops the server's loop answers itself, no SQL: the follow stream, whose events
+# come after the answer until `cancel` (docs/PROTOCOL.md, "follow").
+STREAM_OPS: dict[str, dict[str, tuple[Any, bool]]] = {
+    "follow": {"sensor": (_string, False), "metric": (_string, False), "after": (_position, False)},
+    "cancel": {},
 }
 
 
@@ -247,9 +260,10 @@ def parse_request(line: bytes) -> Request:
         raise RequestError("bad_request", "parameter 'op' is missing", request_id)
     if type(op) is not str:
         raise RequestError("bad_request", f"parameter 'op' must be a string, got {_json_type(op)}", request_id)
-    spec = OPS.get(op)
+    spec = OPS.get(op, STREAM_OPS.get(op))
     if spec is None:
-        raise RequestError("unknown_op", f"unknown op {op[:64]!r}; ops are {', '.join(OPS)}", request_id)
+        raise RequestError("unknown_op", f"unknown op {op[:64]!r}; ops are {', '.join([*OPS, *STREAM_OPS])}",
+                           request_id)
     params: dict[str, Any] = {}
     for name, raw in doc.items():
         if name in ("op", "id"):
@@ -295,7 +309,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _json(value: Any) -> str:
+def dump_json(value: Any) -> str:
     # ensure_ascii: a lone surrogate echoed back in `id` stays encodable.
     try:
         return json.dumps(value, allow_nan=False, separators=(",", ":"))
@@ -303,21 +317,21 @@ def _json(value: Any) -> str:
         return json.dumps(_finite(value), allow_nan=False, separators=(",", ":"))
 
 
-def _id_json(value: Any) -> str:
+def encode_id(value: Any) -> str:
     """The echoed id as JSON; a BigInt goes back as the digits it came as."""
     if type(value) is BigInt:
         return str.__str__(value)
     if isinstance(value, list):
-        return "[" + ",".join(_id_json(v) for v in value) + "]"
+        return "[" + ",".join(encode_id(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ",".join(_json(k) + ":" + _id_json(v) for k, v in value.items()) + "}"
-    return _json(value)
+        return "{" + ",".join(dump_json(k) + ":" + encode_id(v) for k, v in value.items()) + "}"
+    return dump_json(value)
 
 
 def _dump(request_id: Any, rest: dict[str, Any]) -> bytes:
     """{"id":...,<rest>} as one line; the id is encoded apart so a BigInt in it echoes exactly."""
-    body = _json(rest)
-    return ('{"id":' + _id_json(request_id) + "," + body[1:]).encode("ascii") + b"\n"
+    body = dump_json(rest)
+    return ('{"id":' + encode_id(request_id) + "," + body[1:]).encode("ascii") + b"\n"
 
 
 def encode_result(request_id: Any, result: Any) -> bytes:

@@ -32,15 +32,18 @@ from typing import NamedTuple
 
 from collector.errors import SetupError
 
+from .follow import FollowSource, encode_event, matching
 from .metrics import QueryStats
 from .ops import Ops, ping
 from . import tuning
 from .protocol import (
     MAX_LINE_BYTES,
+    STREAM_OPS,
     LineBuffer,
     LineTooLong,
     Request,
     RequestError,
+    encode_id,
     encode_error,
     encode_result,
     parse_request,
@@ -51,7 +54,7 @@ log = logging.getLogger("telemetry.query")
 READ_CHUNK = 64 * 1024  # bytes per recv; one TLS record is at most 16 KiB anyway
 SEND_CHUNK = 256 * 1024
 READS_PER_TURN = 8  # recv calls for one client before others get a turn (fairness)
-READ_AHEAD_BYTES = 2 * MAX_LINE_BYTES  # input buffered while a connection waits for its answer
+READ_AHEAD_BYTES = MAX_LINE_BYTES  # input buffered while a connection waits for its answer
 TURN_SECONDS = 0.005  # work for one client before others get a turn (at least one request)
 SWEEP_SECONDS = 0.25  # how often timeouts are checked
 LINGER_SECONDS = 2.0  # after too_large or a failed handshake: how long we drain a client's input
@@ -60,6 +63,7 @@ LINGER_SECONDS = 2.0  # after too_large or a failed handshake: how long we drain
 LINGER_MAX_BYTES = 1024 * 1024
 WORKER_JOIN_SECONDS = 10.0  # shutdown waits this long for a worker's running query
 ACCEPT_PAUSE_SECONDS = 0.5  # after accept() fails (EMFILE): stop accepting this long
+FOLLOW_HEARTBEAT_SECONDS = 30.0  # a follower with nothing new gets a heartbeat event this often
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class ServerLimits:
     handshake_timeout: float = tuning.HANDSHAKE_TIMEOUT_S
     line_timeout: float = tuning.LINE_TIMEOUT_S
     max_output: int = tuning.MAX_OUTPUT_BYTES
+    # Unsent response bytes of all connections together: past it the
+    # connection holding the most is closed (issue 13.3; see query/tuning.py).
+    output_budget: int = tuning.OUTPUT_BUDGET_BYTES
 
 
 @dataclass
@@ -81,6 +88,7 @@ class ServerStats:
     jobs_dropped: int = 0  # requests dropped unrun because their connection was gone
     resets: int = 0  # connections the peer reset (RST), noticed while they were open
     evicted: int = 0  # connections closed for holding too much unread output (see output_budget)
+    follow_dropped: int = 0  # followers closed for not reading their events (max_output)
 
 
 def _peer_reset(sock: socket.socket) -> bool:
@@ -203,7 +211,7 @@ class _Answered(NamedTuple):
 
 class _Conn:
     __slots__ = ("sock", "peer", "state", "lines", "out", "out_bytes", "out_offset", "accepted", "touched",
-                 "eof", "events", "want", "busy", "partial_since", "drained", "closed")
+                 "eof", "events", "want", "busy", "partial_since", "drained", "closed", "follow")
 
     def __init__(self, sock: ssl.SSLSocket, peer: str, now: float) -> None:
         self.sock = sock
@@ -222,6 +230,16 @@ class _Conn:
         self.partial_since: float | None = None  # when the unfinished line now buffered began
         self.drained = 0  # bytes discarded while lingering (bounded by LINGER_MAX_BYTES)
         self.closed = False  # dropped: its queued request is never run (read by workers too)
+        self.follow: _Follower | None = None  # set while the connection follows the ingest log
+
+
+@dataclass(eq=False)
+class _Follower:
+    id_json: str  # the follow request's id, encoded once
+    sensor: str | None
+    metric: str | None
+    position: int  # the last ingest_log id handled for this follower
+    pushed: float  # when an event was last queued (for heartbeats)
 
 
 class QueryServer:
@@ -271,6 +289,12 @@ class QueryServer:
             self._workers.append(worker)
         self._accept_paused_until: float | None = None
         self._closed = False
+        self._out_total = 0  # unsent response bytes of all connections (bounded by output_budget)
+        self._followers: set[_Conn] = set()
+        # The one ingest log reader for every follower (a thread with its own
+        # read-only connection, polling on its own timer).
+        self._follow = FollowSource(lambda: service.make_ops().conn, self._wake)
+        self._follow.start()
 
     @property
     def connections(self) -> int:
@@ -307,6 +331,7 @@ class QueryServer:
                     elif key.data == "wake":
                         self._drain_wake()
                         self._collect_answers()
+                        self._collect_follow()
                     else:
                         conn = self._conns.get(key.fd)
                         if conn is not None:
@@ -316,6 +341,8 @@ class QueryServer:
                     conn = self._conns.get(fd)
                     if conn is not None:
                         self._service(conn)
+                if self._out_total > self.limits.output_budget:
+                    self._evict()
                 now = self._clock()
                 if now >= next_sweep:
                     self._sweep(now)
@@ -331,6 +358,7 @@ class QueryServer:
         self._closed = True
         for conn in list(self._conns.values()):
             self._drop(conn)
+        self._follow.close()
         # Requests still queued belong to connections just closed: running them
         # would only delay the stop (one query-timeout each, per worker).
         self._runnable.clear()
@@ -403,6 +431,95 @@ class QueryServer:
             self._in_flight += 1
             self._jobs.put((conn, request))
 
+    # -- follow ---------------------------------------------------------------
+
+    def _follow_request(self, conn: _Conn, request: Request) -> bytes:
+        """Answer follow/cancel in the loop (no SQL: the reader thread knows the head)."""
+        rid = request.id
+        if request.op == "cancel":
+            if conn.follow is None:
+                return encode_error(rid, "bad_request", "this connection is not following: nothing to cancel")
+            position = conn.follow.position
+            self._unfollow(conn)
+            return encode_result(rid, {"cancelled": True, "position": position})
+        if conn.follow is not None:
+            return encode_error(rid, "bad_request", "this connection already follows; send cancel first")
+        head = self._follow.head
+        if head is None:
+            return encode_error(rid, "bad_request", "this database has no ingest log to follow "
+                                "(the collector writes one from storage v3 on)")
+        after = request.params.get("after", head)
+        if after > head:
+            return encode_error(rid, "bad_request", f"parameter 'after' is beyond the newest position {head}")
+        conn.follow = _Follower(encode_id(rid), request.params.get("sensor"), request.params.get("metric"),
+                                after, self._clock())
+        self._followers.add(conn)
+        self._follow.floor = min(c.follow.position for c in self._followers)
+        return encode_result(rid, {"following": True, "position": after})
+
+    def _unfollow(self, conn: _Conn) -> None:
+        conn.follow = None
+        self._followers.discard(conn)
+        self._follow.floor = min((c.follow.position for c in self._followers), default=None)
+
+    def _collect_follow(self) -> None:
+        """Queue a batch the reader thread finished to every follower it concerns."""
+        batch = self._follow.take()
+        if not batch:
+            return
+        now = self._clock()
+        for conn in list(self._followers):
+            sub = conn.follow
+            for entry in batch:
+                if entry.id <= sub.position:
+                    continue
+                if entry.id != sub.position + 1:  # rows deleted before this follower read them
+                    self._queue(conn, encode_event(sub.id_json, "lost", entry.id - 1, after=sub.position))
+                sub.position = entry.id
+                rows = matching(entry.rows, sub.sensor, sub.metric)
+                if rows:
+                    self._queue(conn, encode_event(sub.id_json, "readings", entry.id, rows))
+                    sub.pushed = now
+            if conn.out_bytes > self.limits.max_output:
+                self._drop_slow_follower(conn)
+            else:
+                self._service(conn)
+        self._follow.floor = min((c.follow.position for c in self._followers), default=None)
+
+    def _drop_slow_follower(self, conn: _Conn) -> None:
+        """A follower that does not read its events: replace what it has not been sent by the reason, close."""
+        log.warning("%s: follow dropped: %d bytes of events unread (more than max-output %d); "
+                    "the client is not keeping up", conn.peer, conn.out_bytes, self.limits.max_output)
+        self.stats.follow_dropped += 1
+        # out[0] stays: it may be partly sent, and OpenSSL wants a write it
+        # refused (SSLWantWriteError) retried with the same bytes.
+        while len(conn.out) > 1:
+            self._unqueue(conn, len(conn.out.pop()))
+        self._queue(conn, encode_error(None, "slow_consumer",
+                                       "follow dropped: the client did not read its events; closing"))
+        self._unfollow(conn)
+        conn.state = _CLOSING
+        conn.accepted = self._clock()  # start of the linger period
+        self._service(conn)
+
+    def _heartbeats(self, now: float) -> None:
+        for conn in list(self._followers):
+            sub = conn.follow
+            if now - sub.pushed >= FOLLOW_HEARTBEAT_SECONDS:
+                self._queue(conn, encode_event(sub.id_json, "heartbeat", sub.position))
+                sub.pushed = now
+                self._service(conn)
+
+    def _evict(self) -> None:
+        """Over output_budget: close the connections holding the most unsent bytes until under it."""
+        while self._out_total > self.limits.output_budget and self._conns:
+            conn = max(self._conns.values(), key=lambda c: c.out_bytes)
+            log.warning("%s: closed: %d bytes of answers unread while all clients hold %d "
+                        "(output budget %d); the client is not reading", conn.peer, conn.out_bytes,
+                        self._out_total, self.limits.output_budget)
+            self.stats.evicted += 1
+            self._drop(conn)
+
     def _drain_wake(self) -> None:
         try:
             while self._wake_r.recv(512):
@@ -446,6 +563,7 @@ class QueryServer:
             self._service(conn)
 
     def _sweep(self, now: float) -> None:
+        self._heartbeats(now)
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._accept_paused_until = None
             self._sel.register(self._listener, selectors.EVENT_READ, "listener")
@@ -465,6 +583,9 @@ class QueryServer:
 
     def _drop(self, conn: _Conn) -> None:
         conn.closed = True  # its waiting request, if any, is skipped (_dispatch, _work)
+        if conn.follow is not None:
+            self._unfollow(conn)
+        self._unqueue(conn, conn.out_bytes)
         fd = conn.sock.fileno()
         self._conns.pop(fd, None)
         self._ready.discard(fd)
@@ -595,6 +716,8 @@ class QueryServer:
             parsed = self.service.parse(line)
             if isinstance(parsed, bytes):
                 self._queue(conn, parsed)
+            elif parsed.op in STREAM_OPS:
+                self._queue(conn, self._follow_request(conn, parsed))
             elif self.service.needs_database(parsed):
                 self._submit(conn, parsed)
             else:
@@ -610,6 +733,12 @@ class QueryServer:
     def _queue(self, conn: _Conn, data: bytes) -> None:
         conn.out.append(data)
         conn.out_bytes += len(data)
+        self._out_total += len(data)
+
+    def _unqueue(self, conn: _Conn, size: int) -> None:
+        """`size` unsent bytes of conn's output are gone (sent or discarded)."""
+        conn.out_bytes -= size
+        self._out_total -= size
 
     def _flush(self, conn: _Conn) -> None:
         while conn.out:
@@ -627,7 +756,7 @@ class QueryServer:
                 return
             conn.touched = self._clock()
             conn.out_offset += sent
-            conn.out_bytes -= sent
+            self._unqueue(conn, sent)
             if conn.out_offset >= len(head):
                 conn.out.popleft()
                 conn.out_offset = 0
@@ -641,7 +770,7 @@ class QueryServer:
         """
         conn.state = _CLOSING
         conn.out.clear()
-        conn.out_bytes = 0
+        self._unqueue(conn, conn.out_bytes)
         conn.accepted = self._clock()
         try:
             self._linger(conn)

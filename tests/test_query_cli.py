@@ -223,7 +223,7 @@ def test_every_command_has_help_with_an_example(path):
 
 def test_the_command_list_is_complete():
     assert set(main.commands) == {"ping", "sensors", "latest", "readings", "aggregate", "gaps", "stats", "raw", "serve",
-                                 "export", "plot"}
+                                 "export", "plot", "follow"}
 
 
 def test_version():

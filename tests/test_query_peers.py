@@ -160,3 +160,37 @@ def test_an_id_of_60000_digits_is_echoed_over_tls(heavy_db, tls):
             first, second = f.readline(), f.readline()
     assert first.startswith(b'{"id":-' + digits + b',"ok":true,"result":[{"sensor":"heavy"')
     assert second == b'{"id":' + digits + b',"ok":true,"result":{"version":"0.1.0","protocol":1}}\n'
+
+
+def test_clients_that_never_read_are_closed_past_the_output_budget(heavy_db, tls, caplog):
+    """Issue 13.3: each hog may hold max_output + one response; all of them together at most
+    output_budget, past which the biggest holder is closed.  A client that reads is never touched."""
+    from query.server import ServerLimits
+
+    limits = ServerLimits(max_output=1024 * 1024, output_budget=2 * 1024 * 1024)
+    with running_server(heavy_db, tls, limits=limits) as server:
+        hogs = []
+        try:
+            for _ in range(4):
+                raw = socket.socket()
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+                raw.settimeout(10)
+                raw.connect(server.server_address)
+                hog = tls.client_context(cert=False).wrap_socket(raw, server_hostname="localhost")
+                hog.sendall(HEAVY * 20)  # ~18 MB of answers it will never read
+                hogs.append(hog)
+            with connect(server, tls) as reader:
+                for _ in range(5):
+                    reader.sendall(HEAVY)
+                    assert len(read_json_lines(reader, 1)[0]["result"]["rows"]) == HEAVY_ROWS
+                # A stuck hog holds at least max_output (it is read no more only then) and at most max_output
+                # + one response (~0.9 MB): one fits the budget, two do not.
+                wait_for(lambda: server.stats.evicted == 3, 30, what="three of the four hogs to be closed")
+                assert server.connections == 2  # the reader and one hog
+                assert server._out_total <= limits.output_budget
+                reader.sendall(b'{"op":"ping","id":"still"}\n')
+                assert read_json_lines(reader, 1)[0]["id"] == "still"
+            assert caplog.text.count("answers unread") == 3
+        finally:
+            for hog in hogs:
+                hog.close()
