@@ -12,22 +12,23 @@ a maximum-size `readings` page of ~0.9 MB), then measures the server's RSS
             `readings` requests at once and never read an answer: everything
             the server does not bound stays in its memory.
 
-It prints RSS, peak RSS (VmHWM), the cost per hog connection beside the cost
-per idle one (the ratio), what the kernel holds in TCP buffers
+It prints RSS, peak RSS (VmHWM), the cost per hog and per idle connection,
+what the kernel holds in TCP buffers
 (/proc/net/sockstat, not in RSS), and the median and worst ping of a fresh
 client while the hogs are connected.
 
     .venv/bin/python bench/query_memory.py [--clients 200] [--requests 64]
 
 Clients default to 200 so that an unbounded server (before issue 13's fix it
-held ~5 MB per hog) cannot exhaust a shared machine; --clients 1000 is the
-server's default --max-connections.
+held ~5 MB per hog) cannot exhaust a shared machine; 1,000 is the
+server's default --max-connections: use 999 (the probe client is one more).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import resource
 import socket
 import ssl
@@ -81,17 +82,23 @@ def tcp_kernel_bytes() -> int:
     return 0
 
 
-def settle(pid: int, limit: float = 120.0) -> dict[str, int]:
-    """Wait (bounded) until RSS stops growing: no growth over 1 % in 3 s."""
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def settle(pid: int, limit: float = 300.0) -> dict[str, int]:
+    """Wait (bounded) until the server has nothing left to do: under 5 % of a core over 3 s,
+    and RSS no longer growing.  Then every hog is stuck (or closed), and what it costs is held."""
     deadline = time.monotonic() + limit
-    last = status(pid)["VmRSS"]
+    last_rss, last_cpu = status(pid)["VmRSS"], cpu_seconds(pid)
     while time.monotonic() < deadline:
         time.sleep(3)
-        now = status(pid)["VmRSS"]
-        if now <= last * 1.01:
+        rss, cpu = status(pid)["VmRSS"], cpu_seconds(pid)
+        if cpu - last_cpu < 0.15 and rss <= last_rss * 1.01:
             return status(pid)
-        last = now
-    print(f"  (RSS still growing after {limit:g}s)")
+        last_rss, last_cpu = rss, cpu
+    print(f"  (server still busy after {limit:g}s)")
     return status(pid)
 
 
@@ -137,7 +144,7 @@ def main() -> None:
             ctx = ssl.create_default_context(cafile=ca)
             with tls_connect(ctx, port) as probe:
                 ping(probe)
-                base = settle(proc.pid, 10)
+                base = settle(proc.pid, 30)
                 kernel0 = tcp_kernel_bytes()
                 print(f"server with defaults, {args.clients} clients, {args.requests} pipelined "
                       f"10,000-row readings each (2-core VM shared with other jobs: figures vary)")
@@ -146,9 +153,10 @@ def main() -> None:
                 idle = [tls_connect(ctx, port) for _ in range(args.clients)]
                 for sock in idle:
                     ping(sock)
-                with_idle = settle(proc.pid, 20)
+                with_idle = settle(proc.pid, 60)
                 for sock in idle:
                     sock.close()
+                settle(proc.pid, 30)  # the server has seen them go
                 per_idle = (with_idle["VmRSS"] - base["VmRSS"]) / args.clients
                 print(f"  {args.clients} idle clients       RSS {mb(with_idle['VmRSS'])}  "
                       f"({per_idle / 1e3:,.1f} kB each)")
@@ -173,8 +181,7 @@ def main() -> None:
                     sock.close()
                 per_hog = (with_hogs["VmRSS"] - base["VmRSS"]) / args.clients
                 print(f"  {args.clients} non-reading hogs   RSS {mb(with_hogs['VmRSS'])}  "
-                      f"({per_hog / 1e3:,.1f} kB each, {per_hog / max(per_idle, 1):,.1f}x an idle client); "
-                      f"peak RSS {mb(with_hogs['VmHWM'])}")
+                      f"({per_hog / 1e3:,.1f} kB each); peak RSS {mb(with_hogs['VmHWM'])}")
                 print(f"  hogs still connected at the end: {alive} of {args.clients}")
                 print(f"  kernel TCP buffers (all sockets, not in RSS): {mb(kernel)}")
                 print(f"  fresh client's ping meanwhile: median {statistics.median(pings) * 1e3:.2f} ms, "

@@ -9,7 +9,8 @@ and, when something was committed, reads the log rows after the lowest
 subscriber position, decodes them and hands them to the selectors loop,
 which owns the subscribers and their positions.  The thread then waits until
 the loop has taken the batch, so at most one batch (FOLLOW_BATCH_ENTRIES
-log rows) is held however many subscribers there are, and a reader that
+log rows, FOLLOW_BATCH_READINGS readings: ~2 MB of encoded rows) is held
+however many subscribers there are, and a reader that
 falls behind is caught up in batches without re-reading.
 
 Positions are ingest_log ids (AUTOINCREMENT: never reused, so a client that
@@ -34,7 +35,8 @@ from .protocol import dump_json
 log = logging.getLogger("telemetry.query")
 
 FOLLOW_POLL_SECONDS = 0.1  # how often the database is checked for new commits (one cheap PRAGMA)
-FOLLOW_BATCH_ENTRIES = 64  # log rows (flushes) read and held at a time
+FOLLOW_BATCH_ENTRIES = 64  # log rows (flushes) read and held at a time ...
+FOLLOW_BATCH_READINGS = 20_000  # ... and readings: past this the batch ends (a full flush is 20,000)
 
 
 class Row(NamedTuple):
@@ -135,8 +137,7 @@ class FollowSource:
                     floor = self.floor
                     if floor is not None and self.head is not None and (full or version != last_version
                                                                         or floor < self.head):
-                        entries = self._read(conn, floor)
-                        full = len(entries) == FOLLOW_BATCH_ENTRIES
+                        entries, full = self._read(conn, floor)
                         if entries:
                             self._post(entries)
                             if full:
@@ -157,19 +158,24 @@ class FollowSource:
         found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ingest_log'").fetchone()
         return ingestlog.last_id(conn) if found else None
 
-    def _read(self, conn: sqlite3.Connection, after: int) -> list[Entry]:
+    def _read(self, conn: sqlite3.Connection, after: int) -> tuple[list[Entry], bool]:
+        """Log rows after `after`, up to the batch bounds; and whether a bound cut the batch short."""
         entries = []
-        for row_id, _committed, body in conn.execute(
-            "SELECT id, committed, body FROM ingest_log WHERE id > ? ORDER BY id LIMIT ?",
-            (after, FOLLOW_BATCH_ENTRIES),
-        ):
+        readings = 0
+        cursor = conn.execute("SELECT id, readings, body FROM ingest_log WHERE id > ? ORDER BY id LIMIT ?",
+                              (after, FOLLOW_BATCH_ENTRIES))
+        for row_id, count, body in cursor:
+            if entries and readings + count > FOLLOW_BATCH_READINGS:
+                cursor.close()  # a half-read cursor would hold its read snapshot (and stall checkpoints)
+                return entries, True
+            readings += count
             try:
                 rows = rows_of(ingestlog.decode_body(body))
             except ingestlog.LogFormatError as exc:
                 log.error("follow: ingest_log row %d: %s; skipped", row_id, exc)
                 rows = []
             entries.append(Entry(row_id, rows))
-        return entries
+        return entries, len(entries) == FOLLOW_BATCH_ENTRIES
 
     def _post(self, entries: list[Entry]) -> None:
         self._taken.clear()

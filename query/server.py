@@ -87,6 +87,7 @@ class ServerStats:
     jobs_run: int = 0  # requests a worker ran
     jobs_dropped: int = 0  # requests dropped unrun because their connection was gone
     resets: int = 0  # connections the peer reset (RST), noticed while they were open
+    interrupted: int = 0  # running queries stopped (sqlite3 interrupt) because their connection closed
     evicted: int = 0  # connections closed for holding too much unread output (see output_budget)
     follow_dropped: int = 0  # followers closed for not reading their events (max_output)
 
@@ -283,8 +284,12 @@ class QueryServer:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._done: deque[tuple[_Conn, bytes | None]] = deque()
         self._workers: list[threading.Thread] = []
+        # What each worker runs now, {worker: (conn, ops)}: closing a connection
+        # interrupts its running query (sqlite3_interrupt is thread-safe) instead
+        # of letting it use its whole query-timeout for a peer that is gone.
+        self._running: dict[int, tuple[_Conn, Ops | None]] = {}
         for i in range(max(1, service.workers)):  # joined by close()
-            worker = threading.Thread(target=self._work, name=f"query-worker-{i}", daemon=True)
+            worker = threading.Thread(target=self._work, args=(i,), name=f"query-worker-{i}", daemon=True)
             worker.start()
             self._workers.append(worker)
         self._accept_paused_until: float | None = None
@@ -378,7 +383,7 @@ class QueryServer:
 
     # -- loop internals ------------------------------------------------------
 
-    def _work(self) -> None:
+    def _work(self, index: int) -> None:
         try:
             ops = self.service.make_ops()
         except Exception:  # the database went away: answer `internal`, say why once
@@ -387,8 +392,13 @@ class QueryServer:
         try:
             while (job := self._jobs.get()) is not None:
                 conn, request = job
-                # Closed since the loop handed it over: the peer is gone, skip the SQL.
-                self._done.append((conn, None if conn.closed else self.service.answer(ops, request)))
+                self._running[index] = (conn, ops)
+                try:
+                    # Closed since the loop handed it over: the peer is gone, skip the SQL.
+                    answer = None if conn.closed else self.service.answer(ops, request)
+                finally:
+                    del self._running[index]
+                self._done.append((conn, answer))
                 self._wake()
         finally:
             if ops is not None:
@@ -583,6 +593,11 @@ class QueryServer:
 
     def _drop(self, conn: _Conn) -> None:
         conn.closed = True  # its waiting request, if any, is skipped (_dispatch, _work)
+        if conn.busy:
+            for running, ops in list(self._running.values()):
+                if running is conn and ops is not None:
+                    ops.conn.interrupt()  # a no-op if the statement just finished
+                    self.stats.interrupted += 1
         if conn.follow is not None:
             self._unfollow(conn)
         self._unqueue(conn, conn.out_bytes)

@@ -269,3 +269,23 @@ def test_cli_follow_prints_rows_until_ctrl_c_and_exits_0(log_db, tls, bin_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_follower_far_behind_is_caught_up_in_bounded_batches(log_db, tls):
+    from query.follow import FOLLOW_BATCH_READINGS
+
+    with running_server(log_db.path, tls) as server:
+        flushes, size = 3, FOLLOW_BATCH_READINGS // 2 + 1  # two flushes are more than one batch holds
+        for _ in range(flushes):
+            log_db.flush(log_db.datagrams("s", size))
+        sock = connect(server, tls)
+        lines = Lines(sock)
+        try:
+            wait_for(lambda: server._follow.head == flushes, 5, what="the reader to see the flushes")
+            sock.sendall(b'{"op":"follow","after":0}\n')
+            lines.next()
+            events = lines.events(flushes)
+            assert [e["position"] for e in events] == list(range(1, flushes + 1))
+            assert [r["seq"] for e in events for r in e["rows"]] == list(range(flushes * size))
+        finally:
+            lines.close()

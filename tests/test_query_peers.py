@@ -194,3 +194,31 @@ def test_clients_that_never_read_are_closed_past_the_output_budget(heavy_db, tls
         finally:
             for hog in hogs:
                 hog.close()
+
+
+def test_a_query_running_for_a_client_that_resets_is_interrupted(heavy_db, tls):
+    """Sibling of 13.2: the one worker was held for the whole query budget by a peer that had
+    left; closing the connection now interrupts its SQL, and the worker serves the next client."""
+    from query.ops import Limits
+
+    running = threading.Event()
+
+    class Endless(Ops):
+        def op_gaps(self, **params):
+            self.conn.create_function("running", 0, lambda: running.set() or 1)
+            self._all("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)"
+                      " SELECT count(*) FROM c WHERE running()")
+            raise AssertionError("an endless query ended")
+
+    make_ops = lambda: Endless(open_reader(heavy_db), Limits(query_seconds=600))  # noqa: E731
+    with running_server(heavy_db, tls, make_ops=make_ops, workers=1) as server:
+        leaver = connect(server, tls)
+        leaver.sendall(b'{"op":"gaps"}\n')
+        assert running.wait(10)
+        reset(leaver)
+        wait_for(lambda: server.stats.interrupted == 1, 10, what="the running query to be interrupted")
+        with connect(server, tls) as fresh:
+            fresh.sendall(b'{"op":"sensors","id":"next"}\n')
+            (answer,) = read_json_lines(fresh, 1)
+            assert (answer["id"], answer["ok"]) == ("next", True)
+        assert (server.stats.jobs_run, server.stats.resets) == (2, 1)
