@@ -480,6 +480,8 @@ class QueryServer:
         now = self._clock()
         for conn in list(self._followers):
             sub = conn.follow
+            if sub is None:  # dropped while serving another follower
+                continue
             for entry in batch:
                 if entry.id <= sub.position:
                     continue
@@ -515,7 +517,7 @@ class QueryServer:
     def _heartbeats(self, now: float) -> None:
         for conn in list(self._followers):
             sub = conn.follow
-            if now - sub.pushed >= FOLLOW_HEARTBEAT_SECONDS:
+            if sub is not None and now - sub.pushed >= FOLLOW_HEARTBEAT_SECONDS:
                 self._queue(conn, encode_event(sub.id_json, "heartbeat", sub.position))
                 sub.pushed = now
                 self._service(conn)

@@ -289,3 +289,30 @@ def test_a_follower_far_behind_is_caught_up_in_bounded_batches(log_db, tls):
             assert [r["seq"] for e in events for r in e["rows"]] == list(range(flushes * size))
         finally:
             lines.close()
+
+
+def test_a_quiet_follow_gets_a_heartbeat_every_30_s_of_the_servers_clock(log_db, tls):
+    import threading
+
+    from collector.schema import open_reader
+    from query.ops import Ops
+    from query.server import FOLLOW_HEARTBEAT_SECONDS, QueryServer, Service, server_context
+
+    now = [1000.0]
+    server = QueryServer(server_context(tls.server_cert, tls.server_key), ("127.0.0.1", 0),
+                         Service(lambda: Ops(open_reader(log_db.path))), clock=lambda: now[0])
+    thread = threading.Thread(target=server.serve_forever, name="query-server")
+    thread.start()
+    lines = Lines(connect(server, tls))
+    try:
+        lines.sock.sendall(b'{"op":"follow","id":"hb"}\n')
+        assert lines.next()["result"]["position"] == 0
+        now[0] += FOLLOW_HEARTBEAT_SECONDS - 1  # not yet
+        lines.sock.sendall(b'{"op":"ping","id":"p"}\n')
+        assert lines.next()["id"] == "p"  # nothing came before the ping's answer
+        now[0] += 1
+        assert lines.next() == {"id": "hb", "ok": True, "event": "heartbeat", "position": 0}
+    finally:
+        lines.close()
+        server.shutdown()
+        thread.join(10)
