@@ -21,7 +21,7 @@ client while the hogs are connected.
 
 Clients default to 200 so that an unbounded server (before issue 13's fix it
 held ~5 MB per hog) cannot exhaust a shared machine; 1,000 is the
-server's default --max-connections: use 999 (the probe client is one more).
+server's default --max-connections: use 999 (a fresh client pings beside them).
 """
 
 from __future__ import annotations
@@ -144,48 +144,44 @@ def main() -> None:
             ctx = ssl.create_default_context(cafile=ca)
             with tls_connect(ctx, port) as probe:
                 ping(probe)
-                base = settle(proc.pid, 30)
-                kernel0 = tcp_kernel_bytes()
-                print(f"server with defaults, {args.clients} clients, {args.requests} pipelined "
-                      f"10,000-row readings each (2-core VM shared with other jobs: figures vary)")
-                print(f"  baseline               RSS {mb(base['VmRSS'])}")
+            base = settle(proc.pid, 30)
+            kernel0 = tcp_kernel_bytes()
+            print(f"server with defaults, {args.clients} clients, {args.requests} pipelined "
+                  f"10,000-row readings each (2-core VM shared with other jobs: figures vary)")
+            print(f"  baseline               RSS {mb(base['VmRSS'])}")
 
-                idle = [tls_connect(ctx, port) for _ in range(args.clients)]
-                for sock in idle:
-                    ping(sock)
-                with_idle = settle(proc.pid, 60)
-                for sock in idle:
-                    sock.close()
-                settle(proc.pid, 30)  # the server has seen them go
-                per_idle = (with_idle["VmRSS"] - base["VmRSS"]) / args.clients
-                print(f"  {args.clients} idle clients       RSS {mb(with_idle['VmRSS'])}  "
-                      f"({per_idle / 1e3:,.1f} kB each)")
+            idle = [tls_connect(ctx, port) for _ in range(args.clients)]
+            for sock in idle:
+                ping(sock)
+            with_idle = settle(proc.pid, 60)
+            for sock in idle:
+                sock.close()
+            settle(proc.pid, 30)  # the server has seen them go
+            per_idle = (with_idle["VmRSS"] - base["VmRSS"]) / args.clients
+            print(f"  {args.clients} idle clients       RSS {mb(with_idle['VmRSS'])}  "
+                  f"({per_idle / 1e3:,.1f} kB each)")
 
-                hogs = []
-                for _ in range(args.clients):
-                    sock = tls_connect(ctx, port, rcvbuf=4096)
-                    sock.sendall(REQUEST * args.requests)
-                    hogs.append(sock)
-                with_hogs = settle(proc.pid)
-                kernel = tcp_kernel_bytes() - kernel0
-                pings = [ping(probe) for _ in range(20)]
-                alive = 0
-                for sock in hogs:
-                    sock.setblocking(False)
-                    try:
-                        alive += sock.recv(1) != b""
-                    except (ssl.SSLWantReadError, BlockingIOError):
-                        alive += 1
-                    except OSError:
-                        pass
-                    sock.close()
-                per_hog = (with_hogs["VmRSS"] - base["VmRSS"]) / args.clients
-                print(f"  {args.clients} non-reading hogs   RSS {mb(with_hogs['VmRSS'])}  "
-                      f"({per_hog / 1e3:,.1f} kB each); peak RSS {mb(with_hogs['VmHWM'])}")
-                print(f"  hogs still connected at the end: {alive} of {args.clients}")
-                print(f"  kernel TCP buffers (all sockets, not in RSS): {mb(kernel)}")
-                print(f"  fresh client's ping meanwhile: median {statistics.median(pings) * 1e3:.2f} ms, "
-                      f"worst {max(pings) * 1e3:.2f} ms")
+            hogs = []
+            for _ in range(args.clients):
+                sock = tls_connect(ctx, port, rcvbuf=4096)
+                sock.sendall(REQUEST * args.requests)
+                hogs.append(sock)
+            with_hogs = settle(proc.pid)
+            kernel = tcp_kernel_bytes() - kernel0
+            with tls_connect(ctx, port) as fresh:
+                pings = [ping(fresh) for _ in range(20)]
+            # ESTABLISHED (1) from this side's TCP_INFO: the server has not closed it (unread data
+            # would hide an EOF from recv).
+            alive = sum(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 1 for sock in hogs)
+            for sock in hogs:
+                sock.close()
+            per_hog = (with_hogs["VmRSS"] - base["VmRSS"]) / args.clients
+            print(f"  {args.clients} non-reading hogs   RSS {mb(with_hogs['VmRSS'])}  "
+                  f"({per_hog / 1e3:,.1f} kB each); peak RSS {mb(with_hogs['VmHWM'])}")
+            print(f"  hogs still connected at the end: {alive} of {args.clients}")
+            print(f"  kernel TCP buffers (all sockets, not in RSS): {mb(kernel)}")
+            print(f"  fresh client's ping meanwhile: median {statistics.median(pings) * 1e3:.2f} ms, "
+                  f"worst {max(pings) * 1e3:.2f} ms")
         finally:
             proc.terminate()
             proc.wait(30)
