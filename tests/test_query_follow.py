@@ -13,20 +13,16 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
 from helpers import wait_for
-import test_query_fixtures as fx
-from test_query_fixtures import running_server
+from query_fixtures import running_server
 
 from collector import ingestlog
 from collector.schema import open_writer
 from query.follow import Row, encode_event, matching, rows_of
 from query.server import ServerLimits
-
-tls = fx.tls  # fixture, found by name
 
 
 class Log:
