@@ -689,7 +689,8 @@ def raw(session: _Session, request: str) -> None:
 
 FOLLOW_COLUMNS = ["sensor", "metric", "ts", "value", "seq", "boot"]
 FOLLOW_WIDTHS = (16, 12, 24, 14, 10, 10)  # a stream cannot size columns to its rows
-FOLLOW_RETRIES = 5  # reconnections in a row after a lost connection: 0.5 s doubling to 8 s (15.5 s in all)
+FOLLOW_RETRIES = 5  # reconnections in a row after a lost connection ...
+FOLLOW_BACKOFF_S = 0.5  # ... waiting this long first, doubling: 0.5 s to 8 s, 15.5 s in all
 FOLLOW_READ_TIMEOUT = 75.0  # seconds without a line = lost (the server sends a heartbeat every 30 s)
 
 
@@ -723,7 +724,7 @@ def follow(session: _Session, sensor: str | None, metric: str | None, after: int
                     failures = 0
                 if failures >= FOLLOW_RETRIES:
                     raise _connect_failure(exc) from None
-                delay = 0.5 * 2**failures
+                delay = FOLLOW_BACKOFF_S * 2**failures
                 failures += 1
                 click.echo(f"connection lost ({exc}); reconnecting in {delay:g}s "
                            f"(attempt {failures} of {FOLLOW_RETRIES})", err=True)

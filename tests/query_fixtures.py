@@ -152,11 +152,11 @@ def make_tls(directory: Path) -> Tls:
 @contextlib.contextmanager
 def running_server(db: str, tls: Tls, *, mtls: bool = False, host: str = "127.0.0.1",
                    limits: ServerLimits = ServerLimits(), ops_limits: Limits = Limits(), make_ops=None,
-                   workers: int = 2):
-    """A QueryServer on a port of its own, served from a thread; stopped and joined on exit."""
+                   workers: int = 2, port: int = 0):
+    """A QueryServer on a port of its own (or `port`, to restart one), served from a thread; stopped and joined on exit."""
     ctx = server_context(tls.server_cert, tls.server_key, tls.ca_pem if mtls else None)
     service = Service(make_ops or (lambda: Ops(open_reader(db), ops_limits)), workers)
-    server = QueryServer(ctx, (host, 0), service, limits)
+    server = QueryServer(ctx, (host, port), service, limits)
     thread = threading.Thread(target=server.serve_forever, name="query-server")
     thread.start()
     try:

@@ -312,3 +312,42 @@ def test_a_quiet_follow_gets_a_heartbeat_every_30_s_of_the_servers_clock(log_db,
         lines.close()
         server.shutdown()
         thread.join(10)
+
+
+def test_cli_follow_resumes_after_a_server_restart_and_exits_3_when_it_stays_gone(log_db, tls, monkeypatch):
+    """The client reconnects from its position (nothing missed or printed twice across a query
+    server restart), and exits 3 with one line once its retries are used up."""
+    import threading
+
+    from click.testing import CliRunner
+
+    from query import commands
+    from query.cli import main
+
+    monkeypatch.setattr(commands, "FOLLOW_BACKOFF_S", 0.1)  # 5 retries in 3.1 s instead of 15.5 s
+    result = {}
+    with running_server(log_db.path, tls) as first:
+        port = first.server_address[1]
+        env = {"TELEMETRY_SERVER": f"localhost:{port}", "TELEMETRY_CA": tls.ca_pem}
+        runner = threading.Thread(target=lambda: result.update(r=CliRunner().invoke(
+            main, ["--format", "csv", "follow"], env=env, catch_exceptions=False)), name="cli-follow")
+        runner.start()
+        wait_for(lambda: len(first._followers) == 1, 10, what="the client to follow")
+        log_db.flush(log_db.datagrams("a", 2))
+        wait_for(lambda: first._followers and next(iter(first._followers)).follow.position == 1, 10,
+                 what="the first flush to be pushed")
+    log_db.flush(log_db.datagrams("a", 1))  # committed while no query server runs
+    # The same port again (SO_REUSEADDR), before the client's retries run out.
+    with running_server(log_db.path, tls, port=port) as second:
+        wait_for(lambda: len(second._followers) == 1, 10, what="the client to come back")
+        log_db.flush(log_db.datagrams("a", 1))
+        wait_for(lambda: second._followers and next(iter(second._followers)).follow.position == 3, 10,
+                 what="the third flush to be pushed")
+        wait_for(lambda: second.connections == 1 and second._out_total == 0, 10, what="the events to be sent")
+    runner.join(30)
+    assert not runner.is_alive()
+    out = result["r"]
+    assert out.exit_code == 3, (out.stdout, out.stderr)
+    assert out.stdout.splitlines()[0] == "sensor,metric,ts,value,seq,boot"
+    assert [line.split(",")[4] for line in out.stdout.splitlines()[1:]] == ["0", "1", "2", "3"]
+    assert "reconnecting" in out.stderr and out.stderr.strip().splitlines()[-1].startswith("Error: ")
