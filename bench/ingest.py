@@ -1,17 +1,24 @@
-"""Ingest benchmark: the highest offered rate the collector stores with zero loss.
+"""Ingest benchmark: the highest offered rate the collector stores with zero loss,
+side by side with InfluxDB 1.6's `[[udp]]` listener in the same run.
 
-A sender process (pinned to one core) offers datagrams of 2 readings each
-from ~100 sensors at a paced rate to a collector process (pinned to another
-core).  A step passes when every datagram sent was stored and the kernel
-dropped none; the rate doubles until a step fails, then bisects.  The same
-search runs against a bare Python recv loop, so the headline is the ratio:
-how much of a plain socket reader's speed the full pipeline (decode, track,
-SQLite) keeps.  Also reported: rows/s into SQLite at the best rate and the
-collector's peak RSS (VmHWM).  Every step is bounded in count and time.
+A sender process (pinned to one core) offers datagrams of 2 (then 5)
+readings each from 100 sensors at a paced rate to a receiver pinned to the
+other core: the collector (msgpack wire v1), InfluxDB 1.6 (the Debian
+package `influxdb`, started here with a temporary config on loopback: the
+same readings as line protocol, one point per datagram), and a bare Python
+recv loop (the sender's ceiling).  A step passes when every datagram sent
+was stored (the collector's counters, with no kernel drops; InfluxDB's
+count(*) queried back over HTTP; the bare loop's count); the rate doubles
+until a step fails, then bisects.  Every receiver gets the same socket
+receive buffer.  Printed: zero-loss datagrams/s for each, the ratio
+collector / InfluxDB, and each receiver's peak RSS (VmHWM).  Every step is
+bounded in count and time.
 
-    .venv/bin/python bench/ingest.py                 # the search, ~1-2 minutes
-    .venv/bin/python bench/ingest.py --compare-insert  # executemany vs sqlite-utils insert_all
-    .venv/bin/python bench/ingest.py --signed --skip-bare  # HMAC-signed datagrams, --require-auth
+    .venv/bin/python bench/ingest.py                      # 2 and 5 readings, all receivers, ~10 min
+    .venv/bin/python bench/ingest.py --readings 2 --skip-influx
+    .venv/bin/python bench/ingest.py --series 2000x5 --fixed-rate 20000   # RSS with 10,000 series
+    .venv/bin/python bench/ingest.py --compare-insert     # executemany vs sqlite-utils insert_all
+    .venv/bin/python bench/ingest.py --signed --skip-bare --skip-influx   # HMAC-signed, --require-auth
 """
 
 from __future__ import annotations
@@ -45,16 +52,33 @@ def taskset(core: int | None) -> list[str]:
 
 # --- the sender (runs as its own process) -------------------------------------------------
 
+# The readings every datagram carries (the first N of them), as a device
+# quantizes them; the same values go to InfluxDB as line protocol fields.
+READINGS = {"temp": 21.53, "hum": 40.2, "pres": 1013.25, "bat": 3.712, "count": 123456}
+TS0 = 1_700_000_000
 
-def datagram_prefixes(sensors: int) -> list[bytes]:
+
+def readings(n: int) -> dict:
+    if not 1 <= n <= len(READINGS):
+        raise SystemExit(f"--readings must be 1-{len(READINGS)}")
+    return dict(list(READINGS.items())[:n])
+
+
+def datagram_prefixes(sensors: int, n_readings: int = 2) -> list[bytes]:
     """Wire v1 maps with `seq` last, written as a fixed-width uint32 (0xce): valid msgpack."""
     out = []
     for i in range(sensors):
         head = b"\x86" + b"".join(msgpack.packb(x) for x in (
-            "v", 1, "id", f"bench-{i:04d}", "boot", 1, "ts", 1_700_000_000.0 + i, "r", {"temp": 21.5, "hum": 40.25},
+            "v", 1, "id", f"bench-{i:04d}", "boot", 1, "ts", TS0 + i + 0.0, "r", readings(n_readings),
         ))
         out.append(head + msgpack.packb("seq") + b"\xce")
     return out
+
+
+def line_prefixes(sensors: int, n_readings: int = 2) -> list[bytes]:
+    """Line protocol up to the timestamp: one point per datagram, one series per sensor."""
+    fields = ",".join(f"{k}={v}i" if type(v) is int else f"{k}={v}" for k, v in readings(n_readings).items())
+    return [f"bench,sensor=bench-{i:04d} {fields} ".encode() for i in range(sensors)]
 
 
 # One key for every bench sensor, each under its own key id (the sensor id).
@@ -67,18 +91,25 @@ def key_file(path: Path, sensors: int) -> Path:
     return path
 
 
-def send(target: str, rate: float, count: int, sensors: int, max_seconds: float, signed: bool = False) -> None:
+def send(target: str, rate: float, count: int, sensors: int, max_seconds: float, signed: bool = False,
+         n_readings: int = 2, line: bool = False) -> None:
     host, port = target.rsplit(":", 1)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.connect((host, int(port)))
-    prefixes = datagram_prefixes(sensors)
-    pack = struct.Struct(">I").pack
+    if line:
+        prefixes = line_prefixes(sensors, n_readings)
+        # A distinct nanosecond timestamp per point of a series (seq seconds
+        # after TS0), or InfluxDB would overwrite and count fewer.
+        def pack(seq: int, _base=TS0 * 10**9) -> bytes:
+            return b"%d" % (_base + seq * 10**9)
+    else:
+        prefixes = datagram_prefixes(sensors, n_readings)
+        pack = struct.Struct(">I").pack
     if signed:
         sys.path.insert(0, str(ROOT))
         from collector.auth import sign
 
         ids = [f"bench-{i:04d}" for i in range(sensors)]
-    send_ = sock.send
     send_ = sock.send
     sent = failed = 0
     start = time.perf_counter()
@@ -141,12 +172,16 @@ def bare_recv(port_file: str, rcvbuf: int, idle: float) -> None:
 # --- one step --------------------------------------------------------------------------------
 
 
-def run_sender(port: int, rate: float, seconds: float, sensors: int, core: int | None, signed: bool = False) -> dict:
+def run_sender(port: int, rate: float, seconds: float, sensors: int, core: int | None, signed: bool = False,
+               n_readings: int = 2, line: bool = False) -> dict:
     count = int(rate * seconds)
     cmd = [*taskset(core), sys.executable, __file__, "--_send", f"127.0.0.1:{port}", "--_rate", str(rate),
-           "--_count", str(count), "--sensors", str(sensors), "--_max-seconds", str(seconds * 3 + 5)]
+           "--_count", str(count), "--sensors", str(sensors), "--_max-seconds", str(seconds * 3 + 5),
+           "--_readings", str(n_readings)]
     if signed:
         cmd.append("--signed")
+    if line:
+        cmd.append("--_line")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 4 + 30, check=True)
     return json.loads(out.stdout)
 
@@ -157,7 +192,7 @@ def step_collector(rate, args, workdir) -> dict:
     with open(log, "wb") as logf:
         cmd = [*taskset(args.collector_core), str(BIN / "telemetry-collector"), "--db", str(db),
                "--listen", "127.0.0.1:0", "--status-interval", "3600", "--flush-interval", str(args.flush_interval),
-               "--batch-size", str(args.batch_size)]
+               "--batch-size", str(args.batch_size), "--rcvbuf", str(args.rcvbuf)]
         if args.signed:
             cmd += ["--keys", str(key_file(Path(workdir) / "keys", args.sensors)), "--require-auth"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logf)
@@ -170,7 +205,8 @@ def step_collector(rate, args, workdir) -> dict:
                 time.sleep(0.02)
             if port is None:
                 raise RuntimeError(f"collector did not start: {log.read_text()}")
-            sent = run_sender(port, rate, args.seconds, args.sensors, args.sender_core, args.signed)
+            sent = run_sender(port, rate, args.seconds, args.sensors, args.sender_core, args.signed,
+                              args.n_readings)
             # Wait until the collector has read everything (received stops growing).
             last, still = -1, 0
             deadline = time.monotonic() + 30
@@ -187,7 +223,11 @@ def step_collector(rate, args, workdir) -> dict:
             hwm = vm_hwm(proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
     c = read_counters(db)
     return {
         "rate": rate,
@@ -214,11 +254,127 @@ def step_bare(rate, args, workdir) -> dict:
             proc.kill()
             raise RuntimeError("bare receiver did not start")
         time.sleep(0.01)
-    sent = run_sender(int(port_file.read_text()), rate, args.seconds, args.sensors, args.sender_core, args.signed)
+    sent = run_sender(int(port_file.read_text()), rate, args.seconds, args.sensors, args.sender_core, args.signed,
+                      args.n_readings)
     out, _ = proc.communicate(timeout=60)
     received = json.loads(out)["received"]
     return {"rate": rate, "sent": sent["sent"], "send_elapsed": sent["elapsed"], "received": received,
             "ok": received == sent["sent"]}
+
+
+# --- InfluxDB 1.6 ----------------------------------------------------------------------------
+
+
+def free_port(kind: int) -> int:
+    """A port the kernel has free right now (InfluxDB needs ports in its config file)."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def influx_config(workdir: Path, udp_port: int, http_port: int, rpc_port: int, rcvbuf: int) -> Path:
+    """A minimal influxd config: loopback only, nothing but HTTP and one [[udp]] listener."""
+    path = workdir / "influxdb.conf"
+    path.write_text(f"""reporting-disabled = true
+bind-address = "127.0.0.1:{rpc_port}"
+[meta]
+  dir = "{workdir}/meta"
+  logging-enabled = false
+[data]
+  dir = "{workdir}/data"
+  wal-dir = "{workdir}/wal"
+  query-log-enabled = false
+[monitor]
+  store-enabled = false
+[continuous_queries]
+  enabled = false
+[subscriber]
+  enabled = false
+[http]
+  enabled = true
+  bind-address = "127.0.0.1:{http_port}"
+  log-enabled = false
+[logging]
+  level = "warn"
+[[udp]]
+  enabled = true
+  bind-address = "127.0.0.1:{udp_port}"
+  database = "bench"
+  batch-size = 5000
+  batch-pending = 10
+  batch-timeout = "1s"
+  read-buffer = {rcvbuf}
+""")
+    return path
+
+
+def influx_query(http_port: int, q: str, db: str | None = None, method: str = "GET") -> dict:
+    import urllib.parse
+    import urllib.request
+
+    params = {"q": q, **({"db": db} if db else {})}
+    url = f"http://127.0.0.1:{http_port}/query?" + urllib.parse.urlencode(params)
+    req = urllib.request.Request(url, method=method)
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def influx_count(http_port: int) -> int:
+    """Points stored in measurement `bench` (one per datagram), read back over HTTP."""
+    out = influx_query(http_port, 'SELECT count("temp") FROM "bench"', db="bench")
+    series = out["results"][0].get("series")
+    return int(series[0]["values"][0][1]) if series else 0
+
+
+def step_influx(rate, args, workdir) -> dict:
+    """One step against a fresh influxd (its own data directory), pinned like the collector."""
+    exe = shutil.which("influxd")
+    if exe is None:
+        raise SystemExit("influxd is missing: apt-get install influxdb (the Debian package, InfluxDB 1.6), "
+                         "or pass --skip-influx")
+    home = Path(tempfile.mkdtemp(prefix=f"influx-{int(rate)}-", dir=workdir))
+    udp_port, http_port, rpc_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    conf = influx_config(home, udp_port, http_port, rpc_port, args.rcvbuf)
+    log = home / "influxd.log"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen([*taskset(args.collector_core), exe, "run", "-config", str(conf)],
+                                stdout=logf, stderr=subprocess.STDOUT, env=dict(os.environ, INFLUXDB_CONFIG_PATH=str(conf)))
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # HTTP up, then the database, before the first datagram
+            try:
+                influx_query(http_port, "CREATE DATABASE bench", method="POST")
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"influxd did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.1)
+        sent = run_sender(udp_port, rate, args.seconds, args.sensors, args.sender_core, False, args.n_readings,
+                          line=True)
+        # InfluxDB's UDP batcher writes every batch-timeout (1 s): wait until
+        # the count reaches what was sent or stops growing.
+        stored, last, still = 0, -1, 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            stored = influx_count(http_port)
+            if stored >= sent["sent"]:
+                break
+            still = still + 1 if stored == last else 0
+            if still >= 6:
+                break
+            last = stored
+        hwm = vm_hwm(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        shutil.rmtree(home, ignore_errors=True)
+    return {"rate": rate, "sent": sent["sent"], "send_elapsed": sent["elapsed"], "received": stored,
+            "stored": stored, "kernel_drops": "n/a", "peak_rss_kb": hwm, "ok": stored == sent["sent"]}
 
 
 def read_counters(db: Path) -> dict:
@@ -331,6 +487,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=2.0, help="traffic per step")
     p.add_argument("--sensors", type=int, default=100)
+    p.add_argument("--readings", type=int, nargs="+", default=[2, 5], help="readings per datagram, one search each")
+    p.add_argument("--series", metavar="SENSORSxREADINGS",
+                   help="the many-series mode, e.g. 2000x5 (10,000 series): sets --sensors and --readings")
+    p.add_argument("--fixed-rate", type=float, help="one step at this rate instead of the search (for RSS)")
+    p.add_argument("--skip-influx", action="store_true")
     p.add_argument("--start", type=float, default=25_000)
     p.add_argument("--max-rate", type=float, default=400_000)
     p.add_argument("--bisect-steps", type=int, default=3)
@@ -338,7 +499,9 @@ def main() -> None:
     p.add_argument("--sender-core", type=int, default=1)
     p.add_argument("--flush-interval", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=20_000)
-    p.add_argument("--rcvbuf", type=int, default=8 * 1024 * 1024)
+    p.add_argument("--rcvbuf", type=int, default=None,
+                   help="receive buffer for every receiver (default: 8 MiB capped at net.core.rmem_max, "
+                        "which InfluxDB cannot pass)")
     p.add_argument("--skip-bare", action="store_true")
     p.add_argument("--skip-collector", action="store_true")
     p.add_argument("--compare-insert", action="store_true")
@@ -349,9 +512,12 @@ def main() -> None:
     p.add_argument("--_max-seconds", type=float, default=60)
     p.add_argument("--_bare")
     p.add_argument("--_rcvbuf", type=int, default=8 * 1024 * 1024)
+    p.add_argument("--_readings", type=int, default=2)
+    p.add_argument("--_line", action="store_true")
     args = p.parse_args()
     if args._send:
-        send(args._send, args._rate, args._count, args.sensors, args._max_seconds, args.signed)
+        send(args._send, args._rate, args._count, args.sensors, args._max_seconds, args.signed,
+             args._readings, args._line)
         return
     if args._bare:
         bare_recv(args._bare, args._rcvbuf, idle=1.0)
@@ -361,30 +527,62 @@ def main() -> None:
         return
     if (os.cpu_count() or 1) < 2:
         args.collector_core = args.sender_core = None
+    if args.series:
+        try:
+            sensors, n = (int(x) for x in args.series.lower().split("x"))
+        except ValueError:
+            raise SystemExit("--series wants SENSORSxREADINGS, e.g. 2000x5") from None
+        args.sensors, args.readings = sensors, [n]
+    if args.rcvbuf is None:
+        try:
+            rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+        except (OSError, ValueError):
+            rmem_max = 8 * 1024 * 1024
+        args.rcvbuf = min(8 * 1024 * 1024, rmem_max)
+    receivers = [(name, fn) for name, fn, skip in (("collector", step_collector, args.skip_collector),
+                                                   ("influxdb", step_influx, args.skip_influx or args.signed),
+                                                   ("bare recv", step_bare, args.skip_bare)) if not skip]
+    summary = []
     with tempfile.TemporaryDirectory() as workdir:
-        print(f"collector on core {args.collector_core}, sender on core {args.sender_core}, "
-              f"{args.sensors} sensors, 2 readings/datagram{', signed' if args.signed else ''}, {args.seconds:g} s per step")
-        best = None
-        if not args.skip_collector:
-            best, _ = search(step_collector, args, workdir, "collector")
-        bare = None
-        if not args.skip_bare:
-            bare, _ = search(step_bare, args, workdir, "bare recv")
+        print(f"receivers on core {args.collector_core}, sender on core {args.sender_core}; {args.sensors} sensors; "
+              f"{'signed; ' if args.signed else ''}{args.seconds:g} s per step; receive buffer {args.rcvbuf:,} bytes "
+              f"asked of each; loadavg {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        for n in args.readings:
+            args.n_readings = n
+            best_of = {}
+            for name, fn in receivers:
+                if name == "bare recv" and n != args.readings[0]:
+                    best_of[name] = summary[0][1].get(name)  # the ceiling does not depend on the fields
+                    continue
+                print(f"{name}, {n} readings per datagram:", flush=True)
+                if args.fixed_rate:
+                    r = fn(args.fixed_rate, args, workdir)
+                    r["achieved"] = r["sent"] / r["send_elapsed"]
+                    print(f"  {name} {args.fixed_rate:>9,.0f}/s offered: sent {r['sent']:,}, stored/received "
+                          f"{r.get('stored', r['received']):,}" + ("  ok" if r["ok"] else "  LOSS"), flush=True)
+                    best_of[name] = r if r["ok"] else dict(r, lossy=True)
+                else:
+                    best_of[name], _ = search(fn, args, workdir, name)
+            summary.append((n, best_of))
     print()
-    if args.skip_collector:
-        pass
-    elif best:
-        rows_s = best["stored_readings"] / best["send_elapsed"]
-        print(f"collector: {best['achieved']:,.0f} datagrams/s (offered {best['rate']:,.0f}/s) stored with zero loss, "
-              f"{rows_s:,.0f} rows/s into SQLite, peak RSS {best['peak_rss_kb'] / 1024:.1f} MB")
-    else:
-        print("collector: lost datagrams even at the starting rate")
-    if bare:
-        capped = " (the sender's ceiling: the loop is faster still)" if bare.get("sender_capped") else ""
-        print(f"bare Python recv loop: {bare['achieved']:,.0f} datagrams/s with zero loss{capped}")
-        if best:
+    for n, best_of in summary:
+        print(f"--- {args.sensors} sensors, {n} readings per datagram ({args.sensors * n:,} series) ---")
+        for name, best in best_of.items():
+            if best is None:
+                print(f"{name:10s}: lost datagrams even at the starting rate")
+                continue
+            capped = " (the sender's ceiling: the receiver is faster still)" if best.get("sender_capped") else ""
+            lossy = " WITH LOSS" if best.get("lossy") else " with zero loss"
+            rss = f", peak RSS {best['peak_rss_kb'] / 1024:.1f} MB" if best.get("peak_rss_kb") else ""
+            print(f"{name:10s}: {best['achieved']:>9,.0f} datagrams/s{lossy} (offered {best['rate']:,.0f}/s, "
+                  f"{best['sent']:,} sent){capped}{rss}")
+        col, inf, bare = (best_of.get(k) for k in ("collector", "influxdb", "bare recv"))
+        if col and inf:
+            bound = ">= " if col.get("sender_capped") else ""
+            print(f"ratio collector / InfluxDB 1.6: {bound}{col['achieved'] / inf['achieved']:.2f}")
+        if col and bare:
             bound = "<= " if bare.get("sender_capped") else ""
-            print(f"ratio collector / bare recv: {bound}{best['achieved'] / bare['achieved']:.2f}")
+            print(f"ratio collector / bare recv: {bound}{col['achieved'] / bare['achieved']:.2f}")
 
 
 if __name__ == "__main__":
