@@ -187,8 +187,9 @@ def run_sender(port: int, rate: float, seconds: float, sensors: int, core: int |
 
 
 def step_collector(rate, args, workdir) -> dict:
-    db = Path(workdir) / f"step-{int(rate)}.db"
-    log = Path(workdir) / f"step-{int(rate)}.log"
+    step_dir = Path(tempfile.mkdtemp(prefix=f"collector-{int(rate)}-", dir=workdir))  # fresh counters each step
+    db = step_dir / "telemetry.db"
+    log = step_dir / "collector.log"
     with open(log, "wb") as logf:
         cmd = [*taskset(args.collector_core), str(BIN / "telemetry-collector"), "--db", str(db),
                "--listen", "127.0.0.1:0", "--status-interval", "3600", "--flush-interval", str(args.flush_interval),
@@ -417,10 +418,14 @@ def search(step, args, workdir, label: str) -> tuple[dict | None, list[dict]]:
             if achieved < rate * 0.9:
                 best["sender_capped"] = True
                 break  # the sender cannot offer more: this is the ceiling
+            if fail is not None:
+                break  # found by halving: bisect between this and the failure
             rate *= 2
         else:
             fail = rate
-            break
+            if best is not None or rate < args.start / 8:
+                break
+            rate /= 2  # even the start lost: halve (at most 3 times) to find a passing rate
     if fail is not None and best is not None:
         lo, hi = best["rate"], fail
         for _ in range(args.bisect_steps):
@@ -578,7 +583,9 @@ def main() -> None:
                   f"{best['sent']:,} sent){capped}{rss}")
         col, inf, bare = (best_of.get(k) for k in ("collector", "influxdb", "bare recv"))
         if col and inf:
-            bound = ">= " if col.get("sender_capped") else ""
+            capped = (bool(col.get("sender_capped")), bool(inf.get("sender_capped")))
+            bound = {(True, True): "both at the sender's ceiling: ", (True, False): ">= ",
+                     (False, True): "<= ", (False, False): ""}[capped]
             print(f"ratio collector / InfluxDB 1.6: {bound}{col['achieved'] / inf['achieved']:.2f}")
         if col and bare:
             bound = "<= " if bare.get("sender_capped") else ""
