@@ -132,8 +132,8 @@ class CollectorMetrics(_PromCollector):
     def collect(self) -> Iterable[Any]:
         c = self.collector
         store = c.store
-        counters = store.counters.copy()
-        sensors = store.sensors.copy()
+        counters = c.core.counters.copy()
+        sensors = c.core.sensors.copy()
         now = self.clock()
         p = "telemetry_collector_"
 
@@ -169,7 +169,7 @@ class CollectorMetrics(_PromCollector):
                        "since the collector started.", flush.failures)
         yield _gauge(p + "storage_failing", "1 while the database refuses writes, else 0.",
                      0 if store.failing_since is None else 1)
-        yield _gauge(p + "backlog_readings", "Readings waiting for the next flush.", len(store.rows))
+        yield _gauge(p + "backlog_readings", "Readings waiting for the next flush.", c.core.pending_readings)
         yield flush.seconds.family(p + "flush_duration_seconds", "Time one successful flush (one transaction) took.")
         yield flush.rows.family(p + "flush_batch_readings", "Readings written per successful flush.")
         last_flush = counters.get("last_flush")

@@ -19,15 +19,22 @@ Layout, and why:
 Version 2 adds `sensors.replay`, the anti-replay window of signed datagrams
 (collector/replay.py), written in the same transaction as the readings it
 admitted.  Version 3 adds the sensor health columns (`_health_columns`).
-Migrations are additive, so a reader of version N never finds a
-column it relied on gone.
+
+Version 4 (storage v3, docs/SCHEMA.md) replaces the row-per-reading
+`readings` table with the `ingest_log` (one row per flush, collector/ingestlog.py)
+and immutable per-(sensor, boot) `chunks` with per-series statistics in
+`chunk_series`, plus 1-minute and 1-hour `rollup_1m`/`rollup_1h`.  The
+migration converts every reading in place (one sensor at a time, progress in
+the log) and drops `readings`; readers refuse any other version.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 
 import sqlite_utils
@@ -35,7 +42,8 @@ import sqlite_utils
 from . import auth, replay, wire
 from .errors import SetupError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+log = logging.getLogger("collector.schema")
 NO_BOOT = -1  # stored in place of a missing boot field
 # Every reason the collector counts as `rejected:<reason>` in `counters`:
 # the wire format's, then those of signed datagrams, then the replay window's.
@@ -120,7 +128,124 @@ def _health_columns(db: sqlite_utils.Database) -> None:
             db["sensors"].add_column(name, kind)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _health_columns]
+CHUNK_TABLES = (
+    # One row per closed head: one (sensor, boot)'s datagrams, encoded
+    # (docs/SCHEMA.md "Chunk format").  log_id: the ingest_log row of the flush
+    # that closed it; every datagram of (sensor, boot) in log rows <= log_id is
+    # in a chunk, so readers take only later log rows as open heads.
+    """CREATE TABLE IF NOT EXISTS chunks (
+        id INTEGER PRIMARY KEY,
+        sensor TEXT NOT NULL,
+        boot INTEGER NOT NULL,
+        log_id INTEGER NOT NULL,
+        datagrams INTEGER NOT NULL,
+        first_received REAL NOT NULL,
+        last_received REAL NOT NULL,
+        crc INTEGER NOT NULL,
+        blob BLOB NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS chunks_closed ON chunks (sensor, boot, log_id)",
+    # Per-series statistics of each chunk, clustered by (series, min_ts): a
+    # range query finds a series' chunks without touching a blob, and whole
+    # chunks inside an aggregate bucket are answered from these columns.
+    """CREATE TABLE IF NOT EXISTS chunk_series (
+        series INTEGER NOT NULL,
+        min_ts REAL NOT NULL,
+        chunk INTEGER NOT NULL,
+        max_ts REAL NOT NULL,
+        count INTEGER NOT NULL,
+        min REAL NOT NULL,
+        max REAL NOT NULL,
+        sum REAL NOT NULL,
+        last_boot INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL,
+        last_value REAL NOT NULL,
+        PRIMARY KEY (series, min_ts, chunk)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS chunk_series_max ON chunk_series (series, max_ts)",
+    # Rollups: count/min/max/sum per series and bucket (start in Unix seconds),
+    # upsert-added as chunks close.
+    """CREATE TABLE IF NOT EXISTS rollup_1m (
+        series INTEGER NOT NULL, bucket INTEGER NOT NULL, count INTEGER NOT NULL,
+        min REAL NOT NULL, max REAL NOT NULL, sum REAL NOT NULL,
+        PRIMARY KEY (series, bucket)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS rollup_1h (
+        series INTEGER NOT NULL, bucket INTEGER NOT NULL, count INTEGER NOT NULL,
+        min REAL NOT NULL, max REAL NOT NULL, sum REAL NOT NULL,
+        PRIMARY KEY (series, bucket)
+    ) WITHOUT ROWID""",
+    # Chunks whose blob failed its checksum or did not decode (found by the
+    # collector's scrub or at close): kept for the operator, skipped by queries.
+    """CREATE TABLE IF NOT EXISTS chunk_faults (
+        chunk INTEGER PRIMARY KEY, sensor TEXT NOT NULL, found REAL NOT NULL, error TEXT NOT NULL
+    )""",
+)
+
+
+def _v4(db: sqlite_utils.Database) -> None:
+    from . import ingestlog
+
+    conn = db.conn
+    conn.execute(ingestlog.CREATE_TABLE)
+    for sql in CHUNK_TABLES:
+        conn.execute(sql)
+    if "readings" in db.table_names():
+        migrate_readings(conn)
+        conn.execute("DROP TABLE readings")
+
+
+MIGRATION_CHUNK_DATAGRAMS = 1024
+
+
+def migrate_readings(conn: sqlite3.Connection) -> int:
+    """Convert every v2 `readings` row into chunks (one sensor at a time); returns readings moved.
+
+    A datagram's readings share (boot, seq, ts, received); they are grouped
+    back into datagrams per (sensor, boot), ordered by receive time (arrival
+    order), and cut into chunks.  Nothing is dropped: the count moved is
+    checked against the table's.
+    """
+    from .chunkstore import chunk_rows_from_columns
+    from .store import insert_chunk
+
+    total = conn.execute("SELECT count(*) FROM readings").fetchone()[0]
+    series_of: dict[str, list[tuple[int, str]]] = {}
+    for sid, sensor, metric in conn.execute("SELECT id, sensor, metric FROM series ORDER BY id"):
+        series_of.setdefault(sensor, []).append((sid, metric))
+    log.info("migrating %d readings of %d sensors to storage v3 chunks", total, len(series_of))
+    moved = 0
+    started = last_log = time.monotonic()
+    for sensor, series in series_of.items():
+        datagrams: dict[tuple, dict[str, float]] = {}
+        for sid, metric in series:
+            for ts, boot, seq, value, received in conn.execute(
+                "SELECT ts, boot, seq, value, received FROM readings WHERE series = ?", (sid,)
+            ):
+                datagrams.setdefault((boot, received, seq, ts), {})[metric] = value
+                moved += 1
+        by_boot: dict[int, list[tuple]] = {}
+        for key in sorted(datagrams, key=lambda k: (k[1], k[2], k[3])):
+            by_boot.setdefault(key[0], []).append(key)
+        for boot, keys in by_boot.items():
+            names = list(dict.fromkeys(name for k in keys for name in datagrams[k]))
+            metrics = {name: [datagrams[k].get(name) for k in keys] for name in names}
+            for row in chunk_rows_from_columns(sensor, boot, [k[2] for k in keys], [k[3] for k in keys],
+                                               [k[1] for k in keys], metrics, MIGRATION_CHUNK_DATAGRAMS):
+                insert_chunk(conn, row, 0, {metric: sid for sid, metric in series})
+        now = time.monotonic()
+        if now - last_log >= 5.0:
+            last_log = now
+            log.info("migrating: %d of %d readings (%.0f%%) in %.0f s", moved, total,
+                     100.0 * moved / max(total, 1), now - started)
+    if moved != total:
+        raise SetupError(f"migration to storage v3 moved {moved} readings of {total}: the database is left "
+                         "at version 2 (report this)")
+    log.info("migrated %d readings to storage v3 chunks in %.1f s", moved, time.monotonic() - started)
+    return moved
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _health_columns, _v4]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -138,11 +263,29 @@ def migrate(db: sqlite_utils.Database) -> int:
         raise SetupError(
             f"database schema version {found} is newer than this collector's {SCHEMA_VERSION}: upgrade gateway-telemetry"
         )
+    if found == 0 and not db.table_names():
+        # A new file: freed pages are handed back by PRAGMA incremental_vacuum
+        # (retention, --max-disk), which needs this before the first table.
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
     for version in range(found + 1, SCHEMA_VERSION + 1):
-        with db.conn:  # one transaction per step
+        db.conn.execute("BEGIN IMMEDIATE")  # one transaction per step
+        try:
             db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
             MIGRATIONS[version - 1](db)
-            db["meta"].upsert({"key": "schema_version", "value": str(version)}, pk="key")
+            db.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                            (str(version),))
+        except BaseException:
+            db.conn.execute("ROLLBACK")
+            raise
+        db.conn.execute("COMMIT")
+    if found and found < 4 <= SCHEMA_VERSION and \
+            db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        # The readings table is gone: shrink the file and turn on incremental
+        # auto-vacuum (a VACUUM rewrites the now small file once).
+        started = time.monotonic()
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        db.execute("VACUUM")
+        log.info("database compacted after the migration in %.1f s", time.monotonic() - started)
     return found
 
 

@@ -30,12 +30,10 @@ from dataclasses import dataclass
 
 from . import auth, health, healthstore, net, tuning
 from .errors import ConfigError, DecodeError, SetupError
+from .ingest import REPORTED, IngestCore, Refused, Rejected
 from .metrics import FlushStats
-from .replay import ReplayWindow
-from .schema import NO_BOOT, REJECT_REASONS
-from .sequence import Duplicate
-from .store import BatchWriter
-from .wire import decode
+from .schema import REJECT_REASONS
+from .store import Store
 
 log = logging.getLogger("collector")
 
@@ -107,14 +105,11 @@ class Collector:
         self.notify = notify
         self.clock = clock
         self.endpoints: list[net.Endpoint] = []
-        self.store: BatchWriter | None = None
-        # Signed datagrams: the key set, swapped whole on reload, and the
-        # sensor ids it has keys for (their plain datagrams are not_signed).
+        self.store: Store | None = None
+        self.core: IngestCore | None = None
+        # Signed datagrams: the key set (the core swaps it whole on reload).
         # Loaded before anything is opened, so a refusal leaks nothing.
-        self.keyring: dict[str, bytes] = {}
-        self._keyed: frozenset[str] = frozenset()
-        if settings.keys:
-            self._set_keys(auth.load_keys(settings.keys))  # ConfigError before anything is bound
+        keyring = auth.load_keys(settings.keys) if settings.keys else {}  # ConfigError before anything is bound
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -134,10 +129,12 @@ class Collector:
         self.metrics_server = None
         try:
             self._bind()
-            self.store = BatchWriter(settings.db, max_backlog_rows=settings.max_backlog_rows,
-                                     max_sensors=settings.max_sensors,
-                                     max_series_per_sensor=settings.max_series_per_sensor)
-            self.store.load()
+            self.store = Store(settings.db, max_backlog_rows=settings.max_backlog_rows)
+            loaded = self.store.load()
+            self.core = IngestCore(counters=loaded.counters, sensors=loaded.sensors,
+                                   next_series_id=loaded.next_series_id, keyring=keyring,
+                                   require_auth=settings.require_auth, max_sensors=settings.max_sensors,
+                                   max_series_per_sensor=settings.max_series_per_sensor)
             healthstore.attach(self.health, self.store)
             if settings.metrics is not None:
                 from .metrics import CollectorMetrics, serve_metrics
@@ -148,9 +145,8 @@ class Collector:
             self.server_close()
             raise
         for reason in REJECT_REASONS:
-            self.store.counters.setdefault(f"rejected:{reason}", 0)
-        self.store.counters.setdefault("internal_errors", 0)
-        self._dropped_before = self.store.counters["storage_dropped"]  # by earlier runs
+            self.core.counters.setdefault(f"rejected:{reason}", 0)
+        self._dropped_before = self.core.counters["storage_dropped"]  # by earlier runs
 
     # --- set-up ------------------------------------------------------------------------
 
@@ -173,7 +169,11 @@ class Collector:
 
     @property
     def counters(self) -> dict[str, float]:
-        return self.store.counters
+        return self.core.counters
+
+    @property
+    def keyring(self) -> dict[str, bytes]:
+        return self.core.keyring
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop the loop, SIGHUP reloads the key file (main thread
@@ -193,10 +193,6 @@ class Collector:
 
     # --- keys ----------------------------------------------------------------------------
 
-    def _set_keys(self, keys: dict[str, bytes]) -> None:
-        self.keyring = keys
-        self._keyed = frozenset(key_id.partition("@")[0] for key_id in keys)
-
     def reload_keys(self) -> bool:
         """Read the key file again and swap the key set in whole (the loop's
         thread only: SIGHUP, or call_soon).  A file that fails to load leaves
@@ -210,8 +206,8 @@ class Collector:
         except ConfigError as exc:
             log.error("keys not reloaded, the previous %d keys stay in force: %s", len(self.keyring), exc)
             return False
-        self._set_keys(keys)
-        log.info("keys reloaded from %s: %d keys for %d sensors", path, len(keys), len(self._keyed))
+        self.core.set_keys(keys)
+        log.info("keys reloaded from %s: %d keys for %d sensors", path, len(keys), len(self.core.keyed))
         return True
 
     # --- control -----------------------------------------------------------------------
@@ -240,7 +236,7 @@ class Collector:
 
     def flush(self) -> bool:
         """Write the pending batch now (only between loop iterations or when not serving)."""
-        return self.store.flush(self.clock(), time.monotonic())
+        return self.store.flush(self.core, self.clock(), time.monotonic())
 
     def server_close(self) -> None:
         if self.metrics_server is not None:
@@ -273,19 +269,20 @@ class Collector:
         if s.keys:
             log.info("signed datagrams: %d key%s for %d sensor%s from %s (SIGHUP reloads it); unsigned "
                      "datagrams are %s", len(self.keyring), "" if len(self.keyring) == 1 else "s",
-                     len(self._keyed), "" if len(self._keyed) == 1 else "s", s.keys,
+                     len(self.core.keyed), "" if len(self.core.keyed) == 1 else "s", s.keys,
                      "rejected (--require-auth)" if s.require_auth else "accepted from sensors without a key")
         # One line naming everything, for whoever reads only the first lines of a log.
         log.info(
             "started: %s; database %s (sqlite_version %s, %d sensors known); flush every %.3g s or %d rows",
             ", ".join(ep.label for ep in self.endpoints), s.db, sqlite3.sqlite_version,
-            len(self.store.sensors), s.flush_interval, s.batch_size,
+            len(self.core.sensors), s.flush_interval, s.batch_size,
         )
 
     def serve_forever(self) -> None:
         self._thread = threading.current_thread()
         s = self.settings
         store = self.store
+        core = self.core
         sel = selectors.DefaultSelector()
         try:
             self._sources = [_Source(ep) for ep in self.endpoints]
@@ -300,7 +297,7 @@ class Collector:
             next_flush = mono + s.flush_interval
             next_status = mono + s.status_interval
             next_watchdog = 0.0
-            self._status_base = (mono, dict(store.counters), self._lost())
+            self._status_base = (mono, dict(core.counters), self._lost())
             drain = self._drain
             while not self._stop:
                 timeout = min(next_flush, next_status)
@@ -319,15 +316,15 @@ class Collector:
                     self._reload_requested = False
                     self.reload_keys()
                 mono = time.monotonic()
-                if len(store.rows) >= s.batch_size or mono >= next_flush:
+                if core.pending_readings >= s.batch_size or mono >= next_flush:
                     self._poll_drops()
                     if store.failing_since is None or mono >= store.retry_at:
-                        if self._activity or store.rows or store.dirty:
+                        if self._activity or core.pending or core.dirty or store.due(self.clock()):
                             if self._flush(mono):
                                 self._activity = False
                     self._log_unlogged_rejects()
                     if store.failing_since is not None:
-                        store.trim()
+                        core.trim(s.max_backlog_rows)
                     next_flush = mono + s.flush_interval
                 if mono >= next_status:
                     self._poll_drops()
@@ -346,10 +343,10 @@ class Collector:
     def _flush(self, mono: float) -> bool:
         """One flush from the loop: sample sensor health first, and time it for the metrics."""
         store = self.store
-        self.health.sample_states(store.dirty)
-        rows = len(store.rows)
+        self.health.sample_states(self.core.dirty)
+        rows = self.core.pending_readings
         started = time.monotonic()
-        ok = store.flush(self.clock(), mono)
+        ok = store.flush(self.core, self.clock(), mono)
         self.flush_stats.record(time.monotonic() - started, rows, ok)
         if not ok:
             self.health.forget_written()  # rolled back: the next flush writes every health row again
@@ -357,25 +354,25 @@ class Collector:
 
     def _final_flush(self) -> None:
         store = self.store
-        self.health.sample_states(store.dirty)
+        self.health.sample_states(self.core.dirty)
         # Bounded: a database that stays unwritable must not keep us from exiting.
         deadline = time.monotonic() + 5.0
         while True:
-            if store.flush(self.clock(), time.monotonic()):
+            if store.flush(self.core, self.clock(), time.monotonic()):
                 self.unflushed_at_exit = 0
                 return
             self.health.forget_written()
             if time.monotonic() > deadline:
                 break
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-        self.unflushed_at_exit = len(store.rows)
+        self.unflushed_at_exit = self.core.pending_readings
         log.error("exiting with %d readings not written to %s (database refused the final flush)",
                   self.unflushed_at_exit, self.settings.db)
 
     def stop_message(self) -> tuple[int, str]:
         """(log level, line) to end a run whose final flush succeeded: it may
         claim that everything accepted is stored only if this run dropped nothing."""
-        dropped = int(self.store.counters["storage_dropped"] - self._dropped_before)
+        dropped = int(self.core.counters["storage_dropped"] - self._dropped_before)
         if dropped:
             return logging.WARNING, (f"stopped; {dropped} readings of this run were dropped while the database "
                                      f"refused writes (storage_dropped); every other accepted datagram is stored")
@@ -398,7 +395,7 @@ class Collector:
         """Read up to the budget from one socket, then decode, track and queue each datagram."""
         sock = source.sock
         bufsize = self.settings.recv_buffer_bytes
-        counters = self.store.counters
+        counters = self.core.counters
         truncated = 0
         # The first read of a burst uses recvmsg: its ancillary data carries the
         # kernel's cumulative drop count for this socket (SO_RXQ_OVFL), and its
@@ -448,112 +445,30 @@ class Collector:
         self._process(datas, addresses, source, self.clock())
 
     def _process(self, datas: list[bytes], addresses: list | None, source: _Source, now: float) -> None:
-        """Decode, track and queue one burst of datagrams (the hot path)."""
+        """Hand one burst to the ingest core (the hot path) and log what it reports."""
         bufsize = self.settings.recv_buffer_bytes
-        counters = self.store.counters
+        receive = self.core.receive
         truncated = 0
-        store = self.store
-        rows = store.rows
-        append = rows.append
-        dirty_add = store.dirty.add
-        sensors = store.sensors
-        sensors_get = sensors.get
-        new_sensor = store.new_sensor
-        new_series = store.new_series
-        duplicate = Duplicate
-        accepted = duplicates = 0
-        signed_marker = auth.SIGNED_MARKER
-        require_auth = self.settings.require_auth
-        keyed = self._keyed
         for i, data in enumerate(datas):
             if len(data) >= bufsize:
                 truncated += 1  # only a datagram bigger than any UDP payload fills the buffer
                 continue
-            try:
-                # The first byte tells the forms apart (docs/PROTOCOL.md).  Plain
-                # datagrams pay this test, the require_auth test and one set lookup:
-                # _process on bursts of 500 (2 readings each, one core of a shared
-                # 2-core VM) measured 2.75 us per plain datagram against 2.68 before
-                # signing existed (medians of 6 runs; with data[:1] != b"\x93" 2.78).
-                # A signed one costs 6.9 us (envelope and tag 3.8 of it, window 0.35), a
-                # forged one 4.6 us until bad_mac.
-                if not data or data[0] != signed_marker:
-                    if require_auth:
-                        raise DecodeError("not_signed", "a plain datagram, and --require-auth is on")
-                    sensor, seq, boot, ts, readings = decode(data)
-                    if sensor in keyed:
-                        raise DecodeError("not_signed", f"sensor {sensor!r} has a key: its datagrams must be signed")
-                    state = sensors_get(sensor)
-                else:
-                    (sensor, seq, boot, ts, readings), state = self._verify(data, now)
-                if state is None:
-                    state = new_sensor(sensor, now)
-                    if state is None:
-                        self._refused(f"datagrams from new sensor {sensor}: {len(sensors)} sensors are tracked "
-                                      f"already (MAX_SENSORS)", "refused_sensors", 1, now)
-                        continue
-                event = state.tracker.observe(boot, seq, now)
-                state.last_seen = now
-                state.last_ts = ts  # the sensor's clock, for its clock offset (collector/health.py)
-                dirty_add(state)
-                if event.__class__ is duplicate:
-                    duplicates += 1
-                    continue
-                if ts is None:
-                    ts = now
-                if boot is None:
-                    boot = NO_BOOT
-                series = state.series
-                for name, value in readings.items():
-                    series_id = series.get(name)
-                    if series_id is None:
-                        series_id = new_series(state, name)
-                        if series_id is None:
-                            self._refused(f"reading {name} of sensor {sensor}: it has {len(series)} metrics "
-                                          f"already (MAX_SERIES_PER_SENSOR)", "refused_readings", 1, now)
-                            state.readings -= 1  # not kept: the += below must not count it
-                            continue
-                    append((series_id, ts, boot, seq, value, now))
-                state.readings += len(readings)
-                accepted += 1
-            except DecodeError as exc:
-                self._rejected(source, exc, addresses[i] if addresses else None, now)
-            except Exception:
-                # A bug must cost one datagram, never the loop.
-                counters["internal_errors"] += 1
-                if not self._quiet("internal", now):
-                    self._reject_next_log["internal"] = now + tuning.REJECT_LOG_INTERVAL_S
-                    log.exception("internal error on a datagram from %s",
-                                  _source_text(addresses[i] if addresses else None))
-        counters["duplicates"] += duplicates
+            outcome = receive(data, now)
+            if outcome.__class__ in REPORTED:
+                self._report(outcome, source, addresses[i] if addresses else None, now)
         if truncated:
-            counters["truncated"] += truncated
-        store.pending_datagrams += accepted
+            self.core.counters["truncated"] += truncated
         self._activity = True
         self._now = now
 
-    def _verify(self, data: bytes, now: float):
-        """A signed datagram: authenticate, decode, then the replay window.
-
-        Returns (Datagram, SensorState), the state None when MAX_SENSORS
-        refuses a new sensor (the caller counts that), or raises DecodeError
-        (auth.REASONS, wire.REASONS, "replayed").  The window moves only here,
-        after the tag verified and the body decoded (RFC 4303 3.4.3).
-        """
-        datagram, _ = auth.decode_signed(data, self.keyring)
-        store = self.store
-        state = store.sensors.get(datagram.sensor) or store.new_sensor(datagram.sensor, now)
-        if state is None:
-            return datagram, None
-        window = state.replay
-        if window is None:
-            window = state.replay = ReplayWindow()
-        boot, seq = datagram.boot, datagram.seq
-        if not window.check(boot, seq):
-            raise DecodeError("replayed", f"sensor {datagram.sensor!r} boot {boot} seq {seq} was accepted "
-                                          f"before, or is older than the replay window")
-        window.accept(boot, seq)
-        return datagram, state
+    def _report(self, outcome, source: _Source, address, now: float) -> None:
+        if outcome.__class__ is Rejected:
+            self._rejected(source, outcome.error, address, now)
+        elif outcome.__class__ is Refused:
+            self._refused(outcome.what, outcome.counter, now)
+        elif not self._quiet("internal", now):
+            self._reject_next_log["internal"] = now + tuning.REJECT_LOG_INTERVAL_S
+            log.error("internal error on a datagram from %s", _source_text(address), exc_info=outcome.error)
 
     def _quiet(self, key: str, now: float) -> bool:
         """True while log lines of `key` are held back (at most one per interval).
@@ -566,10 +481,9 @@ class Collector:
         until = self._reject_next_log.get(key, 0.0)
         return now < until <= now + tuning.REJECT_LOG_INTERVAL_S
 
-    def _refused(self, what: str, counter: str, n: int, now: float) -> None:
-        """Count what a cardinality guard kept out; log it at most once per interval."""
-        counters = self.store.counters
-        counters[counter] += n
+    def _refused(self, what: str, counter: str, now: float) -> None:
+        """Log what a cardinality guard kept out (the core counted it), at most once per interval."""
+        counters = self.core.counters
         if not self._quiet(counter, now):
             self._reject_next_log[counter] = now + tuning.REJECT_LOG_INTERVAL_S
             log.warning("refusing %s; counted in %s (%d so far)", what, counter, counters[counter])
@@ -578,7 +492,7 @@ class Collector:
         """Fold a reading of the socket's cumulative (uint32) drop counter into kernel_drops."""
         delta = (drops - source.drops) & 0xFFFFFFFF
         if 0 < delta < 1 << 31:  # an older reading (from an earlier-queued datagram) is behind: ignore
-            self.store.counters["kernel_drops"] += delta
+            self.core.counters["kernel_drops"] += delta
             source.drops = drops
 
     def _poll_drops(self) -> None:
@@ -591,8 +505,7 @@ class Collector:
     def _rejected(self, source: _Source, exc: DecodeError, address, now: float) -> None:
         reason = exc.reason
         key = f"rejected:{reason}"
-        counters = self.store.counters
-        counters[key] = counters.get(key, 0) + 1
+        counters = self.core.counters
         if self._quiet(reason, now):
             return
         if address is None:
@@ -617,7 +530,7 @@ class Collector:
         if not self._unlogged_rejects:
             return
         now = self.clock()
-        counters = self.store.counters
+        counters = self.core.counters
         for reason, (message, label) in self._unlogged_rejects.items():
             if self._quiet(reason, now):
                 continue
@@ -632,11 +545,11 @@ class Collector:
     # --- accounts ----------------------------------------------------------------------
 
     def _lost(self) -> int:
-        return sum(state.tracker.lost for state in self.store.sensors.values())
+        return self.core.lost()
 
     def _log_status(self, now: float) -> None:
         then, before, lost_before = self._status_base
-        c = self.store.counters
+        c = self.core.counters
         span = max(now - then, 1e-9)
         lost = self._lost()
         rejected = {k.split(":", 1)[1]: int(v) for k, v in c.items() if k.startswith("rejected:") and v}
@@ -649,8 +562,8 @@ class Collector:
             c["stored_readings"], (c["stored_readings"] - before.get("stored_readings", 0)) / span,
             c["duplicates"], lost, lost - lost_before, rejected_total,
             " ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "-",
-            c["kernel_drops"], c["truncated"], c["storage_dropped"], len(self.store.rows),
-            len(self.store.sensors),
+            c["kernel_drops"], c["truncated"], c["storage_dropped"], self.core.pending_readings,
+            len(self.core.sensors),
         )
         self._status_base = (now, dict(c), lost)
 

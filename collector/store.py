@@ -1,15 +1,19 @@
-"""The batch writer: queued readings, sensor accounts, gaps and counters into SQLite.
+"""The storage v3 writer: the ingest log, open heads, chunks, rollups and the accounts.
 
 One transaction per flush holds everything that changed since the last one:
-new series, the readings, each touched sensor's accounts with its tracker
-snapshot and replay window, the gap changes its tracker reported, and the
-collector counters.
-So what the database says about a sensor's sequence always matches the
-readings stored for it, and a restart rebuilds the trackers from exactly that
-(`load`).  A flush the database refuses (disk full, locked, unwritable)
-changes nothing: the batch stays in memory, bounded by `max_backlog_rows`
-(oldest rows dropped first and counted in `storage_dropped`), and is retried
-with backoff; the caller's clock decides when.
+new series, one `ingest_log` row with every datagram the flush stores
+(collector/ingestlog.py: appended, so a flush writes a few consecutive pages,
+not a page per series), each touched sensor's accounts with its tracker
+snapshot and replay window, the gap changes, the counters, and the chunks of
+the heads that closed.  Heads (one per sensor and boot, collector/chunkstore.py)
+live in memory and are rebuilt on start from the log rows after each head's
+last chunk, so a crash loses at most the last unflushed batch, state and data
+together.  A log row is deleted once every datagram in it is in a closed
+chunk and, when an uplink runs, it has acknowledged it (`<db>-uplink`).
+
+A flush the database refuses (disk full, locked, unwritable) changes nothing:
+the batch stays in the ingest core, bounded (oldest datagrams dropped first
+and counted in `storage_dropped`), and is retried with backoff.
 """
 
 from __future__ import annotations
@@ -19,43 +23,17 @@ import logging
 import os
 import sqlite3
 from collections import defaultdict
-from itertools import chain, islice
+from dataclasses import dataclass
 
-from . import schema, tuning
+from . import ingestlog, schema, tuning
+from .chunkstore import ChunkRow, Head
 from .errors import SetupError
+from .ingest import Batch, IngestCore, SensorState, group_batch
 from .replay import ReplayWindow
 from .sequence import WINDOW, GapRecord, SensorTracker
 
 log = logging.getLogger("collector.store")
 
-# Counters every database has from the first flush on, so readers need no defaults.
-COUNTERS = (
-    "received",
-    "stored",
-    "stored_readings",
-    "duplicates",
-    "kernel_drops",
-    "truncated",
-    "storage_dropped",
-    "refused_sensors",
-    "refused_readings",
-)
-
-# The hot insert: a prepared executemany of plain tuples, 64 rows per
-# statement (tuning.INSERT_ROWS_PER_STATEMENT) and the remainder one by one.
-# Measured with bench/ingest.py --compare-insert (200,000 rows of 100 series
-# in batches of 20,000 into a readings table already holding 2,000,000, 32 MiB
-# cache, pinned to one core of a shared 2-core VM): executemany of single rows
-# 2.6 us/row, sqlite-utils insert_all(..., ignore=True) 11.2 us/row (it builds
-# a dict per row before its own multi-row VALUES), executemany of 64-row
-# statements 2.3 us/row (2.0 against 2.8 into a table of 500,000).  We keep
-# the last.
-INSERT_READINGS = "INSERT OR IGNORE INTO readings (series, ts, boot, seq, value, received) VALUES (?, ?, ?, ?, ?, ?)"
-INSERT_READINGS_MULTI = (
-    "INSERT OR IGNORE INTO readings (series, ts, boot, seq, value, received) VALUES "
-    + ", ".join(["(?, ?, ?, ?, ?, ?)"] * tuning.INSERT_ROWS_PER_STATEMENT)
-)
-INSERT_SERIES = "INSERT INTO series (id, sensor, metric) VALUES (?, ?, ?)"
 UPSERT_SENSOR = """
 INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts,
                      tracker, replay)
@@ -71,46 +49,49 @@ VALUES (?, ?, ?, ?, ?, ?, ?)
 """
 DELETE_GAP = "DELETE FROM gaps WHERE sensor = ? AND stream = ? AND first_seq = ?"
 UPSERT_COUNTER = "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)"
+INSERT_SERIES = "INSERT INTO series (id, sensor, metric) VALUES (?, ?, ?)"
+INSERT_CHUNK = """
+INSERT INTO chunks (sensor, boot, log_id, datagrams, first_received, last_received, crc, blob)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)"""
+INSERT_CHUNK_SERIES = """
+INSERT INTO chunk_series (series, min_ts, chunk, max_ts, count, min, max, sum, last_boot, last_seq, last_value)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+# Upsert-add: late data older than a closed chunk merges into its buckets.
+UPSERT_ROLLUP = """
+INSERT INTO {table} (series, bucket, count, min, max, sum) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (series, bucket) DO UPDATE SET
+    count = count + excluded.count, min = min(min, excluded.min), max = max(max, excluded.max),
+    sum = sum + excluded.sum"""
+ROLLUP_TABLES = {60: "rollup_1m", 3600: "rollup_1h"}
+
+# Heads close into chunks at this many datagrams (the prototype's 1,024: zlib
+# and delta coding have enough to work on; bench/disk.py), after this span of
+# receive time (so a slow or silent sensor's data does not stay in the log),
+# and largest first when all heads together pass the memory budget.
+CHUNK_DATAGRAMS = 1024
+CHUNK_SPAN_S = 3600.0
+HEAD_BUDGET_BYTES = 48 * 1024 * 1024
+# Ingest log rows deleted per flush at most: a big delete never delays a flush.
+LOG_DELETE_STEP = 2000
 
 
-def _insert_readings(conn: sqlite3.Connection, rows: list[tuple]) -> int:
-    """Insert the rows (64 per statement, then the rest); returns how many were new."""
-    k = tuning.INSERT_ROWS_PER_STATEMENT
-    full = len(rows) - len(rows) % k
-    stored = 0
-    if full:
-        flat = list(chain.from_iterable(islice(rows, full)))
-        n = 6 * k
-        stored += conn.executemany(INSERT_READINGS_MULTI, [flat[i:i + n] for i in range(0, len(flat), n)]).rowcount
-    if full < len(rows):
-        stored += conn.executemany(INSERT_READINGS, rows[full:]).rowcount
-    return stored
-
-
-class SensorState:
-    """What the collector keeps per sensor between datagrams."""
-
-    __slots__ = ("sensor", "tracker", "series", "first_seen", "last_seen", "readings", "replay", "last_ts")
-
-    def __init__(self, sensor: str, tracker: SensorTracker, series: dict[str, int],
-                 first_seen: float, last_seen: float, readings: int = 0,
-                 replay: ReplayWindow | None = None) -> None:
-        self.sensor = sensor
-        self.tracker = tracker
-        self.series = series  # metric -> series id, shared with BatchWriter.series
-        self.first_seen = first_seen
-        self.last_seen = last_seen
-        self.readings = readings
-        # The anti-replay window of signed datagrams; None until the first one.
-        self.replay = replay
-        self.last_ts: float | None = None  # ts of the last datagram (sensor clock), for collector/health.py
-
-    def row(self) -> tuple:
-        t = self.tracker
-        snapshot = json.dumps(t.snapshot(), separators=(",", ":"))
-        window = None if self.replay is None else json.dumps(self.replay.snapshot(), separators=(",", ":"))
-        return (self.sensor, self.first_seen, self.last_seen, t.datagrams, self.readings,
-                t.lost, t.duplicates, t.reordered, t.restarts, snapshot, window)
+def insert_chunk(conn: sqlite3.Connection, row: ChunkRow, log_id: int, series: dict[str, int]) -> int:
+    """Insert one chunk, its per-series statistics and its rollup contributions; returns its id."""
+    cur = conn.execute(INSERT_CHUNK, (row.sensor, row.boot, log_id, row.datagrams, row.first_received,
+                                      row.last_received, row.crc, row.blob))
+    chunk_id = int(cur.lastrowid)
+    stats = []
+    rollups: dict[int, list[tuple]] = defaultdict(list)
+    for metric, s in row.stats.items():
+        sid = series[metric]
+        stats.append((sid, s.min_ts, chunk_id, s.max_ts, s.count, s.min, s.max, s.sum, s.last_boot, s.last_seq,
+                      s.last_value))
+        for (width, bucket), (n, lo, hi, total) in row.rollups[metric].items():
+            rollups[width].append((sid, bucket, n, lo, hi, total))
+    conn.executemany(INSERT_CHUNK_SERIES, stats)
+    for width, rows in rollups.items():
+        conn.executemany(UPSERT_ROLLUP.format(table=ROLLUP_TABLES[width]), rows)
+    return chunk_id
 
 
 def _restore_window(sensor: str, text: str, tracker: SensorTracker) -> ReplayWindow:
@@ -135,17 +116,18 @@ def _restore_window(sensor: str, text: str, tracker: SensorTracker) -> ReplayWin
         return window
 
 
-class BatchWriter:
-    """The collector's one writer connection, its pending batch and its backlog.
+@dataclass
+class Loaded:
+    counters: dict[str, float]
+    sensors: dict[str, SensorState]
+    next_series_id: int
 
-    The receive loop appends row tuples (series, ts, boot, seq, value,
-    received) to `rows`, adds touched SensorStates to `dirty`, and calls
-    `flush(now)` when the batch is full or the interval is up.
-    """
 
-    def __init__(self, path: str, *, max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS,
-                 max_sensors: int = tuning.MAX_SENSORS,
-                 max_series_per_sensor: int = tuning.MAX_SERIES_PER_SENSOR) -> None:
+class Store:
+    """The collector's one writer connection: flushes batches, keeps the heads."""
+
+    def __init__(self, path: str, *, chunk_datagrams: int = CHUNK_DATAGRAMS, chunk_span: float = CHUNK_SPAN_S,
+                 head_budget: int = HEAD_BUDGET_BYTES, max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS) -> None:
         self.path = path
         self._lock_fd = schema.lock_writer(path)
         try:
@@ -156,19 +138,15 @@ class BatchWriter:
         self.conn: sqlite3.Connection = self.db.conn
         self.conn.execute(f"PRAGMA busy_timeout={int(tuning.WRITER_BUSY_TIMEOUT_MS)}")
         self.conn.execute(f"PRAGMA cache_size=-{int(tuning.WRITER_CACHE_KIB)}")
+        self.chunk_datagrams = chunk_datagrams
+        self.chunk_span = chunk_span
+        self.head_budget = head_budget
         self.max_backlog_rows = max_backlog_rows
-        self.max_sensors = max_sensors
-        self.max_series_per_sensor = max_series_per_sensor
-        self.rows: list[tuple] = []
-        self.dirty: set[SensorState] = set()
+        self.uplink_path = path + "-uplink"
         self.series: dict[str, dict[str, int]] = defaultdict(dict)  # sensor -> metric -> id
-        self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
-        self.sensors: dict[str, SensorState] = {}
-        self.pending_datagrams = 0  # datagrams whose rows are in `rows`
-        self._sensor_of: dict[int, str] = {}  # series id -> sensor, for trim()
-        self._new_series: list[tuple[int, str, str]] = []
-        self._pending_gaps: dict[tuple[str, int, int], GapRecord | None] = {}
-        self._next_series_id = 1
+        self.heads: dict[tuple[str, int], Head] = {}
+        self.last_log_id = 0
+        self.chunks_closed = 0
         # Failure episode (monotonic seconds): when set, the database refused the last flush.
         self.failing_since: float | None = None
         self.retry_at = 0.0
@@ -177,38 +155,39 @@ class BatchWriter:
         # Called inside each flush's transaction, after the sensors are written,
         # with (connection, the sensors written): more per-sensor columns.
         self.sensor_writers: list = []
+        self._dropped_at_failure = 0
 
     # --- start-up ----------------------------------------------------------------------
 
-    def load(self) -> None:
-        """Rebuild series ids, sensor states (trackers) and counters from the database.
+    def load(self) -> Loaded:
+        """Rebuild series ids, sensor states (trackers), counters and the open heads.
 
         Raises SetupError when SQLite cannot read them (a damaged file): one
         line for the operator, not a traceback.
         """
         try:
-            self._load()
-        except sqlite3.Error as exc:
+            return self._load()
+        except (sqlite3.Error, ingestlog.LogFormatError) as exc:
             raise SetupError(f"cannot read database {self.path}: {exc} (check it with "
                              f"'sqlite3 {self.path} \"PRAGMA integrity_check\"'; restore a backup "
                              f"or move the file aside to start a new one)") from None
 
-    def _load(self) -> None:
+    def _load(self) -> Loaded:
         conn = self.conn
+        counters: dict[str, float] = {}
         for name, value in conn.execute("SELECT name, value FROM counters"):
-            self.counters[name] = value if name == "last_flush" else int(value)
+            counters[name] = value if name == "last_flush" else int(value)
         top = 0
         for series_id, sensor, metric in conn.execute("SELECT id, sensor, metric FROM series"):
             self.series[sensor][metric] = series_id
-            self._sensor_of[series_id] = sensor
             top = max(top, series_id)
-        self._next_series_id = top + 1
         gaps: dict[str, list[GapRecord]] = defaultdict(list)
         for sensor, stream, boot, first, last, missing, detected in conn.execute(
             "SELECT sensor, stream, boot, first_seq, last_seq, missing, detected_at FROM gaps"
         ):
             boot = None if boot == schema.NO_BOOT else boot
             gaps[sensor].append(GapRecord(stream, boot, first, last, missing, detected))
+        sensors: dict[str, SensorState] = {}
         for sensor, first_seen, last_seen, readings, tracker, replay in conn.execute(
             "SELECT sensor, first_seen, last_seen, readings, tracker, replay FROM sensors"
         ):
@@ -221,138 +200,188 @@ class BatchWriter:
                     log.warning("sensor %s: tracker state in the database is unusable (%s); "
                                 "its sequence accounts start afresh", sensor, exc)
             window = None if replay is None else _restore_window(sensor, replay, restored)
-            self.sensors[sensor] = SensorState(sensor, restored, self.series[sensor], first_seen, last_seen,
-                                               readings, window)
+            sensors[sensor] = SensorState(sensor, restored, self.series[sensor], first_seen, last_seen,
+                                          readings, window)
+        self.last_log_id = ingestlog.last_id(conn)
+        # The open heads: each (sensor, boot)'s datagrams in log rows after its last chunk.
+        closed = {(s, b): i for s, b, i in conn.execute(
+            "SELECT sensor, boot, max(log_id) FROM chunks GROUP BY sensor, boot")}
+        after = 0
+        while True:
+            entries = list(ingestlog.read_after(conn, after, 200))
+            if not entries:
+                break
+            for entry in entries:
+                for g in entry.groups:
+                    boot = schema.NO_BOOT if g.boot is None else g.boot
+                    if closed.get((g.sensor, boot), 0) >= entry.id:
+                        continue
+                    self._extend_head(g, boot, entry.id)
+            after = entries[-1].id
+        return Loaded(counters, sensors, top + 1)
 
-    def new_sensor(self, sensor: str, now: float) -> SensorState | None:
-        """Start tracking a sensor; None when MAX_SENSORS are tracked already."""
-        if len(self.sensors) >= self.max_sensors:
-            return None
-        state = SensorState(sensor, SensorTracker(), self.series[sensor], now, now)
-        self.sensors[sensor] = state
-        return state
+    def _extend_head(self, g: ingestlog.Group, boot: int, log_id: int) -> None:
+        key = (g.sensor, boot)
+        head = self.heads.get(key)
+        if head is None:
+            head = self.heads[key] = Head(g.sensor, boot, log_id, g.received[0])
+        head.extend(g.seqs, g.ts, g.received, g.metrics)
 
-    def new_series(self, state: SensorState, metric: str) -> int | None:
-        """Intern a sensor's metric name; None when it has MAX_SERIES_PER_SENSOR already."""
-        if len(state.series) >= self.max_series_per_sensor:
-            return None
-        series_id = self._next_series_id
-        self._next_series_id += 1
-        state.series[metric] = series_id
-        self._sensor_of[series_id] = state.sensor
-        self._new_series.append((series_id, state.sensor, metric))
-        return series_id
+    # --- the flush -----------------------------------------------------------------------
 
-    # --- the batch -----------------------------------------------------------------------
+    def due(self, now: float) -> bool:
+        """Whether a head has reached its span (a flush with nothing new would close it)."""
+        span = self.chunk_span
+        return any(now - h.opened >= span for h in self.heads.values())
 
-    @property
-    def backlog(self) -> int:
-        return len(self.rows)
-
-    def trim(self) -> int:
-        """Drop the oldest rows beyond max_backlog_rows; returns how many went."""
-        excess = len(self.rows) - self.max_backlog_rows
-        if excess <= 0:
-            return 0
-        # Drop a tenth more than needed, so trimming is not an O(n) shift per burst.
-        rows = self.rows
-        want = min(len(rows), excess + self.max_backlog_rows // 10)
-        # Never split a datagram, and count the datagrams going so `stored`
-        # stays exact.  A datagram's rows are consecutive, share sensor, boot,
-        # seq and receive time, and each has its own series (metric names are
-        # unique within a datagram): a series seen again under the same key
-        # starts the next datagram (two copies of one Stray in a burst).
-        drop = datagrams = 0
-        last, seen = None, set()
-        for row in rows:
-            key = self._datagram_key(row)
-            if key != last or row[0] in seen:
-                if drop >= want:
-                    break
-                datagrams += 1
-                last, seen = key, set()
-            seen.add(row[0])
-            drop += 1
-        del rows[:drop]
-        self.pending_datagrams -= datagrams
-        self.counters["storage_dropped"] += drop
-        self._episode_dropped += drop
-        return drop
-
-    def _datagram_key(self, row: tuple) -> tuple:
-        return (self._sensor_of[row[0]], row[2], row[3], row[5])
-
-    def flush(self, now: float, monotonic: float | None = None) -> bool:
-        """Write the pending batch in one transaction; False if the database refused it.
+    def flush(self, core: IngestCore, now: float, monotonic: float | None = None) -> bool:
+        """Write the core's pending batch in one transaction; False if the database refused it.
 
         `now` (Unix time) is recorded as last_flush; `monotonic` (default:
         `now`) schedules the retry, so a wall-clock step cannot stall it.
         """
         mono = now if monotonic is None else monotonic
-        for state in self.dirty:
-            sensor = state.sensor
-            for (stream, first_seq), record in state.tracker.pop_gap_changes().items():
-                self._pending_gaps[(sensor, stream, first_seq)] = record
-        rows = self.rows
-        counters = self.counters
+        batch = core.batch()
+        groups = group_batch(batch.datagrams)
         conn = self.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                if self._new_series:
-                    conn.executemany(INSERT_SERIES, self._new_series)
-                stored = _insert_readings(conn, rows)
-                if self.dirty:
-                    conn.executemany(UPSERT_SENSOR, [state.row() for state in self.dirty])
-                    for write in self.sensor_writers:
-                        write(conn, self.dirty)
-                if self._pending_gaps:
-                    upserts, deletes = [], []
-                    for (sensor, stream, first_seq), r in self._pending_gaps.items():
-                        if r is None:
-                            deletes.append((sensor, stream, first_seq))
-                        else:
-                            boot = schema.NO_BOOT if r.boot is None else r.boot
-                            upserts.append((sensor, stream, boot, first_seq, r.last_seq, r.missing, r.detected_at))
-                    conn.executemany(DELETE_GAP, deletes)
-                    conn.executemany(UPSERT_GAP, upserts)
-                values = dict(counters)
-                values["stored_readings"] += stored
-                values["stored"] += self.pending_datagrams
-                values["last_flush"] = now
-                conn.executemany(UPSERT_COUNTER, list(values.items()))
+                closing = self._write(conn, batch, groups, now)
                 conn.execute("COMMIT")
             except BaseException:
-                if conn.in_transaction:
+                if conn.in_transaction:  # SQLITE_FULL has rolled it back already
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            self._failed(mono, exc)
+            self._failed(mono, exc, core)
             return False
-        counters["stored_readings"] += stored
-        counters["stored"] += self.pending_datagrams
-        counters["last_flush"] = now
-        self.pending_datagrams = 0
-        rows.clear()
-        self.dirty.clear()
-        self._new_series.clear()
-        self._pending_gaps.clear()
+        # Committed: the in-memory heads follow what the database now says.
+        log_id, closed = closing
+        for key in closed:
+            self.heads.pop(key, None)
+        for g in groups:
+            boot = schema.NO_BOOT if g.boot is None else g.boot
+            if (g.sensor, boot) not in closed:
+                self._extend_head(g, boot, log_id)
+        if log_id:
+            self.last_log_id = log_id
+        self.chunks_closed += len(closed)
+        core.committed(batch.readings, now)
         if self.failing_since is not None:
             log.warning(
                 "database writable again after %.1f s; %d readings were dropped meanwhile (storage_dropped)",
-                mono - self.failing_since, self._episode_dropped,
+                mono - self.failing_since, core.counters["storage_dropped"] - self._dropped_at_failure,
             )
             self.failing_since = None
-            self._episode_dropped = 0
         self._retry_delay = tuning.RETRY_INITIAL_S
         self.retry_at = 0.0
         return True
 
-    def _failed(self, now: float, exc: sqlite3.Error) -> None:
+    def _write(self, conn: sqlite3.Connection, batch: Batch, groups: list[ingestlog.Group], now: float):
+        if batch.new_series:
+            conn.executemany(INSERT_SERIES, batch.new_series)
+            for sid, sensor, metric in batch.new_series:
+                self.series[sensor][metric] = sid
+        log_id = ingestlog.append(conn, now, groups) if groups else 0
+        if batch.dirty:
+            conn.executemany(UPSERT_SENSOR, [state.row() for state in batch.dirty])
+            for write in self.sensor_writers:  # more per-sensor columns (collector/healthstore.py)
+                write(conn, batch.dirty)
+        if batch.gaps:
+            upserts, deletes = [], []
+            for (sensor, stream, first_seq), r in batch.gaps.items():
+                if r is None:
+                    deletes.append((sensor, stream, first_seq))
+                else:
+                    boot = schema.NO_BOOT if r.boot is None else r.boot
+                    upserts.append((sensor, stream, boot, first_seq, r.last_seq, r.missing, r.detected_at))
+            conn.executemany(DELETE_GAP, deletes)
+            conn.executemany(UPSERT_GAP, upserts)
+        closed = self._close_heads(conn, groups, log_id or self.last_log_id, now)
+        self._trim_log(conn)
+        values = dict(batch.counters)
+        values["stored_readings"] += batch.readings
+        values["stored"] += len(batch.datagrams)
+        values["last_flush"] = now
+        conn.executemany(UPSERT_COUNTER, list(values.items()))
+        return log_id, closed
+
+    def _close_heads(self, conn: sqlite3.Connection, groups: list[ingestlog.Group], log_id: int,
+                     now: float) -> set[tuple[str, int]]:
+        """Write the chunks of the heads that close in this flush; returns their keys.
+
+        A head closes when it reaches chunk_datagrams, when its span of
+        receive time reaches chunk_span, or, largest first, when all heads
+        together pass the memory budget.
+        """
+        incoming: dict[tuple[str, int], ingestlog.Group] = {}
+        for g in groups:
+            incoming[(g.sensor, schema.NO_BOOT if g.boot is None else g.boot)] = g
+        heads = self.heads
+        close: list[tuple[str, int]] = []
+        for key, g in incoming.items():
+            head = heads.get(key)
+            size = len(g.seqs) + (len(head) if head is not None else 0)
+            opened = head.opened if head is not None else g.received[0]
+            if size >= self.chunk_datagrams or now - opened >= self.chunk_span:
+                close.append(key)
+        for key, head in heads.items():
+            if key not in incoming and now - head.opened >= self.chunk_span:
+                close.append(key)
+        total = sum(h.nbytes() for h in heads.values())
+        if total > self.head_budget:
+            closing = set(close)
+            for key, head in sorted(heads.items(), key=lambda kv: -kv[1].nbytes()):
+                if total <= self.head_budget * 3 // 4:
+                    break
+                if key not in closing:
+                    close.append(key)
+                    total -= head.nbytes()
+        done = set()
+        for key in close:
+            if key in done:
+                continue
+            done.add(key)
+            head = heads.get(key)
+            g = incoming.get(key)
+            if head is None:
+                head = Head(key[0], key[1], log_id, g.received[0])
+            elif g is not None:
+                head = head.copy()
+            if g is not None:
+                head.extend(g.seqs, g.ts, g.received, g.metrics)
+            insert_chunk(conn, head.close(), log_id, self.series[key[0]])
+        return done
+
+    def _trim_log(self, conn: sqlite3.Connection) -> None:
+        """Delete the oldest log rows whose datagrams are all in closed chunks (and sent, with an uplink)."""
+        below = min((h.first_log_id for h in self.heads.values()), default=self.last_log_id + 1)
+        acked = self._uplink_acked()
+        if acked is not None:
+            below = min(below, acked + 1)
+        conn.execute("DELETE FROM ingest_log WHERE id IN (SELECT id FROM ingest_log WHERE id < ? ORDER BY id LIMIT ?)",
+                     (below, LOG_DELETE_STEP))
+
+    def _uplink_acked(self) -> int | None:
+        """The id the uplink acknowledged (`<db>-uplink`), None without an uplink."""
+        try:
+            with open(self.uplink_path, "rb") as f:
+                text = f.read(64)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return 0  # unreadable: keep everything rather than lose unsent rows
+        try:
+            return int(text.strip() or b"0")
+        except ValueError:
+            return 0
+
+    def _failed(self, now: float, exc: sqlite3.Error, core: IngestCore) -> None:
         if self.failing_since is None:
             # Once per episode: the operator needs the cause, not a line per retry.
             self.failing_since = now
-            self._episode_dropped = 0
+            self._dropped_at_failure = core.counters["storage_dropped"]
             log.error(
                 "cannot write to %s: %s; keeping up to %d readings in memory and retrying "
                 "(check free space with 'df' and that the file is writable)",
@@ -369,3 +398,17 @@ class BatchWriter:
         if self._lock_fd >= 0:  # after the connection: see schema.lock_writer
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def open_ingest(path: str, *, store_options: dict | None = None, **core_options) -> tuple[Store, IngestCore]:
+    """Open the store and an ingest core holding what it loaded (the collector's start-up)."""
+    store = Store(path, **(store_options or {}))
+    try:
+        loaded = store.load()
+    except BaseException:
+        store.close()
+        raise
+    core = IngestCore(counters=loaded.counters, sensors=loaded.sensors, next_series_id=loaded.next_series_id,
+                      **core_options)
+    return store, core
+

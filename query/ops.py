@@ -1,12 +1,21 @@
-"""Each query op as read-only, parameterized SQL over the collector's schema.
+"""Each query op over storage v3: read-only, parameterized SQL plus chunk decoding.
 
 `Ops.run(request)` takes a validated protocol.Request and returns the
 JSON-ready result, or raises protocol.RequestError (bad_request) when the
 request is well-formed but asks for too much (more rows than the server's cap,
 more aggregate buckets than allowed, longer than the query time budget).  The
 connection comes from collector.schema.open_reader (mode=ro), so no statement
-here can change data.  Every range query walks one series' rows off the
-readings primary key (series, ts, boot, seq); docs/PROTOCOL.md lists the plans.
+here can change data.
+
+Readings live in immutable chunks (found through `chunk_series`, clustered by
+(series, min_ts)) and, for the newest ones, in the open heads the collector
+keeps in memory; a reader rebuilds those from the `ingest_log` rows after each
+(sensor, boot)'s last chunk (`HeadCache`, read incrementally by id).  Each
+request runs in one read transaction, so chunks and heads come from the same
+snapshot: no reading is counted twice or missed while a head closes.
+Per-request notes (a corrupt chunk skipped, raw data gone and rollups used)
+and the aggregate's resolution are in `Ops.meta`, which the server adds to the
+response envelope.
 """
 
 from __future__ import annotations
@@ -14,10 +23,16 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
+import zlib
+from array import array
+from bisect import bisect_left, bisect_right
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from collector import ingestlog
+from collector.chunkstore import ChunkError, decode_chunk
 from collector.health import is_stale
 from collector.schema import NO_BOOT, REJECT_REASONS
 
@@ -42,6 +57,13 @@ class Limits:
 
 
 _PROGRESS_STEPS = 20_000  # VM instructions between budget checks (~1 ms of work)
+# Decoded chunks kept per connection (immutable, so never stale), as compact
+# sorted columns (~24 bytes a reading): enough for a client paging through a
+# series (a page of up to 1,024 rows spans at most two chunks), small enough that what a worker
+# holds does not grow with the ranges clients ask for.
+CHUNK_CACHE = 2
+FAR = 1e300  # an open end of a range, bound as a plain REAL
+ROLLUPS = ((3600, "rollup_1h", "1h"), (60, "rollup_1m", "1m"))  # coarsest first
 
 
 def _boot(value: int) -> int | None:
@@ -68,6 +90,61 @@ def ping() -> dict[str, Any]:
     return {"version": __version__, "protocol": PROTOCOL_VERSION}
 
 
+class HeadCache:
+    """The open heads as a reader sees them: ingest_log groups after each (sensor, boot)'s last chunk.
+
+    Read incrementally: new chunks first (their log_id says up to which log
+    row a (sensor, boot) is closed), then new log rows.  Memory is what the
+    collector's heads hold.
+    """
+
+    def __init__(self) -> None:
+        self.last_chunk = 0
+        self.last_log = 0
+        self.closed: dict[tuple[str, int], int] = {}
+        self.groups: dict[tuple[str, int], list[tuple[int, ingestlog.Group]]] = {}
+        self.by_sensor: dict[str, set[int]] = {}
+
+    def refresh(self, conn: sqlite3.Connection) -> None:
+        for chunk_id, sensor, boot, log_id in conn.execute(
+            "SELECT id, sensor, boot, log_id FROM chunks WHERE id > ? ORDER BY id", (self.last_chunk,)
+        ):
+            self.last_chunk = chunk_id
+            key = (sensor, boot)
+            if log_id > self.closed.get(key, 0):
+                self.closed[key] = log_id
+                entries = self.groups.get(key)
+                if entries:
+                    entries[:] = [e for e in entries if e[0] > log_id]
+        while True:
+            rows = conn.execute("SELECT id, body FROM ingest_log WHERE id > ? ORDER BY id LIMIT 200",
+                                (self.last_log,)).fetchall()
+            if not rows:
+                return
+            for log_id, body in rows:
+                self.last_log = log_id
+                for g in ingestlog.decode_body(body):
+                    boot = NO_BOOT if g.boot is None else g.boot
+                    key = (g.sensor, boot)
+                    if self.closed.get(key, 0) >= log_id:
+                        continue
+                    self.groups.setdefault(key, []).append((log_id, g))
+                    self.by_sensor.setdefault(g.sensor, set()).add(boot)
+
+    def rows(self, sensor: str, metric: str) -> list[tuple[float, int, int, float]]:
+        """(ts, boot, seq, value) of one series' open readings, in no particular order."""
+        out = []
+        for boot in self.by_sensor.get(sensor, ()):
+            for _, g in self.groups.get((sensor, boot), ()):
+                values = g.metrics.get(metric)
+                if values is None:
+                    continue
+                for ts, seq, v in zip(g.ts, g.seqs, values):
+                    if v is not None:
+                        out.append((ts, boot, seq, float(v)))
+        return out
+
+
 class Ops:
     """The ops over one connection; one Ops per thread (a connection is not shared)."""
 
@@ -77,6 +154,9 @@ class Ops:
         self.limits = limits
         self.clock = clock  # wall clock, against the collector's receive times (staleness)
         self._deadline = math.inf
+        self.heads = HeadCache()
+        self._chunks: OrderedDict[int, dict[str, tuple] | str] = OrderedDict()
+        self.meta: dict[str, Any] = {}
         conn.set_progress_handler(self._over_budget, _PROGRESS_STEPS)
 
     def close(self) -> None:
@@ -88,7 +168,12 @@ class Ops:
     def run(self, request: Request) -> Any:
         handler = getattr(self, "op_" + request.op)
         self._deadline = time.monotonic() + self.limits.query_seconds
+        self.meta = {}
+        conn = self.conn
         try:
+            # One snapshot for the whole request: chunks and heads agree.
+            conn.execute("BEGIN")
+            self.heads.refresh(conn)
             return handler(**request.params)
         except sqlite3.OperationalError as exc:
             if "interrupted" not in str(exc):
@@ -99,6 +184,13 @@ class Ops:
             ) from None
         finally:
             self._deadline = math.inf
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+
+    def _note(self, text: str) -> None:
+        notes = self.meta.setdefault("notes", [])
+        if text not in notes:
+            notes.append(text)
 
     def _all(self, sql: str, params: Any = ()) -> list[tuple]:
         # fetchall: a half-read cursor would hold a read snapshot open and stall WAL checkpoints.
@@ -109,6 +201,86 @@ class Ops:
         if len(rows) > self.limits.max_rows:
             raise RequestError("bad_request", f"more than {self.limits.max_rows} {what} match: {narrow}")
         return rows
+
+    # -- chunks ------------------------------------------------------------
+
+    def _chunk(self, chunk_id: int) -> dict[str, tuple] | None:
+        """One chunk's rows per metric, (ts, boot, seq, value) in key order; None if it is corrupt."""
+        cache = self._chunks
+        if chunk_id in cache:
+            cache.move_to_end(chunk_id)
+            decoded = cache[chunk_id]
+        else:
+            decoded = self._decode(chunk_id)
+            cache[chunk_id] = decoded
+            if len(cache) > CHUNK_CACHE:
+                cache.popitem(last=False)
+        if isinstance(decoded, str):
+            self._note(decoded)
+            return None
+        return decoded
+
+    def _decode(self, chunk_id: int) -> dict[str, tuple] | str:
+        if time.monotonic() > self._deadline:  # Python work is on the same budget as SQL
+            raise sqlite3.OperationalError("interrupted")
+        row = self.conn.execute("SELECT sensor, boot, crc, blob FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
+        if row is None:
+            return {}
+        sensor, boot, crc, blob = row
+        try:
+            if zlib.crc32(blob) != crc:
+                raise ChunkError("its checksum does not match")
+            seqs, ts, _received, metrics = decode_chunk(blob)
+            decoded = {}
+            order = None
+            if any(ts[i] > ts[i + 1] or ts[i] == ts[i + 1] and seqs[i] > seqs[i + 1] for i in range(len(ts) - 1)):
+                order = sorted(range(len(ts)), key=lambda i: (ts[i], seqs[i]))  # late data: key order
+            for name, values in metrics.items():
+                idx = [i for i in (order or range(len(ts))) if values[i] is not None]
+                decoded[name] = (boot, array("d", [ts[i] for i in idx]), array("q", [seqs[i] for i in idx]),
+                                 array("d", [float(values[i]) for i in idx]))
+            return decoded
+        except ChunkError as exc:
+            return f"chunk {chunk_id} of sensor {sensor} is corrupt ({exc}): its readings are skipped"
+
+    def _chunk_rows(self, chunk_id: int, metric: str, lower: float | None = None,
+                    upper: float | None = None) -> list[tuple]:
+        """(ts, boot, seq, value) of one series in a chunk, in key order, lower <= ts < upper."""
+        decoded = self._chunk(chunk_id)
+        if decoded is None or metric not in decoded:
+            return []
+        boot, ts, seqs, values = decoded[metric]
+        lo = 0 if lower is None else bisect_left(ts, lower)
+        hi = len(ts) if upper is None else bisect_left(ts, upper)
+        return [(ts[i], boot, seqs[i], values[i]) for i in range(lo, hi)]
+
+    def _chunk_page(self, chunk_id: int, metric: str, lower: float | None, upper: float | None,
+                    keep, desc: bool, wanted: int, at_most: float | None = None) -> list[tuple]:
+        """At most `wanted` kept rows of one series in a chunk, from the start (the end if
+        `desc`) of lower <= ts < upper: a page never materialises a whole chunk."""
+        decoded = self._chunk(chunk_id)
+        if decoded is None or metric not in decoded:
+            return []
+        boot, ts, seqs, values = decoded[metric]
+        lo = 0 if lower is None else bisect_left(ts, lower)
+        hi = len(ts) if upper is None else bisect_left(ts, upper)
+        if at_most is not None:  # a desc cursor: nothing above its ts
+            hi = min(hi, bisect_right(ts, at_most))
+        out: list[tuple] = []
+        step = wanted + 16
+        while lo < hi and len(out) < wanted:
+            if desc:
+                part = range(hi - 1, max(lo, hi - step) - 1, -1)
+                hi = max(lo, hi - step)
+            else:
+                part = range(lo, min(hi, lo + step))
+                lo = min(hi, lo + step)
+            out += [r for r in ((ts[i], boot, seqs[i], values[i]) for i in part) if keep(r)]
+        return out
+
+    def _series_id(self, sensor: str, metric: str) -> int | None:
+        row = self.conn.execute("SELECT id FROM series WHERE sensor = ? AND metric = ?", [sensor, metric]).fetchone()
+        return None if row is None else row[0]
 
     # -- ops ---------------------------------------------------------------
 
@@ -143,22 +315,67 @@ class Ops:
         ]
 
     def op_latest(self, sensor: str | None = None, metric: str | None = None) -> list[dict[str, Any]]:
-        where, args = _where(("s.sensor = ?", sensor), ("s.metric = ?", metric))
-        # The last key of each series is one B-tree descent (the subquery walks
-        # the primary key backwards, LIMIT 1), then one point lookup.  Several
-        # readings may share the newest ts: the last in key order (highest
-        # boot, then seq) wins, as it would in a `readings desc` page.  Joining
-        # on max(ts) alone would return every tied row: a sensor with a stuck
-        # clock would make `latest` list its whole history.
-        rows = self._capped(
-            "SELECT s.sensor, s.metric, r.ts, r.value, r.seq FROM series s"
-            " JOIN readings r ON r.series = s.id AND (r.ts, r.boot, r.seq) ="
-            " (SELECT ts, boot, seq FROM readings WHERE series = s.id ORDER BY ts DESC, boot DESC, seq DESC LIMIT 1)"
-            f" {where} ORDER BY s.sensor, s.metric",
-            args, "readings", "name a 'sensor'",
-        )
-        return [{"sensor": name, "metric": met, "ts": ts, "value": value, "seq": seq}
-                for name, met, ts, value, seq in rows]
+        where, args = _where(("sensor = ?", sensor), ("metric = ?", metric))
+        # Each series' newest reading by key (ts, then boot, then seq: the
+        # last row of a `readings desc` page) from the statistics of its
+        # chunks with the highest max_ts (no blob is decoded), and its open head.
+        out = []
+        for sid, name, met in self._all(f"SELECT id, sensor, metric FROM series {where} ORDER BY sensor, metric",
+                                        args):
+            best = None
+            for ts, boot, seq, value in self._all(
+                "SELECT max_ts, last_boot, last_seq, last_value FROM chunk_series WHERE series = ? AND max_ts ="
+                " (SELECT max(max_ts) FROM chunk_series WHERE series = ?)", [sid, sid]
+            ):
+                if best is None or (ts, boot, seq) > best[:3]:
+                    best = (ts, boot, seq, value)
+            for row in self.heads.rows(name, met):
+                if best is None or row[:3] > best[:3]:
+                    best = row
+            if best is not None:
+                out.append({"sensor": name, "metric": met, "ts": best[0], "value": best[3], "seq": best[2]})
+                if len(out) > self.limits.max_rows:
+                    raise RequestError("bad_request",
+                                       f"more than {self.limits.max_rows} readings match: name a 'sensor'")
+        return out
+
+    def _series_page(self, sid: int, sensor: str, metric: str, lower: float | None, upper: float | None,
+                     after: tuple | None, desc: bool, wanted: int) -> list[tuple]:
+        """Up to `wanted` (ts, boot, seq, value) of one series in key order (descending if
+        `desc`), lower <= ts < upper, strictly past the key `after`."""
+
+        def keep(r: tuple) -> bool:
+            ts = r[0]
+            if lower is not None and ts < lower or upper is not None and ts >= upper:
+                return False
+            if after is not None:
+                return r[:3] < after if desc else r[:3] > after
+            return True
+
+        found = [r for r in self.heads.rows(sensor, metric) if keep(r)]
+        lo = -FAR if lower is None else lower
+        hi = FAR if upper is None else upper
+        if desc:
+            cap = FAR if after is None else after[0]
+            cands = self._all("SELECT chunk, max_ts FROM chunk_series WHERE series = ? AND max_ts >= ?"
+                              " AND min_ts < ? AND min_ts <= ? ORDER BY max_ts DESC, chunk DESC",
+                              [sid, lo, hi, cap])
+        else:
+            if after is not None:
+                lo = max(lo, after[0])
+            cands = self._all("SELECT chunk, min_ts FROM chunk_series WHERE series = ? AND max_ts >= ?"
+                              " AND min_ts < ? ORDER BY min_ts, chunk", [sid, lo, hi])
+        for i, (chunk_id, _) in enumerate(cands):
+            found += self._chunk_page(chunk_id, metric, lo if lo > -FAR else None, upper, keep, desc, wanted,
+                                      after[0] if desc and after is not None else None)
+            if len(found) >= wanted:
+                found.sort(reverse=desc)
+                del found[wanted:]
+                # Rows of the chunks still to come start at their min_ts (max_ts for desc).
+                if i + 1 < len(cands) and (found[-1][0] > cands[i + 1][1] if desc else found[-1][0] < cands[i + 1][1]):
+                    break
+        found.sort(reverse=desc)
+        return found[:wanted]
 
     def op_readings(
         self,
@@ -175,8 +392,7 @@ class Ops:
         binding = {"sensor": sensor, "metric": metric, "order": order, "since": since, "until": until}
         desc = order == "desc"
         # Without a metric, the sensor's series are walked one after another in
-        # metric-name order (reversed for desc): each page stays a few
-        # primary-key range scans however long the range is.
+        # metric-name order (reversed for desc).
         if metric is None:
             series = self._all("SELECT id, metric FROM series WHERE sensor = ? ORDER BY metric", [sensor])
         else:
@@ -191,41 +407,12 @@ class Ops:
             if after.series not in ids:
                 raise RequestError("bad_request", "parameter 'cursor' is not a cursor this server issued for this query")
             start = ids.index(after.series)
-
-        direction = "DESC" if desc else "ASC"
-        compare = "<" if desc else ">"
         wanted = limit + 1  # one more than asked tells whether a next page exists
         found: list[tuple] = []
         for index in range(start, len(series)):
             sid, met = series[index]
-            lower, upper = since, until
-            conds, args = ["series = ?"], [sid]
-            resume = after is not None and index == start
-            if resume and not desc and (lower is None or after.ts >= lower):
-                lower = None
-                conds.append("ts >= ?")
-                args.append(after.ts)
-            if resume and desc and (upper is None or after.ts < upper):
-                upper = None
-                conds.append("ts <= ?")
-                args.append(after.ts)
-            if lower is not None:
-                conds.append("ts >= ?")
-                args.append(lower)
-            if upper is not None:
-                conds.append("ts < ?")
-                args.append(upper)
-            if resume:
-                # Strictly past the cursor's key.  One bound per side on ts
-                # (merged above) so SQLite's range scan starts at the cursor,
-                # not at 'since' (EXPLAIN: PRIMARY KEY (series=? AND ts>?)).
-                conds.append(f"(ts {compare} ? OR boot {compare} ? OR (boot = ? AND seq {compare} ?))")
-                args += [after.ts, after.boot, after.boot, after.seq]
-            rows = self._all(
-                f"SELECT ts, boot, seq, value FROM readings WHERE {' AND '.join(conds)}"
-                f" ORDER BY ts {direction}, boot {direction}, seq {direction} LIMIT ?",
-                [*args, wanted - len(found)],
-            )
+            key = (after.ts, after.boot, after.seq) if after is not None and index == start else None
+            rows = self._series_page(sid, sensor, met, since, until, key, desc, wanted - len(found))
             found += [(sid, met, *row) for row in rows]
             if len(found) >= wanted:
                 break
@@ -251,17 +438,19 @@ class Ops:
         since: float | None = None,
         until: float | None = None,
     ) -> list[dict[str, Any]]:
-        row = self.conn.execute("SELECT id FROM series WHERE sensor = ? AND metric = ?", [sensor, metric]).fetchone()
-        if row is None:
+        sid = self._series_id(sensor, metric)
+        if sid is None:
             return []
-        sid = row[0]
+        head = self.heads.rows(sensor, metric)
         # Bound the work before scanning: the buckets the range can touch,
-        # with open ends closed by the series' first/last ts (two key lookups).
+        # with open ends closed by the series' first/last ts.
         lo, hi = since, until
         if lo is None:
-            lo = self.conn.execute("SELECT min(ts) FROM readings WHERE series = ?", [sid]).fetchone()[0]
+            lo = min([r[0] for r in head] + [v for (v,) in self._all(
+                "SELECT min(min_ts) FROM chunk_series WHERE series = ?", [sid]) if v is not None], default=None)
         if hi is None:
-            hi = self.conn.execute("SELECT max(ts) FROM readings WHERE series = ?", [sid]).fetchone()[0]
+            hi = max([r[0] for r in head] + [v for (v,) in self._all(
+                "SELECT max(max_ts) FROM chunk_series WHERE series = ?", [sid]) if v is not None], default=None)
         if lo is None or hi is None or lo >= hi and since is not None and until is not None:
             return []
         spans = math.floor(hi / bucket) - math.floor(lo / bucket) + 1
@@ -271,21 +460,55 @@ class Ops:
                 f"parameter 'bucket' too small for the range: {spans} buckets, at most {self.limits.max_buckets}"
                 " (widen 'bucket' or narrow 'since'/'until')",
             )
-        where, args = _where(("series = ?", sid), ("ts >= ?", since), ("ts < ?", until))
-        # The bucket index is floor(ts / bucket), written without SQLite's
-        # floor(): that exists only where SQLite was built with its math
-        # functions, which a gateway's system SQLite may not be.  CAST truncates
-        # toward zero, so a negative quotient that is not whole steps down one
-        # (otherwise [-bucket, 0) would fold into bucket 0).
-        rows = self._all(
-            "SELECT CAST(ts / ? AS INTEGER) - (ts < 0 AND CAST(ts / ? AS INTEGER) * ? != ts) AS k,"
-            " count(*), min(value), max(value), sum(value)"
-            f" FROM readings {where} GROUP BY k ORDER BY k",
-            [bucket, bucket, bucket, *args],
-        )
+        acc: dict[int, list] = {}
+
+        def add(k: int, n: int, vmin: float, vmax: float, total: float) -> None:
+            a = acc.get(k)
+            if a is None:
+                acc[k] = [n, vmin, vmax, total]
+            else:
+                a[0] += n
+                if vmin < a[1]:
+                    a[1] = vmin
+                if vmax > a[2]:
+                    a[2] = vmax
+                a[3] += total
+
+        def add_rows(rows) -> None:
+            for r in rows:
+                ts = r[0]
+                if since is not None and ts < since or until is not None and ts >= until:
+                    continue
+                v = r[3]
+                add(math.floor(ts / bucket), 1, v, v, v)
+
+        add_rows(head)
+        q_lo = -FAR if since is None else since
+        q_hi = FAR if until is None else until
+        for width, table, name in ROLLUPS:
+            # The coarsest rollup whose buckets tile the asked ones exactly.
+            if bucket % width == 0 and (since is None or since % width == 0) and (until is None or until % width == 0):
+                self.meta["resolution"] = name
+                for start, n, vmin, vmax, total in self._all(
+                    f"SELECT bucket, count, min, max, sum FROM {table} WHERE series = ? AND bucket >= ?"
+                    " AND bucket < ? ORDER BY bucket", [sid, q_lo, q_hi]
+                ):
+                    add(math.floor(start / bucket), n, vmin, vmax, total)
+                break
+        else:
+            self.meta["resolution"] = "raw"
+            for chunk_id, cmin, cmax, n, vmin, vmax, total in self._all(
+                "SELECT chunk, min_ts, max_ts, count, min, max, sum FROM chunk_series WHERE series = ?"
+                " AND max_ts >= ? AND min_ts < ?", [sid, q_lo, q_hi]
+            ):
+                k = math.floor(cmin / bucket)
+                if cmin >= q_lo and cmax < q_hi and k == math.floor(cmax / bucket):
+                    add(k, n, vmin, vmax, total)  # the whole chunk is in one bucket: its statistics
+                else:
+                    add_rows(self._chunk_rows(chunk_id, metric, since, until))
         return [
-            {"start": k * bucket, "count": n, "min": lo_v, "max": hi_v, "avg": total / n, "sum": total}
-            for k, n, lo_v, hi_v, total in rows
+            {"start": k * bucket, "count": n, "min": vmin, "max": vmax, "avg": total / n, "sum": total}
+            for k, (n, vmin, vmax, total) in sorted(acc.items())
         ]
 
     def op_gaps(
@@ -326,5 +549,11 @@ class Ops:
             "internal_errors": _count(counters.get("internal_errors")),
             "refused_sensors": _count(counters.get("refused_sensors")),
             "refused_readings": _count(counters.get("refused_readings")),
+            # Storage v3: readings deleted on purpose (never network loss), and
+            # chunks found corrupt (their readings are skipped by queries).
+            "retention_dropped": _count(counters.get("retention_dropped")),
+            "budget_dropped": _count(counters.get("budget_dropped")),
+            "uplink_dropped": _count(counters.get("uplink_dropped")),
+            "corrupt_chunks": self._all("SELECT count(*) FROM chunk_faults")[0][0],
             "last_flush": counters.get("last_flush"),
         }

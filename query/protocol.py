@@ -334,8 +334,9 @@ def _dump(request_id: Any, rest: dict[str, Any]) -> bytes:
     return ('{"id":' + encode_id(request_id) + "," + body[1:]).encode("ascii") + b"\n"
 
 
-def encode_result(request_id: Any, result: Any) -> bytes:
-    return _dump(request_id, {"ok": True, "result": result})
+def encode_result(request_id: Any, result: Any, meta: dict[str, Any] | None = None) -> bytes:
+    """A success; `meta` adds fields beside `result` (an aggregate's `resolution`, `notes`)."""
+    return _dump(request_id, {"ok": True, "result": result, **(meta or {})})
 
 
 def encode_error(request_id: Any, code: str, message: str) -> bytes:

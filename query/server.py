@@ -185,7 +185,8 @@ class Service:
         try:
             if ops is None:
                 raise RuntimeError("no database connection (see the error logged when the worker started)")
-            return encode_result(request.id, ops.run(request))
+            result = ops.run(request)
+            return encode_result(request.id, result, ops.meta)
         except RequestError as exc:
             code = exc.code
             return encode_error(request.id, exc.code, exc.message)

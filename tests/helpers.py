@@ -23,9 +23,23 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str
 
 
 def db_query(db_path: str, sql: str, *params) -> list[tuple]:
-    """Run one read on its own connection (closed again: no lock outlives the call)."""
+    """Run one read on its own connection (closed again: no lock outlives the call).
+
+    Storage v3 keeps readings in chunks and the ingest log, not one row each:
+    a statement that names `readings` runs against a TEMP table holding every
+    stored reading (series, ts, boot, seq, value, received), decoded from the
+    file with collector.readback, so tests keep checking exact rows in SQL.
+    """
     conn = sqlite3.connect(db_path)
     try:
+        if "readings" in sql and not conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'readings'"
+        ).fetchone():
+            from collector.readback import all_readings
+
+            conn.execute("CREATE TEMP TABLE readings (series INTEGER, ts REAL, boot INTEGER, seq INTEGER,"
+                         " value REAL, received REAL)")
+            conn.executemany("INSERT INTO temp.readings VALUES (?, ?, ?, ?, ?, ?)", all_readings(conn))
         return conn.execute(sql, params).fetchall()
     finally:
         conn.close()

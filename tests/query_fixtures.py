@@ -77,7 +77,9 @@ COUNTERS = {
 
 
 def fill_known_db(path: str) -> None:
-    db = open_writer(path)
+    from v2ref import open_v2
+
+    db = open_v2(path)
     conn = db.conn
     with conn:
         conn.execute("BEGIN")
@@ -105,6 +107,7 @@ def fill_known_db(path: str) -> None:
         conn.executemany("INSERT INTO counters (name, value) VALUES (?, ?)", list(COUNTERS.items()))
         conn.execute("COMMIT")
     db.conn.close()
+    open_writer(path).conn.close()  # migrates to the current schema
 
 
 def expected_rows(sensor: str, metric: str) -> list[dict]:
@@ -167,17 +170,36 @@ def running_server(db: str, tls: Tls, *, mtls: bool = False, host: str = "127.0.
         assert not thread.is_alive(), "server did not stop"
 
 
+def write_readings(path: str, sensor: str, metric: str, rows: list[tuple[float, int, int, float]]) -> None:
+    """Store (ts, boot, seq, value) readings of one series as closed chunks, through the v3 store's own
+    chunk path (collector.store.insert_chunk), as a collector's flushes would have left them."""
+    from collector.chunkstore import chunk_rows_from_columns
+    from collector.store import insert_chunk
+
+    db = open_writer(path)
+    conn = db.conn
+    conn.execute("BEGIN")
+    found = conn.execute("SELECT id FROM series WHERE sensor = ? AND metric = ?", (sensor, metric)).fetchone()
+    sid = found[0] if found else conn.execute(
+        "INSERT INTO series (sensor, metric) VALUES (?, ?)", (sensor, metric)).lastrowid
+    by_boot: dict[int, list[tuple]] = {}
+    for row in rows:
+        by_boot.setdefault(row[1], []).append(row)
+    for boot, group in by_boot.items():
+        for chunk in chunk_rows_from_columns(sensor, boot, [r[2] for r in group], [r[0] for r in group],
+                                             [r[0] for r in group], {metric: [r[3] for r in group]}, 1024):
+            insert_chunk(conn, chunk, 0, {metric: sid})
+    conn.execute("COMMIT")
+    conn.close()
+
+
 def fill_series(path: str, sensor: str, metric: str, count: int, t0: float = T0, step: float = 0.25) -> None:
     """One sensor with `count` readings of one metric (ts t0, t0 + step, ...; value i / 8), for volume tests."""
+    write_readings(path, sensor, metric, [(t0 + i * step, NO_BOOT, i, i / 8) for i in range(count)])
     db = open_writer(path)
     conn = db.conn
     with conn:
         conn.execute("BEGIN")
-        sid = conn.execute("INSERT INTO series (sensor, metric) VALUES (?, ?)", (sensor, metric)).lastrowid
-        conn.executemany(
-            "INSERT INTO readings (series, ts, boot, seq, value, received) VALUES (?, ?, ?, ?, ?, ?)",
-            [(sid, t0 + i * step, NO_BOOT, i, i / 8, t0 + i * step) for i in range(count)],
-        )
         conn.execute(
             "INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings, lost, duplicates,"
             " reordered, restarts, tracker) VALUES (?, ?, ?, ?, ?, 0, 0, 0, 0, '{}')",
@@ -211,14 +233,4 @@ def run_cli(args: list[str], env: dict[str, str], code: int = 0):
 
 def append_readings(path: str, sensor: str, metric: str, rows: list[tuple[float, int, float]]) -> None:
     """Append (ts, seq, value) readings to an existing series, as a collector's flush would."""
-    db = open_writer(path)
-    conn = db.conn
-    with conn:
-        conn.execute("BEGIN")
-        sid = conn.execute("SELECT id FROM series WHERE sensor = ? AND metric = ?", (sensor, metric)).fetchone()[0]
-        conn.executemany(
-            "INSERT INTO readings (series, ts, boot, seq, value, received) VALUES (?, ?, ?, ?, ?, ?)",
-            [(sid, ts, NO_BOOT, seq, value, ts) for ts, seq, value in rows],
-        )
-        conn.execute("COMMIT")
-    db.conn.close()
+    write_readings(path, sensor, metric, [(ts, NO_BOOT, seq, value) for ts, seq, value in rows])

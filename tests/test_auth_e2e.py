@@ -458,7 +458,7 @@ def test_any_mix_of_signed_forged_replayed_and_junk_is_accounted_exactly_once(tm
     sent: list[bytes] = []
 
     def accounted():
-        return (collector.store.pending_datagrams + c["duplicates"] + c["truncated"] + c["refused_sensors"]
+        return (collector.core.pending_datagrams + c["duplicates"] + c["truncated"] + c["refused_sensors"]
                 + c["internal_errors"] + sum(c[f"rejected:{r}"] for r in REJECT_REASONS))
 
     def fresh(sensor: str) -> bytes:

@@ -210,7 +210,7 @@ def test_ipv6_unicast_on_loopback(db_path):
         for seq in range(10):
             s.sendto(good("v6-1", seq, boot=None), ("::1", address[1]))
         s.close()
-        wait_for(lambda: collector.counters["stored"] + len(collector.store.rows) // 2 >= 10, 5, what="10 accepted")
+        wait_for(lambda: collector.counters["stored"] + collector.core.pending_datagrams >= 10, 5, what="10 accepted")
     assert query(db_path, "SELECT count(*), min(boot), max(boot) FROM readings") == [(20, -1, -1)]
 
 
@@ -293,24 +293,25 @@ def test_disk_full_while_running_keeps_receiving_counts_drops_and_recovers(db_pa
     with running(db_path, max_backlog_rows=60, batch_size=20) as (collector, _):
         fill_disk(collector)
         s = sender()
-        for seq in range(150):  # 300 readings, far more than the pages left and the backlog
-            s.sendto(good("full-1", seq), collector.addresses[0])
-        wait_for(lambda: collector.counters["received"] == 150, 5, what="150 received")
+        # 1,200 readings, far more than the backlog and than the room left in the
+        # pages the ingest log has (a flush of 10 datagrams adds ~250 bytes to it).
+        send_paced(s, collector, [good("full-1", seq) for seq in range(600)], collector.addresses[0])
+        wait_for(lambda: collector.counters["received"] == 600, 5, what="600 received")
         wait_for(lambda: collector.counters["storage_dropped"] > 0, 5, what="backlog overflow")
         assert collector.store.failing_since is not None
-        assert len(collector.store.rows) <= 60
+        assert collector.core.pending_readings <= 60
 
         free_disk(collector)
         wait_for(lambda: collector.store.failing_since is None, 10, what="recovery")
-        s.sendto(good("full-1", 150), collector.addresses[0])  # and it goes on storing
-        wait_for(lambda: collector.counters["received"] == 151, 5, what="151 received")
+        s.sendto(good("full-1", 600), collector.addresses[0])  # and it goes on storing
+        wait_for(lambda: collector.counters["received"] == 601, 5, what="601 received")
         s.close()
     c = counters(db_path)
     stored_rows = query(db_path, "SELECT count(*) FROM readings")[0][0]
     assert c["stored_readings"] == stored_rows
-    assert stored_rows + c["storage_dropped"] == 302
+    assert stored_rows + c["storage_dropped"] == 1202
     assert c["stored"] * 2 == stored_rows
-    assert query(db_path, "SELECT datagrams, readings, lost FROM sensors") == [(151, 302, 0)]
+    assert query(db_path, "SELECT datagrams, readings, lost FROM sensors") == [(601, 1202, 0)]
     messages = [r.getMessage() for r in caplog.records]
     assert sum("database or disk is full" in m for m in messages) == 1  # once per episode
     assert sum("writable again" in m for m in messages) == 1
@@ -354,7 +355,7 @@ def test_any_bytes_are_accounted_exactly_once_and_never_hit_a_bug(tmp_path):
     c = collector.counters
 
     def accounted():
-        return (collector.store.pending_datagrams + c["duplicates"] + c["truncated"] + c["refused_sensors"]
+        return (collector.core.pending_datagrams + c["duplicates"] + c["truncated"] + c["refused_sensors"]
                 + c["internal_errors"] + sum(c[f"rejected:{r}"] for r in REJECT_REASONS))
 
     @settings(max_examples=150)
@@ -457,7 +458,7 @@ def test_the_last_line_says_so_when_this_run_dropped_readings(db_path):
     with running(db_path, max_backlog_rows=60, batch_size=20) as (collector, _):
         fill_disk(collector)
         s = sender()
-        send_paced(s, collector, [good("drop-1", seq) for seq in range(150)], collector.addresses[0])
+        send_paced(s, collector, [good("drop-1", seq) for seq in range(600)], collector.addresses[0])
         s.close()
         wait_for(lambda: collector.counters["storage_dropped"] > 0, 5, what="backlog overflow")
         free_disk(collector)

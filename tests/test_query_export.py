@@ -136,8 +136,10 @@ def test_pages_are_asked_for_one_at_a_time(live):
 
 def test_memory_of_an_export_is_bounded_by_the_page_not_the_range(tmp_path, tls):
     db = str(tmp_path / "big.db")
-    fill_series(db, "small", "v", 600)
-    fill_series(db, "big", "v", 6000)
+    # Storage v3 decodes one chunk (up to 1,024 readings) at a time: the small
+    # series spans a few chunks, so ten times the range is the only difference.
+    fill_series(db, "small", "v", 1200)
+    fill_series(db, "big", "v", 12000)
     certs = tls
 
     def exported_peak(client, sensor):
@@ -164,8 +166,8 @@ def test_memory_of_an_export_is_bounded_by_the_page_not_the_range(tmp_path, tls)
             all_held = tracemalloc.get_traced_memory()[0]
         finally:
             tracemalloc.stop()
-    assert (small_rows, big_rows, len(held)) == (600, 6000, 6000)
-    assert held[-1] == {"sensor": "big", "metric": "v", "ts": fx.T0 + 5999 * 0.25, "value": 5999 / 8, "seq": 5999,
+    assert (small_rows, big_rows, len(held)) == (1200, 12000, 12000)
+    assert held[-1] == {"sensor": "big", "metric": "v", "ts": fx.T0 + 11999 * 0.25, "value": 11999 / 8, "seq": 11999,
                         "boot": None}
     # Ten times the rows, the same page: the same memory (within noise), and far below holding them all.
     assert big_peak < small_peak * 1.5, (small_peak, big_peak)

@@ -27,8 +27,10 @@ HEAVY = b'{"op":"readings","sensor":"heavy","metric":"v","limit":10000}\n'
 @pytest.fixture(scope="module")
 def heavy_db(tmp_path_factory) -> str:
     """One sensor with one series of 10,000 readings: a `readings` page of the maximum size."""
+    from v2ref import open_v2
+
     path = str(tmp_path_factory.mktemp("heavy") / "heavy.db")
-    db = open_writer(path)
+    db = open_v2(path)  # written as version 2, then converted by the migration (open_writer below)
     with db.conn:
         db.conn.execute("BEGIN")
         db.conn.execute("INSERT INTO series (id, sensor, metric) VALUES (1, 'heavy', 'v')")
@@ -40,6 +42,7 @@ def heavy_db(tmp_path_factory) -> str:
             " VALUES ('heavy', 1700000000, 1700010000, 10000, 10000, '{}')")
         db.conn.execute("COMMIT")
     db.conn.close()
+    open_writer(path).conn.close()
     return path
 
 

@@ -17,8 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collector import schema
+from helpers import db_query
 from collector.replay import ReplayWindow
-from collector.store import BatchWriter
+from collector.store import open_ingest
 from collector.sequence import WINDOW
 
 W = WINDOW
@@ -305,9 +306,9 @@ def test_a_v1_database_is_migrated_to_the_latest_on_open_with_its_data_intact(tm
     try:
         assert schema.schema_version(db) == schema.SCHEMA_VERSION
         assert "replay" in db["sensors"].columns_dict
-        after = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in before}
     finally:
         db.conn.close()
+    after = {t: db_query(path, f"SELECT * FROM {t} ORDER BY 1, 2") for t in before}  # readings: from chunks
     added = len(after["sensors"][0]) - len(before["sensors"][0])  # replay (v2), then later steps' columns
     assert added >= 1
     assert after["sensors"] == [row + (None,) * added for row in before["sensors"]]
@@ -317,6 +318,7 @@ def test_a_v1_database_is_migrated_to_the_latest_on_open_with_its_data_intact(tm
     again = schema.open_writer(path)  # opening a migrated database changes nothing
     assert schema.schema_version(again) == schema.SCHEMA_VERSION
     again.conn.close()
+    assert {t: db_query(path, f"SELECT * FROM {t} ORDER BY 1, 2") for t in before} == after
 
 
 def test_the_v2_step_runs_again_after_a_crash_between_alter_and_version(tmp_path):
@@ -333,47 +335,45 @@ def test_the_v2_step_runs_again_after_a_crash_between_alter_and_version(tmp_path
 
 def test_the_window_is_written_with_the_flush_and_restored_on_load(tmp_path):
     path = str(tmp_path / "w.db")
-    store = BatchWriter(path)
-    state = store.new_sensor("s1", 1.0)
+    store, core = open_ingest(path)
+    state = core.new_sensor("s1", 1.0)
     state.replay = ReplayWindow()
     for seq in (10, 12, 11, 15):
         admit(state.replay, 3, seq)
     state.tracker.observe(3, 15, 1.0)
-    store.dirty.add(state)
-    assert store.flush(2.0)
-    plain = store.new_sensor("p1", 1.0)  # never signed: no window
-    store.dirty.add(plain)
-    assert store.flush(3.0)
+    core.dirty.add(state)
+    assert store.flush(core, 2.0)
+    plain = core.new_sensor("p1", 1.0)  # never signed: no window
+    core.dirty.add(plain)
+    assert store.flush(core, 3.0)
     store.close()
 
-    again = BatchWriter(path)
-    again.load()
+    again, loaded = open_ingest(path)
     try:
-        w = again.sensors["s1"].replay
+        w = loaded.sensors["s1"].replay
         assert w.snapshot() == state.replay.snapshot()
         assert [w.check(3, s) for s in (10, 11, 12, 13, 14, 15, 16)] == [False] * 3 + [True] * 2 + [False, True]
-        assert again.sensors["p1"].replay is None
+        assert loaded.sensors["p1"].replay is None
     finally:
         again.close()
 
 
 def test_a_damaged_window_fails_closed_at_the_trackers_highest(tmp_path, caplog):
     path = str(tmp_path / "d.db")
-    store = BatchWriter(path)
-    state = store.new_sensor("s1", 1.0)
+    store, core = open_ingest(path)
+    state = core.new_sensor("s1", 1.0)
     state.replay = ReplayWindow()
     for seq in range(5):
         admit(state.replay, 7, seq)
         state.tracker.observe(7, seq, 1.0)
-    store.dirty.add(state)
-    assert store.flush(2.0)
+    core.dirty.add(state)
+    assert store.flush(core, 2.0)
     store.conn.execute("UPDATE sensors SET replay = '{\"v\": 1, \"boot\": \"x\"}'")
     store.close()
 
-    again = BatchWriter(path)
-    again.load()
+    again, loaded = open_ingest(path)
     try:
-        w = again.sensors["s1"].replay
+        w = loaded.sensors["s1"].replay
         assert not any(w.check(7, s) for s in range(5))  # nothing already accounted comes back
         assert not w.check(6, 100) and w.check(7, 5) and w.check(8, 0)
     finally:

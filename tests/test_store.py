@@ -1,46 +1,53 @@
-"""The batch writer on real SQLite files: one transaction per flush, restart safety, disk full."""
+"""The v3 store on real SQLite files: one transaction per flush, restart safety, disk full."""
 
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 
 import pytest
 
-from collector import schema
-from collector.sequence import Duplicate, Gap, Late
+from collector import schema, wire
 from collector.errors import SetupError
-from collector.store import BatchWriter
+from collector.ingest import IngestCore
+from collector.sequence import Duplicate, Gap, InOrder, Late, Stray
+from collector.store import Store, open_ingest
 from helpers import db_query as rows
 
 
-def feed(writer: BatchWriter, sensor: str, boot, seq: int, now: float, readings=None):
-    """What the server's hot path does for one datagram (without sockets)."""
-    state = writer.sensors.get(sensor) or writer.new_sensor(sensor, now)
-    event = state.tracker.observe(boot, seq, now)
-    state.last_seen = now
-    writer.dirty.add(state)
-    if isinstance(event, Duplicate):
-        writer.counters["duplicates"] += 1
-        return event
+class W:
+    """A store and its ingest core, driven as the collector does (without sockets)."""
+
+    def __init__(self, path: str, **store_options) -> None:
+        self.store, self.core = open_ingest(path, store_options=store_options)
+        self.conn = self.store.conn
+        self.counters = self.core.counters
+
+    def flush(self, now: float, monotonic: float | None = None) -> bool:
+        return self.store.flush(self.core, now, monotonic)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def feed(w: W, sensor: str, boot, seq: int, now: float, readings=None):
+    """One datagram (ts = now) through the ingest core; returns the tracker's event."""
     readings = readings or {"temp": 20.0 + seq, "hum": 50}
-    for name, value in readings.items():
-        series = state.series.get(name) or writer.new_series(state, name)
-        writer.rows.append((series, now, schema.NO_BOOT if boot is None else boot, seq, value, now))
-    state.readings += len(readings)
-    writer.pending_datagrams += 1
-    return event
+    return w.core.receive(wire.encode(sensor, seq, readings, boot=boot, ts=now), now)
 
 
 def test_flush_writes_readings_sensors_gaps_and_counters_together(db_path):
-    w = BatchWriter(db_path)
-    w.load()
+    w = W(db_path)
     for seq in (0, 1, 4, 5):  # 2 and 3 missing
         feed(w, "s1", 7, seq, 100.0 + seq)
     feed(w, "s2", None, 10, 100.5, {"v": 1.5})
     w.counters["received"] = 5
     assert w.flush(200.0) is True
-    assert w.rows == [] and w.dirty == set() and w.pending_datagrams == 0
+    assert w.core.pending == [] and w.core.dirty == set() and w.core.pending_datagrams == 0
     got = rows(db_path, "SELECT sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts"
                         " FROM sensors ORDER BY sensor")
     assert got == [("s1", 100.0, 105.0, 4, 8, 2, 0, 0, 0), ("s2", 100.5, 100.5, 1, 1, 0, 0, 0, 0)]
@@ -65,22 +72,20 @@ def test_flush_writes_readings_sensors_gaps_and_counters_together(db_path):
 
 
 def test_restart_rebuilds_trackers_so_no_gap_is_invented_and_duplicates_are_known(db_path):
-    w = BatchWriter(db_path)
-    w.load()
+    w = W(db_path)
     for seq in (10, 11, 13):
         feed(w, "s1", 3, seq, 1.0)
     w.counters["received"] = 3
     assert w.flush(2.0)
     w.close()
 
-    again = BatchWriter(db_path)
-    again.load()
+    again = W(db_path)
     assert again.counters["received"] == 3 and again.counters["stored"] == 3
     assert feed(again, "s1", 3, 13, 5.0) == Duplicate()
     assert feed(again, "s1", 3, 12, 5.0) == Late(12)  # the gap survived the restart and is fillable
     assert feed(again, "s1", 3, 14, 5.0).__class__.__name__ == "InOrder"
     assert feed(again, "s1", 3, 16, 5.0) == Gap(15, 15)
-    state = again.sensors["s1"]
+    state = again.core.sensors["s1"]
     assert state.series == {"temp": 1, "hum": 2}  # series ids reused, none re-created
     assert again.flush(6.0)
     assert rows(db_path, "SELECT datagrams, readings, lost, duplicates, reordered FROM sensors") == [(6, 12, 1, 1, 1)]
@@ -90,30 +95,30 @@ def test_restart_rebuilds_trackers_so_no_gap_is_invented_and_duplicates_are_know
 
 
 def test_database_full_keeps_a_bounded_backlog_counts_drops_and_recovers(db_path, caplog):
-    w = BatchWriter(db_path, max_backlog_rows=100)
-    w.load()
+    w = W(db_path, max_backlog_rows=100)
     assert w.flush(0.0)
     pages = w.conn.execute("PRAGMA page_count").fetchone()[0]
     w.conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full from now on
     sent_readings = 0
-    for seq in range(200):  # 2 readings each: 400 rows offered
-        feed(w, "s1", 1, seq, 10.0)
+    noise = random.Random(9)  # values zlib cannot squeeze: the log needs new pages soon
+    for seq in range(400):  # 2 readings each: 800 offered
+        feed(w, "s1", 1, seq, 10.0, {"temp": noise.random(), "hum": noise.random()})
         sent_readings += 2
         if seq % 20 == 19:
             if not w.flush(10.0 + seq):
-                w.trim()
+                w.core.trim(100)
     assert w.failing_since is not None
-    assert len(w.rows) <= 100
+    assert w.core.pending_readings <= 100
     dropped = w.counters["storage_dropped"]
     assert dropped > 0 and dropped % 2 == 0  # whole datagrams only
     stored_before = w.counters["stored_readings"]  # pages with free room took some first
-    assert dropped + len(w.rows) + stored_before == sent_readings
+    assert dropped + w.core.pending_readings + stored_before == sent_readings
     assert w.retry_at > w.failing_since
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "database or disk is full" in errors[0].getMessage()  # once per episode
 
     w.conn.execute("PRAGMA max_page_count = 1073741823")
-    kept = len(w.rows)
+    kept = w.core.pending_readings
     assert w.flush(500.0)
     assert w.failing_since is None
     assert rows(db_path, "SELECT count(*) FROM readings") == [(stored_before + kept,)]
@@ -121,54 +126,51 @@ def test_database_full_keeps_a_bounded_backlog_counts_drops_and_recovers(db_path
     assert counters["stored_readings"] == stored_before + kept
     assert counters["stored"] == (stored_before + kept) // 2
     assert counters["storage_dropped"] == dropped == sent_readings - kept - stored_before
-    # The accounts were never lost: all 200 datagrams counted, seqs all present.
-    assert rows(db_path, "SELECT datagrams, readings, lost FROM sensors") == [(200, 400, 0)]
+    # The accounts were never lost: all 400 datagrams counted, seqs all present.
+    assert rows(db_path, "SELECT datagrams, readings, lost FROM sensors") == [(400, 800, 0)]
     assert any("writable again" in r.getMessage() for r in caplog.records)
     w.close()
 
 
 def test_trim_drops_oldest_whole_datagrams(db_path):
-    w = BatchWriter(db_path, max_backlog_rows=10)
-    w.load()
+    w = W(db_path)
     for seq in range(9):
-        feed(w, "s1", None, seq, 1.0, {"a": 1, "b": 2, "c": 3})  # 27 rows
-    dropped = w.trim()
+        feed(w, "s1", None, seq, 1.0, {"a": 1, "b": 2, "c": 3})  # 27 readings
+    dropped = w.core.trim(10)
     assert dropped == 18  # 17 excess + 1 slack = 18, already a datagram boundary
-    assert [r[3] for r in w.rows] == [6, 6, 6, 7, 7, 7, 8, 8, 8]
-    assert w.pending_datagrams == 3
+    assert [d[2] for d in w.core.pending] == [6, 7, 8]
+    assert w.core.pending_datagrams == 3 and w.core.pending_readings == 9
     w.close()
 
 
-def test_trim_counts_two_identical_strays_of_one_burst_as_two_datagrams(db_path):
-    """A far-off seq sent twice is stored twice (a Stray is kept, never called
-    a duplicate); in one burst both copies share sensor, boot, seq and receive
-    time, and trim must still see two datagrams, or `stored` counts one that
-    was dropped."""
-    w = BatchWriter(db_path, max_backlog_rows=10)
-    w.load()
+def test_an_exact_repeat_of_a_stray_is_stored_once_and_trim_stays_exact(db_path):
+    """A far-off seq sent twice: the tracker calls both copies Strays (it keeps a
+    Stray, never calls it a duplicate); the core stores the exact repeat once
+    (counted in duplicates, as v2's primary key kept one row), and `stored`
+    counts exactly the datagrams kept after a trim."""
+    w = W(db_path)
     feed(w, "s1", 1, 0, 100.0)
     for _ in range(2):
         assert type(feed(w, "s1", 1, 5_000_000, 101.0)).__name__ == "Stray"
     for seq in range(1, 6):
-        feed(w, "s1", 1, seq, 102.0)  # 8 datagrams, 16 rows
-    assert w.trim() == 8  # 6 excess + 1 slack, rounded up to the end of a datagram
-    assert [r[3] for r in w.rows] == [2, 2, 3, 3, 4, 4, 5, 5]
-    assert w.pending_datagrams == 4
+        feed(w, "s1", 1, seq, 102.0)  # 7 datagrams queued, 14 readings
+    assert w.core.pending_datagrams == 7 and w.counters["duplicates"] == 1
+    assert w.core.trim(10) == 6  # 4 excess + 1 slack, rounded up to the end of a datagram
+    assert [d[2] for d in w.core.pending] == [2, 3, 4, 5]
     assert w.flush(103.0)
     assert w.counters["stored"] == 4 and w.counters["stored_readings"] == 8
+    assert rows(db_path, "SELECT count(*) FROM readings") == [(8,)]
     w.close()
 
 
 def test_corrupt_tracker_snapshot_starts_afresh_with_a_warning(db_path, caplog):
-    w = BatchWriter(db_path)
-    w.load()
+    w = W(db_path)
     feed(w, "s1", 1, 5, 1.0)
     assert w.flush(1.0)
     w.conn.execute("UPDATE sensors SET tracker = ?", (json.dumps({"v": 999}),))
     w.close()
-    again = BatchWriter(db_path)
-    again.load()
-    assert "s1" in again.sensors and again.sensors["s1"].tracker.datagrams == 0
+    again = W(db_path)
+    assert "s1" in again.core.sensors and again.core.sensors["s1"].tracker.datagrams == 0
     assert "start afresh" in caplog.text
     again.close()
 
@@ -176,17 +178,16 @@ def test_corrupt_tracker_snapshot_starts_afresh_with_a_warning(db_path, caplog):
 def test_writer_opens_wal_and_refuses_an_unwritable_place(tmp_path):
     from collector.errors import SetupError
 
-    w = BatchWriter(str(tmp_path / "t.db"))
+    w = W(str(tmp_path / "t.db"))
     assert w.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert w.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     w.close()
     with pytest.raises(SetupError, match="cannot open database"):
-        BatchWriter(str(tmp_path / "missing-dir" / "t.db"))
+        W(str(tmp_path / "missing-dir" / "t.db"))
 
 
 def test_locked_database_fails_fast_and_the_retry_succeeds(db_path, caplog):
-    w = BatchWriter(db_path)
-    w.load()
+    w = W(db_path)
     feed(w, "s1", 1, 0, 1.0)
     other = sqlite3.connect(db_path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
@@ -212,8 +213,7 @@ def test_locked_database_fails_fast_and_the_retry_succeeds(db_path, caplog):
 def test_a_damaged_database_is_a_setup_error_not_a_traceback(db_path):
     from collector.errors import SetupError
 
-    w = BatchWriter(db_path)
-    w.load()
+    w = W(db_path)
     pages_before = w.conn.execute("PRAGMA page_count").fetchone()[0]
     for i in range(400):  # sensors rows (and their index) on pages added after the schema's
         feed(w, f"sensor-with-a-long-name-{i:04d}", 1, 0, 100.0)
@@ -223,12 +223,8 @@ def test_a_damaged_database_is_a_setup_error_not_a_traceback(db_path):
         size = f.seek(0, 2)
         f.seek(4096 * pages_before)
         f.write(b"\xa5" * (size - 4096 * pages_before))  # flash pages gone bad
-    w = BatchWriter(db_path)  # the schema pages are intact: it opens
-    try:
-        with pytest.raises(SetupError, match=r"cannot read database .*malformed"):
-            w.load()
-    finally:
-        w.close()
+    with pytest.raises(SetupError, match=r"cannot read database .*malformed"):
+        W(db_path)  # the schema pages are intact: it opens, and loading fails
 
 
 def test_a_database_from_a_newer_collector_is_refused_and_left_closed(db_path):
@@ -251,9 +247,9 @@ def test_a_database_from_a_newer_collector_is_refused_and_left_closed(db_path):
 
 
 def test_a_second_writer_on_the_same_database_is_refused_until_the_first_closes(db_path):
-    first = BatchWriter(db_path)
+    first = W(db_path)
     with pytest.raises(SetupError, match="in use by another telemetry-collector"):
-        BatchWriter(db_path)
+        W(db_path)
     first.close()
-    second = BatchWriter(db_path)  # the lock went with the first writer
+    second = W(db_path)  # the lock went with the first writer
     second.close()

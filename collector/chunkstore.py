@@ -1,0 +1,226 @@
+"""Open heads and closed chunks of storage v3: the pure part. No sockets, no SQLite.
+
+A head is one (sensor, boot)'s datagrams since its last chunk, kept in
+compact arrays (a float64 per value, NaN where a datagram lacked the metric:
+the wire format refuses NaN, so NaN can never be a reading).  Closing a head
+gives a `ChunkRow`: the encoded blob (collector/chunkenc.py when present),
+its crc32, and per-series statistics (count, min, max, sum, first/last ts and
+the newest reading by key), so aggregates over whole chunks and `latest`
+decode nothing.  Values are float64 as in every schema so far (an int beyond
++-2**53 is rounded, docs/SCHEMA.md); every float64 comes back bit-exact.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from array import array
+from typing import NamedTuple
+
+import msgpack
+
+try:  # lane CODEC's compact codec, when it has landed
+    from .chunkenc import decode_chunk as _decode, encode_chunk as _encode  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - the placeholder: zlib(msgpack(columns))
+    _encode = None
+    _decode = None
+
+NAN = math.nan
+PLACEHOLDER_MAGIC = b"\x00P1"
+
+
+class ChunkError(ValueError):
+    """A blob that does not decode, or whose checksum does not match."""
+
+
+def encode_chunk(seqs, ts, received, metrics) -> bytes:
+    if _encode is not None:
+        return _encode(list(seqs), list(ts), list(received), {k: list(v) for k, v in metrics.items()})
+    payload = [list(seqs), list(ts), list(received), {k: list(v) for k, v in metrics.items()}]
+    return PLACEHOLDER_MAGIC + zlib.compress(msgpack.packb(payload, use_bin_type=True), 6)
+
+
+def decode_chunk(blob: bytes):
+    """(seqs, ts, received, {metric: [value or None]}) of a blob, or ChunkError."""
+    try:
+        if blob[:3] == PLACEHOLDER_MAGIC or _decode is None:
+            if blob[:3] != PLACEHOLDER_MAGIC:
+                raise ChunkError("unknown chunk encoding")
+            seqs, ts, received, metrics = msgpack.unpackb(zlib.decompress(blob[3:]), raw=False)
+            return seqs, ts, received, metrics
+        return _decode(blob)
+    except ChunkError:
+        raise
+    except Exception as exc:  # any malformed blob is one error
+        raise ChunkError(f"chunk does not decode: {exc}") from None
+
+
+class SeriesStats(NamedTuple):
+    count: int
+    min: float
+    max: float
+    sum: float
+    min_ts: float
+    max_ts: float
+    last_boot: int
+    last_seq: int
+    last_value: float
+
+
+class ChunkRow(NamedTuple):
+    sensor: str
+    boot: int  # NO_BOOT (-1) when the sensor sends none
+    datagrams: int
+    first_received: float
+    last_received: float
+    crc: int
+    blob: bytes
+    stats: dict[str, SeriesStats]  # metric -> stats
+    rollups: dict[str, dict[tuple[int, int], list]]  # metric -> {(width, bucket start): [count, min, max, sum]}
+
+
+ROLLUP_WIDTHS = (60, 3600)  # rollup_1m, rollup_1h
+
+
+def rollup(ts, values) -> dict[tuple[int, int], list]:
+    """count/min/max/sum of one column per (width, bucket start), NaN = absent.
+
+    One pass into minutes, then minutes folded into hours (a minute bucket
+    never straddles an hour).
+    """
+    minutes: dict[int, list] = {}
+    floor = math.floor
+    for t, v in zip(ts, values):
+        if v != v:
+            continue
+        b = floor(t / 60)
+        acc = minutes.get(b)
+        if acc is None:
+            minutes[b] = [1, v, v, v]
+        else:
+            acc[0] += 1
+            if v < acc[1]:
+                acc[1] = v
+            if v > acc[2]:
+                acc[2] = v
+            acc[3] += v
+    out: dict[tuple[int, int], list] = {}
+    for b, (n, lo, hi, total) in minutes.items():
+        out[(60, b * 60)] = [n, lo, hi, total]
+        key = (3600, (b // 60) * 3600)
+        acc = out.get(key)
+        if acc is None:
+            out[key] = [n, lo, hi, total]
+        else:
+            acc[0] += n
+            if lo < acc[1]:
+                acc[1] = lo
+            if hi > acc[2]:
+                acc[2] = hi
+            acc[3] += total
+    return out
+
+
+def series_stats(boot: int, seqs, ts, values) -> SeriesStats | None:
+    """Statistics of one metric column (NaN = absent); None if it has no value."""
+    count = 0
+    lo = hi = total = 0.0
+    tmin = tmax = 0.0
+    last_key = None
+    last_value = 0.0
+    for i, v in enumerate(values):
+        if v != v:
+            continue
+        t = ts[i]
+        if count == 0:
+            lo = hi = v
+            tmin = tmax = t
+        else:
+            if v < lo:
+                lo = v
+            if v > hi:
+                hi = v
+            if t < tmin:
+                tmin = t
+            if t > tmax:
+                tmax = t
+        total += v
+        count += 1
+        key = (t, boot, seqs[i])
+        if last_key is None or key > last_key:
+            last_key, last_value = key, v
+    if count == 0:
+        return None
+    return SeriesStats(count, lo, hi, total, tmin, tmax, boot, last_key[2], last_value)
+
+
+class Head:
+    """One (sensor, boot)'s open datagrams: compact arrays, appended at each flush."""
+
+    __slots__ = ("sensor", "boot", "first_log_id", "opened", "seqs", "ts", "received", "metrics")
+
+    def __init__(self, sensor: str, boot: int, first_log_id: int, opened: float) -> None:
+        self.sensor = sensor
+        self.boot = boot
+        self.first_log_id = first_log_id  # the oldest ingest_log row holding its datagrams
+        self.opened = opened  # receive time of its first datagram (the span rule)
+        self.seqs = array("q")
+        self.ts = array("d")
+        self.received = array("d")
+        self.metrics: dict[str, array] = {}
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def nbytes(self) -> int:
+        return len(self.seqs) * (24 + 8 * len(self.metrics))
+
+    def extend(self, seqs, ts, received, metrics) -> None:
+        n0 = len(self.seqs)
+        n = len(seqs)
+        self.seqs.extend(seqs)
+        self.ts.extend(ts)
+        self.received.extend(received)
+        for name, values in metrics.items():
+            col = self.metrics.get(name)
+            if col is None:
+                col = self.metrics[name] = array("d", [NAN]) * n0
+            col.extend([NAN if v is None else float(v) for v in values])
+        for col in self.metrics.values():
+            if len(col) < n0 + n:
+                col.extend(array("d", [NAN]) * (n0 + n - len(col)))
+
+    def close(self) -> ChunkRow:
+        """The head as an immutable chunk row (the head itself is left as it is)."""
+        metrics = {name: [None if v != v else v for v in col] for name, col in self.metrics.items()}
+        blob = encode_chunk(self.seqs, self.ts, self.received, metrics)
+        stats = {}
+        rollups = {}
+        for name, col in self.metrics.items():
+            s = series_stats(self.boot, self.seqs, self.ts, col)
+            if s is not None:
+                stats[name] = s
+                rollups[name] = rollup(self.ts, col)
+        return ChunkRow(self.sensor, self.boot, len(self.seqs), min(self.received), max(self.received),
+                        zlib.crc32(blob), blob, stats, rollups)
+
+    def copy(self) -> Head:
+        h = Head(self.sensor, self.boot, self.first_log_id, self.opened)
+        h.seqs = array("q", self.seqs)
+        h.ts = array("d", self.ts)
+        h.received = array("d", self.received)
+        h.metrics = {k: array("d", v) for k, v in self.metrics.items()}
+        return h
+
+
+def chunk_rows_from_columns(sensor: str, boot: int, seqs, ts, received, metrics: dict[str, list],
+                            size: int) -> list[ChunkRow]:
+    """Cut columns (arrival order) into chunk rows of at most `size` datagrams (the migration)."""
+    out = []
+    for start in range(0, len(seqs), size):
+        end = start + size
+        head = Head(sensor, boot, 0, received[start])
+        head.extend(seqs[start:end], ts[start:end], received[start:end],
+                    {k: v[start:end] for k, v in metrics.items()})
+        out.append(head.close())
+    return out

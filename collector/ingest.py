@@ -1,0 +1,349 @@
+"""The ingest core: bytes in, accounts and what to store out. No sockets, no SQLite.
+
+h11-style (docs/STYLE practice 1): `IngestCore.receive(data, now)` takes one
+datagram's bytes and the receive time and does everything the collector
+decides about it: first-byte dispatch (plain or signed), decode, tag and
+replay window, the cardinality guards, the sensor registry, metric-name
+interning, sequence tracking, and queueing what is to be stored.  It returns
+the tracker's event (collector/sequence.py: `InOrder`, `Gap`, ..., `Duplicate`)
+when the datagram was accounted, or an outcome the caller may log
+(`Rejected`, `Refused`, `Failed`, in REPORTED); everything is counted here.  The store only writes what `batch()` hands it; the Collector only
+owns sockets, signals, the loop and the rate-limited log.
+
+The pending batch is a flat list of datagrams in arrival order (one tuple
+each: the cheapest append on the hot path, and "oldest first" is the order
+`trim` drops them in when the database refuses writes for too long).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from . import auth, tuning
+from .errors import DecodeError
+from .replay import ReplayWindow
+from .sequence import Duplicate, GapRecord, SensorTracker, Stray
+from .wire import decode
+
+# Counters every database has from the first flush on, so readers need no defaults.
+COUNTERS = (
+    "received",
+    "stored",
+    "stored_readings",
+    "duplicates",
+    "kernel_drops",
+    "truncated",
+    "storage_dropped",
+    "refused_sensors",
+    "refused_readings",
+    "retention_dropped",
+    "budget_dropped",
+    "uplink_dropped",
+    "corrupt_chunks",
+)
+
+
+STRAYS_REMEMBERED = 64  # per sensor
+
+
+class SensorState:
+    """What the collector keeps per sensor between datagrams."""
+
+    __slots__ = ("sensor", "tracker", "series", "first_seen", "last_seen", "readings", "replay", "strays", "last_ts")
+
+    def __init__(self, sensor: str, tracker: SensorTracker, series: dict[str, int],
+                 first_seen: float, last_seen: float, readings: int = 0,
+                 replay: ReplayWindow | None = None) -> None:
+        self.sensor = sensor
+        self.tracker = tracker
+        self.series = series  # metric -> series id
+        self.first_seen = first_seen
+        self.last_seen = last_seen
+        self.readings = readings
+        # The anti-replay window of signed datagrams; None until the first one.
+        self.replay = replay
+        # (boot, seq, ts) of recent Strays: the tracker stores a far-off seq
+        # each time it comes, so an exact repeat is recognised here (v2's
+        # primary key ignored it; bounded, forgotten on restart).
+        self.strays: set[tuple] | None = None
+        self.last_ts: float | None = None  # ts of the last datagram (sensor clock), for collector/health.py
+
+    def row(self) -> tuple:
+        t = self.tracker
+        snapshot = json.dumps(t.snapshot(), separators=(",", ":"))
+        window = None if self.replay is None else json.dumps(self.replay.snapshot(), separators=(",", ":"))
+        return (self.sensor, self.first_seen, self.last_seen, t.datagrams, self.readings,
+                t.lost, t.duplicates, t.reordered, t.restarts, snapshot, window)
+
+
+# --- outcomes (None means accepted or duplicate) -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The datagram was refused; counted in `rejected:<reason>`."""
+
+    error: DecodeError
+
+    @property
+    def reason(self) -> str:
+        return self.error.reason
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A cardinality guard kept something out; counted in `counter`.  When only
+    some readings were refused, `event` is the datagram's tracker event."""
+
+    what: str
+    counter: str
+    event: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A bug cost this datagram (counted in internal_errors); the caller logs `error`."""
+
+    error: BaseException
+
+
+REPORTED = frozenset((Rejected, Refused, Failed))  # outcome classes the caller logs
+
+
+@dataclass
+class Batch:
+    """What one flush writes, handed to the store; the core keeps it until `committed()`."""
+
+    datagrams: list[tuple]  # (sensor, boot or None, seq, ts, received, readings) in arrival order
+    readings: int
+    dirty: list[SensorState]
+    new_series: list[tuple[int, str, str]]
+    gaps: dict[tuple[str, int, int], GapRecord | None]
+    counters: dict[str, float]
+
+
+class IngestCore:
+    """The per-datagram pipeline and the state it keeps (registry, trackers, batch)."""
+
+    def __init__(self, *, counters: dict[str, float] | None = None,
+                 sensors: dict[str, SensorState] | None = None, next_series_id: int = 1,
+                 keyring: dict[str, bytes] | None = None, require_auth: bool = False,
+                 max_sensors: int = tuning.MAX_SENSORS,
+                 max_series_per_sensor: int = tuning.MAX_SERIES_PER_SENSOR) -> None:
+        self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
+        if counters:
+            self.counters.update(counters)
+        self.counters.setdefault("internal_errors", 0)
+        self.sensors: dict[str, SensorState] = sensors if sensors is not None else {}
+        self.require_auth = require_auth
+        self.max_sensors = max_sensors
+        self.max_series_per_sensor = max_series_per_sensor
+        self.keyring: dict[str, bytes] = {}
+        self.keyed: frozenset[str] = frozenset()
+        self.set_keys(keyring or {})
+        self._next_series_id = next_series_id
+        self.pending: list[tuple] = []
+        self.pending_readings = 0
+        self.repeated_strays = 0  # exact repeats of a Stray not queued again (this run)
+        self.dirty: set[SensorState] = set()
+        self._new_series: list[tuple[int, str, str]] = []
+        self._gaps: dict[tuple[str, int, int], GapRecord | None] = {}
+
+    @property
+    def pending_datagrams(self) -> int:
+        return len(self.pending)
+
+    def set_keys(self, keys: dict[str, bytes]) -> None:
+        """Swap the key set in whole (a reload)."""
+        self.keyring = keys
+        self.keyed = frozenset(key_id.partition("@")[0] for key_id in keys)
+
+    # --- the hot path ----------------------------------------------------------------------
+
+    def receive(self, data: bytes, now: float):
+        """Account one datagram received at `now`: its tracker event, or an outcome in REPORTED."""
+        try:
+            # The first byte tells the forms apart (docs/PROTOCOL.md); plain
+            # datagrams pay this test, the require_auth test and one set lookup.
+            if not data or data[0] != 0x93:
+                if self.require_auth:
+                    raise DecodeError("not_signed", "a plain datagram, and --require-auth is on")
+                sensor, seq, boot, ts, readings = decode(data)
+                if sensor in self.keyed:
+                    raise DecodeError("not_signed", f"sensor {sensor!r} has a key: its datagrams must be signed")
+                state = self.sensors.get(sensor)
+                if state is None:
+                    state = self.new_sensor(sensor, now)
+                    if state is None:
+                        return self._refused_sensor(sensor)
+            else:
+                (sensor, seq, boot, ts, readings), state = self._verify(data, now)
+                if state is None:
+                    return self._refused_sensor(sensor)
+            event = state.tracker.observe(boot, seq, now)
+            state.last_seen = now
+            state.last_ts = ts  # the sensor's clock, for its clock offset (collector/health.py)
+            self.dirty.add(state)
+            if event.__class__ is Duplicate:
+                self.counters["duplicates"] += 1
+                return event
+            if ts is None:
+                ts = now
+            if event.__class__ is Stray and self._repeated_stray(state, boot, seq, ts):
+                self.repeated_strays += 1
+                self.counters["duplicates"] += 1  # not stored again: the collector's duplicate count
+                return event  # the sensor's accounts stay as the tracker says
+            series = state.series
+            outcome = event
+            if not series.keys() >= readings.keys():  # a metric name seen for the first time
+                refused = None
+                for name in readings:
+                    if name not in series and not self._intern(state, name):
+                        if refused is None:
+                            refused = dict(readings)
+                        del refused[name]
+                if refused is not None:
+                    self.counters["refused_readings"] += len(readings) - len(refused)
+                    outcome = Refused(f"reading {', '.join(name for name in readings if name not in refused)} of "
+                                      f"sensor {sensor}: it has {len(series)} metrics already "
+                                      f"(MAX_SERIES_PER_SENSOR)", "refused_readings", event)
+                    readings = refused
+            self.pending.append((sensor, boot, seq, ts, now, readings))
+            n = len(readings)
+            self.pending_readings += n
+            state.readings += n
+            return outcome
+        except DecodeError as exc:
+            key = "rejected:" + exc.reason
+            self.counters[key] = self.counters.get(key, 0) + 1
+            return Rejected(exc)
+        except Exception as exc:  # a bug must cost one datagram, never the loop
+            self.counters["internal_errors"] += 1
+            return Failed(exc)
+
+    @staticmethod
+    def _repeated_stray(state: SensorState, boot, seq: int, ts: float) -> bool:
+        strays = state.strays
+        if strays is None:
+            strays = state.strays = set()
+        key = (boot, seq, ts)
+        if key in strays:
+            return True
+        if len(strays) >= STRAYS_REMEMBERED:
+            strays.clear()
+        strays.add(key)
+        return False
+
+    def _verify(self, data: bytes, now: float):
+        """A signed datagram: authenticate, decode, then the replay window.
+
+        The window moves only here, after the tag verified and the body
+        decoded (RFC 4303 3.4.3).  The state is None when MAX_SENSORS refuses
+        a new sensor.
+        """
+        datagram, _ = auth.decode_signed(data, self.keyring)
+        state = self.sensors.get(datagram.sensor) or self.new_sensor(datagram.sensor, now)
+        if state is None:
+            return datagram, None
+        window = state.replay
+        if window is None:
+            window = state.replay = ReplayWindow()
+        boot, seq = datagram.boot, datagram.seq
+        if not window.check(boot, seq):
+            raise DecodeError("replayed", f"sensor {datagram.sensor!r} boot {boot} seq {seq} was accepted "
+                                          f"before, or is older than the replay window")
+        window.accept(boot, seq)
+        return datagram, state
+
+    def _refused_sensor(self, sensor: str) -> Refused:
+        self.counters["refused_sensors"] += 1
+        return Refused(f"datagrams from new sensor {sensor}: {len(self.sensors)} sensors are tracked "
+                       f"already (MAX_SENSORS)", "refused_sensors")
+
+    def new_sensor(self, sensor: str, now: float) -> SensorState | None:
+        """Start tracking a sensor; None when max_sensors are tracked already."""
+        if len(self.sensors) >= self.max_sensors:
+            return None
+        state = SensorState(sensor, SensorTracker(), {}, now, now)
+        self.sensors[sensor] = state
+        return state
+
+    def _intern(self, state: SensorState, metric: str) -> bool:
+        if len(state.series) >= self.max_series_per_sensor:
+            return False
+        series_id = self._next_series_id
+        self._next_series_id += 1
+        state.series[metric] = series_id
+        self._new_series.append((series_id, state.sensor, metric))
+        return True
+
+    # --- the batch -----------------------------------------------------------------------
+
+    def batch(self) -> Batch:
+        """Everything the next flush must write (the core keeps it until `committed`)."""
+        for state in self.dirty:
+            for (stream, first_seq), record in state.tracker.pop_gap_changes().items():
+                self._gaps[(state.sensor, stream, first_seq)] = record
+        return Batch(self.pending, self.pending_readings, list(self.dirty), self._new_series, self._gaps,
+                     self.counters)
+
+    def committed(self, stored_readings: int, now: float) -> None:
+        """The store committed the last `batch()`: account it and start a new one."""
+        self.counters["stored"] += len(self.pending)
+        self.counters["stored_readings"] += stored_readings
+        self.counters["last_flush"] = now
+        self.pending = []
+        self.pending_readings = 0
+        self.dirty = set()
+        self._new_series = []
+        self._gaps = {}
+
+    def trim(self, max_readings: int) -> int:
+        """Drop the oldest whole datagrams beyond `max_readings` queued; returns readings dropped."""
+        excess = self.pending_readings - max_readings
+        if excess <= 0:
+            return 0
+        # A tenth more than needed, so trimming is not an O(n) shift per burst.
+        want = min(self.pending_readings, excess + max_readings // 10)
+        dropped = n = 0
+        for item in self.pending:
+            if dropped >= want:
+                break
+            dropped += len(item[5])
+            n += 1
+        del self.pending[:n]
+        self.pending_readings -= dropped
+        self.counters["storage_dropped"] += dropped
+        return dropped
+
+    def lost(self) -> int:
+        return sum(state.tracker.lost for state in self.sensors.values())
+
+
+def group_batch(datagrams: list[tuple]) -> list[Any]:
+    """The batch's datagrams as ingest-log groups: one per (sensor, boot), arrival order kept.
+
+    Metric columns are aligned with seqs, None where a datagram lacked the metric.
+    """
+    from .ingestlog import Group
+
+    by_key: dict[tuple, list[tuple]] = {}
+    for item in datagrams:
+        key = (item[0], item[1])
+        rows = by_key.get(key)
+        if rows is None:
+            by_key[key] = [item]
+        else:
+            rows.append(item)
+    groups = []
+    for (sensor, boot), rows in by_key.items():
+        names: dict[str, None] = {}
+        for row in rows:
+            for name in row[5]:
+                names[name] = None
+        metrics = {name: [row[5].get(name) for row in rows] for name in names}
+        groups.append(Group(sensor, boot, [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows],
+                            metrics))
+    return groups

@@ -1,0 +1,133 @@
+"""The pure ingest core: bytes in, accounts and a batch out. No socket, no file."""
+
+from __future__ import annotations
+
+import msgpack
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from collector import auth, wire
+from collector.ingest import REPORTED, Failed, IngestCore, Refused, Rejected, group_batch
+from collector.schema import REJECT_REASONS
+from collector.sequence import Duplicate, Gap, InOrder, Late, Stray
+
+KEY = bytes(range(32))
+
+
+def signed(sensor: str, seq: int, boot: int = 1, key_id: str | None = None) -> bytes:
+    return auth.sign(wire.encode(sensor, seq, {"t": 1.0}, boot=boot), key_id or sensor, KEY)
+
+
+def accounted(core: IngestCore) -> int:
+    c = core.counters
+    return (core.pending_datagrams + c["duplicates"] + c["refused_sensors"] + c["internal_errors"]
+            + sum(c.get(f"rejected:{r}", 0) for r in REJECT_REASONS))
+
+
+def test_events_batch_and_accounts():
+    core = IngestCore()
+    enc = lambda seq, r=None: wire.encode("s1", seq, r or {"t": 20.5, "h": 3}, boot=7, ts=100.0 + seq)  # noqa: E731
+    assert core.receive(enc(0), 1.0).__class__.__name__ == "First"
+    assert core.receive(enc(1), 1.1) == InOrder()
+    assert core.receive(enc(4), 1.2) == Gap(2, 3)
+    assert core.receive(enc(2, {"t": -0.0}), 1.3) == Late(2)
+    assert core.receive(enc(2), 1.4) == Duplicate()
+    assert core.pending_datagrams == 4 and core.pending_readings == 7
+    assert core.counters["duplicates"] == 1
+    state = core.sensors["s1"]
+    assert state.series == {"t": 1, "h": 2} and state.readings == 7
+    assert (state.tracker.datagrams, state.tracker.lost, state.tracker.reordered) == (4, 1, 1)
+    batch = core.batch()
+    assert batch.new_series == [(1, "s1", "t"), (2, "s1", "h")]
+    assert [(k[0], k[2], r.missing) for k, r in batch.gaps.items()] == [("s1", 3, 1)]  # 2 came late
+    [group] = group_batch(batch.datagrams)
+    assert group.sensor == "s1" and group.boot == 7 and group.seqs == [0, 1, 4, 2]
+    assert group.received == [1.0, 1.1, 1.2, 1.3] and group.ts == [100.0, 101.0, 104.0, 102.0]
+    assert group.metrics["h"] == [3, 3, 3, None]
+    assert str(group.metrics["t"][3]) == "-0.0"
+    core.committed(7, 2.0)
+    assert core.pending == [] and core.counters["stored"] == 4 and core.counters["stored_readings"] == 7
+
+
+def test_missing_ts_is_the_receive_time_and_boot_none_groups_apart():
+    core = IngestCore()
+    core.receive(wire.encode("a", 1, {"x": 1}), 50.0)
+    core.receive(wire.encode("a", 2, {"x": 2}, boot=3), 51.0)
+    groups = group_batch(core.batch().datagrams)
+    assert [(g.boot, g.ts) for g in groups] == [(None, [50.0]), (3, [51.0])]
+
+
+def test_guards_refuse_new_sensors_and_metrics_and_count_them():
+    core = IngestCore(max_sensors=1, max_series_per_sensor=2)
+    assert core.receive(wire.encode("one", 0, {"a": 1, "b": 2}), 1.0).__class__ not in REPORTED
+    out = core.receive(wire.encode("two", 0, {"a": 1}), 1.0)
+    assert isinstance(out, Refused) and out.counter == "refused_sensors" and "MAX_SENSORS" in out.what
+    out = core.receive(wire.encode("one", 1, {"a": 1, "c": 3, "d": 4}), 1.0)
+    assert isinstance(out, Refused) and out.counter == "refused_readings" and out.event == InOrder()
+    assert "reading c, d of sensor one" in out.what
+    assert core.counters["refused_sensors"] == 1 and core.counters["refused_readings"] == 2
+    assert core.pending[-1][5] == {"a": 1} and core.sensors["one"].readings == 3
+
+
+def test_signed_datagrams_window_and_not_signed():
+    core = IngestCore(keyring={"s1": KEY})
+    assert core.receive(signed("s1", 5), 1.0).__class__.__name__ == "First"
+    out = core.receive(signed("s1", 5), 1.0)
+    assert isinstance(out, Rejected) and out.reason == "replayed"
+    out = core.receive(wire.encode("s1", 6, {"t": 1.0}, boot=1), 1.0)
+    assert isinstance(out, Rejected) and out.reason == "not_signed"  # s1 has a key
+    assert core.receive(wire.encode("free", 1, {"t": 1.0}), 1.0).__class__ not in REPORTED
+    out = core.receive(signed("s1", 7, key_id="other"), 1.0)
+    assert isinstance(out, Rejected) and out.reason == "unknown_key"
+    strict = IngestCore(keyring={"s1": KEY}, require_auth=True)
+    assert strict.receive(wire.encode("free", 1, {"t": 1.0}), 1.0).reason == "not_signed"
+    core.set_keys({})
+    assert core.receive(signed("s1", 8), 1.0).reason == "unknown_key"
+    assert core.counters["rejected:replayed"] == 1 and core.counters["rejected:unknown_key"] == 2
+
+
+def test_an_exact_repeat_of_a_stray_is_stored_once():
+    core = IngestCore()
+    core.receive(wire.encode("s", 0, {"t": 1}, boot=1, ts=10.0), 1.0)
+    far = wire.encode("s", 5_000_000, {"t": 2}, boot=1, ts=11.0)
+    assert core.receive(far, 2.0) == Stray(5_000_000)
+    assert core.receive(far, 2.0) == Stray(5_000_000)  # the tracker's verdict, unchanged
+    assert core.pending_datagrams == 2 and core.repeated_strays == 1 and core.counters["duplicates"] == 1
+    assert core.sensors["s"].tracker.datagrams == 3 and core.sensors["s"].readings == 2
+
+
+def test_trim_drops_the_oldest_whole_datagrams_and_counts_readings():
+    core = IngestCore()
+    for seq in range(10):
+        core.receive(wire.encode("s", seq, {"a": 1, "b": 2}), 1.0)
+    assert core.trim(10) == 12  # 10 excess + 1 slack, rounded up to whole datagrams
+    assert [d[2] for d in core.pending] == [6, 7, 8, 9] and core.counters["storage_dropped"] == 12
+
+
+def test_a_bug_costs_one_datagram_not_the_loop():
+    core = IngestCore()
+    core.receive(wire.encode("s", 0, {"a": 1}), 1.0)
+    core.sensors["s"].tracker = None  # the next datagram of s hits a bug
+    out = core.receive(wire.encode("s", 1, {"a": 1}), 1.0)
+    assert isinstance(out, Failed) and core.counters["internal_errors"] == 1
+    assert core.receive(wire.encode("t", 0, {"a": 1}), 1.0).__class__ not in REPORTED
+
+
+junk = st.binary(max_size=64) | st.sampled_from([b"", b"\xc1", msgpack.packb([1, 2]), b"\x93\x00",
+                                                  msgpack.packb({"v": 1, "id": "s", "seq": 1, "r": {}})])
+valid = st.builds(
+    lambda sensor, seq, boot, n: wire.encode(f"p-{sensor}", seq, {f"m{i}": float(i) for i in range(n)}, boot=boot),
+    st.integers(0, 5), st.integers(0, 2**32 - 1), st.none() | st.integers(0, 3), st.integers(1, 4),
+)
+sig = st.builds(lambda seq: signed("k-1", seq), st.integers(0, 50))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(valid | junk | sig, max_size=40))
+def test_any_bytes_are_accounted_exactly_once(burst):
+    core = IngestCore(keyring={"k-1": KEY}, max_sensors=4)
+    for data in burst:
+        before = accounted(core)
+        out = core.receive(data, 1_700_000_000.0)
+        assert accounted(core) - before == 1, out
+    assert core.counters["internal_errors"] == 0
