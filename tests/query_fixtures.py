@@ -96,10 +96,6 @@ def fill_known_db(path: str) -> None:
             SENSORS,
         )
         conn.executemany(
-            "UPDATE sensors SET interval = ?, stale_after = ?, clock_offset = ?, clock_skewed = ? WHERE sensor = ?",
-            [(*health, sensor) for sensor, health in HEALTH.items()],
-        )
-        conn.executemany(
             "INSERT INTO gaps (sensor, stream, boot, first_seq, last_seq, missing, detected_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             GAPS,
@@ -107,7 +103,15 @@ def fill_known_db(path: str) -> None:
         conn.executemany("INSERT INTO counters (name, value) VALUES (?, ?)", list(COUNTERS.items()))
         conn.execute("COMMIT")
     db.conn.close()
-    open_writer(path).conn.close()  # migrates to the current schema
+    db = open_writer(path)  # migrates to the current schema
+    with db.conn:  # sensor health columns (schema version 3 on)
+        db.conn.execute("BEGIN")
+        db.conn.executemany(
+            "UPDATE sensors SET interval = ?, stale_after = ?, clock_offset = ?, clock_skewed = ? WHERE sensor = ?",
+            [(*health, sensor) for sensor, health in HEALTH.items()],
+        )
+        db.conn.execute("COMMIT")
+    db.conn.close()
 
 
 def expected_rows(sensor: str, metric: str) -> list[dict]:
