@@ -233,7 +233,9 @@ def test_a_follower_that_stops_reading_is_dropped_with_a_reason(log_db, tls, cap
 
 def test_follow_on_a_database_without_an_ingest_log_says_so(tmp_path, tls):
     path = str(tmp_path / "v2.db")
-    open_writer(path).conn.close()
+    db = open_writer(path)
+    db.conn.execute("DROP TABLE ingest_log")  # every current database has one: a damaged or hand-made file
+    db.conn.close()
     with running_server(path, tls) as server, connect(server, tls) as sock:
         sock.sendall(b'{"op":"follow","id":1}\n')
         doc = Lines(sock).next()
