@@ -71,6 +71,67 @@ def _count(value) -> int:
         raise ValueError(str(exc).replace("must be > 0", "must be >= 0")) from None
 
 
+class Duration(str):
+    """A duration as written ("90d", "12h", "30m", "45s", seconds; "0" or "forever": no limit)."""
+
+    seconds: float
+
+    def __float__(self) -> float:
+        return self.seconds
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def _duration(value) -> Duration:
+    text = str(value).strip().lower() if not isinstance(value, bool) else ""
+    if text in ("forever", "0", "0.0"):
+        seconds = 0.0
+    else:
+        unit = text[-1:] if text[-1:] in _UNITS else "s"
+        number = text[:-1] if text[-1:] in _UNITS else text
+        try:
+            seconds = float(number) * _UNITS[unit]
+        except ValueError:
+            raise ValueError(f"{value!r} is not a duration such as 90d, 12h, 30m or 'forever'") from None
+        if not seconds > 0 or seconds == float("inf"):
+            raise ValueError(f"{value!r}: a duration must be > 0 (or 'forever')")
+    out = Duration(str(value))
+    out.seconds = seconds
+    return out
+
+
+class Size(str):
+    """A size as written ("500M", "2G", "1.5GiB", bytes)."""
+
+    bytes: int
+
+    def __int__(self) -> int:
+        return self.bytes
+
+
+_SIZES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def _size(value) -> Size:
+    text = str(value).strip().lower().removesuffix("ib").removesuffix("b") if not isinstance(value, bool) else ""
+    unit = text[-1:] if text[-1:] in "kmgt" and text else ""
+    try:
+        number = float(text[:-1] if unit else text)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a size such as 500M or 2G") from None
+    size = int(number * _SIZES[unit])
+    if size < MIN_DISK_BYTES:
+        raise ValueError(f"{value!r}: at least {MIN_DISK_BYTES // 1024**2} MiB (the schema, the heads' log and "
+                         "the WAL need room)")
+    out = Size(str(value))
+    out.bytes = size
+    return out
+
+
+MIN_DISK_BYTES = 1024**2
+
+
 # Each setting once: flag, TELEMETRY_COLLECTOR_* variable, [collector] key,
 # default and help (deploy/gateway.toml documents the same keys; a test checks).
 SETTINGS = [
@@ -110,6 +171,15 @@ SETTINGS = [
     config.Setting("clock_threshold", config.positive_float, health.DEFAULT_CLOCK_THRESHOLD_S, metavar="SECONDS",
                    flag_parse=_positive(float),
                    help="Flag a sensor whose clock is off by more than this (its readings are kept)."),
+    config.Setting("retain", _duration, _duration("90d"), metavar="DURATION",
+                   help="Keep raw readings this long (by receive time), then only their rollups."),
+    config.Setting("retain_1m", _duration, _duration("365d"), metavar="DURATION",
+                   help="Keep the 1-minute rollups this long."),
+    config.Setting("retain_1h", _duration, _duration("forever"), metavar="DURATION",
+                   help="Keep the 1-hour rollups this long ('forever': never delete)."),
+    config.Setting("max_disk", _size, None, metavar="SIZE", default_text="no limit",
+                   help="Keep the database file and its WAL under this size (500M, 2G): the oldest raw readings "
+                        "go first, then the oldest 1-minute rollups; counted in budget_dropped."),
 ]
 
 

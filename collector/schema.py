@@ -145,6 +145,7 @@ CHUNK_TABLES = (
         blob BLOB NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS chunks_closed ON chunks (sensor, boot, log_id)",
+    "CREATE INDEX IF NOT EXISTS chunks_received ON chunks (last_received)",  # retention, oldest first
     # Per-series statistics of each chunk, clustered by (series, min_ts): a
     # range query finds a series' chunks without touching a blob, and whole
     # chunks inside an aggregate bucket are answered from these columns.
@@ -163,6 +164,7 @@ CHUNK_TABLES = (
         PRIMARY KEY (series, min_ts, chunk)
     ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS chunk_series_max ON chunk_series (series, max_ts)",
+    "CREATE INDEX IF NOT EXISTS chunk_series_chunk ON chunk_series (chunk)",  # deleting a chunk's rows
     # Rollups: count/min/max/sum per series and bucket (start in Unix seconds),
     # upsert-added as chunks close.
     """CREATE TABLE IF NOT EXISTS rollup_1m (

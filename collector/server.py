@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import auth, health, healthstore, net, tuning
+from . import auth, health, healthstore, net, retention, tuning
 from .errors import ConfigError, DecodeError, SetupError
 from .ingest import REPORTED, IngestCore, Refused, Rejected
 from .metrics import FlushStats
@@ -65,6 +65,12 @@ class Settings:
     max_sensors: int = tuning.MAX_SENSORS
     max_series_per_sensor: int = tuning.MAX_SERIES_PER_SENSOR
     recv_buffer_bytes: int = tuning.RECV_BUFFER_BYTES
+    # Storage v3 (collector/retention.py): raw and rollup retention (seconds,
+    # 0 = forever) and the disk budget (bytes of database + WAL, None = none).
+    retain: float = retention.DEFAULT_RETAIN_S
+    retain_1m: float = retention.DEFAULT_RETAIN_1M_S
+    retain_1h: float = retention.DEFAULT_RETAIN_1H_S
+    max_disk: int | None = None
     drain_budget: int = tuning.DRAIN_BUDGET_DATAGRAMS
 
     def __post_init__(self) -> None:
@@ -129,7 +135,10 @@ class Collector:
         self.metrics_server = None
         try:
             self._bind()
-            self.store = Store(settings.db, max_backlog_rows=settings.max_backlog_rows)
+            self.store = Store(settings.db, max_backlog_rows=settings.max_backlog_rows,
+                               retain=float(settings.retain), retain_1m=float(settings.retain_1m),
+                               retain_1h=float(settings.retain_1h),
+                               max_disk=None if settings.max_disk is None else int(settings.max_disk))
             loaded = self.store.load()
             self.core = IngestCore(counters=loaded.counters, sensors=loaded.sensors,
                                    next_series_id=loaded.next_series_id, keyring=keyring,
@@ -322,6 +331,9 @@ class Collector:
                         if self._activity or core.pending or core.dirty or store.due(self.clock()):
                             if self._flush(mono):
                                 self._activity = False
+                                store.maintain(core.counters, self.clock())
+                        else:  # idle: retention and the scrub go on
+                            store.maintain(core.counters, self.clock())
                     self._log_unlogged_rejects()
                     if store.failing_since is not None:
                         core.trim(s.max_backlog_rows)

@@ -29,6 +29,7 @@ from . import ingestlog, schema, tuning
 from .chunkstore import ChunkRow, Head
 from .errors import SetupError
 from .ingest import Batch, IngestCore, SensorState, group_batch
+from .retention import Maintenance
 from .replay import ReplayWindow
 from .sequence import WINDOW, GapRecord, SensorTracker
 
@@ -71,6 +72,7 @@ ROLLUP_TABLES = {60: "rollup_1m", 3600: "rollup_1h"}
 CHUNK_DATAGRAMS = 1024
 CHUNK_SPAN_S = 3600.0
 HEAD_BUDGET_BYTES = 48 * 1024 * 1024
+MAINTENANCE_COUNTERS = ("retention_dropped", "budget_dropped", "uplink_dropped", "corrupt_chunks")
 # Ingest log rows deleted per flush at most: a big delete never delays a flush.
 LOG_DELETE_STEP = 2000
 
@@ -127,7 +129,8 @@ class Store:
     """The collector's one writer connection: flushes batches, keeps the heads."""
 
     def __init__(self, path: str, *, chunk_datagrams: int = CHUNK_DATAGRAMS, chunk_span: float = CHUNK_SPAN_S,
-                 head_budget: int = HEAD_BUDGET_BYTES, max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS) -> None:
+                 head_budget: int = HEAD_BUDGET_BYTES, max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS,
+                 **retention: float | int | None) -> None:
         self.path = path
         self._lock_fd = schema.lock_writer(path)
         try:
@@ -143,6 +146,9 @@ class Store:
         self.head_budget = head_budget
         self.max_backlog_rows = max_backlog_rows
         self.uplink_path = path + "-uplink"
+        self.maintenance = Maintenance(path, **retention)
+        # A WAL file shrinks back after a checkpoint (the disk budget counts it).
+        self.conn.execute("PRAGMA journal_size_limit=4194304")
         self.series: dict[str, dict[str, int]] = defaultdict(dict)  # sensor -> metric -> id
         self.heads: dict[tuple[str, int], Head] = {}
         self.last_log_id = 0
@@ -376,6 +382,36 @@ class Store:
             return int(text.strip() or b"0")
         except ValueError:
             return 0
+
+    def maintain(self, counters: dict[str, float], now: float) -> bool:
+        """One bounded step of retention, disk budget and scrub, in its own transaction.
+
+        Runs after a flush (never inside one); False if the database refused it
+        (the next flush's failure handling covers a persistent fault).
+        """
+        conn = self.conn
+        below = min((h.first_log_id for h in self.heads.values()), default=self.last_log_id + 1)
+        acked = self._uplink_acked()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                before = {k: counters.get(k, 0) for k in MAINTENANCE_COUNTERS}
+                # Log rows kept only for an uplink, and already in chunks, may go under pressure.
+                self.maintenance.step(conn, counters, now, None if acked is None else acked,
+                                      log_chunked_below=below)
+                changed = [(k, counters.get(k, 0)) for k in MAINTENANCE_COUNTERS if counters.get(k, 0) != before[k]]
+                if changed:
+                    conn.executemany(UPSERT_COUNTER, changed)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            self.maintenance.shrink(conn)
+        except sqlite3.Error as exc:
+            log.warning("retention/budget step failed: %s (retried after the next flush)", exc)
+            return False
+        return True
 
     def _failed(self, now: float, exc: sqlite3.Error, core: IngestCore) -> None:
         if self.failing_since is None:

@@ -106,10 +106,14 @@ class HeadCache:
         self.by_sensor: dict[str, set[int]] = {}
 
     def refresh(self, conn: sqlite3.Connection) -> None:
-        for chunk_id, sensor, boot, log_id in conn.execute(
-            "SELECT id, sensor, boot, log_id FROM chunks WHERE id > ? ORDER BY id", (self.last_chunk,)
-        ):
-            self.last_chunk = chunk_id
+        if self.last_chunk == 0:
+            # First: each (sensor, boot)'s closure from the covering index, not the table of blobs.
+            sql = "SELECT max(id), sensor, boot, max(log_id) FROM chunks GROUP BY sensor, boot ORDER BY 1"
+            params: tuple = ()
+        else:
+            sql, params = "SELECT id, sensor, boot, log_id FROM chunks WHERE id > ? ORDER BY id", (self.last_chunk,)
+        for chunk_id, sensor, boot, log_id in conn.execute(sql, params):
+            self.last_chunk = max(self.last_chunk, chunk_id)
             key = (sensor, boot)
             if log_id > self.closed.get(key, 0):
                 self.closed[key] = log_id
@@ -278,6 +282,11 @@ class Ops:
             out += [r for r in ((ts[i], boot, seqs[i], values[i]) for i in part) if keep(r)]
         return out
 
+    def _raw_horizon(self) -> float | None:
+        """The newest ts of raw readings deleted by retention or the disk budget (None: nothing deleted)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'raw_deleted_until'").fetchone()
+        return None if row is None else float(row[0])
+
     def _series_id(self, sensor: str, metric: str) -> int | None:
         row = self.conn.execute("SELECT id FROM series WHERE sensor = ? AND metric = ?", [sensor, metric]).fetchone()
         return None if row is None else row[0]
@@ -407,6 +416,11 @@ class Ops:
             if after.series not in ids:
                 raise RequestError("bad_request", "parameter 'cursor' is not a cursor this server issued for this query")
             start = ids.index(after.series)
+        horizon = self._raw_horizon()
+        if horizon is not None and (since is None or since <= horizon):
+            self._note(f"raw readings up to ts {horizon!r} were removed (--retain or --max-disk, counted in "
+                       "retention_dropped/budget_dropped); their count/min/max/sum remain in the rollups: "
+                       "use aggregate for that range")
         wanted = limit + 1  # one more than asked tells whether a next page exists
         found: list[tuple] = []
         for index in range(start, len(series)):
@@ -445,9 +459,18 @@ class Ops:
         # Bound the work before scanning: the buckets the range can touch,
         # with open ends closed by the series' first/last ts.
         lo, hi = since, until
+        horizon = self._raw_horizon()
         if lo is None:
-            lo = min([r[0] for r in head] + [v for (v,) in self._all(
-                "SELECT min(min_ts) FROM chunk_series WHERE series = ?", [sid]) if v is not None], default=None)
+            firsts = [r[0] for r in head] + [v for (v,) in self._all(
+                "SELECT min(min_ts) FROM chunk_series WHERE series = ?", [sid]) if v is not None]
+            if horizon is not None:  # raw readings were deleted: the rollups reach further back
+                firsts += [v for (v,) in self._all("SELECT min(bucket) FROM rollup_1m WHERE series = ?", [sid])
+                           if v is not None]
+            lo = min(firsts, default=None)
+        if hi is None and horizon is not None:
+            hi = max([r[0] for r in head] + [v for (v,) in self._all(
+                "SELECT max(max_ts) FROM chunk_series WHERE series = ? UNION ALL"
+                " SELECT max(bucket) FROM rollup_1m WHERE series = ?", [sid, sid]) if v is not None], default=None)
         if hi is None:
             hi = max([r[0] for r in head] + [v for (v,) in self._all(
                 "SELECT max(max_ts) FROM chunk_series WHERE series = ?", [sid]) if v is not None], default=None)
@@ -474,10 +497,15 @@ class Ops:
                     a[2] = vmax
                 a[3] += total
 
+        # Raw readings before `cut` may be gone: take that part from the 1-minute rollups.
+        cut = None if horizon is None or since is not None and since > horizon else (math.floor(horizon / 60) + 1) * 60
+
         def add_rows(rows) -> None:
             for r in rows:
                 ts = r[0]
                 if since is not None and ts < since or until is not None and ts >= until:
+                    continue
+                if cut is not None and ts < cut:
                     continue
                 v = r[3]
                 add(math.floor(ts / bucket), 1, v, v, v)
@@ -497,12 +525,22 @@ class Ops:
                 break
         else:
             self.meta["resolution"] = "raw"
+            if cut is not None:
+                self.meta["resolution"] = "1m+raw"
+                self._note(f"raw readings up to ts {horizon!r} were removed (--retain or --max-disk): buckets before "
+                           f"{cut} are computed from the 1-minute rollups (to the minute)")
+                for start, n, vmin, vmax, total in self._all(
+                    "SELECT bucket, count, min, max, sum FROM rollup_1m WHERE series = ? AND bucket >= ?"
+                    " AND bucket < ? ORDER BY bucket", [sid, -FAR if since is None else math.floor(since / 60) * 60,
+                                                        min(cut, q_hi)]
+                ):
+                    add(math.floor(start / bucket), n, vmin, vmax, total)
             for chunk_id, cmin, cmax, n, vmin, vmax, total in self._all(
                 "SELECT chunk, min_ts, max_ts, count, min, max, sum FROM chunk_series WHERE series = ?"
                 " AND max_ts >= ? AND min_ts < ?", [sid, q_lo, q_hi]
             ):
                 k = math.floor(cmin / bucket)
-                if cmin >= q_lo and cmax < q_hi and k == math.floor(cmax / bucket):
+                if cmin >= q_lo and cmax < q_hi and k == math.floor(cmax / bucket) and (cut is None or cmin >= cut):
                     add(k, n, vmin, vmax, total)  # the whole chunk is in one bucket: its statistics
                 else:
                     add_rows(self._chunk_rows(chunk_id, metric, since, until))

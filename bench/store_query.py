@@ -1,0 +1,138 @@
+"""Query latency over storage v3: latest, a 1,000-reading page, a 30-day 1-hour aggregate.
+
+Builds a real v3 database through the store's own chunk path (collector.store
+insert_chunk with heads of 1,024 datagrams, as the collector closes them):
+20 sensors x 5 metrics at 1 Hz for a day (the realistic day's shape,
+quantized values), one of them (s07) for --days days, plus five minutes of
+open heads in the ingest log.  Then
+runs each query many times through query.ops.Ops on a read-only connection,
+as a query-server worker does (TLS framing excluded: bench/query.py measures
+that part), and prints p50/p99 in milliseconds.
+
+    .venv/bin/python bench/store_query.py --days 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from collector import schema, wire  # noqa: E402
+from collector.chunkstore import Head  # noqa: E402
+from collector.store import insert_chunk, open_ingest  # noqa: E402
+from query.ops import Ops  # noqa: E402
+from query.protocol import parse_request  # noqa: E402
+
+T0 = 1_700_000_000.0
+METRICS = ("temp", "hum", "pressure", "battery", "count")
+LONG = "s07"
+
+
+def value(metric: str, s: int, t: int) -> float:
+    day = math.sin(2 * math.pi * (t % 86400) / 86400)
+    return {"temp": round(20 + 5 * day + s * 0.1, 2), "hum": round(50 - 10 * day, 1),
+            "pressure": round(1013 + 3 * day, 2), "battery": round(3.9 - t * 1e-7, 3),
+            "count": float(t // 7)}[metric]
+
+
+def build(path: str, sensors: int, days: int) -> None:
+    store, core = open_ingest(path)
+    # Intern the series through the core, then write closed chunks directly (fast).
+    for s in range(sensors):
+        core.receive(wire.encode(f"s{s:02d}", 0, {m: 0.0 for m in METRICS}, boot=1, ts=T0 - 1), T0 - 1)
+    assert store.flush(core, T0 - 1)
+    conn = store.conn
+    seconds = days * 86400
+    conn.execute("BEGIN")
+    for s in range(sensors):
+        sensor = f"s{s:02d}"
+        ids = core.sensors[sensor].series
+        span = seconds if sensor == LONG else 86400  # one sensor has the long history
+        for start in range(seconds - span, seconds, 1024):
+            n = min(1024, seconds - start)
+            head = Head(sensor, 1, 0, T0 + start)
+            ts = [T0 + start + i + (i * 7919 % 13) / 1000 for i in range(n)]
+            head.extend(list(range(start + 1, start + 1 + n)), ts, [t + 0.0015 for t in ts],
+                        {m: [value(m, s, start + i) for i in range(n)] for m in METRICS})
+            insert_chunk(conn, head.close(), 0, ids)
+        if s % 5 == 4:
+            conn.execute("COMMIT")
+            conn.execute("BEGIN")
+    conn.execute("COMMIT")
+    # A few minutes in open heads, through the real flush path.
+    now = T0 + seconds
+    for i in range(300):
+        for s in range(sensors):
+            core.receive(wire.encode(f"s{s:02d}", seconds + 1 + i, {m: value(m, s, seconds + i) for m in METRICS},
+                                     boot=1, ts=now + i), now + i)
+        if i % 10 == 9:
+            assert store.flush(core, now + i)
+    assert store.flush(core, now + 300)
+    store.close()
+
+
+def timed(ops: Ops, params: dict, n: int) -> list[float]:
+    req = parse_request(json.dumps(params).encode())
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        ops.run(req)
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sensors", type=int, default=20)
+    ap.add_argument("--days", type=int, default=30)
+    ap.add_argument("--n", type=int, default=200)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "q.db")
+        t = time.monotonic()
+        build(path, args.sensors, args.days)
+        readings = len(METRICS) * ((args.sensors - 1) * 86400 + args.days * 86400 + args.sensors * 300)
+        print(f"built {readings / 1e6:.1f} M readings ({args.sensors} sensors x {len(METRICS)} metrics x 1 Hz x "
+              f"1 d, s07 {args.days} d) in {time.monotonic() - t:.0f} s: {os.path.getsize(path) / 1e6:.1f} MB")
+        ops = Ops(schema.open_reader(path))
+        end = T0 + args.days * 86400
+        cases = {
+            "latest (one sensor)": {"op": "latest", "sensor": "s07"},
+            "latest (all 100 series)": {"op": "latest"},
+            "readings, 1,000-row page mid-range": {"op": "readings", "sensor": "s07", "metric": "temp",
+                                                   "since": end - 5 * 86400, "limit": 1000},
+            "readings, 1,000-row page, newest (desc)": {"op": "readings", "sensor": "s07", "metric": "temp",
+                                                        "order": "desc", "limit": 1000},
+            f"aggregate {args.days} d in 1 h buckets": {"op": "aggregate", "sensor": "s07", "metric": "temp",
+                                                        "bucket": 3600, "since": T0 - T0 % 3600},
+            "aggregate 1 d in 5 min buckets (rollups)": {"op": "aggregate", "sensor": "s07", "metric": "temp",
+                                                         "bucket": 300, "since": end - 86400 - end % 300},
+            "aggregate 1 h in 7 s buckets (raw)": {"op": "aggregate", "sensor": "s07", "metric": "temp",
+                                                   "bucket": 7, "since": end - 3600},
+        }
+        try:
+            for name, params in cases.items():
+                timed(ops, params, 3)  # warm the cache
+                xs = timed(ops, params, args.n)
+                print(f"{name:45s} p50 {statistics.median(xs):7.2f} ms   p99 {pct(xs, 0.99):7.2f} ms   "
+                      f"(resolution {ops.meta.get('resolution', '-')})")
+        finally:
+            ops.close()
+
+
+if __name__ == "__main__":
+    main()

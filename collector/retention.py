@@ -1,0 +1,175 @@
+"""Retention, the disk budget and the checksum scrub: bounded steps inside the collector.
+
+`Maintenance.step(conn, counters, now)` runs after a flush, in its own short
+transaction, and does at most a bounded amount of work (a few dozen chunks),
+so a flush is never delayed by a big delete:
+
+* retention: raw chunks whose newest datagram was received more than
+  `retain` seconds ago go (counted in `retention_dropped`); 1-minute and
+  1-hour rollup buckets older than their own retention go (a slice of the
+  series per step); sensors, gaps and counters are never deleted;
+* the disk budget (`max_disk` bytes for the database file and its WAL): when
+  the pages in use pass BUDGET_HIGH of it, the oldest raw chunks go first
+  (`budget_dropped`), then the oldest 1-minute rollups, then ingest-log rows
+  the uplink has not acknowledged yet (`uplink_dropped`; the readings are in
+  chunks, only their forwarding is lost).  Freed pages are reused by later
+  writes, so the file stays at the budget; when the file itself is above it
+  (the budget was lowered), `PRAGMA incremental_vacuum` gives pages back;
+* the scrub: the next few chunks' checksums are verified; a mismatch is
+  recorded in `chunk_faults`, counted (`corrupt_chunks`) and logged, and
+  queries skip that chunk with a note.
+
+The decision of how much to free is pure (`bytes_to_free`); the rest is SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import zlib
+
+log = logging.getLogger("collector.retention")
+
+DAY = 86400.0
+DEFAULT_RETAIN_S = 90 * DAY  # raw chunks
+DEFAULT_RETAIN_1M_S = 365 * DAY  # 1-minute rollups
+DEFAULT_RETAIN_1H_S = 0.0  # 1-hour rollups: 0 = forever
+BUDGET_HIGH = 0.90  # start deleting when the pages in use pass this share of --max-disk
+BUDGET_LOW = 0.85  # and free down to this share
+CHUNKS_PER_STEP = 64
+SERIES_PER_STEP = 256  # rollup retention: series visited per step
+SCRUB_PER_STEP = 8
+LOG_ROWS_PER_STEP = 500
+
+
+def bytes_to_free(used: int, max_disk: int | None) -> int:
+    """How many bytes of data to delete now so that `used` stays under the budget (0: none)."""
+    if not max_disk or used <= max_disk * BUDGET_HIGH:
+        return 0
+    return int(used - max_disk * BUDGET_LOW)
+
+
+class Maintenance:
+    def __init__(self, path: str, *, retain: float = DEFAULT_RETAIN_S, retain_1m: float = DEFAULT_RETAIN_1M_S,
+                 retain_1h: float = DEFAULT_RETAIN_1H_S, max_disk: int | None = None) -> None:
+        self.path = path
+        self.retain = retain
+        self.retain_1m = retain_1m
+        self.retain_1h = retain_1h
+        self.max_disk = max_disk
+        self._scrub_after = 0
+        self._rollup_after = {"rollup_1m": 0, "rollup_1h": 0}
+        self.faults_logged = 0
+
+    # --- sizes ---------------------------------------------------------------------------
+
+    def sizes(self, conn: sqlite3.Connection) -> tuple[int, int, int]:
+        """(file bytes incl. WAL, bytes in use, page size)."""
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        try:
+            wal = os.path.getsize(self.path + "-wal")
+        except OSError:
+            wal = 0
+        return pages * page + wal, (pages - free) * page + wal, page
+
+    # --- one step --------------------------------------------------------------------------
+
+    def step(self, conn: sqlite3.Connection, counters: dict[str, float], now: float,
+             unacked_after: int | None, log_chunked_below: int = 0) -> None:
+        """One bounded step, inside the caller's transaction."""
+        if self.retain > 0:
+            self._retention(conn, counters, now - self.retain)
+        for table, keep in (("rollup_1m", self.retain_1m), ("rollup_1h", self.retain_1h)):
+            if keep > 0:
+                self._rollup_retention(conn, table, now - keep)
+        if self.max_disk:
+            self._budget(conn, counters, unacked_after, log_chunked_below)
+        self._scrub(conn, counters, now)
+
+    def shrink(self, conn: sqlite3.Connection) -> None:
+        """Outside a transaction: hand free pages back when the file is above the budget."""
+        if not self.max_disk:
+            return
+        size, _used, page = self.sizes(conn)
+        if size > self.max_disk:
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            want = min(free, (size - self.max_disk) // page + 1)
+            if want > 0:
+                conn.execute(f"PRAGMA incremental_vacuum({int(want)})")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _delete_chunks(self, conn: sqlite3.Connection, ids: list[int], counters: dict[str, float],
+                       counter: str) -> int:
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        readings, horizon = conn.execute(
+            f"SELECT total(count), max(max_ts) FROM chunk_series WHERE chunk IN ({marks})", ids).fetchone()
+        conn.execute(f"DELETE FROM chunk_series WHERE chunk IN ({marks})", ids)
+        conn.execute(f"DELETE FROM chunks WHERE id IN ({marks})", ids)
+        counters[counter] = counters.get(counter, 0) + int(readings)
+        if horizon is not None:
+            # Queries for older ranges answer from rollups and say so.
+            conn.execute("INSERT INTO meta (key, value) VALUES ('raw_deleted_until', ?) ON CONFLICT (key) DO UPDATE"
+                         " SET value = max(CAST(value AS REAL), CAST(excluded.value AS REAL))", (repr(horizon),))
+        return int(readings)
+
+    def _retention(self, conn: sqlite3.Connection, counters: dict[str, float], cutoff: float) -> None:
+        ids = [i for (i,) in conn.execute(
+            "SELECT id FROM chunks WHERE last_received < ? ORDER BY last_received LIMIT ?", (cutoff, CHUNKS_PER_STEP))]
+        self._delete_chunks(conn, ids, counters, "retention_dropped")
+
+    def _rollup_retention(self, conn: sqlite3.Connection, table: str, cutoff: float) -> None:
+        after = self._rollup_after[table]
+        series = [s for (s,) in conn.execute("SELECT id FROM series WHERE id > ? ORDER BY id LIMIT ?",
+                                             (after, SERIES_PER_STEP))]
+        conn.executemany(f"DELETE FROM {table} WHERE series = ? AND bucket < ?", [(s, cutoff) for s in series])
+        self._rollup_after[table] = series[-1] if len(series) == SERIES_PER_STEP else 0
+
+    def _budget(self, conn: sqlite3.Connection, counters: dict[str, float], unacked_after: int | None,
+                log_chunked_below: int) -> None:
+        _size, used, page = self.sizes(conn)
+        need = bytes_to_free(used, self.max_disk)
+        if need <= 0:
+            return
+        # Oldest raw chunks first (their bytes are most of the file).
+        rows = conn.execute("SELECT id, length(blob) FROM chunks ORDER BY id LIMIT ?", (CHUNKS_PER_STEP,)).fetchall()
+        ids, freed = [], 0
+        for chunk_id, nbytes in rows:
+            if freed >= need:
+                break
+            ids.append(chunk_id)
+            freed += nbytes + 200  # the blob and its statistics rows
+        if ids:
+            self._delete_chunks(conn, ids, counters, "budget_dropped")
+            return
+        # No raw chunk left: the oldest fine rollups.
+        oldest = conn.execute("SELECT min(bucket) FROM rollup_1m").fetchone()[0]
+        if oldest is not None:
+            conn.execute("DELETE FROM rollup_1m WHERE bucket < ?", (oldest + 86400,))
+            return
+        # Last: log rows kept only for the uplink (their readings are in chunks).
+        if unacked_after is not None:
+            rows = conn.execute("SELECT id, readings FROM ingest_log WHERE id > ? AND id < ? ORDER BY id LIMIT ?",
+                                (unacked_after, log_chunked_below, LOG_ROWS_PER_STEP)).fetchall()
+            if rows:
+                conn.execute("DELETE FROM ingest_log WHERE id <= ? AND id > ?", (rows[-1][0], unacked_after))
+                counters["uplink_dropped"] = counters.get("uplink_dropped", 0) + sum(r for _, r in rows)
+
+    def _scrub(self, conn: sqlite3.Connection, counters: dict[str, float], now: float) -> None:
+        rows = conn.execute("SELECT id, sensor, crc, blob FROM chunks WHERE id > ? ORDER BY id LIMIT ?",
+                            (self._scrub_after, SCRUB_PER_STEP)).fetchall()
+        self._scrub_after = rows[-1][0] if len(rows) == SCRUB_PER_STEP else 0
+        for chunk_id, sensor, crc, blob in rows:
+            if zlib.crc32(blob) == crc:
+                continue
+            cur = conn.execute("INSERT OR IGNORE INTO chunk_faults (chunk, sensor, found, error) VALUES (?, ?, ?, ?)",
+                               (chunk_id, sensor, now, "checksum mismatch"))
+            if cur.rowcount:
+                counters["corrupt_chunks"] = counters.get("corrupt_chunks", 0) + 1
+                log.error("chunk %d of sensor %s in %s is corrupt (checksum mismatch): queries skip its readings; "
+                          "check the storage medium (sqlite3 %s 'PRAGMA integrity_check')",
+                          chunk_id, sensor, self.path, self.path)
