@@ -3,7 +3,7 @@
 Builds a real v3 database through the store's own chunk path (collector.store
 insert_chunk with heads of 1,024 datagrams, as the collector closes them):
 20 sensors x 5 metrics at 1 Hz for a day (the realistic day's shape,
-quantized values), one of them (s07) for --days days, plus five minutes of
+quantized values), one of them (s07, its temp) for --days days, plus five minutes of
 open heads in the ingest log.  Then
 runs each query many times through query.ops.Ops on a read-only connection,
 as a query-server worker does (TLS framing excluded: bench/query.py measures
@@ -61,8 +61,10 @@ def build(path: str, sensors: int, days: int) -> None:
             n = min(1024, seconds - start)
             head = Head(sensor, 1, 0, T0 + start)
             ts = [T0 + start + i + (i * 7919 % 13) / 1000 for i in range(n)]
+            # Before its last day the long sensor carries only temp (what the 30-day aggregate reads).
+            metrics = METRICS if start >= seconds - 86400 else ("temp",)
             head.extend(list(range(start + 1, start + 1 + n)), ts, [t + 0.0015 for t in ts],
-                        {m: [value(m, s, start + i) for i in range(n)] for m in METRICS})
+                        {m: [value(m, s, start + i) for i in range(n)] for m in metrics})
             insert_chunk(conn, head.close(), 0, ids)
         if s % 5 == 4:
             conn.execute("COMMIT")
@@ -105,7 +107,7 @@ def main() -> None:
         path = os.path.join(d, "q.db")
         t = time.monotonic()
         build(path, args.sensors, args.days)
-        readings = len(METRICS) * ((args.sensors - 1) * 86400 + args.days * 86400 + args.sensors * 300)
+        readings = len(METRICS) * (args.sensors * 86400 + args.sensors * 300) + (args.days - 1) * 86400
         print(f"built {readings / 1e6:.1f} M readings ({args.sensors} sensors x {len(METRICS)} metrics x 1 Hz x "
               f"1 d, s07 {args.days} d) in {time.monotonic() - t:.0f} s: {os.path.getsize(path) / 1e6:.1f} MB")
         ops = Ops(schema.open_reader(path))
