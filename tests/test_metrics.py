@@ -253,3 +253,33 @@ def test_a_bare_metrics_port_is_refused_with_what_to_write(command, bin_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "give the address too, e.g. 127.0.0.1:9739" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sensor_health_survives_a_collector_restart(db_path):
+    """What a run learned is read back on start: staleness works before the sensor speaks again."""
+    from collector.server import Collector, Settings
+
+    now = [1_800_000_000.0]
+
+    def run(sends):
+        collector = Collector(Settings(db=db_path, listen=(("127.0.0.1", 0),), flush_interval=0.02,
+                                       status_interval=3600.0), clock=lambda: now[0])
+        thread = threading.Thread(target=collector.serve_forever, name="collector")
+        thread.start()
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+                for seq in sends:
+                    now[0] = 1_800_000_000.0 + 20.0 * seq
+                    before = collector.counters["stored"]
+                    sender.sendto(wire.encode("r-1", seq, {"t": 1.0}, boot=3, ts=now[0] - 4.0),
+                                  collector.addresses[0])
+                    wait_for(lambda: collector.counters["stored"] == before + 1, 10, what=f"seq {seq} stored")
+            return collector.health.row("r-1")
+        finally:
+            collector.shutdown()
+            thread.join(10)
+            collector.server_close()
+
+    learned = run([1, 2, 3])
+    assert learned == (20.0, 60.0, -4.0, 1)
+    assert run([]) == learned  # primed from the database, nothing received

@@ -106,6 +106,8 @@ def test_bad_json(line):
     ({"op": "ping", "extra": 1}, "unknown parameter 'extra'"),
     ({"op": "latest", "sensor": "s", "since": 5}, "unknown parameter 'since'"),
     ({"op": "latest", "metric": ["t"]}, "'metric' must be a string, got array"),
+    ({"op": "sensors", "stale": 1}, "'stale' must be true or false, got integer"),
+    ({"op": "sensors", "stale": "yes"}, "'stale' must be true or false, got string"),
 ])
 def test_bad_request_names_the_parameter(request_, words):
     error = error_of(json.dumps(request_).encode())
@@ -138,6 +140,7 @@ def test_valid_requests_parse_to_typed_params():
     assert request == Request("readings", "a", {"sensor": "s1", "since": 5.0, "until": 6.5, "limit": 10,
                                                 "order": "desc"})
     assert parse_request(b'{"op":"aggregate","sensor":"s","metric":"m","bucket":300}').params["bucket"] == 300
+    assert parse_request(b'{"op":"sensors","stale":true}').params == {"stale": True}
 
 
 def test_responses_are_single_standard_json_lines():
