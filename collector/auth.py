@@ -176,10 +176,9 @@ def load_keys(path: str | os.PathLike) -> dict[str, bytes]:
         raise ConfigError(f"key file {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
-    try:
-        lines = raw.decode("utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ConfigError(f"key file {path}: not UTF-8 text") from None
+    from .config import decode_utf8
+
+    lines = decode_utf8(raw, f"key file {path}").splitlines()
     keys: dict[str, bytes] = {}
     for number, line in enumerate(lines, 1):
         content = line.split("#", 1)[0]

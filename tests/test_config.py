@@ -103,3 +103,44 @@ def test_parse_host_port(text, expected):
 def test_parse_host_port_rejects(text):
     with pytest.raises(ValueError):
         config.parse_host_port(text, 4739)
+
+
+# --- issue 13 item 5: decoded only after it is validated ---------------------------------
+
+
+@pytest.mark.parametrize("raw, offset, line", [
+    (b'[collector]\ndb = "caf\xe9.db"\n', 21, 2),
+    (b"\xff", 0, 1),
+    (b"\xef\xbb", 0, 1),  # a truncated sequence
+    (b"# \xc3\xa9 ok\n\n\x80", 9, 3),  # valid two-byte character before the bad byte
+])
+def test_a_file_that_is_not_utf8_names_the_byte_offset_and_line(tmp_path, raw, offset, line):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_bytes(raw)
+    with pytest.raises(ConfigError) as info:
+        config.read_table(str(cfg), "collector")
+    assert str(info.value) == (f"config file {cfg}: not UTF-8 text: byte 0x{raw[offset]:02x} "
+                               f"at offset {offset} (line {line})")
+
+
+def test_a_fifo_or_directory_as_config_file_is_refused_without_hanging(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path):
+        with pytest.raises(ConfigError, match="not a regular file"):
+            config.read_table(str(path), "collector")
+
+
+def test_an_oversized_config_file_is_refused(tmp_path):
+    cfg = tmp_path / "big.toml"
+    cfg.write_bytes(b"#" * (config.MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigError, match="over 1048576 bytes"):
+        config.read_table(str(cfg), "collector")
+
+
+def test_undecodable_offsets_count_bytes_not_characters():
+    assert config.undecodable("plain") is None
+    assert config.undecodable("é\udce9") == 2
+    assert config.undecodable(b"caf\xe9".decode("utf-8", "surrogateescape")) == 3

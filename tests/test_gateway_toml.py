@@ -144,3 +144,42 @@ def test_flags_env_and_help_come_from_the_one_settings_table(command, settings, 
             assert param.help.endswith(f"[default: {shown}]")
     ours = {p.name for p in command.params} - {"config_path", "check", "verbose", "quiet", "version", "help"}
     assert ours == {s.name for s in settings}
+
+
+# --- issue 13 item 5: not UTF-8 is one line naming the file (or variable) and the byte offset
+
+
+@pytest.mark.parametrize("table", ["collector", "query"])
+def test_a_config_file_that_is_not_utf8_is_one_line_exit_2(table, example, commands):
+    raw = example.read_bytes()
+    at = raw.index(b"# ")  # inside the first comment
+    example.write_bytes(raw[:at] + b"\xe9" + raw[at:])
+    line = raw.count(b"\n", 0, at) + 1
+    result = run([*commands[table], "--config", str(example), "--check"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == f"Error: config file {example}: not UTF-8 text: byte 0xe9 at offset {at} (line {line})\n"
+
+
+def test_an_environment_value_that_is_not_utf8_is_one_line_exit_2(tmp_path, commands):
+    for table, name in (("collector", "TELEMETRY_COLLECTOR_DB"), ("query", "TELEMETRY_QUERY_DB")):
+        env = clean_env(**{name: "/tmp/caf" + b"\xe9".decode("utf-8", "surrogateescape") + ".db"})
+        result = subprocess.run([*commands[table], "--check"], capture_output=True, text=True, timeout=30,
+                                env=env, cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr == f"Error: environment variable {name}: not UTF-8 text: byte 0xe9 at offset 8\n"
+
+
+def test_a_flag_value_that_is_not_utf8_is_one_line_exit_2(tmp_path, commands):
+    result = subprocess.run([*commands["collector"], "--db", b"t\xff.db".decode("utf-8", "surrogateescape"),
+                             "--check"], capture_output=True, text=True, timeout=30, env=clean_env(), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "Error: option --db: not UTF-8 text: byte 0xff at offset 1\n"
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+def test_a_key_file_that_is_not_utf8_names_the_offset(example, commands):
+    keys = example.parent / "keys"
+    keys.write_bytes(b"# sensors\ns1 = 00\xff\n")
+    result = run([*commands["collector"], "--config", str(example), "--check"])
+    assert result.returncode == 2
+    assert result.stderr == f"Error: key file {keys}: not UTF-8 text: byte 0xff at offset 17 (line 2)\n"
