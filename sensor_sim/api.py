@@ -15,12 +15,16 @@ docs/PROTOCOL.md asks (a real device persists `boot` before sending with it).
 
 from __future__ import annotations
 
+import numbers
+import operator
+import os
 import time
 
 from collector.auth import key_allows, parse_key, sign
-from collector.errors import ConfigError
+from collector.errors import ConfigError, EncodeError
 from collector.wire import encode
 
+from .bootstate import BOOT_LIMIT, boot_file_for, claim_boot
 from .faults import SEQ_MASK
 from .net import Sender, parse_target, resolve
 
@@ -31,8 +35,13 @@ class Sensor:
     """One sensor: an id, a boot value, a sequence counter and a socket.
 
     target: (host, port) or "HOST:PORT" / "[V6ADDR]:PORT".
-    boot: None picks one from the clock (Unix seconds, so it grows across
-    restarts of the bridge); False sends no boot; an int is sent as given.
+    boot: None picks one that grows across restarts of the bridge, however
+    quick: max(Unix seconds, the last boot of this id + 1), kept in
+    `boot_file` (default: one file per id under $SENSOR_SIM_STATE_DIR, else
+    $XDG_STATE_HOME/sensor-sim or ~/.local/state/sensor-sim) and written
+    before the first send; False sends no boot; an integer in [0, 2**32) is
+    sent as given (anything else is an EncodeError, never masked).
+    seq: the first seq, an integer in [0, 2**32).
     key: bytes or hex text (16-64 bytes) to sign with, under key_id (default:
     the sensor id; "id@suffix" for a rotated key).  Signing needs a boot.
     """
@@ -40,19 +49,22 @@ class Sensor:
     def __init__(self, sensor_id: str, target: tuple[str, int] | str = ("127.0.0.1", DEFAULT_UDP_PORT),
                  *, boot: int | bool | None = None, seq: int = 0, ttl: int = 1,
                  multicast_interface: str | None = None, key_id: str | None = None,
-                 key: bytes | str | None = None) -> None:
+                 key: bytes | str | None = None, boot_file: str | os.PathLike | None = None) -> None:
         if isinstance(target, str):
             resolved = parse_target(target)
         else:
             host, port = target
             resolved = resolve(host, int(port))
         encode(sensor_id, 0, {"x": 0})  # EncodeError now, not at the first send
+        first_seq = _uint32("seq", seq)
+        self._boot_file = None
         if boot is False:
             self.boot = None
         elif boot is None or boot is True:
-            self.boot = int(time.time()) & SEQ_MASK
+            self._boot_file = boot_file_for(sensor_id) if boot_file is None else boot_file
+            self.boot = claim_boot(self._boot_file, time.time())
         else:
-            self.boot = int(boot) & SEQ_MASK
+            self.boot = _uint32("boot", boot)
         self.key_id: str | None = None
         self._key: bytes | None = None
         if key is not None:
@@ -68,7 +80,7 @@ class Sensor:
             raise ConfigError("key_id without key")
         self.id = sensor_id
         self.target = resolved
-        self.seq = seq & SEQ_MASK  # the seq the next send will carry
+        self.seq = first_seq  # the seq the next send will carry
         self._sender = Sender([resolved], ttl, multicast_interface)
 
     def send(self, readings: dict[str, int | float], *, ts: float | None = None) -> int:
@@ -80,11 +92,19 @@ class Sensor:
         is still used, as a real lossy link would.
         """
         seq = self.seq
-        data = encode(self.id, seq, readings, boot=self.boot, ts=time.time() if ts is None else ts)
+        if ts is not None and type(ts) is not float and type(ts) is not int:
+            ts = _number("ts", ts)
+        data = encode(self.id, seq, _numbers(readings), boot=self.boot, ts=time.time() if ts is None else ts)
         if self._key is not None:
             data = sign(data, self.key_id, self._key)
             if seq == SEQ_MASK:  # never wrap under one boot: the next datagram starts a new one
-                self.boot = (self.boot + 1) & SEQ_MASK
+                if self._boot_file is not None:
+                    self.boot = claim_boot(self._boot_file, time.time())  # persisted, as at a start
+                elif self.boot + 1 < BOOT_LIMIT:
+                    self.boot += 1
+                else:
+                    raise EncodeError(f"seq and boot are both at 2**32 - 1: a signed sensor cannot send "
+                                      f"again without repeating a (boot, seq); give it a new key")
         self.seq = (seq + 1) & SEQ_MASK
         self._sender.send(data)
         return seq
@@ -108,3 +128,47 @@ class Sensor:
 
     def __repr__(self) -> str:
         return f"Sensor({self.id!r}, target={self.target.label!r}, boot={self.boot}, seq={self.seq})"
+
+
+def _uint32(what: str, value: object) -> int:
+    """An integer in [0, 2**32) (anything with __index__, numpy integers too), or EncodeError."""
+    if isinstance(value, bool):
+        raise EncodeError(f"{what} {value!r} must be an integer in [0, 2**32), not a bool")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise EncodeError(f"{what} {value!r} must be an integer in [0, 2**32), "
+                          f"not {type(value).__name__}") from None
+    if not 0 <= number < BOOT_LIMIT:
+        raise EncodeError(f"{what} {number} is outside [0, 2**32): it is sent as given, never masked")
+    return number
+
+
+def _number(what: str, value: object) -> int | float:
+    """A reading or ts the wire can carry: int and float as they are; anything with
+    __index__ (numpy integers) as an int, any other real number (numbers.Real,
+    or anything with __float__: numpy floats, Decimal, Fraction) as a float."""
+    t = type(value)
+    if t is float or t is int or t is bool:
+        return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, numbers.Integral) or hasattr(t, "__index__"):
+        return operator.index(value)
+    if isinstance(value, numbers.Real) or hasattr(t, "__float__"):
+        return float(value)
+    raise EncodeError(f"{what} is {t.__name__}, not a number (give an int, a float, or anything with "
+                      f"__index__ or __float__, such as a numpy scalar)")
+
+
+def _numbers(readings: dict) -> dict:
+    """The readings with numpy-like scalars made plain; the same dict when all are."""
+    out = None
+    for name, value in readings.items():
+        t = type(value)
+        if t is float or t is int or t is bool:
+            continue
+        if out is None:
+            out = dict(readings)
+        out[name] = _number(f"reading {name}", value)
+    return readings if out is None else out

@@ -91,6 +91,13 @@ def known_db(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(autouse=True)
+def sensor_boot_state(tmp_path_factory, monkeypatch):
+    """The Sensor API keeps each sensor's last boot in a state directory: a fresh
+    one per test (children inherit it), never the user's ~/.local/state."""
+    monkeypatch.setenv("SENSOR_SIM_STATE_DIR", str(tmp_path_factory.mktemp("sensor-sim-state")))
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> str:
     return str(tmp_path / "telemetry.db")
