@@ -132,6 +132,17 @@ def _progress_printer(enabled: bool):
     return show
 
 
+def _unreached(report: dict[str, Any]) -> str:
+    """The targets that took no datagram although sends were made and failed ('' if none)."""
+    if not report["send_failures"]:
+        return ""
+    return ", ".join(label for label, n in report["targets"].items() if n == 0)
+
+
+def _errors(report: dict[str, Any]) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in report["send_errors"].items())
+
+
 def _summary(report: dict[str, Any], asked: float | None = None) -> str:
     sensors = report["sensors"].values()
     generated = sum(s["generated"] for s in sensors)
@@ -275,6 +286,12 @@ def command(ctx: click.Context, targets, sensors, id_prefix, rate, count, durati
     click.echo(_summary(report, asked), err=True)
     if stop.signum is not None:
         ctx.exit(128 + stop.signum)
+    unreached = _unreached(report)
+    if unreached:
+        # Every sendto to these targets failed: a run that reached nothing must
+        # not end like one that did (issue 13 item 11: ENETUNREACH, exit 0).
+        raise click.ClickException(f"nothing reached {unreached}: every sendto failed "
+                                   f"({_errors(report)}); check the route to the target")
 
 
 def _signing(key_hex: str | None, keys_path: str | None, key_id: str | None) -> Signing | None:
@@ -295,4 +312,17 @@ def _signing(key_hex: str | None, keys_path: str | None, key_id: str | None) -> 
 
 
 def main() -> None:
-    command.main(prog_name="sensor-sim")
+    """Run the command; a usage error is one line (`Error: ...`, exit 2), as
+    docs/SIMULATOR.md promises, without click's `Usage:` and `Try` lines."""
+    try:
+        code = command.main(prog_name="sensor-sim", standalone_mode=False)
+    except click.UsageError as exc:
+        click.echo(f"Error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

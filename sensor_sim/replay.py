@@ -39,17 +39,47 @@ class Group:
     ts: float
     readings: dict[str, int | float]
     line: int  # of the group's first row, for error messages
+    lines: dict[str, int] = field(default_factory=dict)  # metric -> its row's line
 
 
-def _number(text: str) -> int | float:
+def _culprit(group: Group, exc: EncodeError) -> tuple[int, str]:
+    """The line of the row that made a group's datagram invalid, and why.
+
+    Only on the error path: a row that is bad on its own (metric name, value)
+    is found first; otherwise the datagram outgrew a limit (64 readings, 8192
+    bytes) at the row whose reading crossed it.
+    """
+    for metric, value in group.readings.items():
+        try:
+            encode(group.sensor, 0, {metric: value}, ts=group.ts)
+        except EncodeError as own:
+            return group.lines.get(metric, group.line), str(own)
+    prefix: dict[str, int | float] = {}
+    for metric, value in group.readings.items():
+        prefix[metric] = value
+        try:
+            encode(group.sensor, 0, prefix, ts=group.ts)
+        except EncodeError as grown:
+            return group.lines.get(metric, group.line), (f"{grown} (the datagram of sensor {group.sensor!r} "
+                                                         f"at ts {group.ts!r} from line {group.line} on)")
+    return group.line, str(exc)
+
+
+def _number(column: str, text: str) -> int | float:
+    """A CSV field as a number; the error names the column (float's own message
+    was "could not convert string to float: ''")."""
     text = text.strip()
     try:
         return int(text)
     except ValueError:
-        value = float(text)  # ValueError propagates with the bad text
-        if not math.isfinite(value):
-            raise ValueError(f"value {text!r} is not finite") from None
-        return value
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{column} {text!r:.40} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{column} {text!r} is not finite") from None
+    return value
 
 
 def _rows_csv(lines: list[str]):
@@ -69,9 +99,9 @@ def _rows_csv(lines: list[str]):
         if None in row.values() or None in row:
             raise ValueError(f"line {line}: expected {len(reader.fieldnames)} fields")
         try:
-            ts = float(row["ts"])
-            value = _number(row["value"])
-        except ValueError as exc:
+            ts = float(_number("ts", row["ts"]))
+            value = _number("value", row["value"])
+        except (ValueError, OverflowError) as exc:
             raise ValueError(f"line {line}: {exc}") from None
         yield line, row["sensor"].strip(), ts, row["metric"].strip(), value
 
@@ -128,6 +158,7 @@ def load(path: str | Path) -> list[Group]:
                 raise ValueError(f"line {line}: metric {metric!r} given twice for "
                                  f"sensor {sensor!r} at ts {ts!r}")
             group.readings[metric] = value
+            group.lines[metric] = line
     except ValueError as exc:
         raise ValueError(f"{path}:{str(exc).removeprefix('line ')}") from None
     if not groups:
@@ -136,7 +167,8 @@ def load(path: str | Path) -> list[Group]:
         try:
             encode(group.sensor, 0, group.readings, ts=group.ts)
         except EncodeError as exc:
-            raise ValueError(f"{path}:{group.line}: {exc}") from None
+            line, why = _culprit(group, exc)
+            raise ValueError(f"{path}:{line}: {why}") from None
     return sorted(groups.values(), key=lambda g: g.ts)  # stable: file order within a ts
 
 
