@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from collector.config import decode_utf8
 from collector.errors import ConfigError, EncodeError
 from collector.wire import MAX_TS, encode
 
@@ -135,9 +136,13 @@ def load(path: str | Path) -> list[Group]:
     """Read and check a recording; ValueError('PATH:LINE: what is wrong') on bad input."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = decode_utf8(raw, str(path))  # validated before anything parses it
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
     lines = text.splitlines()
     suffix = path.suffix.lower()
     if suffix == ".csv":

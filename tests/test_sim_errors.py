@@ -90,6 +90,14 @@ def test_jsonl_errors_point_at_their_own_line_too(tmp_path):
     assert message.startswith("2: bad reading name 'b@d'"), message
 
 
+def test_a_recording_that_is_not_utf8_names_the_byte_offset_and_line(tmp_path):
+    path = tmp_path / "rec.csv"
+    path.write_bytes(b"sensor,ts,metric,value\ngh,1,caf\xe9,1\n")
+    with pytest.raises(ValueError) as info:
+        load(path)
+    assert str(info.value) == f"{path}: not UTF-8 text: byte 0xe9 at offset 31 (line 2)"
+
+
 # --- usage errors: one line --------------------------------------------------------------------
 
 
