@@ -165,7 +165,7 @@ def test_replay_load_groups_rows_of_one_sensor_and_ts(tmp_path):
 
 @pytest.mark.parametrize("name, text, message", [
     ("a.csv", "sensor,ts,metric\nx,1,t\n", "a.csv:1: CSV header must name sensor, ts, metric, value"),
-    ("a.csv", "sensor,ts,metric,value\nx,1,t,abc\n", "a.csv:2: could not convert"),
+    ("a.csv", "sensor,ts,metric,value\nx,1,t,abc\n", "a.csv:2: value 'abc' is not a number"),
     ("a.csv", "sensor,ts,metric,value\nx,1,t,1\nx,1,t,2\n", "a.csv:3: metric 't' given twice"),
     ("a.csv", "sensor,ts,metric,value\nx,-5,t,1\n", "a.csv:2: ts -5.0 is not Unix seconds"),
     ("a.csv", "sensor,ts,metric,value\nbad id,1,t,1\n", "a.csv:2: sensor id 'bad id'"),
