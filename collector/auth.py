@@ -111,6 +111,19 @@ def verify(data: bytes, keyring: dict[str, bytes]) -> tuple[bytes, str]:
     return bytes(data[body_start:tag_start - 2]), key_id
 
 
+def refuse_plain(data: bytes) -> DecodeError:
+    """The verdict on a plain datagram when signatures are required (--require-auth).
+
+    The size check comes first, as for every datagram (docs/PROTOCOL.md,
+    "Verification"): an oversized plain datagram is `too_large`, not
+    `not_signed`, so the counters say what an operator must look at.
+    """
+    n = len(data)
+    if n > wire.MAX_DATAGRAM_BYTES:
+        return DecodeError("too_large", f"{n} bytes > {wire.MAX_DATAGRAM_BYTES}")
+    return DecodeError("not_signed", "a plain datagram, and --require-auth is on")
+
+
 def key_allows(key_id: str, sensor: str) -> bool:
     """A key speaks for one sensor: its id is the sensor id, optionally + "@" + a suffix."""
     return key_id.partition("@")[0] == sensor

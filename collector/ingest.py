@@ -169,7 +169,7 @@ class IngestCore:
             # datagrams pay this test, the require_auth test and one set lookup.
             if not data or data[0] != 0x93:
                 if self.require_auth:
-                    raise DecodeError("not_signed", "a plain datagram, and --require-auth is on")
+                    raise auth.refuse_plain(data)  # too_large before not_signed
                 sensor, seq, boot, ts, readings = decode(data)
                 if sensor in self.keyed:
                     raise DecodeError("not_signed", f"sensor {sensor!r} has a key: its datagrams must be signed")

@@ -131,6 +131,15 @@ def test_rejects_plain_datagram_as_not_signed():
     assert reason_of(verify, b"", {"s1": KEY}) == "not_signed"
 
 
+@given(st.integers(0, 70_000))
+def test_a_plain_datagram_under_require_auth_is_too_large_before_not_signed(n):
+    # issue 13 item 4: the size check comes first, as PROTOCOL.md's order says.
+    verdict = auth.refuse_plain(b"\x81" * n)
+    assert verdict.reason == ("too_large" if n > wire.MAX_DATAGRAM_BYTES else "not_signed")
+    # the same order as verify() gives a signed-looking datagram of that size
+    assert verdict.reason == reason_of(verify, b"\x80" * n, {"s1": KEY})
+
+
 def test_rejects_oversized_signed_datagram():
     assert reason_of(verify, b"\x93" + b"\x00" * 8192, {"s1": KEY}) == "too_large"
 

@@ -343,6 +343,24 @@ def test_plain_datagrams_with_and_without_require_auth(db_path, tmp_path):
     assert rejected(counts) == {"not_signed": 1 + 3} and counts["stored"] == 3
 
 
+def test_oversized_plain_datagrams_are_too_large_before_not_signed(db_path, tmp_path):
+    # issue 13 item 4: under --require-auth an oversized plain datagram was not_signed.
+    keys = write_keys(tmp_path / "keys", s1=KEY_HEX)
+    big = [b"\x81" + b"\x00" * (n - 1) for n in (8193, 9000, 65507)]
+    with running(db_path, keys=str(keys), require_auth=True) as c:
+        link = Link(c)
+        link.send(*big, wire.encode("p1", 1, {"t": 1.0}), signed("s1", 1))
+        counts = link.flushed()
+        link.close()
+    assert rejected(counts) == {"too_large": 3, "not_signed": 1} and counts["stored"] == 1
+    with running(db_path, keys=str(keys)) as c:  # a keyed sensor's oversized plain datagram too
+        link = Link(c)
+        link.send(*big)
+        counts = link.flushed()
+        link.close()
+    assert rejected(counts) == {"too_large": 3 + 3, "not_signed": 1}
+
+
 def test_bad_key_settings_are_config_errors_naming_no_key(db_path, tmp_path):
     from collector.errors import ConfigError
 
