@@ -92,10 +92,12 @@ class SensorHealth:
         """One observation: the sensor's stream and highest (unwrapped) seq, the
         receive time of its last datagram, and that datagram's ts (None: it sent none)."""
         if stream == self.stream and seq > self.seq and received > self.received:
-            ratios = self.ratios
-            ratios.append((received - self.received) / (seq - self.seq))
-            if len(ratios) > INTERVAL_SAMPLES:
-                del ratios[0]
+            ratio = (received - self.received) / (seq - self.seq)
+            if ratio > 0:  # a subnormal time step divided by a seq step can underflow to 0.0
+                ratios = self.ratios
+                ratios.append(ratio)
+                if len(ratios) > INTERVAL_SAMPLES:
+                    del ratios[0]
         if stream != self.stream or seq > self.seq:
             # A duplicate or a late datagram moves neither the seq nor the
             # baseline: the next ratio is taken against the last real advance.

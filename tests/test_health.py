@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from collector.health import (
@@ -171,6 +171,7 @@ def test_offset_estimate_is_offset_minus_the_smallest_recent_delay(offset, delay
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 100), st.floats(0, 1e4),
                           st.none() | st.floats(-1e4, 1e4)), max_size=50))
+@example([(0, 0, 0.0, None), (0, 2, 5e-324, None)])  # the step underflows to a 0.0 ratio
 def test_any_sample_sequence_keeps_bounded_sane_state(samples):
     h = feed(SensorHealth(), samples)
     assert len(h.ratios) <= INTERVAL_SAMPLES
