@@ -14,16 +14,14 @@ DEFAULT_UDP_PORT = 4739
 DEFAULT_DB_PATH = "telemetry.db"
 DEFAULT_LISTEN_HOST = "0.0.0.0"
 DEFAULT_FLUSH_INTERVAL_S = 1.0
-# Rows per transaction.  At ~2 us a row (measured, prepared executemany into
-# the clustered readings table) 20,000 rows hold the loop for ~40 ms, which a
-# few MB of socket buffer absorbs at 100k datagrams/s; smaller batches pay the
-# per-commit cost (WAL append + occasional checkpoint) more often.
+# Readings that make a flush happen before the interval is up: it bounds how
+# long one flush holds the loop (the socket buffer absorbs that); smaller
+# batches pay the per-commit cost more often.  Figures: docs/OPERATIONS.md, Tuning.
 DEFAULT_BATCH_ROWS = 20_000
 # What we ask the kernel for.  Linux doubles the request (bookkeeping
 # overhead) and caps it at net.core.rmem_max unless SO_RCVBUFFORCE is allowed
-# (CAP_NET_ADMIN).  The 16 MiB granted hold ~20,000 small datagrams on
-# loopback (each is charged ~830 bytes of skb truesize, measured for 75 bytes
-# of payload), i.e. 200 ms at 100k/s.
+# (CAP_NET_ADMIN).  How long the granted buffer lasts: docs/OPERATIONS.md,
+# Receive buffers.
 DEFAULT_RCVBUF_BYTES = 8 * 1024 * 1024
 DEFAULT_STATUS_INTERVAL_S = 60.0
 
@@ -33,11 +31,10 @@ DEFAULT_STATUS_INTERVAL_S = 60.0
 # jumbogram (65,507 over IPv4, 65,527 over IPv6), so oversized datagrams are
 # read whole and rejected as too_large by the decoder; only a jumbogram can
 # still come back truncated (MSG_TRUNC), and it is counted, never half-stored.
-# recv(65536) measured 1.03 us against 1.22 us for recv(8193): CPython shrinks
-# the buffer in place.
+# It is also the cheaper size: CPython shrinks the buffer in place.
 RECV_BUFFER_BYTES = 65536
 # Datagrams read from one socket per wake before moving to the next ready one,
-# so a flooded socket cannot starve the others.  256 x ~8 us = ~2 ms.
+# so a flooded socket cannot starve the others (a few ms of work per wake).
 DRAIN_BUDGET_DATAGRAMS = 256
 # The longest one select() waits (seconds): epoll takes at most 2**31-1 ms,
 # and --flush-interval / --status-interval may be longer, even inf.
@@ -46,11 +43,8 @@ MAX_SELECT_TIMEOUT_S = 3600.0
 REJECT_LOG_INTERVAL_S = 10.0
 
 # Cardinality guards: anyone can send UDP, so sensor ids and metric names are
-# attacker-controlled.  A well-behaved sensor costs ~1-2 KB of memory and a
-# row; one driven to the limits costs ~540 KB (measured: 4096 open gaps
-# ~466 KB, 256 metric names of 64 characters ~75 KB), so the worst case of
-# MAX_SENSORS such sensors is ~11 GB: these bound cardinality, not a small
-# gateway's memory.  Beyond them datagrams from new sensors (refused_sensors)
+# attacker-controlled.  These bound cardinality, not a small gateway's memory
+# (what one sensor can cost: docs/OPERATIONS.md, Tuning).  Beyond them datagrams from new sensors (refused_sensors)
 # and readings with new metric names (refused_readings) are counted, not kept.
 MAX_SENSORS = 20_000
 MAX_SERIES_PER_SENSOR = 256
@@ -68,17 +62,10 @@ RETRY_MAX_S = 30.0
 # (there should be none) makes a flush fail fast and retry, instead of
 # holding the loop for open_writer's default 5 s while the socket buffer fills.
 WRITER_BUSY_TIMEOUT_MS = 200
-# SQLite page cache of the writer connection (KiB; PRAGMA cache_size=-N).  The
-# readings B-tree takes inserts at one point per series; with ~100 series and
-# a table of millions of rows, the default 2 MiB cache measured 4.2 us/row
-# against 2.8 us/row with 32 MiB (bench/ingest.py --compare-insert).
+# SQLite page cache of the writer connection (KiB; PRAGMA cache_size=-N): the
+# flush touches the log's tail, chunk and rollup pages and the sensors table;
+# a warm cache keeps them from being re-read.
 WRITER_CACHE_KIB = 32 * 1024
-# Readings per INSERT statement in a flush (a multi-row VALUES list of 6 x
-# this many parameters; SQLite allows 32,766).  Measured (/tmp bench, 200,000
-# rows into a table of 500,000, 32 MiB cache): 1 row per statement 2.8-3.1
-# us/row, 10 rows 2.0-2.5, 50-200 rows 1.9-2.1: binding and stepping once per
-# 64 rows saves a third of the per-row cost.
-INSERT_ROWS_PER_STATEMENT = 64
 # systemd watchdog pings at most this often (seconds); sdnotify rate-limits too.
 WATCHDOG_MIN_INTERVAL_S = 2.0
 

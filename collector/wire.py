@@ -65,9 +65,8 @@ _UNPACK_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, MemoryEr
                   msgpack.UnpackException)
 
 # Memo of ids and reading names already found valid: a sensor sends the same
-# few names in every datagram, and a set lookup (~30 ns) is much cheaper than
-# the regex (~150 ns); this halves the cost of checking readings (measured
-# 0.77 -> 0.36 us for 3 readings).  Capped so hostile names cannot grow it:
+# few names in every datagram, and a set lookup is several times cheaper than
+# the regex (bench/decode.py).  Capped so hostile names cannot grow it:
 # past the cap, names are still checked, only no longer remembered.
 _MEMO_MAX = 4096
 _good_ids: set[str] = set()

@@ -60,7 +60,7 @@ COUNTERS = (
 )
 
 # The hot insert: a prepared executemany of plain tuples, 64 rows per
-# statement (tuning.INSERT_ROWS_PER_STATEMENT) and the remainder one by one.
+# statement (INSERT_ROWS_PER_STATEMENT) and the remainder one by one.
 # Measured with bench/ingest.py --compare-insert (200,000 rows of 100 series
 # in batches of 20,000 into a readings table already holding 2,000,000, 32 MiB
 # cache, pinned to one core of a shared 2-core VM): executemany of single rows
@@ -68,10 +68,11 @@ COUNTERS = (
 # a dict per row before its own multi-row VALUES), executemany of 64-row
 # statements 2.3 us/row (2.0 against 2.8 into a table of 500,000).  We keep
 # the last.
+INSERT_ROWS_PER_STATEMENT = 64  # v2 wrote readings 64 per multi-row INSERT
 INSERT_READINGS = "INSERT OR IGNORE INTO readings (series, ts, boot, seq, value, received) VALUES (?, ?, ?, ?, ?, ?)"
 INSERT_READINGS_MULTI = (
     "INSERT OR IGNORE INTO readings (series, ts, boot, seq, value, received) VALUES "
-    + ", ".join(["(?, ?, ?, ?, ?, ?)"] * tuning.INSERT_ROWS_PER_STATEMENT)
+    + ", ".join(["(?, ?, ?, ?, ?, ?)"] * INSERT_ROWS_PER_STATEMENT)
 )
 INSERT_SERIES = "INSERT INTO series (id, sensor, metric) VALUES (?, ?, ?)"
 UPSERT_SENSOR = """
@@ -93,7 +94,7 @@ UPSERT_COUNTER = "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)"
 
 def _insert_readings(conn: sqlite3.Connection, rows: list[tuple]) -> int:
     """Insert the rows (64 per statement, then the rest); returns how many were new."""
-    k = tuning.INSERT_ROWS_PER_STATEMENT
+    k = INSERT_ROWS_PER_STATEMENT
     full = len(rows) - len(rows) % k
     stored = 0
     if full:
