@@ -35,6 +35,7 @@ import ssl
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -140,6 +141,10 @@ def main() -> None:
         db = str(Path(tmp) / "heavy.db")
         build(db)
         proc, port, ca = bench_query.start_server(db, Path(tmp))
+        # Drain the server's log: a full pipe would block its loop on a log line.
+        log_lines: list[str] = []
+        drain = threading.Thread(target=lambda: log_lines.extend(proc.stderr), daemon=True)
+        drain.start()
         try:
             ctx = ssl.create_default_context(cafile=ca)
             with tls_connect(ctx, port) as probe:
@@ -178,7 +183,9 @@ def main() -> None:
             per_hog = (with_hogs["VmRSS"] - base["VmRSS"]) / args.clients
             print(f"  {args.clients} non-reading hogs   RSS {mb(with_hogs['VmRSS'])}  "
                   f"({per_hog / 1e3:,.1f} kB each); peak RSS {mb(with_hogs['VmHWM'])}")
-            print(f"  hogs still connected at the end: {alive} of {args.clients}")
+            evicted = sum("answers unread" in line for line in log_lines)
+            print(f"  hogs still connected at the end: {alive} of {args.clients}; "
+                  f"closed by the output budget (log lines): {evicted}")
             print(f"  kernel TCP buffers (all sockets, not in RSS): {mb(kernel)}")
             print(f"  fresh client's ping meanwhile: median {statistics.median(pings) * 1e3:.2f} ms, "
                   f"worst {max(pings) * 1e3:.2f} ms")
