@@ -14,7 +14,8 @@ reasons; RFC 3550 Appendix A.1 (restart detection) and RFC 4303 3.4.3
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from array import array
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -40,10 +41,17 @@ MAX_MISORDER = WINDOW
 # a sensor resetting to a random seq lands in that range with p = 1/4096.
 MAX_DROPOUT = 1 << 20
 MIN_SEQUENTIAL = 2
-# Remembered (still fillable) gaps per tracker.  Must be >= WINDOW // 2 + 1:
-# a window of WINDOW seqs holds at most that many gaps, so gaps inside the
-# window are never forgotten and duplicate detection there stays exact.
-MAX_OPEN_GAPS = 4096
+# Remembered (still fillable) gaps.  Every gap that reaches into a stream's
+# window (the WINDOW seqs below its highest) is kept, so duplicate detection
+# and late fills there stay exact: a window holds at most WINDOW // 2 + 1 gaps.
+# Of the gaps wholly behind the windows only the MAX_OLD_GAPS highest are kept
+# (for a datagram delayed across a long outage); older ones are forgotten:
+# they stay lost, their rows in the database stay final, a datagram filling
+# one is a Stray.  A sensor's gaps live in compact arrays (24 bytes each), so
+# a tracker holds at most MAX_OPEN_GAPS of them, whatever the loss pattern:
+# bench/tracker_memory.py measures the bytes per sensor.
+MAX_OLD_GAPS = 128
+MAX_OPEN_GAPS = 2 * (WINDOW // 2 + 1) + MAX_OLD_GAPS  # current + previous stream's windows, + old ones
 assert MAX_OPEN_GAPS > WINDOW // 2 and MAX_MISORDER <= WINDOW < _HALF and MAX_DROPOUT < _HALF
 
 SNAPSHOT_VERSION = 1
@@ -148,9 +156,11 @@ _UNSET = _Unset()
 class _Stream:
     """One stream: extended seqs base..max, and its remembered gaps.
 
-    Gaps are three parallel lists sorted by first seq (extended), so a seq is
-    found with one bisect.  Gaps below `floor` were forgotten (MAX_OPEN_GAPS,
-    or too far behind to be reachable): they stay lost, no longer fillable.
+    Gaps are three parallel arrays sorted by first seq (extended): starts and
+    ends as int64, detection times as float64, 24 bytes a gap where a list of
+    Python objects cost ~110; a seq is found with one bisect.  Gaps below
+    `floor` were forgotten (MAX_OLD_GAPS, or too far behind to be reachable):
+    they stay lost, no longer fillable.
     """
 
     __slots__ = ("stream", "boot", "base", "max", "floor", "starts", "ends", "times")
@@ -161,9 +171,13 @@ class _Stream:
         self.base = base
         self.max = max_
         self.floor = floor
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-        self.times: list[float] = []
+        self.starts = array("q")
+        self.ends = array("q")
+        self.times = array("d")
+
+    def old_gaps(self) -> int:
+        """How many of its gaps lie wholly behind its window (forgettable)."""
+        return bisect_left(self.ends, self.max - WINDOW)
 
     def find(self, ext: int) -> int:
         """Index of the remembered gap holding `ext`, or -1."""
@@ -371,10 +385,17 @@ class SensorTracker:
             s.ends.insert(0, b)
             s.times.insert(0, now)
         self._put(s, a, b, now, fresh=True)
-        p = self._prev
-        while len(self._cur.starts) + (len(p.starts) if p is not None else 0) > MAX_OPEN_GAPS:
-            # Forget the oldest: the previous stream's first, then the lowest.
-            (p if p is not None and p.starts else self._cur).forget_first()
+        cur, p = self._cur, self._prev
+        old_prev = p.old_gaps() if p is not None else 0
+        excess = cur.old_gaps() + old_prev - MAX_OLD_GAPS
+        while excess > 0:
+            # Forget the oldest behind the windows: the previous stream's first, then the lowest.
+            if old_prev:
+                p.forget_first()
+                old_prev -= 1
+            else:
+                cur.forget_first()
+            excess -= 1
 
     # -- gap change log (what the collector writes at each flush) --
 

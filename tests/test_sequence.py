@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from collector.sequence import (
     MAX_DROPOUT,
     MAX_MISORDER,
+    MAX_OLD_GAPS,
     MAX_OPEN_GAPS,
     MIN_SEQUENTIAL,
     WINDOW,
@@ -288,28 +289,37 @@ def test_pop_gap_changes_exact_contents():
     assert t.pop_gap_changes() == {(1, 1): GapRecord(1, 5, 1, 2, 2, 5.0)}
 
 
-def test_max_open_gaps_bound_forgets_the_oldest_but_keeps_them_lost():
+def test_gaps_behind_the_window_are_bounded_forgotten_oldest_first_and_stay_lost():
+    # Every odd seq missing: each gap is one seq.  Every gap reaching into the
+    # window is remembered; of those wholly behind it only MAX_OLD_GAPS.
     t = SensorTracker()
     db: dict = {}
     extra = 10
-    seqs = range(0, 2 * (MAX_OPEN_GAPS + extra) + 1, 2)  # every odd seq missing
+    top = 2 * (WINDOW + MAX_OLD_GAPS + extra)
+    seqs = range(0, top + 1, 2)
     feed(t, None, seqs[:2])
     apply(db, t.pop_gap_changes())
     assert list(db) == [(0, 1)]
     feed(t, None, seqs[2:])
-    assert len(t.open_gaps()) == MAX_OPEN_GAPS
-    assert t.open_gaps()[0].first_seq == 2 * extra + 1
-    assert t.lost == MAX_OPEN_GAPS + extra
+    in_window = [g for g in range(1, top, 2) if g >= top - WINDOW]
+    assert len(in_window) == WINDOW // 2
+    remembered = [g.first_seq for g in t.open_gaps()]
+    assert remembered[-len(in_window):] == in_window
+    oldest = in_window[0] - 2 * MAX_OLD_GAPS
+    assert remembered[: -len(in_window)] == list(range(oldest, in_window[0], 2))
+    assert len(remembered) == WINDOW // 2 + MAX_OLD_GAPS <= MAX_OPEN_GAPS
+    assert t.lost == top // 2
     changes = t.pop_gap_changes()
     assert None not in changes.values()  # a forgotten gap's row is never deleted
     apply(db, changes)
-    assert len(db) == MAX_OPEN_GAPS + extra
-    assert t.observe(None, 1, NOW) == Stray(1)  # forgotten: no longer fillable
-    assert t.observe(None, 2 * extra + 1, NOW) == Late(2 * extra + 1)
-    assert t.lost == MAX_OPEN_GAPS + extra - 1
-    assert t.pop_gap_changes() == {(0, 2 * extra + 1): None}
+    assert len(db) == top // 2
+    assert t.observe(None, oldest - 2, NOW) == Stray(oldest - 2)  # forgotten: no longer fillable
+    assert t.observe(None, oldest, NOW) == Late(oldest)  # the oldest remembered, far behind
+    assert t.observe(None, top - 1, NOW) == Late(top - 1)  # in the window
+    assert t.lost == top // 2 - 2
+    assert t.pop_gap_changes() == {(0, oldest): None, (0, top - 1): None}
     # Restore recognises the forgotten rows and leaves them alone.
-    del db[(0, 2 * extra + 1)]
+    del db[(0, oldest)], db[(0, top - 1)]
     t2 = roundtrip(t, db)
     assert t2.open_gaps() == t.open_gaps()
     assert t2.observe(None, 3, NOW) == Stray(3)
