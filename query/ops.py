@@ -332,12 +332,19 @@ class Ops:
         for sid, name, met in self._all(f"SELECT id, sensor, metric FROM series {where} ORDER BY sensor, metric",
                                         args):
             best = None
-            for ts, boot, seq, value in self._all(
-                "SELECT max_ts, last_boot, last_seq, last_value FROM chunk_series WHERE series = ? AND max_ts ="
-                " (SELECT max(max_ts) FROM chunk_series WHERE series = ?)", [sid, sid]
+            best_chunk = None
+            for ts, boot, seq, value, chunk_id in self._all(
+                "SELECT max_ts, last_boot, last_seq, last_value, chunk FROM chunk_series WHERE series = ? AND"
+                " max_ts = (SELECT max(max_ts) FROM chunk_series WHERE series = ?)", [sid, sid]
             ):
                 if best is None or (ts, boot, seq) > best[:3]:
-                    best = (ts, boot, seq, value)
+                    best, best_chunk = (ts, boot, seq, value), chunk_id
+            if best is not None and (best[0] == 0.0 or best[3] == 0.0):
+                # The statistics are SQL REAL, which stores -0.0 as +0.0: a zero is taken
+                # bit-exact from the chunk itself (PROTOCOL.md: -0.0 comes back as -0.0).
+                for row in self._chunk_rows(best_chunk, met):
+                    if row[1:3] == best[1:3]:
+                        best = row
             for row in self.heads.rows(name, met):
                 if best is None or row[:3] > best[:3]:
                     best = row
