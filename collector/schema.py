@@ -34,6 +34,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable
 
@@ -251,11 +252,42 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _health_c
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
+def damaged_advice(path: str) -> str:
+    """What to do about a database SQLite calls damaged (the one wording everywhere)."""
+    return (f"check it with 'sqlite3 {path} \"PRAGMA integrity_check\"'; restore a backup "
+            f"or move the file aside to start a new one")
+
+
+# SQLite's primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF) that
+# mean the file itself is damaged or is no database, not that we lack rights.
+_DAMAGED_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+_FULL_CODE = 13  # SQLITE_FULL
+
+
+def open_advice(path: str, exc: sqlite3.Error) -> str:
+    """The hint for a database SQLite refused to open or read, by the cause it gave."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code in _DAMAGED_CODES:
+        return damaged_advice(path)
+    if code == _FULL_CODE:
+        return "check free space with 'df'"
+    return "is the directory writable by this user?"
+
+
+def _version_of(value: object, path: str) -> int:
+    """meta.schema_version as an integer; anything else is a damaged database."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise SetupError(f"database {path}: schema_version {value!r} in table meta is not a number "
+                         f"({damaged_advice(path)})") from None
+
+
 def schema_version(db: sqlite_utils.Database) -> int:
     if "meta" not in db.table_names():
         return 0
     row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    return int(row[0]) if row else 0
+    return _version_of(row[0], str(db.conn.execute("PRAGMA database_list").fetchone()[2])) if row else 0
 
 
 def migrate(db: sqlite_utils.Database) -> int:
@@ -303,7 +335,7 @@ def open_writer(path: str) -> sqlite_utils.Database:
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
-        raise SetupError(f"cannot open database {path}: {exc} (is the directory writable by this user?)") from None
+        raise SetupError(f"cannot open database {path}: {exc} ({open_advice(path, exc)})") from None
     try:
         db = sqlite_utils.Database(conn)
         db.enable_wal()
@@ -313,7 +345,7 @@ def open_writer(path: str) -> sqlite_utils.Database:
     except BaseException as exc:
         conn.close()  # a refused database (newer schema, unwritable, damaged) is left closed
         if isinstance(exc, sqlite3.Error):
-            raise SetupError(f"cannot open database {path}: {exc} (is the directory writable by this user?)") from None
+            raise SetupError(f"cannot open database {path}: {exc} ({open_advice(path, exc)})") from None
         raise
     return db
 
@@ -333,6 +365,10 @@ def lock_writer(path: str) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
     except OSError as exc:
         raise SetupError(f"cannot open database {path}: {exc.strerror} (is the directory writable by this user?)") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)  # a FIFO or device at the path: SQLite would fail with a bare "disk I/O error"
+        raise SetupError(f"cannot open database {path}: not a regular file (give --db the path of a "
+                         f"database file, or of one to create)")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -351,7 +387,9 @@ def open_reader(path: str) -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout=5000")
         found = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.Error as exc:
-        raise SetupError(f"cannot open database {path} read-only: {exc} (has the collector created it yet?)") from None
-    if found is None or int(found[0]) != SCHEMA_VERSION:
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+        hint = damaged_advice(path) if code in _DAMAGED_CODES else "has the collector created it yet?"
+        raise SetupError(f"cannot open database {path} read-only: {exc} ({hint})") from None
+    if found is None or _version_of(found[0], path) != SCHEMA_VERSION:
         raise SetupError(f"database {path} has schema {found and found[0]}, expected {SCHEMA_VERSION}")
     return conn

@@ -174,15 +174,21 @@ class Store:
         try:
             return self._load()
         except (sqlite3.Error, ingestlog.LogFormatError) as exc:
-            raise SetupError(f"cannot read database {self.path}: {exc} (check it with "
-                             f"'sqlite3 {self.path} \"PRAGMA integrity_check\"'; restore a backup "
-                             f"or move the file aside to start a new one)") from None
+            raise SetupError(f"cannot read database {self.path}: {exc} ({schema.damaged_advice(self.path)})") from None
 
     def _load(self) -> Loaded:
         conn = self.conn
         counters: dict[str, float] = {}
         for name, value in conn.execute("SELECT name, value FROM counters"):
-            counters[name] = value if name == "last_flush" else int(value)
+            try:
+                counters[name] = float(value) if name == "last_flush" else int(value)
+            except (TypeError, ValueError, OverflowError):
+                # A damaged row must not stop the collector (a traceback, issue 13
+                # item 7): the counter counts on from 0, and the log says so once.
+                counters[name] = 0
+                log.error("counter %r in %s holds %r, not a number: it counts on from 0 (the row is "
+                          "rewritten at the next flush; %s)", name, self.path, value,
+                          schema.damaged_advice(self.path))
         top = 0
         for series_id, sensor, metric in conn.execute("SELECT id, sensor, metric FROM series"):
             self.series[sensor][metric] = series_id

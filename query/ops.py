@@ -82,8 +82,12 @@ def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
     return "WHERE " + " AND ".join(sql for sql, _ in used), [value for _, value in used]
 
 
-def _count(value: Any) -> int:
-    return int(value or 0)
+def _count(value: Any) -> int | None:
+    """A stored count as an int; None for a value that is not a number (a damaged row)."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def ping() -> dict[str, Any]:
@@ -572,6 +576,13 @@ class Ops:
 
     def op_stats(self) -> dict[str, Any]:
         counters = dict(self._all("SELECT name, value FROM counters"))
+        for name, value in counters.items():
+            if name != "last_flush" and _count(value) is None:
+                # A damaged row (issue 13 item 7) is answered, not a traceback: shown as
+                # null, and the note says what is wrong and what to do.
+                self._note(f"counter {name!r} in the database holds {value!r}, not a number (shown as null; "
+                           "check the database with 'PRAGMA integrity_check'; the collector rewrites the "
+                           "row at its next flush)")
         lost, duplicates = self.conn.execute(
             "SELECT total(lost), total(duplicates) FROM sensors"
         ).fetchone()
