@@ -21,6 +21,7 @@ import logging
 import selectors
 import signal
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -28,7 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import auth, health, healthstore, net, retention, tuning
+from . import auth, dbfile, health, healthstore, net, retention, tuning
 from .errors import ConfigError, DecodeError, SetupError
 from .ingest import REPORTED, IngestCore, Refused, Rejected
 from .metrics import FlushStats
@@ -133,6 +134,12 @@ class Collector:
         self.flush_stats = FlushStats()
         self.health = health.HealthBook(settings.health_policy)
         self.metrics_server = None
+        # The file at --db (collector/dbfile.py): None while it is ours.
+        self._file_problem: str | None = None
+        self._file_error = ""
+        self._file_retry_at = 0.0
+        self._file_retry_delay = 1.0
+        self.db_lost: str | None = None  # set when the run ends without its database at --db
         try:
             self._bind()
             self.store = Store(settings.db, max_backlog_rows=settings.max_backlog_rows,
@@ -337,6 +344,8 @@ class Collector:
                     self._log_unlogged_rejects()
                     if store.failing_since is not None:
                         core.trim(s.max_backlog_rows)
+                    if mono >= self._file_retry_at:
+                        self._guard_file(mono)  # after the flush: a copy holds this batch too
                     next_flush = mono + s.flush_interval
                 if mono >= next_status:
                     self._poll_drops()
@@ -350,6 +359,7 @@ class Collector:
             sel.close()
             self._poll_drops()
             self._final_flush()
+            self._final_file_check()
             self._done.set()
 
     def _flush(self, mono: float) -> bool:
@@ -380,6 +390,86 @@ class Collector:
         self.unflushed_at_exit = self.core.pending_readings
         log.error("exiting with %d readings not written to %s (database refused the final flush)",
                   self.unflushed_at_exit, self.settings.db)
+
+    # --- the file at --db (collector/dbfile.py) -------------------------------------------
+
+    def _guard_file(self, mono: float) -> None:
+        """Is the file at --db still ours?  If it was deleted or moved, put the
+        database back there; if replaced, save ours aside and stop (exit 1)."""
+        store, path = self.store, self.settings.db
+        found = dbfile.check(path, store.lock_fd)
+        if found.verdict == dbfile.OK:
+            if self._file_problem is not None:
+                log.warning("database %s is reachable again", path)
+            self._file_problem, self._file_retry_delay = None, 1.0
+            return
+        if found.verdict == dbfile.REPLACED:
+            self._save_aside(found)
+            self._stop = True
+            return
+        if found.verdict == dbfile.GONE and self._restore(found):
+            return
+        if self._file_problem != found.detail:
+            log.error("database %s %s; this collector's database lives on only in the open file, and "
+                      "everything in it is lost if the collector stops before the file is back: retrying "
+                      "every %g s at most (make the directory writable again)", path,
+                      found.detail if found.verdict == dbfile.UNREACHABLE else
+                      f"was {found.detail}, and cannot be put back ({self._file_error})", tuning.RETRY_MAX_S)
+        self._file_problem = found.detail
+        self._file_retry_at = mono + self._file_retry_delay
+        self._file_retry_delay = min(self._file_retry_delay * 2, tuning.RETRY_MAX_S)
+
+    def _restore(self, found: dbfile.FileCheck) -> bool:
+        store, path = self.store, self.settings.db
+        try:
+            store.restore_at_path()
+        except dbfile.Stranded as exc:
+            self.db_lost = (f"database {path} was {found.detail}; a complete copy is in {exc.copy}, but it "
+                            f"could not be put in place ({exc.cause}): move it to {path} before restarting")
+            log.error("%s; stopping", self.db_lost)
+            self._stop = True
+            return True
+        except (OSError, sqlite3.Error) as exc:
+            self._file_error = getattr(exc, "strerror", None) or str(exc)
+            return False
+        log.error("database %s was %s: put back there from the open file (%d readings, everything "
+                  "flushed so far) and writing on there", path, found.detail,
+                  int(self.core.counters["stored_readings"]))
+        self._file_problem, self._file_retry_delay, self._file_retry_at = None, 1.0, 0.0
+        return True
+
+    def _save_aside(self, found: dbfile.FileCheck) -> None:
+        store, path = self.store, self.settings.db
+        try:
+            saved = dbfile.save_aside(store.conn, path, self.clock())
+        except (OSError, sqlite3.Error) as exc:
+            self.db_lost = (f"database {path} was {found.detail}, and this collector's database could not be "
+                            f"saved beside it ({getattr(exc, 'strerror', None) or exc}): "
+                            f"{int(self.core.counters['stored_readings'])} readings are lost")
+        else:
+            self.db_lost = (f"database {path} was {found.detail}; this collector's database "
+                            f"({int(self.core.counters['stored_readings'])} readings) is saved as {saved}: "
+                            f"restart to use the new file, or put the saved one back")
+        log.error("%s; stopping", self.db_lost)
+
+    def _final_file_check(self) -> None:
+        """At exit: the last chance to put a deleted database back; otherwise say what is lost."""
+        if self.db_lost is not None:
+            return
+        found = dbfile.check(self.settings.db, self.store.lock_fd)
+        if found.verdict == dbfile.OK:
+            return
+        if found.verdict == dbfile.REPLACED:
+            self._save_aside(found)
+            return
+        if found.verdict == dbfile.GONE and self._restore(found):
+            return
+        why = found.detail if found.verdict == dbfile.UNREACHABLE else \
+            f"was {found.detail}, and cannot be put back ({self._file_error})"
+        self.db_lost = (f"database {self.settings.db} {why}: the "
+                        f"{int(self.core.counters['stored_readings'])} readings in the open file are lost "
+                        f"with it")
+        log.error("exiting: %s", self.db_lost)
 
     def stop_message(self) -> tuple[int, str]:
         """(log level, line) to end a run whose final flush succeeded: it may

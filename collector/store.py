@@ -25,7 +25,7 @@ import sqlite3
 from collections import defaultdict
 from dataclasses import dataclass
 
-from . import ingestlog, schema, tuning
+from . import dbfile, ingestlog, schema, tuning
 from .chunkstore import ChunkRow, Head
 from .errors import SetupError
 from .ingest import Batch, IngestCore, SensorState, group_batch
@@ -132,23 +132,13 @@ class Store:
                  head_budget: int = HEAD_BUDGET_BYTES, max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS,
                  **retention: float | int | None) -> None:
         self.path = path
-        self._lock_fd = schema.lock_writer(path)
-        try:
-            self.db = schema.open_writer(path)
-        except BaseException:
-            os.close(self._lock_fd)
-            raise
-        self.conn: sqlite3.Connection = self.db.conn
-        self.conn.execute(f"PRAGMA busy_timeout={int(tuning.WRITER_BUSY_TIMEOUT_MS)}")
-        self.conn.execute(f"PRAGMA cache_size=-{int(tuning.WRITER_CACHE_KIB)}")
+        self._open()
         self.chunk_datagrams = chunk_datagrams
         self.chunk_span = chunk_span
         self.head_budget = head_budget
         self.max_backlog_rows = max_backlog_rows
         self.uplink_path = path + "-uplink"
         self.maintenance = Maintenance(path, **retention)
-        # A WAL file shrinks back after a checkpoint (the disk budget counts it).
-        self.conn.execute("PRAGMA journal_size_limit=4194304")
         self.series: dict[str, dict[str, int]] = defaultdict(dict)  # sensor -> metric -> id
         self.heads: dict[tuple[str, int], Head] = {}
         self.last_log_id = 0
@@ -162,6 +152,42 @@ class Store:
         # with (connection, the sensors written): more per-sensor columns.
         self.sensor_writers: list = []
         self._dropped_at_failure = 0
+
+    def _open(self) -> None:
+        self._lock_fd = schema.lock_writer(self.path)
+        try:
+            self.db = schema.open_writer(self.path)
+        except BaseException:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise
+        self.conn: sqlite3.Connection = self.db.conn
+        self.conn.execute(f"PRAGMA busy_timeout={int(tuning.WRITER_BUSY_TIMEOUT_MS)}")
+        self.conn.execute(f"PRAGMA cache_size=-{int(tuning.WRITER_CACHE_KIB)}")
+        # A WAL file shrinks back after a checkpoint (the disk budget counts it).
+        self.conn.execute("PRAGMA journal_size_limit=4194304")
+
+    @property
+    def lock_fd(self) -> int:
+        """The descriptor holding the one-writer lock: the inode we write (collector/dbfile.py)."""
+        return self._lock_fd
+
+    def restore_at_path(self) -> None:
+        """The file at our path is gone: copy the database we hold there and write on there.
+
+        Raises OSError or sqlite3.Error with nothing changed when the copy cannot
+        be made (the caller retries).  Once the copy is made, the old connection
+        is closed (it checkpoints and removes the `-wal`/`-shm` named after the
+        path), the copy renamed into place and opened; a failure past that point
+        is dbfile.Stranded, naming the complete copy.
+        """
+        tmp = dbfile.copy_beside(self.conn, self.path)
+        self.close()
+        try:
+            os.replace(tmp, self.path)
+            self._open()
+        except BaseException as exc:
+            raise dbfile.Stranded(tmp, exc) from None
 
     # --- start-up ----------------------------------------------------------------------
 
