@@ -15,7 +15,7 @@ import pytest
 
 from collector import dbfile, wire
 from helpers import db_query, wait_for
-from test_collector_e2e import CollectorProcess
+from processes import CollectorProcess
 
 # --- the verdict, pure -----------------------------------------------------------------------
 
