@@ -1,0 +1,190 @@
+"""What a new user hit (issue 11), each fixed: bare ports, IPv6 without brackets, env var typos and
+values, DNS failures, serve --check without a database, certs that would be overwritten, CSV times."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import socket
+import subprocess
+import tomllib
+
+import pytest
+from click.testing import CliRunner
+import query_fixtures as fx
+from processes import CollectorProcess, QueryServerProcess
+
+from collector import config
+from collector.wire import encode
+from query import certs
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=clean_env(**env))
+
+
+# -- 2. a bare port, and IPv6 without brackets ------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("4740", ("0.0.0.0", 4740)), (":4740", ("0.0.0.0", 4740)), ("0", ("0.0.0.0", 0)),
+    ("127.0.0.1:4740", ("127.0.0.1", 4740)), ("[::]:4740", ("::", 4740)), ("gw1", ("gw1", 4739)),
+])
+def test_a_listening_address_may_be_a_bare_port(text, expected):
+    assert config.host_port(4739)(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("4740", "'4740' is a port alone: give the host too, e.g. localhost:4740"),
+    ("::1:4740", "'::1:4740': an IPv6 address needs brackets: write [::1]:4740 (port 4740) or [::1:4740]:4740"),
+    ("::1", "'::1': an IPv6 address needs brackets: write [::1]:4740"),
+    ("2001:db8::1:80", "write [2001:db8::1]:80 (port 80) or [2001:db8::1:80]:4740"),
+    ("fe80::x:1", "write an IPv6 address in brackets, e.g. [::1]:4740"),
+    ("99999", "'99999' is a port alone"),
+])
+def test_an_address_to_reach_says_what_to_write(text, message):
+    with pytest.raises(ValueError) as caught:
+        config.parse_host_port(text, 4740)
+    assert message in str(caught.value)
+
+
+def test_collector_listen_bare_port_binds_every_address_and_check_says_so(bin_path, db_path, tmp_path):
+    check = run([bin_path("telemetry-collector"), "--db", db_path, "--listen", "0", "--check"])
+    assert check.returncode == 0, check.stderr
+    assert tomllib.loads(check.stdout)["collector"]["listen"] == ["0.0.0.0:0"]
+    with CollectorProcess(bin_path("telemetry-collector"), db_path, tmp_path / "c.log", "--listen", "0",
+                          env=clean_env()) as collector:
+        assert collector.ports[0].startswith("0.0.0.0:")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:  # any address: loopback reaches it
+            udp.sendto(encode("bare-port", 1, {"t": 1.5}), ("127.0.0.1", collector.port()))
+        collector.wait_received(1)
+        assert collector.stop() == 0
+
+
+def test_serve_listen_bare_port_binds_every_address_and_check_says_so(bin_path, known_db, tls, tmp_path):
+    args = ["--db", known_db, "--cert", tls.server_cert, "--key", tls.server_key, "--listen", "0"]
+    check = run([bin_path("telemetry-query"), "serve", *args, "--check"])
+    assert check.returncode == 0, check.stderr
+    assert tomllib.loads(check.stdout)["query"]["listen"] == "0.0.0.0:0"
+    with QueryServerProcess(bin_path("telemetry-query"), tmp_path / "q.log", *args, env=clean_env()) as server:
+        assert server.ready.group(1) == "0.0.0.0"
+        result = fx.run_cli(["ping"], {"TELEMETRY_SERVER": f"localhost:{server.port}", "TELEMETRY_CA": tls.ca_pem})
+        assert "protocol" in result.stdout
+        assert server.stop() == 0
+
+
+def test_unbracketed_ipv6_in_env_or_flag_is_one_line_exit_2(bin_path, db_path):
+    result = run([bin_path("telemetry-collector"), "--db", db_path, "--check"], TELEMETRY_COLLECTOR_LISTEN="::1:4739")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: Invalid value for TELEMETRY_COLLECTOR_LISTEN in the environment: '::1:4739': an IPv6 address needs"
+        " brackets: write [::1]:4739 (port 4739) or [::1:4739]:4739")
+
+
+# -- 10. the environment: typos, bad values, DNS ----------------------------------------------------------
+
+
+def test_an_env_var_no_option_reads_is_an_error_like_a_toml_typo(bin_path, db_path):
+    result = run([bin_path("telemetry-collector"), "--db", db_path, "--check"], TELEMETRY_COLLECTOR_FLUSH_INTERVALL="2")
+    assert (result.returncode, result.stderr) == (2, "Error: unknown environment variable "
+                                                  "TELEMETRY_COLLECTOR_FLUSH_INTERVALL (did you mean "
+                                                  "TELEMETRY_COLLECTOR_FLUSH_INTERVAL?)\n")
+    result = run([bin_path("telemetry-query"), "ping"], TELEMETRY_SEVRER="localhost:4740")
+    assert (result.returncode, result.stderr) == (2, "Error: unknown environment variable TELEMETRY_SEVRER "
+                                                  "(did you mean TELEMETRY_SERVER?)\n")
+
+
+def test_a_bad_format_from_the_environment_blames_the_variable():
+    result = CliRunner().invoke(fx_main(), ["ping"], env={"TELEMETRY_FORMAT": "xml"})
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == (
+        "Error: Invalid value for TELEMETRY_FORMAT in the environment: 'xml' is not one of 'table', 'json', 'csv'.")
+    result = CliRunner().invoke(fx_main(), ["--format", "xml", "ping"])
+    assert "Invalid value for '--format'" in result.stderr
+    result = CliRunner().invoke(fx_main(), ["ping"], env={"TELEMETRY_SERVER": "::1:4740"})
+    assert result.exit_code == 2
+    assert "Invalid value for TELEMETRY_SERVER in the environment: '::1:4740': an IPv6 address needs brackets" \
+        in result.stderr
+
+
+def fx_main():
+    from query.cli import main
+
+    return main
+
+
+@pytest.mark.parametrize("server", ["nosuchhost.invalid:4740", "a..b:4740"])
+def test_a_name_that_does_not_resolve_says_dns_not_is_serve_running(bin_path, server):
+    # RFC 2606 reserves .invalid; RES_OPTIONS bounds the wait on a resolver that does not answer.
+    result = run([bin_path("telemetry-query"), "--server", server, "ping"], RES_OPTIONS="timeout:1 attempts:1")
+    assert result.returncode == 3
+    line = result.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert "check the host name in --server (TELEMETRY_SERVER), or give an IP address" in line
+    assert "is `telemetry-query serve` running" not in line
+
+
+# -- 11. serve --check opens the database ------------------------------------------------------------
+
+
+def test_serve_check_fails_when_the_database_does_not_exist(bin_path, tls, tmp_path):
+    missing = tmp_path / "not-yet.db"
+    result = run([bin_path("telemetry-query"), "serve", "--db", str(missing), "--cert", tls.server_cert,
+                  "--key", tls.server_key, "--check"])
+    assert result.returncode == 2
+    assert result.stderr == (f"Error: cannot open database {missing} read-only: unable to open database file"
+                             " (has the collector created it yet?)\n")
+    assert not missing.exists()  # a read-only check creates nothing
+
+
+# -- 8. telemetry-certs ---------------------------------------------------------------------------------
+
+
+def test_certs_client_refuses_to_overwrite_a_key_unless_forced(tmp_path):
+    tls_dir = tmp_path / "tls"
+    runner = CliRunner()
+    assert runner.invoke(certs.main, ["init", str(tls_dir), "--dns", "localhost"]).exit_code == 0
+    assert runner.invoke(certs.main, ["client", str(tls_dir), "alice"]).exit_code == 0
+    key = (tls_dir / "alice.key").read_bytes()
+    again = runner.invoke(certs.main, ["client", str(tls_dir), "alice"])
+    assert again.exit_code == 1
+    assert again.stderr == f"Error: {tls_dir / 'alice.key'} exists: pick another NAME, or use --force to replace it\n"
+    assert (tls_dir / "alice.key").read_bytes() == key
+    assert runner.invoke(certs.main, ["client", str(tls_dir), "alice", "--force"]).exit_code == 0
+    assert (tls_dir / "alice.key").read_bytes() != key
+
+
+@pytest.mark.parametrize("command", [[], ["init"], ["server"], ["client"]])
+def test_certs_help_keeps_each_example_on_its_own_line(command):
+    out = CliRunner().invoke(certs.main, [*command, "--help"]).stdout
+    example = out.split("Example:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert example and all(line.startswith("    telemetry-certs ") for line in example), out
+    if not command:
+        assert len(example) == 3
+
+
+# -- 7. CSV times and numbers --------------------------------------------------------------------------
+
+
+def test_csv_and_json_times_as_iso_on_request_and_computed_floats_shortest(known_db, tls):
+    with fx.live_server(known_db, tls, mtls=False) as live:
+        env = live["env"]
+        rows = list(csv.DictReader(io.StringIO(fx.run_cli(
+            ["--format", "csv", "--times", "iso", "readings", "s1", "--metric", "hum", "--limit", "2"], env).stdout)))
+        assert [r["ts"] for r in rows] == ["2023-11-14T22:13:20.500Z", "2023-11-14T22:14:20.500Z"]
+        unix = fx.run_cli(["--format", "csv", "readings", "s1", "--metric", "hum", "--limit", "1"], env).stdout
+        assert unix.splitlines()[1].split(",")[2] == repr(fx.T0 + 0.5)
+        stats = fx.run_cli(["--format", "json", "--times", "iso", "stats"], {**env, "TELEMETRY_TIMES": "unix"})
+        assert '"last_flush": "2023-11-14T23:03:20.500Z"' in stats.stdout  # the flag beats the environment
+        agg = list(csv.DictReader(io.StringIO(fx.run_cli(
+            ["--format", "csv", "aggregate", "s1", "--metric", "temp", "--bucket", "30s"], env).stdout)))
+        for row in agg:
+            assert len(row["avg"].replace("-", "").replace(".", "").lstrip("0")) <= 15, row
+            assert float(row["avg"]) == pytest.approx(float(row["sum"]) / int(row["count"]), rel=1e-14)
