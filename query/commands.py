@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -458,14 +459,60 @@ def aggregate(session: _Session, sensor: str, metric: str, bucket: float, since:
               until: float | None) -> None:
     """Count, min, max, avg and sum per time bucket (aligned to the epoch).
 
+    A range wider than the data (--since 7d over an hour of readings) is
+    narrowed to the readings in it when the server would refuse it for
+    spanning too many buckets; the buckets are the same.
+
     \b
     Example:
       telemetry-query aggregate boiler-1 --metric temp --bucket 5m --since 24h
     """
-    result = session.request("aggregate", sensor=sensor, metric=metric, bucket=bucket, since=since, until=until)
+    params = {"sensor": sensor, "metric": metric, "bucket": bucket, "since": since, "until": until}
+    try:
+        result = session.client().request("aggregate", **params)
+    except ServerError as exc:
+        if exc.code != "bad_request" or "too small for the range" not in exc.message:
+            raise ServerSaidNo(f"server said {exc.code}: {exc.message}") from None
+        result = _aggregate_over_the_data(session, params, exc)
+    except ConnectError as exc:
+        raise _connect_failure(exc) from None
     if not result:
         session.check_names([sensor], metric)
     session.echo(result, ["start", "count", "min", "max", "avg", "sum"])
+
+
+def _aggregate_over_the_data(session: _Session, params: dict[str, Any], refused: ServerError) -> list[dict[str, Any]]:
+    """The aggregate again over [first, last] reading in the range; when even that spans too many
+    buckets, say which bucket would do."""
+    query = {k: params[k] for k in ("sensor", "metric", "since", "until")}
+    first = session.request("readings", **query, limit=1)["rows"]
+    if not first:
+        return []
+    last = session.request("readings", **query, limit=1, order="desc")["rows"][0]
+    lo, hi = first[0]["ts"], last["ts"]
+    try:
+        return session.client().request("aggregate", **{**params, "since": lo, "until": math.nextafter(hi, math.inf)})
+    except ServerError as exc:
+        cap = re.search(r"at most (\d+)", exc.message)
+        wider = f"; --bucket {_seconds(_bucket_for(hi - lo, int(cap.group(1))))} or wider would do" if cap else ""
+        raise ServerSaidNo(f"server said {exc.code}: {exc.message}; the readings in that range run from "
+                           f"{human_time(lo)} to {human_time(hi)}{wider}") from None
+
+
+def _bucket_for(span: float, max_buckets: int) -> float:
+    """A round bucket width (rounded up) whose epoch-aligned buckets over `span` stay within max_buckets."""
+    needed = span / max(max_buckets - 2, 1)  # +2: the partial buckets at both ends
+    if needed >= 1:
+        return float(math.ceil(needed))
+    digits = 1 - math.floor(math.log10(needed))
+    return math.ceil(needed * 10**digits) / 10**digits
+
+
+def _seconds(value: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if value >= size and value % size == 0:
+            return f"{value // size:g}{unit}"
+    return f"{value:g}s"
 
 
 @_session_command("gaps")

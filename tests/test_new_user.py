@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import socket
 import subprocess
@@ -188,3 +189,23 @@ def test_csv_and_json_times_as_iso_on_request_and_computed_floats_shortest(known
         for row in agg:
             assert len(row["avg"].replace("-", "").replace(".", "").lstrip("0")) <= 15, row
             assert float(row["avg"]) == pytest.approx(float(row["sum"]) / int(row["count"]), rel=1e-14)
+
+
+# -- 4. an aggregate range wider than the data -------------------------------------------------------
+
+
+def test_aggregate_over_a_week_of_seconds_of_data_is_sized_to_the_data(known_db, tls):
+    with fx.live_server(known_db, tls, mtls=False) as live:
+        env = live["env"]
+        # s1 temp: 300 readings over 990 s; 7 days at 1 s buckets would be 604,800 buckets.
+        week = fx.run_cli(["--format", "json", "aggregate", "s1", "--metric", "temp", "--bucket", "1s",
+                           "--since", str(fx.T0 - 7 * 86400), "--until", str(fx.T0 + 86400)], env)
+        exact = fx.run_cli(["--format", "json", "aggregate", "s1", "--metric", "temp", "--bucket", "1s"], env)
+        assert week.stdout == exact.stdout
+        assert len(json.loads(week.stdout)) == 100 and sum(b["count"] for b in json.loads(week.stdout)) == 300
+        # Even the data's own span is too many buckets of 50 ms: say which bucket would do.
+        refused = fx.run_cli(["aggregate", "s1", "--metric", "temp", "--bucket", "0.05", "--since",
+                              str(fx.T0 - 7 * 86400)], env, code=1)
+        assert refused.stderr.endswith("; the readings in that range run from 2023-11-14T22:13:20Z to "
+                                       "2023-11-14T22:29:50Z; --bucket 0.1s or wider would do\n"), refused.stderr
+        assert fx.run_cli(["aggregate", "s1", "--metric", "temp", "--bucket", "0.1s"], env).stdout.count("\n") == 101
