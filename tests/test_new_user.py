@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import tomllib
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -209,3 +210,16 @@ def test_aggregate_over_a_week_of_seconds_of_data_is_sized_to_the_data(known_db,
         assert refused.stderr.endswith("; the readings in that range run from 2023-11-14T22:13:20Z to "
                                        "2023-11-14T22:29:50Z; --bucket 0.1s or wider would do\n"), refused.stderr
         assert fx.run_cli(["aggregate", "s1", "--metric", "temp", "--bucket", "0.1s"], env).stdout.count("\n") == 101
+
+
+# -- 12. how long 16 MiB of receive buffer lasts, said once ----------------------------------------------
+
+
+def test_the_sysctl_comment_and_operations_agree_on_how_long_16_mib_lasts():
+    root = Path(__file__).resolve().parent.parent
+    sysctl = " ".join((root / "deploy/sysctl.d/60-gateway-telemetry.conf").read_text().replace("#", " ").split())
+    operations = " ".join((root / "docs/OPERATIONS.md").read_text().split())
+    for text in (sysctl, operations):
+        assert "16 MiB" in text and "~20,000" in text and "200 ms at 100,000 datagrams/s" in text, text[:200]
+        assert "(2 s at 10,000/s" in text and "bench/rcvbuf.py" in text
+    assert "well over a second" not in sysctl
