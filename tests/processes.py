@@ -25,12 +25,12 @@ class Daemon:
     """A command run as a child process whose log (stderr) is a file we can poll."""
 
     def __init__(self, cmd: list[str], log: Path, ready: str, *, env: dict[str, str] | None = None,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, cwd: Path | None = None) -> None:
         self.cmd = cmd
         self.log = log
         self._log_file = open(log, "ab")
         full_env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log_file, env=full_env)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log_file, env=full_env, cwd=cwd)
         found = wait_for(lambda: re.search(ready, self.text()) or self._dead(), timeout,
                          what=f"the ready line of {Path(cmd[0]).name} ({ready!r})")
         if found == "dead":
@@ -74,12 +74,12 @@ class CollectorProcess(Daemon):
     """telemetry-collector; `ports` are the UDP ports it logged, in order."""
 
     def __init__(self, exe: str, db: str, log: Path, *args: str, prefix: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.db = db
         cmd = [*prefix, exe, "--db", db, "--flush-interval", "0.05", *args]
         if "--listen" not in args and "--config" not in args:
             cmd += ["--listen", "127.0.0.1:0"]
-        super().__init__(cmd, log, COLLECTOR_READY, env=env)
+        super().__init__(cmd, log, COLLECTOR_READY, env=env, cwd=cwd)
         self.ports = re.findall(r"listening udp (\S+)", self.text())
 
     def port(self, i: int = 0) -> int:
@@ -98,9 +98,10 @@ class CollectorProcess(Daemon):
 class QueryServerProcess(Daemon):
     """telemetry-query serve; `port` is the TLS port it logged."""
 
-    def __init__(self, exe: str, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, exe: str, log: Path, *args: str, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
         cmd = [exe, "serve", *args]
         if "--listen" not in args and "--config" not in args:
             cmd += ["--listen", "127.0.0.1:0"]
-        super().__init__(cmd, log, QUERY_READY, env=env)
+        super().__init__(cmd, log, QUERY_READY, env=env, cwd=cwd)
         self.port = int(self.ready.group(2))

@@ -223,3 +223,54 @@ def test_the_sysctl_comment_and_operations_agree_on_how_long_16_mib_lasts():
         assert "16 MiB" in text and "~20,000" in text and "200 ms at 100,000 datagrams/s" in text, text[:200]
         assert "(2 s at 10,000/s" in text and "bench/rcvbuf.py" in text
     assert "well over a second" not in sysctl
+
+
+# -- 1. the README's quick start, run as written --------------------------------------------------------
+
+
+def quick_start() -> list[str]:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Quick start, by hand", 1)[1].split("```console\n", 1)[1].split("```", 1)[0]
+    return [line[2:] for line in block.splitlines() if line.startswith("$ ")]
+
+
+def test_the_readme_quick_start_runs_as_written(bin_path, tmp_path):
+    """Each line of the quick start, in order, in a fresh directory: the venv line is this test's venv,
+    the fixed ports become free ones (read back from the daemons' ready lines), nothing else changes."""
+    lines = quick_start()
+    assert lines[0].startswith("python3 -m venv .venv") and lines[-1] == "kill %1 %2"
+    env = clean_env()
+    daemons = []
+    udp_port = tcp_port = None
+    try:
+        for line in lines[1:-1]:
+            argv = line.rstrip(" &").split()
+            if argv[0] == "export":
+                env.update(dict(item.split("=", 1) for item in argv[1:]))
+                env["TELEMETRY_SERVER"] = env["TELEMETRY_SERVER"].replace(":4740", f":{tcp_port}")
+                continue
+            argv = [bin_path(argv[0]), *argv[1:]]
+            if line.endswith(" &"):
+                argv = [a.replace("127.0.0.1:4739", "127.0.0.1:0").replace("127.0.0.1:4740", "127.0.0.1:0") for a in argv]
+                if "serve" in argv:
+                    daemons.append(QueryServerProcess(argv[0], tmp_path / "serve.log", *argv[2:], env=env, cwd=tmp_path))
+                    tcp_port = daemons[-1].port
+                else:
+                    daemons.append(CollectorProcess(argv[0], "telemetry.db", tmp_path / "collector.log",
+                                                    *argv[3:], env=env, cwd=tmp_path))
+                    daemons[-1].db = str(tmp_path / "telemetry.db")  # where the test reads its counters
+                    udp_port = daemons[-1].port()
+                continue
+            argv = [a.replace("127.0.0.1:4739", f"127.0.0.1:{udp_port}") for a in argv]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+            assert done.returncode == 0, (line, done.stdout, done.stderr)
+            if "sensor-sim" in argv[0]:
+                daemons[0].wait_received(60)
+            if argv[1:2] == ["sensors"]:
+                rows = [r.split() for r in done.stdout.splitlines()[1:]]
+                assert [(r[0], r[3]) for r in rows] == [("sim-0001", "20"), ("sim-0002", "20"), ("sim-0003", "20")]
+            if argv[1:2] == ["plot"]:
+                assert done.stdout.startswith("sim-0001 temp: 20 readings, ")
+    finally:
+        for daemon in daemons:
+            assert daemon.stop() == 0, daemon.text()
