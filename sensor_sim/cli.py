@@ -150,16 +150,23 @@ def _summary(report: dict[str, Any], asked: float | None = None) -> str:
     duplicated = sum(len(s["duplicated"]) for s in sensors)
     reordered = sum(s["reordered"] for s in sensors)
     elapsed = report["elapsed_s"]
-    rate = report["datagrams_sent"] / elapsed if elapsed > 0 else 0.0
-    parts = [f"sensor-sim: {report['datagrams_sent']} datagrams sent to "
-             f"{len(report['targets'])} target(s) in {elapsed:.2f} s ({rate:.0f}/s"
-             f"{f' of {asked:.0f}/s asked' if asked else ''}); "
-             f"{len(report['sensors'])} sensors generated {generated}"]
+    targets = len(report["targets"])
+    parts = [f"sensor-sim: {report['datagrams_sent']} datagrams sent to {targets} target(s) in {elapsed:.2f} s"]
+    # The pace is the schedule's: slots (generated datagrams, the ones injected loss dropped
+    # included) per second between the first and the last, so loss does not read as a slow
+    # sender; one slot has no pace.
+    if generated > 1 and elapsed > 0:
+        pace = (generated - 1) / elapsed * targets
+        parts.append(f" (paced at {pace:.0f}/s{f' of {asked:.0f}/s asked' if asked else ''})")
+    parts.append(f"; {len(report['sensors'])} sensors generated {generated}")
     if dropped or duplicated or reordered:
         parts.append(f"; injected: {dropped} dropped, {duplicated} duplicated, {reordered} reordered")
     if report["send_failures"]:
         errors = ", ".join(f"{k} x{v}" for k, v in report["send_errors"].items())
         parts.append(f"; {report['send_failures']} sendto failed ({errors})")
+    if report["send_errors"].get("ECONNREFUSED"):
+        parts.append(f"; NOTHING LISTENS at {', '.join(report['targets'])} (ICMP port unreachable): the datagrams"
+                     " counted as sent went nowhere either")
     parts.append(f"; seed {report['seed']}")
     if report["interrupted"]:
         parts.append("; interrupted")

@@ -1,8 +1,9 @@
 """Targets and sending sockets: parse HOST:PORT, resolve it, set multicast options, count sends.
 
 Everything the simulator and the `Sensor` API need from the network is here,
-so both send the same way: one unconnected UDP socket per address family,
-IP_MULTICAST_TTL/IPV6_MULTICAST_HOPS from `ttl`, multicast loop on, and the
+so both send the same way: a UDP socket connected to each unicast target
+(so a port nobody listens on is heard of: ECONNREFUSED) and one per address
+family for multicast, IP_MULTICAST_TTL/IPV6_MULTICAST_HOPS from `ttl`, multicast loop on, and the
 outgoing multicast interface when one is given.  `Sender.send` counts each
 sendto that succeeded and each that failed; a failure the network may recover
 from (a full buffer, an unreachable host) is counted and survived, any other
@@ -123,18 +124,32 @@ class Sender:
         if not targets:
             raise ValueError("at least one target is required")
         self.targets = list(targets)
-        self.sockets: dict[int, socket.socket] = {}
+        # Each unicast target gets a socket connected to it: only a connected UDP socket hears
+        # the ICMP port unreachable of a port nobody listens on (the next send fails with
+        # ECONNREFUSED, counted below).  Multicast targets share one socket per family.
+        self.sockets: list[socket.socket] = []
+        shared: dict[int, socket.socket] = {}
+        per_target: list[socket.socket] = []
         try:
             for target in self.targets:
-                if target.family not in self.sockets:
-                    self.sockets[target.family] = open_socket(
-                        target.family, ttl, multicast_interface
-                        if any(t.multicast and t.family == target.family for t in targets)
-                        else None)
+                if not target.multicast:
+                    sock = open_socket(target.family, ttl, None)
+                    self.sockets.append(sock)
+                    try:
+                        sock.connect(target.sockaddr)
+                    except OSError as exc:
+                        raise SetupError(f"cannot send to {target.label}: {exc.strerror or exc}") from None
+                elif target.family not in shared:
+                    sock = shared[target.family] = open_socket(target.family, ttl, multicast_interface)
+                    self.sockets.append(sock)
+                else:
+                    sock = shared[target.family]
+                per_target.append(sock)
         except BaseException:
             self.close()
             raise
-        self._routes = [(self.sockets[t.family].sendto, t.sockaddr) for t in self.targets]
+        # sendto with the connected address: the same call for both kinds of socket.
+        self._routes = [(sock.sendto, t.sockaddr) for sock, t in zip(per_target, self.targets)]
         self.sent_per_target = [0] * len(self.targets)
         self.sent = 0
         self.failed = 0
@@ -174,12 +189,22 @@ class Sender:
         name = errno.errorcode.get(exc.errno, str(exc.errno))
         self.errors[name] = self.errors.get(name, 0) + 1
 
+    def check_pending(self) -> None:
+        """Count an error the kernel holds for a connected socket but no send has reported yet
+        (the ICMP port unreachable of the last datagram, or of the only one): SO_ERROR reads and
+        clears it.  The datagram was sent, so `failed` is unchanged; `errors` records it."""
+        for sock in self.sockets:
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                name = errno.errorcode.get(code, str(code))
+                self.errors[name] = self.errors.get(name, 0) + 1
+
     def per_target(self) -> dict[str, int]:
         if len(self._routes) == 1:
             return {self.targets[0].label: self.sent}
         return {t.label: n for t, n in zip(self.targets, self.sent_per_target)}
 
     def close(self) -> None:
-        for sock in self.sockets.values():
+        for sock in self.sockets:
             sock.close()
         self.sockets.clear()

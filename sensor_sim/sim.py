@@ -227,6 +227,7 @@ class Engine:
 
 def build_report(sender: Sender, sensors: list[SimSensor], *, seed: int, elapsed: float,
                  interrupted: bool) -> dict[str, Any]:
+    sender.check_pending()
     return {
         "datagrams_sent": sender.sent,
         "send_failures": sender.failed,

@@ -274,3 +274,43 @@ def test_the_readme_quick_start_runs_as_written(bin_path, tmp_path):
     finally:
         for daemon in daemons:
             assert daemon.stop() == 0, daemon.text()
+
+
+# -- 9. sensor-sim: a port nobody listens on, and an honest pace ----------------------------------------
+
+
+def closed_port() -> int:
+    """A loopback UDP port with no socket on it (bound, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("count", [1, 10])
+def test_sensor_sim_to_a_port_nobody_listens_on_says_so_and_exits_1(bin_path, tmp_path, count):
+    port = closed_port()
+    report_path = tmp_path / "truth.json"
+    result = run([bin_path("sensor-sim"), "--target", f"127.0.0.1:{port}", "--sensors", "1", "--rate", "200",
+                  "--count", str(count), "--report", str(report_path)])
+    assert result.returncode == 1, result.stderr
+    assert f"NOTHING LISTENS at 127.0.0.1:{port} (ICMP port unreachable)" in result.stderr
+    report = json.loads(report_path.read_text())
+    assert report["send_errors"]["ECONNREFUSED"] >= 1
+    assert report["datagrams_sent"] + report["send_failures"] == count  # every slot accounted for
+
+
+def test_sensor_sim_pace_counts_slots_not_what_loss_left(bin_path, tmp_path):
+    report_path = tmp_path / "truth.json"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
+        sink.bind(("127.0.0.1", 0))
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        result = run([bin_path("sensor-sim"), "--target", f"127.0.0.1:{sink.getsockname()[1]}", "--sensors", "2",
+                      "--rate", "100", "--count", "20", "--loss", "0.5", "--seed", "7", "--report", str(report_path)])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    generated = sum(s["generated"] for s in report["sensors"].values())
+    assert generated == 40 and report["datagrams_sent"] < 30  # half the slots dropped on purpose
+    pace = round((generated - 1) / report["elapsed_s"])
+    assert f"(paced at {pace}/s of 200/s asked)" in result.stderr, result.stderr
+    one = run([bin_path("sensor-sim"), "--target", f"127.0.0.1:{closed_port()}", "--count", "1", "--sensors", "1"])
+    assert "paced" not in one.stderr and "/s" not in one.stderr.split(";")[0]
