@@ -3,8 +3,10 @@ reading a database the way an operator would, and a loopback UDP receiver."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
@@ -20,6 +22,18 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without TELEMETRY_* variables (the host's must not leak in), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
+    """Run a command to completion (30 s at most) in clean_env(**env), capturing its output."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=clean_env(**env))
 
 
 def db_query(db_path: str, sql: str, *params) -> list[tuple]:

@@ -6,12 +6,11 @@ table), so the example an operator copies cannot drift from the code.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import run
 
 from collector import cli as collector_cli
 from collector.schema import open_writer
@@ -19,16 +18,6 @@ from query import certs
 from query import cli as query_cli
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "gateway.toml"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
-    env.update(extra)
-    return env
-
-
-def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=clean_env(**env))
 
 
 def normalised(table: dict) -> dict:

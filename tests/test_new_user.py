@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import socket
 import subprocess
 import tomllib
@@ -15,21 +14,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 import query_fixtures as fx
+from helpers import clean_env, run
 from processes import CollectorProcess, QueryServerProcess
 
 from collector import config
 from collector.wire import encode
 from query import certs
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
-    env.update(extra)
-    return env
-
-
-def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=clean_env(**env))
 
 
 # -- 2. a bare port, and IPv6 without brackets ------------------------------------------------------
