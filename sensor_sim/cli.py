@@ -164,9 +164,11 @@ def _summary(report: dict[str, Any], asked: float | None = None) -> str:
     if report["send_failures"]:
         errors = ", ".join(f"{k} x{v}" for k, v in report["send_errors"].items())
         parts.append(f"; {report['send_failures']} sendto failed ({errors})")
-    if report["send_errors"].get("ECONNREFUSED"):
-        parts.append(f"; NOTHING LISTENS at {', '.join(report['targets'])} (ICMP port unreachable): the datagrams"
-                     " counted as sent went nowhere either")
+    refused = report["send_errors"].get("ECONNREFUSED")
+    if refused:
+        parts.append(f"; REFUSED {refused} time(s): nothing listened at {', '.join(report['targets'])} for part or"
+                     " all of the run (ICMP port unreachable), and datagrams sent just before a refusal went nowhere"
+                     " either")
     parts.append(f"; seed {report['seed']}")
     if report["interrupted"]:
         parts.append("; interrupted")

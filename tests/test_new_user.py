@@ -277,13 +277,15 @@ def closed_port() -> int:
 
 
 @pytest.mark.parametrize("count", [1, 10])
-def test_sensor_sim_to_a_port_nobody_listens_on_says_so_and_exits_1(bin_path, tmp_path, count):
+def test_sensor_sim_to_a_port_nobody_listens_on_counts_and_says_it(bin_path, tmp_path, count):
     port = closed_port()
     report_path = tmp_path / "truth.json"
     result = run([bin_path("sensor-sim"), "--target", f"127.0.0.1:{port}", "--sensors", "1", "--rate", "200",
                   "--count", str(count), "--report", str(report_path)])
-    assert result.returncode == 1, result.stderr
-    assert f"NOTHING LISTENS at 127.0.0.1:{port} (ICMP port unreachable)" in result.stderr
+    # Exit 0: a collector that restarts during a run refuses some datagrams too; the counts say it.
+    assert result.returncode == 0, result.stderr
+    assert f"time(s): nothing listened at 127.0.0.1:{port} for part or all of the run (ICMP port unreachable)" \
+        in result.stderr
     report = json.loads(report_path.read_text())
     assert report["send_errors"]["ECONNREFUSED"] >= 1
     assert report["datagrams_sent"] + report["send_failures"] == count  # every slot accounted for

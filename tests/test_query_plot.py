@@ -92,7 +92,7 @@ def inked(row: str) -> list[int]:
 
 def test_a_plot_in_a_terminal_has_its_axes_labels_and_the_curve_where_the_data_is(server, terminal, bin_path):
     terminal.run([bin_path("telemetry-query"), "plot", "step", "--since", "0"], server["env"])
-    wait_for(lambda: terminal.dead()[0], 20, what="plot to draw and exit")
+    wait_for(lambda: terminal.dead()[0], 60, what="plot to draw and exit")
     assert terminal.dead() == (True, "0"), terminal.screen()
     screen = terminal.screen()
     # 150 readings, fewer than the 2 x 78 dot columns: drawn as they are, no buckets.
@@ -116,7 +116,7 @@ def test_a_plot_in_a_terminal_has_its_axes_labels_and_the_curve_where_the_data_i
 
 def test_a_downsampled_plot_draws_the_min_max_band(server, terminal, bin_path):
     terminal.run([bin_path("telemetry-query"), "plot", "zigzag", "--metric", "v", "--since", "0"], server["env"])
-    wait_for(lambda: terminal.dead()[0], 20, what="plot to draw and exit")
+    wait_for(lambda: terminal.dead()[0], 60, what="plot to draw and exit")
     assert terminal.dead() == (True, "0"), terminal.screen()
     screen = terminal.screen()
     width, height = plot.canvas_size(100, 30)
@@ -135,14 +135,14 @@ def test_a_downsampled_plot_draws_the_min_max_band(server, terminal, bin_path):
 
 def test_watch_redraws_with_new_data_and_stops_on_ctrl_c_with_exit_0(server, terminal, bin_path):
     terminal.run([bin_path("telemetry-query"), "plot", "step", "--since", "0", "--watch", "0.2"], server["env"])
-    wait_for(lambda: terminal.screen() and terminal.screen()[0].startswith("step v: 150 readings"), 20,
+    wait_for(lambda: terminal.screen() and terminal.screen()[0].startswith("step v: 150 readings"), 60,
              what="the first frame")
     append_readings(server["db"], "step", "v", [(T0 + 150 + i, 150 + i, 5.0) for i in range(50)])
     wait_for(lambda: terminal.screen()[0].startswith("step v: 200 readings")
-             and terminal.screen()[-1].startswith("every 0.2 s, drawn "), 20, what="a whole frame with the new readings")
+             and terminal.screen()[-1].startswith("every 0.2 s, drawn "), 60, what="a whole frame with the new readings")
     assert not terminal.dead()[0]
     terminal.tmux("send-keys", "-t", "t", "C-c")
-    wait_for(lambda: terminal.dead()[0], 10, what="plot --watch to stop on Ctrl-C")
+    wait_for(lambda: terminal.dead()[0], 30, what="plot --watch to stop on Ctrl-C")
     assert terminal.dead() == (True, "0")
     assert "Traceback" not in "\n".join(terminal.screen())
 
