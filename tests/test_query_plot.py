@@ -31,15 +31,20 @@ class Terminal:
         self.conf.write_text(f"set -g remain-on-exit on\nset -g status off\nset -g default-size {columns}x{lines}\n"
                              "set-environment -g -u COLUMNS\nset-environment -g -u LINES\n")
         self.size = (columns, lines)
+        self.status_file = tmp_path / "status"
 
     def tmux(self, *args: str) -> str:
         return subprocess.run(["tmux", "-S", self.sock, "-f", str(self.conf), *args], check=True,
                               capture_output=True, text=True, timeout=10).stdout
 
     def run(self, argv: list[str], env: dict[str, str]) -> None:
+        """Start argv in the window; its exit status goes to a file (tmux may keep an exited pane
+        looking alive for a while; the shell's `trap :` lets Ctrl-C reach only the command)."""
         env_args = [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
+        self.status_file.unlink(missing_ok=True)
+        script = f"trap : INT; {subprocess.list2cmdline(argv)}; echo $? > {self.status_file}"
         self.tmux("new-session", "-d", "-s", "t", "-x", str(self.size[0]), "-y", str(self.size[1]), *env_args,
-                  subprocess.list2cmdline(argv))
+                  subprocess.list2cmdline(["sh", "-c", script]))
 
     def screen(self) -> list[str]:
         """What the user sees of the last frame: from the last title line on, scrollback included
@@ -53,9 +58,12 @@ class Terminal:
         return lines
 
     def dead(self) -> tuple[bool, str]:
-        """(exited, its exit status); the status is set a moment after the pane is marked dead."""
-        dead, status = self.tmux("display-message", "-p", "-t", "t", "#{pane_dead} #{pane_dead_status}").split(" ")
-        return dead == "1" and status.strip() != "", status.strip()
+        """(exited, its exit status as text)."""
+        try:
+            status = self.status_file.read_text().strip()
+        except FileNotFoundError:
+            return False, ""
+        return status != "", status
 
     def close(self) -> None:
         subprocess.run(["tmux", "-S", self.sock, "kill-server"], capture_output=True, timeout=10)
@@ -142,7 +150,10 @@ def test_watch_redraws_with_new_data_and_stops_on_ctrl_c_with_exit_0(server, ter
              and terminal.screen()[-1].startswith("every 0.2 s, drawn "), 60, what="a whole frame with the new readings")
     assert not terminal.dead()[0]
     terminal.tmux("send-keys", "-t", "t", "C-c")
-    wait_for(lambda: terminal.dead()[0], 30, what="plot --watch to stop on Ctrl-C")
+    try:
+        wait_for(lambda: terminal.dead()[0], 30, what="plot --watch to stop on Ctrl-C")
+    except AssertionError:
+        raise AssertionError("\n".join(terminal.tmux("capture-pane", "-p", "-S", "-", "-t", "t").splitlines()[-8:]))
     assert terminal.dead() == (True, "0")
     assert "Traceback" not in "\n".join(terminal.screen())
 
