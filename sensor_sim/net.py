@@ -138,7 +138,11 @@ class Sender:
                     try:
                         sock.connect(target.sockaddr)
                     except OSError as exc:
-                        raise SetupError(f"cannot send to {target.label}: {exc.strerror or exc}") from None
+                        if exc.errno not in TRANSIENT_ERRNOS:
+                            raise SetupError(f"cannot send to {target.label}: {exc.strerror or exc}") from None
+                        # No route now (ENETUNREACH in a namespace whose lo is down): the socket
+                        # stays unconnected, so each sendto fails, is counted per errno, and a
+                        # target that took nothing is named at the end (exit 1), as before.
                 elif target.family not in shared:
                     sock = shared[target.family] = open_socket(target.family, ttl, multicast_interface)
                     self.sockets.append(sock)
