@@ -6,11 +6,12 @@ table), so the example an operator copies cannot drift from the code.
 
 from __future__ import annotations
 
+import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import run
+from helpers import clean_env, run
 
 from collector import cli as collector_cli
 from collector.schema import open_writer
