@@ -1,0 +1,168 @@
+"""The broker edge: how both sides connect to NATS, and what a failure means in one line.
+
+Secrets come from files only (password-file, token-file, creds-file,
+nkey-seed-file), each refused when others may read it, so they never appear
+in a command line (`ps`) or in the environment of a unit; no log line prints
+them.  TLS is verified against `ca` (or the system's CAs), TLS 1.2 at least,
+with an optional client certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import stat
+from dataclasses import dataclass
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js.api import StorageType, StreamConfig
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    stream: str = "TELEMETRY"
+    subject_prefix: str = "telemetry"
+    create_stream: bool = True
+    replicas: int = 1
+    duplicate_window: float = 120.0
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password_file: str | None = None
+    token_file: str | None = None
+    creds_file: str | None = None
+    nkey_seed_file: str | None = None
+    connect_timeout: float = 5.0
+
+
+def _private_file(path: str, what: str) -> str:
+    """The path of a credentials file that exists, is a file, and that others cannot read."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{what} {path}: not a regular file")
+    if st.st_mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
+        raise ConfigError(f"{what} {path} may be read or written by others: chmod 0640 {path} "
+                          "(owner root or the service user, group telemetry)")
+    return path
+
+
+def _read_secret(path: str, what: str) -> str:
+    _private_file(path, what)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {path}: cannot read it ({exc})") from None
+    if not value or "\n" in value:
+        raise ConfigError(f"{what} {path}: expected one non-empty line")
+    return value
+
+
+def connect_options(s: BrokerSettings) -> dict:
+    """nats.connect keyword arguments for these settings; reads and checks every file (ConfigError)."""
+    opts: dict = {}
+    methods = [n for n, v in (("token-file", s.token_file), ("creds-file", s.creds_file),
+                              ("nkey-seed-file", s.nkey_seed_file), ("user", s.user)) if v]
+    if len(methods) > 1:
+        raise ConfigError(f"choose one way to authenticate, not {' and '.join(methods)}")
+    if s.password_file and not s.user:
+        raise ConfigError("password-file needs user")
+    if s.user:
+        opts["user"] = s.user
+        if s.password_file:
+            opts["password"] = _read_secret(s.password_file, "password-file")
+    if s.token_file:
+        opts["token"] = _read_secret(s.token_file, "token-file")
+    if s.creds_file:
+        opts["user_credentials"] = _private_file(s.creds_file, "creds-file")
+    if s.nkey_seed_file:
+        opts["nkeys_seed"] = _private_file(s.nkey_seed_file, "nkey-seed-file")
+    if (s.cert is None) != (s.key is None):
+        raise ConfigError("cert and key go together (a client certificate and its private key)")
+    tls = any(u.startswith("tls://") for u in s.servers) or s.ca or s.cert
+    if tls:
+        try:
+            ctx = ssl.create_default_context(cafile=s.ca)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if s.cert:
+                _private_file(s.key, "key")
+                ctx.load_cert_chain(s.cert, s.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"TLS files (ca/cert/key): {exc}") from None
+        opts["tls"] = ctx
+    for url in s.servers:
+        if not url.startswith(("nats://", "tls://")):
+            raise ConfigError(f"server {url!r}: write nats://HOST:PORT or tls://HOST:PORT")
+    return opts
+
+
+def explain(exc: BaseException) -> str:
+    """One line an operator can act on."""
+    text = str(exc).strip() or type(exc).__name__
+    low = text.lower()
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: the broker's certificate did not verify ({exc.verify_message}): check ca and the server name"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason or text}): check ca, cert, key and that the broker speaks TLS"
+    if "authorization violation" in low or "authentication" in low or "user authentication" in low:
+        return "the broker refused our credentials (authorization violation): check user/password-file, token-file, creds-file"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: is nats-server running and listening there?"
+    if isinstance(exc, (nats.errors.NoServersError,)):
+        return "no broker reachable (every server in 'servers' failed)"
+    if isinstance(exc, nats.js.errors.NoStreamResponseError):
+        return "no JetStream stream takes these subjects (create the stream, or set create-stream = true)"
+    if isinstance(exc, nats.js.errors.ServiceUnavailableError) or "jetstream not enabled" in low:
+        return "JetStream is not available on this broker (start nats-server with -js)"
+    if isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError)):
+        return "timed out (the broker is slow, unreachable, or not a NATS server)"
+    if isinstance(exc, (nats.errors.UnexpectedEOF, ConnectionResetError, EOFError)):
+        return "the connection was closed (the broker went away, or it is not a NATS server)"
+    if isinstance(exc, OSError):
+        return f"cannot connect: {exc.strerror or text}"
+    if "invalid" in low and "info" in low or "protocol" in low:
+        return f"the peer does not speak the NATS protocol ({text})"
+    return f"{type(exc).__name__}: {text}"
+
+
+async def connect(s: BrokerSettings, opts: dict, name: str, server: str) -> nats.NATS:
+    """Connect to one server, without the client's own reconnect logic: the caller
+    owns retries (its backoff) and sees every failure."""
+    errors: list[BaseException] = []
+
+    async def on_error(exc: BaseException) -> None:
+        errors.append(exc)
+
+    try:
+        return await nats.connect(servers=[server], name=name, allow_reconnect=False, max_reconnect_attempts=1,
+                                  reconnect_time_wait=0, connect_timeout=s.connect_timeout,
+                                  error_cb=on_error, **opts)
+    except Exception as exc:
+        # NoServersError hides the cause; report the first real error seen.
+        real = next((e for e in errors if not isinstance(e, nats.errors.NoServersError)), None)
+        if isinstance(exc, nats.errors.NoServersError) and real is not None:
+            raise real from None
+        raise
+
+
+async def ensure_stream(js, s: BrokerSettings) -> None:
+    """The stream exists (created when allowed and missing)."""
+    try:
+        await js.stream_info(s.stream)
+        return
+    except nats.js.errors.NotFoundError:
+        if not s.create_stream:
+            raise ConfigError(f"stream {s.stream} does not exist on the broker (create it, or set create-stream = true)") from None
+    await js.add_stream(StreamConfig(name=s.stream, subjects=[f"{s.subject_prefix}.>"],
+                                     duplicate_window=s.duplicate_window, num_replicas=s.replicas,
+                                     storage=StorageType.FILE))

@@ -1,0 +1,360 @@
+"""telemetry-uplink: the command line edge (run on the gateway, consume centrally, status).
+
+Flags > environment (TELEMETRY_UPLINK_<KEY> for run and status,
+TELEMETRY_CENTRAL_<KEY> for consume) > the [uplink] / [central] table of the
+TOML file > defaults, as for the other daemons (collector/config.py).  Every
+ConfigError or SetupError becomes one line and exit code 2 here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import click
+
+from .. import __version__, config
+from ..errors import ConfigError, SetupError
+from . import broker, core, source
+
+UPLINK_ENV = "TELEMETRY_UPLINK_"
+CENTRAL_ENV = "TELEMETRY_CENTRAL_"
+
+
+def _db_path(value) -> str:
+    path = config.string(value)
+    if path.strip() in ("", ":memory:"):
+        raise ValueError(f"{path!r}: the database must be a file (a path such as telemetry.db)")
+    return path
+
+
+def _gateway(value) -> str:
+    return core.check_gateway(config.string(value))
+
+
+def _prefix(value) -> str:
+    return core.check_prefix(config.string(value))
+
+
+def _server(value) -> str:
+    url = config.string(value)
+    if not url.startswith(("nats://", "tls://")):
+        raise ValueError(f"{url!r}: write nats://HOST:PORT or tls://HOST:PORT")
+    return url
+
+
+def _stream(value) -> str:
+    name = config.string(value)
+    if not name or any(c in name for c in " .*>/\\") or len(name) > 64:
+        raise ValueError(f"{name!r}: a stream name is 1-64 characters without spaces, '.', '*', '>', '/'")
+    return name
+
+
+def _replicas(value) -> int:
+    n = config.positive_int(value)
+    if n > 5:
+        raise ValueError(f"JetStream keeps 1 to 5 replicas, got {value!r}")
+    return n
+
+
+def _default_gateway() -> str | None:
+    name = socket.gethostname().split(".")[0]
+    return name if core.GATEWAY_RE.fullmatch(name) else None
+
+
+# (setting, metavar, help); the parser of each setting parses flags and file values alike.
+BROKER = [
+    (config.Setting("servers", _server, ("nats://127.0.0.1:4222",), multiple=True), "URL",
+     "NATS server, nats://HOST:PORT or tls://HOST:PORT; repeat for a cluster.  [default: nats://127.0.0.1:4222]"),
+    (config.Setting("stream", _stream, "TELEMETRY"), "NAME", "JetStream stream.  [default: TELEMETRY]"),
+    (config.Setting("subject_prefix", _prefix, "telemetry"), "PREFIX",
+     "Subjects are PREFIX.<gateway>.<sensor>.readings|accounts.  [default: telemetry]"),
+    (config.Setting("create_stream", config.boolean, True), None,
+     "Create the stream (subjects PREFIX.>) when it is missing.  [default: on]"),
+    (config.Setting("replicas", _replicas, 1), "N", "Replicas of a stream this creates (3 on a cluster).  [default: 1]"),
+    (config.Setting("duplicate_window", config.positive_float, 120.0), "SECONDS",
+     "Duplicate window (Nats-Msg-Id) of a stream this creates.  [default: 120]"),
+    (config.Setting("ca", config.string, None), "FILE", "CA certificates that verify the broker (TLS).  [default: the system's]"),
+    (config.Setting("cert", config.string, None), "FILE", "Client certificate for TLS (with --key)."),
+    (config.Setting("key", config.string, None), "FILE", "Private key of --cert (not readable by others)."),
+    (config.Setting("user", config.string, None), "NAME", "NATS user name (password from --password-file)."),
+    (config.Setting("password_file", config.string, None), "FILE", "File holding the NATS password (one line, not readable by others)."),
+    (config.Setting("token_file", config.string, None), "FILE", "File holding a NATS token."),
+    (config.Setting("creds_file", config.string, None), "FILE", "NATS credentials file (JWT and NKey seed)."),
+    (config.Setting("nkey_seed_file", config.string, None), "FILE", "File holding an NKey seed (SU...)."),
+]
+
+UPLINK = [
+    (config.Setting("db", _db_path, "telemetry.db"), "PATH", "The collector's database, opened read-only.  [default: telemetry.db]"),
+    (config.Setting("gateway", _gateway, None), "NAME",
+     "This gateway's name: 1-32 of A-Z a-z 0-9 _ -; its sensors are NAME:<id> centrally.  [default: the host name]"),
+    *BROKER,
+    (config.Setting("max_datagrams", config.positive_int, 1000), "N", "Datagrams per message at most.  [default: 1000]"),
+    (config.Setting("window", config.positive_int, 512), "N", "Publishes awaiting their ack at most.  [default: 512]"),
+    (config.Setting("poll_interval", config.positive_float, 0.5), "SECONDS", "Look for new data this often when idle.  [default: 0.5]"),
+    (config.Setting("ack_timeout", config.positive_float, 10.0), "SECONDS", "Retry a batch after this long without its acks.  [default: 10]"),
+    (config.Setting("backoff_max", config.positive_float, 30.0), "SECONDS", "Longest wait between reconnect attempts (jittered).  [default: 30]"),
+    (config.Setting("status_interval", config.positive_float, 60.0), "SECONDS", "Log a status line this often.  [default: 60]"),
+]
+
+CENTRAL = [
+    (config.Setting("db", _db_path, "central.db"), "PATH", "The central database, created if missing.  [default: central.db]"),
+    *BROKER,
+    (config.Setting("durable", _stream, "telemetry-central"), "NAME", "Durable consumer name.  [default: telemetry-central]"),
+    (config.Setting("batch", config.positive_int, 500), "N", "Messages per fetch and per transaction.  [default: 500]"),
+    (config.Setting("ack_wait", config.positive_float, 30.0), "SECONDS", "JetStream redelivers an unacked message after this.  [default: 30]"),
+    (config.Setting("backoff_max", config.positive_float, 30.0), "SECONDS", "Longest wait between reconnect attempts.  [default: 30]"),
+    (config.Setting("status_interval", config.positive_float, 60.0), "SECONDS", "Log a status line this often.  [default: 60]"),
+]
+
+UPLINK_SETTINGS = [s for s, _, _ in UPLINK]
+CENTRAL_SETTINGS = [s for s, _, _ in CENTRAL]
+
+
+def _options(specs, env: str):
+    def decorate(f):
+        for setting, metavar, help_text in reversed(specs):
+            flag = "--" + setting.key
+            envvar = env + setting.name.upper()
+            if setting.parse is config.boolean:
+                f = click.option(f"{flag}/--no-{setting.key}", setting.name, default=None, envvar=envvar,
+                                 help=help_text)(f)
+            else:
+                f = click.option(flag, setting.name, multiple=setting.multiple, envvar=envvar, metavar=metavar,
+                                 type=config.ParsedParam(metavar, setting.parse), help=help_text)(f)
+        return f
+    return decorate
+
+
+def _common(f):
+    f = click.option("-q", "--quiet", count=True, help="Less log output: warnings and errors only.")(f)
+    f = click.option("-v", "--verbose", count=True, help="More log output (repeatable).")(f)
+    f = click.option("--check", is_flag=True, help="Validate the settings and credential files, print the "
+                     "effective table and exit (connects to nothing).")(f)
+    f = click.option("--config", "config_path", envvar="TELEMETRY_CONFIG", metavar="FILE.toml",
+                     type=click.Path(dir_okay=False), help="TOML file with the same names (flags win).")(f)
+    return f
+
+
+def _logging(verbose: int, quiet: int) -> None:
+    level = logging.INFO + 10 * (quiet - verbose)
+    logging.basicConfig(level=max(logging.DEBUG, min(level, logging.ERROR)), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("nats").setLevel(logging.CRITICAL)  # its errors reach us as exceptions, said once
+
+
+def _broker(values: dict) -> broker.BrokerSettings:
+    return broker.BrokerSettings(
+        servers=tuple(values["servers"]), stream=values["stream"], subject_prefix=values["subject_prefix"],
+        create_stream=values["create_stream"], replicas=values["replicas"],
+        duplicate_window=values["duplicate_window"], ca=values["ca"], cert=values["cert"], key=values["key"],
+        user=values["user"], password_file=values["password_file"], token_file=values["token_file"],
+        creds_file=values["creds_file"], nkey_seed_file=values["nkey_seed_file"])
+
+
+def _serve(daemon) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.stop.set)
+        await daemon.run()
+
+    asyncio.run(main())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version")
+def main() -> None:
+    """Forward what the collector stored to NATS JetStream, and gather many gateways centrally.
+
+    \b
+    telemetry-uplink run       on each gateway: read the collector's database, publish
+    telemetry-uplink consume   centrally: the stream into one gateway-telemetry database
+    telemetry-uplink status    on a gateway: position, pending, lag, last ack
+
+    Nothing is lost or doubled: a batch counts as sent only after JetStream's ack,
+    the position survives kill -9, retries carry the same Nats-Msg-Id, and the
+    central side drops what it already has.  See docs/OPERATIONS.md "Uplink".
+
+    \b
+    Example:
+      telemetry-uplink run --db /var/lib/gateway-telemetry/telemetry.db \\
+          --gateway site-7 --servers tls://nats.example.net:4222 --ca /etc/gateway-telemetry/nats-ca.pem
+    """
+
+
+@main.command("run")
+@_options(UPLINK, UPLINK_ENV)
+@_common
+@click.pass_context
+def run_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> None:
+    """Publish the collector's committed readings and accounts to JetStream (the daemon).
+
+    Opens the database read-only; keeps its acked position in <db>-uplink (the
+    collector's retention keeps what is not yet sent) and its status in
+    <db>-uplink.status.json.  While the broker is unreachable it retries with
+    jittered backoff up to --backoff-max and loses nothing: the database is the
+    outbox.  SIGTERM or Ctrl-C stops it (exit 0); exit 2 is a bad flag, config
+    value or credentials file (one line says which).
+
+    \b
+    Example:
+      telemetry-uplink run --db telemetry.db --gateway site-7 \\
+          --servers nats://10.0.0.5:4222 --user site-7 --password-file /etc/gateway-telemetry/nats-password
+    """
+    _logging(verbose, quiet)
+    from .publisher import Uplink, UplinkSettings
+
+    try:
+        values = config.merge(ctx, UPLINK_SETTINGS, config.read_table(config_path, "uplink"), f"{config_path} [uplink]")
+        if values["gateway"] is None:
+            values["gateway"] = _default_gateway()
+            if values["gateway"] is None:
+                raise ConfigError(f"the host name {socket.gethostname()!r} is not a gateway name: give --gateway NAME")
+        bs = _broker(values)
+        settings = UplinkSettings(db=values["db"], gateway=values["gateway"], broker=bs,
+                                  max_datagrams=values["max_datagrams"], window=values["window"],
+                                  poll_interval=values["poll_interval"], ack_timeout=values["ack_timeout"],
+                                  backoff_max=values["backoff_max"], status_interval=values["status_interval"])
+        if check:
+            broker.connect_options(bs)
+            source.read_cursor(settings.db)
+            click.echo(config.render("uplink", UPLINK_SETTINGS, values), nl=False)
+            return
+        from ..sdnotify import Notifier
+
+        daemon = Uplink(settings, notify=Notifier())
+        _serve(daemon)
+    except (ConfigError, SetupError) as exc:
+        raise config.SetupFailed(str(exc)) from None
+
+
+@main.command("consume")
+@_options(CENTRAL, CENTRAL_ENV)
+@_common
+@click.pass_context
+def consume_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> None:
+    """Take every gateway's stream into one central database (the central daemon).
+
+    A durable pull consumer with explicit acks; writes are idempotent, so a
+    redelivery or a replay after the duplicate window changes nothing.  Sensor
+    ids are prefixed by their gateway (site-7:sim-0001), each with its gateway's
+    accounts; point `telemetry-query serve --db` at the same file to query the
+    fleet.  Reads the [central] table of the config file.
+
+    \b
+    Example:
+      telemetry-uplink consume --db /var/lib/gateway-telemetry/central.db \\
+          --servers nats://127.0.0.1:4222 --replicas 3
+    """
+    _logging(verbose, quiet)
+    from .consumer import Consumer, ConsumeSettings
+
+    try:
+        values = config.merge(ctx, CENTRAL_SETTINGS, config.read_table(config_path, "central"),
+                              f"{config_path} [central]")
+        bs = _broker(values)
+        settings = ConsumeSettings(db=values["db"], broker=bs, durable=values["durable"], batch=values["batch"],
+                                   ack_wait=values["ack_wait"], backoff_max=values["backoff_max"],
+                                   status_interval=values["status_interval"])
+        if check:
+            broker.connect_options(bs)
+            click.echo(config.render("central", CENTRAL_SETTINGS, values), nl=False)
+            return
+        from ..sdnotify import Notifier
+
+        daemon = Consumer(settings, notify=Notifier())
+        _serve(daemon)
+    except (ConfigError, SetupError) as exc:
+        raise config.SetupFailed(str(exc)) from None
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+@main.command("status")
+@click.option("--db", envvar=UPLINK_ENV + "DB", metavar="PATH", type=config.ParsedParam("PATH", _db_path),
+              help="The collector's database (the uplink's position is <db>-uplink).  [default: from --config, else telemetry.db]")
+@click.option("--config", "config_path", envvar="TELEMETRY_CONFIG", metavar="FILE.toml",
+              type=click.Path(dir_okay=False), help="Take db from this file's [uplink] table.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def status_cmd(db, config_path, fmt) -> None:
+    """Show the uplink's position, what is pending, the lag and the last ack.
+
+    Exit 0 when the uplink runs and is connected, 1 when it is not running or
+    not connected (the reason is shown), 2 for a bad flag or an unreadable database.
+
+    \b
+    Example:
+      telemetry-uplink status --config /etc/gateway-telemetry/gateway.toml
+    """
+    try:
+        if db is None:
+            table = config.read_table(config_path, "uplink")
+            db = _db_path(table.get("db", "telemetry.db"))
+        position = source.read_cursor(db)
+        src = source.Source(db, "status")
+        try:
+            entries, readings, oldest = src.pending(position)
+        finally:
+            src.close()
+    except (ConfigError, SetupError, ValueError) as exc:
+        raise config.SetupFailed(str(exc)) from None
+    now = time.time()
+    daemon = {}
+    try:
+        with open(source.cursor_path(db) + ".status.json", encoding="utf-8") as f:
+            daemon = json.load(f)
+    except (OSError, ValueError):
+        pass
+    running = bool(daemon) and _pid_alive(daemon.get("pid"))
+    try:
+        acked_at = os.stat(source.cursor_path(db)).st_mtime
+    except OSError:
+        acked_at = None
+    last_ack = daemon.get("last_ack") or acked_at
+    out = dict(db=db, position=position, pending_entries=entries, pending_readings=readings,
+               lag_seconds=None if oldest is None else max(0.0, now - oldest),
+               last_ack=last_ack, last_ack_age_seconds=None if last_ack is None else max(0.0, now - last_ack),
+               running=running, pid=daemon.get("pid") if running else None,
+               connected=daemon.get("connected") if running else None,
+               sent=daemon.get("sent"), acked=daemon.get("acked"), reconnects=daemon.get("reconnects"),
+               skipped_entries=daemon.get("skipped_entries"), last_error=daemon.get("last_error"))
+    if fmt == "json":
+        click.echo(json.dumps(out, indent=1))
+    else:
+        stamp = "-" if last_ack is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last_ack))
+        lines = [
+            ("position", f"{position} (last ingest_log id acked by JetStream)"),
+            ("pending", f"{readings} readings in {entries} entries"),
+            ("lag", f"{_age(out['lag_seconds'])} (oldest unsent entry)" if entries else "0 (nothing unsent)"),
+            ("last ack", f"{stamp} ({_age(out['last_ack_age_seconds'])} ago)" if last_ack else "never"),
+            ("uplink", (f"running (pid {out['pid']}), " + (f"connected to {out['connected']}" if out["connected"]
+                        else "NOT connected") + f"; sent {out['sent']}, acked {out['acked']}, "
+                        f"reconnects {out['reconnects']}") if running else "NOT running"),
+        ]
+        if out["last_error"]:
+            lines.append(("last error", out["last_error"]))
+        if out["skipped_entries"]:
+            lines.append(("LOST", f"{out['skipped_entries']} ingest_log entries deleted before they were sent"))
+        for k, v in lines:
+            click.echo(f"{k:<11} {v}")
+    if not (running and out["connected"]):
+        sys.exit(1)

@@ -1,0 +1,146 @@
+"""`telemetry-uplink consume`: many gateways' streams into one central database.
+
+A durable pull consumer with explicit acks: fetch a batch, decode it
+(core.decode; a malformed message is counted by reason and terminated, so it
+is never redelivered), write the batch in one transaction (central.Central),
+and ack each message only after the COMMIT.  A crash between COMMIT and the
+acks redelivers the batch, which the idempotent writes drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import nats.errors
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from ..errors import ConfigError, SetupError
+from . import broker, central, core
+
+log = logging.getLogger("uplink.consume")
+
+
+@dataclass(frozen=True)
+class ConsumeSettings:
+    db: str
+    broker: broker.BrokerSettings = field(default_factory=broker.BrokerSettings)
+    durable: str = "telemetry-central"
+    batch: int = 500               # messages per fetch (and per transaction) at most
+    ack_wait: float = 30.0         # seconds before JetStream redelivers an unacked message
+    backoff_max: float = 30.0
+    status_interval: float = 60.0
+
+
+class Consumer:
+    def __init__(self, settings: ConsumeSettings, notify=lambda message: False) -> None:
+        self.s = settings
+        self.notify = notify
+        self.opts = broker.connect_options(settings.broker)
+        self.central = central.Central(settings.db)
+        self.stop = asyncio.Event()
+        self.backoff = core.Backoff(0.1, settings.backoff_max)
+        self.server_index = 0
+        self.totals: Counter = Counter()
+        self.reconnects = 0
+        self._connects = 0
+        self.connected_to: str | None = None
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def run(self) -> None:
+        self.notify("READY=1")
+        log.info("started: central database %s, servers %s, stream %s, durable consumer %s",
+                 self.s.db, ",".join(self.s.broker.servers), self.s.broker.stream, self.s.durable)
+        status_task = asyncio.create_task(self._status_loop())
+        try:
+            while not self.stop.is_set():
+                servers = self.s.broker.servers
+                server = servers[self.server_index % len(servers)]
+                self.server_index += 1
+                nc = None
+                try:
+                    nc = await broker.connect(self.s.broker, self.opts, "telemetry-uplink consume", server)
+                    js = nc.jetstream(timeout=10)
+                    await broker.ensure_stream(js, self.s.broker)
+                    sub = await js.pull_subscribe(
+                        f"{self.s.broker.subject_prefix}.>", durable=self.s.durable, stream=self.s.broker.stream,
+                        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.s.ack_wait,
+                                              max_ack_pending=max(1000, 4 * self.s.batch)))
+                    self._connects += 1
+                    self.reconnects += self._connects > 1
+                    self.connected_to = server
+                    log.info("connected to %s", server)
+                    await self._loop(nc, sub)
+                except (SetupError, ConfigError) as exc:
+                    if isinstance(exc, ConfigError) and "does not exist" in str(exc):
+                        delay = self.backoff.next()
+                        log.warning("broker %s: %s; retrying in %.1f s", server, exc, delay)
+                        await self._sleep(delay)
+                        continue
+                    raise
+                except Exception as exc:
+                    delay = self.backoff.next()
+                    log.warning("broker %s: %s; retrying in %.1f s", server, broker.explain(exc), delay)
+                    await self._sleep(delay)
+                finally:
+                    self.connected_to = None
+                    if nc is not None:
+                        try:
+                            await asyncio.wait_for(nc.close(), timeout=2)
+                        except Exception:
+                            pass
+        finally:
+            status_task.cancel()
+            self.notify("STOPPING=1")
+            self.central.close()
+            log.info("stopped: %s", self._summary())
+
+    async def _loop(self, nc, sub) -> None:
+        while not self.stop.is_set():
+            if not nc.is_connected:
+                raise nats.errors.ConnectionClosedError()
+            try:
+                msgs = await sub.fetch(self.s.batch, timeout=1.0)
+            except nats.errors.TimeoutError:
+                self.notify("WATCHDOG=1")
+                continue
+            items, good, bad, rejected = [], [], [], Counter()
+            for m in msgs:
+                try:
+                    items.append(core.decode(m.data))
+                    good.append(m)
+                except core.PayloadError as exc:
+                    rejected[exc.reason] += 1
+                    bad.append(m)
+                    log.warning("rejected a message on %s: %s", m.subject, exc)
+            done = self.central.apply(items, rejected)
+            self.totals.update(done)
+            for m in good:
+                await m.ack()
+            for m in bad:
+                await m.term()
+            self.backoff.reset()
+            self.notify("WATCHDOG=1")
+
+    def _summary(self) -> str:
+        t = self.totals
+        return (f"{t['uplink_messages']} messages, {t['uplink_readings']} readings stored, "
+                f"{t['uplink_replayed_readings']} replayed readings dropped, {t['uplink_accounts']} account "
+                f"snapshots ({t['uplink_stale_accounts']} stale), "
+                f"{sum(v for k, v in t.items() if k.startswith('uplink_rejected:'))} rejected")
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.s.status_interval)
+            where = f"connected to {self.connected_to}" if self.connected_to else "NOT connected"
+            line = f"status: {self._summary()}; reconnects {self.reconnects}; {where}"
+            log.info("%s", line)
+            self.notify(f"STATUS={line[8:]}")

@@ -1,0 +1,271 @@
+"""`telemetry-uplink run`: the collector's committed data to JetStream, at least once.
+
+One round: read the ingest_log entries after the acked position (and the
+accounts that changed) in one read transaction, cut them into messages
+(core.batch), publish them pipelined (at most `window` acks outstanding),
+and only when JetStream has acked every one of them write the new position
+to `<db>-uplink` (atomically, fsync'd).  A failed round (broker gone, an ack
+timed out) is retried whole after a jittered backoff: its messages carry the
+same Nats-Msg-Id, so the ones JetStream already stored are dropped inside
+its duplicate window, and the central consumer drops the rest by key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import nats.errors
+import nats.js.errors
+
+from ..errors import ConfigError, SetupError
+from . import broker, core, source
+
+log = logging.getLogger("uplink")
+
+
+@dataclass(frozen=True)
+class UplinkSettings:
+    db: str
+    gateway: str
+    broker: broker.BrokerSettings = field(default_factory=broker.BrokerSettings)
+    max_datagrams: int = 1000      # datagrams per message at most
+    round_readings: int = 200_000  # readings read per round at most (at least one entry)
+    round_entries: int = 1000      # ingest_log entries per round at most
+    window: int = 512              # publishes awaiting their ack at most
+    poll_interval: float = 0.5     # seconds between looks at an idle log
+    ack_timeout: float = 10.0      # seconds without an ack before a round is retried
+    backoff_max: float = 30.0      # seconds between reconnect attempts at most
+    status_interval: float = 60.0
+
+
+def status_path(db: str) -> str:
+    return f"{db}-uplink.status.json"
+
+
+class Uplink:
+    def __init__(self, settings: UplinkSettings, notify=lambda message: False) -> None:
+        self.s = settings
+        self.notify = notify
+        self.opts = broker.connect_options(settings.broker)  # ConfigError before anything starts
+        self.stop = asyncio.Event()
+        self.backoff = core.Backoff(0.1, settings.backoff_max)
+        self.cursor = source.read_cursor(settings.db)
+        self.source: source.Source | None = None
+        self.nc = None
+        self.js = None
+        self.server_index = 0
+        self.connected_to: str | None = None
+        self.stats = dict(sent=0, acked=0, acked_readings=0, duplicates=0, reconnects=0, rounds=0,
+                          skipped_entries=0, failed_rounds=0)
+        self.last_ack: float | None = None
+        self.last_error: str | None = None
+        self.started = time.time()
+        self._last_status_file = 0.0
+        self._connects = 0
+
+    # ------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        await self._open_source()
+        if self.source is None:
+            return
+        self.notify("READY=1")
+        log.info("started: gateway %s, database %s (read-only), position %d, servers %s, stream %s",
+                 self.s.gateway, self.s.db, self.cursor, ",".join(self.s.broker.servers), self.s.broker.stream)
+        status_task = asyncio.create_task(self._status_loop())
+        try:
+            while not self.stop.is_set():
+                if self.nc is None or not self.nc.is_connected:
+                    delay = await self._connect()
+                    if delay is not None:
+                        await self._sleep(delay)
+                        continue
+                try:
+                    worked = await self._round()
+                except (SetupError, ConfigError):
+                    raise
+                except Exception as exc:  # the broker or the link failed: back off, retry the round
+                    self.stats["failed_rounds"] += 1
+                    delay = self.backoff.next()
+                    self._problem(f"publishing to {self.connected_to}: {broker.explain(exc)}; "
+                                  f"retrying in {delay:.1f} s (position {self.cursor} kept)")
+                    await self._drop_connection()
+                    await self._sleep(delay)
+                    continue
+                self.notify("WATCHDOG=1")
+                if not worked:
+                    await self._sleep(self.s.poll_interval)
+        finally:
+            status_task.cancel()
+            await self._drop_connection()
+            self.notify("STOPPING=1")
+            self._write_status(force=True)
+            self.source.close()
+            log.info("stopped: acked %d messages (%d readings) this run; position %d",
+                     self.stats["acked"], self.stats["acked_readings"], self.cursor)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _open_source(self) -> None:
+        waiting = core.Backoff(0.5, 30.0)
+        while not self.stop.is_set():
+            try:
+                self.source = source.Source(self.s.db, self.s.gateway)
+                return
+            except SetupError as exc:
+                delay = waiting.next()
+                self._problem(f"{exc}; retrying in {delay:.1f} s")
+                await self._sleep(delay)
+
+    def _problem(self, line: str) -> None:
+        self.last_error = line
+        log.warning("%s", line)
+        self._write_status()
+
+    # ------------------------------------------------------------ broker
+
+    async def _connect(self) -> float | None:
+        """Connect to the next server; None on success, else the delay before the next attempt."""
+        servers = self.s.broker.servers
+        server = servers[self.server_index % len(servers)]
+        self.server_index += 1
+        try:
+            nc = await broker.connect(self.s.broker, self.opts, f"telemetry-uplink {self.s.gateway}", server)
+        except Exception as exc:
+            delay = self.backoff.next()
+            self._problem(f"broker {server}: {broker.explain(exc)}; retrying in {delay:.1f} s")
+            return delay
+        self.nc = nc
+        self.js = nc.jetstream(timeout=self.s.ack_timeout, publish_async_max_pending=self.s.window)
+        try:
+            await broker.ensure_stream(self.js, self.s.broker)
+        except ConfigError as exc:
+            await self._drop_connection()
+            delay = self.backoff.next()
+            self._problem(f"broker {server}: {exc}; retrying in {delay:.1f} s")
+            return delay
+        except Exception as exc:
+            await self._drop_connection()
+            delay = self.backoff.next()
+            self._problem(f"broker {server}: stream {self.s.broker.stream}: {broker.explain(exc)}; "
+                          f"retrying in {delay:.1f} s")
+            return delay
+        self._connects += 1
+        if self._connects > 1:
+            self.stats["reconnects"] += 1
+        self.connected_to = server
+        self.last_error = None
+        log.info("connected to %s (stream %s)", server, self.s.broker.stream)
+        return None
+
+    async def _drop_connection(self) -> None:
+        nc, self.nc, self.js = self.nc, None, None
+        if nc is not None:
+            try:
+                await asyncio.wait_for(nc.close(), timeout=2)
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------ one round
+
+    async def _round(self) -> bool:
+        """Publish what follows the position; False when there was nothing to do."""
+        snap = self.source.read(self.cursor, self.s.round_entries, self.s.round_readings)
+        if self.cursor > snap.last_id:
+            log.error("position %d is beyond the newest ingest_log id %d: the database was replaced; "
+                      "starting again from its first entry", self.cursor, snap.last_id)
+            self.cursor = 0
+            source.write_cursor(self.s.db, 0)
+            return True
+        if snap.entries and snap.entries[0].id > self.cursor + 1:
+            first = snap.entries[0].id
+            skipped = first - self.cursor - 1
+            self.stats["skipped_entries"] += skipped
+            log.error("DATA LOST to the central side: ingest_log entries %d-%d were deleted before they were sent "
+                      "(the collector's disk budget; its counter uplink_dropped says how many readings)",
+                      self.cursor + 1, first - 1)
+        if not snap.entries and not snap.accounts:
+            return False
+        readings = core.batch(self.s.gateway, snap.entries, self.s.max_datagrams)
+        messages = [core.readings_message(self.s.broker.subject_prefix, r) for r in readings]
+        messages += [core.accounts_message(self.s.broker.subject_prefix, a) for a in snap.accounts]
+        await self._publish(messages)
+        if snap.entries:
+            self.cursor = snap.entries[-1].id
+            source.write_cursor(self.s.db, self.cursor)
+        self.source.mark_published(snap.account_rows)
+        self.backoff.reset()
+        self.last_ack = time.time()
+        self.stats["rounds"] += 1
+        self._write_status()
+        return True
+
+    async def _publish(self, messages: list[core.Message]) -> None:
+        js = self.js
+        futures = []
+        deadline = self.s.ack_timeout
+        for m in messages:
+            fut = await js.publish_async(m.subject, m.payload, wait_stall=deadline,
+                                         headers={"Nats-Msg-Id": m.msg_id})
+            futures.append((m, fut))
+            self.stats["sent"] += 1
+        pending = {fut for _, fut in futures}
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=deadline)
+            if not done:
+                for fut in pending:
+                    fut.cancel()
+                raise asyncio.TimeoutError(f"{len(pending)} acks missing after {deadline:g} s")
+        for m, fut in futures:
+            ack = fut.result()  # raises the broker's error for a refused message
+            self.stats["acked"] += 1
+            self.stats["acked_readings"] += m.readings
+            if ack.duplicate:
+                self.stats["duplicates"] += 1
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict:
+        entries, readings, oldest = self.source.pending(self.cursor) if self.source else (0, 0, None)
+        now = time.time()
+        return dict(pid=os.getpid(), updated=now, gateway=self.s.gateway, position=self.cursor,
+                    pending_entries=entries, pending_readings=readings,
+                    oldest_unsent_age=None if oldest is None else max(0.0, now - oldest),
+                    connected=self.connected_to if self.nc is not None else None,
+                    last_ack=self.last_ack, last_error=self.last_error, **self.stats)
+
+    def status_line(self) -> str:
+        st = self.status()
+        age = "-" if st["oldest_unsent_age"] is None else f"{st['oldest_unsent_age']:.1f} s"
+        return (f"status: sent {st['sent']}, acked {st['acked']} messages ({st['acked_readings']} readings, "
+                f"{st['duplicates']} duplicates dropped by the broker); pending {st['pending_readings']} readings "
+                f"in {st['pending_entries']} entries, oldest unsent {age}; reconnects {st['reconnects']}; "
+                f"{'connected to ' + st['connected'] if st['connected'] else 'NOT connected'}")
+
+    def _write_status(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_status_file < 1.0:
+            return
+        self._last_status_file = now
+        try:
+            source.write_atomically(status_path(self.s.db), json.dumps(self.status()).encode() + b"\n",
+                                    durable=False)
+        except (OSError, Exception) as exc:  # status is advisory; never stop forwarding for it
+            log.debug("cannot write %s: %s", status_path(self.s.db), exc)
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.s.status_interval)
+            line = self.status_line()
+            log.info("%s", line)
+            self.notify(f"STATUS={line[8:]}")
+            self._write_status(force=True)

@@ -1,0 +1,147 @@
+"""The gateway side's reads: the collector's database, read-only, and the cursor file.
+
+The database is opened with mode=ro as the query server does; the collector
+stays its only writer.  The position the collector's retention honours is the
+file `<db>-uplink` (the last acked ingest_log id, decimal and a newline),
+replaced atomically (temp file, fsync, rename, fsync of the directory) so a
+kill -9 or a power cut leaves the old or the new id, never a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from .. import ingestlog
+from ..errors import SetupError
+from . import core
+
+SENSOR_COLUMNS = "sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts"
+# Sensors whose last_seen is this close below the newest we published are
+# looked at again each round (clock steps, flushes that commit older receive times).
+ACCOUNTS_SLACK_S = 120.0
+
+
+def cursor_path(db: str) -> str:
+    return f"{db}-uplink"
+
+
+def read_cursor(db: str) -> int:
+    """The last acked id, 0 when the uplink never acked anything (send the whole log)."""
+    path = cursor_path(db)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64)
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        raise SetupError(f"cannot read the uplink position {path}: {exc.strerror}") from None
+    try:
+        return core.parse_cursor(data)
+    except ValueError as exc:
+        raise SetupError(f"uplink position {path} is damaged ({exc}): fix or remove it "
+                         "(removing it re-sends the whole ingest log; the central side drops what it has)") from None
+
+
+def write_atomically(path: str, data: bytes, durable: bool = True) -> None:
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if durable:
+        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def write_cursor(db: str, acked_id: int) -> None:
+    write_atomically(cursor_path(db), core.format_cursor(acked_id))
+
+
+@dataclass
+class Snapshot:
+    """One consistent read: the entries after the cursor, the newest id, changed accounts."""
+
+    entries: list[ingestlog.Entry]
+    last_id: int
+    accounts: list[core.Accounts]
+    account_rows: list[tuple]
+
+
+class Source:
+    """Read-only access to the collector's database."""
+
+    def __init__(self, db: str, gateway: str) -> None:
+        self.db = db
+        self.gateway = gateway
+        try:
+            self.conn = sqlite3.connect(f"file:{quote(db)}?mode=ro", uri=True, isolation_level=None,
+                                        check_same_thread=False)
+            self.conn.execute("PRAGMA busy_timeout=5000")
+            self.conn.execute("SELECT 1 FROM ingest_log LIMIT 1").fetchall()
+            self.conn.execute("SELECT 1 FROM sensors LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            raise SetupError(f"cannot read database {db}: {exc} (has a collector with the ingest log, "
+                             "storage v3, created it yet?)") from None
+        self.published: dict[str, tuple] = {}  # sensor -> counts last acked centrally
+        self.high_last_seen = float("-inf")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def read(self, after_id: int, max_entries: int, max_readings: int) -> Snapshot:
+        """Entries after `after_id` (at least one if any, at most max_entries, stopping once
+        max_readings are gathered) and the accounts that changed, in one read transaction."""
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            entries: list[ingestlog.Entry] = []
+            readings = 0
+            rows = conn.execute(
+                "SELECT id, committed, readings, body FROM ingest_log WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, max_entries)).fetchall()
+            for row_id, committed, n, body in rows:
+                if entries and readings + n > max_readings:
+                    break
+                entries.append(ingestlog.Entry(row_id, committed, ingestlog.decode_body(body)))
+                readings += n
+            last = ingestlog.last_id(conn)
+            since = self.high_last_seen - ACCOUNTS_SLACK_S
+            account_rows = conn.execute(
+                f"SELECT {SENSOR_COLUMNS} FROM sensors WHERE last_seen >= ? ORDER BY sensor",
+                (since if since != float("-inf") else -1e300,)).fetchall()
+            changed = core.accounts_changed(self.published, account_rows)
+            accounts = []
+            for row in changed:
+                gaps = conn.execute(
+                    "SELECT stream, boot, first_seq, last_seq, missing, detected_at FROM gaps WHERE sensor = ? "
+                    "ORDER BY detected_at DESC, stream DESC, first_seq DESC LIMIT ?",
+                    (row[0], core.MAX_GAPS_PER_SNAPSHOT)).fetchall()
+                total = len(gaps)
+                if total == core.MAX_GAPS_PER_SNAPSHOT:
+                    total = conn.execute("SELECT count(*) FROM gaps WHERE sensor = ?", (row[0],)).fetchone()[0]
+                accounts.append(core.Accounts(self.gateway, row[0], last, *row[1:],
+                                              gaps=tuple(core.Gap(*g) for g in gaps), gaps_total=total))
+        finally:
+            conn.execute("COMMIT")
+        return Snapshot(entries, last, accounts, changed)
+
+    def mark_published(self, rows: list[tuple]) -> None:
+        for row in rows:
+            self.published[row[0]] = tuple(row[1:])
+            self.high_last_seen = max(self.high_last_seen, row[2])
+
+    def pending(self, after_id: int) -> tuple[int, int, float | None]:
+        """(entries, readings, committed time of the oldest) not yet acked."""
+        n, readings, oldest = self.conn.execute(
+            "SELECT count(*), total(readings), min(committed) FROM ingest_log WHERE id > ?", (after_id,)).fetchone()
+        return int(n), int(readings), oldest
