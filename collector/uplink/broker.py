@@ -130,9 +130,26 @@ def explain(exc: BaseException) -> str:
         return "the connection was closed (the broker went away, or it is not a NATS server)"
     if isinstance(exc, OSError):
         return f"cannot connect: {exc.strerror or text}"
-    if "invalid" in low and "info" in low or "protocol" in low:
-        return f"the peer does not speak the NATS protocol ({text})"
+    if "tls required but the server does not offer it" in low:
+        return "the broker does not offer TLS although ca/cert or a tls:// URL asks for it: refusing to send anything in clear"
+    if "expecting info" in low or "info message" in low or "protocol" in low:
+        return f"the peer does not speak the NATS protocol: it sent no INFO greeting ({text})"
     return f"{type(exc).__name__}: {text}"
+
+
+class _Client(nats.NATS):
+    """nats-py's client, refusing a server that does not offer TLS when we asked for it.
+
+    nats-py 2.16 upgrades to TLS only when the server's INFO says
+    tls_required, and otherwise sends CONNECT (credentials included) in clear
+    text even for a tls:// URL; this check runs on that INFO, before CONNECT."""
+
+    require_tls = False
+
+    async def _process_info(self, info, initial_connection=False):
+        if self.require_tls and not info.get("tls_required"):
+            raise nats.errors.Error("nats: TLS required but the server does not offer it")
+        return await super()._process_info(info, initial_connection=initial_connection)
 
 
 async def connect(s: BrokerSettings, opts: dict, name: str, server: str) -> nats.NATS:
@@ -143,10 +160,12 @@ async def connect(s: BrokerSettings, opts: dict, name: str, server: str) -> nats
     async def on_error(exc: BaseException) -> None:
         errors.append(exc)
 
+    nc = _Client()
+    nc.require_tls = "tls" in opts
     try:
-        return await nats.connect(servers=[server], name=name, allow_reconnect=False, max_reconnect_attempts=1,
-                                  reconnect_time_wait=0, connect_timeout=s.connect_timeout,
-                                  error_cb=on_error, **opts)
+        await nc.connect(servers=[server], name=name, allow_reconnect=False, max_reconnect_attempts=1,
+                         reconnect_time_wait=0, connect_timeout=s.connect_timeout, error_cb=on_error, **opts)
+        return nc
     except Exception as exc:
         # NoServersError hides the cause; report the first real error seen.
         real = next((e for e in errors if not isinstance(e, nats.errors.NoServersError)), None)

@@ -1,0 +1,110 @@
+"""The central database: idempotent writes in a real SQLite file, readable by the query server."""
+
+from __future__ import annotations
+
+import pytest
+
+from collector import schema
+from collector.errors import SetupError
+from collector.uplink import core
+from collector.uplink.central import Central
+from helpers import db_counters, db_query
+
+
+def readings(sensor="s.1", boot=7, seqs=(1, 2, 3), t0=1000.0):
+    seqs = list(seqs)
+    return core.Readings("site-7", sensor, boot, seqs, [t0 + s for s in seqs], [t0 + s + 0.5 for s in seqs],
+                         {"temp": [float(s) for s in seqs], "hum": [None] * (len(seqs) - 1) + [50.0]})
+
+
+def accounts(as_of, datagrams=3, sensor="s.1"):
+    return core.Accounts("site-7", sensor, as_of, 1001.5, 1003.5, datagrams, 4, 1, 2, 0, 0,
+                         (core.Gap(0, 7, 4, 4, 1, 1003.5),), 1)
+
+
+@pytest.fixture
+def central(tmp_path):
+    c = Central(str(tmp_path / "central.db"))
+    yield c
+    c.close()
+
+
+def test_readings_land_once_under_the_gateway_prefixed_id(central):
+    done = central.apply([readings()])
+    assert done["uplink_readings"] == 4 and done["uplink_replayed_readings"] == 0
+    again = central.apply([readings(), readings(seqs=(2, 3, 4))])  # a redelivery and an overlapping replay
+    assert again["uplink_readings"] == 1 + 1  # seq 4: temp and hum
+    assert again["uplink_replayed_readings"] == 4 + 2
+    rows = db_query(central.path, "SELECT s.sensor, s.metric, r.seq, r.boot, r.value FROM readings r "
+                                  "JOIN series s ON s.id = r.series ORDER BY s.metric, r.seq")
+    assert rows == [("site-7:s.1", "hum", 3, 7, 50.0), ("site-7:s.1", "hum", 4, 7, 50.0),
+                    ("site-7:s.1", "temp", 1, 7, 1.0), ("site-7:s.1", "temp", 2, 7, 2.0),
+                    ("site-7:s.1", "temp", 3, 7, 3.0), ("site-7:s.1", "temp", 4, 7, 4.0)]
+    counters = db_counters(central.path)
+    assert counters["uplink_readings"] == 6 and counters["uplink_replayed_readings"] == 6
+    assert counters["uplink_messages"] == 3
+
+
+def test_a_sensor_without_boot_is_stored_with_boot_minus_one(central):
+    central.apply([readings(boot=None, seqs=(1,))])
+    assert db_query(central.path, "SELECT DISTINCT boot FROM readings") == [(schema.NO_BOOT,)]
+
+
+def test_the_newest_accounts_snapshot_wins(central):
+    central.apply([accounts(10, datagrams=3)])
+    central.apply([accounts(5, datagrams=1)])  # older: ignored, counted
+    central.apply([accounts(10, datagrams=3)])  # the same again: harmless
+    row = db_query(central.path, "SELECT datagrams, readings, lost, duplicates FROM sensors WHERE sensor = ?",
+                   "site-7:s.1")
+    assert row == [(3, 4, 1, 2)]
+    assert db_counters(central.path)["uplink_stale_accounts"] == 1
+    assert db_query(central.path, "SELECT sensor, boot, first_seq, missing FROM gaps") == [("site-7:s.1", 7, 4, 1)]
+    central.apply([core.Accounts("site-7", "s.1", 11, 1001.5, 1004.5, 4, 5, 0, 2, 1, 0, (), 0)])
+    assert db_query(central.path, "SELECT count(*) FROM gaps") == [(0,)]  # the late fill closed the gap
+
+
+def test_readings_before_accounts_leave_a_sensor_row_the_snapshot_completes(central):
+    central.apply([readings()])
+    assert db_query(central.path, "SELECT first_seen, last_seen, datagrams FROM sensors") == [(1001.5, 1003.5, 0)]
+    central.apply([accounts(3)])
+    assert db_query(central.path, "SELECT datagrams FROM sensors") == [(3,)]
+
+
+def test_a_failed_batch_changes_nothing(central):
+    central.apply([readings()])
+    bad = core.Readings("site-7", "s.2", 1, [1], [1.0], [1.0], {"x": ["abc"]})  # the decoder would refuse it
+    with pytest.raises(ValueError):
+        central.apply([readings(sensor="s.3"), bad])
+    assert db_query(central.path, "SELECT count(*) FROM series WHERE sensor != 'site-7:s.1'") == [(0,)]
+    central.apply([readings(sensor="s.3")])  # series ids were rolled back with it
+    assert db_query(central.path, "SELECT max(id), count(*) FROM series") == [(4, 4)]
+
+
+def test_rejected_messages_are_counted_by_reason(central):
+    from collections import Counter
+
+    central.apply([], Counter({"not_msgpack": 2, "bad_shape": 1}))
+    counters = db_counters(central.path)
+    assert counters["uplink_rejected:not_msgpack"] == 2 and counters["uplink_rejected:bad_shape"] == 1
+
+
+def test_the_query_server_reads_the_central_database(central):
+    central.apply([readings(), accounts(3)])
+    from query.ops import Ops
+    from query.protocol import parse_request
+
+    ops = Ops(schema.open_reader(central.path))  # the reader the query server runs
+    try:
+        result = ops.run(parse_request(b'{"op": "sensors"}'))
+        latest = ops.run(parse_request(b'{"op": "latest", "sensor": "site-7:s.1"}'))
+    finally:
+        ops.close()
+    assert result == [{"sensor": "site-7:s.1", "first_seen": 1001.5, "last_seen": 1003.5, "datagrams": 3,
+                       "readings": 4, "lost": 1, "duplicates": 2, "reordered": 0, "restarts": 0,
+                       "metrics": ["hum", "temp"]}]
+    assert [(r["metric"], r["seq"], r["value"]) for r in latest] == [("hum", 3, 50.0), ("temp", 3, 3.0)]
+
+
+def test_one_consumer_per_central_database(central):
+    with pytest.raises(SetupError, match="in use"):
+        Central(central.path)

@@ -1,0 +1,211 @@
+"""The uplink's pure core: subject tokens, payload v1, message ids, batching, backoff, cursor."""
+
+from __future__ import annotations
+
+import random
+import string
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from collector.ingestlog import Entry, Group
+from collector.uplink import core
+
+SENSOR_CHARS = string.ascii_letters + string.digits + "._:/-"
+sensor_ids = st.text(SENSOR_CHARS, min_size=1, max_size=64)
+
+
+@given(sensor_ids)
+def test_sensor_tokens_round_trip_and_are_one_subject_token(sensor):
+    token = core.sensor_token(sensor)
+    assert core.token_sensor(token) == sensor
+    assert all(c not in token for c in ". *>\t")
+    assert core.subject("telemetry", "site-7", sensor, core.KIND_READINGS).split(".")[2] == token
+
+
+def test_sensor_token_examples():
+    assert core.sensor_token("sim-0001") == "sim-0001"
+    assert core.sensor_token("a.b:c/d_e") == "a%2Eb%3Ac%2Fd_e"
+    assert core.subject("telemetry", "site-7", "a.b", core.KIND_ACCOUNTS) == "telemetry.site-7.a%2Eb.accounts"
+
+
+@pytest.mark.parametrize("token", ["a%2eb", "a%2", "a.b", "a b", "%41"])
+def test_non_canonical_tokens_are_refused(token):
+    with pytest.raises(ValueError):
+        core.token_sensor(token)
+
+
+@pytest.mark.parametrize("name", ["", "a" * 33, "site.7", "site 7", "site:7", "*", ">"])
+def test_bad_gateway_names(name):
+    with pytest.raises(ValueError):
+        core.check_gateway(name)
+
+
+def group(sensor="s1", boot=7, seqs=(1, 2, 3), metrics=None):
+    seqs = list(seqs)
+    ts = [1000.0 + s for s in seqs]
+    rec = [t + 0.5 for t in ts]
+    metrics = metrics if metrics is not None else {"temp": [float(s) for s in seqs]}
+    return Group(sensor, boot, seqs, ts, rec, metrics)
+
+
+values = st.one_of(st.none(), st.floats(allow_nan=False), st.integers(-2**63, 2**64 - 1))
+
+
+@st.composite
+def readings_items(draw):
+    n = draw(st.integers(1, 20))
+    metrics = draw(st.dictionaries(st.text(min_size=1, max_size=8), st.lists(values, min_size=n, max_size=n),
+                                   max_size=4))
+    return core.Readings(draw(st.from_regex(core.GATEWAY_RE, fullmatch=True)), draw(sensor_ids),
+                         draw(st.one_of(st.none(), st.integers(0, 2**32))),
+                         draw(st.lists(st.integers(0, 2**32), min_size=n, max_size=n)),
+                         draw(st.lists(st.floats(0, 2e9), min_size=n, max_size=n)),
+                         draw(st.lists(st.floats(0, 2e9), min_size=n, max_size=n)), metrics)
+
+
+@settings(max_examples=40)
+@given(readings_items())
+def test_readings_payload_round_trips(item):
+    assert core.decode(core.encode(item)) == item
+
+
+def test_accounts_payload_round_trips():
+    gaps = (core.Gap(0, 7, 5, 6, 2, 1000.5), core.Gap(1, 8, 1, 1, 1, 1001.0))
+    item = core.Accounts("site-7", "s/1", 42, 1.0, 2.0, 10, 20, 3, 1, 2, 1, gaps, 2)
+    assert core.decode(core.encode(item)) == item
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_any_bytes_give_an_item_or_a_payload_error(data):
+    try:
+        item = core.decode(data)
+    except core.PayloadError as exc:
+        assert exc.reason in core.REASONS
+    else:
+        assert isinstance(item, (core.Readings, core.Accounts))
+
+
+@pytest.mark.parametrize("body, reason", [
+    ([2, "R"], "bad_version"),
+    ([1, "X"], "bad_kind"),
+    ([1, "R", "gw", "s", 1, [1, 2], [1.0], [1.0], {}], "bad_shape"),          # lengths differ
+    ([1, "R", "gw", "s", 1, [], [], [], {}], "bad_shape"),                     # no datagram
+    ([1, "R", "g.w", "s", 1, [1], [1.0], [1.0], {}], "bad_shape"),             # gateway not a token
+    ([1, "R", "gw", "s", 1, [1], [1.0], [1.0], {"t": ["x"]}], "bad_shape"),    # a string value
+    ([1, "R", "gw", "s", 1, [1], [float("inf")], [1.0], {}], "bad_shape"),     # time not finite
+    ([1, "A", "gw", "s", 1, 1.0, 2.0, 1, 1, 0, 0, 0, 0, [[1, 2, 3]], 1], "bad_shape"),  # a gap of 3 items
+    ("not an array", "bad_shape"),
+])
+def test_named_bad_payloads(body, reason):
+    with pytest.raises(core.PayloadError) as err:
+        core.decode(msgpack.packb(body))
+    assert err.value.reason == reason
+
+
+def test_oversized_payload_refused_before_parsing():
+    with pytest.raises(core.PayloadError) as err:
+        core.decode(b"\x00" * (core.MAX_PAYLOAD_BYTES + 1))
+    assert err.value.reason == "too_large"
+
+
+def test_message_id_is_the_content_identity():
+    a = core.Readings("gw", "s.1", 7, [3, 4, 5], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0], {"t": [1.0, 2.0, 3.0]})
+    m1 = core.readings_message("telemetry", a)
+    m2 = core.readings_message("telemetry", core.decode(m1.payload))
+    assert m1.msg_id == m2.msg_id and m1.msg_id.startswith("gw.s%2E1.7.3-5.3.")
+    assert (m1.datagrams, m1.readings) == (3, 3)
+    # same identity fields, other content (a boot-less sensor that restarted its seqs): other id
+    b = core.Readings("gw", "s.1", 7, [3, 4, 5], [9.0, 9.5, 9.9], [1.0, 2.0, 3.0], {"t": [1.0, 2.0, 3.0]})
+    assert core.readings_message("telemetry", b).msg_id != m1.msg_id
+    none_boot = core.Readings("gw", "s", None, [1], [1.0], [1.0], {})
+    assert core.readings_message("telemetry", none_boot).msg_id.startswith("gw.s.-.1-1.1.")
+
+
+def flatten(items):
+    out = []
+    for r in items:
+        for i, seq in enumerate(r.seqs):
+            out.append((r.sensor, r.boot, seq, r.ts[i], r.received[i],
+                        tuple(sorted((k, v[i]) for k, v in r.metrics.items() if v[i] is not None))))
+    return out
+
+
+def flatten_groups(entries):
+    out = []
+    for e in entries:
+        for g in e.groups:
+            for i, seq in enumerate(g.seqs):
+                out.append((g.sensor, g.boot, seq, g.ts[i], g.received[i],
+                            tuple(sorted((k, v[i]) for k, v in g.metrics.items() if v[i] is not None))))
+    return out
+
+
+@settings(max_examples=200)
+@given(st.data())
+def test_batching_keeps_every_datagram_once_and_respects_the_size(data):
+    rng = random.Random(data.draw(st.integers(0, 10**6)))
+    entries = []
+    seq = {}
+    for eid in range(1, data.draw(st.integers(1, 6)) + 1):
+        groups = []
+        for sensor in rng.sample(["a", "b.c", "d:e"], rng.randint(1, 3)):
+            boot = rng.choice([None, 1, 2])
+            n = rng.randint(1, 7)
+            seqs = []
+            for _ in range(n):
+                seq[sensor] = seq.get(sensor, 0) + 1
+                seqs.append(seq[sensor])
+            metrics = {m: [rng.choice([None, rng.random()]) for _ in range(n)]
+                       for m in rng.sample(["t", "h", "p"], rng.randint(0, 3))}
+            groups.append(group(sensor, boot, seqs, metrics))
+        entries.append(Entry(eid, float(eid), groups))
+    size = data.draw(st.integers(1, 10))
+    items = core.batch("gw", entries, size)
+    assert all(1 <= r.datagrams <= size for r in items)
+    assert sorted(flatten(items), key=repr) == sorted(flatten_groups(entries), key=repr)
+    # per (sensor, boot), commit order is kept
+    for key in {(r.sensor, r.boot) for r in items}:
+        got = [s for r in items if (r.sensor, r.boot) == key for s in r.seqs]
+        want = [s for e in entries for g in e.groups if (g.sensor, g.boot) == key for s in g.seqs]
+        assert got == want
+    for r in items:  # every metric a piece carries has a value in it
+        assert all(any(v is not None for v in column) for column in r.metrics.values())
+
+
+def test_batching_merges_entries_per_sensor_and_boot():
+    e1 = Entry(1, 1.0, [group("a", 1, [1, 2]), group("b", 1, [1])])
+    e2 = Entry(2, 2.0, [group("a", 1, [3], {"temp": [3.0], "hum": [50.0]}), group("a", 2, [1])])
+    items = core.batch("gw", [e1, e2], 100)
+    assert [(r.sensor, r.boot, r.seqs) for r in items] == [("a", 1, [1, 2, 3]), ("b", 1, [1]), ("a", 2, [1])]
+    assert items[0].metrics == {"temp": [1.0, 2.0, 3.0], "hum": [None, None, 50.0]}
+
+
+def test_backoff_is_bounded_jittered_and_resets():
+    b = core.Backoff(0.1, 2.0, random.Random(1))
+    delays = [b.next() for _ in range(12)]
+    assert 0.05 <= delays[0] <= 0.1
+    assert all(d <= 2.0 for d in delays) and max(delays) >= 1.0
+    assert len({round(d, 6) for d in delays[6:]}) > 1  # jittered at the cap
+    b.reset()
+    assert b.next() <= 0.1
+
+
+@pytest.mark.parametrize("data, expected", [(b"0\n", 0), (b"42\n", 42), (b"42", 42)])
+def test_cursor_format(data, expected):
+    assert core.parse_cursor(data) == expected
+    assert core.parse_cursor(core.format_cursor(expected)) == expected
+
+
+@pytest.mark.parametrize("data", [b"", b"\n", b"-1\n", b"4 2\n", b"42\n\n", b"x", b"1" * 20])
+def test_damaged_cursor_is_refused(data):
+    with pytest.raises(ValueError):
+        core.parse_cursor(data)
+
+
+def test_accounts_changed():
+    prev = {"a": (1, 2), "b": (3, 4)}
+    assert core.accounts_changed(prev, [("a", 1, 2), ("b", 3, 5), ("c", 0, 0)]) == [("b", 3, 5), ("c", 0, 0)]
