@@ -29,8 +29,9 @@ def read_unit(path: Path) -> dict[str, dict[str, list[str]]]:
     return sections
 
 
-def test_both_daemons_have_a_unit():
-    assert [u.name for u in UNITS] == ["telemetry-collector.service", "telemetry-query.service"]
+def test_every_daemon_has_a_unit():
+    assert [u.name for u in UNITS] == ["telemetry-central.service", "telemetry-collector.service",
+                                      "telemetry-query.service", "telemetry-uplink.service"]
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)

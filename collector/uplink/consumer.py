@@ -50,10 +50,17 @@ class Consumer:
         self.connected_to: str | None = None
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
+        """Wait, or less if asked to stop; the loop is alive, so the watchdog hears from it."""
+        end = time.monotonic() + seconds
+        while not self.stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self.notify("WATCHDOG=1")
+            try:
+                await asyncio.wait_for(self.stop.wait(), timeout=min(left, 1.0))
+            except asyncio.TimeoutError:
+                pass
 
     async def run(self) -> None:
         self.notify("READY=1")

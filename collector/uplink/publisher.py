@@ -110,10 +110,17 @@ class Uplink:
                      self.stats["acked"], self.stats["acked_readings"], self.cursor)
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
+        """Wait, or less if asked to stop; the loop is alive, so the watchdog hears from it."""
+        end = time.monotonic() + seconds
+        while not self.stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self.notify("WATCHDOG=1")
+            try:
+                await asyncio.wait_for(self.stop.wait(), timeout=min(left, 1.0))
+            except asyncio.TimeoutError:
+                pass
 
     async def _open_source(self) -> None:
         waiting = core.Backoff(0.5, 30.0)

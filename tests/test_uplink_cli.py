@@ -1,0 +1,118 @@
+"""telemetry-uplink's command line: the example config, --check, one-line errors, status."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from collector.uplink import cli
+from test_gateway_toml import EXAMPLE, normalised, run
+from uplinkgw import GatewayDB
+
+
+def section(table: str) -> str:
+    text = EXAMPLE.read_text()
+    start = text.index(f"[{table}]\n")
+    end = text.find("\n[", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+@pytest.mark.parametrize("table, settings", [("uplink", cli.UPLINK_SETTINGS), ("central", cli.CENTRAL_SETTINGS)])
+def test_the_example_documents_every_key(table, settings):
+    keys = set(re.findall(r"^#? ?([a-z-]+) = ", section(table), re.M))
+    assert keys == {s.key for s in settings}
+
+
+@pytest.fixture
+def example(tmp_path) -> Path:
+    import trustme
+
+    nats_dir = tmp_path / "nats"
+    nats_dir.mkdir()
+    trustme.CA().cert_pem.write_to_path(str(nats_dir / "ca.pem"))
+    (nats_dir / "password").write_text("s3cret\n")
+    (nats_dir / "password").chmod(0o600)
+    path = tmp_path / "gateway.toml"
+    path.write_text(EXAMPLE.read_text().replace("/etc/gateway-telemetry/nats", str(nats_dir))
+                    .replace("/var/lib/gateway-telemetry", str(tmp_path)))
+    return path
+
+
+@pytest.mark.parametrize("command, table", [("run", "uplink"), ("consume", "central")])
+def test_check_takes_every_documented_value_as_written(command, table, example, bin_path):
+    result = run([bin_path("telemetry-uplink"), command, "--config", str(example), "--check"])
+    assert result.returncode == 0, result.stderr
+    effective = {k: v for k, v in tomllib.loads(result.stdout)[table].items()}
+    assert normalised(effective) == normalised(tomllib.loads(example.read_text())[table])
+    assert "s3cret" not in result.stdout + result.stderr
+
+
+def test_environment_beats_the_file_and_flags_beat_both(example, bin_path):
+    result = run([bin_path("telemetry-uplink"), "run", "--config", str(example), "--check", "--window", "64"],
+                 TELEMETRY_UPLINK_GATEWAY="site-9", TELEMETRY_UPLINK_WINDOW="32")
+    effective = tomllib.loads(result.stdout)["uplink"]
+    assert (effective["gateway"], effective["window"], effective["stream"]) == ("site-9", 64, "TELEMETRY")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gateway", "site.7"], "a gateway name is 1-32 of A-Z a-z 0-9 _ -"),
+    (["--gateway", "g", "--servers", "http://x:1"], "write nats://HOST:PORT or tls://HOST:PORT"),
+    (["--gateway", "g", "--replicas", "7"], "JetStream keeps 1 to 5 replicas"),
+    (["--gateway", "g", "--password-file", "/nonexistent"], "password-file needs user"),
+    (["--gateway", "g", "--user", "u", "--password-file", "/nonexistent/pw"], "password-file /nonexistent/pw"),
+    (["--gateway", "g", "--token-file", "/x", "--user", "u"], "choose one way to authenticate"),
+    (["--gateway", "g", "--cert", "/x.pem"], "cert and key go together"),
+])
+def test_bad_settings_are_one_line_and_exit_2(args, message, bin_path, tmp_path):
+    result = run([bin_path("telemetry-uplink"), "run", "--db", str(tmp_path / "t.db"), "--check", *args])
+    assert result.returncode == 2, result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+
+
+def test_a_password_file_others_can_read_is_refused(tmp_path, bin_path):
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    pw.chmod(0o644)
+    result = run([bin_path("telemetry-uplink"), "run", "--gateway", "g", "--user", "u", "--password-file", str(pw),
+                  "--check"])
+    assert result.returncode == 2 and f"chmod 0640 {pw}" in result.stderr and "s3cret" not in result.stderr
+
+
+def test_an_unknown_key_in_uplink_is_named(example, bin_path):
+    example.write_text(example.read_text().replace("[uplink]\n", "[uplink]\nwindoww = 3\n", 1))
+    result = run([bin_path("telemetry-uplink"), "run", "--config", str(example), "--check"])
+    assert result.returncode == 2
+    assert "[uplink]: unknown key 'windoww' (did you mean 'window'?)" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "consume", "status"])
+def test_help_teaches_with_an_example(command, bin_path):
+    result = run([bin_path("telemetry-uplink"), command, "--help"])
+    assert result.returncode == 0 and "Example:" in result.stdout
+
+
+def test_status_reports_position_pending_and_lag(tmp_path, bin_path):
+    gw = GatewayDB(str(tmp_path / "gw.db"))
+    for _ in range(4):
+        gw.flush()
+    (tmp_path / "gw.db-uplink").write_text("1\n")
+    result = run([bin_path("telemetry-uplink"), "status", "--db", gw.path, "--format", "json"])
+    assert result.returncode == 1  # no uplink runs
+    out = json.loads(result.stdout)
+    pending = gw.conn.execute("SELECT count(*), sum(readings) FROM ingest_log WHERE id > 1").fetchone()
+    assert (out["position"], out["pending_entries"], out["pending_readings"]) == (1, 3, pending[1])
+    assert out["running"] is False and out["lag_seconds"] is not None
+    table = run([bin_path("telemetry-uplink"), "status", "--db", gw.path])
+    assert "NOT running" in table.stdout and f"{pending[1]} readings in 3 entries" in table.stdout
+
+
+def test_status_refuses_a_damaged_position_in_one_line(tmp_path, bin_path):
+    gw = GatewayDB(str(tmp_path / "gw.db"))
+    (tmp_path / "gw.db-uplink").write_text("garbage")
+    result = run([bin_path("telemetry-uplink"), "status", "--db", gw.path])
+    assert result.returncode == 2 and "is damaged" in result.stderr and result.stderr.count("\n") == 1
