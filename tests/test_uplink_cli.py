@@ -10,8 +10,25 @@ from pathlib import Path
 import pytest
 
 from collector.uplink import cli
-from test_gateway_toml import EXAMPLE, normalised, run
+from test_gateway_toml import EXAMPLE, normalised
 from uplinkgw import GatewayDB
+
+
+class Result:
+    def __init__(self, r) -> None:
+        self.returncode, self.stdout, self.stderr = r.exit_code, r.stdout, r.stderr
+
+
+def uplink(args: list[str], **env: str) -> Result:
+    """telemetry-uplink in-process (click's runner): the same code as the script, without a
+    Python start-up per case; the environment holds no TELEMETRY_* but what is given."""
+    import os
+
+    from click.testing import CliRunner
+
+    clean = {k: None for k in os.environ if k.startswith("TELEMETRY_")}
+    clean.update(env)
+    return Result(CliRunner().invoke(cli.main, args, env=clean))
 
 
 def section(table: str) -> str:
@@ -43,16 +60,16 @@ def example(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("command, table", [("run", "uplink"), ("consume", "central")])
-def test_check_takes_every_documented_value_as_written(command, table, example, bin_path):
-    result = run([bin_path("telemetry-uplink"), command, "--config", str(example), "--check"])
+def test_check_takes_every_documented_value_as_written(command, table, example):
+    result = uplink([command, "--config", str(example), "--check"])
     assert result.returncode == 0, result.stderr
     effective = {k: v for k, v in tomllib.loads(result.stdout)[table].items()}
     assert normalised(effective) == normalised(tomllib.loads(example.read_text())[table])
     assert "s3cret" not in result.stdout + result.stderr
 
 
-def test_environment_beats_the_file_and_flags_beat_both(example, bin_path):
-    result = run([bin_path("telemetry-uplink"), "run", "--config", str(example), "--check", "--window", "64"],
+def test_environment_beats_the_file_and_flags_beat_both(example):
+    result = uplink(["run", "--config", str(example), "--check", "--window", "64"],
                  TELEMETRY_UPLINK_GATEWAY="site-9", TELEMETRY_UPLINK_WINDOW="32")
     effective = tomllib.loads(result.stdout)["uplink"]
     assert (effective["gateway"], effective["window"], effective["stream"]) == ("site-9", 64, "TELEMETRY")
@@ -68,51 +85,59 @@ def test_environment_beats_the_file_and_flags_beat_both(example, bin_path):
     (["--gateway", "g", "--cert", "/x.pem"], "cert and key go together"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(args, message, bin_path, tmp_path):
-    result = run([bin_path("telemetry-uplink"), "run", "--db", str(tmp_path / "t.db"), "--check", *args])
+    result = uplink(["run", "--db", str(tmp_path / "t.db"), "--check", *args])
     assert result.returncode == 2, result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
 
 
-def test_a_password_file_others_can_read_is_refused(tmp_path, bin_path):
+def test_a_password_file_others_can_read_is_refused(tmp_path):
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
     pw.chmod(0o644)
-    result = run([bin_path("telemetry-uplink"), "run", "--gateway", "g", "--user", "u", "--password-file", str(pw),
+    result = uplink(["run", "--gateway", "g", "--user", "u", "--password-file", str(pw),
                   "--check"])
     assert result.returncode == 2 and f"chmod 0640 {pw}" in result.stderr and "s3cret" not in result.stderr
 
 
-def test_an_unknown_key_in_uplink_is_named(example, bin_path):
+def test_an_unknown_key_in_uplink_is_named(example):
     example.write_text(example.read_text().replace("[uplink]\n", "[uplink]\nwindoww = 3\n", 1))
-    result = run([bin_path("telemetry-uplink"), "run", "--config", str(example), "--check"])
+    result = uplink(["run", "--config", str(example), "--check"])
     assert result.returncode == 2
     assert "[uplink]: unknown key 'windoww' (did you mean 'window'?)" in result.stderr
 
 
 @pytest.mark.parametrize("command", ["run", "consume", "status"])
-def test_help_teaches_with_an_example(command, bin_path):
-    result = run([bin_path("telemetry-uplink"), command, "--help"])
+def test_help_teaches_with_an_example(command):
+    result = uplink([command, "--help"])
     assert result.returncode == 0 and "Example:" in result.stdout
 
 
-def test_status_reports_position_pending_and_lag(tmp_path, bin_path):
+def test_status_reports_position_pending_and_lag(tmp_path):
     gw = GatewayDB(str(tmp_path / "gw.db"))
     for _ in range(4):
         gw.flush()
     (tmp_path / "gw.db-uplink").write_text("1\n")
-    result = run([bin_path("telemetry-uplink"), "status", "--db", gw.path, "--format", "json"])
+    result = uplink(["status", "--db", gw.path, "--format", "json"])
     assert result.returncode == 1  # no uplink runs
     out = json.loads(result.stdout)
     pending = gw.conn.execute("SELECT count(*), sum(readings) FROM ingest_log WHERE id > 1").fetchone()
     assert (out["position"], out["pending_entries"], out["pending_readings"]) == (1, 3, pending[1])
     assert out["running"] is False and out["lag_seconds"] is not None
-    table = run([bin_path("telemetry-uplink"), "status", "--db", gw.path])
+    table = uplink(["status", "--db", gw.path])
     assert "NOT running" in table.stdout and f"{pending[1]} readings in 3 entries" in table.stdout
 
 
-def test_status_refuses_a_damaged_position_in_one_line(tmp_path, bin_path):
+def test_status_refuses_a_damaged_position_in_one_line(tmp_path):
     gw = GatewayDB(str(tmp_path / "gw.db"))
     (tmp_path / "gw.db-uplink").write_text("garbage")
-    result = run([bin_path("telemetry-uplink"), "status", "--db", gw.path])
+    result = uplink(["status", "--db", gw.path])
     assert result.returncode == 2 and "is damaged" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_the_installed_script_runs(bin_path):
+    import subprocess
+
+    result = subprocess.run([bin_path("telemetry-uplink"), "run", "--gateway", "g", "--check"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and 'gateway = "g"' in result.stdout

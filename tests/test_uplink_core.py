@@ -209,3 +209,18 @@ def test_damaged_cursor_is_refused(data):
 def test_accounts_changed():
     prev = {"a": (1, 2), "b": (3, 4)}
     assert core.accounts_changed(prev, [("a", 1, 2), ("b", 3, 5), ("c", 0, 0)]) == [("b", 3, 5), ("c", 0, 0)]
+
+
+def test_the_protocol_doc_example_is_what_the_code_sends():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
+    item = core.Readings("site-7", "gh/1.a", 1700000000, [41, 42], [1764633600.0, 1764633601.0],
+                         [1764633600.25, 1764633601.25], {"temp": [21.5, None]})
+    m = core.readings_message("telemetry", item)
+    assert f"subject  {m.subject}\n" in doc and f"msg id   {m.msg_id}\n" in doc
+    section = doc[doc.index(f"payload  ({len(m.payload)} bytes)"):]
+    lines = section.splitlines()[1:]
+    lines = lines[:lines.index("```")]
+    hex_bytes = "".join(line.strip().split("  ")[0].replace(" ", "") for line in lines)
+    assert hex_bytes == m.payload.hex()
