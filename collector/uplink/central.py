@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from .. import schema
+from .. import schema, store
 from . import core
 
 CREATE_ACCOUNTS = """
@@ -30,7 +30,6 @@ CREATE TABLE IF NOT EXISTS uplink_accounts (
     gaps_total INTEGER NOT NULL,
     updated REAL NOT NULL
 )"""
-INSERT_READING = "INSERT OR IGNORE INTO readings (series, ts, boot, seq, value, received) VALUES (?, ?, ?, ?, ?, ?)"
 ENSURE_SENSOR = "INSERT OR IGNORE INTO sensors (sensor, first_seen, last_seen) VALUES (?, ?, ?)"
 UPSERT_SENSOR = """
 INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts)
@@ -129,12 +128,14 @@ class Central:
         self.conn.execute(ENSURE_SENSOR, (sensor, min(item.received), max(item.received)))
         boot = schema.NO_BOOT if item.boot is None else item.boot
         rows = []
+        append = rows.append
         for metric, values in item.metrics.items():
             sid = self._series(sensor, metric)
             for seq, ts, received, value in zip(item.seqs, item.ts, item.received, values):
                 if value is not None:
-                    rows.append((sid, ts, boot, seq, float(value), received))
-        stored = self.conn.executemany(INSERT_READING, rows).rowcount if rows else 0
+                    append((sid, ts, boot, seq, value, received))  # the value as the collector stores it
+        # The collector's own insert (INSERT OR IGNORE, 64 rows per statement): returns the rows that were new.
+        stored = store._insert_readings(self.conn, rows) if rows else 0
         done["uplink_readings"] += stored
         done["uplink_replayed_readings"] += len(rows) - stored
 
