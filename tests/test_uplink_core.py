@@ -224,3 +224,18 @@ def test_the_protocol_doc_example_is_what_the_code_sends():
     lines = lines[:lines.index("```")]
     hex_bytes = "".join(line.strip().split("  ")[0].replace(" ", "") for line in lines)
     assert hex_bytes == m.payload.hex()
+
+
+def test_a_message_too_large_for_the_broker_is_split_and_keeps_every_datagram():
+    n = 300
+    wide = {f"m{k:02d}": [float(i * k) for i in range(n)] for k in range(40)}
+    item = core.Readings("gw", "s", 1, list(range(1, n + 1)), [float(i) for i in range(n)],
+                         [float(i) for i in range(n)], wide)
+    whole = core.readings_message("telemetry", item)
+    messages = core.readings_messages("telemetry", item, max_bytes=len(whole.payload) // 3)
+    assert len(messages) == 4 and all(len(m.payload) <= len(whole.payload) // 3 for m in messages)
+    parts = [core.decode(m.payload) for m in messages]
+    assert [s for p in parts for s in p.seqs] == item.seqs
+    assert sum(m.readings for m in messages) == item.readings == n * 40
+    assert len({m.msg_id for m in messages}) == 4
+    assert core.readings_messages("telemetry", item) == [whole]  # fits the default limit

@@ -30,11 +30,12 @@ FAST = ["--poll-interval", "0.05", "--backoff-max", "0.5", "--status-interval", 
 class Daemon:
     """One telemetry-uplink process, its log in a file."""
 
-    def __init__(self, bin_path, tmp_path: Path, name: str, args: list[str]) -> None:
+    def __init__(self, bin_path, tmp_path: Path, name: str, args: list[str], env: dict | None = None) -> None:
         self.log = tmp_path / f"{name}.log"
         self.cmd = [bin_path("telemetry-uplink"), *args]
         self.proc: subprocess.Popen | None = None
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEMETRY_", "NOTIFY_SOCKET"))}
+        self.env.update(env or {})
 
     def start(self) -> "Daemon":
         out = open(self.log, "ab")
@@ -65,8 +66,8 @@ class Daemon:
 def daemons(bin_path, tmp_path):
     started: list[Daemon] = []
 
-    def make(name: str, *args: str) -> Daemon:
-        d = Daemon(bin_path, tmp_path, name, list(args)).start()
+    def make(name: str, *args: str, env: dict | None = None) -> Daemon:
+        d = Daemon(bin_path, tmp_path, name, list(args), env).start()
         started.append(d)
         return d
 
@@ -144,7 +145,12 @@ def test_three_gateways_one_jetstream_every_reading_exactly_once(tmp_path, daemo
         for gw in gws.values():
             for _ in range(5):
                 gw.flush()
-        ups = [daemons(name, *uplink_args(gw, name, [ns.url])) for name, gw in gws.items()]
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(tmp_path / "notify.sock"))
+        notify.setblocking(False)
+        ups = [daemons(name, *uplink_args(gw, name, [ns.url]),
+                       env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")} if name == "site-0" else None)
+               for name, gw in gws.items()]
         central = str(tmp_path / "central.db")
         consumer = daemons("consume", *consume_args(central, [ns.url]))
         for _ in range(10):  # the gateways keep committing while everything runs
@@ -157,6 +163,16 @@ def test_three_gateways_one_jetstream_every_reading_exactly_once(tmp_path, daemo
             assert "DATA LOST" not in up.text()
         assert consumer.stop() == 0
         assert all(position(gw) == gw.flushes for gw in gws.values())
+        notes = []
+        while True:
+            try:
+                notes.append(notify.recv(4096).decode())
+            except BlockingIOError:
+                break
+        notify.close()
+        assert notes[0] == "READY=1" and notes[-1] == "STOPPING=1"
+        status_notes = [n for n in notes if n.startswith("STATUS=")]
+        assert status_notes and "acked" in status_notes[-1] and "pending 0 readings" in status_notes[-1]
         # the query server's reader opens the central database as it is
         from collector import schema
 
@@ -166,7 +182,7 @@ def test_three_gateways_one_jetstream_every_reading_exactly_once(tmp_path, daemo
 def test_kill_9_the_uplink_mid_publish_five_times(tmp_path, daemons):
     with NatsServer(tmp_path) as ns:
         gw = GatewayDB(str(tmp_path / "gw.db"), seed=7)
-        for _ in range(60):
+        for _ in range(40):
             gw.flush()
         central = str(tmp_path / "central.db")
         consumer = daemons("consume", *consume_args(central, [ns.url]))
@@ -337,3 +353,19 @@ def test_a_plaintext_broker_is_refused_when_tls_is_asked_for(tmp_path, daemons):
         _refused(daemons, gw, "plain", [f"tls://127.0.0.1:{ns.port}"], [],
                  "the broker does not offer TLS")
         assert position(gw) == 0
+
+
+def test_token_from_a_file_delivers(tmp_path, daemons):
+    token = tmp_path / "token"
+    token.write_text("tok-3f9a\n")
+    token.chmod(0o600)
+    with NatsServer(tmp_path, "token", conf='authorization { token: "tok-3f9a" }') as ns:
+        gw = GatewayDB(str(tmp_path / "gw.db"))
+        for _ in range(2):
+            gw.flush()
+        central = str(tmp_path / "central.db")
+        up = daemons("uplink", *uplink_args(gw, "site-1", [ns.url], "--token-file", str(token)))
+        consumer = daemons("consume", *consume_args(central, [ns.url], "--token-file", str(token)))
+        wait_central(central, {"site-1": gw})
+        assert up.stop() == 0 and consumer.stop() == 0
+        assert "tok-3f9a" not in up.text() + consumer.text()

@@ -126,6 +126,8 @@ def explain(exc: BaseException) -> str:
         return "JetStream is not available on this broker (start nats-server with -js)"
     if isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError)):
         return "timed out (the broker is slow, unreachable, or not a NATS server)"
+    if isinstance(exc, nats.errors.ConnectionClosedError):
+        return "the connection to the broker was lost"
     if isinstance(exc, (nats.errors.UnexpectedEOF, ConnectionResetError, EOFError)):
         return "the connection was closed (the broker went away, or it is not a NATS server)"
     if isinstance(exc, OSError):

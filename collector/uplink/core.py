@@ -37,6 +37,9 @@ KIND_ACCOUNTS = "A"
 # Gap rows carried by one accounts snapshot at most (the newest ones); the
 # `lost` count is exact whatever the cap, `gaps_total` says how many exist.
 MAX_GAPS_PER_SNAPSHOT = 1000
+# Messages the uplink sends stay below this (bytes), well under the broker's
+# default max_payload of 1 MiB.
+MAX_MESSAGE_BYTES = 512 * 1024
 # A payload larger than this is refused by the decoder (the broker's default
 # max_payload is 1 MiB; our messages stay far below it).
 MAX_PAYLOAD_BYTES = 1 << 20
@@ -294,6 +297,26 @@ def readings_message(prefix: str, item: Readings) -> Message:
               f".{item.datagrams}.{_digest(payload)}")
     return Message(subject(prefix, item.gateway, item.sensor, KIND_READINGS), msg_id, payload,
                    item.datagrams, item.readings)
+
+
+def readings_messages(prefix: str, item: Readings, max_bytes: int = MAX_MESSAGE_BYTES) -> list[Message]:
+    """The item as one message, or halved until each piece fits `max_bytes` (the broker
+    refuses a payload over its max_payload, 1 MiB by default, and a refused batch would be
+    retried for ever).  A single datagram always fits: it came in one UDP datagram."""
+    m = readings_message(prefix, item)
+    if len(m.payload) <= max_bytes or item.datagrams == 1:
+        return [m]
+    half = item.datagrams // 2
+    out = []
+    for part in (slice(0, half), slice(half, None)):
+        metrics = {}
+        for name, column in item.metrics.items():
+            piece = column[part]
+            if piece.count(None) != len(piece):
+                metrics[name] = piece
+        out += readings_messages(prefix, Readings(item.gateway, item.sensor, item.boot, item.seqs[part],
+                                                  item.ts[part], item.received[part], metrics), max_bytes)
+    return out
 
 
 def accounts_message(prefix: str, item: Accounts) -> Message:

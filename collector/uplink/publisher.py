@@ -34,7 +34,7 @@ class UplinkSettings:
     gateway: str
     broker: broker.BrokerSettings = field(default_factory=broker.BrokerSettings)
     max_datagrams: int = 1000      # datagrams per message at most
-    round_readings: int = 200_000  # readings read per round at most (at least one entry)
+    round_readings: int = 100_000  # readings read per round at most (at least one entry): bounds memory
     round_entries: int = 1000      # ingest_log entries per round at most
     window: int = 512              # publishes awaiting their ack at most
     poll_interval: float = 0.5     # seconds between looks at an idle log
@@ -103,8 +103,8 @@ class Uplink:
         finally:
             status_task.cancel()
             await self._drop_connection()
-            self.notify("STOPPING=1")
             self._write_status(force=True)
+            self.notify("STOPPING=1")
             self.source.close()
             log.info("stopped: acked %d messages (%d readings) this run; position %d",
                      self.stats["acked"], self.stats["acked_readings"], self.cursor)
@@ -203,7 +203,7 @@ class Uplink:
         if not snap.entries and not snap.accounts:
             return False
         readings = core.batch(self.s.gateway, snap.entries, self.s.max_datagrams)
-        messages = [core.readings_message(self.s.broker.subject_prefix, r) for r in readings]
+        messages = [m for r in readings for m in core.readings_messages(self.s.broker.subject_prefix, r)]
         messages += [core.accounts_message(self.s.broker.subject_prefix, a) for a in snap.accounts]
         await self._publish(messages)
         if snap.entries:
@@ -263,6 +263,7 @@ class Uplink:
         if not force and now - self._last_status_file < 1.0:
             return
         self._last_status_file = now
+        self.notify(f"STATUS={self.status_line()[8:]}")
         try:
             source.write_atomically(status_path(self.s.db), json.dumps(self.status()).encode() + b"\n",
                                     durable=False)

@@ -106,14 +106,16 @@ class Source:
         try:
             entries: list[ingestlog.Entry] = []
             readings = 0
-            rows = conn.execute(
+            # Row by row, not fetchall: a backlog of large entries must not all sit in memory at once.
+            cur = conn.execute(
                 "SELECT id, committed, readings, body FROM ingest_log WHERE id > ? ORDER BY id LIMIT ?",
-                (after_id, max_entries)).fetchall()
-            for row_id, committed, n, body in rows:
+                (after_id, max_entries))
+            for row_id, committed, n, body in cur:
                 if entries and readings + n > max_readings:
                     break
                 entries.append(ingestlog.Entry(row_id, committed, ingestlog.decode_body(body)))
                 readings += n
+            cur.close()
             last = ingestlog.last_id(conn)
             since = self.high_last_seen - ACCOUNTS_SLACK_S
             account_rows = conn.execute(
