@@ -359,7 +359,7 @@ def test_token_from_a_file_delivers(tmp_path, daemons):
     token = tmp_path / "token"
     token.write_text("tok-3f9a\n")
     token.chmod(0o600)
-    with NatsServer(tmp_path, "token", conf='authorization { token: "tok-3f9a" }') as ns:
+    with NatsServer(tmp_path, "tokensrv", conf='authorization { token: "tok-3f9a" }') as ns:
         gw = GatewayDB(str(tmp_path / "gw.db"))
         for _ in range(2):
             gw.flush()
