@@ -29,7 +29,7 @@ class ConsumeSettings:
     db: str
     broker: broker.BrokerSettings = field(default_factory=broker.BrokerSettings)
     durable: str = "telemetry-central"
-    batch: int = 500               # messages per fetch (and per transaction) at most
+    batch: int = 50                # messages per fetch (and per transaction) at most; each <= 1 MiB
     ack_wait: float = 30.0         # seconds before JetStream redelivers an unacked message
     backoff_max: float = 30.0
     status_interval: float = 60.0
