@@ -22,7 +22,7 @@ import pytest
 
 from helpers import db_counters, wait_for
 from natsserver import Cluster, NatsServer, wait_jetstream_ready
-from uplinkgw import GatewayDB, accounts, readings
+from uplinkgw import GatewayDB, accounts, log_readings, readings
 
 FAST = ["--poll-interval", "0.05", "--backoff-max", "0.5", "--status-interval", "0.5", "--ack-timeout", "3"]
 
@@ -96,7 +96,7 @@ def expected(gws: dict[str, GatewayDB]) -> tuple[set, dict]:
     want_r: set = set()
     want_a: dict = {}
     for name, gw in gws.items():
-        want_r |= readings(gw.path, f"{name}:")
+        want_r |= log_readings(gw.path, f"{name}:")
         want_a.update(accounts(gw.path, f"{name}:"))
     return want_r, want_a
 

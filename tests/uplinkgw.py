@@ -1,8 +1,10 @@
 """A gateway database for the uplink tests, written the way the collector commits:
-the current schema (collector/schema.py) plus the ingest log (collector/ingestlog.py),
-one transaction per flush holding the readings, the ingest_log row, the sensors'
-accounts and their gaps.  A real SQLite file and a real writer; the readings rows
-are what the central side must end up with, exactly once."""
+one transaction per flush holding the ingest_log row (collector/ingestlog.py: what the
+uplink reads) and the sensors' accounts and gaps.  A real SQLite file and a real
+writer.  It writes no readings table: what the central side must end up with is
+every datagram of the ingest log, exactly once (`log_readings`), whatever the
+storage version keeps the readings in.
+"""
 
 from __future__ import annotations
 
@@ -29,25 +31,15 @@ class GatewayDB:
         self.acc = {s: dict(datagrams=0, readings=0, lost=0, duplicates=0, reordered=0, restarts=0)
                     for s in self.sensors}
         self.first = {}
-        self.series = {}
         self.clock = 1_800_000_000.0
         self.flushes = 0
 
     def close(self) -> None:
         self.conn.close()
 
-    def _series(self, sensor: str, metric: str) -> int:
-        key = (sensor, metric)
-        if key not in self.series:
-            sid = len(self.series) + 1
-            self.conn.execute("INSERT INTO series (id, sensor, metric) VALUES (?, ?, ?)", (sid, sensor, metric))
-            self.series[key] = sid
-        return self.series[key]
-
     def flush(self, datagrams_per_sensor: int = 5) -> int:
         """One flush: each sensor sends some datagrams (some lost, one restarting now and then)."""
         groups = []
-        rows = []
         self.conn.execute("BEGIN IMMEDIATE")
         for sensor in self.sensors:
             acc = self.acc[sensor]
@@ -73,12 +65,7 @@ class GatewayDB:
                 acc["duplicates"] += 1
             metrics = {m: v for m, v in metrics.items() if any(x is not None for x in v)}
             groups.append(Group(sensor, boot, seqs, ts, rec, metrics))
-            for m, values in metrics.items():
-                sid = self._series(sensor, m)
-                for s, t, r, v in zip(seqs, ts, rec, values):
-                    if v is not None:
-                        rows.append((sid, t, schema.NO_BOOT if boot is None else boot, s, v, r))
-                        acc["readings"] += 1
+            acc["readings"] += sum(len(v) - v.count(None) for v in metrics.values())
             acc["datagrams"] += len(seqs)
             self.first.setdefault(sensor, rec[0])
             self.conn.execute(
@@ -93,16 +80,32 @@ class GatewayDB:
                 self.conn.execute(
                     "INSERT OR REPLACE INTO gaps (sensor, stream, boot, first_seq, last_seq, missing, detected_at) "
                     "VALUES (?, 0, ?, ?, ?, ?, ?)", (sensor, boot or -1, 1, 1, acc["lost"], rec[-1]))
-        self.conn.executemany("INSERT INTO readings (series, ts, boot, seq, value, received) VALUES (?, ?, ?, ?, ?, ?)",
-                              rows)
         entry = ingestlog.append(self.conn, self.clock, groups)
         self.conn.execute("COMMIT")
         self.flushes += 1
         return entry
 
 
+def log_readings(path: str, prefix: str = "") -> set[tuple]:
+    """Every reading of the gateway's ingest log as readings() gives them centrally."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        bodies = [row[0] for row in conn.execute("SELECT body FROM ingest_log ORDER BY id")]
+    finally:
+        conn.close()
+    out = set()
+    for body in bodies:
+        for g in ingestlog.decode_body(body):
+            boot = schema.NO_BOOT if g.boot is None else g.boot
+            for metric, values in g.metrics.items():
+                for seq, ts, value in zip(g.seqs, g.ts, values):
+                    if value is not None:
+                        out.add((prefix + g.sensor, metric, ts, boot, seq, value))
+    return out
+
+
 def readings(path: str, prefix: str = "") -> set[tuple]:
-    """Every reading as (sensor, metric, ts, boot, seq, value), sensor ids prefixed."""
+    """Every reading of the central database as (sensor, metric, ts, boot, seq, value)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         rows = conn.execute("SELECT s.sensor, s.metric, r.ts, r.boot, r.seq, r.value FROM readings r "
