@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 
 from collector.uplink import cli
-from test_gateway_toml import EXAMPLE, normalised
 from uplinkgw import GatewayDB
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "gateway.toml"
+
+
+def normalised(table: dict) -> dict:
+    """Numbers as floats, so `60` in the file equals `60.0` printed back."""
+    return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in table.items()}
 
 
 class Result:

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,60 +21,34 @@ import pytest
 
 from helpers import db_counters, wait_for
 from natsserver import Cluster, NatsServer, wait_jetstream_ready
+from processes import Daemon
 from uplinkgw import GatewayDB, accounts, log_readings, readings
 
 FAST = ["--poll-interval", "0.05", "--backoff-max", "0.5", "--status-interval", "0.5", "--ack-timeout", "3"]
 
 
-class Daemon:
-    """One telemetry-uplink process, its log in a file."""
-
-    def __init__(self, bin_path, tmp_path: Path, name: str, args: list[str], env: dict | None = None) -> None:
-        self.log = tmp_path / f"{name}.log"
-        self.cmd = [bin_path("telemetry-uplink"), *args]
-        self.proc: subprocess.Popen | None = None
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEMETRY_", "NOTIFY_SOCKET"))}
-        self.env.update(env or {})
-
-    def start(self) -> "Daemon":
-        out = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=out, env=self.env)
-        out.close()
-        return self
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                return self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                raise AssertionError(f"{self.cmd[1]} did not stop on SIGTERM: {self.text()[-2000:]}")
-        return self.proc.returncode
+def _env(extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEMETRY_", "NOTIFY_SOCKET"))}
+    env.update(extra or {})
+    return env
 
 
 @pytest.fixture
 def daemons(bin_path, tmp_path):
+    """Start telemetry-uplink commands (processes.Daemon: ready at their `started:` line); all
+    are killed at the end of the test if still running."""
     started: list[Daemon] = []
 
     def make(name: str, *args: str, env: dict | None = None) -> Daemon:
-        d = Daemon(bin_path, tmp_path, name, list(args), env).start()
+        d = Daemon([bin_path("telemetry-uplink"), *args], tmp_path / f"{name}.log", r"started: ", env=_env(env),
+                   timeout=30)
         started.append(d)
         return d
 
     yield make
     for d in started:
         if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(10)
+            d.kill()
 
 
 def uplink_args(gw: GatewayDB, name: str, servers: list[str], *extra: str) -> list[str]:
@@ -145,9 +118,23 @@ def test_three_gateways_one_jetstream_every_reading_exactly_once(tmp_path, daemo
         for gw in gws.values():
             for _ in range(5):
                 gw.flush()
+        # systemd's side of sd_notify, read as it arrives (an unread AF_UNIX datagram queue
+        # holds net.unix.max_dgram_qlen = 10 messages, then the sender blocks)
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(tmp_path / "notify.sock"))
-        notify.setblocking(False)
+        notify.settimeout(0.05)
+        notes: list[str] = []
+        done = threading.Event()
+
+        def listen() -> None:
+            while not done.is_set():
+                try:
+                    notes.append(notify.recv(4096).decode())
+                except TimeoutError:
+                    pass
+
+        listener = threading.Thread(target=listen, name="notify-socket")
+        listener.start()
         ups = [daemons(name, *uplink_args(gw, name, [ns.url]),
                        env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")} if name == "site-0" else None)
                for name, gw in gws.items()]
@@ -163,12 +150,8 @@ def test_three_gateways_one_jetstream_every_reading_exactly_once(tmp_path, daemo
             assert "DATA LOST" not in up.text()
         assert consumer.stop() == 0
         assert all(position(gw) == gw.flushes for gw in gws.values())
-        notes = []
-        while True:
-            try:
-                notes.append(notify.recv(4096).decode())
-            except BlockingIOError:
-                break
+        done.set()
+        listener.join()
         notify.close()
         assert notes[0] == "READY=1" and notes[-1] == "STOPPING=1"
         status_notes = [n for n in notes if n.startswith("STATUS=")]
@@ -194,7 +177,7 @@ def test_kill_9_the_uplink_mid_publish_five_times(tmp_path, daemons):
             up = daemons(f"uplink{kills}", *args)
             wait_for(lambda: up.text().count("connected to") >= 1 and status(gw).get("pid") == up.proc.pid
                      and status(gw).get("sent", 0) > before, 15, 0.005, what="the uplink to publish")
-            up.kill9()
+            assert up.stop(signal.SIGKILL) == -signal.SIGKILL
             kills += 1
             for _ in range(3):
                 gw.flush()
