@@ -16,6 +16,7 @@ from helpers import clean_env, run
 from collector import cli as collector_cli
 from collector.schema import open_writer
 from query import certs
+from collector.uplink import cli as uplink_cli
 from query import cli as query_cli
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "gateway.toml"
@@ -120,7 +121,9 @@ def test_collector_check_refuses_a_world_readable_key_file(example, commands):
 @pytest.mark.parametrize("command, settings, prefix", [
     (collector_cli.main, collector_cli.SETTINGS, "TELEMETRY_COLLECTOR_"),
     (query_cli.main.commands["serve"], query_cli.SERVE_SETTINGS, "TELEMETRY_QUERY_"),
-], ids=["collector", "serve"])
+    (uplink_cli.main.commands["run"], uplink_cli.UPLINK_SETTINGS, "TELEMETRY_UPLINK_"),
+    (uplink_cli.main.commands["consume"], uplink_cli.CENTRAL_SETTINGS, "TELEMETRY_CENTRAL_"),
+], ids=["collector", "serve", "uplink", "central"])
 def test_flags_env_and_help_come_from_the_one_settings_table(command, settings, prefix):
     """Each setting is declared once: its flag, variable and help default cannot drift apart."""
     params = {p.name: p for p in command.params}

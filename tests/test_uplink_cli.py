@@ -147,3 +147,10 @@ def test_the_installed_script_runs(bin_path):
     result = subprocess.run([bin_path("telemetry-uplink"), "run", "--gateway", "g", "--check"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and 'gateway = "g"' in result.stdout
+
+
+def test_an_unknown_environment_variable_is_named():
+    result = uplink(["run", "--gateway", "g", "--check"], TELEMETRY_UPLINK_WINDOWW="3")
+    assert result.returncode == 2
+    assert "unknown environment variable TELEMETRY_UPLINK_WINDOWW (did you mean TELEMETRY_UPLINK_WINDOW?)" \
+        in result.stderr

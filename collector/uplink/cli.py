@@ -68,69 +68,56 @@ def _default_gateway() -> str | None:
     return name if core.GATEWAY_RE.fullmatch(name) else None
 
 
-# (setting, metavar, help); the parser of each setting parses flags and file values alike.
+S = config.Setting
+
 BROKER = [
-    (config.Setting("servers", _server, ("nats://127.0.0.1:4222",), multiple=True), "URL",
-     "NATS server, nats://HOST:PORT or tls://HOST:PORT; repeat for a cluster.  [default: nats://127.0.0.1:4222]"),
-    (config.Setting("stream", _stream, "TELEMETRY"), "NAME", "JetStream stream.  [default: TELEMETRY]"),
-    (config.Setting("subject_prefix", _prefix, "telemetry"), "PREFIX",
-     "Subjects are PREFIX.<gateway>.<sensor>.readings|accounts.  [default: telemetry]"),
-    (config.Setting("create_stream", config.boolean, True), None,
-     "Create the stream (subjects PREFIX.>) when it is missing.  [default: on]"),
-    (config.Setting("replicas", _replicas, 1), "N", "Replicas of a stream this creates (3 on a cluster).  [default: 1]"),
-    (config.Setting("duplicate_window", config.positive_float, 120.0), "SECONDS",
-     "Duplicate window (Nats-Msg-Id) of a stream this creates.  [default: 120]"),
-    (config.Setting("ca", config.string, None), "FILE", "CA certificates that verify the broker (TLS).  [default: the system's]"),
-    (config.Setting("cert", config.string, None), "FILE", "Client certificate for TLS (with --key)."),
-    (config.Setting("key", config.string, None), "FILE", "Private key of --cert (not readable by others)."),
-    (config.Setting("user", config.string, None), "NAME", "NATS user name (password from --password-file)."),
-    (config.Setting("password_file", config.string, None), "FILE", "File holding the NATS password (one line, not readable by others)."),
-    (config.Setting("token_file", config.string, None), "FILE", "File holding a NATS token."),
-    (config.Setting("creds_file", config.string, None), "FILE", "NATS credentials file (JWT and NKey seed)."),
-    (config.Setting("nkey_seed_file", config.string, None), "FILE", "File holding an NKey seed (SU...)."),
+    S("servers", _server, ("nats://127.0.0.1:4222",), multiple=True, metavar="URL",
+      help="NATS server, nats://HOST:PORT or tls://HOST:PORT; repeat for a cluster."),
+    S("stream", _stream, "TELEMETRY", metavar="NAME", help="JetStream stream."),
+    S("subject_prefix", _prefix, "telemetry", metavar="PREFIX",
+      help="Subjects are PREFIX.<gateway>.<sensor>.readings|accounts."),
+    S("create_stream", config.boolean, True, help="Create the stream (subjects PREFIX.>) when it is missing."),
+    S("replicas", _replicas, 1, metavar="N", help="Replicas of a stream this creates (3 on a cluster)."),
+    S("duplicate_window", config.positive_float, 120.0, metavar="SECONDS",
+      help="Duplicate window (Nats-Msg-Id) of a stream this creates."),
+    S("ca", config.string, None, metavar="FILE", help="CA certificates that verify the broker (TLS).",
+      default_text="the system's"),
+    S("cert", config.string, None, metavar="FILE", help="Client certificate for TLS (with --key)."),
+    S("key", config.string, None, metavar="FILE", help="Private key of --cert (not readable by others)."),
+    S("user", config.string, None, metavar="NAME", help="NATS user name (password from --password-file)."),
+    S("password_file", config.string, None, metavar="FILE",
+      help="File holding the NATS password (one line, not readable by others)."),
+    S("token_file", config.string, None, metavar="FILE", help="File holding a NATS token."),
+    S("creds_file", config.string, None, metavar="FILE", help="NATS credentials file (JWT and NKey seed)."),
+    S("nkey_seed_file", config.string, None, metavar="FILE", help="File holding an NKey seed (SU...)."),
 ]
 
-UPLINK = [
-    (config.Setting("db", _db_path, "telemetry.db"), "PATH", "The collector's database, opened read-only.  [default: telemetry.db]"),
-    (config.Setting("gateway", _gateway, None), "NAME",
-     "This gateway's name: 1-32 of A-Z a-z 0-9 _ -; its sensors are NAME:<id> centrally.  [default: the host name]"),
+UPLINK_SETTINGS = [
+    S("db", _db_path, "telemetry.db", metavar="PATH", help="The collector's database, opened read-only."),
+    S("gateway", _gateway, None, metavar="NAME", default_text="the host name",
+      help="This gateway's name: 1-32 of A-Z a-z 0-9 _ -; its sensors are NAME:<id> centrally."),
     *BROKER,
-    (config.Setting("max_datagrams", config.positive_int, 1000), "N", "Datagrams per message at most.  [default: 1000]"),
-    (config.Setting("window", config.positive_int, 512), "N", "Publishes awaiting their ack at most.  [default: 512]"),
-    (config.Setting("poll_interval", config.positive_float, 0.5), "SECONDS", "Look for new data this often when idle.  [default: 0.5]"),
-    (config.Setting("ack_timeout", config.positive_float, 10.0), "SECONDS", "Retry a batch after this long without its acks.  [default: 10]"),
-    (config.Setting("backoff_max", config.positive_float, 30.0), "SECONDS", "Longest wait between reconnect attempts (jittered).  [default: 30]"),
-    (config.Setting("status_interval", config.positive_float, 60.0), "SECONDS", "Log a status line this often.  [default: 60]"),
+    S("max_datagrams", config.positive_int, 1000, metavar="N", help="Datagrams per message at most."),
+    S("window", config.positive_int, 512, metavar="N", help="Publishes awaiting their ack at most."),
+    S("poll_interval", config.positive_float, 0.5, metavar="SECONDS", help="Look for new data this often when idle."),
+    S("ack_timeout", config.positive_float, 10.0, metavar="SECONDS",
+      help="Retry a batch after this long without its acks."),
+    S("backoff_max", config.positive_float, 30.0, metavar="SECONDS",
+      help="Longest wait between reconnect attempts (jittered)."),
+    S("status_interval", config.positive_float, 60.0, metavar="SECONDS", help="Log a status line this often."),
 ]
 
-CENTRAL = [
-    (config.Setting("db", _db_path, "central.db"), "PATH", "The central database, created if missing.  [default: central.db]"),
+CENTRAL_SETTINGS = [
+    S("db", _db_path, "central.db", metavar="PATH", help="The central database, created if missing."),
     *BROKER,
-    (config.Setting("durable", _stream, "telemetry-central"), "NAME", "Durable consumer name.  [default: telemetry-central]"),
-    (config.Setting("batch", config.positive_int, 50), "N",
-     "Messages per fetch and per transaction (memory: up to N x 1 MiB of payload).  [default: 50]"),
-    (config.Setting("ack_wait", config.positive_float, 30.0), "SECONDS", "JetStream redelivers an unacked message after this.  [default: 30]"),
-    (config.Setting("backoff_max", config.positive_float, 30.0), "SECONDS", "Longest wait between reconnect attempts.  [default: 30]"),
-    (config.Setting("status_interval", config.positive_float, 60.0), "SECONDS", "Log a status line this often.  [default: 60]"),
+    S("durable", _stream, "telemetry-central", metavar="NAME", help="Durable consumer name."),
+    S("batch", config.positive_int, 50, metavar="N",
+      help="Messages per fetch and per transaction (memory: up to N x 1 MiB of payload)."),
+    S("ack_wait", config.positive_float, 30.0, metavar="SECONDS",
+      help="JetStream redelivers an unacked message after this."),
+    S("backoff_max", config.positive_float, 30.0, metavar="SECONDS", help="Longest wait between reconnect attempts."),
+    S("status_interval", config.positive_float, 60.0, metavar="SECONDS", help="Log a status line this often."),
 ]
-
-UPLINK_SETTINGS = [s for s, _, _ in UPLINK]
-CENTRAL_SETTINGS = [s for s, _, _ in CENTRAL]
-
-
-def _options(specs, env: str):
-    def decorate(f):
-        for setting, metavar, help_text in reversed(specs):
-            flag = "--" + setting.key
-            envvar = env + setting.name.upper()
-            if setting.parse is config.boolean:
-                f = click.option(f"{flag}/--no-{setting.key}", setting.name, default=None, envvar=envvar,
-                                 help=help_text)(f)
-            else:
-                f = click.option(flag, setting.name, multiple=setting.multiple, envvar=envvar, metavar=metavar,
-                                 type=config.ParsedParam(metavar, setting.parse), help=help_text)(f)
-        return f
-    return decorate
 
 
 def _common(f):
@@ -191,7 +178,7 @@ def main() -> None:
 
 
 @main.command("run")
-@_options(UPLINK, UPLINK_ENV)
+@config.options(UPLINK_SETTINGS, UPLINK_ENV)
 @_common
 @click.pass_context
 def run_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> None:
@@ -213,7 +200,8 @@ def run_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> None
     from .publisher import Uplink, UplinkSettings
 
     try:
-        values = config.merge(ctx, UPLINK_SETTINGS, config.read_table(config_path, "uplink"), f"{config_path} [uplink]")
+        values = config.merge(ctx, UPLINK_SETTINGS, config.read_table(config_path, "uplink"), f"{config_path} [uplink]",
+                              env_prefix=UPLINK_ENV)
         if values["gateway"] is None:
             values["gateway"] = _default_gateway()
             if values["gateway"] is None:
@@ -237,7 +225,7 @@ def run_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> None
 
 
 @main.command("consume")
-@_options(CENTRAL, CENTRAL_ENV)
+@config.options(CENTRAL_SETTINGS, CENTRAL_ENV)
 @_common
 @click.pass_context
 def consume_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> None:
@@ -259,7 +247,7 @@ def consume_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> 
 
     try:
         values = config.merge(ctx, CENTRAL_SETTINGS, config.read_table(config_path, "central"),
-                              f"{config_path} [central]")
+                              f"{config_path} [central]", env_prefix=CENTRAL_ENV)
         bs = _broker(values)
         settings = ConsumeSettings(db=values["db"], broker=bs, durable=values["durable"], batch=values["batch"],
                                    ack_wait=values["ack_wait"], backoff_max=values["backoff_max"],
