@@ -172,6 +172,7 @@ class Uplink:
         self.connected_to = server
         self.last_error = None
         log.info("connected to %s (stream %s)", server, self.s.broker.stream)
+        self._write_status(force=True)
         return None
 
     async def _drop_connection(self) -> None:
