@@ -103,7 +103,10 @@ def test_the_query_server_reads_the_central_database(central):
         ops.close()
     assert result == [{"sensor": "site-7:s.1", "first_seen": 1001.5, "last_seen": 1003.5, "datagrams": 3,
                        "readings": 4, "lost": 1, "duplicates": 2, "reordered": 0, "restarts": 0,
-                       "metrics": ["hum", "temp"]}]
+                       "metrics": ["hum", "temp"],
+                       # sensor health (schema v3) is the gateway's to learn; not carried by uplink v1
+                       "interval": None, "stale": False, "stale_after": None, "clock_offset": None,
+                       "clock_skewed": None}]
     assert [(r["metric"], r["seq"], r["value"]) for r in latest] == [("hum", 3, 50.0), ("temp", 3, 3.0)]
 
 
