@@ -294,17 +294,7 @@ class Store:
         except sqlite3.Error as exc:
             self._failed(mono, exc, core)
             return False
-        # Committed: the in-memory heads follow what the database now says.
-        log_id, closed = closing
-        for key in closed:
-            self.heads.pop(key, None)
-        for g in groups:
-            boot = schema.NO_BOOT if g.boot is None else g.boot
-            if (g.sensor, boot) not in closed:
-                self._extend_head(g, boot, log_id)
-        if log_id:
-            self.last_log_id = log_id
-        self.chunks_closed += len(closed)
+        self.committed_groups(groups, *closing)
         core.committed(batch.readings, now)
         if self.failing_since is not None:
             log.warning(
@@ -315,6 +305,31 @@ class Store:
         self._retry_delay = tuning.RETRY_INITIAL_S
         self.retry_at = 0.0
         return True
+
+    def write_groups(self, conn: sqlite3.Connection, groups: list[ingestlog.Group], now: float,
+                     new_series: list[tuple[int, str, str]]) -> tuple[int, set[tuple[str, int]]]:
+        """For a writer other than the ingest core (the uplink's central database):
+        inside the caller's transaction, the new series, one log row for `groups`
+        (one group per (sensor, boot)) and the chunks of the heads that close.
+        Call committed_groups with what it returns once the transaction commits."""
+        if new_series:
+            conn.executemany(INSERT_SERIES, new_series)
+        log_id = ingestlog.append(conn, now, groups) if groups else 0
+        closed = self._close_heads(conn, groups, log_id or self.last_log_id, now)
+        self._trim_log(conn)
+        return log_id, closed
+
+    def committed_groups(self, groups: list[ingestlog.Group], log_id: int, closed: set[tuple[str, int]]) -> None:
+        """Committed: the in-memory heads follow what the database now says."""
+        for key in closed:
+            self.heads.pop(key, None)
+        for g in groups:
+            boot = schema.NO_BOOT if g.boot is None else g.boot
+            if (g.sensor, boot) not in closed:
+                self._extend_head(g, boot, log_id)
+        if log_id:
+            self.last_log_id = log_id
+        self.chunks_closed += len(closed)
 
     def _write(self, conn: sqlite3.Connection, batch: Batch, groups: list[ingestlog.Group], now: float):
         if batch.new_series:

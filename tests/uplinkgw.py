@@ -105,14 +105,27 @@ def log_readings(path: str, prefix: str = "") -> set[tuple]:
 
 
 def readings(path: str, prefix: str = "") -> set[tuple]:
-    """Every reading of the central database as (sensor, metric, ts, boot, seq, value)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    """Every reading of the central database as (sensor, metric, ts, boot, seq, value),
+    read as telemetry-query reads it (storage v3: chunks and the open heads in the log)."""
+    from query.ops import Ops
+
+    ops = Ops(schema.open_reader(path))
+    out = set()
     try:
-        rows = conn.execute("SELECT s.sensor, s.metric, r.ts, r.boot, r.seq, r.value FROM readings r "
-                            "JOIN series s ON s.id = r.series").fetchall()
+        ops.heads.refresh(ops.conn)  # what Ops.run does before each request
+        for sensor, metric in ops.conn.execute("SELECT sensor, metric FROM series").fetchall():
+            cursor = None
+            while True:
+                page = ops.op_readings(sensor=sensor, metric=metric, limit=10_000, cursor=cursor)
+                for r in page["rows"]:
+                    boot = schema.NO_BOOT if r["boot"] is None else r["boot"]
+                    out.add((prefix + sensor, metric, r["ts"], boot, r["seq"], r["value"]))
+                cursor = page["next"]
+                if cursor is None:
+                    break
     finally:
-        conn.close()
-    return {(prefix + r[0], *r[1:]) for r in rows}
+        ops.close()
+    return out
 
 
 def accounts(path: str, prefix: str = "", where: str = "") -> dict[str, tuple]:

@@ -4,9 +4,12 @@ It is an ordinary gateway-telemetry database (collector/schema.py creates and
 migrates it), so `telemetry-query` answers for the whole fleet; each sensor's
 id is prefixed by its gateway (`site-7:sim-0001`).  Writes are idempotent:
 
-- a reading is keyed by (series, ts, boot, seq), so a message delivered again
-  after JetStream's duplicate window inserts nothing (INSERT OR IGNORE), and
-  the rows it repeated are counted in `counters.uplink_replayed_readings`;
+- readings are written as the collector writes them (storage v3: one
+  ingest_log row per batch, heads closed into chunks), through the collector's
+  own Store; every datagram taken is remembered in `uplink_seen` (sensor,
+  boot, seq, ts), so a message delivered again after JetStream's duplicate window
+  adds nothing, and the readings it repeated are counted in
+  `counters.uplink_replayed_readings`;
 - accounts are snapshots: one is applied only if its `as_of` (the gateway's
   ingest_log id when it was read) is not older than the one stored in
   `uplink_accounts`; older ones are counted in `uplink_stale_accounts`.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from .. import schema, store
+from .. import ingestlog, schema, store
 from . import core
 
 CREATE_ACCOUNTS = """
@@ -30,6 +33,15 @@ CREATE TABLE IF NOT EXISTS uplink_accounts (
     gaps_total INTEGER NOT NULL,
     updated REAL NOT NULL
 )"""
+CREATE_SEEN = """
+CREATE TABLE IF NOT EXISTS uplink_seen (
+    sensor TEXT NOT NULL,
+    boot INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    PRIMARY KEY (sensor, boot, seq, ts)
+) WITHOUT ROWID"""
+MARK_SEEN = "INSERT OR IGNORE INTO uplink_seen (sensor, boot, seq, ts) VALUES (?, ?, ?, ?)"
 ENSURE_SENSOR = "INSERT OR IGNORE INTO sensors (sensor, first_seen, last_seen) VALUES (?, ?, ?)"
 UPSERT_SENSOR = """
 INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts)
@@ -57,59 +69,55 @@ COUNTERS = ("uplink_messages", "uplink_readings", "uplink_replayed_readings", "u
 
 
 class Central:
-    """The central database's one writer."""
+    """The central database's one writer: the collector's Store, fed by messages instead of sockets."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._lock_fd = schema.lock_writer(path)
+        self.store = store.Store(path)
         try:
-            self.db = schema.open_writer(path)
-        except BaseException:
-            import os
-
-            os.close(self._lock_fd)
-            raise
-        self.conn = self.db.conn
-        with self.conn:
+            loaded = self.store.load()
+            self.conn = self.store.conn
             self.conn.execute("BEGIN")
             self.conn.execute(CREATE_ACCOUNTS)
+            self.conn.execute(CREATE_SEEN)
             for name in COUNTERS:
                 self.conn.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", (name,))
-        self.series = {(s, m): i for i, s, m in self.conn.execute("SELECT id, sensor, metric FROM series")}
-        self._next_series = max(self.series.values(), default=0) + 1
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.store.close()
+            raise
+        self._next_series = loaded.next_series_id
+        self._new_series: list[tuple[int, str, str]] = []
 
     def close(self) -> None:
-        import os
+        self.store.close()
 
-        self.conn.close()
-        os.close(self._lock_fd)
-
-    def _series(self, sensor: str, metric: str) -> int:
-        key = (sensor, metric)
-        sid = self.series.get(key)
-        if sid is None:
-            sid = self._next_series
-            self.conn.execute("INSERT INTO series (id, sensor, metric) VALUES (?, ?, ?)", (sid, sensor, metric))
-            self.series[key] = sid
+    def _series(self, sensor: str, metric: str) -> None:
+        known = self.store.series[sensor]
+        if metric not in known:
+            known[metric] = self._next_series
+            self._new_series.append((self._next_series, sensor, metric))
             self._next_series += 1
-        return sid
 
     def apply(self, items: list[core.Readings | core.Accounts], rejected: Counter | None = None,
               now: float | None = None) -> Counter:
         """Write a batch in one transaction; returns what it did (counter deltas)."""
         now = time.time() if now is None else now
         done: Counter = Counter()
-        series_before = dict(self.series)
         next_before = self._next_series
+        self._new_series = []
+        groups: dict[tuple[str, int | None], list[ingestlog.Group]] = {}
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             for item in items:
                 done["uplink_messages"] += 1
                 if isinstance(item, core.Readings):
-                    self._readings(item, done)
+                    self._readings(item, done, groups)
                 else:
                     self._accounts(item, done, now)
+            merged = [_merge(parts) for parts in groups.values()]
+            closing = self.store.write_groups(conn, merged, now, self._new_series)
             for reason, n in (rejected or {}).items():
                 done[f"uplink_rejected:{reason}"] += n
             for name, n in done.items():
@@ -117,27 +125,40 @@ class Central:
             conn.execute(SET_COUNTER, ("last_flush", now))
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
-            self.series = series_before
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for _, sensor, metric in self._new_series:  # ids handed out in vain
+                self.store.series[sensor].pop(metric, None)
             self._next_series = next_before
             raise
+        self.store.committed_groups(merged, *closing)
         return done
 
-    def _readings(self, item: core.Readings, done: Counter) -> None:
+    def _readings(self, item: core.Readings, done: Counter,
+                  groups: dict[tuple[str, int | None], list[ingestlog.Group]]) -> None:
         sensor = core.central_sensor(item.gateway, item.sensor)
         self.conn.execute(ENSURE_SENSOR, (sensor, min(item.received), max(item.received)))
         boot = schema.NO_BOOT if item.boot is None else item.boot
-        rows = []
-        append = rows.append
+        mark = self.conn.execute
+        # A sensor without boot restarts its seqs under the same (sensor, boot):
+        # the datagram's identity includes its ts, as the collector's did.
+        keep = [i for i, (seq, ts) in enumerate(zip(item.seqs, item.ts))
+                if mark(MARK_SEEN, (sensor, boot, seq, ts)).rowcount]
+        readings = {i: sum(values[i] is not None for values in item.metrics.values()) for i in range(len(item.seqs))}
+        taken = sum(readings[i] for i in keep)
+        done["uplink_readings"] += taken
+        done["uplink_replayed_readings"] += sum(readings.values()) - taken
+        if not keep:
+            return
+        metrics = {}
         for metric, values in item.metrics.items():
-            sid = self._series(sensor, metric)
-            for seq, ts, received, value in zip(item.seqs, item.ts, item.received, values):
-                if value is not None:
-                    append((sid, ts, boot, seq, value, received))  # the value as the collector stores it
-        # The collector's own insert (INSERT OR IGNORE, 64 rows per statement): returns the rows that were new.
-        stored = store._insert_readings(self.conn, rows) if rows else 0
-        done["uplink_readings"] += stored
-        done["uplink_replayed_readings"] += len(rows) - stored
+            column = [values[i] for i in keep]
+            if any(v is not None for v in column):
+                self._series(sensor, metric)
+                metrics[metric] = column
+        groups.setdefault((sensor, item.boot), []).append(ingestlog.Group(
+            sensor, item.boot, [item.seqs[i] for i in keep], [item.ts[i] for i in keep],
+            [item.received[i] for i in keep], metrics))
 
     def _accounts(self, item: core.Accounts, done: Counter, now: float) -> None:
         sensor = core.central_sensor(item.gateway, item.sensor)
@@ -151,3 +172,14 @@ class Central:
         self.conn.executemany(INSERT_GAP, [(sensor, g.stream, g.boot, g.first_seq, g.last_seq, g.missing,
                                             g.detected_at) for g in item.gaps])
         done["uplink_accounts"] += 1
+
+
+def _merge(parts: list[ingestlog.Group]) -> ingestlog.Group:
+    """One group per (sensor, boot) in a log row: several messages' datagrams, columns aligned."""
+    if len(parts) == 1:
+        return parts[0]
+    names = list(dict.fromkeys(name for g in parts for name in g.metrics))
+    metrics = {name: [v for g in parts for v in g.metrics.get(name, [None] * len(g.seqs))] for name in names}
+    first = parts[0]
+    return ingestlog.Group(first.sensor, first.boot, [s for g in parts for s in g.seqs],
+                           [t for g in parts for t in g.ts], [r for g in parts for r in g.received], metrics)
