@@ -348,7 +348,7 @@ def step_influx(rate, args, workdir) -> dict:
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"influxd did not start: {log.read_text()[-2000:]}")
+                    raise RuntimeError(f"influxd did not start: {log.read_text()[-2000:]}") from None
                 time.sleep(0.1)
         sent = run_sender(udp_port, rate, args.seconds, args.sensors, args.sender_core, False, args.n_readings,
                           line=True)

@@ -42,13 +42,11 @@ import struct
 import sys
 import zlib
 from array import array
-from itertools import accumulate
+from itertools import accumulate, repeat
 from itertools import count as count_from
-from itertools import repeat
 from operator import add, mul, sub
-from typing import Union
 
-Number = Union[int, float]
+Number = int | float
 
 VERSION = 1
 MAX_ROWS = 65_536          # datagrams in one chunk

@@ -20,7 +20,8 @@ from typing import NamedTuple
 import msgpack
 
 try:  # lane CODEC's compact codec, when it has landed
-    from .chunkenc import decode_chunk as _decode, encode_chunk as _encode  # type: ignore[import-not-found]
+    from .chunkenc import decode_chunk as _decode  # type: ignore[import-not-found]
+    from .chunkenc import encode_chunk as _encode
 except ImportError:  # pragma: no cover - the placeholder: zlib(msgpack(columns))
     _encode = None
     _decode = None

@@ -23,7 +23,6 @@ from click.core import ParameterSource
 
 from .errors import ConfigError
 
-
 # A config file is a page of settings; a bigger one is a wrong path (a
 # database, a log), and reading it whole would only cost memory.
 MAX_CONFIG_BYTES = 1 << 20

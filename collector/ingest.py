@@ -251,6 +251,7 @@ class IngestCore:
         if window is None:
             window = state.replay = ReplayWindow()
         boot, seq = datagram.boot, datagram.seq
+        assert boot is not None  # decode_signed refuses a signed datagram without boot (bad_boot)
         if not window.check(boot, seq):
             raise DecodeError("replayed", f"sensor {datagram.sensor!r} boot {boot} seq {seq} was accepted "
                                           f"before, or is older than the replay window")

@@ -18,6 +18,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 # --- Constants (seq and boot are uint32; 2**32-1 -> 0 is in order) ---------
 
@@ -165,7 +166,7 @@ class _Stream:
 
     __slots__ = ("stream", "boot", "base", "max", "floor", "starts", "ends", "times")
 
-    def __init__(self, stream: int, boot: object, base: int, max_: int, floor: int | None = None) -> None:
+    def __init__(self, stream: int, boot: int | None | _Unset, base: int, max_: int, floor: int | None = None) -> None:
         self.stream = stream
         self.boot = boot
         self.base = base
@@ -391,6 +392,7 @@ class SensorTracker:
         while excess > 0:
             # Forget the oldest behind the windows: the previous stream's first, then the lowest.
             if old_prev:
+                assert p is not None  # old_prev counts p's gaps
                 p.forget_first()
                 old_prev -= 1
             else:
@@ -401,7 +403,8 @@ class SensorTracker:
 
     def _put(self, s: _Stream, a: int, b: int, t: float, *, fresh: bool) -> None:
         key = (s.stream, a & _MASK)
-        self._changes[key] = GapRecord(s.stream, s.boot, key[1], b & _MASK, b - a + 1, t)
+        # Only a stream that saw a datagram has gaps, so its boot is set.
+        self._changes[key] = GapRecord(s.stream, cast("int | None", s.boot), key[1], b & _MASK, b - a + 1, t)
         if fresh:
             self._fresh.add(key)
 
@@ -429,7 +432,7 @@ class SensorTracker:
             if s is None:
                 continue
             for a, b, t in zip(s.starts, s.ends, s.times):
-                out.append(GapRecord(s.stream, s.boot, a & _MASK, b & _MASK, b - a + 1, t))
+                out.append(GapRecord(s.stream, cast("int | None", s.boot), a & _MASK, b & _MASK, b - a + 1, t))
         return out
 
     # -- persistence --

@@ -29,8 +29,8 @@ from . import dbfile, ingestlog, schema, tuning
 from .chunkstore import ChunkRow, Head
 from .errors import SetupError
 from .ingest import Batch, IngestCore, SensorState, group_batch
-from .retention import Maintenance
 from .replay import ReplayWindow
+from .retention import Maintenance
 from .sequence import WINDOW, GapRecord, SensorTracker
 
 log = logging.getLogger("collector.store")

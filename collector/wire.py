@@ -19,7 +19,7 @@ import msgpack
 try:  # the fast path's parser; without it every datagram takes the careful path
     import msgspec
 except ImportError:  # pragma: no cover - msgspec is a declared dependency
-    msgspec = None
+    msgspec = None  # type: ignore[assignment]
 
 from .errors import DecodeError, EncodeError
 

@@ -34,7 +34,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:

@@ -115,7 +115,7 @@ class QueryClient:
             raise ConnectError("dns", f"cannot resolve {self.host!r}: {exc.strerror or exc}") from None
         except UnicodeError:  # the idna codec refuses the name ('a..b', a label over 63 characters)
             raise ConnectError("dns", f"{self.host!r} is not a valid host name") from None
-        except socket.timeout:
+        except TimeoutError:
             raise ConnectError("timeout", f"cannot connect to {self.host}:{self.port}: timed out") from None
         except OSError as exc:
             raise ConnectError("connect", f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
@@ -124,7 +124,7 @@ class QueryClient:
         except ssl.SSLError as exc:
             raw.close()
             raise _tls_failure(exc, self.host) from None
-        except socket.timeout:
+        except TimeoutError:
             raw.close()
             raise ConnectError("timeout", f"TLS handshake with {self.host}:{self.port} timed out") from None
         except OSError as exc:
@@ -158,7 +158,7 @@ class QueryClient:
             line = self._file.readline(MAX_RESPONSE_BYTES)
         except ssl.SSLError as exc:
             raise _tls_failure(exc, self.host) from None
-        except socket.timeout:
+        except TimeoutError:
             raise ConnectError("timeout", f"no answer from {self.host}:{self.port} within {self.timeout:g}s") from None
         except OSError as exc:
             raise ConnectError("connect", f"connection to {self.host}:{self.port} lost: {exc.strerror or exc}") from None

@@ -36,8 +36,7 @@ from collector.chunkstore import ChunkError, decode_chunk
 from collector.health import is_stale
 from collector.schema import NO_BOOT, REJECT_REASONS
 
-from . import __version__
-from . import tuning
+from . import __version__, tuning
 from .protocol import (
     DEFAULT_LIMIT,
     PROTOCOL_VERSION,

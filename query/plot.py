@@ -50,7 +50,7 @@ def bucket_for(first: float, last: float, dots: int) -> float:
 
 
 def _when(ts: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+    return dt.datetime.fromtimestamp(ts, dt.UTC)
 
 
 def _duration(seconds: float) -> str:
@@ -107,7 +107,7 @@ def render(sensor: str, metric: str, first: float, last: float, *, width: int, h
     fig.with_colors = color
     fig.origin = False
     fig.x_label, fig.y_label = "UTC", metric[:8]
-    fig.set_x_display_timezone(dt.timezone.utc)
+    fig.set_x_display_timezone(dt.UTC)
     fig.set_x_limits(min_=_when(x_lo), max_=_when(x_hi))
     fig.set_y_limits(min_=y_lo, max_=y_hi)
     fig.x_ticks_fkt = _x_ticks(x_hi - x_lo)

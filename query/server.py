@@ -32,10 +32,10 @@ from typing import NamedTuple
 
 from collector.errors import SetupError
 
+from . import tuning
 from .follow import FollowSource, encode_event, matching
 from .metrics import QueryStats
 from .ops import Ops, ping
-from . import tuning
 from .protocol import (
     MAX_LINE_BYTES,
     STREAM_OPS,
@@ -43,8 +43,8 @@ from .protocol import (
     LineTooLong,
     Request,
     RequestError,
-    encode_id,
     encode_error,
+    encode_id,
     encode_result,
     parse_request,
 )
@@ -331,7 +331,7 @@ class QueryServer:
         try:
             while not self._stop:
                 timeout = 0 if self._ready else max(0.0, next_sweep - self._clock())
-                for key, mask in self._sel.select(timeout):
+                for key, _events in self._sel.select(timeout):
                     if key.data == "listener":
                         self._accept()
                     elif key.data == "wake":

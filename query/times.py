@@ -66,7 +66,7 @@ def parse_time(text: str, now: float) -> float:
             f"{text!r} is not a time: use Unix seconds, ISO 8601 (2026-11-25T20:00:00Z) or an age (15m, 2h, 7d)"
         ) from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
     return when.timestamp()
 
 
@@ -75,7 +75,7 @@ def human_time(value: float | None) -> str:
     if value is None:
         return ""
     try:
-        when = dt.datetime.fromtimestamp(value, dt.timezone.utc)
+        when = dt.datetime.fromtimestamp(value, dt.UTC)
     except (OverflowError, OSError, ValueError):
         return repr(value)
     text = when.strftime("%Y-%m-%dT%H:%M:%S")
@@ -91,7 +91,7 @@ def iso_time(value: float) -> str:
     keep what a sensor sent; `--times unix` gives the float itself.
     """
     try:
-        when = dt.datetime.fromtimestamp(value, dt.timezone.utc)
+        when = dt.datetime.fromtimestamp(value, dt.UTC)
     except (OverflowError, OSError, ValueError):
         return repr(value)
     text = when.strftime("%Y-%m-%dT%H:%M:%S")

@@ -103,8 +103,8 @@ class Sensor:
                 elif self.boot + 1 < BOOT_LIMIT:
                     self.boot += 1
                 else:
-                    raise EncodeError(f"seq and boot are both at 2**32 - 1: a signed sensor cannot send "
-                                      f"again without repeating a (boot, seq); give it a new key")
+                    raise EncodeError("seq and boot are both at 2**32 - 1: a signed sensor cannot send "
+                                      "again without repeating a (boot, seq); give it a new key")
         self.seq = (seq + 1) & SEQ_MASK
         self._sender.send(data)
         return seq

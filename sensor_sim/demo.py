@@ -82,7 +82,7 @@ class Demo:
     def stop_all(self) -> list[tuple[str, int]]:
         """SIGTERM every live child, wait, SIGKILL stragglers; returns (name, exit code)."""
         results = []
-        for name, proc in self.children:
+        for _name, proc in self.children:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for name, proc in self.children:
@@ -256,7 +256,7 @@ def main(duration: float, keep: bool) -> None:
         demo.run()
     except KeyboardInterrupt:
         click.echo("\ninterrupted: stopping every process", err=True)
-        raise SystemExit(130)
+        raise SystemExit(130) from None
     finally:
         demo.stop_all()
         if keep:

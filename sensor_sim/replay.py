@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import csv
 import json
-from collections import Counter
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +26,20 @@ from collector.wire import MAX_TS, encode
 
 from .faults import FaultRates
 from .net import Sender, Target
-from .sim import (MAX_SLEEP_S, PROGRESS_EVERY_S, Engine, Progress, Signing, SimSensor, StopFlag,
-                  _NeverStop, build_report, check_signing, derive_boots, derive_seed)
+from .sim import (
+    MAX_SLEEP_S,
+    PROGRESS_EVERY_S,
+    Engine,
+    Progress,
+    Signing,
+    SimSensor,
+    StopFlag,
+    _NeverStop,
+    build_report,
+    check_signing,
+    derive_boots,
+    derive_seed,
+)
 
 COLUMNS = ("sensor", "ts", "metric", "value")
 

@@ -28,7 +28,7 @@ from collector.auth import key_allows, sign
 from collector.errors import ConfigError, EncodeError, SetupError
 from collector.wire import encode
 
-from .faults import SEQ_MASK, Faults, FaultRates, Truth
+from .faults import SEQ_MASK, FaultRates, Faults, Truth
 from .net import Sender, Target
 from .signals import DEFAULT_METRICS, SensorSignals
 

@@ -118,7 +118,7 @@ class Receiver:
             except TimeoutError:
                 pass
 
-    def __enter__(self) -> "Receiver":
+    def __enter__(self) -> Receiver:
         self._thread.start()
         return self
 

@@ -13,7 +13,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import trustme
 
 from collector.schema import NO_BOOT, open_reader, open_writer

@@ -10,6 +10,7 @@ import os
 import random
 
 import pytest
+from doc_examples import DOC, doc_examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +18,6 @@ from collector import auth, wire
 from collector.auth import decode_signed, load_keys, sign, verify
 from collector.errors import ConfigError, DecodeError, EncodeError
 from collector.wire import Datagram
-from doc_examples import DOC, doc_examples
 
 KEY = bytes(range(32))
 BODY = bytes.fromhex("85a17601a26964a27331a373657107a4626f6f7403a17282a174ca41ac0000a2726830")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import sqlite3
@@ -22,10 +21,11 @@ from collector import auth, wire
 from collector.errors import ConfigError
 from collector.schema import REJECT_REASONS, open_reader
 from collector.server import Collector, Settings
-from processes import CollectorProcess
-from helpers import Receiver, db_counters, db_query, running_collector, wait_for
 from query.ops import Ops
 from sensor_sim import Sensor
+
+from helpers import Receiver, db_counters, db_query, running_collector, wait_for
+from processes import CollectorProcess
 
 KEY = bytes(range(32))
 KEY_HEX = KEY.hex()
@@ -463,7 +463,7 @@ def test_keys_and_require_auth_from_the_environment_and_the_file(bin_path, db_pa
 def test_any_mix_of_signed_forged_replayed_and_junk_is_accounted_exactly_once(tmp_path):
     """Property: with keys loaded, every datagram of a burst lands in exactly one
     account, internal_errors stays 0, and a resent signed datagram is always replayed."""
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import given, settings
     from hypothesis import strategies as st
 
     from collector.server import _Source

@@ -13,8 +13,10 @@ from collector import wire
 from collector.errors import SetupError
 from collector.schema import REJECT_REASONS
 from collector.server import Collector, Settings
-from helpers import db_counters as counters, db_query as query, running_collector, wait_for
 
+from helpers import db_counters as counters
+from helpers import db_query as query
+from helpers import running_collector, wait_for
 
 running = running_collector
 
@@ -340,7 +342,7 @@ def test_cardinality_guards_refuse_new_sensors_and_metrics_beyond_the_limits(db_
 
 def test_any_bytes_are_accounted_exactly_once_and_never_hit_a_bug(tmp_path):
     """Property: each datagram of a burst lands in exactly one account; internal_errors stays 0."""
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import given, settings
     from hypothesis import strategies as st
 
     from collector.server import _Source

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
-import sqlite3
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from helpers import accounts, db_dict as query_dict, db_query as query, wait_for
+from helpers import accounts, wait_for
+from helpers import db_dict as query_dict
+from helpers import db_query as query
 from processes import CollectorProcess
 
 MASK = 0xFFFFFFFF

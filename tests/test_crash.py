@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import subprocess
 
-from helpers import accounts, db_query as query, wait_for
+from helpers import accounts, wait_for
+from helpers import db_query as query
 from processes import CollectorProcess
 
 KILLS = 4

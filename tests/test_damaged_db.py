@@ -14,9 +14,10 @@ import pytest
 from collector import schema
 from collector.errors import SetupError
 from collector.store import open_ingest
-from helpers import db_query
 from query.ops import Ops
 from query.protocol import parse_request
+
+from helpers import db_query
 
 ADVICE = "PRAGMA integrity_check\"'; restore a backup or move the file aside to start a new one)"
 

@@ -14,6 +14,7 @@ import sqlite3
 import pytest
 
 from collector import dbfile, wire
+
 from helpers import db_query, wait_for
 from processes import CollectorProcess
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from collector import wire
+
 from helpers import load_fuzz_engine
 
 REPO = Path(__file__).resolve().parent.parent

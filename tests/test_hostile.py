@@ -17,7 +17,9 @@ from collections import Counter
 
 from collector import wire
 from collector.errors import DecodeError
-from helpers import accounts, db_dict as query_dict, load_fuzz_engine, wait_for
+
+from helpers import accounts, load_fuzz_engine, wait_for
+from helpers import db_dict as query_dict
 from processes import CollectorProcess
 
 fuzz = load_fuzz_engine()

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import threading
 import urllib.request
 
 import pytest
-from helpers import running_collector, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector import wire
 from collector.metrics import Histogram, database_bytes
 from collector.schema import REJECT_REASONS
 from query.serve import start_metrics
-from query_fixtures import running_server
 
+from helpers import running_collector, wait_for
+from query_fixtures import running_server
 
 
 def scrape(server) -> str:
@@ -188,6 +187,7 @@ def test_a_burst_of_rejected_datagrams_logs_one_line_per_reason(db_path, caplog)
 def test_sensor_health_learned_through_a_real_collector_stored_and_counted(db_path):
     """Interval, staleness and clock offset end to end, with the collector's clock injected."""
     from collector.server import Collector, Settings
+
     from helpers import db_query
 
     now = [1_800_000_000.0]

@@ -17,10 +17,11 @@ import pytest
 from collector import wire
 from collector.schema import open_reader
 from collector.store import open_ingest
-from helpers import running_collector, wait_for
 from query.export import Writer
 from query.ops import Ops
 from query.protocol import parse_request
+
+from helpers import running_collector, wait_for
 
 
 def _sign(x: float) -> float:

@@ -22,11 +22,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
-from processes import CollectorProcess, Daemon, QueryServerProcess
 
 from query.client import QueryClient
 
+from helpers import wait_for
+from processes import CollectorProcess, Daemon, QueryServerProcess
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 

@@ -5,23 +5,21 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import signal
-import subprocess
 import threading
 
 import click
 import pytest
 from click.testing import CliRunner
-import query_fixtures as fx
-from processes import QueryServerProcess
-from query_fixtures import GAPS, SENSORS, T0, expected_rows
 
 from collector.schema import REJECT_REASONS
 from query.cli import build_server, main
 from query.client import QueryClient
 
+import query_fixtures as fx
+from processes import QueryServerProcess
+from query_fixtures import GAPS, SENSORS, T0, expected_rows
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import math
 import re
-import signal
 import socket
-import subprocess
 
 import pytest
-from helpers import wait_for
-from processes import CollectorProcess
-from query_fixtures import running_server
 
 from collector.wire import encode
 from query.client import QueryClient
+
+from helpers import wait_for
+from processes import CollectorProcess
+from query_fixtures import running_server
 
 T0 = 1_764_000_000
 SKIPPED = {50, 51, 52}

@@ -11,8 +11,6 @@ import tracemalloc
 
 import pytest
 from click.testing import CliRunner
-import query_fixtures as fx
-from query_fixtures import SERIES, expected_rows, fill_series, running_server
 
 from collector.schema import open_reader
 from query import export
@@ -21,6 +19,9 @@ from query.client import QueryClient
 from query.ops import Ops
 from query.server import QueryServer, Service, server_context
 from query.times import iso_time
+
+import query_fixtures as fx
+from query_fixtures import SERIES, expected_rows, fill_series, running_server
 
 # Sensor order as `sensors` lists them; each sensor's series in metric order (the readings op's order).
 ALL = [r for sensor, metric in sorted(SERIES) for r in expected_rows(sensor, metric)]

@@ -16,13 +16,14 @@ import subprocess
 import time
 
 import pytest
-from helpers import wait_for
-from query_fixtures import running_server
 
 from collector import ingestlog
 from collector.schema import open_writer
-from query.follow import Row, encode_event, matching, rows_of
+from query.follow import encode_event, matching, rows_of
 from query.server import ServerLimits
+
+from helpers import wait_for
+from query_fixtures import running_server
 
 
 class Log:
@@ -147,7 +148,7 @@ def test_follow_pushes_exactly_the_committed_readings_in_order(log_db, tls):
 
 def test_follow_filters_resumes_with_after_and_reports_a_deleted_stretch(log_db, tls):
     with running_server(log_db.path, tls) as server:
-        for i in range(6):
+        for _ in range(6):
             log_db.flush(log_db.datagrams("a", 2, metrics=("temp", "hum")), log_db.datagrams("b", 1))
         log_db.conn.execute("DELETE FROM ingest_log WHERE id <= 2")  # the log is trimmed from its old end
         sock = connect(server, tls)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-import query_fixtures as fx
 
 from query.cli import main
 from query.commands import unknown_name
+
+import query_fixtures as fx
 
 
 @pytest.fixture(scope="module")

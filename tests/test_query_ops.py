@@ -7,13 +7,13 @@ import math
 import sqlite3
 
 import pytest
-from query_fixtures import COUNTERS, GAPS, READINGS, SENSORS, SERIES, T0, expected_rows
 
 from collector.schema import NO_BOOT, open_reader, open_writer
 from query.ops import Limits, Ops
 from query.protocol import RequestError, parse_request
 from query.server import Service
 
+from query_fixtures import COUNTERS, GAPS, READINGS, SENSORS, SERIES, T0, expected_rows
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ import struct
 import threading
 
 import pytest
-from helpers import wait_for
-from query_fixtures import running_server
 
 from collector.schema import open_reader, open_writer
 from query.ops import Ops
 
+from helpers import wait_for
+from query_fixtures import running_server
 
 HEAVY_ROWS = 10_000
 HEAVY = b'{"op":"readings","sensor":"heavy","metric":"v","limit":10000}\n'

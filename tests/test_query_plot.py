@@ -8,11 +8,12 @@ import shutil
 import subprocess
 
 import pytest
-from helpers import wait_for
-import query_fixtures as fx
-from query_fixtures import append_readings, fill_series, running_server
 
 from query import commands, plot
+
+import query_fixtures as fx
+from helpers import wait_for
+from query_fixtures import append_readings, fill_series, running_server
 
 BLANK = "\u2800"  # an empty braille cell
 T0 = fx.T0

@@ -15,8 +15,6 @@ import warnings
 
 import pytest
 import trustme
-from helpers import wait_for
-from query_fixtures import expected_rows, running_server
 
 from collector.schema import open_reader
 from query import __version__
@@ -25,6 +23,8 @@ from query.ops import Ops
 from query.protocol import CODES, MAX_LINE_BYTES
 from query.server import ServerLimits, server_context
 
+from helpers import wait_for
+from query_fixtures import expected_rows, running_server
 
 
 def connect(server, ctx: ssl.SSLContext, host: str = "localhost") -> ssl.SSLSocket:
@@ -92,7 +92,7 @@ def refused(server, ctx: ssl.SSLContext) -> bool:
 def test_mtls_matrix(known_db, tls, tmp_path):
     other_ca = trustme.CA()
     stranger = other_ca.issue_cert("client@example.org")
-    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
     expired = tls.ca.issue_cert("client@example.org", not_before=past, not_after=past + datetime.timedelta(days=1))
     with running_server(known_db, tls, mtls=True) as server:
         good = tls.client_context()

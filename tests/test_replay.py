@@ -17,10 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collector import schema
-from helpers import db_query
 from collector.replay import ReplayWindow
-from collector.store import open_ingest
 from collector.sequence import WINDOW
+from collector.store import open_ingest
+
+from helpers import db_query
 
 W = WINDOW
 

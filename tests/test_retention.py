@@ -8,8 +8,6 @@ import os
 import random
 import sqlite3
 
-import pytest
-
 from collector import schema, wire
 from collector.retention import BUDGET_HIGH, bytes_to_free
 from collector.store import open_ingest

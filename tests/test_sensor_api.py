@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import decimal
 import fractions
-import os
 import subprocess
 import sys
 import threading
@@ -17,10 +16,10 @@ from hypothesis import strategies as st
 
 import sensor_sim
 from collector.errors import ConfigError
-from helpers import Receiver, db_query, running_collector, wait_for
 from sensor_sim import EncodeError, Sensor
 from sensor_sim.bootstate import BOOT_LIMIT, boot_file_for, claim_boot, next_boot
 
+from helpers import Receiver, db_query, running_collector, wait_for
 
 # --- the rule, pure ----------------------------------------------------------------------
 

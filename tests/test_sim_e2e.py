@@ -15,9 +15,10 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from helpers import Receiver
 from sensor_sim import DEFAULT_UDP_PORT, Sensor
 from sensor_sim.signals import DEFAULT_METRICS
+
+from helpers import Receiver
 
 MCAST_GROUP = "239.255.77.1"
 

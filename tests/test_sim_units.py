@@ -221,9 +221,10 @@ class FakeClock:
 
 
 def test_fixed_rate_and_duration_spread_slots_evenly_on_a_fake_clock():
-    from helpers import Receiver
     from sensor_sim.net import parse_target
     from sensor_sim.sim import SimConfig, run
+
+    from helpers import Receiver
 
     fake = FakeClock()
     with Receiver() as rx:

@@ -10,9 +10,9 @@ import pytest
 
 from collector import schema, wire
 from collector.errors import SetupError
-from collector.ingest import IngestCore
-from collector.sequence import Duplicate, Gap, InOrder, Late, Stray
-from collector.store import Store, open_ingest
+from collector.sequence import Duplicate, Gap, Late
+from collector.store import open_ingest
+
 from helpers import db_query as rows
 
 

@@ -13,6 +13,7 @@ addition in another order: equal to 1e-9 relative).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -25,7 +26,7 @@ from collector.ingest import IngestCore
 from collector.store import open_ingest
 from query.ops import Ops
 from query.protocol import RequestError, parse_request
-import json
+
 import v2ref
 
 T0 = 1_700_000_000.0
@@ -210,7 +211,7 @@ def test_v3_answers_every_query_as_v2_does(tmp_path, seed):
     pair = Pair(tmp_path, chunk_datagrams=rng.choice([4, 8, 16]), chunk_span=rng.choice([30.0, 1e9]))
     now = T0
     try:
-        for i, (sensor, boot, seq, ts, readings) in enumerate(stream(rng)):
+        for sensor, boot, seq, ts, readings in stream(rng):
             now += rng.choice([0.01, 0.3, 1.0])
             pair.receive(wire.encode(sensor, seq, readings, boot=boot, ts=ts), now)
             if rng.random() < 0.15:

@@ -10,14 +10,13 @@ import tracemalloc
 
 import msgpack
 import pytest
+from doc_examples import DOC, doc_examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collector import wire
 from collector.errors import DecodeError, EncodeError
 from collector.wire import REASONS, Datagram, decode, encode
-from doc_examples import DOC, doc_examples
-
 
 
 def reason(data: bytes) -> str:

@@ -11,7 +11,6 @@ checks after msgspec.
 from __future__ import annotations
 
 import importlib.util
-import math
 import struct
 from pathlib import Path
 

@@ -22,11 +22,20 @@ from typing import Any
 import sqlite_utils
 
 from collector import schema, tuning
+from collector.errors import SetupError
 from collector.replay import ReplayWindow
 from collector.schema import NO_BOOT, REJECT_REASONS
 from collector.sequence import WINDOW, GapRecord, SensorTracker
 from query import __version__
-from query.protocol import DEFAULT_LIMIT, PROTOCOL_VERSION, Position, Request, RequestError, decode_cursor, encode_cursor
+from query.protocol import (
+    DEFAULT_LIMIT,
+    PROTOCOL_VERSION,
+    Position,
+    Request,
+    RequestError,
+    decode_cursor,
+    encode_cursor,
+)
 
 log = logging.getLogger("v2ref")
 
