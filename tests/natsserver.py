@@ -6,7 +6,6 @@ it (.ci/run does so when it is missing); they never skip."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -50,7 +49,7 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> "NatsServer":
+    def start(self, timeout: float = 15.0) -> NatsServer:
         conf = self.dir / "server.conf"
         conf.write_text(
             f'server_name: "{self.name}"\nlisten: "127.0.0.1:{self.port}"\n'
@@ -87,7 +86,7 @@ class NatsServer:
                 self.proc.kill()
                 self.proc.wait(10)
 
-    def __enter__(self) -> "NatsServer":
+    def __enter__(self) -> NatsServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -106,7 +105,7 @@ class Cluster:
             for i in range(size)
         ]
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         try:
             procs = []
             for node in self.nodes:  # start all before waiting: they must find each other

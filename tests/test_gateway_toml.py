@@ -11,13 +11,14 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import clean_env, run
 
 from collector import cli as collector_cli
 from collector.schema import open_writer
-from query import certs
 from collector.uplink import cli as uplink_cli
+from query import certs
 from query import cli as query_cli
+
+from helpers import clean_env, run
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "gateway.toml"
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-import query_fixtures as fx
-from helpers import clean_env, run
-from processes import CollectorProcess, QueryServerProcess
 
 from collector import config
 from collector.wire import encode
 from query import certs
 
+import query_fixtures as fx
+from helpers import clean_env, run
+from processes import CollectorProcess, QueryServerProcess
 
 # -- 2. a bare port, and IPv6 without brackets ------------------------------------------------------
 

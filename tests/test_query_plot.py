@@ -153,8 +153,9 @@ def test_watch_redraws_with_new_data_and_stops_on_ctrl_c_with_exit_0(server, ter
     terminal.tmux("send-keys", "-t", "t", "C-c")
     try:
         wait_for(lambda: terminal.dead()[0], 30, what="plot --watch to stop on Ctrl-C")
-    except AssertionError:
-        raise AssertionError("\n".join(terminal.tmux("capture-pane", "-p", "-S", "-", "-t", "t").splitlines()[-8:]))
+    except AssertionError as exc:
+        screen = "\n".join(terminal.tmux("capture-pane", "-p", "-S", "-", "-t", "t").splitlines()[-8:])
+        raise AssertionError(screen) from exc
     assert terminal.dead() == (True, "0")
     assert "Traceback" not in "\n".join(terminal.screen())
 

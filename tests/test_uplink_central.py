@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 
 from collector import schema
 from collector.errors import SetupError
 from collector.uplink import core
 from collector.uplink.central import Central
+
 from helpers import db_counters, db_query
 
 

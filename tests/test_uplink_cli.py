@@ -8,9 +8,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from uplinkgw import GatewayDB
 
 from collector.uplink import cli
-from uplinkgw import GatewayDB
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "gateway.toml"
 

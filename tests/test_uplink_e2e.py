@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+from natsserver import Cluster, NatsServer, wait_jetstream_ready
+from uplinkgw import GatewayDB, accounts, log_readings, readings
 
 from helpers import db_counters, wait_for
-from natsserver import Cluster, NatsServer, wait_jetstream_ready
 from processes import Daemon
-from uplinkgw import GatewayDB, accounts, log_readings, readings
 
 FAST = ["--poll-interval", "0.05", "--backoff-max", "0.5", "--status-interval", "0.5", "--ack-timeout", "3"]
 

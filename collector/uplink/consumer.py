@@ -59,7 +59,7 @@ class Consumer:
             self.notify("WATCHDOG=1")
             try:
                 await asyncio.wait_for(self.stop.wait(), timeout=min(left, 1.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def run(self) -> None:

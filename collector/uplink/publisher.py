@@ -19,9 +19,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import nats.errors
-import nats.js.errors
-
 from ..errors import ConfigError, SetupError
 from . import broker, core, source
 
@@ -119,7 +116,7 @@ class Uplink:
             self.notify("WATCHDOG=1")
             try:
                 await asyncio.wait_for(self.stop.wait(), timeout=min(left, 1.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _open_source(self) -> None:
@@ -232,7 +229,7 @@ class Uplink:
             if not done:
                 for fut in pending:
                     fut.cancel()
-                raise asyncio.TimeoutError(f"{len(pending)} acks missing after {deadline:g} s")
+                raise TimeoutError(f"{len(pending)} acks missing after {deadline:g} s")
         for m, fut in futures:
             ack = fut.result()  # raises the broker's error for a refused message
             self.stats["acked"] += 1
