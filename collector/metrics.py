@@ -191,6 +191,9 @@ class CollectorMetrics(_PromCollector):
                      "seconds (their readings are kept).", skewed)
         yield _gauge(p + "database_bytes", "Bytes of the database on disk (file, -wal and -shm).",
                      database_bytes(c.settings.db))
+        if c.settings.max_disk is not None:
+            yield _gauge(p + "disk_budget_bytes", "The disk budget (--max-disk) the database is kept under.",
+                         int(c.settings.max_disk))
         if self.per_sensor:
             yield from self._per_sensor(sensors, health, now)
 

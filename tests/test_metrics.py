@@ -55,7 +55,7 @@ def test_histogram_buckets_are_cumulative_with_inf_last():
 def test_collector_exposition_has_exact_counts(db_path):
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sender.bind(("127.0.0.1", 0))
-    with running_collector(db_path, metrics=("127.0.0.1", 0), metrics_sensors=1) as (collector, _):
+    with running_collector(db_path, metrics=("127.0.0.1", 0), metrics_sensors=1, max_disk=64 << 20) as (collector, _):
         target = collector.addresses[0]
         for seq in range(1, 6):
             for sensor in ("m-a", "m-b"):
@@ -83,6 +83,7 @@ def test_collector_exposition_has_exact_counts(db_path):
     assert flushes >= 1 and value(found, p + "flush_duration_seconds_count") == flushes
     assert value(found, p + "flush_duration_seconds_bucket", le="+Inf") == flushes
     assert value(found, p + "database_bytes") >= 4096  # at least one page; exact sizes: the test below
+    assert value(found, p + "disk_budget_bytes") == 64 << 20
     # Per-sensor metrics for the first sensor only (--metrics-sensors 1).
     assert value(found, p + "sensor_datagrams_total", sensor="m-a") == 5
     assert not any(("m-b",) == tuple(v for _, v in labels) for _, labels in found)
