@@ -135,32 +135,38 @@ def test_three_gateways_one_jetstream_every_reading_exactly_once(tmp_path, daemo
 
         listener = threading.Thread(target=listen, name="notify-socket")
         listener.start()
-        ups = [daemons(name, *uplink_args(gw, name, [ns.url]),
-                       env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")} if name == "site-0" else None)
-               for name, gw in gws.items()]
-        central = str(tmp_path / "central.db")
-        consumer = daemons("consume", *consume_args(central, [ns.url]))
-        for _ in range(10):  # the gateways keep committing while everything runs
-            for gw in gws.values():
-                gw.flush()
-            time.sleep(0.02)
-        wait_central(central, gws)
-        for up in ups:
-            assert up.stop() == 0
-            assert "DATA LOST" not in up.text()
-        assert consumer.stop() == 0
-        assert all(position(gw) == gw.flushes for gw in gws.values())
-        done.set()
-        listener.join()
-        notify.close()
+        try:
+            _three_gateways(tmp_path, daemons, ns, gws)
+        finally:  # a failure must not leave the reader running (the run could not exit)
+            done.set()
+            listener.join()
+            notify.close()
         assert notes[0] == "READY=1" and notes[-1] == "STOPPING=1"
         status_notes = [n for n in notes if n.startswith("STATUS=")]
         assert status_notes and "acked" in status_notes[-1] and "pending 0 readings" in status_notes[-1]
-        # the query server's reader opens the central database as it is
-        from collector import schema
 
-        schema.open_reader(central).close()
 
+def _three_gateways(tmp_path, daemons, ns, gws) -> None:
+    """Three uplinks and one consumer until the central database equals the gateways."""
+    ups = [daemons(name, *uplink_args(gw, name, [ns.url]),
+                   env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")} if name == "site-0" else None)
+           for name, gw in gws.items()]
+    central = str(tmp_path / "central.db")
+    consumer = daemons("consume", *consume_args(central, [ns.url]))
+    for _ in range(10):  # the gateways keep committing while everything runs
+        for gw in gws.values():
+            gw.flush()
+        time.sleep(0.02)
+    wait_central(central, gws)
+    for up in ups:
+        assert up.stop() == 0
+        assert "DATA LOST" not in up.text()
+    assert consumer.stop() == 0
+    assert all(position(gw) == gw.flushes for gw in gws.values())
+    # the query server's reader opens the central database as it is
+    from collector import schema
+
+    schema.open_reader(central).close()
 
 def test_kill_9_the_uplink_mid_publish_five_times(tmp_path, daemons):
     with NatsServer(tmp_path) as ns:
