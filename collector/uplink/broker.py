@@ -13,6 +13,8 @@ import asyncio
 import os
 import ssl
 import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats
@@ -187,3 +189,18 @@ async def ensure_stream(js, s: BrokerSettings) -> None:
     await js.add_stream(StreamConfig(name=s.stream, subjects=[f"{s.subject_prefix}.>"],
                                      duplicate_window=s.duplicate_window, num_replicas=s.replicas,
                                      storage=StorageType.FILE))
+
+
+async def watchful_sleep(seconds: float, stop: asyncio.Event, notify: Callable[[str], object]) -> None:
+    """Wait `seconds`, or less if `stop` is set; pings the systemd watchdog each second
+    meanwhile, so a daemon backing off is not taken for a hung one."""
+    end = time.monotonic() + seconds
+    while not stop.is_set():
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        notify("WATCHDOG=1")
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=min(left, 1.0))
+        except TimeoutError:
+            pass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -50,17 +49,7 @@ class Consumer:
         self.connected_to: str | None = None
 
     async def _sleep(self, seconds: float) -> None:
-        """Wait, or less if asked to stop; the loop is alive, so the watchdog hears from it."""
-        end = time.monotonic() + seconds
-        while not self.stop.is_set():
-            left = end - time.monotonic()
-            if left <= 0:
-                return
-            self.notify("WATCHDOG=1")
-            try:
-                await asyncio.wait_for(self.stop.wait(), timeout=min(left, 1.0))
-            except TimeoutError:
-                pass
+        await broker.watchful_sleep(seconds, self.stop, self.notify)
 
     async def run(self) -> None:
         self.notify("READY=1")

@@ -107,17 +107,7 @@ class Uplink:
                      self.stats["acked"], self.stats["acked_readings"], self.cursor)
 
     async def _sleep(self, seconds: float) -> None:
-        """Wait, or less if asked to stop; the loop is alive, so the watchdog hears from it."""
-        end = time.monotonic() + seconds
-        while not self.stop.is_set():
-            left = end - time.monotonic()
-            if left <= 0:
-                return
-            self.notify("WATCHDOG=1")
-            try:
-                await asyncio.wait_for(self.stop.wait(), timeout=min(left, 1.0))
-            except TimeoutError:
-                pass
+        await broker.watchful_sleep(seconds, self.stop, self.notify)
 
     async def _open_source(self) -> None:
         waiting = core.Backoff(0.5, 30.0)
