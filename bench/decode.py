@@ -38,9 +38,11 @@ def datagrams() -> dict[str, bytes]:
 
 
 def contenders() -> dict:
-    out = {"wire._decode_reference (before)": wire._decode_reference,
-           "wire.decode (fast path)": wire.decode,
-           "msgpack.unpackb alone": msgpack.unpackb}
+    out = {
+        "wire._decode_reference (before)": wire._decode_reference,
+        "wire.decode (fast path)": wire.decode,
+        "msgpack.unpackb alone": msgpack.unpackb,
+    }
     try:
         import ormsgpack
 

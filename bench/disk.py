@@ -89,8 +89,19 @@ def codec_figures(w: Workload, configs: list[tuple[int, bool, bool]], deadline: 
     attribute adds each metric's share: the chunk with it minus the chunk
     without any metric.
     """
-    acc = [{"total": 0, "base": 0, "shared": 0, "datagrams": 0, "chunks": 0, "encode_s": 0.0,
-            "per_metric": dict.fromkeys(w.metrics, 0), "sample": None} for _ in configs]
+    acc = [
+        {
+            "total": 0,
+            "base": 0,
+            "shared": 0,
+            "datagrams": 0,
+            "chunks": 0,
+            "encode_s": 0.0,
+            "per_metric": dict.fromkeys(w.metrics, 0),
+            "sample": None,
+        }
+        for _ in configs
+    ]
     for sensor in w.sensor_ids():
         columns = w.columns(sensor)
         for (size, fast, attribute), a in zip(configs, acc):
@@ -119,8 +130,14 @@ def codec_figures(w: Workload, configs: list[tuple[int, bool, bool]], deadline: 
         datagrams = a["datagrams"]
         readings = datagrams * len(w.metrics)
         out = {
-            "size": size, "fast": fast, "chunks": a["chunks"], "datagrams": datagrams, "readings": readings,
-            "bytes": a["total"], "per_reading": a["total"] / readings, "baseline_per_reading": a["base"] / readings,
+            "size": size,
+            "fast": fast,
+            "chunks": a["chunks"],
+            "datagrams": datagrams,
+            "readings": readings,
+            "bytes": a["total"],
+            "per_reading": a["total"] / readings,
+            "baseline_per_reading": a["base"] / readings,
             "encode_us_per_datagram": a["encode_s"] / datagrams * 1e6,
         }
         if attribute:
@@ -131,12 +148,14 @@ def codec_figures(w: Workload, configs: list[tuple[int, bool, bool]], deadline: 
             blob, base = encode_chunk(*sample, fast=fast), baseline_blob(sample)
             out["decode_us"] = median_us(lambda: decode_chunk(blob), 200)
             out["baseline_decode_us"] = median_us(
-                lambda: msgpack.unpackb(zlib.decompress(base), strict_map_key=False), 200)
+                lambda: msgpack.unpackb(zlib.decompress(base), strict_map_key=False), 200
+            )
         results.append(out)
     return results
 
 
 # ------------------------------------------------------------------ InfluxDB
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -180,8 +199,9 @@ class Influx:
         conf = workdir / "influxdb.conf"
         conf.write_text(INFLUX_CONFIG.format(dir=workdir, rpc=free_port(), http=self.http_port))
         self.log = open(workdir / "influxd.log", "wb")
-        self.proc = subprocess.Popen(["influxd", "run", "-config", str(conf)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            ["influxd", "run", "-config", str(conf)], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -206,6 +226,7 @@ class Influx:
 
     def query(self, q: str) -> bytes:
         from urllib.parse import quote
+
         status, body = self.request("POST", "/query?q=" + quote(q))
         if status != 200:
             raise BenchError(f"influx query {q!r}: HTTP {status} {body[:200]!r}")
@@ -309,8 +330,13 @@ def influx_figures(w: Workload, dbs: dict[str, bool], timeout: float) -> dict:
             time.sleep(1)
         for db in dbs:
             tsm, files, everything = shard_files(data_dir, db)
-            out[db] = {"values": values[db], "tsm_bytes": tsm, "tsm_files": files, "shard_bytes": everything,
-                       "per_value": tsm / values[db]}
+            out[db] = {
+                "values": values[db],
+                "tsm_bytes": tsm,
+                "tsm_files": files,
+                "shard_bytes": everything,
+                "per_value": tsm / values[db],
+            }
         out["write_s"] = write_s
         return out
     finally:
@@ -322,7 +348,8 @@ def influx_figures(w: Workload, dbs: dict[str, bool], timeout: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Bytes per reading of our chunks against InfluxDB 1.6 on the same realistic day.",
-        epilog="Example: .venv/bin/python bench/disk.py --seconds 3600 --chunk-sizes 1024,128")
+        epilog="Example: .venv/bin/python bench/disk.py --seconds 3600 --chunk-sizes 1024,128",
+    )
     p.add_argument("--sensors", type=int, default=20)
     p.add_argument("--seconds", type=int, default=86_400)
     p.add_argument("--seed", type=int, default=1)
@@ -341,31 +368,42 @@ def main(argv: list[str] | None = None) -> int:
     if a.sensors < 1 or a.seconds < 1 or a.timeout <= 0:
         p.error("--sensors, --seconds and --timeout must be positive")
     if not a.skip_influx and shutil.which("influxd") is None:
-        print("disk.py: influxd is not installed: apt-get install influxdb (InfluxDB 1.6), "
-              "or --skip-influx for our figures alone", file=sys.stderr)
+        print(
+            "disk.py: influxd is not installed: apt-get install influxdb (InfluxDB 1.6), "
+            "or --skip-influx for our figures alone",
+            file=sys.stderr,
+        )
         return 2
     w = Workload(sensors=a.sensors, seconds=a.seconds, seed=a.seed)
-    print(f"workload: {a.sensors} sensors x {len(w.metrics)} metrics at 1 Hz for {a.seconds} s = "
-          f"{w.readings:,} readings (seed {a.seed}); machine: {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f} (shared; timings are CPU-time medians)")
+    print(
+        f"workload: {a.sensors} sensors x {len(w.metrics)} metrics at 1 Hz for {a.seconds} s = "
+        f"{w.readings:,} readings (seed {a.seed}); machine: {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f} (shared; timings are CPU-time medians)"
+    )
     try:
         configs = [(size, False, i == 0) for i, size in enumerate(sizes)]
         if a.fast:
             configs.insert(1, (sizes[0], True, False))
         ours = codec_figures(w, configs, time.monotonic() + a.timeout)
         for r in ours:
-            print(f"chunks of {r['size']:>5} datagrams{' (fast)' if r['fast'] else '':7}: "
-                  f"{r['per_reading']:.3f} B/reading ({r['bytes']:,} B in {r['chunks']} chunks); "
-                  f"zlib(msgpack) baseline {r['baseline_per_reading']:.3f} B/reading "
-                  f"(x{r['baseline_per_reading'] / r['per_reading']:.2f}); "
-                  f"encode {r['encode_us_per_datagram']:.1f} us/datagram")
+            print(
+                f"chunks of {r['size']:>5} datagrams{' (fast)' if r['fast'] else '':7}: "
+                f"{r['per_reading']:.3f} B/reading ({r['bytes']:,} B in {r['chunks']} chunks); "
+                f"zlib(msgpack) baseline {r['baseline_per_reading']:.3f} B/reading "
+                f"(x{r['baseline_per_reading'] / r['per_reading']:.2f}); "
+                f"encode {r['encode_us_per_datagram']:.1f} us/datagram"
+            )
             if "decode_us" in r:
-                print(f"    decode one chunk: {r['decode_us']:.0f} us median "
-                      f"(baseline zlib+msgpack {r['baseline_decode_us']:.0f} us, "
-                      f"x{r['decode_us'] / r['baseline_decode_us']:.2f})")
+                print(
+                    f"    decode one chunk: {r['decode_us']:.0f} us median "
+                    f"(baseline zlib+msgpack {r['baseline_decode_us']:.0f} us, "
+                    f"x{r['decode_us'] / r['baseline_decode_us']:.2f})"
+                )
             if "per_metric" in r:
-                print(f"    shared seq+ts+received: {r['shared_per_datagram']:.3f} B/datagram "
-                      f"({r['shared_per_datagram'] / len(w.metrics):.3f} B/reading)")
+                print(
+                    f"    shared seq+ts+received: {r['shared_per_datagram']:.3f} B/datagram "
+                    f"({r['shared_per_datagram'] / len(w.metrics):.3f} B/reading)"
+                )
                 for name, b in r["per_metric"].items():
                     print(f"    {name:>9}: {b:.3f} B/reading (its column alone)")
         if a.skip_influx:
@@ -373,26 +411,34 @@ def main(argv: list[str] | None = None) -> int:
         dbs = {"bench": False}
         if a.influx_extra:
             dbs["bench_all"] = True
-        print(f"influxdb: writing {w.sensors * w.datagrams_per_sensor:,} lines per database "
-              f"({', '.join(dbs)}) ...", flush=True)
+        print(
+            f"influxdb: writing {w.sensors * w.datagrams_per_sensor:,} lines per database ({', '.join(dbs)}) ...",
+            flush=True,
+        )
         inf = influx_figures(w, dbs, a.timeout)
         main_r = ours[0]
         for db, extra in dbs.items():
             r = inf[db]
             what = "5 metrics + seq + received" if extra else "5 metrics"
-            print(f"influxdb 1.6 {db} ({what}): {r['per_value']:.3f} B/value "
-                  f"({r['tsm_bytes']:,} TSM bytes, {r['tsm_files']} file, {r['values']:,} values; "
-                  f"database dir with its preallocated series file {r['shard_bytes']:,} B)")
+            print(
+                f"influxdb 1.6 {db} ({what}): {r['per_value']:.3f} B/value "
+                f"({r['tsm_bytes']:,} TSM bytes, {r['tsm_files']} file, {r['values']:,} values; "
+                f"database dir with its preallocated series file {r['shard_bytes']:,} B)"
+            )
         per_value = inf["bench"]["per_value"]
         print(f"influx write took {inf['write_s']:.0f} s")
         for r in ours:
-            print(f"ratio, chunks of {r['size']}{' fast' if r['fast'] else ''}: ours {r['per_reading']:.3f} "
-                  f"B/reading (seq+ts+received included) vs influxdb {per_value:.3f} B/value "
-                  f"(5 metrics only): x{per_value / r['per_reading']:.2f} smaller")
+            print(
+                f"ratio, chunks of {r['size']}{' fast' if r['fast'] else ''}: ours {r['per_reading']:.3f} "
+                f"B/reading (seq+ts+received included) vs influxdb {per_value:.3f} B/value "
+                f"(5 metrics only): x{per_value / r['per_reading']:.2f} smaller"
+            )
         if "bench_all" in inf:
             per_reading_all = inf["bench_all"]["tsm_bytes"] / main_r["readings"]
-            print(f"like for like (influx also storing seq + received): influxdb {per_reading_all:.3f} "
-                  f"B/reading vs ours {main_r['per_reading']:.3f}: x{per_reading_all / main_r['per_reading']:.2f}")
+            print(
+                f"like for like (influx also storing seq + received): influxdb {per_reading_all:.3f} "
+                f"B/reading vs ours {main_r['per_reading']:.3f}: x{per_reading_all / main_r['per_reading']:.2f}"
+            )
         return 0
     except BenchError as exc:
         print(f"disk.py: {exc}", file=sys.stderr)

@@ -46,11 +46,15 @@ def build(path: str, rows: int) -> None:
     db = open_writer(path)
     with db.conn as conn:
         conn.execute("INSERT INTO series (id, sensor, metric) VALUES (1, 'bench', 'v')")
-        conn.executemany("INSERT INTO readings (series, ts, boot, seq, value, received) VALUES (1, ?, ?, ?, ?, ?)",
-                         ((T0 + i * 0.5, NO_BOOT, i, 20 + (i % 1000) / 100, T0 + i * 0.5) for i in range(rows)))
-        conn.execute("INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings, lost, duplicates,"
-                     " reordered, restarts, tracker) VALUES ('bench', ?, ?, ?, ?, 0, 0, 0, 0, '{}')",
-                     (T0, T0 + rows * 0.5, rows, rows))
+        conn.executemany(
+            "INSERT INTO readings (series, ts, boot, seq, value, received) VALUES (1, ?, ?, ?, ?, ?)",
+            ((T0 + i * 0.5, NO_BOOT, i, 20 + (i % 1000) / 100, T0 + i * 0.5) for i in range(rows)),
+        )
+        conn.execute(
+            "INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings, lost, duplicates,"
+            " reordered, restarts, tracker) VALUES ('bench', ?, ?, ?, ?, 0, 0, 0, 0, '{}')",
+            (T0, T0 + rows * 0.5, rows, rows),
+        )
     db.conn.close()
 
 
@@ -67,25 +71,33 @@ def main() -> None:
     cert.cert_chain_pems[0].write_to_path(str(work / "s.pem"))
     cert.private_key_pem.write_to_path(str(work / "s.key"))
     ca.cert_pem.write_to_path(str(work / "ca.pem"))
-    server = QueryServer(server_context(str(work / "s.pem"), str(work / "s.key")), ("127.0.0.1", 0),
-                         Service(lambda: Ops(open_reader(db)), 2))
+    server = QueryServer(
+        server_context(str(work / "s.pem"), str(work / "s.key")),
+        ("127.0.0.1", 0),
+        Service(lambda: Ops(open_reader(db)), 2),
+    )
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
     try:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         start = time.perf_counter()
-        baseline_rows = len(conn.execute("SELECT ts, boot, seq, value FROM readings WHERE series = 1"
-                                         " ORDER BY ts, boot, seq").fetchall())
+        baseline_rows = len(
+            conn.execute("SELECT ts, boot, seq, value FROM readings WHERE series = 1 ORDER BY ts, boot, seq").fetchall()
+        )
         baseline = time.perf_counter() - start
         conn.close()
-        print(f"{args.rows} readings; baseline: one SELECT of {baseline_rows} rows on sqlite3 directly: "
-              f"{baseline:.2f} s ({baseline_rows / baseline:,.0f} rows/s)")
+        print(
+            f"{args.rows} readings; baseline: one SELECT of {baseline_rows} rows on sqlite3 directly: "
+            f"{baseline:.2f} s ({baseline_rows / baseline:,.0f} rows/s)"
+        )
         with QueryClient("localhost", server.server_address[1], ca=str(work / "ca.pem")) as client:
+
             def run(page: int) -> tuple[int, float]:
                 start = time.perf_counter()
                 writer = export.Writer(Discard(), "csv", iso=True)
-                for rows in export.pages(client.request, ["bench"], metric=None, since=None, until=None,
-                                         page_rows=page):
+                for rows in export.pages(
+                    client.request, ["bench"], metric=None, since=None, until=None, page_rows=page
+                ):
                     writer.write_page(rows)
                 return writer.rows, time.perf_counter() - start
 
@@ -95,12 +107,19 @@ def main() -> None:
                 run(page)
                 peak = tracemalloc.get_traced_memory()[1]
                 tracemalloc.stop()
-                print(f"page {page:>6}: {count} rows in {elapsed:.2f} s = {count / elapsed:,.0f} rows/s "
-                      f"(x{elapsed / baseline:.0f} the baseline), peak traced {peak / 1e6:.1f} MB "
-                      "(client and in-process server)")
+                print(
+                    f"page {page:>6}: {count} rows in {elapsed:.2f} s = {count / elapsed:,.0f} rows/s "
+                    f"(x{elapsed / baseline:.0f} the baseline), peak traced {peak / 1e6:.1f} MB "
+                    "(client and in-process server)"
+                )
             tracemalloc.start()
-            held = [r for rows in export.pages(client.request, ["bench"], metric=None, since=None, until=None,
-                                               page_rows=10_000) for r in rows]
+            held = [
+                r
+                for rows in export.pages(
+                    client.request, ["bench"], metric=None, since=None, until=None, page_rows=10_000
+                )
+                for r in rows
+            ]
             print(f"holding all {len(held)} rows instead: {tracemalloc.get_traced_memory()[0] / 1e6:.1f} MB traced")
             tracemalloc.stop()
     finally:

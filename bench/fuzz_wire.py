@@ -37,23 +37,85 @@ from collector.errors import DecodeError
 
 # Header bytes worth planting: every container/str/bin/ext form, the unused
 # 0xc1, and the extremes of the fix ranges.
-_HEADERS = bytes([0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xC1, 0xC2, 0xC3, 0xC4, 0xC5,
-                  0xC6, 0xC7, 0xC8, 0xC9, 0xCA, 0xCB, 0xCC, 0xCD, 0xCE, 0xCF, 0xD0, 0xD3,
-                  0xD4, 0xD5, 0xD6, 0xD7, 0xD8, 0xD9, 0xDA, 0xDB, 0xDC, 0xDD, 0xDE, 0xDF,
-                  0xE0, 0xFF, 0x00, 0x7F])
+_HEADERS = bytes(
+    [
+        0x80,
+        0x8F,
+        0x90,
+        0x9F,
+        0xA0,
+        0xBF,
+        0xC0,
+        0xC1,
+        0xC2,
+        0xC3,
+        0xC4,
+        0xC5,
+        0xC6,
+        0xC7,
+        0xC8,
+        0xC9,
+        0xCA,
+        0xCB,
+        0xCC,
+        0xCD,
+        0xCE,
+        0xCF,
+        0xD0,
+        0xD3,
+        0xD4,
+        0xD5,
+        0xD6,
+        0xD7,
+        0xD8,
+        0xD9,
+        0xDA,
+        0xDB,
+        0xDC,
+        0xDD,
+        0xDE,
+        0xDF,
+        0xE0,
+        0xFF,
+        0x00,
+        0x7F,
+    ]
+)
 # Length-prefixed headers with a huge claimed size (str/bin/array/map/ext 32).
-_HUGE = [b"\xdb\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff", b"\xdd\xff\xff\xff\xff",
-         b"\xdf\xff\xff\xff\xff", b"\xc9\xff\xff\xff\xff\x05", b"\xda\xff\xff",
-         b"\xdc\xff\xff", b"\xde\xff\xff", b"\xd9\xff", b"\xc4\xff", b"\xdd\x00\x00\x1f\xff"]
+_HUGE = [
+    b"\xdb\xff\xff\xff\xff",
+    b"\xc6\xff\xff\xff\xff",
+    b"\xdd\xff\xff\xff\xff",
+    b"\xdf\xff\xff\xff\xff",
+    b"\xc9\xff\xff\xff\xff\x05",
+    b"\xda\xff\xff",
+    b"\xdc\xff\xff",
+    b"\xde\xff\xff",
+    b"\xd9\xff",
+    b"\xc4\xff",
+    b"\xdd\x00\x00\x1f\xff",
+]
 _NASTY_VALUES = [
-    b"\xca\x7f\xc0\x00\x00", b"\xca\x7f\x80\x00\x00", b"\xcb\xff\xf0\x00\x00\x00\x00\x00\x00",
-    b"\xcf\xff\xff\xff\xff\xff\xff\xff\xff", b"\xd3\x80\x00\x00\x00\x00\x00\x00\x00",
-    b"\xc3", b"\xc0", b"\xa0", b"\x90", b"\x80", b"\xc4\x00", b"\xd4\x05\x00",
-    b"\xd6\xff\xff\xff\xff\xff", b"\xd7\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+    b"\xca\x7f\xc0\x00\x00",
+    b"\xca\x7f\x80\x00\x00",
+    b"\xcb\xff\xf0\x00\x00\x00\x00\x00\x00",
+    b"\xcf\xff\xff\xff\xff\xff\xff\xff\xff",
+    b"\xd3\x80\x00\x00\x00\x00\x00\x00\x00",
+    b"\xc3",
+    b"\xc0",
+    b"\xa0",
+    b"\x90",
+    b"\x80",
+    b"\xc4\x00",
+    b"\xd4\x05\x00",
+    b"\xd6\xff\xff\xff\xff\xff",
+    b"\xd7\xff\xff\xff\xff\xff\xff\xff\xff\xff",
     b"\xc7\x0c\xff\xff\xff\xff\xff\xff\xff\xff\xff\x00\x00\x00\x00",  # Timestamp 96, pre-1970
     b"\xc7\x0c\xff\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00",  # Timestamp 96, 2**32 s
-    b"\xd5\xff\x00\x00", b"\xc7\x05\xff\x00\x00\x00\x00\x00",  # type -1, wrong lengths
-    b"\xa3\xed\xa0\x80", b"\xa2\xc3\x28",  # invalid UTF-8 (a surrogate; a bad continuation)
+    b"\xd5\xff\x00\x00",
+    b"\xc7\x05\xff\x00\x00\x00\x00\x00",  # type -1, wrong lengths
+    b"\xa3\xed\xa0\x80",
+    b"\xa2\xc3\x28",  # invalid UTF-8 (a surrogate; a bad continuation)
 ]
 
 
@@ -61,14 +123,11 @@ def seeds() -> list[bytes]:
     """Valid datagrams to mutate: encode() output and C-encoder style bytes."""
     out = [
         wire.encode("s1", 7, {"t": 21.5, "rh": 48}),
-        wire.encode("greenhouse-3", 41, {"temp_c": 21.5, "rh": 48.25, "co2_ppm": 612},
-                    boot=7, ts=1764000000.25),
-        wire.encode("barn/n1:a", 2**32 - 1, {f"m{i}": i * 0.5 for i in range(64)},
-                    boot=2**32 - 1, ts=1764000000),
+        wire.encode("greenhouse-3", 41, {"temp_c": 21.5, "rh": 48.25, "co2_ppm": 612}, boot=7, ts=1764000000.25),
+        wire.encode("barn/n1:a", 2**32 - 1, {f"m{i}": i * 0.5 for i in range(64)}, boot=2**32 - 1, ts=1764000000),
         # fixmap/fixstr/float32/Timestamp 32, as docs/PROTOCOL.md's examples
         bytes.fromhex("84a17601a26964a27331a373657107a17282a174ca41ac0000a2726830"),
-        bytes.fromhex("86a17601a26964a27331a373657100a4626f6f7403a27473d6ff69248100"
-                      "a17282a174cac0880000a364626dd0ba"),
+        bytes.fromhex("86a17601a26964a27331a373657100a4626f6f7403a27473d6ff69248100a17282a174cac0880000a364626dd0ba"),
     ]
     return out
 
@@ -118,19 +177,19 @@ def mutate(rng: random.Random, corpus: list[bytes], weights: list[float] = _WEIG
         return bytes(b)
     if op == 3:  # a length field that lies
         i = rng.randrange(len(base))
-        return base[:i] + rng.choice(_HUGE) + base[i + rng.randint(0, 3):]
+        return base[:i] + rng.choice(_HUGE) + base[i + rng.randint(0, 3) :]
     if op == 4:  # deep nesting
         return _deep(rng)
     if op == 5:  # a nasty value in place of some bytes
         i = rng.randrange(1, len(base))
-        return base[:i] + rng.choice(_NASTY_VALUES) + base[i + rng.randint(0, 9):]
+        return base[:i] + rng.choice(_NASTY_VALUES) + base[i + rng.randint(0, 9) :]
     if op == 6:  # random bytes
         return rng.randbytes(rng.choice([0, 1, 2, rng.randint(0, 64), rng.randint(0, 9000)]))
     if op == 7:  # trailing bytes
         return base + rng.randbytes(rng.randint(1, 4))
     if op == 8:  # splice two datagrams
         other = rng.choice(corpus)
-        return base[: rng.randrange(len(base))] + other[rng.randrange(len(other)):]
+        return base[: rng.randrange(len(base))] + other[rng.randrange(len(other)) :]
     if op == 9:  # oversized, possibly valid at the front
         return base + b"\xc0" * (wire.MAX_DATAGRAM_BYTES + 1 - len(base) + rng.randint(0, 100))
     if op == 10:  # an unknown ext type, any length form
@@ -164,10 +223,16 @@ def _enc_int(rng: random.Random, v: int) -> bytes:
         forms.append(bytes([v]))
     if -32 <= v < 0:
         forms.append(struct.pack("b", v))
-    for code, fmt, lo, hi in ((0xCC, ">B", 0, 2**8), (0xCD, ">H", 0, 2**16), (0xCE, ">I", 0, 2**32),
-                              (0xCF, ">Q", 0, 2**64), (0xD0, ">b", -(2**7), 2**7),
-                              (0xD1, ">h", -(2**15), 2**15), (0xD2, ">i", -(2**31), 2**31),
-                              (0xD3, ">q", -(2**63), 2**63)):
+    for code, fmt, lo, hi in (
+        (0xCC, ">B", 0, 2**8),
+        (0xCD, ">H", 0, 2**16),
+        (0xCE, ">I", 0, 2**32),
+        (0xCF, ">Q", 0, 2**64),
+        (0xD0, ">b", -(2**7), 2**7),
+        (0xD1, ">h", -(2**15), 2**15),
+        (0xD2, ">i", -(2**31), 2**31),
+        (0xD3, ">q", -(2**63), 2**63),
+    ):
         if lo <= v < hi:
             forms.append(bytes([code]) + struct.pack(fmt, v))
     return rng.choice(forms)
@@ -175,8 +240,11 @@ def _enc_int(rng: random.Random, v: int) -> bytes:
 
 def _enc_str(rng: random.Random, text: str, raw: bytes | None = None) -> bytes:
     b = text.encode() if raw is None else raw
-    forms = [b"\xd9" + struct.pack(">B", len(b)) if len(b) < 2**8 else None,
-             b"\xda" + struct.pack(">H", len(b)), b"\xdb" + struct.pack(">I", len(b))]
+    forms = [
+        b"\xd9" + struct.pack(">B", len(b)) if len(b) < 2**8 else None,
+        b"\xda" + struct.pack(">H", len(b)),
+        b"\xdb" + struct.pack(">I", len(b)),
+    ]
     if len(b) < 32:
         forms.append(bytes([0xA0 + len(b)]))
     if rng.random() < 0.02:  # the same bytes as bin: msgpack gives bytes, never a str
@@ -199,23 +267,61 @@ def _enc_number(rng: random.Random) -> bytes:
     """A reading value: mostly valid numbers, sometimes each kind of invalid one."""
     k = rng.random()
     if k < 0.35:
-        v = rng.choice([21.5, -0.0, 0.0, 5e-324, 2.2250738585072014e-308, 1.7976931348623157e308,
-                        -1.7976931348623157e308, 0.1, round(rng.uniform(-50, 50), 2), _float_bits(rng)])
-        return (b"\xcb" + struct.pack(">d", v)) if rng.random() < 0.7 else (b"\xca" + struct.pack(">f", v)
-                                                                           if abs(v) < 3e38 or v != v
-                                                                           else b"\xcb" + struct.pack(">d", v))
+        v = rng.choice(
+            [
+                21.5,
+                -0.0,
+                0.0,
+                5e-324,
+                2.2250738585072014e-308,
+                1.7976931348623157e308,
+                -1.7976931348623157e308,
+                0.1,
+                round(rng.uniform(-50, 50), 2),
+                _float_bits(rng),
+            ]
+        )
+        return (
+            (b"\xcb" + struct.pack(">d", v))
+            if rng.random() < 0.7
+            else (b"\xca" + struct.pack(">f", v) if abs(v) < 3e38 or v != v else b"\xcb" + struct.pack(">d", v))
+        )
     if k < 0.42:
         return b"\xca" + rng.randbytes(4)  # any float32 bits: NaN, inf, subnormals
     if k < 0.75:
-        v = rng.choice([0, 1, -1, 127, 128, -33, 2**31, 2**53 + 1, 2**63 - 1, -(2**63),
-                        rng.randint(-(2**63), 2**63 - 1), rng.randint(-1000, 100_000)])
+        v = rng.choice(
+            [
+                0,
+                1,
+                -1,
+                127,
+                128,
+                -33,
+                2**31,
+                2**53 + 1,
+                2**63 - 1,
+                -(2**63),
+                rng.randint(-(2**63), 2**63 - 1),
+                rng.randint(-1000, 100_000),
+            ]
+        )
         return _enc_int(rng, v)
     if k < 0.8:
         return _enc_int(rng, rng.choice([2**63, 2**64 - 1]))
     if k < 0.86:
         return rng.choice([b"\xc2", b"\xc3"])  # bools: accepted as 0/1
-    return rng.choice([b"\xc0", b"\xa1x", b"\xc4\x00", b"\x90", b"\x80", b"\xd6\xff\x00\x00\x00\x01",
-                       b"\xcb" + struct.pack(">d", float("nan")), b"\xcb" + struct.pack(">d", float("inf"))])
+    return rng.choice(
+        [
+            b"\xc0",
+            b"\xa1x",
+            b"\xc4\x00",
+            b"\x90",
+            b"\x80",
+            b"\xd6\xff\x00\x00\x00\x01",
+            b"\xcb" + struct.pack(">d", float("nan")),
+            b"\xcb" + struct.pack(">d", float("inf")),
+        ]
+    )
 
 
 _IDS = ["s1", "bench-0042", "greenhouse-3", "barn/n1:a", "a" * 64, "A.b_c-d:e/f", "x"]
@@ -228,26 +334,40 @@ def _enc_field(rng: random.Random, key: str) -> bytes:
     """A value for a known key: valid most of the time, in any encoding."""
     bad = rng.random() < 0.06
     if key == "v":
-        return _enc_int(rng, 1) if not bad else rng.choice([b"\x02", b"\xc3", b"\xcb" + struct.pack(">d", 1.0),
-                                                           b"\xa11", b"\xc0", b"\x00"])
+        return (
+            _enc_int(rng, 1)
+            if not bad
+            else rng.choice([b"\x02", b"\xc3", b"\xcb" + struct.pack(">d", 1.0), b"\xa11", b"\xc0", b"\x00"])
+        )
     if key == "id":
         return _enc_str(rng, rng.choice(_BAD_IDS if bad else _IDS)) if rng.random() > 0.02 else _enc_int(rng, 7)
     if key in ("seq", "boot"):
         if bad:
-            return rng.choice([_enc_int(rng, rng.choice([-1, 2**32, 2**64 - 1])), b"\xc3",
-                               b"\xcb" + struct.pack(">d", 7.0), b"\xa17"] + ([] if key == "seq" else []))
+            return rng.choice(
+                [_enc_int(rng, rng.choice([-1, 2**32, 2**64 - 1])), b"\xc3", b"\xcb" + struct.pack(">d", 7.0), b"\xa17"]
+                + ([] if key == "seq" else [])
+            )
         if key == "boot" and rng.random() < 0.15:
             return b"\xc0"
         return _enc_int(rng, rng.choice([0, 1, 7, 2**16, 2**32 - 1, rng.randrange(2**32)]))
     if key == "ts":
-        choices = [b"\xcb" + struct.pack(">d", rng.choice([1764000000.25, 0.0, -0.0, 4294967295.999, 5e-324])),
-                   b"\xca" + struct.pack(">f", 1764000000.0), _enc_int(rng, rng.choice([0, 1764000000, 2**32 - 1])),
-                   b"\xc0", b"\xd6\xff" + struct.pack(">I", 1764000000),
-                   b"\xd7\xff" + struct.pack(">Q", (5 << 34) | 1764000000)]
+        choices = [
+            b"\xcb" + struct.pack(">d", rng.choice([1764000000.25, 0.0, -0.0, 4294967295.999, 5e-324])),
+            b"\xca" + struct.pack(">f", 1764000000.0),
+            _enc_int(rng, rng.choice([0, 1764000000, 2**32 - 1])),
+            b"\xc0",
+            b"\xd6\xff" + struct.pack(">I", 1764000000),
+            b"\xd7\xff" + struct.pack(">Q", (5 << 34) | 1764000000),
+        ]
         if bad:
-            choices = [b"\xcb" + struct.pack(">d", rng.choice([-1.0, 2.0**32, float("nan"), float("inf")])),
-                       _enc_int(rng, rng.choice([-1, 2**32, 2**64 - 1])), b"\xc3", b"\xa1t",
-                       b"\xc7\x0c\xff" + struct.pack(">Iq", 0, 2**32), b"\xca" + rng.randbytes(4)]
+            choices = [
+                b"\xcb" + struct.pack(">d", rng.choice([-1.0, 2.0**32, float("nan"), float("inf")])),
+                _enc_int(rng, rng.choice([-1, 2**32, 2**64 - 1])),
+                b"\xc3",
+                b"\xa1t",
+                b"\xc7\x0c\xff" + struct.pack(">Iq", 0, 2**32),
+                b"\xca" + rng.randbytes(4),
+            ]
         return rng.choice(choices)
     # "r"
     n = rng.choice([1, 1, 2, 2, 2, 3, 5, 5, 8, 64 if rng.random() < 0.2 else 5] + ([0, 65] if bad else []))
@@ -275,9 +395,13 @@ def structured(rng: random.Random) -> bytes:
         k = rng.choice(keys) if keys else "v"
         pairs.insert(rng.randrange(len(pairs) + 1), (k, _enc_field(rng, k)))
     if rng.random() < 0.05:  # an unknown key, ignored unless nested too deep
-        pairs.insert(rng.randrange(len(pairs) + 1), (rng.choice(["x", "fw", "V", "rr"]),
-                                                     rng.choice([b"\x01", b"\xa3abc", b"\x91\x91\x00",
-                                                                 b"\x91" * 20 + b"\x00", _enc_number(rng)])))
+        pairs.insert(
+            rng.randrange(len(pairs) + 1),
+            (
+                rng.choice(["x", "fw", "V", "rr"]),
+                rng.choice([b"\x01", b"\xa3abc", b"\x91\x91\x00", b"\x91" * 20 + b"\x00", _enc_number(rng)]),
+            ),
+        )
     body = b"".join(_enc_str(rng, k) + v for k, v in pairs)
     return _enc_map_header(rng, len(pairs)) + body
 
@@ -294,8 +418,16 @@ def _outcome(decoder, data: bytes) -> tuple:
     def exact(x):
         return (type(x).__name__, struct.pack("<d", x) if type(x) is float else x)
 
-    return ("accepted", type(d).__name__, exact(d.sensor), exact(d.seq), exact(d.boot), exact(d.ts),
-            type(d.readings).__name__, tuple((exact(k), exact(v)) for k, v in d.readings.items()))
+    return (
+        "accepted",
+        type(d).__name__,
+        exact(d.sensor),
+        exact(d.seq),
+        exact(d.boot),
+        exact(d.ts),
+        type(d.readings).__name__,
+        tuple((exact(k), exact(v)) for k, v in d.readings.items()),
+    )
 
 
 def differential(seed: int, count: int, *, fresh: float = 0.35) -> dict:
@@ -407,8 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--json", action="store_true", help="print the tally as one JSON line")
     parser.add_argument("--no-trace", action="store_true", help="skip tracemalloc (faster)")
-    parser.add_argument("--differential", action="store_true",
-                        help="compare decode against _decode_reference case by case")
+    parser.add_argument(
+        "--differential", action="store_true", help="compare decode against _decode_reference case by case"
+    )
     args = parser.parse_args(argv)
     if args.differential:
         result = differential(args.seed, args.count)

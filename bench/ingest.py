@@ -68,9 +68,21 @@ def datagram_prefixes(sensors: int, n_readings: int = 2) -> list[bytes]:
     """Wire v1 maps with `seq` last, written as a fixed-width uint32 (0xce): valid msgpack."""
     out = []
     for i in range(sensors):
-        head = b"\x86" + b"".join(msgpack.packb(x) for x in (
-            "v", 1, "id", f"bench-{i:04d}", "boot", 1, "ts", TS0 + i + 0.0, "r", readings(n_readings),
-        ))
+        head = b"\x86" + b"".join(
+            msgpack.packb(x)
+            for x in (
+                "v",
+                1,
+                "id",
+                f"bench-{i:04d}",
+                "boot",
+                1,
+                "ts",
+                TS0 + i + 0.0,
+                "r",
+                readings(n_readings),
+            )
+        )
         out.append(head + msgpack.packb("seq") + b"\xce")
     return out
 
@@ -91,13 +103,22 @@ def key_file(path: Path, sensors: int) -> Path:
     return path
 
 
-def send(target: str, rate: float, count: int, sensors: int, max_seconds: float, signed: bool = False,
-         n_readings: int = 2, line: bool = False) -> None:
+def send(
+    target: str,
+    rate: float,
+    count: int,
+    sensors: int,
+    max_seconds: float,
+    signed: bool = False,
+    n_readings: int = 2,
+    line: bool = False,
+) -> None:
     host, port = target.rsplit(":", 1)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.connect((host, int(port)))
     if line:
         prefixes = line_prefixes(sensors, n_readings)
+
         # A distinct nanosecond timestamp per point of a series (seq seconds
         # after TS0), or InfluxDB would overwrite and count fewer.
         def pack(seq: int, _base=TS0 * 10**9) -> bytes:
@@ -172,12 +193,34 @@ def bare_recv(port_file: str, rcvbuf: int, idle: float) -> None:
 # --- one step --------------------------------------------------------------------------------
 
 
-def run_sender(port: int, rate: float, seconds: float, sensors: int, core: int | None, signed: bool = False,
-               n_readings: int = 2, line: bool = False) -> dict:
+def run_sender(
+    port: int,
+    rate: float,
+    seconds: float,
+    sensors: int,
+    core: int | None,
+    signed: bool = False,
+    n_readings: int = 2,
+    line: bool = False,
+) -> dict:
     count = int(rate * seconds)
-    cmd = [*taskset(core), sys.executable, __file__, "--_send", f"127.0.0.1:{port}", "--_rate", str(rate),
-           "--_count", str(count), "--sensors", str(sensors), "--_max-seconds", str(seconds * 3 + 5),
-           "--_readings", str(n_readings)]
+    cmd = [
+        *taskset(core),
+        sys.executable,
+        __file__,
+        "--_send",
+        f"127.0.0.1:{port}",
+        "--_rate",
+        str(rate),
+        "--_count",
+        str(count),
+        "--sensors",
+        str(sensors),
+        "--_max-seconds",
+        str(seconds * 3 + 5),
+        "--_readings",
+        str(n_readings),
+    ]
     if signed:
         cmd.append("--signed")
     if line:
@@ -191,9 +234,22 @@ def step_collector(rate, args, workdir) -> dict:
     db = step_dir / "telemetry.db"
     log = step_dir / "collector.log"
     with open(log, "wb") as logf:
-        cmd = [*taskset(args.collector_core), str(BIN / "telemetry-collector"), "--db", str(db),
-               "--listen", "127.0.0.1:0", "--status-interval", "3600", "--flush-interval", str(args.flush_interval),
-               "--batch-size", str(args.batch_size), "--rcvbuf", str(args.rcvbuf)]
+        cmd = [
+            *taskset(args.collector_core),
+            str(BIN / "telemetry-collector"),
+            "--db",
+            str(db),
+            "--listen",
+            "127.0.0.1:0",
+            "--status-interval",
+            "3600",
+            "--flush-interval",
+            str(args.flush_interval),
+            "--batch-size",
+            str(args.batch_size),
+            "--rcvbuf",
+            str(args.rcvbuf),
+        ]
         if args.signed:
             cmd += ["--keys", str(key_file(Path(workdir) / "keys", args.sensors)), "--require-auth"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logf)
@@ -206,8 +262,7 @@ def step_collector(rate, args, workdir) -> dict:
                 time.sleep(0.02)
             if port is None:
                 raise RuntimeError(f"collector did not start: {log.read_text()}")
-            sent = run_sender(port, rate, args.seconds, args.sensors, args.sender_core, args.signed,
-                              args.n_readings)
+            sent = run_sender(port, rate, args.seconds, args.sensors, args.sender_core, args.signed, args.n_readings)
             # Wait until the collector has read everything (received stops growing).
             last, still = -1, 0
             deadline = time.monotonic() + 30
@@ -246,8 +301,15 @@ def step_collector(rate, args, workdir) -> dict:
 def step_bare(rate, args, workdir) -> dict:
     port_file = Path(workdir) / "bare.port"
     port_file.unlink(missing_ok=True)
-    cmd = [*taskset(args.collector_core), sys.executable, __file__, "--_bare", str(port_file),
-           "--_rcvbuf", str(args.rcvbuf)]
+    cmd = [
+        *taskset(args.collector_core),
+        sys.executable,
+        __file__,
+        "--_bare",
+        str(port_file),
+        "--_rcvbuf",
+        str(args.rcvbuf),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 10
     while not port_file.exists() or not port_file.read_text():
@@ -255,12 +317,18 @@ def step_bare(rate, args, workdir) -> dict:
             proc.kill()
             raise RuntimeError("bare receiver did not start")
         time.sleep(0.01)
-    sent = run_sender(int(port_file.read_text()), rate, args.seconds, args.sensors, args.sender_core, args.signed,
-                      args.n_readings)
+    sent = run_sender(
+        int(port_file.read_text()), rate, args.seconds, args.sensors, args.sender_core, args.signed, args.n_readings
+    )
     out, _ = proc.communicate(timeout=60)
     received = json.loads(out)["received"]
-    return {"rate": rate, "sent": sent["sent"], "send_elapsed": sent["elapsed"], "received": received,
-            "ok": received == sent["sent"]}
+    return {
+        "rate": rate,
+        "sent": sent["sent"],
+        "send_elapsed": sent["elapsed"],
+        "received": received,
+        "ok": received == sent["sent"],
+    }
 
 
 # --- InfluxDB 1.6 ----------------------------------------------------------------------------
@@ -331,15 +399,24 @@ def step_influx(rate, args, workdir) -> dict:
     """One step against a fresh influxd (its own data directory), pinned like the collector."""
     exe = shutil.which("influxd")
     if exe is None:
-        raise SystemExit("influxd is missing: apt-get install influxdb (the Debian package, InfluxDB 1.6), "
-                         "or pass --skip-influx")
+        raise SystemExit(
+            "influxd is missing: apt-get install influxdb (the Debian package, InfluxDB 1.6), or pass --skip-influx"
+        )
     home = Path(tempfile.mkdtemp(prefix=f"influx-{int(rate)}-", dir=workdir))
-    udp_port, http_port, rpc_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    udp_port, http_port, rpc_port = (
+        free_port(socket.SOCK_DGRAM),
+        free_port(socket.SOCK_STREAM),
+        free_port(socket.SOCK_STREAM),
+    )
     conf = influx_config(home, udp_port, http_port, rpc_port, args.rcvbuf)
     log = home / "influxd.log"
     with open(log, "wb") as logf:
-        proc = subprocess.Popen([*taskset(args.collector_core), exe, "run", "-config", str(conf)],
-                                stdout=logf, stderr=subprocess.STDOUT, env=dict(os.environ, INFLUXDB_CONFIG_PATH=str(conf)))
+        proc = subprocess.Popen(
+            [*taskset(args.collector_core), exe, "run", "-config", str(conf)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, INFLUXDB_CONFIG_PATH=str(conf)),
+        )
     try:
         deadline = time.monotonic() + 30
         while True:  # HTTP up, then the database, before the first datagram
@@ -350,8 +427,9 @@ def step_influx(rate, args, workdir) -> dict:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"influxd did not start: {log.read_text()[-2000:]}") from None
                 time.sleep(0.1)
-        sent = run_sender(udp_port, rate, args.seconds, args.sensors, args.sender_core, False, args.n_readings,
-                          line=True)
+        sent = run_sender(
+            udp_port, rate, args.seconds, args.sensors, args.sender_core, False, args.n_readings, line=True
+        )
         # InfluxDB's UDP batcher writes every batch-timeout (1 s): wait until
         # the count reaches what was sent or stops growing.
         stored, last, still = 0, -1, 0
@@ -374,8 +452,16 @@ def step_influx(rate, args, workdir) -> dict:
             proc.kill()
             proc.wait(10)
         shutil.rmtree(home, ignore_errors=True)
-    return {"rate": rate, "sent": sent["sent"], "send_elapsed": sent["elapsed"], "received": stored,
-            "stored": stored, "kernel_drops": "n/a", "peak_rss_kb": hwm, "ok": stored == sent["sent"]}
+    return {
+        "rate": rate,
+        "sent": sent["sent"],
+        "send_elapsed": sent["elapsed"],
+        "received": stored,
+        "stored": stored,
+        "kernel_drops": "n/a",
+        "peak_rss_kb": hwm,
+        "ok": stored == sent["sent"],
+    }
 
 
 def read_counters(db: Path) -> dict:
@@ -407,10 +493,13 @@ def search(step, args, workdir, label: str) -> tuple[dict | None, list[dict]]:
     while rate <= args.max_rate:
         r = step(rate, args, workdir)
         results.append(r)
-        print(f"  {label} {rate:>9,.0f}/s offered: sent {r['sent']:,} in {r['send_elapsed']:.2f}s, "
-              f"received {r['received']:,}" + (f", stored {r['stored']:,}, kernel_drops {r['kernel_drops']}"
-                                                 if "stored" in r else "") + ("  ok" if r["ok"] else "  LOSS"),
-              flush=True)
+        print(
+            f"  {label} {rate:>9,.0f}/s offered: sent {r['sent']:,} in {r['send_elapsed']:.2f}s, "
+            f"received {r['received']:,}"
+            + (f", stored {r['stored']:,}, kernel_drops {r['kernel_drops']}" if "stored" in r else "")
+            + ("  ok" if r["ok"] else "  LOSS"),
+            flush=True,
+        )
         achieved = r["sent"] / r["send_elapsed"]
         r["achieved"] = achieved
         if r["ok"]:
@@ -433,9 +522,13 @@ def search(step, args, workdir, label: str) -> tuple[dict | None, list[dict]]:
             r = step(mid, args, workdir)
             r["achieved"] = r["sent"] / r["send_elapsed"]
             results.append(r)
-            print(f"  {label} {mid:>9,.0f}/s offered: sent {r['sent']:,} in {r['send_elapsed']:.2f}s, "
-                  f"received {r['received']:,}" + (f", kernel_drops {r['kernel_drops']}" if "stored" in r else "")
-                  + ("  ok" if r["ok"] else "  LOSS"), flush=True)
+            print(
+                f"  {label} {mid:>9,.0f}/s offered: sent {r['sent']:,} in {r['send_elapsed']:.2f}s, "
+                f"received {r['received']:,}"
+                + (f", kernel_drops {r['kernel_drops']}" if "stored" in r else "")
+                + ("  ok" if r["ok"] else "  LOSS"),
+                flush=True,
+            )
             if r["ok"]:
                 best, lo = r, mid
             else:
@@ -463,7 +556,9 @@ def compare_insert(rows_existing: int, rows_new: int) -> None:
             base = 1_700_000_000.0
 
             def rows(start, n):
-                return [(1 + i % 100, base + (start + i) // 100, 1, (start + i) // 100, float(i), base) for i in range(n)]
+                return [
+                    (1 + i % 100, base + (start + i) // 100, 1, (start + i) // 100, float(i), base) for i in range(n)
+                ]
 
             conn.execute("BEGIN")
             conn.executemany(INSERT_READINGS, rows(0, rows_existing))
@@ -471,7 +566,7 @@ def compare_insert(rows_existing: int, rows_new: int) -> None:
             new = rows(rows_existing, rows_new)
             t = time.perf_counter()
             for k in range(0, rows_new, 20_000):
-                chunk = new[k:k + 20_000]
+                chunk = new[k : k + 20_000]
                 conn.execute("BEGIN")
                 if how == "executemany":
                     conn.executemany(INSERT_READINGS, chunk)
@@ -480,7 +575,8 @@ def compare_insert(rows_existing: int, rows_new: int) -> None:
                 else:
                     cols = ("series", "ts", "boot", "seq", "value", "received")
                     sqlite_utils.Database(conn)["readings"].insert_all(
-                        (dict(zip(cols, r)) for r in chunk), ignore=True, batch_size=20_000)
+                        (dict(zip(cols, r)) for r in chunk), ignore=True, batch_size=20_000
+                    )
                 conn.execute("COMMIT")
             results[how] = (time.perf_counter() - t) / rows_new * 1e6
             conn.close()
@@ -493,8 +589,11 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=2.0, help="traffic per step")
     p.add_argument("--sensors", type=int, default=100)
     p.add_argument("--readings", type=int, nargs="+", default=[2, 5], help="readings per datagram, one search each")
-    p.add_argument("--series", metavar="SENSORSxREADINGS",
-                   help="the many-series mode, e.g. 2000x5 (10,000 series): sets --sensors and --readings")
+    p.add_argument(
+        "--series",
+        metavar="SENSORSxREADINGS",
+        help="the many-series mode, e.g. 2000x5 (10,000 series): sets --sensors and --readings",
+    )
     p.add_argument("--fixed-rate", type=float, help="one step at this rate instead of the search (for RSS)")
     p.add_argument("--skip-influx", action="store_true")
     p.add_argument("--start", type=float, default=25_000)
@@ -504,9 +603,13 @@ def main() -> None:
     p.add_argument("--sender-core", type=int, default=1)
     p.add_argument("--flush-interval", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=20_000)
-    p.add_argument("--rcvbuf", type=int, default=None,
-                   help="receive buffer for every receiver (default: 8 MiB capped at net.core.rmem_max, "
-                        "which InfluxDB cannot pass)")
+    p.add_argument(
+        "--rcvbuf",
+        type=int,
+        default=None,
+        help="receive buffer for every receiver (default: 8 MiB capped at net.core.rmem_max, "
+        "which InfluxDB cannot pass)",
+    )
     p.add_argument("--skip-bare", action="store_true")
     p.add_argument("--skip-collector", action="store_true")
     p.add_argument("--compare-insert", action="store_true")
@@ -521,8 +624,16 @@ def main() -> None:
     p.add_argument("--_line", action="store_true")
     args = p.parse_args()
     if args._send:
-        send(args._send, args._rate, args._count, args.sensors, args._max_seconds, args.signed,
-             args._readings, args._line)
+        send(
+            args._send,
+            args._rate,
+            args._count,
+            args.sensors,
+            args._max_seconds,
+            args.signed,
+            args._readings,
+            args._line,
+        )
         return
     if args._bare:
         bare_recv(args._bare, args._rcvbuf, idle=1.0)
@@ -544,14 +655,22 @@ def main() -> None:
         except (OSError, ValueError):
             rmem_max = 8 * 1024 * 1024
         args.rcvbuf = min(8 * 1024 * 1024, rmem_max)
-    receivers = [(name, fn) for name, fn, skip in (("collector", step_collector, args.skip_collector),
-                                                   ("influxdb", step_influx, args.skip_influx or args.signed),
-                                                   ("bare recv", step_bare, args.skip_bare)) if not skip]
+    receivers = [
+        (name, fn)
+        for name, fn, skip in (
+            ("collector", step_collector, args.skip_collector),
+            ("influxdb", step_influx, args.skip_influx or args.signed),
+            ("bare recv", step_bare, args.skip_bare),
+        )
+        if not skip
+    ]
     summary = []
     with tempfile.TemporaryDirectory() as workdir:
-        print(f"receivers on core {args.collector_core}, sender on core {args.sender_core}; {args.sensors} sensors; "
-              f"{'signed; ' if args.signed else ''}{args.seconds:g} s per step; receive buffer {args.rcvbuf:,} bytes "
-              f"asked of each; loadavg {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        print(
+            f"receivers on core {args.collector_core}, sender on core {args.sender_core}; {args.sensors} sensors; "
+            f"{'signed; ' if args.signed else ''}{args.seconds:g} s per step; receive buffer {args.rcvbuf:,} bytes "
+            f"asked of each; loadavg {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        )
         for n in args.readings:
             args.n_readings = n
             best_of = {}
@@ -563,8 +682,11 @@ def main() -> None:
                 if args.fixed_rate:
                     r = fn(args.fixed_rate, args, workdir)
                     r["achieved"] = r["sent"] / r["send_elapsed"]
-                    print(f"  {name} {args.fixed_rate:>9,.0f}/s offered: sent {r['sent']:,}, stored/received "
-                          f"{r.get('stored', r['received']):,}" + ("  ok" if r["ok"] else "  LOSS"), flush=True)
+                    print(
+                        f"  {name} {args.fixed_rate:>9,.0f}/s offered: sent {r['sent']:,}, stored/received "
+                        f"{r.get('stored', r['received']):,}" + ("  ok" if r["ok"] else "  LOSS"),
+                        flush=True,
+                    )
                     best_of[name] = r if r["ok"] else dict(r, lossy=True)
                 else:
                     best_of[name], _ = search(fn, args, workdir, name)
@@ -579,13 +701,19 @@ def main() -> None:
             capped = " (the sender's ceiling: the receiver is faster still)" if best.get("sender_capped") else ""
             lossy = " WITH LOSS" if best.get("lossy") else " with zero loss"
             rss = f", peak RSS {best['peak_rss_kb'] / 1024:.1f} MB" if best.get("peak_rss_kb") else ""
-            print(f"{name:10s}: {best['achieved']:>9,.0f} datagrams/s{lossy} (offered {best['rate']:,.0f}/s, "
-                  f"{best['sent']:,} sent){capped}{rss}")
+            print(
+                f"{name:10s}: {best['achieved']:>9,.0f} datagrams/s{lossy} (offered {best['rate']:,.0f}/s, "
+                f"{best['sent']:,} sent){capped}{rss}"
+            )
         col, inf, bare = (best_of.get(k) for k in ("collector", "influxdb", "bare recv"))
         if col and inf:
             capped = (bool(col.get("sender_capped")), bool(inf.get("sender_capped")))
-            bound = {(True, True): "both at the sender's ceiling: ", (True, False): ">= ",
-                     (False, True): "<= ", (False, False): ""}[capped]
+            bound = {
+                (True, True): "both at the sender's ceiling: ",
+                (True, False): ">= ",
+                (False, True): "<= ",
+                (False, False): "",
+            }[capped]
             print(f"ratio collector / InfluxDB 1.6: {bound}{col['achieved'] / inf['achieved']:.2f}")
         if col and bare:
             bound = "<= " if bare.get("sender_capped") else ""

@@ -32,9 +32,16 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     sensors = 100
-    data = [wire.encode(f"bench-{i % sensors:04d}", i // sensors, {"temp": 21.5 + (i % 7) / 100, "hum": 40.25},
-                        boot=1, ts=1_700_000_000.0 + i / sensors)
-            for i in range(args.datagrams)]
+    data = [
+        wire.encode(
+            f"bench-{i % sensors:04d}",
+            i // sensors,
+            {"temp": 21.5 + (i % 7) / 100, "hum": 40.25},
+            boot=1,
+            ts=1_700_000_000.0 + i / sensors,
+        )
+        for i in range(args.datagrams)
+    ]
     hot, total = [], []
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory() as d:
@@ -45,7 +52,7 @@ def main() -> None:
                 now = 1_700_000_000.0
                 for start in range(0, len(data), 256):
                     t0 = time.perf_counter()
-                    c._process(data[start:start + 256], None, source, now)
+                    c._process(data[start : start + 256], None, source, now)
                     t1 = time.perf_counter()
                     proc += t1 - t0
                     if (start // 256) % 20 == 19:  # ~5,000 datagrams = 10,000 readings
@@ -60,10 +67,16 @@ def main() -> None:
         hot.append(proc / len(data) * 1e6)
         total.append((proc + flush) / len(data) * 1e6)
     print(f"collector from {os.path.dirname(sys.modules['collector'].__file__)}")
-    print(f"hot path (_process): median {statistics.median(hot):.2f} us/datagram  (runs: "
-          + ", ".join(f"{v:.2f}" for v in hot) + ")")
-    print(f"with flushes:        median {statistics.median(total):.2f} us/datagram  (runs: "
-          + ", ".join(f"{v:.2f}" for v in total) + ")")
+    print(
+        f"hot path (_process): median {statistics.median(hot):.2f} us/datagram  (runs: "
+        + ", ".join(f"{v:.2f}" for v in hot)
+        + ")"
+    )
+    print(
+        f"with flushes:        median {statistics.median(total):.2f} us/datagram  (runs: "
+        + ", ".join(f"{v:.2f}" for v in total)
+        + ")"
+    )
 
 
 if __name__ == "__main__":

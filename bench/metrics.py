@@ -148,9 +148,11 @@ def main() -> None:
         print(f"  health sampling      {sample_med * 1e6 / n:8.2f} us/sensor  ({sample_med * 1e3:.2f} ms per flush)")
         print(f"  flush with health    {with_med * 1e6 / n:8.2f} us/sensor  ({with_med * 1e3:.2f} ms)")
         print(f"  flush without health {without_med * 1e6 / n:8.2f} us/sensor  ({without_med * 1e3:.2f} ms)  baseline")
-        print(f"  ratio (sampling + flush with health) / flush without: "
-              f"{(sample_med + with_med) / without_med:.3f} of medians, "
-              f"{(min(costs['sample']) + min(costs['with'])) / min(costs['without']):.3f} of the fastest runs")
+        print(
+            f"  ratio (sampling + flush with health) / flush without: "
+            f"{(sample_med + with_med) / without_med:.3f} of medians, "
+            f"{(min(costs['sample']) + min(costs['with'])) / min(costs['without']):.3f} of the fastest runs"
+        )
         for count in (100, 20_000):
             seconds, size = scrape_seconds(directory, count, args.repeat)
             print(f"one scrape with {count:6d} sensors: {seconds * 1e3:7.2f} ms, {size} bytes of text")
@@ -158,8 +160,10 @@ def main() -> None:
     empty = _Empty()
     lock_cost = statistics.median(per_call(stats.request) for _ in range(3))
     call_cost = statistics.median(per_call(empty.call) for _ in range(3))
-    print(f"QueryStats.request {lock_cost * 1e9:.0f} ns per request; an empty method call {call_cost * 1e9:.0f} ns "
-          f"(ratio {lock_cost / call_cost:.1f})")
+    print(
+        f"QueryStats.request {lock_cost * 1e9:.0f} ns per request; an empty method call {call_cost * 1e9:.0f} ns "
+        f"(ratio {lock_cost / call_cost:.1f})"
+    )
 
 
 if __name__ == "__main__":

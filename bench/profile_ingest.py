@@ -45,9 +45,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         raw, log = tmp / "stacks.txt", tmp / "collector.log"
-        cmd = [*ingest.taskset(args.collector_core), spy, "record", "--format", "raw", "-o", str(raw),
-               "--rate", "250", "--nonblocking", "--", str(BIN / "telemetry-collector"), "--db", str(tmp / "t.db"),
-               "--listen", "127.0.0.1:0", "--status-interval", "3600"]
+        cmd = [
+            *ingest.taskset(args.collector_core),
+            spy,
+            "record",
+            "--format",
+            "raw",
+            "-o",
+            str(raw),
+            "--rate",
+            "250",
+            "--nonblocking",
+            "--",
+            str(BIN / "telemetry-collector"),
+            "--db",
+            str(tmp / "t.db"),
+            "--listen",
+            "127.0.0.1:0",
+            "--status-interval",
+            "3600",
+        ]
         with open(log, "wb") as logf:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logf)
         try:
@@ -58,8 +75,9 @@ def main() -> None:
                 time.sleep(0.05)
             if port is None:
                 raise SystemExit(f"collector did not start: {log.read_text()[-2000:]}")
-            sent = ingest.run_sender(port, args.rate, args.seconds, args.sensors, args.sender_core,
-                                     n_readings=args.readings)
+            sent = ingest.run_sender(
+                port, args.rate, args.seconds, args.sensors, args.sender_core, n_readings=args.readings
+            )
             time.sleep(1.5)  # the last flush
         finally:
             # py-spy passes SIGINT on to the collector, then writes its file.
@@ -80,9 +98,11 @@ def main() -> None:
             selfs[frames[-1]] += int(n)
             for f in set(frames):
                 incl[f] += int(n)
-    print(f"offered {args.rate:,.0f}/s for {args.seconds:g} s: sent {sent['sent']:,}, collector received "
-          f"{int(counters.get('received', 0)):,}, stored {int(counters.get('stored', 0)):,}, "
-          f"kernel drops {int(counters.get('kernel_drops', 0)):,}; {total:,} samples")
+    print(
+        f"offered {args.rate:,.0f}/s for {args.seconds:g} s: sent {sent['sent']:,}, collector received "
+        f"{int(counters.get('received', 0)):,}, stored {int(counters.get('stored', 0)):,}, "
+        f"kernel drops {int(counters.get('kernel_drops', 0)):,}; {total:,} samples"
+    )
     if not total:
         raise SystemExit(f"py-spy wrote no samples: {log.read_text()[-2000:]}")
     print(f"\n{'self %':>7}  function")

@@ -68,16 +68,23 @@ def build(path: str) -> None:
         )
     conn.executemany(
         "INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings) VALUES (?, ?, ?, ?, ?)",
-        [(f"sensor-{i:03d}", T0, T0 + PER_SERIES * STEP, PER_SERIES, PER_SERIES * len(METRICS)) for i in range(SENSORS)],
+        [
+            (f"sensor-{i:03d}", T0, T0 + PER_SERIES * STEP, PER_SERIES, PER_SERIES * len(METRICS))
+            for i in range(SENSORS)
+        ],
     )
-    conn.execute("INSERT INTO counters (name, value) VALUES ('received', ?), ('last_flush', ?)",
-                 (SENSORS * PER_SERIES, T0 + PER_SERIES * STEP))
+    conn.execute(
+        "INSERT INTO counters (name, value) VALUES ('received', ?), ('last_flush', ?)",
+        (SENSORS * PER_SERIES, T0 + PER_SERIES * STEP),
+    )
     conn.execute("COMMIT")
     conn.execute("PRAGMA journal_mode=WAL")  # as the collector leaves it
     conn.close()
     rows = SENSORS * len(METRICS) * PER_SERIES
-    print(f"built {rows:,} readings in {time.perf_counter() - start:.1f}s -> {path} "
-          f"({os.path.getsize(path) / 1e6:.0f} MB)")
+    print(
+        f"built {rows:,} readings in {time.perf_counter() - start:.1f}s -> {path} "
+        f"({os.path.getsize(path) / 1e6:.0f} MB)"
+    )
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -103,9 +110,22 @@ def start_server(db: str, certs: Path):
     leaf.cert_chain_pems[0].write_to_path(str(certs / "server.pem"))
     leaf.private_key_pem.write_to_path(str(certs / "server.key"))
     exe = Path(sys.executable).parent / "telemetry-query"
-    proc = subprocess.Popen([str(exe), "serve", "--db", db, "--listen", "127.0.0.1:0", "--cert",
-                             str(certs / "server.pem"), "--key", str(certs / "server.key")],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "serve",
+            "--db",
+            db,
+            "--listen",
+            "127.0.0.1:0",
+            "--cert",
+            str(certs / "server.pem"),
+            "--key",
+            str(certs / "server.key"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stderr:
         found = re.search(r"listening tls 127\.0\.0\.1:(\d+)", line)
         if found:
@@ -133,13 +153,19 @@ def main() -> None:
     def sid(sensor: str, metric: str) -> int:
         return int(sensor.split("-")[1]) * len(METRICS) + METRICS.index(metric) + 1
 
-    latest_sql = ("SELECT s.sensor, s.metric, r.ts, r.value, r.seq FROM series s JOIN readings r ON r.series = s.id"
-                  " AND r.ts = (SELECT max(ts) FROM readings WHERE series = s.id) {where}"
-                  " ORDER BY s.sensor, s.metric, r.boot DESC, r.seq DESC")
-    page_sql = ("SELECT ts, boot, seq, value FROM readings WHERE series = ? AND ts >= ?"
-                " ORDER BY ts ASC, boot ASC, seq ASC LIMIT 1001")
-    agg_sql = ("SELECT CAST(floor(ts / ?) AS INTEGER) AS k, count(*), min(value), max(value), sum(value)"
-               " FROM readings WHERE series = ? AND ts >= ? AND ts < ? GROUP BY k ORDER BY k")
+    latest_sql = (
+        "SELECT s.sensor, s.metric, r.ts, r.value, r.seq FROM series s JOIN readings r ON r.series = s.id"
+        " AND r.ts = (SELECT max(ts) FROM readings WHERE series = s.id) {where}"
+        " ORDER BY s.sensor, s.metric, r.boot DESC, r.seq DESC"
+    )
+    page_sql = (
+        "SELECT ts, boot, seq, value FROM readings WHERE series = ? AND ts >= ?"
+        " ORDER BY ts ASC, boot ASC, seq ASC LIMIT 1001"
+    )
+    agg_sql = (
+        "SELECT CAST(floor(ts / ?) AS INTEGER) AS k, count(*), min(value), max(value), sum(value)"
+        " FROM readings WHERE series = ? AND ts >= ? AND ts < ? GROUP BY k ORDER BY k"
+    )
 
     print("query plans:")
     for name, sql, params in [
@@ -190,8 +216,9 @@ def main() -> None:
                 def over_tls_agg():
                     sensor, metric = pick()
                     since = T0 + rng.uniform(0, DAY)
-                    result = client.request("aggregate", sensor=sensor, metric=metric, bucket=300, since=since,
-                                            until=since + DAY)
+                    result = client.request(
+                        "aggregate", sensor=sensor, metric=metric, bucket=300, since=since, until=since + DAY
+                    )
                     assert sum(b["count"] for b in result) >= DAY // STEP - 1
 
                 def direct_agg():
@@ -201,7 +228,9 @@ def main() -> None:
                 cases.append(("aggregate 24 h / 5 min", over_tls_agg, direct_agg))
 
                 print(f"\n{n} requests each, one TLS 1.3 connection, server in a child process (ms):")
-                print(f"  {'query':28s} {'tls p50':>8s} {'tls p99':>8s} {'sql p50':>8s} {'sql p99':>8s} {'ratio p50':>9s}")
+                print(
+                    f"  {'query':28s} {'tls p50':>8s} {'tls p99':>8s} {'sql p50':>8s} {'sql p99':>8s} {'ratio p50':>9s}"
+                )
                 for name, remote, local in cases:
                     for warm in (remote, local):
                         timed(warm, 5)

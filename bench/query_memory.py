@@ -60,7 +60,8 @@ def build(path: str) -> None:
         db.conn.execute("INSERT INTO series (id, sensor, metric) VALUES (1, 'heavy', 'v')")
         db.conn.executemany(
             "INSERT INTO readings (series, ts, boot, seq, value, received) VALUES (1, ?, 1, ?, ?, ?)",
-            [(1_764_000_000.0 + i * 0.37, i, 20 + (i % 997) / 7, 1_764_000_000.0 + i) for i in range(ROWS)])
+            [(1_764_000_000.0 + i * 0.37, i, 20 + (i % 997) / 7, 1_764_000_000.0 + i) for i in range(ROWS)],
+        )
         db.conn.execute("COMMIT")
     db.conn.close()
 
@@ -151,8 +152,10 @@ def main() -> None:
                 ping(probe)
             base = settle(proc.pid, 30)
             kernel0 = tcp_kernel_bytes()
-            print(f"server with defaults, {args.clients} clients, {args.requests} pipelined "
-                  f"10,000-row readings each (2-core VM shared with other jobs: figures vary)")
+            print(
+                f"server with defaults, {args.clients} clients, {args.requests} pipelined "
+                f"10,000-row readings each (2-core VM shared with other jobs: figures vary)"
+            )
             print(f"  baseline               RSS {mb(base['VmRSS'])}")
 
             idle = [tls_connect(ctx, port) for _ in range(args.clients)]
@@ -163,8 +166,7 @@ def main() -> None:
                 sock.close()
             settle(proc.pid, 30)  # the server has seen them go
             per_idle = (with_idle["VmRSS"] - base["VmRSS"]) / args.clients
-            print(f"  {args.clients} idle clients       RSS {mb(with_idle['VmRSS'])}  "
-                  f"({per_idle / 1e3:,.1f} kB each)")
+            print(f"  {args.clients} idle clients       RSS {mb(with_idle['VmRSS'])}  ({per_idle / 1e3:,.1f} kB each)")
 
             hogs = []
             for _ in range(args.clients):
@@ -181,14 +183,20 @@ def main() -> None:
             for sock in hogs:
                 sock.close()
             per_hog = (with_hogs["VmRSS"] - base["VmRSS"]) / args.clients
-            print(f"  {args.clients} non-reading hogs   RSS {mb(with_hogs['VmRSS'])}  "
-                  f"({per_hog / 1e3:,.1f} kB each); peak RSS {mb(with_hogs['VmHWM'])}")
+            print(
+                f"  {args.clients} non-reading hogs   RSS {mb(with_hogs['VmRSS'])}  "
+                f"({per_hog / 1e3:,.1f} kB each); peak RSS {mb(with_hogs['VmHWM'])}"
+            )
             evicted = sum("answers unread" in line for line in log_lines)
-            print(f"  hogs still connected at the end: {alive} of {args.clients}; "
-                  f"closed by the output budget (log lines): {evicted}")
+            print(
+                f"  hogs still connected at the end: {alive} of {args.clients}; "
+                f"closed by the output budget (log lines): {evicted}"
+            )
             print(f"  kernel TCP buffers (all sockets, not in RSS): {mb(kernel)}")
-            print(f"  fresh client's ping meanwhile: median {statistics.median(pings) * 1e3:.2f} ms, "
-                  f"worst {max(pings) * 1e3:.2f} ms")
+            print(
+                f"  fresh client's ping meanwhile: median {statistics.median(pings) * 1e3:.2f} ms, "
+                f"worst {max(pings) * 1e3:.2f} ms"
+            )
         finally:
             proc.terminate()
             proc.wait(30)

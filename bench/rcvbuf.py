@@ -49,11 +49,15 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=100_000, help="datagrams/s to size against (default 100,000)")
     args = parser.parse_args()
     print(f"asked {args.rcvbuf} bytes; net.core.rmem_max = {open('/proc/sys/net/core/rmem_max').read().strip()}")
-    print(f"{'payload B':>9}  {'granted B':>10}  {'held':>7}  {'B/datagram':>10}  {'ms at ' + format(args.rate, ',') + '/s':>14}")
+    print(
+        f"{'payload B':>9}  {'granted B':>10}  {'held':>7}  {'B/datagram':>10}  {'ms at ' + format(args.rate, ',') + '/s':>14}"
+    )
     for payload in (40, 75, 100, 200, 500):
         granted, count = held(args.rcvbuf, payload)
-        print(f"{payload:>9}  {granted:>10}  {count:>7}  {granted / max(count, 1):>10.0f}  "
-              f"{1000 * count / args.rate:>14.0f}")
+        print(
+            f"{payload:>9}  {granted:>10}  {count:>7}  {granted / max(count, 1):>10.0f}  "
+            f"{1000 * count / args.rate:>14.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,14 @@ def main() -> None:
             encode("sim-0001", i, readings, boot=1700000000, ts=1.7e9)
 
     def sim(rates: FaultRates):
-        cfg = SimConfig(targets=[resolve("127.0.0.1", port)], sensors=args.sensors, rate=None,
-                        count=args.count, seed=1, faults=rates)
+        cfg = SimConfig(
+            targets=[resolve("127.0.0.1", port)],
+            sensors=args.sensors,
+            rate=None,
+            count=args.count,
+            seed=1,
+            faults=rates,
+        )
         return lambda: run(cfg)
 
     base = best_rate(bare, n, args.repeat)
@@ -67,12 +73,12 @@ def main() -> None:
         ("bare sendto loop (one pre-encoded datagram)", base),
         ("collector.wire.encode only", best_rate(encode_only, n, args.repeat)),
         ("sensor-sim --rate max, no faults", best_rate(sim(FaultRates()), n, args.repeat)),
-        ("sensor-sim --rate max, loss/dup/reorder 0.05",
-         best_rate(sim(FaultRates(0.05, 0.05, 0.05)), n, args.repeat)),
+        ("sensor-sim --rate max, loss/dup/reorder 0.05", best_rate(sim(FaultRates(0.05, 0.05, 0.05)), n, args.repeat)),
     ]
     sink.close()
-    print(f"{args.sensors} sensors x {args.count} datagrams, {len(data)}-byte datagrams, "
-          f"best of {args.repeat}, one core")
+    print(
+        f"{args.sensors} sensors x {args.count} datagrams, {len(data)}-byte datagrams, best of {args.repeat}, one core"
+    )
     for name, rate in rows:
         print(f"  {name:<48} {rate:>10,.0f} /s   {rate / base:6.1%} of baseline")
 

@@ -87,17 +87,23 @@ def main() -> None:
         elapsed = time.monotonic() - started
         store.close()
         v3_bytes = file_bytes(v3_path)
-        print(f"workload: {args.sensors} sensors x {args.seconds} s: {datagrams} datagrams, {readings} readings "
-              f"(fed in {elapsed:.0f} s)")
-        print(f"v3 file: {v3_bytes} bytes = {v3_bytes / readings:.3f} bytes/reading (everything in the file: "
-              f"chunks, open heads' log, rollups, sensors, gaps, counters)")
+        print(
+            f"workload: {args.sensors} sensors x {args.seconds} s: {datagrams} datagrams, {readings} readings "
+            f"(fed in {elapsed:.0f} s)"
+        )
+        print(
+            f"v3 file: {v3_bytes} bytes = {v3_bytes / readings:.3f} bytes/reading (everything in the file: "
+            f"chunks, open heads' log, rollups, sensors, gaps, counters)"
+        )
         for name, size in tables(v3_path).items():
             print(f"  {name:24s} {size:>12d} bytes  {size / readings:.3f} B/reading")
         if v2 is not None:
             v2.close()
             v2_bytes = file_bytes(os.path.join(d, "v2.db"))
-            print(f"v2 file (baseline, same run): {v2_bytes} bytes = {v2_bytes / readings:.2f} bytes/reading; "
-                  f"v3/v2 = {v3_bytes / v2_bytes:.3f}")
+            print(
+                f"v2 file (baseline, same run): {v2_bytes} bytes = {v2_bytes / readings:.2f} bytes/reading; "
+                f"v3/v2 = {v3_bytes / v2_bytes:.3f}"
+            )
 
 
 def flush(store, core, v2, now: float) -> None:

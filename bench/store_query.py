@@ -39,9 +39,13 @@ LONG = "s07"
 
 def value(metric: str, s: int, t: int) -> float:
     day = math.sin(2 * math.pi * (t % 86400) / 86400)
-    return {"temp": round(20 + 5 * day + s * 0.1, 2), "hum": round(50 - 10 * day, 1),
-            "pressure": round(1013 + 3 * day, 2), "battery": round(3.9 - t * 1e-7, 3),
-            "count": float(t // 7)}[metric]
+    return {
+        "temp": round(20 + 5 * day + s * 0.1, 2),
+        "hum": round(50 - 10 * day, 1),
+        "pressure": round(1013 + 3 * day, 2),
+        "battery": round(3.9 - t * 1e-7, 3),
+        "count": float(t // 7),
+    }[metric]
 
 
 def build(path: str, sensors: int, days: int) -> None:
@@ -63,8 +67,12 @@ def build(path: str, sensors: int, days: int) -> None:
             ts = [T0 + start + i + (i * 7919 % 13) / 1000 for i in range(n)]
             # Before its last day the long sensor carries only temp (what the 30-day aggregate reads).
             metrics = METRICS if start >= seconds - 86400 else ("temp",)
-            head.extend(list(range(start + 1, start + 1 + n)), ts, [t + 0.0015 for t in ts],
-                        {m: [value(m, s, start + i) for i in range(n)] for m in metrics})
+            head.extend(
+                list(range(start + 1, start + 1 + n)),
+                ts,
+                [t + 0.0015 for t in ts],
+                {m: [value(m, s, start + i) for i in range(n)] for m in metrics},
+            )
             insert_chunk(conn, head.close(), 0, ids)
         if s % 5 == 4:
             conn.execute("COMMIT")
@@ -74,8 +82,12 @@ def build(path: str, sensors: int, days: int) -> None:
     now = T0 + seconds
     for i in range(300):
         for s in range(sensors):
-            core.receive(wire.encode(f"s{s:02d}", seconds + 1 + i, {m: value(m, s, seconds + i) for m in METRICS},
-                                     boot=1, ts=now + i), now + i)
+            core.receive(
+                wire.encode(
+                    f"s{s:02d}", seconds + 1 + i, {m: value(m, s, seconds + i) for m in METRICS}, boot=1, ts=now + i
+                ),
+                now + i,
+            )
         if i % 10 == 9:
             assert store.flush(core, now + i)
     assert store.flush(core, now + 300)
@@ -108,30 +120,59 @@ def main() -> None:
         t = time.monotonic()
         build(path, args.sensors, args.days)
         readings = len(METRICS) * (args.sensors * 86400 + args.sensors * 300) + (args.days - 1) * 86400
-        print(f"built {readings / 1e6:.1f} M readings ({args.sensors} sensors x {len(METRICS)} metrics x 1 Hz x "
-              f"1 d, s07 {args.days} d) in {time.monotonic() - t:.0f} s: {os.path.getsize(path) / 1e6:.1f} MB")
+        print(
+            f"built {readings / 1e6:.1f} M readings ({args.sensors} sensors x {len(METRICS)} metrics x 1 Hz x "
+            f"1 d, s07 {args.days} d) in {time.monotonic() - t:.0f} s: {os.path.getsize(path) / 1e6:.1f} MB"
+        )
         ops = Ops(schema.open_reader(path))
         end = T0 + args.days * 86400
         cases = {
             "latest (one sensor)": {"op": "latest", "sensor": "s07"},
             "latest (all 100 series)": {"op": "latest"},
-            "readings, 1,000-row page mid-range": {"op": "readings", "sensor": "s07", "metric": "temp",
-                                                   "since": end - 5 * 86400, "limit": 1000},
-            "readings, 1,000-row page, newest (desc)": {"op": "readings", "sensor": "s07", "metric": "temp",
-                                                        "order": "desc", "limit": 1000},
-            f"aggregate {args.days} d in 1 h buckets": {"op": "aggregate", "sensor": "s07", "metric": "temp",
-                                                        "bucket": 3600, "since": T0 - T0 % 3600},
-            "aggregate 1 d in 5 min buckets (rollups)": {"op": "aggregate", "sensor": "s07", "metric": "temp",
-                                                         "bucket": 300, "since": end - 86400 - end % 300},
-            "aggregate 1 h in 7 s buckets (raw)": {"op": "aggregate", "sensor": "s07", "metric": "temp",
-                                                   "bucket": 7, "since": end - 3600},
+            "readings, 1,000-row page mid-range": {
+                "op": "readings",
+                "sensor": "s07",
+                "metric": "temp",
+                "since": end - 5 * 86400,
+                "limit": 1000,
+            },
+            "readings, 1,000-row page, newest (desc)": {
+                "op": "readings",
+                "sensor": "s07",
+                "metric": "temp",
+                "order": "desc",
+                "limit": 1000,
+            },
+            f"aggregate {args.days} d in 1 h buckets": {
+                "op": "aggregate",
+                "sensor": "s07",
+                "metric": "temp",
+                "bucket": 3600,
+                "since": T0 - T0 % 3600,
+            },
+            "aggregate 1 d in 5 min buckets (rollups)": {
+                "op": "aggregate",
+                "sensor": "s07",
+                "metric": "temp",
+                "bucket": 300,
+                "since": end - 86400 - end % 300,
+            },
+            "aggregate 1 h in 7 s buckets (raw)": {
+                "op": "aggregate",
+                "sensor": "s07",
+                "metric": "temp",
+                "bucket": 7,
+                "since": end - 3600,
+            },
         }
         try:
             for name, params in cases.items():
                 timed(ops, params, 3)  # warm the cache
                 xs = timed(ops, params, args.n)
-                print(f"{name:45s} p50 {statistics.median(xs):7.2f} ms   p99 {pct(xs, 0.99):7.2f} ms   "
-                      f"(resolution {ops.meta.get('resolution', '-')})")
+                print(
+                    f"{name:45s} p50 {statistics.median(xs):7.2f} ms   p99 {pct(xs, 0.99):7.2f} ms   "
+                    f"(resolution {ops.meta.get('resolution', '-')})"
+                )
         finally:
             ops.close()
 

@@ -60,8 +60,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         db = os.path.join(d, "wa.db")
         log = open(os.path.join(d, "collector.log"), "w+")
-        collector = subprocess.Popen([str(BIN / "telemetry-collector"), "--db", db, "--listen", "127.0.0.1:0"],
-                                     stderr=log, stdout=subprocess.DEVNULL)
+        collector = subprocess.Popen(
+            [str(BIN / "telemetry-collector"), "--db", db, "--listen", "127.0.0.1:0"],
+            stderr=log,
+            stdout=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 30
             port = None
@@ -72,10 +75,23 @@ def main() -> None:
                 port = int(found.group(1)) if found else None
                 time.sleep(0.1)
             w0, c0, t0 = io_write_bytes(collector.pid), cpu_seconds(collector.pid), time.monotonic()
-            sim = subprocess.Popen([str(BIN / "sensor-sim"), "--target", f"127.0.0.1:{port}", "--sensors",
-                                    str(args.sensors), "--rate", str(args.rate), "--duration", str(args.duration),
-                                    "--metrics", "temp,hum,battery"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            sim = subprocess.Popen(
+                [
+                    str(BIN / "sensor-sim"),
+                    "--target",
+                    f"127.0.0.1:{port}",
+                    "--sensors",
+                    str(args.sensors),
+                    "--rate",
+                    str(args.rate),
+                    "--duration",
+                    str(args.duration),
+                    "--metrics",
+                    "temp,hum,battery",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             shares = []
             last_c, last_t = c0, t0
             while sim.poll() is None and time.monotonic() - t0 < args.duration + 60:
@@ -97,16 +113,23 @@ def main() -> None:
                 collector.wait()
         from collector import wire  # noqa: PLC0415
 
-        size = len(wire.encode("sim-0001", 123456, {"temp": 21.37, "hum": 45.6, "battery": 3.912}, boot=1234567,
-                               ts=1_700_000_000.123))
+        size = len(
+            wire.encode(
+                "sim-0001", 123456, {"temp": 21.37, "hum": 45.6, "battery": 3.912}, boot=1234567, ts=1_700_000_000.123
+            )
+        )
         received_bytes = int(c["received"]) * size
-        print(f"{args.sensors} sensors x {args.rate} Hz x 3 readings for {args.duration:g} s: "
-              f"received {int(c['received'])} datagrams (~{size} B each, {received_bytes / 1e6:.1f} MB), "
-              f"stored {int(c['stored'])}, kernel_drops {int(c['kernel_drops'])}")
+        print(
+            f"{args.sensors} sensors x {args.rate} Hz x 3 readings for {args.duration:g} s: "
+            f"received {int(c['received'])} datagrams (~{size} B each, {received_bytes / 1e6:.1f} MB), "
+            f"stored {int(c['stored'])}, kernel_drops {int(c['kernel_drops'])}"
+        )
         written = w1 - w0
-        print(f"collector wrote {written / 1e6:.1f} MB (/proc/PID/io write_bytes): "
-              f"{written / max(received_bytes, 1):.2f} bytes written per datagram byte received; "
-              f"database + WAL at the end {file_bytes / 1e6:.1f} MB")
+        print(
+            f"collector wrote {written / 1e6:.1f} MB (/proc/PID/io write_bytes): "
+            f"{written / max(received_bytes, 1):.2f} bytes written per datagram byte received; "
+            f"database + WAL at the end {file_bytes / 1e6:.1f} MB"
+        )
         print("collector CPU share per 10 s:", " ".join(f"{s:.2f}" for s in shares))
 
 

@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5, help="runs per stream; the best is shown")
     args = ap.parse_args()
     rng = random.Random(1)
+
     # Calibrate: the bare loop calling a trivial method, to read the figures against.
     class Empty:
         def observe(self, boot, seq, now):  # noqa: ANN001
@@ -80,8 +81,10 @@ def main() -> None:
     for name, make in (("in order", in_order), ("lossy 5%", lossy), ("reordered 5% + dup 1%", reordered)):
         seqs = make(args.count, rng)
         ns, t = ns_per_observe(seqs, args.repeat)
-        print(f"{name:30} {ns:7.0f} ns/observe  ({len(seqs)} calls: lost={t.lost} "
-              f"reordered={t.reordered} duplicates={t.duplicates} open gaps={len(t.open_gaps())})")
+        print(
+            f"{name:30} {ns:7.0f} ns/observe  ({len(seqs)} calls: lost={t.lost} "
+            f"reordered={t.reordered} duplicates={t.duplicates} open gaps={len(t.open_gaps())})"
+        )
 
 
 if __name__ == "__main__":

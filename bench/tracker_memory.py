@@ -77,9 +77,14 @@ def run(mode: str, sensors: int, datagrams: int, loss: float, seed: int) -> dict
     tracemalloc.stop()
     gaps = sum(len(t.open_gaps()) for t in trackers)
     return {
-        "mode": mode, "sensors": sensors, "datagrams": datagrams, "loss": loss if mode == "fleet" else 0.5,
-        "observe_calls": calls, "seconds": round(elapsed, 1),
-        "bytes_per_sensor": round(held / sensors), "empty_tracker_bytes": round(per_empty),
+        "mode": mode,
+        "sensors": sensors,
+        "datagrams": datagrams,
+        "loss": loss if mode == "fleet" else 0.5,
+        "observe_calls": calls,
+        "seconds": round(elapsed, 1),
+        "bytes_per_sensor": round(held / sensors),
+        "empty_tracker_bytes": round(per_empty),
         "open_gaps_per_sensor": round(gaps / sensors, 1),
         "rss_growth_mib": round((_rss_kib() - rss0) / 1024, 1),
     }
@@ -99,16 +104,30 @@ def main() -> None:
         print(json.dumps(run(mode, int(sensors), int(datagrams), args.loss, args.seed)))
         return
     for mode, sensors, datagrams in (("fleet", args.sensors, args.datagrams), ("worst", args.worst_sensors, 0)):
-        out = subprocess.run([sys.executable, __file__, "--child", f"{mode}:{sensors}:{datagrams}",
-                              "--loss", str(args.loss), "--seed", str(args.seed)],
-                             capture_output=True, text=True, timeout=3600)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                f"{mode}:{sensors}:{datagrams}",
+                "--loss",
+                str(args.loss),
+                "--seed",
+                str(args.seed),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
         if out.returncode != 0:
             sys.exit(out.stderr)
         r = json.loads(out.stdout)
-        print(f"{r['mode']:5}  {r['sensors']} sensors x {r['datagrams']} seqs, loss {r['loss']:.0%}: "
-              f"{r['bytes_per_sensor']:,} bytes per sensor (empty tracker {r['empty_tracker_bytes']} bytes), "
-              f"{r['open_gaps_per_sensor']} open gaps per sensor, RSS +{r['rss_growth_mib']} MiB, "
-              f"{r['observe_calls']:,} observe() in {r['seconds']} s")
+        print(
+            f"{r['mode']:5}  {r['sensors']} sensors x {r['datagrams']} seqs, loss {r['loss']:.0%}: "
+            f"{r['bytes_per_sensor']:,} bytes per sensor (empty tracker {r['empty_tracker_bytes']} bytes), "
+            f"{r['open_gaps_per_sensor']} open gaps per sensor, RSS +{r['rss_growth_mib']} MiB, "
+            f"{r['observe_calls']:,} observe() in {r['seconds']} s"
+        )
 
 
 if __name__ == "__main__":

@@ -59,16 +59,28 @@ def fill(path: str, minutes: float, rate: int, sensors: int, seed: int) -> tuple
             seqs = list(range(seq[i] + 1, seq[i] + per_sensor + 1))
             seq[i] += per_sensor
             ts = [t0 + second + k / per_sensor for k in range(per_sensor)]
-            groups.append(Group(f"bench-{i:04d}", 1, seqs, ts, [t + 0.001 for t in ts],
-                                {"temp": [round(rng.uniform(15, 25), 2) for _ in seqs],
-                                 "hum": [round(rng.uniform(30, 60), 1) for _ in seqs]}))
+            groups.append(
+                Group(
+                    f"bench-{i:04d}",
+                    1,
+                    seqs,
+                    ts,
+                    [t + 0.001 for t in ts],
+                    {
+                        "temp": [round(rng.uniform(15, 25), 2) for _ in seqs],
+                        "hum": [round(rng.uniform(30, 60), 1) for _ in seqs],
+                    },
+                )
+            )
         conn.execute("BEGIN")
         ingestlog.append(conn, t0 + second + 1, groups)
         for i in range(sensors):
-            conn.execute("INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings) VALUES (?, ?, ?, ?, ?) "
-                         "ON CONFLICT (sensor) DO UPDATE SET last_seen = excluded.last_seen, "
-                         "datagrams = excluded.datagrams, readings = excluded.readings",
-                         (f"bench-{i:04d}", t0, t0 + second + 1, seq[i], 2 * seq[i]))
+            conn.execute(
+                "INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (sensor) DO UPDATE SET last_seen = excluded.last_seen, "
+                "datagrams = excluded.datagrams, readings = excluded.readings",
+                (f"bench-{i:04d}", t0, t0 + second + 1, seq[i], 2 * seq[i]),
+            )
         conn.execute("COMMIT")
         entries += 1
         readings += 2 * per_sensor * sensors
@@ -89,8 +101,11 @@ def start_nats(workdir: Path) -> tuple[subprocess.Popen, str]:
     if binary is None:
         sys.exit("nats-server is not installed: apt-get install nats-server")
     log = workdir / "nats.log"
-    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(workdir / "js")],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [binary, "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(workdir / "js")],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace")
@@ -111,8 +126,20 @@ def position(db: str) -> int:
 
 def drain(db: str, name: str, url: str, entries: int, workdir: Path, timeout: float) -> dict:
     log = workdir / f"uplink-{name}.log"
-    cmd = [str(BIN / "telemetry-uplink"), "run", "--db", db, "--gateway", name, "--servers", url,
-           "--status-interval", "3600", "--poll-interval", "0.05"]
+    cmd = [
+        str(BIN / "telemetry-uplink"),
+        "run",
+        "--db",
+        db,
+        "--gateway",
+        name,
+        "--servers",
+        url,
+        "--status-interval",
+        "3600",
+        "--poll-interval",
+        "0.05",
+    ]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     peak = 0
@@ -152,7 +179,9 @@ def consume(url: str, total: int, workdir: Path, timeout: float) -> dict:
     try:
         while central_readings(central) < total:
             if proc.poll() is not None or time.monotonic() - start > timeout:
-                raise SystemExit(f"consumer stopped or timed out at {central_readings(central)}: {log.read_text()[-800:]}")
+                raise SystemExit(
+                    f"consumer stopped or timed out at {central_readings(central)}: {log.read_text()[-800:]}"
+                )
             peak = max(peak, vm_hwm_kb(proc.pid) or 0)
             time.sleep(0.05)
         elapsed = time.monotonic() - start
@@ -166,9 +195,19 @@ def ingest_rate() -> float | None:
     spec = importlib.util.spec_from_file_location("bench_ingest", ROOT / "bench" / "ingest.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    args = argparse.Namespace(seconds=2.0, sensors=100, start=25_000, max_rate=400_000, bisect_steps=2,
-                              collector_core=0, sender_core=1, flush_interval=1.0, batch_size=20_000,
-                              rcvbuf=8 * 1024 * 1024, signed=False)
+    args = argparse.Namespace(
+        seconds=2.0,
+        sensors=100,
+        start=25_000,
+        max_rate=400_000,
+        bisect_steps=2,
+        collector_core=0,
+        sender_core=1,
+        flush_interval=1.0,
+        batch_size=20_000,
+        rcvbuf=8 * 1024 * 1024,
+        signed=False,
+    )
     if (os.cpu_count() or 1) < 2:
         args.collector_core = args.sender_core = None
     with tempfile.TemporaryDirectory() as wd:
@@ -191,8 +230,11 @@ def main() -> None:
         workdir = Path(wd)
         nats, url = start_nats(workdir)
         try:
-            print(f"backlog: {args.minutes:g} min at {args.rate:,} readings/s, {args.sensors} sensors, "
-                  f"{args.gateways} gateways (one uplink each, one after the other)", flush=True)
+            print(
+                f"backlog: {args.minutes:g} min at {args.rate:,} readings/s, {args.sensors} sensors, "
+                f"{args.gateways} gateways (one uplink each, one after the other)",
+                flush=True,
+            )
             drains = []
             total = 0
             for g in range(args.gateways):
@@ -202,12 +244,17 @@ def main() -> None:
                 r["readings"] = readings
                 drains.append(r)
                 total += readings
-                print(f"  site-{g}: {readings:,} readings in {entries} entries drained in {r['elapsed']:.2f} s = "
-                      f"{readings / r['elapsed']:,.0f} readings/s; uplink peak RSS {r['peak_rss_kb'] / 1024:.1f} MB",
-                      flush=True)
+                print(
+                    f"  site-{g}: {readings:,} readings in {entries} entries drained in {r['elapsed']:.2f} s = "
+                    f"{readings / r['elapsed']:,.0f} readings/s; uplink peak RSS {r['peak_rss_kb'] / 1024:.1f} MB",
+                    flush=True,
+                )
             c = consume(url, total, workdir, args.timeout)
-            print(f"  central consumer: {c['stored']:,} readings of {args.gateways} gateways in {c['elapsed']:.2f} s = "
-                  f"{c['stored'] / c['elapsed']:,.0f} readings/s; peak RSS {c['peak_rss_kb'] / 1024:.1f} MB", flush=True)
+            print(
+                f"  central consumer: {c['stored']:,} readings of {args.gateways} gateways in {c['elapsed']:.2f} s = "
+                f"{c['stored'] / c['elapsed']:,.0f} readings/s; peak RSS {c['peak_rss_kb'] / 1024:.1f} MB",
+                flush=True,
+            )
         finally:
             nats.terminate()
             nats.wait(30)
@@ -215,17 +262,23 @@ def main() -> None:
     median = rates[len(rates) // 2]
     hour = 10_000 * 3600
     print()
-    print(f"uplink forward rate (median of {len(rates)}): {median:,.0f} readings/s; peak RSS "
-          f"{max(r['peak_rss_kb'] for r in drains) / 1024:.1f} MB (target < 60 MB)")
-    print(f"catch-up after 1 h at 10,000 readings/s ({hour:,} readings), extrapolated: {hour / median:.0f} s "
-          f"(target < 120 s)")
+    print(
+        f"uplink forward rate (median of {len(rates)}): {median:,.0f} readings/s; peak RSS "
+        f"{max(r['peak_rss_kb'] for r in drains) / 1024:.1f} MB (target < 60 MB)"
+    )
+    print(
+        f"catch-up after 1 h at 10,000 readings/s ({hour:,} readings), extrapolated: {hour / median:.0f} s "
+        f"(target < 120 s)"
+    )
     print(f"central consumer: {c['stored'] / c['elapsed']:,.0f} readings/s")
     if not args.skip_ingest:
         print("collector zero-loss ingest, same run (bench/ingest.py search):", flush=True)
         ingest = ingest_rate()
         if ingest:
-            print(f"collector ingest: {ingest:,.0f} readings/s; ratio uplink forward / ingest = {median / ingest:.2f} "
-                  f"(target >= 1); central consumer / (3 x ingest) = {c['stored'] / c['elapsed'] / (3 * ingest):.2f}")
+            print(
+                f"collector ingest: {ingest:,.0f} readings/s; ratio uplink forward / ingest = {median / ingest:.2f} "
+                f"(target >= 1); central consumer / (3 x ingest) = {c['stored'] / c['elapsed'] / (3 * ingest):.2f}"
+            )
     print(f"(machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}: shared, figures are indicative)")
 
 

@@ -42,7 +42,7 @@ from sensor_sim.signals import MODELS  # noqa: E402
 METRICS = ("temp", "hum", "pressure", "battery", "counter")
 # 2026-12-01 00:00:00 UTC: a midnight start puts the whole daily cycle in the day.
 T0 = 1_764_547_200.0
-JITTER_S = 0.002          # sigma of the sensor's send schedule
+JITTER_S = 0.002  # sigma of the sensor's send schedule
 LATENCY_MEDIAN_S = 0.0015  # sensor -> gateway, log-normal
 LATENCY_SIGMA = 0.6
 LATENCY_MIN_S, LATENCY_MAX_S = 0.0003, 0.010
@@ -118,8 +118,9 @@ class Workload:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Example: .venv/bin/python bench/workload.py --seconds 3600")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="Example: .venv/bin/python bench/workload.py --seconds 3600"
+    )
     p.add_argument("--sensors", type=int, default=20)
     p.add_argument("--seconds", type=int, default=86_400)
     p.add_argument("--seed", type=int, default=1)
@@ -135,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             print(row)
         n += 1
     took = time.perf_counter() - start
-    print(f"{n} datagrams, {n * len(w.metrics)} readings from {a.sensors} sensors over {a.seconds} s "
-          f"(seed {a.seed}); generated in {took:.1f} s")
+    print(
+        f"{n} datagrams, {n * len(w.metrics)} readings from {a.sensors} sensors over {a.seconds} s "
+        f"(seed {a.seed}); generated in {took:.1f} s"
+    )
     return 0
 
 

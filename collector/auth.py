@@ -94,8 +94,7 @@ def verify(data: bytes, keyring: dict[str, bytes]) -> tuple[bytes, str]:
         raise DecodeError("bad_envelope", "key id is not a 1-64 byte str in its smallest form")
     body_start = kid_start + kid_len
     tag_start = n - TAG_BYTES
-    if n < _MIN_SIGNED_BYTES or body_start + 1 > tag_start - 2 or \
-            data[tag_start - 2:tag_start] != _TAG_HEADER:
+    if n < _MIN_SIGNED_BYTES or body_start + 1 > tag_start - 2 or data[tag_start - 2 : tag_start] != _TAG_HEADER:
         raise DecodeError("bad_envelope", "no 16-byte bin tag after the body")
     try:
         key_id = bytes(data[kid_start:body_start]).decode("ascii")
@@ -108,7 +107,7 @@ def verify(data: bytes, keyring: dict[str, bytes]) -> tuple[bytes, str]:
         raise DecodeError("unknown_key", f"no key {key_id!r}")
     if not hmac.compare_digest(_tag(key, data[:tag_start]), data[tag_start:]):
         raise DecodeError("bad_mac", f"tag does not match key {key_id!r}")
-    return bytes(data[body_start:tag_start - 2]), key_id
+    return bytes(data[body_start : tag_start - 2]), key_id
 
 
 def refuse_plain(data: bytes) -> DecodeError:
@@ -151,8 +150,10 @@ def parse_key(text: str) -> bytes:
         raise ConfigError("a key must be an even number of hex digits")
     key = bytes.fromhex(text)
     if not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
-        raise ConfigError(f"a key must be {MIN_KEY_BYTES}-{MAX_KEY_BYTES} bytes "
-                          f"({2 * MIN_KEY_BYTES}-{2 * MAX_KEY_BYTES} hex digits), not {len(key)}")
+        raise ConfigError(
+            f"a key must be {MIN_KEY_BYTES}-{MAX_KEY_BYTES} bytes "
+            f"({2 * MIN_KEY_BYTES}-{2 * MAX_KEY_BYTES} hex digits), not {len(key)}"
+        )
     return key
 
 
@@ -174,8 +175,9 @@ def load_keys(path: str | os.PathLike) -> dict[str, bytes]:
             raise ConfigError(f"key file {path}: not a regular file")
         mode = stat.S_IMODE(st.st_mode)
         if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
-            raise ConfigError(f"key file {path} is mode {mode:04o}, readable or writable by "
-                              f"others: run chmod 600 {path}")
+            raise ConfigError(
+                f"key file {path} is mode {mode:04o}, readable or writable by others: run chmod 600 {path}"
+            )
         chunks, size = [], 0
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)

@@ -49,11 +49,11 @@ from operator import add, mul, sub
 Number = int | float
 
 VERSION = 1
-MAX_ROWS = 65_536          # datagrams in one chunk
-MAX_METRICS = 256          # collector/tuning.py MAX_SERIES_PER_SENSOR
-MAX_NAME_BYTES = 255       # wire names are at most 64 bytes
-MAX_CELLS = 2**21          # rows x (3 + metrics): bounds a decoded chunk (~64 MiB of Python objects)
-MAX_DECIMALS = 18          # largest decimal scale tried; 10**18 < 2**63
+MAX_ROWS = 65_536  # datagrams in one chunk
+MAX_METRICS = 256  # collector/tuning.py MAX_SERIES_PER_SENSOR
+MAX_NAME_BYTES = 255  # wire names are at most 64 bytes
+MAX_CELLS = 2**21  # rows x (3 + metrics): bounds a decoded chunk (~64 MiB of Python objects)
+MAX_DECIMALS = 18  # largest decimal scale tried; 10**18 < 2**63
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # The decompressed body can never be larger than this for MAX_CELLS cells:
 # per cell at most 8 bytes of stream, 8+10 bytes as an exception, 2 bits of
@@ -63,15 +63,15 @@ ZLIB_LEVEL = 9
 
 # Column flags (one byte per column)
 _HAS_NULLS = 0x01
-_KIND_SHIFT = 1            # bits 1-2: 0 all int, 1 all float, 2 mixed, 3 all null
+_KIND_SHIFT = 1  # bits 1-2: 0 all int, 1 all float, 2 mixed, 3 all null
 _KIND_INT, _KIND_FLOAT, _KIND_MIXED, _KIND_EMPTY = 0, 1, 2, 3
-_RELATIVE = 0x08           # float ints are stored as differences from the ts column's
+_RELATIVE = 0x08  # float ints are stored as differences from the ts column's
 # Float representation byte
-_REP_BITS = 0xFF           # the float64's 64 bits as a signed int64
+_REP_BITS = 0xFF  # the float64's 64 bits as a signed int64
 # Integer stream: transform (high nibble) and width code (low nibble)
 _RAW, _DELTA, _DOD, _LINEAR = 0, 1, 2, 3
 _HEADS = {_RAW: 0, _DELTA: 1, _DOD: 2, _LINEAR: 2}  # varints before the body
-_SKIP = {_RAW: 0, _DELTA: 1, _DOD: 2, _LINEAR: 1}   # values the body does not hold
+_SKIP = {_RAW: 0, _DELTA: 1, _DOD: 2, _LINEAR: 1}  # values the body does not hold
 _WIDTHS = (0, 1, 2, 4, 8)
 _TYPECODE = {1: "b", 2: "h", 4: "i", 8: "q"}
 _LIMIT = {0: 0, 1: 2**7, 2: 2**15, 4: 2**31, 8: 2**63}
@@ -85,6 +85,7 @@ class ChunkError(ValueError):
 
 
 # ---------------------------------------------------------------- varints
+
 
 def _uvarint(out: bytearray, n: int) -> None:
     while n > 0x7F:
@@ -132,12 +133,13 @@ class _Reader:
         end = self.pos + n
         if n < 0 or end > len(self.buf):
             raise ChunkError("chunk body truncated")
-        out = self.buf[self.pos:end]
+        out = self.buf[self.pos : end]
         self.pos = end
         return out
 
 
 # ---------------------------------------------------------- integer streams
+
 
 def _width(body: list[int]) -> int | None:
     if not body:
@@ -202,7 +204,7 @@ def _cost(packed: bytes, w: int) -> int:
     total = 0
     for b in range(w):
         c = zlib.compressobj(1, zlib.DEFLATED, -15, 1, zlib.Z_RLE)
-        total += len(c.compress(packed[b * n:(b + 1) * n])) + len(c.flush())
+        total += len(c.compress(packed[b * n : (b + 1) * n])) + len(c.flush())
     return total
 
 
@@ -281,7 +283,7 @@ def _decode_int_stream(r: _Reader, count: int) -> list[int]:
         if w > 1:
             buf = bytearray(n * w)
             for b in range(w):
-                buf[b::w] = raw[b * n:(b + 1) * n]
+                buf[b::w] = raw[b * n : (b + 1) * n]
             raw = buf
         arr = array(_TYPECODE[w])
         arr.frombytes(raw)
@@ -323,8 +325,7 @@ def _decimal_ints(xs: list[float], k: int) -> tuple[list[int], list[tuple[int, f
     f = _POW10[k]
     try:  # the common case, in C loops: every value fits
         ns = list(map(round, map(f.__mul__, xs)))
-        if (max(ns) < 2**62 and min(ns) > -(2**62)
-                and _bits(list(map(f.__rtruediv__, ns))) == _bits(xs)):
+        if max(ns) < 2**62 and min(ns) > -(2**62) and _bits(list(map(f.__rtruediv__, ns))) == _bits(xs):
             return ns, []
     except (OverflowError, ValueError):
         pass
@@ -420,6 +421,7 @@ def _decode_exceptions(r: _Reader, count: int) -> list[tuple[int, float]]:
 
 
 # ----------------------------------------------------------------- bitmaps
+
 
 def _bitmap(flags: list[bool]) -> bytes:
     out = bytearray((len(flags) + 7) // 8)
@@ -522,8 +524,9 @@ def _rescale(base_rep: int | None, rep: int) -> int | None:
     return 10 ** (rep - base_rep)
 
 
-def _decode_column(r: _Reader, rows: int, base: tuple[int, list[int]] | None
-                   ) -> tuple[list, tuple[int, list[int]] | None]:
+def _decode_column(
+    r: _Reader, rows: int, base: tuple[int, list[int]] | None
+) -> tuple[list, tuple[int, list[int]] | None]:
     flags = r.byte()
     if flags & ~(_HAS_NULLS | (3 << _KIND_SHIFT) | _RELATIVE):
         raise ChunkError(f"chunk column flags {flags:#x}")
@@ -584,6 +587,7 @@ def _decode_column(r: _Reader, rows: int, base: tuple[int, list[int]] | None
 
 # -------------------------------------------------------------- the chunk
 
+
 class _Body(bytearray):
     """The body being built, with the offsets where a new deflate block should start."""
 
@@ -621,8 +625,14 @@ def _deflate_with(body: _Body, strategy: int) -> bytes:
     return b"".join(parts)
 
 
-def encode_chunk(seqs: list[int], ts: list[float], received: list[float],
-                 metrics: dict[str, list[Number | None]], *, fast: bool = False) -> bytes:
+def encode_chunk(
+    seqs: list[int],
+    ts: list[float],
+    received: list[float],
+    metrics: dict[str, list[Number | None]],
+    *,
+    fast: bool = False,
+) -> bytes:
     """One chunk's columns -> bytes (decode_chunk is the exact inverse).
 
     Every column has one value per datagram (row); a metric's value is None
@@ -673,8 +683,16 @@ def decode_chunk(blob: bytes) -> tuple[list[int], list[float], list[float], dict
         return _decode(blob)
     except ChunkError:
         raise
-    except (ValueError, TypeError, IndexError, OverflowError, MemoryError, StopIteration,
-            struct.error, zlib.error) as exc:
+    except (
+        ValueError,
+        TypeError,
+        IndexError,
+        OverflowError,
+        MemoryError,
+        StopIteration,
+        struct.error,
+        zlib.error,
+    ) as exc:
         raise ChunkError(f"chunk is corrupt ({type(exc).__name__}: {exc})") from None
 
 
@@ -719,6 +737,7 @@ def _decode(blob: bytes) -> tuple:
 
 
 # --------------------------------------------------------------- statistics
+
 
 def chunk_stats(ts: list[float], values: list[Number | None]) -> tuple:
     """(count, min, max, sum, first_ts, last_ts) of one metric column of a chunk.

@@ -202,8 +202,17 @@ class Head:
             if s is not None:
                 stats[name] = s
                 rollups[name] = rollup(self.ts, col)
-        return ChunkRow(self.sensor, self.boot, len(self.seqs), min(self.received), max(self.received),
-                        zlib.crc32(blob), blob, stats, rollups)
+        return ChunkRow(
+            self.sensor,
+            self.boot,
+            len(self.seqs),
+            min(self.received),
+            max(self.received),
+            zlib.crc32(blob),
+            blob,
+            stats,
+            rollups,
+        )
 
     def copy(self) -> Head:
         h = Head(self.sensor, self.boot, self.first_log_id, self.opened)
@@ -214,14 +223,14 @@ class Head:
         return h
 
 
-def chunk_rows_from_columns(sensor: str, boot: int, seqs, ts, received, metrics: dict[str, list],
-                            size: int) -> list[ChunkRow]:
+def chunk_rows_from_columns(
+    sensor: str, boot: int, seqs, ts, received, metrics: dict[str, list], size: int
+) -> list[ChunkRow]:
     """Cut columns (arrival order) into chunk rows of at most `size` datagrams (the migration)."""
     out = []
     for start in range(0, len(seqs), size):
         end = start + size
         head = Head(sensor, boot, 0, received[start])
-        head.extend(seqs[start:end], ts[start:end], received[start:end],
-                    {k: v[start:end] for k, v in metrics.items()})
+        head.extend(seqs[start:end], ts[start:end], received[start:end], {k: v[start:end] for k, v in metrics.items()})
         out.append(head.close())
     return out

@@ -122,8 +122,9 @@ def _size(value) -> Size:
         raise ValueError(f"{value!r} is not a size such as 500M or 2G") from None
     size = int(number * _SIZES[unit])
     if size < MIN_DISK_BYTES:
-        raise ValueError(f"{value!r}: at least {MIN_DISK_BYTES // 1024**2} MiB (the schema, the heads' log and "
-                         "the WAL need room)")
+        raise ValueError(
+            f"{value!r}: at least {MIN_DISK_BYTES // 1024**2} MiB (the schema, the heads' log and the WAL need room)"
+        )
     out = Size(str(value))
     out.bytes = size
     return out
@@ -135,61 +136,161 @@ MIN_DISK_BYTES = 1024**2
 # Each setting once: flag, TELEMETRY_COLLECTOR_* variable, [collector] key,
 # default and help (deploy/gateway.toml documents the same keys; a test checks).
 SETTINGS = [
-    config.Setting("db", _db_path, tuning.DEFAULT_DB_PATH, metavar="PATH",
-                   help="SQLite database file, created if missing."),
-    config.Setting("listen", _listen, ((tuning.DEFAULT_LISTEN_HOST, tuning.DEFAULT_UDP_PORT),), multiple=True,
-                   metavar="HOST:PORT",
-                   help="Unicast address to receive on; repeat for more; IPv6 as [::1]:PORT."),
-    config.Setting("multicast", _group, (), multiple=True, metavar="GROUP[:PORT]",
-                   help="Multicast group to join (IPv4 or IPv6, [ff15::1]:PORT); repeat for more.  "
-                        "The port defaults to the first --listen port."),
-    config.Setting("multicast_interface", config.string, None, metavar="ADDR|IFNAME",
-                   default_text="the kernel's route", help="Interface to join groups on, by address or name."),
-    config.Setting("flush_interval", config.positive_float, tuning.DEFAULT_FLUSH_INTERVAL_S, metavar="SECONDS",
-                   flag_parse=_positive(float), help="Write a batch at least this often."),
-    config.Setting("batch_size", config.positive_int, tuning.DEFAULT_BATCH_ROWS, metavar="ROWS",
-                   flag_parse=_positive(int), help="Write a batch when this many readings wait."),
-    config.Setting("rcvbuf", _rcvbuf, tuning.DEFAULT_RCVBUF_BYTES, metavar="BYTES",
-                   flag_parse=_positive(int, _rcvbuf), help="Socket receive buffer to ask for."),
-    config.Setting("status_interval", config.positive_float, tuning.DEFAULT_STATUS_INTERVAL_S, metavar="SECONDS",
-                   flag_parse=_positive(float), help="Log a status line this often."),
-    config.Setting("keys", config.string, None, metavar="FILE",
-                   help="Key file for signed datagrams: one 'key_id = hex' per line, not readable by others; "
-                        "SIGHUP reloads it.  See docs/SECURITY.md."),
-    config.Setting("require_auth", config.boolean, False,
-                   help="Reject unsigned datagrams (not_signed).  Needs --keys."),
-    config.Setting("metrics", config.metrics_address, None, metavar="HOST:PORT", default_text="off",
-                   help="Serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (e.g. 127.0.0.1:9739); "
-                        "no authentication: bind loopback or a management network."),
-    config.Setting("metrics_sensors", _count, 0, metavar="N",
-                   help="Also export per-sensor metrics (label sensor) for the first N sensors by name; 0: none."),
-    config.Setting("stale_factor", config.positive_float, health.DEFAULT_STALE_FACTOR, metavar="X",
-                   flag_parse=_positive(float),
-                   help="A sensor is stale when silent for X times its own learned send interval..."),
-    config.Setting("stale_floor", config.positive_float, health.DEFAULT_STALE_FLOOR_S, metavar="SECONDS",
-                   flag_parse=_positive(float), help="... and at least this long."),
-    config.Setting("clock_threshold", config.positive_float, health.DEFAULT_CLOCK_THRESHOLD_S, metavar="SECONDS",
-                   flag_parse=_positive(float),
-                   help="Flag a sensor whose clock is off by more than this (its readings are kept)."),
-    config.Setting("retain", _duration, _duration("90d"), metavar="DURATION",
-                   help="Keep raw readings this long (by receive time), then only their rollups."),
-    config.Setting("retain_1m", _duration, _duration("365d"), metavar="DURATION",
-                   help="Keep the 1-minute rollups this long."),
-    config.Setting("retain_1h", _duration, _duration("forever"), metavar="DURATION",
-                   help="Keep the 1-hour rollups this long ('forever': never delete)."),
-    config.Setting("max_disk", _size, None, metavar="SIZE", default_text="no limit",
-                   help="Keep the database file and its WAL under this size (500M, 2G): the oldest raw readings "
-                        "go first, then the oldest 1-minute rollups; counted in budget_dropped."),
+    config.Setting(
+        "db", _db_path, tuning.DEFAULT_DB_PATH, metavar="PATH", help="SQLite database file, created if missing."
+    ),
+    config.Setting(
+        "listen",
+        _listen,
+        ((tuning.DEFAULT_LISTEN_HOST, tuning.DEFAULT_UDP_PORT),),
+        multiple=True,
+        metavar="HOST:PORT",
+        help="Unicast address to receive on; repeat for more; IPv6 as [::1]:PORT.",
+    ),
+    config.Setting(
+        "multicast",
+        _group,
+        (),
+        multiple=True,
+        metavar="GROUP[:PORT]",
+        help="Multicast group to join (IPv4 or IPv6, [ff15::1]:PORT); repeat for more.  "
+        "The port defaults to the first --listen port.",
+    ),
+    config.Setting(
+        "multicast_interface",
+        config.string,
+        None,
+        metavar="ADDR|IFNAME",
+        default_text="the kernel's route",
+        help="Interface to join groups on, by address or name.",
+    ),
+    config.Setting(
+        "flush_interval",
+        config.positive_float,
+        tuning.DEFAULT_FLUSH_INTERVAL_S,
+        metavar="SECONDS",
+        flag_parse=_positive(float),
+        help="Write a batch at least this often.",
+    ),
+    config.Setting(
+        "batch_size",
+        config.positive_int,
+        tuning.DEFAULT_BATCH_ROWS,
+        metavar="ROWS",
+        flag_parse=_positive(int),
+        help="Write a batch when this many readings wait.",
+    ),
+    config.Setting(
+        "rcvbuf",
+        _rcvbuf,
+        tuning.DEFAULT_RCVBUF_BYTES,
+        metavar="BYTES",
+        flag_parse=_positive(int, _rcvbuf),
+        help="Socket receive buffer to ask for.",
+    ),
+    config.Setting(
+        "status_interval",
+        config.positive_float,
+        tuning.DEFAULT_STATUS_INTERVAL_S,
+        metavar="SECONDS",
+        flag_parse=_positive(float),
+        help="Log a status line this often.",
+    ),
+    config.Setting(
+        "keys",
+        config.string,
+        None,
+        metavar="FILE",
+        help="Key file for signed datagrams: one 'key_id = hex' per line, not readable by others; "
+        "SIGHUP reloads it.  See docs/SECURITY.md.",
+    ),
+    config.Setting(
+        "require_auth", config.boolean, False, help="Reject unsigned datagrams (not_signed).  Needs --keys."
+    ),
+    config.Setting(
+        "metrics",
+        config.metrics_address,
+        None,
+        metavar="HOST:PORT",
+        default_text="off",
+        help="Serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (e.g. 127.0.0.1:9739); "
+        "no authentication: bind loopback or a management network.",
+    ),
+    config.Setting(
+        "metrics_sensors",
+        _count,
+        0,
+        metavar="N",
+        help="Also export per-sensor metrics (label sensor) for the first N sensors by name; 0: none.",
+    ),
+    config.Setting(
+        "stale_factor",
+        config.positive_float,
+        health.DEFAULT_STALE_FACTOR,
+        metavar="X",
+        flag_parse=_positive(float),
+        help="A sensor is stale when silent for X times its own learned send interval...",
+    ),
+    config.Setting(
+        "stale_floor",
+        config.positive_float,
+        health.DEFAULT_STALE_FLOOR_S,
+        metavar="SECONDS",
+        flag_parse=_positive(float),
+        help="... and at least this long.",
+    ),
+    config.Setting(
+        "clock_threshold",
+        config.positive_float,
+        health.DEFAULT_CLOCK_THRESHOLD_S,
+        metavar="SECONDS",
+        flag_parse=_positive(float),
+        help="Flag a sensor whose clock is off by more than this (its readings are kept).",
+    ),
+    config.Setting(
+        "retain",
+        _duration,
+        _duration("90d"),
+        metavar="DURATION",
+        help="Keep raw readings this long (by receive time), then only their rollups.",
+    ),
+    config.Setting(
+        "retain_1m", _duration, _duration("365d"), metavar="DURATION", help="Keep the 1-minute rollups this long."
+    ),
+    config.Setting(
+        "retain_1h",
+        _duration,
+        _duration("forever"),
+        metavar="DURATION",
+        help="Keep the 1-hour rollups this long ('forever': never delete).",
+    ),
+    config.Setting(
+        "max_disk",
+        _size,
+        None,
+        metavar="SIZE",
+        default_text="no limit",
+        help="Keep the database file and its WAL under this size (500M, 2G): the oldest raw readings "
+        "go first, then the oldest 1-minute rollups; counted in budget_dropped.",
+    ),
 ]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": None})
 @config.options(SETTINGS, ENV)
-@click.option("--config", "config_path", envvar="TELEMETRY_CONFIG", metavar="FILE.toml",
-              type=click.Path(dir_okay=False),
-              help="TOML file whose [collector] table holds the same names (flags win).")
-@click.option("--check", is_flag=True,
-              help="Validate the settings and the key file, print the effective [collector] table and exit (binds nothing).")
+@click.option(
+    "--config",
+    "config_path",
+    envvar="TELEMETRY_CONFIG",
+    metavar="FILE.toml",
+    type=click.Path(dir_okay=False),
+    help="TOML file whose [collector] table holds the same names (flags win).",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Validate the settings and the key file, print the effective [collector] table and exit (binds nothing).",
+)
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
 @click.option("-q", "--quiet", count=True, help="Less log output: warnings and errors only.")
 @click.version_option(__version__, "--version")
@@ -213,11 +314,15 @@ def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int,
           --multicast 239.12.0.1 --multicast-interface eth0 --metrics 127.0.0.1:9739
     """
     level = logging.INFO + 10 * (quiet - verbose)
-    logging.basicConfig(level=max(logging.DEBUG, min(level, logging.ERROR)), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=max(logging.DEBUG, min(level, logging.ERROR)),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
     try:
-        values = config.merge(ctx, SETTINGS, config.read_table(config_path, "collector"),
-                              f"{config_path} [collector]", env_prefix=ENV)
+        values = config.merge(
+            ctx, SETTINGS, config.read_table(config_path, "collector"), f"{config_path} [collector]", env_prefix=ENV
+        )
         settings = Settings(**values)
         if check:
             if settings.keys:

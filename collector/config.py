@@ -73,12 +73,19 @@ class Setting:
         shown = self.shown_default()
         help_text = self.help + (f"  [default: {shown}]" if shown else "")
         if self.parse is boolean:
-            return click.option(f"--{self.key}/--no-{self.key}", self.name, default=None,
-                                envvar=self.envvar(env_prefix), help=help_text)
+            return click.option(
+                f"--{self.key}/--no-{self.key}", self.name, default=None, envvar=self.envvar(env_prefix), help=help_text
+            )
         metavar = self.metavar or self.key.upper()
-        return click.option(f"--{self.key}", self.name, multiple=self.multiple, envvar=self.envvar(env_prefix),
-                            metavar=metavar, type=ParsedParam(metavar, self.flag_parse or self.parse),
-                            help=help_text)
+        return click.option(
+            f"--{self.key}",
+            self.name,
+            multiple=self.multiple,
+            envvar=self.envvar(env_prefix),
+            metavar=metavar,
+            type=ParsedParam(metavar, self.flag_parse or self.parse),
+            help=help_text,
+        )
 
 
 def options(settings: Sequence[Setting], env_prefix: str) -> Callable:
@@ -102,8 +109,9 @@ def decode_utf8(raw: bytes, what: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{what}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} "
-                          f"(line {line})") from None
+        raise ConfigError(
+            f"{what}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} (line {line})"
+        ) from None
 
 
 def undecodable(value: str) -> int | None:
@@ -239,6 +247,8 @@ class Choice(click.Choice):
             return super().convert(value, param, ctx)
         except click.BadParameter as exc:
             raise blame(exc.message, param, ctx) from None
+
+
 def _check_utf8(ctx: click.Context, setting: Setting, value: Any, source: ParameterSource) -> None:
     """A flag or environment value that is not UTF-8 is refused like a file that
     is not: the file layer cannot hold it, and the query server could not open
@@ -395,13 +405,17 @@ def _bracket_hint(text: str, default_port: int | None) -> str:
     if address(text):
         return f"an IPv6 address needs brackets: write {alone}"
     return f"write an IPv6 address in brackets, e.g. [::1]:{default_port or 4739}"
+
+
 def metrics_address(value: Any) -> tuple[str, int]:
     """--metrics HOST:PORT: both parts required (the Prometheus exporter has no
     authentication, so it binds only the address named)."""
     text = string(value).strip()
     if text.isdigit():
-        raise ValueError(f"{text!r}: give the address too, e.g. 127.0.0.1:{text} (loopback) or "
-                         f"0.0.0.0:{text} (every address; the metrics have no authentication)")
+        raise ValueError(
+            f"{text!r}: give the address too, e.g. 127.0.0.1:{text} (loopback) or "
+            f"0.0.0.0:{text} (every address; the metrics have no authentication)"
+        )
     return parse_host_port(text)
 
 
@@ -417,8 +431,11 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value)
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and (
-        value[1] is None or isinstance(value[1], int)
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and (value[1] is None or isinstance(value[1], int))
     ):
         return json.dumps(format_host_port(*value))  # an address or a multicast group
     if isinstance(value, (tuple, list)):

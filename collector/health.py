@@ -166,8 +166,12 @@ class HealthBook:
             interval = float(f"{interval:.4g}")
         if offset is not None:
             offset = round(offset, 3)
-        return (interval, self.policy.stale_after(interval), offset,
-                None if offset is None else int(self.policy.skewed(offset)))
+        return (
+            interval,
+            self.policy.stale_after(interval),
+            offset,
+            None if offset is None else int(self.policy.skewed(offset)),
+        )
 
     def changed_rows(self, sensors: Iterable[str]) -> list[tuple]:
         """(*row, sensor) for each sensor whose row differs from the one last handed out."""

@@ -53,9 +53,16 @@ class SensorState:
 
     __slots__ = ("sensor", "tracker", "series", "first_seen", "last_seen", "readings", "replay", "strays", "last_ts")
 
-    def __init__(self, sensor: str, tracker: SensorTracker, series: dict[str, int],
-                 first_seen: float, last_seen: float, readings: int = 0,
-                 replay: ReplayWindow | None = None) -> None:
+    def __init__(
+        self,
+        sensor: str,
+        tracker: SensorTracker,
+        series: dict[str, int],
+        first_seen: float,
+        last_seen: float,
+        readings: int = 0,
+        replay: ReplayWindow | None = None,
+    ) -> None:
         self.sensor = sensor
         self.tracker = tracker
         self.series = series  # metric -> series id
@@ -74,8 +81,19 @@ class SensorState:
         t = self.tracker
         snapshot = json.dumps(t.snapshot(), separators=(",", ":"))
         window = None if self.replay is None else json.dumps(self.replay.snapshot(), separators=(",", ":"))
-        return (self.sensor, self.first_seen, self.last_seen, t.datagrams, self.readings,
-                t.lost, t.duplicates, t.reordered, t.restarts, snapshot, window)
+        return (
+            self.sensor,
+            self.first_seen,
+            self.last_seen,
+            t.datagrams,
+            self.readings,
+            t.lost,
+            t.duplicates,
+            t.reordered,
+            t.restarts,
+            snapshot,
+            window,
+        )
 
 
 # --- outcomes (None means accepted or duplicate) -------------------------------------------
@@ -127,11 +145,17 @@ class Batch:
 class IngestCore:
     """The per-datagram pipeline and the state it keeps (registry, trackers, batch)."""
 
-    def __init__(self, *, counters: dict[str, float] | None = None,
-                 sensors: dict[str, SensorState] | None = None, next_series_id: int = 1,
-                 keyring: dict[str, bytes] | None = None, require_auth: bool = False,
-                 max_sensors: int = tuning.MAX_SENSORS,
-                 max_series_per_sensor: int = tuning.MAX_SERIES_PER_SENSOR) -> None:
+    def __init__(
+        self,
+        *,
+        counters: dict[str, float] | None = None,
+        sensors: dict[str, SensorState] | None = None,
+        next_series_id: int = 1,
+        keyring: dict[str, bytes] | None = None,
+        require_auth: bool = False,
+        max_sensors: int = tuning.MAX_SENSORS,
+        max_series_per_sensor: int = tuning.MAX_SERIES_PER_SENSOR,
+    ) -> None:
         self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
         if counters:
             self.counters.update(counters)
@@ -206,9 +230,13 @@ class IngestCore:
                         del refused[name]
                 if refused is not None:
                     self.counters["refused_readings"] += len(readings) - len(refused)
-                    outcome = Refused(f"reading {', '.join(name for name in readings if name not in refused)} of "
-                                      f"sensor {sensor}: it has {len(series)} metrics already "
-                                      f"(MAX_SERIES_PER_SENSOR)", "refused_readings", event)
+                    outcome = Refused(
+                        f"reading {', '.join(name for name in readings if name not in refused)} of "
+                        f"sensor {sensor}: it has {len(series)} metrics already "
+                        f"(MAX_SERIES_PER_SENSOR)",
+                        "refused_readings",
+                        event,
+                    )
                     readings = refused
             self.pending.append((sensor, boot, seq, ts, now, readings))
             n = len(readings)
@@ -253,15 +281,20 @@ class IngestCore:
         boot, seq = datagram.boot, datagram.seq
         assert boot is not None  # decode_signed refuses a signed datagram without boot (bad_boot)
         if not window.check(boot, seq):
-            raise DecodeError("replayed", f"sensor {datagram.sensor!r} boot {boot} seq {seq} was accepted "
-                                          f"before, or is older than the replay window")
+            raise DecodeError(
+                "replayed",
+                f"sensor {datagram.sensor!r} boot {boot} seq {seq} was accepted "
+                f"before, or is older than the replay window",
+            )
         window.accept(boot, seq)
         return datagram, state
 
     def _refused_sensor(self, sensor: str) -> Refused:
         self.counters["refused_sensors"] += 1
-        return Refused(f"datagrams from new sensor {sensor}: {len(self.sensors)} sensors are tracked "
-                       f"already (MAX_SENSORS)", "refused_sensors")
+        return Refused(
+            f"datagrams from new sensor {sensor}: {len(self.sensors)} sensors are tracked already (MAX_SENSORS)",
+            "refused_sensors",
+        )
 
     def new_sensor(self, sensor: str, now: float) -> SensorState | None:
         """Start tracking a sensor; None when max_sensors are tracked already."""
@@ -287,8 +320,7 @@ class IngestCore:
         for state in self.dirty:
             for (stream, first_seq), record in state.tracker.pop_gap_changes().items():
                 self._gaps[(state.sensor, stream, first_seq)] = record
-        return Batch(self.pending, self.pending_readings, list(self.dirty), self._new_series, self._gaps,
-                     self.counters)
+        return Batch(self.pending, self.pending_readings, list(self.dirty), self._new_series, self._gaps, self.counters)
 
     def committed(self, stored_readings: int, now: float) -> None:
         """The store committed the last `batch()`: account it and start a new one."""
@@ -345,6 +377,5 @@ def group_batch(datagrams: list[tuple]) -> list[Any]:
             for name in row[5]:
                 names[name] = None
         metrics = {name: [row[5].get(name) for row in rows] for name in names}
-        groups.append(Group(sensor, boot, [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows],
-                            metrics))
+        groups.append(Group(sensor, boot, [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows], metrics))
     return groups

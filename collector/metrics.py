@@ -140,77 +140,124 @@ class CollectorMetrics(_PromCollector):
         def count(key: str) -> float:
             return float(counters.get(key, 0) or 0)
 
-        yield _counter(p + "datagrams_received_total", "Datagrams read from the sockets (valid or not).",
-                       count("received"))
-        yield _counter(p + "datagrams_stored_total", "Datagrams whose readings are committed to the database.",
-                       count("stored"))
+        yield _counter(
+            p + "datagrams_received_total", "Datagrams read from the sockets (valid or not).", count("received")
+        )
+        yield _counter(
+            p + "datagrams_stored_total", "Datagrams whose readings are committed to the database.", count("stored")
+        )
         yield _counter(p + "readings_stored_total", "Readings committed to the database.", count("stored_readings"))
-        rejected = CounterMetricFamily(p + "datagrams_rejected", "Datagrams rejected, by reason "
-                                       "(docs/PROTOCOL.md lists the reasons).", labels=["reason"])
+        rejected = CounterMetricFamily(
+            p + "datagrams_rejected",
+            "Datagrams rejected, by reason (docs/PROTOCOL.md lists the reasons).",
+            labels=["reason"],
+        )
         reasons = dict.fromkeys(REJECT_REASONS, 0.0)
         for key, value in counters.items():
             if key.startswith("rejected:"):
-                reasons[key[len("rejected:"):]] = float(value or 0)
+                reasons[key[len("rejected:") :]] = float(value or 0)
         for reason, value in reasons.items():
             rejected.add_metric([reason], value)
         yield rejected
-        yield _counter(p + "datagrams_duplicate_total", "Datagrams received twice (counted, not stored again).",
-                       count("duplicates"))
+        yield _counter(
+            p + "datagrams_duplicate_total",
+            "Datagrams received twice (counted, not stored again).",
+            count("duplicates"),
+        )
         lost = sum(state.tracker.lost for state in sensors.values())
-        yield _gauge(p + "datagrams_lost", "Sequence numbers currently missing over all sensors (late "
-                     "arrivals fill them, so this can go down).", lost)
-        yield _counter(p + "kernel_drops_total", "Datagrams the kernel dropped because the socket buffer was full.",
-                       count("kernel_drops"))
+        yield _gauge(
+            p + "datagrams_lost",
+            "Sequence numbers currently missing over all sensors (late arrivals fill them, so this can go down).",
+            lost,
+        )
+        yield _counter(
+            p + "kernel_drops_total",
+            "Datagrams the kernel dropped because the socket buffer was full.",
+            count("kernel_drops"),
+        )
         yield _counter(p + "datagrams_truncated_total", "Datagrams too large to read whole.", count("truncated"))
-        yield _counter(p + "storage_dropped_readings_total", "Readings dropped because the database refused "
-                       "writes longer than the in-memory backlog lasted.", count("storage_dropped"))
+        yield _counter(
+            p + "storage_dropped_readings_total",
+            "Readings dropped because the database refused writes longer than the in-memory backlog lasted.",
+            count("storage_dropped"),
+        )
         flush = c.flush_stats
-        yield _counter(p + "storage_errors_total", "Flushes the database refused (disk full, locked, unwritable) "
-                       "since the collector started.", flush.failures)
-        yield _gauge(p + "storage_failing", "1 while the database refuses writes, else 0.",
-                     0 if store.failing_since is None else 1)
+        yield _counter(
+            p + "storage_errors_total",
+            "Flushes the database refused (disk full, locked, unwritable) since the collector started.",
+            flush.failures,
+        )
+        yield _gauge(
+            p + "storage_failing",
+            "1 while the database refuses writes, else 0.",
+            0 if store.failing_since is None else 1,
+        )
         yield _gauge(p + "backlog_readings", "Readings waiting for the next flush.", c.core.pending_readings)
         yield flush.seconds.family(p + "flush_duration_seconds", "Time one successful flush (one transaction) took.")
         yield flush.rows.family(p + "flush_batch_readings", "Readings written per successful flush.")
         last_flush = counters.get("last_flush")
         if last_flush:
             yield _gauge(p + "last_flush_timestamp_seconds", "Unix time of the last successful flush.", last_flush)
-        yield _counter(p + "internal_errors_total", "Datagrams that hit a bug (should stay 0; the log has a "
-                       "traceback).", count("internal_errors"))
-        yield _counter(p + "refused_sensors_total", "Datagrams from new sensors refused because MAX_SENSORS "
-                       "sensors are tracked.", count("refused_sensors"))
-        yield _counter(p + "refused_readings_total", "Readings with a new metric name refused because the "
-                       "sensor has MAX_SERIES_PER_SENSOR metrics.", count("refused_readings"))
+        yield _counter(
+            p + "internal_errors_total",
+            "Datagrams that hit a bug (should stay 0; the log has a traceback).",
+            count("internal_errors"),
+        )
+        yield _counter(
+            p + "refused_sensors_total",
+            "Datagrams from new sensors refused because MAX_SENSORS sensors are tracked.",
+            count("refused_sensors"),
+        )
+        yield _counter(
+            p + "refused_readings_total",
+            "Readings with a new metric name refused because the sensor has MAX_SERIES_PER_SENSOR metrics.",
+            count("refused_readings"),
+        )
         health = c.health
         last_seen = {name: state.last_seen for name, state in sensors.items()}
         stale, skewed = health.count(last_seen, now)
         yield _gauge(p + "sensors", "Sensors known to the collector.", len(sensors))
-        yield _gauge(p + "sensors_stale", "Sensors silent for longer than stale-factor x their own send "
-                     "interval (at least stale-floor seconds).", stale)
-        yield _gauge(p + "sensors_clock_skewed", "Sensors whose clock is off by more than clock-threshold "
-                     "seconds (their readings are kept).", skewed)
-        yield _gauge(p + "database_bytes", "Bytes of the database on disk (file, -wal and -shm).",
-                     database_bytes(c.settings.db))
+        yield _gauge(
+            p + "sensors_stale",
+            "Sensors silent for longer than stale-factor x their own send interval (at least stale-floor seconds).",
+            stale,
+        )
+        yield _gauge(
+            p + "sensors_clock_skewed",
+            "Sensors whose clock is off by more than clock-threshold seconds (their readings are kept).",
+            skewed,
+        )
+        yield _gauge(
+            p + "database_bytes", "Bytes of the database on disk (file, -wal and -shm).", database_bytes(c.settings.db)
+        )
         if c.settings.max_disk is not None:
-            yield _gauge(p + "disk_budget_bytes", "The disk budget (--max-disk) the database is kept under.",
-                         int(c.settings.max_disk))
+            yield _gauge(
+                p + "disk_budget_bytes",
+                "The disk budget (--max-disk) the database is kept under.",
+                int(c.settings.max_disk),
+            )
         if self.per_sensor:
             yield from self._per_sensor(sensors, health, now)
 
     def _per_sensor(self, sensors: dict, health: Any, now: float) -> Iterable[Any]:
         p = "telemetry_collector_sensor_"
         names = sorted(sensors)[: self.per_sensor]
-        yield _gauge("telemetry_collector_sensors_not_exported", "Sensors left out of the per-sensor "
-                     "metrics by --metrics-sensors.", max(0, len(sensors) - len(names)))
-        seen = GaugeMetricFamily(p + "last_seen_timestamp_seconds", "Unix time the sensor's last datagram "
-                                 "was received.", labels=["sensor"])
+        yield _gauge(
+            "telemetry_collector_sensors_not_exported",
+            "Sensors left out of the per-sensor metrics by --metrics-sensors.",
+            max(0, len(sensors) - len(names)),
+        )
+        seen = GaugeMetricFamily(
+            p + "last_seen_timestamp_seconds", "Unix time the sensor's last datagram was received.", labels=["sensor"]
+        )
         datagrams = CounterMetricFamily(p + "datagrams", "Datagrams accepted from the sensor.", labels=["sensor"])
-        lost = GaugeMetricFamily(p + "datagrams_lost", "The sensor's sequence numbers currently missing.",
-                                 labels=["sensor"])
-        interval = GaugeMetricFamily(p + "interval_seconds", "The sensor's learned send interval.",
-                                     labels=["sensor"])
-        offset = GaugeMetricFamily(p + "clock_offset_seconds", "The sensor's clock minus the collector's.",
-                                   labels=["sensor"])
+        lost = GaugeMetricFamily(
+            p + "datagrams_lost", "The sensor's sequence numbers currently missing.", labels=["sensor"]
+        )
+        interval = GaugeMetricFamily(p + "interval_seconds", "The sensor's learned send interval.", labels=["sensor"])
+        offset = GaugeMetricFamily(
+            p + "clock_offset_seconds", "The sensor's clock minus the collector's.", labels=["sensor"]
+        )
         stale = GaugeMetricFamily(p + "stale", "1 if the sensor is stale, else 0.", labels=["sensor"])
         policy = health.policy
         from .health import is_stale

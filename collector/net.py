@@ -345,9 +345,7 @@ def _multicast_scope_needs_interface(group: ipaddress.IPv6Address) -> bool:
     return (group.packed[1] & 0x0F) in (1, 2)  # interface- and link-local scopes
 
 
-def open_multicast(
-    group: str, port: int, interface: Interface, rcvbuf: int = tuning.DEFAULT_RCVBUF_BYTES
-) -> Endpoint:
+def open_multicast(group: str, port: int, interface: Interface, rcvbuf: int = tuning.DEFAULT_RCVBUF_BYTES) -> Endpoint:
     """Bind a UDP socket to group:port and join the group on `interface`.
 
     The socket is bound to the group address, not the wildcard, so unicast

@@ -86,8 +86,7 @@ class ReplayWindow:
 
     def snapshot(self) -> dict:
         """JSON-serialisable state: store it with the tracker's, in one transaction."""
-        return {"v": SNAPSHOT_VERSION, "boot": self.boot, "top": self.top,
-                "bits": format(self.bits & _MASK, "x")}
+        return {"v": SNAPSHOT_VERSION, "boot": self.boot, "top": self.top, "bits": format(self.bits & _MASK, "x")}
 
     @classmethod
     def restore(cls, snapshot: dict) -> ReplayWindow:

@@ -51,8 +51,15 @@ def bytes_to_free(used: int, max_disk: int | None) -> int:
 
 
 class Maintenance:
-    def __init__(self, path: str, *, retain: float = DEFAULT_RETAIN_S, retain_1m: float = DEFAULT_RETAIN_1M_S,
-                 retain_1h: float = DEFAULT_RETAIN_1H_S, max_disk: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        retain: float = DEFAULT_RETAIN_S,
+        retain_1m: float = DEFAULT_RETAIN_1M_S,
+        retain_1h: float = DEFAULT_RETAIN_1H_S,
+        max_disk: int | None = None,
+    ) -> None:
         self.path = path
         self.retain = retain
         self.retain_1m = retain_1m
@@ -77,8 +84,14 @@ class Maintenance:
 
     # --- one step --------------------------------------------------------------------------
 
-    def step(self, conn: sqlite3.Connection, counters: dict[str, float], now: float,
-             unacked_after: int | None, log_chunked_below: int = 0) -> None:
+    def step(
+        self,
+        conn: sqlite3.Connection,
+        counters: dict[str, float],
+        now: float,
+        unacked_after: int | None,
+        log_chunked_below: int = 0,
+    ) -> None:
         """One bounded step, inside the caller's transaction."""
         if self.retain > 0:
             self._retention(conn, counters, now - self.retain)
@@ -101,36 +114,47 @@ class Maintenance:
                 conn.execute(f"PRAGMA incremental_vacuum({int(want)})")
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def _delete_chunks(self, conn: sqlite3.Connection, ids: list[int], counters: dict[str, float],
-                       counter: str) -> int:
+    def _delete_chunks(self, conn: sqlite3.Connection, ids: list[int], counters: dict[str, float], counter: str) -> int:
         if not ids:
             return 0
         marks = ",".join("?" * len(ids))
         readings, horizon = conn.execute(
-            f"SELECT total(count), max(max_ts) FROM chunk_series WHERE chunk IN ({marks})", ids).fetchone()
+            f"SELECT total(count), max(max_ts) FROM chunk_series WHERE chunk IN ({marks})", ids
+        ).fetchone()
         conn.execute(f"DELETE FROM chunk_series WHERE chunk IN ({marks})", ids)
         conn.execute(f"DELETE FROM chunks WHERE id IN ({marks})", ids)
         counters[counter] = counters.get(counter, 0) + int(readings)
         if horizon is not None:
             # Queries for older ranges answer from rollups and say so.
-            conn.execute("INSERT INTO meta (key, value) VALUES ('raw_deleted_until', ?) ON CONFLICT (key) DO UPDATE"
-                         " SET value = max(CAST(value AS REAL), CAST(excluded.value AS REAL))", (repr(horizon),))
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('raw_deleted_until', ?) ON CONFLICT (key) DO UPDATE"
+                " SET value = max(CAST(value AS REAL), CAST(excluded.value AS REAL))",
+                (repr(horizon),),
+            )
         return int(readings)
 
     def _retention(self, conn: sqlite3.Connection, counters: dict[str, float], cutoff: float) -> None:
-        ids = [i for (i,) in conn.execute(
-            "SELECT id FROM chunks WHERE last_received < ? ORDER BY last_received LIMIT ?", (cutoff, CHUNKS_PER_STEP))]
+        ids = [
+            i
+            for (i,) in conn.execute(
+                "SELECT id FROM chunks WHERE last_received < ? ORDER BY last_received LIMIT ?",
+                (cutoff, CHUNKS_PER_STEP),
+            )
+        ]
         self._delete_chunks(conn, ids, counters, "retention_dropped")
 
     def _rollup_retention(self, conn: sqlite3.Connection, table: str, cutoff: float) -> None:
         after = self._rollup_after[table]
-        series = [s for (s,) in conn.execute("SELECT id FROM series WHERE id > ? ORDER BY id LIMIT ?",
-                                             (after, SERIES_PER_STEP))]
+        series = [
+            s
+            for (s,) in conn.execute("SELECT id FROM series WHERE id > ? ORDER BY id LIMIT ?", (after, SERIES_PER_STEP))
+        ]
         conn.executemany(f"DELETE FROM {table} WHERE series = ? AND bucket < ?", [(s, cutoff) for s in series])
         self._rollup_after[table] = series[-1] if len(series) == SERIES_PER_STEP else 0
 
-    def _budget(self, conn: sqlite3.Connection, counters: dict[str, float], unacked_after: int | None,
-                log_chunked_below: int) -> None:
+    def _budget(
+        self, conn: sqlite3.Connection, counters: dict[str, float], unacked_after: int | None, log_chunked_below: int
+    ) -> None:
         _size, used, page = self.sizes(conn)
         need = bytes_to_free(used, self.max_disk)
         if need <= 0:
@@ -153,23 +177,34 @@ class Maintenance:
             return
         # Last: log rows kept only for the uplink (their readings are in chunks).
         if unacked_after is not None:
-            rows = conn.execute("SELECT id, readings FROM ingest_log WHERE id > ? AND id < ? ORDER BY id LIMIT ?",
-                                (unacked_after, log_chunked_below, LOG_ROWS_PER_STEP)).fetchall()
+            rows = conn.execute(
+                "SELECT id, readings FROM ingest_log WHERE id > ? AND id < ? ORDER BY id LIMIT ?",
+                (unacked_after, log_chunked_below, LOG_ROWS_PER_STEP),
+            ).fetchall()
             if rows:
                 conn.execute("DELETE FROM ingest_log WHERE id <= ? AND id > ?", (rows[-1][0], unacked_after))
                 counters["uplink_dropped"] = counters.get("uplink_dropped", 0) + sum(r for _, r in rows)
 
     def _scrub(self, conn: sqlite3.Connection, counters: dict[str, float], now: float) -> None:
-        rows = conn.execute("SELECT id, sensor, crc, blob FROM chunks WHERE id > ? ORDER BY id LIMIT ?",
-                            (self._scrub_after, SCRUB_PER_STEP)).fetchall()
+        rows = conn.execute(
+            "SELECT id, sensor, crc, blob FROM chunks WHERE id > ? ORDER BY id LIMIT ?",
+            (self._scrub_after, SCRUB_PER_STEP),
+        ).fetchall()
         self._scrub_after = rows[-1][0] if len(rows) == SCRUB_PER_STEP else 0
         for chunk_id, sensor, crc, blob in rows:
             if zlib.crc32(blob) == crc:
                 continue
-            cur = conn.execute("INSERT OR IGNORE INTO chunk_faults (chunk, sensor, found, error) VALUES (?, ?, ?, ?)",
-                               (chunk_id, sensor, now, "checksum mismatch"))
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO chunk_faults (chunk, sensor, found, error) VALUES (?, ?, ?, ?)",
+                (chunk_id, sensor, now, "checksum mismatch"),
+            )
             if cur.rowcount:
                 counters["corrupt_chunks"] = counters.get("corrupt_chunks", 0) + 1
-                log.error("chunk %d of sensor %s in %s is corrupt (checksum mismatch): queries skip its readings; "
-                          "check the storage medium (sqlite3 %s 'PRAGMA integrity_check')",
-                          chunk_id, sensor, self.path, self.path)
+                log.error(
+                    "chunk %d of sensor %s in %s is corrupt (checksum mismatch): queries skip its readings; "
+                    "check the storage medium (sqlite3 %s 'PRAGMA integrity_check')",
+                    chunk_id,
+                    sensor,
+                    self.path,
+                    self.path,
+                )

@@ -233,17 +233,31 @@ def migrate_readings(conn: sqlite3.Connection) -> int:
         for boot, keys in by_boot.items():
             names = list(dict.fromkeys(name for k in keys for name in datagrams[k]))
             metrics = {name: [datagrams[k].get(name) for k in keys] for name in names}
-            for row in chunk_rows_from_columns(sensor, boot, [k[2] for k in keys], [k[3] for k in keys],
-                                               [k[1] for k in keys], metrics, MIGRATION_CHUNK_DATAGRAMS):
+            for row in chunk_rows_from_columns(
+                sensor,
+                boot,
+                [k[2] for k in keys],
+                [k[3] for k in keys],
+                [k[1] for k in keys],
+                metrics,
+                MIGRATION_CHUNK_DATAGRAMS,
+            ):
                 insert_chunk(conn, row, 0, {metric: sid for sid, metric in series})
         now = time.monotonic()
         if now - last_log >= 5.0:
             last_log = now
-            log.info("migrating: %d of %d readings (%.0f%%) in %.0f s", moved, total,
-                     100.0 * moved / max(total, 1), now - started)
+            log.info(
+                "migrating: %d of %d readings (%.0f%%) in %.0f s",
+                moved,
+                total,
+                100.0 * moved / max(total, 1),
+                now - started,
+            )
     if moved != total:
-        raise SetupError(f"migration to storage v3 moved {moved} readings of {total}: the database is left "
-                         "at version 2 (report this)")
+        raise SetupError(
+            f"migration to storage v3 moved {moved} readings of {total}: the database is left "
+            "at version 2 (report this)"
+        )
     log.info("migrated %d readings to storage v3 chunks in %.1f s", moved, time.monotonic() - started)
     return moved
 
@@ -254,8 +268,10 @@ assert len(MIGRATIONS) == SCHEMA_VERSION
 
 def damaged_advice(path: str) -> str:
     """What to do about a database SQLite calls damaged (the one wording everywhere)."""
-    return (f"check it with 'sqlite3 {path} \"PRAGMA integrity_check\"'; restore a backup "
-            f"or move the file aside to start a new one")
+    return (
+        f"check it with 'sqlite3 {path} \"PRAGMA integrity_check\"'; restore a backup "
+        f"or move the file aside to start a new one"
+    )
 
 
 # SQLite's primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF) that
@@ -279,8 +295,9 @@ def _version_of(value: object, path: str) -> int:
     try:
         return int(value)
     except (TypeError, ValueError, OverflowError):
-        raise SetupError(f"database {path}: schema_version {value!r} in table meta is not a number "
-                         f"({damaged_advice(path)})") from None
+        raise SetupError(
+            f"database {path}: schema_version {value!r} in table meta is not a number ({damaged_advice(path)})"
+        ) from None
 
 
 def schema_version(db: sqlite_utils.Database) -> int:
@@ -306,14 +323,12 @@ def migrate(db: sqlite_utils.Database) -> int:
         try:
             db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
             MIGRATIONS[version - 1](db)
-            db.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-                            (str(version),))
+            db.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(version),))
         except BaseException:
             db.conn.execute("ROLLBACK")
             raise
         db.conn.execute("COMMIT")
-    if found and found < 4 <= SCHEMA_VERSION and \
-            db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+    if found and found < 4 <= SCHEMA_VERSION and db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
         # The readings table is gone: shrink the file and turn on incremental
         # auto-vacuum (a VACUUM rewrites the now small file once).
         started = time.monotonic()
@@ -364,17 +379,23 @@ def lock_writer(path: str) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
     except OSError as exc:
-        raise SetupError(f"cannot open database {path}: {exc.strerror} (is the directory writable by this user?)") from None
+        raise SetupError(
+            f"cannot open database {path}: {exc.strerror} (is the directory writable by this user?)"
+        ) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)  # a FIFO or device at the path: SQLite would fail with a bare "disk I/O error"
-        raise SetupError(f"cannot open database {path}: not a regular file (give --db the path of a "
-                         f"database file, or of one to create)")
+        raise SetupError(
+            f"cannot open database {path}: not a regular file (give --db the path of a "
+            f"database file, or of one to create)"
+        )
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise SetupError(f"database {path} is in use by another telemetry-collector: "
-                         "one collector writes one database (give this one its own --db)") from None
+        raise SetupError(
+            f"database {path} is in use by another telemetry-collector: "
+            "one collector writes one database (give this one its own --db)"
+        ) from None
     return fd
 
 

@@ -204,7 +204,9 @@ def _stream_from_dict(d: dict) -> _Stream:
     boot = d["boot"]
     if boot is not None and type(boot) is not int:
         raise ValueError(f"bad boot in tracker snapshot: {boot!r}")
-    return _Stream(int(d["stream"]), boot, int(d["base"]), int(d["max"]), None if d["floor"] is None else int(d["floor"]))
+    return _Stream(
+        int(d["stream"]), boot, int(d["base"]), int(d["max"]), None if d["floor"] is None else int(d["floor"])
+    )
 
 
 class SensorTracker:
@@ -217,8 +219,19 @@ class SensorTracker:
     stream, +1 per restart.
     """
 
-    __slots__ = ("datagrams", "lost", "duplicates", "reordered", "restarts", "stream",
-                 "_cur", "_prev", "_bad_seq", "_changes", "_fresh")
+    __slots__ = (
+        "datagrams",
+        "lost",
+        "duplicates",
+        "reordered",
+        "restarts",
+        "stream",
+        "_cur",
+        "_prev",
+        "_bad_seq",
+        "_changes",
+        "_fresh",
+    )
 
     def __init__(self) -> None:
         self.datagrams = 0

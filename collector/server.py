@@ -106,8 +106,9 @@ def _noop(message: str) -> None:
 class Collector:
     """The UDP collector.  Construct (binds, opens), serve_forever(), shutdown(), server_close()."""
 
-    def __init__(self, settings: Settings, *, notify: Callable[[str], object] = _noop,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, settings: Settings, *, notify: Callable[[str], object] = _noop, clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
         self.notify = notify
         self.clock = clock
@@ -142,21 +143,31 @@ class Collector:
         self.db_lost: str | None = None  # set when the run ends without its database at --db
         try:
             self._bind()
-            self.store = Store(settings.db, max_backlog_rows=settings.max_backlog_rows,
-                               retain=float(settings.retain), retain_1m=float(settings.retain_1m),
-                               retain_1h=float(settings.retain_1h),
-                               max_disk=None if settings.max_disk is None else int(settings.max_disk))
+            self.store = Store(
+                settings.db,
+                max_backlog_rows=settings.max_backlog_rows,
+                retain=float(settings.retain),
+                retain_1m=float(settings.retain_1m),
+                retain_1h=float(settings.retain_1h),
+                max_disk=None if settings.max_disk is None else int(settings.max_disk),
+            )
             loaded = self.store.load()
-            self.core = IngestCore(counters=loaded.counters, sensors=loaded.sensors,
-                                   next_series_id=loaded.next_series_id, keyring=keyring,
-                                   require_auth=settings.require_auth, max_sensors=settings.max_sensors,
-                                   max_series_per_sensor=settings.max_series_per_sensor)
+            self.core = IngestCore(
+                counters=loaded.counters,
+                sensors=loaded.sensors,
+                next_series_id=loaded.next_series_id,
+                keyring=keyring,
+                require_auth=settings.require_auth,
+                max_sensors=settings.max_sensors,
+                max_series_per_sensor=settings.max_series_per_sensor,
+            )
             healthstore.attach(self.health, self.store)
             if settings.metrics is not None:
                 from .metrics import CollectorMetrics, serve_metrics
 
                 self.metrics_server = serve_metrics(
-                    settings.metrics, CollectorMetrics(self, clock, settings.metrics_sensors))
+                    settings.metrics, CollectorMetrics(self, clock, settings.metrics_sensors)
+                )
         except BaseException:
             self.server_close()
             raise
@@ -279,19 +290,33 @@ class Collector:
 
         for ep in self.endpoints:
             drops = "kernel drop counter on" if ep.drop_counter else "no kernel drop counter"
-            log.info("listening %s (rcvbuf asked %d, granted %d; %s)", ep.label, ep.rcvbuf_requested,
-                     ep.rcvbuf_granted, drops)
+            log.info(
+                "listening %s (rcvbuf asked %d, granted %d; %s)",
+                ep.label,
+                ep.rcvbuf_requested,
+                ep.rcvbuf_granted,
+                drops,
+            )
         s = self.settings
         if s.keys:
-            log.info("signed datagrams: %d key%s for %d sensor%s from %s (SIGHUP reloads it); unsigned "
-                     "datagrams are %s", len(self.keyring), "" if len(self.keyring) == 1 else "s",
-                     len(self.core.keyed), "" if len(self.core.keyed) == 1 else "s", s.keys,
-                     "rejected (--require-auth)" if s.require_auth else "accepted from sensors without a key")
+            log.info(
+                "signed datagrams: %d key%s for %d sensor%s from %s (SIGHUP reloads it); unsigned datagrams are %s",
+                len(self.keyring),
+                "" if len(self.keyring) == 1 else "s",
+                len(self.core.keyed),
+                "" if len(self.core.keyed) == 1 else "s",
+                s.keys,
+                "rejected (--require-auth)" if s.require_auth else "accepted from sensors without a key",
+            )
         # One line naming everything, for whoever reads only the first lines of a log.
         log.info(
             "started: %s; database %s (sqlite_version %s, %d sensors known); flush every %.3g s or %d rows",
-            ", ".join(ep.label for ep in self.endpoints), s.db, sqlite3.sqlite_version,
-            len(self.core.sensors), s.flush_interval, s.batch_size,
+            ", ".join(ep.label for ep in self.endpoints),
+            s.db,
+            sqlite3.sqlite_version,
+            len(self.core.sensors),
+            s.flush_interval,
+            s.batch_size,
         )
 
     def serve_forever(self) -> None:
@@ -388,8 +413,11 @@ class Collector:
                 break
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         self.unflushed_at_exit = self.core.pending_readings
-        log.error("exiting with %d readings not written to %s (database refused the final flush)",
-                  self.unflushed_at_exit, self.settings.db)
+        log.error(
+            "exiting with %d readings not written to %s (database refused the final flush)",
+            self.unflushed_at_exit,
+            self.settings.db,
+        )
 
     # --- the file at --db (collector/dbfile.py) -------------------------------------------
 
@@ -410,11 +438,16 @@ class Collector:
         if found.verdict == dbfile.GONE and self._restore(found):
             return
         if self._file_problem != found.detail:
-            log.error("database %s %s; this collector's database lives on only in the open file, and "
-                      "everything in it is lost if the collector stops before the file is back: retrying "
-                      "every %g s at most (make the directory writable again)", path,
-                      found.detail if found.verdict == dbfile.UNREACHABLE else
-                      f"was {found.detail}, and cannot be put back ({self._file_error})", tuning.RETRY_MAX_S)
+            log.error(
+                "database %s %s; this collector's database lives on only in the open file, and "
+                "everything in it is lost if the collector stops before the file is back: retrying "
+                "every %g s at most (make the directory writable again)",
+                path,
+                found.detail
+                if found.verdict == dbfile.UNREACHABLE
+                else f"was {found.detail}, and cannot be put back ({self._file_error})",
+                tuning.RETRY_MAX_S,
+            )
         self._file_problem = found.detail
         self._file_retry_at = mono + self._file_retry_delay
         self._file_retry_delay = min(self._file_retry_delay * 2, tuning.RETRY_MAX_S)
@@ -424,17 +457,23 @@ class Collector:
         try:
             store.restore_at_path()
         except dbfile.Stranded as exc:
-            self.db_lost = (f"database {path} was {found.detail}; a complete copy is in {exc.copy}, but it "
-                            f"could not be put in place ({exc.cause}): move it to {path} before restarting")
+            self.db_lost = (
+                f"database {path} was {found.detail}; a complete copy is in {exc.copy}, but it "
+                f"could not be put in place ({exc.cause}): move it to {path} before restarting"
+            )
             log.error("%s; stopping", self.db_lost)
             self._stop = True
             return True
         except (OSError, sqlite3.Error) as exc:
             self._file_error = getattr(exc, "strerror", None) or str(exc)
             return False
-        log.error("database %s was %s: put back there from the open file (%d readings, everything "
-                  "flushed so far) and writing on there", path, found.detail,
-                  int(self.core.counters["stored_readings"]))
+        log.error(
+            "database %s was %s: put back there from the open file (%d readings, everything "
+            "flushed so far) and writing on there",
+            path,
+            found.detail,
+            int(self.core.counters["stored_readings"]),
+        )
         self._file_problem, self._file_retry_delay, self._file_retry_at = None, 1.0, 0.0
         return True
 
@@ -443,13 +482,17 @@ class Collector:
         try:
             saved = dbfile.save_aside(store.conn, path, self.clock())
         except (OSError, sqlite3.Error) as exc:
-            self.db_lost = (f"database {path} was {found.detail}, and this collector's database could not be "
-                            f"saved beside it ({getattr(exc, 'strerror', None) or exc}): "
-                            f"{int(self.core.counters['stored_readings'])} readings are lost")
+            self.db_lost = (
+                f"database {path} was {found.detail}, and this collector's database could not be "
+                f"saved beside it ({getattr(exc, 'strerror', None) or exc}): "
+                f"{int(self.core.counters['stored_readings'])} readings are lost"
+            )
         else:
-            self.db_lost = (f"database {path} was {found.detail}; this collector's database "
-                            f"({int(self.core.counters['stored_readings'])} readings) is saved as {saved}: "
-                            f"restart to use the new file, or put the saved one back")
+            self.db_lost = (
+                f"database {path} was {found.detail}; this collector's database "
+                f"({int(self.core.counters['stored_readings'])} readings) is saved as {saved}: "
+                f"restart to use the new file, or put the saved one back"
+            )
         log.error("%s; stopping", self.db_lost)
 
     def _final_file_check(self) -> None:
@@ -464,11 +507,16 @@ class Collector:
             return
         if found.verdict == dbfile.GONE and self._restore(found):
             return
-        why = found.detail if found.verdict == dbfile.UNREACHABLE else \
-            f"was {found.detail}, and cannot be put back ({self._file_error})"
-        self.db_lost = (f"database {self.settings.db} {why}: the "
-                        f"{int(self.core.counters['stored_readings'])} readings in the open file are lost "
-                        f"with it")
+        why = (
+            found.detail
+            if found.verdict == dbfile.UNREACHABLE
+            else f"was {found.detail}, and cannot be put back ({self._file_error})"
+        )
+        self.db_lost = (
+            f"database {self.settings.db} {why}: the "
+            f"{int(self.core.counters['stored_readings'])} readings in the open file are lost "
+            f"with it"
+        )
         log.error("exiting: %s", self.db_lost)
 
     def stop_message(self) -> tuple[int, str]:
@@ -476,8 +524,10 @@ class Collector:
         claim that everything accepted is stored only if this run dropped nothing."""
         dropped = int(self.core.counters["storage_dropped"] - self._dropped_before)
         if dropped:
-            return logging.WARNING, (f"stopped; {dropped} readings of this run were dropped while the database "
-                                     f"refused writes (storage_dropped); every other accepted datagram is stored")
+            return logging.WARNING, (
+                f"stopped; {dropped} readings of this run were dropped while the database "
+                f"refused writes (storage_dropped); every other accepted datagram is stored"
+            )
         return logging.INFO, "stopped cleanly; every accepted datagram is stored"
 
     def _drain_wakeups(self) -> None:
@@ -621,7 +671,11 @@ class Collector:
         self._reject_next_log[reason] = now + tuning.REJECT_LOG_INTERVAL_S
         log.warning(
             "rejected datagram from %s on %s: %s (%d %s so far; at most one line per %g s per reason)",
-            _source_text(address), source.endpoint.label, exc, counters[key], reason,
+            _source_text(address),
+            source.endpoint.label,
+            exc,
+            counters[key],
+            reason,
             tuning.REJECT_LOG_INTERVAL_S,
         )
 
@@ -639,7 +693,11 @@ class Collector:
             self._reject_next_log[reason] = now + tuning.REJECT_LOG_INTERVAL_S
             log.warning(
                 "rejected datagram from a source not recorded (read in a burst) on %s: %s (%d %s so far; at most "
-                "one line per %g s per reason)", label, message, counters[f"rejected:{reason}"], reason,
+                "one line per %g s per reason)",
+                label,
+                message,
+                counters[f"rejected:{reason}"],
+                reason,
                 tuning.REJECT_LOG_INTERVAL_S,
             )
         self._unlogged_rejects.clear()
@@ -659,12 +717,21 @@ class Collector:
         log.info(
             "status: received %d (%.1f/s) stored %d (%.1f/s) readings %d (%.1f/s) duplicates %d "
             "lost %d (+%d) rejected %d %s kernel_drops %d truncated %d storage_dropped %d backlog %d sensors %d",
-            c["received"], (c["received"] - before.get("received", 0)) / span,
-            c["stored"], (c["stored"] - before.get("stored", 0)) / span,
-            c["stored_readings"], (c["stored_readings"] - before.get("stored_readings", 0)) / span,
-            c["duplicates"], lost, lost - lost_before, rejected_total,
+            c["received"],
+            (c["received"] - before.get("received", 0)) / span,
+            c["stored"],
+            (c["stored"] - before.get("stored", 0)) / span,
+            c["stored_readings"],
+            (c["stored_readings"] - before.get("stored_readings", 0)) / span,
+            c["duplicates"],
+            lost,
+            lost - lost_before,
+            rejected_total,
             " ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "-",
-            c["kernel_drops"], c["truncated"], c["storage_dropped"], self.core.pending_readings,
+            c["kernel_drops"],
+            c["truncated"],
+            c["storage_dropped"],
+            self.core.pending_readings,
             len(self.core.sensors),
         )
         self._status_base = (now, dict(c), lost)

@@ -79,15 +79,18 @@ LOG_DELETE_STEP = 2000
 
 def insert_chunk(conn: sqlite3.Connection, row: ChunkRow, log_id: int, series: dict[str, int]) -> int:
     """Insert one chunk, its per-series statistics and its rollup contributions; returns its id."""
-    cur = conn.execute(INSERT_CHUNK, (row.sensor, row.boot, log_id, row.datagrams, row.first_received,
-                                      row.last_received, row.crc, row.blob))
+    cur = conn.execute(
+        INSERT_CHUNK,
+        (row.sensor, row.boot, log_id, row.datagrams, row.first_received, row.last_received, row.crc, row.blob),
+    )
     chunk_id = int(cur.lastrowid)
     stats = []
     rollups: dict[int, list[tuple]] = defaultdict(list)
     for metric, s in row.stats.items():
         sid = series[metric]
-        stats.append((sid, s.min_ts, chunk_id, s.max_ts, s.count, s.min, s.max, s.sum, s.last_boot, s.last_seq,
-                      s.last_value))
+        stats.append(
+            (sid, s.min_ts, chunk_id, s.max_ts, s.count, s.min, s.max, s.sum, s.last_boot, s.last_seq, s.last_value)
+        )
         for (width, bucket), (n, lo, hi, total) in row.rollups[metric].items():
             rollups[width].append((sid, bucket, n, lo, hi, total))
     conn.executemany(INSERT_CHUNK_SERIES, stats)
@@ -109,12 +112,22 @@ def _restore_window(sensor: str, text: str, tracker: SensorTracker) -> ReplayWin
         window = ReplayWindow()
         cur = tracker.snapshot()["cur"]  # the tracker's current stream: its boot and highest seq
         if cur is None or type(cur["boot"]) is not int:
-            log.warning("sensor %s: replay window in the database is unusable (%s), and its accounts "
-                        "give no boot to start from: it starts afresh", sensor, exc)
+            log.warning(
+                "sensor %s: replay window in the database is unusable (%s), and its accounts "
+                "give no boot to start from: it starts afresh",
+                sensor,
+                exc,
+            )
             return window
         window.boot, window.top, window.bits = cur["boot"], cur["max"] & 0xFFFFFFFF, (1 << WINDOW) - 1
-        log.warning("sensor %s: replay window in the database is unusable (%s); taking every signed "
-                    "datagram up to boot %d seq %d as seen", sensor, exc, window.boot, window.top)
+        log.warning(
+            "sensor %s: replay window in the database is unusable (%s); taking every signed "
+            "datagram up to boot %d seq %d as seen",
+            sensor,
+            exc,
+            window.boot,
+            window.top,
+        )
         return window
 
 
@@ -128,9 +141,16 @@ class Loaded:
 class Store:
     """The collector's one writer connection: flushes batches, keeps the heads."""
 
-    def __init__(self, path: str, *, chunk_datagrams: int = CHUNK_DATAGRAMS, chunk_span: float = CHUNK_SPAN_S,
-                 head_budget: int = HEAD_BUDGET_BYTES, max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS,
-                 **retention: float | int | None) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        chunk_datagrams: int = CHUNK_DATAGRAMS,
+        chunk_span: float = CHUNK_SPAN_S,
+        head_budget: int = HEAD_BUDGET_BYTES,
+        max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS,
+        **retention: float | int | None,
+    ) -> None:
         self.path = path
         self._open()
         self.chunk_datagrams = chunk_datagrams
@@ -212,9 +232,14 @@ class Store:
                 # A damaged row must not stop the collector (a traceback, issue 13
                 # item 7): the counter counts on from 0, and the log says so once.
                 counters[name] = 0
-                log.error("counter %r in %s holds %r, not a number: it counts on from 0 (the row is "
-                          "rewritten at the next flush; %s)", name, self.path, value,
-                          schema.damaged_advice(self.path))
+                log.error(
+                    "counter %r in %s holds %r, not a number: it counts on from 0 (the row is "
+                    "rewritten at the next flush; %s)",
+                    name,
+                    self.path,
+                    value,
+                    schema.damaged_advice(self.path),
+                )
         top = 0
         for series_id, sensor, metric in conn.execute("SELECT id, sensor, metric FROM series"):
             self.series[sensor][metric] = series_id
@@ -235,15 +260,20 @@ class Store:
                     restored = SensorTracker.restore(json.loads(tracker), gaps.get(sensor, ()))
                 except (ValueError, TypeError, KeyError) as exc:
                     # Counting on from zero beats refusing to start; say so once.
-                    log.warning("sensor %s: tracker state in the database is unusable (%s); "
-                                "its sequence accounts start afresh", sensor, exc)
+                    log.warning(
+                        "sensor %s: tracker state in the database is unusable (%s); its sequence accounts start afresh",
+                        sensor,
+                        exc,
+                    )
             window = None if replay is None else _restore_window(sensor, replay, restored)
-            sensors[sensor] = SensorState(sensor, restored, self.series[sensor], first_seen, last_seen,
-                                          readings, window)
+            sensors[sensor] = SensorState(
+                sensor, restored, self.series[sensor], first_seen, last_seen, readings, window
+            )
         self.last_log_id = ingestlog.last_id(conn)
         # The open heads: each (sensor, boot)'s datagrams in log rows after its last chunk.
-        closed = {(s, b): i for s, b, i in conn.execute(
-            "SELECT sensor, boot, max(log_id) FROM chunks GROUP BY sensor, boot")}
+        closed = {
+            (s, b): i for s, b, i in conn.execute("SELECT sensor, boot, max(log_id) FROM chunks GROUP BY sensor, boot")
+        }
         after = 0
         while True:
             entries = list(ingestlog.read_after(conn, after, 200))
@@ -299,15 +329,21 @@ class Store:
         if self.failing_since is not None:
             log.warning(
                 "database writable again after %.1f s; %d readings were dropped meanwhile (storage_dropped)",
-                mono - self.failing_since, core.counters["storage_dropped"] - self._dropped_at_failure,
+                mono - self.failing_since,
+                core.counters["storage_dropped"] - self._dropped_at_failure,
             )
             self.failing_since = None
         self._retry_delay = tuning.RETRY_INITIAL_S
         self.retry_at = 0.0
         return True
 
-    def write_groups(self, conn: sqlite3.Connection, groups: list[ingestlog.Group], now: float,
-                     new_series: list[tuple[int, str, str]]) -> tuple[int, set[tuple[str, int]]]:
+    def write_groups(
+        self,
+        conn: sqlite3.Connection,
+        groups: list[ingestlog.Group],
+        now: float,
+        new_series: list[tuple[int, str, str]],
+    ) -> tuple[int, set[tuple[str, int]]]:
         """For a writer other than the ingest core (the uplink's central database):
         inside the caller's transaction, the new series, one log row for `groups`
         (one group per (sensor, boot)) and the chunks of the heads that close.
@@ -360,8 +396,9 @@ class Store:
         conn.executemany(UPSERT_COUNTER, list(values.items()))
         return log_id, closed
 
-    def _close_heads(self, conn: sqlite3.Connection, groups: list[ingestlog.Group], log_id: int,
-                     now: float) -> set[tuple[str, int]]:
+    def _close_heads(
+        self, conn: sqlite3.Connection, groups: list[ingestlog.Group], log_id: int, now: float
+    ) -> set[tuple[str, int]]:
         """Write the chunks of the heads that close in this flush; returns their keys.
 
         A head closes when it reaches chunk_datagrams, when its span of
@@ -413,8 +450,10 @@ class Store:
         acked = self._uplink_acked()
         if acked is not None:
             below = min(below, acked + 1)
-        conn.execute("DELETE FROM ingest_log WHERE id IN (SELECT id FROM ingest_log WHERE id < ? ORDER BY id LIMIT ?)",
-                     (below, LOG_DELETE_STEP))
+        conn.execute(
+            "DELETE FROM ingest_log WHERE id IN (SELECT id FROM ingest_log WHERE id < ? ORDER BY id LIMIT ?)",
+            (below, LOG_DELETE_STEP),
+        )
 
     def _uplink_acked(self) -> int | None:
         """The id the uplink acknowledged (`<db>-uplink`), None without an uplink."""
@@ -444,8 +483,7 @@ class Store:
             try:
                 before = {k: counters.get(k, 0) for k in MAINTENANCE_COUNTERS}
                 # Log rows kept only for an uplink, and already in chunks, may go under pressure.
-                self.maintenance.step(conn, counters, now, None if acked is None else acked,
-                                      log_chunked_below=below)
+                self.maintenance.step(conn, counters, now, None if acked is None else acked, log_chunked_below=below)
                 changed = [(k, counters.get(k, 0)) for k in MAINTENANCE_COUNTERS if counters.get(k, 0) != before[k]]
                 if changed:
                     conn.executemany(UPSERT_COUNTER, changed)
@@ -468,7 +506,9 @@ class Store:
             log.error(
                 "cannot write to %s: %s; keeping up to %d readings in memory and retrying "
                 "(check free space with 'df' and that the file is writable)",
-                self.path, exc, self.max_backlog_rows,
+                self.path,
+                exc,
+                self.max_backlog_rows,
             )
         self.retry_at = now + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, tuning.RETRY_MAX_S)
@@ -491,7 +531,7 @@ def open_ingest(path: str, *, store_options: dict | None = None, **core_options)
     except BaseException:
         store.close()
         raise
-    core = IngestCore(counters=loaded.counters, sensors=loaded.sensors, next_series_id=loaded.next_series_id,
-                      **core_options)
+    core = IngestCore(
+        counters=loaded.counters, sensors=loaded.sensors, next_series_id=loaded.next_series_id, **core_options
+    )
     return store, core
-

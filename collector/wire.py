@@ -61,8 +61,7 @@ _KNOWN_KEYS = frozenset(("v", "id", "seq", "boot", "ts", "r"))
 # FormatError, StackError (nesting), ExtraData, UnicodeDecodeError and
 # strict_map_key violations; RecursionError is how the pure-Python fallback
 # fails on deep nesting; the rest are belt and braces.
-_UNPACK_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, MemoryError,
-                  msgpack.UnpackException)
+_UNPACK_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, MemoryError, msgpack.UnpackException)
 
 # Memo of ids and reading names already found valid: a sensor sends the same
 # few names in every datagram, and a set lookup is several times cheaper than

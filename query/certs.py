@@ -76,9 +76,15 @@ def make_ca(directory: Path, name: str = "gateway-telemetry CA", days: int = CA_
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -119,9 +125,7 @@ def issue(
         _builder(common_name, ca_cert.subject, key.public_key(), days, not_before)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     )
     names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
     names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
@@ -168,10 +172,16 @@ def main() -> None:
 
 def _server_certificate_options(command):
     """--dns, --ip and --days: what names the gateway in its server certificate, and for how long."""
-    command = click.option("--days", type=click.IntRange(1, 3650), default=SERVER_DAYS, show_default=True,
-                           help="Server certificate lifetime.")(command)
-    command = click.option("--ip", multiple=True, callback=_check_ips,
-                           help="IP address of the gateway (repeatable).")(command)
+    command = click.option(
+        "--days",
+        type=click.IntRange(1, 3650),
+        default=SERVER_DAYS,
+        show_default=True,
+        help="Server certificate lifetime.",
+    )(command)
+    command = click.option("--ip", multiple=True, callback=_check_ips, help="IP address of the gateway (repeatable).")(
+        command
+    )
     return click.option("--dns", multiple=True, help="DNS name of the gateway (repeatable).")(command)
 
 
@@ -223,10 +233,15 @@ def server(directory: Path, dns: tuple[str, ...], ip: tuple[str, ...], days: int
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("name")
-@click.option("--days", type=click.IntRange(1, 3650), default=CLIENT_DAYS, show_default=True,
-              help="Client certificate lifetime.")
-@click.option("--force", is_flag=True, help="Replace an existing NAME.key and NAME.pem (the old pair stops "
-                                            "being yours to hand out; it stays valid until it expires).")
+@click.option(
+    "--days", type=click.IntRange(1, 3650), default=CLIENT_DAYS, show_default=True, help="Client certificate lifetime."
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing NAME.key and NAME.pem (the old pair stops "
+    "being yours to hand out; it stays valid until it expires).",
+)
 def client(directory: Path, name: str, days: int, force: bool) -> None:
     """Issue a client certificate NAME.pem/NAME.key signed by the CA in DIRECTORY.
 

@@ -21,8 +21,16 @@ from .output import render
 from .serve import SERVE_SETTINGS, build_server, serve, tls_context
 from .times import human_time, parse_duration, parse_time
 
-__all__ = ["main", "render", "build_server", "tls_context", "SERVE_SETTINGS", "human_time", "parse_duration",
-           "parse_time"]
+__all__ = [
+    "main",
+    "render",
+    "build_server",
+    "tls_context",
+    "SERVE_SETTINGS",
+    "human_time",
+    "parse_duration",
+    "parse_time",
+]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -56,15 +56,29 @@ def _tls_failure(exc: ssl.SSLError, host: str) -> ConnectError:
     if isinstance(exc, ssl.SSLCertVerificationError):
         message = (exc.verify_message or "").lower()
         if "hostname mismatch" in message or "ip address mismatch" in message:
-            return ConnectError("hostname", f"the server's certificate is not valid for {host!r} ({exc.verify_message})")
+            return ConnectError(
+                "hostname", f"the server's certificate is not valid for {host!r} ({exc.verify_message})"
+            )
         return ConnectError("verify", f"the server's certificate does not verify: {exc.verify_message}")
     reason = exc.reason or str(exc)
     if isinstance(exc, ssl.SSLEOFError):
-        return ConnectError("closed", f"{host} closed the TLS connection without a reason (it may want a client certificate)")
-    if reason in ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE", "PEER_DID_NOT_RETURN_A_CERTIFICATE"):
-        return ConnectError("client_cert", f"the server refused the TLS handshake ({reason}): it wants a client certificate it trusts")
-    if reason in ("SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
-                  "SSLV3_ALERT_CERTIFICATE_UNKNOWN"):
+        return ConnectError(
+            "closed", f"{host} closed the TLS connection without a reason (it may want a client certificate)"
+        )
+    if reason in (
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "SSLV3_ALERT_HANDSHAKE_FAILURE",
+        "PEER_DID_NOT_RETURN_A_CERTIFICATE",
+    ):
+        return ConnectError(
+            "client_cert", f"the server refused the TLS handshake ({reason}): it wants a client certificate it trusts"
+        )
+    if reason in (
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    ):
         return ConnectError("client_cert", f"the server refused our client certificate ({reason})")
     return ConnectError("tls", f"TLS with {host} failed: {reason}")
 
@@ -106,7 +120,9 @@ class QueryClient:
         try:
             ctx = self._context or client_context(self._ca, self._cert, self._key)
         except OSError as exc:
-            raise ConnectError("files", f"cannot read the CA or client certificate/key: {exc.strerror or exc}") from None
+            raise ConnectError(
+                "files", f"cannot read the CA or client certificate/key: {exc.strerror or exc}"
+            ) from None
         except ssl.SSLError as exc:
             raise ConnectError("files", f"cannot load the CA or client certificate/key: {exc.reason or exc}") from None
         try:
@@ -129,7 +145,9 @@ class QueryClient:
             raise ConnectError("timeout", f"TLS handshake with {self.host}:{self.port} timed out") from None
         except OSError as exc:
             raw.close()
-            raise ConnectError("tls", f"TLS handshake with {self.host}:{self.port} failed: {exc.strerror or exc}") from None
+            raise ConnectError(
+                "tls", f"TLS handshake with {self.host}:{self.port} failed: {exc.strerror or exc}"
+            ) from None
         self._sock = sock
         self._file = sock.makefile("rb")
 
@@ -149,7 +167,9 @@ class QueryClient:
         except ssl.SSLError as exc:
             raise _tls_failure(exc, self.host) from None
         except OSError as exc:
-            raise ConnectError("connect", f"connection to {self.host}:{self.port} lost: {exc.strerror or exc}") from None
+            raise ConnectError(
+                "connect", f"connection to {self.host}:{self.port} lost: {exc.strerror or exc}"
+            ) from None
 
     def read_response(self) -> dict[str, Any]:
         """The next response line, parsed (a refused client certificate under TLS 1.3 surfaces here)."""
@@ -161,9 +181,13 @@ class QueryClient:
         except TimeoutError:
             raise ConnectError("timeout", f"no answer from {self.host}:{self.port} within {self.timeout:g}s") from None
         except OSError as exc:
-            raise ConnectError("connect", f"connection to {self.host}:{self.port} lost: {exc.strerror or exc}") from None
+            raise ConnectError(
+                "connect", f"connection to {self.host}:{self.port} lost: {exc.strerror or exc}"
+            ) from None
         if not line:
-            raise ConnectError("connect", f"{self.host}:{self.port} closed the connection (a client certificate it does not trust?)")
+            raise ConnectError(
+                "connect", f"{self.host}:{self.port} closed the connection (a client certificate it does not trust?)"
+            )
         if not line.endswith(b"\n"):
             raise ConnectError("protocol", f"{self.host}:{self.port} sent an over-long or cut-off response")
         try:

@@ -70,21 +70,48 @@ def connection_options(envvars: bool) -> Callable:
 
     def decorate(f: Callable) -> Callable:
         options = [
-            click.option("--server", envvar=env("TELEMETRY_SERVER"), metavar="HOST:PORT",
-                         help=f"Query server; its HOST is the name checked against its certificate. "
-                              f"[env TELEMETRY_SERVER; default localhost:{DEFAULT_PORT}]"),
-            click.option("--ca", envvar=env("TELEMETRY_CA"), metavar="PEM", type=click.Path(dir_okay=False),
-                         help="CA certificate(s) to verify the server with [env TELEMETRY_CA; default: system CAs]."),
-            click.option("--cert", envvar=env("TELEMETRY_CERT"), metavar="PEM", type=click.Path(dir_okay=False),
-                         help="Client certificate for mutual TLS [env TELEMETRY_CERT]."),
-            click.option("--key", envvar=env("TELEMETRY_KEY"), metavar="PEM", type=click.Path(dir_okay=False),
-                         help="Private key of --cert [env TELEMETRY_KEY]."),
-            click.option("--format", "fmt", envvar=env("TELEMETRY_FORMAT"),
-                         type=config.Choice(["table", "json", "csv"]),
-                         help="Output: aligned table (times in UTC), json or csv [env TELEMETRY_FORMAT; default table]."),
-            click.option("--times", envvar=env("TELEMETRY_TIMES"), type=config.Choice(["unix", "iso"]),
-                         help="Times in csv and json: Unix seconds or ISO 8601 UTC [env TELEMETRY_TIMES; "
-                              "default unix; export: iso]."),
+            click.option(
+                "--server",
+                envvar=env("TELEMETRY_SERVER"),
+                metavar="HOST:PORT",
+                help=f"Query server; its HOST is the name checked against its certificate. "
+                f"[env TELEMETRY_SERVER; default localhost:{DEFAULT_PORT}]",
+            ),
+            click.option(
+                "--ca",
+                envvar=env("TELEMETRY_CA"),
+                metavar="PEM",
+                type=click.Path(dir_okay=False),
+                help="CA certificate(s) to verify the server with [env TELEMETRY_CA; default: system CAs].",
+            ),
+            click.option(
+                "--cert",
+                envvar=env("TELEMETRY_CERT"),
+                metavar="PEM",
+                type=click.Path(dir_okay=False),
+                help="Client certificate for mutual TLS [env TELEMETRY_CERT].",
+            ),
+            click.option(
+                "--key",
+                envvar=env("TELEMETRY_KEY"),
+                metavar="PEM",
+                type=click.Path(dir_okay=False),
+                help="Private key of --cert [env TELEMETRY_KEY].",
+            ),
+            click.option(
+                "--format",
+                "fmt",
+                envvar=env("TELEMETRY_FORMAT"),
+                type=config.Choice(["table", "json", "csv"]),
+                help="Output: aligned table (times in UTC), json or csv [env TELEMETRY_FORMAT; default table].",
+            ),
+            click.option(
+                "--times",
+                envvar=env("TELEMETRY_TIMES"),
+                type=config.Choice(["unix", "iso"]),
+                help="Times in csv and json: Unix seconds or ISO 8601 UTC [env TELEMETRY_TIMES; "
+                "default unix; export: iso].",
+            ),
         ]
         for option in reversed(options):
             f = option(f)
@@ -193,8 +220,14 @@ def _connect_failure(exc: ConnectError) -> click.ClickException:
     return CannotConnect(message)
 
 
-CLIENT_ENV = ("TELEMETRY_SERVER", "TELEMETRY_CA", "TELEMETRY_CERT", "TELEMETRY_KEY", "TELEMETRY_FORMAT",
-              "TELEMETRY_TIMES")
+CLIENT_ENV = (
+    "TELEMETRY_SERVER",
+    "TELEMETRY_CA",
+    "TELEMETRY_CERT",
+    "TELEMETRY_KEY",
+    "TELEMETRY_FORMAT",
+    "TELEMETRY_TIMES",
+)
 DAEMON_ENV_PREFIXES = ("TELEMETRY_QUERY_", "TELEMETRY_COLLECTOR_", "TELEMETRY_CONFIG")
 
 
@@ -312,11 +345,18 @@ ACTIVITY_PIPELINE = 50  # requests written at once
 
 @_session_command("sensors")
 @click.argument("sensor", required=False)
-@click.option("--activity/--no-activity", default=True,
-              help="Tables: a last-hour column, readings per 5 minutes as a sparkline (one request per sensor, "
-                   f"up to {ACTIVITY_MAX_SENSORS} sensors).")
-@click.option("--stale", is_flag=True, help="Only sensors silent for longer than the collector's stale rule "
-              "(stale-factor x their own send interval, at least stale-floor).")
+@click.option(
+    "--activity/--no-activity",
+    default=True,
+    help="Tables: a last-hour column, readings per 5 minutes as a sparkline (one request per sensor, "
+    f"up to {ACTIVITY_MAX_SENSORS} sensors).",
+)
+@click.option(
+    "--stale",
+    is_flag=True,
+    help="Only sensors silent for longer than the collector's stale rule "
+    "(stale-factor x their own send interval, at least stale-floor).",
+)
 def sensors(session: _Session, sensor: str | None, activity: bool, stale: bool) -> None:
     """List sensors with their accounts and health.
 
@@ -340,8 +380,21 @@ def sensors(session: _Session, sensor: str | None, activity: bool, stale: bool) 
     rows = session.request("sensors", sensor=sensor, stale=True if stale else None)
     if not rows and sensor is not None and not stale:
         session.check_names([sensor], None)
-    columns = ["sensor", "first_seen", "last_seen", "datagrams", "readings", "lost", "duplicates", "reordered",
-               "restarts", "interval", "stale", "clock_offset", "metrics"]
+    columns = [
+        "sensor",
+        "first_seen",
+        "last_seen",
+        "datagrams",
+        "readings",
+        "lost",
+        "duplicates",
+        "reordered",
+        "restarts",
+        "interval",
+        "stale",
+        "clock_offset",
+        "metrics",
+    ]
     if session.fmt == "table":
         rows = [_health_cells(row) for row in rows]
     elif session.fmt == "csv":
@@ -352,8 +405,11 @@ def sensors(session: _Session, sensor: str | None, activity: bool, stale: bool) 
                 row[ACTIVITY_COLUMN] = line
             columns.append(ACTIVITY_COLUMN)
         else:
-            click.echo(f"(no {ACTIVITY_COLUMN} column for more than {ACTIVITY_MAX_SENSORS} sensors: "
-                       "name one, or --no-activity)", err=True)
+            click.echo(
+                f"(no {ACTIVITY_COLUMN} column for more than {ACTIVITY_MAX_SENSORS} sensors: "
+                "name one, or --no-activity)",
+                err=True,
+            )
     session.echo(rows, columns)
 
 
@@ -374,12 +430,22 @@ def _activity(session: _Session, rows: list[dict[str, Any]], now: float) -> list
     """A sparkline per sensor row: readings of its first metric per ACTIVITY_BUCKET_S, the last hour."""
     end = math.floor(now / ACTIVITY_BUCKET_S) * ACTIVITY_BUCKET_S + ACTIVITY_BUCKET_S  # the current bucket's end
     start = end - ACTIVITY_BUCKETS * ACTIVITY_BUCKET_S
-    requests = [{"op": "aggregate", "sensor": row["sensor"], "metric": row["metrics"][0], "bucket": ACTIVITY_BUCKET_S,
-                 "since": start, "until": end} for row in rows if row.get("metrics")]
+    requests = [
+        {
+            "op": "aggregate",
+            "sensor": row["sensor"],
+            "metric": row["metrics"][0],
+            "bucket": ACTIVITY_BUCKET_S,
+            "since": start,
+            "until": end,
+        }
+        for row in rows
+        if row.get("metrics")
+    ]
     answers: list[dict[str, Any]] = []
     try:
         for i in range(0, len(requests), ACTIVITY_PIPELINE):
-            answers += session.client().pipeline(requests[i:i + ACTIVITY_PIPELINE])
+            answers += session.client().pipeline(requests[i : i + ACTIVITY_PIPELINE])
     except ConnectError as exc:
         raise _connect_failure(exc) from None
     lines, found = [], iter(answers)
@@ -421,8 +487,17 @@ def latest(session: _Session, sensor: str | None, metric: str | None) -> None:
 @click.option("--desc", is_flag=True, help="Newest first.")
 @click.option("--all", "walk_all", is_flag=True, help="Follow the pages to the end of the range.")
 @click.option("--cursor", help="Continue after a previous page (its 'next').")
-def readings(session: _Session, sensor: str, metric: str | None, since: float | None, until: float | None,
-             limit: int, desc: bool, walk_all: bool, cursor: str | None) -> None:
+def readings(
+    session: _Session,
+    sensor: str,
+    metric: str | None,
+    since: float | None,
+    until: float | None,
+    limit: int,
+    desc: bool,
+    walk_all: bool,
+    cursor: str | None,
+) -> None:
     """Readings of one sensor in a time range, a page at a time.
 
     \b
@@ -431,8 +506,14 @@ def readings(session: _Session, sensor: str, metric: str | None, since: float | 
       telemetry-query --format csv readings boiler-1 --since 2026-11-25T00:00:00Z --until 2026-11-26
     """
     rows: list[dict[str, Any]] = []
-    params = {"sensor": sensor, "metric": metric, "since": since, "until": until, "limit": limit,
-              "order": "desc" if desc else "asc"}
+    params = {
+        "sensor": sensor,
+        "metric": metric,
+        "since": since,
+        "until": until,
+        "limit": limit,
+        "order": "desc" if desc else "asc",
+    }
     while True:
         page = session.request("readings", **params, cursor=cursor)
         rows += page["rows"]
@@ -455,8 +536,9 @@ def readings(session: _Session, sensor: str, metric: str | None, since: float | 
 @click.option("--metric", required=True, help="The metric to aggregate.")
 @click.option("--bucket", type=DURATION, required=True, help="Bucket width: seconds or e.g. 30s, 5m, 1h, 1d.")
 @_ranges
-def aggregate(session: _Session, sensor: str, metric: str, bucket: float, since: float | None,
-              until: float | None) -> None:
+def aggregate(
+    session: _Session, sensor: str, metric: str, bucket: float, since: float | None, until: float | None
+) -> None:
     """Count, min, max, avg and sum per time bucket (aligned to the epoch).
 
     A range wider than the data (--since 7d over an hour of readings) is
@@ -495,8 +577,10 @@ def _aggregate_over_the_data(session: _Session, params: dict[str, Any], refused:
     except ServerError as exc:
         cap = re.search(r"at most (\d+)", exc.message)
         wider = f"; --bucket {_seconds(_bucket_for(hi - lo, int(cap.group(1))))} or wider would do" if cap else ""
-        raise ServerSaidNo(f"server said {exc.code}: {exc.message}; the readings in that range run from "
-                           f"{human_time(lo)} to {human_time(hi)}{wider}") from None
+        raise ServerSaidNo(
+            f"server said {exc.code}: {exc.message}; the readings in that range run from "
+            f"{human_time(lo)} to {human_time(hi)}{wider}"
+        ) from None
 
 
 def _bucket_for(span: float, max_buckets: int) -> float:
@@ -535,12 +619,30 @@ def gaps(session: _Session, sensor: str | None, since: float | None, until: floa
 @click.argument("sensor", nargs=-1)
 @click.option("--metric", help="Only this metric (default: every metric of each sensor).")
 @_ranges
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
-              help="Write to FILE (via FILE.part, renamed when complete) instead of standard output.")
-@click.option("--page", "page_rows", type=click.IntRange(1, 10_000), default=exporting.DEFAULT_PAGE_ROWS,
-              show_default=True, help="Rows asked per request (memory is one page).")
-def export(session: _Session, sensor: tuple[str, ...], metric: str | None, since: float | None,
-           until: float | None, output: str | None, page_rows: int) -> None:
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    metavar="FILE",
+    help="Write to FILE (via FILE.part, renamed when complete) instead of standard output.",
+)
+@click.option(
+    "--page",
+    "page_rows",
+    type=click.IntRange(1, 10_000),
+    default=exporting.DEFAULT_PAGE_ROWS,
+    show_default=True,
+    help="Rows asked per request (memory is one page).",
+)
+def export(
+    session: _Session,
+    sensor: tuple[str, ...],
+    metric: str | None,
+    since: float | None,
+    until: float | None,
+    output: str | None,
+    page_rows: int,
+) -> None:
     """Export readings as CSV (default) or JSON lines (--format json), streamed.
 
     Every sensor, or the SENSORs named, in sensor order; within a sensor
@@ -573,8 +675,9 @@ def export(session: _Session, sensor: tuple[str, ...], metric: str | None, since
     iso = (session.settings["times"] or "iso") == "iso"  # ts to the microsecond; unix: the exact float
     writer = exporting.Writer(out, "json" if fmt == "json" else "csv", iso=iso)
     try:
-        for page in exporting.pages(session.request, dict.fromkeys(names), metric=metric, since=since,
-                                    until=until, page_rows=page_rows):
+        for page in exporting.pages(
+            session.request, dict.fromkeys(names), metric=metric, since=since, until=until, page_rows=page_rows
+        ):
             writer.write_page(page)
             out.flush()
     except BaseException as exc:
@@ -597,15 +700,36 @@ def export(session: _Session, sensor: tuple[str, ...], metric: str | None, since
 @_session_command("plot")
 @click.argument("sensor")
 @click.option("--metric", help="The metric to draw (default: the sensor's only metric).")
-@click.option("--since", "since_text", default="1h", show_default=True, metavar="TIME",
-              help="From this time: Unix seconds, ISO 8601 or an age like 6h (with --watch, an age slides along).")
+@click.option(
+    "--since",
+    "since_text",
+    default="1h",
+    show_default=True,
+    metavar="TIME",
+    help="From this time: Unix seconds, ISO 8601 or an age like 6h (with --watch, an age slides along).",
+)
 @click.option("--until", "until_text", metavar="TIME", help="Up to this time (exclusive; default: the newest reading).")
-@click.option("--watch", type=DURATION, is_flag=False, flag_value=5.0, default=None, metavar="[SECONDS]",
-              help="Redraw every SECONDS (default 5) until Ctrl-C.")
+@click.option(
+    "--watch",
+    type=DURATION,
+    is_flag=False,
+    flag_value=5.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="Redraw every SECONDS (default 5) until Ctrl-C.",
+)
 @click.option("--width", type=click.IntRange(40, 2000), help="Columns to fill [default: the terminal's].")
 @click.option("--height", type=click.IntRange(12, 500), help="Lines to fill [default: the terminal's].")
-def plot(session: _Session, sensor: str, metric: str | None, since_text: str, until_text: str | None,
-         watch: float | None, width: int | None, height: int | None) -> None:
+def plot(
+    session: _Session,
+    sensor: str,
+    metric: str | None,
+    since_text: str,
+    until_text: str | None,
+    watch: float | None,
+    width: int | None,
+    height: int | None,
+) -> None:
     """Draw a series in the terminal: the readings as a line, or when there are
     more readings than dots across, each dot column's average with a min/max band.
 
@@ -665,8 +789,17 @@ def _only_metric(session: _Session, sensor: str) -> str:
     return metrics[0]
 
 
-def _plot_frame(session: _Session, sensor: str, metric: str, since_text: str, until_text: str | None,
-                columns: int, lines: int, color: bool, watching: bool) -> str:
+def _plot_frame(
+    session: _Session,
+    sensor: str,
+    metric: str,
+    since_text: str,
+    until_text: str | None,
+    columns: int,
+    lines: int,
+    color: bool,
+    watching: bool,
+) -> str:
     """One picture: where the data is in the range, then buckets sized to the canvas (or the raw points)."""
     now = time.time()
     since = _parse_time_option(since_text, "--since", now)
@@ -676,8 +809,11 @@ def _plot_frame(session: _Session, sensor: str, metric: str, since_text: str, un
     first = session.request("readings", **query)["rows"]
     if not first:
         session.check_names([sensor], metric)
-        message = (f"no readings of {sensor} {metric} from {human_time(since)}"
-                   + (f" to {human_time(until)}" if until is not None else "") + ": widen --since")
+        message = (
+            f"no readings of {sensor} {metric} from {human_time(since)}"
+            + (f" to {human_time(until)}" if until is not None else "")
+            + ": widen --since"
+        )
         if watching:
             return message + "\n"
         raise ServerSaidNo(message)
@@ -686,14 +822,24 @@ def _plot_frame(session: _Session, sensor: str, metric: str, since_text: str, un
     width, height = plotting.canvas_size(columns, lines)
     dots = 2 * width  # braille: two dot columns per character
     bucket = plotting.bucket_for(lo, hi, dots)
-    buckets = session.request("aggregate", sensor=sensor, metric=metric, bucket=bucket, since=lo,
-                              until=math.nextafter(hi, math.inf))
+    buckets = session.request(
+        "aggregate", sensor=sensor, metric=metric, bucket=bucket, since=lo, until=math.nextafter(hi, math.inf)
+    )
     if sum(b["count"] for b in buckets) <= dots:
         rows = session.request("readings", **{**query, "limit": dots, "until": math.nextafter(hi, math.inf)})["rows"]
-        return plotting.render(sensor, metric, lo, hi, width=width, height=height, color=color,
-                               points=[(r["ts"], r["value"]) for r in rows])
-    return plotting.render(sensor, metric, lo, hi, width=width, height=height, color=color, buckets=buckets,
-                           bucket=bucket)
+        return plotting.render(
+            sensor,
+            metric,
+            lo,
+            hi,
+            width=width,
+            height=height,
+            color=color,
+            points=[(r["ts"], r["value"]) for r in rows],
+        )
+    return plotting.render(
+        sensor, metric, lo, hi, width=width, height=height, color=color, buckets=buckets, bucket=bucket
+    )
 
 
 @_session_command("stats")
@@ -721,7 +867,7 @@ def raw(session: _Session, request: str) -> None:
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="REQUEST") from None
     if not isinstance(doc, dict):
-        raise click.BadParameter("a request is a JSON object, e.g. '{\"op\": \"ping\"}'", param_hint="REQUEST")
+        raise click.BadParameter('a request is a JSON object, e.g. \'{"op": "ping"}\'', param_hint="REQUEST")
     try:
         response = session.client().call(doc)
     except ValueError as exc:
@@ -773,8 +919,10 @@ def follow(session: _Session, sensor: str | None, metric: str | None, after: int
                     raise _connect_failure(exc) from None
                 delay = FOLLOW_BACKOFF_S * 2**failures
                 failures += 1
-                click.echo(f"connection lost ({exc}); reconnecting in {delay:g}s "
-                           f"(attempt {failures} of {FOLLOW_RETRIES})", err=True)
+                click.echo(
+                    f"connection lost ({exc}); reconnecting in {delay:g}s (attempt {failures} of {FOLLOW_RETRIES})",
+                    err=True,
+                )
                 time.sleep(delay)
     except KeyboardInterrupt:
         if stream.position is not None:
@@ -807,14 +955,19 @@ class _FollowStream:
             doc = client.read_response()
             if not doc.get("ok"):
                 error = doc.get("error") or {}
-                raise ConnectError("closed", f"the server ended the follow: {error.get('code')}: {error.get('message')}")
+                raise ConnectError(
+                    "closed", f"the server ended the follow: {error.get('code')}: {error.get('message')}"
+                )
             event = doc.get("event")
             if event == "readings":
                 self.print_rows(doc["rows"])
                 self.progressed = True
             elif event == "lost":
-                click.echo(f"warning: the ingest log was trimmed before positions {doc['after'] + 1}-"
-                           f"{doc['position']} were read: their readings are not shown", err=True)
+                click.echo(
+                    f"warning: the ingest log was trimmed before positions {doc['after'] + 1}-"
+                    f"{doc['position']} were read: their readings are not shown",
+                    err=True,
+                )
             if event is not None:
                 self.position = doc["position"]
 
@@ -829,8 +982,12 @@ class _FollowStream:
         else:
             lines = [] if self.header_done else [FOLLOW_COLUMNS]
             lines += [[cell(c, r.get(c), True) for c in FOLLOW_COLUMNS] for r in rows]
-            text = "".join("  ".join(v.rjust(w) if i >= 3 else v.ljust(w)
-                                     for i, (v, w) in enumerate(zip(values, FOLLOW_WIDTHS))).rstrip() + "\n"
-                           for values in lines)
+            text = "".join(
+                "  ".join(
+                    v.rjust(w) if i >= 3 else v.ljust(w) for i, (v, w) in enumerate(zip(values, FOLLOW_WIDTHS))
+                ).rstrip()
+                + "\n"
+                for values in lines
+            )
         self.header_done = True
         click.echo(text, nl=False)

@@ -22,14 +22,29 @@ COLUMNS = ["sensor", "metric", "ts", "value", "seq", "boot"]
 DEFAULT_PAGE_ROWS = 1000
 
 
-def pages(request: Callable[..., Any], sensors: Iterable[str], *, metric: str | None, since: float | None,
-          until: float | None, page_rows: int = DEFAULT_PAGE_ROWS) -> Iterator[list[dict[str, Any]]]:
+def pages(
+    request: Callable[..., Any],
+    sensors: Iterable[str],
+    *,
+    metric: str | None,
+    since: float | None,
+    until: float | None,
+    page_rows: int = DEFAULT_PAGE_ROWS,
+) -> Iterator[list[dict[str, Any]]]:
     """Each sensor's readings in the op's order (metric by metric, then ts, boot, seq), one page per item."""
     for sensor in sensors:
         cursor = None
         while True:
-            page = request("readings", sensor=sensor, metric=metric, since=since, until=until, limit=page_rows,
-                           order="asc", cursor=cursor)
+            page = request(
+                "readings",
+                sensor=sensor,
+                metric=metric,
+                since=since,
+                until=until,
+                limit=page_rows,
+                order="asc",
+                cursor=cursor,
+            )
             if page["rows"]:
                 yield page["rows"]
             cursor = page["next"]
@@ -60,8 +75,14 @@ class Writer:
         if self._csv is not None:
             # repr is the shortest string that reads back as the same float (21.736, not 21.735999999999997).
             self._csv.writerows(
-                [r["sensor"], r["metric"], self._ts(r["ts"]), _number(r["value"]), r["seq"],
-                 "" if r["boot"] is None else r["boot"]]
+                [
+                    r["sensor"],
+                    r["metric"],
+                    self._ts(r["ts"]),
+                    _number(r["value"]),
+                    r["seq"],
+                    "" if r["boot"] is None else r["boot"],
+                ]
                 for r in rows
             )
         else:

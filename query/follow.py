@@ -85,8 +85,9 @@ class FollowSource:
     """The reader thread.  The loop calls `floor` (lowest position wanted, None: nobody follows),
     `take()` for a finished batch and `head` for where "from now" starts."""
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection], wake: Callable[[], None],
-                 poll: float = FOLLOW_POLL_SECONDS) -> None:
+    def __init__(
+        self, connect: Callable[[], sqlite3.Connection], wake: Callable[[], None], poll: float = FOLLOW_POLL_SECONDS
+    ) -> None:
         self._connect = connect
         self._wake = wake
         self._poll = poll
@@ -135,8 +136,11 @@ class FollowSource:
                         self.head = self._head(conn)
                     self._ready.set()
                     floor = self.floor
-                    if floor is not None and self.head is not None and (full or version != last_version
-                                                                        or floor < self.head):
+                    if (
+                        floor is not None
+                        and self.head is not None
+                        and (full or version != last_version or floor < self.head)
+                    ):
                         entries, full = self._read(conn, floor)
                         if entries:
                             self._post(entries)
@@ -162,8 +166,9 @@ class FollowSource:
         """Log rows after `after`, up to the batch bounds; and whether a bound cut the batch short."""
         entries = []
         readings = 0
-        cursor = conn.execute("SELECT id, readings, body FROM ingest_log WHERE id > ? ORDER BY id LIMIT ?",
-                              (after, FOLLOW_BATCH_ENTRIES))
+        cursor = conn.execute(
+            "SELECT id, readings, body FROM ingest_log WHERE id > ? ORDER BY id LIMIT ?", (after, FOLLOW_BATCH_ENTRIES)
+        )
         for row_id, count, body in cursor:
             if entries and readings + count > FOLLOW_BATCH_READINGS:
                 cursor.close()  # a half-read cursor would hold its read snapshot (and stall checkpoints)

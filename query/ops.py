@@ -124,8 +124,9 @@ class HeadCache:
                 if entries:
                     entries[:] = [e for e in entries if e[0] > log_id]
         while True:
-            rows = conn.execute("SELECT id, body FROM ingest_log WHERE id > ? ORDER BY id LIMIT 200",
-                                (self.last_log,)).fetchall()
+            rows = conn.execute(
+                "SELECT id, body FROM ingest_log WHERE id > ? ORDER BY id LIMIT 200", (self.last_log,)
+            ).fetchall()
             if not rows:
                 return
             for log_id, body in rows:
@@ -155,8 +156,9 @@ class HeadCache:
 class Ops:
     """The ops over one connection; one Ops per thread (a connection is not shared)."""
 
-    def __init__(self, conn: sqlite3.Connection, limits: Limits = Limits(),
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, limits: Limits = Limits(), clock: Callable[[], float] = time.time
+    ) -> None:
         self.conn = conn
         self.limits = limits
         self.clock = clock  # wall clock, against the collector's receive times (staleness)
@@ -244,14 +246,19 @@ class Ops:
                 order = sorted(range(len(ts)), key=lambda i: (ts[i], seqs[i]))  # late data: key order
             for name, values in metrics.items():
                 idx = [i for i in (order or range(len(ts))) if values[i] is not None]
-                decoded[name] = (boot, array("d", [ts[i] for i in idx]), array("q", [seqs[i] for i in idx]),
-                                 array("d", [float(values[i]) for i in idx]))
+                decoded[name] = (
+                    boot,
+                    array("d", [ts[i] for i in idx]),
+                    array("q", [seqs[i] for i in idx]),
+                    array("d", [float(values[i]) for i in idx]),
+                )
             return decoded
         except ChunkError as exc:
             return f"chunk {chunk_id} of sensor {sensor} is corrupt ({exc}): its readings are skipped"
 
-    def _chunk_rows(self, chunk_id: int, metric: str, lower: float | None = None,
-                    upper: float | None = None) -> list[tuple]:
+    def _chunk_rows(
+        self, chunk_id: int, metric: str, lower: float | None = None, upper: float | None = None
+    ) -> list[tuple]:
         """(ts, boot, seq, value) of one series in a chunk, in key order, lower <= ts < upper."""
         decoded = self._chunk(chunk_id)
         if decoded is None or metric not in decoded:
@@ -261,8 +268,17 @@ class Ops:
         hi = len(ts) if upper is None else bisect_left(ts, upper)
         return [(ts[i], boot, seqs[i], values[i]) for i in range(lo, hi)]
 
-    def _chunk_page(self, chunk_id: int, metric: str, lower: float | None, upper: float | None,
-                    keep, desc: bool, wanted: int, at_most: float | None = None) -> list[tuple]:
+    def _chunk_page(
+        self,
+        chunk_id: int,
+        metric: str,
+        lower: float | None,
+        upper: float | None,
+        keep,
+        desc: bool,
+        wanted: int,
+        at_most: float | None = None,
+    ) -> list[tuple]:
         """At most `wanted` kept rows of one series in a chunk, from the start (the end if
         `desc`) of lower <= ts < upper: a page never materialises a whole chunk."""
         decoded = self._chunk(chunk_id)
@@ -303,13 +319,16 @@ class Ops:
         # Staleness is the collector's rule (collector/health.py is_stale): silent
         # longer than the stale_after it stored, which holds its stale-factor and floor.
         now = self.clock()
-        where, args = _where(("sensor = ?", sensor),
-                             ("stale_after IS NOT NULL AND ? - last_seen > stale_after", now if stale else None))
+        where, args = _where(
+            ("sensor = ?", sensor), ("stale_after IS NOT NULL AND ? - last_seen > stale_after", now if stale else None)
+        )
         rows = self._capped(
             "SELECT sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts,"
             " interval, stale_after, clock_offset, clock_skewed"
             f" FROM sensors {where} ORDER BY sensor",
-            args, "sensors", "name a 'sensor'",
+            args,
+            "sensors",
+            "name a 'sensor'",
         )
         where, args = _where(("sensor = ?", sensor))
         metrics: dict[str, list[str]] = {}
@@ -317,11 +336,21 @@ class Ops:
             metrics.setdefault(name, []).append(metric)
         return [
             {
-                "sensor": r[0], "first_seen": r[1], "last_seen": r[2], "datagrams": _count(r[3]),
-                "readings": _count(r[4]), "lost": _count(r[5]), "duplicates": _count(r[6]),
-                "reordered": _count(r[7]), "restarts": _count(r[8]), "metrics": metrics.get(r[0], []),
-                "interval": r[9], "stale": is_stale(r[2], r[10], now), "stale_after": r[10],
-                "clock_offset": r[11], "clock_skewed": None if r[12] is None else bool(r[12]),
+                "sensor": r[0],
+                "first_seen": r[1],
+                "last_seen": r[2],
+                "datagrams": _count(r[3]),
+                "readings": _count(r[4]),
+                "lost": _count(r[5]),
+                "duplicates": _count(r[6]),
+                "reordered": _count(r[7]),
+                "restarts": _count(r[8]),
+                "metrics": metrics.get(r[0], []),
+                "interval": r[9],
+                "stale": is_stale(r[2], r[10], now),
+                "stale_after": r[10],
+                "clock_offset": r[11],
+                "clock_skewed": None if r[12] is None else bool(r[12]),
             }
             for r in rows
         ]
@@ -332,13 +361,13 @@ class Ops:
         # last row of a `readings desc` page) from the statistics of its
         # chunks with the highest max_ts (no blob is decoded), and its open head.
         out = []
-        for sid, name, met in self._all(f"SELECT id, sensor, metric FROM series {where} ORDER BY sensor, metric",
-                                        args):
+        for sid, name, met in self._all(f"SELECT id, sensor, metric FROM series {where} ORDER BY sensor, metric", args):
             best = None
             best_chunk = None
             for ts, boot, seq, value, chunk_id in self._all(
                 "SELECT max_ts, last_boot, last_seq, last_value, chunk FROM chunk_series WHERE series = ? AND"
-                " max_ts = (SELECT max(max_ts) FROM chunk_series WHERE series = ?)", [sid, sid]
+                " max_ts = (SELECT max(max_ts) FROM chunk_series WHERE series = ?)",
+                [sid, sid],
             ):
                 if best is None or (ts, boot, seq) > best[:3]:
                     best, best_chunk = (ts, boot, seq, value), chunk_id
@@ -354,12 +383,22 @@ class Ops:
             if best is not None:
                 out.append({"sensor": name, "metric": met, "ts": best[0], "value": best[3], "seq": best[2]})
                 if len(out) > self.limits.max_rows:
-                    raise RequestError("bad_request",
-                                       f"more than {self.limits.max_rows} readings match: name a 'sensor'")
+                    raise RequestError(
+                        "bad_request", f"more than {self.limits.max_rows} readings match: name a 'sensor'"
+                    )
         return out
 
-    def _series_page(self, sid: int, sensor: str, metric: str, lower: float | None, upper: float | None,
-                     after: tuple | None, desc: bool, wanted: int) -> list[tuple]:
+    def _series_page(
+        self,
+        sid: int,
+        sensor: str,
+        metric: str,
+        lower: float | None,
+        upper: float | None,
+        after: tuple | None,
+        desc: bool,
+        wanted: int,
+    ) -> list[tuple]:
         """Up to `wanted` (ts, boot, seq, value) of one series in key order (descending if
         `desc`), lower <= ts < upper, strictly past the key `after`."""
 
@@ -376,17 +415,30 @@ class Ops:
         hi = FAR if upper is None else upper
         if desc:
             cap = FAR if after is None else after[0]
-            cands = self._all("SELECT chunk, max_ts FROM chunk_series WHERE series = ? AND max_ts >= ?"
-                              " AND min_ts < ? AND min_ts <= ? ORDER BY max_ts DESC, chunk DESC",
-                              [sid, lo, hi, cap])
+            cands = self._all(
+                "SELECT chunk, max_ts FROM chunk_series WHERE series = ? AND max_ts >= ?"
+                " AND min_ts < ? AND min_ts <= ? ORDER BY max_ts DESC, chunk DESC",
+                [sid, lo, hi, cap],
+            )
         else:
             if after is not None:
                 lo = max(lo, after[0])
-            cands = self._all("SELECT chunk, min_ts FROM chunk_series WHERE series = ? AND max_ts >= ?"
-                              " AND min_ts < ? ORDER BY min_ts, chunk", [sid, lo, hi])
+            cands = self._all(
+                "SELECT chunk, min_ts FROM chunk_series WHERE series = ? AND max_ts >= ?"
+                " AND min_ts < ? ORDER BY min_ts, chunk",
+                [sid, lo, hi],
+            )
         for i, (chunk_id, _) in enumerate(cands):
-            found += self._chunk_page(chunk_id, metric, lo if lo > -FAR else None, upper, keep, desc, wanted,
-                                      after[0] if desc and after is not None else None)
+            found += self._chunk_page(
+                chunk_id,
+                metric,
+                lo if lo > -FAR else None,
+                upper,
+                keep,
+                desc,
+                wanted,
+                after[0] if desc and after is not None else None,
+            )
             if len(found) >= wanted:
                 found.sort(reverse=desc)
                 del found[wanted:]
@@ -424,13 +476,17 @@ class Ops:
             after = decode_cursor(cursor, binding)
             ids = [sid for sid, _ in series]
             if after.series not in ids:
-                raise RequestError("bad_request", "parameter 'cursor' is not a cursor this server issued for this query")
+                raise RequestError(
+                    "bad_request", "parameter 'cursor' is not a cursor this server issued for this query"
+                )
             start = ids.index(after.series)
         horizon = self._raw_horizon()
         if horizon is not None and (since is None or since <= horizon):
-            self._note(f"raw readings up to ts {horizon!r} were removed (--retain or --max-disk, counted in "
-                       "retention_dropped/budget_dropped); their count/min/max/sum remain in the rollups: "
-                       "use aggregate for that range")
+            self._note(
+                f"raw readings up to ts {horizon!r} were removed (--retain or --max-disk, counted in "
+                "retention_dropped/budget_dropped); their count/min/max/sum remain in the rollups: "
+                "use aggregate for that range"
+            )
         wanted = limit + 1  # one more than asked tells whether a next page exists
         found: list[tuple] = []
         for index in range(start, len(series)):
@@ -471,19 +527,40 @@ class Ops:
         lo, hi = since, until
         horizon = self._raw_horizon()
         if lo is None:
-            firsts = [r[0] for r in head] + [v for (v,) in self._all(
-                "SELECT min(min_ts) FROM chunk_series WHERE series = ?", [sid]) if v is not None]
+            firsts = [r[0] for r in head] + [
+                v for (v,) in self._all("SELECT min(min_ts) FROM chunk_series WHERE series = ?", [sid]) if v is not None
+            ]
             if horizon is not None:  # raw readings were deleted: the rollups reach further back
-                firsts += [v for (v,) in self._all("SELECT min(bucket) FROM rollup_1m WHERE series = ?", [sid])
-                           if v is not None]
+                firsts += [
+                    v
+                    for (v,) in self._all("SELECT min(bucket) FROM rollup_1m WHERE series = ?", [sid])
+                    if v is not None
+                ]
             lo = min(firsts, default=None)
         if hi is None and horizon is not None:
-            hi = max([r[0] for r in head] + [v for (v,) in self._all(
-                "SELECT max(max_ts) FROM chunk_series WHERE series = ? UNION ALL"
-                " SELECT max(bucket) FROM rollup_1m WHERE series = ?", [sid, sid]) if v is not None], default=None)
+            hi = max(
+                [r[0] for r in head]
+                + [
+                    v
+                    for (v,) in self._all(
+                        "SELECT max(max_ts) FROM chunk_series WHERE series = ? UNION ALL"
+                        " SELECT max(bucket) FROM rollup_1m WHERE series = ?",
+                        [sid, sid],
+                    )
+                    if v is not None
+                ],
+                default=None,
+            )
         if hi is None:
-            hi = max([r[0] for r in head] + [v for (v,) in self._all(
-                "SELECT max(max_ts) FROM chunk_series WHERE series = ?", [sid]) if v is not None], default=None)
+            hi = max(
+                [r[0] for r in head]
+                + [
+                    v
+                    for (v,) in self._all("SELECT max(max_ts) FROM chunk_series WHERE series = ?", [sid])
+                    if v is not None
+                ],
+                default=None,
+            )
         if lo is None or hi is None or lo >= hi and since is not None and until is not None:
             return []
         spans = math.floor(hi / bucket) - math.floor(lo / bucket) + 1
@@ -529,7 +606,8 @@ class Ops:
                 self.meta["resolution"] = name
                 for start, n, vmin, vmax, total in self._all(
                     f"SELECT bucket, count, min, max, sum FROM {table} WHERE series = ? AND bucket >= ?"
-                    " AND bucket < ? ORDER BY bucket", [sid, q_lo, q_hi]
+                    " AND bucket < ? ORDER BY bucket",
+                    [sid, q_lo, q_hi],
                 ):
                     add(math.floor(start / bucket), n, vmin, vmax, total)
                 break
@@ -537,17 +615,20 @@ class Ops:
             self.meta["resolution"] = "raw"
             if cut is not None:
                 self.meta["resolution"] = "1m+raw"
-                self._note(f"raw readings up to ts {horizon!r} were removed (--retain or --max-disk): buckets before "
-                           f"{cut} are computed from the 1-minute rollups (to the minute)")
+                self._note(
+                    f"raw readings up to ts {horizon!r} were removed (--retain or --max-disk): buckets before "
+                    f"{cut} are computed from the 1-minute rollups (to the minute)"
+                )
                 for start, n, vmin, vmax, total in self._all(
                     "SELECT bucket, count, min, max, sum FROM rollup_1m WHERE series = ? AND bucket >= ?"
-                    " AND bucket < ? ORDER BY bucket", [sid, -FAR if since is None else math.floor(since / 60) * 60,
-                                                        min(cut, q_hi)]
+                    " AND bucket < ? ORDER BY bucket",
+                    [sid, -FAR if since is None else math.floor(since / 60) * 60, min(cut, q_hi)],
                 ):
                     add(math.floor(start / bucket), n, vmin, vmax, total)
             for chunk_id, cmin, cmax, n, vmin, vmax, total in self._all(
                 "SELECT chunk, min_ts, max_ts, count, min, max, sum FROM chunk_series WHERE series = ?"
-                " AND max_ts >= ? AND min_ts < ?", [sid, q_lo, q_hi]
+                " AND max_ts >= ? AND min_ts < ?",
+                [sid, q_lo, q_hi],
             ):
                 k = math.floor(cmin / bucket)
                 if cmin >= q_lo and cmax < q_hi and k == math.floor(cmax / bucket) and (cut is None or cmin >= cut):
@@ -566,7 +647,9 @@ class Ops:
         rows = self._capped(
             f"SELECT sensor, boot, first_seq, last_seq, missing, detected_at FROM gaps {where}"
             " ORDER BY detected_at, sensor, stream, first_seq",
-            args, "gaps", "name a 'sensor' or narrow 'since'/'until'",
+            args,
+            "gaps",
+            "name a 'sensor' or narrow 'since'/'until'",
         )
         return [
             {"sensor": s, "boot": _boot(b), "first_seq": f, "last_seq": last, "missing": m, "detected_at": d}
@@ -579,18 +662,18 @@ class Ops:
             if name != "last_flush" and _count(value) is None:
                 # A damaged row (issue 13 item 7) is answered, not a traceback: shown as
                 # null, and the note says what is wrong and what to do.
-                self._note(f"counter {name!r} in the database holds {value!r}, not a number (shown as null; "
-                           "check the database with 'PRAGMA integrity_check'; the collector rewrites the "
-                           "row at its next flush)")
-        lost, duplicates = self.conn.execute(
-            "SELECT total(lost), total(duplicates) FROM sensors"
-        ).fetchone()
+                self._note(
+                    f"counter {name!r} in the database holds {value!r}, not a number (shown as null; "
+                    "check the database with 'PRAGMA integrity_check'; the collector rewrites the "
+                    "row at its next flush)"
+                )
+        lost, duplicates = self.conn.execute("SELECT total(lost), total(duplicates) FROM sensors").fetchone()
         # Every reason the collector counts (wire, signed datagrams, replays),
         # zero or not; an unknown one found in the table is listed too.
         rejected = {reason: 0 for reason in REJECT_REASONS}
         for name, value in counters.items():
             if name.startswith("rejected:"):
-                rejected[name[len("rejected:"):]] = _count(value)
+                rejected[name[len("rejected:") :]] = _count(value)
         return {
             "received": _count(counters.get("received")),
             "stored": _count(counters.get("stored")),

@@ -66,8 +66,10 @@ def cell(key: str, value: Any, human: bool) -> str:
 
 def iso_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows with their time fields as ISO 8601 UTC text (--times iso)."""
-    return [{k: human_time(v) if k in TIME_FIELDS and isinstance(v, (int, float)) else v for k, v in row.items()}
-            for row in rows]
+    return [
+        {k: human_time(v) if k in TIME_FIELDS and isinstance(v, (int, float)) else v for k, v in row.items()}
+        for row in rows
+    ]
 
 
 def render(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None, iso: bool = False) -> str:
@@ -85,8 +87,14 @@ def render(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = Non
             writer.writerow([cell(c, row.get(c), False) for c in columns])
         return out.getvalue()
     cells = [[cell(c, row.get(c), True) for c in columns] for row in rows]
-    numeric = [all(isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool)
-                   and c not in TIME_FIELDS for row in rows) and rows for c in columns]
+    numeric = [
+        all(
+            isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool) and c not in TIME_FIELDS
+            for row in rows
+        )
+        and rows
+        for c in columns
+    ]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
 
     def line(values: list[str]) -> str:

@@ -79,9 +79,19 @@ def _y_tick(value: Any, next_value: Any) -> str:
     return text if len(text) <= 10 else format(value, ".4g")
 
 
-def render(sensor: str, metric: str, first: float, last: float, *, width: int, height: int, color: bool = False,
-           points: Sequence[tuple[float, float]] = (), buckets: Sequence[dict[str, Any]] = (),
-           bucket: float = 0.0) -> str:
+def render(
+    sensor: str,
+    metric: str,
+    first: float,
+    last: float,
+    *,
+    width: int,
+    height: int,
+    color: bool = False,
+    points: Sequence[tuple[float, float]] = (),
+    buckets: Sequence[dict[str, Any]] = (),
+    bucket: float = 0.0,
+) -> str:
     """Title line plus figure of the readings from `first` to `last` (their ts).
 
     Either `points` (ts, value), drawn as they are, or aggregate `buckets` of

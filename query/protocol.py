@@ -228,8 +228,14 @@ STREAM_OPS: dict[str, dict[str, tuple[Any, bool]]] = {
 
 def _json_type(value: Any) -> str:
     return {
-        dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
-        float: "number", type(None): "null", BigInt: "integer",
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        type(None): "null",
+        BigInt: "integer",
     }.get(type(value), type(value).__name__)
 
 
@@ -262,8 +268,9 @@ def parse_request(line: bytes) -> Request:
         raise RequestError("bad_request", f"parameter 'op' must be a string, got {_json_type(op)}", request_id)
     spec = OPS.get(op, STREAM_OPS.get(op))
     if spec is None:
-        raise RequestError("unknown_op", f"unknown op {op[:64]!r}; ops are {', '.join([*OPS, *STREAM_OPS])}",
-                           request_id)
+        raise RequestError(
+            "unknown_op", f"unknown op {op[:64]!r}; ops are {', '.join([*OPS, *STREAM_OPS])}", request_id
+        )
     params: dict[str, Any] = {}
     for name, raw in doc.items():
         if name in ("op", "id"):

@@ -33,38 +33,104 @@ _listen = config.host_port(DEFAULT_PORT)
 # Each setting once: flag, TELEMETRY_QUERY_* variable, [query] key, default
 # (query/tuning.py) and help; deploy/gateway.toml documents the same keys.
 SERVE_SETTINGS = [
-    config.Setting("db", config.string, tuning.DEFAULT_DB_PATH, metavar="PATH",
-                   help="SQLite database of the collector, opened read-only."),
-    config.Setting("listen", _listen, ("0.0.0.0", DEFAULT_PORT), metavar="HOST:PORT",
-                   help="Address to listen on; [::]:PORT for IPv6 and IPv4."),
-    config.Setting("cert", config.string, None, metavar="PEM",
-                   help="Server certificate chain (required: there is no plaintext mode)."),
-    config.Setting("key", config.string, None, metavar="PEM",
-                   help="Private key of --cert (unencrypted, readable only by this service)."),
-    config.Setting("client_ca", config.string, None, metavar="PEM",
-                   help="Require client certificates signed by this CA (mutual TLS)."),
-    config.Setting("max_connections", config.positive_int, qt.MAX_CONNECTIONS, metavar="N",
-                   help="Open connections at most; more are closed at once."),
-    config.Setting("idle_timeout", config.positive_float, qt.IDLE_TIMEOUT_S, metavar="SECONDS",
-                   help="Close a connection idle this long."),
-    config.Setting("handshake_timeout", config.positive_float, qt.HANDSHAKE_TIMEOUT_S, metavar="SECONDS",
-                   help="Close a connection whose TLS handshake takes longer."),
-    config.Setting("line_timeout", config.positive_float, qt.LINE_TIMEOUT_S, metavar="SECONDS",
-                   help="Close a connection whose request line takes longer to arrive."),
-    config.Setting("max_rows", config.positive_int, qt.MAX_ROWS, metavar="N",
-                   help="Rows in one response at most."),
-    config.Setting("max_buckets", config.positive_int, qt.MAX_BUCKETS, metavar="N",
-                   help="Buckets one aggregate may span."),
-    config.Setting("query_timeout", config.positive_float, qt.QUERY_TIMEOUT_S, metavar="SECONDS",
-                   help="SQL time budget of one request."),
-    config.Setting("max_output", config.positive_int, qt.MAX_OUTPUT_BYTES, metavar="BYTES",
-                   default_text=f"{qt.MAX_OUTPUT_BYTES} (4 MiB)",
-                   help="Queued response bytes per client before it is no longer read."),
-    config.Setting("workers", config.positive_int, qt.WORKERS, metavar="N",
-                   help="Threads running SQL, each with its own read-only connection."),
-    config.Setting("metrics", config.metrics_address, None, metavar="HOST:PORT", default_text="off",
-                   help="Serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (e.g. 127.0.0.1:9740); "
-                        "no authentication: bind loopback or a management network."),
+    config.Setting(
+        "db",
+        config.string,
+        tuning.DEFAULT_DB_PATH,
+        metavar="PATH",
+        help="SQLite database of the collector, opened read-only.",
+    ),
+    config.Setting(
+        "listen",
+        _listen,
+        ("0.0.0.0", DEFAULT_PORT),
+        metavar="HOST:PORT",
+        help="Address to listen on; [::]:PORT for IPv6 and IPv4.",
+    ),
+    config.Setting(
+        "cert",
+        config.string,
+        None,
+        metavar="PEM",
+        help="Server certificate chain (required: there is no plaintext mode).",
+    ),
+    config.Setting(
+        "key",
+        config.string,
+        None,
+        metavar="PEM",
+        help="Private key of --cert (unencrypted, readable only by this service).",
+    ),
+    config.Setting(
+        "client_ca",
+        config.string,
+        None,
+        metavar="PEM",
+        help="Require client certificates signed by this CA (mutual TLS).",
+    ),
+    config.Setting(
+        "max_connections",
+        config.positive_int,
+        qt.MAX_CONNECTIONS,
+        metavar="N",
+        help="Open connections at most; more are closed at once.",
+    ),
+    config.Setting(
+        "idle_timeout",
+        config.positive_float,
+        qt.IDLE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="Close a connection idle this long.",
+    ),
+    config.Setting(
+        "handshake_timeout",
+        config.positive_float,
+        qt.HANDSHAKE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="Close a connection whose TLS handshake takes longer.",
+    ),
+    config.Setting(
+        "line_timeout",
+        config.positive_float,
+        qt.LINE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="Close a connection whose request line takes longer to arrive.",
+    ),
+    config.Setting("max_rows", config.positive_int, qt.MAX_ROWS, metavar="N", help="Rows in one response at most."),
+    config.Setting(
+        "max_buckets", config.positive_int, qt.MAX_BUCKETS, metavar="N", help="Buckets one aggregate may span."
+    ),
+    config.Setting(
+        "query_timeout",
+        config.positive_float,
+        qt.QUERY_TIMEOUT_S,
+        metavar="SECONDS",
+        help="SQL time budget of one request.",
+    ),
+    config.Setting(
+        "max_output",
+        config.positive_int,
+        qt.MAX_OUTPUT_BYTES,
+        metavar="BYTES",
+        default_text=f"{qt.MAX_OUTPUT_BYTES} (4 MiB)",
+        help="Queued response bytes per client before it is no longer read.",
+    ),
+    config.Setting(
+        "workers",
+        config.positive_int,
+        qt.WORKERS,
+        metavar="N",
+        help="Threads running SQL, each with its own read-only connection.",
+    ),
+    config.Setting(
+        "metrics",
+        config.metrics_address,
+        None,
+        metavar="HOST:PORT",
+        default_text="off",
+        help="Serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (e.g. 127.0.0.1:9740); "
+        "no authentication: bind loopback or a management network.",
+    ),
 ]
 
 
@@ -74,10 +140,19 @@ def notify_noop(state: str) -> None:
 
 @click.command("serve")
 @config.options(SERVE_SETTINGS, SERVE_ENV)
-@click.option("--config", "config_path", envvar="TELEMETRY_CONFIG", metavar="FILE.toml", type=click.Path(dir_okay=False),
-              help="TOML file whose [query] table holds the same names (flags and env win).")
-@click.option("--check", is_flag=True,
-              help="Validate the settings and load the certificates, print the effective [query] table, exit.")
+@click.option(
+    "--config",
+    "config_path",
+    envvar="TELEMETRY_CONFIG",
+    metavar="FILE.toml",
+    type=click.Path(dir_okay=False),
+    help="TOML file whose [query] table holds the same names (flags and env win).",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Validate the settings and load the certificates, print the effective [query] table, exit.",
+)
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
 @click.pass_context
 def serve(ctx: click.Context, config_path: str | None, check: bool, verbose: int, **_: Any) -> None:
@@ -95,11 +170,15 @@ def serve(ctx: click.Context, config_path: str | None, check: bool, verbose: int
       telemetry-query serve --db /var/lib/gateway-telemetry/telemetry.db --listen [::]:4740 \\
           --cert server.pem --key server.key --client-ca ca.pem --metrics 127.0.0.1:9740
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
     try:
-        values = config.merge(ctx, SERVE_SETTINGS, config.read_table(config_path, "query"), f"{config_path} [query]",
-                              env_prefix=SERVE_ENV)
+        values = config.merge(
+            ctx, SERVE_SETTINGS, config.read_table(config_path, "query"), f"{config_path} [query]", env_prefix=SERVE_ENV
+        )
         if check:
             # What a start would refuse, --check refuses: TLS material and the database.
             tls_context(values)
@@ -150,8 +229,10 @@ def tls_context(values: dict[str, Any]):
     from .server import server_context
 
     if not values["cert"] or not values["key"]:
-        raise ConfigError("--cert and --key are required (TELEMETRY_QUERY_CERT/KEY or [query] cert/key): "
-                          "the query service only speaks TLS")
+        raise ConfigError(
+            "--cert and --key are required (TELEMETRY_QUERY_CERT/KEY or [query] cert/key): "
+            "the query service only speaks TLS"
+        )
     return server_context(values["cert"], values["key"], values["client_ca"])
 
 
@@ -172,10 +253,15 @@ def build_server(values: dict[str, Any], notify: Callable[[str], None] = notify_
     context = tls_context(values)
     db = values["db"]
     check_database(db)  # fail now, with the reason, rather than in each worker
-    ops_limits = Limits(max_rows=values["max_rows"], max_buckets=values["max_buckets"],
-                        query_seconds=values["query_timeout"])
-    limits = ServerLimits(max_connections=values["max_connections"], idle_timeout=values["idle_timeout"],
-                          handshake_timeout=values["handshake_timeout"], line_timeout=values["line_timeout"],
-                          max_output=values["max_output"])
+    ops_limits = Limits(
+        max_rows=values["max_rows"], max_buckets=values["max_buckets"], query_seconds=values["query_timeout"]
+    )
+    limits = ServerLimits(
+        max_connections=values["max_connections"],
+        idle_timeout=values["idle_timeout"],
+        handshake_timeout=values["handshake_timeout"],
+        line_timeout=values["line_timeout"],
+        max_output=values["max_output"],
+    )
     service = Service(lambda: Ops(open_reader(db), ops_limits), workers=values["workers"])
     return QueryServer(context, values["listen"], service, limits, notify=notify)

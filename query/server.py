@@ -135,7 +135,9 @@ def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSL
         raise SetupError(f"cannot read {denied}: permission denied (the service user must read it)") from None
     except ssl.SSLError as exc:
         # Never include key material; OpenSSL's reason is enough.
-        raise SetupError(f"cannot load --cert {cert} / --key {key}: {exc.reason or 'not a PEM certificate and matching key'}") from None
+        raise SetupError(
+            f"cannot load --cert {cert} / --key {key}: {exc.reason or 'not a PEM certificate and matching key'}"
+        ) from None
     if client_ca is not None:
         # create_default_context(CLIENT_AUTH) leaves CERT_NONE: without this line
         # a client with no certificate would be let in.
@@ -212,8 +214,25 @@ class _Answered(NamedTuple):
 
 
 class _Conn:
-    __slots__ = ("sock", "peer", "state", "lines", "out", "out_bytes", "out_offset", "accepted", "touched",
-                 "eof", "events", "want", "busy", "partial_since", "drained", "closed", "follow")
+    __slots__ = (
+        "sock",
+        "peer",
+        "state",
+        "lines",
+        "out",
+        "out_bytes",
+        "out_offset",
+        "accepted",
+        "touched",
+        "eof",
+        "events",
+        "want",
+        "busy",
+        "partial_since",
+        "drained",
+        "closed",
+        "follow",
+    )
 
     def __init__(self, sock: ssl.SSLSocket, peer: str, now: float) -> None:
         self.sock = sock
@@ -457,13 +476,17 @@ class QueryServer:
             return encode_error(rid, "bad_request", "this connection already follows; send cancel first")
         head = self._follow.head
         if head is None:
-            return encode_error(rid, "bad_request", "this database has no ingest log to follow "
-                                "(the collector writes one from storage v3 on)")
+            return encode_error(
+                rid,
+                "bad_request",
+                "this database has no ingest log to follow (the collector writes one from storage v3 on)",
+            )
         after = request.params.get("after", head)
         if after > head:
             return encode_error(rid, "bad_request", f"parameter 'after' is beyond the newest position {head}")
-        conn.follow = _Follower(encode_id(rid), request.params.get("sensor"), request.params.get("metric"),
-                                after, self._clock())
+        conn.follow = _Follower(
+            encode_id(rid), request.params.get("sensor"), request.params.get("metric"), after, self._clock()
+        )
         self._followers.add(conn)
         self._follow.floor = min(c.follow.position for c in self._followers)
         return encode_result(rid, {"following": True, "position": after})
@@ -501,15 +524,20 @@ class QueryServer:
 
     def _drop_slow_follower(self, conn: _Conn) -> None:
         """A follower that does not read its events: replace what it has not been sent by the reason, close."""
-        log.warning("%s: follow dropped: %d bytes of events unread (more than max-output %d); "
-                    "the client is not keeping up", conn.peer, conn.out_bytes, self.limits.max_output)
+        log.warning(
+            "%s: follow dropped: %d bytes of events unread (more than max-output %d); the client is not keeping up",
+            conn.peer,
+            conn.out_bytes,
+            self.limits.max_output,
+        )
         self.stats.follow_dropped += 1
         # out[0] stays: it may be partly sent, and OpenSSL wants a write it
         # refused (SSLWantWriteError) retried with the same bytes.
         while len(conn.out) > 1:
             self._unqueue(conn, len(conn.out.pop()))
-        self._queue(conn, encode_error(None, "slow_consumer",
-                                       "follow dropped: the client did not read its events; closing"))
+        self._queue(
+            conn, encode_error(None, "slow_consumer", "follow dropped: the client did not read its events; closing")
+        )
         self._unfollow(conn)
         conn.state = _CLOSING
         conn.accepted = self._clock()  # start of the linger period
@@ -527,9 +555,14 @@ class QueryServer:
         """Over output_budget: close the connections holding the most unsent bytes until under it."""
         while self._out_total > self.limits.output_budget and self._conns:
             conn = max(self._conns.values(), key=lambda c: c.out_bytes)
-            log.warning("%s: closed: %d bytes of answers unread while all clients hold %d "
-                        "(output budget %d); the client is not reading", conn.peer, conn.out_bytes,
-                        self._out_total, self.limits.output_budget)
+            log.warning(
+                "%s: closed: %d bytes of answers unread while all clients hold %d "
+                "(output budget %d); the client is not reading",
+                conn.peer,
+                conn.out_bytes,
+                self._out_total,
+                self.limits.output_budget,
+            )
             self.stats.evicted += 1
             self._drop(conn)
 
@@ -547,8 +580,11 @@ class QueryServer:
             except BlockingIOError:
                 return
             except OSError as exc:  # EMFILE and friends: survive, say what to change, retry later
-                log.error("accept failed: %s (raise LimitNOFILE or lower --max-connections); "
-                          "not accepting for %gs", exc.strerror, ACCEPT_PAUSE_SECONDS)
+                log.error(
+                    "accept failed: %s (raise LimitNOFILE or lower --max-connections); not accepting for %gs",
+                    exc.strerror,
+                    ACCEPT_PAUSE_SECONDS,
+                )
                 # The listener stays readable while the backlog waits: without a
                 # pause the loop would spin (and log) as fast as it can.
                 self._sel.unregister(self._listener)
@@ -557,8 +593,9 @@ class QueryServer:
             if len(self._conns) >= self.limits.max_connections:
                 self._refused += 1
                 if self._refused in (1, 10, 100) or self._refused % 1000 == 0:
-                    log.warning("refused %d connections: max-connections %d reached", self._refused,
-                                self.limits.max_connections)
+                    log.warning(
+                        "refused %d connections: max-connections %d reached", self._refused, self.limits.max_connections
+                    )
                 sock.close()
                 continue
             sock.setblocking(False)

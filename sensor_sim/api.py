@@ -46,10 +46,19 @@ class Sensor:
     the sensor id; "id@suffix" for a rotated key).  Signing needs a boot.
     """
 
-    def __init__(self, sensor_id: str, target: tuple[str, int] | str = ("127.0.0.1", DEFAULT_UDP_PORT),
-                 *, boot: int | bool | None = None, seq: int = 0, ttl: int = 1,
-                 multicast_interface: str | None = None, key_id: str | None = None,
-                 key: bytes | str | None = None, boot_file: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        sensor_id: str,
+        target: tuple[str, int] | str = ("127.0.0.1", DEFAULT_UDP_PORT),
+        *,
+        boot: int | bool | None = None,
+        seq: int = 0,
+        ttl: int = 1,
+        multicast_interface: str | None = None,
+        key_id: str | None = None,
+        key: bytes | str | None = None,
+        boot_file: str | os.PathLike | None = None,
+    ) -> None:
         if isinstance(target, str):
             resolved = parse_target(target)
         else:
@@ -103,8 +112,10 @@ class Sensor:
                 elif self.boot + 1 < BOOT_LIMIT:
                     self.boot += 1
                 else:
-                    raise EncodeError("seq and boot are both at 2**32 - 1: a signed sensor cannot send "
-                                      "again without repeating a (boot, seq); give it a new key")
+                    raise EncodeError(
+                        "seq and boot are both at 2**32 - 1: a signed sensor cannot send "
+                        "again without repeating a (boot, seq); give it a new key"
+                    )
         self.seq = (seq + 1) & SEQ_MASK
         self._sender.send(data)
         return seq
@@ -137,8 +148,7 @@ def _uint32(what: str, value: object) -> int:
     try:
         number = operator.index(value)
     except TypeError:
-        raise EncodeError(f"{what} {value!r} must be an integer in [0, 2**32), "
-                          f"not {type(value).__name__}") from None
+        raise EncodeError(f"{what} {value!r} must be an integer in [0, 2**32), not {type(value).__name__}") from None
     if not 0 <= number < BOOT_LIMIT:
         raise EncodeError(f"{what} {number} is outside [0, 2**32): it is sent as given, never masked")
     return number
@@ -157,8 +167,10 @@ def _number(what: str, value: object) -> int | float:
         return operator.index(value)
     if isinstance(value, numbers.Real) or hasattr(t, "__float__"):
         return float(value)
-    raise EncodeError(f"{what} is {t.__name__}, not a number (give an int, a float, or anything with "
-                      f"__index__ or __float__, such as a numpy scalar)")
+    raise EncodeError(
+        f"{what} is {t.__name__}, not a number (give an int, a float, or anything with "
+        f"__index__ or __float__, such as a numpy scalar)"
+    )
 
 
 def _numbers(readings: dict) -> dict:

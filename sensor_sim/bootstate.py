@@ -30,8 +30,10 @@ def next_boot(last: int | None, now: float) -> int:
     """The boot after `last` (None: none handed out yet) at Unix time `now`."""
     boot = max(int(now), -1 if last is None else last + 1)
     if not 0 <= boot < BOOT_LIMIT:
-        raise ConfigError(f"the next boot would be {boot}, outside uint32: pass boot= explicitly "
-                          f"(a boot that went backwards makes signed datagrams read as replays)")
+        raise ConfigError(
+            f"the next boot would be {boot}, outside uint32: pass boot= explicitly "
+            f"(a boot that went backwards makes signed datagrams read as replays)"
+        )
     return boot
 
 
@@ -60,8 +62,10 @@ def claim_boot(path: str | os.PathLike, now: float) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise ConfigError(f"cannot keep the boot counter in {path}: {exc.strerror} (pass boot=N, "
-                          f"boot_file=PATH, or set {STATE_DIR_ENV})") from None
+        raise ConfigError(
+            f"cannot keep the boot counter in {path}: {exc.strerror} (pass boot=N, "
+            f"boot_file=PATH, or set {STATE_DIR_ENV})"
+        ) from None
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         last = _read_last(path)
@@ -76,8 +80,10 @@ def claim_boot(path: str | os.PathLike, now: float) -> int:
                 os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
-            raise ConfigError(f"cannot keep the boot counter in {path}: {exc.strerror} (pass boot=N, "
-                              f"boot_file=PATH, or set {STATE_DIR_ENV})") from None
+            raise ConfigError(
+                f"cannot keep the boot counter in {path}: {exc.strerror} (pass boot=N, "
+                f"boot_file=PATH, or set {STATE_DIR_ENV})"
+            ) from None
         return boot
     finally:
         os.close(lock_fd)
@@ -93,6 +99,8 @@ def _read_last(path: Path) -> int | None:
     text = raw.decode("ascii", "replace").strip()
     if not text.isdigit() or int(text) >= BOOT_LIMIT:
         # Not ours, or damaged: going on from the clock could repeat or go back.
-        raise ConfigError(f"boot counter {path} holds {raw[:40]!r}, not a boot value: fix or delete it "
-                          f"(the next boot must be above the last one sent)")
+        raise ConfigError(
+            f"boot counter {path} holds {raw[:40]!r}, not a boot value: fix or delete it "
+            f"(the next boot must be above the last one sent)"
+        )
     return int(text)

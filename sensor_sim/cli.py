@@ -166,9 +166,11 @@ def _summary(report: dict[str, Any], asked: float | None = None) -> str:
         parts.append(f"; {report['send_failures']} sendto failed ({errors})")
     refused = report["send_errors"].get("ECONNREFUSED")
     if refused:
-        parts.append(f"; REFUSED {refused} time(s): nothing listened at {', '.join(report['targets'])} for part or"
-                     " all of the run (ICMP port unreachable), and datagrams sent just before a refusal went nowhere"
-                     " either")
+        parts.append(
+            f"; REFUSED {refused} time(s): nothing listened at {', '.join(report['targets'])} for part or"
+            " all of the run (ICMP port unreachable), and datagrams sent just before a refusal went nowhere"
+            " either"
+        )
     parts.append(f"; seed {report['seed']}")
     if report["interrupted"]:
         parts.append("; interrupted")
@@ -178,8 +180,8 @@ def _summary(report: dict[str, Any], asked: float | None = None) -> str:
 HELP = f"""Simulate sensors sending wire-format-v1 datagrams over UDP.
 
 Sensors are named PREFIX-0001, PREFIX-0002, ...  Each sends its metrics
-(--metrics, a comma list of {', '.join(MODELS)}, or all; default
-{','.join(DEFAULT_METRICS)}) at --rate Hz until --count datagrams each,
+(--metrics, a comma list of {", ".join(MODELS)}, or all; default
+{",".join(DEFAULT_METRICS)}) at --rate Hz until --count datagrams each,
 --duration seconds, or Ctrl-C.  With several --target, every target gets
 every datagram and datagrams_sent counts each successful sendto.
 
@@ -199,53 +201,128 @@ Example:
 """
 
 
-@click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"],
-                                             "max_content_width": 100})
+@click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="sensor-sim")
-@click.option("--target", "targets", type=TargetType(), multiple=True, required=True,
-              help="Where to send: HOST:PORT, [V6ADDR]:PORT or a multicast GROUP:PORT. Repeatable.")
-@click.option("--sensors", type=click.IntRange(1, 1_000_000), default=10, show_default=True,
-              help="Number of simulated sensors.")
+@click.option(
+    "--target",
+    "targets",
+    type=TargetType(),
+    multiple=True,
+    required=True,
+    help="Where to send: HOST:PORT, [V6ADDR]:PORT or a multicast GROUP:PORT. Repeatable.",
+)
+@click.option(
+    "--sensors", type=click.IntRange(1, 1_000_000), default=10, show_default=True, help="Number of simulated sensors."
+)
 @click.option("--id-prefix", default="sim", show_default=True, help="Sensor ids are PREFIX-0001...")
-@click.option("--rate", type=RateType(), default="1", show_default=True,
-              help="Datagrams per second per sensor, or 'max' for as fast as possible.")
+@click.option(
+    "--rate",
+    type=RateType(),
+    default="1",
+    show_default=True,
+    help="Datagrams per second per sensor, or 'max' for as fast as possible.",
+)
 @click.option("--count", type=click.IntRange(1), help="Datagrams per sensor, then stop.")
 @click.option("--duration", type=click.FloatRange(0, min_open=True), help="Seconds to run, then stop.")
 @click.option("--seed", type=int, help="Seed for signals, faults and boot values (default: random, reported).")
-@click.option("--metrics", type=MetricsType(), default=",".join(DEFAULT_METRICS), show_default=True,
-              help=f"Comma list of {', '.join(MODELS)}, or all.")
-@click.option("--boot/--no-boot", default=True, show_default=True,
-              help="Send a boot value (from --seed if given, else the start time).")
+@click.option(
+    "--metrics",
+    type=MetricsType(),
+    default=",".join(DEFAULT_METRICS),
+    show_default=True,
+    help=f"Comma list of {', '.join(MODELS)}, or all.",
+)
+@click.option(
+    "--boot/--no-boot",
+    default=True,
+    show_default=True,
+    help="Send a boot value (from --seed if given, else the start time).",
+)
 @click.option("--boot-value", type=U32, help="Send this boot value instead of a derived one.")
-@click.option("--start-seq", type=U32, default=0, show_default=True,
-              help="First seq of every sensor (e.g. 4294967290 to exercise wraparound).")
-@click.option("--multicast-interface", metavar="ADDR",
-              help="Outgoing multicast interface: an IPv4 address, or for IPv6 a name or index.")
-@click.option("--ttl", type=click.IntRange(0, 255), default=1, show_default=True,
-              help="Multicast TTL / hop limit.")
+@click.option(
+    "--start-seq",
+    type=U32,
+    default=0,
+    show_default=True,
+    help="First seq of every sensor (e.g. 4294967290 to exercise wraparound).",
+)
+@click.option(
+    "--multicast-interface",
+    metavar="ADDR",
+    help="Outgoing multicast interface: an IPv4 address, or for IPv6 a name or index.",
+)
+@click.option("--ttl", type=click.IntRange(0, 255), default=1, show_default=True, help="Multicast TTL / hop limit.")
 @click.option("--loss", type=PROBABILITY, default=0.0, help="Probability a datagram is dropped.")
 @click.option("--duplicate", type=PROBABILITY, default=0.0, help="Probability a datagram is sent twice.")
-@click.option("--reorder", type=PROBABILITY, default=0.0,
-              help="Probability a datagram is held back behind 1-3 later ones.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True),
-              help="Write the ground-truth report (JSON) here.")
-@click.option("--replay", type=click.Path(dir_okay=False, exists=True),
-              help="Send recorded readings (CSV or JSON lines: sensor, ts, metric, value).")
-@click.option("--speed", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
-              help="Replay time factor (10 = ten times faster).")
-@click.option("--key", "key_hex", envvar="SENSOR_SIM_KEY", metavar="HEX",
-              help="Sign every datagram with this key (16-64 bytes in hex; also $SENSOR_SIM_KEY, "
-                   "which keeps it out of the process list).")
-@click.option("--keys", "keys_path", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Sign each sensor with its own key from this key file (the collector's format).")
-@click.option("--key-id", metavar="ID",
-              help=f"Key id to sign with; {SENSOR_PLACEHOLDER} becomes each sensor's id.  "
-                   f"[default: {SENSOR_PLACEHOLDER}]")
+@click.option(
+    "--reorder", type=PROBABILITY, default=0.0, help="Probability a datagram is held back behind 1-3 later ones."
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write the ground-truth report (JSON) here.",
+)
+@click.option(
+    "--replay",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Send recorded readings (CSV or JSON lines: sensor, ts, metric, value).",
+)
+@click.option(
+    "--speed",
+    type=click.FloatRange(0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Replay time factor (10 = ten times faster).",
+)
+@click.option(
+    "--key",
+    "key_hex",
+    envvar="SENSOR_SIM_KEY",
+    metavar="HEX",
+    help="Sign every datagram with this key (16-64 bytes in hex; also $SENSOR_SIM_KEY, "
+    "which keeps it out of the process list).",
+)
+@click.option(
+    "--keys",
+    "keys_path",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Sign each sensor with its own key from this key file (the collector's format).",
+)
+@click.option(
+    "--key-id",
+    metavar="ID",
+    help=f"Key id to sign with; {SENSOR_PLACEHOLDER} becomes each sensor's id.  [default: {SENSOR_PLACEHOLDER}]",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Print a progress line every few seconds.")
 @click.pass_context
-def command(ctx: click.Context, targets, sensors, id_prefix, rate, count, duration, seed, metrics,
-            boot, boot_value, start_seq, multicast_interface, ttl, loss, duplicate, reorder,
-            report_path, replay, speed, key_hex, keys_path, key_id, verbose) -> None:
+def command(
+    ctx: click.Context,
+    targets,
+    sensors,
+    id_prefix,
+    rate,
+    count,
+    duration,
+    seed,
+    metrics,
+    boot,
+    boot_value,
+    start_seq,
+    multicast_interface,
+    ttl,
+    loss,
+    duplicate,
+    reorder,
+    report_path,
+    replay,
+    speed,
+    key_hex,
+    keys_path,
+    key_id,
+    verbose,
+) -> None:
     if count is not None and duration is not None:
         raise click.UsageError("give --count or --duration, not both")
     signing = _signing(key_hex, keys_path, key_id)
@@ -263,9 +340,17 @@ def command(ctx: click.Context, targets, sensors, id_prefix, rate, count, durati
     if report_path:
         _check_report_dir(report_path)
     faults = FaultRates(loss, duplicate, reorder)
-    common = dict(targets=list(targets), seed=seed, boot=boot, boot_value=boot_value,
-                  start_seq=start_seq, ttl=ttl, multicast_interface=multicast_interface,
-                  faults=faults, signing=signing)
+    common = dict(
+        targets=list(targets),
+        seed=seed,
+        boot=boot,
+        boot_value=boot_value,
+        start_seq=start_seq,
+        ttl=ttl,
+        multicast_interface=multicast_interface,
+        faults=faults,
+        signing=signing,
+    )
     if replay is not None:
         try:
             groups = load(replay)
@@ -276,12 +361,21 @@ def command(ctx: click.Context, targets, sensors, id_prefix, rate, count, durati
     previous = {s: signal.signal(s, stop.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if replay is not None:
-            report = run_replay(ReplayConfig(groups=groups, speed=speed, **common),
-                                stop=stop, progress=progress)
+            report = run_replay(ReplayConfig(groups=groups, speed=speed, **common), stop=stop, progress=progress)
         else:
-            report = run(SimConfig(sensors=sensors, id_prefix=id_prefix, rate=rate, count=count,
-                                   duration=duration, metrics=metrics, **common),
-                         stop=stop, progress=progress)
+            report = run(
+                SimConfig(
+                    sensors=sensors,
+                    id_prefix=id_prefix,
+                    rate=rate,
+                    count=count,
+                    duration=duration,
+                    metrics=metrics,
+                    **common,
+                ),
+                stop=stop,
+                progress=progress,
+            )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     except SetupError as exc:
@@ -299,8 +393,9 @@ def command(ctx: click.Context, targets, sensors, id_prefix, rate, count, durati
     if unreached:
         # Every sendto to these targets failed: a run that reached nothing must
         # not end like one that did (issue 13 item 11: ENETUNREACH, exit 0).
-        raise click.ClickException(f"nothing reached {unreached}: every sendto failed "
-                                   f"({_errors(report)}); check the route to the target")
+        raise click.ClickException(
+            f"nothing reached {unreached}: every sendto failed ({_errors(report)}); check the route to the target"
+        )
 
 
 def _signing(key_hex: str | None, keys_path: str | None, key_id: str | None) -> Signing | None:

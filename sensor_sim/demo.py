@@ -59,8 +59,11 @@ class Demo:
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", module, *args],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=self.env, preexec_fn=_die_with_parent,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                preexec_fn=_die_with_parent,
             )
         self.children.append((name, proc))
         return proc, log
@@ -119,38 +122,98 @@ class Demo:
 
         db = self.dir / "telemetry.db"
         collector, clog = self.start(
-            "collector", "collector", "--db", str(db), "--listen", "127.0.0.1:0",
-            "--multicast", GROUP, "--multicast-interface", "127.0.0.1", "--flush-interval", "0.5",
+            "collector",
+            "collector",
+            "--db",
+            str(db),
+            "--listen",
+            "127.0.0.1:0",
+            "--multicast",
+            GROUP,
+            "--multicast-interface",
+            "127.0.0.1",
+            "--flush-interval",
+            "0.5",
         )
         bound = self.wait_for_line(collector, clog, r"listening udp (\S+):(\d+)")
         port = bound[0].group(2)
         step("collector", f"udp 127.0.0.1:{port} and multicast {GROUP}:{port} on lo, database {db.name}")
 
         server, slog = self.start(
-            "query-server", "query", "serve", "--db", str(db), "--listen", "127.0.0.1:0",
-            "--cert", str(tls / "server.pem"), "--key", str(tls / "server.key"),
-            "--client-ca", str(tls / "ca.pem"),
+            "query-server",
+            "query",
+            "serve",
+            "--db",
+            str(db),
+            "--listen",
+            "127.0.0.1:0",
+            "--cert",
+            str(tls / "server.pem"),
+            "--key",
+            str(tls / "server.key"),
+            "--client-ca",
+            str(tls / "ca.pem"),
         )
         qport = self.wait_for_line(server, slog, r"listening tls \S+:(\d+)")[0].group(1)
         step("query server", f"tls 127.0.0.1:{qport}, mutual TLS, database opened read-only")
-        self.env.update({
-            "TELEMETRY_SERVER": f"localhost:{qport}",
-            "TELEMETRY_CA": str(tls / "ca.pem"),
-            "TELEMETRY_CERT": str(tls / "demo.pem"),
-            "TELEMETRY_KEY": str(tls / "demo.key"),
-        })
+        self.env.update(
+            {
+                "TELEMETRY_SERVER": f"localhost:{qport}",
+                "TELEMETRY_CA": str(tls / "ca.pem"),
+                "TELEMETRY_CERT": str(tls / "demo.pem"),
+                "TELEMETRY_KEY": str(tls / "demo.key"),
+            }
+        )
 
         faults = " ".join(f"{k} {v}" for k, v in FAULTS.items())
-        step("sensors", f"{UNICAST_SENSORS} over unicast and {MULTICAST_SENSORS} over multicast, "
-                        f"10 Hz for {self.duration:g} s, with {faults}")
-        common = ["--rate", "10", "--duration", str(self.duration), *sum(FAULTS.items(), ()), "--metrics", "temp,hum,battery"]
-        uni, _ = self.start("sensors-unicast", "sensor_sim", "--target", f"127.0.0.1:{port}",
-                            "--sensors", str(UNICAST_SENSORS), "--id-prefix", "field", "--seed", "7",
-                            "--report", str(self.dir / "unicast.json"), *common)
-        multi, _ = self.start("sensors-multicast", "sensor_sim", "--target", f"{GROUP}:{port}",
-                              "--multicast-interface", "127.0.0.1", "--ttl", "0",
-                              "--sensors", str(MULTICAST_SENSORS), "--id-prefix", "mcast", "--seed", "8",
-                              "--report", str(self.dir / "multicast.json"), *common)
+        step(
+            "sensors",
+            f"{UNICAST_SENSORS} over unicast and {MULTICAST_SENSORS} over multicast, "
+            f"10 Hz for {self.duration:g} s, with {faults}",
+        )
+        common = [
+            "--rate",
+            "10",
+            "--duration",
+            str(self.duration),
+            *sum(FAULTS.items(), ()),
+            "--metrics",
+            "temp,hum,battery",
+        ]
+        uni, _ = self.start(
+            "sensors-unicast",
+            "sensor_sim",
+            "--target",
+            f"127.0.0.1:{port}",
+            "--sensors",
+            str(UNICAST_SENSORS),
+            "--id-prefix",
+            "field",
+            "--seed",
+            "7",
+            "--report",
+            str(self.dir / "unicast.json"),
+            *common,
+        )
+        multi, _ = self.start(
+            "sensors-multicast",
+            "sensor_sim",
+            "--target",
+            f"{GROUP}:{port}",
+            "--multicast-interface",
+            "127.0.0.1",
+            "--ttl",
+            "0",
+            "--sensors",
+            str(MULTICAST_SENSORS),
+            "--id-prefix",
+            "mcast",
+            "--seed",
+            "8",
+            "--report",
+            str(self.dir / "multicast.json"),
+            *common,
+        )
         for proc in (uni, multi):
             proc.wait(timeout=self.duration + 30)
             if proc.returncode != 0:
@@ -238,8 +301,13 @@ class _Steps:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--duration", type=click.FloatRange(1, 60), default=8.0, show_default=True,
-              help="Seconds the simulated sensors send.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(1, 60),
+    default=8.0,
+    show_default=True,
+    help="Seconds the simulated sensors send.",
+)
 @click.option("--keep", is_flag=True, help="Keep the scratch directory (database, logs, certificates).")
 def main(duration: float, keep: bool) -> None:
     """Run the whole system on loopback for a few seconds and show what it saw.
@@ -250,8 +318,9 @@ def main(duration: float, keep: bool) -> None:
     """
     workdir = Path(tempfile.mkdtemp(prefix="gateway-telemetry-demo-"))
     demo = Demo(workdir, duration)
-    click.secho("gateway-telemetry demo: collector, query server and sensors as real processes on loopback\n",
-                bold=True)
+    click.secho(
+        "gateway-telemetry demo: collector, query server and sensors as real processes on loopback\n", bold=True
+    )
     try:
         demo.run()
     except KeyboardInterrupt:

@@ -108,8 +108,17 @@ def _emit(entry: list[Any]) -> list[Emission]:
 class Truth:
     """Ground truth of one sensor: what was generated, dropped, and actually sent."""
 
-    __slots__ = ("boot", "first_seq", "generated", "dropped", "duplicated", "reordered",
-                 "reordered_copies", "send_failed", "_highest")
+    __slots__ = (
+        "boot",
+        "first_seq",
+        "generated",
+        "dropped",
+        "duplicated",
+        "reordered",
+        "reordered_copies",
+        "send_failed",
+        "_highest",
+    )
 
     def __init__(self, boot: int | None, first_seq: int) -> None:
         self.boot = boot

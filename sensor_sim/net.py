@@ -25,8 +25,16 @@ from collector.errors import ConfigError, SetupError
 # Errors a later sendto may not repeat: counted per errno name, never fatal.
 TRANSIENT_ERRNOS = frozenset(
     getattr(errno, name)
-    for name in ("ENOBUFS", "EAGAIN", "EWOULDBLOCK", "ECONNREFUSED", "EHOSTUNREACH",
-                 "ENETUNREACH", "EHOSTDOWN", "ENETDOWN")
+    for name in (
+        "ENOBUFS",
+        "EAGAIN",
+        "EWOULDBLOCK",
+        "ECONNREFUSED",
+        "EHOSTUNREACH",
+        "ENETUNREACH",
+        "EHOSTDOWN",
+        "ENETDOWN",
+    )
     if hasattr(errno, name)
 )
 
@@ -103,13 +111,14 @@ def open_socket(family: int, ttl: int = 1, multicast_interface: str | None = Non
                 else:
                     raise ConfigError(
                         f"multicast interface {multicast_interface}: IPv6 needs an interface"
-                        " name or index (e.g. eth0 or 2), not an IPv4 address")
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF,
-                                _interface_index(multicast_interface))
+                        " name or index (e.g. eth0 or 2), not an IPv4 address"
+                    )
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, _interface_index(multicast_interface))
     except OSError as exc:
         sock.close()
-        raise SetupError(f"cannot set multicast options (ttl={ttl}, interface="
-                         f"{multicast_interface}): {exc.strerror}") from None
+        raise SetupError(
+            f"cannot set multicast options (ttl={ttl}, interface={multicast_interface}): {exc.strerror}"
+        ) from None
     except BaseException:
         sock.close()
         raise
@@ -119,8 +128,7 @@ def open_socket(family: int, ttl: int = 1, multicast_interface: str | None = Non
 class Sender:
     """Sends each datagram to every target; counts successes per target and failures per errno."""
 
-    def __init__(self, targets: list[Target], ttl: int = 1,
-                 multicast_interface: str | None = None) -> None:
+    def __init__(self, targets: list[Target], ttl: int = 1, multicast_interface: str | None = None) -> None:
         if not targets:
             raise ValueError("at least one target is required")
         self.targets = list(targets)
@@ -187,8 +195,7 @@ class Sender:
 
     def _failed(self, i: int, exc: OSError) -> None:
         if exc.errno not in TRANSIENT_ERRNOS:
-            raise SetupError(f"sendto {self.targets[i].label} failed: "
-                             f"{exc.strerror or exc}") from None
+            raise SetupError(f"sendto {self.targets[i].label} failed: {exc.strerror or exc}") from None
         self.failed += 1
         name = errno.errorcode.get(exc.errno, str(exc.errno))
         self.errors[name] = self.errors.get(name, 0) + 1

@@ -73,8 +73,9 @@ def _culprit(group: Group, exc: EncodeError) -> tuple[int, str]:
         try:
             encode(group.sensor, 0, prefix, ts=group.ts)
         except EncodeError as grown:
-            return group.lines.get(metric, group.line), (f"{grown} (the datagram of sensor {group.sensor!r} "
-                                                         f"at ts {group.ts!r} from line {group.line} on)")
+            return group.lines.get(metric, group.line), (
+                f"{grown} (the datagram of sensor {group.sensor!r} at ts {group.ts!r} from line {group.line} on)"
+            )
     return group.line, str(exc)
 
 
@@ -99,8 +100,7 @@ def _rows_csv(lines: list[str]):
     reader = csv.DictReader(lines)
     missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
     if missing:
-        raise ValueError(f"line 1: CSV header must name {', '.join(COLUMNS)}; "
-                         f"missing {', '.join(missing)}")
+        raise ValueError(f"line 1: CSV header must name {', '.join(COLUMNS)}; missing {', '.join(missing)}")
     while True:
         try:
             row = next(reader)
@@ -172,8 +172,7 @@ def load(path: str | Path) -> list[Group]:
             if group is None:
                 group = groups[(sensor, ts)] = Group(sensor, ts, {}, line)
             if metric in group.readings:
-                raise ValueError(f"line {line}: metric {metric!r} given twice for "
-                                 f"sensor {sensor!r} at ts {ts!r}")
+                raise ValueError(f"line {line}: metric {metric!r} given twice for sensor {sensor!r} at ts {ts!r}")
             group.readings[metric] = value
             group.lines[metric] = line
     except ValueError as exc:
@@ -204,22 +203,24 @@ class ReplayConfig:
     signing: Signing | None = None
 
 
-def run_replay(cfg: ReplayConfig, *, stop: StopFlag | None = None,
-               progress: Callable[[Progress], None] | None = None,
-               clock: Callable[[], float] = time.monotonic,
-               wall: Callable[[], float] = time.time) -> dict[str, Any]:
+def run_replay(
+    cfg: ReplayConfig,
+    *,
+    stop: StopFlag | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    wall: Callable[[], float] = time.time,
+) -> dict[str, Any]:
     """Send every group at its recorded offset / speed; returns the report."""
     if not cfg.speed > 0:
         raise ConfigError("--speed must be > 0")
     stop = stop or _NeverStop()
     seed = derive_seed(cfg.seed)
     order = list(dict.fromkeys(g.sensor for g in cfg.groups))
-    boots = derive_boots(len(order), enabled=cfg.boot, seed=cfg.seed, value=cfg.boot_value,
-                         now=wall())
+    boots = derive_boots(len(order), enabled=cfg.boot, seed=cfg.seed, value=cfg.boot_value, now=wall())
     counts = Counter(g.sensor for g in cfg.groups)
     check_signing(cfg.signing, order, boots, cfg.start_seq, dict(counts))
-    by_id = {sid: SimSensor(sid, boot, cfg.start_seq, signing=cfg.signing)
-             for sid, boot in zip(order, boots)}
+    by_id = {sid: SimSensor(sid, boot, cfg.start_seq, signing=cfg.signing) for sid, boot in zip(order, boots)}
     sensors = list(by_id.values())
     t_first = cfg.groups[0].ts
     sender = Sender(cfg.targets, cfg.ttl, cfg.multicast_interface)
@@ -245,7 +246,6 @@ def run_replay(cfg: ReplayConfig, *, stop: StopFlag | None = None,
                 next_progress = now + PROGRESS_EVERY_S
                 progress(Progress(now, sender.sent, sender.failed))
         engine.drain(sensors)
-        return build_report(sender, sensors, seed=seed, elapsed=clock() - start,
-                            interrupted=interrupted)
+        return build_report(sender, sensors, seed=seed, elapsed=clock() - start, interrupted=interrupted)
     finally:
         sender.close()

@@ -74,9 +74,11 @@ class Signing:
         """(key id, key) for one sensor, or ConfigError."""
         key_id = self.key_id.replace(SENSOR_PLACEHOLDER, sensor_id)
         if not key_allows(key_id, sensor_id):
-            raise ConfigError(f"key id {key_id!r} cannot sign for sensor {sensor_id!r}: a key id is "
-                              f"the sensor id, optionally followed by @suffix (use {{sensor}} in "
-                              f"--key-id for several sensors)")
+            raise ConfigError(
+                f"key id {key_id!r} cannot sign for sensor {sensor_id!r}: a key id is "
+                f"the sensor id, optionally followed by @suffix (use {{sensor}} in "
+                f"--key-id for several sensors)"
+            )
         key = self.key if self.keys is None else self.keys.get(key_id)
         if key is None:
             raise ConfigError(f"no key {key_id!r} in the key file")
@@ -87,8 +89,13 @@ class Signing:
         return key_id, key
 
 
-def check_signing(signing: Signing | None, ids: list[str], boots: list[int | None],
-                  start_seq: int, per_sensor: dict[str, int] | int | None) -> None:
+def check_signing(
+    signing: Signing | None,
+    ids: list[str],
+    boots: list[int | None],
+    start_seq: int,
+    per_sensor: dict[str, int] | int | None,
+) -> None:
     """ConfigError unless every sensor can sign and no seq would wrap under one boot.
 
     A signing sensor must never send a (boot, seq) twice, so seq may not wrap
@@ -106,8 +113,10 @@ def check_signing(signing: Signing | None, ids: list[str], boots: list[int | Non
         return
     most = max(per_sensor.values()) if isinstance(per_sensor, dict) else per_sensor
     if start_seq + most > 1 << 32:
-        raise ConfigError(f"--start-seq {start_seq} + {most} datagrams would wrap seq under one boot, "
-                          f"which signed datagrams must not (lower --start-seq)")
+        raise ConfigError(
+            f"--start-seq {start_seq} + {most} datagrams would wrap seq under one boot, "
+            f"which signed datagrams must not (lower --start-seq)"
+        )
 
 
 @dataclass
@@ -145,8 +154,7 @@ def derive_seed(seed: int | None) -> int:
     return seed if seed is not None else random.SystemRandom().getrandbits(63)
 
 
-def derive_boots(n: int, *, enabled: bool, seed: int | None, value: int | None,
-                 now: float) -> list[int | None]:
+def derive_boots(n: int, *, enabled: bool, seed: int | None, value: int | None, now: float) -> list[int | None]:
     """Boot values for n sensors: none, a fixed value, one per sensor from the seed, or from time.
 
     From time, every sensor gets int(now): Unix seconds grow across restarts,
@@ -167,8 +175,14 @@ class SimSensor:
 
     __slots__ = ("id", "boot", "signals", "next_idx", "held", "truth", "key_id", "key")
 
-    def __init__(self, sensor_id: str, boot: int | None, first_seq: int,
-                 signals: SensorSignals | None = None, signing: Signing | None = None) -> None:
+    def __init__(
+        self,
+        sensor_id: str,
+        boot: int | None,
+        first_seq: int,
+        signals: SensorSignals | None = None,
+        signing: Signing | None = None,
+    ) -> None:
         self.id = sensor_id
         self.boot = boot
         self.signals = signals
@@ -196,8 +210,10 @@ class Engine:
             if idx and seq == 0:
                 # Only an unbounded run gets here (check_signing refuses the
                 # rest): 2**32 - start_seq datagrams of one sensor.
-                raise SetupError(f"{s.id}: seq would wrap under boot {s.boot}, which signed "
-                                 f"datagrams must not; restart with a new --boot-value")
+                raise SetupError(
+                    f"{s.id}: seq would wrap under boot {s.boot}, which signed "
+                    f"datagrams must not; restart with a new --boot-value"
+                )
             data = sign(data, s.key_id, s.key)
         if self.faults is None:
             # Without faults, datagrams leave in idx order: nothing to reorder.
@@ -225,8 +241,9 @@ class Engine:
                 self._send(s, e.idx, e.payload, e.copy)
 
 
-def build_report(sender: Sender, sensors: list[SimSensor], *, seed: int, elapsed: float,
-                 interrupted: bool) -> dict[str, Any]:
+def build_report(
+    sender: Sender, sensors: list[SimSensor], *, seed: int, elapsed: float, interrupted: bool
+) -> dict[str, Any]:
     sender.check_pending()
     return {
         "datagrams_sent": sender.sent,
@@ -249,11 +266,15 @@ class Progress:
     failed: int
 
 
-def run(cfg: SimConfig, *, stop: StopFlag | None = None,
-        progress: Callable[[Progress], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
-        sleep: Callable[[float], object] = time.sleep) -> dict[str, Any]:
+def run(
+    cfg: SimConfig,
+    *,
+    stop: StopFlag | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    wall: Callable[[], float] = time.time,
+    sleep: Callable[[float], object] = time.sleep,
+) -> dict[str, Any]:
     """Run the simulation until count, duration or `stop`; returns the report.
 
     `clock`, `wall` and `sleep` are the time it runs on; tests pass a fake
@@ -265,8 +286,7 @@ def run(cfg: SimConfig, *, stop: StopFlag | None = None,
     ids = cfg.sensor_ids()
     check_sensor_id(ids[-1])  # the longest id
     seed = derive_seed(cfg.seed)
-    boots = derive_boots(len(ids), enabled=cfg.boot, seed=cfg.seed, value=cfg.boot_value,
-                         now=wall())
+    boots = derive_boots(len(ids), enabled=cfg.boot, seed=cfg.seed, value=cfg.boot_value, now=wall())
     n = len(ids)
     interval = 1.0 / (n * cfg.rate) if cfg.rate else 0.0
     total = n * cfg.count if cfg.count is not None else None
@@ -276,8 +296,10 @@ def run(cfg: SimConfig, *, stop: StopFlag | None = None,
     check_signing(cfg.signing, ids, boots, cfg.start_seq, None if total is None else -(-total // n))
     signal_rng = random.Random(f"{seed}:signals")
     t0 = wall()
-    sensors = [SimSensor(sid, boot, cfg.start_seq, SensorSignals(cfg.metrics, signal_rng, t0), cfg.signing)
-               for sid, boot in zip(ids, boots)]
+    sensors = [
+        SimSensor(sid, boot, cfg.start_seq, SensorSignals(cfg.metrics, signal_rng, t0), cfg.signing)
+        for sid, boot in zip(ids, boots)
+    ]
     deadline = math.inf
     if cfg.duration is not None:
         deadline = cfg.duration + (LATE_GRACE_S if interval else 0.0)

@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 # core stalls now and then), and fixtures reused across examples are fine.
 # A test that wants fewer or more examples says only that:
 # @settings(max_examples=N).
-settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                     HealthCheck.function_scoped_fixture])
+settings.register_profile(
+    "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 settings.load_profile("ci")
 
 

@@ -46,13 +46,13 @@ def db_query(db_path: str, sql: str, *params) -> list[tuple]:
     """
     conn = sqlite3.connect(db_path)
     try:
-        if "readings" in sql and not conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE name = 'readings'"
-        ).fetchone():
+        if "readings" in sql and not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'readings'").fetchone():
             from collector.readback import all_readings
 
-            conn.execute("CREATE TEMP TABLE readings (series INTEGER, ts REAL, boot INTEGER, seq INTEGER,"
-                         " value REAL, received REAL)")
+            conn.execute(
+                "CREATE TEMP TABLE readings (series INTEGER, ts REAL, boot INTEGER, seq INTEGER,"
+                " value REAL, received REAL)"
+            )
             conn.executemany("INSERT INTO temp.readings VALUES (?, ?, ?, ?, ?, ?)", all_readings(conn))
         return conn.execute(sql, params).fetchall()
     finally:
@@ -82,8 +82,9 @@ def load_fuzz_engine():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("fuzz_wire", Path(__file__).resolve().parent.parent / "bench"
-                                                  / "fuzz_wire.py")
+    spec = importlib.util.spec_from_file_location(
+        "fuzz_wire", Path(__file__).resolve().parent.parent / "bench" / "fuzz_wire.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -95,8 +96,7 @@ class Receiver:
     `group` joins an IPv4 multicast group on 127.0.0.1 instead.
     """
 
-    def __init__(self, family: int = socket.AF_INET, host: str = "127.0.0.1",
-                 group: str | None = None) -> None:
+    def __init__(self, family: int = socket.AF_INET, host: str = "127.0.0.1", group: str | None = None) -> None:
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         # Room for a whole test's traffic even if the thread is slow to run.
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)

@@ -53,7 +53,8 @@ class NatsServer:
         conf = self.dir / "server.conf"
         conf.write_text(
             f'server_name: "{self.name}"\nlisten: "127.0.0.1:{self.port}"\n'
-            f'jetstream {{ store_dir: "{self.dir / "js"}" }}\n{self.conf}\n')
+            f'jetstream {{ store_dir: "{self.dir / "js"}" }}\n{self.conf}\n'
+        )
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=out, stderr=out)
@@ -67,8 +68,9 @@ class NatsServer:
             if self.proc.poll() is not None:
                 raise AssertionError(f"nats-server {self.name} exited: {text.decode(errors='replace')[-2000:]}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"nats-server {self.name} not ready after {timeout}s: "
-                                     f"{text.decode(errors='replace')[-2000:]}")
+                raise AssertionError(
+                    f"nats-server {self.name} not ready after {timeout}s: {text.decode(errors='replace')[-2000:]}"
+                )
             time.sleep(0.02)
 
     def kill(self) -> None:
@@ -100,8 +102,11 @@ class Cluster:
         ports = [free_port() for _ in range(size)]
         routes = ", ".join(f'"nats://127.0.0.1:{p}"' for p in ports)
         self.nodes = [
-            NatsServer(workdir, f"n{i + 1}", conf=(
-                f'cluster {{ name: "c1", listen: "127.0.0.1:{ports[i]}", routes: [{routes}] }}'))
+            NatsServer(
+                workdir,
+                f"n{i + 1}",
+                conf=(f'cluster {{ name: "c1", listen: "127.0.0.1:{ports[i]}", routes: [{routes}] }}'),
+            )
             for i in range(size)
         ]
 

@@ -24,19 +24,31 @@ QUERY_READY = r"listening tls (\S+):(\d+)"
 class Daemon:
     """A command run as a child process whose log (stderr) is a file we can poll."""
 
-    def __init__(self, cmd: list[str], log: Path, ready: str, *, env: dict[str, str] | None = None,
-                 timeout: float = 10.0, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        cmd: list[str],
+        log: Path,
+        ready: str,
+        *,
+        env: dict[str, str] | None = None,
+        timeout: float = 10.0,
+        cwd: Path | None = None,
+    ) -> None:
         self.cmd = cmd
         self.log = log
         self._log_file = open(log, "ab")
         full_env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log_file, env=full_env, cwd=cwd)
-        found = wait_for(lambda: re.search(ready, self.text()) or self._dead(), timeout,
-                         what=f"the ready line of {Path(cmd[0]).name} ({ready!r})")
+        found = wait_for(
+            lambda: re.search(ready, self.text()) or self._dead(),
+            timeout,
+            what=f"the ready line of {Path(cmd[0]).name} ({ready!r})",
+        )
         if found == "dead":
             self._log_file.close()
-            raise AssertionError(f"{Path(cmd[0]).name} exited {self.proc.returncode} before it was ready:\n"
-                                 f"{self.text()}")
+            raise AssertionError(
+                f"{Path(cmd[0]).name} exited {self.proc.returncode} before it was ready:\n{self.text()}"
+            )
         self.ready = found
 
     def _dead(self) -> str | None:
@@ -73,8 +85,16 @@ class Daemon:
 class CollectorProcess(Daemon):
     """telemetry-collector; `ports` are the UDP ports it logged, in order."""
 
-    def __init__(self, exe: str, db: str, log: Path, *args: str, prefix: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        exe: str,
+        db: str,
+        log: Path,
+        *args: str,
+        prefix: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.db = db
         cmd = [*prefix, exe, "--db", db, "--flush-interval", "0.05", *args]
         if "--listen" not in args and "--config" not in args:
@@ -98,8 +118,9 @@ class CollectorProcess(Daemon):
 class QueryServerProcess(Daemon):
     """telemetry-query serve; `port` is the TLS port it logged."""
 
-    def __init__(self, exe: str, log: Path, *args: str, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self, exe: str, log: Path, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         cmd = [exe, "serve", *args]
         if "--listen" not in args and "--config" not in args:
             cmd += ["--listen", "127.0.0.1:0"]

@@ -68,9 +68,19 @@ GAPS = [
 ]
 
 COUNTERS = {
-    "received": 341, "stored": 331, "stored_readings": 361, "duplicates": 5, "kernel_drops": 4,
-    "truncated": 1, "storage_dropped": 0, "rejected:bad_id": 2, "rejected:not_msgpack": 6,
-    "rejected:something_new": 1, "internal_errors": 3, "refused_sensors": 8, "refused_readings": 13,
+    "received": 341,
+    "stored": 331,
+    "stored_readings": 361,
+    "duplicates": 5,
+    "kernel_drops": 4,
+    "truncated": 1,
+    "storage_dropped": 0,
+    "rejected:bad_id": 2,
+    "rejected:not_msgpack": 6,
+    "rejected:something_new": 1,
+    "internal_errors": 3,
+    "refused_sensors": 8,
+    "refused_readings": 13,
     "last_flush": T0 + 3000.5,
 }
 
@@ -117,8 +127,14 @@ def expected_rows(sensor: str, metric: str) -> list[dict]:
     """Rows of one series as `readings` returns them, in key order."""
     sid = SERIES[(sensor, metric)]
     return [
-        {"sensor": sensor, "metric": metric, "ts": ts, "value": value, "seq": seq,
-         "boot": None if boot == NO_BOOT else boot}
+        {
+            "sensor": sensor,
+            "metric": metric,
+            "ts": ts,
+            "value": value,
+            "seq": seq,
+            "boot": None if boot == NO_BOOT else boot,
+        }
         for ts, boot, seq, value in sorted(READINGS[sid])
     ]
 
@@ -151,14 +167,30 @@ def make_tls(directory: Path) -> Tls:
     client = ca.issue_cert("client@example.org", common_name="client")
     client.cert_chain_pems[0].write_to_path(str(directory / "client.pem"))
     client.private_key_pem.write_to_path(str(directory / "client.key"))
-    return Tls(ca, str(ca_pem), str(directory / "server.pem"), str(directory / "server.key"),
-               str(directory / "client.pem"), str(directory / "client.key"), directory)
+    return Tls(
+        ca,
+        str(ca_pem),
+        str(directory / "server.pem"),
+        str(directory / "server.key"),
+        str(directory / "client.pem"),
+        str(directory / "client.key"),
+        directory,
+    )
 
 
 @contextlib.contextmanager
-def running_server(db: str, tls: Tls, *, mtls: bool = False, host: str = "127.0.0.1",
-                   limits: ServerLimits = ServerLimits(), ops_limits: Limits = Limits(), make_ops=None,
-                   workers: int = 2, port: int = 0):
+def running_server(
+    db: str,
+    tls: Tls,
+    *,
+    mtls: bool = False,
+    host: str = "127.0.0.1",
+    limits: ServerLimits = ServerLimits(),
+    ops_limits: Limits = Limits(),
+    make_ops=None,
+    workers: int = 2,
+    port: int = 0,
+):
     """A QueryServer on a port of its own (or `port`, to restart one), served from a thread; stopped and joined on exit."""
     ctx = server_context(tls.server_cert, tls.server_key, tls.ca_pem if mtls else None)
     service = Service(make_ops or (lambda: Ops(open_reader(db), ops_limits)), workers)
@@ -183,14 +215,24 @@ def write_readings(path: str, sensor: str, metric: str, rows: list[tuple[float, 
     conn = db.conn
     conn.execute("BEGIN")
     found = conn.execute("SELECT id FROM series WHERE sensor = ? AND metric = ?", (sensor, metric)).fetchone()
-    sid = found[0] if found else conn.execute(
-        "INSERT INTO series (sensor, metric) VALUES (?, ?)", (sensor, metric)).lastrowid
+    sid = (
+        found[0]
+        if found
+        else conn.execute("INSERT INTO series (sensor, metric) VALUES (?, ?)", (sensor, metric)).lastrowid
+    )
     by_boot: dict[int, list[tuple]] = {}
     for row in rows:
         by_boot.setdefault(row[1], []).append(row)
     for boot, group in by_boot.items():
-        for chunk in chunk_rows_from_columns(sensor, boot, [r[2] for r in group], [r[0] for r in group],
-                                             [r[0] for r in group], {metric: [r[3] for r in group]}, 1024):
+        for chunk in chunk_rows_from_columns(
+            sensor,
+            boot,
+            [r[2] for r in group],
+            [r[0] for r in group],
+            [r[0] for r in group],
+            {metric: [r[3] for r in group]},
+            1024,
+        ):
             insert_chunk(conn, chunk, 0, {metric: sid})
     conn.execute("COMMIT")
     conn.close()

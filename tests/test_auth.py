@@ -38,6 +38,7 @@ def body(sensor="s1", seq=7, boot=3) -> bytes:
 
 # --- the test vector in docs/PROTOCOL.md --------------------------------------------------
 
+
 def test_doc_test_vector_verbatim():
     examples = doc_examples("signed-hex")
     assert set(examples) == {"test-vector"}
@@ -49,8 +50,7 @@ def test_doc_test_vector_verbatim():
     # computed independently of auth.py, over every byte before the tag
     assert hmac.new(KEY, data[:-16], hashlib.sha256).hexdigest() == FULL_HMAC
     assert verify(data, {"s1": KEY}) == (BODY, "s1")
-    assert decode_signed(data, {"s1": KEY}) == \
-        (Datagram("s1", 7, 3, None, {"t": 21.5, "rh": 48}), "s1")
+    assert decode_signed(data, {"s1": KEY}) == (Datagram("s1", 7, 3, None, {"t": 21.5, "rh": 48}), "s1")
 
 
 def test_doc_states_the_vector_key_tag_and_body():
@@ -70,6 +70,7 @@ def test_doc_tampered_vector_examples():
 
 # --- round trips -------------------------------------------------------------------------
 
+
 def test_sign_verify_with_str8_key_id():
     key_id = "s1@" + "k" * 40  # 43 bytes: str8
     data = sign(body(), key_id, KEY)
@@ -79,8 +80,7 @@ def test_sign_verify_with_str8_key_id():
 
 def test_verify_accepts_memoryview_and_bytearray():
     data = sign(BODY, "s1", KEY)
-    assert verify(memoryview(data), {"s1": KEY}) == verify(bytearray(data), {"s1": KEY}) \
-        == (BODY, "s1")
+    assert verify(memoryview(data), {"s1": KEY}) == verify(bytearray(data), {"s1": KEY}) == (BODY, "s1")
 
 
 def test_key_with_suffix_speaks_for_its_sensor_only():
@@ -94,20 +94,24 @@ def test_key_with_suffix_speaks_for_its_sensor_only():
 
 # --- rejections --------------------------------------------------------------------------
 
+
 def test_rejects_every_single_bit_flip():
     data = sign(BODY, "s1", KEY)
     for i in range(len(data) * 8):
         flipped = bytearray(data)
         flipped[i // 8] ^= 1 << (i % 8)
-        assert reason_of(decode_signed, bytes(flipped), {"s1": KEY}) in \
-            {"not_signed", "bad_envelope", "unknown_key", "bad_mac"}, i
+        assert reason_of(decode_signed, bytes(flipped), {"s1": KEY}) in {
+            "not_signed",
+            "bad_envelope",
+            "unknown_key",
+            "bad_mac",
+        }, i
 
 
 def test_rejects_every_truncation_and_extension():
     data = sign(BODY, "s1", KEY)
     for cut in range(len(data)):
-        assert reason_of(verify, data[:cut], {"s1": KEY}) in {"not_signed", "bad_envelope",
-                                                              "bad_mac"}, cut
+        assert reason_of(verify, data[:cut], {"s1": KEY}) in {"not_signed", "bad_envelope", "bad_mac"}, cut
     assert reason_of(verify, data + b"\x00", {"s1": KEY}) in {"bad_envelope", "bad_mac"}
 
 
@@ -144,19 +148,22 @@ def test_rejects_oversized_signed_datagram():
     assert reason_of(verify, b"\x93" + b"\x00" * 8192, {"s1": KEY}) == "too_large"
 
 
-@pytest.mark.parametrize("envelope", [
-    b"\x93\xa0" + BODY + b"\xc4\x10" + bytes(16),                 # empty key id
-    b"\x93\xda\x00\x02s1" + BODY + b"\xc4\x10" + bytes(16),       # str16 key id
-    b"\x93\xd9\x02s1" + BODY + b"\xc4\x10" + bytes(16),           # str8 for 2 bytes: not smallest
-    b"\x93\xd9\x41" + b"k" * 65 + BODY + b"\xc4\x10" + bytes(16),  # 65-byte key id
-    b"\x93\xa3s 1" + BODY + b"\xc4\x10" + bytes(16),              # space in key id
-    b"\x93\xa2\xc3\xa9" + BODY + b"\xc4\x10" + bytes(16),         # non-ASCII key id
-    b"\x93\xa2s1" + BODY + b"\xc4\x0f" + bytes(16),               # bin8 of 15
-    b"\x93\xa2s1" + BODY + b"\xc5\x00\x10" + bytes(16),           # bin16 tag
-    b"\x93\xa2s1\xc4\x10" + bytes(16),                             # no body
-    b"\x93\xa2s1",                                                 # nothing after the key id
-    b"\x93",
-])
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        b"\x93\xa0" + BODY + b"\xc4\x10" + bytes(16),  # empty key id
+        b"\x93\xda\x00\x02s1" + BODY + b"\xc4\x10" + bytes(16),  # str16 key id
+        b"\x93\xd9\x02s1" + BODY + b"\xc4\x10" + bytes(16),  # str8 for 2 bytes: not smallest
+        b"\x93\xd9\x41" + b"k" * 65 + BODY + b"\xc4\x10" + bytes(16),  # 65-byte key id
+        b"\x93\xa3s 1" + BODY + b"\xc4\x10" + bytes(16),  # space in key id
+        b"\x93\xa2\xc3\xa9" + BODY + b"\xc4\x10" + bytes(16),  # non-ASCII key id
+        b"\x93\xa2s1" + BODY + b"\xc4\x0f" + bytes(16),  # bin8 of 15
+        b"\x93\xa2s1" + BODY + b"\xc5\x00\x10" + bytes(16),  # bin16 tag
+        b"\x93\xa2s1\xc4\x10" + bytes(16),  # no body
+        b"\x93\xa2s1",  # nothing after the key id
+        b"\x93",
+    ],
+)
 def test_rejects_bad_envelope(envelope):
     assert reason_of(verify, envelope, {"s1": KEY}) == "bad_envelope"
 
@@ -171,21 +178,25 @@ def test_rejects_signed_body_without_boot():
     assert reason_of(decode_signed, sign(body(boot=None), "s1", KEY), {"s1": KEY}) == "bad_boot"
 
 
-@pytest.mark.parametrize("call", [
-    lambda: sign(BODY, "", KEY),
-    lambda: sign(BODY, "s 1", KEY),
-    lambda: sign(BODY, "k" * 65, KEY),
-    lambda: sign(BODY, "s1", bytes(15)),
-    lambda: sign(BODY, "s1", bytes(65)),
-    lambda: sign(b"", "s1", KEY),
-    lambda: sign(b"\x00" * 8171, "s1", KEY),  # 8193 bytes signed
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: sign(BODY, "", KEY),
+        lambda: sign(BODY, "s 1", KEY),
+        lambda: sign(BODY, "k" * 65, KEY),
+        lambda: sign(BODY, "s1", bytes(15)),
+        lambda: sign(BODY, "s1", bytes(65)),
+        lambda: sign(b"", "s1", KEY),
+        lambda: sign(b"\x00" * 8171, "s1", KEY),  # 8193 bytes signed
+    ],
+)
 def test_sign_refuses_what_would_not_verify(call):
     with pytest.raises(EncodeError):
         call()
 
 
 # --- properties --------------------------------------------------------------------------
+
 
 @settings(max_examples=300)
 @given(st.binary(max_size=300) | st.binary(max_size=300).map(lambda b: b"\x93" + b))
@@ -202,8 +213,13 @@ KEY_ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._
 
 
 @settings(max_examples=200)
-@given(st.text(KEY_ID_CHARS, min_size=1, max_size=40), st.text(KEY_ID_CHARS, max_size=20),
-       st.binary(min_size=16, max_size=64), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+@given(
+    st.text(KEY_ID_CHARS, min_size=1, max_size=40),
+    st.text(KEY_ID_CHARS, max_size=20),
+    st.binary(min_size=16, max_size=64),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+)
 def test_sign_then_decode_round_trips(sensor, suffix, key, seq, boot):
     key_id = f"{sensor}@{suffix}" if suffix else sensor
     plain = wire.encode(sensor, seq, {"t": 1.5}, boot=boot)
@@ -213,6 +229,7 @@ def test_sign_then_decode_round_trips(sensor, suffix, key, seq, boot):
 
 # --- the key file ------------------------------------------------------------------------
 
+
 def write_keys(tmp_path, text: str, mode: int = 0o600):
     path = tmp_path / "keys"
     path.write_text(text)
@@ -221,8 +238,7 @@ def write_keys(tmp_path, text: str, mode: int = 0o600):
 
 
 def test_load_keys_reads_ids_and_hex(tmp_path):
-    path = write_keys(tmp_path, "# keys\n\ns1 = " + KEY.hex() + "\n  s1@2026=" + "AB" * 16
-                      + "   # rotated\n")
+    path = write_keys(tmp_path, "# keys\n\ns1 = " + KEY.hex() + "\n  s1@2026=" + "AB" * 16 + "   # rotated\n")
     assert load_keys(path) == {"s1": KEY, "s1@2026": b"\xab" * 16}
 
 
@@ -238,15 +254,18 @@ def test_load_keys_refuses_a_file_others_can_read_or_write(tmp_path, mode):
     assert f"chmod 600 {path}" in str(info.value) and f"{mode:04o}" in str(info.value)
 
 
-@pytest.mark.parametrize("line, what", [
-    ("s1 " + KEY.hex(), "expected `key_id = hex`"),
-    ("s 1 = " + KEY.hex(), "expected `key_id = hex`"),
-    ("s1! = " + KEY.hex(), "key id must be"),
-    ("s1 = " + KEY.hex()[:-1], "even number of hex digits"),
-    ("s1 = " + KEY.hex()[:30], "16-64 bytes"),
-    ("s1 = " + "ab" * 65, "16-64 bytes"),
-    ("s1 = zz" + KEY.hex(), "expected `key_id = hex`"),
-])
+@pytest.mark.parametrize(
+    "line, what",
+    [
+        ("s1 " + KEY.hex(), "expected `key_id = hex`"),
+        ("s 1 = " + KEY.hex(), "expected `key_id = hex`"),
+        ("s1! = " + KEY.hex(), "key id must be"),
+        ("s1 = " + KEY.hex()[:-1], "even number of hex digits"),
+        ("s1 = " + KEY.hex()[:30], "16-64 bytes"),
+        ("s1 = " + "ab" * 65, "16-64 bytes"),
+        ("s1 = zz" + KEY.hex(), "expected `key_id = hex`"),
+    ],
+)
 def test_load_keys_names_the_bad_line_never_the_key(tmp_path, line, what):
     path = write_keys(tmp_path, f"# header\n{line}\n")
     with pytest.raises(ConfigError) as info:
@@ -294,8 +313,7 @@ def test_sign_accepts_exactly_max_size():
 
 
 def test_fuzz_mutated_signed_datagrams_never_verify():
-    spec = importlib.util.spec_from_file_location("fuzz_wire", DOC.parent.parent / "bench"
-                                                  / "fuzz_wire.py")
+    spec = importlib.util.spec_from_file_location("fuzz_wire", DOC.parent.parent / "bench" / "fuzz_wire.py")
     fuzz = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fuzz)
     keys = {"s1": KEY, "s1@2026": KEY}

@@ -41,9 +41,13 @@ def write_keys(path, mode: int = 0o600, **keys: str):
 
 def run_sim(bin_path, tmp_path, *args: str, env: dict | None = None):
     report = tmp_path / "report.json"
-    proc = subprocess.run([bin_path("sensor-sim"), *args, "--report", str(report)],
-                          capture_output=True, text=True, timeout=60,
-                          env=None if env is None else {**os.environ, **env})
+    proc = subprocess.run(
+        [bin_path("sensor-sim"), *args, "--report", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=None if env is None else {**os.environ, **env},
+    )
     return proc, (json.loads(report.read_text()) if report.exists() else None)
 
 
@@ -52,8 +56,22 @@ def run_sim(bin_path, tmp_path, *args: str, env: dict | None = None):
 
 def test_sim_signs_every_datagram_with_one_key_for_all_sensors(bin_path, tmp_path):
     with Receiver() as rx:
-        proc, report = run_sim(bin_path, tmp_path, "--target", rx.target, "--sensors", "3",
-                               "--count", "20", "--rate", "max", "--seed", "5", "--key", KEY_HEX)
+        proc, report = run_sim(
+            bin_path,
+            tmp_path,
+            "--target",
+            rx.target,
+            "--sensors",
+            "3",
+            "--count",
+            "20",
+            "--rate",
+            "max",
+            "--seed",
+            "5",
+            "--key",
+            KEY_HEX,
+        )
         assert proc.returncode == 0, proc.stderr
         raw = rx.wait(60)
     assert len(raw) == 60 == report["datagrams_sent"]
@@ -69,12 +87,26 @@ def test_sim_signs_every_datagram_with_one_key_for_all_sensors(bin_path, tmp_pat
 
 
 def test_sim_signs_each_sensor_with_its_own_key_from_a_key_file(bin_path, tmp_path):
-    keys = write_keys(tmp_path / "keys", **{"sim-0001__2026": KEY_HEX, "sim-0002__2026": KEY2_HEX,
-                                            "sim-0001": KEY2_HEX})
+    keys = write_keys(
+        tmp_path / "keys", **{"sim-0001__2026": KEY_HEX, "sim-0002__2026": KEY2_HEX, "sim-0001": KEY2_HEX}
+    )
     with Receiver() as rx:
-        proc, report = run_sim(bin_path, tmp_path, "--target", rx.target, "--sensors", "2",
-                               "--count", "5", "--rate", "max", "--keys", str(keys),
-                               "--key-id", "{sensor}@2026")
+        proc, report = run_sim(
+            bin_path,
+            tmp_path,
+            "--target",
+            rx.target,
+            "--sensors",
+            "2",
+            "--count",
+            "5",
+            "--rate",
+            "max",
+            "--keys",
+            str(keys),
+            "--key-id",
+            "{sensor}@2026",
+        )
         assert proc.returncode == 0, proc.stderr
         raw = rx.wait(10)
     ring = auth.load_keys(keys)
@@ -89,9 +121,25 @@ def test_sim_signs_each_sensor_with_its_own_key_from_a_key_file(bin_path, tmp_pa
 
 def test_sim_key_from_the_environment_and_faults_still_signed(bin_path, tmp_path):
     with Receiver() as rx:
-        proc, report = run_sim(bin_path, tmp_path, "--target", rx.target, "--sensors", "1",
-                               "--count", "200", "--rate", "max", "--seed", "9", "--duplicate", "0.1",
-                               "--reorder", "0.1", env={"SENSOR_SIM_KEY": KEY2_HEX})
+        proc, report = run_sim(
+            bin_path,
+            tmp_path,
+            "--target",
+            rx.target,
+            "--sensors",
+            "1",
+            "--count",
+            "200",
+            "--rate",
+            "max",
+            "--seed",
+            "9",
+            "--duplicate",
+            "0.1",
+            "--reorder",
+            "0.1",
+            env={"SENSOR_SIM_KEY": KEY2_HEX},
+        )
         assert proc.returncode == 0, proc.stderr
         raw = rx.wait(report["datagrams_sent"])
     t = report["sensors"]["sim-0001"]
@@ -101,18 +149,25 @@ def test_sim_key_from_the_environment_and_faults_still_signed(bin_path, tmp_path
     assert KEY2_HEX not in proc.stderr + proc.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--key", "abcd"], "Invalid value for --key: a key must be 16-64 bytes"),
-    (["--key", "zz" * 16], "Invalid value for --key: a key must be an even number of hex digits"),
-    (["--key", KEY_HEX, "--key-id", "other"], "key id 'other' cannot sign for sensor 'sim-0001'"),
-    (["--key", KEY_HEX, "--key-id", "{sensor}@bad id"], "key id"),
-    (["--key", KEY_HEX, "--no-boot"], "signed datagrams carry boot: drop --no-boot"),
-    (["--key", KEY_HEX, "--start-seq", "4294967290"], "would wrap seq under one boot"),
-    (["--key-id", "sim-0001"], "--key-id needs --key or --keys"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--key", "abcd"], "Invalid value for --key: a key must be 16-64 bytes"),
+        (["--key", "zz" * 16], "Invalid value for --key: a key must be an even number of hex digits"),
+        (["--key", KEY_HEX, "--key-id", "other"], "key id 'other' cannot sign for sensor 'sim-0001'"),
+        (["--key", KEY_HEX, "--key-id", "{sensor}@bad id"], "key id"),
+        (["--key", KEY_HEX, "--no-boot"], "signed datagrams carry boot: drop --no-boot"),
+        (["--key", KEY_HEX, "--start-seq", "4294967290"], "would wrap seq under one boot"),
+        (["--key-id", "sim-0001"], "--key-id needs --key or --keys"),
+    ],
+)
 def test_sim_signing_flag_errors_give_one_line_and_exit_2(bin_path, args, message):
-    proc = subprocess.run([bin_path("sensor-sim"), "--target", "127.0.0.1:9", "--sensors", "1",
-                           "--count", "10", *args], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [bin_path("sensor-sim"), "--target", "127.0.0.1:9", "--sensors", "1", "--count", "10", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
@@ -122,12 +177,20 @@ def test_sim_signing_flag_errors_give_one_line_and_exit_2(bin_path, args, messag
 
 def test_sim_refuses_a_world_readable_key_file_and_a_missing_key(bin_path, tmp_path):
     keys = write_keys(tmp_path / "keys", mode=0o644, **{"sim-0001": KEY_HEX})
-    proc = subprocess.run([bin_path("sensor-sim"), "--target", "127.0.0.1:9", "--count", "1",
-                           "--sensors", "1", "--keys", str(keys)], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [bin_path("sensor-sim"), "--target", "127.0.0.1:9", "--count", "1", "--sensors", "1", "--keys", str(keys)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2 and "chmod 600" in proc.stderr and KEY_HEX not in proc.stderr
     os.chmod(keys, 0o600)
-    proc = subprocess.run([bin_path("sensor-sim"), "--target", "127.0.0.1:9", "--count", "1",
-                           "--sensors", "2", "--keys", str(keys)], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [bin_path("sensor-sim"), "--target", "127.0.0.1:9", "--count", "1", "--sensors", "2", "--keys", str(keys)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2 and "no key 'sim-0002' in the key file" in proc.stderr
     assert KEY_HEX not in proc.stderr
 
@@ -136,12 +199,12 @@ def test_sim_signed_replay_of_a_recording(bin_path, tmp_path):
     rec = tmp_path / "rec.csv"
     rec.write_text("sensor,ts,metric,value\ngh-1,100,temp,20.5\ngh-1,101,temp,20.6\ngh-2,101,temp,19\n")
     with Receiver() as rx:
-        proc, _ = run_sim(bin_path, tmp_path, "--target", rx.target, "--replay", str(rec),
-                          "--speed", "1000", "--key", KEY_HEX)
+        proc, _ = run_sim(
+            bin_path, tmp_path, "--target", rx.target, "--replay", str(rec), "--speed", "1000", "--key", KEY_HEX
+        )
         assert proc.returncode == 0, proc.stderr
         raw = rx.wait(3)
-    got = sorted((d.sensor, d.seq, d.ts) for d, _ in (auth.decode_signed(x, {"gh-1": KEY, "gh-2": KEY})
-                                                      for x in raw))
+    got = sorted((d.sensor, d.seq, d.ts) for d, _ in (auth.decode_signed(x, {"gh-1": KEY, "gh-2": KEY}) for x in raw))
     assert got == [("gh-1", 0, 100), ("gh-1", 1, 101), ("gh-2", 0, 101)]
 
 
@@ -154,10 +217,17 @@ def test_sensor_api_signs_and_bumps_boot_instead_of_wrapping():
             s.send({"t": 9})
         raw = rx.wait(5)
     ring = {"gh-1": KEY, "gh-1@2026": KEY2}
-    got = [(auth.decode_signed(d, ring)[1], auth.decode_signed(d, ring)[0].boot,
-            auth.decode_signed(d, ring)[0].seq) for d in raw]
-    assert got == [("gh-1", 41, 2**32 - 2), ("gh-1", 41, 2**32 - 1), ("gh-1", 42, 0), ("gh-1", 42, 1),
-                   ("gh-1@2026", 1, 0)]
+    got = [
+        (auth.decode_signed(d, ring)[1], auth.decode_signed(d, ring)[0].boot, auth.decode_signed(d, ring)[0].seq)
+        for d in raw
+    ]
+    assert got == [
+        ("gh-1", 41, 2**32 - 2),
+        ("gh-1", 41, 2**32 - 1),
+        ("gh-1", 42, 0),
+        ("gh-1", 42, 1),
+        ("gh-1@2026", 1, 0),
+    ]
 
 
 def test_sensor_api_refuses_bad_signing_arguments():
@@ -182,8 +252,9 @@ def running(db_path: str, **overrides):
         yield collector
 
 
-def signed(sensor: str, seq: int, boot: int = 1, key: bytes = KEY, key_id: str | None = None,
-           value: float = 20.0) -> bytes:
+def signed(
+    sensor: str, seq: int, boot: int = 1, key: bytes = KEY, key_id: str | None = None, value: float = 20.0
+) -> bytes:
     body = wire.encode(sensor, seq, {"temp": value}, boot=boot, ts=1_700_000_000 + seq)
     return auth.sign(body, key_id or sensor, key)
 
@@ -201,8 +272,11 @@ class Link:
         before = self.collector.counters["received"]
         for d in datagrams:
             self.sock.sendto(d, self.address)
-        wait_for(lambda: self.collector.counters["received"] >= before + len(datagrams), 5,
-                 what=f"{len(datagrams)} datagrams read")
+        wait_for(
+            lambda: self.collector.counters["received"] >= before + len(datagrams),
+            5,
+            what=f"{len(datagrams)} datagrams read",
+        )
 
     def flushed(self) -> dict:
         """The counters as the database has them, after a flush of everything read."""
@@ -220,8 +294,12 @@ def rejected(c: dict) -> dict:
 
 
 def temps(db_path, sensor: str) -> list[tuple]:
-    return db_query(db_path, "SELECT r.boot, r.seq, r.value FROM readings r JOIN series s ON s.id = r.series "
-                             "WHERE s.sensor = ? ORDER BY r.boot, r.seq", sensor)
+    return db_query(
+        db_path,
+        "SELECT r.boot, r.seq, r.value FROM readings r JOIN series s ON s.id = r.series "
+        "WHERE s.sensor = ? ORDER BY r.boot, r.seq",
+        sensor,
+    )
 
 
 def test_every_reason_is_a_counter_from_the_start_and_stats_lists_them(db_path, tmp_path):
@@ -245,10 +323,28 @@ def test_every_reason_is_a_counter_from_the_start_and_stats_lists_them(db_path, 
 def test_signed_sim_to_collector_stores_everything_and_accounts_exactly(bin_path, db_path, tmp_path):
     keys = write_keys(tmp_path / "keys", **{f"sim-000{i}": KEY_HEX for i in (1, 2, 3)})
     with running(db_path, keys=str(keys), require_auth=True) as c:
-        proc, report = run_sim(bin_path, tmp_path, "--target", f"127.0.0.1:{c.addresses[0][1]}",
-                               "--sensors", "3", "--count", "200", "--rate", "300", "--seed", "11",
-                               "--loss", "0.05", "--duplicate", "0.03", "--reorder", "0.05",
-                               "--key", KEY_HEX)
+        proc, report = run_sim(
+            bin_path,
+            tmp_path,
+            "--target",
+            f"127.0.0.1:{c.addresses[0][1]}",
+            "--sensors",
+            "3",
+            "--count",
+            "200",
+            "--rate",
+            "300",
+            "--seed",
+            "11",
+            "--loss",
+            "0.05",
+            "--duplicate",
+            "0.03",
+            "--reorder",
+            "0.05",
+            "--key",
+            KEY_HEX,
+        )
         assert proc.returncode == 0, proc.stderr
         link = Link(c)
         wait_for(lambda: c.counters["received"] >= report["datagrams_sent"], 10, what="all datagrams")
@@ -386,6 +482,7 @@ def test_sighup_reloads_keys_and_a_bad_file_keeps_the_old_ones(bin_path, db_path
     proc, port = start_collector(bin_path, db_path, log_path, "--keys", str(keys), "--require-auth")
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
+
         def counter(name):
             try:
                 return db_counters(db_path).get(name, 0)
@@ -437,8 +534,13 @@ def test_cli_key_file_errors_are_one_line_exit_2_without_the_key(bin_path, db_pa
         (["--require-auth"], "--require-auth needs --keys"),
         (["--config", str(conf)], "bad value for 'require-auth'"),
     ):
-        proc = subprocess.run([bin_path("telemetry-collector"), "--db", db_path, "--listen", "127.0.0.1:0",
-                               *args], capture_output=True, text=True, timeout=15, env=env)
+        proc = subprocess.run(
+            [bin_path("telemetry-collector"), "--db", db_path, "--listen", "127.0.0.1:0", *args],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            env=env,
+        )
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
@@ -451,10 +553,19 @@ def test_keys_and_require_auth_from_the_environment_and_the_file(bin_path, db_pa
     conf = tmp_path / "gateway.toml"
     conf.write_text(f'[collector]\nkeys = "{keys}"\nrequire-auth = true\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
-    for extra_env, args in (({}, ["--config", str(conf)]),
-                            ({"TELEMETRY_COLLECTOR_KEYS": str(keys), "TELEMETRY_COLLECTOR_REQUIRE_AUTH": "1"}, [])):
-        with CollectorProcess(bin_path("telemetry-collector"), db_path, tmp_path / f"c{len(extra_env)}.log",
-                              "--listen", "127.0.0.1:0", *args, env={**env, **extra_env}) as collector:
+    for extra_env, args in (
+        ({}, ["--config", str(conf)]),
+        ({"TELEMETRY_COLLECTOR_KEYS": str(keys), "TELEMETRY_COLLECTOR_REQUIRE_AUTH": "1"}, []),
+    ):
+        with CollectorProcess(
+            bin_path("telemetry-collector"),
+            db_path,
+            tmp_path / f"c{len(extra_env)}.log",
+            "--listen",
+            "127.0.0.1:0",
+            *args,
+            env={**env, **extra_env},
+        ) as collector:
             assert "signed datagrams: 1 key" in collector.text()
             assert "unsigned datagrams are rejected" in collector.text()
             assert collector.stop() == 0
@@ -476,8 +587,14 @@ def test_any_mix_of_signed_forged_replayed_and_junk_is_accounted_exactly_once(tm
     sent: list[bytes] = []
 
     def accounted():
-        return (collector.core.pending_datagrams + c["duplicates"] + c["truncated"] + c["refused_sensors"]
-                + c["internal_errors"] + sum(c[f"rejected:{r}"] for r in REJECT_REASONS))
+        return (
+            collector.core.pending_datagrams
+            + c["duplicates"]
+            + c["truncated"]
+            + c["refused_sensors"]
+            + c["internal_errors"]
+            + sum(c[f"rejected:{r}"] for r in REJECT_REASONS)
+        )
 
     def fresh(sensor: str) -> bytes:
         next_seq[sensor] += 1
@@ -544,8 +661,13 @@ def test_a_key_file_that_fails_to_read_on_reload_keeps_the_old_keys(db_path, tmp
 
 def test_check_refuses_require_auth_without_keys_as_a_start_would(bin_path, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
-    proc = subprocess.run([bin_path("telemetry-collector"), "--db", str(tmp_path / "c.db"), "--require-auth",
-                           "--check"], capture_output=True, text=True, timeout=15, env=env)
+    proc = subprocess.run(
+        [bin_path("telemetry-collector"), "--db", str(tmp_path / "c.db"), "--require-auth", "--check"],
+        capture_output=True,
+        text=True,
+        timeout=15,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stdout
     assert proc.stderr == "Error: --require-auth needs --keys FILE: without keys every datagram would be rejected\n"
     assert proc.stdout == ""

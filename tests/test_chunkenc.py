@@ -13,10 +13,26 @@ from collector import chunkenc
 from collector.chunkenc import ChunkError, chunk_stats, decode_chunk, encode_chunk
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
-SPECIAL_FLOATS = [0.0, -0.0, 5e-324, -5e-324, 2.2250738585072014e-308, 1.7976931348623157e308,
-                  math.inf, -math.inf, math.nan, struct.unpack("<d", b"\x01\x00\x00\x00\x00\x00\xf8\x7f")[0],
-                  float(struct.unpack("<f", struct.pack("<f", 0.1))[0]), 0.1, 0.30000000000000004,
-                  1.2345678901234567, 2.0**53 + 2, 1e22, 1e23, 123456.789012345678]
+SPECIAL_FLOATS = [
+    0.0,
+    -0.0,
+    5e-324,
+    -5e-324,
+    2.2250738585072014e-308,
+    1.7976931348623157e308,
+    math.inf,
+    -math.inf,
+    math.nan,
+    struct.unpack("<d", b"\x01\x00\x00\x00\x00\x00\xf8\x7f")[0],
+    float(struct.unpack("<f", struct.pack("<f", 0.1))[0]),
+    0.1,
+    0.30000000000000004,
+    1.2345678901234567,
+    2.0**53 + 2,
+    1e22,
+    1e23,
+    123456.789012345678,
+]
 SPECIAL_INTS = [0, 1, -1, 2**53 + 1, -(2**53) - 1, 2**63 - 1, -(2**63), 2**32 - 1]
 
 
@@ -47,8 +63,8 @@ def assert_round_trip(seqs, ts, received, metrics):
 def decimal_floats(draw, n):
     """Quantized like devices report: k decimals, a slow walk, now and then a special value."""
     k = draw(st.integers(0, 9))
-    start = draw(st.integers(-10**12, 10**12))
-    step = draw(st.integers(0, 10**draw(st.integers(0, 6))))
+    start = draw(st.integers(-(10**12), 10**12))
+    step = draw(st.integers(0, 10 ** draw(st.integers(0, 6))))
     rnd = random.Random(draw(st.integers(0, 2**32)))
     out = []
     n_i = start
@@ -126,8 +142,12 @@ def test_round_trip_is_bit_exact(chunk):
 def test_adversarial_values_in_every_column():
     n = len(SPECIAL_FLOATS) + len(SPECIAL_INTS)
     col = SPECIAL_FLOATS + SPECIAL_INTS
-    assert_round_trip(SPECIAL_INTS + [0] * len(SPECIAL_FLOATS), col, col[::-1], {"x": col, "y": [None] * n,
-                      "z": [None if i % 3 else v for i, v in enumerate(col)]})
+    assert_round_trip(
+        SPECIAL_INTS + [0] * len(SPECIAL_FLOATS),
+        col,
+        col[::-1],
+        {"x": col, "y": [None] * n, "z": [None if i % 3 else v for i, v in enumerate(col)]},
+    )
 
 
 def test_seq_wraps_within_a_chunk():
@@ -137,8 +157,11 @@ def test_seq_wraps_within_a_chunk():
 
 
 def test_int_stays_int_and_float_stays_float():
-    _, _, _, m = decode_chunk(encode_chunk([1, 2, 3], [1.0, 2.0, 3.0], [1.5, 2.5, 3.5],
-                                           {"v": [5, 5.0, None], "n": [2**53 + 1, -(2**63), 2**63 - 1]}))
+    _, _, _, m = decode_chunk(
+        encode_chunk(
+            [1, 2, 3], [1.0, 2.0, 3.0], [1.5, 2.5, 3.5], {"v": [5, 5.0, None], "n": [2**53 + 1, -(2**63), 2**63 - 1]}
+        )
+    )
     assert [type(v) for v in m["v"]] == [int, float, type(None)]
     assert m["n"] == [2**53 + 1, -(2**63), 2**63 - 1]
 
@@ -160,12 +183,18 @@ def realistic(n=1024, seed=7):
     rnd = random.Random(seed)
     t0 = 1764600000.0
     ts = [round(t0 + i + rnd.uniform(-0.005, 0.005), 3) for i in range(n)]
-    return (list(range(n)), ts, [round(t + rnd.uniform(0.001, 0.004), 6) for t in ts],
-            {"temp": [round(21.5 + 3 * math.sin(i / 4000) + rnd.choice((0, 0, 0.01)), 2) for i in range(n)],
-             "hum": [round(45.0 + rnd.choice((0, 0, 0.1)), 1) for i in range(n)],
-             "pressure": [round(1013.25 + rnd.choice((0, 0.01, -0.01)), 2) for i in range(n)],
-             "battery": [round(3.7 - i * 1e-6, 3) for i in range(n)],
-             "count": list(range(5000, 5000 + n))})
+    return (
+        list(range(n)),
+        ts,
+        [round(t + rnd.uniform(0.001, 0.004), 6) for t in ts],
+        {
+            "temp": [round(21.5 + 3 * math.sin(i / 4000) + rnd.choice((0, 0, 0.01)), 2) for i in range(n)],
+            "hum": [round(45.0 + rnd.choice((0, 0, 0.1)), 1) for i in range(n)],
+            "pressure": [round(1013.25 + rnd.choice((0, 0.01, -0.01)), 2) for i in range(n)],
+            "battery": [round(3.7 - i * 1e-6, 3) for i in range(n)],
+            "count": list(range(5000, 5000 + n)),
+        },
+    )
 
 
 def test_realistic_chunk_is_small():
@@ -182,6 +211,7 @@ def test_unquantized_clock_falls_back_to_float_bits_exactly():
 
 
 # ------------------------------------------------------------ hostile blobs
+
 
 def rebuild(body: bytes, version: int = chunkenc.VERSION) -> bytes:
     """A blob with a valid checksum around any body: reaches the parser behind the CRC."""
@@ -219,7 +249,7 @@ def test_mutated_bodies_decode_or_raise_chunk_error(chunk, data):
         if op == "flip" and body:
             body[i] ^= 1 << data.draw(st.integers(0, 7))
         elif op == "cut":
-            del body[i:i + data.draw(st.integers(1, 8))]
+            del body[i : i + data.draw(st.integers(1, 8))]
         else:
             body[i:i] = data.draw(st.binary(min_size=1, max_size=8))
     try:
@@ -261,8 +291,13 @@ def test_declared_sizes_over_the_limits_are_refused_before_allocating():
         out = bytearray()
         chunkenc._uvarint(out, n)
         return bytes(out)
-    for rows, metrics in ((chunkenc.MAX_ROWS + 1, 0), (10, chunkenc.MAX_METRICS + 1),
-                          (chunkenc.MAX_ROWS, 200), (2**64, 0)):
+
+    for rows, metrics in (
+        (chunkenc.MAX_ROWS + 1, 0),
+        (10, chunkenc.MAX_METRICS + 1),
+        (chunkenc.MAX_ROWS, 200),
+        (2**64, 0),
+    ):
         with pytest.raises(ChunkError, match="limits"):
             decode_chunk(rebuild(varint(rows) + varint(metrics)))
 
@@ -279,6 +314,7 @@ def test_not_bytes_is_chunk_error():
 
 # ---------------------------------------------------------- caller misuse
 
+
 def test_encode_refuses_what_it_cannot_represent():
     with pytest.raises(ValueError, match="int64"):
         encode_chunk([1], [1.0], [1.0], {"x": [2**63]})
@@ -294,6 +330,7 @@ def test_encode_refuses_what_it_cannot_represent():
 
 
 # ----------------------------------------------------------------- stats
+
 
 def test_chunk_stats():
     ts = [10.0, 9.0, 11.0, 12.0]

@@ -114,8 +114,11 @@ def test_truncated_datagrams_are_counted_never_half_stored(db_path):
 
 def _flood_then_serve(db_path, flush_interval):
     """A collector with a tiny socket buffer, flooded before its loop starts."""
-    collector = Collector(Settings(db=db_path, listen=(("127.0.0.1", 0),), rcvbuf=4096,
-                                   flush_interval=flush_interval, status_interval=3600.0))
+    collector = Collector(
+        Settings(
+            db=db_path, listen=(("127.0.0.1", 0),), rcvbuf=4096, flush_interval=flush_interval, status_interval=3600.0
+        )
+    )
     s = sender()
     for seq in range(3000):
         s.sendto(good("burst-1", seq), collector.addresses[0])
@@ -138,8 +141,11 @@ def test_kernel_drops_from_ancillary_data_of_the_next_datagram(db_path):
         received = wait_for(lambda: collector.counters["received"], 5, what="the queued datagrams")
         assert 0 < received < 3000
         s.sendto(good("burst-1", 3000), collector.addresses[0])
-        wait_for(lambda: collector.counters["received"] + collector.counters["kernel_drops"] == 3001, 5,
-                 what="drops accounted")
+        wait_for(
+            lambda: collector.counters["received"] + collector.counters["kernel_drops"] == 3001,
+            5,
+            what="drops accounted",
+        )
     finally:
         _stop(collector, thread, s)
     c = counters(db_path)
@@ -152,8 +158,11 @@ def test_kernel_drops_polled_at_flush_without_further_traffic(db_path):
     """SO_MEMINFO at each flush: drops at the end of a burst are counted without waiting."""
     collector, thread, s = _flood_then_serve(db_path, flush_interval=0.05)
     try:
-        wait_for(lambda: counters(db_path).get("received", 0) + counters(db_path).get("kernel_drops", 0) == 3000,
-                 5, what="drops accounted in the database")
+        wait_for(
+            lambda: counters(db_path).get("received", 0) + counters(db_path).get("kernel_drops", 0) == 3000,
+            5,
+            what="drops accounted in the database",
+        )
     finally:
         _stop(collector, thread, s)
     c = counters(db_path)
@@ -234,8 +243,12 @@ def test_one_busy_socket_does_not_starve_another(db_path):
         collector.shutdown()
         thread.join(10)
         collector.server_close()
-    seen = dict(((sensor, (first, last)) for sensor, first, last in query(
-        db_path, "SELECT sensor, first_seen, last_seen FROM sensors")))
+    seen = dict(
+        (
+            (sensor, (first, last))
+            for sensor, first, last in query(db_path, "SELECT sensor, first_seen, last_seen FROM sensors")
+        )
+    )
     # 4 per wake: the quiet socket was served in the first rounds, not after 250 busy datagrams.
     assert seen["quiet-1"][1] < seen["busy-1"][1]
     assert query(db_path, "SELECT sensor, datagrams FROM sensors ORDER BY sensor") == [("busy-1", 250), ("quiet-1", 5)]
@@ -248,8 +261,13 @@ def test_status_line_reports_totals(db_path, caplog):
         s.sendto(good("st-1", 1), collector.addresses[0])
         s.sendto(b"\xc1", collector.addresses[0])
         s.close()
-        wait_for(lambda: any("received 2 " in r.getMessage() and "rejected 1 not_msgpack=1" in r.getMessage()
-                             for r in caplog.records), 5, what="a status line with the totals")
+        wait_for(
+            lambda: any(
+                "received 2 " in r.getMessage() and "rejected 1 not_msgpack=1" in r.getMessage() for r in caplog.records
+            ),
+            5,
+            what="a status line with the totals",
+        )
 
 
 def test_nothing_to_listen_on_is_a_setup_error(db_path):
@@ -332,7 +350,10 @@ def test_cardinality_guards_refuse_new_sensors_and_metrics_beyond_the_limits(db_
     assert c["refused_sensors"] == 2 and c["refused_readings"] == 1
     assert c["stored"] == 4 and c["stored_readings"] == 8
     assert query(db_path, "SELECT sensor, datagrams, readings FROM sensors ORDER BY sensor") == [
-        ("card-0", 2, 4), ("card-1", 1, 2), ("card-2", 1, 2)]
+        ("card-0", 2, 4),
+        ("card-1", 1, 2),
+        ("card-2", 1, 2),
+    ]
     assert query(db_path, "SELECT count(*) FROM series") == [(6,)]
     text = caplog.text
     assert "refusing datagrams from new sensor card-3" in text and "MAX_SENSORS" in text
@@ -349,7 +370,10 @@ def test_any_bytes_are_accounted_exactly_once_and_never_hit_a_bug(tmp_path):
 
     valid = st.builds(
         lambda sensor, seq, boot, n: wire.encode(f"p-{sensor}", seq, {f"m{i}": float(i) for i in range(n)}, boot=boot),
-        st.integers(0, 5), st.integers(0, 2**32 - 1), st.none() | st.integers(0, 3), st.integers(1, 4),
+        st.integers(0, 5),
+        st.integers(0, 2**32 - 1),
+        st.none() | st.integers(0, 3),
+        st.integers(1, 4),
     )
     junk = st.binary(max_size=64) | st.sampled_from(list(JUNK.values()))
     collector = Collector(Settings(db=str(tmp_path / "p.db"), listen=(("127.0.0.1", 0),)))
@@ -357,8 +381,14 @@ def test_any_bytes_are_accounted_exactly_once_and_never_hit_a_bug(tmp_path):
     c = collector.counters
 
     def accounted():
-        return (collector.core.pending_datagrams + c["duplicates"] + c["truncated"] + c["refused_sensors"]
-                + c["internal_errors"] + sum(c[f"rejected:{r}"] for r in REJECT_REASONS))
+        return (
+            collector.core.pending_datagrams
+            + c["duplicates"]
+            + c["truncated"]
+            + c["refused_sensors"]
+            + c["internal_errors"]
+            + sum(c[f"rejected:{r}"] for r in REJECT_REASONS)
+        )
 
     @settings(max_examples=150)
     @given(st.lists(valid | junk, max_size=30))
@@ -471,7 +501,8 @@ def test_the_last_line_says_so_when_this_run_dropped_readings(db_path):
     assert collector.stop_message() == (
         logging.WARNING,
         f"stopped; {dropped} readings of this run were dropped while the database refused writes "
-        f"(storage_dropped); every other accepted datagram is stored")
+        f"(storage_dropped); every other accepted datagram is stored",
+    )
 
     with running(db_path) as (collector, _):  # the next run dropped nothing itself
         pass

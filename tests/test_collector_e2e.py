@@ -31,8 +31,9 @@ def collector(bin_path, db_path, tmp_path):
     started: list[CollectorProcess] = []
 
     def start(*args: str, prefix: tuple[str, ...] = ()) -> CollectorProcess:
-        proc = CollectorProcess(bin_path("telemetry-collector"), db_path, tmp_path / f"collector{len(started)}.log",
-                                *args, prefix=prefix)
+        proc = CollectorProcess(
+            bin_path("telemetry-collector"), db_path, tmp_path / f"collector{len(started)}.log", *args, prefix=prefix
+        )
         started.append(proc)
         return proc
 
@@ -83,13 +84,26 @@ def expected(*truths: dict) -> dict:
 
 
 def stored_readings_per_sensor(db) -> dict[str, int]:
-    return dict(query(db, "SELECT s.sensor, count(*) FROM readings r JOIN series s ON s.id = r.series GROUP BY s.sensor"))
+    return dict(
+        query(db, "SELECT s.sensor, count(*) FROM readings r JOIN series s ON s.id = r.series GROUP BY s.sensor")
+    )
 
 
 def test_loss_and_reordering_accounts_equal_the_simulator_report(collector, sim, db_path):
     c = collector()
-    report = sim(f"127.0.0.1:{c.port()}", "--sensors", "8", "--count", "400", "--seed", "11",
-                 "--loss", "0.05", "--reorder", "0.05")
+    report = sim(
+        f"127.0.0.1:{c.port()}",
+        "--sensors",
+        "8",
+        "--count",
+        "400",
+        "--seed",
+        "11",
+        "--loss",
+        "0.05",
+        "--reorder",
+        "0.05",
+    )
     c.wait_received(report["datagrams_sent"])
     assert c.stop() == 0
     got = accounts(db_path)
@@ -108,8 +122,21 @@ def test_loss_and_reordering_accounts_equal_the_simulator_report(collector, sim,
 
 def test_loss_duplicates_and_reordering_together(collector, sim, db_path):
     c = collector()
-    report = sim(f"127.0.0.1:{c.port()}", "--sensors", "8", "--count", "400", "--seed", "5",
-                 "--loss", "0.05", "--duplicate", "0.05", "--reorder", "0.05")
+    report = sim(
+        f"127.0.0.1:{c.port()}",
+        "--sensors",
+        "8",
+        "--count",
+        "400",
+        "--seed",
+        "5",
+        "--loss",
+        "0.05",
+        "--duplicate",
+        "0.05",
+        "--reorder",
+        "0.05",
+    )
     c.wait_received(report["datagrams_sent"])
     assert c.stop() == 0
     got = accounts(db_path)
@@ -118,7 +145,12 @@ def test_loss_duplicates_and_reordering_together(collector, sim, db_path):
         exp = expected(truth)
         a = got[sensor]
         assert (a["datagrams"], a["readings"], a["lost"], a["duplicates"], a["restarts"]) == (
-            exp["datagrams"], exp["readings"], exp["lost"], exp["duplicates"], 0), sensor
+            exp["datagrams"],
+            exp["readings"],
+            exp["lost"],
+            exp["duplicates"],
+            0,
+        ), sensor
         # The report's `reordered` also counts the second copy of a held-back
         # duplicated datagram (it too is sent below the highest seq), which the
         # tracker rightly calls a Duplicate: `reordered_copies` says how many.
@@ -135,25 +167,43 @@ def test_restarts_by_boot_change_and_by_seq_reset(collector, sim, db_path):
     sent = 0
     sent += sim(target, "--sensors", "3", "--count", "50", "--boot-value", "1", "--id-prefix", "boot")["datagrams_sent"]
     sent += sim(target, "--sensors", "3", "--count", "50", "--boot-value", "2", "--id-prefix", "boot")["datagrams_sent"]
-    sent += sim(target, "--sensors", "3", "--count", "50", "--no-boot", "--start-seq", "1000000",
-                "--id-prefix", "noboot")["datagrams_sent"]
-    sent += sim(target, "--sensors", "3", "--count", "50", "--no-boot", "--start-seq", "0",
-                "--id-prefix", "noboot")["datagrams_sent"]
+    sent += sim(
+        target, "--sensors", "3", "--count", "50", "--no-boot", "--start-seq", "1000000", "--id-prefix", "noboot"
+    )["datagrams_sent"]
+    sent += sim(target, "--sensors", "3", "--count", "50", "--no-boot", "--start-seq", "0", "--id-prefix", "noboot")[
+        "datagrams_sent"
+    ]
     c.wait_received(sent)
     assert c.stop() == 0
     got = accounts(db_path)
     assert len(got) == 6
     for sensor, a in got.items():
-        assert a == {"datagrams": 100, "readings": 300, "lost": 0, "duplicates": 0, "reordered": 0, "restarts": 1}, sensor
-    boots = query(db_path, "SELECT DISTINCT r.boot FROM readings r JOIN series s ON s.id = r.series "
-                           "WHERE s.sensor LIKE 'boot-%' ORDER BY 1")
+        assert a == {"datagrams": 100, "readings": 300, "lost": 0, "duplicates": 0, "reordered": 0, "restarts": 1}, (
+            sensor
+        )
+    boots = query(
+        db_path,
+        "SELECT DISTINCT r.boot FROM readings r JOIN series s ON s.id = r.series "
+        "WHERE s.sensor LIKE 'boot-%' ORDER BY 1",
+    )
     assert boots == [(1,), (2,)]
 
 
 def test_wraparound_is_in_order(collector, sim, db_path):
     c = collector()
-    report = sim(f"127.0.0.1:{c.port()}", "--sensors", "4", "--count", "40", "--start-seq", "4294967290",
-                 "--seed", "3", "--loss", "0.1")
+    report = sim(
+        f"127.0.0.1:{c.port()}",
+        "--sensors",
+        "4",
+        "--count",
+        "40",
+        "--start-seq",
+        "4294967290",
+        "--seed",
+        "3",
+        "--loss",
+        "0.1",
+    )
     c.wait_received(report["datagrams_sent"])
     assert c.stop() == 0
     got = accounts(db_path)
@@ -167,8 +217,9 @@ def test_ipv4_multicast_on_loopback(collector, sim, db_path):
     c = collector("--multicast", "239.77.4.1", "--multicast-interface", "127.0.0.1")
     port = c.port()
     assert c.ports == [f"127.0.0.1:{port}", f"239.77.4.1:{port}"]
-    report = sim(f"239.77.4.1:{port}", "--sensors", "5", "--count", "60", "--multicast-interface", "127.0.0.1",
-                 "--ttl", "0")
+    report = sim(
+        f"239.77.4.1:{port}", "--sensors", "5", "--count", "60", "--multicast-interface", "127.0.0.1", "--ttl", "0"
+    )
     c.wait_received(report["datagrams_sent"])
     assert c.stop() == 0
     got = accounts(db_path)
@@ -210,13 +261,46 @@ def test_ipv6_multicast_in_a_private_network_namespace(collector, sim, db_path, 
     request.addfinalizer(lambda: subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10))
     inside = ("ip", "netns", "exec", name)
     # A site-scope group and a link-local one (which needs the interface as its scope id).
-    c = collector("--listen", "[::1]:0", "--multicast", "[ff15::7e1e]:4739", "--multicast", "[ff02::7e1e]:4739",
-                  "--multicast-interface", "veth0", prefix=inside)
+    c = collector(
+        "--listen",
+        "[::1]:0",
+        "--multicast",
+        "[ff15::7e1e]:4739",
+        "--multicast",
+        "[ff02::7e1e]:4739",
+        "--multicast-interface",
+        "veth0",
+        prefix=inside,
+    )
     assert c.ports[1:] == ["[ff15::7e1e]:4739", "[ff02::7e1e]:4739"]
-    site = sim("[ff15::7e1e]:4739", "--sensors", "4", "--count", "50", "--multicast-interface", "veth1",
-               "--ttl", "1", "--id-prefix", "site", prefix=inside)
-    link = sim("[ff02::7e1e%veth1]:4739", "--sensors", "2", "--count", "30", "--multicast-interface", "veth1",
-               "--ttl", "1", "--id-prefix", "link", prefix=inside)
+    site = sim(
+        "[ff15::7e1e]:4739",
+        "--sensors",
+        "4",
+        "--count",
+        "50",
+        "--multicast-interface",
+        "veth1",
+        "--ttl",
+        "1",
+        "--id-prefix",
+        "site",
+        prefix=inside,
+    )
+    link = sim(
+        "[ff02::7e1e%veth1]:4739",
+        "--sensors",
+        "2",
+        "--count",
+        "30",
+        "--multicast-interface",
+        "veth1",
+        "--ttl",
+        "1",
+        "--id-prefix",
+        "link",
+        prefix=inside,
+    )
     c.wait_received(site["datagrams_sent"] + link["datagrams_sent"])
     assert c.stop() == 0
     expected_counts = {**{s: 50 for s in site["sensors"]}, **{s: 30 for s in link["sensors"]}}
@@ -255,7 +339,9 @@ def test_collector_restart_mid_stream_invents_no_gap_and_misses_no_duplicate(col
     second.wait_received(sent + report["datagrams_sent"])
     assert second.stop() == 0
     for sensor, a in accounts(db_path).items():
-        assert a == {"datagrams": 199, "readings": 597, "lost": 0, "duplicates": 1, "reordered": 0, "restarts": 0}, sensor
+        assert a == {"datagrams": 199, "readings": 597, "lost": 0, "duplicates": 1, "reordered": 0, "restarts": 0}, (
+            sensor
+        )
     assert query(db_path, "SELECT count(*) FROM gaps") == [(0,)]
 
 
@@ -263,8 +349,23 @@ def test_kill_9_leaves_a_consistent_database_that_restarts(collector, bin_path, 
     c = collector()
     target = f"127.0.0.1:{c.port()}"
     # About one second of traffic; the collector dies mid-stream, after its first flushes.
-    sender = subprocess.Popen([bin_path("sensor-sim"), "--target", target, "--sensors", "20", "--count", "100",
-                               "--rate", "100", "--boot-value", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sender = subprocess.Popen(
+        [
+            bin_path("sensor-sim"),
+            "--target",
+            target,
+            "--sensors",
+            "20",
+            "--count",
+            "100",
+            "--rate",
+            "100",
+            "--boot-value",
+            "4",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: c.counters().get("stored", 0) > 0, 10, what="a first flush")
         c.kill()
@@ -275,8 +376,12 @@ def test_kill_9_leaves_a_consistent_database_that_restarts(collector, bin_path, 
     # State and data agree: every account matches the readings stored with it.
     got = accounts(db_path)
     assert got and stored_readings_per_sensor(db_path) == {s: a["readings"] for s, a in got.items()}
-    per_sensor_seqs = dict(query(db_path, "SELECT s.sensor, count(DISTINCT r.seq) FROM readings r "
-                                          "JOIN series s ON s.id = r.series GROUP BY s.sensor"))
+    per_sensor_seqs = dict(
+        query(
+            db_path,
+            "SELECT s.sensor, count(DISTINCT r.seq) FROM readings r JOIN series s ON s.id = r.series GROUP BY s.sensor",
+        )
+    )
     assert per_sensor_seqs == {s: a["datagrams"] for s, a in got.items()}
     assert all(a["datagrams"] < 100 for a in got.values())
     again = collector("--listen", target)
@@ -290,8 +395,9 @@ def test_kill_9_leaves_a_consistent_database_that_restarts(collector, bin_path, 
 def run_cli(bin_path, *args, env=None, timeout=15):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
     full_env.update(env or {})
-    return subprocess.run([bin_path("telemetry-collector"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        [bin_path("telemetry-collector"), *args], capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 def _one_line_error(result) -> str:
@@ -305,8 +411,10 @@ def _one_line_error(result) -> str:
 def test_a_second_collector_on_the_same_database_is_refused(collector, bin_path, db_path):
     first = collector()
     error = _one_line_error(run_cli(bin_path, "--listen", "127.0.0.1:0", "--db", db_path))
-    assert error == (f"Error: database {db_path} is in use by another telemetry-collector: "
-                     "one collector writes one database (give this one its own --db)")
+    assert error == (
+        f"Error: database {db_path} is in use by another telemetry-collector: "
+        "one collector writes one database (give this one its own --db)"
+    )
     assert first.stop() == 0
     again = collector()  # the lock went with the first process
     assert again.stop() == 0
@@ -316,14 +424,28 @@ def test_cli_errors_are_one_line_with_exit_code_2(bin_path, tmp_path, db_path):
     bad_key = tmp_path / "bad.toml"
     bad_key.write_text("[collector]\nflush-intervall = 2\n")
     assert "unknown key 'flush-intervall' (did you mean 'flush-interval'?)" in _one_line_error(
-        run_cli(bin_path, "--config", str(bad_key), "--db", db_path))
+        run_cli(bin_path, "--config", str(bad_key), "--db", db_path)
+    )
     assert "not a multicast group" in _one_line_error(run_cli(bin_path, "--multicast", "10.1.2.3", "--db", db_path))
     assert "unknown interface 'nosuchif0'" in _one_line_error(
-        run_cli(bin_path, "--listen", "127.0.0.1:0", "--multicast", "239.1.2.3", "--multicast-interface", "nosuchif0",
-                "--db", db_path))
+        run_cli(
+            bin_path,
+            "--listen",
+            "127.0.0.1:0",
+            "--multicast",
+            "239.1.2.3",
+            "--multicast-interface",
+            "nosuchif0",
+            "--db",
+            db_path,
+        )
+    )
     assert "cannot open database" in _one_line_error(
-        run_cli(bin_path, "--listen", "127.0.0.1:0", "--db", str(tmp_path / "no" / "such" / "dir.db")))
-    assert "an IPv6 address needs brackets: write [::1]:4739" in _one_line_error(run_cli(bin_path, "--listen", "::1:4739"))
+        run_cli(bin_path, "--listen", "127.0.0.1:0", "--db", str(tmp_path / "no" / "such" / "dir.db"))
+    )
+    assert "an IPv6 address needs brackets: write [::1]:4739" in _one_line_error(
+        run_cli(bin_path, "--listen", "::1:4739")
+    )
     assert "must be > 0" in _one_line_error(run_cli(bin_path, "--flush-interval", "0"))
     assert "'1.5' is not a whole number" in _one_line_error(run_cli(bin_path, "--batch-size", "1.5"))
 
@@ -358,13 +480,16 @@ def test_config_file_multicast_only_env_over_file(collector, sim, tmp_path, db_p
     probe.close()
     cfg = tmp_path / "gateway.toml"
     # No unicast listener at all; the interface in the file is wrong, the environment's wins.
-    cfg.write_text(f'[collector]\nlisten = []\nmulticast = "239.77.6.1:{port}"\nmulticast-interface = "192.0.2.1"\n'
-                   f'status-interval = 3600\n')
+    cfg.write_text(
+        f'[collector]\nlisten = []\nmulticast = "239.77.6.1:{port}"\nmulticast-interface = "192.0.2.1"\n'
+        f"status-interval = 3600\n"
+    )
     monkeypatch.setenv("TELEMETRY_COLLECTOR_MULTICAST_INTERFACE", "lo")
     c = collector("--config", str(cfg))
     assert c.ports == [f"239.77.6.1:{port}"]
-    report = sim(f"239.77.6.1:{port}", "--sensors", "2", "--count", "10", "--multicast-interface", "127.0.0.1",
-                 "--ttl", "0")
+    report = sim(
+        f"239.77.6.1:{port}", "--sensors", "2", "--count", "10", "--multicast-interface", "127.0.0.1", "--ttl", "0"
+    )
     c.wait_received(report["datagrams_sent"])
     assert c.stop() == 0
     assert {s: a["datagrams"] for s, a in accounts(db_path).items()} == {s: 10 for s in report["sensors"]}
@@ -374,12 +499,14 @@ def test_a_receive_buffer_beyond_a_c_int_is_one_line_from_flag_and_file(bin_path
     # The kernel takes SO_RCVBUF as a C int: a bigger number must be refused
     # at the edge, not crash socket set-up with a traceback.
     message = "must be at most 2147483647"
-    assert message in _one_line_error(run_cli(bin_path, "--listen", "127.0.0.1:0", "--db", db_path,
-                                              "--rcvbuf", "3000000000"))
+    assert message in _one_line_error(
+        run_cli(bin_path, "--listen", "127.0.0.1:0", "--db", db_path, "--rcvbuf", "3000000000")
+    )
     cfg = tmp_path / "c.toml"
     cfg.write_text("[collector]\nrcvbuf = 3000000000\n")
-    assert message in _one_line_error(run_cli(bin_path, "--listen", "127.0.0.1:0", "--db", db_path,
-                                              "--config", str(cfg)))
+    assert message in _one_line_error(
+        run_cli(bin_path, "--listen", "127.0.0.1:0", "--db", db_path, "--config", str(cfg))
+    )
 
 
 def test_a_database_path_sqlite_would_not_keep_is_refused(bin_path, tmp_path):

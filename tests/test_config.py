@@ -108,19 +108,23 @@ def test_parse_host_port_rejects(text):
 # --- issue 13 item 5: decoded only after it is validated ---------------------------------
 
 
-@pytest.mark.parametrize("raw, offset, line", [
-    (b'[collector]\ndb = "caf\xe9.db"\n', 21, 2),
-    (b"\xff", 0, 1),
-    (b"\xef\xbb", 0, 1),  # a truncated sequence
-    (b"# \xc3\xa9 ok\n\n\x80", 9, 3),  # valid two-byte character before the bad byte
-])
+@pytest.mark.parametrize(
+    "raw, offset, line",
+    [
+        (b'[collector]\ndb = "caf\xe9.db"\n', 21, 2),
+        (b"\xff", 0, 1),
+        (b"\xef\xbb", 0, 1),  # a truncated sequence
+        (b"# \xc3\xa9 ok\n\n\x80", 9, 3),  # valid two-byte character before the bad byte
+    ],
+)
 def test_a_file_that_is_not_utf8_names_the_byte_offset_and_line(tmp_path, raw, offset, line):
     cfg = tmp_path / "gateway.toml"
     cfg.write_bytes(raw)
     with pytest.raises(ConfigError) as info:
         config.read_table(str(cfg), "collector")
-    assert str(info.value) == (f"config file {cfg}: not UTF-8 text: byte 0x{raw[offset]:02x} "
-                               f"at offset {offset} (line {line})")
+    assert str(info.value) == (
+        f"config file {cfg}: not UTF-8 text: byte 0x{raw[offset]:02x} at offset {offset} (line {line})"
+    )
 
 
 def test_a_fifo_or_directory_as_config_file_is_refused_without_hanging(tmp_path):

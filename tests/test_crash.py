@@ -33,15 +33,28 @@ def test_repeated_kill_9_keeps_the_database_consistent_and_the_accounts_exact(bi
     # ~3,000 datagrams/s for at most 20 s: long enough to be killed mid-stream KILLS times even when
     # each collector start takes seconds (a loaded CI box: importing alone measured 2.6 s).
     sender = subprocess.Popen(
-        [bin_path("sensor-sim"), "--target", f"127.0.0.1:{port}", "--sensors", str(SENSORS),
-         "--count", "6000", "--rate", "300", "--boot-value", "9"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            bin_path("sensor-sim"),
+            "--target",
+            f"127.0.0.1:{port}",
+            "--sensors",
+            str(SENSORS),
+            "--count",
+            "6000",
+            "--rate",
+            "300",
+            "--boot-value",
+            "9",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         for i in range(KILLS):
             stored_before = collector.counters().get("stored", 0)
-            wait_for(lambda: collector.counters().get("stored", 0) > stored_before, 10,
-                     what=f"progress before kill {i + 1}")
+            wait_for(
+                lambda: collector.counters().get("stored", 0) > stored_before, 10, what=f"progress before kill {i + 1}"
+            )
             collector.kill()
             assert sender.poll() is None, "the simulator finished early: the kills were not mid-stream"
             assert query(db_path, "PRAGMA integrity_check") == [("ok",)]

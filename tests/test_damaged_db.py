@@ -47,17 +47,27 @@ def _damaged(tmp_path, kind: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("kind, cause", [("garbage", "file is not a database"),
-                                         ("truncated", "database disk image is malformed"),
-                                         ("header-only", "file is not a database")])
+@pytest.mark.parametrize(
+    "kind, cause",
+    [
+        ("garbage", "file is not a database"),
+        ("truncated", "database disk image is malformed"),
+        ("header-only", "file is not a database"),
+    ],
+)
 def test_both_daemons_refuse_a_damaged_file_with_integrity_advice(tmp_path, bin_path, kind, cause):
     path = _damaged(tmp_path, kind)
     before = Path(path).read_bytes()
-    collector = subprocess.run([bin_path("telemetry-collector"), "--db", path, "--listen", "127.0.0.1:0"],
-                               capture_output=True, text=True, timeout=30)
+    collector = subprocess.run(
+        [bin_path("telemetry-collector"), "--db", path, "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert collector.returncode == 2, collector.stderr
-    assert collector.stderr == (f"Error: cannot open database {path}: {cause} (check it with "
-                                f"'sqlite3 {path} \"{ADVICE}\n")
+    assert collector.stderr == (
+        f"Error: cannot open database {path}: {cause} (check it with 'sqlite3 {path} \"{ADVICE}\n"
+    )
     with pytest.raises(SetupError) as info:
         schema.open_reader(path)  # what telemetry-query serve opens
     assert str(info.value).endswith(ADVICE) and "has the collector created it" not in str(info.value)
@@ -67,11 +77,17 @@ def test_both_daemons_refuse_a_damaged_file_with_integrity_advice(tmp_path, bin_
 def test_a_fifo_at_the_database_path_is_refused_without_hanging(tmp_path, bin_path):
     path = str(tmp_path / "fifo.db")
     os.mkfifo(path)
-    proc = subprocess.run([bin_path("telemetry-collector"), "--db", path, "--listen", "127.0.0.1:0"],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [bin_path("telemetry-collector"), "--db", path, "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2
-    assert proc.stderr == f"Error: cannot open database {path}: not a regular file (give --db the path of " \
-                          "a database file, or of one to create)\n"
+    assert (
+        proc.stderr == f"Error: cannot open database {path}: not a regular file (give --db the path of "
+        "a database file, or of one to create)\n"
+    )
 
 
 def test_a_non_numeric_counter_is_a_log_line_not_a_traceback(db_path, caplog):
@@ -89,9 +105,11 @@ def test_a_non_numeric_counter_is_a_log_line_not_a_traceback(db_path, caplog):
     try:
         stats = ops.run(parse_request(b'{"op": "stats"}'))
         assert stats["received"] is None and stats["stored"] == 0
-        assert ops.meta["notes"] == ["counter 'received' in the database holds 'lots', not a number (shown as "
-                                     "null; check the database with 'PRAGMA integrity_check'; the collector "
-                                     "rewrites the row at its next flush)"]
+        assert ops.meta["notes"] == [
+            "counter 'received' in the database holds 'lots', not a number (shown as "
+            "null; check the database with 'PRAGMA integrity_check'; the collector "
+            "rewrites the row at its next flush)"
+        ]
     finally:
         ops.close()
     store, core = open_ingest(db_path)
@@ -111,8 +129,12 @@ def test_a_non_numeric_schema_version_is_damage_not_a_traceback(db_path, bin_pat
     conn.execute("UPDATE meta SET value = 'two' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
-    proc = subprocess.run([bin_path("telemetry-collector"), "--db", db_path, "--listen", "127.0.0.1:0"],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [bin_path("telemetry-collector"), "--db", db_path, "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"Error: database {db_path}: schema_version 'two' in table meta is not a number")
     with pytest.raises(SetupError, match="schema_version 'two' in table meta is not a number"):

@@ -21,17 +21,20 @@ from processes import CollectorProcess
 # --- the verdict, pure -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("opened, found, error, verdict", [
-    ((1, 10, 1), (1, 10), None, dbfile.OK),
-    ((1, 10, 2), (1, 10), None, dbfile.OK),  # a hard link elsewhere changes nothing
-    ((1, 10, 0), None, None, dbfile.GONE),  # deleted
-    ((1, 10, 1), None, None, dbfile.GONE),  # moved away (still linked elsewhere)
-    ((1, 10, 0), (1, 10), None, dbfile.GONE),  # no link left (a racing stat)
-    ((1, 10, 1), (1, 11), None, dbfile.REPLACED),  # another inode
-    ((1, 10, 1), (2, 10), None, dbfile.REPLACED),  # same inode number on another device
-    ((1, 10, 0), (1, 11), None, dbfile.REPLACED),  # deleted, then a new file made there
-    ((1, 10, 1), None, "Input/output error", dbfile.UNREACHABLE),
-])
+@pytest.mark.parametrize(
+    "opened, found, error, verdict",
+    [
+        ((1, 10, 1), (1, 10), None, dbfile.OK),
+        ((1, 10, 2), (1, 10), None, dbfile.OK),  # a hard link elsewhere changes nothing
+        ((1, 10, 0), None, None, dbfile.GONE),  # deleted
+        ((1, 10, 1), None, None, dbfile.GONE),  # moved away (still linked elsewhere)
+        ((1, 10, 0), (1, 10), None, dbfile.GONE),  # no link left (a racing stat)
+        ((1, 10, 1), (1, 11), None, dbfile.REPLACED),  # another inode
+        ((1, 10, 1), (2, 10), None, dbfile.REPLACED),  # same inode number on another device
+        ((1, 10, 0), (1, 11), None, dbfile.REPLACED),  # deleted, then a new file made there
+        ((1, 10, 1), None, "Input/output error", dbfile.UNREACHABLE),
+    ],
+)
 def test_classify(opened, found, error, verdict):
     assert dbfile.classify(opened, found, error).verdict == verdict
 
@@ -153,8 +156,10 @@ def test_a_replaced_database_is_saved_aside_and_the_collector_stops_with_exit_1(
     c.stop()
     log = c.log.read_text()
     (saved,) = [n for n in os.listdir(tmp_path) if n.startswith("telemetry.db.saved-")]
-    assert f"ERROR database {db} was replaced by another file while in use; this collector's database " \
-           f"(40 readings) is saved as {tmp_path / saved}: restart to use the new file" in log
+    assert (
+        f"ERROR database {db} was replaced by another file while in use; this collector's database "
+        f"(40 readings) is saved as {tmp_path / saved}: restart to use the new file" in log
+    )
     assert "stopped cleanly" not in log and "every accepted datagram is stored" not in log
     assert _values(str(tmp_path / saved)) == [float(i) for i in range(40)]
     assert open(db, "rb").read() == before  # the operator's file is untouched
@@ -183,7 +188,12 @@ def test_a_vanished_directory_is_retried_and_never_claimed_stored(run, tmp_path)
     assert c.stop() == 1
     log = c.log.read_text()
     assert "every accepted datagram is stored" not in log
-    assert log.rstrip().splitlines()[-1].endswith(
-        f"ERROR exiting: database {db} was deleted or moved away while in use, and cannot be put back "
-        f"(unable to open database file): the 45 readings in the open file are lost with it")
+    assert (
+        log.rstrip()
+        .splitlines()[-1]
+        .endswith(
+            f"ERROR exiting: database {db} was deleted or moved away while in use, and cannot be put back "
+            f"(unable to open database file): the 45 readings in the open file are lost with it"
+        )
+    )
     sensor.close()

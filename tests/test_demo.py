@@ -43,7 +43,9 @@ def workdir_of(output: str) -> str:
 def test_demo_runs_end_to_end_and_leaves_nothing_behind():
     result = subprocess.run(
         [sys.executable, "-m", "sensor_sim.demo", "--duration", "2"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
@@ -51,8 +53,12 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind():
         assert f"] {step}: " in out
     for command in ("sensors", "latest field-0001", "aggregate field-0001", "gaps field-0006", "stats"):
         assert f"$ telemetry-query {command}" in out
-    truth = re.findall(r"^  (datagrams that reached the wire|dropped between first and last seq|sent twice"
-                       r"|sent after a higher seq)\s+(\d+)\s+(\d+)  ok$", out, re.M)
+    truth = re.findall(
+        r"^  (datagrams that reached the wire|dropped between first and last seq|sent twice"
+        r"|sent after a higher seq)\s+(\d+)\s+(\d+)  ok$",
+        out,
+        re.M,
+    )
     assert len(truth) == 4, out
     sent = int(truth[0][1])
     assert sent >= 16 * 10  # 16 sensors at 10 Hz for 2 s, minus a little loss
@@ -67,7 +73,10 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind():
 def test_ctrl_c_stops_every_process_and_cleans_up():
     proc = subprocess.Popen(
         [sys.executable, "-m", "sensor_sim.demo", "--duration", "30"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     lines: list[str] = []
     try:

@@ -30,8 +30,12 @@ def read_unit(path: Path) -> dict[str, dict[str, list[str]]]:
 
 
 def test_every_daemon_has_a_unit():
-    assert [u.name for u in UNITS] == ["telemetry-central.service", "telemetry-collector.service",
-                                      "telemetry-query.service", "telemetry-uplink.service"]
+    assert [u.name for u in UNITS] == [
+        "telemetry-central.service",
+        "telemetry-collector.service",
+        "telemetry-query.service",
+        "telemetry-uplink.service",
+    ]
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
@@ -62,9 +66,7 @@ def test_systemd_analyze_verify_is_clean(unit, tmp_path):
     bindir = str(Path(sys.executable).parent) + "/"
     copy = tmp_path / unit.name
     copy.write_text(unit.read_text().replace("/opt/gateway-telemetry/bin/", bindir))
-    result = subprocess.run(
-        ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
     # verify also loads the units ours name (network-online.target ...) and
     # reports what the HOST's copies of those get wrong: only lines about our
     # unit count, so the verdict does not depend on the machine.

@@ -29,8 +29,9 @@ fuzz = load_fuzz_engine()
 
 def _run_fallback(code_or_args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, MSGPACK_PUREPYTHON="1")
-    return subprocess.run([sys.executable, *code_or_args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *code_or_args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_fuzz_200k_mutated_datagrams():
@@ -54,8 +55,7 @@ def test_fuzz_memory_peak_is_bounded():
 
 def test_fuzz_pure_python_fallback_gives_the_same_verdicts():
     count = 20_000
-    proc = _run_fallback([str(SCRIPT), "--seed", str(SEED), "--count", str(count), "--json",
-                          "--no-trace"])
+    proc = _run_fallback([str(SCRIPT), "--seed", str(SEED), "--count", str(count), "--json", "--no-trace"])
     assert proc.returncode == 0, proc.stderr + proc.stdout
     fallback = json.loads(proc.stdout)
     assert fallback["msgpack"] == "msgpack.fallback"
@@ -85,9 +85,14 @@ def test_1000_deep_nesting_is_rejected_by_both_msgpack_builds():
     proc = _run_fallback(["-c", check])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["msgpack.fallback"] + ["not_msgpack"] * 3
-    native = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True,
-                            text=True, timeout=60, env={k: v for k, v in os.environ.items()
-                                                        if k != "MSGPACK_PUREPYTHON"})
+    native = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "MSGPACK_PUREPYTHON"},
+    )
     assert native.stdout.split() == ["msgpack._cmsgpack"] + ["not_msgpack"] * 3
 
 

@@ -55,7 +55,9 @@ def commands(bin_path):
     }
 
 
-@pytest.mark.parametrize("table, settings", [("collector", collector_cli.SETTINGS), ("query", query_cli.SERVE_SETTINGS)])
+@pytest.mark.parametrize(
+    "table, settings", [("collector", collector_cli.SETTINGS), ("query", query_cli.SERVE_SETTINGS)]
+)
 def test_the_example_documents_every_key_the_daemon_knows(table, settings):
     documented = set(tomllib.loads(EXAMPLE.read_text())[table])
     assert documented == {s.key for s in settings}
@@ -119,12 +121,16 @@ def test_collector_check_refuses_a_world_readable_key_file(example, commands):
     assert str(keys) in result.stderr and "chmod" in result.stderr
 
 
-@pytest.mark.parametrize("command, settings, prefix", [
-    (collector_cli.main, collector_cli.SETTINGS, "TELEMETRY_COLLECTOR_"),
-    (query_cli.main.commands["serve"], query_cli.SERVE_SETTINGS, "TELEMETRY_QUERY_"),
-    (uplink_cli.main.commands["run"], uplink_cli.UPLINK_SETTINGS, "TELEMETRY_UPLINK_"),
-    (uplink_cli.main.commands["consume"], uplink_cli.CENTRAL_SETTINGS, "TELEMETRY_CENTRAL_"),
-], ids=["collector", "serve", "uplink", "central"])
+@pytest.mark.parametrize(
+    "command, settings, prefix",
+    [
+        (collector_cli.main, collector_cli.SETTINGS, "TELEMETRY_COLLECTOR_"),
+        (query_cli.main.commands["serve"], query_cli.SERVE_SETTINGS, "TELEMETRY_QUERY_"),
+        (uplink_cli.main.commands["run"], uplink_cli.UPLINK_SETTINGS, "TELEMETRY_UPLINK_"),
+        (uplink_cli.main.commands["consume"], uplink_cli.CENTRAL_SETTINGS, "TELEMETRY_CENTRAL_"),
+    ],
+    ids=["collector", "serve", "uplink", "central"],
+)
 def test_flags_env_and_help_come_from_the_one_settings_table(command, settings, prefix):
     """Each setting is declared once: its flag, variable and help default cannot drift apart."""
     params = {p.name: p for p in command.params}
@@ -157,15 +163,22 @@ def test_a_config_file_that_is_not_utf8_is_one_line_exit_2(table, example, comma
 def test_an_environment_value_that_is_not_utf8_is_one_line_exit_2(tmp_path, commands):
     for table, name in (("collector", "TELEMETRY_COLLECTOR_DB"), ("query", "TELEMETRY_QUERY_DB")):
         env = clean_env(**{name: "/tmp/caf" + b"\xe9".decode("utf-8", "surrogateescape") + ".db"})
-        result = subprocess.run([*commands[table], "--check"], capture_output=True, text=True, timeout=30,
-                                env=env, cwd=tmp_path)
+        result = subprocess.run(
+            [*commands[table], "--check"], capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path
+        )
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert result.stderr == f"Error: environment variable {name}: not UTF-8 text: byte 0xe9 at offset 8\n"
 
 
 def test_a_flag_value_that_is_not_utf8_is_one_line_exit_2(tmp_path, commands):
-    result = subprocess.run([*commands["collector"], "--db", b"t\xff.db".decode("utf-8", "surrogateescape"),
-                             "--check"], capture_output=True, text=True, timeout=30, env=clean_env(), cwd=tmp_path)
+    result = subprocess.run(
+        [*commands["collector"], "--db", b"t\xff.db".decode("utf-8", "surrogateescape"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env(),
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert result.stderr == "Error: option --db: not UTF-8 text: byte 0xff at offset 1\n"
     assert list(tmp_path.iterdir()) == []  # nothing created

@@ -52,9 +52,15 @@ def test_one_late_sample_does_not_move_the_median():
 
 
 def test_a_restart_starts_a_new_baseline():
-    h = feed(SensorHealth(), [(0, 100, 0.0, None), (0, 101, 2.0, None),
-                              (1, 1, 500.0, None),  # new stream, seq back to 1: no ratio
-                              (1, 2, 502.0, None)])
+    h = feed(
+        SensorHealth(),
+        [
+            (0, 100, 0.0, None),
+            (0, 101, 2.0, None),
+            (1, 1, 500.0, None),  # new stream, seq back to 1: no ratio
+            (1, 2, 502.0, None),
+        ],
+    )
     assert h.ratios == [2.0, 2.0]
 
 
@@ -163,14 +169,18 @@ def test_offset_estimate_is_offset_minus_the_smallest_recent_delay(offset, delay
         h.sample(0, i + 1, 1000.0 + i + d, 1000.0 + i + offset)
     # The estimate covers the current epoch and the one before.
     kept = len(delays) % OFFSET_EPOCH
-    recent = delays[-(kept + OFFSET_EPOCH):] if len(delays) >= OFFSET_EPOCH else delays
+    recent = delays[-(kept + OFFSET_EPOCH) :] if len(delays) >= OFFSET_EPOCH else delays
     assert h.clock_offset == pytest.approx(offset - min(recent), abs=1e-6)
     assert h.clock_offset <= offset + 1e-6  # never claims the sensor is further ahead than it is
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 100), st.floats(0, 1e4),
-                          st.none() | st.floats(-1e4, 1e4)), max_size=50))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 100), st.floats(0, 1e4), st.none() | st.floats(-1e4, 1e4)),
+        max_size=50,
+    )
+)
 @example([(0, 0, 0.0, None), (0, 2, 5e-324, None)])  # the step underflows to a 0.0 ratio
 def test_any_sample_sequence_keeps_bounded_sane_state(samples):
     h = feed(SensorHealth(), samples)

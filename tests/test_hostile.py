@@ -59,17 +59,35 @@ def test_junk_storm_beside_real_sensors_loses_no_valid_datagram(bin_path, db_pat
     port = collector.port()
     report_path = tmp_path / "truth.json"
     sim = subprocess.Popen(
-        [bin_path("sensor-sim"), "--target", f"127.0.0.1:{port}", "--sensors", str(SENSORS),
-         "--count", str(COUNT), "--rate", "200", "--seed", "3", "--report", str(report_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            bin_path("sensor-sim"),
+            "--target",
+            f"127.0.0.1:{port}",
+            "--sensors",
+            str(SENSORS),
+            "--count",
+            str(COUNT),
+            "--rate",
+            "200",
+            "--seed",
+            "3",
+            "--report",
+            str(report_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         for i, data in enumerate(cases, 1):
             sock.sendto(data, ("127.0.0.1", port))
             if i % WINDOW == 0:
-                wait_for(lambda: collector.counters().get("received", 0) >= i - WINDOW, 10,
-                         what="the collector to keep up with the storm")
+                wait_for(
+                    lambda: collector.counters().get("received", 0) >= i - WINDOW,
+                    10,
+                    what="the collector to keep up with the storm",
+                )
         _, err = sim.communicate(timeout=60)
         assert sim.returncode == 0, err
     finally:
@@ -91,5 +109,11 @@ def test_junk_storm_beside_real_sensors_loses_no_valid_datagram(bin_path, db_pat
     got = accounts(db_path)
     assert set(got) == set(report["sensors"])
     for sensor, acct in got.items():
-        assert acct == {"datagrams": COUNT, "readings": 3 * COUNT, "lost": 0, "duplicates": 0,
-                        "reordered": 0, "restarts": 0}, sensor
+        assert acct == {
+            "datagrams": COUNT,
+            "readings": 3 * COUNT,
+            "lost": 0,
+            "duplicates": 0,
+            "reordered": 0,
+            "restarts": 0,
+        }, sensor

@@ -20,8 +20,13 @@ def signed(sensor: str, seq: int, boot: int = 1, key_id: str | None = None) -> b
 
 def accounted(core: IngestCore) -> int:
     c = core.counters
-    return (core.pending_datagrams + c["duplicates"] + c["refused_sensors"] + c["internal_errors"]
-            + sum(c.get(f"rejected:{r}", 0) for r in REJECT_REASONS))
+    return (
+        core.pending_datagrams
+        + c["duplicates"]
+        + c["refused_sensors"]
+        + c["internal_errors"]
+        + sum(c.get(f"rejected:{r}", 0) for r in REJECT_REASONS)
+    )
 
 
 def test_events_batch_and_accounts():
@@ -113,11 +118,15 @@ def test_a_bug_costs_one_datagram_not_the_loop():
     assert core.receive(wire.encode("t", 0, {"a": 1}), 1.0).__class__ not in REPORTED
 
 
-junk = st.binary(max_size=64) | st.sampled_from([b"", b"\xc1", msgpack.packb([1, 2]), b"\x93\x00",
-                                                  msgpack.packb({"v": 1, "id": "s", "seq": 1, "r": {}})])
+junk = st.binary(max_size=64) | st.sampled_from(
+    [b"", b"\xc1", msgpack.packb([1, 2]), b"\x93\x00", msgpack.packb({"v": 1, "id": "s", "seq": 1, "r": {}})]
+)
 valid = st.builds(
     lambda sensor, seq, boot, n: wire.encode(f"p-{sensor}", seq, {f"m{i}": float(i) for i in range(n)}, boot=boot),
-    st.integers(0, 5), st.integers(0, 2**32 - 1), st.none() | st.integers(0, 3), st.integers(1, 4),
+    st.integers(0, 5),
+    st.integers(0, 2**32 - 1),
+    st.none() | st.integers(0, 3),
+    st.integers(1, 4),
 )
 sig = st.builds(lambda seq: signed("k-1", seq), st.integers(0, 50))
 

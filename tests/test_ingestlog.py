@@ -28,14 +28,16 @@ def groups(draw):
             name: draw(st.lists(values, min_size=n, max_size=n))
             for name in draw(st.sets(st.sampled_from(["temp", "hum", "c", "v"]), max_size=3))
         }
-        out.append(Group(
-            draw(st.sampled_from(["s-1", "site-7:sim-0001"])),
-            draw(st.one_of(st.none(), st.integers(0, 2**32 - 1))),
-            draw(st.lists(st.integers(0, 2**32 - 1), min_size=n, max_size=n)),
-            draw(st.lists(st.floats(0, 2**32, allow_nan=False), min_size=n, max_size=n)),
-            draw(st.lists(st.floats(0, 2**32, allow_nan=False), min_size=n, max_size=n)),
-            metrics,
-        ))
+        out.append(
+            Group(
+                draw(st.sampled_from(["s-1", "site-7:sim-0001"])),
+                draw(st.one_of(st.none(), st.integers(0, 2**32 - 1))),
+                draw(st.lists(st.integers(0, 2**32 - 1), min_size=n, max_size=n)),
+                draw(st.lists(st.floats(0, 2**32, allow_nan=False), min_size=n, max_size=n)),
+                draw(st.lists(st.floats(0, 2**32, allow_nan=False), min_size=n, max_size=n)),
+                metrics,
+            )
+        )
     return out
 
 
@@ -47,8 +49,9 @@ def test_body_round_trips_bit_exact(gs):
         assert (a.sensor, a.boot, a.seqs) == (b.sensor, b.boot, b.seqs)
         assert [bits(x) for x in a.ts] == [bits(x) for x in b.ts]
         assert [bits(x) for x in a.received] == [bits(x) for x in b.received]
-        assert {k: [bits(x) for x in v] for k, v in a.metrics.items()} == \
-               {k: [bits(x) for x in v] for k, v in b.metrics.items()}
+        assert {k: [bits(x) for x in v] for k, v in a.metrics.items()} == {
+            k: [bits(x) for x in v] for k, v in b.metrics.items()
+        }
         assert [type(x) for v in a.metrics.values() for x in v] == [type(x) for v in b.metrics.values() for x in v]
 
 
@@ -59,8 +62,15 @@ def test_negative_zero_and_big_int_survive():
     assert back.metrics["n"] == [2**53 + 1]
 
 
-@pytest.mark.parametrize("body", [b"", b"garbage", ingestlog.zlib.compress(b"\x92\x02\x90"),
-                                  ingestlog.zlib.compress(b"\x92\x01\x91\x93\x01\x02\x03")])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"garbage",
+        ingestlog.zlib.compress(b"\x92\x02\x90"),
+        ingestlog.zlib.compress(b"\x92\x01\x91\x93\x01\x02\x03"),
+    ],
+)
 def test_bad_bodies_are_refused_with_one_error(body):
     with pytest.raises(ingestlog.LogFormatError):
         ingestlog.decode_body(body)

@@ -62,8 +62,11 @@ def test_collector_exposition_has_exact_counts(db_path):
                 sender.sendto(wire.encode(sensor, seq, {"t": 1.0, "h": 2.0}, boot=1, ts=1_700_000_000 + seq), target)
         for _ in range(3):
             sender.sendto(b"\xc1", target)  # not_msgpack
-        wait_for(lambda: collector.counters["stored"] == 10 and collector.counters["received"] == 13, 10,
-                 what="10 stored, 13 received")
+        wait_for(
+            lambda: collector.counters["stored"] == 10 and collector.counters["received"] == 13,
+            10,
+            what="10 stored, 13 received",
+        )
         found = samples(scrape(collector.metrics_server))
     sender.close()
     p = "telemetry_collector_"
@@ -72,9 +75,19 @@ def test_collector_exposition_has_exact_counts(db_path):
     assert value(found, p + "readings_stored_total") == 20
     for reason in REJECT_REASONS:
         assert value(found, p + "datagrams_rejected_total", reason=reason) == (3 if reason == "not_msgpack" else 0)
-    for name in ("kernel_drops_total", "datagrams_truncated_total", "storage_dropped_readings_total",
-                 "storage_errors_total", "internal_errors_total", "refused_sensors_total", "refused_readings_total",
-                 "datagrams_duplicate_total", "datagrams_lost", "storage_failing", "sensors_stale"):
+    for name in (
+        "kernel_drops_total",
+        "datagrams_truncated_total",
+        "storage_dropped_readings_total",
+        "storage_errors_total",
+        "internal_errors_total",
+        "refused_sensors_total",
+        "refused_readings_total",
+        "datagrams_duplicate_total",
+        "datagrams_lost",
+        "storage_failing",
+        "sensors_stale",
+    ):
         assert value(found, p + name) == 0, name
     assert value(found, p + "sensors") == 2
     # Every reading went through a timed flush.
@@ -114,8 +127,10 @@ def test_query_exposition_counts_requests_by_op_and_code_and_handshake_failures(
             ctx = tls.client_context(cert=False)
             with socket.create_connection((host, port)) as raw:
                 with ctx.wrap_socket(raw, server_hostname="localhost") as sock:
-                    sock.sendall(b'{"op":"ping"}\n{"op":"sensors"}\n{"op":"nope"}\n{bad json\n'
-                                 b'{"op":"readings","sensor":"s1","limit":0}\n{"op":"ping"}\n')
+                    sock.sendall(
+                        b'{"op":"ping"}\n{"op":"sensors"}\n{"op":"nope"}\n{bad json\n'
+                        b'{"op":"readings","sensor":"s1","limit":0}\n{"op":"ping"}\n'
+                    )
                     buf = b""
                     while buf.count(b"\n") < 6:
                         buf += sock.recv(65536)
@@ -129,8 +144,14 @@ def test_query_exposition_counts_requests_by_op_and_code_and_handshake_failures(
                         pass
                 except OSError:
                     pass
-            wait_for(lambda: value(samples(scrape(exporter)), "telemetry_query_tls_handshake_failures_total",
-                                   reason="error") == 1, 10, what="one handshake failure")
+            wait_for(
+                lambda: (
+                    value(samples(scrape(exporter)), "telemetry_query_tls_handshake_failures_total", reason="error")
+                    == 1
+                ),
+                10,
+                what="one handshake failure",
+            )
             found = samples(scrape(exporter))
         finally:
             exporter.shutdown()
@@ -192,8 +213,16 @@ def test_sensor_health_learned_through_a_real_collector_stored_and_counted(db_pa
     from helpers import db_query
 
     now = [1_800_000_000.0]
-    settings = Settings(db=db_path, listen=(("127.0.0.1", 0),), flush_interval=0.02, status_interval=3600.0,
-                        metrics=("127.0.0.1", 0), stale_factor=3.0, stale_floor=10.0, clock_threshold=2.0)
+    settings = Settings(
+        db=db_path,
+        listen=(("127.0.0.1", 0),),
+        flush_interval=0.02,
+        status_interval=3600.0,
+        metrics=("127.0.0.1", 0),
+        stale_factor=3.0,
+        stale_floor=10.0,
+        clock_threshold=2.0,
+    )
     collector = Collector(settings, clock=lambda: now[0])
     thread = threading.Thread(target=collector.serve_forever, name="collector")
     thread.start()
@@ -209,8 +238,13 @@ def test_sensor_health_learned_through_a_real_collector_stored_and_counted(db_pa
             sender.sendto(wire.encode("h-1", seq, {"t": 1.0}, boot=7, ts=stamp), target)
             sent += 1
             wait_for(lambda: collector.counters["stored"] == sent, 10, what=f"{sent} stored")
-        row = wait_for(lambda: db_query(db_path, "SELECT interval, stale_after, clock_offset, clock_skewed "
-                                                 "FROM sensors WHERE sensor = 'h-1'"), 10, what="the sensor row")[0]
+        row = wait_for(
+            lambda: db_query(
+                db_path, "SELECT interval, stale_after, clock_offset, clock_skewed FROM sensors WHERE sensor = 'h-1'"
+            ),
+            10,
+            what="the sensor row",
+        )[0]
         assert row[0] == pytest.approx(10.0) and row[1] == pytest.approx(30.0)
         assert row[2] == pytest.approx(3.0 - 0.1) and row[3] == 1  # the least delayed sample
         last = 1_800_000_080.0
@@ -239,8 +273,20 @@ def test_a_metrics_port_in_use_is_one_line_and_exit_2(db_path, bin_path):
         port = taken.getsockname()[1]
         with pytest.raises(SetupError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             Collector(Settings(db=db_path, listen=(("127.0.0.1", 0),), metrics=("127.0.0.1", port)))
-        result = subprocess.run([bin_path("telemetry-collector"), "--db", db_path, "--listen", "127.0.0.1:0",
-                                 "--metrics", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [
+                bin_path("telemetry-collector"),
+                "--db",
+                db_path,
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics",
+                f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"Error: cannot serve metrics on 127.0.0.1:{port}")
     assert "Traceback" not in result.stderr
@@ -250,8 +296,9 @@ def test_a_metrics_port_in_use_is_one_line_and_exit_2(db_path, bin_path):
 def test_a_bare_metrics_port_is_refused_with_what_to_write(command, bin_path):
     import subprocess
 
-    result = subprocess.run([bin_path(command[0]), *command[1:], "--metrics", "9739", "--check"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [bin_path(command[0]), *command[1:], "--metrics", "9739", "--check"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2
     assert "give the address too, e.g. 127.0.0.1:9739" in result.stderr and "Traceback" not in result.stderr
 
@@ -263,8 +310,10 @@ def test_sensor_health_survives_a_collector_restart(db_path):
     now = [1_800_000_000.0]
 
     def run(sends):
-        collector = Collector(Settings(db=db_path, listen=(("127.0.0.1", 0),), flush_interval=0.02,
-                                       status_interval=3600.0), clock=lambda: now[0])
+        collector = Collector(
+            Settings(db=db_path, listen=(("127.0.0.1", 0),), flush_interval=0.02, status_interval=3600.0),
+            clock=lambda: now[0],
+        )
         thread = threading.Thread(target=collector.serve_forever, name="collector")
         thread.start()
         try:
@@ -272,8 +321,7 @@ def test_sensor_health_survives_a_collector_restart(db_path):
                 for seq in sends:
                     now[0] = 1_800_000_000.0 + 20.0 * seq
                     before = collector.counters["stored"]
-                    sender.sendto(wire.encode("r-1", seq, {"t": 1.0}, boot=3, ts=now[0] - 4.0),
-                                  collector.addresses[0])
+                    sender.sendto(wire.encode("r-1", seq, {"t": 1.0}, boot=3, ts=now[0] - 4.0), collector.addresses[0])
                     wait_for(lambda: collector.counters["stored"] == before + 1, 10, what=f"seq {seq} stored")
             return collector.health.row("r-1")
         finally:

@@ -39,10 +39,8 @@ def _ask(db_path: str, **params):
 def _check_answers(db_path: str) -> None:
     readings = _ask(db_path, op="readings", sensor="z1")["rows"]
     latest = _ask(db_path, op="latest", sensor="z1")
-    assert [(r["metric"], _sign(r["ts"]), _sign(r["value"])) for r in readings] == [("t", -1.0, -1.0),
-                                                                                     ("u", -1.0, 1.0)]
-    assert [(r["metric"], _sign(r["ts"]), _sign(r["value"])) for r in latest] == [("t", -1.0, -1.0),
-                                                                                   ("u", -1.0, 1.0)]
+    assert [(r["metric"], _sign(r["ts"]), _sign(r["value"])) for r in readings] == [("t", -1.0, -1.0), ("u", -1.0, 1.0)]
+    assert [(r["metric"], _sign(r["ts"]), _sign(r["value"])) for r in latest] == [("t", -1.0, -1.0), ("u", -1.0, 1.0)]
     # and on the wire of the query protocol (JSON), and in an export (CSV and JSON lines, Unix times)
     assert json.dumps(latest[0]["value"]) == "-0.0" and json.dumps(latest[0]["ts"]) == "-0.0"
     csv_out, json_out = io.StringIO(), io.StringIO()
@@ -50,7 +48,9 @@ def _check_answers(db_path: str) -> None:
     Writer(json_out, "json", iso=False).write_page(readings)
     assert csv_out.getvalue().splitlines()[1:] == ["z1,t,-0.0,-0.0,0,1", "z1,u,-0.0,0.0,0,1"]
     assert [(j["ts"], j["value"]) for j in map(json.loads, json_out.getvalue().splitlines())] == [
-        (-0.0, -0.0), (-0.0, 0.0)]
+        (-0.0, -0.0),
+        (-0.0, 0.0),
+    ]
     assert [_sign(j["value"]) for j in map(json.loads, json_out.getvalue().splitlines())] == [-1.0, 1.0]
 
 

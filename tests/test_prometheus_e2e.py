@@ -34,8 +34,10 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not installed: .ci/run installs it (apt-get install prometheus); "
-                    f"these tests need the real Prometheus")
+        pytest.fail(
+            f"{name} is not installed: .ci/run installs it (apt-get install prometheus); "
+            f"these tests need the real Prometheus"
+        )
     return path
 
 
@@ -48,9 +50,11 @@ def free_port() -> int:
 
 def test_deploy_scrape_config_and_alert_rules_pass_promtool():
     promtool = tool("promtool")
-    for args in (["check", "config", str(DEPLOY / "prometheus.yml")],
-                 ["check", "rules", str(DEPLOY / "alerts.yml")],
-                 ["test", "rules", str(DEPLOY / "alerts_test.yml")]):
+    for args in (
+        ["check", "config", str(DEPLOY / "prometheus.yml")],
+        ["check", "rules", str(DEPLOY / "alerts.yml")],
+        ["test", "rules", str(DEPLOY / "alerts_test.yml")],
+    ):
         result = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60, cwd=DEPLOY)
         assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
         assert "SUCCESS" in result.stdout + result.stderr
@@ -59,8 +63,11 @@ def test_deploy_scrape_config_and_alert_rules_pass_promtool():
 def test_promtool_rejects_a_broken_rule(tmp_path):
     """The check above can fail: the same promtool refuses a rule with a bad expression."""
     bad = tmp_path / "bad.yml"
-    bad.write_text((DEPLOY / "alerts.yml").read_text().replace(
-        "telemetry_collector_sensors_stale > 0", "telemetry_collector_sensors_stale >", 1))
+    bad.write_text(
+        (DEPLOY / "alerts.yml")
+        .read_text()
+        .replace("telemetry_collector_sensors_stale > 0", "telemetry_collector_sensors_stale >", 1)
+    )
     result = subprocess.run([tool("promtool"), "check", "rules", str(bad)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
 
@@ -103,23 +110,71 @@ def test_prometheus_scrapes_both_daemons_and_sees_exact_counts(tmp_path, tls, bi
     prometheus = tool("prometheus")
     db = str(tmp_path / "telemetry.db")
     with ExitStack() as stack:
-        collector = stack.enter_context(CollectorProcess(
-            bin_path("telemetry-collector"), db, tmp_path / "collector.log",
-            "--metrics", "127.0.0.1:0", "--stale-factor", "3", "--stale-floor", "1"))
+        collector = stack.enter_context(
+            CollectorProcess(
+                bin_path("telemetry-collector"),
+                db,
+                tmp_path / "collector.log",
+                "--metrics",
+                "127.0.0.1:0",
+                "--stale-factor",
+                "3",
+                "--stale-floor",
+                "1",
+            )
+        )
         udp_port = collector.port()
-        collector_metrics = int(wait_for(lambda: re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics",
-                                                           collector.text()), 10, what="the metrics line").group(1))
-        query = stack.enter_context(QueryServerProcess(
-            bin_path("telemetry-query"), tmp_path / "query.log", "--db", db, "--cert", tls.server_cert,
-            "--key", tls.server_key, "--metrics", "127.0.0.1:0"))
+        collector_metrics = int(
+            wait_for(
+                lambda: re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", collector.text()),
+                10,
+                what="the metrics line",
+            ).group(1)
+        )
+        query = stack.enter_context(
+            QueryServerProcess(
+                bin_path("telemetry-query"),
+                tmp_path / "query.log",
+                "--db",
+                db,
+                "--cert",
+                tls.server_cert,
+                "--key",
+                tls.server_key,
+                "--metrics",
+                "127.0.0.1:0",
+            )
+        )
         query_port = query.port
-        query_metrics = int(wait_for(lambda: re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics",
-                                                       query.text()), 10, what="the metrics line").group(1))
+        query_metrics = int(
+            wait_for(
+                lambda: re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", query.text()),
+                10,
+                what="the metrics line",
+            ).group(1)
+        )
 
         # Known traffic: 2 sensors x 20 datagrams x 3 readings, then 3 junk datagrams.
-        sim = subprocess.run([bin_path("sensor-sim"), "--target", f"127.0.0.1:{udp_port}", "--sensors", "2",
-                              "--count", "20", "--rate", "20", "--id-prefix", "prom", "--seed", "11"],
-                             capture_output=True, text=True, timeout=60)
+        sim = subprocess.run(
+            [
+                bin_path("sensor-sim"),
+                "--target",
+                f"127.0.0.1:{udp_port}",
+                "--sensors",
+                "2",
+                "--count",
+                "20",
+                "--rate",
+                "20",
+                "--id-prefix",
+                "prom",
+                "--seed",
+                "11",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert sim.returncode == 0, sim.stderr
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as junk:
             for _ in range(3):
@@ -141,10 +196,19 @@ def test_prometheus_scrapes_both_daemons_and_sees_exact_counts(tmp_path, tls, bi
             web = free_port()
             log = tmp_path / f"prometheus-{attempt}.log"
             try:
-                stack.enter_context(Daemon(
-                    [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                     f"--web.listen-address=127.0.0.1:{web}"], log, "Server is ready to receive web requests",
-                    timeout=60))
+                stack.enter_context(
+                    Daemon(
+                        [
+                            prometheus,
+                            f"--config.file={config}",
+                            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                            f"--web.listen-address=127.0.0.1:{web}",
+                        ],
+                        log,
+                        "Server is ready to receive web requests",
+                        timeout=60,
+                    )
+                )
             except AssertionError:
                 if "address already in use" not in log.read_text():
                     raise
@@ -164,8 +228,15 @@ def test_prometheus_scrapes_both_daemons_and_sees_exact_counts(tmp_path, tls, bi
         api.wait_value(c + 'datagrams_rejected_total{reason="not_msgpack"}', 3)
         api.wait_value(f"sum({c}datagrams_rejected_total)", 3)
         api.wait_value(c + "sensors", 2)
-        for name in ("kernel_drops_total", "datagrams_lost", "datagrams_duplicate_total", "storage_errors_total",
-                     "storage_dropped_readings_total", "internal_errors_total", "refused_sensors_total"):
+        for name in (
+            "kernel_drops_total",
+            "datagrams_lost",
+            "datagrams_duplicate_total",
+            "storage_errors_total",
+            "storage_dropped_readings_total",
+            "internal_errors_total",
+            "refused_sensors_total",
+        ):
             api.wait_value(c + name, 0)
         # Readings went through timed flushes: every one of them is in the batch-size histogram.
         api.wait_value(c + "flush_batch_readings_sum", 120)

@@ -48,25 +48,60 @@ def test_ping_in_every_format(live):
     assert cli(["ping", "--format", "csv"], env).stdout == "key,value\nversion,0.1.0\nprotocol,1\n"
     assert cli(["ping"], {**env, "TELEMETRY_FORMAT": "csv"}).stdout.startswith("key,value\n")
     # An option after the command wins over the environment and the group option.
-    assert cli(["--format", "table", "ping", "--format", "csv"], {**env, "TELEMETRY_FORMAT": "json"}).stdout \
-        .startswith("key,value\n")
+    assert cli(["--format", "table", "ping", "--format", "csv"], {**env, "TELEMETRY_FORMAT": "json"}).stdout.startswith(
+        "key,value\n"
+    )
 
 
 def test_sensors(live):
     env = live["env"]
     rows = list(csv.DictReader(io.StringIO(cli(["--format", "csv", "sensors"], env).stdout)))
     assert [(r["sensor"], int(r["datagrams"]), int(r["lost"]), float(r["first_seen"])) for r in rows] == [
-        (s[0], s[3], s[5], s[1]) for s in sorted(SENSORS)]
+        (s[0], s[3], s[5], s[1]) for s in sorted(SENSORS)
+    ]
     assert rows[0]["metrics"] == "hum,temp"
-    assert (rows[0]["interval"], rows[0]["stale"], rows[0]["stale_after"], rows[0]["clock_offset"],
-            rows[0]["clock_skewed"]) == ("10.0", "True", "30.0", "0.25", "False")
+    assert (
+        rows[0]["interval"],
+        rows[0]["stale"],
+        rows[0]["stale_after"],
+        rows[0]["clock_offset"],
+        rows[0]["clock_skewed"],
+    ) == ("10.0", "True", "30.0", "0.25", "False")
     table = cli(["sensors", "s1"], env).stdout.splitlines()
-    assert table[0].split() == ["sensor", "first_seen", "last_seen", "datagrams", "readings", "lost", "duplicates",
-                                "reordered", "restarts", "interval", "stale", "clock_offset", "metrics", "last",
-                                "hour"]
+    assert table[0].split() == [
+        "sensor",
+        "first_seen",
+        "last_seen",
+        "datagrams",
+        "readings",
+        "lost",
+        "duplicates",
+        "reordered",
+        "restarts",
+        "interval",
+        "stale",
+        "clock_offset",
+        "metrics",
+        "last",
+        "hour",
+    ]
     # Its readings are from 2023: nothing in the last hour's twelve 5-minute buckets.
-    assert table[1].split() == ["s1", "2023-11-14T22:13:15Z", "2023-11-14T23:03:20.250Z", "320", "350", "7", "2",
-                                "1", "1", "10", "yes", "+0.250", "hum,temp", "············"]
+    assert table[1].split() == [
+        "s1",
+        "2023-11-14T22:13:15Z",
+        "2023-11-14T23:03:20.250Z",
+        "320",
+        "350",
+        "7",
+        "2",
+        "1",
+        "1",
+        "10",
+        "yes",
+        "+0.250",
+        "hum,temp",
+        "············",
+    ]
     assert cli(["sensors", "s1", "--no-activity"], env).stdout.splitlines()[0].split()[-1] == "metrics"
     # --stale lists the sensors past their rule (both learned ones are, long ago); s2's clock is flagged.
     stale = cli(["sensors", "--stale", "--no-activity"], env).stdout.splitlines()
@@ -78,14 +113,15 @@ def test_sensors(live):
 def test_latest(live):
     env = live["env"]
     result = json.loads(cli(["--format", "json", "latest", "s1", "--metric", "temp"], env).stdout)
-    assert result == [{"sensor": "s1", "metric": "temp", "ts": T0 + 990.0, "value": ((299 * 37) % 101) / 4 - 10,
-                       "seq": 299}]
+    assert result == [
+        {"sensor": "s1", "metric": "temp", "ts": T0 + 990.0, "value": ((299 * 37) % 101) / 4 - 10, "seq": 299}
+    ]
     table = cli(["latest"], env).stdout.splitlines()
     assert len(table) == 5
     # Aligned: every row starts its columns where the header does.
     starts = [m.start() for m in re.finditer(r"\S+", table[0])]
     assert table[2][: starts[2]].split() == ["s1", "temp"]
-    assert table[2][starts[2]:].split()[0] == "2023-11-14T22:29:50Z"
+    assert table[2][starts[2] :].split()[0] == "2023-11-14T22:29:50Z"
 
 
 def test_readings_pages_all_and_formats(live):
@@ -101,8 +137,22 @@ def test_readings_pages_all_and_formats(live):
     assert json.loads(walked.stdout)["rows"] == expected_rows("s1", "hum") + expected_rows("s1", "temp")
     assert walked.stderr == ""
 
-    desc = cli(["--format", "csv", "readings", "s1", "--metric", "hum", "--desc", "--since",
-                str(T0 + 600), "--until", "2023-11-14T22:33:20Z"], env)
+    desc = cli(
+        [
+            "--format",
+            "csv",
+            "readings",
+            "s1",
+            "--metric",
+            "hum",
+            "--desc",
+            "--since",
+            str(T0 + 600),
+            "--until",
+            "2023-11-14T22:33:20Z",
+        ],
+        env,
+    )
     seqs = [int(r["seq"]) for r in csv.DictReader(io.StringIO(desc.stdout))]
     assert seqs == list(range(19, 9, -1))  # ts T0+600.5 .. T0+1140.5, newest first
 
@@ -114,7 +164,13 @@ def test_aggregate_gaps_stats(live):
     env = live["env"]
     agg = json.loads(cli(["--format", "json", "aggregate", "s2", "--metric", "temp", "--bucket", "20s"], env).stdout)
     assert [(a["start"], a["count"], a["sum"]) for a in agg] == [
-        (-40, 1, 0.0), (-20, 2, 3.0), (0, 2, 7.0), (20, 2, 11.0), (40, 2, 15.0), (60, 1, 9.0)]
+        (-40, 1, 0.0),
+        (-20, 2, 3.0),
+        (0, 2, 7.0),
+        (20, 2, 11.0),
+        (40, 2, 15.0),
+        (60, 1, 9.0),
+    ]
     table = cli(["aggregate", "s2", "--metric", "temp", "--bucket", "1m"], env).stdout.splitlines()
     assert table[0].split() == ["start", "count", "min", "max", "avg", "sum"]
     assert table[1].split() == ["1969-12-31T23:59:00Z", "3", "0", "2", "1", "3"]  # whole numbers without .0
@@ -128,21 +184,33 @@ def test_aggregate_gaps_stats(live):
     assert re.search(r"^rejected\.bad_id\s+2$", stats, re.M)
     # issue 11 item 6: the cardinality guards and bugs are in the table too.
     assert re.findall(r"^(internal_errors|refused_sensors|refused_readings)\s+(\d+)$", stats, re.M) == [
-        ("internal_errors", "3"), ("refused_sensors", "8"), ("refused_readings", "13")]
+        ("internal_errors", "3"),
+        ("refused_sensors", "8"),
+        ("refused_readings", "13"),
+    ]
     # A person sees the total and the reasons that happened; CSV keeps every reason.
     rejected_rows = re.findall(r"^(rejected\S*)\s+(\d+)$", stats, re.M)
-    assert rejected_rows == [("rejected", "9"), ("rejected.not_msgpack", "6"), ("rejected.bad_id", "2"),
-                             ("rejected.something_new", "1")]
+    assert rejected_rows == [
+        ("rejected", "9"),
+        ("rejected.not_msgpack", "6"),
+        ("rejected.bad_id", "2"),
+        ("rejected.something_new", "1"),
+    ]
     csv_keys = [row["key"] for row in csv.DictReader(io.StringIO(cli(["--format", "csv", "stats"], env).stdout))]
-    assert {k for k in csv_keys if k.startswith("rejected.")} == {f"rejected.{r}" for r in (*REJECT_REASONS, "something_new")}
+    assert {k for k in csv_keys if k.startswith("rejected.")} == {
+        f"rejected.{r}" for r in (*REJECT_REASONS, "something_new")
+    }
     assert json.loads(cli(["--format", "json", "stats"], env).stdout)["rejected"]["not_msgpack"] == 6
 
 
 def test_raw(live):
     env = live["env"]
     out = json.loads(cli(["raw", '{"op": "latest", "sensor": "s2", "id": "r"}'], env).stdout)
-    assert out == {"id": "r", "ok": True, "result": [{"sensor": "s2", "metric": "temp", "ts": 65.0, "value": 9.0,
-                                                     "seq": 109}]}
+    assert out == {
+        "id": "r",
+        "ok": True,
+        "result": [{"sensor": "s2", "metric": "temp", "ts": 65.0, "value": 9.0, "seq": 109}],
+    }
     result = cli(["raw", '{"op": "drop_tables"}'], env, code=1)
     assert json.loads(result.stdout)["error"]["code"] == "unknown_op"
     one_line_error(result, "server said unknown_op")
@@ -153,19 +221,22 @@ def test_exit_1_when_the_server_says_no(live):
     one_line_error(result, "server said bad_request", "'bucket'")
 
 
-@pytest.mark.parametrize("args, words", [
-    (["readings", "s1", "--since", "bogus"], ["--since", "not a time"]),
-    (["readings"], ["SENSOR"]),
-    (["aggregate", "s1", "--bucket", "5m"], ["--metric"]),
-    (["aggregate", "s1", "--metric", "t", "--bucket", "5q"], ["--bucket"]),
-    (["raw", "{nope"], ["REQUEST", "not JSON"]),
-    (["raw", "[1]"], ["REQUEST", "JSON object"]),
-    (["--format", "xml", "ping"], ["--format"]),
-    (["--server", "host:notaport", "ping"], ["--server"]),
-    (["frobnicate"], ["frobnicate"]),
-    (["sensors", "x" * 70_000], ["request longer than 65536 bytes"]),
-    (["raw", '{"op": "ping", "id": "%s"}' % ("x" * 70_000)], ["REQUEST", "request longer than 65536 bytes"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["readings", "s1", "--since", "bogus"], ["--since", "not a time"]),
+        (["readings"], ["SENSOR"]),
+        (["aggregate", "s1", "--bucket", "5m"], ["--metric"]),
+        (["aggregate", "s1", "--metric", "t", "--bucket", "5q"], ["--bucket"]),
+        (["raw", "{nope"], ["REQUEST", "not JSON"]),
+        (["raw", "[1]"], ["REQUEST", "JSON object"]),
+        (["--format", "xml", "ping"], ["--format"]),
+        (["--server", "host:notaport", "ping"], ["--server"]),
+        (["frobnicate"], ["frobnicate"]),
+        (["sensors", "x" * 70_000], ["request longer than 65536 bytes"]),
+        (["raw", '{"op": "ping", "id": "%s"}' % ("x" * 70_000)], ["REQUEST", "request longer than 65536 bytes"]),
+    ],
+)
 def test_exit_2_on_usage_errors(live, args, words):
     result = cli(args, live["env"], code=2)
     for word in words:
@@ -220,8 +291,20 @@ def test_every_command_has_help_with_an_example(path):
 
 
 def test_the_command_list_is_complete():
-    assert set(main.commands) == {"ping", "sensors", "latest", "readings", "aggregate", "gaps", "stats", "raw", "serve",
-                                 "export", "plot", "follow"}
+    assert set(main.commands) == {
+        "ping",
+        "sensors",
+        "latest",
+        "readings",
+        "aggregate",
+        "gaps",
+        "stats",
+        "raw",
+        "serve",
+        "export",
+        "plot",
+        "follow",
+    }
 
 
 def test_version():
@@ -234,8 +317,18 @@ def test_version():
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_serve_as_a_process_logs_its_port_answers_and_stops_on_a_signal(known_db, tls, bin_path, stop, tmp_path):
-    with QueryServerProcess(bin_path("telemetry-query"), tmp_path / "serve.log", "--db", known_db,
-                            "--cert", tls.server_cert, "--key", tls.server_key, "--client-ca", tls.ca_pem) as serve:
+    with QueryServerProcess(
+        bin_path("telemetry-query"),
+        tmp_path / "serve.log",
+        "--db",
+        known_db,
+        "--cert",
+        tls.server_cert,
+        "--key",
+        tls.server_key,
+        "--client-ca",
+        tls.ca_pem,
+    ) as serve:
         with QueryClient("localhost", serve.port, ca=tls.ca_pem, cert=tls.client_cert, key=tls.client_key) as c:
             assert c.request("latest", sensor="s2")[0]["value"] == 9.0
         assert serve.stop(stop) == 0
@@ -272,16 +365,24 @@ def test_serve_settings_precedence_flag_env_file(tls, tmp_path):
     assert "/nonexistent/file.db" in serve_error(base, {"TELEMETRY_CONFIG": str(tmp_path / "gateway.toml")})
 
 
-@pytest.mark.parametrize("config_text, env, words", [
-    ("[query]\nmax-row = 5\n", {}, ["unknown key 'max-row'", "max-rows"]),
-    ("[query]\nidle-timeout = -1\n", {}, ["idle-timeout", "> 0"]),
-    ("[query]\nlisten = 5\n", {}, ["listen"]),
-    # A bad value from the environment names the variable, not the flag nobody typed.
-    ("", {"TELEMETRY_QUERY_MAX_CONNECTIONS": "lots"}, ["TELEMETRY_QUERY_MAX_CONNECTIONS in the environment"]),
-    ("", {"TELEMETRY_QUERY_LISTEN": "[::1"}, ["TELEMETRY_QUERY_LISTEN in the environment"]),
-    ("", {"TELEMETRY_QUERY_MAX_CONECTIONS": "5"},
-     ["unknown environment variable TELEMETRY_QUERY_MAX_CONECTIONS (did you mean TELEMETRY_QUERY_MAX_CONNECTIONS?)"]),
-])
+@pytest.mark.parametrize(
+    "config_text, env, words",
+    [
+        ("[query]\nmax-row = 5\n", {}, ["unknown key 'max-row'", "max-rows"]),
+        ("[query]\nidle-timeout = -1\n", {}, ["idle-timeout", "> 0"]),
+        ("[query]\nlisten = 5\n", {}, ["listen"]),
+        # A bad value from the environment names the variable, not the flag nobody typed.
+        ("", {"TELEMETRY_QUERY_MAX_CONNECTIONS": "lots"}, ["TELEMETRY_QUERY_MAX_CONNECTIONS in the environment"]),
+        ("", {"TELEMETRY_QUERY_LISTEN": "[::1"}, ["TELEMETRY_QUERY_LISTEN in the environment"]),
+        (
+            "",
+            {"TELEMETRY_QUERY_MAX_CONECTIONS": "5"},
+            [
+                "unknown environment variable TELEMETRY_QUERY_MAX_CONECTIONS (did you mean TELEMETRY_QUERY_MAX_CONNECTIONS?)"
+            ],
+        ),
+    ],
+)
 def test_serve_bad_settings_are_one_line_exit_2(tls, tmp_path, config_text, env, words):
     base = ["--cert", tls.server_cert, "--key", tls.server_key]
     path = tmp_path / "gateway.toml"
@@ -297,26 +398,61 @@ def test_serve_setup_errors_are_one_line_exit_2(known_db, tls, tmp_path):
     assert "cannot load" in serve_error(["--db", known_db, "--cert", tls.server_key, "--key", tls.server_key])
     # The missing file is named (ssl's FileNotFoundError carries no filename of its own).
     assert "cannot read /nonexistent.pem: no such file" in serve_error(
-        ["--db", known_db, "--cert", "/nonexistent.pem", "--key", tls.server_key])
+        ["--db", known_db, "--cert", "/nonexistent.pem", "--key", tls.server_key]
+    )
     assert "cannot read /nonexistent.key: no such file" in serve_error(
-        ["--db", known_db, "--cert", tls.server_cert, "--key", "/nonexistent.key"])
-    assert "read-only" in serve_error(["--db", str(tmp_path / "none.db"), "--cert", tls.server_cert,
-                                       "--key", tls.server_key, "--listen", "127.0.0.1:0"])
+        ["--db", known_db, "--cert", tls.server_cert, "--key", "/nonexistent.key"]
+    )
+    assert "read-only" in serve_error(
+        [
+            "--db",
+            str(tmp_path / "none.db"),
+            "--cert",
+            tls.server_cert,
+            "--key",
+            tls.server_key,
+            "--listen",
+            "127.0.0.1:0",
+        ]
+    )
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        message = serve_error(["--db", known_db, "--cert", tls.server_cert, "--key", tls.server_key,
-                               "--listen", f"127.0.0.1:{taken.getsockname()[1]}"])
+        message = serve_error(
+            [
+                "--db",
+                known_db,
+                "--cert",
+                tls.server_cert,
+                "--key",
+                tls.server_key,
+                "--listen",
+                f"127.0.0.1:{taken.getsockname()[1]}",
+            ]
+        )
     assert "cannot listen" in message and "--listen" in message
 
 
 def test_notify_hook_sees_ready_and_stopping(known_db, tls):
     seen: list[str] = []
-    values = {"db": known_db, "listen": ("127.0.0.1", 0), "cert": tls.server_cert, "key": tls.server_key,
-              "client_ca": None, "max_connections": 10, "idle_timeout": 5.0, "handshake_timeout": 5.0,
-              "line_timeout": 5.0, "max_rows": 100, "max_buckets": 100, "query_timeout": 1.0, "max_output": 65536, "workers": 1}
+    values = {
+        "db": known_db,
+        "listen": ("127.0.0.1", 0),
+        "cert": tls.server_cert,
+        "key": tls.server_key,
+        "client_ca": None,
+        "max_connections": 10,
+        "idle_timeout": 5.0,
+        "handshake_timeout": 5.0,
+        "line_timeout": 5.0,
+        "max_rows": 100,
+        "max_buckets": 100,
+        "query_timeout": 1.0,
+        "max_output": 65536,
+        "workers": 1,
+    }
     server = build_server(values, notify=seen.append)
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
@@ -334,7 +470,6 @@ def test_notify_hook_sees_ready_and_stopping(known_db, tls):
     assert [m for m in seen if m != "WATCHDOG=1"] == ["READY=1", "STOPPING=1"]
 
 
-
 def test_csv_keeps_every_digit_the_table_rounds_for_people():
     from query.cli import render
 
@@ -350,8 +485,9 @@ def test_a_request_line_of_exactly_the_limit_is_sent_and_answered(live):
     head = '{"op":"ping","id":"'
     request = {"op": "ping", "id": "x" * (MAX_LINE_BYTES - len(head) - 2)}
     assert len(json.dumps(request, separators=(",", ":"))) == MAX_LINE_BYTES
-    with QueryClient("localhost", live["port"], ca=live["tls"].ca_pem, cert=live["tls"].client_cert,
-                     key=live["tls"].client_key) as client:
+    with QueryClient(
+        "localhost", live["port"], ca=live["tls"].ca_pem, cert=live["tls"].client_cert, key=live["tls"].client_key
+    ) as client:
         assert client.call(request)["ok"] is True
         with pytest.raises(ValueError, match="longer than 65536"):
             client.call({**request, "id": request["id"] + "x"})

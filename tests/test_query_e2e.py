@@ -25,7 +25,6 @@ SKIPPED = {50, 51, 52}
 SENT = [s for s in range(200) if s not in SKIPPED]
 
 
-
 def temp(seq: int) -> float:
     return round(math.sin(seq / 7) * 20 + 15, 3)
 
@@ -41,12 +40,20 @@ def test_collector_database_answers_every_op(bin_path, db_path, tmp_path, tls):
             for data in datagrams:
                 udp.sendto(data, ("127.0.0.1", port))
 
-        with running_server(db_path, tls, mtls=True) as server, \
-                QueryClient("localhost", server.server_address[1], ca=tls.ca_pem, cert=tls.client_cert,
-                            key=tls.client_key) as client:
-            wait_for(lambda: client.request("stats")["received"] == len(datagrams)
-                     and len(client.request("readings", sensor="e2e-2")["rows"]) == 10, 15,
-                     what="every datagram received and stored")
+        with (
+            running_server(db_path, tls, mtls=True) as server,
+            QueryClient(
+                "localhost", server.server_address[1], ca=tls.ca_pem, cert=tls.client_cert, key=tls.client_key
+            ) as client,
+        ):
+            wait_for(
+                lambda: (
+                    client.request("stats")["received"] == len(datagrams)
+                    and len(client.request("readings", sensor="e2e-2")["rows"]) == 10
+                ),
+                15,
+                what="every datagram received and stored",
+            )
             stats = client.request("stats")
             assert (stats["received"], stats["lost"], stats["duplicates"]) == (len(datagrams), 3, 1)
             assert stats["rejected"]["not_msgpack"] == 1
@@ -66,11 +73,17 @@ def test_collector_database_answers_every_op(bin_path, db_path, tmp_path, tls):
                 if cursor is None:
                     break
             assert [(r["ts"], r["seq"], r["boot"], r["value"]) for r in rows] == [
-                (float(T0 + s), s, 5, temp(s)) for s in SENT]
+                (float(T0 + s), s, 5, temp(s)) for s in SENT
+            ]
 
             latest = {(r["sensor"], r["metric"]): r for r in client.request("latest")}
-            assert latest[("e2e-1", "hum")] == {"sensor": "e2e-1", "metric": "hum", "ts": float(T0 + 199),
-                                                "value": 100 - 199, "seq": 199}
+            assert latest[("e2e-1", "hum")] == {
+                "sensor": "e2e-1",
+                "metric": "hum",
+                "ts": float(T0 + 199),
+                "value": 100 - 199,
+                "seq": 199,
+            }
             assert latest[("e2e-2", "volts")]["seq"] == 9
             volts = client.request("readings", sensor="e2e-2")["rows"]
             assert [r["boot"] for r in volts] == [None] * 10
@@ -81,14 +94,14 @@ def test_collector_database_answers_every_op(bin_path, db_path, tmp_path, tls):
             for s in SENT:
                 expected.setdefault((T0 + s) // 30 * 30, []).append(temp(s))
             assert [(b["start"], b["count"], b["min"], b["max"]) for b in buckets] == [
-                (k, len(v), min(v), max(v)) for k, v in sorted(expected.items())]
+                (k, len(v), min(v), max(v)) for k, v in sorted(expected.items())
+            ]
             for b in buckets:
                 assert b["sum"] == pytest.approx(math.fsum(expected[b["start"]]), rel=1e-12, abs=1e-9)
 
             gaps = client.request("gaps", sensor="e2e-1")
             assert [(g["boot"], g["first_seq"], g["last_seq"], g["missing"]) for g in gaps] == [(5, 50, 52, 3)]
         assert collector.stop() == 0
-
 
 
 def test_every_request_and_response_in_protocol_md_is_what_the_server_says(known_db, tls):
@@ -104,5 +117,3 @@ def test_every_request_and_response_in_protocol_md_is_what_the_server_says(known
             for request, response in pairs:
                 client.send_raw(request.encode() + b"\n")
                 assert client.read_response() == json.loads(response), request
-
-

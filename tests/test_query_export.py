@@ -44,16 +44,25 @@ def test_csv_export_of_every_sensor_is_exact_and_in_order_across_many_pages(live
     result = cli(["export", "--page", "7"], live["env"])
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert len(rows) == len(ALL) == 361
-    assert [(r["sensor"], r["metric"], from_iso(r["ts"]), float(r["value"]), int(r["seq"]),
-             int(r["boot"]) if r["boot"] else None) for r in rows] == \
-        [(e["sensor"], e["metric"], e["ts"], e["value"], e["seq"], e["boot"]) for e in ALL]
+    assert [
+        (
+            r["sensor"],
+            r["metric"],
+            from_iso(r["ts"]),
+            float(r["value"]),
+            int(r["seq"]),
+            int(r["boot"]) if r["boot"] else None,
+        )
+        for r in rows
+    ] == [(e["sensor"], e["metric"], e["ts"], e["value"], e["seq"], e["boot"]) for e in ALL]
     assert result.stdout.splitlines()[0] == "sensor,metric,ts,value,seq,boot"
     assert result.stderr == "exported 361 readings of 4 sensor(s)\n"
 
 
 def test_json_lines_with_unix_times_round_trip_bit_exact(live):
-    result = cli(["--format", "json", "export", "s1", "--metric", "temp", "--times", "unix", "--page", "64"],
-                 live["env"])
+    result = cli(
+        ["--format", "json", "export", "s1", "--metric", "temp", "--times", "unix", "--page", "64"], live["env"]
+    )
     lines = result.stdout.splitlines()
     assert [json.loads(line) for line in lines] == expected_rows("s1", "temp")
     assert len(lines) == 300
@@ -62,14 +71,31 @@ def test_json_lines_with_unix_times_round_trip_bit_exact(live):
 def test_range_metric_and_output_file(live, tmp_path):
     out = tmp_path / "s1.csv"
     lo, hi = fx.T0 + 100, fx.T0 + 200  # [lo, hi): temp rows at ts 100..190 (3 each), no hum (ts .5 past minutes)
-    result = cli(["export", "s1", "s2", "--metric", "temp", "--since", str(lo), "--until", str(hi),
-                  "--times", "unix", "-o", str(out)], live["env"])
+    result = cli(
+        [
+            "export",
+            "s1",
+            "s2",
+            "--metric",
+            "temp",
+            "--since",
+            str(lo),
+            "--until",
+            str(hi),
+            "--times",
+            "unix",
+            "-o",
+            str(out),
+        ],
+        live["env"],
+    )
     assert result.stdout == ""
     rows = list(csv.DictReader(out.open()))
     want = [e for e in expected_rows("s1", "temp") if lo <= e["ts"] < hi]
     assert len(want) == 30
-    assert [(r["ts"], r["value"], r["seq"]) for r in rows] == [(repr(e["ts"]), repr(e["value"]), str(e["seq"]))
-                                                                for e in want]
+    assert [(r["ts"], r["value"], r["seq"]) for r in rows] == [
+        (repr(e["ts"]), repr(e["value"]), str(e["seq"])) for e in want
+    ]
     assert not (tmp_path / "s1.csv.part").exists()
     assert result.stderr == f"exported 30 readings of 2 sensor(s) to {out}\n"
 
@@ -88,8 +114,9 @@ def test_unknown_sensor_or_metric_is_exit_1_and_no_file(live, tmp_path):
 def test_a_server_lost_mid_export_leaves_no_file_and_says_how_far_it_got(tmp_path, known_db, tls):
     certs, db = tls, known_db
     out = tmp_path / "cut.csv"
-    server = QueryServer(server_context(certs.server_cert, certs.server_key), ("127.0.0.1", 0),
-                         Service(lambda: Ops(open_reader(db)), 1))
+    server = QueryServer(
+        server_context(certs.server_cert, certs.server_key), ("127.0.0.1", 0), Service(lambda: Ops(open_reader(db)), 1)
+    )
     thread = threading.Thread(target=server.serve_forever, name="query-server")
     thread.start()
     env = {"TELEMETRY_SERVER": f"localhost:{server.server_address[1]}", "TELEMETRY_CA": certs.ca_pem}
@@ -118,8 +145,9 @@ def test_a_server_lost_mid_export_leaves_no_file_and_says_how_far_it_got(tmp_pat
 
 def test_pages_are_asked_for_one_at_a_time(live):
     """At most one page is held: the next request goes out only when the caller asks for the next page."""
-    with QueryClient("localhost", live["port"], ca=live["tls"].ca_pem, cert=live["tls"].client_cert,
-                     key=live["tls"].client_key) as client:
+    with QueryClient(
+        "localhost", live["port"], ca=live["tls"].ca_pem, cert=live["tls"].client_cert, key=live["tls"].client_key
+    ) as client:
         asked = []
 
         def request(op, **params):
@@ -153,8 +181,10 @@ def test_memory_of_an_export_is_bounded_by_the_page_not_the_range(tmp_path, tls)
         finally:
             tracemalloc.stop()
 
-    with running_server(db, certs) as server, \
-            QueryClient("localhost", server.server_address[1], ca=certs.ca_pem) as client:
+    with (
+        running_server(db, certs) as server,
+        QueryClient("localhost", server.server_address[1], ca=certs.ca_pem) as client,
+    ):
         # The TLS handshake and the workers' first connections, outside the measurements.
         for _ in range(3):
             client.request("readings", sensor="big", limit=1)
@@ -162,14 +192,23 @@ def test_memory_of_an_export_is_bounded_by_the_page_not_the_range(tmp_path, tls)
         big_rows, big_peak = exported_peak(client, "big")
         tracemalloc.start()
         try:
-            held = [row for page in export.pages(client.request, ["big"], metric=None, since=None, until=None,
-                                                 page_rows=100) for row in page]
+            held = [
+                row
+                for page in export.pages(client.request, ["big"], metric=None, since=None, until=None, page_rows=100)
+                for row in page
+            ]
             all_held = tracemalloc.get_traced_memory()[0]
         finally:
             tracemalloc.stop()
     assert (small_rows, big_rows, len(held)) == (1200, 12000, 12000)
-    assert held[-1] == {"sensor": "big", "metric": "v", "ts": fx.T0 + 11999 * 0.25, "value": 11999 / 8, "seq": 11999,
-                        "boot": None}
+    assert held[-1] == {
+        "sensor": "big",
+        "metric": "v",
+        "ts": fx.T0 + 11999 * 0.25,
+        "value": 11999 / 8,
+        "seq": 11999,
+        "boot": None,
+    }
     # Ten times the rows, the same page: the same memory (within noise), and far below holding them all.
     assert big_peak < small_peak * 1.5, (small_peak, big_peak)
     assert big_peak < all_held / 4, (big_peak, all_held)

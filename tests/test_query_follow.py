@@ -51,8 +51,14 @@ class Log:
     def datagrams(self, sensor: str, n: int, metrics=("temp",), boot: int = 1) -> ingestlog.Group:
         seqs = list(range(self.seq, self.seq + n))
         self.seq += n
-        return ingestlog.Group(sensor, boot, seqs, [1e9 + s for s in seqs], [1e9 + s + 0.5 for s in seqs],
-                               {m: [s + k / 10 for s in seqs] for k, m in enumerate(metrics)})
+        return ingestlog.Group(
+            sensor,
+            boot,
+            seqs,
+            [1e9 + s for s in seqs],
+            [1e9 + s + 0.5 for s in seqs],
+            {m: [s + k / 10 for s in seqs] for k, m in enumerate(metrics)},
+        )
 
 
 @pytest.fixture
@@ -96,23 +102,36 @@ class Lines:
 
 
 def test_rows_of_a_log_entry_in_commit_order_and_filters():
-    groups = [ingestlog.Group("a", 3, [7, 8], [1.5, 2.5], [1.6, 2.6], {"t": [1.0, None], "h": [-0.0, 5]}),
-              ingestlog.Group("b", None, [1], [9.0], [9.1], {"t": [2**60]})]
+    groups = [
+        ingestlog.Group("a", 3, [7, 8], [1.5, 2.5], [1.6, 2.6], {"t": [1.0, None], "h": [-0.0, 5]}),
+        ingestlog.Group("b", None, [1], [9.0], [9.1], {"t": [2**60]}),
+    ]
     rows = rows_of(groups)
     assert [(r.sensor, r.metric) for r in rows] == [("a", "h"), ("a", "t"), ("a", "h"), ("b", "t")]
     assert [json.loads(r.json) for r in rows] == [
         {"sensor": "a", "metric": "h", "ts": 1.5, "value": -0.0, "seq": 7, "boot": 3},
         {"sensor": "a", "metric": "t", "ts": 1.5, "value": 1.0, "seq": 7, "boot": 3},
         {"sensor": "a", "metric": "h", "ts": 2.5, "value": 5, "seq": 8, "boot": 3},
-        {"sensor": "b", "metric": "t", "ts": 9.0, "value": 2**60, "seq": 1, "boot": None}]
+        {"sensor": "b", "metric": "t", "ts": 9.0, "value": 2**60, "seq": 1, "boot": None},
+    ]
     assert rows[0].json.count("-0.0") == 1  # the sign of zero survives
     assert len(matching(rows, "a", None)) == 3 and len(matching(rows, None, "t")) == 2
     assert matching(rows, "a", "h") == [rows[0].json, rows[2].json] and matching(rows, "zz", None) == []
     line = encode_event('"f"', "readings", 12, [rows[3].json])
-    assert json.loads(line) == {"id": "f", "ok": True, "event": "readings", "position": 12,
-                                "rows": [json.loads(rows[3].json)]}
+    assert json.loads(line) == {
+        "id": "f",
+        "ok": True,
+        "event": "readings",
+        "position": 12,
+        "rows": [json.loads(rows[3].json)],
+    }
     assert json.loads(encode_event("null", "lost", 9, after=4)) == {
-        "id": None, "ok": True, "event": "lost", "position": 9, "after": 4}
+        "id": None,
+        "ok": True,
+        "event": "lost",
+        "position": 9,
+        "after": 4,
+    }
 
 
 # -- over TLS -----------------------------------------------------------------------
@@ -163,8 +182,9 @@ def test_follow_filters_resumes_with_after_and_reports_a_deleted_stretch(log_db,
             assert [e["position"] for e in events] == [3, 4, 5, 6]
             assert all(r["sensor"] == "a" and r["metric"] == "hum" for e in events for r in e["rows"])
             assert sum(len(e["rows"]) for e in events) == 8
-            sock.sendall(b'{"op":"follow","id":2}\n{"op":"cancel"}\n{"op":"cancel","id":4}\n'
-                         b'{"op":"follow","id":3,"after":99}\n')
+            sock.sendall(
+                b'{"op":"follow","id":2}\n{"op":"cancel"}\n{"op":"cancel","id":4}\n{"op":"follow","id":3,"after":99}\n'
+            )
             assert lines.next()["error"]["message"] == "this connection already follows; send cancel first"
             assert lines.next()["result"] == {"cancelled": True, "position": 6}
             assert "not following" in lines.next()["error"]["message"]
@@ -248,10 +268,18 @@ def test_follow_on_a_database_without_an_ingest_log_says_so(tmp_path, tls):
 
 def test_cli_follow_prints_rows_until_ctrl_c_and_exits_0(log_db, tls, bin_path):
     with running_server(log_db.path, tls) as server:
-        env = {**os.environ, "TELEMETRY_SERVER": f"localhost:{server.server_address[1]}",
-               "TELEMETRY_CA": tls.ca_pem, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([bin_path("telemetry-query"), "follow", "s1", "--metric", "temp", "--format", "csv"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        env = {
+            **os.environ,
+            "TELEMETRY_SERVER": f"localhost:{server.server_address[1]}",
+            "TELEMETRY_CA": tls.ca_pem,
+            "PYTHONUNBUFFERED": "1",
+        }
+        proc = subprocess.Popen(
+            [bin_path("telemetry-query"), "follow", "s1", "--metric", "temp", "--format", "csv"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
         try:
             wait_for(lambda: len(server._followers) == 1, 10, what="the client to follow")
             log_db.flush(log_db.datagrams("s1", 3, metrics=("temp", "hum")), log_db.datagrams("s2", 2))
@@ -259,7 +287,10 @@ def test_cli_follow_prints_rows_until_ctrl_c_and_exits_0(log_db, tls, bin_path):
             rows = [proc.stdout.readline() for _ in range(3)]
             assert header == b"sensor,metric,ts,value,seq,boot\n"
             assert [r.split(b",")[:2] + r.split(b",")[4:5] for r in rows] == [
-                [b"s1", b"temp", b"0"], [b"s1", b"temp", b"1"], [b"s1", b"temp", b"2"]]
+                [b"s1", b"temp", b"0"],
+                [b"s1", b"temp", b"1"],
+                [b"s1", b"temp", b"2"],
+            ]
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=10)
             assert proc.returncode == 0, err
@@ -298,8 +329,12 @@ def test_a_quiet_follow_gets_a_heartbeat_every_30_s_of_the_servers_clock(log_db,
     from query.server import FOLLOW_HEARTBEAT_SECONDS, QueryServer, Service, server_context
 
     now = [1000.0]
-    server = QueryServer(server_context(tls.server_cert, tls.server_key), ("127.0.0.1", 0),
-                         Service(lambda: Ops(open_reader(log_db.path))), clock=lambda: now[0])
+    server = QueryServer(
+        server_context(tls.server_cert, tls.server_key),
+        ("127.0.0.1", 0),
+        Service(lambda: Ops(open_reader(log_db.path))),
+        clock=lambda: now[0],
+    )
     thread = threading.Thread(target=server.serve_forever, name="query-server")
     thread.start()
     lines = Lines(connect(server, tls))
@@ -332,20 +367,30 @@ def test_cli_follow_resumes_after_a_server_restart_and_exits_3_when_it_stays_gon
     with running_server(log_db.path, tls) as first:
         port = first.server_address[1]
         env = {"TELEMETRY_SERVER": f"localhost:{port}", "TELEMETRY_CA": tls.ca_pem}
-        runner = threading.Thread(target=lambda: result.update(r=CliRunner().invoke(
-            main, ["--format", "csv", "follow"], env=env, catch_exceptions=False)), name="cli-follow")
+        runner = threading.Thread(
+            target=lambda: result.update(
+                r=CliRunner().invoke(main, ["--format", "csv", "follow"], env=env, catch_exceptions=False)
+            ),
+            name="cli-follow",
+        )
         runner.start()
         wait_for(lambda: len(first._followers) == 1, 10, what="the client to follow")
         log_db.flush(log_db.datagrams("a", 2))
-        wait_for(lambda: first._followers and next(iter(first._followers)).follow.position == 1, 10,
-                 what="the first flush to be pushed")
+        wait_for(
+            lambda: first._followers and next(iter(first._followers)).follow.position == 1,
+            10,
+            what="the first flush to be pushed",
+        )
     log_db.flush(log_db.datagrams("a", 1))  # committed while no query server runs
     # The same port again (SO_REUSEADDR), before the client's retries run out.
     with running_server(log_db.path, tls, port=port) as second:
         wait_for(lambda: len(second._followers) == 1, 10, what="the client to come back")
         log_db.flush(log_db.datagrams("a", 1))
-        wait_for(lambda: second._followers and next(iter(second._followers)).follow.position == 3, 10,
-                 what="the third flush to be pushed")
+        wait_for(
+            lambda: second._followers and next(iter(second._followers)).follow.position == 3,
+            10,
+            what="the third flush to be pushed",
+        )
         wait_for(lambda: second.connections == 1 and second._out_total == 0, 10, what="the events to be sent")
     runner.join(30)
     assert not runner.is_alive()

@@ -11,7 +11,7 @@ from query.protocol import OPS
 
 
 def test_every_op_in_the_protocol_has_a_handler_and_no_handler_is_unreachable():
-    handlers = {name[len("op_"):] for name, _ in inspect.getmembers(Ops, inspect.isfunction) if name.startswith("op_")}
+    handlers = {name[len("op_") :] for name, _ in inspect.getmembers(Ops, inspect.isfunction) if name.startswith("op_")}
     assert set(OPS) == handlers
 
 
@@ -29,8 +29,10 @@ def test_each_handler_takes_exactly_the_parameters_the_protocol_validates():
 
 
 def test_the_client_commands_do_not_import_the_server_module():
-    code = ("import sys, query.cli; from click.testing import CliRunner; "
-            "CliRunner().invoke(query.cli.main, ['--help']); "
-            "print(sorted(m for m in sys.modules if m in ('query.server', 'query.ops')))")
+    code = (
+        "import sys, query.cli; from click.testing import CliRunner; "
+        "CliRunner().invoke(query.cli.main, ['--help']); "
+        "print(sorted(m for m in sys.modules if m in ('query.server', 'query.ops')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

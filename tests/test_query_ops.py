@@ -44,12 +44,30 @@ def test_sensors_lists_accounts_and_metrics(ops):
     result = run(ops, op="sensors")
     assert [s["sensor"] for s in result] == sorted(s[0] for s in SENSORS)
     s1 = result[0]
-    assert s1 == {"sensor": "s1", "first_seen": T0 - 5.0, "last_seen": T0 + 3000.25, "datagrams": 320, "readings": 350,
-                  "lost": 7, "duplicates": 2, "reordered": 1, "restarts": 1, "metrics": ["hum", "temp"],
-                  "interval": 10.0, "stale": True, "stale_after": 30.0, "clock_offset": 0.25, "clock_skewed": False}
+    assert s1 == {
+        "sensor": "s1",
+        "first_seen": T0 - 5.0,
+        "last_seen": T0 + 3000.25,
+        "datagrams": 320,
+        "readings": 350,
+        "lost": 7,
+        "duplicates": 2,
+        "reordered": 1,
+        "restarts": 1,
+        "metrics": ["hum", "temp"],
+        "interval": 10.0,
+        "stale": True,
+        "stale_after": 30.0,
+        "clock_offset": 0.25,
+        "clock_skewed": False,
+    }
     s9 = run(ops, op="sensors", sensor="s9")[0]
     assert s9["metrics"] == [] and (s9["interval"], s9["stale"], s9["clock_offset"], s9["clock_skewed"]) == (
-        None, False, None, None)  # nothing learned: never called stale
+        None,
+        False,
+        None,
+        None,
+    )  # nothing learned: never called stale
     assert run(ops, op="sensors", sensor="nope") == []
 
 
@@ -73,11 +91,17 @@ def test_latest_picks_the_largest_ts_and_breaks_ties_by_key(ops):
     assert [(r["sensor"], r["metric"]) for r in result] == sorted(SERIES)
     by_pair = {(r["sensor"], r["metric"]): r for r in result}
     # s1/temp: the last ts holds seqs 297, 298, 299 (all boot 7): the last in key order wins.
-    assert by_pair[("s1", "temp")] == {"sensor": "s1", "metric": "temp", "ts": T0 + 990.0,
-                                       "value": ((299 * 37) % 101) / 4 - 10, "seq": 299}
+    assert by_pair[("s1", "temp")] == {
+        "sensor": "s1",
+        "metric": "temp",
+        "ts": T0 + 990.0,
+        "value": ((299 * 37) % 101) / 4 - 10,
+        "seq": 299,
+    }
     assert by_pair[("s2", "temp")] == {"sensor": "s2", "metric": "temp", "ts": 65.0, "value": 9.0, "seq": 109}
     assert run(ops, op="latest", sensor="s1", metric="hum") == [
-        {"sensor": "s1", "metric": "hum", "ts": T0 + 49 * 60 + 0.5, "value": 73.5, "seq": 49}]
+        {"sensor": "s1", "metric": "hum", "ts": T0 + 49 * 60 + 0.5, "value": 73.5, "seq": 49}
+    ]
     assert run(ops, op="latest", metric="temp") == [by_pair[("s1", "temp")], by_pair[("s2", "temp")]]
     assert run(ops, op="latest", sensor="s9") == []
 
@@ -135,12 +159,19 @@ def test_readings_edges(ops):
     assert run(ops, op="readings", sensor="s1", since=T0 + 5000, until=T0) == {"rows": [], "next": None}
     page = run(ops, op="readings", sensor="s1", metric="temp")
     assert len(page["rows"]) == 300 and page["next"] is None
-    assert page["rows"][0] == {"sensor": "s1", "metric": "temp", "ts": float(T0), "value": -10.0, "seq": 0,
-                               "boot": None}
+    assert page["rows"][0] == {
+        "sensor": "s1",
+        "metric": "temp",
+        "ts": float(T0),
+        "value": -10.0,
+        "seq": 0,
+        "boot": None,
+    }
     assert page["rows"][-1]["boot"] == 7
     # Negative timestamps and a single-row range.
     assert run(ops, op="readings", sensor="s2", since=-25, until=-24.5)["rows"] == [
-        {"sensor": "s2", "metric": "temp", "ts": -25.0, "value": 0.0, "seq": 100, "boot": None}]
+        {"sensor": "s2", "metric": "temp", "ts": -25.0, "value": 0.0, "seq": 100, "boot": None}
+    ]
 
 
 def test_default_limit_is_1000_and_the_server_cap_applies(known_db):
@@ -174,8 +205,10 @@ def test_cursor_from_another_query_or_forged_is_bad_request(ops):
     assert "'cursor'" in bad(ops, op="readings", sensor="s1", metric="temp", cursor=cursor[:-3] + "abc")
     assert "'cursor'" in bad(ops, op="readings", sensor="s1", metric="temp", cursor="../../etc/passwd")
     # A different page size may continue the same walk.
-    assert run(ops, op="readings", sensor="s1", metric="temp", limit=2, cursor=cursor)["rows"] == \
-        expected_rows("s1", "temp")[5:7]
+    assert (
+        run(ops, op="readings", sensor="s1", metric="temp", limit=2, cursor=cursor)["rows"]
+        == expected_rows("s1", "temp")[5:7]
+    )
 
 
 def python_buckets(rows, bucket, since=None, until=None):
@@ -187,17 +220,20 @@ def python_buckets(rows, bucket, since=None, until=None):
     return [(k * bucket, len(v), min(v), max(v), math.fsum(v)) for k, v in sorted(groups.items())]
 
 
-@pytest.mark.parametrize("sensor, metric, bucket, since, until", [
-    ("s1", "temp", 60, None, None),
-    ("s1", "temp", 7, None, None),
-    ("s1", "temp", 300, T0 + 95, T0 + 905),
-    ("s1", "temp", 1, T0 + 100, T0 + 130),
-    ("s1", "hum", 3600, None, None),
-    ("s1", "hum", 0.25, T0, T0 + 600),
-    ("s2", "temp", 20, None, None),  # negative ts: buckets floor toward -inf
-    ("s2", "temp", 7, -30, 30),
-    ("s1", "temp", 86400, None, None),
-])
+@pytest.mark.parametrize(
+    "sensor, metric, bucket, since, until",
+    [
+        ("s1", "temp", 60, None, None),
+        ("s1", "temp", 7, None, None),
+        ("s1", "temp", 300, T0 + 95, T0 + 905),
+        ("s1", "temp", 1, T0 + 100, T0 + 130),
+        ("s1", "hum", 3600, None, None),
+        ("s1", "hum", 0.25, T0, T0 + 600),
+        ("s2", "temp", 20, None, None),  # negative ts: buckets floor toward -inf
+        ("s2", "temp", 7, -30, 30),
+        ("s1", "temp", 86400, None, None),
+    ],
+)
 def test_aggregate_matches_python(ops, sensor, metric, bucket, since, until):
     result = run(ops, op="aggregate", sensor=sensor, metric=metric, bucket=bucket, since=since, until=until)
     expected = python_buckets(READINGS[SERIES[(sensor, metric)]], bucket, since, until)
@@ -222,8 +258,14 @@ def test_aggregate_edges(ops):
 
 def test_gaps(ops):
     def shaped(g):
-        return {"sensor": g[0], "boot": None if g[2] == NO_BOOT else g[2], "first_seq": g[3], "last_seq": g[4],
-                "missing": g[5], "detected_at": g[6]}
+        return {
+            "sensor": g[0],
+            "boot": None if g[2] == NO_BOOT else g[2],
+            "first_seq": g[3],
+            "last_seq": g[4],
+            "missing": g[5],
+            "detected_at": g[6],
+        }
 
     by_time = sorted(GAPS, key=lambda g: g[6])
     assert run(ops, op="gaps") == [shaped(g) for g in by_time]
@@ -237,10 +279,22 @@ def test_stats_sums_counters_and_sensors(ops):
     rejected = {reason: 0 for reason in result["rejected"]}
     rejected.update({"bad_id": 2, "not_msgpack": 6, "something_new": 1})
     assert result == {
-        "received": 341, "stored": 331, "stored_readings": 361, "rejected": rejected,
-        "duplicates": sum(s[6] for s in SENSORS), "lost": sum(s[5] for s in SENSORS), "kernel_drops": 4,
-        "truncated": 1, "storage_dropped": 0, "internal_errors": 3, "refused_sensors": 8, "refused_readings": 13,
-        "retention_dropped": 0, "budget_dropped": 0, "uplink_dropped": 0, "corrupt_chunks": 0,
+        "received": 341,
+        "stored": 331,
+        "stored_readings": 361,
+        "rejected": rejected,
+        "duplicates": sum(s[6] for s in SENSORS),
+        "lost": sum(s[5] for s in SENSORS),
+        "kernel_drops": 4,
+        "truncated": 1,
+        "storage_dropped": 0,
+        "internal_errors": 3,
+        "refused_sensors": 8,
+        "refused_readings": 13,
+        "retention_dropped": 0,
+        "budget_dropped": 0,
+        "uplink_dropped": 0,
+        "corrupt_chunks": 0,
         "last_flush": COUNTERS["last_flush"],
     }
     assert "bad_readings" in result["rejected"]  # every wire reason is listed, zero or not
@@ -256,8 +310,17 @@ def test_stats_on_a_fresh_database(db_path):
     assert result["received"] == 0 and result["last_flush"] is None and result["lost"] == 0
 
 
-INJECTIONS = ["x' OR '1'='1", "s1'; DELETE FROM readings; --", '" OR 1=1 --', "s1\x00", "%", "_", "*",
-              "s1' UNION SELECT name, value FROM counters --", "x'; DROP TABLE readings;-- "]
+INJECTIONS = [
+    "x' OR '1'='1",
+    "s1'; DELETE FROM readings; --",
+    '" OR 1=1 --',
+    "s1\x00",
+    "%",
+    "_",
+    "*",
+    "s1' UNION SELECT name, value FROM counters --",
+    "x'; DROP TABLE readings;-- ",
+]
 
 
 @pytest.mark.parametrize("text", INJECTIONS)
@@ -337,8 +400,9 @@ def test_query_budget_answers_bad_request(tmp_path):
     db = open_v2(path)  # written as version 2, converted by the migration
     db.conn.execute("BEGIN")  # the writer connection autocommits (isolation_level=None)
     db.conn.execute("INSERT INTO series (id, sensor, metric) VALUES (1, 'b', 'm')")
-    db.conn.executemany("INSERT INTO readings VALUES (1, ?, -1, ?, ?, 0)",
-                        [(float(i), i, i * 0.5) for i in range(60_000)])
+    db.conn.executemany(
+        "INSERT INTO readings VALUES (1, ?, -1, ?, ?, 0)", [(float(i), i, i * 0.5) for i in range(60_000)]
+    )
     db.conn.execute("COMMIT")
     db.conn.close()
     open_writer(path).conn.close()
@@ -383,8 +447,10 @@ def test_latest_is_one_row_per_series_when_every_reading_shares_its_ts(tmp_path)
     db = open_v2(path)
     db.conn.execute("BEGIN")
     db.conn.execute("INSERT INTO series (id, sensor, metric) VALUES (1, 'stuck', 't'), (2, 'ok', 't')")
-    db.conn.executemany("INSERT INTO readings VALUES (1, 1000.0, ?, ?, ?, 0)",
-                        [(boot, seq, boot * 100 + seq) for boot in (NO_BOOT, 4, 5) for seq in range(50)])
+    db.conn.executemany(
+        "INSERT INTO readings VALUES (1, 1000.0, ?, ?, ?, 0)",
+        [(boot, seq, boot * 100 + seq) for boot in (NO_BOOT, 4, 5) for seq in range(50)],
+    )
     db.conn.executemany("INSERT INTO readings VALUES (2, ?, 1, ?, ?, 0)", [(float(i), i, i) for i in range(30)])
     db.conn.execute("COMMIT")
     db.conn.close()

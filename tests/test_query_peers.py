@@ -36,10 +36,12 @@ def heavy_db(tmp_path_factory) -> str:
         db.conn.execute("INSERT INTO series (id, sensor, metric) VALUES (1, 'heavy', 'v')")
         db.conn.executemany(
             "INSERT INTO readings (series, ts, boot, seq, value, received) VALUES (1, ?, 1, ?, ?, ?)",
-            [(1_700_000_000 + i, i, i * 0.25, 1_700_000_000 + i) for i in range(HEAVY_ROWS)])
+            [(1_700_000_000 + i, i, i * 0.25, 1_700_000_000 + i) for i in range(HEAVY_ROWS)],
+        )
         db.conn.execute(
             "INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings, tracker)"
-            " VALUES ('heavy', 1700000000, 1700010000, 10000, 10000, '{}')")
+            " VALUES ('heavy', 1700000000, 1700010000, 10000, 10000, '{}')"
+        )
         db.conn.execute("COMMIT")
     db.conn.close()
     open_writer(path).conn.close()
@@ -130,8 +132,9 @@ def test_batches_of_reset_clients_do_not_fill_max_connections(heavy_db, tls):
     from query.server import ServerLimits
 
     gate = Gate(heavy_db)
-    with running_server(heavy_db, tls, make_ops=gate.make_ops, workers=1,
-                        limits=ServerLimits(max_connections=50)) as server:
+    with running_server(
+        heavy_db, tls, make_ops=gate.make_ops, workers=1, limits=ServerLimits(max_connections=50)
+    ) as server:
         blocker = connect(server, tls)
         try:
             blocker.sendall(b'{"op":"gaps","id":"blocker"}\n')
@@ -209,8 +212,9 @@ def test_a_query_running_for_a_client_that_resets_is_interrupted(heavy_db, tls):
     class Endless(Ops):
         def op_gaps(self, **params):
             self.conn.create_function("running", 0, lambda: running.set() or 1)
-            self._all("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)"
-                      " SELECT count(*) FROM c WHERE running()")
+            self._all(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c WHERE running()"
+            )
             raise AssertionError("an endless query ended")
 
     make_ops = lambda: Endless(open_reader(heavy_db), Limits(query_seconds=600))  # noqa: E731

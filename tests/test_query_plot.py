@@ -29,14 +29,21 @@ class Terminal:
         self.conf = tmp_path / "tmux.conf"
         # remain-on-exit keeps the screen (and the exit status) after the command ends.
         # COLUMNS/LINES from this process (pytest sets them) would override the pane's real size.
-        self.conf.write_text(f"set -g remain-on-exit on\nset -g status off\nset -g default-size {columns}x{lines}\n"
-                             "set-environment -g -u COLUMNS\nset-environment -g -u LINES\n")
+        self.conf.write_text(
+            f"set -g remain-on-exit on\nset -g status off\nset -g default-size {columns}x{lines}\n"
+            "set-environment -g -u COLUMNS\nset-environment -g -u LINES\n"
+        )
         self.size = (columns, lines)
         self.status_file = tmp_path / "status"
 
     def tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-S", self.sock, "-f", str(self.conf), *args], check=True,
-                              capture_output=True, text=True, timeout=10).stdout
+        return subprocess.run(
+            ["tmux", "-S", self.sock, "-f", str(self.conf), *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
 
     def run(self, argv: list[str], env: dict[str, str]) -> None:
         """Start argv in the window; its exit status goes to a file (tmux may keep an exited pane
@@ -44,16 +51,29 @@ class Terminal:
         env_args = [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
         self.status_file.unlink(missing_ok=True)
         script = f"trap : INT; {subprocess.list2cmdline(argv)}; echo $? > {self.status_file}"
-        self.tmux("new-session", "-d", "-s", "t", "-x", str(self.size[0]), "-y", str(self.size[1]), *env_args,
-                  subprocess.list2cmdline(["sh", "-c", script]))
+        self.tmux(
+            "new-session",
+            "-d",
+            "-s",
+            "t",
+            "-x",
+            str(self.size[0]),
+            "-y",
+            str(self.size[1]),
+            *env_args,
+            subprocess.list2cmdline(["sh", "-c", script]),
+        )
 
     def screen(self) -> list[str]:
         """What the user sees of the last frame: from the last title line on, scrollback included
         (tmux's own "Pane is dead" line takes two lines after the output, pushing its top line up)."""
-        lines = [line for line in self.tmux("capture-pane", "-p", "-S", "-", "-t", "t").splitlines()
-                 if not line.startswith("Pane is dead")]
+        lines = [
+            line
+            for line in self.tmux("capture-pane", "-p", "-S", "-", "-t", "t").splitlines()
+            if not line.startswith("Pane is dead")
+        ]
         titles = [i for i, line in enumerate(lines) if " readings, " in line or line.startswith("Error")]
-        lines = lines[titles[-1]:] if titles else lines
+        lines = lines[titles[-1] :] if titles else lines
         while lines and not lines[-1].strip():
             lines.pop()
         return lines
@@ -144,11 +164,20 @@ def test_a_downsampled_plot_draws_the_min_max_band(server, terminal, bin_path):
 
 def test_watch_redraws_with_new_data_and_stops_on_ctrl_c_with_exit_0(server, terminal, bin_path):
     terminal.run([bin_path("telemetry-query"), "plot", "step", "--since", "0", "--watch", "0.2"], server["env"])
-    wait_for(lambda: terminal.screen() and terminal.screen()[0].startswith("step v: 150 readings"), 60,
-             what="the first frame")
+    wait_for(
+        lambda: terminal.screen() and terminal.screen()[0].startswith("step v: 150 readings"),
+        60,
+        what="the first frame",
+    )
     append_readings(server["db"], "step", "v", [(T0 + 150 + i, 150 + i, 5.0) for i in range(50)])
-    wait_for(lambda: terminal.screen()[0].startswith("step v: 200 readings")
-             and terminal.screen()[-1].startswith("every 0.2 s, drawn "), 60, what="a whole frame with the new readings")
+    wait_for(
+        lambda: (
+            terminal.screen()[0].startswith("step v: 200 readings")
+            and terminal.screen()[-1].startswith("every 0.2 s, drawn ")
+        ),
+        60,
+        what="a whole frame with the new readings",
+    )
     assert not terminal.dead()[0]
     terminal.tmux("send-keys", "-t", "t", "C-c")
     try:
@@ -185,11 +214,22 @@ def test_the_sensors_table_draws_each_sensors_last_hour(tmp_path, tls):
     # quiet: 10 readings in the oldest bucket of the hour, 20 in the current one.
     fill_series(db, "busy", "temp", 1500, t0=current - 1500, step=1.0)
     fill_series(db, "quiet", "hum", 0)
-    append_readings(db, "quiet", "hum", [(current - 3300 + i, i, 1.0) for i in range(10)]
-                    + [(current + i, 10 + i, 1.0) for i in range(20)])
+    append_readings(
+        db,
+        "quiet",
+        "hum",
+        [(current - 3300 + i, i, 1.0) for i in range(10)] + [(current + i, 10 + i, 1.0) for i in range(20)],
+    )
     with running_server(db, tls) as srv:
-        session = commands._Session({"server": f"localhost:{srv.server_address[1]}", "ca": tls.ca_pem,
-                                     "cert": None, "key": None, "fmt": "table"})
+        session = commands._Session(
+            {
+                "server": f"localhost:{srv.server_address[1]}",
+                "ca": tls.ca_pem,
+                "cert": None,
+                "key": None,
+                "fmt": "table",
+            }
+        )
         try:
             rows = session.request("sensors")
             lines = commands._activity(session, rows, now)

@@ -74,41 +74,59 @@ def error_of(line: bytes) -> RequestError:
     return info.value
 
 
-@pytest.mark.parametrize("line", [
-    b"", b" ", b"{", b"nope", b'{"op": "ping",}', b"\xff\xfe{}", b'{"op": NaN}', b'{"op": "readings", "since": NaN}',
-    b'{"op": "readings", "since": Infinity}', b'{"op": "readings", "until": -Infinity}',
-    b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 5000 + b"1" + b"}" * 5000,
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"",
+        b" ",
+        b"{",
+        b"nope",
+        b'{"op": "ping",}',
+        b"\xff\xfe{}",
+        b'{"op": NaN}',
+        b'{"op": "readings", "since": NaN}',
+        b'{"op": "readings", "since": Infinity}',
+        b'{"op": "readings", "until": -Infinity}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"a":' * 5000 + b"1" + b"}" * 5000,
+    ],
+)
 def test_bad_json(line):
     assert error_of(line).code == "bad_json"
 
 
-@pytest.mark.parametrize("request_, words", [
-    ([], "JSON object"), ("ping", "JSON object"), ({}, "'op' is missing"), ({"op": 3}, "'op' must be a string"),
-    ({"op": "readings"}, "'sensor' is missing"),
-    ({"op": "readings", "sensor": "s1", "limit": True}, "'limit' must be an integer"),
-    ({"op": "readings", "sensor": "s1", "limit": 5.0}, "'limit' must be an integer"),
-    ({"op": "readings", "sensor": "s1", "limit": 0}, "'limit' must be 1-10000"),
-    ({"op": "readings", "sensor": "s1", "limit": 10_001}, "'limit' must be 1-10000"),
-    ({"op": "readings", "sensor": "s1", "since": "yesterday"}, "'since' must be a number"),
-    ({"op": "readings", "sensor": "s1", "until": 1e300}, "'until' must be Unix seconds"),
-    ({"op": "readings", "sensor": "s1", "order": "up"}, "'order'"),
-    ({"op": "readings", "sensor": "s1", "cursor": 5}, "'cursor'"),
-    ({"op": "readings", "sensor": 7}, "'sensor' must be a string"),
-    ({"op": "readings", "sensor": ""}, "'sensor' must be 1-256"),
-    ({"op": "readings", "sensor": "s" * 257}, "'sensor' must be 1-256"),
-    ({"op": "readings", "sensor": "\ud800"}, "'sensor' must be valid Unicode"),
-    ({"op": "readings", "sensor": None}, "'sensor' must be a string, got null"),
-    ({"op": "aggregate", "sensor": "s", "metric": "m", "bucket": True}, "'bucket' must be a number"),
-    ({"op": "aggregate", "sensor": "s", "metric": "m", "bucket": 0}, "'bucket' must be seconds"),
-    ({"op": "aggregate", "sensor": "s", "metric": "m", "bucket": -60}, "'bucket' must be seconds"),
-    ({"op": "aggregate", "sensor": "s", "metric": "m"}, "'bucket' is missing"),
-    ({"op": "ping", "extra": 1}, "unknown parameter 'extra'"),
-    ({"op": "latest", "sensor": "s", "since": 5}, "unknown parameter 'since'"),
-    ({"op": "latest", "metric": ["t"]}, "'metric' must be a string, got array"),
-    ({"op": "sensors", "stale": 1}, "'stale' must be true or false, got integer"),
-    ({"op": "sensors", "stale": "yes"}, "'stale' must be true or false, got string"),
-])
+@pytest.mark.parametrize(
+    "request_, words",
+    [
+        ([], "JSON object"),
+        ("ping", "JSON object"),
+        ({}, "'op' is missing"),
+        ({"op": 3}, "'op' must be a string"),
+        ({"op": "readings"}, "'sensor' is missing"),
+        ({"op": "readings", "sensor": "s1", "limit": True}, "'limit' must be an integer"),
+        ({"op": "readings", "sensor": "s1", "limit": 5.0}, "'limit' must be an integer"),
+        ({"op": "readings", "sensor": "s1", "limit": 0}, "'limit' must be 1-10000"),
+        ({"op": "readings", "sensor": "s1", "limit": 10_001}, "'limit' must be 1-10000"),
+        ({"op": "readings", "sensor": "s1", "since": "yesterday"}, "'since' must be a number"),
+        ({"op": "readings", "sensor": "s1", "until": 1e300}, "'until' must be Unix seconds"),
+        ({"op": "readings", "sensor": "s1", "order": "up"}, "'order'"),
+        ({"op": "readings", "sensor": "s1", "cursor": 5}, "'cursor'"),
+        ({"op": "readings", "sensor": 7}, "'sensor' must be a string"),
+        ({"op": "readings", "sensor": ""}, "'sensor' must be 1-256"),
+        ({"op": "readings", "sensor": "s" * 257}, "'sensor' must be 1-256"),
+        ({"op": "readings", "sensor": "\ud800"}, "'sensor' must be valid Unicode"),
+        ({"op": "readings", "sensor": None}, "'sensor' must be a string, got null"),
+        ({"op": "aggregate", "sensor": "s", "metric": "m", "bucket": True}, "'bucket' must be a number"),
+        ({"op": "aggregate", "sensor": "s", "metric": "m", "bucket": 0}, "'bucket' must be seconds"),
+        ({"op": "aggregate", "sensor": "s", "metric": "m", "bucket": -60}, "'bucket' must be seconds"),
+        ({"op": "aggregate", "sensor": "s", "metric": "m"}, "'bucket' is missing"),
+        ({"op": "ping", "extra": 1}, "unknown parameter 'extra'"),
+        ({"op": "latest", "sensor": "s", "since": 5}, "unknown parameter 'since'"),
+        ({"op": "latest", "metric": ["t"]}, "'metric' must be a string, got array"),
+        ({"op": "sensors", "stale": 1}, "'stale' must be true or false, got integer"),
+        ({"op": "sensors", "stale": "yes"}, "'stale' must be true or false, got string"),
+    ],
+)
 def test_bad_request_names_the_parameter(request_, words):
     error = error_of(json.dumps(request_).encode())
     assert error.code == "bad_request"
@@ -135,10 +153,13 @@ def test_deeply_nested_id_is_refused_not_echoed():
 
 def test_valid_requests_parse_to_typed_params():
     assert parse_request(b'{"op":"ping"}') == Request("ping", None, {})
-    request = parse_request(b'{"op":"readings","id":"a","sensor":"s1","since":5,"until":6.5,'
-                            b'"limit":10,"order":"desc","cursor":null,"metric":null}\r')
-    assert request == Request("readings", "a", {"sensor": "s1", "since": 5.0, "until": 6.5, "limit": 10,
-                                                "order": "desc"})
+    request = parse_request(
+        b'{"op":"readings","id":"a","sensor":"s1","since":5,"until":6.5,'
+        b'"limit":10,"order":"desc","cursor":null,"metric":null}\r'
+    )
+    assert request == Request(
+        "readings", "a", {"sensor": "s1", "since": 5.0, "until": 6.5, "limit": 10, "order": "desc"}
+    )
     assert parse_request(b'{"op":"aggregate","sensor":"s","metric":"m","bucket":300}').params["bucket"] == 300
     assert parse_request(b'{"op":"sensors","stale":true}').params == {"stale": True}
 
@@ -160,17 +181,32 @@ def test_cursor_round_trips_and_is_bound_to_its_query():
     position = Position(3, 1700000000.123456789, -1, 2**32 - 1)
     cursor = encode_cursor(position, PARAMS)
     assert decode_cursor(cursor, PARAMS) == position
-    for other in ({**PARAMS, "order": "desc"}, {**PARAMS, "sensor": "s2"}, {**PARAMS, "since": 11.0},
-                  {**PARAMS, "metric": "temp"}, {**PARAMS, "until": 99.0}):
+    for other in (
+        {**PARAMS, "order": "desc"},
+        {**PARAMS, "sensor": "s2"},
+        {**PARAMS, "since": 11.0},
+        {**PARAMS, "metric": "temp"},
+        {**PARAMS, "until": 99.0},
+    ):
         with pytest.raises(RequestError, match="not a cursor"):
             decode_cursor(cursor, other)
 
 
-@pytest.mark.parametrize("forged", [
-    "", ".", "abc", "abc.", ".abc", "x.y.z", "\u00e9.\u00e9", "!!!!.????",
-    encode_cursor(Position(3, 1.0, -1, 5), PARAMS)[:-2] + "AA",  # tag edited
-    "WzMsMS4wLC0xLDZd." + encode_cursor(Position(3, 1.0, -1, 5), PARAMS).split(".")[1],  # payload edited
-])
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "",
+        ".",
+        "abc",
+        "abc.",
+        ".abc",
+        "x.y.z",
+        "\u00e9.\u00e9",
+        "!!!!.????",
+        encode_cursor(Position(3, 1.0, -1, 5), PARAMS)[:-2] + "AA",  # tag edited
+        "WzMsMS4wLC0xLDZd." + encode_cursor(Position(3, 1.0, -1, 5), PARAMS).split(".")[1],  # payload edited
+    ],
+)
 def test_forged_cursors_are_bad_request(forged):
     with pytest.raises(RequestError) as info:
         decode_cursor(forged, PARAMS)
@@ -196,9 +232,14 @@ json_values = st.recursive(
 
 
 @settings(max_examples=300)
-@given(st.sampled_from(["ping", "sensors", "latest", "readings", "aggregate", "gaps", "stats", "x"]),
-       st.dictionaries(st.sampled_from(["sensor", "metric", "since", "until", "limit", "order", "cursor", "bucket",
-                                        "id", "zzz"]), json_values, max_size=5))
+@given(
+    st.sampled_from(["ping", "sensors", "latest", "readings", "aggregate", "gaps", "stats", "x"]),
+    st.dictionaries(
+        st.sampled_from(["sensor", "metric", "since", "until", "limit", "order", "cursor", "bucket", "id", "zzz"]),
+        json_values,
+        max_size=5,
+    ),
+)
 def test_any_request_shape_gives_a_request_or_a_coded_error(op, params):
     line = json.dumps({"op": op, **params}).encode()
     try:
@@ -210,12 +251,24 @@ def test_any_request_shape_gives_a_request_or_a_coded_error(op, params):
 NOW = 1_764_100_800.0  # 2025-11-25T20:00:00Z
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("1700000000", 1700000000.0), ("1700000000.25", 1700000000.25), ("now", NOW),
-    ("15m", NOW - 900), ("2h", NOW - 7200), ("7d", NOW - 7 * 86400), ("15m ago", NOW - 900), ("1h30m", NOW - 5400),
-    ("2025-11-25T20:00:00Z", NOW), ("2025-11-25T21:00:00+01:00", NOW), ("2025-11-25 20:00", NOW),
-    ("2025-11-25", NOW - 20 * 3600), ("2025-11-25T20:00:00.5Z", NOW + 0.5),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1700000000", 1700000000.0),
+        ("1700000000.25", 1700000000.25),
+        ("now", NOW),
+        ("15m", NOW - 900),
+        ("2h", NOW - 7200),
+        ("7d", NOW - 7 * 86400),
+        ("15m ago", NOW - 900),
+        ("1h30m", NOW - 5400),
+        ("2025-11-25T20:00:00Z", NOW),
+        ("2025-11-25T21:00:00+01:00", NOW),
+        ("2025-11-25 20:00", NOW),
+        ("2025-11-25", NOW - 20 * 3600),
+        ("2025-11-25T20:00:00.5Z", NOW + 0.5),
+    ],
+)
 def test_parse_time(text, expected):
     assert parse_time(text, NOW) == expected
 
@@ -226,8 +279,19 @@ def test_parse_time_refuses(text):
         parse_time(text, NOW)
 
 
-@pytest.mark.parametrize("text, expected", [("300", 300), ("30s", 30), ("5m", 300), ("1h", 3600), ("1d", 86400),
-                                            ("1.5", 1.5), ("1h30m", 5400), ("2W", 14 * 86400)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("300", 300),
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("1d", 86400),
+        ("1.5", 1.5),
+        ("1h30m", 5400),
+        ("2W", 14 * 86400),
+    ],
+)
 def test_parse_duration(text, expected):
     assert parse_duration(text) == expected
 
@@ -258,16 +322,20 @@ def test_an_id_beyond_ints_digit_limit_is_echoed_digit_for_digit():
     assert encode_result(nested.id, None) == b'{"id":{"n":[1,' + digits.encode() + b',"x"]},"ok":true,"result":null}\n'
     # Ordinary ids go through the same path unchanged.
     assert encode_error("\ud800", "bad_request", "m") == (
-        b'{"id":"\\ud800","ok":false,"error":{"code":"bad_request","message":"m"}}\n')
+        b'{"id":"\\ud800","ok":false,"error":{"code":"bad_request","message":"m"}}\n'
+    )
     assert json.loads(encode_result(4300 * 10**4299 // 10**4299, 1))["id"] == 4300
 
 
-@pytest.mark.parametrize("name,line", [
-    ("limit", b'{"op":"readings","sensor":"s","limit":%s}'),
-    ("since", b'{"op":"readings","sensor":"s","since":%s}'),
-    ("bucket", b'{"op":"aggregate","sensor":"s","metric":"m","bucket":%s}'),
-    ("sensor", b'{"op":"readings","sensor":%s}'),
-])
+@pytest.mark.parametrize(
+    "name,line",
+    [
+        ("limit", b'{"op":"readings","sensor":"s","limit":%s}'),
+        ("since", b'{"op":"readings","sensor":"s","since":%s}'),
+        ("bucket", b'{"op":"aggregate","sensor":"s","metric":"m","bucket":%s}'),
+        ("sensor", b'{"op":"readings","sensor":%s}'),
+    ],
+)
 def test_a_huge_integer_parameter_is_bad_request_naming_it(name, line):
     error = error_of(line % (b"1" * 5000))
     assert error.code == "bad_request" and f"'{name}'" in error.message

@@ -48,8 +48,13 @@ def read_lines(sock, count: int) -> list[dict]:
 def ping_seconds(server, tls, ca_cert: bool = False) -> float:
     """Wall time of connect + handshake + one ping on a fresh connection."""
     start = time.monotonic()
-    with QueryClient("localhost", server.server_address[1], ca=tls.ca_pem,
-                     cert=tls.client_cert if ca_cert else None, key=tls.client_key if ca_cert else None) as c:
+    with QueryClient(
+        "localhost",
+        server.server_address[1],
+        ca=tls.ca_pem,
+        cert=tls.client_cert if ca_cert else None,
+        key=tls.client_key if ca_cert else None,
+    ) as c:
         assert c.request("ping")["protocol"] == 1
     return time.monotonic() - start
 
@@ -187,8 +192,9 @@ def test_client_checks_the_server_name(known_db, tls, tmp_path):
     elsewhere.private_key_pem.write_to_path(str(tmp_path / "e.key"))
     from dataclasses import replace
 
-    with running_server(known_db, replace(tls, server_cert=str(tmp_path / "e.pem"),
-                                          server_key=str(tmp_path / "e.key"))) as server:
+    with running_server(
+        known_db, replace(tls, server_cert=str(tmp_path / "e.pem"), server_key=str(tmp_path / "e.key"))
+    ) as server:
         with pytest.raises(ConnectError) as info:
             QueryClient("localhost", server.server_address[1], ca=tls.ca_pem).connect()
         assert info.value.kind == "hostname"
@@ -217,8 +223,9 @@ def test_listening_on_the_ipv6_wildcard_serves_ipv4_clients_too(known_db, tls):
 
 def test_every_op_over_tls(known_db, tls):
     with running_server(known_db, tls, mtls=True) as server:
-        with QueryClient("localhost", server.server_address[1], ca=tls.ca_pem, cert=tls.client_cert,
-                         key=tls.client_key) as c:
+        with QueryClient(
+            "localhost", server.server_address[1], ca=tls.ca_pem, cert=tls.client_cert, key=tls.client_key
+        ) as c:
             assert c.request("ping")["version"] == "0.1.0"
             assert [s["sensor"] for s in c.request("sensors")][:2] == ["s1", "s2"]
             assert len(c.request("latest")) == 4
@@ -227,7 +234,13 @@ def test_every_op_over_tls(known_db, tls):
             page = c.request("readings", sensor="s1", metric="temp", limit=1000, cursor=page["next"])
             assert page == {"rows": expected_rows("s1", "temp")[100:], "next": None}
             assert c.request("aggregate", sensor="s2", metric="temp", bucket=20)[0] == {
-                "start": -40, "count": 1, "min": 0.0, "max": 0.0, "avg": 0.0, "sum": 0.0}
+                "start": -40,
+                "count": 1,
+                "min": 0.0,
+                "max": 0.0,
+                "avg": 0.0,
+                "sum": 0.0,
+            }
             assert len(c.request("gaps")) == 3
             assert c.request("stats")["received"] == 341
             with pytest.raises(ServerError) as info:
@@ -288,8 +301,10 @@ def test_unterminated_last_line_before_eof_is_answered(known_db, tls):
             assert sock.recv(100) == b""
         # The same while requests still wait for workers: every one answered, in order, nothing extra.
         with connect(server, tls.client_context(cert=False)) as sock:
-            lines = [b'{"op":"latest","sensor":"s2","id":%d}' % i if i % 2 else b'{"op":"ping","id":%d}' % i
-                     for i in range(60)]
+            lines = [
+                b'{"op":"latest","sensor":"s2","id":%d}' % i if i % 2 else b'{"op":"ping","id":%d}' % i
+                for i in range(60)
+            ]
             sock.sendall(b"\n".join(lines))
             socket.socket.shutdown(sock, socket.SHUT_WR)
             assert [r["id"] for r in read_lines(sock, 60)] == list(range(60))
@@ -297,9 +312,18 @@ def test_unterminated_last_line_before_eof_is_answered(known_db, tls):
 
 
 def test_errors_leave_the_connection_usable(known_db, tls):
-    bad_lines = [b"", b"{", b"[1,2]", b'{"op":"x"}', b'{"op":"readings","sensor":"s1","limit":true}',
-                 b'{"op":"readings","sensor":"s1","since":NaN}', b"[" * 50_000, b"\xff\xfe\xfd",
-                 b'{"op":"readings","sensor":"\\ud800"}', b'{"op":"ping","zzz":1}']
+    bad_lines = [
+        b"",
+        b"{",
+        b"[1,2]",
+        b'{"op":"x"}',
+        b'{"op":"readings","sensor":"s1","limit":true}',
+        b'{"op":"readings","sensor":"s1","since":NaN}',
+        b"[" * 50_000,
+        b"\xff\xfe\xfd",
+        b'{"op":"readings","sensor":"\\ud800"}',
+        b'{"op":"ping","zzz":1}',
+    ]
     with running_server(known_db, tls) as server:
         with connect(server, tls.client_context(cert=False)) as sock:
             for line in bad_lines:
@@ -417,7 +441,11 @@ def test_slowloris_line_is_cut_off_while_others_are_served(known_db, tls):
                 if closed:
                     break
                 good.sendall(b'{"op":"ping","id":1}\n')
-                assert read_lines(good, 1)[0] == {"id": 1, "ok": True, "result": {"version": __version__, "protocol": 1}}
+                assert read_lines(good, 1)[0] == {
+                    "id": 1,
+                    "ok": True,
+                    "result": {"version": __version__, "protocol": 1},
+                }
             assert closed, "the dripping connection was never closed"
             assert 0.5 <= time.monotonic() - start < 3
             # A pipelined client whose lines are complete is never cut off.
@@ -477,8 +505,11 @@ def test_internal_errors_are_answered_logged_and_survived(known_db, tls, caplog)
             with connect(server, tls.client_context(cert=False)) as sock:
                 sock.sendall(b'{"op":"gaps","id":1}\n{"op":"ping","id":2}\n')
                 error, ping = read_lines(sock, 2)
-    assert error == {"id": 1, "ok": False,
-                     "error": {"code": "internal", "message": "internal error; the server log has details"}}
+    assert error == {
+        "id": 1,
+        "ok": False,
+        "error": {"code": "internal", "message": "internal error; the server log has details"},
+    }
     assert ping["ok"]
     assert any("boom" in (r.exc_text or "") for r in caplog.records)
 
@@ -491,8 +522,26 @@ def mutate(rng: random.Random, line: bytes) -> bytes:
         if choice < 0.4 and data:
             data[min(pos, len(data) - 1)] = rng.randrange(256)
         elif choice < 0.7:
-            data[pos:pos] = rng.choice([b"{", b"}", b"[", b"]", b'"', b",", b":", b"NaN", b"-1e999", b"\\u0000",
-                                        b"true", b"null", b"9" * 30, b"\\ud800", b"\xc3", b"'; DROP TABLE x;--"])
+            data[pos:pos] = rng.choice(
+                [
+                    b"{",
+                    b"}",
+                    b"[",
+                    b"]",
+                    b'"',
+                    b",",
+                    b":",
+                    b"NaN",
+                    b"-1e999",
+                    b"\\u0000",
+                    b"true",
+                    b"null",
+                    b"9" * 30,
+                    b"\\ud800",
+                    b"\xc3",
+                    b"'; DROP TABLE x;--",
+                ]
+            )
         else:
             del data[pos : pos + rng.randint(1, 8)]
     return bytes(data).replace(b"\n", b" ")
@@ -501,7 +550,9 @@ def mutate(rng: random.Random, line: bytes) -> bytes:
 SEEDS = [json.dumps(r).encode() for r in PIPELINE] + [
     b'{"op":"readings","sensor":"s1","since":1700000000,"until":1700000500,"limit":5,"order":"desc"}',
     b'{"op":"aggregate","sensor":"s1","metric":"temp","bucket":60,"since":1700000000}',
-    b'{"op":"gaps","sensor":"s1","since":0}', b'{"op":"sensors","sensor":"s2"}', b'{"op":"stats"}',
+    b'{"op":"gaps","sensor":"s1","since":0}',
+    b'{"op":"sensors","sensor":"s2"}',
+    b'{"op":"stats"}',
 ]
 
 

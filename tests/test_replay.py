@@ -179,17 +179,21 @@ def test_restore_of_an_empty_window():
     assert r.check(0, 0) and r.boot is None
 
 
-@pytest.mark.parametrize("snap", [
-    {"v": 2, "boot": 1, "top": 1, "bits": "1"},
-    {"boot": 1, "top": 1, "bits": "1"},
-    {"v": 1, "boot": "1", "top": 1, "bits": "1"},
-    {"v": 1, "boot": 1, "top": 1.5, "bits": "1"},
-    {"v": 1, "boot": 1, "top": -1, "bits": "1"},
-    {"v": 1, "boot": 2**32, "top": 1, "bits": "1"},
-    {"v": 1, "boot": 1, "top": 1, "bits": "zz"},
-    {"v": 1, "boot": 1, "top": 1, "bits": 1},
-    {"v": 1, "boot": 1, "top": 1},
-], ids=lambda s: json.dumps(s))
+@pytest.mark.parametrize(
+    "snap",
+    [
+        {"v": 2, "boot": 1, "top": 1, "bits": "1"},
+        {"boot": 1, "top": 1, "bits": "1"},
+        {"v": 1, "boot": "1", "top": 1, "bits": "1"},
+        {"v": 1, "boot": 1, "top": 1.5, "bits": "1"},
+        {"v": 1, "boot": 1, "top": -1, "bits": "1"},
+        {"v": 1, "boot": 2**32, "top": 1, "bits": "1"},
+        {"v": 1, "boot": 1, "top": 1, "bits": "zz"},
+        {"v": 1, "boot": 1, "top": 1, "bits": 1},
+        {"v": 1, "boot": 1, "top": 1},
+    ],
+    ids=lambda s: json.dumps(s),
+)
 def test_restore_refuses_a_damaged_snapshot(snap):
     with pytest.raises((ValueError, TypeError, KeyError)):
         ReplayWindow.restore(snap)
@@ -218,8 +222,7 @@ class Model:
 
 
 pairs = st.lists(
-    st.tuples(st.integers(0, 3),
-              st.one_of(st.integers(0, 3 * W), st.integers(2**32 - 2 * W, 2**32 - 1))),
+    st.tuples(st.integers(0, 3), st.one_of(st.integers(0, 3 * W), st.integers(2**32 - 2 * W, 2**32 - 1))),
     max_size=300,
 )
 
@@ -287,10 +290,14 @@ def _v1_database(path: str) -> None:
         db["meta"].create({"key": str, "value": str}, pk="key")
         schema.MIGRATIONS[0](db)
         db["meta"].insert({"key": "schema_version", "value": "1"})
-        db.execute("INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, "
-                   "reordered, restarts, tracker) VALUES ('s1', 1.0, 2.0, 3, 3, 1, 0, 0, 0, NULL)")
+        db.execute(
+            "INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, "
+            "reordered, restarts, tracker) VALUES ('s1', 1.0, 2.0, 3, 3, 1, 0, 0, 0, NULL)"
+        )
         db.execute("INSERT INTO series (id, sensor, metric) VALUES (1, 's1', 't')")
-        db.conn.executemany("INSERT INTO readings VALUES (1, ?, 5, ?, ?, 2.0)", [(100.0 + s, s, 20.0 + s) for s in (0, 1, 3)])
+        db.conn.executemany(
+            "INSERT INTO readings VALUES (1, ?, 5, ?, ?, 2.0)", [(100.0 + s, s, 20.0 + s) for s in (0, 1, 3)]
+        )
         db.execute("INSERT INTO gaps VALUES ('s1', 0, 5, 2, 2, 1, 1.5)")
         db.execute("INSERT INTO counters VALUES ('received', 3)")
     db.conn.close()
@@ -299,8 +306,10 @@ def _v1_database(path: str) -> None:
 def test_a_v1_database_is_migrated_to_the_latest_on_open_with_its_data_intact(tmp_path):
     path = str(tmp_path / "v1.db")
     _v1_database(path)
-    before = {t: sqlite3.connect(path).execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
-              for t in ("sensors", "series", "readings", "gaps", "counters")}
+    before = {
+        t: sqlite3.connect(path).execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+        for t in ("sensors", "series", "readings", "gaps", "counters")
+    }
     with pytest.raises(Exception, match=f"has schema 1, expected {schema.SCHEMA_VERSION}"):
         schema.open_reader(path)  # a reader needs the writer to migrate first
     db = schema.open_writer(path)
@@ -369,7 +378,7 @@ def test_a_damaged_window_fails_closed_at_the_trackers_highest(tmp_path, caplog)
         state.tracker.observe(7, seq, 1.0)
     core.dirty.add(state)
     assert store.flush(core, 2.0)
-    store.conn.execute("UPDATE sensors SET replay = '{\"v\": 1, \"boot\": \"x\"}'")
+    store.conn.execute('UPDATE sensors SET replay = \'{"v": 1, "boot": "x"}\'')
     store.close()
 
     again, loaded = open_ingest(path)

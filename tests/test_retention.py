@@ -27,8 +27,16 @@ def ask(path: str, **params):
         ops.close()
 
 
-def fill(store, core, sensor: str, seqs, t0: float, step: float = 1.0, noise: random.Random | None = None,
-         flush_every: int = 16) -> None:
+def fill(
+    store,
+    core,
+    sensor: str,
+    seqs,
+    t0: float,
+    step: float = 1.0,
+    noise: random.Random | None = None,
+    flush_every: int = 16,
+) -> None:
     for i, seq in enumerate(seqs):
         now = t0 + i * step
         value = noise.random() if noise else float(seq)
@@ -66,8 +74,7 @@ def test_retention_drops_old_raw_chunks_counts_them_and_rollups_answer_for_them(
     assert "removed" in " ".join(meta["notes"])  # not a silent short list
     buckets, meta = ask(db_path, op="aggregate", sensor="s", metric="v", bucket=3600, since=T0 - 800)  # on the hour
     assert meta["resolution"] == "1h" and buckets[0]["count"] == 64  # from the rollups
-    buckets, meta = ask(db_path, op="aggregate", sensor="s", metric="v", bucket=7, since=T0 - 10,
-                        until=T0 + 100)
+    buckets, meta = ask(db_path, op="aggregate", sensor="s", metric="v", bucket=7, since=T0 - 10, until=T0 + 100)
     assert sum(b["count"] for b in buckets) == 64 and "rollup" in " ".join(meta["notes"])
 
 
@@ -104,8 +111,10 @@ def test_a_run_writing_three_times_the_budget_ends_at_or_under_it_with_accounts_
         assert core.counters["budget_dropped"] > 0
     finally:
         store.close()
-    assert os.path.getsize(db_path) + (os.path.getsize(db_path + "-wal") if os.path.exists(db_path + "-wal") else 0) \
+    assert (
+        os.path.getsize(db_path) + (os.path.getsize(db_path + "-wal") if os.path.exists(db_path + "-wal") else 0)
         <= budget
+    )
     stats, _ = ask(db_path, op="stats")
     conn = sqlite3.connect(db_path)
     in_chunks = conn.execute("SELECT total(count) FROM chunk_series").fetchone()[0]
@@ -133,8 +142,9 @@ def test_a_corrupt_chunk_is_found_counted_logged_and_skipped_with_a_note(db_path
         conn.close()
         rows, meta = ask(db_path, op="readings", sensor="s", metric="v")
         assert [r["seq"] for r in rows["rows"]] == list(range(8)) + list(range(16, 24))
-        assert meta["notes"] == ["chunk 2 of sensor s is corrupt (its checksum does not match): "
-                                 "its readings are skipped"]
+        assert meta["notes"] == [
+            "chunk 2 of sensor s is corrupt (its checksum does not match): its readings are skipped"
+        ]
         latest, _ = ask(db_path, op="latest", sensor="s")
         assert [r["seq"] for r in latest] == [23, 23]  # from the chunk statistics
         caplog.set_level(logging.ERROR, logger="collector.retention")
@@ -155,13 +165,33 @@ def test_retention_flags_are_checked_and_bad_values_are_one_line(bin_path, tmp_p
     import subprocess
 
     exe = bin_path("telemetry-collector")
-    ok = subprocess.run([exe, "--db", str(tmp_path / "x.db"), "--retain", "30d", "--retain-1h", "forever",
-                         "--max-disk", "500M", "--check"], capture_output=True, text=True, timeout=30)
+    ok = subprocess.run(
+        [
+            exe,
+            "--db",
+            str(tmp_path / "x.db"),
+            "--retain",
+            "30d",
+            "--retain-1h",
+            "forever",
+            "--max-disk",
+            "500M",
+            "--check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert ok.returncode == 0, ok.stderr
     assert 'retain = "30d"' in ok.stdout and 'max-disk = "500M"' in ok.stdout
-    for flag, value, words in (("--max-disk", "lots", "not a size"), ("--max-disk", "10k", "at least 1 MiB"),
-                               ("--retain", "-3d", "must be > 0"), ("--retain-1m", "soon", "not a duration")):
-        bad = subprocess.run([exe, "--db", str(tmp_path / "x.db"), flag, value, "--check"],
-                             capture_output=True, text=True, timeout=30)
+    for flag, value, words in (
+        ("--max-disk", "lots", "not a size"),
+        ("--max-disk", "10k", "at least 1 MiB"),
+        ("--retain", "-3d", "must be > 0"),
+        ("--retain-1m", "soon", "not a duration"),
+    ):
+        bad = subprocess.run(
+            [exe, "--db", str(tmp_path / "x.db"), flag, value, "--check"], capture_output=True, text=True, timeout=30
+        )
         assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
         assert words in bad.stderr.strip().splitlines()[-1]  # click's usage error: one line says what

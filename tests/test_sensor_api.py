@@ -49,8 +49,7 @@ def test_claims_in_the_same_second_grow_and_are_persisted(tmp_path):
 
 def test_claims_from_threads_are_distinct(tmp_path):
     path, got = tmp_path / "boot-s1", []
-    threads = [threading.Thread(target=lambda: got.extend(claim_boot(path, 5.0) for _ in range(20)))
-               for _ in range(4)]
+    threads = [threading.Thread(target=lambda: got.extend(claim_boot(path, 5.0) for _ in range(20))) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -92,8 +91,9 @@ def test_eight_one_reading_bridges_back_to_back_store_eight_readings(db_path):
         port = collector.addresses[0][1]
         for i in range(8):
             if i in (3, 4):
-                proc = subprocess.run([sys.executable, "-c", BRIDGE, str(port), str(i)],
-                                      capture_output=True, text=True, timeout=60)
+                proc = subprocess.run(
+                    [sys.executable, "-c", BRIDGE, str(port), str(i)], capture_output=True, text=True, timeout=60
+                )
                 assert proc.returncode == 0, proc.stderr
             else:
                 with Sensor("bridge-1", target=("127.0.0.1", port)) as s:
@@ -122,8 +122,10 @@ def test_a_signed_bridge_persists_the_boot_it_bumps_at_the_seq_wrap(tmp_path):
 # --- arguments -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field, value", [("boot", 2**32), ("boot", -1), ("seq", 2**32), ("seq", -1),
-                                          ("seq", 1.5), ("boot", "7"), ("boot", 2**40 + 3)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("boot", 2**32), ("boot", -1), ("seq", 2**32), ("seq", -1), ("seq", 1.5), ("boot", "7"), ("boot", 2**40 + 3)],
+)
 def test_boot_and_seq_outside_uint32_are_refused_not_masked(field, value):
     with pytest.raises(EncodeError, match=f"^{field} "):
         Sensor("s1", target=("127.0.0.1", 9), **{field: value})
@@ -142,10 +144,14 @@ class Float64(float):
 
 
 def test_numpy_like_numbers_are_sent_as_plain_numbers():
-    readings = {"a": Float64(21.5), "b": IndexOnly(7), "c": fractions.Fraction(1, 4),
-                "d": decimal.Decimal("2.5"), "e": True}
-    with Receiver() as rx, Sensor("s1", target=("127.0.0.1", rx.port), boot=IndexOnly(3),
-                                  seq=IndexOnly(9)) as s:
+    readings = {
+        "a": Float64(21.5),
+        "b": IndexOnly(7),
+        "c": fractions.Fraction(1, 4),
+        "d": decimal.Decimal("2.5"),
+        "e": True,
+    }
+    with Receiver() as rx, Sensor("s1", target=("127.0.0.1", rx.port), boot=IndexOnly(3), seq=IndexOnly(9)) as s:
         s.send(readings, ts=Float64(1_700_000_000.5))
         got = rx.datagrams() if rx.wait(1) else None
     (d,) = got

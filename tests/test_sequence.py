@@ -304,7 +304,7 @@ def test_gaps_behind_the_window_are_bounded_forgotten_oldest_first_and_stay_lost
     in_window = [g for g in range(1, top, 2) if g >= top - WINDOW]
     assert len(in_window) == WINDOW // 2
     remembered = [g.first_seq for g in t.open_gaps()]
-    assert remembered[-len(in_window):] == in_window
+    assert remembered[-len(in_window) :] == in_window
     oldest = in_window[0] - 2 * MAX_OLD_GAPS
     assert remembered[: -len(in_window)] == list(range(oldest, in_window[0], 2))
     assert len(remembered) == WINDOW // 2 + MAX_OLD_GAPS <= MAX_OPEN_GAPS
@@ -338,8 +338,18 @@ def test_snapshot_restore_mid_stream_behaves_identically():
     assert t2.open_gaps() == t.open_gaps()
     assert counters(t2) == counters(t)
     tail = [4, 3, M - 4, M - 3, 0, 9, 1, 1, 7, 20]
-    want = [InOrder(), Duplicate(), Duplicate(), Late(M - 3), Late(0), Gap(5, 8), Late(1), Duplicate(), Late(7),
-            Gap(10, 19)]  # no gap invented at the restore point, duplicates still caught
+    want = [
+        InOrder(),
+        Duplicate(),
+        Duplicate(),
+        Late(M - 3),
+        Late(0),
+        Gap(5, 8),
+        Late(1),
+        Duplicate(),
+        Late(7),
+        Gap(10, 19),
+    ]  # no gap invented at the restore point, duplicates still caught
     assert feed(t2, 8, tail) == feed(t, 8, tail) == want
     assert feed(t2, 8, [5, 6]) == [Late(5), Late(6)]
     assert feed(t, 8, [5, 6]) == [Late(5), Late(6)]
@@ -445,7 +455,12 @@ def truth(arrivals: list[int]) -> dict:
 
 def check(t: SensorTracker, want: dict, db: dict, stream: int = 0) -> None:
     assert (t.datagrams, t.duplicates, t.lost, t.reordered, t.restarts) == (
-        want["datagrams"], want["duplicates"], want["lost"], want["reordered"], 0)
+        want["datagrams"],
+        want["duplicates"],
+        want["lost"],
+        want["reordered"],
+        0,
+    )
     assert [(g.first_seq, g.last_seq, g.missing) for g in t.open_gaps()] == want["gaps"]
     apply(db, t.pop_gap_changes())
     assert sorted((k[1], r.last_seq, r.missing) for k, r in db.items()) == sorted(want["gaps"])
@@ -508,18 +523,25 @@ def test_accounts_over_boot_restarts(streams):
     assert t.lost == want_lost
     # Every stream's gaps have rows (old ones final); the last two are remembered.
     assert sorted((k[0], k[1], r.last_seq) for k, r in db.items()) == sorted(
-        (i, a, b) for i, w in enumerate(wants) for a, b, _ in w["gaps"])
+        (i, a, b) for i, w in enumerate(wants) for a, b, _ in w["gaps"]
+    )
     assert [(g.stream, g.first_seq) for g in t.open_gaps()] == [
-        (i, a) for i, w in enumerate(wants) if i >= len(wants) - 2 for a, _, _ in w["gaps"]]
+        (i, a) for i, w in enumerate(wants) if i >= len(wants) - 2 for a, _, _ in w["gaps"]
+    ]
 
 
 @FEWER
-@given(old=faulty_stream(max_len=60), new=faulty_stream(max_len=60), late=st.integers(0, 8),
-       where=st.randoms(use_true_random=False), boots=st.sampled_from([(1, 2), (None, 7), (7, None)]))
+@given(
+    old=faulty_stream(max_len=60),
+    new=faulty_stream(max_len=60),
+    late=st.integers(0, 8),
+    where=st.randoms(use_true_random=False),
+    boots=st.sampled_from([(1, 2), (None, 7), (7, None)]),
+)
 def test_stragglers_across_a_boot_restart(old, new, late, where, boots):
     """The old boot's last arrivals overtaken by the new boot's first ones still count to the old stream."""
     late = min(late, len(old) - 1)
-    head, tail = old[: len(old) - late], old[len(old) - late:]
+    head, tail = old[: len(old) - late], old[len(old) - late :]
     arrivals = [(boots[0], e) for e in head] + [(boots[1], e) for e in new]
     # Each straggler lands somewhere after the new stream's first datagram;
     # the old stream's own order is kept (it was drawn inside the exact regime).
@@ -547,9 +569,16 @@ def test_stragglers_across_a_boot_restart(old, new, late, where, boots):
             hi = e if hi is None else max(hi, e)
         wants.append(w)
     assert (t.datagrams, t.duplicates, t.lost, t.reordered, t.restarts, t.stream) == (
-        sum(w["datagrams"] for w in wants), sum(w["duplicates"] for w in wants),
-        sum(w["lost"] for w in wants), sum(w["reordered"] for w in wants), 1, 1)
+        sum(w["datagrams"] for w in wants),
+        sum(w["duplicates"] for w in wants),
+        sum(w["lost"] for w in wants),
+        sum(w["reordered"] for w in wants),
+        1,
+        1,
+    )
     assert [(g.stream, g.first_seq, g.last_seq, g.missing) for g in t.open_gaps()] == [
-        (i, a, b, n) for i, w in enumerate(wants) for a, b, n in w["gaps"]]
+        (i, a, b, n) for i, w in enumerate(wants) for a, b, n in w["gaps"]
+    ]
     assert sorted((k, r.last_seq, r.boot) for k, r in db.items()) == sorted(
-        ((i, a), b, boots[i]) for i, w in enumerate(wants) for a, b, _ in w["gaps"])
+        ((i, a), b, boots[i]) for i, w in enumerate(wants) for a, b, _ in w["gaps"]
+    )

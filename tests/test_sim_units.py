@@ -31,8 +31,11 @@ def simulate(rates: FaultRates, n: int, seed: int):
 
 @settings(max_examples=200)
 @given(
-    loss=st.floats(0, 1), duplicate=st.floats(0, 1), reorder=st.floats(0, 1),
-    n=st.integers(0, 300), seed=st.integers(0, 2**32),
+    loss=st.floats(0, 1),
+    duplicate=st.floats(0, 1),
+    reorder=st.floats(0, 1),
+    n=st.integers(0, 300),
+    seed=st.integers(0, 2**32),
 )
 def test_every_datagram_is_dropped_or_sent_once_plus_its_copy(loss, duplicate, reorder, n, seed):
     dropped, order = simulate(FaultRates(loss, duplicate, reorder), n, seed)
@@ -79,8 +82,7 @@ def test_no_faults_keeps_order():
 def test_certain_loss_drops_everything_and_certain_duplicate_doubles():
     assert simulate(FaultRates(loss=1.0), 50, 1) == (list(range(50)), [])
     _, order = simulate(FaultRates(duplicate=1.0), 3, 1)
-    assert [(e.idx, e.copy) for e in order] == [(0, False), (0, True), (1, False), (1, True),
-                                                (2, False), (2, True)]
+    assert [(e.idx, e.copy) for e in order] == [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True)]
 
 
 def test_same_seed_same_faults_other_seed_differs():
@@ -149,11 +151,13 @@ def test_boots_from_seed_time_value_or_none():
 
 def test_replay_load_groups_rows_of_one_sensor_and_ts(tmp_path):
     p = tmp_path / "rec.csv"
-    p.write_text("sensor,ts,metric,value\n"
-                 "b,1700000001.5,temp,20.5\n"
-                 "a,1700000000,temp,19\n"
-                 "b,1700000001.5,hum,40\n"
-                 "a,1700000002,temp,1e-3\n")
+    p.write_text(
+        "sensor,ts,metric,value\n"
+        "b,1700000001.5,temp,20.5\n"
+        "a,1700000000,temp,19\n"
+        "b,1700000001.5,hum,40\n"
+        "a,1700000002,temp,1e-3\n"
+    )
     groups = load(p)
     assert [(g.sensor, g.ts, g.readings) for g in groups] == [
         ("a", 1700000000.0, {"temp": 19}),
@@ -163,23 +167,32 @@ def test_replay_load_groups_rows_of_one_sensor_and_ts(tmp_path):
     assert type(groups[0].readings["temp"]) is int
 
 
-@pytest.mark.parametrize("name, text, message", [
-    ("a.csv", "sensor,ts,metric\nx,1,t\n", "a.csv:1: CSV header must name sensor, ts, metric, value"),
-    ("a.csv", "sensor,ts,metric,value\nx,1,t,abc\n", "a.csv:2: value 'abc' is not a number"),
-    ("a.csv", "sensor,ts,metric,value\nx,1,t,1\nx,1,t,2\n", "a.csv:3: metric 't' given twice"),
-    ("a.csv", "sensor,ts,metric,value\nx,-5,t,1\n", "a.csv:2: ts -5.0 is not Unix seconds"),
-    ("a.csv", "sensor,ts,metric,value\nbad id,1,t,1\n", "a.csv:2: sensor id 'bad id'"),
-    ("a.csv", "sensor,ts,metric,value\n", "a.csv: no readings"),
-    ("a.jsonl", '{"sensor":"x","ts":1,"metric":"t","value":1}\n{"sensor":"x"\n', "a.jsonl:2: not JSON"),
-    ("a.jsonl", '{"sensor":"x","ts":1,"metric":"t","value":"1"}\n', "a.jsonl:1: value must be a number"),
-    ("a.jsonl", '{"sensor":"x","ts":1,"metric":"t"}\n', "a.jsonl:1: expected an object with keys"),
-    # Hostile files: each is one line naming file and line, never a traceback.
-    ("a.csv", "sensor,ts,metric,value\nx,1,t," + "1" * 200_000 + "\n", "a.csv:2: field larger than"),
-    ("a.jsonl", '{"sensor":"x","ts":1,"metric":"t","value":1}\n' + "[" * 100_000 + "\n",
-     "a.jsonl:2: not JSON: nested too deeply"),
-    ("a.jsonl", '{"sensor":"x","ts":1' + "0" * 400 + ',"metric":"t","value":1}\n',
-     "a.jsonl:1: ts is not Unix seconds"),
-])
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("a.csv", "sensor,ts,metric\nx,1,t\n", "a.csv:1: CSV header must name sensor, ts, metric, value"),
+        ("a.csv", "sensor,ts,metric,value\nx,1,t,abc\n", "a.csv:2: value 'abc' is not a number"),
+        ("a.csv", "sensor,ts,metric,value\nx,1,t,1\nx,1,t,2\n", "a.csv:3: metric 't' given twice"),
+        ("a.csv", "sensor,ts,metric,value\nx,-5,t,1\n", "a.csv:2: ts -5.0 is not Unix seconds"),
+        ("a.csv", "sensor,ts,metric,value\nbad id,1,t,1\n", "a.csv:2: sensor id 'bad id'"),
+        ("a.csv", "sensor,ts,metric,value\n", "a.csv: no readings"),
+        ("a.jsonl", '{"sensor":"x","ts":1,"metric":"t","value":1}\n{"sensor":"x"\n', "a.jsonl:2: not JSON"),
+        ("a.jsonl", '{"sensor":"x","ts":1,"metric":"t","value":"1"}\n', "a.jsonl:1: value must be a number"),
+        ("a.jsonl", '{"sensor":"x","ts":1,"metric":"t"}\n', "a.jsonl:1: expected an object with keys"),
+        # Hostile files: each is one line naming file and line, never a traceback.
+        ("a.csv", "sensor,ts,metric,value\nx,1,t," + "1" * 200_000 + "\n", "a.csv:2: field larger than"),
+        (
+            "a.jsonl",
+            '{"sensor":"x","ts":1,"metric":"t","value":1}\n' + "[" * 100_000 + "\n",
+            "a.jsonl:2: not JSON: nested too deeply",
+        ),
+        (
+            "a.jsonl",
+            '{"sensor":"x","ts":1' + "0" * 400 + ',"metric":"t","value":1}\n',
+            "a.jsonl:1: ts is not Unix seconds",
+        ),
+    ],
+)
 def test_replay_load_names_the_bad_line(tmp_path, name, text, message):
     p = tmp_path / name
     p.write_text(text)
@@ -236,4 +249,5 @@ def test_fixed_rate_and_duration_spread_slots_evenly_on_a_fake_clock():
     assert report["datagrams_sent"] == 100
     assert report["elapsed_s"] == pytest.approx(99 * 0.005, abs=1e-3)
     assert sorted(got, key=lambda g: g[1]) == [
-        (f"sim-{j % 4 + 1:04d}", pytest.approx(fake.wall0 + j * 0.005, abs=1e-3)) for j in range(100)]
+        (f"sim-{j % 4 + 1:04d}", pytest.approx(fake.wall0 + j * 0.005, abs=1e-3)) for j in range(100)
+    ]

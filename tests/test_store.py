@@ -48,11 +48,20 @@ def test_flush_writes_readings_sensors_gaps_and_counters_together(db_path):
     w.counters["received"] = 5
     assert w.flush(200.0) is True
     assert w.core.pending == [] and w.core.dirty == set() and w.core.pending_datagrams == 0
-    got = rows(db_path, "SELECT sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts"
-                        " FROM sensors ORDER BY sensor")
+    got = rows(
+        db_path,
+        "SELECT sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts"
+        " FROM sensors ORDER BY sensor",
+    )
     assert got == [("s1", 100.0, 105.0, 4, 8, 2, 0, 0, 0), ("s2", 100.5, 100.5, 1, 1, 0, 0, 0, 0)]
-    assert rows(db_path, "SELECT sensor, stream, boot, first_seq, last_seq, missing FROM gaps") == [("s1", 0, 7, 2, 3, 2)]
-    assert rows(db_path, "SELECT id, sensor, metric FROM series ORDER BY id") == [(1, "s1", "temp"), (2, "s1", "hum"), (3, "s2", "v")]
+    assert rows(db_path, "SELECT sensor, stream, boot, first_seq, last_seq, missing FROM gaps") == [
+        ("s1", 0, 7, 2, 3, 2)
+    ]
+    assert rows(db_path, "SELECT id, sensor, metric FROM series ORDER BY id") == [
+        (1, "s1", "temp"),
+        (2, "s1", "hum"),
+        (3, "s2", "v"),
+    ]
     assert rows(db_path, "SELECT count(*) FROM readings WHERE boot = 7") == [(8,)]
     assert rows(db_path, "SELECT boot, seq, value FROM readings WHERE series = 3") == [(-1, 10, 1.5)]
     counters = dict(rows(db_path, "SELECT name, value FROM counters"))
@@ -240,7 +249,9 @@ def test_a_database_from_a_newer_collector_is_refused_and_left_closed(db_path):
     before = len(os.listdir("/proc/self/fd"))
     # pytest.raises keeps the traceback and its frames: a connection left
     # open by the failed open would still hold its file descriptors here.
-    with pytest.raises(SetupError, match=f"schema version 99 is newer than this collector's {schema.SCHEMA_VERSION}") as info:
+    with pytest.raises(
+        SetupError, match=f"schema version 99 is newer than this collector's {schema.SCHEMA_VERSION}"
+    ) as info:
         schema.open_writer(db_path)
     assert len(os.listdir("/proc/self/fd")) == before
     del info

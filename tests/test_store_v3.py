@@ -98,15 +98,22 @@ def stream(rng: random.Random) -> list[tuple]:
                 seq = rng.randint(0, 3)
                 if not has_boot:
                     base += 10_000.0  # a new stream, new times: keys never repeat
-            ts = {"normal": base + i * period + rng.choice([0.0, 0.001, 0.123]), "stuck": stuck,
-                  "none": None}[clock]
+            ts = {"normal": base + i * period + rng.choice([0.0, 0.001, 0.123]), "stuck": stuck, "none": None}[clock]
             readings = {}
             for m in metrics:
                 if rng.random() < 0.85:
-                    readings[m] = rng.choice([
-                        round(rng.uniform(-50, 50), 2), rng.randint(-1000, 1000), -0.0, 0.0, 1e-310,
-                        rng.random() * 1e300, 2**53 + 1, 0.1,
-                    ])
+                    readings[m] = rng.choice(
+                        [
+                            round(rng.uniform(-50, 50), 2),
+                            rng.randint(-1000, 1000),
+                            -0.0,
+                            0.0,
+                            1e-310,
+                            rng.random() * 1e300,
+                            2**53 + 1,
+                            0.1,
+                        ]
+                    )
             if not readings:
                 readings[metrics[0]] = 1.5
             out.append((sensor, boot, seq, ts, readings))
@@ -163,8 +170,12 @@ def queries(rng: random.Random, sensors: dict[str, list[str]]) -> list[dict]:
             if metric:
                 out.append({"op": "latest", "sensor": sensor, "metric": metric})
             for _ in range(3):
-                q = {"op": "readings", "sensor": sensor, "limit": rng.choice([1, 3, 7, 50, 1000]),
-                     "order": rng.choice(["asc", "desc"])}
+                q = {
+                    "op": "readings",
+                    "sensor": sensor,
+                    "limit": rng.choice([1, 3, 7, 50, 1000]),
+                    "order": rng.choice(["asc", "desc"]),
+                }
                 if metric:
                     q["metric"] = metric
                 if rng.random() < 0.5:

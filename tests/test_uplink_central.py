@@ -14,13 +14,21 @@ from helpers import db_counters, db_query
 
 def readings(sensor="s.1", boot=7, seqs=(1, 2, 3), t0=1000.0):
     seqs = list(seqs)
-    return core.Readings("site-7", sensor, boot, seqs, [t0 + s for s in seqs], [t0 + s + 0.5 for s in seqs],
-                         {"temp": [float(s) for s in seqs], "hum": [None] * (len(seqs) - 1) + [50.0]})
+    return core.Readings(
+        "site-7",
+        sensor,
+        boot,
+        seqs,
+        [t0 + s for s in seqs],
+        [t0 + s + 0.5 for s in seqs],
+        {"temp": [float(s) for s in seqs], "hum": [None] * (len(seqs) - 1) + [50.0]},
+    )
 
 
 def accounts(as_of, datagrams=3, sensor="s.1"):
-    return core.Accounts("site-7", sensor, as_of, 1001.5, 1003.5, datagrams, 4, 1, 2, 0, 0,
-                         (core.Gap(0, 7, 4, 4, 1, 1003.5),), 1)
+    return core.Accounts(
+        "site-7", sensor, as_of, 1001.5, 1003.5, datagrams, 4, 1, 2, 0, 0, (core.Gap(0, 7, 4, 4, 1, 1003.5),), 1
+    )
 
 
 @pytest.fixture
@@ -36,11 +44,19 @@ def test_readings_land_once_under_the_gateway_prefixed_id(central):
     again = central.apply([readings(), readings(seqs=(2, 3, 4))])  # a redelivery and an overlapping replay
     assert again["uplink_readings"] == 1 + 1  # seq 4: temp and hum
     assert again["uplink_replayed_readings"] == 4 + 2
-    rows = db_query(central.path, "SELECT s.sensor, s.metric, r.seq, r.boot, r.value FROM readings r "
-                                  "JOIN series s ON s.id = r.series ORDER BY s.metric, r.seq")
-    assert rows == [("site-7:s.1", "hum", 3, 7, 50.0), ("site-7:s.1", "hum", 4, 7, 50.0),
-                    ("site-7:s.1", "temp", 1, 7, 1.0), ("site-7:s.1", "temp", 2, 7, 2.0),
-                    ("site-7:s.1", "temp", 3, 7, 3.0), ("site-7:s.1", "temp", 4, 7, 4.0)]
+    rows = db_query(
+        central.path,
+        "SELECT s.sensor, s.metric, r.seq, r.boot, r.value FROM readings r "
+        "JOIN series s ON s.id = r.series ORDER BY s.metric, r.seq",
+    )
+    assert rows == [
+        ("site-7:s.1", "hum", 3, 7, 50.0),
+        ("site-7:s.1", "hum", 4, 7, 50.0),
+        ("site-7:s.1", "temp", 1, 7, 1.0),
+        ("site-7:s.1", "temp", 2, 7, 2.0),
+        ("site-7:s.1", "temp", 3, 7, 3.0),
+        ("site-7:s.1", "temp", 4, 7, 4.0),
+    ]
     counters = db_counters(central.path)
     assert counters["uplink_readings"] == 6 and counters["uplink_replayed_readings"] == 6
     assert counters["uplink_messages"] == 3
@@ -55,8 +71,9 @@ def test_the_newest_accounts_snapshot_wins(central):
     central.apply([accounts(10, datagrams=3)])
     central.apply([accounts(5, datagrams=1)])  # older: ignored, counted
     central.apply([accounts(10, datagrams=3)])  # the same again: harmless
-    row = db_query(central.path, "SELECT datagrams, readings, lost, duplicates FROM sensors WHERE sensor = ?",
-                   "site-7:s.1")
+    row = db_query(
+        central.path, "SELECT datagrams, readings, lost, duplicates FROM sensors WHERE sensor = ?", "site-7:s.1"
+    )
     assert row == [(3, 4, 1, 2)]
     assert db_counters(central.path)["uplink_stale_accounts"] == 1
     assert db_query(central.path, "SELECT sensor, boot, first_seq, missing FROM gaps") == [("site-7:s.1", 7, 4, 1)]
@@ -102,12 +119,26 @@ def test_the_query_server_reads_the_central_database(central):
         latest = ops.run(parse_request(b'{"op": "latest", "sensor": "site-7:s.1"}'))
     finally:
         ops.close()
-    assert result == [{"sensor": "site-7:s.1", "first_seen": 1001.5, "last_seen": 1003.5, "datagrams": 3,
-                       "readings": 4, "lost": 1, "duplicates": 2, "reordered": 0, "restarts": 0,
-                       "metrics": ["hum", "temp"],
-                       # sensor health (schema v3) is the gateway's to learn; not carried by uplink v1
-                       "interval": None, "stale": False, "stale_after": None, "clock_offset": None,
-                       "clock_skewed": None}]
+    assert result == [
+        {
+            "sensor": "site-7:s.1",
+            "first_seen": 1001.5,
+            "last_seen": 1003.5,
+            "datagrams": 3,
+            "readings": 4,
+            "lost": 1,
+            "duplicates": 2,
+            "reordered": 0,
+            "restarts": 0,
+            "metrics": ["hum", "temp"],
+            # sensor health (schema v3) is the gateway's to learn; not carried by uplink v1
+            "interval": None,
+            "stale": False,
+            "stale_after": None,
+            "clock_offset": None,
+            "clock_skewed": None,
+        }
+    ]
     assert [(r["metric"], r["seq"], r["value"]) for r in latest] == [("hum", 3, 50.0), ("temp", 3, 3.0)]
 
 

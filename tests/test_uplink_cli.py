@@ -60,8 +60,11 @@ def example(tmp_path) -> Path:
     (nats_dir / "password").write_text("s3cret\n")
     (nats_dir / "password").chmod(0o600)
     path = tmp_path / "gateway.toml"
-    path.write_text(EXAMPLE.read_text().replace("/etc/gateway-telemetry/nats", str(nats_dir))
-                    .replace("/var/lib/gateway-telemetry", str(tmp_path)))
+    path.write_text(
+        EXAMPLE.read_text()
+        .replace("/etc/gateway-telemetry/nats", str(nats_dir))
+        .replace("/var/lib/gateway-telemetry", str(tmp_path))
+    )
     return path
 
 
@@ -75,21 +78,27 @@ def test_check_takes_every_documented_value_as_written(command, table, example):
 
 
 def test_environment_beats_the_file_and_flags_beat_both(example):
-    result = uplink(["run", "--config", str(example), "--check", "--window", "64"],
-                 TELEMETRY_UPLINK_GATEWAY="site-9", TELEMETRY_UPLINK_WINDOW="32")
+    result = uplink(
+        ["run", "--config", str(example), "--check", "--window", "64"],
+        TELEMETRY_UPLINK_GATEWAY="site-9",
+        TELEMETRY_UPLINK_WINDOW="32",
+    )
     effective = tomllib.loads(result.stdout)["uplink"]
     assert (effective["gateway"], effective["window"], effective["stream"]) == ("site-9", 64, "TELEMETRY")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--gateway", "site.7"], "a gateway name is 1-32 of A-Z a-z 0-9 _ -"),
-    (["--gateway", "g", "--servers", "http://x:1"], "write nats://HOST:PORT or tls://HOST:PORT"),
-    (["--gateway", "g", "--replicas", "7"], "JetStream keeps 1 to 5 replicas"),
-    (["--gateway", "g", "--password-file", "/nonexistent"], "password-file needs user"),
-    (["--gateway", "g", "--user", "u", "--password-file", "/nonexistent/pw"], "password-file /nonexistent/pw"),
-    (["--gateway", "g", "--token-file", "/x", "--user", "u"], "choose one way to authenticate"),
-    (["--gateway", "g", "--cert", "/x.pem"], "cert and key go together"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gateway", "site.7"], "a gateway name is 1-32 of A-Z a-z 0-9 _ -"),
+        (["--gateway", "g", "--servers", "http://x:1"], "write nats://HOST:PORT or tls://HOST:PORT"),
+        (["--gateway", "g", "--replicas", "7"], "JetStream keeps 1 to 5 replicas"),
+        (["--gateway", "g", "--password-file", "/nonexistent"], "password-file needs user"),
+        (["--gateway", "g", "--user", "u", "--password-file", "/nonexistent/pw"], "password-file /nonexistent/pw"),
+        (["--gateway", "g", "--token-file", "/x", "--user", "u"], "choose one way to authenticate"),
+        (["--gateway", "g", "--cert", "/x.pem"], "cert and key go together"),
+    ],
+)
 def test_bad_settings_are_one_line_and_exit_2(args, message, bin_path, tmp_path):
     result = uplink(["run", "--db", str(tmp_path / "t.db"), "--check", *args])
     assert result.returncode == 2, result.stdout
@@ -101,8 +110,7 @@ def test_a_password_file_others_can_read_is_refused(tmp_path):
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
     pw.chmod(0o644)
-    result = uplink(["run", "--gateway", "g", "--user", "u", "--password-file", str(pw),
-                  "--check"])
+    result = uplink(["run", "--gateway", "g", "--user", "u", "--password-file", str(pw), "--check"])
     assert result.returncode == 2 and f"chmod 0640 {pw}" in result.stderr and "s3cret" not in result.stderr
 
 
@@ -144,13 +152,15 @@ def test_status_refuses_a_damaged_position_in_one_line(tmp_path):
 def test_the_installed_script_runs(bin_path):
     import subprocess
 
-    result = subprocess.run([bin_path("telemetry-uplink"), "run", "--gateway", "g", "--check"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [bin_path("telemetry-uplink"), "run", "--gateway", "g", "--check"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0 and 'gateway = "g"' in result.stdout
 
 
 def test_an_unknown_environment_variable_is_named():
     result = uplink(["run", "--gateway", "g", "--check"], TELEMETRY_UPLINK_WINDOWW="3")
     assert result.returncode == 2
-    assert "unknown environment variable TELEMETRY_UPLINK_WINDOWW (did you mean TELEMETRY_UPLINK_WINDOW?)" \
-        in result.stderr
+    assert (
+        "unknown environment variable TELEMETRY_UPLINK_WINDOWW (did you mean TELEMETRY_UPLINK_WINDOW?)" in result.stderr
+    )

@@ -51,19 +51,24 @@ def group(sensor="s1", boot=7, seqs=(1, 2, 3), metrics=None):
     return Group(sensor, boot, seqs, ts, rec, metrics)
 
 
-values = st.one_of(st.none(), st.floats(allow_nan=False), st.integers(-2**63, 2**64 - 1))
+values = st.one_of(st.none(), st.floats(allow_nan=False), st.integers(-(2**63), 2**64 - 1))
 
 
 @st.composite
 def readings_items(draw):
     n = draw(st.integers(1, 20))
-    metrics = draw(st.dictionaries(st.text(min_size=1, max_size=8), st.lists(values, min_size=n, max_size=n),
-                                   max_size=4))
-    return core.Readings(draw(st.from_regex(core.GATEWAY_RE, fullmatch=True)), draw(sensor_ids),
-                         draw(st.one_of(st.none(), st.integers(0, 2**32))),
-                         draw(st.lists(st.integers(0, 2**32), min_size=n, max_size=n)),
-                         draw(st.lists(st.floats(0, 2e9), min_size=n, max_size=n)),
-                         draw(st.lists(st.floats(0, 2e9), min_size=n, max_size=n)), metrics)
+    metrics = draw(
+        st.dictionaries(st.text(min_size=1, max_size=8), st.lists(values, min_size=n, max_size=n), max_size=4)
+    )
+    return core.Readings(
+        draw(st.from_regex(core.GATEWAY_RE, fullmatch=True)),
+        draw(sensor_ids),
+        draw(st.one_of(st.none(), st.integers(0, 2**32))),
+        draw(st.lists(st.integers(0, 2**32), min_size=n, max_size=n)),
+        draw(st.lists(st.floats(0, 2e9), min_size=n, max_size=n)),
+        draw(st.lists(st.floats(0, 2e9), min_size=n, max_size=n)),
+        metrics,
+    )
 
 
 @settings(max_examples=40)
@@ -89,17 +94,20 @@ def test_any_bytes_give_an_item_or_a_payload_error(data):
         assert isinstance(item, (core.Readings, core.Accounts))
 
 
-@pytest.mark.parametrize("body, reason", [
-    ([2, "R"], "bad_version"),
-    ([1, "X"], "bad_kind"),
-    ([1, "R", "gw", "s", 1, [1, 2], [1.0], [1.0], {}], "bad_shape"),          # lengths differ
-    ([1, "R", "gw", "s", 1, [], [], [], {}], "bad_shape"),                     # no datagram
-    ([1, "R", "g.w", "s", 1, [1], [1.0], [1.0], {}], "bad_shape"),             # gateway not a token
-    ([1, "R", "gw", "s", 1, [1], [1.0], [1.0], {"t": ["x"]}], "bad_shape"),    # a string value
-    ([1, "R", "gw", "s", 1, [1], [float("inf")], [1.0], {}], "bad_shape"),     # time not finite
-    ([1, "A", "gw", "s", 1, 1.0, 2.0, 1, 1, 0, 0, 0, 0, [[1, 2, 3]], 1], "bad_shape"),  # a gap of 3 items
-    ("not an array", "bad_shape"),
-])
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        ([2, "R"], "bad_version"),
+        ([1, "X"], "bad_kind"),
+        ([1, "R", "gw", "s", 1, [1, 2], [1.0], [1.0], {}], "bad_shape"),  # lengths differ
+        ([1, "R", "gw", "s", 1, [], [], [], {}], "bad_shape"),  # no datagram
+        ([1, "R", "g.w", "s", 1, [1], [1.0], [1.0], {}], "bad_shape"),  # gateway not a token
+        ([1, "R", "gw", "s", 1, [1], [1.0], [1.0], {"t": ["x"]}], "bad_shape"),  # a string value
+        ([1, "R", "gw", "s", 1, [1], [float("inf")], [1.0], {}], "bad_shape"),  # time not finite
+        ([1, "A", "gw", "s", 1, 1.0, 2.0, 1, 1, 0, 0, 0, 0, [[1, 2, 3]], 1], "bad_shape"),  # a gap of 3 items
+        ("not an array", "bad_shape"),
+    ],
+)
 def test_named_bad_payloads(body, reason):
     with pytest.raises(core.PayloadError) as err:
         core.decode(msgpack.packb(body))
@@ -129,8 +137,16 @@ def flatten(items):
     out = []
     for r in items:
         for i, seq in enumerate(r.seqs):
-            out.append((r.sensor, r.boot, seq, r.ts[i], r.received[i],
-                        tuple(sorted((k, v[i]) for k, v in r.metrics.items() if v[i] is not None))))
+            out.append(
+                (
+                    r.sensor,
+                    r.boot,
+                    seq,
+                    r.ts[i],
+                    r.received[i],
+                    tuple(sorted((k, v[i]) for k, v in r.metrics.items() if v[i] is not None)),
+                )
+            )
     return out
 
 
@@ -139,8 +155,16 @@ def flatten_groups(entries):
     for e in entries:
         for g in e.groups:
             for i, seq in enumerate(g.seqs):
-                out.append((g.sensor, g.boot, seq, g.ts[i], g.received[i],
-                            tuple(sorted((k, v[i]) for k, v in g.metrics.items() if v[i] is not None))))
+                out.append(
+                    (
+                        g.sensor,
+                        g.boot,
+                        seq,
+                        g.ts[i],
+                        g.received[i],
+                        tuple(sorted((k, v[i]) for k, v in g.metrics.items() if v[i] is not None)),
+                    )
+                )
     return out
 
 
@@ -159,8 +183,10 @@ def test_batching_keeps_every_datagram_once_and_respects_the_size(data):
             for _ in range(n):
                 seq[sensor] = seq.get(sensor, 0) + 1
                 seqs.append(seq[sensor])
-            metrics = {m: [rng.choice([None, rng.random()]) for _ in range(n)]
-                       for m in rng.sample(["t", "h", "p"], rng.randint(0, 3))}
+            metrics = {
+                m: [rng.choice([None, rng.random()]) for _ in range(n)]
+                for m in rng.sample(["t", "h", "p"], rng.randint(0, 3))
+            }
             groups.append(group(sensor, boot, seqs, metrics))
         entries.append(Entry(eid, float(eid), groups))
     size = data.draw(st.integers(1, 10))
@@ -215,13 +241,20 @@ def test_the_protocol_doc_example_is_what_the_code_sends():
     from pathlib import Path
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
-    item = core.Readings("site-7", "gh/1.a", 1700000000, [41, 42], [1764633600.0, 1764633601.0],
-                         [1764633600.25, 1764633601.25], {"temp": [21.5, None]})
+    item = core.Readings(
+        "site-7",
+        "gh/1.a",
+        1700000000,
+        [41, 42],
+        [1764633600.0, 1764633601.0],
+        [1764633600.25, 1764633601.25],
+        {"temp": [21.5, None]},
+    )
     m = core.readings_message("telemetry", item)
     assert f"subject  {m.subject}\n" in doc and f"msg id   {m.msg_id}\n" in doc
-    section = doc[doc.index(f"payload  ({len(m.payload)} bytes)"):]
+    section = doc[doc.index(f"payload  ({len(m.payload)} bytes)") :]
     lines = section.splitlines()[1:]
-    lines = lines[:lines.index("```")]
+    lines = lines[: lines.index("```")]
     hex_bytes = "".join(line.strip().split("  ")[0].replace(" ", "") for line in lines)
     assert hex_bytes == m.payload.hex()
 
@@ -229,8 +262,9 @@ def test_the_protocol_doc_example_is_what_the_code_sends():
 def test_a_message_too_large_for_the_broker_is_split_and_keeps_every_datagram():
     n = 300
     wide = {f"m{k:02d}": [float(i * k) for i in range(n)] for k in range(40)}
-    item = core.Readings("gw", "s", 1, list(range(1, n + 1)), [float(i) for i in range(n)],
-                         [float(i) for i in range(n)], wide)
+    item = core.Readings(
+        "gw", "s", 1, list(range(1, n + 1)), [float(i) for i in range(n)], [float(i) for i in range(n)], wide
+    )
     whole = core.readings_message("telemetry", item)
     messages = core.readings_messages("telemetry", item, max_bytes=len(whole.payload) // 3)
     assert len(messages) == 4 and all(len(m.payload) <= len(whole.payload) // 3 for m in messages)

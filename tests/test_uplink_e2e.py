@@ -40,8 +40,9 @@ def daemons(bin_path, tmp_path):
     started: list[Daemon] = []
 
     def make(name: str, *args: str, env: dict | None = None) -> Daemon:
-        d = Daemon([bin_path("telemetry-uplink"), *args], tmp_path / f"{name}.log", r"started: ", env=_env(env),
-                   timeout=30)
+        d = Daemon(
+            [bin_path("telemetry-uplink"), *args], tmp_path / f"{name}.log", r"started: ", env=_env(env), timeout=30
+        )
         started.append(d)
         return d
 
@@ -90,8 +91,10 @@ def wait_central(central: str, gws: dict[str, GatewayDB], timeout: float = 30.0)
         wait_for(same, timeout, 0.1, what="the central database to equal the gateways'")
     except AssertionError:
         got = readings(central) if os.path.exists(central) else set()
-        raise AssertionError(f"central has {len(got)} readings, gateways {len(want_r)}; missing "
-                             f"{len(want_r - got)}, unexpected {len(got - want_r)}") from None
+        raise AssertionError(
+            f"central has {len(got)} readings, gateways {len(want_r)}; missing "
+            f"{len(want_r - got)}, unexpected {len(got - want_r)}"
+        ) from None
     counters = db_counters(central)
     # nothing doubled: every reading row the consumer inserted is one of the gateways'
     assert counters["uplink_readings"] == len(want_r)
@@ -148,9 +151,14 @@ def test_three_gateways_one_jetstream_every_reading_exactly_once(tmp_path, daemo
 
 def _three_gateways(tmp_path, daemons, ns, gws) -> None:
     """Three uplinks and one consumer until the central database equals the gateways."""
-    ups = [daemons(name, *uplink_args(gw, name, [ns.url]),
-                   env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")} if name == "site-0" else None)
-           for name, gw in gws.items()]
+    ups = [
+        daemons(
+            name,
+            *uplink_args(gw, name, [ns.url]),
+            env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")} if name == "site-0" else None,
+        )
+        for name, gw in gws.items()
+    ]
     central = str(tmp_path / "central.db")
     consumer = daemons("consume", *consume_args(central, [ns.url]))
     for _ in range(10):  # the gateways keep committing while everything runs
@@ -168,6 +176,7 @@ def _three_gateways(tmp_path, daemons, ns, gws) -> None:
 
     schema.open_reader(central).close()
 
+
 def test_kill_9_the_uplink_mid_publish_five_times(tmp_path, daemons):
     with NatsServer(tmp_path) as ns:
         gw = GatewayDB(str(tmp_path / "gw.db"), seed=7)
@@ -181,8 +190,16 @@ def test_kill_9_the_uplink_mid_publish_five_times(tmp_path, daemons):
         while kills < 5:
             before = status(gw).get("sent", 0) if kills == 0 else 0
             up = daemons(f"uplink{kills}", *args)
-            wait_for(lambda: up.text().count("connected to") >= 1 and status(gw).get("pid") == up.proc.pid
-                     and status(gw).get("sent", 0) > before, 15, 0.005, what="the uplink to publish")
+            wait_for(
+                lambda: (
+                    up.text().count("connected to") >= 1
+                    and status(gw).get("pid") == up.proc.pid
+                    and status(gw).get("sent", 0) > before
+                ),
+                15,
+                0.005,
+                what="the uplink to publish",
+            )
             assert up.stop(signal.SIGKILL) == -signal.SIGKILL
             kills += 1
             for _ in range(3):
@@ -241,8 +258,12 @@ def test_three_node_cluster_kill_9_one_node_mid_stream(tmp_path, daemons):
             time.sleep(0.02)
         wait_central(central, {"site-5": gw}, timeout=45)
         assert position(gw) == gw.flushes
-        wait_for(lambda: status(gw).get("connected") not in (None, victim.url), 10, 0.05,
-                 what="the status file to name the node the uplink moved to")
+        wait_for(
+            lambda: status(gw).get("connected") not in (None, victim.url),
+            10,
+            0.05,
+            what="the status file to name the node the uplink moved to",
+        )
         assert up.stop() == 0 and consumer.stop() == 0
 
 
@@ -293,8 +314,14 @@ def test_wrong_credentials_wrong_ca_and_a_non_nats_server_each_one_clear_line(tm
     secret.write_text("wrong-secret-123\n")
     secret.chmod(0o600)
     with NatsServer(tmp_path, "auth", conf='authorization { user: "site-1", password: "right-secret" }') as ns:
-        text = _refused(daemons, gw, "badpass", [ns.url], ["--user", "site-1", "--password-file", str(secret)],
-                        "the broker refused our credentials (authorization violation)")
+        text = _refused(
+            daemons,
+            gw,
+            "badpass",
+            [ns.url],
+            ["--user", "site-1", "--password-file", str(secret)],
+            "the broker refused our credentials (authorization violation)",
+        )
         assert "wrong-secret-123" not in text
 
     ca, other_ca = trustme.CA(), trustme.CA()
@@ -303,14 +330,19 @@ def test_wrong_credentials_wrong_ca_and_a_non_nats_server_each_one_clear_line(tm
     other_ca.cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
     tls = f'tls {{ cert_file: "{tmp_path / "server.pem"}", key_file: "{tmp_path / "server.pem"}" }}'
     with NatsServer(tmp_path, "tls", conf=tls) as ns:
-        _refused(daemons, gw, "badca", [f"tls://127.0.0.1:{ns.port}"], ["--ca", str(tmp_path / "other-ca.pem")],
-                 "TLS: the broker's certificate did not verify")
+        _refused(
+            daemons,
+            gw,
+            "badca",
+            [f"tls://127.0.0.1:{ns.port}"],
+            ["--ca", str(tmp_path / "other-ca.pem")],
+            "TLS: the broker's certificate did not verify",
+        )
 
     stop = threading.Event()
     port, thread = _garbage_server(stop)
     try:
-        _refused(daemons, gw, "garbage", [f"nats://127.0.0.1:{port}"], [],
-                 "the peer does not speak the NATS protocol")
+        _refused(daemons, gw, "garbage", [f"nats://127.0.0.1:{port}"], [], "the peer does not speak the NATS protocol")
     finally:
         stop.set()
         thread.join()
@@ -340,8 +372,7 @@ def test_a_plaintext_broker_is_refused_when_tls_is_asked_for(tmp_path, daemons):
     with NatsServer(tmp_path) as ns:
         gw = GatewayDB(str(tmp_path / "gw.db"))
         gw.flush()
-        _refused(daemons, gw, "plain", [f"tls://127.0.0.1:{ns.port}"], [],
-                 "the broker does not offer TLS")
+        _refused(daemons, gw, "plain", [f"tls://127.0.0.1:{ns.port}"], [], "the broker does not offer TLS")
         assert position(gw) == 0
 
 

@@ -48,8 +48,19 @@ def nested(depth: int, leaf: bytes = b"\x00") -> bytes:
 
 def with_unknown(value: bytes) -> bytes:
     """A valid datagram plus an unknown key "x" whose value is `value` (raw msgpack)."""
-    return b"\x85" + pack("v") + b"\x01" + pack("id") + pack("s1") + pack("seq") + b"\x07" \
-        + pack("r") + pack({"t": 7}) + pack("x") + value
+    return (
+        b"\x85"
+        + pack("v")
+        + b"\x01"
+        + pack("id")
+        + pack("s1")
+        + pack("seq")
+        + b"\x07"
+        + pack("r")
+        + pack({"t": 7})
+        + pack("x")
+        + value
+    )
 
 
 # --- the examples in docs/PROTOCOL.md, checked verbatim ----------------------------------
@@ -78,8 +89,7 @@ def test_doc_example_is_accepted(name):
     got = decode(data)
     assert got == DOC_ACCEPTED[name]
     # == would let 48 equal 48.0: the int/float type is part of the contract.
-    assert [type(v) for v in got.readings.values()] == \
-        [type(v) for v in DOC_ACCEPTED[name].readings.values()]
+    assert [type(v) for v in got.readings.values()] == [type(v) for v in DOC_ACCEPTED[name].readings.values()]
 
 
 @pytest.mark.parametrize("name", sorted(DOC_REJECTED))
@@ -90,7 +100,7 @@ def test_doc_example_is_rejected(name):
 
 
 def test_doc_example_parser_reads_annotated_lines():
-    text = "```msgpack-hex demo\n81 a1 76  fixmap, \"v\"\n  01      one\n=> rejected: x\n```\n"
+    text = '```msgpack-hex demo\n81 a1 76  fixmap, "v"\n  01      one\n=> rejected: x\n```\n'
     assert doc_examples(text=text) == {"demo": (b"\x81\xa1\x76\x01", "rejected: x")}
 
 
@@ -103,24 +113,31 @@ def test_reason_table_in_doc_matches_reasons():
 
 C_ENCODER = {
     # Timestamp 96 (ext 8, length 12, type -1): uint32 nanoseconds, int64 seconds.
-    "timestamp96": ("85 a1 76 01 a2 69 64 a2 73 31 a3 73 65 71 01 a2 74 73"
-                    " c7 0c ff 0e e6 b2 80 00 00 00 00 69 24 81 00 a1 72 81 a1 74 01",
-                    Datagram("s1", 1, None, 1764000000.25, {"t": 1})),
+    "timestamp96": (
+        "85 a1 76 01 a2 69 64 a2 73 31 a3 73 65 71 01 a2 74 73"
+        " c7 0c ff 0e e6 b2 80 00 00 00 00 69 24 81 00 a1 72 81 a1 74 01",
+        Datagram("s1", 1, None, 1764000000.25, {"t": 1}),
+    ),
     # Timestamp 32 at its largest: 2106-02-07T06:28:15Z.
-    "timestamp32-max": ("85 a1 76 01 a2 69 64 a2 73 31 a3 73 65 71 01 a2 74 73"
-                        " d6 ff ff ff ff ff a1 72 81 a1 74 01",
-                        Datagram("s1", 1, None, 4294967295.0, {"t": 1})),
+    "timestamp32-max": (
+        "85 a1 76 01 a2 69 64 a2 73 31 a3 73 65 71 01 a2 74 73 d6 ff ff ff ff ff a1 72 81 a1 74 01",
+        Datagram("s1", 1, None, 4294967295.0, {"t": 1}),
+    ),
     # Signed widths for small values (some encoders always use int32), float64,
     # uint8 seq, str8 id, map16 at the top.
-    "wide-forms": ("de 00 04 a1 76 d2 00 00 00 01 a2 69 64 d9 02 73 31 a3 73 65 71 cc 80"
-                   " a1 72 83 a1 61 d1 ff 00 a1 62 d3 80 00 00 00 00 00 00 00"
-                   " a1 63 cb 3f b0 00 00 00 00 00 00",
-                   Datagram("s1", 128, None, None, {"a": -256, "b": -(2**63), "c": 0.0625})),
+    "wide-forms": (
+        "de 00 04 a1 76 d2 00 00 00 01 a2 69 64 d9 02 73 31 a3 73 65 71 cc 80"
+        " a1 72 83 a1 61 d1 ff 00 a1 62 d3 80 00 00 00 00 00 00 00"
+        " a1 63 cb 3f b0 00 00 00 00 00 00",
+        Datagram("s1", 128, None, None, {"a": -256, "b": -(2**63), "c": 0.0625}),
+    ),
     # seq as uint64 holding a small value, boot as uint32, ts as uint32, bools.
-    "uint64-seq-bools": ("86 a1 76 01 a2 69 64 a2 73 31 a3 73 65 71 cf 00 00 00 00 00 00 00 05"
-                         " a4 62 6f 6f 74 ce 00 01 00 00 a2 74 73 ce 69 24 81 00"
-                         " a1 72 82 a2 6f 6e c3 a3 6f 66 66 c2",
-                         Datagram("s1", 5, 65536, 1764000000.0, {"on": 1, "off": 0})),
+    "uint64-seq-bools": (
+        "86 a1 76 01 a2 69 64 a2 73 31 a3 73 65 71 cf 00 00 00 00 00 00 00 05"
+        " a4 62 6f 6f 74 ce 00 01 00 00 a2 74 73 ce 69 24 81 00"
+        " a1 72 82 a2 6f 6e c3 a3 6f 66 66 c2",
+        Datagram("s1", 5, 65536, 1764000000.0, {"on": 1, "off": 0}),
+    ),
 }
 
 
@@ -129,8 +146,7 @@ def test_c_encoder_bytes_decode(name):
     hex_text, expected = C_ENCODER[name]
     got = decode(bytes.fromhex(hex_text))
     assert got == expected
-    assert [type(v) for v in got.readings.values()] == \
-        [type(v) for v in expected.readings.values()]
+    assert [type(v) for v in got.readings.values()] == [type(v) for v in expected.readings.values()]
 
 
 def test_float32_values_decode_exactly():
@@ -142,14 +158,14 @@ def test_float32_values_decode_exactly():
 
 # --- round trips -------------------------------------------------------------------------
 
+
 def test_round_trip_minimal():
     assert decode(encode("s1", 7, {"t": 21.5})) == Datagram("s1", 7, None, None, {"t": 21.5})
 
 
 def test_round_trip_all_fields():
     data = encode("barn/n1:a", 2**32 - 1, {"t": -4.25, "n": 2**63 - 1}, boot=0, ts=1764000000.5)
-    assert decode(data) == Datagram("barn/n1:a", 2**32 - 1, 0, 1764000000.5,
-                                    {"t": -4.25, "n": 2**63 - 1})
+    assert decode(data) == Datagram("barn/n1:a", 2**32 - 1, 0, 1764000000.5, {"t": -4.25, "n": 2**63 - 1})
 
 
 def test_round_trip_timestamp_and_int_ts():
@@ -215,6 +231,7 @@ def test_timestamp_judged_by_its_seconds_field():
 
 # --- one named test per known-bad datagram -----------------------------------------------
 
+
 def test_rejects_oversized_datagram():
     assert reason(encode("s1", 1, {"t": 1}) + b"\x00" * wire.MAX_DATAGRAM_BYTES) == "too_large"
 
@@ -251,8 +268,12 @@ def test_rejects_lying_bin32_length():
 
 
 def test_rejects_lying_array32_and_map32_lengths_without_allocating():
-    cases = [with_unknown(b"\xdd\xff\xff\xff\xff" + b"\x00" * 64), b"\xdd\xff\xff\xff\xff",
-             with_unknown(b"\xdf\xff\xff\xff\xff" + b"\x00" * 64), b"\xdf\xff\xff\xff\xff"]
+    cases = [
+        with_unknown(b"\xdd\xff\xff\xff\xff" + b"\x00" * 64),
+        b"\xdd\xff\xff\xff\xff",
+        with_unknown(b"\xdf\xff\xff\xff\xff" + b"\x00" * 64),
+        b"\xdf\xff\xff\xff\xff",
+    ]
     for data in cases:
         tracemalloc.start()
         try:
@@ -370,8 +391,9 @@ def test_rejects_bad_boot(boot):
     assert reason(pack(good(boot=boot))) == "bad_boot"
 
 
-@pytest.mark.parametrize("ts", [-1, -0.5, 2**32, 2.0**32, float("nan"), float("inf"), "now",
-                                True, [1], msgpack.Timestamp(2**32, 0)])
+@pytest.mark.parametrize(
+    "ts", [-1, -0.5, 2**32, 2.0**32, float("nan"), float("inf"), "now", True, [1], msgpack.Timestamp(2**32, 0)]
+)
 def test_rejects_bad_ts(ts):
     assert reason(pack(good(ts=ts))) == "bad_ts"
 
@@ -379,8 +401,19 @@ def test_rejects_bad_ts(ts):
 def test_rejects_timestamp_before_1970():
     # Timestamp 96 is the only form with signed seconds: -1 s + 0.5 s.
     ts96 = b"\xc7\x0c\xff" + (500_000_000).to_bytes(4, "big") + (-1).to_bytes(8, "big", signed=True)
-    data = b"\x85" + pack("v") + b"\x01" + pack("id") + pack("s1") + pack("seq") + b"\x07" \
-        + pack("ts") + ts96 + pack("r") + pack({"t": 7})
+    data = (
+        b"\x85"
+        + pack("v")
+        + b"\x01"
+        + pack("id")
+        + pack("s1")
+        + pack("seq")
+        + b"\x07"
+        + pack("ts")
+        + ts96
+        + pack("r")
+        + pack({"t": 7})
+    )
     assert reason(data) == "bad_ts"
 
 
@@ -413,8 +446,10 @@ def test_rejects_float32_nan_and_infinity_readings():
         assert reason(base + b"\xca" + bits) == "bad_readings"
 
 
-@pytest.mark.parametrize("value", [float("inf"), float("-inf"), 2**63, 2**64 - 1, "21.5",
-                                   None, [1], {"a": 1}, b"\x01", msgpack.Timestamp(1, 0)])
+@pytest.mark.parametrize(
+    "value",
+    [float("inf"), float("-inf"), 2**63, 2**64 - 1, "21.5", None, [1], {"a": 1}, b"\x01", msgpack.Timestamp(1, 0)],
+)
 def test_rejects_bad_reading_value(value):
     assert reason(pack(good(r={"t": value}))) == "bad_readings"
 
@@ -439,26 +474,31 @@ def test_error_detail_stays_short_for_hostile_values():
 
 # --- encode refuses what would not decode ------------------------------------------------
 
-@pytest.mark.parametrize("call", [
-    lambda: encode("", 1, {"t": 1}),
-    lambda: encode("a b", 1, {"t": 1}),
-    lambda: encode("s1", -1, {"t": 1}),
-    lambda: encode("s1", 2**32, {"t": 1}),
-    lambda: encode("s1", True, {"t": 1}),
-    lambda: encode("s1", 1, {"t": 1}, boot=2**32),
-    lambda: encode("s1", 1, {"t": 1}, ts=-1),
-    lambda: encode("s1", 1, {"t": 1}, ts=float("nan")),
-    lambda: encode("s1", 1, {}),
-    lambda: encode("s1", 1, {"t": float("inf")}),
-    lambda: encode("s1", 1, {"a:b": 1}),
-    lambda: encode("s1", 1, {f"m{i}": i for i in range(65)}),
-])
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: encode("", 1, {"t": 1}),
+        lambda: encode("a b", 1, {"t": 1}),
+        lambda: encode("s1", -1, {"t": 1}),
+        lambda: encode("s1", 2**32, {"t": 1}),
+        lambda: encode("s1", True, {"t": 1}),
+        lambda: encode("s1", 1, {"t": 1}, boot=2**32),
+        lambda: encode("s1", 1, {"t": 1}, ts=-1),
+        lambda: encode("s1", 1, {"t": 1}, ts=float("nan")),
+        lambda: encode("s1", 1, {}),
+        lambda: encode("s1", 1, {"t": float("inf")}),
+        lambda: encode("s1", 1, {"a:b": 1}),
+        lambda: encode("s1", 1, {f"m{i}": i for i in range(65)}),
+    ],
+)
 def test_encode_refuses_invalid_datagrams(call):
     with pytest.raises(EncodeError):
         call()
 
 
 # --- properties --------------------------------------------------------------------------
+
 
 @settings(max_examples=500)
 @given(st.binary(max_size=9000))
@@ -472,8 +512,12 @@ def test_any_bytes_give_a_datagram_or_a_decode_error(data):
 
 
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats()
-    | st.text(max_size=20) | st.binary(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**64), 2**64)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=5),
     max_leaves=30,
 )
@@ -495,20 +539,23 @@ def test_any_well_formed_map_gives_a_datagram_or_a_decode_error(obj):
 ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:/-"
 ids = st.text(alphabet=ID_CHARS, min_size=1, max_size=64)
 names = st.text(alphabet=ID_CHARS.replace(":", "").replace("/", ""), min_size=1, max_size=64)
-values = (st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
-          | st.booleans())
+values = st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False) | st.booleans()
 timestamps = st.builds(msgpack.Timestamp, st.integers(0, 2**32 - 1), st.integers(0, 999_999_999))
-times = (st.none() | st.integers(0, 2**32 - 1) | timestamps
-         | st.floats(0, 2.0**32, exclude_max=True))
+times = st.none() | st.integers(0, 2**32 - 1) | timestamps | st.floats(0, 2.0**32, exclude_max=True)
 
 
 @settings(max_examples=300)
-@given(ids, st.integers(0, 2**32 - 1), st.dictionaries(names, values, min_size=1, max_size=64),
-       st.none() | st.integers(0, 2**32 - 1), times)
+@given(
+    ids,
+    st.integers(0, 2**32 - 1),
+    st.dictionaries(names, values, min_size=1, max_size=64),
+    st.none() | st.integers(0, 2**32 - 1),
+    times,
+)
 def test_encode_decode_round_trips_any_valid_datagram(sensor, seq, readings, boot, ts):
     got = decode(encode(sensor, seq, readings, boot=boot, ts=ts))
-    expected_ts = ts.to_unix() if type(ts) is msgpack.Timestamp else \
-        None if ts is None else float(ts)
-    assert got == Datagram(sensor, seq, boot, expected_ts,
-                           {k: int(v) if type(v) is bool else v for k, v in readings.items()})
+    expected_ts = ts.to_unix() if type(ts) is msgpack.Timestamp else None if ts is None else float(ts)
+    assert got == Datagram(
+        sensor, seq, boot, expected_ts, {k: int(v) if type(v) is bool else v for k, v in readings.items()}
+    )
     assert all(type(v) in (int, float) for v in got.readings.values())

@@ -73,33 +73,39 @@ def test_common_datagram_is_answered_by_the_fast_path(reference_calls):
     assert first[0] == "accepted"
 
 
-@pytest.mark.parametrize("obj, why", [
-    ({"v": 1, "id": "s1", "seq": 7, "r": {"t": True}}, "a bool reading becomes 1"),
-    ({"v": 1, "id": "s1", "seq": 7, "r": {"t": 1.0}, "fw": 3}, "an unknown key"),
-    ({"v": 1, "id": "s1", "seq": 7, "r": {"never-seen-before-name": 1.0}}, "a name not yet memoized"),
-    ({"v": 1, "id": "s1", "seq": 7, "r": {"t": 1.0}, "ts": msgpack.Timestamp(1764000000, 5)}, "a Timestamp"),
-])
+@pytest.mark.parametrize(
+    "obj, why",
+    [
+        ({"v": 1, "id": "s1", "seq": 7, "r": {"t": True}}, "a bool reading becomes 1"),
+        ({"v": 1, "id": "s1", "seq": 7, "r": {"t": 1.0}, "fw": 3}, "an unknown key"),
+        ({"v": 1, "id": "s1", "seq": 7, "r": {"never-seen-before-name": 1.0}}, "a name not yet memoized"),
+        ({"v": 1, "id": "s1", "seq": 7, "r": {"t": 1.0}, "ts": msgpack.Timestamp(1764000000, 5)}, "a Timestamp"),
+    ],
+)
 def test_unusual_valid_datagrams_take_the_careful_path(obj, why, reference_calls):
     data = pack(obj)
     assert same(data)[0] == "accepted", why
     assert reference_calls, why
 
 
-@pytest.mark.parametrize("obj, reason", [
-    ({"v": 1, "id": "s1", "seq": 7, "r": {"t": float("nan")}}, "bad_readings"),
-    ({"v": 1, "id": "s1", "seq": 7, "r": {"t": 1.0, "u": float("-inf")}}, "bad_readings"),
-    ({"v": 1, "id": "s1", "seq": 7, "r": {"t": 2**63}}, "bad_readings"),
-    ({"v": 1, "id": "s 1", "seq": 7, "r": {"t": 1.0}}, "bad_id"),
-    ({"v": 1, "id": "a" * 65, "seq": 7, "r": {"t": 1.0}}, "bad_id"),
-    ({"v": True, "id": "s1", "seq": 7, "r": {"t": 1.0}}, "bad_version"),
-    ({"v": 1, "id": "s1", "seq": True, "r": {"t": 1.0}}, "bad_seq"),
-    ({"v": 1, "id": "s1", "seq": 2**32, "r": {"t": 1.0}}, "bad_seq"),
-    ({"v": 1, "id": "s1", "seq": 7, "boot": -1, "r": {"t": 1.0}}, "bad_boot"),
-    ({"v": 1, "id": "s1", "seq": 7, "ts": 2.0**32, "r": {"t": 1.0}}, "bad_ts"),
-    ({"v": 1, "id": "s1", "seq": 7, "ts": True, "r": {"t": 1.0}}, "bad_ts"),
-    ({"v": 1, "id": "s1", "seq": 7, "r": {}}, "bad_readings"),
-    ({"v": 1, "id": "s1", "seq": 7, "r": {f"m{i}": 1 for i in range(65)}}, "bad_readings"),
-])
+@pytest.mark.parametrize(
+    "obj, reason",
+    [
+        ({"v": 1, "id": "s1", "seq": 7, "r": {"t": float("nan")}}, "bad_readings"),
+        ({"v": 1, "id": "s1", "seq": 7, "r": {"t": 1.0, "u": float("-inf")}}, "bad_readings"),
+        ({"v": 1, "id": "s1", "seq": 7, "r": {"t": 2**63}}, "bad_readings"),
+        ({"v": 1, "id": "s 1", "seq": 7, "r": {"t": 1.0}}, "bad_id"),
+        ({"v": 1, "id": "a" * 65, "seq": 7, "r": {"t": 1.0}}, "bad_id"),
+        ({"v": True, "id": "s1", "seq": 7, "r": {"t": 1.0}}, "bad_version"),
+        ({"v": 1, "id": "s1", "seq": True, "r": {"t": 1.0}}, "bad_seq"),
+        ({"v": 1, "id": "s1", "seq": 2**32, "r": {"t": 1.0}}, "bad_seq"),
+        ({"v": 1, "id": "s1", "seq": 7, "boot": -1, "r": {"t": 1.0}}, "bad_boot"),
+        ({"v": 1, "id": "s1", "seq": 7, "ts": 2.0**32, "r": {"t": 1.0}}, "bad_ts"),
+        ({"v": 1, "id": "s1", "seq": 7, "ts": True, "r": {"t": 1.0}}, "bad_ts"),
+        ({"v": 1, "id": "s1", "seq": 7, "r": {}}, "bad_readings"),
+        ({"v": 1, "id": "s1", "seq": 7, "r": {f"m{i}": 1 for i in range(65)}}, "bad_readings"),
+    ],
+)
 def test_bad_datagrams_get_the_careful_paths_reason_and_detail(obj, reason):
     got = same(pack(obj))
     assert got[:2] == ("rejected", reason)
@@ -107,9 +113,13 @@ def test_bad_datagrams_get_the_careful_paths_reason_and_detail(obj, reason):
 
 def test_nan_payloads_and_float32_nan_and_infinity_are_bad_readings():
     head = b"\x84" + pack("v") + b"\x01" + pack("id") + pack("s1") + pack("seq") + b"\x07" + pack("r") + b"\x81\xa1t"
-    for value in (b"\xcb" + bytes.fromhex("7ff8000000000001"), b"\xcb" + bytes.fromhex("fff0000000000000"),
-                  b"\xca" + bytes.fromhex("7fc00000"), b"\xca" + bytes.fromhex("ff800000"),
-                  b"\xca" + bytes.fromhex("7f800001")):
+    for value in (
+        b"\xcb" + bytes.fromhex("7ff8000000000001"),
+        b"\xcb" + bytes.fromhex("fff0000000000000"),
+        b"\xca" + bytes.fromhex("7fc00000"),
+        b"\xca" + bytes.fromhex("ff800000"),
+        b"\xca" + bytes.fromhex("7f800001"),
+    ):
         assert same(head + value)[:2] == ("rejected", "bad_readings"), value.hex()
 
 
@@ -142,8 +152,18 @@ def test_values_come_back_bit_exact():
         assert got[0] == "accepted"
         want = struct.pack("<d", value) if type(value) is float else value
         assert got[-1] == ((("str", "t"), (type(value).__name__, want)),)
-    float32 = b"\x84" + pack("v") + b"\x01" + pack("id") + pack("s1") + pack("seq") + b"\x07" \
-        + pack("r") + b"\x81\xa1t\xca" + struct.pack(">f", 0.1)
+    float32 = (
+        b"\x84"
+        + pack("v")
+        + b"\x01"
+        + pack("id")
+        + pack("s1")
+        + pack("seq")
+        + b"\x07"
+        + pack("r")
+        + b"\x81\xa1t\xca"
+        + struct.pack(">f", 0.1)
+    )
     assert same(float32)[-1][0][1] == ("float", struct.pack("<d", struct.unpack(">f", struct.pack(">f", 0.1))[0]))
 
 
@@ -166,22 +186,40 @@ def test_differential_fuzz_200k():
 
 
 _scalar = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.floats(width=32),
-    st.text(max_size=70), st.binary(max_size=8), st.sampled_from(["s1", "t", "rh", "bench-0042"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(),
+    st.floats(width=32),
+    st.text(max_size=70),
+    st.binary(max_size=8),
+    st.sampled_from(["s1", "t", "rh", "bench-0042"]),
 )
 
 
 @settings(max_examples=1500, deadline=None)
 @given(
     st.fixed_dictionaries(
-        {"v": st.one_of(st.just(1), _scalar), "id": st.one_of(st.sampled_from(["s1", "bench-0042", "a" * 64]), _scalar),
-         "seq": st.one_of(st.integers(0, 2**32 - 1), _scalar),
-         "r": st.one_of(st.dictionaries(st.sampled_from(["t", "rh", "temp_c", "hum", "x y", ""]) | st.text(max_size=3),
-                                        st.one_of(st.floats(), st.floats(width=32), st.integers(-(2**63), 2**64 - 1),
-                                                  st.booleans(), st.none()), max_size=66), _scalar)},
-        optional={"boot": st.one_of(st.integers(0, 2**32 - 1), _scalar),
-                  "ts": st.one_of(st.floats(0, 2**32), st.integers(-1, 2**32), _scalar),
-                  "x": _scalar},
+        {
+            "v": st.one_of(st.just(1), _scalar),
+            "id": st.one_of(st.sampled_from(["s1", "bench-0042", "a" * 64]), _scalar),
+            "seq": st.one_of(st.integers(0, 2**32 - 1), _scalar),
+            "r": st.one_of(
+                st.dictionaries(
+                    st.sampled_from(["t", "rh", "temp_c", "hum", "x y", ""]) | st.text(max_size=3),
+                    st.one_of(
+                        st.floats(), st.floats(width=32), st.integers(-(2**63), 2**64 - 1), st.booleans(), st.none()
+                    ),
+                    max_size=66,
+                ),
+                _scalar,
+            ),
+        },
+        optional={
+            "boot": st.one_of(st.integers(0, 2**32 - 1), _scalar),
+            "ts": st.one_of(st.floats(0, 2**32), st.integers(-1, 2**32), _scalar),
+            "x": _scalar,
+        },
     )
 )
 def test_any_datagram_like_map_gets_the_same_answer(obj):

@@ -28,8 +28,9 @@ class GatewayDB:
         self.metrics = metrics
         self.seq = {s: 0 for s in self.sensors}
         self.boot = {s: 1_700_000_000 + i for i, s in enumerate(self.sensors)}
-        self.acc = {s: dict(datagrams=0, readings=0, lost=0, duplicates=0, reordered=0, restarts=0)
-                    for s in self.sensors}
+        self.acc = {
+            s: dict(datagrams=0, readings=0, lost=0, duplicates=0, reordered=0, restarts=0) for s in self.sensors
+        }
         self.first = {}
         self.clock = 1_800_000_000.0
         self.flushes = 0
@@ -74,12 +75,24 @@ class GatewayDB:
                 "last_seen = excluded.last_seen, datagrams = excluded.datagrams, readings = excluded.readings, "
                 "lost = excluded.lost, duplicates = excluded.duplicates, reordered = excluded.reordered, "
                 "restarts = excluded.restarts",
-                (sensor, self.first[sensor], rec[-1], acc["datagrams"], acc["readings"], acc["lost"],
-                 acc["duplicates"], acc["reordered"], acc["restarts"]))
+                (
+                    sensor,
+                    self.first[sensor],
+                    rec[-1],
+                    acc["datagrams"],
+                    acc["readings"],
+                    acc["lost"],
+                    acc["duplicates"],
+                    acc["reordered"],
+                    acc["restarts"],
+                ),
+            )
             if acc["lost"]:
                 self.conn.execute(
                     "INSERT OR REPLACE INTO gaps (sensor, stream, boot, first_seq, last_seq, missing, detected_at) "
-                    "VALUES (?, 0, ?, ?, ?, ?, ?)", (sensor, boot or -1, 1, 1, acc["lost"], rec[-1]))
+                    "VALUES (?, 0, ?, ?, ?, ?, ?)",
+                    (sensor, boot or -1, 1, 1, acc["lost"], rec[-1]),
+                )
         entry = ingestlog.append(self.conn, self.clock, groups)
         self.conn.execute("COMMIT")
         self.flushes += 1
@@ -131,9 +144,13 @@ def readings(path: str, prefix: str = "") -> set[tuple]:
 def accounts(path: str, prefix: str = "", where: str = "") -> dict[str, tuple]:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        rows = conn.execute("SELECT sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, "
-                            f"restarts FROM sensors {where}").fetchall()
-        gaps = conn.execute("SELECT sensor, stream, boot, first_seq, last_seq, missing, detected_at FROM gaps").fetchall()
+        rows = conn.execute(
+            "SELECT sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, "
+            f"restarts FROM sensors {where}"
+        ).fetchall()
+        gaps = conn.execute(
+            "SELECT sensor, stream, boot, first_seq, last_seq, missing, detected_at FROM gaps"
+        ).fetchall()
     finally:
         conn.close()
     out = {prefix + r[0]: tuple(r[1:]) for r in rows}

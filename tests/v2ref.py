@@ -79,9 +79,8 @@ COUNTERS = (
 # the last.
 INSERT_ROWS_PER_STATEMENT = 64  # v2 wrote readings 64 per multi-row INSERT
 INSERT_READINGS = "INSERT OR IGNORE INTO readings (series, ts, boot, seq, value, received) VALUES (?, ?, ?, ?, ?, ?)"
-INSERT_READINGS_MULTI = (
-    "INSERT OR IGNORE INTO readings (series, ts, boot, seq, value, received) VALUES "
-    + ", ".join(["(?, ?, ?, ?, ?, ?)"] * INSERT_ROWS_PER_STATEMENT)
+INSERT_READINGS_MULTI = "INSERT OR IGNORE INTO readings (series, ts, boot, seq, value, received) VALUES " + ", ".join(
+    ["(?, ?, ?, ?, ?, ?)"] * INSERT_ROWS_PER_STATEMENT
 )
 INSERT_SERIES = "INSERT INTO series (id, sensor, metric) VALUES (?, ?, ?)"
 UPSERT_SENSOR = """
@@ -109,7 +108,7 @@ def _insert_readings(conn: sqlite3.Connection, rows: list[tuple]) -> int:
     if full:
         flat = list(chain.from_iterable(islice(rows, full)))
         n = 6 * k
-        stored += conn.executemany(INSERT_READINGS_MULTI, [flat[i:i + n] for i in range(0, len(flat), n)]).rowcount
+        stored += conn.executemany(INSERT_READINGS_MULTI, [flat[i : i + n] for i in range(0, len(flat), n)]).rowcount
     if full < len(rows):
         stored += conn.executemany(INSERT_READINGS, rows[full:]).rowcount
     return stored
@@ -120,9 +119,16 @@ class SensorState:
 
     __slots__ = ("sensor", "tracker", "series", "first_seen", "last_seen", "readings", "replay")
 
-    def __init__(self, sensor: str, tracker: SensorTracker, series: dict[str, int],
-                 first_seen: float, last_seen: float, readings: int = 0,
-                 replay: ReplayWindow | None = None) -> None:
+    def __init__(
+        self,
+        sensor: str,
+        tracker: SensorTracker,
+        series: dict[str, int],
+        first_seen: float,
+        last_seen: float,
+        readings: int = 0,
+        replay: ReplayWindow | None = None,
+    ) -> None:
         self.sensor = sensor
         self.tracker = tracker
         self.series = series  # metric -> series id, shared with BatchWriter.series
@@ -136,8 +142,19 @@ class SensorState:
         t = self.tracker
         snapshot = json.dumps(t.snapshot(), separators=(",", ":"))
         window = None if self.replay is None else json.dumps(self.replay.snapshot(), separators=(",", ":"))
-        return (self.sensor, self.first_seen, self.last_seen, t.datagrams, self.readings,
-                t.lost, t.duplicates, t.reordered, t.restarts, snapshot, window)
+        return (
+            self.sensor,
+            self.first_seen,
+            self.last_seen,
+            t.datagrams,
+            self.readings,
+            t.lost,
+            t.duplicates,
+            t.reordered,
+            t.restarts,
+            snapshot,
+            window,
+        )
 
 
 def _restore_window(sensor: str, text: str, tracker: SensorTracker) -> ReplayWindow:
@@ -153,12 +170,22 @@ def _restore_window(sensor: str, text: str, tracker: SensorTracker) -> ReplayWin
         window = ReplayWindow()
         cur = tracker.snapshot()["cur"]  # the tracker's current stream: its boot and highest seq
         if cur is None or type(cur["boot"]) is not int:
-            log.warning("sensor %s: replay window in the database is unusable (%s), and its accounts "
-                        "give no boot to start from: it starts afresh", sensor, exc)
+            log.warning(
+                "sensor %s: replay window in the database is unusable (%s), and its accounts "
+                "give no boot to start from: it starts afresh",
+                sensor,
+                exc,
+            )
             return window
         window.boot, window.top, window.bits = cur["boot"], cur["max"] & 0xFFFFFFFF, (1 << WINDOW) - 1
-        log.warning("sensor %s: replay window in the database is unusable (%s); taking every signed "
-                    "datagram up to boot %d seq %d as seen", sensor, exc, window.boot, window.top)
+        log.warning(
+            "sensor %s: replay window in the database is unusable (%s); taking every signed "
+            "datagram up to boot %d seq %d as seen",
+            sensor,
+            exc,
+            window.boot,
+            window.top,
+        )
         return window
 
 
@@ -170,9 +197,14 @@ class BatchWriter:
     `flush(now)` when the batch is full or the interval is up.
     """
 
-    def __init__(self, path: str, *, max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS,
-                 max_sensors: int = tuning.MAX_SENSORS,
-                 max_series_per_sensor: int = tuning.MAX_SERIES_PER_SENSOR) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS,
+        max_sensors: int = tuning.MAX_SENSORS,
+        max_series_per_sensor: int = tuning.MAX_SERIES_PER_SENSOR,
+    ) -> None:
         self.path = path
         self._lock_fd = -1
         self.db = open_v2(path)
@@ -209,9 +241,11 @@ class BatchWriter:
         try:
             self._load()
         except sqlite3.Error as exc:
-            raise SetupError(f"cannot read database {self.path}: {exc} (check it with "
-                             f"'sqlite3 {self.path} \"PRAGMA integrity_check\"'; restore a backup "
-                             f"or move the file aside to start a new one)") from None
+            raise SetupError(
+                f"cannot read database {self.path}: {exc} (check it with "
+                f"'sqlite3 {self.path} \"PRAGMA integrity_check\"'; restore a backup "
+                f"or move the file aside to start a new one)"
+            ) from None
 
     def _load(self) -> None:
         conn = self.conn
@@ -238,11 +272,15 @@ class BatchWriter:
                     restored = SensorTracker.restore(json.loads(tracker), gaps.get(sensor, ()))
                 except (ValueError, TypeError, KeyError) as exc:
                     # Counting on from zero beats refusing to start; say so once.
-                    log.warning("sensor %s: tracker state in the database is unusable (%s); "
-                                "its sequence accounts start afresh", sensor, exc)
+                    log.warning(
+                        "sensor %s: tracker state in the database is unusable (%s); its sequence accounts start afresh",
+                        sensor,
+                        exc,
+                    )
             window = None if replay is None else _restore_window(sensor, replay, restored)
-            self.sensors[sensor] = SensorState(sensor, restored, self.series[sensor], first_seen, last_seen,
-                                               readings, window)
+            self.sensors[sensor] = SensorState(
+                sensor, restored, self.series[sensor], first_seen, last_seen, readings, window
+            )
 
     def new_sensor(self, sensor: str, now: float) -> SensorState | None:
         """Start tracking a sensor; None when MAX_SENSORS are tracked already."""
@@ -358,7 +396,8 @@ class BatchWriter:
         if self.failing_since is not None:
             log.warning(
                 "database writable again after %.1f s; %d readings were dropped meanwhile (storage_dropped)",
-                mono - self.failing_since, self._episode_dropped,
+                mono - self.failing_since,
+                self._episode_dropped,
             )
             self.failing_since = None
             self._episode_dropped = 0
@@ -374,7 +413,9 @@ class BatchWriter:
             log.error(
                 "cannot write to %s: %s; keeping up to %d readings in memory and retrying "
                 "(check free space with 'df' and that the file is writable)",
-                self.path, exc, self.max_backlog_rows,
+                self.path,
+                exc,
+                self.max_backlog_rows,
             )
         self.retry_at = now + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, tuning.RETRY_MAX_S)
@@ -387,6 +428,8 @@ class BatchWriter:
         if self._lock_fd >= 0:  # after the connection: see schema.lock_writer
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
 @dataclass(frozen=True)
 class Limits:
     max_rows: int = 10_000  # rows in any one response (readings pages, lists)
@@ -471,16 +514,25 @@ class Ops:
         rows = self._capped(
             "SELECT sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts"
             f" FROM sensors {where} ORDER BY sensor",
-            args, "sensors", "name a 'sensor'",
+            args,
+            "sensors",
+            "name a 'sensor'",
         )
         metrics: dict[str, list[str]] = {}
         for name, metric in self._all(f"SELECT sensor, metric FROM series {where} ORDER BY sensor, metric", args):
             metrics.setdefault(name, []).append(metric)
         return [
             {
-                "sensor": r[0], "first_seen": r[1], "last_seen": r[2], "datagrams": _count(r[3]),
-                "readings": _count(r[4]), "lost": _count(r[5]), "duplicates": _count(r[6]),
-                "reordered": _count(r[7]), "restarts": _count(r[8]), "metrics": metrics.get(r[0], []),
+                "sensor": r[0],
+                "first_seen": r[1],
+                "last_seen": r[2],
+                "datagrams": _count(r[3]),
+                "readings": _count(r[4]),
+                "lost": _count(r[5]),
+                "duplicates": _count(r[6]),
+                "reordered": _count(r[7]),
+                "restarts": _count(r[8]),
+                "metrics": metrics.get(r[0], []),
             }
             for r in rows
         ]
@@ -498,10 +550,13 @@ class Ops:
             " JOIN readings r ON r.series = s.id AND (r.ts, r.boot, r.seq) ="
             " (SELECT ts, boot, seq FROM readings WHERE series = s.id ORDER BY ts DESC, boot DESC, seq DESC LIMIT 1)"
             f" {where} ORDER BY s.sensor, s.metric",
-            args, "readings", "name a 'sensor'",
+            args,
+            "readings",
+            "name a 'sensor'",
         )
-        return [{"sensor": name, "metric": met, "ts": ts, "value": value, "seq": seq}
-                for name, met, ts, value, seq in rows]
+        return [
+            {"sensor": name, "metric": met, "ts": ts, "value": value, "seq": seq} for name, met, ts, value, seq in rows
+        ]
 
     def op_readings(
         self,
@@ -532,7 +587,9 @@ class Ops:
             after = decode_cursor(cursor, binding)
             ids = [sid for sid, _ in series]
             if after.series not in ids:
-                raise RequestError("bad_request", "parameter 'cursor' is not a cursor this server issued for this query")
+                raise RequestError(
+                    "bad_request", "parameter 'cursor' is not a cursor this server issued for this query"
+                )
             start = ids.index(after.series)
 
         direction = "DESC" if desc else "ASC"
@@ -638,7 +695,9 @@ class Ops:
         rows = self._capped(
             f"SELECT sensor, boot, first_seq, last_seq, missing, detected_at FROM gaps {where}"
             " ORDER BY detected_at, sensor, stream, first_seq",
-            args, "gaps", "name a 'sensor' or narrow 'since'/'until'",
+            args,
+            "gaps",
+            "name a 'sensor' or narrow 'since'/'until'",
         )
         return [
             {"sensor": s, "boot": _boot(b), "first_seq": f, "last_seq": last, "missing": m, "detected_at": d}
@@ -647,15 +706,13 @@ class Ops:
 
     def op_stats(self) -> dict[str, Any]:
         counters = dict(self._all("SELECT name, value FROM counters"))
-        lost, duplicates = self.conn.execute(
-            "SELECT total(lost), total(duplicates) FROM sensors"
-        ).fetchone()
+        lost, duplicates = self.conn.execute("SELECT total(lost), total(duplicates) FROM sensors").fetchone()
         # Every reason the collector counts (wire, signed datagrams, replays),
         # zero or not; an unknown one found in the table is listed too.
         rejected = {reason: 0 for reason in REJECT_REASONS}
         for name, value in counters.items():
             if name.startswith("rejected:"):
-                rejected[name[len("rejected:"):]] = _count(value)
+                rejected[name[len("rejected:") :]] = _count(value)
         return {
             "received": _count(counters.get("received")),
             "stored": _count(counters.get("stored")),

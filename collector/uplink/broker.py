@@ -53,8 +53,10 @@ def _private_file(path: str, what: str) -> str:
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{what} {path}: not a regular file")
     if st.st_mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
-        raise ConfigError(f"{what} {path} may be read or written by others: chmod 0640 {path} "
-                          "(owner root or the service user, group telemetry)")
+        raise ConfigError(
+            f"{what} {path} may be read or written by others: chmod 0640 {path} "
+            "(owner root or the service user, group telemetry)"
+        )
     return path
 
 
@@ -73,8 +75,16 @@ def _read_secret(path: str, what: str) -> str:
 def connect_options(s: BrokerSettings) -> dict:
     """nats.connect keyword arguments for these settings; reads and checks every file (ConfigError)."""
     opts: dict = {}
-    methods = [n for n, v in (("token-file", s.token_file), ("creds-file", s.creds_file),
-                              ("nkey-seed-file", s.nkey_seed_file), ("user", s.user)) if v]
+    methods = [
+        n
+        for n, v in (
+            ("token-file", s.token_file),
+            ("creds-file", s.creds_file),
+            ("nkey-seed-file", s.nkey_seed_file),
+            ("user", s.user),
+        )
+        if v
+    ]
     if len(methods) > 1:
         raise ConfigError(f"choose one way to authenticate, not {' and '.join(methods)}")
     if s.password_file and not s.user:
@@ -167,8 +177,16 @@ async def connect(s: BrokerSettings, opts: dict, name: str, server: str) -> nats
     nc = _Client()
     nc.require_tls = "tls" in opts
     try:
-        await nc.connect(servers=[server], name=name, allow_reconnect=False, max_reconnect_attempts=1,
-                         reconnect_time_wait=0, connect_timeout=s.connect_timeout, error_cb=on_error, **opts)
+        await nc.connect(
+            servers=[server],
+            name=name,
+            allow_reconnect=False,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0,
+            connect_timeout=s.connect_timeout,
+            error_cb=on_error,
+            **opts,
+        )
         return nc
     except Exception as exc:
         # NoServersError hides the cause; report the first real error seen.
@@ -185,10 +203,18 @@ async def ensure_stream(js, s: BrokerSettings) -> None:
         return
     except nats.js.errors.NotFoundError:
         if not s.create_stream:
-            raise ConfigError(f"stream {s.stream} does not exist on the broker (create it, or set create-stream = true)") from None
-    await js.add_stream(StreamConfig(name=s.stream, subjects=[f"{s.subject_prefix}.>"],
-                                     duplicate_window=s.duplicate_window, num_replicas=s.replicas,
-                                     storage=StorageType.FILE))
+            raise ConfigError(
+                f"stream {s.stream} does not exist on the broker (create it, or set create-stream = true)"
+            ) from None
+    await js.add_stream(
+        StreamConfig(
+            name=s.stream,
+            subjects=[f"{s.subject_prefix}.>"],
+            duplicate_window=s.duplicate_window,
+            num_replicas=s.replicas,
+            storage=StorageType.FILE,
+        )
+    )
 
 
 async def watchful_sleep(seconds: float, stop: asyncio.Event, notify: Callable[[str], object]) -> None:

@@ -64,8 +64,13 @@ INSERT INTO counters (name, value) VALUES (?, ?)
 ON CONFLICT (name) DO UPDATE SET value = value + excluded.value"""
 SET_COUNTER = "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)"
 
-COUNTERS = ("uplink_messages", "uplink_readings", "uplink_replayed_readings", "uplink_accounts",
-            "uplink_stale_accounts") + tuple(f"uplink_rejected:{r}" for r in core.REASONS)
+COUNTERS = (
+    "uplink_messages",
+    "uplink_readings",
+    "uplink_replayed_readings",
+    "uplink_accounts",
+    "uplink_stale_accounts",
+) + tuple(f"uplink_rejected:{r}" for r in core.REASONS)
 
 
 class Central:
@@ -99,8 +104,9 @@ class Central:
             self._new_series.append((self._next_series, sensor, metric))
             self._next_series += 1
 
-    def apply(self, items: list[core.Readings | core.Accounts], rejected: Counter | None = None,
-              now: float | None = None) -> Counter:
+    def apply(
+        self, items: list[core.Readings | core.Accounts], rejected: Counter | None = None, now: float | None = None
+    ) -> Counter:
         """Write a batch in one transaction; returns what it did (counter deltas)."""
         now = time.time() if now is None else now
         done: Counter = Counter()
@@ -134,16 +140,20 @@ class Central:
         self.store.committed_groups(merged, *closing)
         return done
 
-    def _readings(self, item: core.Readings, done: Counter,
-                  groups: dict[tuple[str, int | None], list[ingestlog.Group]]) -> None:
+    def _readings(
+        self, item: core.Readings, done: Counter, groups: dict[tuple[str, int | None], list[ingestlog.Group]]
+    ) -> None:
         sensor = core.central_sensor(item.gateway, item.sensor)
         self.conn.execute(ENSURE_SENSOR, (sensor, min(item.received), max(item.received)))
         boot = schema.NO_BOOT if item.boot is None else item.boot
         mark = self.conn.execute
         # A sensor without boot restarts its seqs under the same (sensor, boot):
         # the datagram's identity includes its ts, as the collector's did.
-        keep = [i for i, (seq, ts) in enumerate(zip(item.seqs, item.ts))
-                if mark(MARK_SEEN, (sensor, boot, seq, ts)).rowcount]
+        keep = [
+            i
+            for i, (seq, ts) in enumerate(zip(item.seqs, item.ts))
+            if mark(MARK_SEEN, (sensor, boot, seq, ts)).rowcount
+        ]
         readings = {i: sum(values[i] is not None for values in item.metrics.values()) for i in range(len(item.seqs))}
         taken = sum(readings[i] for i in keep)
         done["uplink_readings"] += taken
@@ -156,9 +166,16 @@ class Central:
             if any(v is not None for v in column):
                 self._series(sensor, metric)
                 metrics[metric] = column
-        groups.setdefault((sensor, item.boot), []).append(ingestlog.Group(
-            sensor, item.boot, [item.seqs[i] for i in keep], [item.ts[i] for i in keep],
-            [item.received[i] for i in keep], metrics))
+        groups.setdefault((sensor, item.boot), []).append(
+            ingestlog.Group(
+                sensor,
+                item.boot,
+                [item.seqs[i] for i in keep],
+                [item.ts[i] for i in keep],
+                [item.received[i] for i in keep],
+                metrics,
+            )
+        )
 
     def _accounts(self, item: core.Accounts, done: Counter, now: float) -> None:
         sensor = core.central_sensor(item.gateway, item.sensor)
@@ -169,8 +186,10 @@ class Central:
         self.conn.execute(UPSERT_SENSOR, (sensor, *item.counts()))
         self.conn.execute(UPSERT_ACCOUNTS_AS_OF, (sensor, item.gateway, item.as_of, item.gaps_total, now))
         self.conn.execute("DELETE FROM gaps WHERE sensor = ?", (sensor,))
-        self.conn.executemany(INSERT_GAP, [(sensor, g.stream, g.boot, g.first_seq, g.last_seq, g.missing,
-                                            g.detected_at) for g in item.gaps])
+        self.conn.executemany(
+            INSERT_GAP,
+            [(sensor, g.stream, g.boot, g.first_seq, g.last_seq, g.missing, g.detected_at) for g in item.gaps],
+        )
         done["uplink_accounts"] += 1
 
 
@@ -181,5 +200,11 @@ def _merge(parts: list[ingestlog.Group]) -> ingestlog.Group:
     names = list(dict.fromkeys(name for g in parts for name in g.metrics))
     metrics = {name: [v for g in parts for v in g.metrics.get(name, [None] * len(g.seqs))] for name in names}
     first = parts[0]
-    return ingestlog.Group(first.sensor, first.boot, [s for g in parts for s in g.seqs],
-                           [t for g in parts for t in g.ts], [r for g in parts for r in g.received], metrics)
+    return ingestlog.Group(
+        first.sensor,
+        first.boot,
+        [s for g in parts for s in g.seqs],
+        [t for g in parts for t in g.ts],
+        [r for g in parts for r in g.received],
+        metrics,
+    )

@@ -71,22 +71,49 @@ def _default_gateway() -> str | None:
 S = config.Setting
 
 BROKER = [
-    S("servers", _server, ("nats://127.0.0.1:4222",), multiple=True, metavar="URL",
-      help="NATS server, nats://HOST:PORT or tls://HOST:PORT; repeat for a cluster."),
+    S(
+        "servers",
+        _server,
+        ("nats://127.0.0.1:4222",),
+        multiple=True,
+        metavar="URL",
+        help="NATS server, nats://HOST:PORT or tls://HOST:PORT; repeat for a cluster.",
+    ),
     S("stream", _stream, "TELEMETRY", metavar="NAME", help="JetStream stream."),
-    S("subject_prefix", _prefix, "telemetry", metavar="PREFIX",
-      help="Subjects are PREFIX.<gateway>.<sensor>.readings|accounts."),
+    S(
+        "subject_prefix",
+        _prefix,
+        "telemetry",
+        metavar="PREFIX",
+        help="Subjects are PREFIX.<gateway>.<sensor>.readings|accounts.",
+    ),
     S("create_stream", config.boolean, True, help="Create the stream (subjects PREFIX.>) when it is missing."),
     S("replicas", _replicas, 1, metavar="N", help="Replicas of a stream this creates (3 on a cluster)."),
-    S("duplicate_window", config.positive_float, 120.0, metavar="SECONDS",
-      help="Duplicate window (Nats-Msg-Id) of a stream this creates."),
-    S("ca", config.string, None, metavar="FILE", help="CA certificates that verify the broker (TLS).",
-      default_text="the system's"),
+    S(
+        "duplicate_window",
+        config.positive_float,
+        120.0,
+        metavar="SECONDS",
+        help="Duplicate window (Nats-Msg-Id) of a stream this creates.",
+    ),
+    S(
+        "ca",
+        config.string,
+        None,
+        metavar="FILE",
+        help="CA certificates that verify the broker (TLS).",
+        default_text="the system's",
+    ),
     S("cert", config.string, None, metavar="FILE", help="Client certificate for TLS (with --key)."),
     S("key", config.string, None, metavar="FILE", help="Private key of --cert (not readable by others)."),
     S("user", config.string, None, metavar="NAME", help="NATS user name (password from --password-file)."),
-    S("password_file", config.string, None, metavar="FILE",
-      help="File holding the NATS password (one line, not readable by others)."),
+    S(
+        "password_file",
+        config.string,
+        None,
+        metavar="FILE",
+        help="File holding the NATS password (one line, not readable by others).",
+    ),
     S("token_file", config.string, None, metavar="FILE", help="File holding a NATS token."),
     S("creds_file", config.string, None, metavar="FILE", help="NATS credentials file (JWT and NKey seed)."),
     S("nkey_seed_file", config.string, None, metavar="FILE", help="File holding an NKey seed (SU...)."),
@@ -94,16 +121,32 @@ BROKER = [
 
 UPLINK_SETTINGS = [
     S("db", _db_path, "telemetry.db", metavar="PATH", help="The collector's database, opened read-only."),
-    S("gateway", _gateway, None, metavar="NAME", default_text="the host name",
-      help="This gateway's name: 1-32 of A-Z a-z 0-9 _ -; its sensors are NAME:<id> centrally."),
+    S(
+        "gateway",
+        _gateway,
+        None,
+        metavar="NAME",
+        default_text="the host name",
+        help="This gateway's name: 1-32 of A-Z a-z 0-9 _ -; its sensors are NAME:<id> centrally.",
+    ),
     *BROKER,
     S("max_datagrams", config.positive_int, 1000, metavar="N", help="Datagrams per message at most."),
     S("window", config.positive_int, 512, metavar="N", help="Publishes awaiting their ack at most."),
     S("poll_interval", config.positive_float, 0.5, metavar="SECONDS", help="Look for new data this often when idle."),
-    S("ack_timeout", config.positive_float, 10.0, metavar="SECONDS",
-      help="Retry a batch after this long without its acks."),
-    S("backoff_max", config.positive_float, 30.0, metavar="SECONDS",
-      help="Longest wait between reconnect attempts (jittered)."),
+    S(
+        "ack_timeout",
+        config.positive_float,
+        10.0,
+        metavar="SECONDS",
+        help="Retry a batch after this long without its acks.",
+    ),
+    S(
+        "backoff_max",
+        config.positive_float,
+        30.0,
+        metavar="SECONDS",
+        help="Longest wait between reconnect attempts (jittered).",
+    ),
     S("status_interval", config.positive_float, 60.0, metavar="SECONDS", help="Log a status line this often."),
 ]
 
@@ -111,10 +154,20 @@ CENTRAL_SETTINGS = [
     S("db", _db_path, "central.db", metavar="PATH", help="The central database, created if missing."),
     *BROKER,
     S("durable", _stream, "telemetry-central", metavar="NAME", help="Durable consumer name."),
-    S("batch", config.positive_int, 50, metavar="N",
-      help="Messages per fetch and per transaction (memory: up to N x 1 MiB of payload)."),
-    S("ack_wait", config.positive_float, 30.0, metavar="SECONDS",
-      help="JetStream redelivers an unacked message after this."),
+    S(
+        "batch",
+        config.positive_int,
+        50,
+        metavar="N",
+        help="Messages per fetch and per transaction (memory: up to N x 1 MiB of payload).",
+    ),
+    S(
+        "ack_wait",
+        config.positive_float,
+        30.0,
+        metavar="SECONDS",
+        help="JetStream redelivers an unacked message after this.",
+    ),
     S("backoff_max", config.positive_float, 30.0, metavar="SECONDS", help="Longest wait between reconnect attempts."),
     S("status_interval", config.positive_float, 60.0, metavar="SECONDS", help="Log a status line this often."),
 ]
@@ -123,27 +176,49 @@ CENTRAL_SETTINGS = [
 def _common(f):
     f = click.option("-q", "--quiet", count=True, help="Less log output: warnings and errors only.")(f)
     f = click.option("-v", "--verbose", count=True, help="More log output (repeatable).")(f)
-    f = click.option("--check", is_flag=True, help="Validate the settings and credential files, print the "
-                     "effective table and exit (connects to nothing).")(f)
-    f = click.option("--config", "config_path", envvar="TELEMETRY_CONFIG", metavar="FILE.toml",
-                     type=click.Path(dir_okay=False), help="TOML file with the same names (flags win).")(f)
+    f = click.option(
+        "--check",
+        is_flag=True,
+        help="Validate the settings and credential files, print the effective table and exit (connects to nothing).",
+    )(f)
+    f = click.option(
+        "--config",
+        "config_path",
+        envvar="TELEMETRY_CONFIG",
+        metavar="FILE.toml",
+        type=click.Path(dir_okay=False),
+        help="TOML file with the same names (flags win).",
+    )(f)
     return f
 
 
 def _logging(verbose: int, quiet: int) -> None:
     level = logging.INFO + 10 * (quiet - verbose)
-    logging.basicConfig(level=max(logging.DEBUG, min(level, logging.ERROR)), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=max(logging.DEBUG, min(level, logging.ERROR)),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
     logging.getLogger("nats").setLevel(logging.CRITICAL)  # its errors reach us as exceptions, said once
 
 
 def _broker(values: dict) -> broker.BrokerSettings:
     return broker.BrokerSettings(
-        servers=tuple(values["servers"]), stream=values["stream"], subject_prefix=values["subject_prefix"],
-        create_stream=values["create_stream"], replicas=values["replicas"],
-        duplicate_window=values["duplicate_window"], ca=values["ca"], cert=values["cert"], key=values["key"],
-        user=values["user"], password_file=values["password_file"], token_file=values["token_file"],
-        creds_file=values["creds_file"], nkey_seed_file=values["nkey_seed_file"])
+        servers=tuple(values["servers"]),
+        stream=values["stream"],
+        subject_prefix=values["subject_prefix"],
+        create_stream=values["create_stream"],
+        replicas=values["replicas"],
+        duplicate_window=values["duplicate_window"],
+        ca=values["ca"],
+        cert=values["cert"],
+        key=values["key"],
+        user=values["user"],
+        password_file=values["password_file"],
+        token_file=values["token_file"],
+        creds_file=values["creds_file"],
+        nkey_seed_file=values["nkey_seed_file"],
+    )
 
 
 def _serve(daemon) -> None:
@@ -200,17 +275,29 @@ def run_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> None
     from .publisher import Uplink, UplinkSettings
 
     try:
-        values = config.merge(ctx, UPLINK_SETTINGS, config.read_table(config_path, "uplink"), f"{config_path} [uplink]",
-                              env_prefix=UPLINK_ENV)
+        values = config.merge(
+            ctx,
+            UPLINK_SETTINGS,
+            config.read_table(config_path, "uplink"),
+            f"{config_path} [uplink]",
+            env_prefix=UPLINK_ENV,
+        )
         if values["gateway"] is None:
             values["gateway"] = _default_gateway()
             if values["gateway"] is None:
                 raise ConfigError(f"the host name {socket.gethostname()!r} is not a gateway name: give --gateway NAME")
         bs = _broker(values)
-        settings = UplinkSettings(db=values["db"], gateway=values["gateway"], broker=bs,
-                                  max_datagrams=values["max_datagrams"], window=values["window"],
-                                  poll_interval=values["poll_interval"], ack_timeout=values["ack_timeout"],
-                                  backoff_max=values["backoff_max"], status_interval=values["status_interval"])
+        settings = UplinkSettings(
+            db=values["db"],
+            gateway=values["gateway"],
+            broker=bs,
+            max_datagrams=values["max_datagrams"],
+            window=values["window"],
+            poll_interval=values["poll_interval"],
+            ack_timeout=values["ack_timeout"],
+            backoff_max=values["backoff_max"],
+            status_interval=values["status_interval"],
+        )
         if check:
             broker.connect_options(bs)
             source.read_cursor(settings.db)
@@ -246,12 +333,23 @@ def consume_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> 
     from .consumer import Consumer, ConsumeSettings
 
     try:
-        values = config.merge(ctx, CENTRAL_SETTINGS, config.read_table(config_path, "central"),
-                              f"{config_path} [central]", env_prefix=CENTRAL_ENV)
+        values = config.merge(
+            ctx,
+            CENTRAL_SETTINGS,
+            config.read_table(config_path, "central"),
+            f"{config_path} [central]",
+            env_prefix=CENTRAL_ENV,
+        )
         bs = _broker(values)
-        settings = ConsumeSettings(db=values["db"], broker=bs, durable=values["durable"], batch=values["batch"],
-                                   ack_wait=values["ack_wait"], backoff_max=values["backoff_max"],
-                                   status_interval=values["status_interval"])
+        settings = ConsumeSettings(
+            db=values["db"],
+            broker=bs,
+            durable=values["durable"],
+            batch=values["batch"],
+            ack_wait=values["ack_wait"],
+            backoff_max=values["backoff_max"],
+            status_interval=values["status_interval"],
+        )
         if check:
             broker.connect_options(bs)
             click.echo(config.render("central", CENTRAL_SETTINGS, values), nl=False)
@@ -267,7 +365,13 @@ def consume_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> 
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    return (
+        f"{seconds:.1f} s"
+        if seconds < 120
+        else f"{seconds / 60:.1f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
 def _pid_alive(pid) -> bool:
@@ -279,10 +383,21 @@ def _pid_alive(pid) -> bool:
 
 
 @main.command("status")
-@click.option("--db", envvar=UPLINK_ENV + "DB", metavar="PATH", type=config.ParsedParam("PATH", _db_path),
-              help="The collector's database (the uplink's position is <db>-uplink).  [default: from --config, else telemetry.db]")
-@click.option("--config", "config_path", envvar="TELEMETRY_CONFIG", metavar="FILE.toml",
-              type=click.Path(dir_okay=False), help="Take db from this file's [uplink] table.")
+@click.option(
+    "--db",
+    envvar=UPLINK_ENV + "DB",
+    metavar="PATH",
+    type=config.ParsedParam("PATH", _db_path),
+    help="The collector's database (the uplink's position is <db>-uplink).  [default: from --config, else telemetry.db]",
+)
+@click.option(
+    "--config",
+    "config_path",
+    envvar="TELEMETRY_CONFIG",
+    metavar="FILE.toml",
+    type=click.Path(dir_okay=False),
+    help="Take db from this file's [uplink] table.",
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def status_cmd(db, config_path, fmt) -> None:
     """Show the uplink's position, what is pending, the lag and the last ack.
@@ -319,13 +434,23 @@ def status_cmd(db, config_path, fmt) -> None:
     except OSError:
         acked_at = None
     last_ack = daemon.get("last_ack") or acked_at
-    out = dict(db=db, position=position, pending_entries=entries, pending_readings=readings,
-               lag_seconds=None if oldest is None else max(0.0, now - oldest),
-               last_ack=last_ack, last_ack_age_seconds=None if last_ack is None else max(0.0, now - last_ack),
-               running=running, pid=daemon.get("pid") if running else None,
-               connected=daemon.get("connected") if running else None,
-               sent=daemon.get("sent"), acked=daemon.get("acked"), reconnects=daemon.get("reconnects"),
-               skipped_entries=daemon.get("skipped_entries"), last_error=daemon.get("last_error"))
+    out = dict(
+        db=db,
+        position=position,
+        pending_entries=entries,
+        pending_readings=readings,
+        lag_seconds=None if oldest is None else max(0.0, now - oldest),
+        last_ack=last_ack,
+        last_ack_age_seconds=None if last_ack is None else max(0.0, now - last_ack),
+        running=running,
+        pid=daemon.get("pid") if running else None,
+        connected=daemon.get("connected") if running else None,
+        sent=daemon.get("sent"),
+        acked=daemon.get("acked"),
+        reconnects=daemon.get("reconnects"),
+        skipped_entries=daemon.get("skipped_entries"),
+        last_error=daemon.get("last_error"),
+    )
     if fmt == "json":
         click.echo(json.dumps(out, indent=1))
     else:
@@ -335,9 +460,17 @@ def status_cmd(db, config_path, fmt) -> None:
             ("pending", f"{readings} readings in {entries} entries"),
             ("lag", f"{_age(out['lag_seconds'])} (oldest unsent entry)" if entries else "0 (nothing unsent)"),
             ("last ack", f"{stamp} ({_age(out['last_ack_age_seconds'])} ago)" if last_ack else "never"),
-            ("uplink", (f"running (pid {out['pid']}), " + (f"connected to {out['connected']}" if out["connected"]
-                        else "NOT connected") + f"; sent {out['sent']}, acked {out['acked']}, "
-                        f"reconnects {out['reconnects']}") if running else "NOT running"),
+            (
+                "uplink",
+                (
+                    f"running (pid {out['pid']}), "
+                    + (f"connected to {out['connected']}" if out["connected"] else "NOT connected")
+                    + f"; sent {out['sent']}, acked {out['acked']}, "
+                    f"reconnects {out['reconnects']}"
+                )
+                if running
+                else "NOT running",
+            ),
         ]
         if out["last_error"]:
             lines.append(("last error", out["last_error"]))

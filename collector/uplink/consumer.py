@@ -28,8 +28,8 @@ class ConsumeSettings:
     db: str
     broker: broker.BrokerSettings = field(default_factory=broker.BrokerSettings)
     durable: str = "telemetry-central"
-    batch: int = 50                # messages per fetch (and per transaction) at most; each <= 1 MiB
-    ack_wait: float = 30.0         # seconds before JetStream redelivers an unacked message
+    batch: int = 50  # messages per fetch (and per transaction) at most; each <= 1 MiB
+    ack_wait: float = 30.0  # seconds before JetStream redelivers an unacked message
     backoff_max: float = 30.0
     status_interval: float = 60.0
 
@@ -53,8 +53,13 @@ class Consumer:
 
     async def run(self) -> None:
         self.notify("READY=1")
-        log.info("started: central database %s, servers %s, stream %s, durable consumer %s",
-                 self.s.db, ",".join(self.s.broker.servers), self.s.broker.stream, self.s.durable)
+        log.info(
+            "started: central database %s, servers %s, stream %s, durable consumer %s",
+            self.s.db,
+            ",".join(self.s.broker.servers),
+            self.s.broker.stream,
+            self.s.durable,
+        )
         status_task = asyncio.create_task(self._status_loop())
         try:
             while not self.stop.is_set():
@@ -67,9 +72,15 @@ class Consumer:
                     js = nc.jetstream(timeout=10)
                     await broker.ensure_stream(js, self.s.broker)
                     sub = await js.pull_subscribe(
-                        f"{self.s.broker.subject_prefix}.>", durable=self.s.durable, stream=self.s.broker.stream,
-                        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.s.ack_wait,
-                                              max_ack_pending=max(1000, 4 * self.s.batch)))
+                        f"{self.s.broker.subject_prefix}.>",
+                        durable=self.s.durable,
+                        stream=self.s.broker.stream,
+                        config=ConsumerConfig(
+                            ack_policy=AckPolicy.EXPLICIT,
+                            ack_wait=self.s.ack_wait,
+                            max_ack_pending=max(1000, 4 * self.s.batch),
+                        ),
+                    )
                     self._connects += 1
                     self.reconnects += self._connects > 1
                     self.connected_to = server
@@ -128,10 +139,12 @@ class Consumer:
 
     def _summary(self) -> str:
         t = self.totals
-        return (f"{t['uplink_messages']} messages, {t['uplink_readings']} readings stored, "
-                f"{t['uplink_replayed_readings']} replayed readings dropped, {t['uplink_accounts']} account "
-                f"snapshots ({t['uplink_stale_accounts']} stale), "
-                f"{sum(v for k, v in t.items() if k.startswith('uplink_rejected:'))} rejected")
+        return (
+            f"{t['uplink_messages']} messages, {t['uplink_readings']} readings stored, "
+            f"{t['uplink_replayed_readings']} replayed readings dropped, {t['uplink_accounts']} account "
+            f"snapshots ({t['uplink_stale_accounts']} stale), "
+            f"{sum(v for k, v in t.items() if k.startswith('uplink_rejected:'))} rejected"
+        )
 
     async def _status_loop(self) -> None:
         while True:

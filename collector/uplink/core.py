@@ -106,8 +106,10 @@ def subject(prefix: str, gateway: str, sensor: str, kind: str) -> str:
 
 def check_gateway(name: str) -> str:
     if not GATEWAY_RE.fullmatch(name):
-        raise ValueError(f"{name!r}: a gateway name is 1-32 of A-Z a-z 0-9 _ - (it becomes a subject token "
-                         "and the prefix of its sensors' ids centrally)")
+        raise ValueError(
+            f"{name!r}: a gateway name is 1-32 of A-Z a-z 0-9 _ - (it becomes a subject token "
+            "and the prefix of its sensors' ids centrally)"
+        )
     return name
 
 
@@ -176,19 +178,50 @@ class Accounts:
 
     def counts(self) -> tuple:
         """What must match between gateway and central."""
-        return (self.first_seen, self.last_seen, self.datagrams, self.readings, self.lost,
-                self.duplicates, self.reordered, self.restarts)
+        return (
+            self.first_seen,
+            self.last_seen,
+            self.datagrams,
+            self.readings,
+            self.lost,
+            self.duplicates,
+            self.reordered,
+            self.restarts,
+        )
 
 
 def encode(item: Readings | Accounts) -> bytes:
     if isinstance(item, Readings):
-        body = [PAYLOAD_VERSION, KIND_READINGS, item.gateway, item.sensor, item.boot,
-                item.seqs, item.ts, item.received, item.metrics]
+        body = [
+            PAYLOAD_VERSION,
+            KIND_READINGS,
+            item.gateway,
+            item.sensor,
+            item.boot,
+            item.seqs,
+            item.ts,
+            item.received,
+            item.metrics,
+        ]
     else:
         gaps = [[g.stream, g.boot, g.first_seq, g.last_seq, g.missing, g.detected_at] for g in item.gaps]
-        body = [PAYLOAD_VERSION, KIND_ACCOUNTS, item.gateway, item.sensor, item.as_of,
-                item.first_seen, item.last_seen, item.datagrams, item.readings, item.lost,
-                item.duplicates, item.reordered, item.restarts, gaps, item.gaps_total]
+        body = [
+            PAYLOAD_VERSION,
+            KIND_ACCOUNTS,
+            item.gateway,
+            item.sensor,
+            item.as_of,
+            item.first_seen,
+            item.last_seen,
+            item.datagrams,
+            item.readings,
+            item.lost,
+            item.duplicates,
+            item.reordered,
+            item.restarts,
+            gaps,
+            item.gaps_total,
+        ]
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -251,20 +284,50 @@ def decode(data: bytes) -> Readings | Accounts:
         return Readings(gateway, sensor, boot, seqs, list(map(float, ts)), list(map(float, received)), metrics)
     if kind == KIND_ACCOUNTS:
         _shape(len(body) == 15, "accounts: 15 items expected")
-        (_, _, gateway, sensor, as_of, first_seen, last_seen, datagrams, readings, lost,
-         duplicates, reordered, restarts, gaps, gaps_total) = body
+        (
+            _,
+            _,
+            gateway,
+            sensor,
+            as_of,
+            first_seen,
+            last_seen,
+            datagrams,
+            readings,
+            lost,
+            duplicates,
+            reordered,
+            restarts,
+            gaps,
+            gaps_total,
+        ) = body
         _shape(isinstance(gateway, str) and GATEWAY_RE.fullmatch(gateway) is not None, "gateway")
         _shape(isinstance(sensor, str) and 0 < len(sensor) <= 256, "sensor")
-        _shape(all(_int(v) for v in (as_of, datagrams, readings, lost, duplicates, reordered, restarts, gaps_total)),
-               "counts")
+        _shape(
+            all(_int(v) for v in (as_of, datagrams, readings, lost, duplicates, reordered, restarts, gaps_total)),
+            "counts",
+        )
         _shape(_num(first_seen) and _num(last_seen), "first_seen/last_seen")
         _shape(isinstance(gaps, list) and len(gaps) <= MAX_GAPS_PER_SNAPSHOT, "gaps")
         out = []
         for g in gaps:
             _shape(isinstance(g, list) and len(g) == 6 and all(_int(v) for v in g[:5]) and _num(g[5]), "gap")
             out.append(Gap(g[0], g[1], g[2], g[3], g[4], float(g[5])))
-        return Accounts(gateway, sensor, as_of, float(first_seen), float(last_seen), datagrams, readings, lost,
-                        duplicates, reordered, restarts, tuple(out), gaps_total)
+        return Accounts(
+            gateway,
+            sensor,
+            as_of,
+            float(first_seen),
+            float(last_seen),
+            datagrams,
+            readings,
+            lost,
+            duplicates,
+            reordered,
+            restarts,
+            tuple(out),
+            gaps_total,
+        )
     raise PayloadError("bad_kind", f"kind {kind!r}")
 
 
@@ -293,10 +356,13 @@ def readings_message(prefix: str, item: Readings) -> Message:
     the batch)."""
     payload = encode(item)
     boot = "-" if item.boot is None else str(item.boot)
-    msg_id = (f"{item.gateway}.{sensor_token(item.sensor)}.{boot}.{min(item.seqs)}-{max(item.seqs)}"
-              f".{item.datagrams}.{_digest(payload)}")
-    return Message(subject(prefix, item.gateway, item.sensor, KIND_READINGS), msg_id, payload,
-                   item.datagrams, item.readings)
+    msg_id = (
+        f"{item.gateway}.{sensor_token(item.sensor)}.{boot}.{min(item.seqs)}-{max(item.seqs)}"
+        f".{item.datagrams}.{_digest(payload)}"
+    )
+    return Message(
+        subject(prefix, item.gateway, item.sensor, KIND_READINGS), msg_id, payload, item.datagrams, item.readings
+    )
 
 
 def readings_messages(prefix: str, item: Readings, max_bytes: int = MAX_MESSAGE_BYTES) -> list[Message]:
@@ -314,8 +380,13 @@ def readings_messages(prefix: str, item: Readings, max_bytes: int = MAX_MESSAGE_
             piece = column[part]
             if piece.count(None) != len(piece):
                 metrics[name] = piece
-        out += readings_messages(prefix, Readings(item.gateway, item.sensor, item.boot, item.seqs[part],
-                                                  item.ts[part], item.received[part], metrics), max_bytes)
+        out += readings_messages(
+            prefix,
+            Readings(
+                item.gateway, item.sensor, item.boot, item.seqs[part], item.ts[part], item.received[part], metrics
+            ),
+            max_bytes,
+        )
     return out
 
 
@@ -367,8 +438,9 @@ def batch(gateway: str, entries: Iterable[Entry], max_datagrams: int) -> list[Re
                 part = column[start:stop]
                 if part.count(None) != len(part):
                     metrics[name] = part
-            out.append(Readings(gateway, sensor, boot, p.seqs[start:stop], p.ts[start:stop],
-                                p.received[start:stop], metrics))
+            out.append(
+                Readings(gateway, sensor, boot, p.seqs[start:stop], p.ts[start:stop], p.received[start:stop], metrics)
+            )
     return out
 
 

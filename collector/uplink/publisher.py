@@ -30,13 +30,13 @@ class UplinkSettings:
     db: str
     gateway: str
     broker: broker.BrokerSettings = field(default_factory=broker.BrokerSettings)
-    max_datagrams: int = 1000      # datagrams per message at most
+    max_datagrams: int = 1000  # datagrams per message at most
     round_readings: int = 100_000  # readings read per round at most (at least one entry): bounds memory
-    round_entries: int = 1000      # ingest_log entries per round at most
-    window: int = 512              # publishes awaiting their ack at most
-    poll_interval: float = 0.5     # seconds between looks at an idle log
-    ack_timeout: float = 10.0      # seconds without an ack before a round is retried
-    backoff_max: float = 30.0      # seconds between reconnect attempts at most
+    round_entries: int = 1000  # ingest_log entries per round at most
+    window: int = 512  # publishes awaiting their ack at most
+    poll_interval: float = 0.5  # seconds between looks at an idle log
+    ack_timeout: float = 10.0  # seconds without an ack before a round is retried
+    backoff_max: float = 30.0  # seconds between reconnect attempts at most
     status_interval: float = 60.0
 
 
@@ -57,8 +57,9 @@ class Uplink:
         self.js = None
         self.server_index = 0
         self.connected_to: str | None = None
-        self.stats = dict(sent=0, acked=0, acked_readings=0, duplicates=0, reconnects=0, rounds=0,
-                          skipped_entries=0, failed_rounds=0)
+        self.stats = dict(
+            sent=0, acked=0, acked_readings=0, duplicates=0, reconnects=0, rounds=0, skipped_entries=0, failed_rounds=0
+        )
         self.last_ack: float | None = None
         self.last_error: str | None = None
         self.started = time.time()
@@ -72,8 +73,14 @@ class Uplink:
         if self.source is None:
             return
         self.notify("READY=1")
-        log.info("started: gateway %s, database %s (read-only), position %d, servers %s, stream %s",
-                 self.s.gateway, self.s.db, self.cursor, ",".join(self.s.broker.servers), self.s.broker.stream)
+        log.info(
+            "started: gateway %s, database %s (read-only), position %d, servers %s, stream %s",
+            self.s.gateway,
+            self.s.db,
+            self.cursor,
+            ",".join(self.s.broker.servers),
+            self.s.broker.stream,
+        )
         status_task = asyncio.create_task(self._status_loop())
         try:
             while not self.stop.is_set():
@@ -89,8 +96,10 @@ class Uplink:
                 except Exception as exc:  # the broker or the link failed: back off, retry the round
                     self.stats["failed_rounds"] += 1
                     delay = self.backoff.next()
-                    self._problem(f"publishing to {self.connected_to}: {broker.explain(exc)}; "
-                                  f"retrying in {delay:.1f} s (position {self.cursor} kept)")
+                    self._problem(
+                        f"publishing to {self.connected_to}: {broker.explain(exc)}; "
+                        f"retrying in {delay:.1f} s (position {self.cursor} kept)"
+                    )
                     await self._drop_connection()
                     await self._sleep(delay)
                     continue
@@ -103,8 +112,12 @@ class Uplink:
             self._write_status(force=True)
             self.notify("STOPPING=1")
             self.source.close()
-            log.info("stopped: acked %d messages (%d readings) this run; position %d",
-                     self.stats["acked"], self.stats["acked_readings"], self.cursor)
+            log.info(
+                "stopped: acked %d messages (%d readings) this run; position %d",
+                self.stats["acked"],
+                self.stats["acked_readings"],
+                self.cursor,
+            )
 
     async def _sleep(self, seconds: float) -> None:
         await broker.watchful_sleep(seconds, self.stop, self.notify)
@@ -150,8 +163,9 @@ class Uplink:
         except Exception as exc:
             await self._drop_connection()
             delay = self.backoff.next()
-            self._problem(f"broker {server}: stream {self.s.broker.stream}: {broker.explain(exc)}; "
-                          f"retrying in {delay:.1f} s")
+            self._problem(
+                f"broker {server}: stream {self.s.broker.stream}: {broker.explain(exc)}; retrying in {delay:.1f} s"
+            )
             return delay
         self._connects += 1
         if self._connects > 1:
@@ -176,8 +190,12 @@ class Uplink:
         """Publish what follows the position; False when there was nothing to do."""
         snap = self.source.read(self.cursor, self.s.round_entries, self.s.round_readings)
         if self.cursor > snap.last_id:
-            log.error("position %d is beyond the newest ingest_log id %d: the database was replaced; "
-                      "starting again from its first entry", self.cursor, snap.last_id)
+            log.error(
+                "position %d is beyond the newest ingest_log id %d: the database was replaced; "
+                "starting again from its first entry",
+                self.cursor,
+                snap.last_id,
+            )
             self.cursor = 0
             source.write_cursor(self.s.db, 0)
             return True
@@ -185,9 +203,12 @@ class Uplink:
             first = snap.entries[0].id
             skipped = first - self.cursor - 1
             self.stats["skipped_entries"] += skipped
-            log.error("DATA LOST to the central side: ingest_log entries %d-%d were deleted before they were sent "
-                      "(the collector's disk budget; its counter uplink_dropped says how many readings)",
-                      self.cursor + 1, first - 1)
+            log.error(
+                "DATA LOST to the central side: ingest_log entries %d-%d were deleted before they were sent "
+                "(the collector's disk budget; its counter uplink_dropped says how many readings)",
+                self.cursor + 1,
+                first - 1,
+            )
         if not snap.entries and not snap.accounts:
             return False
         readings = core.batch(self.s.gateway, snap.entries, self.s.max_datagrams)
@@ -209,8 +230,7 @@ class Uplink:
         futures = []
         deadline = self.s.ack_timeout
         for m in messages:
-            fut = await js.publish_async(m.subject, m.payload, wait_stall=deadline,
-                                         headers={"Nats-Msg-Id": m.msg_id})
+            fut = await js.publish_async(m.subject, m.payload, wait_stall=deadline, headers={"Nats-Msg-Id": m.msg_id})
             futures.append((m, fut))
             self.stats["sent"] += 1
         pending = {fut for _, fut in futures}
@@ -232,19 +252,29 @@ class Uplink:
     def status(self) -> dict:
         entries, readings, oldest = self.source.pending(self.cursor) if self.source else (0, 0, None)
         now = time.time()
-        return dict(pid=os.getpid(), updated=now, gateway=self.s.gateway, position=self.cursor,
-                    pending_entries=entries, pending_readings=readings,
-                    oldest_unsent_age=None if oldest is None else max(0.0, now - oldest),
-                    connected=self.connected_to if self.nc is not None else None,
-                    last_ack=self.last_ack, last_error=self.last_error, **self.stats)
+        return dict(
+            pid=os.getpid(),
+            updated=now,
+            gateway=self.s.gateway,
+            position=self.cursor,
+            pending_entries=entries,
+            pending_readings=readings,
+            oldest_unsent_age=None if oldest is None else max(0.0, now - oldest),
+            connected=self.connected_to if self.nc is not None else None,
+            last_ack=self.last_ack,
+            last_error=self.last_error,
+            **self.stats,
+        )
 
     def status_line(self) -> str:
         st = self.status()
         age = "-" if st["oldest_unsent_age"] is None else f"{st['oldest_unsent_age']:.1f} s"
-        return (f"status: sent {st['sent']}, acked {st['acked']} messages ({st['acked_readings']} readings, "
-                f"{st['duplicates']} duplicates dropped by the broker); pending {st['pending_readings']} readings "
-                f"in {st['pending_entries']} entries, oldest unsent {age}; reconnects {st['reconnects']}; "
-                f"{'connected to ' + st['connected'] if st['connected'] else 'NOT connected'}")
+        return (
+            f"status: sent {st['sent']}, acked {st['acked']} messages ({st['acked_readings']} readings, "
+            f"{st['duplicates']} duplicates dropped by the broker); pending {st['pending_readings']} readings "
+            f"in {st['pending_entries']} entries, oldest unsent {age}; reconnects {st['reconnects']}; "
+            f"{'connected to ' + st['connected'] if st['connected'] else 'NOT connected'}"
+        )
 
     def _write_status(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -253,8 +283,7 @@ class Uplink:
         self._last_status_file = now
         self.notify(f"STATUS={self.status_line()[8:]}")
         try:
-            source.write_atomically(status_path(self.s.db), json.dumps(self.status()).encode() + b"\n",
-                                    durable=False)
+            source.write_atomically(status_path(self.s.db), json.dumps(self.status()).encode() + b"\n", durable=False)
         except (OSError, Exception) as exc:  # status is advisory; never stop forwarding for it
             log.debug("cannot write %s: %s", status_path(self.s.db), exc)
 

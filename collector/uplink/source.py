@@ -41,8 +41,10 @@ def read_cursor(db: str) -> int:
     try:
         return core.parse_cursor(data)
     except ValueError as exc:
-        raise SetupError(f"uplink position {path} is damaged ({exc}): fix or remove it "
-                         "(removing it re-sends the whole ingest log; the central side drops what it has)") from None
+        raise SetupError(
+            f"uplink position {path} is damaged ({exc}): fix or remove it "
+            "(removing it re-sends the whole ingest log; the central side drops what it has)"
+        ) from None
 
 
 def write_atomically(path: str, data: bytes, durable: bool = True) -> None:
@@ -84,14 +86,16 @@ class Source:
         self.db = db
         self.gateway = gateway
         try:
-            self.conn = sqlite3.connect(f"file:{quote(db)}?mode=ro", uri=True, isolation_level=None,
-                                        check_same_thread=False)
+            self.conn = sqlite3.connect(
+                f"file:{quote(db)}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
             self.conn.execute("PRAGMA busy_timeout=5000")
             self.conn.execute("SELECT 1 FROM ingest_log LIMIT 1").fetchall()
             self.conn.execute("SELECT 1 FROM sensors LIMIT 1").fetchall()
         except sqlite3.Error as exc:
-            raise SetupError(f"cannot read database {db}: {exc} (has a collector with the ingest log, "
-                             "storage v3, created it yet?)") from None
+            raise SetupError(
+                f"cannot read database {db}: {exc} (has a collector with the ingest log, storage v3, created it yet?)"
+            ) from None
         self.published: dict[str, tuple] = {}  # sensor -> counts last acked centrally
         self.high_last_seen = float("-inf")
 
@@ -109,7 +113,8 @@ class Source:
             # Row by row, not fetchall: a backlog of large entries must not all sit in memory at once.
             cur = conn.execute(
                 "SELECT id, committed, readings, body FROM ingest_log WHERE id > ? ORDER BY id LIMIT ?",
-                (after_id, max_entries))
+                (after_id, max_entries),
+            )
             for row_id, committed, n, body in cur:
                 if entries and readings + n > max_readings:
                     break
@@ -120,19 +125,24 @@ class Source:
             since = self.high_last_seen - ACCOUNTS_SLACK_S
             account_rows = conn.execute(
                 f"SELECT {SENSOR_COLUMNS} FROM sensors WHERE last_seen >= ? ORDER BY sensor",
-                (since if since != float("-inf") else -1e300,)).fetchall()
+                (since if since != float("-inf") else -1e300,),
+            ).fetchall()
             changed = core.accounts_changed(self.published, account_rows)
             accounts = []
             for row in changed:
                 gaps = conn.execute(
                     "SELECT stream, boot, first_seq, last_seq, missing, detected_at FROM gaps WHERE sensor = ? "
                     "ORDER BY detected_at DESC, stream DESC, first_seq DESC LIMIT ?",
-                    (row[0], core.MAX_GAPS_PER_SNAPSHOT)).fetchall()
+                    (row[0], core.MAX_GAPS_PER_SNAPSHOT),
+                ).fetchall()
                 total = len(gaps)
                 if total == core.MAX_GAPS_PER_SNAPSHOT:
                     total = conn.execute("SELECT count(*) FROM gaps WHERE sensor = ?", (row[0],)).fetchone()[0]
-                accounts.append(core.Accounts(self.gateway, row[0], last, *row[1:],
-                                              gaps=tuple(core.Gap(*g) for g in gaps), gaps_total=total))
+                accounts.append(
+                    core.Accounts(
+                        self.gateway, row[0], last, *row[1:], gaps=tuple(core.Gap(*g) for g in gaps), gaps_total=total
+                    )
+                )
         finally:
             conn.execute("COMMIT")
         return Snapshot(entries, last, accounts, changed)
@@ -145,5 +155,6 @@ class Source:
     def pending(self, after_id: int) -> tuple[int, int, float | None]:
         """(entries, readings, committed time of the oldest) not yet acked."""
         n, readings, oldest = self.conn.execute(
-            "SELECT count(*), total(readings), min(committed) FROM ingest_log WHERE id > ?", (after_id,)).fetchone()
+            "SELECT count(*), total(readings), min(committed) FROM ingest_log WHERE id > ?", (after_id,)
+        ).fetchone()
         return int(n), int(readings), oldest
