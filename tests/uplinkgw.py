@@ -149,7 +149,8 @@ def accounts(path: str, prefix: str = "", where: str = "") -> dict[str, tuple]:
             f"restarts FROM sensors {where}"
         ).fetchall()
         gaps = conn.execute(
-            "SELECT sensor, stream, boot, first_seq, last_seq, missing, detected_at FROM gaps"
+            "SELECT sensor, stream, boot, first_seq, last_seq, missing, detected_at FROM gaps "
+            "ORDER BY sensor, stream, boot, first_seq"
         ).fetchall()
     finally:
         conn.close()
