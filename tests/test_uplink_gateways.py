@@ -13,10 +13,12 @@ window, a three-node cluster losing a node, TLS and tokens.
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 from natsserver import NatsServer
@@ -165,3 +167,101 @@ def test_kill_9_the_uplink_mid_publish_five_times_while_the_collector_ingests(tm
         assert all(v for k, v in totals.items() if k != "restarts"), totals  # the faults really arrived
         assert up.stop() == 0 and consume.stop() == 0
         assert "DATA LOST" not in up.text()
+
+
+# ---------------------------------------------------------------- brokers that refuse us
+
+
+def _garbage_server(stop: threading.Event):
+    """A TCP server that is not NATS: it answers anything with an HTTP error and hangs up."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    srv.settimeout(0.05)
+
+    def loop():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                try:
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass
+        srv.close()
+
+    thread = threading.Thread(target=loop, name="garbage-server")
+    thread.start()
+    return srv.getsockname()[1], thread
+
+
+RETRY = re.compile(r"retrying in (\d+\.\d) s")
+
+
+def refused_while_ingesting(gw: Gateway, servers: list[str], extra: list[str], line: str, seed: int) -> str:
+    """The uplink is refused: one WARNING line per attempt, each saying `line` and the wait,
+    the waits growing (jittered doubling from 0.1 s up to --backoff-max 0.5), the daemon
+    still running; meanwhile the collector beside it stores every datagram sent to it."""
+    up = gw.start_uplink(servers, *extra, tag=f"-{seed}")
+    wait_for(lambda: line in up.text(), 15, 0.02, what=f"a first attempt saying {line!r}")
+    gw.sim("--sensors", "3", "--count", "100", "--rate", "max", "--seed", str(seed), *FAULTS)
+    gw.wait_ingested()  # ingest unaffected: every datagram sent is committed, exactly
+    wait_for(lambda: len(RETRY.findall(up.text())) >= 4, 15, 0.02, what="four attempts")
+    assert up.proc.poll() is None  # still running, still retrying
+    cmdline = Path(f"/proc/{up.proc.pid}/cmdline").read_bytes().decode()
+    assert up.stop() == 0
+    text = up.text() + cmdline
+    warnings = [x for x in text.splitlines() if " WARNING " in x]
+    assert len(warnings) >= 4 and all(line in x and "retrying in" in x for x in warnings), warnings
+    waits = [float(w) for w in RETRY.findall(text)]
+    # uniform in [d/2, d] for d = 0.1, 0.2, 0.4, 0.5, 0.5, ...: the third wait is longer than the first
+    assert waits[0] <= 0.1 and waits[2] >= 0.2 and max(waits) <= 0.5, waits
+    assert "Traceback" not in text and " ERROR " not in text
+    assert gw.position() == 0  # nothing was claimed sent
+    return text  # the log and the command line (`ps`)
+
+
+def test_wrong_credentials_wrong_ca_not_nats_and_no_tls_each_one_line_and_ingest_goes_on(tmp_path, gateways):
+    import trustme
+
+    gw = gateways("site-1")
+    secret = tmp_path / "password"
+    secret.write_text("wrong-secret-123\n")
+    secret.chmod(0o600)
+    with NatsServer(tmp_path, "auth", conf='authorization { user: "site-1", password: "right-secret" }') as ns:
+        text = refused_while_ingesting(
+            gw,
+            [ns.url],
+            ["--user", "site-1", "--password-file", str(secret)],
+            "the broker refused our credentials (authorization violation)",
+            seed=1,
+        )
+        assert "wrong-secret-123" not in text
+
+    ca, other_ca = trustme.CA(), trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    other_ca.cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+    tls = f'tls {{ cert_file: "{tmp_path / "server.pem"}", key_file: "{tmp_path / "server.pem"}" }}'
+    with NatsServer(tmp_path, "tls", conf=tls) as ns:
+        refused_while_ingesting(
+            gw,
+            [f"tls://127.0.0.1:{ns.port}"],
+            ["--ca", str(tmp_path / "other-ca.pem")],
+            "TLS: the broker's certificate did not verify",
+            seed=2,
+        )
+
+    stop = threading.Event()
+    port, thread = _garbage_server(stop)
+    try:
+        refused_while_ingesting(
+            gw, [f"nats://127.0.0.1:{port}"], [], "the peer does not speak the NATS protocol", seed=3
+        )
+    finally:
+        stop.set()
+        thread.join()
+
+    with NatsServer(tmp_path, "plain") as ns:  # TLS asked for, a plaintext broker: nothing is sent in clear
+        refused_while_ingesting(gw, [f"tls://127.0.0.1:{ns.port}"], [], "the broker does not offer TLS", seed=4)
