@@ -15,44 +15,24 @@ death).
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 
 import pytest
+import uplinkfleet
 from natsserver import Cluster, NatsServer, wait_jetstream_ready
-from uplinkgw import GatewayDB, accounts, log_readings, readings
+from uplinkfleet import FAST, Uplinks, consume_args, wait_central_equals
+from uplinkgw import GatewayDB, accounts, log_readings
 
-from helpers import db_counters, wait_for
-from processes import Daemon
-
-FAST = ["--poll-interval", "0.05", "--backoff-max", "0.5", "--status-interval", "0.5", "--ack-timeout", "3"]
-
-
-def _env(extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEMETRY_", "NOTIFY_SOCKET"))}
-    env.update(extra or {})
-    return env
+from helpers import wait_for
 
 
 @pytest.fixture
 def daemons(bin_path, tmp_path):
-    """Start telemetry-uplink commands (processes.Daemon: ready at their `started:` line); all
-    are killed at the end of the test if still running."""
-    started: list[Daemon] = []
-
-    def make(name: str, *args: str, env: dict | None = None) -> Daemon:
-        d = Daemon(
-            [bin_path("telemetry-uplink"), *args], tmp_path / f"{name}.log", r"started: ", env=_env(env), timeout=30
-        )
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        if d.proc.poll() is None:
-            d.kill()
+    """Start telemetry-uplink commands (ready at their `started:` line); all are killed at
+    the end of the test if still running."""
+    uplinks = Uplinks(bin_path, tmp_path)
+    yield uplinks.start
+    uplinks.close()
 
 
 def uplink_args(gw: GatewayDB, name: str, servers: list[str], *extra: str) -> list[str]:
@@ -62,60 +42,23 @@ def uplink_args(gw: GatewayDB, name: str, servers: list[str], *extra: str) -> li
     return args
 
 
-def consume_args(db: str, servers: list[str], *extra: str) -> list[str]:
-    args = ["consume", "--db", db, "--backoff-max", "0.5", "--ack-wait", "2", "--status-interval", "3600", *extra]
-    for s in servers:
-        args += ["--servers", s]
-    return args
-
-
-def expected(gws: dict[str, GatewayDB]) -> tuple[set, dict]:
+def wait_central(central: str, gws: dict[str, GatewayDB], timeout: float = 30.0) -> None:
+    """Until the central database holds exactly the gateways' readings (from their ingest
+    logs) and accounts, each reading once."""
     want_r: set = set()
     want_a: dict = {}
     for name, gw in gws.items():
         want_r |= log_readings(gw.path, f"{name}:")
         want_a.update(accounts(gw.path, f"{name}:"))
-    return want_r, want_a
-
-
-def wait_central(central: str, gws: dict[str, GatewayDB], timeout: float = 30.0) -> None:
-    """Until the central database holds exactly the gateways' readings and accounts."""
-    want_r, want_a = expected(gws)
-
-    def same() -> bool:
-        if not os.path.exists(central):
-            return False
-        try:
-            return readings(central) == want_r and accounts(central) == want_a
-        except Exception:  # the consumer is still creating the schema
-            return False
-
-    try:
-        wait_for(same, timeout, 0.1, what="the central database to equal the gateways'")
-    except AssertionError:
-        got = readings(central) if os.path.exists(central) else set()
-        raise AssertionError(
-            f"central has {len(got)} readings, gateways {len(want_r)}; missing "
-            f"{len(want_r - got)}, unexpected {len(got - want_r)}"
-        ) from None
-    counters = db_counters(central)
-    # nothing doubled: every reading row the consumer inserted is one of the gateways'
-    assert counters["uplink_readings"] == len(want_r)
-    assert sum(v for k, v in counters.items() if k.startswith("uplink_rejected:")) == 0
+    wait_central_equals(central, want_r, want_a, timeout)
 
 
 def position(gw: GatewayDB) -> int:
-    try:
-        return int(Path(gw.path + "-uplink").read_text())
-    except (FileNotFoundError, ValueError):
-        return 0
+    return uplinkfleet.position(gw.path)
 
 
 def status(gw: GatewayDB) -> dict:
-    try:
-        return json.loads(Path(gw.path + "-uplink.status.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
+    return uplinkfleet.status(gw.path)
 
 
 def test_broker_down_longer_than_the_dedup_window_then_back(tmp_path, daemons):

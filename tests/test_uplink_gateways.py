@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from natsserver import NatsServer
-from uplinkfleet import Gateway, StreamWatch, clean_env, consume_args, uplink, wait_central
+from uplinkfleet import Gateway, StreamWatch, Uplinks, clean_env, consume_args, wait_central
 
 from helpers import wait_for
 
@@ -47,17 +47,11 @@ def gateways(bin_path, tmp_path):
 @pytest.fixture
 def consumer(bin_path, tmp_path):
     """Start `telemetry-uplink consume` (killed at the end of the test if still running)."""
-    started = []
-
-    def make(central: str, servers: list[str], *extra: str):
-        d = uplink(bin_path, tmp_path / f"consume{len(started)}.log", *consume_args(central, servers, *extra))
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        if d.proc.poll() is None:
-            d.kill()
+    uplinks = Uplinks(bin_path, tmp_path)
+    yield lambda central, servers, *extra: uplinks.start(
+        f"consume{len(uplinks.started)}", *consume_args(central, servers, *extra)
+    )
+    uplinks.close()
 
 
 def faults_happened(gw: Gateway) -> dict:

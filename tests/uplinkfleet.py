@@ -35,11 +35,46 @@ def uplink(bin_path, log: Path, *args: str, env: dict | None = None) -> Daemon:
     return Daemon([bin_path("telemetry-uplink"), *args], log, r"started: ", env=clean_env(env), timeout=30)
 
 
+class Uplinks:
+    """`telemetry-uplink` commands started by one test, each logging to WORKDIR/NAME.log;
+    close() kills those still running (a fixture's teardown)."""
+
+    def __init__(self, bin_path, workdir: Path) -> None:
+        self.bin_path, self.workdir = bin_path, Path(workdir)
+        self.started: list[Daemon] = []
+
+    def start(self, name: str, *args: str, env: dict | None = None) -> Daemon:
+        d = uplink(self.bin_path, self.workdir / f"{name}.log", *args, env=env)
+        self.started.append(d)
+        return d
+
+    def close(self) -> None:
+        for d in self.started:
+            if d.proc.poll() is None:
+                d.kill()
+
+
 def consume_args(db: str, servers: list[str], *extra: str) -> list[str]:
     args = ["consume", "--db", db, "--backoff-max", "0.5", "--ack-wait", "2", "--status-interval", "3600", *extra]
     for s in servers:
         args += ["--servers", s]
     return args
+
+
+def position(db: str) -> int:
+    """The uplink's acked position (`<db>-uplink`), 0 before its first ack."""
+    try:
+        return int(Path(db + "-uplink").read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def status(db: str) -> dict:
+    """The uplink's status file, {} before it wrote one."""
+    try:
+        return json.loads(Path(db + "-uplink.status.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 class Gateway:
@@ -95,16 +130,7 @@ class Gateway:
         return up
 
     def position(self) -> int:
-        try:
-            return int(Path(self.db + "-uplink").read_text())
-        except (FileNotFoundError, ValueError):
-            return 0
-
-    def status(self) -> dict:
-        try:
-            return json.loads(Path(self.db + "-uplink.status.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
+        return position(self.db)
 
     def last_entry(self) -> int:
         """The newest ingest_log id the collector committed (what a caught-up uplink has acked)."""
@@ -131,13 +157,19 @@ class Gateway:
 
 
 def wait_central(central: str, gateways: list[Gateway], timeout: float = 30.0) -> tuple[set, dict]:
-    """Until the central database holds exactly the gateways' readings and accounts; then
-    nothing doubled: the consumer inserted each reading once and rejected nothing."""
+    """Until the central database holds exactly the gateways' readings and accounts."""
     want_r: set = set()
     want_a: dict = {}
     for gw in gateways:
         want_r |= gw.readings()
         want_a.update(gw.accounts())
+    wait_central_equals(central, want_r, want_a, timeout)
+    return want_r, want_a
+
+
+def wait_central_equals(central: str, want_r: set, want_a: dict, timeout: float = 30.0) -> None:
+    """Until the central database holds exactly these readings and accounts (prefixed sensor
+    ids); then nothing doubled: the consumer inserted each reading once and rejected nothing."""
 
     def same() -> bool:
         if not os.path.exists(central):
@@ -161,7 +193,6 @@ def wait_central(central: str, gateways: list[Gateway], timeout: float = 30.0) -
     counters = db_counters(central)
     assert counters["uplink_readings"] == len(want_r)
     assert sum(v for k, v in counters.items() if k.startswith("uplink_rejected:")) == 0
-    return want_r, want_a
 
 
 class StreamWatch:
