@@ -164,3 +164,59 @@ def test_an_unknown_environment_variable_is_named():
     assert (
         "unknown environment variable TELEMETRY_UPLINK_WINDOWW (did you mean TELEMETRY_UPLINK_WINDOW?)" in result.stderr
     )
+
+
+def _flip(seed: str) -> str:
+    """One base32 character changed in the middle: the CRC no longer matches."""
+    i = len(seed) // 2
+    return seed[:i] + ("A" if seed[i] != "A" else "B") + seed[i + 1 :]
+
+
+@pytest.mark.parametrize(
+    "flag, content, message",
+    [
+        ("--nkey-seed-file", lambda u, a: "not-a-seed\n", "not an NKey user seed"),
+        ("--nkey-seed-file", lambda u, a: a.seed + "\n", "not an NKey user seed"),  # an account's, not a user's
+        ("--nkey-seed-file", lambda u, a: _flip(u.seed) + "\n", "not an NKey user seed"),
+        ("--creds-file", lambda u, a: u.seed + "\n", "no user JWT"),
+        ("--creds-file", lambda u, a: "-----BEGIN NATS USER JWT-----\na.b.c\n---\n", "no NKey user seed"),
+        (
+            "--creds-file",
+            lambda u, a: (
+                f"-----BEGIN NATS USER JWT-----\na.b.c\n---\n-----BEGIN USER NKEY SEED-----\n{_flip(u.seed)}\n"
+            ),
+            "no NKey user seed",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "consume"])
+def test_a_malformed_nkey_seed_or_creds_file_is_one_line_and_exit_2(command, flag, content, message, tmp_path):
+    """Checked at start and by --check: nats-py would otherwise fail (or loop) on every connect."""
+    import nkeys
+    from natsauth import identity
+
+    user, account = identity(), identity(nkeys.PREFIX_BYTE_ACCOUNT)
+    path = tmp_path / "secret"
+    path.write_text(content(user, account))
+    path.chmod(0o600)
+    args = [command, "--db", str(tmp_path / "t.db"), flag, str(path), "--check"]
+    result = uplink(args + (["--gateway", "g"] if command == "run" else []))
+    assert result.returncode == 2, result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and f"{flag[2:]} {path}: {message}" in errors[0], result.stderr
+    assert user.seed not in result.stderr and account.seed not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "consume"])
+def test_a_good_nkey_seed_file_and_creds_file_pass_check(command, tmp_path):
+    from natsauth import Operator
+
+    creds, user = Operator.make().creds("site-1")
+    for flag, text in (("--nkey-seed-file", user.seed + "\n"), ("--creds-file", creds)):
+        path = tmp_path / flag[2:]
+        path.write_text(text)
+        path.chmod(0o600)
+        args = [command, "--db", str(tmp_path / "t.db"), flag, str(path), "--check"]
+        result = uplink(args + (["--gateway", "g"] if command == "run" else []))
+        assert result.returncode == 0, result.stderr
+        assert user.seed not in result.stdout + result.stderr

@@ -20,7 +20,9 @@ import subprocess
 import threading
 from pathlib import Path
 
+import nkeys
 import pytest
+from natsauth import Operator, identity
 from natsserver import NatsServer
 from uplinkfleet import Gateway, StreamWatch, Uplinks, clean_env, consume_args, wait_central
 
@@ -259,3 +261,70 @@ def test_wrong_credentials_wrong_ca_not_nats_and_no_tls_each_one_line_and_ingest
 
     with NatsServer(tmp_path, "plain") as ns:  # TLS asked for, a plaintext broker: nothing is sent in clear
         refused_while_ingesting(gw, [f"tls://127.0.0.1:{ns.port}"], [], "the broker does not offer TLS", seed=4)
+
+
+# ---------------------------------------------------------------- NKey and creds (JWT) credentials
+
+
+def secret_file(path: Path, text: str) -> str:
+    path.write_text(text)
+    path.chmod(0o600)
+    return str(path)
+
+
+def assert_never_shown(secret: str, *daemons) -> None:
+    """Not in any log, command line (`ps`) or environment of these processes (run while they run)."""
+    for d in daemons:
+        for what in ("cmdline", "environ"):
+            assert secret not in Path(f"/proc/{d.proc.pid}/{what}").read_bytes().decode(errors="replace"), what
+    for d in daemons:
+        d.stop()
+        assert secret not in d.text()
+
+
+def test_nkey_seed_files_deliver_and_the_seed_is_never_shown(tmp_path, gateways, consumer):
+    site, central_user, stranger = identity(), identity(), identity()
+    users = f'authorization {{ users = [ {{ nkey: "{site.public}" }}, {{ nkey: "{central_user.public}" }} ] }}'
+    with NatsServer(tmp_path, "nkeys", conf=users) as ns:
+        gw = gateways("site-4")
+        gw.sim("--sensors", "2", "--count", "100", "--rate", "max", "--seed", "4", *FAULTS)
+        # a seed the broker does not know: refused in one line, ingest unaffected
+        wrong = secret_file(tmp_path / "stranger.nk", stranger.seed + "\n")
+        text = refused_while_ingesting(
+            gw, [ns.url], ["--nkey-seed-file", wrong], "the broker refused our credentials", seed=5
+        )
+        assert stranger.seed not in text
+        seed = secret_file(tmp_path / "site.nk", site.seed + "\n")
+        up = gw.start_uplink([ns.url], "--nkey-seed-file", seed)
+        central = str(tmp_path / "central.db")
+        consume = consumer(central, [ns.url], "--nkey-seed-file", secret_file(tmp_path / "c.nk", central_user.seed))
+        wait_central(central, [gw])
+        assert_never_shown(site.seed, up)
+        assert_never_shown(central_user.seed, consume)
+        assert up.proc.returncode == 0 and consume.proc.returncode == 0
+
+
+def test_a_creds_file_delivers_through_an_operator_and_account_chain(tmp_path, gateways, consumer):
+    op = Operator.make()
+    with NatsServer(tmp_path, "operator", conf=op.server_conf()) as ns:
+        gw = gateways("site-6")
+        gw.sim("--sensors", "2", "--count", "100", "--rate", "max", "--seed", "6", *FAULTS)
+        # a user signed by an account the operator never signed: refused in one line
+        forged, stranger = op.creds("site-6", signer=identity(nkeys.PREFIX_BYTE_ACCOUNT))
+        text = refused_while_ingesting(
+            gw,
+            [ns.url],
+            ["--creds-file", secret_file(tmp_path / "forged.creds", forged)],
+            "the broker refused our credentials",
+            seed=7,
+        )
+        assert stranger.seed not in text
+        creds, user = op.creds("site-6")
+        up = gw.start_uplink([ns.url], "--creds-file", secret_file(tmp_path / "site.creds", creds))
+        central_creds, central_user = op.creds("central")
+        central = str(tmp_path / "central.db")
+        consume = consumer(central, [ns.url], "--creds-file", secret_file(tmp_path / "c.creds", central_creds))
+        wait_central(central, [gw])
+        assert_never_shown(user.seed, up)
+        assert_never_shown(central_user.seed, consume)
+        assert up.proc.returncode == 0 and consume.proc.returncode == 0

@@ -10,6 +10,7 @@ with an optional client certificate.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import ssl
 import stat
@@ -72,6 +73,61 @@ def _read_secret(path: str, what: str) -> str:
     return value
 
 
+def _user_seed_ok(seed: bytes) -> bool:
+    """Whether `seed` is an NKey user seed (SU...: base32 of the seed and user prefixes, 32
+    bytes, CRC-16; nkeys.decode_seed does not check the CRC, so it is checked here)."""
+    import nkeys
+
+    try:
+        raw = base64.b32decode(seed + b"=" * (-len(seed) % 8))
+        prefix, key = nkeys.decode_seed(bytes(seed))
+    except Exception:  # binascii's errors and nkeys' own: not a seed either way
+        return False
+    return prefix == nkeys.PREFIX_BYTE_USER and len(key) == 32 and nkeys.crc16_checksum(raw[:-2]) == raw[-2:]
+
+
+def _nkey_seed_file(path: str) -> str:
+    """The path of a private file holding one NKey user seed; checked here, because nats-py
+    would otherwise fail the same way on every connect attempt, for ever."""
+    _private_file(path, "nkey-seed-file")
+    try:
+        with open(path, "rb") as f:
+            seed = f.read(4096).strip()
+    except OSError as exc:
+        raise ConfigError(f"nkey-seed-file {path}: cannot read it ({exc.strerror})") from None
+    if not _user_seed_ok(seed):
+        raise ConfigError(
+            f"nkey-seed-file {path}: not an NKey user seed (one line starting SU, as `nk -gen user` or `nsc` writes it)"
+        )
+    return path
+
+
+def _creds_file(path: str) -> str:
+    """The path of a private NATS credentials file: a user JWT block and a user seed block,
+    as `nsc generate creds` writes them (nats-py loops or fails on each connect otherwise)."""
+    _private_file(path, "creds-file")
+    try:
+        with open(path, "rb") as f:
+            lines = f.read(1 << 20).splitlines()
+    except OSError as exc:
+        raise ConfigError(f"creds-file {path}: cannot read it ({exc.strerror})") from None
+
+    def after(marker: bytes) -> bytes | None:
+        for i, line in enumerate(lines[:-1]):
+            if marker in line:
+                return lines[i + 1].strip()
+        return None
+
+    jwt, seed = after(b"BEGIN NATS USER JWT"), after(b"BEGIN USER NKEY SEED")
+    if not jwt or jwt.count(b".") != 2:
+        raise ConfigError(
+            f"creds-file {path}: no user JWT (a -----BEGIN NATS USER JWT----- block, as `nsc generate creds` writes)"
+        )
+    if seed is None or not _user_seed_ok(seed):
+        raise ConfigError(f"creds-file {path}: no NKey user seed (a -----BEGIN USER NKEY SEED----- block with SU...)")
+    return path
+
+
 def connect_options(s: BrokerSettings) -> dict:
     """nats.connect keyword arguments for these settings; reads and checks every file (ConfigError)."""
     opts: dict = {}
@@ -96,9 +152,9 @@ def connect_options(s: BrokerSettings) -> dict:
     if s.token_file:
         opts["token"] = _read_secret(s.token_file, "token-file")
     if s.creds_file:
-        opts["user_credentials"] = _private_file(s.creds_file, "creds-file")
+        opts["user_credentials"] = _creds_file(s.creds_file)
     if s.nkey_seed_file:
-        opts["nkeys_seed"] = _private_file(s.nkey_seed_file, "nkey-seed-file")
+        opts["nkeys_seed"] = _nkey_seed_file(s.nkey_seed_file)
     if (s.cert is None) != (s.key is None):
         raise ConfigError("cert and key go together (a client certificate and its private key)")
     tls = any(u.startswith("tls://") for u in s.servers) or s.ca or s.cert
@@ -127,7 +183,7 @@ def explain(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake failed ({exc.reason or text}): check ca, cert, key and that the broker speaks TLS"
     if "authorization violation" in low or "authentication" in low or "user authentication" in low:
-        return "the broker refused our credentials (authorization violation): check user/password-file, token-file, creds-file"
+        return "the broker refused our credentials (authorization violation): check user/password-file, token-file, creds-file, nkey-seed-file"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused: is nats-server running and listening there?"
     if isinstance(exc, (nats.errors.NoServersError,)):
