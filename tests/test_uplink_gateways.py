@@ -23,10 +23,10 @@ from pathlib import Path
 import nkeys
 import pytest
 from natsauth import Operator, identity
-from natsserver import NatsServer
+from natsserver import NatsServer, free_port
 from uplinkfleet import Gateway, StreamWatch, Uplinks, clean_env, consume_args, wait_central
 
-from helpers import wait_for
+from helpers import db_query, wait_for
 
 FAULTS = ["--loss", "0.05", "--duplicate", "0.05", "--reorder", "0.1"]
 
@@ -328,3 +328,28 @@ def test_a_creds_file_delivers_through_an_operator_and_account_chain(tmp_path, g
         assert_never_shown(user.seed, up)
         assert_never_shown(central_user.seed, consume)
         assert up.proc.returncode == 0 and consume.proc.returncode == 0
+
+
+def test_the_collector_keeps_the_log_for_an_uplink_that_never_reached_the_broker(tmp_path, gateways, consumer):
+    """A new site whose broker is not reachable yet: the uplink has acked nothing, while the
+    collector closes chunks (1024 datagrams a series) and trims its ingest log behind them.
+    The log rows the uplink has not sent must stay; when the broker comes, all arrives."""
+    ns = NatsServer(tmp_path, port=free_port())
+    try:
+        gw = gateways("site-8")
+        up = gw.start_uplink([ns.url])
+        wait_for(lambda: "connection refused" in up.text(), 15, 0.02, what="the uplink to find no broker")
+        gw.sim(
+            "--sensors", "2", "--count", "1500", "--rate", "2000", "--seed", "8", "--metrics", "temp"
+        )  # many flushes
+        gw.wait_ingested()
+        assert db_query(gw.db, "SELECT count(*) FROM chunks")[0][0] == 2  # a chunk closed per series: trimmable
+        ns.start()
+        central = str(tmp_path / "central.db")
+        consume = consumer(central, [ns.url])
+        wait_central(central, [gw])
+        assert up.stop() == 0 and consume.stop() == 0
+        assert "DATA LOST" not in up.text()
+        assert gw.collector.counters().get("uplink_dropped", 0) == 0
+    finally:
+        ns.stop()

@@ -69,6 +69,11 @@ class Uplink:
     # ------------------------------------------------------------ main loop
 
     async def run(self) -> None:
+        try:
+            if source.hold_log(self.s.db):
+                log.info("position 0 written to %s: the collector keeps the ingest log for this uplink", self.s.db)
+        except OSError as exc:  # the directory is missing or not ours: _open_source says what to do
+            log.warning("cannot write the position file %s: %s", source.cursor_path(self.s.db), exc.strerror)
         await self._open_source()
         if self.source is None:
             return
@@ -205,7 +210,8 @@ class Uplink:
             self.stats["skipped_entries"] += skipped
             log.error(
                 "DATA LOST to the central side: ingest_log entries %d-%d were deleted before they were sent "
-                "(the collector's disk budget; its counter uplink_dropped says how many readings)",
+                "(the collector's disk budget: its counter uplink_dropped says how many readings; "
+                "or the collector trimmed them before this uplink first ran)",
                 self.cursor + 1,
                 first - 1,
             )

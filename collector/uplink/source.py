@@ -69,6 +69,21 @@ def write_cursor(db: str, acked_id: int) -> None:
     write_atomically(cursor_path(db), core.format_cursor(acked_id))
 
 
+def hold_log(db: str) -> bool:
+    """Write position 0 when there is no position file yet; True if written.
+
+    The collector's retention trims ingest_log rows whose readings are in closed
+    chunks; with a position file it keeps every row after the position.  An
+    uplink that has not acked anything yet (a new site whose broker is not
+    reachable, wrong credentials) must hold the log from the moment it starts,
+    not from its first ack, or what the collector trims meanwhile never reaches
+    the central side."""
+    if os.path.exists(cursor_path(db)):
+        return False
+    write_cursor(db, 0)
+    return True
+
+
 @dataclass
 class Snapshot:
     """One consistent read: the entries after the cursor, the newest id, changed accounts."""
