@@ -24,7 +24,7 @@ which of these it is:
   EACCES): like ``gone`` without the copy, until it can be examined again.
 
 `classify` is the decision, pure; `check`, `copy_beside` and `save_aside`
-are the file edge (BatchWriter.restore_at_path swaps the connection).
+are the file edge (Store.restore_at_path swaps the connection).
 """
 
 from __future__ import annotations

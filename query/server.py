@@ -199,11 +199,6 @@ class Service:
         finally:
             self.stats.request(request.op, code, time.perf_counter() - started)
 
-    def handle(self, ops: Ops | None, line: bytes) -> bytes:
-        """parse + answer in one call (for callers without a loop)."""
-        parsed = self.parse(line)
-        return parsed if isinstance(parsed, bytes) else self.answer(ops, parsed)
-
 
 _HANDSHAKE, _OPEN, _CLOSING = "handshake", "open", "closing"
 

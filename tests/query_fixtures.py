@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,11 +191,13 @@ def running_server(
     make_ops=None,
     workers: int = 2,
     port: int = 0,
+    clock=time.monotonic,
 ):
-    """A QueryServer on a port of its own (or `port`, to restart one), served from a thread; stopped and joined on exit."""
+    """A QueryServer on a port of its own (or `port`, to restart one), served from a thread; stopped and joined on exit.
+    `clock` is the server's clock for its timeouts and turns (a ManualClock makes them the test's decision)."""
     ctx = server_context(tls.server_cert, tls.server_key, tls.ca_pem if mtls else None)
     service = Service(make_ops or (lambda: Ops(open_reader(db), ops_limits)), workers)
-    server = QueryServer(ctx, (host, port), service, limits)
+    server = QueryServer(ctx, (host, port), service, limits, clock=clock)
     thread = threading.Thread(target=server.serve_forever, name="query-server")
     thread.start()
     try:
@@ -203,6 +206,20 @@ def running_server(
         server.shutdown()
         thread.join(10)
         assert not thread.is_alive(), "server did not stop"
+
+
+class ManualClock:
+    """A server clock that moves only when the test says: timeouts fire when the test advances it,
+    never because a loaded machine was slow."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def write_readings(path: str, sensor: str, metric: str, rows: list[tuple[float, int, int, float]]) -> None:

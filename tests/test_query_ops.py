@@ -429,11 +429,13 @@ def test_an_internal_error_answers_internal_without_details_and_is_logged(known_
     ops = service.make_ops()
     try:
         with caplog.at_level(logging.ERROR, logger="telemetry.query"):
-            line = service.handle(ops, b'{"op":"stats","id":4}')
+            line = service.answer(ops, service.parse(b'{"op":"stats","id":4}'))
         assert b'"code":"internal"' in line and b"secret" not in line and b'"id":4' in line
         assert any("ZeroDivisionError" in (r.exc_text or "") for r in caplog.records)
-        assert b'"ok":true' in service.handle(ops, b'{"op":"ping"}')
-        assert b'"code":"internal"' in service.handle(None, b'{"op":"stats","id":5}')  # no database at all
+        assert b'"ok":true' in service.answer(ops, service.parse(b'{"op":"ping"}'))
+        assert b'"code":"internal"' in service.answer(
+            None, service.parse(b'{"op":"stats","id":5}')
+        )  # no database at all
     finally:
         ops.close()
 

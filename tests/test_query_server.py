@@ -24,7 +24,7 @@ from query.protocol import CODES, MAX_LINE_BYTES
 from query.server import ServerLimits, server_context
 
 from helpers import wait_for
-from query_fixtures import expected_rows, running_server
+from query_fixtures import ManualClock, expected_rows, running_server
 
 
 def connect(server, ctx: ssl.SSLContext, host: str = "localhost") -> ssl.SSLSocket:
@@ -45,9 +45,13 @@ def read_lines(sock, count: int) -> list[dict]:
         f.close()
 
 
-def ping_seconds(server, tls, ca_cert: bool = False) -> float:
-    """Wall time of connect + handshake + one ping on a fresh connection."""
-    start = time.monotonic()
+def ping(server, tls, during=lambda: None, ca_cert: bool = False) -> None:
+    """A fresh client connects, shakes hands and gets a ping answered; `during` runs while it is connected.
+
+    Latency is not asserted here (a loaded machine is slow for everyone):
+    bench/query_peers.py measures it.  The tests assert what must hold on any
+    machine: the answer comes while the hostile peers are still being held.
+    """
     with QueryClient(
         "localhost",
         server.server_address[1],
@@ -56,18 +60,7 @@ def ping_seconds(server, tls, ca_cert: bool = False) -> float:
         key=tls.client_key if ca_cert else None,
     ) as c:
         assert c.request("ping")["protocol"] == 1
-    return time.monotonic() - start
-
-
-def worst_ping_seconds(sock, pings: int) -> float:
-    """The slowest of `pings` ping round trips on an open connection."""
-    worst = 0.0
-    for _ in range(pings):
-        start = time.monotonic()
-        sock.sendall(b'{"op":"ping"}\n')
-        assert sock.recv(4096).endswith(b"\n")
-        worst = max(worst, time.monotonic() - start)
-    return worst
+        during()
 
 
 def refused(server, ctx: ssl.SSLContext) -> bool:
@@ -118,7 +111,7 @@ def test_mtls_matrix(known_db, tls, tmp_path):
         assert refused(server, old)
 
         # The refusals cost nothing: a good client is still served.
-        assert ping_seconds(server, tls, ca_cert=True) < 1.0
+        ping(server, tls, ca_cert=True)
         with pytest.raises(ConnectError) as info:
             with QueryClient("localhost", server.server_address[1], ca=tls.ca_pem) as c:
                 c.request("ping")
@@ -142,7 +135,7 @@ def test_tls_1_1_client_is_refused_by_the_server(known_db, tls):
             connect(server, old)
         # The server's alert, not the client's own refusal to speak TLS 1.1.
         assert info.value.reason in ("TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL"), info.value.reason
-        assert ping_seconds(server, tls) < 1.0
+        ping(server, tls)
 
 
 def test_tls_1_2_client_is_served_with_an_aead_cipher(known_db, tls):
@@ -356,7 +349,8 @@ def test_oversized_line_gets_too_large_and_the_connection_closes(known_db, tls):
 
 
 def test_plaintext_and_50_stalled_handshakes_do_not_delay_a_ping(known_db, tls):
-    with running_server(known_db, tls) as server:
+    # The clock stands still: no handshake timeout frees the server from the stalled peers.
+    with running_server(known_db, tls, clock=ManualClock()) as server:
         stalled = []
         try:
             for i in range(50):
@@ -368,7 +362,8 @@ def test_plaintext_and_50_stalled_handshakes_do_not_delay_a_ping(known_db, tls):
             stalled.append(plain)
             plain.sendall(b'{"op":"ping"}\n')
             wait_for(lambda: server.connections == 51, 5, what="51 connections")
-            assert ping_seconds(server, tls) < 0.5
+            # Answered while the 50 stalled handshakes are still held (the plaintext one may be gone).
+            ping(server, tls, during=lambda: wait_for(lambda: server.connections >= 51, 5, what="stalled peers held"))
             # The plaintext client was refused (TLS alert, then close), not answered.
             data = b""
             while chunk := plain.recv(4096):
@@ -379,22 +374,23 @@ def test_plaintext_and_50_stalled_handshakes_do_not_delay_a_ping(known_db, tls):
                 s.close()
 
 
-def test_500_idle_connections_and_a_ping_under_100ms(known_db, tls):
+def test_500_idle_connections_do_not_keep_a_new_client_from_being_served(known_db, tls):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 1500:  # 500 client sockets and 500 server sockets live in this one process
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
     ctx = tls.client_context(cert=False)
     try:
-        with running_server(known_db, tls) as server:
+        with running_server(known_db, tls, clock=ManualClock()) as server:  # no idle timeout fires
             idle = []
             try:
                 for _ in range(500):
                     idle.append(connect(server, ctx))
                 wait_for(lambda: server.connections == 500, 10, what="500 connections")
-                assert ping_seconds(server, tls) < 0.1  # a new client: connect, handshake, ping
+                ping(server, tls, during=lambda: wait_for(lambda: server.connections == 501, 5, what="501"))
                 with connect(server, ctx) as sock:
-                    worst = worst_ping_seconds(sock, 20)
-                assert worst < 0.1
+                    sock.sendall(b'{"op":"ping"}\n' * 20)
+                    assert [r["ok"] for r in read_lines(sock, 20)] == [True] * 20
+                wait_for(lambda: server.connections == 500, 5, what="the idle ones, all still held")
             finally:
                 for s in idle:
                     s.close()
@@ -404,15 +400,24 @@ def test_500_idle_connections_and_a_ping_under_100ms(known_db, tls):
 
 def test_handshake_and_idle_timeouts_close_connections(known_db, tls):
     limits = ServerLimits(handshake_timeout=0.3, idle_timeout=0.6)
-    with running_server(known_db, tls, limits=limits) as server:
+    clock = ManualClock()
+    with running_server(known_db, tls, limits=limits, clock=clock) as server:
         stalled = socket.create_connection(server.server_address, timeout=5)
         idle = connect(server, tls.client_context(cert=False))
         idle.sendall(b'{"op":"ping"}\n')
         read_lines(idle, 1)
         try:
-            start = time.monotonic()
+            wait_for(lambda: server.connections == 2, 5, what="both connections accepted")
+            clock.advance(0.31)  # past the handshake timeout, not the idle one
             assert stalled.recv(100) == b""  # closed by the handshake timeout
-            assert time.monotonic() - start < 3
+            idle.sendall(b'{"op":"ping"}\n')  # idle for 0.31 s: still open
+            assert read_lines(idle, 1)[0]["ok"]
+
+            def idle_closed() -> bool:
+                clock.advance(0.2)  # the server's clock moves on, the client stays silent
+                return server.connections == 0
+
+            wait_for(idle_closed, 5, what="the idle timeout")
             assert idle.recv(100) == b""  # closed by the idle timeout
             wait_for(lambda: server.connections == 0, 5, what="all connections closed")
         finally:
@@ -424,30 +429,31 @@ def test_slowloris_line_is_cut_off_while_others_are_served(known_db, tls):
     # Each byte arrives well within the idle timeout, but the line never ends.
     limits = ServerLimits(line_timeout=0.5, idle_timeout=60)
     ctx = tls.client_context(cert=False)
-    with running_server(known_db, tls, limits=limits) as server:
+    clock = ManualClock()
+    with running_server(known_db, tls, limits=limits, clock=clock) as server:
         drip, good = connect(server, ctx), connect(server, ctx)
         try:
-            drip.settimeout(0.1)
-            start = time.monotonic()
-            closed = False
-            for byte in b'{"op":"ping"' * 10:  # bounded: at most 120 bytes, ~12 s
-                try:
-                    drip.sendall(bytes([byte]))
-                    closed = drip.recv(100) == b""
-                except TimeoutError:
-                    pass
-                except (ssl.SSLError, OSError):
-                    closed = True
-                if closed:
-                    break
+            for byte in b'{"op':  # four bytes, one every 0.1 s of the server's clock
+                drip.sendall(bytes([byte]))
+                clock.advance(0.1)
                 good.sendall(b'{"op":"ping","id":1}\n')
                 assert read_lines(good, 1)[0] == {
                     "id": 1,
                     "ok": True,
                     "result": {"version": __version__, "protocol": 1},
                 }
-            assert closed, "the dripping connection was never closed"
-            assert 0.5 <= time.monotonic() - start < 3
+            assert server.connections == 2  # unfinished for at most 0.4 s: still there
+
+            def drip_closed() -> bool:
+                clock.advance(0.2)  # the line stays unfinished while the server's clock moves on
+                return server.connections == 1
+
+            wait_for(drip_closed, 5, what="the unfinished line to be cut off")
+            drip.settimeout(5)
+            try:
+                assert drip.recv(100) == b"", "the dripping connection got an answer"
+            except (ssl.SSLError, ConnectionResetError):
+                pass  # closed: the reset may come before the TLS close
             # A pipelined client whose lines are complete is never cut off.
             good.sendall(b'{"op":"sensors"}\n' * 50)
             assert len(read_lines(good, 50)) == 50
@@ -489,7 +495,7 @@ def test_a_client_that_never_reads_has_bounded_output(known_db, tls):
             one_response = 40_000
             for _ in range(20):
                 assert server.buffered_output() <= limits.max_output + one_response
-                assert ping_seconds(server, tls) < 0.5
+                ping(server, tls)
             # Once it reads, it gets every answer, in order.
             responses = read_lines(hog, 400)
             assert all(r["result"]["rows"] == expected_rows("s1", "temp") for r in responses)
@@ -610,41 +616,58 @@ def test_running_out_of_file_descriptors_pauses_accepting_instead_of_spinning(kn
             finally:
                 for c in clients:
                     c.close()
-            assert ping_seconds(server, tls) < 3  # accepting again after the pause
+            ping(server, tls)  # accepting again after the pause
     failures = [r for r in caplog.records if "accept failed" in r.getMessage()]
     assert 1 <= len(failures) <= 3, len(failures)
     assert "LimitNOFILE" in failures[0].getMessage()
 
 
 def test_a_pipelining_client_does_not_starve_another(known_db, tls):
+    """1,500 pipelined queries of at least 2 ms each (3 s of work): 30 pings of another client are
+    all answered while the flood is still being served, not after it."""
     import threading
 
     count = 1500
-    got: list[int] = []
-    with running_server(known_db, tls) as server:
+    answered = [0]  # hog responses read so far
+    snapshot: list[int] = []
+
+    class Costly(Ops):
+        def op_aggregate(self, **params):
+            threading.Event().wait(0.002)  # the cost of a real query, at least
+            return super().op_aggregate(**params)
+
+    with running_server(known_db, tls, make_ops=lambda: Costly(open_reader(known_db))) as server:
         ctx = tls.client_context(cert=False)
         hog = connect(server, ctx)
         hog.settimeout(30)
 
         def flood():
-            # ~0.2 ms of SQL each: one 16 KB TLS record of these is ~40 ms of work.
             hog.sendall(b'{"op":"aggregate","sensor":"s1","metric":"temp","bucket":1}\n' * count)
 
         def drain():
-            got.append(len(read_lines(hog, count)))
+            f = hog.makefile("rb")
+            try:
+                while answered[0] < count and f.readline().endswith(b"\n"):
+                    answered[0] += 1
+            finally:
+                f.close()
 
         threads = [threading.Thread(target=flood), threading.Thread(target=drain)]
         try:
             for t in threads:
                 t.start()
+            wait_for(lambda: answered[0] > 0, 10, what="the flood to be served")
             with connect(server, ctx) as sock:
-                worst = worst_ping_seconds(sock, 30)
+                for _ in range(30):
+                    sock.sendall(b'{"op":"ping"}\n')
+                    assert read_lines(sock, 1)[0]["ok"]
+                snapshot.append(answered[0])
         finally:
             for t in threads:
                 t.join(30)
             hog.close()
-    assert got == [count]
-    assert worst < 0.1, worst
+    assert answered[0] == count
+    assert snapshot[0] < count, "the pings were answered only after the whole flood"
 
 
 def test_a_long_query_delays_neither_pings_nor_other_clients_and_order_is_kept(known_db, tls):
@@ -665,11 +688,9 @@ def test_a_long_query_delays_neither_pings_nor_other_clients_and_order_is_kept(k
             slow.settimeout(0.2)
             with pytest.raises(socket.timeout):
                 slow.recv(1)  # the ping waits behind the gaps of its own connection
-            with connect(server, ctx) as other:
-                start = time.monotonic()
+            with connect(server, ctx) as other:  # answered while the gate is still shut
                 other.sendall(b'{"op":"ping","id":1}\n{"op":"latest","sensor":"s2","id":2}\n')
                 first, second = read_lines(other, 2)
-                assert time.monotonic() - start < 0.5
                 assert (first["id"], second["id"], second["result"][0]["seq"]) == (1, 2, 109)
             # Leaves while its query runs.  EOF may be a half-close that still
             # wants its answer, so the server keeps it until the answer is out.
@@ -678,10 +699,10 @@ def test_a_long_query_delays_neither_pings_nor_other_clients_and_order_is_kept(k
             quitter.close()
             gate.set()
             slow.settimeout(5)
-            gaps, ping = read_lines(slow, 2)
-            assert (gaps["id"], len(gaps["result"]), ping["id"]) == ("slow", 3, "after")
+            gaps, after = read_lines(slow, 2)
+            assert (gaps["id"], len(gaps["result"]), after["id"]) == ("slow", 3, "after")
             wait_for(lambda: server.connections == 1, 5, what="the quitter to be gone once answered")
-            assert ping_seconds(server, tls) < 1.0
+            ping(server, tls)
         finally:
             gate.set()
             slow.close()
@@ -694,7 +715,8 @@ def test_a_client_that_keeps_sending_after_its_error_is_cut_off_not_drained_for_
     (measured: 7.7 GB in 2 s, pings stalled 58 ms)."""
     from query.server import LINGER_MAX_BYTES, LINGER_SECONDS
 
-    with running_server(known_db, tls) as server:
+    # The server's clock stands still, so LINGER_SECONDS never runs out: only the byte bound can cut it off.
+    with running_server(known_db, tls, clock=ManualClock()) as server:
         raw = socket.create_connection(server.server_address, timeout=5)
         if opening == "plaintext":
             raw.sendall(b'{"op":"ping"}\n')  # not TLS: the handshake fails
@@ -707,17 +729,18 @@ def test_a_client_that_keeps_sending_after_its_error_is_cut_off_not_drained_for_
             tls_sock.close()
         junk = b"j" * (1 << 20)
         sent = 0
-        start = time.monotonic()
+        cut_off = False
+        deadline = time.monotonic() + LINGER_SECONDS + 30  # bounds the loop; the byte bound must end it first
         try:
             with raw:
-                while time.monotonic() - start < LINGER_SECONDS + 3:
+                while time.monotonic() < deadline and sent < LINGER_MAX_BYTES + (64 << 20):
                     raw.sendall(junk)
                     sent += len(junk)
         except (ConnectionResetError, BrokenPipeError):  # the server stopped draining and closed
-            pass
-        assert time.monotonic() - start < LINGER_SECONDS / 2
+            cut_off = True
+        assert cut_off, f"still draining after {sent} bytes"
         assert sent < LINGER_MAX_BYTES + (64 << 20)  # what was drained plus the kernel's buffers
-        assert ping_seconds(server, tls) < 0.5
+        ping(server, tls)
 
 
 def test_shutdown_waits_for_the_running_query_only_not_the_queued_ones(known_db, tls):
@@ -744,8 +767,7 @@ def test_shutdown_waits_for_the_running_query_only_not_the_queued_ones(known_db,
             clients.append(c)
         assert running.wait(5)
         wait_for(lambda: len(server._runnable) == 9, 5, what="nine queries queued behind the first")
-        stopping = time.monotonic()
-    took = time.monotonic() - stopping
     for c in clients:
         c.close()
-    assert took < 1.5 and len(started) <= 2, (took, len(started))
+    # Stopping ran at most the query in progress and one that a worker had taken, never the queue.
+    assert len(started) <= 2, len(started)
