@@ -278,21 +278,10 @@ SETTINGS = [
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": None})
 @config.options(SETTINGS, ENV)
-@click.option(
-    "--config",
-    "config_path",
-    envvar="TELEMETRY_CONFIG",
-    metavar="FILE.toml",
-    type=click.Path(dir_okay=False),
-    help="TOML file whose [collector] table holds the same names (flags win).",
+@config.daemon_options(
+    "collector",
+    "Validate the settings and the key file, print the effective [collector] table and exit (binds nothing).",
 )
-@click.option(
-    "--check",
-    is_flag=True,
-    help="Validate the settings and the key file, print the effective [collector] table and exit (binds nothing).",
-)
-@click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
-@click.option("-q", "--quiet", count=True, help="Less log output: warnings and errors only.")
 @click.version_option(__version__, "--version")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int, quiet: int, **_: object) -> None:
@@ -313,12 +302,7 @@ def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int,
           --listen 0.0.0.0:4739 --listen [::]:4739 \\
           --multicast 239.12.0.1 --multicast-interface eth0 --metrics 127.0.0.1:9739
     """
-    level = logging.INFO + 10 * (quiet - verbose)
-    logging.basicConfig(
-        level=max(logging.DEBUG, min(level, logging.ERROR)),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
+    config.setup_logging(verbose, quiet)
     try:
         values = config.merge(
             ctx, SETTINGS, config.read_table(config_path, "collector"), f"{config_path} [collector]", env_prefix=ENV

@@ -11,8 +11,10 @@ type, is a ConfigError naming the file, the table and the key.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
+import sys
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -86,6 +88,35 @@ class Setting:
             type=ParsedParam(metavar, self.flag_parse or self.parse),
             help=help_text,
         )
+
+
+def daemon_options(table: str, check_help: str) -> Callable:
+    """The options every daemon takes besides its settings: --config, --check, -v and -q."""
+
+    def decorate(func: Callable) -> Callable:
+        func = click.option("-q", "--quiet", count=True, help="Less log output: warnings and errors only.")(func)
+        func = click.option("-v", "--verbose", count=True, help="More log output (repeatable).")(func)
+        func = click.option("--check", is_flag=True, help=check_help)(func)
+        return click.option(
+            "--config",
+            "config_path",
+            envvar="TELEMETRY_CONFIG",
+            metavar="FILE.toml",
+            type=click.Path(dir_okay=False),
+            help=f"TOML file whose [{table}] table holds the same names (flags and env win).",
+        )(func)
+
+    return decorate
+
+
+def setup_logging(verbose: int, quiet: int) -> None:
+    """stderr (the journal under systemd), INFO by default, one step per -v / -q."""
+    level = logging.INFO + 10 * (quiet - verbose)
+    logging.basicConfig(
+        level=max(logging.DEBUG, min(level, logging.ERROR)),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
 
 
 def options(settings: Sequence[Setting], env_prefix: str) -> Callable:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -140,22 +139,11 @@ def notify_noop(state: str) -> None:
 
 @click.command("serve")
 @config.options(SERVE_SETTINGS, SERVE_ENV)
-@click.option(
-    "--config",
-    "config_path",
-    envvar="TELEMETRY_CONFIG",
-    metavar="FILE.toml",
-    type=click.Path(dir_okay=False),
-    help="TOML file whose [query] table holds the same names (flags and env win).",
+@config.daemon_options(
+    "query", "Validate the settings and load the certificates, print the effective [query] table, exit."
 )
-@click.option(
-    "--check",
-    is_flag=True,
-    help="Validate the settings and load the certificates, print the effective [query] table, exit.",
-)
-@click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
 @click.pass_context
-def serve(ctx: click.Context, config_path: str | None, check: bool, verbose: int, **_: Any) -> None:
+def serve(ctx: click.Context, config_path: str | None, check: bool, verbose: int, quiet: int, **_: Any) -> None:
     """Run the query server: JSON lines over TLS (1.2+), database read-only.
 
     Every option can also come from the environment (TELEMETRY_QUERY_DB,
@@ -170,11 +158,7 @@ def serve(ctx: click.Context, config_path: str | None, check: bool, verbose: int
       telemetry-query serve --db /var/lib/gateway-telemetry/telemetry.db --listen [::]:4740 \\
           --cert server.pem --key server.key --client-ca ca.pem --metrics 127.0.0.1:9740
     """
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
+    config.setup_logging(verbose, quiet)
     try:
         values = config.merge(
             ctx, SERVE_SETTINGS, config.read_table(config_path, "query"), f"{config_path} [query]", env_prefix=SERVE_ENV

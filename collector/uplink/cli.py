@@ -173,32 +173,13 @@ CENTRAL_SETTINGS = [
 ]
 
 
-def _common(f):
-    f = click.option("-q", "--quiet", count=True, help="Less log output: warnings and errors only.")(f)
-    f = click.option("-v", "--verbose", count=True, help="More log output (repeatable).")(f)
-    f = click.option(
-        "--check",
-        is_flag=True,
-        help="Validate the settings and credential files, print the effective table and exit (connects to nothing).",
-    )(f)
-    f = click.option(
-        "--config",
-        "config_path",
-        envvar="TELEMETRY_CONFIG",
-        metavar="FILE.toml",
-        type=click.Path(dir_okay=False),
-        help="TOML file with the same names (flags win).",
-    )(f)
-    return f
+_common = config.daemon_options(
+    "uplink", "Validate the settings and credential files, print the effective table and exit (connects to nothing)."
+)
 
 
 def _logging(verbose: int, quiet: int) -> None:
-    level = logging.INFO + 10 * (quiet - verbose)
-    logging.basicConfig(
-        level=max(logging.DEBUG, min(level, logging.ERROR)),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
+    config.setup_logging(verbose, quiet)
     logging.getLogger("nats").setLevel(logging.CRITICAL)  # its errors reach us as exceptions, said once
 
 
