@@ -7,10 +7,11 @@ where the scenario says so.  Every check compares the central database with the
 gateways' exactly: the same readings, each once, and the same accounts.
 
 The scenarios with real collectors fed by sensor-sim (three gateways, kill -9
-mid-publish, brokers that refuse us while ingest goes on) are in
+mid-publish, a broker outage longer than the duplicate window, brokers that
+refuse us while ingest goes on, NKey and creds credentials) are in
 tests/test_uplink_gateways.py; here the gateway is a scripted writer, which
-commits exactly when the scenario needs it (during an outage, around a node's
-death).
+commits exactly when the scenario needs it (around a node's death), for the
+cluster, TLS and token cases.
 """
 
 from __future__ import annotations
@@ -59,34 +60,6 @@ def position(gw: GatewayDB) -> int:
 
 def status(gw: GatewayDB) -> dict:
     return uplinkfleet.status(gw.path)
-
-
-def test_broker_down_longer_than_the_dedup_window_then_back(tmp_path, daemons):
-    ns = NatsServer(tmp_path).start()
-    try:
-        gw = GatewayDB(str(tmp_path / "gw.db"), seed=3)
-        for _ in range(5):
-            gw.flush()
-        central = str(tmp_path / "central.db")
-        args = uplink_args(gw, "site-3", [ns.url], "--duplicate-window", "1", "--max-datagrams", "3")
-        up = daemons("uplink", *args)
-        consumer = daemons("consume", *consume_args(central, [ns.url], "--duplicate-window", "1"))
-        wait_for(lambda: position(gw) == gw.flushes, 15, 0.02, what="the first entries acked")
-        ns.kill()
-        down_since = time.monotonic()
-        while time.monotonic() - down_since < 2.0:  # twice the duplicate window, ingest going on
-            gw.flush()
-            time.sleep(0.05)
-        wait_for(lambda: "retrying in" in up.text(), 10, 0.05, what="the uplink to report the outage")
-        pending = status(gw)
-        assert pending.get("pending_entries", 0) > 0 or position(gw) < gw.flushes
-        ns.start()  # same port, same store
-        wait_central(central, {"site-3": gw})
-        assert position(gw) == gw.flushes
-        assert up.stop() == 0 and consumer.stop() == 0
-        assert "DATA LOST" not in up.text()
-    finally:
-        ns.stop()
 
 
 def test_three_node_cluster_kill_9_one_node_mid_stream(tmp_path, daemons):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -109,6 +110,18 @@ class Gateway:
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
         return self.reported(path)
 
+    def start_sim(self, *args: str) -> None:
+        """sensor-sim in the background (give it --duration); stop_sim() ends it with Ctrl-C."""
+        cmd, self._report = self.sim_cmd(*args)
+        self._sim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_env())
+
+    def stop_sim(self) -> dict:
+        """Ctrl-C: the simulator writes its report and exits 130; its report."""
+        self._sim.send_signal(signal.SIGINT)
+        _, err = self._sim.communicate(timeout=30)
+        assert self._sim.returncode == 130, err
+        return self.reported(self._report)
+
     def reported(self, path: Path) -> dict:
         report = json.loads(path.read_text())
         assert report["send_failures"] == 0
@@ -149,11 +162,28 @@ class Gateway:
         return accounts(self.db, f"{self.name}:")
 
     def close(self) -> None:
+        sim = getattr(self, "_sim", None)
+        if sim is not None and sim.poll() is None:
+            sim.kill()
+            sim.communicate()
         for up in self.uplinks:
             if up.proc.poll() is None:
                 up.kill()
         if self.collector.proc.poll() is None:
             self.collector.kill()
+
+
+def kill_mid_publish(gw: Gateway, stream: StreamWatch, servers: list[str], *extra: str) -> bool:
+    """Start an uplink and kill -9 it as soon as JetStream holds messages of its first round;
+    True when it died inside the round: the broker holds messages its position does not cover
+    (published, the position not yet written), which the next uplink must send again."""
+    start, held = gw.position(), stream.messages()
+    up = gw.start_uplink(servers, *extra)
+    wait_for(
+        lambda: stream.messages() > held or up.proc.poll() is not None, 15, 0.002, what="the uplink's first publishes"
+    )
+    assert up.stop(signal.SIGKILL) == -signal.SIGKILL
+    return gw.position() == start and stream.messages() > held
 
 
 def wait_central(central: str, gateways: list[Gateway], timeout: float = 30.0) -> tuple[set, dict]:
