@@ -15,6 +15,10 @@ from __future__ import annotations
 import math
 import zlib
 from array import array
+from bisect import bisect_left
+from functools import reduce
+from itertools import islice
+from operator import add, le
 from typing import NamedTuple
 
 import msgpack
@@ -83,12 +87,55 @@ class ChunkRow(NamedTuple):
 ROLLUP_WIDTHS = (60, 3600)  # rollup_1m, rollup_1h
 
 
-def rollup(ts, values) -> dict[tuple[int, int], list]:
+def _nan_free(col) -> bool:
+    """No NaN (absent value) in a column: its sum is NaN exactly when it holds one,
+    as the wire admits finite numbers only (a sum that overflows is +-inf, not NaN)."""
+    total = reduce(add, col, 0.0)
+    return total == total
+
+
+def minute_runs(ts: list[float]) -> list[tuple[int, int, int]] | None:
+    """(minute, first row, end row) of each minute when ts never decreases
+    (the common case), else None.  Bisection finds each run, then the rows
+    next to the cut are checked against floor(t / 60) itself, so a time just
+    below a minute whose quotient rounds up lands where `rollup`'s loop puts it."""
+    if not all(map(le, ts, islice(ts, 1, None))):
+        return None
+    floor = math.floor
+    runs = []
+    n = len(ts)
+    i = 0
+    while i < n:
+        b = floor(ts[i] / 60)
+        j = max(bisect_left(ts, (b + 1) * 60.0, i), i + 1)
+        while j > i + 1 and floor(ts[j - 1] / 60) != b:
+            j -= 1
+        while j < n and floor(ts[j] / 60) == b:
+            j += 1
+        runs.append((b, i, j))
+        i = j
+    return runs
+
+
+def rollup(ts, values, runs: list[tuple[int, int, int]] | None = None) -> dict[tuple[int, int], list]:
     """count/min/max/sum of one column per (width, bucket start), NaN = absent.
 
     One pass into minutes, then minutes folded into hours (a minute bucket
-    never straddles an hour).
+    never straddles an hour).  Given `runs` (minute_runs of ts) and a column
+    without NaN, the minute pass runs in C loops over each run's slice: the
+    same count/min/max/sum, added in the same order, as the loop.
     """
+    if runs is not None:
+        minutes = {}
+        for b, i, j in runs:
+            run = values[i:j]
+            minutes[b] = [j - i, min(run), max(run), reduce(add, run)]
+    else:
+        minutes = _minutes(ts, values)
+    return _fold_hours(minutes)
+
+
+def _minutes(ts, values) -> dict[int, list]:
     minutes: dict[int, list] = {}
     floor = math.floor
     for t, v in zip(ts, values):
@@ -105,6 +152,10 @@ def rollup(ts, values) -> dict[tuple[int, int], list]:
             if v > acc[2]:
                 acc[2] = v
             acc[3] += v
+    return minutes
+
+
+def _fold_hours(minutes: dict[int, list]) -> dict[tuple[int, int], list]:
     out: dict[tuple[int, int], list] = {}
     for b, (n, lo, hi, total) in minutes.items():
         out[(60, b * 60)] = [n, lo, hi, total]
@@ -122,8 +173,38 @@ def rollup(ts, values) -> dict[tuple[int, int], list]:
     return out
 
 
-def series_stats(boot: int, seqs, ts, values) -> SeriesStats | None:
-    """Statistics of one metric column (NaN = absent); None if it has no value."""
+def newest_row(seqs, ts, boot: int) -> int:
+    """The row with the greatest (ts, boot, seq), the first of equals: `latest` for a column with no NaN."""
+    tmax = max(ts)
+    if ts.count(tmax) == 1:
+        return ts.index(tmax)
+    i, best = -1, None
+    for k, t in enumerate(ts):
+        if t == tmax and (best is None or seqs[k] > best):
+            i, best = k, seqs[k]
+    return i
+
+
+def series_stats(boot: int, seqs, ts, values, *, newest: int | None = None) -> SeriesStats | None:
+    """Statistics of one metric column (NaN = absent); None if it has no value.
+
+    Given `newest` (newest_row of the head: the column has no NaN, the
+    common case), C loops give the same answer: the same comparisons keep
+    the same one of tied values (0.0 against -0.0), and the sum is added in
+    row order from 0.0.
+    """
+    if newest is not None and len(values):
+        return SeriesStats(
+            len(values),
+            min(values),
+            max(values),
+            reduce(add, values, 0.0),
+            min(ts),
+            ts[newest],
+            boot,
+            seqs[newest],
+            values[newest],
+        )
     count = 0
     lo = hi = total = 0.0
     tmin = tmax = 0.0
@@ -186,22 +267,43 @@ class Head:
             col = self.metrics.get(name)
             if col is None:
                 col = self.metrics[name] = array("d", [NAN]) * n0
-            col.extend([NAN if v is None else float(v) for v in values])
+            if None in values:
+                col.extend([NAN if v is None else float(v) for v in values])
+            else:
+                col.extend(array("d", values))  # ints become floats as float(v) makes them
         for col in self.metrics.values():
             if len(col) < n0 + n:
                 col.extend(array("d", [NAN]) * (n0 + n - len(col)))
 
     def close(self) -> ChunkRow:
         """The head as an immutable chunk row (the head itself is left as it is)."""
-        metrics = {name: [None if v != v else v for v in col] for name, col in self.metrics.items()}
-        blob = encode_chunk(self.seqs, self.ts, self.received, metrics)
+        # Without NaNs (the common case) conversion, stats and rollups run in
+        # C loops over lists (an array boxes a float at every read).
+        seqs, ts = self.seqs.tolist(), self.ts.tolist()
+        metrics = {}
+        plain = set()
+        for name, col in self.metrics.items():
+            if _nan_free(col):
+                metrics[name] = col.tolist()
+                plain.add(name)
+            else:
+                metrics[name] = [None if v != v else v for v in col]
+        blob = encode_chunk(seqs, ts, self.received, metrics)
         stats = {}
         rollups = {}
+        runs = minute_runs(ts) if plain else None
+        newest = newest_row(seqs, ts, self.boot) if plain and seqs else None
         for name, col in self.metrics.items():
-            s = series_stats(self.boot, self.seqs, self.ts, col)
+            if name in plain:
+                values = metrics[name]
+                s = series_stats(self.boot, seqs, ts, values, newest=newest)
+                r = rollup(ts, values, runs)
+            else:
+                s = series_stats(self.boot, seqs, ts, col)
+                r = rollup(ts, col) if s is not None else None
             if s is not None:
                 stats[name] = s
-                rollups[name] = rollup(self.ts, col)
+                rollups[name] = r
         return ChunkRow(
             self.sensor,
             self.boot,

@@ -72,6 +72,11 @@ ROLLUP_TABLES = {60: "rollup_1m", 3600: "rollup_1h"}
 CHUNK_DATAGRAMS = 1024
 CHUNK_SPAN_S = 3600.0
 HEAD_BUDGET_BYTES = 48 * 1024 * 1024
+# A flush closes due heads up to the datagrams it brings plus this many
+# chunks' worth (the rest wait for the next flush: see _close_heads); a head
+# this many times over its count closes at once, whatever the budget.
+CLOSE_FLOOR_CHUNKS = 4
+CLOSE_OVERDUE_FACTOR = 8
 MAINTENANCE_COUNTERS = ("retention_dropped", "budget_dropped", "uplink_dropped", "corrupt_chunks")
 # Ingest log rows deleted per flush at most: a big delete never delays a flush.
 LOG_DELETE_STEP = 2000
@@ -401,24 +406,44 @@ class Store:
     ) -> set[tuple[str, int]]:
         """Write the chunks of the heads that close in this flush; returns their keys.
 
-        A head closes when it reaches chunk_datagrams, when its span of
-        receive time reaches chunk_span, or, largest first, when all heads
-        together pass the memory budget.
+        A head is due when it reaches chunk_datagrams or its span of receive
+        time reaches chunk_span; due heads close oldest first within the
+        flush's close budget.  Largest first, heads close when all together
+        pass the memory budget, and at once when CLOSE_OVERDUE_FACTOR times
+        over the count.
         """
         incoming: dict[tuple[str, int], ingestlog.Group] = {}
+        arriving = 0
         for g in groups:
             incoming[(g.sensor, schema.NO_BOOT if g.boot is None else g.boot)] = g
+            arriving += len(g.seqs)
         heads = self.heads
         close: list[tuple[str, int]] = []
+        due: list[tuple[float, tuple[str, int], int]] = []  # (opened, key, datagrams)
+        overdue = self.chunk_datagrams * CLOSE_OVERDUE_FACTOR
         for key, g in incoming.items():
             head = heads.get(key)
             size = len(g.seqs) + (len(head) if head is not None else 0)
             opened = head.opened if head is not None else g.received[0]
-            if size >= self.chunk_datagrams or now - opened >= self.chunk_span:
+            if size >= overdue:
                 close.append(key)
+            elif size >= self.chunk_datagrams or now - opened >= self.chunk_span:
+                due.append((opened, key, size))
         for key, head in heads.items():
             if key not in incoming and now - head.opened >= self.chunk_span:
-                close.append(key)
+                due.append((head.opened, key, len(head)))
+        # Spread: heads that fill at the same rate reach their count in the
+        # same flush, and closing them all at once would stall the receive
+        # loop past what the socket buffer holds.  A flush closes the oldest
+        # due heads up to what arrived plus a floor, so closing keeps up with
+        # arrival and the rest close in the next flushes.
+        budget = arriving + self.chunk_datagrams * CLOSE_FLOOR_CHUNKS
+        due.sort(key=lambda d: (d[0], d[1]))
+        for _opened, key, size in due:
+            if budget <= 0:
+                break
+            close.append(key)
+            budget -= size
         total = sum(h.nbytes() for h in heads.values())
         if total > self.head_budget:
             closing = set(close)

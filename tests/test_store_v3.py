@@ -336,3 +336,37 @@ def test_a_v2_database_migrates_in_place_and_answers_as_before(tmp_path, caplog)
     finally:
         v2_ops.close()
         v3_ops.close()
+
+
+def test_heads_that_fill_together_close_over_several_flushes_within_the_budget(tmp_path):
+    """20 sensors in step reach the chunk count in the same flush: a flush closes
+    the oldest due heads up to the datagrams it brings plus CLOSE_FLOOR_CHUNKS
+    chunks, the rest in the next flushes; nothing is lost or stored twice."""
+    from collector.store import CLOSE_FLOOR_CHUNKS
+
+    path = str(tmp_path / "spread.db")
+    store, core = open_ingest(path, store_options={"chunk_datagrams": 8})
+    sensors, per_flush = 20, 2  # each flush brings 40 datagrams; the budget is 40 + 4 x 8
+    closed_per_flush = []
+    try:
+        now = T0
+        for f in range(12):
+            for seq in range(f * per_flush, (f + 1) * per_flush):
+                for i in range(sensors):
+                    now += 0.001
+                    core.receive(wire.encode(f"s{i:02d}", seq, {"v": float(seq)}, boot=1, ts=now), now)
+            before = store.chunks_closed
+            assert store.flush(core, now)
+            closed_per_flush.append(store.chunks_closed - before)
+        budget = sensors * per_flush + 8 * CLOSE_FLOOR_CHUNKS  # 72 datagrams
+        # Flush 4 brings all 20 heads to 8 datagrams: the 9 oldest close (9 x 8 = 72),
+        # then 8 of 10 datagrams, then the last 3; the first nine are due again at flush 8.
+        assert budget == 72
+        assert closed_per_flush == [0, 0, 0, 9, 8, 3, 0, 9, 8, 3, 0, 9]
+        total_in_heads = sum(len(h) for h in store.heads.values())
+        conn = sqlite3.connect(path)
+        in_chunks = conn.execute("SELECT sum(datagrams) FROM chunks").fetchone()[0]
+        conn.close()
+        assert in_chunks + total_in_heads == 12 * per_flush * sensors == core.counters["stored"]
+    finally:
+        store.close()
