@@ -10,15 +10,18 @@ when the datagram was accounted, or an outcome the caller may log
 (`Rejected`, `Refused`, `Failed`, in REPORTED); everything is counted here.  The store only writes what `batch()` hands it; the Collector only
 owns sockets, signals, the loop and the rate-limited log.
 
-The pending batch is a flat list of datagrams in arrival order (one tuple
-each: the cheapest append on the hot path, and "oldest first" is the order
-`trim` drops them in when the database refuses writes for too long).
+The pending batch is kept in columns, one `_Pending` per (sensor, boot) in
+order of first arrival (what a flush writes as ingest-log groups, so the
+flush does not regroup a list of tuples: bench/ingest_core.py), plus the
+arrival order itself (one list of group references: "oldest first" is the
+order `trim` drops datagrams in when the database refuses writes for too long).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from . import auth, tuning
@@ -51,7 +54,18 @@ STRAYS_REMEMBERED = 64  # per sensor
 class SensorState:
     """What the collector keeps per sensor between datagrams."""
 
-    __slots__ = ("sensor", "tracker", "series", "first_seen", "last_seen", "readings", "replay", "strays", "last_ts")
+    __slots__ = (
+        "sensor",
+        "tracker",
+        "series",
+        "first_seen",
+        "last_seen",
+        "readings",
+        "replay",
+        "strays",
+        "last_ts",
+        "pending",
+    )
 
     def __init__(
         self,
@@ -76,6 +90,7 @@ class SensorState:
         # primary key ignored it; bounded, forgotten on restart).
         self.strays: set[tuple] | None = None
         self.last_ts: float | None = None  # ts of the last datagram (sensor clock), for collector/health.py
+        self.pending: _Pending | None = None  # its datagrams of the current boot waiting for the flush
 
     def row(self) -> tuple:
         t = self.tracker
@@ -130,16 +145,71 @@ class Failed:
 REPORTED = frozenset((Rejected, Refused, Failed))  # outcome classes the caller logs
 
 
+class _Pending:
+    """One (sensor, boot)'s datagrams waiting for the flush, in columns (arrival order)."""
+
+    __slots__ = ("sensor", "boot", "seqs", "ts", "received", "readings", "state")
+
+    def __init__(self, sensor: str, boot: int | None, state: SensorState) -> None:
+        self.sensor = sensor
+        self.boot = boot
+        self.seqs: list[int] = []
+        self.ts: list[float] = []
+        self.received: list[float] = []
+        self.readings: list[dict[str, int | float]] = []
+        self.state = state
+
+    def group(self) -> Any:
+        """The ingest-log group (collector/ingestlog.py): metric columns aligned with seqs,
+        None where a datagram lacked the metric (as `group_batch` makes them)."""
+        from .ingestlog import Group
+
+        rs = self.readings
+        first = rs[0]
+        metrics: dict[str, list[Any]] | None = None
+        if len(set(map(len, rs))) == 1:
+            # The common case: every datagram carries the same names (the same
+            # count, and each has the first one's names), taken in C loops.
+            try:
+                metrics = {name: list(map(itemgetter(name), rs)) for name in first}
+            except KeyError:
+                metrics = None
+        if metrics is None:
+            names: dict[str, None] = {}
+            for r in rs:
+                for name in r:
+                    names[name] = None
+            metrics = {name: [r.get(name) for r in rs] for name in names}
+        return Group(self.sensor, self.boot, list(self.seqs), list(self.ts), list(self.received), metrics)
+
+
 @dataclass
 class Batch:
     """What one flush writes, handed to the store; the core keeps it until `committed()`."""
 
-    datagrams: list[tuple]  # (sensor, boot or None, seq, ts, received, readings) in arrival order
+    groups: list[Any]  # ingestlog.Group per (sensor, boot), in order of first arrival
+    count: int  # datagrams
     readings: int
     dirty: list[SensorState]
     new_series: list[tuple[int, str, str]]
     gaps: dict[tuple[str, int, int], GapRecord | None]
     counters: dict[str, float]
+    arrivals: list[_Pending] = field(repr=False, default_factory=list)
+
+    @property
+    def datagrams(self) -> list[tuple]:
+        """(sensor, boot or None, seq, ts, received, readings) in arrival order (tests, tools)."""
+        return _in_arrival_order(self.arrivals)
+
+
+def _in_arrival_order(arrivals: list[_Pending]) -> list[tuple]:
+    at: dict[int, int] = {}
+    out = []
+    for g in arrivals:
+        i = at.get(id(g), 0)
+        at[id(g)] = i + 1
+        out.append((g.sensor, g.boot, g.seqs[i], g.ts[i], g.received[i], g.readings[i]))
+    return out
 
 
 class IngestCore:
@@ -168,7 +238,8 @@ class IngestCore:
         self.keyed: frozenset[str] = frozenset()
         self.set_keys(keyring or {})
         self._next_series_id = next_series_id
-        self.pending: list[tuple] = []
+        self._groups: dict[tuple[str, int | None], _Pending] = {}
+        self._arrivals: list[_Pending] = []  # one entry per pending datagram, oldest first
         self.pending_readings = 0
         self.repeated_strays = 0  # exact repeats of a Stray not queued again (this run)
         self.dirty: set[SensorState] = set()
@@ -177,7 +248,21 @@ class IngestCore:
 
     @property
     def pending_datagrams(self) -> int:
-        return len(self.pending)
+        return len(self._arrivals)
+
+    @property
+    def pending(self) -> list[tuple]:
+        """The pending datagrams as (sensor, boot, seq, ts, received, readings), oldest first
+        (for tests and tools: the flush reads the columns)."""
+        return _in_arrival_order(self._arrivals)
+
+    def discard_pending(self) -> None:
+        """Forget the unflushed batch, as a crash would (tests)."""
+        for g in self._groups.values():
+            g.state.pending = None
+        self._groups = {}
+        self._arrivals = []
+        self.pending_readings = 0
 
     def set_keys(self, keys: dict[str, bytes]) -> None:
         """Swap the key set in whole (a reload)."""
@@ -238,7 +323,14 @@ class IngestCore:
                         event,
                     )
                     readings = refused
-            self.pending.append((sensor, boot, seq, ts, now, readings))
+            g = state.pending
+            if g is None or g.boot != boot:
+                g = self._pending_group(state, boot)
+            g.seqs.append(seq)
+            g.ts.append(ts)
+            g.received.append(now)
+            g.readings.append(readings)
+            self._arrivals.append(g)
             n = len(readings)
             self.pending_readings += n
             state.readings += n
@@ -250,6 +342,14 @@ class IngestCore:
         except Exception as exc:  # a bug must cost one datagram, never the loop
             self.counters["internal_errors"] += 1
             return Failed(exc)
+
+    def _pending_group(self, state: SensorState, boot: int | None) -> _Pending:
+        key = (state.sensor, boot)
+        g = self._groups.get(key)
+        if g is None:
+            g = self._groups[key] = _Pending(state.sensor, boot, state)
+        state.pending = g
+        return g
 
     @staticmethod
     def _repeated_stray(state: SensorState, boot, seq: int, ts: float) -> bool:
@@ -320,15 +420,23 @@ class IngestCore:
         for state in self.dirty:
             for (stream, first_seq), record in state.tracker.pop_gap_changes().items():
                 self._gaps[(state.sensor, stream, first_seq)] = record
-        return Batch(self.pending, self.pending_readings, list(self.dirty), self._new_series, self._gaps, self.counters)
+        return Batch(
+            [g.group() for g in self._groups.values()],
+            len(self._arrivals),
+            self.pending_readings,
+            list(self.dirty),
+            self._new_series,
+            self._gaps,
+            self.counters,
+            self._arrivals,
+        )
 
     def committed(self, stored_readings: int, now: float) -> None:
         """The store committed the last `batch()`: account it and start a new one."""
-        self.counters["stored"] += len(self.pending)
+        self.counters["stored"] += len(self._arrivals)
         self.counters["stored_readings"] += stored_readings
         self.counters["last_flush"] = now
-        self.pending = []
-        self.pending_readings = 0
+        self.discard_pending()
         self.dirty = set()
         self._new_series = []
         self._gaps = {}
@@ -341,12 +449,23 @@ class IngestCore:
         # A tenth more than needed, so trimming is not an O(n) shift per burst.
         want = min(self.pending_readings, excess + max_readings // 10)
         dropped = n = 0
-        for item in self.pending:
+        drop: dict[int, int] = {}  # id(group) -> datagrams dropped from its front
+        for g in self._arrivals:
             if dropped >= want:
                 break
-            dropped += len(item[5])
+            i = drop.get(id(g), 0)
+            dropped += len(g.readings[i])
+            drop[id(g)] = i + 1
             n += 1
-        del self.pending[:n]
+        del self._arrivals[:n]
+        for key, g in list(self._groups.items()):
+            k = drop.get(id(g), 0)
+            if k:
+                del g.seqs[:k], g.ts[:k], g.received[:k], g.readings[:k]
+                if not g.seqs:
+                    del self._groups[key]
+                    if g.state.pending is g:
+                        g.state.pending = None
         self.pending_readings -= dropped
         self.counters["storage_dropped"] += dropped
         return dropped

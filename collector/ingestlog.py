@@ -102,9 +102,14 @@ def counts(groups: list[Group]) -> tuple[int, int]:
     return datagrams, readings
 
 
-def append(conn: sqlite3.Connection, committed: float, groups: list[Group]) -> int:
-    """Append one row inside the caller's transaction; returns its id."""
-    datagrams, readings = counts(groups)
+def append(
+    conn: sqlite3.Connection, committed: float, groups: list[Group], known: tuple[int, int] | None = None
+) -> int:
+    """Append one row inside the caller's transaction; returns its id.
+
+    `known`: (datagrams, readings) when the caller has counted them (the
+    ingest core has), saving a pass over every value."""
+    datagrams, readings = counts(groups) if known is None else known
     cur = conn.execute(
         "INSERT INTO ingest_log (committed, datagrams, readings, body) VALUES (?, ?, ?, ?)",
         (committed, datagrams, readings, encode_body(groups)),

@@ -140,3 +140,44 @@ def test_any_bytes_are_accounted_exactly_once(burst):
         out = core.receive(data, 1_700_000_000.0)
         assert accounted(core) - before == 1, out
     assert core.counters["internal_errors"] == 0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("dg"),
+                st.sampled_from(["a", "b", "c"]),
+                st.sampled_from([None, 1, 2]),
+                st.integers(0, 40),
+                st.dictionaries(st.sampled_from(["t", "h", "p"]), st.integers(-5, 5), min_size=1),
+            ),
+            st.tuples(st.just("trim"), st.integers(0, 30)),
+        ),
+        max_size=80,
+    )
+)
+def test_the_batch_columns_are_the_arrival_list_grouped(ops):
+    """The core keeps the batch in columns; grouping its datagrams in arrival
+    order (group_batch, the reference) gives the same groups, through trims too."""
+    core = IngestCore()
+    now = 1.0
+    for op in ops:
+        if op[0] == "trim":
+            before = core.pending_readings
+            dropped = core.trim(op[1])
+            assert core.pending_readings == before - dropped
+            continue
+        _, sensor, boot, seq, readings = op
+        now += 0.5
+        core.receive(wire.encode(sensor, seq, readings, boot=boot, ts=now), now)
+    batch = core.batch()
+    pending = core.pending
+    assert batch.datagrams == pending and batch.count == len(pending) == core.pending_datagrams
+    assert batch.readings == sum(len(d[5]) for d in pending) == core.pending_readings
+    if not any(op[0] == "trim" for op in ops):
+        assert batch.groups == group_batch(pending)  # in order of first arrival, too
+    else:  # a trim may leave a group placed by a datagram it dropped: same groups
+        key = lambda g: (g.sensor, -1 if g.boot is None else g.boot)  # noqa: E731
+        assert sorted(batch.groups, key=key) == sorted(group_batch(pending), key=key)

@@ -67,7 +67,7 @@ class Pair:
 
     def restart(self, crash: bool) -> None:
         if crash:
-            self.core.pending = []  # the unflushed batch dies with the process, on both sides
+            self.core.discard_pending()  # the unflushed batch dies with the process, on both sides
         self.store.close()
         self.store, self.core = open_ingest(self.v3_path, store_options=self.options)
 
