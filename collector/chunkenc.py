@@ -448,7 +448,8 @@ def _unbitmap(raw: bytes, n: int) -> list[bool]:
 _TYPES = {int, float, type(None)}
 
 
-def _check_column(name: str, col: list, rows: int) -> None:
+def _check_column(name: str, col: list, rows: int) -> set:
+    """Refuse what cannot be stored; returns the set of the column's value types."""
     if len(col) != rows:
         raise ValueError(f"column {name} has {len(col)} values for {rows} rows")
     types = set(map(type, col))
@@ -459,6 +460,7 @@ def _check_column(name: str, col: list, rows: int) -> None:
         ints = [v for v in col if type(v) is int]
         if min(ints) < _INT64_MIN or max(ints) > _INT64_MAX:
             raise ValueError(f"column {name}: an int is out of int64 range")
+    return types
 
 
 class _Encoded:
@@ -471,12 +473,22 @@ class _Encoded:
         self.ints = ints
 
 
-def _encode_column(out: bytearray, col: list, base: _Encoded | None, fast: bool) -> _Encoded:
+_FLOAT_ONLY = {float}
+_INT_ONLY = {int}
+
+
+def _encode_column(out: bytearray, col: list, base: _Encoded | None, fast: bool, types: set) -> _Encoded:
     rows = len(col)
-    present = [v for v in col if v is not None]
+    # `types` (from _check_column) spares the three list passes for a column of one type.
+    if types == _FLOAT_ONLY:
+        present, ints, floats = col, [], col
+    elif types == _INT_ONLY:
+        present, ints, floats = col, col, []
+    else:
+        present = [v for v in col if v is not None]
+        ints = [v for v in present if type(v) is int]
+        floats = [v for v in present if type(v) is float]
     has_nulls = len(present) != rows
-    ints = [v for v in present if type(v) is int]
-    floats = [v for v in present if type(v) is float]
     if not present:
         kind = _KIND_EMPTY
     elif not floats:
@@ -653,9 +665,9 @@ def encode_chunk(
         raise ValueError(f"{len(metrics)} metrics in one chunk, more than {MAX_METRICS}")
     if rows * (3 + len(metrics)) > MAX_CELLS:
         raise ValueError(f"{rows} rows x {3 + len(metrics)} columns is more than {MAX_CELLS} cells")
-    _check_column("seqs", seqs, rows)
-    _check_column("ts", ts, rows)
-    _check_column("received", received, rows)
+    seq_types = _check_column("seqs", seqs, rows)
+    ts_types = _check_column("ts", ts, rows)
+    received_types = _check_column("received", received, rows)
     body = _Body()
     _uvarint(body, rows)
     _uvarint(body, len(metrics))
@@ -667,12 +679,11 @@ def encode_chunk(
             raise ValueError(f"metric name {name[:40]!r}... is longer than {MAX_NAME_BYTES} bytes")
         _uvarint(body, len(raw))
         body += raw
-    _encode_column(body, seqs, None, fast)
-    ts_enc = _encode_column(body, ts, None, fast)
-    _encode_column(body, received, ts_enc, fast)
+    _encode_column(body, seqs, None, fast, seq_types)
+    ts_enc = _encode_column(body, ts, None, fast, ts_types)
+    _encode_column(body, received, ts_enc, fast, received_types)
     for name, col in metrics.items():
-        _check_column(name, col, rows)
-        _encode_column(body, col, None, fast)
+        _encode_column(body, col, None, fast, _check_column(name, col, rows))
     blob = bytes((VERSION,)) + _deflate(body, fast)
     return blob + struct.pack("<I", zlib.crc32(blob))
 
