@@ -239,12 +239,13 @@ def series_stats(boot: int, seqs, ts, values, *, newest: int | None = None) -> S
 class Head:
     """One (sensor, boot)'s open datagrams: compact arrays, appended at each flush."""
 
-    __slots__ = ("sensor", "boot", "first_log_id", "opened", "seqs", "ts", "received", "metrics")
+    __slots__ = ("sensor", "boot", "first_log_id", "last_log_id", "opened", "seqs", "ts", "received", "metrics")
 
     def __init__(self, sensor: str, boot: int, first_log_id: int, opened: float) -> None:
         self.sensor = sensor
         self.boot = boot
         self.first_log_id = first_log_id  # the oldest ingest_log row holding its datagrams
+        self.last_log_id = first_log_id  # the newest (its chunk's log_id when it closes between flushes)
         self.opened = opened  # receive time of its first datagram (the span rule)
         self.seqs = array("q")
         self.ts = array("d")
@@ -321,6 +322,7 @@ class Head:
 
     def copy(self) -> Head:
         h = Head(self.sensor, self.boot, self.first_log_id, self.opened)
+        h.last_log_id = self.last_log_id
         h.seqs = array("q", self.seqs)
         h.ts = array("d", self.ts)
         h.received = array("d", self.received)

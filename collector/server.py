@@ -150,6 +150,7 @@ class Collector:
                 retain_1m=float(settings.retain_1m),
                 retain_1h=float(settings.retain_1h),
                 max_disk=None if settings.max_disk is None else int(settings.max_disk),
+                close_between_flushes=True,
             )
             loaded = self.store.load()
             self.core = IngestCore(
@@ -347,7 +348,16 @@ class Collector:
                 # Capped: epoll cannot wait longer than 2**31-1 ms, and an
                 # interval may be longer (or inf): the loop just wakes again.
                 wait = min(max(timeout - time.monotonic(), 0.0), tuning.MAX_SELECT_TIMEOUT_S)
-                for key, _ in sel.select(wait):
+                events = None
+                if store.full and wait > 0 and store.failing_since is None:
+                    # Heads at their count: close one now if nothing waits to be
+                    # read, rather than inside the next flush (store.close_one).
+                    events = sel.select(0)
+                    if not events:
+                        store.close_one()
+                if events is None:
+                    events = sel.select(wait)
+                for key, _ in events:
                     source = key.data
                     if source is None:
                         self._drain_wakeups()
@@ -360,7 +370,7 @@ class Collector:
                 if core.pending_readings >= s.batch_size or mono >= next_flush:
                     self._poll_drops()
                     if store.failing_since is None or mono >= store.retry_at:
-                        if self._activity or core.pending or core.dirty or store.due(self.clock()):
+                        if self._activity or core.pending_datagrams or core.dirty or store.due(self.clock()):
                             if self._flush(mono):
                                 self._activity = False
                                 store.maintain(core.counters, self.clock())

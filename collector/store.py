@@ -160,6 +160,7 @@ class Store:
         chunk_span: float = CHUNK_SPAN_S,
         head_budget: int = HEAD_BUDGET_BYTES,
         max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS,
+        close_between_flushes: bool = False,
         **retention: float | int | None,
     ) -> None:
         self.path = path
@@ -167,6 +168,9 @@ class Store:
         self.chunk_datagrams = chunk_datagrams
         self.chunk_span = chunk_span
         self.head_budget = head_budget
+        # The collector's loop closes heads at their count while its sockets
+        # are empty (close_one); then a flush leaves them until twice the count.
+        self.close_between_flushes = close_between_flushes
         self.max_backlog_rows = max_backlog_rows
         self.uplink_path = path + "-uplink"
         self.maintenance = Maintenance(path, **retention)
@@ -175,6 +179,9 @@ class Store:
         self.last_log_id = 0
         self.chunks_closed = 0
         self._flushed_at: float | None = None  # `now` of the last flush that wrote datagrams
+        self._fast = False  # the last flush's rate was over FAST_CLOSE_RATE
+        self.full: dict[tuple[str, int], None] = {}  # heads at their count, oldest first (close_one)
+        self.closed_between_flushes = 0
         # Failure episode (monotonic seconds): when set, the database refused the last flush.
         self.failing_since: float | None = None
         self.retry_at = 0.0
@@ -306,6 +313,48 @@ class Store:
         if head is None:
             head = self.heads[key] = Head(g.sensor, boot, log_id, g.received[0])
         head.extend(g.seqs, g.ts, g.received, g.metrics)
+        head.last_log_id = log_id
+        if len(head) >= self.chunk_datagrams:
+            self.full[key] = None
+
+    # --- closing heads between flushes ---------------------------------------------------
+
+    def close_one(self) -> bool:
+        """Close the oldest head that has reached its count, in a transaction of its own.
+
+        The loop calls this while its sockets are empty, so the CPU of
+        closing (encoding, statistics, rollups: a few ms a chunk) is spent
+        when nothing waits, not inside a flush while datagrams queue.  Its
+        chunk's log_id is the head's newest log row: every datagram of the
+        (sensor, boot) up to that row is in chunks, as a restart and the
+        readers take it.  False when there is nothing to close, or the
+        database refused (the flush closes it then, and says why if it fails too).
+        """
+        while self.full:
+            key = next(iter(self.full))
+            del self.full[key]
+            head = self.heads.get(key)
+            if head is not None and len(head) >= self.chunk_datagrams:
+                break
+        else:
+            return False
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                insert_chunk(conn, head.close(self._fast), head.last_log_id, self.series[key[0]])
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            log.debug("closing a head between flushes failed (%s); the next flush closes it", exc)
+            return False
+        del self.heads[key]
+        self.chunks_closed += 1
+        self.closed_between_flushes += 1
+        return True
 
     # --- the flush -----------------------------------------------------------------------
 
@@ -371,6 +420,7 @@ class Store:
         """Committed: the in-memory heads follow what the database now says."""
         for key in closed:
             self.heads.pop(key, None)
+            self.full.pop(key, None)
         for g in groups:
             boot = schema.NO_BOOT if g.boot is None else g.boot
             if (g.sensor, boot) not in closed:
@@ -413,8 +463,9 @@ class Store:
     ) -> set[tuple[str, int]]:
         """Write the chunks of the heads that close in this flush; returns their keys.
 
-        A head is due when it reaches chunk_datagrams or its span of receive
-        time reaches chunk_span; due heads close oldest first within the
+        A head is due when it reaches chunk_datagrams (twice that with
+        close_between_flushes: close_one is meant to close it before) or its
+        span of receive time reaches chunk_span; due heads close oldest first within the
         flush's close budget.  Largest first, heads close when all together
         pass the memory budget, and at once when CLOSE_OVERDUE_FACTOR times
         over the count.
@@ -428,17 +479,18 @@ class Store:
         fast = False
         if arriving:
             last, self._flushed_at = self._flushed_at, now
-            fast = last is not None and arriving > FAST_CLOSE_RATE * max(now - last, 0.0)
+            fast = self._fast = last is not None and arriving > FAST_CLOSE_RATE * max(now - last, 0.0)
         close: list[tuple[str, int]] = []
         due: list[tuple[float, tuple[str, int], int]] = []  # (opened, key, datagrams)
         overdue = self.chunk_datagrams * CLOSE_OVERDUE_FACTOR
+        count = self.chunk_datagrams * (2 if self.close_between_flushes else 1)
         for key, g in incoming.items():
             head = heads.get(key)
             size = len(g.seqs) + (len(head) if head is not None else 0)
             opened = head.opened if head is not None else g.received[0]
             if size >= overdue:
                 close.append(key)
-            elif size >= self.chunk_datagrams or now - opened >= self.chunk_span:
+            elif size >= count or now - opened >= self.chunk_span:
                 due.append((opened, key, size))
         for key, head in heads.items():
             if key not in incoming and now - head.opened >= self.chunk_span:

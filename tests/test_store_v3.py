@@ -39,10 +39,10 @@ def request(**params):
 class Pair:
     """The v3 store (with its ingest core) and the v2 reference writer, fed the same flushes."""
 
-    def __init__(self, tmp_path, chunk_datagrams: int, chunk_span: float) -> None:
+    def __init__(self, tmp_path, chunk_datagrams: int, chunk_span: float, between: bool = False) -> None:
         self.v3_path = str(tmp_path / "v3.db")
         self.v2_path = str(tmp_path / "v2.db")
-        self.options = {"chunk_datagrams": chunk_datagrams, "chunk_span": chunk_span}
+        self.options = {"chunk_datagrams": chunk_datagrams, "chunk_span": chunk_span, "close_between_flushes": between}
         self.store, self.core = open_ingest(self.v3_path, store_options=self.options)
         self.v2 = v2ref.BatchWriter(self.v2_path)
 
@@ -216,10 +216,16 @@ def run_pages(ops, q: dict) -> list:
     return pages
 
 
+between: dict[int, int] = {}  # heads closed between flushes per seed
+
+
 @pytest.mark.parametrize("seed", range(int(os.environ.get("V3_DIFF_SEEDS", "6"))))
 def test_v3_answers_every_query_as_v2_does(tmp_path, seed):
     rng = random.Random(seed)
-    pair = Pair(tmp_path, chunk_datagrams=rng.choice([4, 8, 16]), chunk_span=rng.choice([30.0, 1e9]))
+    # Odd seeds close heads between flushes as the collector's loop does (close_one),
+    # at random moments drawn apart from the stream's own draws.
+    closer = random.Random(seed + 1000) if seed % 2 else None
+    pair = Pair(tmp_path, rng.choice([4, 8, 16]), rng.choice([30.0, 1e9]), between=closer is not None)
     now = T0
     try:
         for sensor, boot, seq, ts, readings in stream(rng):
@@ -227,6 +233,9 @@ def test_v3_answers_every_query_as_v2_does(tmp_path, seed):
             pair.receive(wire.encode(sensor, seq, readings, boot=boot, ts=ts), now)
             if rng.random() < 0.15:
                 pair.flush(now)
+            if closer is not None and pair.store.full and closer.random() < 0.3:
+                if pair.store.close_one():  # as the loop does while its sockets are empty
+                    between[seed] = between.get(seed, 0) + 1
             if rng.random() < 0.01:
                 crash = rng.random() < 0.5
                 if not crash:
@@ -234,6 +243,7 @@ def test_v3_answers_every_query_as_v2_does(tmp_path, seed):
                 pair.restart(crash)
         pair.flush(now + 1)
         assert pair.store.chunks_closed or pair.store.heads  # both paths exercised over the seeds
+        assert closer is None or between.get(seed, 0) > 0
         sensors = {s: sorted(st.series) for s, st in pair.core.sensors.items()}
     finally:
         pair.close()
