@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 
-from collector import schema
+from collector import ingestlog, schema
 from collector.errors import SetupError
 from collector.uplink import core
 from collector.uplink.central import Central
@@ -60,6 +62,61 @@ def test_readings_land_once_under_the_gateway_prefixed_id(central):
     counters = db_counters(central.path)
     assert counters["uplink_readings"] == 6 and counters["uplink_replayed_readings"] == 6
     assert counters["uplink_messages"] == 3
+
+
+def stored(path):
+    return db_query(
+        path,
+        "SELECT s.sensor, s.metric, r.boot, r.seq, r.ts, r.value FROM readings r "
+        "JOIN series s ON s.id = r.series ORDER BY 1, 2, 3, 4, 5",
+    )
+
+
+def columns(*groups):
+    blocks = []
+    for i, gs in enumerate(groups):
+        body = ingestlog.encode_body(list(gs))
+        datagrams, n = ingestlog.counts(list(gs))
+        blocks.append(core.Block(i + 1, datagrams, n, body, len(zlib.decompress(body))))
+    (m,) = core.columns_messages("telemetry", "site-7", blocks)
+    return core.decode(m.payload)
+
+
+def test_columns_land_like_the_same_readings_one_sensor_a_message(tmp_path, central):
+    def g(sensor, boot, seqs, t0=1000.0):
+        r = readings(sensor, boot, seqs, t0)
+        return ingestlog.Group(r.sensor, r.boot, r.seqs, r.ts, r.received, r.metrics)
+
+    rows = [[g("s.1", 7, (1, 2)), g("b", None, (1,))], [g("s.1", 7, (3,)), g("b", None, (1,), t0=2000.0)]]
+    done = central.apply([columns(*rows)])
+    assert done["uplink_readings"] == 3 + 2 + 2 + 2  # temp on every datagram, hum on each group's last
+    assert done["uplink_replayed_readings"] == 0 and done["uplink_messages"] == 1
+    other = Central(str(tmp_path / "v1.db"))
+    try:
+        for row in rows:
+            other.apply([core.Readings("site-7", x.sensor, x.boot, x.seqs, x.ts, x.received, x.metrics) for x in row])
+    finally:
+        other.close()
+    assert stored(central.path) == stored(str(tmp_path / "v1.db"))
+    assert len(stored(central.path)) == done["uplink_readings"]
+    # the same message again (after JetStream's window) adds nothing
+    again = central.apply([columns(*rows)])
+    assert again["uplink_readings"] == 0 and again["uplink_replayed_readings"] == done["uplink_readings"]
+
+
+def test_a_datagram_twice_in_one_batch_is_stored_once(central):
+    twice = readings(seqs=(1, 2, 2, 3))  # (seq 2, ts) twice in one message
+    first = readings(seqs=(1,))
+    done = central.apply([first, twice])  # a replay overlapping what the same batch stores
+    assert done["uplink_readings"] == 2 + 1 + 2  # seq 1 temp and hum; seq 2 temp; seq 3 temp and hum
+    assert done["uplink_replayed_readings"] == 1 + 1  # seq 1 temp again, the second seq 2
+    assert [(row[1], row[3]) for row in stored(central.path)] == [
+        ("hum", 1),
+        ("hum", 3),
+        ("temp", 1),
+        ("temp", 2),
+        ("temp", 3),
+    ]
 
 
 def test_a_sensor_without_boot_is_stored_with_boot_minus_one(central):

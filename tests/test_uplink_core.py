@@ -1,15 +1,17 @@
-"""The uplink's pure core: subject tokens, payload v1, message ids, batching, backoff, cursor."""
+"""The uplink's pure core: subject tokens, payloads v1 and v2, message ids, batching, backoff, cursor."""
 
 from __future__ import annotations
 
 import random
 import string
+import zlib
 
 import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from collector import ingestlog
 from collector.ingestlog import Entry, Group
 from collector.uplink import core
 
@@ -97,8 +99,22 @@ def test_any_bytes_give_an_item_or_a_payload_error(data):
 @pytest.mark.parametrize(
     "body, reason",
     [
-        ([2, "R"], "bad_version"),
+        ([3, "R"], "bad_version"),
+        ([0, "R"], "bad_version"),
+        ([True, "R"], "bad_version"),
         ([1, "X"], "bad_kind"),
+        ([2, "R"], "bad_kind"),  # version 2 sends columns, not per-sensor readings
+        ([1, "C", "gw", [b""]], "bad_kind"),
+        ([2, "C", "gw", []], "bad_shape"),  # no block
+        ([2, "C", "gw", ["text"]], "bad_shape"),  # a block is bytes
+        ([2, "C", "g.w", [zlib.compress(msgpack.packb([1, []]))]], "bad_shape"),
+        ([2, "C", "gw", [b"not zlib"]], "bad_block"),
+        ([2, "C", "gw", [zlib.compress(msgpack.packb([1, []])) + b"x"]], "bad_block"),  # trailing bytes
+        ([2, "C", "gw", [zlib.compress(msgpack.packb([1, []]))[:-3]]], "bad_block"),  # cut short
+        ([2, "C", "gw", [zlib.compress(b"\xc1")]], "bad_block"),  # not msgpack inside
+        ([2, "C", "gw", [zlib.compress(msgpack.packb([2, []]))]], "bad_block"),  # log body version 2
+        ([2, "C", "gw", [zlib.compress(msgpack.packb([1, [[1, 2]]]))]], "bad_shape"),  # a group of 2 items
+        ([2, "C", "gw", [zlib.compress(msgpack.packb([1, [["s", 1, [1], [1.0], [1.0], {"t": ["x"]}]]]))]], "bad_shape"),
         ([1, "R", "gw", "s", 1, [1, 2], [1.0], [1.0], {}], "bad_shape"),  # lengths differ
         ([1, "R", "gw", "s", 1, [], [], [], {}], "bad_shape"),  # no datagram
         ([1, "R", "g.w", "s", 1, [1], [1.0], [1.0], {}], "bad_shape"),  # gateway not a token
@@ -273,3 +289,140 @@ def test_a_message_too_large_for_the_broker_is_split_and_keeps_every_datagram():
     assert sum(m.readings for m in messages) == item.readings == n * 40
     assert len({m.msg_id for m in messages}) == 4
     assert core.readings_messages("telemetry", item) == [whole]  # fits the default limit
+
+
+# ---------------------------------------------------------------- payload 2: columns
+
+
+def block(row_id, groups):
+    body = ingestlog.encode_body(groups)
+    datagrams, readings = ingestlog.counts(groups)
+    return core.Block(row_id, datagrams, readings, body, len(zlib.decompress(body)))
+
+
+def test_columns_carry_the_log_rows_as_committed():
+    b1 = block(7, [group("a.b", 1, [1, 2]), group("c", None, [5], {"temp": [None], "hum": [40.0]})])
+    b2 = block(8, [group("a.b", 1, [3])])
+    (m,) = core.columns_messages("telemetry", "site-7", [b1, b2])
+    assert m.subject == "telemetry.site-7.columns"
+    assert m.msg_id.startswith("site-7.log.7-8.4.") and (m.datagrams, m.readings) == (4, 4)
+    body = msgpack.unpackb(m.payload)
+    assert body == [2, "C", "site-7", [b1.body, b2.body]]  # bodies forwarded byte for byte
+    got = core.decode(m.payload)
+    assert isinstance(got, core.Columns) and (got.datagrams, got.readings) == (4, 4)
+    assert [(r.sensor, r.boot, r.seqs, r.metrics) for r in got.items] == [
+        ("a.b", 1, [1, 2], {"temp": [1.0, 2.0]}),
+        ("c", None, [5], {"temp": [None], "hum": [40.0]}),
+        ("a.b", 1, [3], {"temp": [3.0]}),
+    ]
+    assert all(r.gateway == "site-7" for r in got.items)
+    # the id is the content's: the same rows again give the same id, other content another
+    assert core.columns_messages("telemetry", "site-7", [b1, b2]) == [m]
+    other = block(8, [group("a.b", 1, [3], {"temp": [3.5]})])
+    assert core.columns_messages("telemetry", "site-7", [b1, other])[0].msg_id != m.msg_id
+
+
+def flatten_blocks_of(messages):
+    out = []
+    for m in messages:
+        for r in core.decode(m.payload).items:
+            for i, seq in enumerate(r.seqs):
+                out.append((r.sensor, r.boot, seq, r.ts[i], tuple(sorted((k, v[i]) for k, v in r.metrics.items()))))
+    return out
+
+
+def flatten_rows(rows):
+    out = []
+    for groups in rows:
+        for g in groups:
+            for i, seq in enumerate(g.seqs):
+                out.append(
+                    (
+                        g.sensor,
+                        g.boot,
+                        seq,
+                        g.ts[i],
+                        tuple(sorted((k, v[i]) for k, v in g.metrics.items() if v[i] is not None)),
+                    )
+                )
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_columns_packing_keeps_every_datagram_once_in_order_within_every_limit(data):
+    rng = random.Random(data.draw(st.integers(0, 10**6)))
+    rows, seq = [], {}
+    for _ in range(data.draw(st.integers(1, 8))):
+        groups = []
+        for sensor in rng.sample(["a", "b.c", "d:e", "f/g"], rng.randint(1, 4)):
+            n = rng.randint(1, 30)
+            seqs = []
+            for _ in range(n):
+                seq[sensor] = seq.get(sensor, 0) + 1
+                seqs.append(seq[sensor])
+            metrics = {
+                m: [rng.choice([None, rng.random()]) for _ in range(n)]
+                for m in rng.sample(["t", "h", "p"], rng.randint(0, 3))
+            }
+            groups.append(group(sensor, rng.choice([None, 1]), seqs, metrics))
+        rows.append(groups)
+    blocks = [block(i + 1, groups) for i, groups in enumerate(rows)]
+    max_bytes = data.draw(st.integers(400, 6000))
+    max_datagrams = data.draw(st.integers(1, 80))
+    max_readings = data.draw(st.integers(4, 400))
+    messages = core.columns_messages("p", "gw", blocks, max_bytes, max_datagrams, max_readings)
+    for m in messages:
+        item = core.decode(m.payload)
+        assert len(m.payload) <= max_bytes
+        assert m.datagrams == item.datagrams <= max_datagrams
+        assert m.readings == item.readings
+        assert m.readings <= max_readings or m.datagrams == 1
+    # every datagram once, in commit order (a metric a datagram lacks is None or absent alike)
+    strip = [
+        (s, b, q, t, tuple((k, v) for k, v in ms if v is not None)) for s, b, q, t, ms in flatten_blocks_of(messages)
+    ]
+    assert strip == flatten_rows(rows)
+    assert len({m.msg_id for m in messages}) == len(messages)
+    assert sum(m.readings for m in messages) == sum(b.readings for b in blocks)
+
+
+def test_a_row_too_large_for_one_message_is_cut_and_keeps_every_datagram():
+    n = 2000
+    wide = {f"m{k:02d}": [float(i * k) + 0.1 for i in range(n)] for k in range(20)}
+    big = block(5, [group("s", 1, range(1, n + 1), wide), group("t", 2, [1, 2])])
+    assert len(big.body) > 40_000
+    messages = core.columns_messages("telemetry", "gw", [block(4, [group("a")]), big, block(6, [group("b")])], 40_000)
+    assert len(messages) >= 4 and all(len(m.payload) <= 40_000 for m in messages)
+    assert messages[0].msg_id.startswith("gw.log.4-4.") and messages[-1].msg_id.startswith("gw.log.6-6.")
+    assert all(".log.5-5." in m.msg_id for m in messages[1:-1])
+    parts = [r for m in messages[1:-1] for r in core.decode(m.payload).items]
+    assert [s for r in parts if r.sensor == "s" for s in r.seqs] == list(range(1, n + 1))
+    assert sum(m.readings for m in messages[1:-1]) == big.readings == n * 20 + 2
+
+
+def test_a_zlib_bomb_is_refused_before_it_is_inflated():
+    bomb = zlib.compress(b"\x00" * (core.MAX_INFLATED_BYTES + 1), 9)
+    assert len(bomb) < 64 * 1024
+    with pytest.raises(core.PayloadError) as err:
+        core.decode(msgpack.packb([2, "C", "gw", [bomb]]))
+    assert err.value.reason == "too_large"
+
+
+def test_the_inflate_limit_holds_over_all_the_blocks_of_a_message(monkeypatch):
+    b = block(1, [group("s", 1, range(1, 40))])
+    monkeypatch.setattr(core, "MAX_INFLATED_BYTES", b.inflated * 2 - 1)
+    assert core.decode(msgpack.packb([2, "C", "gw", [b.body]])).datagrams == 39
+    with pytest.raises(core.PayloadError) as err:
+        core.decode(msgpack.packb([2, "C", "gw", [b.body, b.body]]))
+    assert err.value.reason == "too_large"
+    # and the uplink packs below it: two such rows go in two messages
+    messages = core.columns_messages("p", "gw", [b, block(2, [group("s", 1, range(40, 79))])])
+    assert [m.datagrams for m in messages] == [39, 39]
+
+
+def test_accounts_keep_the_uplinks_payload_version():
+    item = core.Accounts("site-7", "s/1", 42, 1.0, 2.0, 10, 20, 3, 1, 2, 1, (), 0)
+    for version in (1, 2):
+        m = core.accounts_message("telemetry", item, version)
+        assert msgpack.unpackb(m.payload)[0] == version and core.decode(m.payload) == item

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS uplink_seen (
     ts REAL NOT NULL,
     PRIMARY KEY (sensor, boot, seq, ts)
 ) WITHOUT ROWID"""
-MARK_SEEN = "INSERT OR IGNORE INTO uplink_seen (sensor, boot, seq, ts) VALUES (?, ?, ?, ?)"
+MARK_SEEN = "INSERT INTO uplink_seen (sensor, boot, seq, ts) VALUES (?, ?, ?, ?)"
+SEEN_IN_RANGE = "SELECT seq, ts FROM uplink_seen WHERE sensor = ? AND boot = ? AND seq BETWEEN ? AND ?"
 ENSURE_SENSOR = "INSERT OR IGNORE INTO sensors (sensor, first_seen, last_seen) VALUES (?, ?, ?)"
 UPSERT_SENSOR = """
 INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts)
@@ -105,7 +106,10 @@ class Central:
             self._next_series += 1
 
     def apply(
-        self, items: list[core.Readings | core.Accounts], rejected: Counter | None = None, now: float | None = None
+        self,
+        items: list[core.Readings | core.Accounts | core.Columns],
+        rejected: Counter | None = None,
+        now: float | None = None,
     ) -> Counter:
         """Write a batch in one transaction; returns what it did (counter deltas)."""
         now = time.time() if now is None else now
@@ -120,6 +124,9 @@ class Central:
                 done["uplink_messages"] += 1
                 if isinstance(item, core.Readings):
                     self._readings(item, done, groups)
+                elif isinstance(item, core.Columns):
+                    for part in item.items:
+                        self._readings(part, done, groups)
                 else:
                     self._accounts(item, done, now)
             merged = [_merge(parts) for parts in groups.values()]
@@ -144,30 +151,49 @@ class Central:
         self, item: core.Readings, done: Counter, groups: dict[tuple[str, int | None], list[ingestlog.Group]]
     ) -> None:
         sensor = core.central_sensor(item.gateway, item.sensor)
-        self.conn.execute(ENSURE_SENSOR, (sensor, min(item.received), max(item.received)))
+        conn = self.conn
+        conn.execute(ENSURE_SENSOR, (sensor, min(item.received), max(item.received)))
         boot = schema.NO_BOOT if item.boot is None else item.boot
-        mark = self.conn.execute
-        # A sensor without boot restarts its seqs under the same (sensor, boot):
-        # the datagram's identity includes its ts, as the collector's did.
-        keep = [
-            i
-            for i, (seq, ts) in enumerate(zip(item.seqs, item.ts))
-            if mark(MARK_SEEN, (sensor, boot, seq, ts)).rowcount
-        ]
-        readings = {i: sum(values[i] is not None for values in item.metrics.values()) for i in range(len(item.seqs))}
-        taken = sum(readings[i] for i in keep)
-        done["uplink_readings"] += taken
-        done["uplink_replayed_readings"] += sum(readings.values()) - taken
-        if not keep:
-            return
-        metrics = {}
-        for metric, values in item.metrics.items():
-            column = [values[i] for i in keep]
-            if any(v is not None for v in column):
-                self._series(sensor, metric)
-                metrics[metric] = column
-        groups.setdefault((sensor, item.boot), []).append(
-            ingestlog.Group(
+        n = len(item.seqs)
+        total = sum(len(values) - values.count(None) for values in item.metrics.values())
+        keys = list(zip(item.seqs, item.ts))
+        # The common case, nothing of it seen yet: one range probe and one executemany.  A sensor
+        # without boot restarts its seqs under the same (sensor, boot): a datagram's identity
+        # includes its ts, as the collector's did.
+        lo, hi = min(item.seqs), max(item.seqs)
+        seen = conn.execute(SEEN_IN_RANGE, (sensor, boot, lo, hi)).fetchall()
+        if not seen and len(set(keys)) == n:
+            conn.executemany(MARK_SEEN, [(sensor, boot, seq, ts) for seq, ts in keys])
+            done["uplink_readings"] += total
+            keep = None
+        else:
+            seen_set = set(seen)
+            keep = []
+            for i, key in enumerate(keys):
+                if key not in seen_set:
+                    seen_set.add(key)
+                    keep.append(i)
+            conn.executemany(MARK_SEEN, [(sensor, boot, *keys[i]) for i in keep])
+            taken = sum(sum(values[i] is not None for values in item.metrics.values()) for i in keep)
+            done["uplink_readings"] += taken
+            done["uplink_replayed_readings"] += total - taken
+            if not keep:
+                return
+        if keep is None:
+            metrics = {}
+            for metric, column in item.metrics.items():
+                if column.count(None) != n:
+                    self._series(sensor, metric)
+                    metrics[metric] = column
+            group = ingestlog.Group(sensor, item.boot, item.seqs, item.ts, item.received, metrics)
+        else:
+            metrics = {}
+            for metric, values in item.metrics.items():
+                column = [values[i] for i in keep]
+                if any(v is not None for v in column):
+                    self._series(sensor, metric)
+                    metrics[metric] = column
+            group = ingestlog.Group(
                 sensor,
                 item.boot,
                 [item.seqs[i] for i in keep],
@@ -175,7 +201,7 @@ class Central:
                 [item.received[i] for i in keep],
                 metrics,
             )
-        )
+        groups.setdefault((sensor, item.boot), []).append(group)
 
     def _accounts(self, item: core.Accounts, done: Counter, now: float) -> None:
         sensor = core.central_sensor(item.gateway, item.sensor)

@@ -63,6 +63,13 @@ def _replicas(value) -> int:
     return n
 
 
+def _payload_version(value) -> int:
+    n = config.positive_int(value)
+    if n not in core.VERSIONS:
+        raise ValueError(f"payload version {value!r}: 1 or 2")
+    return n
+
+
 def _default_gateway() -> str | None:
     name = socket.gethostname().split(".")[0]
     return name if core.GATEWAY_RE.fullmatch(name) else None
@@ -85,7 +92,8 @@ BROKER = [
         _prefix,
         "telemetry",
         metavar="PREFIX",
-        help="Subjects are PREFIX.<gateway>.<sensor>.readings|accounts.",
+        help="Subjects are PREFIX.<gateway>.columns (payload 2), PREFIX.<gateway>.<sensor>.readings "
+        "(payload 1) and PREFIX.<gateway>.<sensor>.accounts.",
     ),
     S("create_stream", config.boolean, True, help="Create the stream (subjects PREFIX.>) when it is missing."),
     S("replicas", _replicas, 1, metavar="N", help="Replicas of a stream this creates (3 on a cluster)."),
@@ -130,7 +138,22 @@ UPLINK_SETTINGS = [
         help="This gateway's name: 1-32 of A-Z a-z 0-9 _ -; its sensors are NAME:<id> centrally.",
     ),
     *BROKER,
-    S("max_datagrams", config.positive_int, 1000, metavar="N", help="Datagrams per message at most."),
+    S(
+        "payload_version",
+        _payload_version,
+        core.PAYLOAD_VERSION,
+        metavar="1|2",
+        help="2: the ingest log's rows as committed, many sensors a message on PREFIX.<gateway>.columns "
+        "(fast); 1: one sensor a message on PREFIX.<gateway>.<sensor>.readings (filter by sensor at the broker).",
+    ),
+    S(
+        "max_datagrams",
+        config.positive_int,
+        None,
+        metavar="N",
+        default_text="1000 with payload 1, 50000 with payload 2",
+        help="Datagrams per message at most.",
+    ),
     S("window", config.positive_int, 512, metavar="N", help="Publishes awaiting their ack at most."),
     S("poll_interval", config.positive_float, 0.5, metavar="SECONDS", help="Look for new data this often when idle."),
     S(
@@ -273,6 +296,7 @@ def run_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> None
             gateway=values["gateway"],
             broker=bs,
             max_datagrams=values["max_datagrams"],
+            payload_version=values["payload_version"],
             window=values["window"],
             poll_interval=values["poll_interval"],
             ack_timeout=values["ack_timeout"],

@@ -4,10 +4,12 @@
   NATS subject tokens, so every character outside [A-Za-z0-9_-] is written
   as %XX (its UTF-8 bytes, upper-case hex), reversibly (`sensor_token`,
   `token_sensor`);
-- the payload codec, version 1 (docs/PROTOCOL.md "Uplink"): a readings
-  message is one sensor's datagrams of one boot, an accounts message is one
-  sensor's account snapshot; both are msgpack arrays that start with the
-  version and a kind letter;
+- the payload codec (docs/PROTOCOL.md "Uplink"): version 1, a readings
+  message is one sensor's datagrams of one boot; version 2, a columns message
+  is a run of the gateway's ingest_log rows forwarded as committed (their
+  zlib(msgpack) bodies, many sensors each, not re-encoded: the fast path);
+  an accounts message is one sensor's account snapshot; all are msgpack
+  arrays that start with the version and a kind letter;
 - message ids from the content's identity (gateway, sensor, boot, seq range,
   count and a digest of the payload), so a retry of the same batch carries
   the same Nats-Msg-Id and JetStream drops it inside its duplicate window;
@@ -23,17 +25,23 @@ import hashlib
 import math
 import random
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
+from .. import ingestlog
 from ..ingestlog import Entry, Group
 
-PAYLOAD_VERSION = 1
+# Version 1: readings ("R", one sensor per message) and accounts ("A").
+# Version 2: columns ("C", ingest_log bodies as committed) and accounts ("A", as in v1).
+PAYLOAD_VERSION = 2
+VERSIONS = (1, 2)
 KIND_READINGS = "R"
 KIND_ACCOUNTS = "A"
+KIND_COLUMNS = "C"
 # Gap rows carried by one accounts snapshot at most (the newest ones); the
 # `lost` count is exact whatever the cap, `gaps_total` says how many exist.
 MAX_GAPS_PER_SNAPSHOT = 1000
@@ -43,6 +51,13 @@ MAX_MESSAGE_BYTES = 512 * 1024
 # A payload larger than this is refused by the decoder (the broker's default
 # max_payload is 1 MiB; our messages stay far below it).
 MAX_PAYLOAD_BYTES = 1 << 20
+# A columns message inflates to at most this many bytes of msgpack (the decoder
+# refuses more before it builds a value: a zlib bomb cannot make it hold more);
+# the uplink cuts its messages to stay below it, and below MAX_MESSAGE_READINGS.
+MAX_INFLATED_BYTES = 16 << 20
+MAX_MESSAGE_READINGS = 200_000
+# Datagrams per message at most, by default, per payload version.
+DEFAULT_MAX_DATAGRAMS = {1: 1000, 2: 50_000}
 
 GATEWAY_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
@@ -51,14 +66,14 @@ _ESCAPE_RE = re.compile(r"%([0-9A-F]{2})")
 
 
 class PayloadError(ValueError):
-    """A message body that is not a valid version-1 uplink payload. `reason` is one of REASONS."""
+    """A message body that is not a valid uplink payload. `reason` is one of REASONS."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
 
 
-REASONS = ("not_msgpack", "bad_version", "bad_kind", "bad_shape", "too_large")
+REASONS = ("not_msgpack", "bad_version", "bad_kind", "bad_shape", "too_large", "bad_block")
 
 
 # ---------------------------------------------------------------- subjects
@@ -102,6 +117,11 @@ def subject(prefix: str, gateway: str, sensor: str, kind: str) -> str:
     """<prefix>.<gateway>.<sensor token>.readings | .accounts"""
     leaf = "readings" if kind == KIND_READINGS else "accounts"
     return f"{prefix}.{gateway}.{sensor_token(sensor)}.{leaf}"
+
+
+def columns_subject(prefix: str, gateway: str) -> str:
+    """<prefix>.<gateway>.columns: a columns message holds many sensors (no sensor token)."""
+    return f"{prefix}.{gateway}.columns"
 
 
 def check_gateway(name: str) -> str:
@@ -190,10 +210,28 @@ class Accounts:
         )
 
 
-def encode(item: Readings | Accounts) -> bytes:
+@dataclass(frozen=True)
+class Columns:
+    """A version-2 readings message, decoded: the groups of a run of the gateway's ingest_log
+    rows (many sensors), one Readings per group, in commit order."""
+
+    gateway: str
+    items: tuple[Readings, ...]
+
+    @property
+    def datagrams(self) -> int:
+        return sum(r.datagrams for r in self.items)
+
+    @property
+    def readings(self) -> int:
+        return sum(r.readings for r in self.items)
+
+
+def encode(item: Readings | Accounts, version: int = PAYLOAD_VERSION) -> bytes:
+    """A readings item is always version 1; an accounts item has the same layout in 1 and 2."""
     if isinstance(item, Readings):
         body = [
-            PAYLOAD_VERSION,
+            1,
             KIND_READINGS,
             item.gateway,
             item.sensor,
@@ -204,9 +242,11 @@ def encode(item: Readings | Accounts) -> bytes:
             item.metrics,
         ]
     else:
+        if version not in VERSIONS:
+            raise ValueError(f"payload version {version!r}")
         gaps = [[g.stream, g.boot, g.first_seq, g.last_seq, g.missing, g.detected_at] for g in item.gaps]
         body = [
-            PAYLOAD_VERSION,
+            version,
             KIND_ACCOUNTS,
             item.gateway,
             item.sensor,
@@ -223,6 +263,12 @@ def encode(item: Readings | Accounts) -> bytes:
             item.gaps_total,
         ]
     return msgpack.packb(body, use_bin_type=True)
+
+
+def encode_columns(gateway: str, blocks: Sequence[bytes]) -> bytes:
+    """Version 2 columns: [2, "C", gateway, [block, ...]]; a block is an ingest_log body
+    (zlib(msgpack([1, [group, ...]])), collector/ingestlog.py) as committed."""
+    return msgpack.packb([2, KIND_COLUMNS, gateway, list(blocks)], use_bin_type=True)
 
 
 def _int(v: Any) -> bool:
@@ -253,8 +299,60 @@ def _shape(ok: bool, what: str) -> None:
         raise PayloadError("bad_shape", what)
 
 
-def decode(data: bytes) -> Readings | Accounts:
-    """Any bytes give a Readings, an Accounts or a PayloadError, nothing else."""
+def _readings(gateway: Any, sensor: Any, boot: Any, seqs: Any, ts: Any, received: Any, metrics: Any) -> Readings:
+    """One sensor's columns checked (PayloadError bad_shape), as a Readings."""
+    _shape(isinstance(gateway, str) and GATEWAY_RE.fullmatch(gateway) is not None, "gateway")
+    _shape(isinstance(sensor, str) and 0 < len(sensor) <= 256, "sensor")
+    _shape(boot is None or _int(boot), "boot")
+    _shape(_ints(seqs) and _nums(ts) and _nums(received), "seqs/ts/received")
+    n = len(seqs)
+    _shape(n > 0 and len(ts) == n and len(received) == n, "seqs/ts/received lengths")
+    _shape(all(map(math.isfinite, ts)) and all(map(math.isfinite, received)), "non-finite time")
+    _shape(isinstance(metrics, dict), "metrics")
+    for name, values in metrics.items():
+        _shape(isinstance(name, str) and 0 < len(name) <= 256, "metric name")
+        _shape(isinstance(values, list) and len(values) == n, f"metric {name!r} length")
+        _shape(set(map(type, values)) <= _VALUE, f"metric {name!r} values")
+    return Readings(gateway, sensor, boot, seqs, list(map(float, ts)), list(map(float, received)), metrics)
+
+
+def inflate(block: bytes, limit: int) -> bytes:
+    """A zlib block inflated to at most `limit` bytes (PayloadError too_large beyond, bad_block
+    for anything that is not one whole zlib stream)."""
+    d = zlib.decompressobj()
+    try:
+        raw = d.decompress(block, limit + 1)  # never 0: that would mean no limit
+    except zlib.error as exc:
+        raise PayloadError("bad_block", f"zlib: {exc}") from None
+    if len(raw) > limit:
+        raise PayloadError("too_large", f"a block inflates to more than {limit} bytes")
+    if not d.eof or d.unused_data:
+        raise PayloadError("bad_block", "not one whole zlib stream")
+    return raw
+
+
+def _columns(gateway: Any, blocks: Any) -> Columns:
+    _shape(isinstance(gateway, str) and GATEWAY_RE.fullmatch(gateway) is not None, "gateway")
+    _shape(isinstance(blocks, list) and len(blocks) > 0 and all(type(b) is bytes for b in blocks), "blocks")
+    budget = MAX_INFLATED_BYTES
+    items = []
+    for block in blocks:
+        raw = inflate(block, budget)
+        budget -= len(raw)
+        try:
+            version, groups = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+        except Exception as exc:  # msgpack raises several unrelated types for bad input
+            raise PayloadError("bad_block", f"not a log body ({type(exc).__name__})") from None
+        if version != ingestlog.BODY_VERSION or type(version) is not int or not isinstance(groups, list):
+            raise PayloadError("bad_block", f"log body version {version!r}, expected {ingestlog.BODY_VERSION}")
+        for g in groups:
+            _shape(isinstance(g, list) and len(g) == 6, "group: 6 items expected")
+            items.append(_readings(gateway, *g))
+    return Columns(gateway, tuple(items))
+
+
+def decode(data: bytes) -> Readings | Accounts | Columns:
+    """Any bytes give a Readings, an Accounts, a Columns or a PayloadError, nothing else."""
     if len(data) > MAX_PAYLOAD_BYTES:
         raise PayloadError("too_large", f"{len(data)} bytes")
     try:
@@ -263,25 +361,16 @@ def decode(data: bytes) -> Readings | Accounts:
         raise PayloadError("not_msgpack", type(exc).__name__) from None
     if not isinstance(body, list) or len(body) < 2:
         raise PayloadError("bad_shape", "not an array of at least 2 items")
-    if body[0] != PAYLOAD_VERSION or type(body[0]) is not int:
-        raise PayloadError("bad_version", f"version {body[0]!r}, expected {PAYLOAD_VERSION}")
+    version = body[0]
+    if type(version) is not int or version not in VERSIONS:
+        raise PayloadError("bad_version", f"version {version!r}, expected one of {VERSIONS}")
     kind = body[1]
-    if kind == KIND_READINGS:
+    if kind == KIND_READINGS and version == 1:
         _shape(len(body) == 9, "readings: 9 items expected")
-        _, _, gateway, sensor, boot, seqs, ts, received, metrics = body
-        _shape(isinstance(gateway, str) and GATEWAY_RE.fullmatch(gateway) is not None, "gateway")
-        _shape(isinstance(sensor, str) and 0 < len(sensor) <= 256, "sensor")
-        _shape(boot is None or _int(boot), "boot")
-        _shape(_ints(seqs) and _nums(ts) and _nums(received), "seqs/ts/received")
-        n = len(seqs)
-        _shape(n > 0 and len(ts) == n and len(received) == n, "seqs/ts/received lengths")
-        _shape(all(map(math.isfinite, ts)) and all(map(math.isfinite, received)), "non-finite time")
-        _shape(isinstance(metrics, dict), "metrics")
-        for name, values in metrics.items():
-            _shape(isinstance(name, str) and 0 < len(name) <= 256, "metric name")
-            _shape(isinstance(values, list) and len(values) == n, f"metric {name!r} length")
-            _shape(set(map(type, values)) <= _VALUE, f"metric {name!r} values")
-        return Readings(gateway, sensor, boot, seqs, list(map(float, ts)), list(map(float, received)), metrics)
+        return _readings(*body[2:])
+    if kind == KIND_COLUMNS and version == 2:
+        _shape(len(body) == 4, "columns: 4 items expected")
+        return _columns(body[2], body[3])
     if kind == KIND_ACCOUNTS:
         _shape(len(body) == 15, "accounts: 15 items expected")
         (
@@ -328,7 +417,7 @@ def decode(data: bytes) -> Readings | Accounts:
             tuple(out),
             gaps_total,
         )
-    raise PayloadError("bad_kind", f"kind {kind!r}")
+    raise PayloadError("bad_kind", f"kind {kind!r} in version {version}")
 
 
 # ---------------------------------------------------------------- messages
@@ -390,10 +479,147 @@ def readings_messages(prefix: str, item: Readings, max_bytes: int = MAX_MESSAGE_
     return out
 
 
-def accounts_message(prefix: str, item: Accounts) -> Message:
-    payload = encode(item)
+def accounts_message(prefix: str, item: Accounts, version: int = PAYLOAD_VERSION) -> Message:
+    payload = encode(item, version)
     msg_id = f"{item.gateway}.{sensor_token(item.sensor)}.accounts.{item.as_of}.{_digest(payload)}"
     return Message(subject(prefix, item.gateway, item.sensor, KIND_ACCOUNTS), msg_id, payload)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One ingest_log row as committed: its id, counts, body and inflated size (the uplink
+    checks every body inflates before it forwards it)."""
+
+    id: int
+    datagrams: int
+    readings: int
+    body: bytes
+    inflated: int
+
+
+# Bytes of a columns payload around its blocks: array, version, kind, gateway (<= 32
+# characters), the blocks' array header, and each block's bin header.
+_COLUMNS_OVERHEAD = 48
+_BLOCK_OVERHEAD = 5
+
+
+def columns_message(prefix: str, gateway: str, blocks: Sequence[Block]) -> Message:
+    """The Nats-Msg-Id names the content: gateway, the ingest_log ids it covers, datagrams,
+    digest.  The bodies are the log rows as committed, so a retry of the same rows after a
+    crash or a timeout carries the same payload and the same id."""
+    payload = encode_columns(gateway, [b.body for b in blocks])
+    datagrams = sum(b.datagrams for b in blocks)
+    msg_id = f"{gateway}.log.{blocks[0].id}-{blocks[-1].id}.{datagrams}.{_digest(payload)}"
+    return Message(columns_subject(prefix, gateway), msg_id, payload, datagrams, sum(b.readings for b in blocks))
+
+
+def columns_messages(
+    prefix: str,
+    gateway: str,
+    blocks: Iterable[Block],
+    max_bytes: int = MAX_MESSAGE_BYTES,
+    max_datagrams: int = DEFAULT_MAX_DATAGRAMS[2],
+    max_readings: int = MAX_MESSAGE_READINGS,
+) -> list[Message]:
+    """Consecutive rows packed into messages of at most max_bytes of payload, max_datagrams
+    datagrams, max_readings readings and MAX_INFLATED_BYTES inflated, in commit order.  A row
+    over any limit alone is decoded and cut (`split_block`): the only re-encoding."""
+    if max_datagrams < 1:
+        raise ValueError("max_datagrams must be >= 1")
+    out: list[Message] = []
+    run: list[Block] = []
+    size = datagrams = readings = inflated = 0
+    for b in blocks:
+        fits_alone = (
+            _COLUMNS_OVERHEAD + _BLOCK_OVERHEAD + len(b.body) <= max_bytes
+            and b.datagrams <= max_datagrams
+            and b.readings <= max_readings
+            and b.inflated <= MAX_INFLATED_BYTES
+        )
+        if run and (
+            not fits_alone
+            or size + _BLOCK_OVERHEAD + len(b.body) > max_bytes
+            or datagrams + b.datagrams > max_datagrams
+            or readings + b.readings > max_readings
+            or inflated + b.inflated > MAX_INFLATED_BYTES
+        ):
+            out.append(columns_message(prefix, gateway, run))
+            run, size, datagrams, readings, inflated = [], 0, 0, 0, 0
+        if not fits_alone:
+            out += [
+                columns_message(prefix, gateway, [piece])
+                for piece in split_block(
+                    b, max_bytes - _COLUMNS_OVERHEAD - _BLOCK_OVERHEAD, max_datagrams, max_readings
+                )
+            ]
+            continue
+        run.append(b)
+        size = size or _COLUMNS_OVERHEAD
+        size += _BLOCK_OVERHEAD + len(b.body)
+        datagrams += b.datagrams
+        readings += b.readings
+        inflated += b.inflated
+    if run:
+        out.append(columns_message(prefix, gateway, run))
+    return out
+
+
+def _slice(g: Group, part: slice) -> Group:
+    metrics = {}
+    for name, column in g.metrics.items():
+        piece = column[part]
+        if piece.count(None) != len(piece):
+            metrics[name] = piece
+    return Group(g.sensor, g.boot, g.seqs[part], g.ts[part], g.received[part], metrics)
+
+
+def split_block(b: Block, max_bytes: int, max_datagrams: int, max_readings: int) -> list[Block]:
+    """A row too large for one message, cut into rows of the same id that each fit: its
+    groups decoded (ingestlog.LogFormatError for a damaged body), cut at max_datagrams
+    datagrams, halved until every piece fits max_bytes, max_readings and MAX_INFLATED_BYTES.
+    A single datagram always fits the byte limits: it came in one UDP datagram."""
+    pieces: list[list[Group]] = [[]]
+    room = max_datagrams
+    for g in ingestlog.decode_body(b.body):
+        start = 0
+        while start < len(g.seqs):
+            if room == 0:
+                pieces.append([])
+                room = max_datagrams
+            take = min(room, len(g.seqs) - start)
+            pieces[-1].append(g if take == len(g.seqs) else _slice(g, slice(start, start + take)))
+            start += take
+            room -= take
+    out: list[Block] = []
+
+    def emit(groups: list[Group]) -> None:
+        body = ingestlog.encode_body(groups)
+        datagrams, readings = ingestlog.counts(groups)
+        inflated = len(zlib.decompress(body))
+        if datagrams > 1 and (len(body) > max_bytes or readings > max_readings or inflated > MAX_INFLATED_BYTES):
+            half = datagrams // 2
+            first: list[Group] = []
+            second: list[Group] = []
+            seen = 0
+            for g in groups:
+                n = len(g.seqs)
+                if seen + n <= half:
+                    first.append(g)
+                elif seen >= half:
+                    second.append(g)
+                else:
+                    first.append(_slice(g, slice(0, half - seen)))
+                    second.append(_slice(g, slice(half - seen, None)))
+                seen += n
+            emit(first)
+            emit(second)
+            return
+        out.append(Block(b.id, datagrams, readings, body, inflated))
+
+    for groups in pieces:
+        if groups:
+            emit(groups)
+    return out
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 One round: read the ingest_log entries after the acked position (and the
 accounts that changed) in one read transaction, cut them into messages
-(core.batch), publish them pipelined (at most `window` acks outstanding),
+(payload 2, the default: the rows' bodies as committed, packed by
+core.columns_messages, nothing re-encoded; payload 1: decoded and merged per
+sensor by core.batch), publish them pipelined (at most `window` acks outstanding),
 and only when JetStream has acked every one of them write the new position
 to `<db>-uplink` (atomically, fsync'd).  A failed round (broker gone, an ack
 timed out) is retried whole after a jittered backoff: its messages carry the
@@ -30,8 +32,10 @@ class UplinkSettings:
     db: str
     gateway: str
     broker: broker.BrokerSettings = field(default_factory=broker.BrokerSettings)
-    max_datagrams: int = 1000  # datagrams per message at most
-    round_readings: int = 100_000  # readings read per round at most (at least one entry): bounds memory
+    max_datagrams: int | None = None  # datagrams per message at most (None: core.DEFAULT_MAX_DATAGRAMS)
+    payload_version: int = core.PAYLOAD_VERSION
+    round_readings: int | None = None  # readings per round at most (at least one entry): bounds memory
+    round_bytes: int = 8 << 20  # payload 2: bytes of compressed bodies per round at most
     round_entries: int = 1000  # ingest_log entries per round at most
     window: int = 512  # publishes awaiting their ack at most
     poll_interval: float = 0.5  # seconds between looks at an idle log
@@ -52,6 +56,11 @@ class Uplink:
         self.stop = asyncio.Event()
         self.backoff = core.Backoff(0.1, settings.backoff_max)
         self.cursor = source.read_cursor(settings.db)
+        if settings.payload_version not in core.VERSIONS:
+            raise ConfigError(f"payload version {settings.payload_version!r}: 1 or 2")
+        self.max_datagrams = settings.max_datagrams or core.DEFAULT_MAX_DATAGRAMS[settings.payload_version]
+        # Payload 1 decodes every reading of a round (memory); payload 2 holds the bodies only.
+        self.round_readings = settings.round_readings or (100_000 if settings.payload_version == 1 else 2_000_000)
         self.source: source.Source | None = None
         self.nc = None
         self.js = None
@@ -193,7 +202,11 @@ class Uplink:
 
     async def _round(self) -> bool:
         """Publish what follows the position; False when there was nothing to do."""
-        snap = self.source.read(self.cursor, self.s.round_entries, self.s.round_readings)
+        v2 = self.s.payload_version == 2
+        snap = self.source.read(
+            self.cursor, self.s.round_entries, self.round_readings, raw=v2, max_bytes=self.s.round_bytes
+        )
+        ids = snap.ids
         if self.cursor > snap.last_id:
             log.error(
                 "position %d is beyond the newest ingest_log id %d: the database was replaced; "
@@ -204,8 +217,8 @@ class Uplink:
             self.cursor = 0
             source.write_cursor(self.s.db, 0)
             return True
-        if snap.entries and snap.entries[0].id > self.cursor + 1:
-            first = snap.entries[0].id
+        if ids and ids[0] > self.cursor + 1:
+            first = ids[0]
             skipped = first - self.cursor - 1
             self.stats["skipped_entries"] += skipped
             log.error(
@@ -215,14 +228,18 @@ class Uplink:
                 self.cursor + 1,
                 first - 1,
             )
-        if not snap.entries and not snap.accounts:
+        if not ids and not snap.accounts:
             return False
-        readings = core.batch(self.s.gateway, snap.entries, self.s.max_datagrams)
-        messages = [m for r in readings for m in core.readings_messages(self.s.broker.subject_prefix, r)]
-        messages += [core.accounts_message(self.s.broker.subject_prefix, a) for a in snap.accounts]
+        prefix = self.s.broker.subject_prefix
+        if snap.blocks is not None:
+            messages = core.columns_messages(prefix, self.s.gateway, snap.blocks, max_datagrams=self.max_datagrams)
+        else:
+            readings = core.batch(self.s.gateway, snap.entries, self.max_datagrams)
+            messages = [m for r in readings for m in core.readings_messages(prefix, r)]
+        messages += [core.accounts_message(prefix, a, self.s.payload_version) for a in snap.accounts]
         await self._publish(messages)
-        if snap.entries:
-            self.cursor = snap.entries[-1].id
+        if ids:
+            self.cursor = ids[-1]
             source.write_cursor(self.s.db, self.cursor)
         self.source.mark_published(snap.account_rows)
         self.backoff.reset()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import zlib
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -86,12 +87,18 @@ def hold_log(db: str) -> bool:
 
 @dataclass
 class Snapshot:
-    """One consistent read: the entries after the cursor, the newest id, changed accounts."""
+    """One consistent read: the entries after the cursor (decoded, or as committed: blocks),
+    the newest id, changed accounts."""
 
     entries: list[ingestlog.Entry]
     last_id: int
     accounts: list[core.Accounts]
     account_rows: list[tuple]
+    blocks: list[core.Block] | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        return [b.id for b in self.blocks] if self.blocks is not None else [e.id for e in self.entries]
 
 
 class Source:
@@ -117,23 +124,38 @@ class Source:
     def close(self) -> None:
         self.conn.close()
 
-    def read(self, after_id: int, max_entries: int, max_readings: int) -> Snapshot:
+    def read(
+        self, after_id: int, max_entries: int, max_readings: int, raw: bool = False, max_bytes: int = 8 << 20
+    ) -> Snapshot:
         """Entries after `after_id` (at least one if any, at most max_entries, stopping once
-        max_readings are gathered) and the accounts that changed, in one read transaction."""
+        max_readings are gathered, or with `raw` max_bytes of bodies) and the accounts that
+        changed, in one read transaction.  `raw` keeps each body as committed (core.Block),
+        checked to inflate whole (ingestlog.LogFormatError if not), not decoded."""
         conn = self.conn
         conn.execute("BEGIN")
         try:
             entries: list[ingestlog.Entry] = []
-            readings = 0
+            blocks: list[core.Block] | None = [] if raw else None
+            readings = size = 0
             # Row by row, not fetchall: a backlog of large entries must not all sit in memory at once.
             cur = conn.execute(
-                "SELECT id, committed, readings, body FROM ingest_log WHERE id > ? ORDER BY id LIMIT ?",
+                "SELECT id, committed, datagrams, readings, body FROM ingest_log WHERE id > ? ORDER BY id LIMIT ?",
                 (after_id, max_entries),
             )
-            for row_id, committed, n, body in cur:
-                if entries and readings + n > max_readings:
-                    break
-                entries.append(ingestlog.Entry(row_id, committed, ingestlog.decode_body(body)))
+            for row_id, committed, datagrams, n, body in cur:
+                if blocks is None:
+                    if entries and readings + n > max_readings:
+                        break
+                    entries.append(ingestlog.Entry(row_id, committed, ingestlog.decode_body(body)))
+                else:
+                    if blocks and (readings + n > max_readings or size + len(body) > max_bytes):
+                        break
+                    try:
+                        inflated = len(zlib.decompress(body))
+                    except zlib.error as exc:
+                        raise ingestlog.LogFormatError(f"ingest log row {row_id}: {exc}") from None
+                    blocks.append(core.Block(row_id, datagrams, n, body, inflated))
+                    size += len(body)
                 readings += n
             cur.close()
             last = ingestlog.last_id(conn)
@@ -160,7 +182,7 @@ class Source:
                 )
         finally:
             conn.execute("COMMIT")
-        return Snapshot(entries, last, accounts, changed)
+        return Snapshot(entries, last, accounts, changed, blocks)
 
     def mark_published(self, rows: list[tuple]) -> None:
         for row in rows:
