@@ -120,7 +120,10 @@ def test_token_from_a_file_delivers(tmp_path, daemons):
         for _ in range(2):
             gw.flush()
         central = str(tmp_path / "central.db")
-        up = daemons("uplink", *uplink_args(gw, "site-1", [ns.url], "--token-file", str(token)))
+        # payload 1 (one sensor a message, as older uplinks send): the consumer takes both versions
+        up = daemons(
+            "uplink", *uplink_args(gw, "site-1", [ns.url], "--token-file", str(token), "--payload-version", "1")
+        )
         consumer = daemons("consume", *consume_args(central, [ns.url], "--token-file", str(token)))
         wait_central(central, {"site-1": gw})
         assert up.stop() == 0 and consumer.stop() == 0
