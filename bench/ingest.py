@@ -253,6 +253,7 @@ def step_collector(rate, args, workdir) -> dict:
         if args.signed:
             cmd += ["--keys", str(key_file(Path(workdir) / "keys", args.sensors)), "--require-auth"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logf)
+        stop_beside = None
         try:
             port = None
             deadline = time.monotonic() + 10
@@ -262,6 +263,8 @@ def step_collector(rate, args, workdir) -> dict:
                 time.sleep(0.02)
             if port is None:
                 raise RuntimeError(f"collector did not start: {log.read_text()}")
+            if getattr(args, "beside", None):  # bench/uplink.py: a process beside the collector (its uplink)
+                stop_beside = args.beside(str(db), step_dir)
             sent = run_sender(port, rate, args.seconds, args.sensors, args.sender_core, args.signed, args.n_readings)
             # Wait until the collector has read everything (received stops growing).
             last, still = -1, 0
@@ -284,6 +287,8 @@ def step_collector(rate, args, workdir) -> dict:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+            if stop_beside is not None:
+                stop_beside()
     c = read_counters(db)
     return {
         "rate": rate,

@@ -1,29 +1,32 @@
-"""Uplink benchmark: forward rate to a local JetStream, catch-up after an outage, RSS, central rate.
+"""Uplink benchmark: catch-up to a local JetStream, forward rate, RSS, central rate, ingest beside it.
 
-A gateway database is filled with a backlog as the collector commits it
-(ingest_log entries of one second each: --sensors sensors x datagrams x 2
-readings, --rate readings/s for --minutes minutes: the scaled outage), then:
+Gateway databases are filled with a backlog as the collector commits it (one
+ingest_log row per second: --sensors sensors sending --rate readings/s in
+datagrams of 2 readings), then, against a real nats-server (JetStream, file
+store) started here:
 
-1. `telemetry-uplink run` drains it into a real nats-server (JetStream, file
-   store) from position 0: time to drain, readings/s forwarded, the uplink's
-   peak RSS (VmHWM);
-2. `telemetry-uplink consume` drains the stream (--gateways copies of the
-   backlog, published by one uplink each) into a central database: readings/s;
-3. the collector's own zero-loss ingest rate (readings/s), measured in the same
-   run with bench/ingest.py's search (skip with --skip-ingest), for the ratio
-   the target asks: forward rate / ingest rate >= 1.
+1. catch-up: `telemetry-uplink run` (payload 2) drains a --minutes backlog
+   (default 60: the target's hour at 10,000 readings/s, 36 million readings,
+   measured, not extrapolated) from position 0: time, readings/s, peak RSS
+   (VmHWM); a payload-1 uplink drains a --central-minutes backlog of the same
+   shape in the same run (the baseline, and the ratio);
+2. central: --gateways uplinks publish their own copy of that backlog at once,
+   then one `telemetry-uplink consume` drains the stream (all of it, the
+   baseline's too) into a central database: readings/s;
+3. ingest beside the uplink: bench/ingest.py's zero-loss search of the
+   collector alone, then with a live `telemetry-uplink run` publishing the
+   collector's database (skip with --skip-ingest): both rates and the ratio,
+   and forward rate / ingest rate, central rate / (gateways x ingest rate).
 
-The 1 h catch-up target (10,000 readings/s for an hour, 36 million readings,
-drained in under 2 minutes) is extrapolated from the measured drain rate.
-
-    .venv/bin/python bench/uplink.py                      # ~1-3 minutes
-    .venv/bin/python bench/uplink.py --minutes 5 --skip-ingest
+    .venv/bin/python bench/uplink.py                      # ~2-4 minutes
+    .venv/bin/python bench/uplink.py --minutes 10 --skip-ingest
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import random
 import re
@@ -43,49 +46,93 @@ from collector import ingestlog, schema  # noqa: E402
 from collector.ingestlog import Group  # noqa: E402
 
 
-def fill(path: str, minutes: float, rate: int, sensors: int, seed: int) -> tuple[int, int]:
-    """A backlog of entries, one per second of ingest; returns (entries, readings)."""
+def fill(
+    path: str, minutes: float, rate: int, sensors: int, seed: int, distinct: float | None = None
+) -> tuple[int, int]:
+    """A backlog as the collector commits it: one ingest_log row per second of ingest, each
+    sensor sending rate / (2 x sensors) datagrams/s of 2 readings (fractional rates spread
+    over the seconds), the sensors' accounts updated each minute and at the end.  Values come
+    from a pool (this is about moving data, not about compressing it).  With `distinct`, only
+    that many minutes are generated and the rest of the backlog repeats their rows under new
+    ids (SQL copies: an hour in seconds): the uplink forwards bodies without decoding them,
+    so its work per row is the same; the central side would drop the repeats, so the central
+    phase uses distinct data only.  Returns (entries, readings)."""
     db = schema.open_writer(path)
     conn = db.conn
     conn.execute(ingestlog.CREATE_TABLE)
     rng = random.Random(seed)
-    per_sensor = max(1, rate // (2 * sensors))  # datagrams per sensor per second, 2 readings each
+    pool_t = [round(rng.uniform(15, 25), 2) for _ in range(10_007)]
+    pool_h = [round(rng.uniform(30, 60), 1) for _ in range(10_009)]
+    per_sensor = rate / (2 * sensors)  # datagrams per sensor per second
     t0 = 1_800_000_000.0
     seq = [0] * sensors
+    names = [f"bench-{i:04d}" for i in range(sensors)]
     entries = readings = 0
-    for second in range(int(minutes * 60)):
+    offset = 0
+    total_seconds = int(minutes * 60)
+    seconds = total_seconds if distinct is None else min(total_seconds, int(distinct * 60))
+
+    def accounts(now: float) -> None:
+        conn.executemany(
+            "INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (sensor) DO UPDATE SET last_seen = excluded.last_seen, "
+            "datagrams = excluded.datagrams, readings = excluded.readings",
+            [(names[i], t0, now, seq[i], 2 * seq[i]) for i in range(sensors)],
+        )
+
+    for second in range(seconds):
         groups = []
         for i in range(sensors):
-            seqs = list(range(seq[i] + 1, seq[i] + per_sensor + 1))
-            seq[i] += per_sensor
-            ts = [t0 + second + k / per_sensor for k in range(per_sensor)]
+            phase = i / sensors
+            n = int((second + 1 + phase) * per_sensor) - int((second + phase) * per_sensor)
+            if n == 0:
+                continue
+            first = seq[i] + 1
+            seq[i] += n
+            base = t0 + second
+            ts = [base + (k + 0.5) / n for k in range(n)]
+            offset = (offset + n) % 10_000
             groups.append(
                 Group(
-                    f"bench-{i:04d}",
+                    names[i],
                     1,
-                    seqs,
+                    list(range(first, first + n)),
                     ts,
                     [t + 0.001 for t in ts],
-                    {
-                        "temp": [round(rng.uniform(15, 25), 2) for _ in seqs],
-                        "hum": [round(rng.uniform(30, 60), 1) for _ in seqs],
-                    },
+                    {"temp": pool_t[offset : offset + n], "hum": pool_h[offset : offset + n]},
                 )
             )
+            readings += 2 * n
         conn.execute("BEGIN")
         ingestlog.append(conn, t0 + second + 1, groups)
-        for i in range(sensors):
-            conn.execute(
-                "INSERT INTO sensors (sensor, first_seen, last_seen, datagrams, readings) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (sensor) DO UPDATE SET last_seen = excluded.last_seen, "
-                "datagrams = excluded.datagrams, readings = excluded.readings",
-                (f"bench-{i:04d}", t0, t0 + second + 1, seq[i], 2 * seq[i]),
-            )
+        if second % 60 == 59 or second == seconds - 1:
+            accounts(t0 + second + 1)
         conn.execute("COMMIT")
         entries += 1
-        readings += 2 * per_sensor * sensors
+    per_copy = readings
+    while entries < total_seconds:
+        n = min(seconds, total_seconds - entries)
+        conn.execute("BEGIN")
+        conn.execute(
+            "INSERT INTO ingest_log (committed, datagrams, readings, body) "
+            "SELECT committed + ?, datagrams, readings, body FROM ingest_log WHERE id <= ? ORDER BY id",
+            (float(entries), n),
+        )
+        conn.execute("COMMIT")
+        readings += (
+            per_copy
+            if n == seconds
+            else conn.execute("SELECT total(readings) FROM ingest_log WHERE id <= ?", (n,)).fetchone()[0]
+        )
+        entries += n
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
     return entries, readings
+
+
+def copy_db(src: str, dst: str) -> None:
+    """A gateway's copy of a filled backlog (its own file, its own position)."""
+    shutil.copyfile(src, dst)
 
 
 def vm_hwm_kb(pid: int) -> int | None:
@@ -124,9 +171,17 @@ def position(db: str) -> int:
         return 0
 
 
-def drain(db: str, name: str, url: str, entries: int, workdir: Path, timeout: float) -> dict:
-    log = workdir / f"uplink-{name}.log"
-    cmd = [
+def last_log_id(db: str) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'ingest_log'").fetchone()
+    finally:
+        conn.close()
+    return int(row[0]) if row else 0
+
+
+def uplink_cmd(db: str, name: str, url: str, payload: int) -> list[str]:
+    return [
         str(BIN / "telemetry-uplink"),
         "run",
         "--db",
@@ -135,26 +190,50 @@ def drain(db: str, name: str, url: str, entries: int, workdir: Path, timeout: fl
         name,
         "--servers",
         url,
+        "--payload-version",
+        str(payload),
         "--status-interval",
         "3600",
         "--poll-interval",
         "0.05",
     ]
+
+
+def acked_messages(db: str) -> int | None:
+    try:
+        return json.loads(Path(db + "-uplink.status.json").read_text())["acked"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def drain(dbs: dict[str, str], url: str, entries: int, workdir: Path, timeout: float, payload: int = 2) -> dict:
+    """Uplinks for these gateways (name -> database) at once, from position 0 until each has
+    acked its whole log: elapsed time, the uplinks' peak RSS, messages acked."""
+    procs = {}
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    for name, db in dbs.items():
+        log = workdir / f"uplink-{name}-p{payload}.log"
+        procs[name] = (
+            subprocess.Popen(uplink_cmd(db, name, url, payload), stdout=open(log, "wb"), stderr=subprocess.STDOUT),
+            log,
+        )
     peak = 0
     try:
-        while position(db) < entries:
-            if proc.poll() is not None or time.monotonic() - start > timeout:
-                raise SystemExit(f"uplink {name} stopped or timed out: {log.read_text()[-800:]}")
-            peak = max(peak, vm_hwm_kb(proc.pid) or 0)
-            time.sleep(0.02)
+        while any(position(db) < entries for db in dbs.values()):
+            for name, (proc, log) in procs.items():
+                if proc.poll() is not None or time.monotonic() - start > timeout:
+                    raise SystemExit(f"uplink {name} stopped or timed out: {log.read_text()[-800:]}")
+                peak = max(peak, vm_hwm_kb(proc.pid) or 0)
+            time.sleep(0.01)
         elapsed = time.monotonic() - start
-        peak = max(peak, vm_hwm_kb(proc.pid) or 0)
+        for proc, _ in procs.values():
+            peak = max(peak, vm_hwm_kb(proc.pid) or 0)
     finally:
-        proc.terminate()
-        proc.wait(30)
-    return dict(elapsed=elapsed, peak_rss_kb=peak)
+        for proc, _ in procs.values():
+            proc.terminate()
+        for proc, _ in procs.values():
+            proc.wait(30)
+    return dict(elapsed=elapsed, peak_rss_kb=peak, messages=sum(acked_messages(db) or 0 for db in dbs.values()))
 
 
 def central_readings(path: str) -> int:
@@ -191,13 +270,18 @@ def consume(url: str, total: int, workdir: Path, timeout: float) -> dict:
     return dict(elapsed=elapsed, peak_rss_kb=peak, stored=central_readings(central))
 
 
-def ingest_rate() -> float | None:
+def ingest_rates(url: str, seconds: float, workdir: Path) -> dict:
+    """bench/ingest.py's zero-loss search (2 readings a datagram, 100 sensors), first alone,
+    then with a live `telemetry-uplink run` publishing the collector's database to the same
+    nats-server (each step: the uplink starts once the collector listens and, after the
+    collector stopped, must ack its whole log within 30 s)."""
     spec = importlib.util.spec_from_file_location("bench_ingest", ROOT / "bench" / "ingest.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     args = argparse.Namespace(
-        seconds=2.0,
+        seconds=seconds,
         sensors=100,
+        n_readings=2,
         start=25_000,
         max_rate=400_000,
         bisect_steps=2,
@@ -210,76 +294,157 @@ def ingest_rate() -> float | None:
     )
     if (os.cpu_count() or 1) < 2:
         args.collector_core = args.sender_core = None
-    with tempfile.TemporaryDirectory() as wd:
-        best, _ = mod.search(mod.step_collector, args, wd, "collector")
-    if not best:
-        return None
-    return best["stored_readings"] / best["send_elapsed"]
+    out: dict = {}
+    behind: list[str] = []
+
+    def beside(db: str, step_dir: Path):
+        log = step_dir / "uplink.log"
+        proc = subprocess.Popen(
+            uplink_cmd(db, "bench-ingest", url, 2), stdout=open(log, "wb"), stderr=subprocess.STDOUT
+        )
+
+        def stop() -> None:
+            deadline = time.monotonic() + 30
+            last = last_log_id(db)
+            while position(db) < last and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            if position(db) < last:
+                behind.append(f"{step_dir.name}: position {position(db)} of {last}")
+            proc.terminate()
+            proc.wait(30)
+
+        return stop
+
+    for label, hook in (("collector alone", None), ("collector + uplink", beside)):
+        args.beside = hook
+        with tempfile.TemporaryDirectory(dir=workdir) as wd:
+            best, _ = mod.search(mod.step_collector, args, wd, label)
+        out[label] = best["stored_readings"] / best["send_elapsed"] if best else None
+        if best and best.get("sender_capped"):
+            out[label + " capped"] = True
+    out["behind"] = behind
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=1.0, help="outage length of the scaled backlog")
+    p.add_argument("--minutes", type=float, default=60.0, help="outage length of the catch-up backlog (one gateway)")
+    p.add_argument(
+        "--distinct-minutes",
+        type=float,
+        default=2.0,
+        help="minutes of the catch-up backlog generated; the rest repeats their rows under new ids",
+    )
     p.add_argument("--rate", type=int, default=10_000, help="ingest readings/s during the outage")
-    p.add_argument("--sensors", type=int, default=100)
+    p.add_argument("--sensors", type=int, default=2000, help="sensors of each gateway (2 readings a datagram)")
     p.add_argument("--gateways", type=int, default=3, help="gateways feeding the central consumer")
+    p.add_argument("--central-minutes", type=float, default=2.0, help="backlog of each gateway for the central phase")
     p.add_argument("--skip-ingest", action="store_true", help="do not measure the collector's ingest rate")
+    p.add_argument("--ingest-seconds", type=float, default=2.0, help="length of each ingest step")
     p.add_argument("--timeout", type=float, default=600)
     args = p.parse_args()
+    hour = 10_000 * 3600
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as wd:
         workdir = Path(wd)
         nats, url = start_nats(workdir)
         try:
+            shape = (
+                f"{args.sensors} sensors, {args.rate / (2 * args.sensors):g} datagrams/s each of 2 readings, "
+                "one ingest_log row per second"
+            )
+            # 1. catch-up: one gateway's backlog drained by payload 2 (and a payload-1 baseline on a
+            # short backlog of the same shape, same run)
+            print(f"catch-up backlog: {args.minutes:g} min at {args.rate:,} readings/s; {shape}", flush=True)
+            big = str(workdir / "catchup.db")
+            t = time.monotonic()
+            entries, readings = fill(big, args.minutes, args.rate, args.sensors, 0, args.distinct_minutes)
             print(
-                f"backlog: {args.minutes:g} min at {args.rate:,} readings/s, {args.sensors} sensors, "
-                f"{args.gateways} gateways (one uplink each, one after the other)",
+                f"  filled {readings:,} readings in {entries} rows ({os.path.getsize(big) / 1e6:.0f} MB; "
+                f"{args.distinct_minutes:g} min distinct, the rest repeated) in {time.monotonic() - t:.1f} s",
                 flush=True,
             )
-            drains = []
-            total = 0
+            r = drain({"catchup": big}, url, entries, workdir, args.timeout)
+            fwd = readings / r["elapsed"]
+            print(
+                f"  payload 2: drained in {r['elapsed']:.2f} s = {fwd:,.0f} readings/s, {r['messages']:,} messages; "
+                f"uplink peak RSS {r['peak_rss_kb'] / 1024:.1f} MB",
+                flush=True,
+            )
+            small = str(workdir / "small.db")
+            s_entries, s_readings = fill(small, args.central_minutes, args.rate, args.sensors, 1)
+            base = str(workdir / "baseline.db")
+            copy_db(small, base)
+            b = drain({"baseline": base}, url, s_entries, workdir, args.timeout, payload=1)
+            v1 = s_readings / b["elapsed"]
+            print(
+                f"  payload 1 baseline ({args.central_minutes:g} min, {s_readings:,} readings): {b['elapsed']:.2f} s = "
+                f"{v1:,.0f} readings/s, {b['messages']:,} messages; peak RSS {b['peak_rss_kb'] / 1024:.1f} MB",
+                flush=True,
+            )
+            # 2. central: the gateways' backlogs published at once, then one consumer drains them all
+            dbs = {}
             for g in range(args.gateways):
-                db = str(workdir / f"gw{g}.db")
-                entries, readings = fill(db, args.minutes, args.rate, args.sensors, g)
-                r = drain(db, f"site-{g}", url, entries, workdir, args.timeout)
-                r["readings"] = readings
-                drains.append(r)
-                total += readings
-                print(
-                    f"  site-{g}: {readings:,} readings in {entries} entries drained in {r['elapsed']:.2f} s = "
-                    f"{readings / r['elapsed']:,.0f} readings/s; uplink peak RSS {r['peak_rss_kb'] / 1024:.1f} MB",
-                    flush=True,
-                )
-            c = consume(url, total, workdir, args.timeout)
+                dbs[f"site-{g}"] = str(workdir / f"gw{g}.db")
+                copy_db(small, dbs[f"site-{g}"])
+            c_pub = drain(dbs, url, s_entries, workdir, args.timeout)
+            total = s_readings * args.gateways
             print(
-                f"  central consumer: {c['stored']:,} readings of {args.gateways} gateways in {c['elapsed']:.2f} s = "
-                f"{c['stored'] / c['elapsed']:,.0f} readings/s; peak RSS {c['peak_rss_kb'] / 1024:.1f} MB",
+                f"  {args.gateways} uplinks at once: {total:,} readings in {c_pub['elapsed']:.2f} s = "
+                f"{total / c_pub['elapsed']:,.0f} readings/s together",
                 flush=True,
             )
+            c = consume(url, total + s_readings, workdir, args.timeout)  # + the payload-1 baseline's
+            central_rate = c["stored"] / c["elapsed"]
+            print(
+                f"  central consumer: {c['stored']:,} readings of {args.gateways + 1} gateways in {c['elapsed']:.2f} s = "
+                f"{central_rate:,.0f} readings/s; peak RSS {c['peak_rss_kb'] / 1024:.1f} MB",
+                flush=True,
+            )
+            ingest = None if args.skip_ingest else ingest_rates(url, args.ingest_seconds, workdir)
         finally:
             nats.terminate()
             nats.wait(30)
-    rates = sorted(r["readings"] / r["elapsed"] for r in drains)
-    median = rates[len(rates) // 2]
-    hour = 10_000 * 3600
     print()
     print(
-        f"uplink forward rate (median of {len(rates)}): {median:,.0f} readings/s; peak RSS "
-        f"{max(r['peak_rss_kb'] for r in drains) / 1024:.1f} MB (target < 60 MB)"
+        f"uplink forward rate (payload 2, catch-up of {readings:,} readings): {fwd:,.0f} readings/s; "
+        f"payload 1 in the same run: {v1:,.0f} readings/s (ratio {fwd / v1:.1f})"
     )
+    if readings >= hour:
+        print(
+            f"catch-up after 1 h at 10,000 readings/s: measured {r['elapsed'] * hour / readings:.0f} s (target < 120 s)"
+        )
+    else:
+        print(
+            f"catch-up after 1 h at 10,000 readings/s ({hour:,} readings), extrapolated from "
+            f"{readings:,}: {hour / fwd:.0f} s (target < 120 s)"
+        )
     print(
-        f"catch-up after 1 h at 10,000 readings/s ({hour:,} readings), extrapolated: {hour / median:.0f} s "
-        f"(target < 120 s)"
+        f"uplink peak RSS: {max(r['peak_rss_kb'], c_pub['peak_rss_kb']) / 1024:.1f} MB (target < 60 MB); "
+        f"payload 1: {b['peak_rss_kb'] / 1024:.1f} MB"
     )
-    print(f"central consumer: {c['stored'] / c['elapsed']:,.0f} readings/s")
-    if not args.skip_ingest:
-        print("collector zero-loss ingest, same run (bench/ingest.py search):", flush=True)
-        ingest = ingest_rate()
-        if ingest:
+    print(f"central consumer: {central_rate:,.0f} readings/s")
+    if ingest:
+        alone, beside = ingest["collector alone"], ingest["collector + uplink"]
+        if alone and beside:
             print(
-                f"collector ingest: {ingest:,.0f} readings/s; ratio uplink forward / ingest = {median / ingest:.2f} "
-                f"(target >= 1); central consumer / (3 x ingest) = {c['stored'] / c['elapsed'] / (3 * ingest):.2f}"
+                f"collector zero-loss ingest: alone {alone:,.0f} readings/s, with the uplink running "
+                f"{beside:,.0f} readings/s (ratio {beside / alone:.2f}; target: unchanged)"
+                + (" [sender-capped]" if ingest.get("collector alone capped") else "")
             )
-    print(f"(machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}: shared, figures are indicative)")
+            print(
+                f"uplink forward / collector ingest = {fwd / alone:.1f} (target >= 1); "
+                f"central consumer / ({args.gateways} x ingest) = {central_rate / (args.gateways * alone):.2f} "
+                "(target >= 1)"
+            )
+        else:
+            print(f"collector zero-loss ingest: no passing step ({ingest})")
+        for line in ingest["behind"]:
+            print(f"  UPLINK BEHIND at the end of an ingest step: {line}")
+    print(
+        f"(machine: {os.cpu_count()} cores, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: "
+        "shared, figures are indicative)"
+    )
 
 
 if __name__ == "__main__":

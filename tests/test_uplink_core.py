@@ -310,10 +310,10 @@ def test_columns_carry_the_log_rows_as_committed():
     assert body == [2, "C", "site-7", [b1.body, b2.body]]  # bodies forwarded byte for byte
     got = core.decode(m.payload)
     assert isinstance(got, core.Columns) and (got.datagrams, got.readings) == (4, 4)
+    # merged per (sensor, boot) in order of first appearance, commit order within each
     assert [(r.sensor, r.boot, r.seqs, r.metrics) for r in got.items] == [
-        ("a.b", 1, [1, 2], {"temp": [1.0, 2.0]}),
+        ("a.b", 1, [1, 2, 3], {"temp": [1.0, 2.0, 3.0]}),
         ("c", None, [5], {"temp": [None], "hum": [40.0]}),
-        ("a.b", 1, [3], {"temp": [3.0]}),
     ]
     assert all(r.gateway == "site-7" for r in got.items)
     # the id is the content's: the same rows again give the same id, other content another
@@ -378,11 +378,15 @@ def test_columns_packing_keeps_every_datagram_once_in_order_within_every_limit(d
         assert m.datagrams == item.datagrams <= max_datagrams
         assert m.readings == item.readings
         assert m.readings <= max_readings or m.datagrams == 1
-    # every datagram once, in commit order (a metric a datagram lacks is None or absent alike)
+    # every datagram once (a metric a datagram lacks is None or absent alike), and in commit
+    # order within each (sensor, boot): a message's groups are merged per (sensor, boot)
     strip = [
         (s, b, q, t, tuple((k, v) for k, v in ms if v is not None)) for s, b, q, t, ms in flatten_blocks_of(messages)
     ]
-    assert strip == flatten_rows(rows)
+    want = flatten_rows(rows)
+    assert sorted(strip, key=repr) == sorted(want, key=repr) and len(strip) == len(want)
+    for key in {(d[0], d[1]) for d in want}:
+        assert [d for d in strip if d[:2] == key] == [d for d in want if d[:2] == key]
     assert len({m.msg_id for m in messages}) == len(messages)
     assert sum(m.readings for m in messages) == sum(b.readings for b in blocks)
 

@@ -22,6 +22,9 @@ from . import broker, central, core
 
 log = logging.getLogger("uplink.consume")
 
+# Readings written per transaction at most (then acked), whatever the fetch held.
+TXN_READINGS = 200_000
+
 
 @dataclass(frozen=True)
 class ConsumeSettings:
@@ -119,23 +122,40 @@ class Consumer:
             except nats.errors.TimeoutError:
                 self.notify("WATCHDOG=1")
                 continue
-            items, good, bad, rejected = [], [], [], Counter()
+            # Decoded message by message; written (and then acked) whenever TXN_READINGS readings
+            # are gathered: a fetch of large payload-2 messages never sits decoded in memory whole.
+            items: list = []
+            good: list = []
+            bad: list = []
+            rejected: Counter = Counter()
+            readings = 0
             for m in msgs:
                 try:
-                    items.append(core.decode(m.data))
-                    good.append(m)
+                    item = core.decode(m.data)
                 except core.PayloadError as exc:
                     rejected[exc.reason] += 1
                     bad.append(m)
                     log.warning("rejected a message on %s: %s", m.subject, exc)
-            done = self.central.apply(items, rejected)
-            self.totals.update(done)
-            for m in good:
-                await m.ack()
-            for m in bad:
-                await m.term()
+                    continue
+                items.append(item)
+                good.append(m)
+                if not isinstance(item, core.Accounts):
+                    readings += item.readings
+                if readings >= TXN_READINGS:
+                    await self._commit(items, good, bad, rejected)
+                    items, good, bad, rejected, readings = [], [], [], Counter(), 0
+            if items or bad:
+                await self._commit(items, good, bad, rejected)
             self.backoff.reset()
             self.notify("WATCHDOG=1")
+
+    async def _commit(self, items: list, good: list, bad: list, rejected: Counter) -> None:
+        done = self.central.apply(items, rejected)
+        self.totals.update(done)
+        for m in good:
+            await m.ack()
+        for m in bad:
+            await m.term()
 
     def _summary(self) -> str:
         t = self.totals
