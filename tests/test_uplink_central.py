@@ -138,6 +138,19 @@ def test_the_newest_accounts_snapshot_wins(central):
     assert db_query(central.path, "SELECT count(*) FROM gaps") == [(0,)]  # the late fill closed the gap
 
 
+def test_snapshots_of_many_sensors_apply_as_single_accounts_do(central):
+    items = [accounts(10, datagrams=3), accounts(10, datagrams=5, sensor="s.2")]
+    (m,) = core.snapshots_messages("telemetry", "site-7", items)
+    done = central.apply([core.decode(m.payload)])
+    assert done["uplink_accounts"] == 2 and done["uplink_messages"] == 1
+    (older,) = core.snapshots_messages("telemetry", "site-7", [accounts(9, datagrams=1)])
+    assert central.apply([core.decode(older.payload)])["uplink_stale_accounts"] == 1
+    assert db_query(central.path, "SELECT sensor, datagrams FROM sensors ORDER BY sensor") == [
+        ("site-7:s.1", 3),
+        ("site-7:s.2", 5),
+    ]
+
+
 def test_readings_before_accounts_leave_a_sensor_row_the_snapshot_completes(central):
     central.apply([readings()])
     assert db_query(central.path, "SELECT first_seen, last_seen, datagrams FROM sensors") == [(1001.5, 1003.5, 0)]

@@ -93,7 +93,7 @@ def test_any_bytes_give_an_item_or_a_payload_error(data):
     except core.PayloadError as exc:
         assert exc.reason in core.REASONS
     else:
-        assert isinstance(item, (core.Readings, core.Accounts))
+        assert isinstance(item, (core.Readings, core.Accounts, core.Columns, core.Snapshots))
 
 
 @pytest.mark.parametrize(
@@ -106,6 +106,11 @@ def test_any_bytes_give_an_item_or_a_payload_error(data):
         ([2, "R"], "bad_kind"),  # version 2 sends columns, not per-sensor readings
         ([1, "C", "gw", [b""]], "bad_kind"),
         ([2, "C", "gw", []], "bad_shape"),  # no block
+        ([1, "S", "gw", []], "bad_kind"),  # snapshots are version 2
+        ([2, "S", "gw", []], "bad_shape"),  # no snapshot
+        ([2, "S", "gw", [["s", 1, 1.0, 2.0, 1, 1, 0, 0, 0, 0, []]]], "bad_shape"),  # 11 items
+        ([2, "S", "gw", [["s", 1, 1.0, 2.0, 1, 1.5, 0, 0, 0, 0, [], 0]]], "bad_shape"),  # a float count
+        ([2, "S", "g w", [["s", 1, 1.0, 2.0, 1, 1, 0, 0, 0, 0, [], 0]]], "bad_shape"),
         ([2, "C", "gw", ["text"]], "bad_shape"),  # a block is bytes
         ([2, "C", "g.w", [zlib.compress(msgpack.packb([1, []]))]], "bad_shape"),
         ([2, "C", "gw", [b"not zlib"]], "bad_block"),
@@ -430,3 +435,21 @@ def test_accounts_keep_the_uplinks_payload_version():
     for version in (1, 2):
         m = core.accounts_message("telemetry", item, version)
         assert msgpack.unpackb(m.payload)[0] == version and core.decode(m.payload) == item
+
+
+def test_snapshots_carry_many_sensors_accounts_and_split_at_the_size_limit():
+    gaps = tuple(core.Gap(0, 7, 10 * i, 10 * i + 1, 2, 1000.5 + i) for i in range(core.MAX_GAPS_PER_SNAPSHOT))
+    items = [
+        core.Accounts("site-7", f"s/{i}", 42, 1.0, 2.0, 10 + i, 20, 3, 1, 2, 1, gaps if i % 3 == 0 else (), 1500)
+        for i in range(30)
+    ]
+    (one,) = core.snapshots_messages("telemetry", "site-7", items[1:3])
+    assert one.subject == "telemetry.site-7.accounts" and one.msg_id.startswith("site-7.accounts.42.2.")
+    got = core.decode(one.payload)
+    assert isinstance(got, core.Snapshots) and got.items == tuple(items[1:3])
+    messages = core.snapshots_messages("telemetry", "site-7", items, max_bytes=100_000)
+    assert len(messages) > 1 and all(len(m.payload) <= 100_000 for m in messages)
+    assert [a for m in messages for a in core.decode(m.payload).items] == items
+    assert len({m.msg_id for m in messages}) == len(messages)
+    # at the default limit a snapshot with the most gaps fits many times over
+    assert len(core.snapshots_messages("telemetry", "site-7", items[:1])[0].payload) < core.MAX_MESSAGE_BYTES // 10

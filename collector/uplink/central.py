@@ -107,7 +107,7 @@ class Central:
 
     def apply(
         self,
-        items: list[core.Readings | core.Accounts | core.Columns],
+        items: list[core.Readings | core.Accounts | core.Columns | core.Snapshots],
         rejected: Counter | None = None,
         now: float | None = None,
     ) -> Counter:
@@ -127,6 +127,9 @@ class Central:
                 elif isinstance(item, core.Columns):
                     for part in item.items:
                         self._readings(part, done, groups)
+                elif isinstance(item, core.Snapshots):
+                    for snapshot in item.items:
+                        self._accounts(snapshot, done, now)
                 else:
                     self._accounts(item, done, now)
             merged = [_merge(parts) for parts in groups.values()]

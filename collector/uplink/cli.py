@@ -92,8 +92,8 @@ BROKER = [
         _prefix,
         "telemetry",
         metavar="PREFIX",
-        help="Subjects are PREFIX.<gateway>.columns (payload 2), PREFIX.<gateway>.<sensor>.readings "
-        "(payload 1) and PREFIX.<gateway>.<sensor>.accounts.",
+        help="Subjects are PREFIX.<gateway>.columns and .accounts (payload 2), "
+        "PREFIX.<gateway>.<sensor>.readings and .accounts (payload 1).",
     ),
     S("create_stream", config.boolean, True, help="Create the stream (subjects PREFIX.>) when it is missing."),
     S("replicas", _replicas, 1, metavar="N", help="Replicas of a stream this creates (3 on a cluster)."),
@@ -144,7 +144,8 @@ UPLINK_SETTINGS = [
         core.PAYLOAD_VERSION,
         metavar="1|2",
         help="2: the ingest log's rows as committed, many sensors a message on PREFIX.<gateway>.columns "
-        "(fast); 1: one sensor a message on PREFIX.<gateway>.<sensor>.readings (filter by sensor at the broker).",
+        "and .accounts (fast); 1: one sensor a message on PREFIX.<gateway>.<sensor>.readings and .accounts "
+        "(filter by sensor at the broker).",
     ),
     S(
         "max_datagrams",

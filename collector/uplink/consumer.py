@@ -139,7 +139,7 @@ class Consumer:
                     continue
                 items.append(item)
                 good.append(m)
-                if not isinstance(item, core.Accounts):
+                if isinstance(item, (core.Readings, core.Columns)):
                     readings += item.readings
                 if readings >= TXN_READINGS:
                     await self._commit(items, good, bad, rejected)

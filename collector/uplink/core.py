@@ -36,12 +36,14 @@ from .. import ingestlog
 from ..ingestlog import Entry, Group
 
 # Version 1: readings ("R", one sensor per message) and accounts ("A").
-# Version 2: columns ("C", ingest_log bodies as committed) and accounts ("A", as in v1).
+# Version 2: columns ("C", ingest_log bodies as committed) and snapshots ("S", many sensors'
+# accounts a message); it decodes accounts ("A", as in v1) too.
 PAYLOAD_VERSION = 2
 VERSIONS = (1, 2)
 KIND_READINGS = "R"
 KIND_ACCOUNTS = "A"
 KIND_COLUMNS = "C"
+KIND_SNAPSHOTS = "S"
 # Gap rows carried by one accounts snapshot at most (the newest ones); the
 # `lost` count is exact whatever the cap, `gaps_total` says how many exist.
 MAX_GAPS_PER_SNAPSHOT = 1000
@@ -117,6 +119,11 @@ def subject(prefix: str, gateway: str, sensor: str, kind: str) -> str:
     """<prefix>.<gateway>.<sensor token>.readings | .accounts"""
     leaf = "readings" if kind == KIND_READINGS else "accounts"
     return f"{prefix}.{gateway}.{sensor_token(sensor)}.{leaf}"
+
+
+def snapshots_subject(prefix: str, gateway: str) -> str:
+    """<prefix>.<gateway>.accounts: a snapshots message holds many sensors' accounts."""
+    return f"{prefix}.{gateway}.accounts"
 
 
 def columns_subject(prefix: str, gateway: str) -> str:
@@ -226,6 +233,32 @@ class Columns:
     @property
     def readings(self) -> int:
         return sum(r.readings for r in self.items)
+
+
+@dataclass(frozen=True)
+class Snapshots:
+    """A version-2 accounts message, decoded: many sensors' snapshots of one gateway."""
+
+    gateway: str
+    items: tuple[Accounts, ...]
+
+
+def _snapshot_body(item: Accounts) -> list:
+    gaps = [[g.stream, g.boot, g.first_seq, g.last_seq, g.missing, g.detected_at] for g in item.gaps]
+    return [
+        item.sensor,
+        item.as_of,
+        item.first_seen,
+        item.last_seen,
+        item.datagrams,
+        item.readings,
+        item.lost,
+        item.duplicates,
+        item.reordered,
+        item.restarts,
+        gaps,
+        item.gaps_total,
+    ]
 
 
 def encode(item: Readings | Accounts, version: int = PAYLOAD_VERSION) -> bytes:
@@ -395,8 +428,54 @@ def _columns(gateway: Any, blocks: Any) -> Columns:
     return Columns(gateway, tuple(items))
 
 
-def decode(data: bytes) -> Readings | Accounts | Columns:
-    """Any bytes give a Readings, an Accounts, a Columns or a PayloadError, nothing else."""
+def _accounts(gateway: Any, fields: list) -> Accounts:
+    """sensor, as_of, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered,
+    restarts, gaps, gaps_total checked (PayloadError bad_shape), as an Accounts."""
+    (
+        sensor,
+        as_of,
+        first_seen,
+        last_seen,
+        datagrams,
+        readings,
+        lost,
+        duplicates,
+        reordered,
+        restarts,
+        gaps,
+        gaps_total,
+    ) = fields
+    _shape(isinstance(gateway, str) and GATEWAY_RE.fullmatch(gateway) is not None, "gateway")
+    _shape(isinstance(sensor, str) and 0 < len(sensor) <= 256, "sensor")
+    _shape(
+        all(_int(v) for v in (as_of, datagrams, readings, lost, duplicates, reordered, restarts, gaps_total)),
+        "counts",
+    )
+    _shape(_num(first_seen) and _num(last_seen), "first_seen/last_seen")
+    _shape(isinstance(gaps, list) and len(gaps) <= MAX_GAPS_PER_SNAPSHOT, "gaps")
+    out = []
+    for g in gaps:
+        _shape(isinstance(g, list) and len(g) == 6 and all(_int(v) for v in g[:5]) and _num(g[5]), "gap")
+        out.append(Gap(g[0], g[1], g[2], g[3], g[4], float(g[5])))
+    return Accounts(
+        gateway,
+        sensor,
+        as_of,
+        float(first_seen),
+        float(last_seen),
+        datagrams,
+        readings,
+        lost,
+        duplicates,
+        reordered,
+        restarts,
+        tuple(out),
+        gaps_total,
+    )
+
+
+def decode(data: bytes) -> Readings | Accounts | Columns | Snapshots:
+    """Any bytes give a Readings, an Accounts, a Columns, a Snapshots or a PayloadError, nothing else."""
     if len(data) > MAX_PAYLOAD_BYTES:
         raise PayloadError("too_large", f"{len(data)} bytes")
     try:
@@ -417,50 +496,16 @@ def decode(data: bytes) -> Readings | Accounts | Columns:
         return _columns(body[2], body[3])
     if kind == KIND_ACCOUNTS:
         _shape(len(body) == 15, "accounts: 15 items expected")
-        (
-            _,
-            _,
-            gateway,
-            sensor,
-            as_of,
-            first_seen,
-            last_seen,
-            datagrams,
-            readings,
-            lost,
-            duplicates,
-            reordered,
-            restarts,
-            gaps,
-            gaps_total,
-        ) = body
-        _shape(isinstance(gateway, str) and GATEWAY_RE.fullmatch(gateway) is not None, "gateway")
-        _shape(isinstance(sensor, str) and 0 < len(sensor) <= 256, "sensor")
-        _shape(
-            all(_int(v) for v in (as_of, datagrams, readings, lost, duplicates, reordered, restarts, gaps_total)),
-            "counts",
-        )
-        _shape(_num(first_seen) and _num(last_seen), "first_seen/last_seen")
-        _shape(isinstance(gaps, list) and len(gaps) <= MAX_GAPS_PER_SNAPSHOT, "gaps")
+        return _accounts(body[2], body[3:])
+    if kind == KIND_SNAPSHOTS and version == 2:
+        _shape(len(body) == 4, "snapshots: 4 items expected")
+        gateway, entries = body[2], body[3]
+        _shape(isinstance(entries, list) and len(entries) > 0, "snapshots")
         out = []
-        for g in gaps:
-            _shape(isinstance(g, list) and len(g) == 6 and all(_int(v) for v in g[:5]) and _num(g[5]), "gap")
-            out.append(Gap(g[0], g[1], g[2], g[3], g[4], float(g[5])))
-        return Accounts(
-            gateway,
-            sensor,
-            as_of,
-            float(first_seen),
-            float(last_seen),
-            datagrams,
-            readings,
-            lost,
-            duplicates,
-            reordered,
-            restarts,
-            tuple(out),
-            gaps_total,
-        )
+        for e in entries:
+            _shape(isinstance(e, list) and len(e) == 12, "snapshot: 12 items expected")
+            out.append(_accounts(gateway, [e[0], *e[1:]]))
+        return Snapshots(gateway, tuple(out))
     raise PayloadError("bad_kind", f"kind {kind!r} in version {version}")
 
 
@@ -527,6 +572,35 @@ def accounts_message(prefix: str, item: Accounts, version: int = PAYLOAD_VERSION
     payload = encode(item, version)
     msg_id = f"{item.gateway}.{sensor_token(item.sensor)}.accounts.{item.as_of}.{_digest(payload)}"
     return Message(subject(prefix, item.gateway, item.sensor, KIND_ACCOUNTS), msg_id, payload)
+
+
+def snapshots_messages(
+    prefix: str, gateway: str, items: Sequence[Accounts], max_bytes: int = MAX_MESSAGE_BYTES
+) -> list[Message]:
+    """Version 2: the accounts that changed in a round, many sensors a message (at most
+    max_bytes each; one snapshot, at most 1,000 gaps, always fits).  The id names the
+    content: gateway, as_of, how many, digest."""
+    out: list[Message] = []
+    run: list[list] = []
+    size = _COLUMNS_OVERHEAD
+
+    def flush() -> None:
+        payload = msgpack.packb([2, KIND_SNAPSHOTS, gateway, run], use_bin_type=True)
+        as_of = max(e[1] for e in run)
+        msg_id = f"{gateway}.accounts.{as_of}.{len(run)}.{_digest(payload)}"
+        out.append(Message(snapshots_subject(prefix, gateway), msg_id, payload))
+
+    for item in items:
+        body = _snapshot_body(item)
+        n = len(msgpack.packb(body, use_bin_type=True))
+        if run and size + n > max_bytes:
+            flush()
+            run, size = [], _COLUMNS_OVERHEAD
+        run.append(body)
+        size += n
+    if run:
+        flush()
+    return out
 
 
 @dataclass(frozen=True)

@@ -236,7 +236,10 @@ class Uplink:
         else:
             readings = core.batch(self.s.gateway, snap.entries, self.max_datagrams)
             messages = [m for r in readings for m in core.readings_messages(prefix, r)]
-        messages += [core.accounts_message(prefix, a, self.s.payload_version) for a in snap.accounts]
+        if snap.blocks is not None:
+            messages += core.snapshots_messages(prefix, self.s.gateway, snap.accounts)
+        else:
+            messages += [core.accounts_message(prefix, a, 1) for a in snap.accounts]
         await self._publish(messages)
         if ids:
             self.cursor = ids[-1]
