@@ -98,7 +98,7 @@ def decode_body(body: bytes) -> list[Group]:
 def counts(groups: list[Group]) -> tuple[int, int]:
     """(datagrams, readings) in these groups, for the row's columns."""
     datagrams = sum(len(g.seqs) for g in groups)
-    readings = sum(sum(v is not None for v in values) for g in groups for values in g.metrics.values())
+    readings = sum(len(values) - values.count(None) for g in groups for values in g.metrics.values())
     return datagrams, readings
 
 

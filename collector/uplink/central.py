@@ -94,6 +94,9 @@ class Central:
             raise
         self._next_series = loaded.next_series_id
         self._new_series: list[tuple[int, str, str]] = []
+        # Sensors known to have a row (committed); this batch's new ones join after its COMMIT.
+        self._ensured: set[str] = {row[0] for row in self.conn.execute("SELECT sensor FROM sensors")}
+        self._ensuring: set[str] = set()
 
     def close(self) -> None:
         self.store.close()
@@ -116,6 +119,7 @@ class Central:
         done: Counter = Counter()
         next_before = self._next_series
         self._new_series = []
+        self._ensuring = set()
         groups: dict[tuple[str, int | None], list[ingestlog.Group]] = {}
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
@@ -147,6 +151,7 @@ class Central:
                 self.store.series[sensor].pop(metric, None)
             self._next_series = next_before
             raise
+        self._ensured |= self._ensuring
         self.store.committed_groups(merged, *closing)
         return done
 
@@ -155,7 +160,9 @@ class Central:
     ) -> None:
         sensor = core.central_sensor(item.gateway, item.sensor)
         conn = self.conn
-        conn.execute(ENSURE_SENSOR, (sensor, min(item.received), max(item.received)))
+        if sensor not in self._ensured and sensor not in self._ensuring:
+            conn.execute(ENSURE_SENSOR, (sensor, min(item.received), max(item.received)))
+            self._ensuring.add(sensor)
         boot = schema.NO_BOOT if item.boot is None else item.boot
         n = len(item.seqs)
         total = sum(len(values) - values.count(None) for values in item.metrics.values())
