@@ -20,7 +20,7 @@ order `trim` drops datagrams in when the database refuses writes for too long).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from typing import Any
 
@@ -418,8 +418,7 @@ class IngestCore:
     def batch(self) -> Batch:
         """Everything the next flush must write (the core keeps it until `committed`)."""
         for state in self.dirty:
-            for (stream, first_seq), record in state.tracker.pop_gap_changes().items():
-                self._gaps[(state.sensor, stream, first_seq)] = record
+            merge_gap_changes(self._gaps, state.sensor, state.tracker.pop_gap_changes())
         return Batch(
             [g.group() for g in self._groups.values()],
             len(self._arrivals),
@@ -472,6 +471,26 @@ class IngestCore:
 
     def lost(self) -> int:
         return sum(state.tracker.lost for state in self.sensors.values())
+
+
+def merge_gap_changes(
+    pending: dict[tuple[str, int, int], GapRecord | None],
+    sensor: str,
+    changes: dict[tuple[int, int], GapRecord | None],
+) -> None:
+    """Add one tracker's popped gap changes to the unwritten ones of a sensor set.
+
+    When a flush failed, `pending` still holds changes the database never
+    saw: a piece whose origin row is one of them takes its time (or its
+    origin) now, before that row's own change is replaced.
+    """
+    for (stream, first_seq), record in changes.items():
+        if record is not None and record.detected_at is None and record.origin is not None:
+            before = pending.get((sensor, stream, record.origin))
+            if before is not None:
+                changes[(stream, first_seq)] = replace(record, detected_at=before.detected_at, origin=before.origin)
+    for (stream, first_seq), record in changes.items():
+        pending[(sensor, stream, first_seq)] = record
 
 
 def group_batch(datagrams: list[tuple]) -> list[Any]:

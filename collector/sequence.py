@@ -14,8 +14,6 @@ reasons; RFC 3550 Appendix A.1 (restart detection) and RFC 4303 3.4.3
 
 from __future__ import annotations
 
-from array import array
-from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
@@ -42,20 +40,17 @@ MAX_MISORDER = WINDOW
 # a sensor resetting to a random seq lands in that range with p = 1/4096.
 MAX_DROPOUT = 1 << 20
 MIN_SEQUENTIAL = 2
-# Remembered (still fillable) gaps.  Every gap that reaches into a stream's
-# window (the WINDOW seqs below its highest) is kept, so duplicate detection
-# and late fills there stay exact: a window holds at most WINDOW // 2 + 1 gaps.
-# Of the gaps wholly behind the windows only the MAX_OLD_GAPS highest are kept
-# (for a datagram delayed across a long outage); older ones are forgotten:
-# they stay lost, their rows in the database stay final, a datagram filling
-# one is a Stray.  A sensor's gaps live in compact arrays (24 bytes each), so
-# a tracker holds at most MAX_OPEN_GAPS of them, whatever the loss pattern:
-# bench/tracker_memory.py measures the bytes per sensor.
-MAX_OLD_GAPS = 128
-MAX_OPEN_GAPS = 2 * (WINDOW // 2 + 1) + MAX_OLD_GAPS  # current + previous stream's windows, + old ones
-assert MAX_OPEN_GAPS > WINDOW // 2 and MAX_MISORDER <= WINDOW < _HALF and MAX_DROPOUT < _HALF
+# What a tracker remembers is the state of the window alone: per stream a
+# bitmap of the WINDOW seqs behind the highest (bit set = missing), plus the
+# first seq of the missing run that reaches below it.  A gap wholly behind the
+# window is final: it stays lost, its row in the database stays, and a
+# datagram for one of its seqs is a Stray (stored, not accounted).  So a
+# tracker holds at most two bitmaps of WINDOW bits (the current stream's and
+# the previous boot's), ~0.6 KB each whatever the loss pattern; the gap rows
+# live in the database (bench/tracker_memory.py measures the bytes per sensor).
+assert MAX_MISORDER <= WINDOW < _HALF and MAX_DROPOUT < _HALF
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # v1 (with a forget floor) is still read
 
 
 # --- Events -----------------------------------------------------------------
@@ -132,14 +127,22 @@ _RESTART_JUMP = Restart("seq_jump")
 
 @dataclass(frozen=True, slots=True)
 class GapRecord:
-    """One run of missing seqs, as a row of the `gaps` table (seqs are uint32)."""
+    """One run of missing seqs, as a row of the `gaps` table (seqs are uint32).
+
+    In the change log (`pop_gap_changes`) a record that is a piece of a row
+    already written (a late datagram shrank or split it) carries
+    `detected_at=None` and `origin`: the first_seq of that stored row (same
+    stream), whose detected_at it keeps.  The tracker does not hold detection
+    times of written rows; the writer copies it (collector/store.py).
+    """
 
     stream: int
     boot: int | None
     first_seq: int
     last_seq: int
     missing: int
-    detected_at: float
+    detected_at: float | None
+    origin: int | None = None
 
 
 # --- State --------------------------------------------------------------------
@@ -152,71 +155,107 @@ class _Unset:
 
 
 _UNSET = _Unset()
+_ABSENT = object()  # no entry in the change log
 
 
 class _Stream:
-    """One stream: extended seqs base..max, and its remembered gaps.
+    """One stream: extended seqs base..max, and the missing seqs of its window.
 
-    Gaps are three parallel arrays sorted by first seq (extended): starts and
-    ends as int64, detection times as float64, 24 bytes a gap where a list of
-    Python objects cost ~110; a seq is found with one bisect.  Gaps below
-    `floor` were forgotten (MAX_OLD_GAPS, or too far behind to be reachable):
-    they stay lost, no longer fillable.
+    `miss` is an int used as a bitmap: bit i set means extended seq `lo + i`
+    is missing.  Only seqs in [base, max) can be missing.  An in-order
+    datagram only moves `max` (the hot path touches no bitmap); the bitmap is
+    slid to `lo = max - WINDOW` before any other use (`sync`), dropping the
+    bits of seqs that left the window (those gaps are final).  `edge` is the
+    first seq of the missing run holding `lo`, valid while bit 0 is set: such
+    a run began below the window, and its row is keyed by that seq.
     """
 
-    __slots__ = ("stream", "boot", "base", "max", "floor", "starts", "ends", "times")
+    __slots__ = ("stream", "boot", "base", "max", "lo", "miss", "edge")
 
-    def __init__(self, stream: int, boot: int | None | _Unset, base: int, max_: int, floor: int | None = None) -> None:
+    def __init__(self, stream: int, boot: int | None | _Unset, base: int, max_: int) -> None:
         self.stream = stream
         self.boot = boot
         self.base = base
         self.max = max_
-        self.floor = floor
-        self.starts = array("q")
-        self.ends = array("q")
-        self.times = array("d")
+        self.lo = max_ - WINDOW
+        self.miss = 0
+        self.edge = 0
 
-    def old_gaps(self) -> int:
-        """How many of its gaps lie wholly behind its window (forgettable)."""
-        return bisect_left(self.ends, self.max - WINDOW)
+    def sync(self) -> None:
+        """Slide the bitmap so that bit 0 is the window's lowest seq."""
+        target = self.max - WINDOW
+        shift = target - self.lo
+        if shift <= 0:
+            return
+        miss = self.miss
+        self.lo = target
+        if not miss:
+            return
+        if shift >= miss.bit_length():
+            self.miss = 0
+            return
+        new = miss >> shift
+        self.miss = new
+        if new & 1:
+            # The run holding the new lowest seq: it began at the highest
+            # received seq sliding out + 1, or (all sliding out missing) at edge.
+            received = ~miss & ((1 << shift) - 1)
+            if received:
+                self.edge = target - shift + received.bit_length()
 
-    def find(self, ext: int) -> int:
-        """Index of the remembered gap holding `ext`, or -1."""
-        i = bisect_right(self.starts, ext) - 1
-        return i if i >= 0 and self.ends[i] >= ext else -1
+    def missing(self, ext: int) -> bool:
+        """Is `ext` (in the window, synced) missing?"""
+        return bool((self.miss >> (ext - self.lo)) & 1)
 
-    def forget_first(self) -> None:
-        self.floor = self.ends[0] + 1
-        del self.starts[0], self.ends[0], self.times[0]
+    def run(self, ext: int) -> tuple[int, int]:
+        """The missing run (first, last) holding `ext` (missing, synced)."""
+        i = ext - self.lo
+        m = self.miss
+        x = m >> i
+        last = ext + (x ^ (x + 1)).bit_length() - 2  # x's trailing ones, minus one
+        received = ~m & ((1 << i) - 1)
+        return (self.lo + received.bit_length() if received else self.edge), last
 
-    def prune(self) -> None:
-        # A gap wholly more than 2**31 behind the highest can never be
-        # reached (such a seq reads as ahead), so forgetting it changes no
-        # behaviour; it keeps uint32 gap keys unique within the stream.
-        while self.starts and self.ends[0] < self.max - _HALF:
-            self.forget_first()
+    def mark(self, a: int, b: int) -> None:
+        """Seqs a..b (b in the window, synced) are missing."""
+        lo = self.lo
+        if a <= lo:
+            self.miss |= (1 << (b - lo + 1)) - 1
+            self.edge = a
+        else:
+            self.miss |= ((1 << (b - a + 1)) - 1) << (a - lo)
+
+    def runs(self) -> list[tuple[int, int]]:
+        """The missing runs reaching into the window (synced), lowest first."""
+        out = []
+        m, lo = self.miss, self.lo
+        while m:
+            i = (m & -m).bit_length() - 1
+            x = m >> i
+            n = (x ^ (x + 1)).bit_length() - 1
+            out.append((self.edge if i == 0 else lo + i, lo + i + n - 1))
+            m &= ~(((1 << n) - 1) << i)
+        return out
 
     def to_dict(self) -> dict:
-        return {"stream": self.stream, "boot": self.boot, "base": self.base, "max": self.max, "floor": self.floor}
+        return {"stream": self.stream, "boot": self.boot, "base": self.base, "max": self.max}
 
 
 def _stream_from_dict(d: dict) -> _Stream:
     boot = d["boot"]
     if boot is not None and type(boot) is not int:
         raise ValueError(f"bad boot in tracker snapshot: {boot!r}")
-    return _Stream(
-        int(d["stream"]), boot, int(d["base"]), int(d["max"]), None if d["floor"] is None else int(d["floor"])
-    )
+    return _Stream(int(d["stream"]), boot, int(d["base"]), int(d["max"]))
 
 
 class SensorTracker:
     """Sequence accounts for one sensor, across its streams (one per boot/restart).
 
     Counters (cumulative over the sensor's streams): `datagrams` (accepted,
-    i.e. every event but Duplicate), `lost` (seqs currently missing; a
-    forgotten or ended stream's gaps stay lost), `duplicates`, `reordered`
-    (Late and Reordered events), `restarts`.  `stream` is 0 for the first
-    stream, +1 per restart.
+    i.e. every event but Duplicate), `lost` (seqs currently missing; a gap
+    that left the window or an ended stream's gaps stay lost), `duplicates`,
+    `reordered` (Late and Reordered events), `restarts`.  `stream` is 0 for
+    the first stream, +1 per restart.
     """
 
     __slots__ = (
@@ -246,8 +285,9 @@ class SensorTracker:
         # instead of reading as two more restarts.
         self._prev: _Stream | None = None
         self._bad_seq: int | None = None  # RFC 3550 bad_seq: Stray seq + 1, awaiting confirmation
+        # Gap rows changed since the last pop (emptied at each flush).
         self._changes: dict[tuple[int, int], GapRecord | None] = {}
-        self._fresh: set[tuple[int, int]] = set()  # keys inserted since the last pop
+        self._fresh: set[tuple[int, int]] = set()  # keys not written yet
 
     @property
     def position(self) -> int:
@@ -277,17 +317,13 @@ class SensorTracker:
         if delta < MAX_DROPOUT:
             first = s.max + 1
             s.max += delta
-            self._new_gap(s, first, s.max - 1, now, at_end=True)
+            self._new_gap(s, first, s.max - 1, now)
             self.datagrams += 1
             return Gap(first & _MASK, (s.max - 1) & _MASK)
         if delta >= _MOD - MAX_MISORDER:
             return self._behind(s, seq, s.max - (_MOD - delta), now)
-        # RFC 3550 A.1 "very large jump", forwards or backwards.
-        if delta > _HALF:
-            ext = s.max - (_MOD - delta)
-            i = s.find(ext)
-            if i >= 0:  # a remembered gap beats the jump logic: it is a late datagram
-                return self._late(s, i, ext, seq)
+        # RFC 3550 A.1 "very large jump", forwards or backwards (a seq older
+        # than the window: its gap, if it had one, is final).
         if seq == self._bad_seq:
             # Two sequential datagrams: the sensor restarted without telling
             # us (RFC 3550 resync).  The new stream began with the Stray.
@@ -304,40 +340,43 @@ class SensorTracker:
 
     def _behind(self, s: _Stream, seq: int, ext: int, now: float) -> Event:
         """A seq within WINDOW behind the stream's highest: duplicate, late, or below the base."""
+        s.sync()
         if ext >= s.base:
-            i = s.find(ext)
-            if i < 0:
+            if not s.missing(ext):
                 self.duplicates += 1
                 return _DUPLICATE
-            return self._late(s, i, ext, seq)
+            return self._late(s, ext, seq)
         # The stream's first datagram was itself reordered: extend the base
         # downwards; the seqs between were never received, so they are lost.
         if ext < s.base - 1:
-            self._new_gap(s, ext + 1, s.base - 1, now, at_end=False)
+            self._new_gap(s, ext + 1, s.base - 1, now)
         s.base = ext
         self.reordered += 1
         self.datagrams += 1
         return Reordered(seq)
 
-    def _late(self, s: _Stream, i: int, ext: int, seq: int) -> Late:
-        a, b, t = s.starts[i], s.ends[i], s.times[i]
+    def _late(self, s: _Stream, ext: int, seq: int) -> Late:
+        a, b = s.run(ext)
+        s.miss ^= 1 << (ext - s.lo)
+        key = (s.stream, a & _MASK)
+        # The row this run is: a piece keeps its detection time, known for
+        # a row not written yet, else copied from the stored row (origin).
+        t: float | None = None
+        origin: int | None = key[1]
+        rec = self._changes.get(key, _ABSENT)
+        if rec is not _ABSENT:
+            assert isinstance(rec, GapRecord)  # a run that exists has no delete pending
+            t, origin = rec.detected_at, rec.origin
         if a == b:
-            del s.starts[i], s.ends[i], s.times[i]
-            self._delete(s, a)
+            self._delete(key)
         elif ext == a:  # shrink at the front: the key moves
-            s.starts[i] = a + 1
-            self._delete(s, a)
-            self._put(s, a + 1, b, t, fresh=True)
+            self._delete(key)
+            self._put(s, a + 1, b, t, origin, fresh=True)
         elif ext == b:  # shrink at the back: same key
-            s.ends[i] = b - 1
-            self._put(s, a, b - 1, t, fresh=False)
+            self._put(s, a, b - 1, t, origin, fresh=False)
         else:  # split
-            s.ends[i] = ext - 1
-            s.starts.insert(i + 1, ext + 1)
-            s.ends.insert(i + 1, b)
-            s.times.insert(i + 1, t)
-            self._put(s, a, ext - 1, t, fresh=False)
-            self._put(s, ext + 1, b, t, fresh=True)
+            self._put(s, a, ext - 1, t, origin, fresh=False)
+            self._put(s, ext + 1, b, t, origin, fresh=True)
         self.lost -= 1
         self.reordered += 1
         self.datagrams += 1
@@ -370,59 +409,36 @@ class SensorTracker:
             self.duplicates += 1
             return _DUPLICATE
         if delta < MAX_DROPOUT:  # the old stream's tail: extends it
-            if delta > 1:
-                self._new_gap(p, p.max + 1, p.max + delta - 1, now, at_end=True)
+            first = p.max + 1
             p.max += delta
+            if delta > 1:
+                self._new_gap(p, first, p.max - 1, now)
             self.reordered += 1
             self.datagrams += 1
             return Reordered(seq)
         if delta >= _MOD - MAX_MISORDER:
             return self._behind(p, seq, p.max - (_MOD - delta), now)
-        if delta > _HALF:
-            ext = p.max - (_MOD - delta)
-            i = p.find(ext)
-            if i >= 0:
-                return self._late(p, i, ext, seq)
         # No restart logic for an ended stream: keep it, account nothing.
         self.datagrams += 1
         return Stray(seq)
 
-    def _new_gap(self, s: _Stream, a: int, b: int, now: float, *, at_end: bool) -> None:
+    def _new_gap(self, s: _Stream, a: int, b: int, now: float) -> None:
+        """Seqs a..b (extended; b below the highest, in the window) are newly missing."""
         self.lost += b - a + 1
-        if at_end:
-            s.starts.append(a)
-            s.ends.append(b)
-            s.times.append(now)
-            s.prune()
-        else:
-            s.starts.insert(0, a)
-            s.ends.insert(0, b)
-            s.times.insert(0, now)
-        self._put(s, a, b, now, fresh=True)
-        cur, p = self._cur, self._prev
-        old_prev = p.old_gaps() if p is not None else 0
-        excess = cur.old_gaps() + old_prev - MAX_OLD_GAPS
-        while excess > 0:
-            # Forget the oldest behind the windows: the previous stream's first, then the lowest.
-            if old_prev:
-                assert p is not None  # old_prev counts p's gaps
-                p.forget_first()
-                old_prev -= 1
-            else:
-                cur.forget_first()
-            excess -= 1
+        s.sync()
+        s.mark(a, b)
+        self._put(s, a, b, now, None, fresh=True)
 
     # -- gap change log (what the collector writes at each flush) --
 
-    def _put(self, s: _Stream, a: int, b: int, t: float, *, fresh: bool) -> None:
+    def _put(self, s: _Stream, a: int, b: int, t: float | None, origin: int | None, *, fresh: bool) -> None:
         key = (s.stream, a & _MASK)
         # Only a stream that saw a datagram has gaps, so its boot is set.
-        self._changes[key] = GapRecord(s.stream, cast("int | None", s.boot), key[1], b & _MASK, b - a + 1, t)
+        self._changes[key] = GapRecord(s.stream, cast("int | None", s.boot), key[1], b & _MASK, b - a + 1, t, origin)
         if fresh:
             self._fresh.add(key)
 
-    def _delete(self, s: _Stream, a: int) -> None:
-        key = (s.stream, a & _MASK)
+    def _delete(self, key: tuple[int, int]) -> None:
         if key in self._fresh:  # never written: nothing to delete
             self._fresh.discard(key)
             del self._changes[key]
@@ -432,19 +448,26 @@ class SensorTracker:
     def pop_gap_changes(self) -> dict[tuple[int, int], GapRecord | None]:
         """Net gap-row changes since the last call, keyed (stream, first_seq):
         a GapRecord to insert or replace, or None to delete that row.  A
-        forgotten gap is never deleted: its row stays as final."""
+        record with detected_at None keeps the detected_at of the row keyed
+        (stream, origin) as stored before these changes (see GapRecord).  A
+        gap that left the window is final: its row is never deleted."""
         changes = self._changes
         self._changes = {}
         self._fresh = set()
         return changes
 
     def open_gaps(self) -> list[GapRecord]:
-        """The remembered (still fillable) gaps, oldest stream first, by seq."""
+        """The gaps reaching into the windows (still fillable), oldest stream
+        first, by seq; detected_at is None where the tracker no longer knows it
+        (a row already written: the database holds it)."""
         out = []
         for s in (self._prev, self._cur):
-            if s is None:
+            if s is None or s.boot is _UNSET:
                 continue
-            for a, b, t in zip(s.starts, s.ends, s.times):
+            s.sync()
+            for a, b in s.runs():
+                rec = self._changes.get((s.stream, a & _MASK))
+                t = rec.detected_at if rec is not None else None
                 out.append(GapRecord(s.stream, cast("int | None", s.boot), a & _MASK, b & _MASK, b - a + 1, t))
         return out
 
@@ -453,10 +476,14 @@ class SensorTracker:
     def snapshot(self) -> dict:
         """JSON-serialisable state without the gaps (they live in the gaps
         table).  Take it right after pop_gap_changes, and store both together."""
-        for s in (self._prev, self._cur):
+        cur, prev = self._cur, self._prev
+        if prev is not None and cur.max - cur.base >= WINDOW:
+            # The previous boot takes no more stragglers (see _other_boot):
+            # its gaps are final, so it need not be kept.
+            self._prev = prev = None
+        for s in (prev, cur):
             if s is not None:
-                s.prune()
-        cur = self._cur
+                s.sync()
         return {
             "v": SNAPSHOT_VERSION,
             "datagrams": self.datagrams,
@@ -467,15 +494,16 @@ class SensorTracker:
             "stream": self.stream,
             "bad_seq": self._bad_seq,
             "cur": None if cur.boot is _UNSET else cur.to_dict(),
-            "prev": None if self._prev is None else self._prev.to_dict(),
+            "prev": None if prev is None else prev.to_dict(),
         }
 
     @classmethod
     def restore(cls, snapshot: dict, gaps: Iterable[GapRecord]) -> SensorTracker:
         """A tracker that behaves exactly like the one `snapshot` was taken
-        from, given the sensor's gap rows as of that moment.  Rows of older
-        streams and forgotten rows are recognised and left alone."""
-        if snapshot.get("v") != SNAPSHOT_VERSION:
+        from, given the sensor's gap rows as of that moment (any iterable:
+        only the rows reaching into a window are kept).  Rows of older
+        streams and final rows are recognised and left alone."""
+        if snapshot.get("v") not in (1, SNAPSHOT_VERSION):
             raise ValueError(f"tracker snapshot version {snapshot.get('v')!r} is not {SNAPSHOT_VERSION}")
         t = cls()
         t.datagrams = int(snapshot["datagrams"])
@@ -491,25 +519,19 @@ class SensorTracker:
         if snapshot["prev"] is not None:
             t._prev = _stream_from_dict(snapshot["prev"])
         streams = {s.stream: s for s in (t._prev, t._cur) if s is not None and s.boot is not _UNSET}
-        found: dict[int, list[tuple[int, int, float]]] = {k: [] for k in streams}
         for g in gaps:
             s = streams.get(g.stream)
             if s is None:
                 continue  # an older stream's gap: final
-            # Remembered gaps lie within 2**31 below the highest (prune()),
-            # so the uint32 seq maps back to one extended seq.
-            a = s.max - ((s.max - g.first_seq) & _MASK)
-            b = a + ((g.last_seq - g.first_seq) & _MASK)
-            if (s.floor is not None and a < s.floor) or a <= s.base or b >= s.max:
-                continue  # forgotten: stays lost, not fillable
-            found[g.stream].append((a, b, float(g.detected_at)))
-        for k, rows in found.items():
-            s = streams[k]
-            rows.sort()
-            for a, b, when in rows:
-                if s.ends and a <= s.ends[-1]:
-                    raise ValueError(f"overlapping gap rows for stream {k}")
-                s.starts.append(a)
-                s.ends.append(b)
-                s.times.append(when)
+            # A row reaching into the window lies within 2**31 below the
+            # highest, so its uint32 seqs map back to one extended seq.
+            b = s.max - ((s.max - g.last_seq) & _MASK)
+            a = b - ((g.last_seq - g.first_seq) & _MASK)
+            if b < s.lo or a <= s.base or b >= s.max:
+                continue  # behind the window (final), or not a gap of this stream's range
+            lo = max(a, s.lo)
+            span = ((1 << (b - lo + 1)) - 1) << (lo - s.lo)
+            if s.miss & span:
+                raise ValueError(f"overlapping gap rows for stream {g.stream}")
+            s.mark(a, b)
         return t

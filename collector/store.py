@@ -23,6 +23,7 @@ import logging
 import os
 import sqlite3
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import dbfile, ingestlog, schema, tuning
@@ -47,6 +48,14 @@ ON CONFLICT (sensor) DO UPDATE SET
 UPSERT_GAP = """
 INSERT OR REPLACE INTO gaps (sensor, stream, boot, first_seq, last_seq, missing, detected_at)
 VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+# A piece of a stored gap row (a late datagram shrank or split it) keeps that
+# row's detected_at: the tracker does not hold it (collector/sequence.py,
+# GapRecord.origin).  Run before the deletes, which may remove the origin; a
+# missing origin (never expected) falls back to the flush time.
+UPSERT_GAP_PIECE = """
+INSERT OR REPLACE INTO gaps (sensor, stream, boot, first_seq, last_seq, missing, detected_at)
+VALUES (?, ?, ?, ?, ?, ?, coalesce((SELECT detected_at FROM gaps WHERE sensor = ? AND stream = ? AND first_seq = ?), ?))
 """
 DELETE_GAP = "DELETE FROM gaps WHERE sensor = ? AND stream = ? AND first_seq = ?"
 UPSERT_COUNTER = "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)"
@@ -108,6 +117,25 @@ def insert_chunk(conn: sqlite3.Connection, row: ChunkRow, log_id: int, series: d
     for width, rows in rollups.items():
         conn.executemany(UPSERT_ROLLUP.format(table=ROLLUP_TABLES[width]), rows)
     return chunk_id
+
+
+def write_gaps(conn: sqlite3.Connection, gaps: dict[tuple[str, int, int], GapRecord | None], now: float) -> None:
+    """Apply gap changes keyed (sensor, stream, first_seq): pieces of stored
+    rows first (they read their origin's detected_at), then deletes, then the
+    rest (collector/sequence.py, pop_gap_changes)."""
+    upserts, pieces, deletes = [], [], []
+    for (sensor, stream, first_seq), r in gaps.items():
+        if r is None:
+            deletes.append((sensor, stream, first_seq))
+            continue
+        boot = schema.NO_BOOT if r.boot is None else r.boot
+        if r.detected_at is None:
+            pieces.append((sensor, stream, boot, first_seq, r.last_seq, r.missing, sensor, stream, r.origin, now))
+        else:
+            upserts.append((sensor, stream, boot, first_seq, r.last_seq, r.missing, r.detected_at))
+    conn.executemany(UPSERT_GAP_PIECE, pieces)
+    conn.executemany(DELETE_GAP, deletes)
+    conn.executemany(UPSERT_GAP, upserts)
 
 
 def _restore_window(sensor: str, text: str, tracker: SensorTracker) -> ReplayWindow:
@@ -263,12 +291,15 @@ class Store:
         for series_id, sensor, metric in conn.execute("SELECT id, sensor, metric FROM series"):
             self.series[sensor][metric] = series_id
             top = max(top, series_id)
-        gaps: dict[str, list[GapRecord]] = defaultdict(list)
-        for sensor, stream, boot, first, last, missing, detected in conn.execute(
-            "SELECT sensor, stream, boot, first_seq, last_seq, missing, detected_at FROM gaps"
-        ):
-            boot = None if boot == schema.NO_BOOT else boot
-            gaps[sensor].append(GapRecord(stream, boot, first, last, missing, detected))
+
+        def gaps(sensor: str) -> Iterator[GapRecord]:
+            # Streamed: the gaps table keeps every gap ever (final ones too),
+            # and the tracker keeps only the rows reaching into its window.
+            for stream, boot, first, last, missing, detected in conn.execute(
+                "SELECT stream, boot, first_seq, last_seq, missing, detected_at FROM gaps WHERE sensor = ?", (sensor,)
+            ):
+                yield GapRecord(stream, None if boot == schema.NO_BOOT else boot, first, last, missing, detected)
+
         sensors: dict[str, SensorState] = {}
         for sensor, first_seen, last_seen, readings, tracker, replay in conn.execute(
             "SELECT sensor, first_seen, last_seen, readings, tracker, replay FROM sensors"
@@ -276,7 +307,7 @@ class Store:
             restored = SensorTracker()
             if tracker:
                 try:
-                    restored = SensorTracker.restore(json.loads(tracker), gaps.get(sensor, ()))
+                    restored = SensorTracker.restore(json.loads(tracker), gaps(sensor))
                 except (ValueError, TypeError, KeyError) as exc:
                     # Counting on from zero beats refusing to start; say so once.
                     log.warning(
@@ -440,15 +471,7 @@ class Store:
             for write in self.sensor_writers:  # more per-sensor columns (collector/healthstore.py)
                 write(conn, batch.dirty)
         if batch.gaps:
-            upserts, deletes = [], []
-            for (sensor, stream, first_seq), r in batch.gaps.items():
-                if r is None:
-                    deletes.append((sensor, stream, first_seq))
-                else:
-                    boot = schema.NO_BOOT if r.boot is None else r.boot
-                    upserts.append((sensor, stream, boot, first_seq, r.last_seq, r.missing, r.detected_at))
-            conn.executemany(DELETE_GAP, deletes)
-            conn.executemany(UPSERT_GAP, upserts)
+            write_gaps(conn, batch.gaps, now)
         closed = self._close_heads(conn, groups, log_id or self.last_log_id, now)
         self._trim_log(conn)
         values = dict(batch.counters)

@@ -9,6 +9,7 @@ after a higher seq), with and without a snapshot/restore in the middle.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import assume, given, settings
@@ -17,8 +18,6 @@ from hypothesis import strategies as st
 from collector.sequence import (
     MAX_DROPOUT,
     MAX_MISORDER,
-    MAX_OLD_GAPS,
-    MAX_OPEN_GAPS,
     MIN_SEQUENTIAL,
     WINDOW,
     Duplicate,
@@ -56,16 +55,24 @@ def roundtrip(t: SensorTracker, db: dict) -> SensorTracker:
 
 
 def apply(db: dict, changes: dict) -> None:
+    """What collector/store.py does with a change log: a piece of a written row
+    copies that row's detected_at (origin), then deletes, then the rest."""
+    resolved = {}
     for key, rec in changes.items():
+        if rec is not None and rec.detected_at is None:
+            stored = db[(rec.stream, rec.origin)]  # a KeyError: an origin never written
+            rec = replace(rec, detected_at=stored.detected_at, origin=None)
+        resolved[key] = rec
+    for key, rec in resolved.items():
         if rec is None:
             del db[key]  # a KeyError here would mean a delete of a row never written
-        else:
+    for key, rec in resolved.items():
+        if rec is not None:
             db[key] = rec
 
 
 def test_constants_are_consistent():
     assert WINDOW >= 1024 and MAX_MISORDER == WINDOW and MIN_SEQUENTIAL == 2
-    assert MAX_OPEN_GAPS > WINDOW // 2  # gaps inside the window are never forgotten
     assert WINDOW < MAX_DROPOUT < 2**31
 
 
@@ -131,12 +138,18 @@ def test_duplicate_of_a_very_old_seq_is_kept_as_a_stray_not_dropped():
     assert t.stream == 0
 
 
-def test_a_very_old_seq_inside_a_remembered_gap_is_late():
+def test_a_seq_older_than_the_window_is_a_stray_even_in_a_gap():
+    # A gap that left the window is final: it stays lost, its row stays, and
+    # the tracker no longer remembers it (memory per sensor is the window's).
     t = SensorTracker()
     feed(t, None, [0, 2])  # gap 1..1
-    feed(t, None, range(3, 3 + 3 * WINDOW))
-    assert t.observe(None, 1, NOW) == Late(1)
-    assert t.lost == 0 and t.reordered == 1 and t.open_gaps() == []
+    feed(t, None, range(3, 2 + WINDOW))
+    assert t.open_gaps() == [GapRecord(0, None, 1, 1, 1, NOW)]  # still in the window
+    assert t.observe(None, 2 + WINDOW, NOW) == InOrder()
+    assert t.open_gaps() == []  # 1 is now WINDOW + 1 behind the highest
+    assert t.observe(None, 1, NOW) == Stray(1)
+    assert t.lost == 1 and t.reordered == 0
+    assert t.pop_gap_changes() == {(0, 1): GapRecord(0, None, 1, 1, 1, NOW)}  # written, never deleted
 
 
 # --- wraparound ----------------------------------------------------------------
@@ -268,61 +281,107 @@ def test_below_the_base_beyond_the_window_is_a_stray():
 
 def test_pop_gap_changes_exact_contents():
     t = SensorTracker()
+    db: dict = {}
     feed(t, 4, [0, 10], now=1.0)  # gap 1..9
     assert t.pop_gap_changes() == {(0, 1): GapRecord(0, 4, 1, 9, 9, 1.0)}
     assert t.pop_gap_changes() == {}
+    apply(db, {(0, 1): GapRecord(0, 4, 1, 9, 9, 1.0)})
+    # Pieces of a written row: the tracker no longer holds its detection time,
+    # so they name the row they come from (origin) and the writer copies it.
     t.observe(4, 1, 2.0)  # front: the key moves
-    assert t.pop_gap_changes() == {(0, 1): None, (0, 2): GapRecord(0, 4, 2, 9, 8, 1.0)}
+    changes = t.pop_gap_changes()
+    assert changes == {(0, 1): None, (0, 2): GapRecord(0, 4, 2, 9, 8, None, 1)}
+    apply(db, changes)
     t.observe(4, 9, 2.0)  # back: replaced in place
-    assert t.pop_gap_changes() == {(0, 2): GapRecord(0, 4, 2, 8, 7, 1.0)}
+    changes = t.pop_gap_changes()
+    assert changes == {(0, 2): GapRecord(0, 4, 2, 8, 7, None, 2)}
+    apply(db, changes)
     t.observe(4, 5, 2.0)  # split
-    assert t.pop_gap_changes() == {(0, 2): GapRecord(0, 4, 2, 4, 3, 1.0), (0, 6): GapRecord(0, 4, 6, 8, 3, 1.0)}
+    changes = t.pop_gap_changes()
+    assert changes == {(0, 2): GapRecord(0, 4, 2, 4, 3, None, 2), (0, 6): GapRecord(0, 4, 6, 8, 3, None, 2)}
+    apply(db, changes)
     # Created and filled between two pops: never written, so nothing to delete.
     feed(t, 4, [13, 11, 12], now=3.0)
     assert t.pop_gap_changes() == {}
-    # A key that moves twice between pops nets out to one delete and one insert.
+    # A key that moves twice between pops nets out to one delete and one insert,
+    # still naming the row that was written.
     feed(t, 4, [6, 7], now=3.0)
-    assert t.pop_gap_changes() == {(0, 6): None, (0, 8): GapRecord(0, 4, 8, 8, 1, 1.0)}
+    changes = t.pop_gap_changes()
+    assert changes == {(0, 6): None, (0, 8): GapRecord(0, 4, 8, 8, 1, None, 6)}
+    apply(db, changes)
+    assert db == {(0, 2): GapRecord(0, 4, 2, 4, 3, 1.0), (0, 8): GapRecord(0, 4, 8, 8, 1, 1.0)}
+    # A fresh gap shrunk before it was written carries its own time.
+    feed(t, 4, [20, 15], now=4.0)
+    assert t.pop_gap_changes() == {(0, 14): GapRecord(0, 4, 14, 14, 1, 4.0), (0, 16): GapRecord(0, 4, 16, 19, 4, 4.0)}
     t.observe(5, 0, 4.0)  # restart: no change to the old rows
     assert t.pop_gap_changes() == {}
     t.observe(5, 3, 5.0)
     assert t.pop_gap_changes() == {(1, 1): GapRecord(1, 5, 1, 2, 2, 5.0)}
 
 
-def test_gaps_behind_the_window_are_bounded_forgotten_oldest_first_and_stay_lost():
-    # Every odd seq missing: each gap is one seq.  Every gap reaching into the
-    # window is remembered; of those wholly behind it only MAX_OLD_GAPS.
+def test_gaps_behind_the_window_are_final_and_the_state_stays_the_window():
+    # Every odd seq missing: each gap is one seq.  Only the gaps reaching into
+    # the window are remembered; the others stay lost, with their rows.
     t = SensorTracker()
     db: dict = {}
-    extra = 10
-    top = 2 * (WINDOW + MAX_OLD_GAPS + extra)
+    top = 6 * WINDOW
     seqs = range(0, top + 1, 2)
     feed(t, None, seqs[:2])
     apply(db, t.pop_gap_changes())
     assert list(db) == [(0, 1)]
     feed(t, None, seqs[2:])
-    in_window = [g for g in range(1, top, 2) if g >= top - WINDOW]
+    in_window = list(range(top - WINDOW + 1, top, 2))
     assert len(in_window) == WINDOW // 2
-    remembered = [g.first_seq for g in t.open_gaps()]
-    assert remembered[-len(in_window) :] == in_window
-    oldest = in_window[0] - 2 * MAX_OLD_GAPS
-    assert remembered[: -len(in_window)] == list(range(oldest, in_window[0], 2))
-    assert len(remembered) == WINDOW // 2 + MAX_OLD_GAPS <= MAX_OPEN_GAPS
+    assert [g.first_seq for g in t.open_gaps()] == in_window
     assert t.lost == top // 2
     changes = t.pop_gap_changes()
-    assert None not in changes.values()  # a forgotten gap's row is never deleted
+    assert None not in changes.values()  # a final gap's row is never deleted
     apply(db, changes)
     assert len(db) == top // 2
-    assert t.observe(None, oldest - 2, NOW) == Stray(oldest - 2)  # forgotten: no longer fillable
-    assert t.observe(None, oldest, NOW) == Late(oldest)  # the oldest remembered, far behind
-    assert t.observe(None, top - 1, NOW) == Late(top - 1)  # in the window
+    assert t._cur.miss.bit_length() <= WINDOW  # the whole gap state: one window's bitmap
+    assert t.observe(None, top - WINDOW - 1, NOW) == Stray(top - WINDOW - 1)  # just behind: final
+    assert t.observe(None, top - WINDOW + 1, NOW) == Late(top - WINDOW + 1)  # the lowest in the window
+    assert t.observe(None, top - 1, NOW) == Late(top - 1)
     assert t.lost == top // 2 - 2
-    assert t.pop_gap_changes() == {(0, oldest): None, (0, top - 1): None}
-    # Restore recognises the forgotten rows and leaves them alone.
-    del db[(0, oldest)], db[(0, top - 1)]
+    changes = t.pop_gap_changes()
+    assert changes == {(0, top - WINDOW + 1): None, (0, top - 1): None}
+    apply(db, changes)
+    # Restore recognises the final rows and leaves them alone.
     t2 = roundtrip(t, db)
     assert t2.open_gaps() == t.open_gaps()
     assert t2.observe(None, 3, NOW) == Stray(3)
+    assert t2.observe(None, top - 3, NOW) == t.observe(None, top - 3, NOW) == Late(top - 3)
+
+
+def test_a_long_gap_reaching_into_the_window_keeps_its_row():
+    # The run began far below the window: fills inside the window shrink or
+    # split the row keyed by its first seq, which the window's edge remembers.
+    t = SensorTracker()
+    db: dict = {}
+    feed(t, 1, [0, 3 * WINDOW], now=1.0)  # gap 1 .. 3W-1
+    apply(db, t.pop_gap_changes())
+    assert db == {(0, 1): GapRecord(0, 1, 1, 3 * WINDOW - 1, 3 * WINDOW - 1, 1.0)}
+    t2 = roundtrip(t, db)
+    for tr in (t, t2):
+        assert tr.observe(1, 3 * WINDOW - 1, 2.0) == Late(3 * WINDOW - 1)  # back
+        assert tr.observe(1, 2 * WINDOW, 2.0) == Late(2 * WINDOW)  # the window's lowest: split
+        assert tr.observe(1, 2 * WINDOW - 1, 2.0) == Stray(2 * WINDOW - 1)  # behind the window
+        assert tr.lost == 3 * WINDOW - 3
+    assert (
+        t.pop_gap_changes()
+        == t2.pop_gap_changes()
+        == {
+            (0, 1): GapRecord(0, 1, 1, 2 * WINDOW - 1, 2 * WINDOW - 1, None, 1),
+            (0, 2 * WINDOW + 1): GapRecord(0, 1, 2 * WINDOW + 1, 3 * WINDOW - 2, WINDOW - 2, None, 1),
+        }
+    )
+    feed(t, 1, [3 * WINDOW + 10])
+    assert gaps(t) == [(0, 2 * WINDOW + 1, 3 * WINDOW - 2, WINDOW - 2), (0, 3 * WINDOW + 1, 3 * WINDOW + 9, 9)]
+    feed(t, 1, [3 * WINDOW + 11 + WINDOW // 2])
+    # The window slid by half: the remaining run is still keyed by its first seq.
+    assert gaps(t)[0] == (0, 2 * WINDOW + 1, 3 * WINDOW - 2, WINDOW - 2)
+    assert t.observe(1, 3 * WINDOW - 2, 3.0) == Late(3 * WINDOW - 2)
+    assert t.pop_gap_changes()[(0, 2 * WINDOW + 1)].last_seq == 3 * WINDOW - 3
 
 
 # --- snapshot / restore ---------------------------------------------------------
@@ -419,16 +478,15 @@ def faulty_stream(draw, max_len=150):
             delay = rnd.randint(1, depth) if rnd.random() < reorder else 0
             keyed.append((pos + delay, len(keyed), ext))
     arrivals = [e for _, _, e in sorted(keyed)]
-    # Stay in the documented exact regime: a duplicate or an arrival below
-    # the lowest so far must be within WINDOW of the highest at that time
-    # (farther ones are Strays by design).  Others are lost on the way.
-    kept, seen, hi, lo = [], set(), None, None
+    # Stay in the regime where every arrival is accounted: within WINDOW of
+    # the highest at that time (older ones are Strays by design, see
+    # test_window_semantics_against_a_reference_model).  Others are lost on the way.
+    kept, hi = [], None
     for e in arrivals:
-        if hi is not None and (e in seen or e < lo) and e < hi - WINDOW:
+        if hi is not None and e < hi - WINDOW:
             continue
         kept.append(e)
-        seen.add(e)
-        hi, lo = (e, e) if hi is None else (max(hi, e), min(lo, e))
+        hi = e if hi is None else max(hi, e)
     assume(kept)
     return kept
 
@@ -450,6 +508,8 @@ def truth(arrivals: list[int]) -> dict:
         "lost": received[-1] - received[0] + 1 - len(seen),
         "reordered": reordered,
         "gaps": [(a % M, b % M, b - a + 1) for a, b in runs],
+        # the gaps the tracker still remembers: those reaching into the window
+        "open": [(a % M, b % M, b - a + 1) for a, b in runs if b >= received[-1] - WINDOW],
     }
 
 
@@ -461,7 +521,7 @@ def check(t: SensorTracker, want: dict, db: dict, stream: int = 0) -> None:
         want["reordered"],
         0,
     )
-    assert [(g.first_seq, g.last_seq, g.missing) for g in t.open_gaps()] == want["gaps"]
+    assert [(g.first_seq, g.last_seq, g.missing) for g in t.open_gaps()] == want["open"]
     apply(db, t.pop_gap_changes())
     assert sorted((k[1], r.last_seq, r.missing) for k, r in db.items()) == sorted(want["gaps"])
     assert all(k == (r.stream, r.first_seq) for k, r in db.items())
@@ -526,7 +586,7 @@ def test_accounts_over_boot_restarts(streams):
         (i, a, b) for i, w in enumerate(wants) for a, b, _ in w["gaps"]
     )
     assert [(g.stream, g.first_seq) for g in t.open_gaps()] == [
-        (i, a) for i, w in enumerate(wants) if i >= len(wants) - 2 for a, _, _ in w["gaps"]
+        (i, a) for i, w in enumerate(wants) if i >= len(wants) - 2 for a, _, _ in w["open"]
     ]
 
 
@@ -577,8 +637,133 @@ def test_stragglers_across_a_boot_restart(old, new, late, where, boots):
         1,
     )
     assert [(g.stream, g.first_seq, g.last_seq, g.missing) for g in t.open_gaps()] == [
-        (i, a, b, n) for i, w in enumerate(wants) for a, b, n in w["gaps"]
+        (i, a, b, n) for i, w in enumerate(wants) for a, b, n in w["open"]
     ]
     assert sorted((k, r.last_seq, r.boot) for k, r in db.items()) == sorted(
         ((i, a), b, boots[i]) for i, w in enumerate(wants) for a, b, _ in w["gaps"]
     )
+
+
+# --- the window semantics against a reference model --------------------------------
+
+
+class WindowModel:
+    """The tracker's rules for one boot, written with sets instead of bitmaps.
+
+    Extended seqs; forward steps stay below MAX_DROPOUT.  Per stream, the
+    received seqs and [base, max]; an arrival within WINDOW behind the highest
+    is a duplicate, a late fill or below the base; an older one is a Stray
+    (RFC 3550 probation: its seq + 1 next confirms a restart).  Gap rows are
+    the runs of [base, max] not received, each seq stamped with the time it
+    was found missing.
+    """
+
+    def __init__(self) -> None:
+        self.streams: list[dict] = []
+        self.bad = None
+        self.duplicates = self.reordered = self.datagrams = 0
+
+    def observe(self, ext: int, now: float):
+        seq = ext % M
+        if not self.streams:
+            self.streams.append({"got": {ext}, "base": ext, "max": ext, "found": {}})
+            self.datagrams += 1
+            return First()
+        s = self.streams[-1]
+        if ext == s["max"] or (s["max"] - WINDOW <= ext < s["max"] and ext >= s["base"] and ext in s["got"]):
+            self.duplicates += 1
+            return Duplicate()
+        self.datagrams += 1
+        if ext > s["max"]:
+            for k in range(s["max"] + 1, ext):
+                s["found"][k] = now
+            first, s["max"] = s["max"] + 1, ext
+            s["got"].add(ext)
+            return InOrder() if ext == first else Gap(first % M, (ext - 1) % M)
+        if ext >= s["max"] - WINDOW:
+            self.reordered += 1
+            s["got"].add(ext)
+            if ext >= s["base"]:
+                return Late(seq)
+            for k in range(ext + 1, s["base"]):
+                s["found"][k] = now
+            s["base"] = ext
+            return Reordered(seq)
+        if seq == self.bad:
+            self.bad = None
+            self.streams.append({"got": {ext - 1, ext}, "base": ext - 1, "max": ext, "found": {}})
+            return Restart("seq_jump")
+        self.bad = (seq + 1) % M
+        return Stray(seq)
+
+    def lost(self) -> int:
+        return sum(s["max"] - s["base"] + 1 - len(s["got"]) for s in self.streams)
+
+    def rows(self, boot) -> dict:
+        out = {}
+        for i, s in enumerate(self.streams):
+            missing = sorted(set(range(s["base"], s["max"] + 1)) - s["got"])
+            runs: list[list[int]] = []
+            for k in missing:
+                if runs and runs[-1][1] == k - 1:
+                    runs[-1][1] = k
+                else:
+                    runs.append([k, k])
+            for a, b in runs:
+                when = {s["found"][k] for k in range(a, b + 1)}
+                assert len(when) == 1  # a run is part of one gap, found at one time
+                out[(i, a % M)] = GapRecord(i, boot, a % M, b % M, b - a + 1, when.pop())
+        return out
+
+
+@st.composite
+def window_arrivals(draw):
+    """A stream with losses and bursts where some datagrams arrive very late
+    (beyond the window, in pairs: a seq-jump restart) or are replayed later."""
+    start = draw(st.one_of(st.integers(0, M - 1), st.integers(M - 300, M - 1)))
+    n = draw(st.integers(1, 120))
+    bursts = draw(st.dictionaries(st.integers(1, n), st.integers(2, 2 * WINDOW + 10), max_size=4))
+    loss = draw(st.sampled_from([0.0, 0.1, 0.4]))
+    late = draw(st.sampled_from([0.0, 0.05, 0.2]))
+    rnd = draw(st.randoms(use_true_random=False))
+    keyed = []
+    ext = start
+    for pos in range(n):
+        ext += bursts.get(pos, 1) if pos else 0
+        if rnd.random() < loss:
+            continue
+        delay = rnd.randint(1, n) if pos and rnd.random() < late else 0
+        keyed.append((pos + delay, len(keyed), ext))
+        if rnd.random() < late / 2:  # a replay, any time later
+            keyed.append((pos + rnd.randint(0, n), len(keyed), ext))
+    assume(keyed)
+    return [e for _, _, e in sorted(keyed)]
+
+
+@PROPS
+@given(
+    arrivals=window_arrivals(),
+    cuts=st.lists(st.floats(0.0, 1.0), max_size=3),
+    boot=st.one_of(st.none(), st.integers(0, M - 1)),
+)
+def test_window_semantics_against_a_reference_model(arrivals, cuts, boot):
+    """Every event, counter and gap row (with its detection time) equals the
+    model's, with the tracker snapshotted and restored from its rows at any
+    points, as the collector does at each flush."""
+    model, t, db = WindowModel(), SensorTracker(), {}
+    cut_at = {int(c * len(arrivals)) for c in cuts}
+    for i, ext in enumerate(arrivals):
+        if i in cut_at:
+            t = roundtrip(t, db)
+        assert t.observe(boot, ext % M, float(i)) == model.observe(ext, float(i))
+    apply(db, t.pop_gap_changes())
+    assert (t.datagrams, t.duplicates, t.reordered, t.lost, t.restarts, t.stream) == (
+        model.datagrams,
+        model.duplicates,
+        model.reordered,
+        model.lost(),
+        len(model.streams) - 1,
+        len(model.streams) - 1,
+    )
+    assert db == model.rows(boot)
+    assert t._cur.miss.bit_length() <= WINDOW + 1  # the state is the window, whatever happened

@@ -103,6 +103,36 @@ def test_restart_rebuilds_trackers_so_no_gap_is_invented_and_duplicates_are_know
     again.close()
 
 
+def test_a_gap_row_split_after_it_was_written_keeps_its_detection_time(db_path):
+    # The tracker keeps only its window's bitmap, not the detection times of
+    # rows it wrote: a piece copies its row's time in SQL, across a collector
+    # restart and across a flush the database refused.
+    gaps = "SELECT first_seq, last_seq, missing, detected_at FROM gaps ORDER BY first_seq"
+    w = W(db_path)
+    for seq in (0, 10):
+        feed(w, "s1", 7, seq, 100.0)  # gap 1..9, found at 100
+    assert w.flush(101.0)
+    assert feed(w, "s1", 7, 1, 200.0) == Late(1)  # front: the row's key moves to 2
+    assert feed(w, "s1", 7, 5, 200.0) == Late(5)  # split: 2..4 and 6..9
+    assert w.flush(201.0)
+    assert rows(db_path, gaps) == [(2, 4, 3, 100.0), (6, 9, 4, 100.0)]
+    w.close()
+
+    again = W(db_path)  # the tracker is rebuilt from the rows
+    assert feed(again, "s1", 7, 9, 300.0) == Late(9)  # back: 6..8
+    assert feed(again, "s1", 7, 20, 300.0) == Gap(11, 19)  # a new gap, found at 300
+    again.conn.execute("PRAGMA query_only = 1")  # the database refuses the next flush
+    assert not again.flush(301.0)
+    assert feed(again, "s1", 7, 6, 302.0) == Late(6)  # piece of a written row (6..8 -> 7..8)
+    assert feed(again, "s1", 7, 11, 302.0) == Late(11)  # piece of a row never written (11..19 -> 12..19)
+    assert feed(again, "s1", 7, 2, 302.0) == Late(2)  # 2..4 -> 3..4
+    again.conn.execute("PRAGMA query_only = 0")
+    assert again.flush(400.0)
+    assert rows(db_path, gaps) == [(3, 4, 2, 100.0), (7, 8, 2, 100.0), (12, 19, 8, 300.0)]
+    assert rows(db_path, "SELECT lost, reordered FROM sensors") == [(12, 6)]
+    again.close()
+
+
 def test_database_full_keeps_a_bounded_backlog_counts_drops_and_recovers(db_path, caplog):
     w = W(db_path, max_backlog_rows=100)
     assert w.flush(0.0)

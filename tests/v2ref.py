@@ -23,9 +23,11 @@ import sqlite_utils
 
 from collector import schema, tuning
 from collector.errors import SetupError
+from collector.ingest import merge_gap_changes
 from collector.replay import ReplayWindow
 from collector.schema import NO_BOOT, REJECT_REASONS
 from collector.sequence import WINDOW, GapRecord, SensorTracker
+from collector.store import write_gaps
 from query import __version__
 from query.protocol import (
     DEFAULT_LIMIT,
@@ -349,8 +351,7 @@ class BatchWriter:
         mono = now if monotonic is None else monotonic
         for state in self.dirty:
             sensor = state.sensor
-            for (stream, first_seq), record in state.tracker.pop_gap_changes().items():
-                self._pending_gaps[(sensor, stream, first_seq)] = record
+            merge_gap_changes(self._pending_gaps, sensor, state.tracker.pop_gap_changes())
         rows = self.rows
         counters = self.counters
         conn = self.conn
@@ -363,15 +364,7 @@ class BatchWriter:
                 if self.dirty:
                     conn.executemany(UPSERT_SENSOR, [state.row() for state in self.dirty])
                 if self._pending_gaps:
-                    upserts, deletes = [], []
-                    for (sensor, stream, first_seq), r in self._pending_gaps.items():
-                        if r is None:
-                            deletes.append((sensor, stream, first_seq))
-                        else:
-                            boot = schema.NO_BOOT if r.boot is None else r.boot
-                            upserts.append((sensor, stream, boot, first_seq, r.last_seq, r.missing, r.detected_at))
-                    conn.executemany(DELETE_GAP, deletes)
-                    conn.executemany(UPSERT_GAP, upserts)
+                    write_gaps(conn, self._pending_gaps, now)
                 values = dict(counters)
                 values["stored_readings"] += stored
                 values["stored"] += self.pending_datagrams
