@@ -6,14 +6,23 @@ opens a gap), and reordered (5% of datagrams held back 1-3 places, so they
 arrive Late into a gap, plus 1% duplicated).  The streams are built before
 timing; the loop only calls observe.  Best of --repeat runs.
 
-    .venv/bin/python bench/tracker.py [--count 200000] [--repeat 5]
+The baseline of the same run: the same streams through the tracker of git
+revision --baseline-rev (default 0bfe8a9, the last one that kept gaps as
+sorted arrays, before the window bitmap of issue 13 item 9), loaded from git
+beside the current one; ratios are current / baseline.
+
+    .venv/bin/python bench/tracker.py [--count 200000] [--repeat 5] [--baseline-rev REV]
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import subprocess
+import sys
 import time
+import types
+from pathlib import Path
 
 from collector.sequence import SensorTracker
 
@@ -48,10 +57,29 @@ def reordered(n: int, rng: random.Random) -> list[int]:
     return out
 
 
-def ns_per_observe(seqs: list[int], repeat: int) -> tuple[float, SensorTracker]:
+def load_baseline(rev: str) -> type | None:
+    """SensorTracker as it was at git revision `rev`, or None (not a git checkout)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        src = subprocess.run(
+            ["git", "-C", str(root), "show", f"{rev}:collector/sequence.py"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"no baseline: cannot read collector/sequence.py at {rev} ({exc})", file=sys.stderr)
+        return None
+    mod = types.ModuleType(f"sequence_{rev}")
+    sys.modules[mod.__name__] = mod  # dataclasses look their module up
+    exec(compile(src, f"{rev}:collector/sequence.py", "exec"), mod.__dict__)
+    return mod.SensorTracker
+
+
+def ns_per_observe(seqs: list[int], repeat: int, cls: type = SensorTracker) -> tuple[float, SensorTracker]:
     best = float("inf")
     for _ in range(repeat):
-        t = SensorTracker()
+        t = cls()
         observe = t.observe
         t0 = time.perf_counter()
         for seq in seqs:
@@ -64,7 +92,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=200_000, help="seqs generated per stream")
     ap.add_argument("--repeat", type=int, default=5, help="runs per stream; the best is shown")
+    ap.add_argument("--baseline-rev", default="0bfe8a9", help="git revision of the baseline tracker")
     args = ap.parse_args()
+    baseline = load_baseline(args.baseline_rev)
     rng = random.Random(1)
 
     # Calibrate: the bare loop calling a trivial method, to read the figures against.
@@ -80,11 +110,22 @@ def main() -> None:
     print(f"{'empty method (loop + call)':30} {(time.perf_counter() - t0) / len(seqs) * 1e9:7.0f} ns")
     for name, make in (("in order", in_order), ("lossy 5%", lossy), ("reordered 5% + dup 1%", reordered)):
         seqs = make(args.count, rng)
-        ns, t = ns_per_observe(seqs, args.repeat)
-        print(
+        # Current and baseline alternate, so load on the machine hits both alike.
+        ns = base_ns = float("inf")
+        for _ in range(args.repeat):
+            run_ns, t = ns_per_observe(seqs, 1)
+            ns = min(ns, run_ns)
+            if baseline is not None:
+                run_ns, b = ns_per_observe(seqs, 1, baseline)
+                base_ns = min(base_ns, run_ns)
+                assert (b.lost, b.reordered, b.duplicates) == (t.lost, t.reordered, t.duplicates)
+        line = (
             f"{name:30} {ns:7.0f} ns/observe  ({len(seqs)} calls: lost={t.lost} "
             f"reordered={t.reordered} duplicates={t.duplicates} open gaps={len(t.open_gaps())})"
         )
+        if baseline is not None:
+            line += f"; {args.baseline_rev}: {base_ns:.0f} ns, ratio {ns / base_ns:.2f}"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ MIN_SEQUENTIAL = 2
 # window is final: it stays lost, its row in the database stays, and a
 # datagram for one of its seqs is a Stray (stored, not accounted).  So a
 # tracker holds at most two bitmaps of WINDOW bits (the current stream's and
-# the previous boot's), ~0.6 KB each whatever the loss pattern; the gap rows
+# the previous boot's; WINDOW + _SLACK bits), ~0.6 KB each whatever the loss pattern; the gap rows
 # live in the database (bench/tracker_memory.py measures the bytes per sensor).
 assert MAX_MISORDER <= WINDOW < _HALF and MAX_DROPOUT < _HALF
 
@@ -155,6 +155,10 @@ class _Unset:
 
 
 _UNSET = _Unset()
+# The bitmap slides by at least this many seqs at a time, so that a run of
+# in-order datagrams costs one shift per _SLACK seqs, not one per datagram.
+_SLACK = 512
+_NEAR = (1 << 129) - 1
 _ABSENT = object()  # no entry in the change log
 
 
@@ -182,10 +186,12 @@ class _Stream:
         self.edge = 0
 
     def sync(self) -> None:
-        """Slide the bitmap so that bit 0 is the window's lowest seq."""
+        """Slide the bitmap so that bit 0 is at most _SLACK seqs below the
+        window's lowest (bits below the window are exact but never read as
+        fillable: the callers check the window on max first)."""
         target = self.max - WINDOW
         shift = target - self.lo
-        if shift <= 0:
+        if shift <= _SLACK:
             return
         miss = self.miss
         self.lo = target
@@ -211,10 +217,25 @@ class _Stream:
         """The missing run (first, last) holding `ext` (missing, synced)."""
         i = ext - self.lo
         m = self.miss
-        x = m >> i
-        last = ext + (x ^ (x + 1)).bit_length() - 2  # x's trailing ones, minus one
-        received = ~m & ((1 << i) - 1)
-        return (self.lo + received.bit_length() if received else self.edge), last
+        # Most runs are short: look at the 129 bits around ext first (small
+        # ints), and at the whole bitmap only when the run leaves them.
+        k = i - 64 if i > 64 else 0
+        w = (m >> k) & _NEAR
+        j = i - k
+        x = w >> j
+        up = (x ^ (x + 1)).bit_length() - 1  # x's trailing ones: ext and the missing seqs above it
+        if up >= 129 - j:
+            x = m >> i
+            up = (x ^ (x + 1)).bit_length() - 1
+        received = ~w & ((1 << j) - 1)
+        if received:
+            first = self.lo + k + received.bit_length()
+        elif k == 0:
+            first = self.edge
+        else:
+            received = ~m & ((1 << i) - 1)
+            first = self.lo + received.bit_length() if received else self.edge
+        return first, ext + up - 1
 
     def mark(self, a: int, b: int) -> None:
         """Seqs a..b (b in the window, synced) are missing."""
@@ -226,7 +247,7 @@ class _Stream:
             self.miss |= ((1 << (b - a + 1)) - 1) << (a - lo)
 
     def runs(self) -> list[tuple[int, int]]:
-        """The missing runs reaching into the window (synced), lowest first."""
+        """The missing runs in the bitmap (synced), lowest first."""
         out = []
         m, lo = self.miss, self.lo
         while m:
@@ -287,7 +308,8 @@ class SensorTracker:
         self._bad_seq: int | None = None  # RFC 3550 bad_seq: Stray seq + 1, awaiting confirmation
         # Gap rows changed since the last pop (emptied at each flush).
         self._changes: dict[tuple[int, int], GapRecord | None] = {}
-        self._fresh: set[tuple[int, int]] = set()  # keys not written yet
+        # Keys not written yet; None for none (an empty set costs 216 bytes a sensor).
+        self._fresh: set[tuple[int, int]] | None = None
 
     @property
     def position(self) -> int:
@@ -436,11 +458,15 @@ class SensorTracker:
         # Only a stream that saw a datagram has gaps, so its boot is set.
         self._changes[key] = GapRecord(s.stream, cast("int | None", s.boot), key[1], b & _MASK, b - a + 1, t, origin)
         if fresh:
-            self._fresh.add(key)
+            if self._fresh is None:
+                self._fresh = {key}
+            else:
+                self._fresh.add(key)
 
     def _delete(self, key: tuple[int, int]) -> None:
-        if key in self._fresh:  # never written: nothing to delete
-            self._fresh.discard(key)
+        fresh = self._fresh
+        if fresh is not None and key in fresh:  # never written: nothing to delete
+            fresh.discard(key)
             del self._changes[key]
         else:
             self._changes[key] = None
@@ -453,7 +479,7 @@ class SensorTracker:
         gap that left the window is final: its row is never deleted."""
         changes = self._changes
         self._changes = {}
-        self._fresh = set()
+        self._fresh = None
         return changes
 
     def open_gaps(self) -> list[GapRecord]:
@@ -466,6 +492,8 @@ class SensorTracker:
                 continue
             s.sync()
             for a, b in s.runs():
+                if b < s.max - WINDOW:
+                    continue  # below the window: final
                 rec = self._changes.get((s.stream, a & _MASK))
                 t = rec.detected_at if rec is not None else None
                 out.append(GapRecord(s.stream, cast("int | None", s.boot), a & _MASK, b & _MASK, b - a + 1, t))
