@@ -42,7 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from collector.schema import open_writer  # noqa: E402
+from collector import wire  # noqa: E402
+from collector.store import open_ingest  # noqa: E402
 
 # bench/query.py's start_server (by path: the name would shadow the query package).
 _spec = importlib.util.spec_from_file_location("bench_query", REPO / "bench" / "query.py")
@@ -54,16 +55,17 @@ REQUEST = b'{"op":"readings","sensor":"heavy","metric":"v","limit":10000}\n'
 
 
 def build(path: str) -> None:
-    db = open_writer(path)
-    with db.conn:
-        db.conn.execute("BEGIN")
-        db.conn.execute("INSERT INTO series (id, sensor, metric) VALUES (1, 'heavy', 'v')")
-        db.conn.executemany(
-            "INSERT INTO readings (series, ts, boot, seq, value, received) VALUES (1, ?, 1, ?, ?, ?)",
-            [(1_764_000_000.0 + i * 0.37, i, 20 + (i % 997) / 7, 1_764_000_000.0 + i) for i in range(ROWS)],
-        )
-        db.conn.execute("COMMIT")
-    db.conn.close()
+    """One sensor, one metric, ROWS readings, written as the collector writes them (storage v3)."""
+    store, core = open_ingest(path)
+    try:
+        t0 = 1_764_000_000.0
+        for i in range(ROWS):
+            core.receive(wire.encode("heavy", i, {"v": 20 + (i % 997) / 7}, boot=1, ts=t0 + i * 0.37), t0 + i)
+            if i % 2000 == 1999:
+                assert store.flush(core, t0 + i)
+        assert store.flush(core, t0 + ROWS)
+    finally:
+        store.close()
 
 
 def status(pid: int) -> dict[str, int]:

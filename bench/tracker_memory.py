@@ -11,16 +11,18 @@ Three runs, each in a fresh process so the figures do not mix:
   WINDOW seqs with every other one missing, then a boot restart whose new
   stream is as long as the previous boot is kept for (WINDOW - 1 seqs), also
   every other one missing: the most gap state a tracker can hold.
-* collector (skipped with --no-collector): a real telemetry-collector fed by
-  sensor-sim over loopback UDP, --sensors sensors at --collector-rate Hz,
-  twice: --collector-seqs seqs each at --loss, and the baseline of the same
-  run, half as many seqs with no loss (the same datagrams stored); prints
-  both RSS (VmRSS and VmHWM from /proc) and the difference per sensor.
+* collector (skipped with --no-collector): the collector's ingest core and
+  store (collector/ingest.py, store.py: what telemetry-collector runs, minus
+  its sockets, so no kernel drop or pacing blurs the figure) on a fresh
+  database, --sensors sensors sending round robin, twice: --collector-seqs
+  seqs each at --loss, and the baseline of the same run, half as many seqs
+  with no loss (the same datagrams stored); prints both RSS (/proc VmRSS)
+  and the difference per sensor.
 
 Each tracker run also reports an empty tracker's bytes (the baseline of the
-same run).  Bounded: at most sensors x datagrams observe() calls per run; the
-collector runs send sensors x seqs datagrams at a paced rate (~2 min in all
-with the defaults, 40 s and 80 s of sending).
+same run).  Bounded: at most sensors x datagrams observe() calls per run, and
+sensors x seqs datagrams per collector run (~3 min in all with the defaults
+on a loaded 2-core machine).
 
     .venv/bin/python bench/tracker_memory.py [--sensors 20000] [--datagrams 400] [--loss 0.5]
 
@@ -35,9 +37,6 @@ import argparse
 import gc
 import json
 import random
-import re
-import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -121,84 +120,53 @@ def run(mode: str, sensors: int, datagrams: int, loss: float, seed: int) -> dict
 # --- the collector run ---------------------------------------------------------------
 
 
-def _counters(db: Path) -> dict:
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            return dict(conn.execute("SELECT name, value FROM counters"))
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return {}
+def collector_run(sensors: int, seqs: int, loss: float, seed: int, batch: int) -> dict:
+    """The collector's ingest core and store (collector/ingest.py, store.py: what
+    telemetry-collector runs, without its sockets) on a fresh database; RSS at the end."""
+    from collector import wire
+    from collector.store import open_ingest
 
-
-def _status_kib(pid: int, field: str) -> int:
-    m = re.search(rf"{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    return int(m.group(1)) if m else 0
-
-
-def collector_run(workdir: Path, sensors: int, seqs: int, loss: float, rate: float, seed: int) -> dict:
-    """One collector process, one sensor-sim run into it; its RSS once everything is stored."""
-    run_dir = Path(tempfile.mkdtemp(prefix=f"loss{loss}-", dir=workdir))
-    db, log = run_dir / "telemetry.db", run_dir / "collector.log"
-    cmd = [str(BIN / "telemetry-collector"), "--db", str(db), "--listen", "127.0.0.1:0"]
-    cmd += ["--status-interval", "3600", "--flush-interval", "1"]
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logf)
-    try:
-        port = None
-        deadline = time.monotonic() + 20
-        while port is None and time.monotonic() < deadline and proc.poll() is None:
-            m = re.search(r"listening udp 127\.0\.0\.1:(\d+)", log.read_text())
-            port = int(m.group(1)) if m else None
-            time.sleep(0.05)
-        if port is None:
-            raise SystemExit(f"collector did not start: {log.read_text()}")
-        rss_start = _status_kib(proc.pid, "VmRSS")
-        report = run_dir / "truth.json"
-        sim = [str(BIN / "sensor-sim"), "--target", f"127.0.0.1:{port}", "--sensors", str(sensors)]
-        sim += ["--rate", str(rate), "--count", str(seqs), "--seed", str(seed), "--report", str(report)]
-        if loss:
-            sim += ["--loss", str(loss)]
-        t0 = time.monotonic()
-        subprocess.run(sim, check=True, stdout=subprocess.DEVNULL, timeout=seqs / rate * 3 + 60)
-        send_s = time.monotonic() - t0
-        truth = json.loads(report.read_text())
-        sent = int(truth.get("datagrams_sent", 0))
-        # Wait until everything received is stored (bounded).
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            c = _counters(db)
-            if c.get("received", 0) >= sent or (c and c.get("stored", 0) + c.get("kernel_drops", 0) >= sent):
-                time.sleep(1.5)  # the flush after the last datagram
-                break
-            time.sleep(0.5)
-        rss, hwm = _status_kib(proc.pid, "VmRSS"), _status_kib(proc.pid, "VmHWM")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    c = _counters(db)
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    lost = conn.execute("SELECT sum(lost) FROM sensors").fetchone()[0] or 0
-    gap_rows = conn.execute("SELECT count(*) FROM gaps").fetchone()[0]
-    conn.close()
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(prefix="tracker-memory-") as tmp:
+        store, core = open_ingest(str(Path(tmp) / "telemetry.db"))
+        rss0 = _rss_kib()
+        t0 = time.perf_counter()
+        received = 0
+        now = 1_764_000_000.0
+        names = [f"sim-{i:05d}" for i in range(sensors)]
+        for seq in range(seqs):  # round robin over the sensors, as datagrams arrive
+            now += 1.0
+            for name in names:
+                if seq and rng.random() < loss:
+                    continue
+                core.receive(wire.encode(name, seq, {"temp": 20.5, "hum": 40.0, "bat": 3.7}, boot=1, ts=now), now)
+                received += 1
+                if core.pending_readings >= batch:
+                    assert store.flush(core, now)
+        assert store.flush(core, now + 1)
+        elapsed = time.perf_counter() - t0
+        gc.collect()
+        rss = _rss_kib()
+        lost = sum(state.tracker.lost for state in core.sensors.values())
+        store.close()
     return {
         "loss": loss,
         "seqs": seqs,
-        "sent": sent,
-        "send_s": round(send_s, 1),
-        "stored": int(c.get("stored", 0)),
-        "kernel_drops": int(c.get("kernel_drops", 0)),
+        "received": received,
         "lost": lost,
-        "gap_rows": gap_rows,
-        "rss_start_mib": round(rss_start / 1024, 1),
+        "seconds": round(elapsed, 1),
+        "rss_start_mib": round(rss0 / 1024, 1),
         "rss_mib": round(rss / 1024, 1),
-        "hwm_mib": round(hwm / 1024, 1),
     }
+
+
+def child(spec: str, loss: float, seed: int, batch: int) -> dict:
+    """Run one measurement in a fresh interpreter, so that figures do not mix."""
+    cmd = [sys.executable, __file__, "--child", spec, "--loss", str(loss), "--seed", str(seed)]
+    out = subprocess.run(cmd + ["--batch-size", str(batch)], capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        sys.exit(out.stderr)
+    return json.loads(out.stdout)
 
 
 def main() -> None:
@@ -207,35 +175,22 @@ def main() -> None:
     ap.add_argument("--datagrams", type=int, default=400, help="seqs per sensor in the fleet run")
     ap.add_argument("--loss", type=float, default=0.5)
     ap.add_argument("--worst-sensors", type=int, default=50)
-    ap.add_argument("--collector-seqs", type=int, default=80, help="seqs per sensor in the collector run")
-    ap.add_argument("--collector-rate", type=float, default=1.0, help="Hz per sensor in the collector run")
+    ap.add_argument("--collector-seqs", type=int, default=200, help="seqs per sensor in the collector run")
+    ap.add_argument("--batch-size", type=int, default=20_000, help="readings per flush in the collector run")
     ap.add_argument("--no-collector", action="store_true", help="skip the collector runs")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         mode, sensors, datagrams = args.child.split(":")
-        print(json.dumps(run(mode, int(sensors), int(datagrams), args.loss, args.seed)))
+        if mode == "collector":
+            r = collector_run(int(sensors), int(datagrams), args.loss, args.seed, args.batch_size)
+        else:
+            r = run(mode, int(sensors), int(datagrams), args.loss, args.seed)
+        print(json.dumps(r))
         return
     for mode, sensors, datagrams in (("fleet", args.sensors, args.datagrams), ("worst", args.worst_sensors, 0)):
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                f"{mode}:{sensors}:{datagrams}",
-                "--loss",
-                str(args.loss),
-                "--seed",
-                str(args.seed),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=3600,
-        )
-        if out.returncode != 0:
-            sys.exit(out.stderr)
-        r = json.loads(out.stdout)
+        r = child(f"{mode}:{sensors}:{datagrams}", args.loss, args.seed, args.batch_size)
         print(
             f"{r['mode']:5}  {r['sensors']} sensors x {r['datagrams']} seqs, loss {r['loss']:.0%}: "
             f"{r['bytes_per_sensor']:,} bytes per sensor (empty tracker {r['empty_tracker_bytes']} bytes), "
@@ -245,20 +200,22 @@ def main() -> None:
         )
     if args.no_collector:
         return
-    with tempfile.TemporaryDirectory(prefix="tracker-memory-") as tmp:
-        base = collector_run(Path(tmp), args.sensors, args.collector_seqs // 2, 0.0, args.collector_rate, args.seed)
-        lossy = collector_run(Path(tmp), args.sensors, args.collector_seqs, args.loss, args.collector_rate, args.seed)
-    for r in (base, lossy):
+    # The baseline: half the seqs, none lost, so the same datagrams are stored.
+    found = []
+    for seqs, loss in ((args.collector_seqs // 2, 0.0), (args.collector_seqs, args.loss)):
+        r = child(f"collector:{args.sensors}:{seqs}", loss, args.seed, args.batch_size)
+        found.append(r)
         print(
-            f"collector  {args.sensors} sensors x {r['seqs']} seqs, loss {r['loss']:.0%}: sent {r['sent']:,} "
-            f"in {r['send_s']} s, stored {r['stored']:,}, kernel drops {r['kernel_drops']}, lost {r['lost']:,} "
-            f"({r['gap_rows']:,} gap rows); RSS {r['rss_start_mib']} MiB at start, {r['rss_mib']} MiB at the end "
-            f"(peak {r['hwm_mib']} MiB)"
+            f"collector  {args.sensors} sensors x {r['seqs']} seqs, loss {r['loss']:.0%}: {r['received']:,} "
+            f"datagrams stored, lost {r['lost']:,}, in {r['seconds']} s; RSS {r['rss_start_mib']} MiB "
+            f"after start, {r['rss_mib']} MiB at the end",
+            flush=True,
         )
-    diff = (lossy["rss_mib"] - base["rss_mib"]) * 1024 * 1024 / args.sensors
+    base, lossy = found
+    diff = lossy["rss_mib"] - base["rss_mib"]
     print(
         f"collector  RSS at {args.loss:.0%} loss minus the no-loss baseline of the same run: "
-        f"{lossy['rss_mib'] - base['rss_mib']:+.1f} MiB, {diff:+,.0f} bytes per sensor"
+        f"{diff:+.1f} MiB, {diff * 1024 * 1024 / args.sensors:+,.0f} bytes per sensor"
     )
 
 

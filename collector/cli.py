@@ -330,6 +330,6 @@ def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int,
         collector.serve_forever()
     finally:
         collector.server_close()
-    if collector.unflushed_at_exit or collector.db_lost:
+    if collector.final_flush_failed or collector.db_lost:
         sys.exit(1)  # the ERROR line before says what is not stored
     logging.getLogger("collector").log(*collector.stop_message())

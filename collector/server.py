@@ -126,6 +126,7 @@ class Collector:
         self._serving = threading.Event()
         self._done = threading.Event()
         self.unflushed_at_exit = 0
+        self.final_flush_failed = False  # the last line then says what is not written, and the exit code is 1
         self._activity = False  # a datagram arrived since the last flush: counters changed
         self._now = 0.0  # the clock at the last drain
         self._sources: list[_Source] = []
@@ -422,11 +423,20 @@ class Collector:
             if time.monotonic() > deadline:
                 break
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-        self.unflushed_at_exit = self.core.pending_readings
+        core = self.core
+        self.unflushed_at_exit = core.pending_readings
+        self.final_flush_failed = True
+        sensors = len(core.dirty)
+        dropped = int(core.counters["storage_dropped"] - self._dropped_before)
         log.error(
-            "exiting with %d readings not written to %s (database refused the final flush)",
+            "exiting with %d readings of %d datagrams not written to %s (database refused the final flush)%s; "
+            "the sequence accounts of %d sensor%s since the last good flush are not written either",
             self.unflushed_at_exit,
+            len(core.pending),
             self.settings.db,
+            f", and {dropped} readings of this run were dropped before (storage_dropped)" if dropped else "",
+            sensors,
+            "" if sensors == 1 else "s",
         )
 
     # --- the file at --db (collector/dbfile.py) -------------------------------------------

@@ -18,10 +18,12 @@ and counted in `storage_dropped`), and is retried with backoff.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import sqlite3
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -136,6 +138,24 @@ def write_gaps(conn: sqlite3.Connection, gaps: dict[tuple[str, int, int], GapRec
     conn.executemany(UPSERT_GAP_PIECE, pieces)
     conn.executemany(DELETE_GAP, deletes)
     conn.executemany(UPSERT_GAP, upserts)
+
+
+def _write_hint(path: str) -> str:
+    """What to check when a flush is refused.  SQLite reports a filesystem
+    that went read-only under it (ext4 errors=remount-ro after an I/O error,
+    a failing SD card) as a plain "disk I/O error", so a file is tried beside
+    the database (made and removed at once; once per episode) to name it."""
+    try:
+        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))):
+            pass
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            return (
+                "its filesystem is read-only now: remounted after an error? see 'dmesg'; the readings "
+                "held here are lost if the collector stops before it is writable again"
+            )
+        return f"a new file beside it fails too: {exc.strerror}; check free space with 'df' and permissions"
+    return "check free space with 'df' and that the file is writable"
 
 
 def _restore_window(sensor: str, text: str, tracker: SensorTracker) -> ReplayWindow:
@@ -615,11 +635,11 @@ class Store:
             self.failing_since = now
             self._dropped_at_failure = core.counters["storage_dropped"]
             log.error(
-                "cannot write to %s: %s; keeping up to %d readings in memory and retrying "
-                "(check free space with 'df' and that the file is writable)",
+                "cannot write to %s: %s; keeping up to %d readings in memory and retrying (%s)",
                 self.path,
                 exc,
                 self.max_backlog_rows,
+                _write_hint(self.path),
             )
         self.retry_at = now + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, tuning.RETRY_MAX_S)

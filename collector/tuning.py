@@ -44,8 +44,8 @@ REJECT_LOG_INTERVAL_S = 10.0
 
 # Cardinality guards: anyone can send UDP, so sensor ids and metric names are
 # attacker-controlled.  These bound cardinality, not a small gateway's memory
-# (what one sensor can cost: docs/OPERATIONS.md, Tuning; a tracker's open gaps
-# are at most ~55 KB, sequence.MAX_OLD_GAPS, measured by bench/tracker_memory.py).
+# (what one sensor can cost: docs/OPERATIONS.md, Tuning; a tracker holds at
+# most two 4,608-bit window bitmaps, ~2 KB, measured by bench/tracker_memory.py).
 # Beyond them datagrams from new sensors (refused_sensors) and readings with new
 # metric names (refused_readings) are counted, not kept.
 MAX_SENSORS = 20_000
