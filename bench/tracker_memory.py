@@ -21,8 +21,8 @@ Three runs, each in a fresh process so the figures do not mix:
 
 Each tracker run also reports an empty tracker's bytes (the baseline of the
 same run).  Bounded: at most sensors x datagrams observe() calls per run, and
-sensors x seqs datagrams per collector run (~3 min in all with the defaults
-on a loaded 2-core machine).
+sensors x seqs datagrams per collector run (~2 min in all with the defaults
+on a quiet 2-core machine, 4 when it is loaded).
 
     .venv/bin/python bench/tracker_memory.py [--sensors 20000] [--datagrams 400] [--loss 0.5]
 
@@ -174,8 +174,8 @@ def main() -> None:
     ap.add_argument("--sensors", type=int, default=20_000)
     ap.add_argument("--datagrams", type=int, default=400, help="seqs per sensor in the fleet run")
     ap.add_argument("--loss", type=float, default=0.5)
-    ap.add_argument("--worst-sensors", type=int, default=50)
-    ap.add_argument("--collector-seqs", type=int, default=200, help="seqs per sensor in the collector run")
+    ap.add_argument("--worst-sensors", type=int, default=10)
+    ap.add_argument("--collector-seqs", type=int, default=40, help="seqs per sensor in the collector run")
     ap.add_argument("--batch-size", type=int, default=20_000, help="readings per flush in the collector run")
     ap.add_argument("--no-collector", action="store_true", help="skip the collector runs")
     ap.add_argument("--seed", type=int, default=1)
