@@ -23,9 +23,10 @@ import nkeys
 import pytest
 from natsauth import Operator, identity
 from natsserver import NatsServer, free_port
-from uplinkfleet import Gateway, StreamWatch, Uplinks, consume_args, kill_mid_publish, wait_central
+from uplinkfleet import Gateway, StreamWatch, Uplinks, consume_args, kill_mid_publish, wait_central, wait_central_equals
+from uplinkgw import log_readings
 
-from helpers import db_counters, db_query, wait_for
+from helpers import db_counters, db_query, run, wait_for
 
 FAULTS = ["--loss", "0.05", "--duplicate", "0.05", "--reorder", "0.1"]
 
@@ -35,8 +36,8 @@ def gateways(bin_path, tmp_path):
     """Make real gateways; every process of theirs is killed at the end of the test."""
     made: list[Gateway] = []
 
-    def make(name: str) -> Gateway:
-        gw = Gateway(bin_path, tmp_path, name)
+    def make(name: str, *collector_args: str) -> Gateway:
+        gw = Gateway(bin_path, tmp_path, name, *collector_args)
         made.append(gw)
         return gw
 
@@ -376,5 +377,39 @@ def test_broker_down_longer_than_the_duplicate_window_while_the_collector_ingest
         assert counters["uplink_replayed_readings"] > 0  # the re-sent round came after the window
         assert up.stop() == 0 and consume.stop() == 0
         assert "DATA LOST" not in up.text()
+    finally:
+        ns.stop()
+
+
+def test_the_disk_budget_drops_unsent_log_entries_loudly_and_exactly(tmp_path, gateways, consumer, bin_path):
+    """The broker is away and the collector's disk budget (1 MiB) forces it to drop ingest-log
+    entries the uplink has not sent (after the raw chunks: readings lost on the gateway too).
+    Both sides count it: the collector in `uplink_dropped` (readings), the uplink with an
+    ERROR line and `LOST` in its status.  Every reading the collector stored is either in the
+    central database, once, or counted as dropped; nothing else is missing."""
+    ns = NatsServer(tmp_path, port=free_port())
+    try:
+        gw = gateways("site-2", "--max-disk", "1M")
+        up = gw.start_uplink([ns.url])
+        wait_for(lambda: "connection refused" in up.text(), 15, 0.02, what="the uplink to find no broker")
+        gw.sim("--sensors", "20", "--count", "2000", "--rate", "max", "--metrics", "all", "--seed", "2")
+        gw.wait_ingested()
+        # raw chunks go first, then rollups, then log entries the uplink has not sent
+        wait_for(lambda: gw.collector.counters()["uplink_dropped"], 15, 0.05, what="the budget to reach the log")
+        assert gw.collector.stop() == 0  # the budget's work goes on while idle: a still file from here
+        counters = gw.collector.counters()
+        assert counters["uplink_dropped"] > 0 and counters["budget_dropped"] > 0, counters
+        unsent = log_readings(gw.db, "site-2:")  # what is left for the uplink to send
+        assert len(unsent) + counters["uplink_dropped"] == counters["stored_readings"]
+        ns.start()
+        central = str(tmp_path / "central.db")
+        consume = consumer(central, [ns.url])
+        wait_central_equals(central, unsent, gw.accounts())
+        wait_for(lambda: "DATA LOST to the central side" in up.text(), 10, 0.05, what="the uplink's DATA LOST line")
+        lost = [x for x in up.text().splitlines() if "DATA LOST" in x]
+        assert len(lost) == 1 and " ERROR " in lost[0], lost
+        shown = run([bin_path("telemetry-uplink"), "status", "--db", gw.db])
+        assert re.search(r"^LOST\s+\d+ ingest_log entries deleted before they were sent$", shown.stdout, re.M), shown
+        assert up.stop() == 0 and consume.stop() == 0
     finally:
         ns.stop()

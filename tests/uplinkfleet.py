@@ -81,7 +81,7 @@ def status(db: str) -> dict:
 class Gateway:
     """One site: a real collector on 127.0.0.1 (a port of its own) and, once started, its uplink."""
 
-    def __init__(self, bin_path, workdir: Path, name: str) -> None:
+    def __init__(self, bin_path, workdir: Path, name: str, *collector_args: str) -> None:
         self.bin_path = bin_path
         self.workdir = Path(workdir)
         self.name = name
@@ -90,7 +90,11 @@ class Gateway:
         self.sims = 0
         self.uplinks: list[Daemon] = []
         self.collector = CollectorProcess(
-            bin_path("telemetry-collector"), self.db, self.workdir / f"{name}-collector.log", env=clean_env()
+            bin_path("telemetry-collector"),
+            self.db,
+            self.workdir / f"{name}-collector.log",
+            *collector_args,
+            env=clean_env(),
         )
 
     @property
