@@ -268,10 +268,10 @@ class Head:
             col = self.metrics.get(name)
             if col is None:
                 col = self.metrics[name] = array("d", [NAN]) * n0
-            if None in values:
+            try:  # ints become floats as float(v) makes them; a None (absent) refuses
+                col.extend(array("d", values))
+            except TypeError:
                 col.extend([NAN if v is None else float(v) for v in values])
-            else:
-                col.extend(array("d", values))  # ints become floats as float(v) makes them
         for col in self.metrics.values():
             if len(col) < n0 + n:
                 col.extend(array("d", [NAN]) * (n0 + n - len(col)))

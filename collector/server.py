@@ -614,7 +614,10 @@ class Collector:
         if truncated:
             counters["truncated"] += truncated
         counters["received"] += len(datas) + (1 if flags & socket.MSG_TRUNC else 0)
-        self._process(datas, addresses, source, self.clock())
+        # Receive times are kept at 1 us (the clock's float carries ~0.2 us of
+        # noise at today's epoch): chunks of them are ~40 % smaller and cheaper
+        # to encode (collector/chunkenc.py, module doc).
+        self._process(datas, addresses, source, round(self.clock(), 6))
 
     def _process(self, datas: list[bytes], addresses: list | None, source: _Source, now: float) -> None:
         """Hand one burst to the ingest core (the hot path) and log what it reports."""
