@@ -9,7 +9,9 @@ same readings as line protocol, one point per datagram), and a bare Python
 recv loop (the sender's ceiling).  A step passes when every datagram sent
 was stored (the collector's counters, with no kernel drops; InfluxDB's
 count(*) queried back over HTTP; the bare loop's count); the rate doubles
-until a step fails, then bisects.  Every receiver gets the same socket
+until a step fails, then bisects, and the receivers take their steps in turn
+(so that load from elsewhere on a shared machine falls on each alike, not on
+whichever searched last).  Every receiver gets the same socket
 receive buffer.  Printed: zero-loss datagrams/s for each, the ratio
 collector / InfluxDB, and each receiver's peak RSS (VmHWM).  Every step is
 bounded in count and time.
@@ -489,22 +491,17 @@ def vm_hwm(pid: int) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def search(step, args, workdir, label: str) -> tuple[dict | None, list[dict]]:
-    """Double from --start until a step fails (or the sender's ceiling), then bisect."""
-    results = []
+def _searcher(args):
+    """The search as a generator: yields the next rate to offer, is sent that
+    step's result, returns (best, results).  Doubles from --start until a
+    step fails (or the sender's ceiling), then bisects."""
+    results: list[dict] = []
     best = None
     rate = args.start
     fail = None
     while rate <= args.max_rate:
-        r = step(rate, args, workdir)
+        r = yield rate
         results.append(r)
-        print(
-            f"  {label} {rate:>9,.0f}/s offered: sent {r['sent']:,} in {r['send_elapsed']:.2f}s, "
-            f"received {r['received']:,}"
-            + (f", stored {r['stored']:,}, kernel_drops {r['kernel_drops']}" if "stored" in r else "")
-            + ("  ok" if r["ok"] else "  LOSS"),
-            flush=True,
-        )
         achieved = r["sent"] / r["send_elapsed"]
         r["achieved"] = achieved
         if r["ok"]:
@@ -524,21 +521,55 @@ def search(step, args, workdir, label: str) -> tuple[dict | None, list[dict]]:
         lo, hi = best["rate"], fail
         for _ in range(args.bisect_steps):
             mid = (lo + hi) / 2
-            r = step(mid, args, workdir)
+            r = yield mid
             r["achieved"] = r["sent"] / r["send_elapsed"]
             results.append(r)
-            print(
-                f"  {label} {mid:>9,.0f}/s offered: sent {r['sent']:,} in {r['send_elapsed']:.2f}s, "
-                f"received {r['received']:,}"
-                + (f", kernel_drops {r['kernel_drops']}" if "stored" in r else "")
-                + ("  ok" if r["ok"] else "  LOSS"),
-                flush=True,
-            )
             if r["ok"]:
                 best, lo = r, mid
             else:
                 hi = mid
     return best, results
+
+
+def _print_step(label: str, rate: float, r: dict) -> None:
+    print(
+        f"  {label} {rate:>9,.0f}/s offered: sent {r['sent']:,} in {r['send_elapsed']:.2f}s, "
+        f"received {r['received']:,}"
+        + (f", stored {r['stored']:,}, kernel_drops {r['kernel_drops']}" if "stored" in r else "")
+        + ("  ok" if r["ok"] else "  LOSS"),
+        flush=True,
+    )
+
+
+def search(step, args, workdir, label: str) -> tuple[dict | None, list[dict]]:
+    """Double from --start until a step fails (or the sender's ceiling), then bisect."""
+    return search_together([(label, step)], args, workdir)[label]
+
+
+def search_together(steps, args, workdir) -> dict[str, tuple[dict | None, list[dict]]]:
+    """Each receiver's search, their steps taken in turn (A B, B A, A B, ...), so that
+    load from elsewhere on the machine falls on all of them alike: the ratio is
+    then fair on a shared machine where a whole search run after another was not."""
+    gens = {label: _searcher(args) for label, _ in steps}
+    rates: dict[str, float] = {}
+    done: dict[str, tuple[dict | None, list[dict]]] = {}
+    for label, gen in gens.items():
+        rates[label] = next(gen)
+    order = [label for label, _ in steps]
+    fns = dict(steps)
+    while len(done) < len(order):
+        for label in order:
+            if label in done:
+                continue
+            rate = rates[label]
+            r = fns[label](rate, args, workdir)
+            _print_step(label, rate, r)
+            try:
+                rates[label] = gens[label].send(r)
+            except StopIteration as stop:
+                done[label] = stop.value
+        order.reverse()
+    return done
 
 
 # --- insert comparison -----------------------------------------------------------------------
@@ -679,9 +710,13 @@ def main() -> None:
         for n in args.readings:
             args.n_readings = n
             best_of = {}
+            together = []
             for name, fn in receivers:
                 if name == "bare recv" and n != args.readings[0]:
                     best_of[name] = summary[0][1].get(name)  # the ceiling does not depend on the fields
+                    continue
+                if not args.fixed_rate:
+                    together.append((name, fn))
                     continue
                 print(f"{name}, {n} readings per datagram:", flush=True)
                 if args.fixed_rate:
@@ -693,8 +728,12 @@ def main() -> None:
                         flush=True,
                     )
                     best_of[name] = r if r["ok"] else dict(r, lossy=True)
-                else:
-                    best_of[name], _ = search(fn, args, workdir, name)
+            if together:
+                print(
+                    f"{', '.join(name for name, _ in together)}, {n} readings per datagram, steps in turn:", flush=True
+                )
+                for name, (best, _) in search_together(together, args, workdir).items():
+                    best_of[name] = best
             summary.append((n, best_of))
     print()
     for n, best_of in summary:
