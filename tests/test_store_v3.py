@@ -380,3 +380,37 @@ def test_heads_that_fill_together_close_over_several_flushes_within_the_budget(t
         assert in_chunks + total_in_heads == 12 * per_flush * sensors == core.counters["stored"]
     finally:
         store.close()
+
+
+def test_heads_close_with_the_fast_transform_choice_only_above_the_rate(tmp_path):
+    """Over FAST_CLOSE_RATE datagrams/s a chunk is encoded with chunkenc's fast=True,
+    under it with the full search: each stored blob is what that choice makes."""
+    from collector import chunkenc
+    from collector.store import FAST_CLOSE_RATE
+
+    rng = random.Random(3)
+    blobs = {}
+    for label, per_second in (("slow", FAST_CLOSE_RATE // 2), ("fast", FAST_CLOSE_RATE * 2)):
+        path = str(tmp_path / f"{label}.db")
+        store, core = open_ingest(path, store_options={"chunk_datagrams": 600})
+        try:
+            now = T0
+            core.receive(wire.encode("other", 0, {"v": 1.0}, boot=1, ts=now), now)
+            assert store.flush(core, now)  # the rate is known from the second flush on
+            for flush in range(3):
+                for i in range(per_second // 10):  # a tenth of a second's datagrams per flush
+                    value = round(rng.gauss(20, 3), 2)
+                    core.receive(wire.encode("s", flush * 10_000 + i, {"v": value}, boot=1, ts=now), now)
+                now += 0.1
+                assert store.flush(core, now)
+        finally:
+            store.close()
+        conn = sqlite3.connect(path)
+        blobs[label] = [row[0] for row in conn.execute("SELECT blob FROM chunks ORDER BY id")]
+        conn.close()
+        assert blobs[label]
+    for label, fast in (("slow", False), ("fast", True)):
+        for blob in blobs[label]:
+            columns = chunkenc.decode_chunk(blob)
+            assert chunkenc.encode_chunk(*columns, fast=fast) == blob
+            assert chunkenc.encode_chunk(*columns, fast=not fast) != blob  # the choice shows
