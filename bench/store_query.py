@@ -35,6 +35,9 @@ from query.protocol import parse_request  # noqa: E402
 T0 = 1_700_000_000.0
 METRICS = ("temp", "hum", "pressure", "battery", "count")
 LONG = "s07"
+# Open heads at the end: 1,000 s at 1 Hz, just under the 1,024 datagrams at
+# which the collector closes a head, so the heads are as large as they get.
+HEAD_SECONDS = 1000
 
 
 def value(metric: str, s: int, t: int) -> float:
@@ -48,7 +51,7 @@ def value(metric: str, s: int, t: int) -> float:
     }[metric]
 
 
-def build(path: str, sensors: int, days: int) -> None:
+def build(path: str, sensors: int, days: int, head_seconds: int = HEAD_SECONDS) -> None:
     store, core = open_ingest(path)
     # Intern the series through the core, then write closed chunks directly (fast).
     for s in range(sensors):
@@ -80,7 +83,7 @@ def build(path: str, sensors: int, days: int) -> None:
     conn.execute("COMMIT")
     # A few minutes in open heads, through the real flush path.
     now = T0 + seconds
-    for i in range(300):
+    for i in range(head_seconds):
         for s in range(sensors):
             core.receive(
                 wire.encode(
@@ -90,7 +93,7 @@ def build(path: str, sensors: int, days: int) -> None:
             )
         if i % 10 == 9:
             assert store.flush(core, now + i)
-    assert store.flush(core, now + 300)
+    assert store.flush(core, now + head_seconds)
     store.close()
 
 
@@ -109,64 +112,84 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * len(xs)))]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cases(days: int) -> dict[str, dict]:
+    """The timed requests (bench/query.py sends the same ones over TLS)."""
+    end = T0 + days * 86400
+    return {
+        "latest (one sensor)": {"op": "latest", "sensor": "s07"},
+        "latest (all 100 series)": {"op": "latest"},
+        "readings, 1,000-row page mid-range": {
+            "op": "readings",
+            "sensor": "s07",
+            "metric": "temp",
+            "since": end - 5 * 86400,
+            "limit": 1000,
+        },
+        "readings, 1,000-row page, newest (desc)": {
+            "op": "readings",
+            "sensor": "s07",
+            "metric": "temp",
+            "order": "desc",
+            "limit": 1000,
+        },
+        f"aggregate {days} d in 1 h buckets": {
+            "op": "aggregate",
+            "sensor": "s07",
+            "metric": "temp",
+            "bucket": 3600,
+            "since": T0 - T0 % 3600,
+        },
+        "aggregate 1 d in 5 min buckets (rollups)": {
+            "op": "aggregate",
+            "sensor": "s07",
+            "metric": "temp",
+            "bucket": 300,
+            "since": end - 86400 - end % 300,
+        },
+        "aggregate 1 h in 7 s buckets (raw)": {
+            "op": "aggregate",
+            "sensor": "s07",
+            "metric": "temp",
+            "bucket": 7,
+            "since": end - 3600,
+        },
+    }
+
+
+def prepare(path: str | None, tmp: str, sensors: int, days: int, head_seconds: int) -> str:
+    """The database: built in `tmp`, or at `path` (built once, then reused)."""
+    if path is not None and os.path.exists(path):
+        print(f"reusing {path} ({os.path.getsize(path) / 1e6:.1f} MB; delete it to rebuild)")
+        return path
+    path = path or os.path.join(tmp, "q.db")
+    t = time.monotonic()
+    build(path, sensors, days, head_seconds)
+    readings = len(METRICS) * (sensors * 86400 + sensors * head_seconds) + (days - 1) * 86400
+    print(
+        f"built {readings / 1e6:.1f} M readings ({sensors} sensors x {len(METRICS)} metrics x 1 Hz x "
+        f"1 d, s07 {days} d, {head_seconds} s in open heads) in {time.monotonic() - t:.0f} s: "
+        f"{os.path.getsize(path) / 1e6:.1f} MB"
+    )
+    return path
+
+
+def arguments(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--sensors", type=int, default=20)
-    ap.add_argument("--days", type=int, default=30)
-    ap.add_argument("--n", type=int, default=200)
-    args = ap.parse_args()
+    ap.add_argument("--days", type=int, default=30, help="days of history of sensor s07 (default 30)")
+    ap.add_argument("--head-seconds", type=int, default=HEAD_SECONDS, help="seconds of data in open heads")
+    ap.add_argument("--n", type=int, default=200, help="requests per case")
+    ap.add_argument("--db", help="build the database here once and reuse it (default: a temporary one)")
+    return ap
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0]).parse_args()
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "q.db")
-        t = time.monotonic()
-        build(path, args.sensors, args.days)
-        readings = len(METRICS) * (args.sensors * 86400 + args.sensors * 300) + (args.days - 1) * 86400
-        print(
-            f"built {readings / 1e6:.1f} M readings ({args.sensors} sensors x {len(METRICS)} metrics x 1 Hz x "
-            f"1 d, s07 {args.days} d) in {time.monotonic() - t:.0f} s: {os.path.getsize(path) / 1e6:.1f} MB"
-        )
+        path = prepare(args.db, d, args.sensors, args.days, args.head_seconds)
         ops = Ops(schema.open_reader(path))
-        end = T0 + args.days * 86400
-        cases = {
-            "latest (one sensor)": {"op": "latest", "sensor": "s07"},
-            "latest (all 100 series)": {"op": "latest"},
-            "readings, 1,000-row page mid-range": {
-                "op": "readings",
-                "sensor": "s07",
-                "metric": "temp",
-                "since": end - 5 * 86400,
-                "limit": 1000,
-            },
-            "readings, 1,000-row page, newest (desc)": {
-                "op": "readings",
-                "sensor": "s07",
-                "metric": "temp",
-                "order": "desc",
-                "limit": 1000,
-            },
-            f"aggregate {args.days} d in 1 h buckets": {
-                "op": "aggregate",
-                "sensor": "s07",
-                "metric": "temp",
-                "bucket": 3600,
-                "since": T0 - T0 % 3600,
-            },
-            "aggregate 1 d in 5 min buckets (rollups)": {
-                "op": "aggregate",
-                "sensor": "s07",
-                "metric": "temp",
-                "bucket": 300,
-                "since": end - 86400 - end % 300,
-            },
-            "aggregate 1 h in 7 s buckets (raw)": {
-                "op": "aggregate",
-                "sensor": "s07",
-                "metric": "temp",
-                "bucket": 7,
-                "since": end - 3600,
-            },
-        }
         try:
-            for name, params in cases.items():
+            for name, params in cases(args.days).items():
                 timed(ops, params, 3)  # warm the cache
                 xs = timed(ops, params, args.n)
                 print(

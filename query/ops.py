@@ -31,12 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from collector import ingestlog
 from collector.chunkstore import ChunkError, decode_chunk
 from collector.health import is_stale
 from collector.schema import NO_BOOT, REJECT_REASONS
 
 from . import __version__, tuning
+from .heads import HeadCache
 from .protocol import (
     DEFAULT_LIMIT,
     PROTOCOL_VERSION,
@@ -91,66 +91,6 @@ def _count(value: Any) -> int | None:
 
 def ping() -> dict[str, Any]:
     return {"version": __version__, "protocol": PROTOCOL_VERSION}
-
-
-class HeadCache:
-    """The open heads as a reader sees them: ingest_log groups after each (sensor, boot)'s last chunk.
-
-    Read incrementally: new chunks first (their log_id says up to which log
-    row a (sensor, boot) is closed), then new log rows.  Memory is what the
-    collector's heads hold.
-    """
-
-    def __init__(self) -> None:
-        self.last_chunk = 0
-        self.last_log = 0
-        self.closed: dict[tuple[str, int], int] = {}
-        self.groups: dict[tuple[str, int], list[tuple[int, ingestlog.Group]]] = {}
-        self.by_sensor: dict[str, set[int]] = {}
-
-    def refresh(self, conn: sqlite3.Connection) -> None:
-        if self.last_chunk == 0:
-            # First: each (sensor, boot)'s closure from the covering index, not the table of blobs.
-            sql = "SELECT max(id), sensor, boot, max(log_id) FROM chunks GROUP BY sensor, boot ORDER BY 1"
-            params: tuple = ()
-        else:
-            sql, params = "SELECT id, sensor, boot, log_id FROM chunks WHERE id > ? ORDER BY id", (self.last_chunk,)
-        for chunk_id, sensor, boot, log_id in conn.execute(sql, params):
-            self.last_chunk = max(self.last_chunk, chunk_id)
-            key = (sensor, boot)
-            if log_id > self.closed.get(key, 0):
-                self.closed[key] = log_id
-                entries = self.groups.get(key)
-                if entries:
-                    entries[:] = [e for e in entries if e[0] > log_id]
-        while True:
-            rows = conn.execute(
-                "SELECT id, body FROM ingest_log WHERE id > ? ORDER BY id LIMIT 200", (self.last_log,)
-            ).fetchall()
-            if not rows:
-                return
-            for log_id, body in rows:
-                self.last_log = log_id
-                for g in ingestlog.decode_body(body):
-                    boot = NO_BOOT if g.boot is None else g.boot
-                    key = (g.sensor, boot)
-                    if self.closed.get(key, 0) >= log_id:
-                        continue
-                    self.groups.setdefault(key, []).append((log_id, g))
-                    self.by_sensor.setdefault(g.sensor, set()).add(boot)
-
-    def rows(self, sensor: str, metric: str) -> list[tuple[float, int, int, float]]:
-        """(ts, boot, seq, value) of one series' open readings, in no particular order."""
-        out = []
-        for boot in self.by_sensor.get(sensor, ()):
-            for _, g in self.groups.get((sensor, boot), ()):
-                values = g.metrics.get(metric)
-                if values is None:
-                    continue
-                for ts, seq, v in zip(g.ts, g.seqs, values):
-                    if v is not None:
-                        out.append((ts, boot, seq, float(v)))
-        return out
 
 
 class Ops:
@@ -377,9 +317,9 @@ class Ops:
                 for row in self._chunk_rows(best_chunk, met):
                     if row[1:3] == best[1:3]:
                         best = row
-            for row in self.heads.rows(name, met):
-                if best is None or row[:3] > best[:3]:
-                    best = row
+            row = self.heads.latest(name, met)
+            if row is not None and (best is None or row[:3] > best[:3]):
+                best = row
             if best is not None:
                 out.append({"sensor": name, "metric": met, "ts": best[0], "value": best[3], "seq": best[2]})
                 if len(out) > self.limits.max_rows:
@@ -410,7 +350,7 @@ class Ops:
                 return r[:3] < after if desc else r[:3] > after
             return True
 
-        found = [r for r in self.heads.rows(sensor, metric) if keep(r)]
+        found = [r for r in self.heads.page(sensor, metric, lower, upper, after, desc, wanted) if keep(r)]
         lo = -FAR if lower is None else lower
         hi = FAR if upper is None else upper
         if desc:
@@ -521,13 +461,13 @@ class Ops:
         sid = self._series_id(sensor, metric)
         if sid is None:
             return []
-        head = self.heads.rows(sensor, metric)
+        span = self.heads.span(sensor, metric)  # (first, last) ts of its open readings
         # Bound the work before scanning: the buckets the range can touch,
         # with open ends closed by the series' first/last ts.
         lo, hi = since, until
         horizon = self._raw_horizon()
         if lo is None:
-            firsts = [r[0] for r in head] + [
+            firsts = ([] if span is None else [span[0]]) + [
                 v for (v,) in self._all("SELECT min(min_ts) FROM chunk_series WHERE series = ?", [sid]) if v is not None
             ]
             if horizon is not None:  # raw readings were deleted: the rollups reach further back
@@ -539,7 +479,7 @@ class Ops:
             lo = min(firsts, default=None)
         if hi is None and horizon is not None:
             hi = max(
-                [r[0] for r in head]
+                ([] if span is None else [span[1]])
                 + [
                     v
                     for (v,) in self._all(
@@ -553,7 +493,7 @@ class Ops:
             )
         if hi is None:
             hi = max(
-                [r[0] for r in head]
+                ([] if span is None else [span[1]])
                 + [
                     v
                     for (v,) in self._all("SELECT max(max_ts) FROM chunk_series WHERE series = ?", [sid])
@@ -597,7 +537,7 @@ class Ops:
                 v = r[3]
                 add(math.floor(ts / bucket), 1, v, v, v)
 
-        add_rows(head)
+        add_rows(self.heads.rows(sensor, metric, since, until))
         q_lo = -FAR if since is None else since
         q_hi = FAR if until is None else until
         for width, table, name in ROLLUPS:
