@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -97,13 +98,17 @@ def build(path: str, sensors: int, days: int, head_seconds: int = HEAD_SECONDS) 
     store.close()
 
 
-def timed(ops: Ops, params: dict, n: int) -> list[float]:
-    req = parse_request(json.dumps(params).encode())
+def timed(ops: Ops, params, n: int, rng: random.Random, cpu: list[float] | None = None) -> list[float]:
+    """Wall milliseconds of n requests; their CPU milliseconds (this thread's) into `cpu`."""
     out = []
     for _ in range(n):
+        req = parse_request(json.dumps(params(rng) if callable(params) else params).encode())
+        c = time.thread_time()
         t = time.perf_counter()
         ops.run(req)
         out.append((time.perf_counter() - t) * 1000)
+        if cpu is not None:
+            cpu.append((time.thread_time() - c) * 1000)
     return out
 
 
@@ -112,8 +117,9 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * len(xs)))]
 
 
-def cases(days: int) -> dict[str, dict]:
-    """The timed requests (bench/query.py sends the same ones over TLS)."""
+def cases(days: int) -> dict:
+    """The timed requests, each its parameters or a function of a random.Random giving
+    them (bench/query.py sends the same ones over TLS)."""
     end = T0 + days * 86400
     return {
         "latest (one sensor)": {"op": "latest", "sensor": "s07"},
@@ -123,6 +129,20 @@ def cases(days: int) -> dict[str, dict]:
             "sensor": "s07",
             "metric": "temp",
             "since": end - 5 * 86400,
+            "limit": 1000,
+        },
+        # A new place each time: the chunks it needs are not in the per-connection cache.
+        "readings, 1,000-row page at a random ts": lambda rng: {
+            "op": "readings",
+            "sensor": "s07",
+            "metric": "temp",
+            "since": T0 + rng.uniform(0, days * 86400 - 1100),
+            "limit": 1000,
+        },
+        "readings, 1,000-row page, 5 metrics, last day": lambda rng: {
+            "op": "readings",
+            "sensor": f"s{rng.randrange(20):02d}",
+            "since": end - rng.uniform(1100, 86400),
             "limit": 1000,
         },
         "readings, 1,000-row page, newest (desc)": {
@@ -188,13 +208,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         path = prepare(args.db, d, args.sensors, args.days, args.head_seconds)
         ops = Ops(schema.open_reader(path))
+        rng = random.Random(1)
         try:
+            print(
+                f"{args.n} requests each, one read-only connection, no TLS (ms; cpu = this thread's CPU time,"
+                f" which a loaded machine does not inflate; load average {os.getloadavg()[0]:.1f})"
+            )
+            print(f"{'':46s}{'p50':>7s} {'p99':>7s} {'cpu p50':>8s} {'cpu p99':>8s}  resolution")
             for name, params in cases(args.days).items():
-                timed(ops, params, 3)  # warm the cache
-                xs = timed(ops, params, args.n)
+                timed(ops, params, 3, rng)  # warm the cache
+                cpu: list[float] = []
+                xs = timed(ops, params, args.n, rng, cpu)
                 print(
-                    f"{name:45s} p50 {statistics.median(xs):7.2f} ms   p99 {pct(xs, 0.99):7.2f} ms   "
-                    f"(resolution {ops.meta.get('resolution', '-')})"
+                    f"{name:46s}{statistics.median(xs):7.2f} {pct(xs, 0.99):7.2f} {statistics.median(cpu):8.2f}"
+                    f" {pct(cpu, 0.99):8.2f}  {ops.meta.get('resolution', '-')}"
                 )
         finally:
             ops.close()

@@ -42,6 +42,7 @@ import struct
 import sys
 import zlib
 from array import array
+from collections.abc import Collection
 from itertools import accumulate, repeat
 from itertools import count as count_from
 from operator import add, mul, sub
@@ -597,6 +598,48 @@ def _decode_column(
     return values, usable_base
 
 
+def _skip_int_stream(r: _Reader, count: int) -> None:
+    """Past an integer stream without decoding it (the checks of _decode_int_stream on its frame)."""
+    code = r.byte()
+    transform, wcode = code >> 4, code & 0x0F
+    if transform not in _HEADS or wcode >= len(_WIDTHS):
+        raise ChunkError(f"chunk integer stream code {code:#x}")
+    nheads = _HEADS[transform]
+    if count < max(_SKIP[transform], 1 if nheads else 0):
+        raise ChunkError("chunk integer stream shorter than its transform")
+    for _ in range(nheads):
+        r.svarint()
+    r.take((count - _SKIP[transform]) * _WIDTHS[wcode])
+
+
+def _skip_column(r: _Reader, rows: int) -> None:
+    """Past a column without building its values: its frame is read as _decode_column reads it."""
+    flags = r.byte()
+    if flags & ~(_HAS_NULLS | (3 << _KIND_SHIFT) | _RELATIVE):
+        raise ChunkError(f"chunk column flags {flags:#x}")
+    kind = (flags >> _KIND_SHIFT) & 3
+    count = sum(_unbitmap(r.take((rows + 7) // 8), rows)) if flags & _HAS_NULLS else rows
+    if kind == _KIND_EMPTY:
+        if count:
+            raise ChunkError("chunk column declared empty has values")
+        return
+    if kind == _KIND_MIXED:
+        nints = sum(_unbitmap(r.take((count + 7) // 8), count))
+    else:
+        nints = count if kind == _KIND_INT else 0
+    nfloats = count - nints
+    if nints:
+        _skip_int_stream(r, nints)
+    if nfloats:
+        rep = r.byte()
+        if rep > MAX_DECIMALS and rep != _REP_BITS:
+            raise ChunkError(f"chunk float representation {rep}")
+        _decode_exceptions(r, nfloats)
+        _skip_int_stream(r, nfloats)
+    elif flags & _RELATIVE:
+        raise ChunkError("chunk relative column without floats")
+
+
 # -------------------------------------------------------------- the chunk
 
 
@@ -688,10 +731,19 @@ def encode_chunk(
     return blob + struct.pack("<I", zlib.crc32(blob))
 
 
-def decode_chunk(blob: bytes) -> tuple[list[int], list[float], list[float], dict[str, list[Number | None]]]:
-    """bytes -> (seqs, ts, received, metrics), or ChunkError; nothing else escapes."""
+def decode_chunk(
+    blob: bytes, metrics: Collection[str] | None = None, received: bool = True
+) -> tuple[list[int], list[float], list[float] | None, dict[str, list[Number | None]]]:
+    """bytes -> (seqs, ts, received, metrics), or ChunkError; nothing else escapes.
+
+    A reader that wants only some columns names them: `metrics` (the others
+    are left out of the dict) and `received=False` (None in its place).  The
+    columns not wanted are walked, not decoded (their structure is still
+    checked, so a blob is refused the same way), which is what a query asking
+    for one series of a five-metric chunk saves (bench/store_query.py).
+    """
     try:
-        return _decode(blob)
+        return _decode(blob, metrics, received)
     except ChunkError:
         raise
     except (
@@ -707,7 +759,7 @@ def decode_chunk(blob: bytes) -> tuple[list[int], list[float], list[float], dict
         raise ChunkError(f"chunk is corrupt ({type(exc).__name__}: {exc})") from None
 
 
-def _decode(blob: bytes) -> tuple:
+def _decode(blob: bytes, wanted: Collection[str] | None = None, want_received: bool = True) -> tuple:
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise ChunkError(f"a chunk is bytes, not {type(blob).__name__}")
     blob = bytes(blob)
@@ -738,10 +790,17 @@ def _decode(blob: bytes) -> tuple:
         raise ChunkError("chunk has a metric name twice")
     seqs, _ = _decode_column(r, rows, None)
     ts, ts_ints = _decode_column(r, rows, None)
-    received, _ = _decode_column(r, rows, ts_ints)
+    received = None
+    if want_received:
+        received, _ = _decode_column(r, rows, ts_ints)
+    else:
+        _skip_column(r, rows)
     metrics = {}
     for name in names:
-        metrics[name], _ = _decode_column(r, rows, None)
+        if wanted is None or name in wanted:
+            metrics[name], _ = _decode_column(r, rows, None)
+        else:
+            _skip_column(r, rows)
     if r.pos != len(body):
         raise ChunkError("chunk body has trailing bytes")
     return seqs, ts, received, metrics

@@ -45,15 +45,21 @@ def encode_chunk(seqs, ts, received, metrics, fast: bool = False) -> bytes:
     return PLACEHOLDER_MAGIC + zlib.compress(msgpack.packb(payload, use_bin_type=True), 6)
 
 
-def decode_chunk(blob: bytes):
-    """(seqs, ts, received, {metric: [value or None]}) of a blob, or ChunkError."""
+def decode_chunk(blob: bytes, metrics=None, received: bool = True):
+    """(seqs, ts, received, {metric: [value or None]}) of a blob, or ChunkError.
+
+    `metrics` (names) and `received=False` leave the other columns out where
+    the codec can skip them (chunkenc.decode_chunk); received is then None.
+    """
     try:
         if blob[:3] == PLACEHOLDER_MAGIC or _decode is None:
             if blob[:3] != PLACEHOLDER_MAGIC:
                 raise ChunkError("unknown chunk encoding")
-            seqs, ts, received, metrics = msgpack.unpackb(zlib.decompress(blob[3:]), raw=False)
-            return seqs, ts, received, metrics
-        return _decode(blob)
+            seqs, ts, got, columns = msgpack.unpackb(zlib.decompress(blob[3:]), raw=False)
+            if metrics is not None:
+                columns = {k: v for k, v in columns.items() if k in metrics}
+            return seqs, ts, got if received else None, columns
+        return _decode(blob, metrics, received)
     except ChunkError:
         raise
     except Exception as exc:  # any malformed blob is one error

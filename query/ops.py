@@ -29,6 +29,8 @@ from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
+from operator import le
 from typing import Any
 
 from collector.chunkstore import ChunkError, decode_chunk
@@ -56,11 +58,13 @@ class Limits:
 
 
 _PROGRESS_STEPS = 20_000  # VM instructions between budget checks (~1 ms of work)
-# Decoded chunks kept per connection (immutable, so never stale), as compact
-# sorted columns (~24 bytes a reading): enough for a client paging through a
-# series (a page of up to 1,024 rows spans at most two chunks), small enough that what a worker
-# holds does not grow with the ranges clients ask for.
-CHUNK_CACHE = 2
+# Decoded series of chunks kept per connection (immutable, so never stale), as
+# compact sorted columns (~24 bytes a reading, one metric of one chunk each):
+# enough for a client paging through a series (a page of up to 1,024 rows
+# spans at most two chunks) or two, small enough that what a worker holds does
+# not grow with the ranges clients ask for (4 x 65,536 rows at most: 6 MiB).
+CHUNK_CACHE = 4
+CANDIDATES_FIRST = 8  # a page's candidate chunks fetched at first (then all the rest)
 FAR = 1e300  # an open end of a range, bound as a plain REAL
 ROLLUPS = ((3600, "rollup_1h", "1h"), (60, "rollup_1m", "1m"))  # coarsest first
 
@@ -104,7 +108,7 @@ class Ops:
         self.clock = clock  # wall clock, against the collector's receive times (staleness)
         self._deadline = math.inf
         self.heads = HeadCache()
-        self._chunks: OrderedDict[int, dict[str, tuple] | str] = OrderedDict()
+        self._chunks: OrderedDict[tuple[int, str], tuple | str | None] = OrderedDict()
         self.meta: dict[str, Any] = {}
         conn.set_progress_handler(self._over_budget, _PROGRESS_STEPS)
 
@@ -153,15 +157,17 @@ class Ops:
 
     # -- chunks ------------------------------------------------------------
 
-    def _chunk(self, chunk_id: int) -> dict[str, tuple] | None:
-        """One chunk's rows per metric, (ts, boot, seq, value) in key order; None if it is corrupt."""
+    def _chunk(self, chunk_id: int, metric: str) -> tuple | None:
+        """One series' rows in a chunk as columns (boot, ts, seqs, values) in key order;
+        None if the chunk is corrupt or does not hold the metric."""
         cache = self._chunks
-        if chunk_id in cache:
-            cache.move_to_end(chunk_id)
-            decoded = cache[chunk_id]
+        key = (chunk_id, metric)
+        if key in cache:
+            cache.move_to_end(key)
+            decoded = cache[key]
         else:
-            decoded = self._decode(chunk_id)
-            cache[chunk_id] = decoded
+            decoded = self._decode(chunk_id, metric)
+            cache[key] = decoded
             if len(cache) > CHUNK_CACHE:
                 cache.popitem(last=False)
         if isinstance(decoded, str):
@@ -169,41 +175,44 @@ class Ops:
             return None
         return decoded
 
-    def _decode(self, chunk_id: int) -> dict[str, tuple] | str:
+    def _decode(self, chunk_id: int, metric: str) -> tuple | str | None:
         if time.monotonic() > self._deadline:  # Python work is on the same budget as SQL
             raise sqlite3.OperationalError("interrupted")
         row = self.conn.execute("SELECT sensor, boot, crc, blob FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
         if row is None:
-            return {}
+            return None
         sensor, boot, crc, blob = row
         try:
             if zlib.crc32(blob) != crc:
                 raise ChunkError("its checksum does not match")
-            seqs, ts, _received, metrics = decode_chunk(blob)
-            decoded = {}
-            order = None
-            if any(ts[i] > ts[i + 1] or ts[i] == ts[i + 1] and seqs[i] > seqs[i + 1] for i in range(len(ts) - 1)):
-                order = sorted(range(len(ts)), key=lambda i: (ts[i], seqs[i]))  # late data: key order
-            for name, values in metrics.items():
-                idx = [i for i in (order or range(len(ts))) if values[i] is not None]
-                decoded[name] = (
-                    boot,
-                    array("d", [ts[i] for i in idx]),
-                    array("q", [seqs[i] for i in idx]),
-                    array("d", [float(values[i]) for i in idx]),
-                )
-            return decoded
+            # Only the series asked: the other metrics and the receive times are skipped, not decoded.
+            seqs, ts, _, metrics = decode_chunk(blob, metrics=(metric,), received=False)
         except ChunkError as exc:
             return f"chunk {chunk_id} of sensor {sensor} is corrupt ({exc}): its readings are skipped"
+        values = metrics.get(metric)
+        if values is None:
+            return None
+        keys = list(zip(ts, seqs))
+        if all(map(le, keys, islice(keys, 1, None))) and None not in values:
+            # In key order with every value present (the usual chunk): columns at C speed.
+            return boot, array("d", ts), array("q", seqs), array("d", values)
+        idx = [i for i in range(len(ts)) if values[i] is not None]
+        idx.sort(key=keys.__getitem__)  # late data: key order (stable, as arrival breaks ties)
+        return (
+            boot,
+            array("d", [ts[i] for i in idx]),
+            array("q", [seqs[i] for i in idx]),
+            array("d", [values[i] for i in idx]),
+        )
 
     def _chunk_rows(
         self, chunk_id: int, metric: str, lower: float | None = None, upper: float | None = None
     ) -> list[tuple]:
         """(ts, boot, seq, value) of one series in a chunk, in key order, lower <= ts < upper."""
-        decoded = self._chunk(chunk_id)
-        if decoded is None or metric not in decoded:
+        decoded = self._chunk(chunk_id, metric)
+        if decoded is None:
             return []
-        boot, ts, seqs, values = decoded[metric]
+        boot, ts, seqs, values = decoded
         lo = 0 if lower is None else bisect_left(ts, lower)
         hi = len(ts) if upper is None else bisect_left(ts, upper)
         return [(ts[i], boot, seqs[i], values[i]) for i in range(lo, hi)]
@@ -221,10 +230,10 @@ class Ops:
     ) -> list[tuple]:
         """At most `wanted` kept rows of one series in a chunk, from the start (the end if
         `desc`) of lower <= ts < upper: a page never materialises a whole chunk."""
-        decoded = self._chunk(chunk_id)
-        if decoded is None or metric not in decoded:
+        decoded = self._chunk(chunk_id, metric)
+        if decoded is None:
             return []
-        boot, ts, seqs, values = decoded[metric]
+        boot, ts, seqs, values = decoded
         lo = 0 if lower is None else bisect_left(ts, lower)
         hi = len(ts) if upper is None else bisect_left(ts, upper)
         if at_most is not None:  # a desc cursor: nothing above its ts
@@ -240,6 +249,18 @@ class Ops:
                 lo = min(hi, lo + step)
             out += [r for r in ((ts[i], boot, seqs[i], values[i]) for i in part) if keep(r)]
         return out
+
+    def _candidates(self, sql: str, params: list[Any], desc: bool):
+        """(chunk, bound) rows of a page's candidate chunks in order, fetched a few at a
+        time (a page nearly always needs one to three; a series of 30 days has ~2,500):
+        `sql` has a {} for the continuation after the last row fetched and ends in LIMIT ?."""
+        rows = self._all(sql.format(""), [*params, CANDIDATES_FIRST])
+        yield from rows
+        while len(rows) == CANDIDATES_FIRST:
+            chunk, bound = rows[-1]
+            more = "AND (max_ts, chunk) < (?, ?)" if desc else "AND (min_ts, chunk) > (?, ?)"
+            rows = self._all(sql.format(more), [*params, bound, chunk, -1])
+            yield from rows
 
     def _raw_horizon(self) -> float | None:
         """The newest ts of raw readings deleted by retention or the disk budget (None: nothing deleted)."""
@@ -296,21 +317,30 @@ class Ops:
         ]
 
     def op_latest(self, sensor: str | None = None, metric: str | None = None) -> list[dict[str, Any]]:
-        where, args = _where(("sensor = ?", sensor), ("metric = ?", metric))
+        where, args = _where(("s.sensor = ?", sensor), ("s.metric = ?", metric))
         # Each series' newest reading by key (ts, then boot, then seq: the
         # last row of a `readings desc` page) from the statistics of its
         # chunks with the highest max_ts (no blob is decoded), and its open head.
+        # One statement for every series; each series' chunks with its highest
+        # max_ts (several only when they tie) are sought on (series, max_ts):
+        # the primary key would walk all of a series' chunks (0.19 ms a series
+        # of 30 days; bench/store_query.py).
+        rows = self._all(
+            "SELECT s.id, s.sensor, s.metric, c.max_ts, c.last_boot, c.last_seq, c.last_value, c.chunk"
+            " FROM series s LEFT JOIN chunk_series c INDEXED BY chunk_series_max ON c.series = s.id"
+            " AND c.max_ts = (SELECT max(max_ts) FROM chunk_series WHERE series = s.id)"
+            f" {where} ORDER BY s.sensor, s.metric",
+            args,
+        )
         out = []
-        for sid, name, met in self._all(f"SELECT id, sensor, metric FROM series {where} ORDER BY sensor, metric", args):
-            best = None
-            best_chunk = None
-            for ts, boot, seq, value, chunk_id in self._all(
-                "SELECT max_ts, last_boot, last_seq, last_value, chunk FROM chunk_series WHERE series = ? AND"
-                " max_ts = (SELECT max(max_ts) FROM chunk_series WHERE series = ?)",
-                [sid, sid],
-            ):
-                if best is None or (ts, boot, seq) > best[:3]:
-                    best, best_chunk = (ts, boot, seq, value), chunk_id
+        for i, (sid, name, met, ts, boot, seq, value, chunk_id) in enumerate(rows):
+            if i == 0 or rows[i - 1][0] != sid:  # the first row of a series
+                best = None if ts is None else (ts, boot, seq, value)
+                best_chunk = chunk_id
+            elif (ts, boot, seq) > best[:3]:
+                best, best_chunk = (ts, boot, seq, value), chunk_id
+            if i + 1 < len(rows) and rows[i + 1][0] == sid:
+                continue  # a tie: the series' next chunk with the same max_ts
             if best is not None and (best[0] == 0.0 or best[3] == 0.0):
                 # The statistics are SQL REAL, which stores -0.0 as +0.0: a zero is taken
                 # bit-exact from the chunk itself (PROTOCOL.md: -0.0 comes back as -0.0).
@@ -350,25 +380,36 @@ class Ops:
                 return r[:3] < after if desc else r[:3] > after
             return True
 
-        found = [r for r in self.heads.page(sensor, metric, lower, upper, after, desc, wanted) if keep(r)]
+        # The open heads hold a series' newest readings: a desc page reads them first, an
+        # asc page last, bounded by what the chunks already gave (a page past the heads'
+        # range builds none of their rows).
+        found: list[tuple] = []
+        if desc:
+            found = [r for r in self.heads.page(sensor, metric, lower, upper, after, True, wanted) if keep(r)]
         lo = -FAR if lower is None else lower
         hi = FAR if upper is None else upper
         if desc:
             cap = FAR if after is None else after[0]
-            cands = self._all(
+            sql = (
                 "SELECT chunk, max_ts FROM chunk_series WHERE series = ? AND max_ts >= ?"
-                " AND min_ts < ? AND min_ts <= ? ORDER BY max_ts DESC, chunk DESC",
-                [sid, lo, hi, cap],
+                " AND min_ts < ? AND min_ts <= ? {} ORDER BY max_ts DESC, chunk DESC LIMIT ?"
             )
+            params: list[Any] = [sid, lo, hi, cap]
         else:
             if after is not None:
                 lo = max(lo, after[0])
-            cands = self._all(
+            sql = (
                 "SELECT chunk, min_ts FROM chunk_series WHERE series = ? AND max_ts >= ?"
-                " AND min_ts < ? ORDER BY min_ts, chunk",
-                [sid, lo, hi],
+                " AND min_ts < ? {} ORDER BY min_ts, chunk LIMIT ?"
             )
-        for i, (chunk_id, _) in enumerate(cands):
+            params = [sid, lo, hi]
+        for chunk_id, bound in self._candidates(sql, params, desc):
+            if len(found) >= wanted:
+                found.sort(reverse=desc)
+                del found[wanted:]
+                # Rows of this chunk and those after it start at its min_ts (max_ts for desc).
+                if found[-1][0] > bound if desc else found[-1][0] < bound:
+                    break
             found += self._chunk_page(
                 chunk_id,
                 metric,
@@ -379,12 +420,14 @@ class Ops:
                 wanted,
                 after[0] if desc and after is not None else None,
             )
+        if not desc:
+            head_upper = upper
             if len(found) >= wanted:
-                found.sort(reverse=desc)
+                found.sort()
                 del found[wanted:]
-                # Rows of the chunks still to come start at their min_ts (max_ts for desc).
-                if i + 1 < len(cands) and (found[-1][0] > cands[i + 1][1] if desc else found[-1][0] < cands[i + 1][1]):
-                    break
+                past = math.nextafter(found[-1][0], math.inf)  # ts up to the last row's, ties included
+                head_upper = past if upper is None else min(upper, past)
+            found += [r for r in self.heads.page(sensor, metric, lower, head_upper, after, False, wanted) if keep(r)]
         found.sort(reverse=desc)
         return found[:wanted]
 

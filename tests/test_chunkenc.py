@@ -354,3 +354,37 @@ def test_a_float_column_of_no_rows_is_no_base_for_received():
     body = bytes([0, 0, 0x00, 0x02, 0x0A])  # 0 rows, 0 metrics; seqs int, ts float, received float+RELATIVE
     with pytest.raises(ChunkError):
         decode_chunk(rebuild(body))
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(chunks(), st.data())
+def test_decoding_some_columns_gives_exactly_those_of_the_full_decode(chunk, data):
+    """A reader naming the metrics it wants (and no receive times) gets those columns bit-exact."""
+    blob = encode_chunk(*chunk)
+    seqs, ts, received, metrics = decode_chunk(blob)
+    names = list(metrics) + ["absent"]
+    wanted = data.draw(st.lists(st.sampled_from(names), unique=True))
+    want_received = data.draw(st.booleans())
+    got = decode_chunk(blob, metrics=wanted, received=want_received)
+    assert same(got[0], seqs) and same(got[1], ts)
+    assert got[2] is None if not want_received else same(got[2], received)
+    assert list(got[3]) == [name for name in metrics if name in wanted]
+    for name, col in got[3].items():
+        assert same(col, metrics[name]), name
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(chunks(), st.data())
+def test_mutated_bodies_decoded_in_part_decode_or_raise_chunk_error(chunk, data):
+    body = bytearray(body_of(encode_chunk(*chunk)))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, max(0, len(body) - 1)))
+        if body:
+            body[i] ^= 1 << data.draw(st.integers(0, 7))
+    wanted = data.draw(st.lists(st.sampled_from(list(chunk[3]) + ["x"]), unique=True))
+    try:
+        seqs, ts, received, metrics = decode_chunk(rebuild(bytes(body)), metrics=wanted, received=False)
+    except ChunkError:
+        return
+    assert received is None and len(ts) == len(seqs)
+    assert set(metrics) <= set(wanted) and all(len(col) == len(seqs) for col in metrics.values())
