@@ -377,7 +377,7 @@ def test_every_query_uses_an_index(known_db):
     run(ops, op="aggregate", sensor="s1", metric="temp", bucket=7, since=T0, until=T0 + 600)
     run(ops, op="aggregate", sensor="s1", metric="temp", bucket=60)
     conn.set_trace_callback(None)
-    checked = 0
+    checked = latest = 0
     try:
         for sql in statements:
             if not sql.lstrip().upper().startswith("SELECT"):
@@ -388,9 +388,12 @@ def test_every_query_uses_an_index(known_db):
             if "chunk_series" in sql or "rollup_" in sql:
                 assert "(series=?" in plan, (sql, plan)
                 checked += 1
+            if "last_value" in sql:  # latest: a series' newest chunks sought, not all its chunks walked
+                assert "chunk_series_max (series=? AND max_ts=?)" in plan, (sql, plan)
+                latest += 1
     finally:
         conn.close()
-    assert checked >= 8
+    assert checked >= 8 and latest == 1
 
 
 def test_query_budget_answers_bad_request(tmp_path):
