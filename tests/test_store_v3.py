@@ -280,9 +280,16 @@ def check_answers(v2_ops, v3_ops, qs) -> None:
 def test_a_long_lived_reader_answers_as_v2_after_every_flush(tmp_path, seed):
     """One reader kept open while the collector writes, as a query-server worker is: its open
     heads follow the log and the chunks incrementally (heads trimmed as chunks close, also
-    by span in a flush with no new log row), and it answers as v2 after each flush."""
+    by span in a flush with no new log row, between flushes on odd seeds), and it answers
+    as v2 after each flush."""
     rng = random.Random(1000 + seed)
-    pair = Pair(tmp_path, chunk_datagrams=rng.choice([4, 8, 16]), chunk_span=rng.choice([3.0, 30.0, 1e9]))
+    closer = random.Random(seed + 2000) if seed % 2 else None
+    pair = Pair(
+        tmp_path,
+        chunk_datagrams=rng.choice([4, 8, 16]),
+        chunk_span=rng.choice([3.0, 30.0, 1e9]),
+        between=closer is not None,
+    )
     v2_ops = v2ref.Ops(schema_v2_reader(pair.v2_path))
     v3_ops = Ops(schema.open_reader(pair.v3_path))
     now = T0
@@ -295,6 +302,8 @@ def test_a_long_lived_reader_answers_as_v2_after_every_flush(tmp_path, seed):
                 pair.flush(now)
                 if rng.random() < 0.2:
                     pair.flush(now + 5.0)  # nothing new: heads may close by span alone
+                if closer is not None and pair.store.full and closer.random() < 0.5:
+                    pair.store.close_one()  # as the collector's loop does while its sockets are empty
                 if pair.core.sensors and rng.random() < 0.4:
                     sensors = {s: sorted(st.series) for s, st in pair.core.sensors.items()}
                     check_answers(v2_ops, v3_ops, rng.sample(queries(rng, sensors), 6))
