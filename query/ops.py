@@ -61,9 +61,9 @@ _PROGRESS_STEPS = 20_000  # VM instructions between budget checks (~1 ms of work
 # Decoded series of chunks kept per connection (immutable, so never stale), as
 # compact sorted columns (~24 bytes a reading, one metric of one chunk each):
 # enough for a client paging through a series (a page of up to 1,024 rows
-# spans at most two chunks) or two, small enough that what a worker holds does
-# not grow with the ranges clients ask for (4 x 65,536 rows at most: 6 MiB).
-CHUNK_CACHE = 4
+# spans at most two chunks), small enough that what a worker holds does not
+# grow with the ranges clients ask for (tests/test_query_export.py measures it).
+CHUNK_CACHE = 2
 CANDIDATES_FIRST = 8  # a page's candidate chunks fetched at first (then all the rest)
 FAR = 1e300  # an open end of a range, bound as a plain REAL
 ROLLUPS = ((3600, "rollup_1h", "1h"), (60, "rollup_1m", "1m"))  # coarsest first
