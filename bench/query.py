@@ -89,7 +89,9 @@ def main() -> None:
                     f"\n{args.n} requests each; tls: one TLS connection to `telemetry-query serve` in a child "
                     f"process; ops: query.ops.Ops in this process (ms; load average {os.getloadavg()[0]:.1f})"
                 )
-                print(f"  {'query':46s} {'tls p50':>8s} {'tls p99':>8s} {'ops p50':>8s} {'ops p99':>8s} {'tls/ops':>7s}")
+                print(
+                    f"  {'query':46s} {'tls p50':>8s} {'tls p99':>8s} {'ops p50':>8s} {'ops p99':>8s} {'tls/ops':>7s}"
+                )
                 for name, case in cases.items():
                     rng = random.Random(1)
                     params = [case(rng) if callable(case) else case for _ in range(args.n + 3)]
