@@ -20,7 +20,9 @@ a sensor's clock goes back, then the key order is computed once per change).
 
 from __future__ import annotations
 
+import math
 import sqlite3
+import time
 from array import array
 from bisect import bisect_left, bisect_right
 from math import nan
@@ -29,7 +31,9 @@ from collector import ingestlog
 from collector.schema import NO_BOOT
 
 Row = tuple[float, int, int, float]  # (ts, boot, seq, value)
-_LOG_BATCH = 200  # ingest_log rows read (and decoded) per statement
+# ingest_log rows read per statement: a row is one flush (up to batch-size
+# readings), so a batch of them is what a reader holds undecoded at once.
+_LOG_BATCH = 32
 
 
 class _Stats:
@@ -255,7 +259,11 @@ class HeadCache:
         """The bytes of readings held (arrays; the Python objects around them come on top)."""
         return sum(h.nbytes() for h in self.heads.values())
 
-    def refresh(self, conn: sqlite3.Connection) -> None:
+    def refresh(self, conn: sqlite3.Connection, deadline: float = math.inf) -> None:
+        """Read what was committed since the last call.  Past `deadline` (time.monotonic)
+        it stops between log rows with sqlite3.OperationalError('interrupted'), as SQL
+        under the query budget does; what it read stands, and the next call goes on from there
+        (a long ingest log, kept for an uplink that is behind, is read over several requests)."""
         if self.last_chunk == 0:
             # First: each (sensor, boot)'s closure from the covering index, not the table of blobs.
             sql = "SELECT max(id), sensor, boot, max(log_id) FROM chunks GROUP BY sensor, boot ORDER BY 1"
@@ -278,6 +286,8 @@ class HeadCache:
             ).fetchall()
             if not rows:
                 return
+            if time.monotonic() > deadline:
+                raise sqlite3.OperationalError("interrupted")
             for log_id, body in rows:
                 self.last_log = log_id
                 for g in ingestlog.decode_body(body):

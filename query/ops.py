@@ -126,7 +126,7 @@ class Ops:
         try:
             # One snapshot for the whole request: chunks and heads agree.
             conn.execute("BEGIN")
-            self.heads.refresh(conn)
+            self.heads.refresh(conn, self._deadline)
             return handler(**request.params)
         except sqlite3.OperationalError as exc:
             if "interrupted" not in str(exc):

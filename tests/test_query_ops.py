@@ -423,6 +423,32 @@ def test_query_budget_answers_bad_request(tmp_path):
         conn.close()
 
 
+def test_reading_a_long_ingest_log_is_under_the_query_budget_and_resumes(tmp_path):
+    """The open heads are read from the ingest log under the request's budget: past it the
+    request is refused like slow SQL, and the next request goes on from where it stopped."""
+    from collector import wire
+    from collector.store import open_ingest
+
+    path = str(tmp_path / "log.db")
+    store, core = open_ingest(path)
+    try:
+        for i in range(100):  # 100 flushes of one datagram: 100 log rows, all in an open head
+            core.receive(wire.encode("s", i, {"m": float(i)}, boot=1, ts=T0 + i), T0 + i)
+            assert store.flush(core, T0 + i)
+    finally:
+        store.close()
+    conn = open_reader(path)
+    try:
+        ops = Ops(conn, Limits(query_seconds=1e-9))
+        assert "longer than" in bad(ops, op="latest")
+        assert ops.heads.last_log == 0 and not conn.in_transaction
+        ops.limits = Limits()
+        assert run(ops, op="latest") == [{"sensor": "s", "metric": "m", "ts": T0 + 99, "value": 99.0, "seq": 99}]
+        assert ops.heads.last_log == 100
+    finally:
+        conn.close()
+
+
 def test_an_internal_error_answers_internal_without_details_and_is_logged(known_db, caplog):
     class Broken(Ops):
         def op_stats(self):
