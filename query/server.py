@@ -23,6 +23,7 @@ import queue
 import selectors
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections import Counter, deque
@@ -63,6 +64,7 @@ LINGER_SECONDS = 2.0  # after too_large or a failed handshake: how long we drain
 LINGER_MAX_BYTES = 1024 * 1024
 WORKER_JOIN_SECONDS = 10.0  # shutdown waits this long for a worker's running query
 ACCEPT_PAUSE_SECONDS = 0.5  # after accept() fails (EMFILE): stop accepting this long
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets and frees the send buffer
 FOLLOW_HEARTBEAT_SECONDS = 30.0  # a follower with nothing new gets a heartbeat event this often
 
 
@@ -559,6 +561,14 @@ class QueryServer:
                 self.limits.output_budget,
             )
             self.stats.evicted += 1
+            # Reset, not FIN: a FIN waits behind the unsent answers in the kernel's send
+            # buffer, which a client that does not read never drains, so the closed
+            # socket kept up to tcp_wmem (~1.9 MB each; 999 hogs: 1.9 GB of kernel
+            # memory, bench/query_memory.py).  SO_LINGER 0 frees it at close.
+            try:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
             self._drop(conn)
 
     def _drain_wake(self) -> None:

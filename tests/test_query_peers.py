@@ -197,6 +197,11 @@ def test_clients_that_never_read_are_closed_past_the_output_budget(heavy_db, tls
                 reader.sendall(b'{"op":"ping","id":"still"}\n')
                 assert read_json_lines(reader, 1)[0]["id"] == "still"
             assert caplog.text.count("answers unread") == 3
+            # The closed ones were reset, so the kernel freed what they had not read (a FIN
+            # would wait behind it for ever, the server's socket holding its send buffer):
+            # from the hog's side TCP says CLOSE (7), the one kept says ESTABLISHED (1).
+            states = sorted(hog.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] for hog in hogs)
+            assert states == [1, 7, 7, 7]
         finally:
             for hog in hogs:
                 hog.close()
