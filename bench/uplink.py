@@ -180,10 +180,16 @@ def last_log_id(db: str) -> int:
     return int(row[0]) if row else 0
 
 
-def uplink_cmd(db: str, name: str, url: str, payload: int) -> list[str]:
+def uplink_cmd(db: str, name: str, url: str, payload: int, stream: str = "TELEMETRY") -> list[str]:
+    """The catch-up phase publishes to a stream of its own (CATCHUP, subjects catchup.>),
+    so the central consumer (TELEMETRY, telemetry.>) sees only the central phase."""
     return [
         str(BIN / "telemetry-uplink"),
         "run",
+        "--stream",
+        stream,
+        "--subject-prefix",
+        stream.lower(),
         "--db",
         db,
         "--gateway",
@@ -206,7 +212,9 @@ def acked_messages(db: str) -> int | None:
         return None
 
 
-def drain(dbs: dict[str, str], url: str, entries: int, workdir: Path, timeout: float, payload: int = 2) -> dict:
+def drain(
+    dbs: dict[str, str], url: str, entries: int, workdir: Path, timeout: float, payload: int = 2, stream="TELEMETRY"
+) -> dict:
     """Uplinks for these gateways (name -> database) at once, from position 0 until each has
     acked its whole log: elapsed time, the uplinks' peak RSS, messages acked."""
     procs = {}
@@ -214,7 +222,9 @@ def drain(dbs: dict[str, str], url: str, entries: int, workdir: Path, timeout: f
     for name, db in dbs.items():
         log = workdir / f"uplink-{name}-p{payload}.log"
         procs[name] = (
-            subprocess.Popen(uplink_cmd(db, name, url, payload), stdout=open(log, "wb"), stderr=subprocess.STDOUT),
+            subprocess.Popen(
+                uplink_cmd(db, name, url, payload, stream), stdout=open(log, "wb"), stderr=subprocess.STDOUT
+            ),
             log,
         )
     peak = 0
@@ -234,6 +244,15 @@ def drain(dbs: dict[str, str], url: str, entries: int, workdir: Path, timeout: f
         for proc, _ in procs.values():
             proc.wait(30)
     return dict(elapsed=elapsed, peak_rss_kb=peak, messages=sum(acked_messages(db) or 0 for db in dbs.values()))
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process (/proc/PID/stat), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def central_readings(path: str) -> int:
@@ -284,7 +303,7 @@ def ingest_rates(url: str, seconds: float, workdir: Path) -> dict:
         n_readings=2,
         start=25_000,
         max_rate=400_000,
-        bisect_steps=2,
+        bisect_steps=3,
         collector_core=0,
         sender_core=1,
         flush_interval=1.0,
@@ -296,12 +315,14 @@ def ingest_rates(url: str, seconds: float, workdir: Path) -> dict:
         args.collector_core = args.sender_core = None
     out: dict = {}
     behind: list[str] = []
+    cpu: list[float] = []  # the uplink's CPU seconds per second of each step
 
     def beside(db: str, step_dir: Path):
         log = step_dir / "uplink.log"
-        proc = subprocess.Popen(
-            uplink_cmd(db, "bench-ingest", url, 2), stdout=open(log, "wb"), stderr=subprocess.STDOUT
-        )
+        # as deployed: the default poll interval (0.5 s), not the drain phases' 0.05 s
+        cmd = uplink_cmd(db, "bench-ingest", url, 2)
+        cmd[cmd.index("--poll-interval") + 1] = "0.5"
+        proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
         def stop() -> None:
             deadline = time.monotonic() + 30
@@ -310,8 +331,11 @@ def ingest_rates(url: str, seconds: float, workdir: Path) -> dict:
                 time.sleep(0.05)
             if position(db) < last:
                 behind.append(f"{step_dir.name}: position {position(db)} of {last}")
+            cpu.append(cpu_seconds(proc.pid) / (time.monotonic() - started))
             proc.terminate()
             proc.wait(30)
+
+        started = time.monotonic()
 
         return stop
 
@@ -323,6 +347,7 @@ def ingest_rates(url: str, seconds: float, workdir: Path) -> dict:
         if best and best.get("sender_capped"):
             out[label + " capped"] = True
     out["behind"] = behind
+    out["uplink_cpu"] = cpu
     return out
 
 
@@ -364,7 +389,7 @@ def main() -> None:
                 f"{args.distinct_minutes:g} min distinct, the rest repeated) in {time.monotonic() - t:.1f} s",
                 flush=True,
             )
-            r = drain({"catchup": big}, url, entries, workdir, args.timeout)
+            r = drain({"catchup": big}, url, entries, workdir, args.timeout, stream="CATCHUP")
             fwd = readings / r["elapsed"]
             print(
                 f"  payload 2: drained in {r['elapsed']:.2f} s = {fwd:,.0f} readings/s, {r['messages']:,} messages; "
@@ -439,6 +464,12 @@ def main() -> None:
             )
         else:
             print(f"collector zero-loss ingest: no passing step ({ingest})")
+        if ingest["uplink_cpu"]:
+            cpu = sorted(ingest["uplink_cpu"])
+            print(
+                f"uplink CPU while following the collector: median {100 * cpu[len(cpu) // 2]:.1f} % of a core "
+                f"(max {100 * cpu[-1]:.1f} %) over {len(cpu)} ingest steps"
+            )
         for line in ingest["behind"]:
             print(f"  UPLINK BEHIND at the end of an ingest step: {line}")
     print(

@@ -35,7 +35,7 @@ class UplinkSettings:
     max_datagrams: int | None = None  # datagrams per message at most (None: core.DEFAULT_MAX_DATAGRAMS)
     payload_version: int = core.PAYLOAD_VERSION
     round_readings: int | None = None  # readings per round at most (at least one entry): bounds memory
-    round_bytes: int = 8 << 20  # payload 2: bytes of compressed bodies per round at most
+    round_bytes: int = 4 << 20  # payload 2: bytes of compressed bodies per round at most (8 MiB: 55 MB RSS, 4: 41)
     round_entries: int = 1000  # ingest_log entries per round at most
     window: int = 512  # publishes awaiting their ack at most
     poll_interval: float = 0.5  # seconds between looks at an idle log
