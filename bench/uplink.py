@@ -290,7 +290,7 @@ def consume(url: str, total: int, workdir: Path, timeout: float) -> dict:
     return dict(elapsed=elapsed, peak_rss_kb=peak, stored=central_readings(central))
 
 
-def ingest_rates(url: str, seconds: float, workdir: Path) -> dict:
+def ingest_rates(url: str, seconds: float, workdir: Path, nats_pid: int) -> dict:
     """bench/ingest.py's zero-loss search (2 readings a datagram, 100 sensors), first alone,
     then with a live `telemetry-uplink run` publishing the collector's database to the same
     nats-server (each step: the uplink starts once the collector listens and, after the
@@ -317,6 +317,7 @@ def ingest_rates(url: str, seconds: float, workdir: Path) -> dict:
     out: dict = {}
     behind: list[str] = []
     cpu: list[float] = []  # the uplink's CPU seconds per second of each step
+    broker_cpu: list[float] = []  # the local nats-server's (on a real gateway the broker is elsewhere)
 
     def beside(db: str, step_dir: Path):
         log = step_dir / "uplink.log"
@@ -332,11 +333,14 @@ def ingest_rates(url: str, seconds: float, workdir: Path) -> dict:
                 time.sleep(0.05)
             if position(db) < last:
                 behind.append(f"{step_dir.name}: position {position(db)} of {last}")
-            cpu.append(cpu_seconds(proc.pid) / (time.monotonic() - started))
+            elapsed = time.monotonic() - started
+            cpu.append(cpu_seconds(proc.pid) / elapsed)
+            broker_cpu.append((cpu_seconds(nats_pid) - broker0) / elapsed)
             proc.terminate()
             proc.wait(30)
 
         started = time.monotonic()
+        broker0 = cpu_seconds(nats_pid)
 
         return stop
 
@@ -352,6 +356,7 @@ def ingest_rates(url: str, seconds: float, workdir: Path) -> dict:
         )
     out["behind"] = behind
     out["uplink_cpu"] = cpu
+    out["broker_cpu"] = broker_cpu
     return out
 
 
@@ -430,7 +435,7 @@ def main() -> None:
                 f"{central_rate:,.0f} readings/s; peak RSS {c['peak_rss_kb'] / 1024:.1f} MB",
                 flush=True,
             )
-            ingest = None if args.skip_ingest else ingest_rates(url, args.ingest_seconds, workdir)
+            ingest = None if args.skip_ingest else ingest_rates(url, args.ingest_seconds, workdir, nats.pid)
         finally:
             nats.terminate()
             nats.wait(30)
@@ -478,7 +483,8 @@ def main() -> None:
             cpu = sorted(ingest["uplink_cpu"])
             print(
                 f"uplink CPU while following the collector: median {100 * cpu[len(cpu) // 2]:.1f} % of a core "
-                f"(max {100 * cpu[-1]:.1f} %) over {len(cpu)} ingest steps"
+                f"(max {100 * cpu[-1]:.1f} %) over {len(cpu)} ingest steps; the local nats-server beside them: "
+                f"median {100 * sorted(ingest['broker_cpu'])[len(cpu) // 2]:.1f} % (on a gateway the broker is elsewhere)"
             )
         for line in ingest["behind"]:
             print(f"  UPLINK BEHIND at the end of an ingest step: {line}")
