@@ -291,10 +291,10 @@ def consume(url: str, total: int, workdir: Path, timeout: float) -> dict:
 
 
 def ingest_rates(url: str, seconds: float, workdir: Path, nats_pid: int) -> dict:
-    """bench/ingest.py's zero-loss search (2 readings a datagram, 100 sensors), first alone,
-    then with a live `telemetry-uplink run` publishing the collector's database to the same
-    nats-server (each step: the uplink starts once the collector listens and, after the
-    collector stopped, must ack its whole log within 30 s)."""
+    """bench/ingest.py's zero-loss search (2 readings a datagram, 100 sensors) of the collector
+    alone and with a live `telemetry-uplink run` publishing its database to the same
+    nats-server, their steps taken in turn (each step with the uplink: it starts once the
+    collector listens and, after the collector stopped, must ack its whole log within 30 s)."""
     spec = importlib.util.spec_from_file_location("bench_ingest", ROOT / "bench" / "ingest.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -344,10 +344,16 @@ def ingest_rates(url: str, seconds: float, workdir: Path, nats_pid: int) -> dict
 
         return stop
 
-    for label, hook in (("collector alone", None), ("collector + uplink", beside)):
-        args.beside = hook
-        with tempfile.TemporaryDirectory(dir=workdir) as wd:
-            best, results = mod.search(mod.step_collector, args, wd, label)
+    alone_args = argparse.Namespace(**vars(args), beside=None)
+    with_args = argparse.Namespace(**vars(args), beside=beside)
+    steps = [
+        ("collector alone", lambda rate, _a, wd: mod.step_collector(rate, alone_args, wd)),
+        ("collector + uplink", lambda rate, _a, wd: mod.step_collector(rate, with_args, wd)),
+    ]
+    # the two searches' steps in turn (A B, B A, ...): load from elsewhere falls on both alike
+    with tempfile.TemporaryDirectory(dir=workdir) as wd:
+        searches = mod.search_together(steps, args, wd)
+    for label, (best, results) in searches.items():
         losses = [r["rate"] for r in results if not r["ok"]]
         out[label] = best and dict(
             offered=best["rate"] * args.n_readings,  # readings/s offered at the best zero-loss step
