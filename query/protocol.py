@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 PROTOCOL_VERSION = 1
 DEFAULT_PORT = 4740  # TCP, TLS; the client's and the server's default
 MAX_LINE_BYTES = 64 * 1024  # a request line longer than this (without "\n") is too_large
@@ -316,7 +318,20 @@ def _finite(value: Any) -> Any:
     return value
 
 
+_fast_encode = msgspec.json.Encoder().encode
+
+
 def dump_json(value: Any) -> str:
+    # msgspec first: the same JSON values (floats as their shortest round-trip
+    # text, non-finite ones as null as _finite makes them) ~10x faster than
+    # json.dumps on a 1,000-row page (5 -> 0.5 ms; bench/query.py).  Anything it
+    # refuses (an int beyond 64 bits) or that is not ASCII takes the json path.
+    try:
+        fast = _fast_encode(value)
+        if fast.isascii():
+            return fast.decode("ascii")
+    except (TypeError, OverflowError, ValueError, msgspec.EncodeError):
+        pass
     # ensure_ascii: a lone surrogate echoed back in `id` stays encodable.
     try:
         return json.dumps(value, allow_nan=False, separators=(",", ":"))

@@ -340,3 +340,38 @@ def test_a_huge_integer_parameter_is_bad_request_naming_it(name, line):
     error = error_of(line % (b"1" * 5000))
     assert error.code == "bad_request" and f"'{name}'" in error.message
     assert "5000 digits" in error.message or "string" in error.message
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300)
+@given(_json_values)
+def test_responses_encode_the_same_values_as_the_json_module(value):
+    """dump_json's fast path (msgspec) gives what json.dumps gives: the same values, floats
+    bit-exact (-0.0 too), non-finite floats as null, ASCII only, ints of any size."""
+    import struct
+
+    from query.protocol import _finite, dump_json
+
+    def exact(v):
+        if isinstance(v, float):
+            return ("f", struct.pack("<d", v))
+        if isinstance(v, list):
+            return [exact(x) for x in v]
+        if isinstance(v, dict):
+            return {k: exact(x) for k, x in v.items()}
+        return v
+
+    text = dump_json(value)
+    assert text.isascii()
+    reference = json.dumps(_finite(value), allow_nan=False, separators=(",", ":"))
+    assert exact(json.loads(text)) == exact(json.loads(reference))
