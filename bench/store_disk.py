@@ -121,6 +121,7 @@ def flush(store, core, v2, now: float) -> None:
         v2.pending_datagrams = len(batch.datagrams)
         assert v2.flush(now)
     assert store.flush(core, now)
+    assert store.maintain(core.counters, now)  # as the collector does after each flush
 
 
 if __name__ == "__main__":

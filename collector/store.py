@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import dbfile, ingestlog, schema, tuning
-from .chunkstore import ChunkRow, Head
+from .chunkstore import ChunkRow, Head, encode_minutes
 from .errors import SetupError
 from .ingest import Batch, IngestCore, SensorState
 from .replay import ReplayWindow
@@ -74,7 +74,9 @@ INSERT INTO {table} (series, bucket, count, min, max, sum) VALUES (?, ?, ?, ?, ?
 ON CONFLICT (series, bucket) DO UPDATE SET
     count = count + excluded.count, min = min(min, excluded.min), max = max(max, excluded.max),
     sum = sum + excluded.sum"""
-ROLLUP_TABLES = {60: "rollup_1m", 3600: "rollup_1h"}
+# The 1-minute rollups of a closed chunk: one minute block per series (schema version 5).
+INSERT_MINUTES = """
+INSERT INTO rollup_1m_blocks (series, first_bucket, chunk, last_bucket, blob) VALUES (?, ?, ?, ?, ?)"""
 
 # Heads close into chunks at this many datagrams (the prototype's 1,024: zlib
 # and delta coding have enough to work on; bench/disk.py), after this span of
@@ -107,17 +109,25 @@ def insert_chunk(conn: sqlite3.Connection, row: ChunkRow, log_id: int, series: d
     )
     chunk_id = int(cur.lastrowid)
     stats = []
-    rollups: dict[int, list[tuple]] = defaultdict(list)
+    hours: list[tuple] = []
+    blocks: list[tuple] = []
     for metric, s in row.stats.items():
         sid = series[metric]
         stats.append(
             (sid, s.min_ts, chunk_id, s.max_ts, s.count, s.min, s.max, s.sum, s.last_boot, s.last_seq, s.last_value)
         )
+        minutes = []
         for (width, bucket), (n, lo, hi, total) in row.rollups[metric].items():
-            rollups[width].append((sid, bucket, n, lo, hi, total))
+            if width == 60:
+                minutes.append((bucket, n, lo, hi, total))
+            else:
+                hours.append((sid, bucket, n, lo, hi, total))
+        if minutes:
+            minutes.sort()
+            blocks.append((sid, minutes[0][0], chunk_id, minutes[-1][0], encode_minutes(minutes)))
     conn.executemany(INSERT_CHUNK_SERIES, stats)
-    for width, rows in rollups.items():
-        conn.executemany(UPSERT_ROLLUP.format(table=ROLLUP_TABLES[width]), rows)
+    conn.executemany(INSERT_MINUTES, blocks)
+    conn.executemany(UPSERT_ROLLUP.format(table="rollup_1h"), hours)
     return chunk_id
 
 

@@ -33,7 +33,7 @@ from itertools import islice
 from operator import le
 from typing import Any
 
-from collector.chunkstore import ChunkError, decode_chunk
+from collector.chunkstore import ChunkError, decode_chunk, decode_minutes
 from collector.health import is_stale
 from collector.schema import NO_BOOT, REJECT_REASONS
 
@@ -66,7 +66,7 @@ _PROGRESS_STEPS = 20_000  # VM instructions between budget checks (~1 ms of work
 CHUNK_CACHE = 2
 CANDIDATES_FIRST = 8  # a page's candidate chunks fetched at first (then all the rest)
 FAR = 1e300  # an open end of a range, bound as a plain REAL
-ROLLUPS = ((3600, "rollup_1h", "1h"), (60, "rollup_1m", "1m"))  # coarsest first
+ROLLUPS = ((3600, "rollup_1h", "1h"), (60, "rollup_1m_blocks", "1m"))  # coarsest first
 
 
 def _boot(value: int) -> int | None:
@@ -204,6 +204,29 @@ class Ops:
             array("q", [seqs[i] for i in idx]),
             array("d", [values[i] for i in idx]),
         )
+
+    def _minutes(self, sid: int, lo: float, hi: float) -> list[tuple]:
+        """(bucket, count, min, max, sum) of a series' 1-minute rollups with lo <= bucket < hi.
+
+        From the minute blocks (one per closed chunk); a minute two blocks
+        hold comes twice, and the caller adds them up.  A corrupt block is
+        skipped with a note.
+        """
+        out = []
+        for first, chunk, blob in self._all(
+            "SELECT first_bucket, chunk, blob FROM rollup_1m_blocks WHERE series = ? AND last_bucket >= ?"
+            " AND first_bucket < ?",
+            [sid, lo, hi],
+        ):
+            if time.monotonic() > self._deadline:  # Python work is on the same budget as SQL
+                raise sqlite3.OperationalError("interrupted")
+            try:
+                out += [r for r in decode_minutes(blob) if lo <= r[0] < hi]
+            except ChunkError as exc:
+                self._note(
+                    f"1-minute rollups of series {sid} from {first} (chunk {chunk}) are corrupt ({exc}): skipped"
+                )
+        return out
 
     def _chunk_rows(
         self, chunk_id: int, metric: str, lower: float | None = None, upper: float | None = None
@@ -516,7 +539,7 @@ class Ops:
             if horizon is not None:  # raw readings were deleted: the rollups reach further back
                 firsts += [
                     v
-                    for (v,) in self._all("SELECT min(bucket) FROM rollup_1m WHERE series = ?", [sid])
+                    for (v,) in self._all("SELECT min(first_bucket) FROM rollup_1m_blocks WHERE series = ?", [sid])
                     if v is not None
                 ]
             lo = min(firsts, default=None)
@@ -527,7 +550,7 @@ class Ops:
                     v
                     for (v,) in self._all(
                         "SELECT max(max_ts) FROM chunk_series WHERE series = ? UNION ALL"
-                        " SELECT max(bucket) FROM rollup_1m WHERE series = ?",
+                        " SELECT max(last_bucket) FROM rollup_1m_blocks WHERE series = ?",
                         [sid, sid],
                     )
                     if v is not None
@@ -587,11 +610,15 @@ class Ops:
             # The coarsest rollup whose buckets tile the asked ones exactly.
             if bucket % width == 0 and (since is None or since % width == 0) and (until is None or until % width == 0):
                 self.meta["resolution"] = name
-                for start, n, vmin, vmax, total in self._all(
-                    f"SELECT bucket, count, min, max, sum FROM {table} WHERE series = ? AND bucket >= ?"
-                    " AND bucket < ? ORDER BY bucket",
-                    [sid, q_lo, q_hi],
-                ):
+                if width == 60:
+                    rows = self._minutes(sid, q_lo, q_hi)
+                else:
+                    rows = self._all(
+                        f"SELECT bucket, count, min, max, sum FROM {table} WHERE series = ? AND bucket >= ?"
+                        " AND bucket < ? ORDER BY bucket",
+                        [sid, q_lo, q_hi],
+                    )
+                for start, n, vmin, vmax, total in rows:
                     add(math.floor(start / bucket), n, vmin, vmax, total)
                 break
         else:
@@ -602,10 +629,8 @@ class Ops:
                     f"raw readings up to ts {horizon!r} were removed (--retain or --max-disk): buckets before "
                     f"{cut} are computed from the 1-minute rollups (to the minute)"
                 )
-                for start, n, vmin, vmax, total in self._all(
-                    "SELECT bucket, count, min, max, sum FROM rollup_1m WHERE series = ? AND bucket >= ?"
-                    " AND bucket < ? ORDER BY bucket",
-                    [sid, -FAR if since is None else math.floor(since / 60) * 60, min(cut, q_hi)],
+                for start, n, vmin, vmax, total in self._minutes(
+                    sid, -FAR if since is None else math.floor(since / 60) * 60, min(cut, q_hi)
                 ):
                     add(math.floor(start / bucket), n, vmin, vmax, total)
             for chunk_id, cmin, cmax, n, vmin, vmax, total in self._all(

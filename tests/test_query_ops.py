@@ -383,7 +383,7 @@ def test_every_query_uses_an_index(known_db):
             if not sql.lstrip().upper().startswith("SELECT"):
                 continue
             plan = " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
-            for table in ("chunks", "chunk_series", "rollup_1m", "rollup_1h", "ingest_log"):
+            for table in ("chunks", "chunk_series", "rollup_1m_blocks", "rollup_1h", "ingest_log"):
                 assert f"SCAN {table}" not in plan, (sql, plan)
             if "chunk_series" in sql or "rollup_" in sql:
                 assert "(series=?" in plan, (sql, plan)

@@ -87,7 +87,7 @@ def test_rollup_retention_keeps_hours_forever_by_default(db_path):
     finally:
         store.close()
     conn = sqlite3.connect(db_path)
-    assert conn.execute("SELECT count(*) FROM rollup_1m").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM rollup_1m_blocks").fetchone() == (0,)
     assert conn.execute("SELECT count(*) FROM rollup_1h").fetchone() == (2,)  # two series, one hour
     assert conn.execute("SELECT count(*) FROM chunks").fetchone() == (0,)
     conn.close()
@@ -195,3 +195,38 @@ def test_retention_flags_are_checked_and_bad_values_are_one_line(bin_path, tmp_p
         )
         assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
         assert words in bad.stderr.strip().splitlines()[-1]  # click's usage error: one line says what
+
+
+def test_free_pages_left_by_the_ingest_log_go_back_to_the_file_system(db_path):
+    from collector.retention import FREE_SLACK_PAGES, VACUUM_PAGES_PER_STEP
+
+    store, core = open_ingest(db_path, store_options={"chunk_datagrams": 4000, "chunk_span": 1e9})
+    noise = random.Random(2)
+    try:
+        for s in range(12):  # the log holds every datagram until the heads close
+            fill(store, core, f"s{s}", range(3000), T0, noise=noise, flush_every=4)
+        fill(store, core, "s0", range(3000, 4000), T0 + 3000, noise=noise, flush_every=4)
+        for s in range(1, 12):
+            fill(store, core, f"s{s}", range(3000, 4000), T0 + 3000, noise=noise, flush_every=4000)
+        for _ in range(20):  # the log rows go, a bounded number per flush
+            assert store.flush(core, T0 + 5000)
+        conn = store.conn
+        assert conn.execute("SELECT count(*) FROM ingest_log").fetchone() == (0,)
+        assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # a new file: incremental
+        free_before = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        assert free_before > max(FREE_SLACK_PAGES, pages // 32) + 32  # what the log left
+        size_before = os.path.getsize(db_path)
+        for _ in range(free_before // VACUUM_PAGES_PER_STEP + 1):
+            assert store.maintain(core.counters, T0 + 5000)
+        pages, free = (
+            conn.execute("PRAGMA page_count").fetchone()[0],
+            conn.execute("PRAGMA freelist_count").fetchone()[0],
+        )
+        assert free <= max(FREE_SLACK_PAGES, pages // 32)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert os.path.getsize(db_path) <= size_before - (free_before - free) * 4096  # the file itself shrank
+    finally:
+        store.close()
+    stats, _ = ask(db_path, op="stats")
+    assert stats["stored_readings"] == 2 * 12 * 4000 and stats["budget_dropped"] == 0
