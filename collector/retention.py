@@ -44,7 +44,9 @@ LOG_ROWS_PER_STEP = 500
 FREE_SLACK_PAGES = 64  # free pages kept for reuse (256 KiB at 4 KiB pages) ...
 FREE_SLACK_SHARE = 1 / 32  # ... or this share of the file, whichever is more
 VACUUM_PAGES_PER_STEP = 256  # free pages handed back per step at most (the budget excepted)
-BLOCKS_PER_STEP = 256  # minute blocks deleted per step under --max-disk pressure
+BLOCKS_PER_STEP = 256
+WAL_SHARE = 16  # under --max-disk, the WAL is kept to 1/16 of it ...
+WAL_MIN_PAGES = 32  # ... but checkpoints no more often than every 32 pages  # minute blocks deleted per step under --max-disk pressure
 
 
 def bytes_to_free(used: int, max_disk: int | None) -> int:
@@ -65,6 +67,24 @@ def incremental_vacuum(conn: sqlite3.Connection, pages: int | None = None) -> No
     conn.executescript(f"PRAGMA incremental_vacuum{arg}")
 
 
+# A chunk that may be deleted: readers take the ingest_log rows after a
+# (sensor, boot)'s newest chunk (max log_id) as its open head, so deleting the
+# newest chunk while log rows up to its log_id remain would bring its datagrams
+# back as if unchunked (counted twice: kept and dropped).  Older chunks of the
+# (sensor, boot), or one whose log rows are all gone, may go.  (One parameter:
+# the oldest ingest_log id.)
+DELETABLE = (
+    "(log_id < ? OR log_id < (SELECT max(c.log_id) FROM chunks AS c"
+    " WHERE c.sensor = chunks.sensor AND c.boot = chunks.boot))"
+)
+
+
+def _oldest_log_row(conn: sqlite3.Connection) -> int:
+    """The oldest ingest_log id still there (a huge number when the log is empty)."""
+    oldest = conn.execute("SELECT min(id) FROM ingest_log").fetchone()[0]
+    return 2**62 if oldest is None else int(oldest)
+
+
 class Maintenance:
     def __init__(
         self,
@@ -83,6 +103,20 @@ class Maintenance:
         self._scrub_after = 0
         self._rollup_after = {"rollup_1m_blocks": 0, "rollup_1h": 0}
         self.faults_logged = 0
+
+    def configure(self, conn: sqlite3.Connection) -> None:
+        """Bound the WAL by the budget: it is part of the file's size on disk.
+
+        SQLite checkpoints at 1,000 pages and keeps a WAL of up to
+        journal_size_limit (4 MiB here) after it: under a budget of tens of
+        MB that is a large share, so both go down to 1/WAL_SHARE of it.
+        """
+        if not self.max_disk:
+            return
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = max(WAL_MIN_PAGES, min(1000, self.max_disk // WAL_SHARE // page))
+        conn.execute(f"PRAGMA wal_autocheckpoint={int(pages)}")
+        conn.execute(f"PRAGMA journal_size_limit={int(min(4194304, pages * page))}")
 
     # --- sizes ---------------------------------------------------------------------------
 
@@ -166,8 +200,8 @@ class Maintenance:
         ids = [
             i
             for (i,) in conn.execute(
-                "SELECT id FROM chunks WHERE last_received < ? ORDER BY last_received LIMIT ?",
-                (cutoff, CHUNKS_PER_STEP),
+                f"SELECT id FROM chunks WHERE last_received < ? AND {DELETABLE} ORDER BY last_received LIMIT ?",
+                (cutoff, _oldest_log_row(conn), CHUNKS_PER_STEP),
             )
         ]
         self._delete_chunks(conn, ids, counters, "retention_dropped")
@@ -191,7 +225,10 @@ class Maintenance:
         if need <= 0:
             return
         # Oldest raw chunks first (their bytes are most of the file).
-        rows = conn.execute("SELECT id, length(blob) FROM chunks ORDER BY id LIMIT ?", (CHUNKS_PER_STEP,)).fetchall()
+        rows = conn.execute(
+            f"SELECT id, length(blob) FROM chunks WHERE {DELETABLE} ORDER BY id LIMIT ?",
+            (_oldest_log_row(conn), CHUNKS_PER_STEP),
+        ).fetchall()
         ids, freed = [], 0
         for chunk_id, nbytes in rows:
             if freed >= need:

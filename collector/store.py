@@ -222,6 +222,7 @@ class Store:
         **retention: float | int | None,
     ) -> None:
         self.path = path
+        self.maintenance = Maintenance(path, **retention)
         self._open()
         self.chunk_datagrams = chunk_datagrams
         self.chunk_span = chunk_span
@@ -231,7 +232,6 @@ class Store:
         self.close_between_flushes = close_between_flushes
         self.max_backlog_rows = max_backlog_rows
         self.uplink_path = path + "-uplink"
-        self.maintenance = Maintenance(path, **retention)
         self.series: dict[str, dict[str, int]] = defaultdict(dict)  # sensor -> metric -> id
         self.heads: dict[tuple[str, int], Head] = {}
         self.last_log_id = 0
@@ -263,6 +263,7 @@ class Store:
         self.conn.execute(f"PRAGMA cache_size=-{int(tuning.WRITER_CACHE_KIB)}")
         # A WAL file shrinks back after a checkpoint (the disk budget counts it).
         self.conn.execute("PRAGMA journal_size_limit=4194304")
+        self.maintenance.configure(self.conn)  # a smaller WAL under a small --max-disk
 
     @property
     def lock_fd(self) -> int:

@@ -82,6 +82,9 @@ def test_rollup_retention_keeps_hours_forever_by_default(db_path):
     store, core = open_ingest(db_path, store_options={"chunk_datagrams": 4, "retain": DAY, "retain_1m": 2 * DAY})
     try:
         fill(store, core, "s", range(8), T0)
+        # The next flush (nothing new) trims the log row of the closing flush: a
+        # (sensor, boot)'s newest chunk goes only once its log rows are gone.
+        assert store.flush(core, T0 + 5 * DAY)
         for _ in range(3):  # the series visited in slices: a few steps
             assert store.maintain(core.counters, T0 + 5 * DAY)
     finally:
@@ -230,3 +233,26 @@ def test_free_pages_left_by_the_ingest_log_go_back_to_the_file_system(db_path):
         store.close()
     stats, _ = ask(db_path, op="stats")
     assert stats["stored_readings"] == 2 * 12 * 4000 and stats["budget_dropped"] == 0
+
+
+def test_the_budget_keeps_a_newest_chunk_while_its_log_rows_remain(db_path):
+    """Readers take the log rows after a (sensor, boot)'s newest chunk as its open head:
+    deleting that chunk first would bring its readings back (kept and dropped both)."""
+    from collector.readback import all_readings
+
+    store, core = open_ingest(db_path, store_options={"chunk_datagrams": 4, "max_disk": 4096})  # always over
+    try:
+        fill(store, core, "s", range(6), T0, flush_every=100)  # one flush: a chunk of 6, its log row stays
+        assert store.maintain(core.counters, T0 + 10)
+        conn = sqlite3.connect(db_path)
+        assert conn.execute("SELECT count(*) FROM chunks").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM ingest_log").fetchone() == (1,)
+        assert len(all_readings(conn)) == 12 and core.counters["budget_dropped"] == 0
+        fill(store, core, "s", range(6, 12), T0 + 20, flush_every=100)  # a second chunk; the first one's row goes
+        assert store.maintain(core.counters, T0 + 30)
+        kept = len(all_readings(conn))
+        assert conn.execute("SELECT count(*) FROM chunks").fetchone() == (1,)  # the older chunk went
+        assert (kept, core.counters["budget_dropped"]) == (12, 12)  # kept + dropped = stored, nothing twice
+        conn.close()
+    finally:
+        store.close()
