@@ -7,8 +7,10 @@ SQLite file, then reports the file's size (after a WAL checkpoint) per
 reading, and per table (dbstat when SQLite has it).  The v2 row store gets the
 same datagrams in the same run (tests/v2ref.py) as the baseline.
 
-    .venv/bin/python bench/store_disk.py                  # the full day (a few minutes)
+    .venv/bin/python bench/store_disk.py                  # the full day with the v2 baseline (~10 minutes)
+    .venv/bin/python bench/store_disk.py --no-v2          # the full day, v3 only (~2 minutes)
     .venv/bin/python bench/store_disk.py --seconds 21600  # a quarter day
+    .venv/bin/python bench/store_disk.py --influx         # and InfluxDB 1.6 on the same day (+~5 minutes)
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ def main() -> None:
     ap.add_argument("--sensors", type=int, default=20)
     ap.add_argument("--seconds", type=int, default=86400)
     ap.add_argument("--no-v2", action="store_true", help="skip the v2 baseline (it is slow and large)")
+    ap.add_argument(
+        "--influx",
+        action="store_true",
+        help="also write the day to InfluxDB 1.6 (bench/disk.py: TSM fully compacted) and print the ratio",
+    )
+    ap.add_argument("--sample", type=int, default=8, help="per metric kind: re-encode every Nth chunk (default 8)")
     args = ap.parse_args()
     Workload = load_workload()
     w = Workload(sensors=args.sensors, seconds=args.seconds, seed=1)
@@ -95,8 +103,23 @@ def main() -> None:
             f"v3 file: {v3_bytes} bytes = {v3_bytes / readings:.3f} bytes/reading (everything in the file: "
             f"chunks, open heads' log, rollups, sensors, gaps, counters)"
         )
-        for name, size in tables(v3_path).items():
+        sizes = tables(v3_path)
+        free = v3_bytes - sum(sizes.values())
+        for name, size in sizes.items():
             print(f"  {name:24s} {size:>12d} bytes  {size / readings:.3f} B/reading")
+        if sizes:
+            print(f"  {'(free pages, WAL)':24s} {free:>12d} bytes  {free / readings:.3f} B/reading")
+        per_kind(v3_path, readings, v3_bytes, args.sample)
+        if args.influx:
+            from bench.disk import influx_figures  # noqa: PLC0415
+
+            got = influx_figures(w, {"day": False}, 3600)["day"]
+            per_value = got["per_value"]
+            print(
+                f"InfluxDB 1.6 (same values, TSM fully compacted, same run): {per_value:.2f} bytes per value; "
+                f"this file {v3_bytes / readings:.3f} B/reading = {v3_bytes / readings / per_value:.3f} of it "
+                f"({per_value / (v3_bytes / readings):.1f}x smaller, seq and receive times included here, not there)"
+            )
         if v2 is not None:
             v2.close()
             v2_bytes = file_bytes(os.path.join(d, "v2.db"))
@@ -104,6 +127,60 @@ def main() -> None:
                 f"v2 file (baseline, same run): {v2_bytes} bytes = {v2_bytes / readings:.2f} bytes/reading; "
                 f"v3/v2 = {v3_bytes / v2_bytes:.3f}"
             )
+
+
+def per_kind(path: str, readings: int, total: int, sample: int) -> None:
+    """Bytes per reading of each metric kind: its columns in the chunks and its minute blocks.
+
+    A metric's share of a chunk is the chunk's size minus the size of the same
+    chunk encoded without that metric (bench/disk.py's method), over every
+    `sample`-th chunk and scaled to all; its minute blocks are counted exactly.
+    What no one metric owns (seq, ts and received columns, chunk rows and
+    statistics, hour rollups, the log, free pages) is printed apart.
+    """
+    from collector.chunkenc import decode_chunk, encode_chunk  # noqa: PLC0415
+
+    conn = sqlite3.connect(path)
+    try:
+        counts = dict(
+            conn.execute(
+                "SELECT s.metric, total(cs.count) FROM chunk_series cs JOIN series s ON s.id = cs.series GROUP BY 1"
+            )
+        )
+        minutes = dict(
+            conn.execute(
+                "SELECT s.metric, total(length(b.blob)) FROM rollup_1m_blocks b JOIN series s ON s.id = b.series"
+                " GROUP BY 1"
+            )
+        )
+        share = dict.fromkeys(counts, 0)
+        sampled = all_bytes = 0
+        for i, (blob,) in enumerate(conn.execute("SELECT blob FROM chunks ORDER BY id")):
+            all_bytes += len(blob)
+            if i % sample:
+                continue
+            sampled += len(blob)
+            seqs, ts, received, metrics = decode_chunk(blob)
+            for name in metrics:
+                rest = {k: v for k, v in metrics.items() if k != name}
+                share[name] += len(blob) - len(encode_chunk(seqs, ts, received, rest))
+    finally:
+        conn.close()
+    scale = all_bytes / max(sampled, 1)
+    print(f"per metric kind (chunk columns from every {sample}th chunk, scaled; minute blocks exact):")
+    owned = 0.0
+    for name, n in counts.items():
+        col = share[name] * scale
+        mins = minutes.get(name, 0)
+        owned += col + mins
+        print(
+            f"  {name:10s} {n:>10.0f} readings in chunks: columns {col / n:.3f} + minute blocks {mins / n:.3f}"
+            f" = {(col + mins) / n:.3f} B/reading"
+        )
+    print(
+        f"  shared (seq, ts, received columns, chunk and statistics rows, hour rollups, log, free pages): "
+        f"{(total - owned) / readings:.3f} B/reading of the whole file's {total / readings:.3f}"
+    )
 
 
 def flush(store, core, v2, now: float) -> None:
