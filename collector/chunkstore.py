@@ -106,8 +106,12 @@ def decimal_sum(values) -> float:
     within SUM_ULPS ulps of it, that decimal is the sum (a difference of
     ~1e-16 relative); else fsum's.  The minute blocks then store it as a
     small integer (chunkenc's decimal scaling) instead of 8 raw bytes.
+    A sum beyond the float range is added in row order (+-inf, as before).
     """
-    total = math.fsum(values)
+    try:
+        total = math.fsum(values)
+    except (OverflowError, ValueError):  # an intermediate beyond 1.8e308
+        return reduce(add, values, 0.0)
     if total != total or total in (math.inf, -math.inf):
         return total
     near = SUM_ULPS * math.ulp(total)

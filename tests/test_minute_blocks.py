@@ -170,3 +170,13 @@ def test_a_version_4_database_converts_its_minute_rows_into_blocks(db_path, capl
         (b["start"], b["count"], b["min"], b["max"]) for b in before
     ]
     assert [b["sum"] for b in after] == pytest.approx([b["sum"] for b in before], rel=1e-12)
+
+
+def test_a_minute_sum_beyond_the_float_range_is_infinite_not_an_error():
+    from collector.chunkstore import decimal_sum
+
+    assert decimal_sum([1e308, 1e308]) == math.inf  # math.fsum raises OverflowError here
+    assert decimal_sum([-1e308, -1e308, 5.0]) == -math.inf
+    assert decimal_sum([21.39] * 7) == 149.73  # math.fsum gives 149.73000000000002
+    assert decimal_sum([0.1, 0.2]) == 0.3  # and 0.30000000000000004
+    assert decimal_sum([1 / 3, 1 / 3]) == 2 / 3  # no short decimal within 4 ulps: fsum's
