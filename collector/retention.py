@@ -44,9 +44,9 @@ LOG_ROWS_PER_STEP = 500
 FREE_SLACK_PAGES = 64  # free pages kept for reuse (256 KiB at 4 KiB pages) ...
 FREE_SLACK_SHARE = 1 / 32  # ... or this share of the file, whichever is more
 VACUUM_PAGES_PER_STEP = 256  # free pages handed back per step at most (the budget excepted)
-BLOCKS_PER_STEP = 256
+BLOCKS_PER_STEP = 256  # minute blocks deleted per step under --max-disk pressure
 WAL_SHARE = 16  # under --max-disk, the WAL is kept to 1/16 of it ...
-WAL_MIN_PAGES = 32  # ... but checkpoints no more often than every 32 pages  # minute blocks deleted per step under --max-disk pressure
+WAL_MIN_PAGES = 128  # ... but checkpoints no more often than every 128 pages (512 KiB)
 
 
 def bytes_to_free(used: int, max_disk: int | None) -> int:
