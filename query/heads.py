@@ -46,6 +46,20 @@ class _Stats:
         self.min_ts = self.max_ts = 0.0
         self.last: Row | None = None
 
+    def add(self, t: float, boot: int, seq: int, v: float) -> None:
+        """Count one present reading; of equal keys the first to arrive stays the newest
+        (as a scan in arrival order keeps it)."""
+        if self.count == 0:
+            self.min_ts = self.max_ts = t
+        elif t < self.min_ts:
+            self.min_ts = t
+        elif t > self.max_ts:
+            self.max_ts = t
+        self.count += 1
+        last = self.last
+        if last is None or (t, boot, seq) > last[:3]:
+            self.last = (t, boot, seq, v)
+
 
 class OpenHead:
     """One (sensor, boot)'s open datagrams, in arrival order."""
@@ -95,21 +109,8 @@ class OpenHead:
                 s = stats[name] = _Stats()
             for i in range(n0, n0 + n):
                 v = col[i]
-                if v != v:
-                    continue
-                t = self.ts[i]
-                if s.count == 0:
-                    s.min_ts = s.max_ts = t
-                elif t < s.min_ts:
-                    s.min_ts = t
-                elif t > s.max_ts:
-                    s.max_ts = t
-                s.count += 1
-                row = (t, boot, self.seqs[i], v)
-                # Strictly newer only: of equal keys the first to arrive stays (as a
-                # scan in arrival order keeps it).
-                if s.last is None or row[:3] > s.last[:3]:
-                    s.last = row
+                if v == v:  # NaN: no reading of this metric in that datagram
+                    s.add(self.ts[i], boot, self.seqs[i], v)
         for col in self.metrics.values():
             if len(col) < n0 + n:
                 col.extend(array("d", [nan]) * (n0 + n - len(col)))
@@ -145,19 +146,8 @@ class OpenHead:
         for name, col in self.metrics.items():
             s = _Stats()
             for i, v in enumerate(col):
-                if v != v:
-                    continue
-                t = self.ts[i]
-                if s.count == 0:
-                    s.min_ts = s.max_ts = t
-                elif t < s.min_ts:
-                    s.min_ts = t
-                elif t > s.max_ts:
-                    s.max_ts = t
-                s.count += 1
-                row = (t, boot, self.seqs[i], v)
-                if s.last is None or row[:3] > s.last[:3]:
-                    s.last = row
+                if v == v:
+                    s.add(self.ts[i], boot, self.seqs[i], v)
             if s.count:
                 out[name] = s
         return out
