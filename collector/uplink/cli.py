@@ -197,9 +197,7 @@ CENTRAL_SETTINGS = [
 ]
 
 
-_common = config.daemon_options(
-    "uplink", "Validate the settings and credential files, print the effective table and exit (connects to nothing)."
-)
+_CHECK_HELP = "Validate the settings and credential files, print the effective table and exit (connects to nothing)."
 
 
 def _logging(verbose: int, quiet: int) -> None:
@@ -259,7 +257,7 @@ def main() -> None:
 
 @main.command("run")
 @config.options(UPLINK_SETTINGS, UPLINK_ENV)
-@_common
+@config.daemon_options("uplink", _CHECK_HELP)
 @click.pass_context
 def run_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> None:
     """Publish the collector's committed readings and accounts to JetStream (the daemon).
@@ -319,7 +317,7 @@ def run_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> None
 
 @main.command("consume")
 @config.options(CENTRAL_SETTINGS, CENTRAL_ENV)
-@_common
+@config.daemon_options("central", _CHECK_HELP)
 @click.pass_context
 def consume_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> None:
     """Take every gateway's stream into one central database (the central daemon).
