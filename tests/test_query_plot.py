@@ -78,6 +78,32 @@ class Terminal:
             lines.pop()
         return lines
 
+    def wait_screen(self, predicate, timeout: float, what: str) -> list[str]:
+        """Poll the screen until `predicate(screen)` holds, reading it once per poll (a frame
+        being redrawn may be empty or half drawn); on timeout, say what was awaited and what
+        the terminal showed last."""
+        last: list[str] = []
+
+        def ready() -> bool:
+            nonlocal last
+            last = self.screen()
+            return bool(last) and predicate(last)
+
+        try:
+            wait_for(ready, timeout, 0.05, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the terminal showed:\n" + "\n".join(last)) from None
+        return last
+
+    def wait_exit(self, timeout: float, what: str) -> None:
+        """Wait for the command's exit status; on timeout, say what was awaited and show the
+        pane's last lines (scrollback included)."""
+        try:
+            wait_for(lambda: self.dead()[0], timeout, 0.05, what=what)
+        except AssertionError as exc:
+            pane = self.tmux("capture-pane", "-p", "-S", "-", "-t", "t").splitlines()[-8:]
+            raise AssertionError(f"{exc}; the terminal showed:\n" + "\n".join(pane)) from None
+
     def dead(self) -> tuple[bool, str]:
         """(exited, its exit status as text)."""
         try:
@@ -121,7 +147,7 @@ def inked(row: str) -> list[int]:
 
 def test_a_plot_in_a_terminal_has_its_axes_labels_and_the_curve_where_the_data_is(server, terminal, bin_path):
     terminal.run([bin_path("telemetry-query"), "plot", "step", "--since", "0"], server["env"])
-    wait_for(lambda: terminal.dead()[0], 60, what="plot to draw and exit")
+    terminal.wait_exit(60, "plot to draw and exit")
     assert terminal.dead() == (True, "0"), terminal.screen()
     screen = terminal.screen()
     # 150 readings, fewer than the 2 x 78 dot columns: drawn as they are, no buckets.
@@ -145,7 +171,7 @@ def test_a_plot_in_a_terminal_has_its_axes_labels_and_the_curve_where_the_data_i
 
 def test_a_downsampled_plot_draws_the_min_max_band(server, terminal, bin_path):
     terminal.run([bin_path("telemetry-query"), "plot", "zigzag", "--metric", "v", "--since", "0"], server["env"])
-    wait_for(lambda: terminal.dead()[0], 60, what="plot to draw and exit")
+    terminal.wait_exit(60, "plot to draw and exit")
     assert terminal.dead() == (True, "0"), terminal.screen()
     screen = terminal.screen()
     width, height = plot.canvas_size(100, 30)
@@ -164,27 +190,16 @@ def test_a_downsampled_plot_draws_the_min_max_band(server, terminal, bin_path):
 
 def test_watch_redraws_with_new_data_and_stops_on_ctrl_c_with_exit_0(server, terminal, bin_path):
     terminal.run([bin_path("telemetry-query"), "plot", "step", "--since", "0", "--watch", "0.2"], server["env"])
-    wait_for(
-        lambda: terminal.screen() and terminal.screen()[0].startswith("step v: 150 readings"),
-        60,
-        what="the first frame",
-    )
+    terminal.wait_screen(lambda s: s[0].startswith("step v: 150 readings"), 60, "the first frame")
     append_readings(server["db"], "step", "v", [(T0 + 150 + i, 150 + i, 5.0) for i in range(50)])
-    wait_for(
-        lambda: (
-            terminal.screen()[0].startswith("step v: 200 readings")
-            and terminal.screen()[-1].startswith("every 0.2 s, drawn ")
-        ),
+    terminal.wait_screen(
+        lambda s: s[0].startswith("step v: 200 readings") and s[-1].startswith("every 0.2 s, drawn "),
         60,
-        what="a whole frame with the new readings",
+        "a whole frame with the new readings",
     )
     assert not terminal.dead()[0]
     terminal.tmux("send-keys", "-t", "t", "C-c")
-    try:
-        wait_for(lambda: terminal.dead()[0], 30, what="plot --watch to stop on Ctrl-C")
-    except AssertionError as exc:
-        screen = "\n".join(terminal.tmux("capture-pane", "-p", "-S", "-", "-t", "t").splitlines()[-8:])
-        raise AssertionError(screen) from exc
+    terminal.wait_exit(30, "plot --watch to stop on Ctrl-C")
     assert terminal.dead() == (True, "0")
     assert "Traceback" not in "\n".join(terminal.screen())
 
