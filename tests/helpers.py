@@ -12,15 +12,18 @@ import time
 from contextlib import contextmanager
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
-    """Poll `predicate` until it returns a truthy value or the deadline passes."""
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what="condition"):
+    """Poll `predicate` until it returns a truthy value or the deadline passes.
+
+    `what` names what was awaited in the timeout's message; a callable is called
+    then, so the message can say how far it got (e.g. lambda: f"... (got {n})")."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what() if callable(what) else what}")
         time.sleep(interval)
 
 
@@ -133,15 +136,16 @@ class Receiver:
         return [decode(d) for d in list(self.raw)]
 
     def wait(self, n: int) -> list[bytes]:
-        wait_for(lambda: len(self.raw) >= n, 10, what=f"{n} datagrams (got {len(self.raw)})")
+        wait_for(lambda: len(self.raw) >= n, 10, what=lambda: f"{n} datagrams (got {len(self.raw)})")
         return list(self.raw)
 
 
 @contextmanager
-def running_collector(db_path: str, **overrides):
+def running_collector(db_path: str, *, clock=time.time, **overrides):
     """A Collector serving in a thread on 127.0.0.1 (port 0); yields (collector, notify messages).
 
-    Flushes every 50 ms; `overrides` are further Settings.  On exit it is shut
+    Flushes every 50 ms; `clock` is its wall clock (receive times, the rejection
+    log's rate limit); `overrides` are further Settings.  On exit it is shut
     down (final flush included) and closed.
     """
     from collector.server import Collector, Settings
@@ -149,7 +153,7 @@ def running_collector(db_path: str, **overrides):
     values = dict(db=db_path, listen=(("127.0.0.1", 0),), flush_interval=0.05, status_interval=3600.0)
     values.update(overrides)
     notes: list[str] = []
-    collector = Collector(Settings(**values), notify=notes.append)
+    collector = Collector(Settings(**values), notify=notes.append, clock=clock)
     thread = threading.Thread(target=collector.serve_forever, name="collector")
     thread.start()
     try:

@@ -31,7 +31,7 @@ class Daemon:
         ready: str,
         *,
         env: dict[str, str] | None = None,
-        timeout: float = 10.0,
+        timeout: float = 30.0,
         cwd: Path | None = None,
     ) -> None:
         self.cmd = cmd
@@ -112,7 +112,13 @@ class CollectorProcess(Daemon):
             return {}
 
     def wait_received(self, n: int, timeout: float = 15) -> None:
-        wait_for(lambda: self.counters().get("received", 0) >= n, timeout, what=f"{n} datagrams received")
+        """Until the collector has committed `n` datagrams received: `timeout` seconds, and one
+        more per 2,000 datagrams (a loaded 2-core box still commits that many a second)."""
+        wait_for(
+            lambda: self.counters().get("received", 0) >= n,
+            timeout + n / 2000,
+            what=lambda: f"{n} datagrams received (committed: {self.counters().get('received', 0)})",
+        )
 
 
 class QueryServerProcess(Daemon):

@@ -409,7 +409,14 @@ def test_the_disk_budget_drops_unsent_log_entries_loudly_and_exactly(tmp_path, g
             )
             gw.wait_ingested(timeout=60)
         # raw chunks go first, then rollups, then log entries the uplink has not sent
-        wait_for(lambda: gw.collector.counters()["uplink_dropped"], 15, 0.05, what="the budget to reach the log")
+        # The budget deletes raw chunks, then rollups, then log entries: its work grows with the
+        # 70,000 datagrams stored, on a loaded box too.
+        wait_for(
+            lambda: gw.collector.counters()["uplink_dropped"],
+            60,
+            0.05,
+            what=lambda: f"the budget to reach the log (counters {gw.collector.counters()})",
+        )
         assert gw.collector.stop() == 0  # the budget's work goes on while idle: a still file from here
         counters = gw.collector.counters()
         assert counters["uplink_dropped"] > 0 and counters["budget_dropped"] > 0, counters

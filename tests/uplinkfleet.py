@@ -203,7 +203,9 @@ def wait_central(central: str, gateways: list[Gateway], timeout: float = 30.0) -
 
 def wait_central_equals(central: str, want_r: set, want_a: dict, timeout: float = 30.0) -> None:
     """Until the central database holds exactly these readings and accounts (prefixed sensor
-    ids); then nothing doubled: the consumer inserted each reading once and rejected nothing."""
+    ids); then nothing doubled: the consumer inserted each reading once and rejected nothing.
+    The wait is `timeout` and one second more per 10,000 readings awaited (a loaded box)."""
+    timeout += len(want_r) / 10_000
 
     def same() -> bool:
         if not os.path.exists(central):
