@@ -278,24 +278,7 @@ def encode(item: Readings | Accounts, version: int = PAYLOAD_VERSION) -> bytes:
     else:
         if version not in VERSIONS:
             raise ValueError(f"payload version {version!r}")
-        gaps = [[g.stream, g.boot, g.first_seq, g.last_seq, g.missing, g.detected_at] for g in item.gaps]
-        body = [
-            version,
-            KIND_ACCOUNTS,
-            item.gateway,
-            item.sensor,
-            item.as_of,
-            item.first_seen,
-            item.last_seen,
-            item.datagrams,
-            item.readings,
-            item.lost,
-            item.duplicates,
-            item.reordered,
-            item.restarts,
-            gaps,
-            item.gaps_total,
-        ]
+        body = [version, KIND_ACCOUNTS, item.gateway, *_snapshot_body(item)]
     return msgpack.packb(body, use_bin_type=True)
 
 
