@@ -28,7 +28,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from operator import le
 from typing import Any
@@ -38,7 +38,7 @@ from collector.health import is_stale
 from collector.schema import NO_BOOT, REJECT_REASONS
 
 from . import __version__, tuning
-from .heads import HeadCache
+from .heads import HeadCache, Window
 from .protocol import (
     DEFAULT_LIMIT,
     PROTOCOL_VERSION,
@@ -232,13 +232,24 @@ class Ops:
         self, chunk_id: int, metric: str, lower: float | None = None, upper: float | None = None
     ) -> list[tuple]:
         """(ts, boot, seq, value) of one series in a chunk, in key order, lower <= ts < upper."""
+        found = self._chunk_span(chunk_id, metric, lower, upper)
+        if found is None:
+            return []
+        (boot, ts, seqs, values), lo, hi = found
+        return [(ts[i], boot, seqs[i], values[i]) for i in range(lo, hi)]
+
+    def _chunk_span(self, chunk_id: int, metric: str, lower: float | None, upper: float | None):
+        """One series of a chunk decoded, (boot, ts, seqs, values), and the index range
+        lo:hi of its rows with lower <= ts < upper (ts is in key order); None if absent."""
         decoded = self._chunk(chunk_id, metric)
         if decoded is None:
-            return []
-        boot, ts, seqs, values = decoded
-        lo = 0 if lower is None else bisect_left(ts, lower)
-        hi = len(ts) if upper is None else bisect_left(ts, upper)
-        return [(ts[i], boot, seqs[i], values[i]) for i in range(lo, hi)]
+            return None
+        ts = decoded[1]
+        return (
+            decoded,
+            0 if lower is None else bisect_left(ts, lower),
+            len(ts) if upper is None else bisect_left(ts, upper),
+        )
 
     def _chunk_page(
         self,
@@ -253,12 +264,10 @@ class Ops:
     ) -> list[tuple]:
         """At most `wanted` kept rows of one series in a chunk, from the start (the end if
         `desc`) of lower <= ts < upper: a page never materialises a whole chunk."""
-        decoded = self._chunk(chunk_id, metric)
-        if decoded is None:
+        found = self._chunk_span(chunk_id, metric, lower, upper)
+        if found is None:
             return []
-        boot, ts, seqs, values = decoded
-        lo = 0 if lower is None else bisect_left(ts, lower)
-        hi = len(ts) if upper is None else bisect_left(ts, upper)
+        (boot, ts, seqs, values), lo, hi = found
         if at_most is not None:  # a desc cursor: nothing above its ts
             hi = min(hi, bisect_right(ts, at_most))
         out: list[tuple] = []
@@ -381,34 +390,17 @@ class Ops:
                     )
         return out
 
-    def _series_page(
-        self,
-        sid: int,
-        sensor: str,
-        metric: str,
-        lower: float | None,
-        upper: float | None,
-        after: tuple | None,
-        desc: bool,
-        wanted: int,
-    ) -> list[tuple]:
-        """Up to `wanted` (ts, boot, seq, value) of one series in key order (descending if
-        `desc`), lower <= ts < upper, strictly past the key `after`."""
-
-        def keep(r: tuple) -> bool:
-            ts = r[0]
-            if lower is not None and ts < lower or upper is not None and ts >= upper:
-                return False
-            if after is not None:
-                return r[:3] < after if desc else r[:3] > after
-            return True
+    def _series_page(self, sid: int, sensor: str, metric: str, window: Window, wanted: int) -> list[tuple]:
+        """Up to `wanted` (ts, boot, seq, value) of one series in the window, in its key order."""
+        lower, upper, after, desc = window.lower, window.upper, window.after, window.desc
+        keep = window.test()
 
         # The open heads hold a series' newest readings: a desc page reads them first, an
         # asc page last, bounded by what the chunks already gave (a page past the heads'
         # range builds none of their rows).
         found: list[tuple] = []
         if desc:
-            found = [r for r in self.heads.page(sensor, metric, lower, upper, after, True, wanted) if keep(r)]
+            found = [r for r in self.heads.page(sensor, metric, window, wanted) if keep(r)]
         lo = -FAR if lower is None else lower
         hi = FAR if upper is None else upper
         if desc:
@@ -450,7 +442,8 @@ class Ops:
                 del found[wanted:]
                 past = math.nextafter(found[-1][0], math.inf)  # ts up to the last row's, ties included
                 head_upper = past if upper is None else min(upper, past)
-            found += [r for r in self.heads.page(sensor, metric, lower, head_upper, after, False, wanted) if keep(r)]
+            head_window = replace(window, upper=head_upper)
+            found += [r for r in self.heads.page(sensor, metric, head_window, wanted) if keep(r)]
         found.sort(reverse=desc)
         return found[:wanted]
 
@@ -498,7 +491,7 @@ class Ops:
         for index in range(start, len(series)):
             sid, met = series[index]
             key = (after.ts, after.boot, after.seq) if after is not None and index == start else None
-            rows = self._series_page(sid, sensor, met, since, until, key, desc, wanted - len(found))
+            rows = self._series_page(sid, sensor, met, Window(since, until, key, desc), wanted - len(found))
             found += [(sid, met, *row) for row in rows]
             if len(found) >= wanted:
                 break
