@@ -214,7 +214,7 @@ def acked_messages(db: str) -> int | None:
 
 
 def drain(
-    dbs: dict[str, str], url: str, entries: int, workdir: Path, timeout: float, payload: int = 2, stream="TELEMETRY"
+    dbs: dict[str, str], url: str, entries: int, workdir: Path, timeout: float, payload: int = 3, stream="TELEMETRY"
 ) -> dict:
     """Uplinks for these gateways (name -> database) at once, from position 0 until each has
     acked its whole log: elapsed time, the uplinks' peak RSS, messages acked."""
@@ -268,10 +268,11 @@ def central_readings(path: str) -> int:
     return int(row[0]) if row else 0
 
 
-def consume(url: str, total: int, workdir: Path, timeout: float) -> dict:
-    central = str(workdir / "central.db")
-    log = workdir / "consume.log"
+def consume(url: str, total: int, workdir: Path, timeout: float, stream: str = "TELEMETRY") -> dict:
+    central = str(workdir / f"central-{stream}.db")
+    log = workdir / f"consume-{stream}.log"
     cmd = [str(BIN / "telemetry-uplink"), "consume", "--db", central, "--servers", url, "--status-interval", "3600"]
+    cmd += ["--stream", stream, "--subject-prefix", stream.lower()]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     peak = 0
@@ -284,10 +285,11 @@ def consume(url: str, total: int, workdir: Path, timeout: float) -> dict:
             peak = max(peak, vm_hwm_kb(proc.pid) or 0)
             time.sleep(0.05)
         elapsed = time.monotonic() - start
+        cpu = cpu_seconds(proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)
-    return dict(elapsed=elapsed, peak_rss_kb=peak, stored=central_readings(central))
+    return dict(elapsed=elapsed, peak_rss_kb=peak, stored=central_readings(central), cpu=cpu)
 
 
 def ingest_rates(url: str, seconds: float, workdir: Path, nats_pid: int) -> dict:
@@ -407,7 +409,7 @@ def main() -> None:
             r = drain({"catchup": big}, url, entries, workdir, args.timeout, stream="CATCHUP")
             fwd = readings / r["elapsed"]
             print(
-                f"  payload 2: drained in {r['elapsed']:.2f} s = {fwd:,.0f} readings/s, {r['messages']:,} messages; "
+                f"  payload 3: drained in {r['elapsed']:.2f} s = {fwd:,.0f} readings/s, {r['messages']:,} messages; "
                 f"uplink peak RSS {r['peak_rss_kb'] / 1024:.1f} MB",
                 flush=True,
             )
@@ -422,12 +424,19 @@ def main() -> None:
                 f"{v1:,.0f} readings/s, {b['messages']:,} messages; peak RSS {b['peak_rss_kb'] / 1024:.1f} MB",
                 flush=True,
             )
-            # 2. central: the gateways' backlogs published at once, then one consumer drains them all
+            # 2. central: the gateways' backlogs published at once (payload 3), then one consumer
+            # drains them all; and the same backlogs as payload 2 (each datagram's identity kept
+            # centrally, as before payload 3) to a stream of their own, drained the same way
             dbs = {}
             for g in range(args.gateways):
                 dbs[f"site-{g}"] = str(workdir / f"gw{g}.db")
                 copy_db(small, dbs[f"site-{g}"])
-            c_pub = drain(dbs, url, s_entries, workdir, args.timeout)
+            c_pub = drain(dbs, url, s_entries, workdir, args.timeout, payload=3)
+            dbs2 = {}
+            for g in range(args.gateways):
+                dbs2[f"site-{g}"] = str(workdir / f"gw{g}-p2.db")
+                copy_db(small, dbs2[f"site-{g}"])
+            drain(dbs2, url, s_entries, workdir, args.timeout, payload=2, stream="CENTRAL2")
             total = s_readings * args.gateways
             print(
                 f"  {args.gateways} uplinks at once: {total:,} readings in {c_pub['elapsed']:.2f} s = "
@@ -437,8 +446,19 @@ def main() -> None:
             c = consume(url, total, workdir, args.timeout)
             central_rate = c["stored"] / c["elapsed"]
             print(
-                f"  central consumer: {c['stored']:,} readings of {args.gateways} gateways in {c['elapsed']:.2f} s = "
-                f"{central_rate:,.0f} readings/s; peak RSS {c['peak_rss_kb'] / 1024:.1f} MB",
+                f"  central consumer (payload 3): {c['stored']:,} readings of {args.gateways} gateways in "
+                f"{c['elapsed']:.2f} s = {central_rate:,.0f} readings/s ({c['stored'] / c['cpu']:,.0f} per CPU second "
+                f"of the consumer); peak RSS {c['peak_rss_kb'] / 1024:.1f} MB; "
+                f"central database {os.path.getsize(workdir / 'central-TELEMETRY.db') / 1e6:.0f} MB",
+                flush=True,
+            )
+            c2 = consume(url, total, workdir, args.timeout, stream="CENTRAL2")
+            central2_rate = c2["stored"] / c2["elapsed"]
+            print(
+                f"  central consumer (payload 2, same backlogs): {c2['elapsed']:.2f} s = {central2_rate:,.0f} "
+                f"readings/s ({c2['stored'] / c2['cpu']:,.0f} per CPU second); peak RSS {c2['peak_rss_kb'] / 1024:.1f} MB; central database "
+                f"{os.path.getsize(workdir / 'central-CENTRAL2.db') / 1e6:.0f} MB (payload 3 / payload 2 = "
+                f"{central_rate / central2_rate:.2f})",
                 flush=True,
             )
             ingest = None if args.skip_ingest else ingest_rates(url, args.ingest_seconds, workdir, nats.pid)
@@ -463,7 +483,10 @@ def main() -> None:
         f"uplink peak RSS: {max(r['peak_rss_kb'], c_pub['peak_rss_kb']) / 1024:.1f} MB (target < 60 MB); "
         f"payload 1: {b['peak_rss_kb'] / 1024:.1f} MB"
     )
-    print(f"central consumer: {central_rate:,.0f} readings/s")
+    print(
+        f"central consumer: {central_rate:,.0f} readings/s with payload 3; {central2_rate:,.0f} with payload 2 "
+        f"(ratio {central_rate / central2_rate:.2f})"
+    )
     if ingest:
         alone, beside = ingest["collector alone"], ingest["collector + uplink"]
         for label, b in (("alone", alone), ("with the uplink running", beside)):

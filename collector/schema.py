@@ -420,6 +420,9 @@ def open_writer(path: str) -> sqlite_utils.Database:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
         migrate(db)
+        # The database's identity, made once: the uplink's payload 3 names its rows by it, so
+        # a recreated database (ids from 1 again) is not taken centrally for a replay.
+        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('database_id', lower(hex(randomblob(16))))")
     except BaseException as exc:
         conn.close()  # a refused database (newer schema, unwritable, damaged) is left closed
         if isinstance(exc, sqlite3.Error):

@@ -466,14 +466,16 @@ class Store:
         groups: list[ingestlog.Group],
         now: float,
         new_series: list[tuple[int, str, str]],
+        known: tuple[int, int] | None = None,
     ) -> tuple[int, set[tuple[str, int]]]:
         """For a writer other than the ingest core (the uplink's central database):
         inside the caller's transaction, the new series, one log row for `groups`
-        (one group per (sensor, boot)) and the chunks of the heads that close.
+        (one group per (sensor, boot); `known`: their (datagrams, readings) if counted)
+        and the chunks of the heads that close.
         Call committed_groups with what it returns once the transaction commits."""
         if new_series:
             conn.executemany(INSERT_SERIES, new_series)
-        log_id = ingestlog.append(conn, now, groups) if groups else 0
+        log_id = ingestlog.append(conn, now, groups, known) if groups else 0
         closed = self._close_heads(conn, groups, log_id or self.last_log_id, now)
         self._trim_log(conn)
         return log_id, closed

@@ -215,3 +215,138 @@ def test_the_query_server_reads_the_central_database(central):
 def test_one_consumer_per_central_database(central):
     with pytest.raises(SetupError, match="in use"):
         Central(central.path)
+
+
+# ---------------------------------------------------------------- payload 3: ranges, not datagrams
+
+
+def group(sensor, boot, seqs, t0=1000.0):
+    r = readings(sensor, boot, seqs, t0)
+    return ingestlog.Group(r.sensor, r.boot, r.seqs, r.ts, r.received, r.metrics)
+
+
+def log_rows(*rows, first_id=1):
+    """Gateway ingest_log rows (each a list of groups) as core.Blocks, ids from first_id."""
+    out = []
+    for i, gs in enumerate(rows):
+        body = ingestlog.encode_body(list(gs))
+        datagrams, n = ingestlog.counts(list(gs))
+        out.append(core.Block(first_id + i, datagrams, n, body, len(zlib.decompress(body))))
+    return out
+
+
+def blocks_message(blocks, origin="ab01", gone=(), gateway="site-7", **limits):
+    messages = core.columns_messages("telemetry", gateway, blocks, origin=origin, gone=gone, **limits)
+    return [core.decode(m.payload) for m in messages]
+
+
+def range_rows(path):
+    return db_query(path, "SELECT gateway, origin, lo, hi FROM uplink_ranges ORDER BY 1, 2, 3")
+
+
+ROWS = [
+    [group("s.1", 7, (1, 2)), group("b", None, (1,))],
+    [group("s.1", 7, (3,)), group("b", None, (1,), t0=2000.0)],  # b restarted its seqs (no boot)
+    [group("s.1", 7, (4, 5, 6))],
+]
+
+
+def test_payload_3_lands_like_payload_2_and_a_replay_adds_nothing(tmp_path, central):
+    done = central.apply(blocks_message(log_rows(*ROWS)))
+    assert done["uplink_readings"] == 3 + 2 + 2 + 2 + 4 and done["uplink_replayed_readings"] == 0
+    other = Central(str(tmp_path / "v2.db"))
+    try:
+        other.apply([columns(*ROWS)])
+    finally:
+        other.close()
+    assert stored(central.path) == stored(str(tmp_path / "v2.db"))
+    # three consecutive rows are one range; no datagram's identity is kept
+    assert range_rows(central.path) == [("site-7", "ab01", 1 << 20, (3 << 20) | 0xFFFFF)]
+    assert db_query(central.path, "SELECT count(*) FROM uplink_seen") == [(0,)]
+    # the same rows again (after JetStream's window), and after a restart of the consumer
+    again = central.apply(blocks_message(log_rows(*ROWS)))
+    assert again["uplink_readings"] == 0 and again["uplink_replayed_readings"] == done["uplink_readings"]
+    central.close()
+    reopened = Central(central.path)
+    try:
+        assert reopened.apply(blocks_message(log_rows(ROWS[1], first_id=2)))["uplink_readings"] == 0
+    finally:
+        reopened.close()
+    assert len(stored(central.path)) == done["uplink_readings"]
+
+
+def test_rows_out_of_order_and_a_row_cut_differently_on_a_retry_land_once(central):
+    big = [group("big", 7, range(1, 41)), group("c", 1, range(1, 21))]  # 60 datagrams in one row
+    # the first try sent the row cut at 25 datagrams; only its second piece arrived
+    pieces = blocks_message(log_rows(big, first_id=5), max_datagrams=25)
+    assert [(b.offset, b.last) for m in pieces for b in m.blocks] == [(0, False), (25, False), (50, True)]
+    assert central.apply([pieces[1]])["uplink_readings"] == 25 + 1 + 0  # temp x25, hum on big's 40th
+    assert len(range_rows(central.path)) == 1
+    # the retry cuts it at 40: its first piece overlaps what arrived, its second is partly new
+    retry = blocks_message(log_rows(big, first_id=5), max_datagrams=40)
+    done = central.apply(retry)
+    assert done["uplink_readings"] == (60 + 2) - 26 and done["uplink_replayed_readings"] == 26
+    # an older row arriving after a newer one: two ranges, then one once the hole is filled
+    central.apply(blocks_message(log_rows(ROWS[2], first_id=6)))
+    central.apply(blocks_message(log_rows(ROWS[0], first_id=3)))
+    assert len(range_rows(central.path)) == 2
+    central.apply(blocks_message(log_rows(ROWS[1], first_id=4)))
+    assert range_rows(central.path) == [("site-7", "ab01", 3 << 20, (6 << 20) | 0xFFFFF)]
+    assert len(stored(central.path)) == 62 + 4 + 5 + 4
+    assert db_counters(central.path)["uplink_readings"] == 62 + 4 + 5 + 4
+
+
+def test_rows_the_gateway_lost_close_the_hole_and_are_counted_once(central):
+    central.apply(blocks_message(log_rows(ROWS[0], first_id=1)))
+    # rows 2-9 were deleted by the gateway's disk budget before they were sent
+    message = blocks_message(log_rows(ROWS[2], first_id=10), gone=[(2, 9)])
+    done = central.apply(message)
+    assert done["uplink_gone_rows"] == 8 and done["uplink_readings"] == 4
+    assert range_rows(central.path) == [("site-7", "ab01", 1 << 20, (10 << 20) | 0xFFFFF)]
+    assert central.apply(message)["uplink_gone_rows"] == 0  # a replay says it again: counted once
+    assert db_counters(central.path)["uplink_gone_rows"] == 8
+
+
+def test_a_recreated_gateway_database_is_new_data_not_a_replay(central):
+    central.apply(blocks_message(log_rows(ROWS[0])))
+    # the gateway's database was recreated: ids from 1 again, a new identity
+    done = central.apply(blocks_message(log_rows([group("s.1", 7, (100, 101))]), origin="cd02"))
+    assert done["uplink_readings"] == 2 + 1 and done["uplink_replayed_readings"] == 0
+    assert [r[:2] for r in range_rows(central.path)] == [("site-7", "ab01"), ("site-7", "cd02")]
+
+
+def test_payload_3_after_payload_2_drops_what_payload_2_brought(central):
+    """An uplink upgraded in the middle of a round sends the round's rows again as payload 3."""
+    central.apply([columns(ROWS[0])])
+    done = central.apply(blocks_message(log_rows(ROWS[0], ROWS[2])))
+    assert done["uplink_readings"] == 4 and done["uplink_replayed_readings"] == 3 + 2
+    assert len(stored(central.path)) == 5 + 4
+
+
+def test_the_gateways_drop_counters_reach_the_central_counters(central):
+    def snap(as_of, origin, uplink_dropped, budget_dropped, gateway="site-7"):
+        counters = {"uplink_dropped": uplink_dropped, "budget_dropped": budget_dropped}
+        (m,) = core.snapshots_messages("telemetry", gateway, [], origin=origin, as_of=as_of, counters=counters)
+        return core.decode(m.payload)
+
+    central.apply([snap(10, "ab01", 5, 7)])
+    central.apply([snap(8, "ab01", 1, 1)])  # older: ignored
+    central.apply([snap(3, "cd02", 2, 0), snap(2, "ef03", 100, 100, gateway="site-8")])  # a recreated database
+    counters = db_counters(central.path)
+    assert counters["gateway_uplink_dropped:site-7"] == 5 + 2 and counters["gateway_budget_dropped:site-7"] == 7
+    assert counters["gateway_uplink_dropped:site-8"] == 100 and counters["uplink_stale_accounts"] == 1
+
+
+def test_a_central_database_of_before_payload_3_is_migrated_on_open(tmp_path):
+    path = str(tmp_path / "old.db")
+    old = Central(path)
+    old.apply([columns(ROWS[0])])
+    old.conn.execute("DROP TABLE uplink_ranges")
+    old.conn.execute("DROP TABLE uplink_gateways")
+    old.close()
+    c = Central(path)
+    try:
+        done = c.apply(blocks_message(log_rows(ROWS[0], ROWS[1])))
+        assert done["uplink_readings"] == 4 and done["uplink_replayed_readings"] == 5
+    finally:
+        c.close()

@@ -93,13 +93,17 @@ def test_any_bytes_give_an_item_or_a_payload_error(data):
     except core.PayloadError as exc:
         assert exc.reason in core.REASONS
     else:
-        assert isinstance(item, (core.Readings, core.Accounts, core.Columns, core.Snapshots))
+        assert isinstance(item, (core.Readings, core.Accounts, core.Columns, core.Snapshots, core.Blocks))
+
+
+BODY = zlib.compress(msgpack.packb([1, [["s", 1, [1], [1.0], [1.0], {"t": [2.5]}]]]))
 
 
 @pytest.mark.parametrize(
     "body, reason",
     [
-        ([3, "R"], "bad_version"),
+        ([4, "R"], "bad_version"),
+        ([3, "R"], "bad_kind"),  # version 3 sends columns too
         ([0, "R"], "bad_version"),
         ([True, "R"], "bad_version"),
         ([1, "X"], "bad_kind"),
@@ -127,6 +131,51 @@ def test_any_bytes_give_an_item_or_a_payload_error(data):
         ([1, "R", "gw", "s", 1, [1], [float("inf")], [1.0], {}], "bad_shape"),  # time not finite
         ([1, "A", "gw", "s", 1, 1.0, 2.0, 1, 1, 0, 0, 0, 0, [[1, 2, 3]], 1], "bad_shape"),  # a gap of 3 items
         ("not an array", "bad_shape"),
+        ([3, "C", "gw", "ab", [], []], "bad_shape"),  # no block and nothing gone
+        ([3, "C", "gw", "AB", [], [[1, 0, True, BODY]]], "bad_shape"),  # origin: lower-case hex
+        ([3, "C", "gw", "ab", [[2, 1]], []], "bad_shape"),  # gone: first > last
+        ([3, "C", "gw", "ab", [], [[1, 0, 1, BODY]]], "bad_shape"),  # last is a bool
+        ([3, "C", "gw", "ab", [], [[0, 0, True, BODY]]], "bad_shape"),  # ids start at 1
+        ([3, "C", "gw", "ab", [], [[1, 1 << 20, False, BODY]]], "bad_shape"),  # offset beyond a row
+        ([3, "C", "gw", "ab", [], [[1, 0, True, BODY, 0]]], "bad_shape"),
+        ([3, "C", "gw", "ab", [], [[1, 0, True, b"not zlib"]]], "bad_block"),
+        ([3, "C", "gw", "ab", [], [[1, 0, True, zlib.compress(msgpack.packb([1, []]))]]], "bad_block"),  # no group
+        (
+            [
+                3,
+                "C",
+                "gw",
+                "ab",
+                [],
+                [[1, 0, True, zlib.compress(msgpack.packb([1, [["s", 1, [1], [1.0], [1.0], {"t": ["x"]}]]]))]],
+            ],
+            "bad_shape",
+        ),
+        (
+            [
+                3,
+                "C",
+                "gw",
+                "ab",
+                [],
+                [[1, 0, True, zlib.compress(msgpack.packb([1, [["s", 1, [1.5], [1.0], [1.0], {}]]]))]],
+            ],
+            "bad_shape",
+        ),
+        (
+            [
+                3,
+                "C",
+                "gw",
+                "ab",
+                [],
+                [[1, 0, True, zlib.compress(msgpack.packb([1, [["s", 1, [1], [float("nan")], [1.0], {}]]]))]],
+            ],
+            "bad_shape",
+        ),
+        ([3, "S", "gw", "ab", 1, {"uplink_dropped": -1}, []], "bad_shape"),  # a negative counter
+        ([3, "S", "gw", "ab", 1, {}], "bad_shape"),  # 6 items
+        ([3, "S", "gw", "", 1, {}, []], "bad_shape"),  # no origin
     ],
 )
 def test_named_bad_payloads(body, reason):
@@ -330,9 +379,23 @@ def test_columns_carry_the_log_rows_as_committed():
 def flatten_blocks_of(messages):
     out = []
     for m in messages:
-        for r in core.decode(m.payload).items:
+        item = core.decode(m.payload)
+        if isinstance(item, core.Blocks):  # payload 3: the groups as the rows hold them
+            parts = [ingestlog.Group(*g) for b in item.blocks for g in b.groups]
+        else:
+            parts = item.items
+        for r in parts:
             for i, seq in enumerate(r.seqs):
                 out.append((r.sensor, r.boot, seq, r.ts[i], tuple(sorted((k, v[i]) for k, v in r.metrics.items()))))
+    return out
+
+
+def covered_keys(messages):
+    """Every (row id, datagram offset) a payload-3 message's blocks name, in order."""
+    out = []
+    for m in messages:
+        for b in core.decode(m.payload).blocks:
+            out += [(b.id, b.offset + i) for i in range(b.datagrams)]
     return out
 
 
@@ -376,7 +439,12 @@ def test_columns_packing_keeps_every_datagram_once_in_order_within_every_limit(d
     max_bytes = data.draw(st.integers(400, 6000))
     max_datagrams = data.draw(st.integers(1, 80))
     max_readings = data.draw(st.integers(4, 400))
-    messages = core.columns_messages("p", "gw", blocks, max_bytes, max_datagrams, max_readings)
+    origin = data.draw(st.sampled_from([None, "ab12"]))  # payload 2, or 3: blocks named by row and offset
+    messages = core.columns_messages("p", "gw", blocks, max_bytes, max_datagrams, max_readings, origin=origin)
+    if origin is not None:  # each row's datagrams named once each, in order, the last block of a row says so
+        assert covered_keys(messages) == [(b.id, i) for b in blocks for i in range(b.datagrams)]
+        ends = [(b.id, b.offset + b.datagrams) for m in messages for b in core.decode(m.payload).blocks if b.last]
+        assert ends == [(b.id, b.datagrams) for b in blocks]
     for m in messages:
         item = core.decode(m.payload)
         assert len(m.payload) <= max_bytes
@@ -453,3 +521,20 @@ def test_snapshots_carry_many_sensors_accounts_and_split_at_the_size_limit():
     assert len({m.msg_id for m in messages}) == len(messages)
     # at the default limit a snapshot with the most gaps fits many times over
     assert len(core.snapshots_messages("telemetry", "site-7", items[:1])[0].payload) < core.MAX_MESSAGE_BYTES // 10
+
+
+def test_payload_3_names_the_rows_and_carries_what_the_gateway_lost_and_its_counters():
+    blocks = [block(7, [group("a")]), block(8, [group("b", 1, [1, 2])])]
+    (m,) = core.columns_messages("telemetry", "gw", blocks, origin="ab12", gone=[(3, 6)])
+    item = core.decode(m.payload)
+    assert isinstance(item, core.Blocks) and item.origin == "ab12" and item.gone == ((3, 6),)
+    assert [(b.id, b.offset, b.last, b.datagrams) for b in item.blocks] == [(7, 0, True, 3), (8, 0, True, 2)]
+    assert m.msg_id.startswith("gw.log.7-8.5.")
+    # only what was lost, no row to send: one message still says so
+    (gone,) = core.columns_messages("telemetry", "gw", [], origin="ab12", gone=[(9, 9)])
+    assert core.decode(gone.payload).gone == ((9, 9),) and gone.msg_id.startswith("gw.log.9-9.0.")
+    counters = {"uplink_dropped": 5, "budget_dropped": 0}
+    (s,) = core.snapshots_messages("telemetry", "gw", [], origin="ab12", as_of=42, counters=counters)
+    snap = core.decode(s.payload)
+    assert (snap.origin, snap.as_of, snap.counters, snap.items) == ("ab12", 42, counters, ())
+    assert core.snapshots_messages("telemetry", "gw", [], origin="ab12", as_of=42) == []

@@ -6,13 +6,19 @@ id is prefixed by its gateway (`site-7:sim-0001`).  Writes are idempotent:
 
 - readings are written as the collector writes them (storage v3: one
   ingest_log row per batch, heads closed into chunks), through the collector's
-  own Store; every datagram taken is remembered in `uplink_seen` (sensor,
-  boot, seq, ts), so a message delivered again after JetStream's duplicate window
-  adds nothing, and the readings it repeated are counted in
+  own Store.  Payload 3 names every block by its place in the gateway's log
+  (database identity, row id, datagram offset): what was taken is kept as
+  merged key ranges per (gateway, database) in `uplink_ranges` (ranges.py; one
+  row while a gateway's rows arrive in order), so a message delivered again
+  after JetStream's duplicate window adds nothing; payloads 1 and 2 carry no such
+  names, and every datagram they bring is remembered in `uplink_seen` (sensor,
+  boot, seq, ts) instead.  The readings a replay repeated are counted in
   `counters.uplink_replayed_readings`;
 - accounts are snapshots: one is applied only if its `as_of` (the gateway's
   ingest_log id when it was read) is not older than the one stored in
-  `uplink_accounts`; older ones are counted in `uplink_stale_accounts`.
+  `uplink_accounts`; older ones are counted in `uplink_stale_accounts`.  The
+  gateway's own drop counters (payload 3) likewise, per (gateway, database) in
+  `uplink_gateways`, summed per gateway into `counters.gateway_<name>:<gateway>`.
 
 One transaction per batch of messages: the consumer acks them after COMMIT.
 """
@@ -21,9 +27,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from itertools import chain
+from operator import itemgetter
 
 from .. import ingestlog, schema, store
-from . import core
+from . import core, ranges
 
 CREATE_ACCOUNTS = """
 CREATE TABLE IF NOT EXISTS uplink_accounts (
@@ -41,6 +49,30 @@ CREATE TABLE IF NOT EXISTS uplink_seen (
     ts REAL NOT NULL,
     PRIMARY KEY (sensor, boot, seq, ts)
 ) WITHOUT ROWID"""
+CREATE_RANGES = """
+CREATE TABLE IF NOT EXISTS uplink_ranges (
+    gateway TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    lo INTEGER NOT NULL,
+    hi INTEGER NOT NULL,
+    PRIMARY KEY (gateway, origin, lo)
+) WITHOUT ROWID"""
+CREATE_GATEWAYS = """
+CREATE TABLE IF NOT EXISTS uplink_gateways (
+    gateway TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    as_of INTEGER NOT NULL,
+    uplink_dropped INTEGER NOT NULL,
+    budget_dropped INTEGER NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (gateway, origin)
+)"""
+UPSERT_GATEWAY = """
+INSERT INTO uplink_gateways (gateway, origin, as_of, uplink_dropped, budget_dropped, updated)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (gateway, origin) DO UPDATE SET as_of = excluded.as_of, uplink_dropped = excluded.uplink_dropped,
+    budget_dropped = excluded.budget_dropped, updated = excluded.updated
+"""
 MARK_SEEN = "INSERT INTO uplink_seen (sensor, boot, seq, ts) VALUES (?, ?, ?, ?)"
 SEEN_IN_RANGE = "SELECT seq, ts FROM uplink_seen WHERE sensor = ? AND boot = ? AND seq BETWEEN ? AND ?"
 ENSURE_SENSOR = "INSERT OR IGNORE INTO sensors (sensor, first_seen, last_seen) VALUES (?, ?, ?)"
@@ -65,12 +97,15 @@ INSERT INTO counters (name, value) VALUES (?, ?)
 ON CONFLICT (name) DO UPDATE SET value = value + excluded.value"""
 SET_COUNTER = "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)"
 
+_SEQS, _TS, _RECEIVED, _METRICS = (itemgetter(i) for i in range(2, 6))
+
 COUNTERS = (
     "uplink_messages",
     "uplink_readings",
     "uplink_replayed_readings",
     "uplink_accounts",
     "uplink_stale_accounts",
+    "uplink_gone_rows",
 ) + tuple(f"uplink_rejected:{r}" for r in core.REASONS)
 
 
@@ -86,6 +121,8 @@ class Central:
             self.conn.execute("BEGIN")
             self.conn.execute(CREATE_ACCOUNTS)
             self.conn.execute(CREATE_SEEN)
+            self.conn.execute(CREATE_RANGES)
+            self.conn.execute(CREATE_GATEWAYS)
             for name in COUNTERS:
                 self.conn.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", (name,))
             self.conn.execute("COMMIT")
@@ -97,6 +134,12 @@ class Central:
         # Sensors known to have a row (committed); this batch's new ones join after its COMMIT.
         self._ensured: set[str] = {row[0] for row in self.conn.execute("SELECT sensor FROM sensors")}
         self._ensuring: set[str] = set()
+        # (gateway, origin) -> what was taken (committed), loaded when first needed.
+        self._ranges: dict[tuple[str, str], ranges.Ranges] = {}
+        self._pending: dict[tuple[str, str], ranges.Ranges] = {}
+        # gateway -> {(central sensor, boot): highest seq in uplink_seen}: the payload-1/2 datagrams
+        # a payload-3 block must also be checked against (an uplink upgraded mid-round resends them).
+        self._legacy: dict[str, dict[tuple[str, int], int]] = {}
 
     def close(self) -> None:
         self.store.close()
@@ -120,13 +163,17 @@ class Central:
         next_before = self._next_series
         self._new_series = []
         self._ensuring = set()
+        self._pending = {}
         groups: dict[tuple[str, int | None], list[ingestlog.Group]] = {}
+        taken: dict[tuple[str, str, int | None], list[list]] = {}
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             for item in items:
                 done["uplink_messages"] += 1
-                if isinstance(item, core.Readings):
+                if isinstance(item, core.Blocks):
+                    self._blocks(item, done, taken)
+                elif isinstance(item, core.Readings):
                     self._readings(item, done, groups)
                 elif isinstance(item, core.Columns):
                     for part in item.items:
@@ -134,10 +181,20 @@ class Central:
                 elif isinstance(item, core.Snapshots):
                     for snapshot in item.items:
                         self._accounts(snapshot, done, now)
+                    if item.origin is not None and item.counters is not None:
+                        self._gateway_counters(item, done, now)
                 else:
                     self._accounts(item, done, now)
+            self._taken_groups(taken, done, groups)
+            for (gateway, origin), pending in self._pending.items():
+                conn.execute("DELETE FROM uplink_ranges WHERE gateway = ? AND origin = ?", (gateway, origin))
+                conn.executemany(
+                    "INSERT INTO uplink_ranges (gateway, origin, lo, hi) VALUES (?, ?, ?, ?)",
+                    [(gateway, origin, lo, hi) for lo, hi in pending.items()],
+                )
             merged = [_merge(parts) for parts in groups.values()]
-            closing = self.store.write_groups(conn, merged, now, self._new_series)
+            known = (sum(len(g.seqs) for g in merged), done["uplink_readings"])  # counted as they were taken
+            closing = self.store.write_groups(conn, merged, now, self._new_series, known)
             for reason, n in (rejected or {}).items():
                 done[f"uplink_rejected:{reason}"] += n
             for name, n in done.items():
@@ -152,6 +209,7 @@ class Central:
             self._next_series = next_before
             raise
         self._ensured |= self._ensuring
+        self._ranges.update(self._pending)
         self.store.committed_groups(merged, *closing)
         return done
 
@@ -213,6 +271,172 @@ class Central:
             )
         groups.setdefault((sensor, item.boot), []).append(group)
 
+    # ------------------------------------------------------------ payload 3
+
+    def _ranges_of(self, key: tuple[str, str]) -> ranges.Ranges:
+        """This transaction's copy of what was taken from (gateway, origin)."""
+        r = self._pending.get(key)
+        if r is None:
+            committed = self._ranges.get(key)
+            if committed is None:
+                committed = self._ranges[key] = ranges.Ranges(
+                    self.conn.execute(
+                        "SELECT lo, hi FROM uplink_ranges WHERE gateway = ? AND origin = ? ORDER BY lo", key
+                    ).fetchall()
+                )
+            r = self._pending[key] = committed.copy()
+        return r
+
+    def _blocks(self, item: core.Blocks, done: Counter, taken: dict[tuple[str, str, int | None], list[list]]) -> None:
+        """The blocks not taken before: their groups gathered per (gateway, sensor, boot) in
+        `taken` (merged once per transaction, _taken_groups); the rows the gateway says are gone
+        are covered too (counted once in uplink_gone_rows)."""
+        r = self._ranges_of((item.gateway, item.origin))
+        for first, last in item.gone:
+            lo, hi = ranges.rows_range(first, last)
+            seen_id = 0
+            for a, b in r.uncovered(lo, hi):  # whole rows never taken: count each id once
+                a_id, b_id = max(a >> ranges.OFFSET_BITS, seen_id + 1), b >> ranges.OFFSET_BITS
+                if b_id >= a_id:
+                    done["uplink_gone_rows"] += b_id - a_id + 1
+                    seen_id = b_id
+            r.add(lo, hi)
+        gateway = item.gateway
+        for block in item.blocks:
+            lo, hi = block.range
+            new = r.uncovered(lo, hi)
+            if not new:
+                done["uplink_replayed_readings"] += block.readings
+                continue
+            r.add(lo, hi)
+            groups = block.groups
+            if new != [(lo, hi)]:
+                groups = _keep(groups, lo, new)
+                kept = sum(len(v) - v.count(None) for g in groups for v in g[5].values())
+                done["uplink_replayed_readings"] += block.readings - kept
+            for g in groups:  # one step per group: the merging runs per key, at C speed
+                key = (gateway, g[0], g[1])
+                parts = taken.get(key)
+                if parts is None:
+                    taken[key] = [g]
+                else:
+                    parts.append(g)
+
+    def _legacy_of(self, gateway: str) -> dict[tuple[str, int], int]:
+        """{(central sensor, boot): highest seq} of this gateway's datagrams in uplink_seen."""
+        legacy = self._legacy.get(gateway)
+        if legacy is None:
+            legacy = self._legacy[gateway] = {
+                (sensor, boot): seq
+                for sensor, boot, seq in self.conn.execute(
+                    "SELECT sensor, boot, max(seq) FROM uplink_seen WHERE sensor >= ? AND sensor < ? GROUP BY sensor, boot",
+                    (gateway + ":", gateway + ";"),
+                )
+            }
+        return legacy
+
+    def _not_seen_before(self, sensor: str, g: list) -> list | None:
+        """A payload-3 group without the datagrams a payload 1 or 2 message brought before (an
+        uplink upgraded in the middle of a round sends them again); None if nothing is left."""
+        _, boot, seqs, ts, received, metrics = g
+        b = schema.NO_BOOT if boot is None else boot
+        high = self._legacy_of(sensor.split(":", 1)[0]).get((sensor, b))
+        if high is None or min(seqs) > high:
+            return g
+        seen = set(self.conn.execute(SEEN_IN_RANGE, (sensor, b, min(seqs), max(seqs))).fetchall())
+        keep = [i for i, key in enumerate(zip(seqs, ts)) if key not in seen]
+        if len(keep) == len(seqs):
+            return g
+        if not keep:
+            return None
+        kept = {}
+        for name, values in metrics.items():
+            column = [values[i] for i in keep]
+            if column.count(None) != len(column):
+                kept[name] = column
+        return [g[0], boot, [seqs[i] for i in keep], [ts[i] for i in keep], [received[i] for i in keep], kept]
+
+    def _taken_groups(
+        self,
+        taken: dict[tuple[str, str, int | None], list[list]],
+        done: Counter,
+        groups: dict[tuple[str, int | None], list[ingestlog.Group]],
+    ) -> None:
+        """The payload-3 groups taken, merged into one log group per (central sensor, boot), in
+        the order they came (commit order within each)."""
+        conn = self.conn
+        for (gateway, local, boot), parts in taken.items():
+            sensor = f"{gateway}:{local}"
+            if len(parts) == 1:
+                _, _, seqs, ts, received, metrics = parts[0]
+            else:
+                seqs = list(chain.from_iterable(map(_SEQS, parts)))
+                ts = list(chain.from_iterable(map(_TS, parts)))
+                received = list(chain.from_iterable(map(_RECEIVED, parts)))
+                maps = list(map(_METRICS, parts))
+                names = maps[0].keys()
+                if all(map(names.__eq__, map(dict.keys, maps))):
+                    metrics = {name: list(chain.from_iterable(map(itemgetter(name), maps))) for name in names}
+                else:  # metrics that some groups lack: None where a datagram did not carry one
+                    metrics = {}
+                    for name in dict.fromkeys(chain.from_iterable(maps)):
+                        column: list = []
+                        for g in parts:
+                            values = g[5].get(name)
+                            column += values if values is not None else [None] * len(g[2])
+                        metrics[name] = column
+            if self._legacy_of(gateway):
+                kept = self._not_seen_before(sensor, [local, boot, seqs, ts, received, metrics])
+                if kept is None:
+                    done["uplink_replayed_readings"] += sum(len(v) - v.count(None) for v in metrics.values())
+                    continue
+                if len(kept[2]) != len(seqs):
+                    done["uplink_replayed_readings"] += sum(len(v) - v.count(None) for v in metrics.values())
+                    done["uplink_replayed_readings"] -= sum(len(v) - v.count(None) for v in kept[5].values())
+                    _, _, seqs, ts, received, metrics = kept
+            if sensor not in self._ensured and sensor not in self._ensuring:
+                conn.execute(ENSURE_SENSOR, (sensor, min(received), max(received)))
+                self._ensuring.add(sensor)
+            n = len(seqs)
+            present = {}
+            readings = 0
+            for name, column in metrics.items():
+                count = n - column.count(None)
+                if count:
+                    self._series(sensor, name)
+                    present[name] = column
+                    readings += count
+            done["uplink_readings"] += readings
+            groups.setdefault((sensor, boot), []).append(ingestlog.Group(sensor, boot, seqs, ts, received, present))
+
+    def _gateway_counters(self, item: core.Snapshots, done: Counter, now: float) -> None:
+        """The gateway's drop counters, newest snapshot wins per (gateway, database); the sums
+        over its databases go to counters.gateway_<name>:<gateway>."""
+        row = self.conn.execute(
+            "SELECT as_of FROM uplink_gateways WHERE gateway = ? AND origin = ?", (item.gateway, item.origin)
+        ).fetchone()
+        if row is not None and row[0] > item.as_of:
+            done["uplink_stale_accounts"] += 1
+            return
+        counters = item.counters or {}
+        self.conn.execute(
+            UPSERT_GATEWAY,
+            (
+                item.gateway,
+                item.origin,
+                item.as_of,
+                counters.get("uplink_dropped", 0),
+                counters.get("budget_dropped", 0),
+                now,
+            ),
+        )
+        sums = self.conn.execute(
+            "SELECT total(uplink_dropped), total(budget_dropped) FROM uplink_gateways WHERE gateway = ?",
+            (item.gateway,),
+        ).fetchone()
+        for name, value in zip(core.GATEWAY_COUNTERS, sums):
+            self.conn.execute(SET_COUNTER, (f"gateway_{name}:{item.gateway}", int(value)))
+
     def _accounts(self, item: core.Accounts, done: Counter, now: float) -> None:
         sensor = core.central_sensor(item.gateway, item.sensor)
         row = self.conn.execute("SELECT as_of FROM uplink_accounts WHERE sensor = ?", (sensor,)).fetchone()
@@ -244,3 +468,27 @@ def _merge(parts: list[ingestlog.Group]) -> ingestlog.Group:
         [r for g in parts for r in g.received],
         metrics,
     )
+
+
+def _keep(groups: list[list], lo: int, new: list[tuple[int, int]]) -> list[list]:
+    """The datagrams of a block (its first at key `lo`) whose keys fall in the ranges `new`."""
+    wanted = [(a - lo, b - lo) for a, b in new]  # positions in the block, in order
+    out = []
+    at = 0
+    for g in groups:
+        sensor, boot, seqs, ts, received, metrics = g
+        n = len(seqs)
+        keep = [i for a, b in wanted for i in range(max(a - at, 0), min(b - at, n - 1) + 1)]
+        at += n
+        if not keep:
+            continue
+        if len(keep) == n:
+            out.append(g)
+            continue
+        kept = {}
+        for name, values in metrics.items():
+            column = [values[i] for i in keep]
+            if column.count(None) != len(column):
+                kept[name] = column
+        out.append([sensor, boot, [seqs[i] for i in keep], [ts[i] for i in keep], [received[i] for i in keep], kept])
+    return out

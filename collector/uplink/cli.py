@@ -66,7 +66,7 @@ def _replicas(value) -> int:
 def _payload_version(value) -> int:
     n = config.positive_int(value)
     if n not in core.VERSIONS:
-        raise ValueError(f"payload version {value!r}: 1 or 2")
+        raise ValueError(f"payload version {value!r}: 1, 2 or 3")
     return n
 
 
@@ -142,9 +142,10 @@ UPLINK_SETTINGS = [
         "payload_version",
         _payload_version,
         core.PAYLOAD_VERSION,
-        metavar="1|2",
-        help="2: the ingest log's rows as committed, many sensors a message on PREFIX.<gateway>.columns "
-        "and .accounts (fast); 1: one sensor a message on PREFIX.<gateway>.<sensor>.readings and .accounts "
+        metavar="1|2|3",
+        help="3: the ingest log's rows as committed, many sensors a message on PREFIX.<gateway>.columns "
+        "and .accounts, named by row and database so the central side drops a replay by range (fast); "
+        "2: the same without those names (central consumers before payload 3); 1: one sensor a message on PREFIX.<gateway>.<sensor>.readings and .accounts "
         "(filter by sensor at the broker).",
     ),
     S(

@@ -28,18 +28,24 @@ import re
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import msgpack
 
 from .. import ingestlog
 from ..ingestlog import Entry, Group
+from . import ranges
 
 # Version 1: readings ("R", one sensor per message) and accounts ("A").
 # Version 2: columns ("C", ingest_log bodies as committed) and snapshots ("S", many sensors'
 # accounts a message); it decodes accounts ("A", as in v1) too.
-PAYLOAD_VERSION = 2
-VERSIONS = (1, 2)
+# Version 3: columns and snapshots of version 2 that name where they come from: the gateway
+# database's identity, each block's ingest_log id and datagram offset (the central side keeps
+# merged ranges of those, ranges.py, instead of every datagram's identity), the rows the
+# gateway lost before sending them, and the gateway's own drop counters.
+PAYLOAD_VERSION = 3
+VERSIONS = (1, 2, 3)
 KIND_READINGS = "R"
 KIND_ACCOUNTS = "A"
 KIND_COLUMNS = "C"
@@ -59,7 +65,10 @@ MAX_PAYLOAD_BYTES = 1 << 20
 MAX_INFLATED_BYTES = 16 << 20
 MAX_MESSAGE_READINGS = 200_000
 # Datagrams per message at most, by default, per payload version.
-DEFAULT_MAX_DATAGRAMS = {1: 1000, 2: 50_000}
+DEFAULT_MAX_DATAGRAMS = {1: 1000, 2: 50_000, 3: 50_000}
+ORIGIN_RE = re.compile(r"[0-9a-f]{1,64}")
+# The gateway counters a version-3 snapshots message carries (docs/PROTOCOL.md).
+GATEWAY_COUNTERS = ("uplink_dropped", "budget_dropped")
 
 GATEWAY_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
@@ -237,10 +246,52 @@ class Columns:
 
 @dataclass(frozen=True)
 class Snapshots:
-    """A version-2 accounts message, decoded: many sensors' snapshots of one gateway."""
+    """A version-2 or -3 accounts message, decoded: many sensors' snapshots of one gateway;
+    version 3 adds the gateway database's identity and its counters (GATEWAY_COUNTERS) as of
+    ingest_log id `as_of`."""
 
     gateway: str
     items: tuple[Accounts, ...]
+    origin: str | None = None
+    as_of: int = 0
+    counters: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class LogBlock:
+    """One block of a version-3 columns message: datagrams `offset`.. of the gateway's
+    ingest_log row `id` (to the row's end if `last`), its groups checked but not merged:
+    [sensor, boot, seqs, ts, received, metrics] lists as the log body holds them."""
+
+    id: int
+    offset: int
+    last: bool
+    groups: list[list]
+    datagrams: int
+    readings: int
+
+    @property
+    def range(self) -> tuple[int, int]:
+        return ranges.block_range(self.id, self.offset, self.datagrams, self.last)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A version-3 columns message, decoded: blocks named by their place in the log of the
+    gateway database `origin`, and the log rows it lost before sending them (`gone`)."""
+
+    gateway: str
+    origin: str
+    blocks: tuple[LogBlock, ...]
+    gone: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def datagrams(self) -> int:
+        return sum(b.datagrams for b in self.blocks)
+
+    @property
+    def readings(self) -> int:
+        return sum(b.readings for b in self.blocks)
 
 
 def _snapshot_body(item: Accounts) -> list:
@@ -286,6 +337,15 @@ def encode_columns(gateway: str, blocks: Sequence[bytes]) -> bytes:
     """Version 2 columns: [2, "C", gateway, [block, ...]]; a block is an ingest_log body
     (zlib(msgpack([1, [group, ...]])), collector/ingestlog.py) as committed."""
     return msgpack.packb([2, KIND_COLUMNS, gateway, list(blocks)], use_bin_type=True)
+
+
+def encode_columns3(gateway: str, origin: str, blocks: Sequence[Block], gone: Sequence[tuple[int, int]] = ()) -> bytes:
+    """Version 3 columns: [3, "C", gateway, origin, gone, [[id, offset, last, body], ...]];
+    `gone` is [[first id, last id], ...], log rows deleted before they were sent."""
+    return msgpack.packb(
+        [3, KIND_COLUMNS, gateway, origin, [list(g) for g in gone], [[b.id, b.offset, b.last, b.body] for b in blocks]],
+        use_bin_type=True,
+    )
 
 
 def _int(v: Any) -> bool:
@@ -411,6 +471,80 @@ def _columns(gateway: Any, blocks: Any) -> Columns:
     return Columns(gateway, tuple(items))
 
 
+def _log_block(entry: Any, budget: int) -> tuple[LogBlock, int]:
+    """One [id, offset, last, body] of a version-3 columns message: the body inflated (within
+    `budget` bytes), every group's shape and every value's type checked, the groups kept as
+    they are (the central side merges the ones it takes).  Returns the block and the bytes
+    inflated.  Type checks run over the whole block's columns at C speed (chain, map, set)."""
+    _shape(type(entry) is list and len(entry) == 4, "block: [id, offset, last, body] expected")
+    row_id, offset, last, body = entry
+    _shape(_int(row_id) and _int(offset) and type(last) is bool and type(body) is bytes, "block header")
+    raw = inflate(body, budget)
+    try:
+        version, groups = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise PayloadError("bad_block", f"not a log body ({type(exc).__name__})") from None
+    if version != ingestlog.BODY_VERSION or type(version) is not int or not isinstance(groups, list) or not groups:
+        raise PayloadError("bad_block", f"log body version {version!r}, expected {ingestlog.BODY_VERSION}")
+    datagrams = readings = 0
+    values: list = []
+    for g in groups:
+        if type(g) is not list or len(g) != 6:
+            raise PayloadError("bad_shape", "group: 6 items expected")
+        sensor, boot, seqs, ts, received, metrics = g
+        n = len(seqs) if type(seqs) is list else 0
+        if not (
+            type(sensor) is str
+            and 0 < len(sensor) <= 256
+            and (boot is None or type(boot) is int)
+            and n > 0
+            and type(ts) is list
+            and len(ts) == n
+            and type(received) is list
+            and len(received) == n
+            and type(metrics) is dict
+        ):
+            raise PayloadError("bad_shape", f"group of {sensor!r}: sensor, boot, seqs/ts/received or metrics")
+        datagrams += n
+        for name, column in metrics.items():
+            if type(name) is not str or not 0 < len(name) <= 256 or type(column) is not list or len(column) != n:
+                raise PayloadError("bad_shape", f"metric {name!r} of {sensor!r}")
+            readings += n - column.count(None)
+            values.append(column)
+    _shape(set(map(type, chain.from_iterable([g[2] for g in groups]))) <= _INT, "seqs")
+    times = [g[3] for g in groups] + [g[4] for g in groups]
+    _shape(set(map(type, chain.from_iterable(times))) <= _NUM, "ts/received")
+    _shape(all(map(math.isfinite, chain.from_iterable(times))), "non-finite time")
+    _shape(set(map(type, chain.from_iterable(values))) <= _VALUE, "metric values")
+    try:
+        ranges.block_range(row_id, offset, datagrams, last)
+    except ValueError as exc:
+        raise PayloadError("bad_shape", str(exc)) from None
+    return LogBlock(row_id, offset, last, groups, datagrams, readings), len(raw)
+
+
+def _blocks(gateway: Any, origin: Any, gone: Any, entries: Any) -> Blocks:
+    _shape(isinstance(gateway, str) and GATEWAY_RE.fullmatch(gateway) is not None, "gateway")
+    _shape(isinstance(origin, str) and ORIGIN_RE.fullmatch(origin) is not None, "origin")
+    _shape(isinstance(gone, list) and len(gone) <= 64, "gone")
+    spans = []
+    for g in gone:
+        _shape(isinstance(g, list) and len(g) == 2 and _int(g[0]) and _int(g[1]), "gone: [first id, last id]")
+        try:
+            ranges.rows_range(g[0], g[1])
+        except ValueError as exc:
+            raise PayloadError("bad_shape", f"gone: {exc}") from None
+        spans.append((g[0], g[1]))
+    _shape(isinstance(entries, list) and (len(entries) > 0 or len(spans) > 0), "blocks")
+    budget = MAX_INFLATED_BYTES
+    out = []
+    for entry in entries:
+        block, used = _log_block(entry, budget)
+        budget -= used
+        out.append(block)
+    return Blocks(gateway, origin, tuple(out), tuple(spans))
+
+
 def _accounts(gateway: Any, fields: list) -> Accounts:
     """sensor, as_of, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered,
     restarts, gaps, gaps_total checked (PayloadError bad_shape), as an Accounts."""
@@ -457,8 +591,9 @@ def _accounts(gateway: Any, fields: list) -> Accounts:
     )
 
 
-def decode(data: bytes) -> Readings | Accounts | Columns | Snapshots:
-    """Any bytes give a Readings, an Accounts, a Columns, a Snapshots or a PayloadError, nothing else."""
+def decode(data: bytes) -> Readings | Accounts | Columns | Snapshots | Blocks:
+    """Any bytes give a Readings, an Accounts, a Columns, a Snapshots, a Blocks or a
+    PayloadError, nothing else."""
     if len(data) > MAX_PAYLOAD_BYTES:
         raise PayloadError("too_large", f"{len(data)} bytes")
     try:
@@ -477,18 +612,35 @@ def decode(data: bytes) -> Readings | Accounts | Columns | Snapshots:
     if kind == KIND_COLUMNS and version == 2:
         _shape(len(body) == 4, "columns: 4 items expected")
         return _columns(body[2], body[3])
+    if kind == KIND_COLUMNS and version == 3:
+        _shape(len(body) == 6, "columns: 6 items expected")
+        return _blocks(*body[2:])
     if kind == KIND_ACCOUNTS:
         _shape(len(body) == 15, "accounts: 15 items expected")
         return _accounts(body[2], body[3:])
-    if kind == KIND_SNAPSHOTS and version == 2:
-        _shape(len(body) == 4, "snapshots: 4 items expected")
-        gateway, entries = body[2], body[3]
-        _shape(isinstance(entries, list) and len(entries) > 0, "snapshots")
+    if kind == KIND_SNAPSHOTS and version in (2, 3):
+        if version == 2:
+            _shape(len(body) == 4, "snapshots: 4 items expected")
+            gateway, entries = body[2], body[3]
+            origin, as_of, counters = None, 0, None
+        else:
+            _shape(len(body) == 7, "snapshots: 7 items expected")
+            gateway, origin, as_of, counters, entries = body[2:]
+            _shape(isinstance(origin, str) and ORIGIN_RE.fullmatch(origin) is not None, "origin")
+            _shape(_int(as_of) and as_of >= 0, "as_of")
+            _shape(
+                isinstance(counters, dict)
+                and len(counters) <= 16
+                and all(isinstance(k, str) and 0 < len(k) <= 64 and _int(v) and v >= 0 for k, v in counters.items()),
+                "gateway counters",
+            )
+        _shape(isinstance(gateway, str) and GATEWAY_RE.fullmatch(gateway) is not None, "gateway")
+        _shape(isinstance(entries, list) and (len(entries) > 0 or version == 3), "snapshots")
         out = []
         for e in entries:
             _shape(isinstance(e, list) and len(e) == 12, "snapshot: 12 items expected")
             out.append(_accounts(gateway, [e[0], *e[1:]]))
-        return Snapshots(gateway, tuple(out))
+        return Snapshots(gateway, tuple(out), origin, as_of, counters)
     raise PayloadError("bad_kind", f"kind {kind!r} in version {version}")
 
 
@@ -558,19 +710,32 @@ def accounts_message(prefix: str, item: Accounts, version: int = PAYLOAD_VERSION
 
 
 def snapshots_messages(
-    prefix: str, gateway: str, items: Sequence[Accounts], max_bytes: int = MAX_MESSAGE_BYTES
+    prefix: str,
+    gateway: str,
+    items: Sequence[Accounts],
+    max_bytes: int = MAX_MESSAGE_BYTES,
+    origin: str | None = None,
+    as_of: int = 0,
+    counters: dict[str, int] | None = None,
 ) -> list[Message]:
     """Version 2: the accounts that changed in a round, many sensors a message (at most
     max_bytes each; one snapshot, at most 1,000 gaps, always fits).  The id names the
-    content: gateway, as_of, how many, digest."""
+    content: gateway, as_of, how many, digest.  With `origin`, version 3: every message also
+    carries the gateway database's identity and its `counters` as of ingest_log id `as_of`
+    (one message of no snapshots when only the counters are new)."""
     out: list[Message] = []
     run: list[list] = []
-    size = _COLUMNS_OVERHEAD
+    base = _COLUMNS_OVERHEAD + (0 if origin is None else _V3_OVERHEAD + 40 * len(counters or {}))
+    size = base
 
     def flush() -> None:
-        payload = msgpack.packb([2, KIND_SNAPSHOTS, gateway, run], use_bin_type=True)
-        as_of = max(e[1] for e in run)
-        msg_id = f"{gateway}.accounts.{as_of}.{len(run)}.{_digest(payload)}"
+        if origin is None:
+            payload = msgpack.packb([2, KIND_SNAPSHOTS, gateway, run], use_bin_type=True)
+        else:
+            body = [3, KIND_SNAPSHOTS, gateway, origin, as_of, dict(counters or {}), run]
+            payload = msgpack.packb(body, use_bin_type=True)
+        newest = max((e[1] for e in run), default=as_of)
+        msg_id = f"{gateway}.accounts.{newest}.{len(run)}.{_digest(payload)}"
         out.append(Message(snapshots_subject(prefix, gateway), msg_id, payload))
 
     for item in items:
@@ -578,10 +743,10 @@ def snapshots_messages(
         n = len(msgpack.packb(body, use_bin_type=True))
         if run and size + n > max_bytes:
             flush()
-            run, size = [], _COLUMNS_OVERHEAD
+            run, size = [], base
         run.append(body)
         size += n
-    if run:
+    if run or (origin is not None and counters is not None and not out):
         flush()
     return out
 
@@ -596,21 +761,39 @@ class Block:
     readings: int
     body: bytes
     inflated: int
+    offset: int = 0  # the datagram of the row it starts at (a row cut in pieces: split_block)
+    last: bool = True  # it runs to the row's end
 
 
 # Bytes of a columns payload around its blocks: array, version, kind, gateway (<= 32
 # characters), the blocks' array header, and each block's bin header.
 _COLUMNS_OVERHEAD = 48
 _BLOCK_OVERHEAD = 5
+# Version 3 adds the origin (<= 64 characters) and the gone ranges' array to the payload, and
+# to each block an array of id, offset, last (<= 16 bytes).
+_V3_OVERHEAD = 72
+_V3_BLOCK_OVERHEAD = 5 + 16
 
 
-def columns_message(prefix: str, gateway: str, blocks: Sequence[Block]) -> Message:
+def columns_message(
+    prefix: str,
+    gateway: str,
+    blocks: Sequence[Block],
+    origin: str | None = None,
+    gone: Sequence[tuple[int, int]] = (),
+) -> Message:
     """The Nats-Msg-Id names the content: gateway, the ingest_log ids it covers, datagrams,
     digest.  The bodies are the log rows as committed, so a retry of the same rows after a
-    crash or a timeout carries the same payload and the same id."""
-    payload = encode_columns(gateway, [b.body for b in blocks])
+    crash or a timeout carries the same payload and the same id.  With `origin` (the gateway
+    database's identity) the payload is version 3: each block named by (id, offset, last),
+    and `gone`, the ranges of log ids deleted before they were sent."""
+    if origin is None:
+        payload = encode_columns(gateway, [b.body for b in blocks])
+    else:
+        payload = encode_columns3(gateway, origin, blocks, gone)
     datagrams = sum(b.datagrams for b in blocks)
-    msg_id = f"{gateway}.log.{blocks[0].id}-{blocks[-1].id}.{datagrams}.{_digest(payload)}"
+    first, last = (blocks[0].id, blocks[-1].id) if blocks else (gone[0][0], gone[-1][1])
+    msg_id = f"{gateway}.log.{first}-{last}.{datagrams}.{_digest(payload)}"
     return Message(columns_subject(prefix, gateway), msg_id, payload, datagrams, sum(b.readings for b in blocks))
 
 
@@ -621,47 +804,58 @@ def columns_messages(
     max_bytes: int = MAX_MESSAGE_BYTES,
     max_datagrams: int = DEFAULT_MAX_DATAGRAMS[2],
     max_readings: int = MAX_MESSAGE_READINGS,
+    origin: str | None = None,
+    gone: Sequence[tuple[int, int]] = (),
 ) -> list[Message]:
     """Consecutive rows packed into messages of at most max_bytes of payload, max_datagrams
     datagrams, max_readings readings and MAX_INFLATED_BYTES inflated, in commit order.  A row
-    over any limit alone is decoded and cut (`split_block`): the only re-encoding."""
+    over any limit alone is decoded and cut (`split_block`): the only re-encoding.  With
+    `origin`, version 3 (`gone` rides in the first message; a message of no blocks carries it
+    when there are none)."""
     if max_datagrams < 1:
         raise ValueError("max_datagrams must be >= 1")
+    if origin is not None:  # version 3: the origin, gone ranges and block headers
+        max_bytes -= _V3_OVERHEAD + 24 * len(gone)
+    block_overhead = _BLOCK_OVERHEAD if origin is None else _V3_BLOCK_OVERHEAD
     out: list[Message] = []
+
+    def message(run: Sequence[Block]) -> Message:
+        return columns_message(prefix, gateway, run, origin, () if out else gone)
+
     run: list[Block] = []
     size = datagrams = readings = inflated = 0
     for b in blocks:
         fits_alone = (
-            _COLUMNS_OVERHEAD + _BLOCK_OVERHEAD + len(b.body) <= max_bytes
+            _COLUMNS_OVERHEAD + block_overhead + len(b.body) <= max_bytes
             and b.datagrams <= max_datagrams
             and b.readings <= max_readings
             and b.inflated <= MAX_INFLATED_BYTES
         )
         if run and (
             not fits_alone
-            or size + _BLOCK_OVERHEAD + len(b.body) > max_bytes
+            or size + block_overhead + len(b.body) > max_bytes
             or datagrams + b.datagrams > max_datagrams
             or readings + b.readings > max_readings
             or inflated + b.inflated > MAX_INFLATED_BYTES
         ):
-            out.append(columns_message(prefix, gateway, run))
+            out.append(message(run))
             run, size, datagrams, readings, inflated = [], 0, 0, 0, 0
         if not fits_alone:
             out += [
-                columns_message(prefix, gateway, [piece])
-                for piece in split_block(
-                    b, max_bytes - _COLUMNS_OVERHEAD - _BLOCK_OVERHEAD, max_datagrams, max_readings
-                )
+                message([piece])
+                for piece in split_block(b, max_bytes - _COLUMNS_OVERHEAD - block_overhead, max_datagrams, max_readings)
             ]
             continue
         run.append(b)
         size = size or _COLUMNS_OVERHEAD
-        size += _BLOCK_OVERHEAD + len(b.body)
+        size += block_overhead + len(b.body)
         datagrams += b.datagrams
         readings += b.readings
         inflated += b.inflated
     if run:
-        out.append(columns_message(prefix, gateway, run))
+        out.append(message(run))
+    if origin is not None and gone and not out:
+        out.append(message(()))
     return out
 
 
@@ -692,8 +886,10 @@ def split_block(b: Block, max_bytes: int, max_datagrams: int, max_readings: int)
             start += take
             room -= take
     out: list[Block] = []
+    at = b.offset
 
     def emit(groups: list[Group]) -> None:
+        nonlocal at
         body = ingestlog.encode_body(groups)
         datagrams, readings = ingestlog.counts(groups)
         inflated = len(zlib.decompress(body))
@@ -715,11 +911,16 @@ def split_block(b: Block, max_bytes: int, max_datagrams: int, max_readings: int)
             emit(first)
             emit(second)
             return
-        out.append(Block(b.id, datagrams, readings, body, inflated))
+        out.append(Block(b.id, datagrams, readings, body, inflated, at, False))
+        at += datagrams
 
     for groups in pieces:
         if groups:
             emit(groups)
+    if out:
+        out[-1] = Block(
+            *[getattr(out[-1], f) for f in ("id", "datagrams", "readings", "body", "inflated", "offset")], b.last
+        )
     return out
 
 

@@ -57,7 +57,7 @@ class Uplink:
         self.backoff = core.Backoff(0.1, settings.backoff_max)
         self.cursor = source.read_cursor(settings.db)
         if settings.payload_version not in core.VERSIONS:
-            raise ConfigError(f"payload version {settings.payload_version!r}: 1 or 2")
+            raise ConfigError(f"payload version {settings.payload_version!r}: 1, 2 or 3")
         self.max_datagrams = settings.max_datagrams or core.DEFAULT_MAX_DATAGRAMS[settings.payload_version]
         # Payload 1 decodes every reading of a round (memory); payload 2 holds the bodies only.
         self.round_readings = settings.round_readings or (100_000 if settings.payload_version == 1 else 2_000_000)
@@ -74,6 +74,8 @@ class Uplink:
         self.started = time.time()
         self._last_status_file = 0.0
         self._connects = 0
+        self._said_no_origin = False
+        self.published_counters: dict[str, int] | None = None  # the gateway counters last acked (payload 3)
 
     # ------------------------------------------------------------ main loop
 
@@ -202,9 +204,9 @@ class Uplink:
 
     async def _round(self) -> bool:
         """Publish what follows the position; False when there was nothing to do."""
-        v2 = self.s.payload_version == 2
+        raw = self.s.payload_version >= 2
         snap = self.source.read(
-            self.cursor, self.s.round_entries, self.round_readings, raw=v2, max_bytes=self.s.round_bytes
+            self.cursor, self.s.round_entries, self.round_readings, raw=raw, max_bytes=self.s.round_bytes
         )
         ids = snap.ids
         if self.cursor > snap.last_id:
@@ -217,8 +219,10 @@ class Uplink:
             self.cursor = 0
             source.write_cursor(self.s.db, 0)
             return True
+        gone: list[tuple[int, int]] = []
         if ids and ids[0] > self.cursor + 1:
             first = ids[0]
+            gone.append((self.cursor + 1, first - 1))
             skipped = first - self.cursor - 1
             self.stats["skipped_entries"] += skipped
             log.error(
@@ -228,23 +232,43 @@ class Uplink:
                 self.cursor + 1,
                 first - 1,
             )
-        if not ids and not snap.accounts:
+        # Payload 3 names the rows by the database's identity; one without (a collector older
+        # than payload 3 has not reopened it yet) goes as payload 2 meanwhile.
+        origin = snap.origin if self.s.payload_version == 3 else None
+        if self.s.payload_version == 3 and origin is None and not self._said_no_origin:
+            self._said_no_origin = True
+            log.warning(
+                "database %s has no identity (meta.database_id) yet: sending payload 2 until a collector of "
+                "this version has opened it (restart the collector)",
+                self.s.db,
+            )
+        counters = snap.counters if origin is not None and snap.counters != self.published_counters else None
+        if not ids and not snap.accounts and counters is None:
             return False
         prefix = self.s.broker.subject_prefix
         if snap.blocks is not None:
-            messages = core.columns_messages(prefix, self.s.gateway, snap.blocks, max_datagrams=self.max_datagrams)
+            messages = core.columns_messages(
+                prefix, self.s.gateway, snap.blocks, max_datagrams=self.max_datagrams, origin=origin, gone=gone
+            )
         else:
             readings = core.batch(self.s.gateway, snap.entries, self.max_datagrams)
             messages = [m for r in readings for m in core.readings_messages(prefix, r)]
-        if snap.blocks is not None:
-            messages += core.snapshots_messages(prefix, self.s.gateway, snap.accounts)
-        else:
+        if snap.blocks is None:
             messages += [core.accounts_message(prefix, a, 1) for a in snap.accounts]
+        elif origin is not None:
+            if snap.accounts or counters is not None:
+                messages += core.snapshots_messages(
+                    prefix, self.s.gateway, snap.accounts, origin=origin, as_of=snap.last_id, counters=snap.counters
+                )
+        else:
+            messages += core.snapshots_messages(prefix, self.s.gateway, snap.accounts)
         await self._publish(messages)
         if ids:
             self.cursor = ids[-1]
             source.write_cursor(self.s.db, self.cursor)
         self.source.mark_published(snap.account_rows)
+        if origin is not None:
+            self.published_counters = snap.counters
         self.backoff.reset()
         self.last_ack = time.time()
         self.stats["rounds"] += 1

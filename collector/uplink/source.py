@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from .. import ingestlog
@@ -95,6 +95,8 @@ class Snapshot:
     accounts: list[core.Accounts]
     account_rows: list[tuple]
     blocks: list[core.Block] | None = None
+    origin: str | None = None  # the database's identity (meta.database_id), None if it has none yet
+    counters: dict[str, int] = field(default_factory=dict)  # core.GATEWAY_COUNTERS as of last_id
 
     @property
     def ids(self) -> list[int]:
@@ -159,6 +161,14 @@ class Source:
                 readings += n
             cur.close()
             last = ingestlog.last_id(conn)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'database_id'").fetchone()
+            origin = row[0] if row and isinstance(row[0], str) and core.ORIGIN_RE.fullmatch(row[0]) else None
+            marks = ",".join("?" * len(core.GATEWAY_COUNTERS))
+            counters = {name: 0 for name in core.GATEWAY_COUNTERS}
+            for name, value in conn.execute(
+                f"SELECT name, value FROM counters WHERE name IN ({marks})", core.GATEWAY_COUNTERS
+            ):
+                counters[name] = value if type(value) is int and value >= 0 else 0
             since = self.high_last_seen - ACCOUNTS_SLACK_S
             account_rows = conn.execute(
                 f"SELECT {SENSOR_COLUMNS} FROM sensors WHERE last_seen >= ? ORDER BY sensor",
@@ -182,7 +192,7 @@ class Source:
                 )
         finally:
             conn.execute("COMMIT")
-        return Snapshot(entries, last, accounts, changed, blocks)
+        return Snapshot(entries, last, accounts, changed, blocks, origin, counters)
 
     def mark_published(self, rows: list[tuple]) -> None:
         for row in rows:
