@@ -675,7 +675,7 @@ class Ops:
         for name, value in counters.items():
             if name.startswith("rejected:"):
                 rejected[name[len("rejected:") :]] = _count(value)
-        return {
+        result = {
             "received": _count(counters.get("received")),
             "stored": _count(counters.get("stored")),
             "stored_readings": _count(counters.get("stored_readings")),
@@ -696,3 +696,22 @@ class Ops:
             "corrupt_chunks": self._all("SELECT count(*) FROM chunk_faults")[0][0],
             "last_flush": counters.get("last_flush"),
         }
+        if "uplink_messages" in counters:  # a central database (telemetry-uplink consume)
+            result.update(_central_stats(counters))
+        return result
+
+
+def _central_stats(counters: dict[str, Any]) -> dict[str, Any]:
+    """A central database's stats: what the consumer took and dropped, and per gateway the
+    readings its disk budget deleted (`budget_dropped`) and the unsent log rows' readings it
+    deleted before its uplink sent them (`uplink_dropped`), as the gateway last reported."""
+    out: dict[str, Any] = {
+        name: _count(counters.get(name))
+        for name in ("uplink_readings", "uplink_replayed_readings", "uplink_gone_rows", "uplink_stale_accounts")
+    }
+    for kind in ("uplink_dropped", "budget_dropped"):
+        prefix = f"gateway_{kind}:"
+        out[f"gateway_{kind}"] = {
+            name[len(prefix) :]: _count(value) for name, value in sorted(counters.items()) if name.startswith(prefix)
+        }
+    return out

@@ -335,6 +335,18 @@ def test_the_gateways_drop_counters_reach_the_central_counters(central):
     counters = db_counters(central.path)
     assert counters["gateway_uplink_dropped:site-7"] == 5 + 2 and counters["gateway_budget_dropped:site-7"] == 7
     assert counters["gateway_uplink_dropped:site-8"] == 100 and counters["uplink_stale_accounts"] == 1
+    # and the query server's stats show them per gateway
+    from query.ops import Ops
+    from query.protocol import parse_request
+
+    ops = Ops(schema.open_reader(central.path))
+    try:
+        stats = ops.run(parse_request(b'{"op": "stats"}'))
+    finally:
+        ops.close()
+    assert stats["gateway_uplink_dropped"] == {"site-7": 7, "site-8": 100}
+    assert stats["gateway_budget_dropped"] == {"site-7": 7, "site-8": 100}
+    assert (stats["uplink_readings"], stats["uplink_stale_accounts"], stats["stored"]) == (0, 1, 0)
 
 
 def test_a_central_database_of_before_payload_3_is_migrated_on_open(tmp_path):

@@ -13,8 +13,11 @@ window, a three-node cluster losing a node, TLS and tokens.
 
 from __future__ import annotations
 
+import random
 import re
+import signal
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -25,6 +28,8 @@ from natsauth import Operator, identity
 from natsserver import NatsServer, free_port
 from uplinkfleet import Gateway, StreamWatch, Uplinks, consume_args, kill_mid_publish, wait_central, wait_central_equals
 from uplinkgw import log_readings
+
+from collector.uplink import core
 
 from helpers import db_counters, db_query, run, wait_for
 
@@ -147,6 +152,108 @@ def test_kill_9_the_uplink_mid_publish_five_times_while_the_collector_ingests(tm
         assert all(v for k, v in totals.items() if k != "restarts"), totals  # the faults really arrived
         assert up.stop() == 0 and consume.stop() == 0
         assert "DATA LOST" not in up.text()
+
+
+def central_messages(central: str) -> int:
+    """Messages the central database has committed (0 before the consumer created it)."""
+    try:
+        return int(db_counters(central).get("uplink_messages", 0))
+    except Exception:  # not created yet, or the schema is being made
+        return 0
+
+
+def committed_unacked(central: str, stream: StreamWatch) -> bool:
+    """The oldest message the broker holds unacked is in the central database already: the
+    consumer committed it and had not acked it yet (a payload-3 block, one datagram: its key
+    is in uplink_ranges)."""
+    data = stream.first_unacked()
+    if data is None:
+        return False
+    item = core.decode(data)
+    if not isinstance(item, core.Blocks) or not item.blocks:
+        return False  # an accounts message: not told apart here
+    (block,) = item.blocks
+    lo, _ = block.range
+    return bool(
+        db_query(
+            central,
+            "SELECT count(*) FROM uplink_ranges WHERE gateway = ? AND origin = ? AND lo <= ? AND hi >= ?",
+            item.gateway,
+            item.origin,
+            lo,
+            lo,
+        )[0][0]
+    )
+
+
+def test_kill_9_the_consumer_between_commit_and_ack_and_mid_batch(tmp_path, gateways, consumer):
+    """Three gateways' backlogs in JetStream, one datagram a message.  The consumer is frozen
+    (SIGSTOP) at random moments until it is caught holding messages it has committed and not
+    acked, and killed there (SIGKILL), three times; and killed twice with its transaction in
+    flight.  JetStream redelivers what it had not acked; the central database ends with every
+    reading of every gateway once and each sensor's accounts equal to the gateway's, exactly,
+    and the redelivered readings it already had are counted as replayed."""
+    rng = random.Random(7)
+    with NatsServer(tmp_path) as ns, StreamWatch(ns.url) as stream:
+        gws = [gateways(f"site-{i}") for i in range(3)]
+        for i, gw in enumerate(gws):
+            gw.sim("--sensors", "3", "--count", "400", "--rate", "max", "--seed", str(30 + i), *FAULTS)
+            gw.wait_ingested()
+            gw.start_uplink([ns.url], "--max-datagrams", "1")
+        for gw in gws:
+            wait_for(lambda gw=gw: gw.position() == gw.last_entry(), 30, 0.05, what=f"{gw.name}'s uplink to catch up")
+        central = str(tmp_path / "central.db")
+        after_commit = in_flight = runs = 0
+        while after_commit < 3 or in_flight < 2:
+            runs += 1
+            assert runs <= 20, f"{after_commit} kills after a commit, {in_flight} mid-transaction in {runs - 1} runs"
+            before, leftover = central_messages(central), stream.ack_pending()
+            c = consumer(central, [ns.url], "--batch", "20")
+            wait_for(
+                lambda: central_messages(central) > before or c.proc.poll() is not None,
+                20,
+                0.002,
+                what="the consumer's next commit",
+            )
+            assert c.proc.poll() is None, c.text()[-2000:]
+            caught = False
+            if after_commit < 3:
+                # freeze it as soon as it commits again (a reader sees the COMMIT before the acks
+                # leave), look, and let it go on if the acks were out already: 300 looks at most
+                reader = sqlite3.connect(f"file:{central}?mode=ro", uri=True)
+                try:
+                    seen = central_messages(central)
+                    deadline = time.monotonic() + 15
+                    for _ in range(300):
+                        now = seen
+                        while now == seen and time.monotonic() < deadline:
+                            (now,) = reader.execute(
+                                "SELECT value FROM counters WHERE name = 'uplink_messages'"
+                            ).fetchone()
+                        if now == seen:
+                            break  # no commit for 15 s: it has taken everything
+                        c.proc.send_signal(signal.SIGSTOP)
+                        seen = now
+                        caught = committed_unacked(central, stream)
+                        if caught:
+                            break
+                        c.proc.send_signal(signal.SIGCONT)
+                finally:
+                    reader.close()
+            else:
+                time.sleep(rng.uniform(0, 0.02))
+            assert c.stop(signal.SIGKILL) == -signal.SIGKILL
+            after_commit += caught
+            in_flight += not caught and stream.ack_pending() > leftover
+        assert central_messages(central) < stream.messages()  # the kills landed before the end
+        final = consumer(central, [ns.url])
+        wait_central(central, gws, timeout=60)  # exact: each reading once, accounts equal, nothing rejected
+        assert final.stop() == 0
+        counters = db_counters(central)
+        assert counters["uplink_readings"] == sum(len(gw.readings()) for gw in gws)
+        # the committed-and-unacked messages came again (in a later run) and added nothing
+        assert counters["uplink_replayed_readings"] > 0
+        assert " ERROR " not in final.text() and "Traceback" not in final.text()
 
 
 # ---------------------------------------------------------------- brokers that refuse us
@@ -431,6 +538,18 @@ def test_the_disk_budget_drops_unsent_log_entries_loudly_and_exactly(tmp_path, g
         assert len(lost) == 1 and " ERROR " in lost[0], lost
         shown = run([bin_path("telemetry-uplink"), "status", "--db", gw.db])
         assert re.search(r"^LOST\s+\d+ ingest_log entries deleted before they were sent$", shown.stdout, re.M), shown
+        # the central side knows too: the gateway's two counters (payload 3 snapshots), and the
+        # log rows the gateway said were gone, counted once
+        want = {
+            "gateway_uplink_dropped:site-2": counters["uplink_dropped"],
+            "gateway_budget_dropped:site-2": counters["budget_dropped"],
+        }
+        wait_for(lambda: {k: db_counters(central).get(k) for k in want} == want, 10, 0.05, what="the gateway counters")
+        skipped = int(re.search(r"entries (\d+)-(\d+) were deleted", lost[0]).group(2)) - int(
+            re.search(r"entries (\d+)-", lost[0]).group(1)
+        )
+        assert db_counters(central)["uplink_gone_rows"] == skipped + 1
+        assert db_query(central, "SELECT count(*) FROM uplink_ranges") == [(1,)]  # the hole is closed
         assert up.stop() == 0 and consume.stop() == 0
     finally:
         ns.stop()

@@ -253,6 +253,30 @@ class StreamWatch:
         except nats.js.errors.NotFoundError:
             return 0
 
+    def ack_pending(self, durable: str = "telemetry-central") -> int:
+        """Messages the broker delivered to this durable consumer that it has not acked yet
+        (0 before the consumer first made it)."""
+        import nats.js.errors
+
+        try:
+            return self.loop.run_until_complete(self.js.consumer_info(self.stream, durable)).num_ack_pending
+        except nats.js.errors.NotFoundError:
+            return 0
+
+    def first_unacked(self, durable: str = "telemetry-central") -> bytes | None:
+        """The payload of the oldest stream message the durable consumer has not acked (None
+        when every message is acked, or before the consumer exists)."""
+        import nats.js.errors
+
+        try:
+            info = self.loop.run_until_complete(self.js.consumer_info(self.stream, durable))
+            if info.num_ack_pending == 0:
+                return None
+            msg = self.loop.run_until_complete(self.js.get_msg(self.stream, info.ack_floor.stream_seq + 1))
+        except nats.js.errors.NotFoundError:
+            return None
+        return msg.data
+
     def close(self) -> None:
         try:
             self.loop.run_until_complete(self.nc.close())

@@ -168,7 +168,8 @@ class Source:
             for name, value in conn.execute(
                 f"SELECT name, value FROM counters WHERE name IN ({marks})", core.GATEWAY_COUNTERS
             ):
-                counters[name] = value if type(value) is int and value >= 0 else 0
+                # the collector's counters table may hold them as REAL; a damaged value counts as 0
+                counters[name] = int(value) if type(value) in (int, float) and 0 <= value < 2**63 else 0
             since = self.high_last_seen - ACCOUNTS_SLACK_S
             account_rows = conn.execute(
                 f"SELECT {SENSOR_COLUMNS} FROM sensors WHERE last_seen >= ? ORDER BY sensor",
