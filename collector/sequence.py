@@ -120,6 +120,7 @@ Event = First | InOrder | Gap | Late | Reordered | Duplicate | Restart | Stray
 # allocation per datagram on the hot path.
 _FIRST = First()
 _IN_ORDER = InOrder()
+IN_ORDER = _IN_ORDER  # the one instance: callers on the hot path may test `event is IN_ORDER`
 _DUPLICATE = Duplicate()
 _RESTART_BOOT = Restart("boot")
 _RESTART_JUMP = Restart("seq_jump")

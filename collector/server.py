@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from . import auth, dbfile, health, healthstore, net, retention, tuning
 from .errors import ConfigError, DecodeError, SetupError
-from .ingest import REPORTED, IngestCore, Refused, Rejected
+from .ingest import IngestCore, Refused, Rejected
 from .metrics import FlushStats
 from .schema import REJECT_REASONS
 from .store import Store
@@ -622,17 +622,15 @@ class Collector:
     def _process(self, datas: list[bytes], addresses: list | None, source: _Source, now: float) -> None:
         """Hand one burst to the ingest core (the hot path) and log what it reports."""
         bufsize = self.settings.recv_buffer_bytes
-        receive = self.core.receive
-        truncated = 0
-        for i, data in enumerate(datas):
-            if len(data) >= bufsize:
-                truncated += 1  # only a datagram bigger than any UDP payload fills the buffer
-                continue
-            outcome = receive(data, now)
-            if outcome.__class__ in REPORTED:
-                self._report(outcome, source, addresses[i] if addresses else None, now)
-        if truncated:
-            self.core.counters["truncated"] += truncated
+        if max(map(len, datas), default=0) >= bufsize:
+            # Only a datagram bigger than any UDP payload fills the buffer.
+            kept = [i for i, data in enumerate(datas) if len(data) < bufsize]
+            self.core.counters["truncated"] += len(datas) - len(kept)
+            datas = [datas[i] for i in kept]
+            if addresses:
+                addresses = [addresses[i] for i in kept]
+        for i, outcome in self.core.receive_many(datas, now):
+            self._report(outcome, source, addresses[i] if addresses else None, now)
         self._activity = True
         self._now = now
 

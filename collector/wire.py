@@ -141,6 +141,18 @@ def _is_valid_id(value: Any) -> bool:
     return True
 
 
+def _is_valid_name(value: Any) -> bool:
+    if type(value) is not str:
+        return False
+    if value in _good_names:
+        return True
+    if _NAME_RE.match(value) is None:
+        return False
+    if len(_good_names) < _MEMO_MAX:
+        _good_names.add(value)
+    return True
+
+
 def _check_readings(r: Any) -> dict[str, int | float]:
     """Validate a readings map; returns it (copied only if a bool needed 0/1)."""
     if type(r) is not dict or not 0 < len(r) <= MAX_READINGS:
@@ -286,6 +298,14 @@ else:  # pragma: no cover
     _fast_decode = None
 
 _names_known = _good_names.issuperset
+
+# The fast path's pieces for a caller that decodes a burst inline
+# (IngestCore.receive_many): it may trust `fast_decode` only as `decode`
+# does (size first, a valid id, valid reading names) and hands anything
+# else to `decode`.
+fast_decode = _fast_decode
+is_valid_id = _is_valid_id
+is_valid_name = _is_valid_name
 
 
 def decode(data: bytes, _max=MAX_DATAGRAM_BYTES, _ids=_good_ids) -> Datagram:

@@ -7,9 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from collector import auth, wire
-from collector.ingest import REPORTED, Failed, IngestCore, Refused, Rejected, group_batch
+from collector.ingest import REPORTED, Failed, IngestCore, Refused, Rejected, SensorState, group_batch
 from collector.schema import REJECT_REASONS
-from collector.sequence import Duplicate, Gap, InOrder, Late, Stray
+from collector.sequence import Duplicate, Gap, InOrder, Late, SensorTracker, Stray
 
 KEY = bytes(range(32))
 
@@ -181,3 +181,68 @@ def test_the_batch_columns_are_the_arrival_list_grouped(ops):
     else:  # a trim may leave a group placed by a datagram it dropped: same groups
         key = lambda g: (g.sensor, -1 if g.boot is None else g.boot)  # noqa: E731
         assert sorted(batch.groups, key=key) == sorted(group_batch(pending), key=key)
+
+
+new_metric = st.builds(
+    lambda sensor, seq, name: msgpack.packb(
+        {"v": 1, "id": f"p-{sensor}", "seq": seq, "boot": 1, "r": {name: 1.5, "m0": 2}}
+    ),
+    st.integers(0, 5),
+    st.integers(0, 40),
+    st.sampled_from(["n1", "n2", "bad name", "m0"]),
+)
+odd = st.sampled_from(
+    [
+        wire.encode("p-1", 3, {"m0": True}, boot=1),  # a bool: the careful path
+        msgpack.packb({"v": 1, "id": "p-1", "seq": 4, "r": {"m0": 1}, "x": [1]}),  # an unknown key
+        msgpack.packb({"v": 1, "id": "p-1", "seq": 5, "r": {"m0": 1}}) + b"\x00",  # trailing bytes
+        msgpack.packb({"v": 1, "id": "p-1", "seq": 6, "r": {"m0": 1}, "pad": "x" * 8200}),  # too_large
+        wire.encode("p-1", 7, {"m0": 1}, boot=1, ts=5.0),
+        wire.encode("k-1", 1, {"t": 1.0}, boot=1),  # not_signed: k-1 has a key
+    ]
+)
+
+
+def core_state(core: IngestCore) -> tuple:
+    trackers = {s: (st.tracker.snapshot(), st.readings, st.last_seen, st.last_ts) for s, st in core.sensors.items()}
+    return dict(core.counters), core.pending, trackers, core.repeated_strays
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.lists(valid | junk | sig | new_metric | odd, max_size=12), max_size=8))
+def test_receive_many_is_receive_per_datagram(bursts):
+    """The burst path gives the same outcomes and the same state as `receive`
+    one datagram at a time, whatever the mix (junk, signed, new sensors, new
+    metrics, the guards, strays, duplicates)."""
+    one = IngestCore(keyring={"k-1": KEY}, max_sensors=4, max_series_per_sensor=3)
+    many = IngestCore(keyring={"k-1": KEY}, max_sensors=4, max_series_per_sensor=3)
+    now = 1_700_000_000.0
+    for burst in bursts:
+        now += 1.0
+        expected = [(i, out) for i, data in enumerate(burst) if (out := one.receive(data, now)).__class__ in REPORTED]
+        got = many.receive_many(burst, now)
+        assert [(i, type(o), getattr(o, "reason", None)) for i, o in got] == [
+            (i, type(o), getattr(o, "reason", None)) for i, o in expected
+        ]
+        assert core_state(many) == core_state(one)
+    assert many.batch().groups == one.batch().groups
+    assert many.counters["internal_errors"] == 0
+
+
+def test_receive_many_loaded_sensors_and_a_bug():
+    """Sensors handed in at start (as loaded from a database) take the inline
+    path only with valid ids and names; a bug costs one datagram there too."""
+    tracker = SensorTracker()
+    tracker.observe(None, 0, 1.0)
+    sensors = {
+        "s": SensorState("s", tracker, {"a": 1, "b c": 2}, 1.0, 1.0, 1),
+        "bad id": SensorState("bad id", SensorTracker(), {"a": 3}, 1.0, 1.0),
+    }
+    loaded = IngestCore(sensors=sensors, next_series_id=4)
+    assert sensors["s"].names == {"a"} and "bad id" not in loaded._plain
+    assert loaded.receive_many([wire.encode("s", 1, {"a": 2})], 2.0) == []
+    assert loaded.pending[-1][2:] == (1, 2.0, 2.0, {"a": 2})
+    loaded.sensors["s"].tracker = None  # the next datagram of s hits a bug
+    [(i, out)] = loaded.receive_many([wire.encode("t", 0, {"a": 1}), wire.encode("s", 2, {"a": 1})], 3.0)
+    assert i == 1 and isinstance(out, Failed) and loaded.counters["internal_errors"] == 1
+    assert [d[0] for d in loaded.pending] == ["s", "t"]
