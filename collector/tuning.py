@@ -36,6 +36,10 @@ RECV_BUFFER_BYTES = 65536
 # Datagrams read from one socket per wake before moving to the next ready one,
 # so a flooded socket cannot starve the others (a few ms of work per wake).
 DRAIN_BUDGET_DATAGRAMS = 256
+# Datagrams per recvmmsg(2) call (collector/mmsg.py), each in a slot of
+# RECV_BUFFER_BYTES: 4 MiB of address space, of which only the pages the
+# kernel writes (about one per slot in use) become resident.
+RECVMMSG_VLEN = 64
 # The longest one select() waits (seconds): epoll takes at most 2**31-1 ms,
 # and --flush-interval / --status-interval may be longer, even inf.
 MAX_SELECT_TIMEOUT_S = 3600.0
