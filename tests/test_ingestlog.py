@@ -55,6 +55,36 @@ def test_body_round_trips_bit_exact(gs):
         assert [type(x) for v in a.metrics.values() for x in v] == [type(x) for v in b.metrics.values() for x in v]
 
 
+wide = st.one_of(
+    values,
+    st.integers(-(2**63), 2**64 - 1),
+    st.binary(min_size=8, max_size=8).map(lambda b: struct.unpack("<d", b)[0]),  # NaN payloads, subnormals, inf
+)
+
+
+@given(groups(), st.lists(wide, max_size=40), st.text(max_size=300))
+def test_body_bytes_are_msgpack_packbs_whatever_encoder_writes_them(gs, column, name):
+    """The body is written with msgspec for speed; the bytes must be those the
+    format was defined with (msgpack.packb, use_bin_type): the uplink forwards
+    them raw and older readers parse them."""
+    import zlib
+
+    import msgpack
+
+    gs = gs + [
+        Group(
+            name or "s",
+            2**32 - 1,
+            list(range(len(column))),
+            [0.5] * len(column),
+            [1.0] * len(column),
+            {name or "m": column},
+        )
+    ]
+    expected = msgpack.packb([ingestlog.BODY_VERSION, [list(g) for g in gs]], use_bin_type=True)
+    assert zlib.decompress(ingestlog.encode_body(gs)) == expected
+
+
 def test_negative_zero_and_big_int_survive():
     g = Group("s", None, [1], [-0.0], [1.5], {"x": [-0.0], "n": [2**53 + 1]})
     (back,) = ingestlog.decode_body(ingestlog.encode_body([g]))
