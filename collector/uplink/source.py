@@ -23,6 +23,17 @@ SENSOR_COLUMNS = "sensor, first_seen, last_seen, datagrams, readings, lost, dupl
 # Sensors whose last_seen is this close below the newest we published are
 # looked at again each round (clock steps, flushes that commit older receive times).
 ACCOUNTS_SLACK_S = 120.0
+# A sensor's gaps are read again only when its (lost, reordered) changed: every
+# change of its gap rows moves one of them (collector/sequence.py: a new gap adds
+# to lost, a late datagram that fills one adds to reordered; nothing else writes
+# the gaps table).  Every active sensor's accounts change at every flush, so
+# without this each round ran one gaps query per active sensor, a fifth of the
+# uplink's CPU beside a collector of 2,000 sensors (bench/uplink.py --ingest-only
+# --ingest-sensors 2000 --searches 0 --pair-rate 10000: "uplink CPU").
+# Gap lists up to this long are kept between rounds, up to this many gaps in all
+# (~200 bytes each); longer lists are read each time.
+GAP_CACHE_PER_SENSOR = 16
+GAP_CACHE_TOTAL = 20_000
 
 
 def cursor_path(db: str) -> str:
@@ -122,6 +133,10 @@ class Source:
             ) from None
         self.published: dict[str, tuple] = {}  # sensor -> counts last acked centrally
         self.high_last_seen = float("-inf")
+        # sensor -> ((lost, reordered), gaps, gaps_total) as read last (GAP_CACHE_*)
+        self._gaps: dict[str, tuple[tuple, tuple[core.Gap, ...], int]] = {}
+        self._gaps_held = 0
+        self.gap_queries = 0  # gaps read from the database (the cache's misses)
 
     def close(self) -> None:
         self.conn.close()
@@ -178,22 +193,37 @@ class Source:
             changed = core.accounts_changed(self.published, account_rows)
             accounts = []
             for row in changed:
-                gaps = conn.execute(
-                    "SELECT stream, boot, first_seq, last_seq, missing, detected_at FROM gaps WHERE sensor = ? "
-                    "ORDER BY detected_at DESC, stream DESC, first_seq DESC LIMIT ?",
-                    (row[0], core.MAX_GAPS_PER_SNAPSHOT),
-                ).fetchall()
-                total = len(gaps)
-                if total == core.MAX_GAPS_PER_SNAPSHOT:
-                    total = conn.execute("SELECT count(*) FROM gaps WHERE sensor = ?", (row[0],)).fetchone()[0]
-                accounts.append(
-                    core.Accounts(
-                        self.gateway, row[0], last, *row[1:], gaps=tuple(core.Gap(*g) for g in gaps), gaps_total=total
-                    )
-                )
+                gaps, total = self._gaps_of(conn, row[0], (row[5], row[7]))
+                accounts.append(core.Accounts(self.gateway, row[0], last, *row[1:], gaps=gaps, gaps_total=total))
         finally:
             conn.execute("COMMIT")
         return Snapshot(entries, last, accounts, changed, blocks, origin, counters)
+
+    def _gaps_of(self, conn: sqlite3.Connection, sensor: str, key: tuple) -> tuple[tuple[core.Gap, ...], int]:
+        """The sensor's newest gaps (at most MAX_GAPS_PER_SNAPSHOT) and how many it has, read
+        inside the caller's transaction unless its (lost, reordered) `key` is unchanged."""
+        held = self._gaps.get(sensor)
+        if held is not None and held[0] == key:
+            return held[1], held[2]
+        self.gap_queries += 1
+        gaps = tuple(
+            core.Gap(*g)
+            for g in conn.execute(
+                "SELECT stream, boot, first_seq, last_seq, missing, detected_at FROM gaps WHERE sensor = ? "
+                "ORDER BY detected_at DESC, stream DESC, first_seq DESC LIMIT ?",
+                (sensor, core.MAX_GAPS_PER_SNAPSHOT),
+            )
+        )
+        total = len(gaps)
+        if total == core.MAX_GAPS_PER_SNAPSHOT:
+            total = conn.execute("SELECT count(*) FROM gaps WHERE sensor = ?", (sensor,)).fetchone()[0]
+        if held is not None:
+            del self._gaps[sensor]
+            self._gaps_held -= len(held[1])
+        if len(gaps) <= GAP_CACHE_PER_SENSOR and self._gaps_held + len(gaps) <= GAP_CACHE_TOTAL:
+            self._gaps[sensor] = (key, gaps, total)
+            self._gaps_held += len(gaps)
+        return gaps, total
 
     def mark_published(self, rows: list[tuple]) -> None:
         for row in rows:
