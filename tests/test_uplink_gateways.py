@@ -25,8 +25,17 @@ from pathlib import Path
 import nkeys
 import pytest
 from natsauth import Operator, identity
-from natsserver import NatsServer, free_port
-from uplinkfleet import Gateway, StreamWatch, Uplinks, consume_args, kill_mid_publish, wait_central, wait_central_equals
+from natsserver import Cluster, NatsServer, free_port, wait_jetstream_ready
+from uplinkfleet import (
+    Gateway,
+    StreamWatch,
+    Uplinks,
+    consume_args,
+    kill_mid_publish,
+    status,
+    wait_central,
+    wait_central_equals,
+)
 from uplinkgw import log_readings
 
 from collector.uplink import core
@@ -254,6 +263,41 @@ def test_kill_9_the_consumer_between_commit_and_ack_and_mid_batch(tmp_path, gate
         # the committed-and-unacked messages came again (in a later run) and added nothing
         assert counters["uplink_replayed_readings"] > 0
         assert " ERROR " not in final.text() and "Traceback" not in final.text()
+
+
+def test_three_node_cluster_kill_9_the_uplinks_node_while_the_collector_ingests(tmp_path, gateways, consumer):
+    """The issue's cluster case with a real gateway (tests/test_uplink_e2e.py has it with a
+    scripted writer): sensor-sim (loss, duplication, reordering) feeds the collector throughout;
+    the uplink publishes to an R3 stream of a three-node cluster on loopback, and the node it
+    talks to is killed with SIGKILL mid-stream.  The uplink moves to another node and its
+    position keeps moving (every move is a JetStream ack); centrally every reading once and the
+    gateway's accounts."""
+    with Cluster(tmp_path) as cluster:
+        wait_jetstream_ready(cluster.urls[0], replicas=3)
+        gw = gateways("site-3")
+        gw.start_sim("--sensors", "4", "--rate", "100", "--duration", "60", "--seed", "3", *FAULTS)
+        gw.collector.wait_received(1)
+        up = gw.start_uplink(cluster.urls, "--replicas", "3")
+        central = str(tmp_path / "central.db")
+        consume = consumer(central, list(reversed(cluster.urls)), "--replicas", "3")
+        wait_for(lambda: gw.position() > 0, 30, 0.02, what="the first entries acked")
+        connected = wait_for(lambda: status(gw.db).get("connected"), 10, 0.05, what="the status file")
+        victim = next(n for n in cluster.nodes if n.url == connected)
+        victim.kill()  # mid-stream: the simulator is sending, the uplink following the collector
+        acked = gw.position()
+        wait_for(
+            lambda: status(gw.db).get("connected") not in (None, victim.url) and gw.position() >= acked + 3,
+            30,
+            0.05,
+            what="the uplink to publish on through another node",
+        )
+        gw.stop_sim()
+        gw.wait_ingested()
+        wait_central(central, [gw], timeout=45)
+        totals = faults_happened(gw)
+        assert all(v for k, v in totals.items() if k != "restarts"), totals  # the faults really arrived
+        assert up.stop() == 0 and consume.stop() == 0
+        assert "DATA LOST" not in up.text() and " ERROR " not in up.text()
 
 
 # ---------------------------------------------------------------- brokers that refuse us
