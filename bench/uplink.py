@@ -5,7 +5,7 @@ ingest_log row per second: --sensors sensors sending --rate readings/s in
 datagrams of 2 readings), then, against a real nats-server (JetStream, file
 store) started here:
 
-1. catch-up: `telemetry-uplink run` (payload 2) drains a --minutes backlog
+1. catch-up: `telemetry-uplink run` (payload 3) drains a --minutes backlog
    (default 60: the target's hour at 10,000 readings/s, 36 million readings,
    measured, not extrapolated) from position 0: time, readings/s, peak RSS
    (VmHWM); a payload-1 uplink drains a --central-minutes backlog of the same
@@ -14,12 +14,20 @@ store) started here:
    then one `telemetry-uplink consume` drains the stream into a central
    database: readings/s (the catch-up and payload-1 phases publish to a stream
    of their own, CATCHUP, which the consumer does not read);
-3. ingest beside the uplink: bench/ingest.py's zero-loss search of the
-   collector alone, then with a live `telemetry-uplink run` publishing the
-   collector's database (skip with --skip-ingest): both rates and the ratio,
-   and forward rate / ingest rate, central rate / (gateways x ingest rate).
+3. ingest beside the uplink (skip with --skip-ingest; alone with --ingest-only):
+   the collector pinned to core 0 as in bench/ingest.py, the sender, the uplink
+   and nats-server on core 1.  --searches zero-loss searches of the collector
+   alone and with a live `telemetry-uplink run` following it, their steps taken
+   in turn (A B, B A, ...): medians and the ratio (target >= 0.95); then --pairs
+   fixed-rate pairs in turn: the collector's CPU per datagram alone and beside
+   (its speed on its own core), the frames in use in its WAL, peak and
+   time-averaged (a reader holding checkpoints back shows as a WAL past the
+   1,000 frames it is checkpointed at), flushes
+   SQLite refused, the uplink's and the broker's CPU; and forward rate / ingest
+   rate, central rate / (gateways x ingest rate).
 
-    .venv/bin/python bench/uplink.py                      # ~2-4 minutes
+    .venv/bin/python bench/uplink.py --ingest-only        # phase 3: ~5 minutes at load 4-6
+    .venv/bin/python bench/uplink.py                      # phases 1-3: a few minutes more
     .venv/bin/python bench/uplink.py --minutes 10 --skip-ingest
 """
 
@@ -32,7 +40,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -256,6 +266,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def run_wait_seconds(pid: int) -> float:
+    """Time the process's threads spent runnable but waiting for a CPU (/proc/PID/schedstat):
+    on a pinned collector, what other processes on its core took from it."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def central_readings(path: str) -> int:
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -292,80 +311,380 @@ def consume(url: str, total: int, workdir: Path, timeout: float, stream: str = "
     return dict(elapsed=elapsed, peak_rss_kb=peak, stored=central_readings(central), cpu=cpu)
 
 
-def ingest_rates(url: str, seconds: float, workdir: Path, nats_pid: int) -> dict:
-    """bench/ingest.py's zero-loss search (2 readings a datagram, 100 sensors) of the collector
-    alone and with a live `telemetry-uplink run` publishing its database to the same
-    nats-server, their steps taken in turn (each step with the uplink: it starts once the
-    collector listens and, after the collector stopped, must ack its whole log within 30 s)."""
+def _load_ingest_bench():
     spec = importlib.util.spec_from_file_location("bench_ingest", ROOT / "bench" / "ingest.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    args = argparse.Namespace(
-        seconds=seconds,
-        sensors=100,
+    return mod
+
+
+def pin(pid: int, core: int | None) -> None:
+    """Every thread of a running process onto one core (nats-server starts its threads early)."""
+    if core is not None and shutil.which("taskset"):
+        subprocess.run(["taskset", "-a", "-p", "-c", str(core), str(pid)], check=True, capture_output=True)
+
+
+def wal_bytes(db: str) -> int:
+    try:
+        return os.path.getsize(db + "-wal")
+    except OSError:
+        return 0
+
+
+def wal_frames(db: str) -> int:
+    """Frames in use in the WAL now: mxFrame of the WAL-index header at the start of the -shm file
+    (SQLite's wal.c, WalIndexHdr; native byte order).  The -wal file only shrinks to
+    journal_size_limit: its size is where the WAL once reached, this is what it holds."""
+    try:
+        with open(db + "-shm", "rb") as f:
+            head = f.read(48)
+    except OSError:
+        return 0
+    return struct.unpack_from("=I", head, 16)[0] if len(head) == 48 else 0
+
+
+class Sampler:
+    """Samples, every `every` seconds in a thread, the frames in use in the collector's WAL and
+    the -wal file's size.  SQLite checkpoints after the commit that takes the WAL to 1,000 frames
+    and the next commit starts it again from the top, unless a reader's snapshot still needs the
+    frames: a WAL past ~1,000 frames is a checkpoint held back."""
+
+    def __init__(self, db: str, every: float = 0.05) -> None:
+        import threading
+
+        self.db = db
+        self.every = every
+        self.peak = 0
+        self.peak_frames = 0
+        self.total_frames = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, wal_bytes(self.db))
+            frames = wal_frames(self.db)
+            self.peak_frames = max(self.peak_frames, frames)
+            self.total_frames += frames
+            self.samples += 1
+
+    def stop(self) -> tuple[int, int, float]:
+        """(the -wal file's peak bytes, peak frames in use, mean frames in use) over the samples."""
+        self._stop.set()
+        self._thread.join()
+        return self.peak, self.peak_frames, self.total_frames / max(1, self.samples)
+
+
+def ingest_step(mod, rate: float, beside: bool, args, url: str, nats_pid: int, workdir: Path) -> dict:
+    """One step of bench/ingest.py's search (the collector on its own core, the sender on the
+    other), with, if `beside`, a `telemetry-uplink run` publishing the collector's database to
+    the nats-server: the uplink and nats-server on the sender's core, the uplink started and
+    connected before the first datagram (a deployed uplink runs for months: its start-up is not
+    what ingest pays), polling as deployed (0.5 s).  Measured besides bench/ingest.py's
+    counts: the collector's CPU seconds from the first datagram until it stored the last
+    (per datagram), the WAL's peak size, the uplink's and the broker's CPU over the same time."""
+    step_dir = Path(tempfile.mkdtemp(prefix=f"{'beside' if beside else 'alone'}-{int(rate)}-", dir=workdir))
+    db = str(step_dir / "telemetry.db")
+    log = step_dir / "collector.log"
+    cmd = [
+        *mod.taskset(args.collector_core),
+        str(BIN / "telemetry-collector"),
+        "--db",
+        db,
+        "--listen",
+        "127.0.0.1:0",
+        "--status-interval",
+        "3600",
+        "--flush-interval",
+        str(args.flush_interval),
+        "--batch-size",
+        str(args.batch_size),
+        "--rcvbuf",
+        str(args.rcvbuf),
+    ]
+    up = None
+    out: dict = {"rate": rate, "beside": beside}
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logf)
+    try:
+        port = None
+        deadline = time.monotonic() + 10
+        while port is None and time.monotonic() < deadline:
+            m = re.search(r"listening udp 127\.0\.0\.1:(\d+)", log.read_text())
+            port = int(m.group(1)) if m else None
+            time.sleep(0.02)
+        if port is None:
+            raise SystemExit(f"collector did not start: {log.read_text()}")
+        if beside:
+            up_log = step_dir / "uplink.log"
+            up_cmd = [*mod.taskset(args.sender_core), *uplink_cmd(db, "bench-ingest", url, 3)]
+            up_cmd[up_cmd.index("--poll-interval") + 1] = str(args.poll_interval)
+            up = subprocess.Popen(up_cmd, stdout=open(up_log, "wb"), stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 20
+            while "connected to" not in up_log.read_text(errors="replace"):
+                if up.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"uplink did not connect: {up_log.read_text()[-800:]}")
+                time.sleep(0.02)
+        sampler = Sampler(db)
+        c0, n0, w0 = cpu_seconds(proc.pid), cpu_seconds(nats_pid), run_wait_seconds(proc.pid)
+        u0 = cpu_seconds(up.pid) if up else 0.0
+        t0 = time.monotonic()
+        sent = mod.run_sender(port, rate, args.seconds, args.sensors, args.sender_core, False, args.n_readings)
+        out["send_wait"] = run_wait_seconds(proc.pid) - w0
+        # until the collector stored everything it received (or stopped making progress)
+        last, still = -1, 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            c = mod.read_counters(db)
+            if c.get("stored", 0) + c.get("kernel_drops", 0) >= sent["sent"]:
+                break  # every datagram stored or counted dropped (drops after the last one received wait below)
+            progress = c.get("stored", 0)
+            still = still + 1 if progress == last else 0
+            if still >= 60:  # 3 s without a flush: the rest was lost
+                break
+            last = progress
+        t1 = time.monotonic()
+        c1, n1, w1 = cpu_seconds(proc.pid), cpu_seconds(nats_pid), run_wait_seconds(proc.pid)
+        u1 = cpu_seconds(up.pid) if up else 0.0
+        out["wal_peak"], out["wal_frames_peak"], out["wal_frames_mean"] = sampler.stop()
+        out["wal_end"] = wal_bytes(db)
+        elapsed = out["elapsed"] = t1 - t0
+        out["collector_cpu"] = c1 - c0
+        out["run_wait"] = w1 - w0
+        out["uplink_cpu_share"] = (u1 - u0) / elapsed if up else None
+        out["broker_cpu_share"] = (n1 - n0) / elapsed
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        if up is not None:
+            deadline = time.monotonic() + 30
+            target = last_log_id(db)
+            while position(db) < target and time.monotonic() < deadline and up.poll() is None:
+                time.sleep(0.05)
+            out["uplink_behind"] = max(0, target - position(db))
+            up.terminate()
+            up.wait(30)
+    c = mod.read_counters(Path(db))
+    stored = int(c.get("stored", 0))
+    out.update(
+        sent=sent["sent"],
+        send_elapsed=sent["elapsed"],
+        received=int(c.get("received", 0)),
+        stored=stored,
+        stored_readings=int(c.get("stored_readings", 0)),
+        kernel_drops=int(c.get("kernel_drops", 0)),
+        storage_dropped=int(c.get("storage_dropped", 0)),
+        refused_flushes=log.read_text(errors="replace").count("cannot write to"),
+        ok=stored == sent["sent"] and int(c.get("kernel_drops", 0)) == 0,
+        cpu_us_per_datagram=1e6 * out["collector_cpu"] / max(1, int(c.get("received", 0))),
+    )
+    shutil.rmtree(step_dir, ignore_errors=True)
+    return out
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def _step_line(label: str, r: dict) -> str:
+    extra = ""
+    if r["beside"]:
+        extra = f", uplink {100 * r['uplink_cpu_share']:.0f} % / broker {100 * r['broker_cpu_share']:.0f} % of a core"
+        if r.get("uplink_behind"):
+            extra += f", UPLINK BEHIND by {r['uplink_behind']} entries"
+    return (
+        f"  {label:7s} {r['rate']:>9,.0f} datagrams/s offered, {r['sent'] / r['send_elapsed']:>9,.0f} sent: "
+        f"stored {r['stored']:,} of {r['sent']:,}, kernel drops {r['kernel_drops']}; collector "
+        f"{r['cpu_us_per_datagram']:.2f} us CPU/datagram, waited {1000 * r['run_wait']:.0f} ms for its core, "
+        f"WAL at most {r['wal_frames_peak']} frames" + extra + ("  ok" if r["ok"] else "  LOSS")
+    )
+
+
+def ingest_beside(url: str, nats_pid: int, args, workdir: Path) -> dict:
+    """Ingest unchanged beside the uplink?  The collector pinned to one core as in
+    bench/ingest.py; the sender, the uplink and nats-server on the other.  --searches times:
+    bench/ingest.py's zero-loss search of the collector alone and of the collector with the
+    uplink, their steps in turn (A B, B A, ...), the searches in turn too; then --pairs fixed-rate
+    pairs (A B, B A, ...) at half the alone median, for the collector's CPU per datagram and the
+    WAL beside the uplink.  Medians of each, and the ratios."""
+    mod = _load_ingest_bench()
+    try:
+        rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    except (OSError, ValueError):
+        rmem_max = 8 * 1024 * 1024
+    a = argparse.Namespace(
+        seconds=args.ingest_seconds,
+        sensors=args.ingest_sensors,
         n_readings=2,
-        start=25_000,
+        start=args.ingest_start,
         max_rate=400_000,
-        bisect_steps=3,
+        bisect_steps=args.bisect_steps,
         collector_core=0,
         sender_core=1,
         flush_interval=1.0,
         batch_size=20_000,
-        rcvbuf=8 * 1024 * 1024,
-        signed=False,
+        rcvbuf=min(8 * 1024 * 1024, rmem_max),
+        poll_interval=args.poll_interval,
     )
     if (os.cpu_count() or 1) < 2:
-        args.collector_core = args.sender_core = None
-    out: dict = {}
-    behind: list[str] = []
-    cpu: list[float] = []  # the uplink's CPU seconds per second of each step
-    broker_cpu: list[float] = []  # the local nats-server's (on a real gateway the broker is elsewhere)
+        a.collector_core = a.sender_core = None
+    pin(nats_pid, a.sender_core)
+    print(
+        f"ingest beside the uplink: collector on core {a.collector_core}; sender, uplink (poll "
+        f"{a.poll_interval:g} s) and nats-server on core {a.sender_core}; {a.sensors} sensors, "
+        f"{a.n_readings} readings a datagram, {a.seconds:g} s a step",
+        flush=True,
+    )
+    steps_of: dict[str, list[dict]] = {"alone": [], "beside": []}
 
-    def beside(db: str, step_dir: Path):
-        log = step_dir / "uplink.log"
-        # as deployed: the default poll interval (0.5 s), not the drain phases' 0.05 s
-        cmd = uplink_cmd(db, "bench-ingest", url, 2)
-        cmd[cmd.index("--poll-interval") + 1] = "0.5"
-        proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    def measured(rate: float, beside: bool, wd: Path, seconds: float) -> dict:
+        """One step; a lossy one during whose send the collector waited for its core more than
+        --disturbed of the time (a process from elsewhere on that core) is taken again, at most
+        --retakes times, for alone and beside alike."""
+        label = "beside" if beside else "alone"
+        for attempt in range(args.retakes + 1):
+            r = ingest_step(mod, rate, beside, argparse.Namespace(**dict(vars(a), seconds=seconds)), url, nats_pid, wd)
+            print(_step_line(label, r), flush=True)
+            disturbed = not r["ok"] and r["send_wait"] > args.disturbed * r["send_elapsed"]
+            if not disturbed:
+                break
+            r["disturbed"] = True
+            print(
+                f"    (disturbed: the collector waited {r['send_wait']:.2f} s of the {r['send_elapsed']:.2f} s send "
+                f"for core {a.collector_core}" + ("; taken again)" if attempt < args.retakes else "; kept)"),
+                flush=True,
+            )
+        return r
 
-        def stop() -> None:
-            deadline = time.monotonic() + 30
-            last = last_log_id(db)
-            while position(db) < last and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.05)
-            if position(db) < last:
-                behind.append(f"{step_dir.name}: position {position(db)} of {last}")
-            elapsed = time.monotonic() - started
-            cpu.append(cpu_seconds(proc.pid) / elapsed)
-            broker_cpu.append((cpu_seconds(nats_pid) - broker0) / elapsed)
-            proc.terminate()
-            proc.wait(30)
+    def runner(beside: bool):
+        def step(rate, _a, wd):
+            r = measured(rate, beside, Path(wd), a.seconds)
+            steps_of["beside" if beside else "alone"].append(r)
+            return r
 
-        started = time.monotonic()
-        broker0 = cpu_seconds(nats_pid)
+        return step
 
-        return stop
-
-    alone_args = argparse.Namespace(**vars(args), beside=None)
-    with_args = argparse.Namespace(**vars(args), beside=beside)
-    steps = [
-        ("collector alone", lambda rate, _a, wd: mod.step_collector(rate, alone_args, wd)),
-        ("collector + uplink", lambda rate, _a, wd: mod.step_collector(rate, with_args, wd)),
-    ]
-    # the two searches' steps in turn (A B, B A, ...): load from elsewhere falls on both alike
-    with tempfile.TemporaryDirectory(dir=workdir) as wd:
-        searches = mod.search_together(steps, args, wd)
-    for label, (best, results) in searches.items():
-        losses = [r["rate"] for r in results if not r["ok"]]
-        out[label] = best and dict(
-            offered=best["rate"] * args.n_readings,  # readings/s offered at the best zero-loss step
-            achieved=best["stored_readings"] / best["send_elapsed"],  # what the sender managed to send
-            first_loss=min(losses) * args.n_readings if losses else None,
+    best: dict[str, list[dict]] = {"alone": [], "beside": []}
+    for k in range(args.searches):
+        order = [("alone", runner(False)), ("beside", runner(True))]
+        if k % 2:
+            order.reverse()
+        print(f" search {k + 1} of {args.searches}, steps in turn:", flush=True)
+        mod._print_step = lambda *_: None  # ingest_step prints its own line
+        with tempfile.TemporaryDirectory(dir=workdir) as wd:
+            for label, (b, _results) in mod.search_together(order, a, wd).items():
+                if b is not None:
+                    best[label].append(b)
+    out: dict = {"best": best, "steps": steps_of, "pairs": {"alone": [], "beside": []}}
+    if (best["alone"] or args.pair_rate) and args.pairs:
+        rate = args.pair_rate or round(median([b["rate"] for b in best["alone"]]) / 2, -3)
+        out["pair_rate"] = rate
+        print(
+            f" {args.pairs} pairs of {args.pair_seconds:g} s at {rate:,.0f} datagrams/s (collector CPU per datagram, "
+            "WAL), in turn:",
+            flush=True,
         )
-    out["behind"] = behind
-    out["uplink_cpu"] = cpu
-    out["broker_cpu"] = broker_cpu
+        for k in range(args.pairs):
+            for beside in (False, True) if k % 2 == 0 else (True, False):
+                r = measured(rate, beside, workdir, args.pair_seconds)
+                out["pairs"]["beside" if beside else "alone"].append(r)
+    out["n_readings"] = a.n_readings
     return out
+
+
+def report_ingest(ingest: dict, fwd: float | None, central_rate: float | None, gateways: int) -> None:
+    n = ingest["n_readings"]
+    best = ingest["best"]
+    med = {}
+    for label in ("alone", "beside"):
+        bs = best[label]
+        if not bs:
+            print(f"collector zero-loss ingest {label}: no passing step")
+            continue
+        rates = [b["rate"] * n for b in bs]
+        achieved = [b["stored_readings"] / b["send_elapsed"] for b in bs]
+        capped = sum(1 for b in bs if b.get("sender_capped"))
+        med[label] = median(rates)
+        print(
+            f"collector zero-loss ingest, {label + (' (the uplink following it)' if label == 'beside' else '')}: "
+            f"median {med[label]:,.0f} readings/s offered over {len(bs)} searches "
+            f"({', '.join(f'{x:,.0f}' for x in rates)}; sender achieved {', '.join(f'{x:,.0f}' for x in achieved)})"
+            + (f"; {capped} at the sender's ceiling" if capped else "")
+        )
+    if len(med) == 2:
+        print(
+            f"ingest with / without the uplink, medians = {med['beside'] / med['alone']:.2f} (target >= 0.95; "
+            "each search resolves 1/8 of its last doubling)"
+        )
+        if fwd:
+            print(
+                f"uplink forward / collector ingest = {fwd / med['alone']:.1f} (target >= 1); "
+                f"central consumer / ({gateways} x ingest) = {central_rate / (gateways * med['alone']):.2f} "
+                "(target >= 1)"
+            )
+    pairs = ingest["pairs"]
+    if pairs["alone"] and pairs["beside"]:
+        cpu = {k: median([r["cpu_us_per_datagram"] for r in v]) for k, v in pairs.items()}
+        lost = {k: sum(r["sent"] - r["stored"] for r in v) for k, v in pairs.items()}
+        print(
+            f"collector CPU per datagram at {ingest['pair_rate']:,.0f} datagrams/s, medians of "
+            f"{len(pairs['alone'])} pairs: alone {cpu['alone']:.2f} us, beside the uplink {cpu['beside']:.2f} us: "
+            f"datagrams per CPU-second beside / alone = {cpu['alone'] / cpu['beside']:.2f} (the collector's speed "
+            f"on its own core, whatever else ran there); datagrams lost alone {lost['alone']}, beside {lost['beside']}"
+        )
+    every_of = {k: ingest["steps"][k] + pairs[k] for k in ("alone", "beside")}
+    if every_of["alone"] and every_of["beside"]:
+        # A flush commits a few hundred frames at most: a WAL past 1,500 frames was not started
+        # again after its checkpoint at 1,000 (Sampler).
+        peak = {k: max(r["wal_frames_peak"] for r in v) for k, v in every_of.items()}
+        over = {k: sum(1 for r in v if r["wal_frames_peak"] > 1500) for k, v in every_of.items()}
+        size = {k: max(r["wal_peak"] for r in v) for k, v in every_of.items()}
+        mean = ""
+        if pairs["alone"] and pairs["beside"]:
+            m = {k: median([r["wal_frames_mean"] for r in v]) for k, v in pairs.items()}
+            mean = f"; frames in use, time-averaged, medians of the pairs: alone {m['alone']:.0f}, beside {m['beside']:.0f}"
+        print(
+            f"collector WAL over all steps: at most {peak['alone']:,} frames in use alone, {peak['beside']:,} beside "
+            f"(-wal file at most {size['alone'] / 2**20:.1f} / {size['beside'] / 2**20:.1f} MiB); steps whose WAL "
+            f"went past 1,500 frames (a checkpoint held back by a reader): alone {over['alone']} of "
+            f"{len(every_of['alone'])}, beside {over['beside']} of {len(every_of['beside'])}" + mean
+        )
+        top = {k: max(r["sent"] / r["send_elapsed"] for r in v) for k, v in every_of.items()}
+        print(
+            f"the sender (on core 1 with the uplink and nats-server) reached {top['beside']:,.0f} datagrams/s beside "
+            f"the uplink, {top['alone']:,.0f} without"
+            + (
+                ": above every zero-loss rate found, so the collector, not the sender, set them"
+                if best["alone"]
+                and best["beside"]
+                and min(top.values()) > max(b["rate"] for b in best["alone"] + best["beside"])
+                else ""
+            )
+        )
+    beside_steps = ingest["steps"]["beside"] + pairs["beside"]
+    if beside_steps:
+        up = sorted(r["uplink_cpu_share"] for r in beside_steps)
+        br = sorted(r["broker_cpu_share"] for r in beside_steps)
+        print(
+            f"uplink CPU while following the collector: median {100 * median(up):.1f} % of a core (max "
+            f"{100 * up[-1]:.1f} %) over {len(up)} steps; the local nats-server: median {100 * median(br):.1f} % "
+            "(on a gateway the broker is elsewhere)"
+        )
+        behind = [r for r in beside_steps if r.get("uplink_behind")]
+        for r in behind:
+            print(f"  UPLINK BEHIND at the end of a step at {r['rate']:,.0f}/s: {r['uplink_behind']} entries")
+        every = ingest["steps"]["alone"] + ingest["steps"]["beside"] + pairs["alone"] + pairs["beside"]
+        refused = sum(r["refused_flushes"] for r in every)
+        print(f"flushes the database refused (SQLITE_BUSY and the like) over all {len(every)} steps: {refused}")
 
 
 def main() -> None:
@@ -382,145 +701,150 @@ def main() -> None:
     p.add_argument("--gateways", type=int, default=3, help="gateways feeding the central consumer")
     p.add_argument("--central-minutes", type=float, default=2.0, help="backlog of each gateway for the central phase")
     p.add_argument("--skip-ingest", action="store_true", help="do not measure the collector's ingest rate")
+    p.add_argument(
+        "--ingest-only",
+        action="store_true",
+        help="only phase 3: ingest alone and beside the uplink (~5 minutes at load 4-6)",
+    )
     p.add_argument("--ingest-seconds", type=float, default=2.0, help="length of each ingest step")
+    p.add_argument("--ingest-start", type=float, default=25_000, help="datagrams/s of each search's first step")
+    p.add_argument("--bisect-steps", type=int, default=3, help="bisection steps of each zero-loss search")
+    p.add_argument("--searches", type=int, default=3, help="zero-loss searches of each (alone, beside), in turn")
+    p.add_argument("--pairs", type=int, default=3, help="fixed-rate pairs (alone, beside) for CPU per datagram")
+    p.add_argument("--pair-seconds", type=float, default=10.0, help="length of each pair's steps")
+    p.add_argument("--ingest-sensors", type=int, default=100, help="sensors of the ingest steps (bench/ingest.py: 100)")
+    p.add_argument(
+        "--disturbed",
+        type=float,
+        default=0.25,
+        help="a lossy step whose collector waited this share of its send for its core is taken again (--retakes)",
+    )
+    p.add_argument("--retakes", type=int, default=1, help="times a disturbed lossy step is taken again at most")
+    p.add_argument("--pair-rate", type=float, help="datagrams/s of the pairs (default: half the alone median)")
+    p.add_argument("--poll-interval", type=float, default=0.5, help="the uplink's poll interval beside the collector")
     p.add_argument("--timeout", type=float, default=600)
     args = p.parse_args()
     hour = 10_000 * 3600
     load0 = os.getloadavg()[0]
+    r = b = c_pub = None
+    fwd = v1 = central_rate = central2_rate = readings = None
     with tempfile.TemporaryDirectory() as wd:
         workdir = Path(wd)
         nats, url = start_nats(workdir)
         try:
-            shape = (
-                f"{args.sensors} sensors, {args.rate / (2 * args.sensors):g} datagrams/s each of 2 readings, "
-                "one ingest_log row per second"
-            )
-            # 1. catch-up: one gateway's backlog drained by payload 2 (and a payload-1 baseline on a
-            # short backlog of the same shape, same run)
-            print(f"catch-up backlog: {args.minutes:g} min at {args.rate:,} readings/s; {shape}", flush=True)
-            big = str(workdir / "catchup.db")
-            t = time.monotonic()
-            entries, readings = fill(big, args.minutes, args.rate, args.sensors, 0, args.distinct_minutes)
-            print(
-                f"  filled {readings:,} readings in {entries} rows ({os.path.getsize(big) / 1e6:.0f} MB; "
-                f"{args.distinct_minutes:g} min distinct, the rest repeated) in {time.monotonic() - t:.1f} s",
-                flush=True,
-            )
-            r = drain({"catchup": big}, url, entries, workdir, args.timeout, stream="CATCHUP")
-            fwd = readings / r["elapsed"]
-            print(
-                f"  payload 3: drained in {r['elapsed']:.2f} s = {fwd:,.0f} readings/s, {r['messages']:,} messages; "
-                f"uplink peak RSS {r['peak_rss_kb'] / 1024:.1f} MB",
-                flush=True,
-            )
-            small = str(workdir / "small.db")
-            s_entries, s_readings = fill(small, args.central_minutes, args.rate, args.sensors, 1)
-            base = str(workdir / "baseline.db")
-            copy_db(small, base)
-            b = drain({"baseline": base}, url, s_entries, workdir, args.timeout, payload=1, stream="CATCHUP")
-            v1 = s_readings / b["elapsed"]
-            print(
-                f"  payload 1 baseline ({args.central_minutes:g} min, {s_readings:,} readings): {b['elapsed']:.2f} s = "
-                f"{v1:,.0f} readings/s, {b['messages']:,} messages; peak RSS {b['peak_rss_kb'] / 1024:.1f} MB",
-                flush=True,
-            )
-            # 2. central: the gateways' backlogs published at once (payload 3), then one consumer
-            # drains them all; and the same backlogs as payload 2 (each datagram's identity kept
-            # centrally, as before payload 3) to a stream of their own, drained the same way
-            dbs = {}
-            for g in range(args.gateways):
-                dbs[f"site-{g}"] = str(workdir / f"gw{g}.db")
-                copy_db(small, dbs[f"site-{g}"])
-            c_pub = drain(dbs, url, s_entries, workdir, args.timeout, payload=3)
-            dbs2 = {}
-            for g in range(args.gateways):
-                dbs2[f"site-{g}"] = str(workdir / f"gw{g}-p2.db")
-                copy_db(small, dbs2[f"site-{g}"])
-            drain(dbs2, url, s_entries, workdir, args.timeout, payload=2, stream="CENTRAL2")
-            total = s_readings * args.gateways
-            print(
-                f"  {args.gateways} uplinks at once: {total:,} readings in {c_pub['elapsed']:.2f} s = "
-                f"{total / c_pub['elapsed']:,.0f} readings/s together",
-                flush=True,
-            )
-            c = consume(url, total, workdir, args.timeout)
-            central_rate = c["stored"] / c["elapsed"]
-            print(
-                f"  central consumer (payload 3): {c['stored']:,} readings of {args.gateways} gateways in "
-                f"{c['elapsed']:.2f} s = {central_rate:,.0f} readings/s ({c['stored'] / c['cpu']:,.0f} per CPU second "
-                f"of the consumer); peak RSS {c['peak_rss_kb'] / 1024:.1f} MB; "
-                f"central database {os.path.getsize(workdir / 'central-TELEMETRY.db') / 1e6:.0f} MB",
-                flush=True,
-            )
-            c2 = consume(url, total, workdir, args.timeout, stream="CENTRAL2")
-            central2_rate = c2["stored"] / c2["elapsed"]
-            print(
-                f"  central consumer (payload 2, same backlogs): {c2['elapsed']:.2f} s = {central2_rate:,.0f} "
-                f"readings/s ({c2['stored'] / c2['cpu']:,.0f} per CPU second); peak RSS {c2['peak_rss_kb'] / 1024:.1f} MB; central database "
-                f"{os.path.getsize(workdir / 'central-CENTRAL2.db') / 1e6:.0f} MB (payload 3 / payload 2 = "
-                f"{central_rate / central2_rate:.2f})",
-                flush=True,
-            )
-            ingest = None if args.skip_ingest else ingest_rates(url, args.ingest_seconds, workdir, nats.pid)
+            if not args.ingest_only:
+                (r, fwd, readings, b, v1, c_pub, central_rate, central2_rate) = backlog_phases(args, url, workdir)
+            ingest = None if args.skip_ingest else ingest_beside(url, nats.pid, args, workdir)
         finally:
             nats.terminate()
             nats.wait(30)
     print()
-    print(
-        f"uplink forward rate (payload 2, catch-up of {readings:,} readings): {fwd:,.0f} readings/s; "
-        f"payload 1 in the same run: {v1:,.0f} readings/s (ratio {fwd / v1:.1f})"
-    )
-    if readings >= hour:
+    if not args.ingest_only:
         print(
-            f"catch-up after 1 h at 10,000 readings/s: measured {r['elapsed'] * hour / readings:.0f} s (target < 120 s)"
+            f"uplink forward rate (payload 3, catch-up of {readings:,} readings): {fwd:,.0f} readings/s; "
+            f"payload 1 in the same run: {v1:,.0f} readings/s (ratio {fwd / v1:.1f})"
         )
-    else:
-        print(
-            f"catch-up after 1 h at 10,000 readings/s ({hour:,} readings), extrapolated from "
-            f"{readings:,}: {hour / fwd:.0f} s (target < 120 s)"
-        )
-    print(
-        f"uplink peak RSS: {max(r['peak_rss_kb'], c_pub['peak_rss_kb']) / 1024:.1f} MB (target < 60 MB); "
-        f"payload 1: {b['peak_rss_kb'] / 1024:.1f} MB"
-    )
-    print(
-        f"central consumer: {central_rate:,.0f} readings/s with payload 3; {central2_rate:,.0f} with payload 2 "
-        f"(ratio {central_rate / central2_rate:.2f})"
-    )
-    if ingest:
-        alone, beside = ingest["collector alone"], ingest["collector + uplink"]
-        for label, b in (("alone", alone), ("with the uplink running", beside)):
-            if b:
-                print(
-                    f"collector zero-loss ingest, {label}: {b['offered']:,.0f} readings/s offered "
-                    f"({b['achieved']:,.0f}/s achieved by the sender), first loss at "
-                    + (f"{b['first_loss']:,.0f}" if b["first_loss"] else "none below the sender's ceiling")
-                )
-        if alone and beside:
+        if readings >= hour:
             print(
-                f"ingest with / without the uplink = {beside['offered'] / alone['offered']:.2f} (target: unchanged; "
-                "the search resolves 1/8 of its last doubling; collector, sender, uplink and nats-server share the cores)"
-            )
-            print(
-                f"uplink forward / collector ingest = {fwd / alone['offered']:.1f} (target >= 1); "
-                f"central consumer / ({args.gateways} x ingest) = {central_rate / (args.gateways * alone['offered']):.2f} "
-                "(target >= 1)"
+                f"catch-up after 1 h at 10,000 readings/s: measured {r['elapsed'] * hour / readings:.0f} s "
+                "(target < 120 s)"
             )
         else:
-            print(f"collector zero-loss ingest: no passing step ({ingest})")
-        if ingest["uplink_cpu"]:
-            cpu = sorted(ingest["uplink_cpu"])
             print(
-                f"uplink CPU while following the collector: median {100 * cpu[len(cpu) // 2]:.1f} % of a core "
-                f"(max {100 * cpu[-1]:.1f} %) over {len(cpu)} ingest steps; the local nats-server beside them: "
-                f"median {100 * sorted(ingest['broker_cpu'])[len(cpu) // 2]:.1f} % (on a gateway the broker is elsewhere)"
+                f"catch-up after 1 h at 10,000 readings/s ({hour:,} readings), extrapolated from "
+                f"{readings:,}: {hour / fwd:.0f} s (target < 120 s)"
             )
-        for line in ingest["behind"]:
-            print(f"  UPLINK BEHIND at the end of an ingest step: {line}")
+        print(
+            f"uplink peak RSS: {max(r['peak_rss_kb'], c_pub['peak_rss_kb']) / 1024:.1f} MB (target < 60 MB); "
+            f"payload 1: {b['peak_rss_kb'] / 1024:.1f} MB"
+        )
+        print(
+            f"central consumer: {central_rate:,.0f} readings/s with payload 3; {central2_rate:,.0f} with payload 2 "
+            f"(ratio {central_rate / central2_rate:.2f})"
+        )
+    if ingest:
+        report_ingest(ingest, fwd, central_rate, args.gateways)
     print(
         f"(machine: {os.cpu_count()} cores, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: "
         "shared, figures are indicative)"
     )
+
+
+def backlog_phases(args, url: str, workdir: Path):
+    """Phases 1 and 2: catch-up (payload 3 and the payload-1 baseline) and the central consumer
+    (payload 3, and payload 2 for comparison)."""
+    shape = (
+        f"{args.sensors} sensors, {args.rate / (2 * args.sensors):g} datagrams/s each of 2 readings, "
+        "one ingest_log row per second"
+    )
+    # 1. catch-up: one gateway's backlog drained by payload 3 (and a payload-1 baseline on a
+    # short backlog of the same shape, same run)
+    print(f"catch-up backlog: {args.minutes:g} min at {args.rate:,} readings/s; {shape}", flush=True)
+    big = str(workdir / "catchup.db")
+    t = time.monotonic()
+    entries, readings = fill(big, args.minutes, args.rate, args.sensors, 0, args.distinct_minutes)
+    print(
+        f"  filled {readings:,} readings in {entries} rows ({os.path.getsize(big) / 1e6:.0f} MB; "
+        f"{args.distinct_minutes:g} min distinct, the rest repeated) in {time.monotonic() - t:.1f} s",
+        flush=True,
+    )
+    r = drain({"catchup": big}, url, entries, workdir, args.timeout, stream="CATCHUP")
+    fwd = readings / r["elapsed"]
+    print(
+        f"  payload 3: drained in {r['elapsed']:.2f} s = {fwd:,.0f} readings/s, {r['messages']:,} messages; "
+        f"uplink peak RSS {r['peak_rss_kb'] / 1024:.1f} MB",
+        flush=True,
+    )
+    os.unlink(big)
+    small = str(workdir / "small.db")
+    s_entries, s_readings = fill(small, args.central_minutes, args.rate, args.sensors, 1)
+    base = str(workdir / "baseline.db")
+    copy_db(small, base)
+    b = drain({"baseline": base}, url, s_entries, workdir, args.timeout, payload=1, stream="CATCHUP")
+    v1 = s_readings / b["elapsed"]
+    print(
+        f"  payload 1 baseline ({args.central_minutes:g} min, {s_readings:,} readings): {b['elapsed']:.2f} s = "
+        f"{v1:,.0f} readings/s, {b['messages']:,} messages; peak RSS {b['peak_rss_kb'] / 1024:.1f} MB",
+        flush=True,
+    )
+    # 2. central: the gateways' backlogs published at once (payload 3), then one consumer
+    # drains them all; and the same backlogs as payload 2 (each datagram's identity kept
+    # centrally, as before payload 3) to a stream of their own, drained the same way
+    dbs = {}
+    for g in range(args.gateways):
+        dbs[f"site-{g}"] = str(workdir / f"gw{g}.db")
+        copy_db(small, dbs[f"site-{g}"])
+    c_pub = drain(dbs, url, s_entries, workdir, args.timeout, payload=3)
+    dbs2 = {}
+    for g in range(args.gateways):
+        dbs2[f"site-{g}"] = str(workdir / f"gw{g}-p2.db")
+        copy_db(small, dbs2[f"site-{g}"])
+    drain(dbs2, url, s_entries, workdir, args.timeout, payload=2, stream="CENTRAL2")
+    total = s_readings * args.gateways
+    print(
+        f"  {args.gateways} uplinks at once: {total:,} readings in {c_pub['elapsed']:.2f} s = "
+        f"{total / c_pub['elapsed']:,.0f} readings/s together",
+        flush=True,
+    )
+    c = consume(url, total, workdir, args.timeout)
+    central_rate = c["stored"] / c["elapsed"]
+    print(
+        f"  central consumer (payload 3): {c['stored']:,} readings of {args.gateways} gateways in "
+        f"{c['elapsed']:.2f} s = {central_rate:,.0f} readings/s ({c['stored'] / c['cpu']:,.0f} per CPU second "
+        f"of the consumer); peak RSS {c['peak_rss_kb'] / 1024:.1f} MB; "
+        f"central database {os.path.getsize(workdir / 'central-TELEMETRY.db') / 1e6:.0f} MB",
+        flush=True,
+    )
+    c2 = consume(url, total, workdir, args.timeout, stream="CENTRAL2")
+    central2_rate = c2["stored"] / c2["elapsed"]
+    print(
+        f"  central consumer (payload 2, same backlogs): {c2['elapsed']:.2f} s = {central2_rate:,.0f} "
+        f"readings/s ({c2['stored'] / c2['cpu']:,.0f} per CPU second); peak RSS {c2['peak_rss_kb'] / 1024:.1f} MB; central database "
+        f"{os.path.getsize(workdir / 'central-CENTRAL2.db') / 1e6:.0f} MB (payload 3 / payload 2 = "
+        f"{central_rate / central2_rate:.2f})",
+        flush=True,
+    )
+    return r, fwd, readings, b, v1, c_pub, central_rate, central2_rate
 
 
 if __name__ == "__main__":
