@@ -103,7 +103,7 @@ class PromAPI:
             seen.append(self.value(expr))
             return seen[-1] == expected
 
-        wait_for(check, timeout, 0.25, what=f"Prometheus to give {expr} = {expected} (last {seen[-1:]})")
+        wait_for(check, timeout, 0.25, what=lambda: f"Prometheus to give {expr} = {expected} (last {seen[-1:]})")
 
 
 def test_prometheus_scrapes_both_daemons_and_sees_exact_counts(tmp_path, tls, bin_path):
