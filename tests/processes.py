@@ -113,9 +113,21 @@ class CollectorProcess(Daemon):
 
     def wait_received(self, n: int, timeout: float = 15) -> None:
         """Until the collector has committed `n` datagrams received: `timeout` seconds, and one
-        more per 2,000 datagrams (a loaded 2-core box still commits that many a second)."""
+        more per 2,000 datagrams (a loaded 2-core box still commits that many a second).
+        Datagrams the kernel dropped never arrive: that fails at once, saying so."""
+
+        def received() -> bool:
+            counters = self.counters()
+            if counters.get("kernel_drops", 0):
+                raise AssertionError(
+                    f"waiting for {n} datagrams received: the kernel dropped {counters['kernel_drops']} "
+                    f"(received {counters.get('received', 0)}), which never arrive: the collector fell "
+                    "behind the sender (starved of CPU, or a receive buffer too small for the burst)"
+                )
+            return counters.get("received", 0) >= n
+
         wait_for(
-            lambda: self.counters().get("received", 0) >= n,
+            received,
             timeout + n / 2000,
             what=lambda: f"{n} datagrams received (committed: {self.counters().get('received', 0)})",
         )

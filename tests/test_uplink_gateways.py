@@ -540,7 +540,9 @@ def test_the_disk_budget_drops_unsent_log_entries_loudly_and_exactly(tmp_path, g
     central database, once, or counted as dropped; nothing else is missing."""
     ns = NatsServer(tmp_path, port=free_port())
     try:
-        gw = gateways("site-2", "--max-disk", "1M")
+        # A receive buffer that holds a whole burst (as root: SO_RCVBUFFORCE): a collector starved
+        # of CPU on a loaded box for a second would otherwise lose datagrams in the kernel.
+        gw = gateways("site-2", "--max-disk", "1M", "--rcvbuf", str(64 << 20))
         up = gw.start_uplink([ns.url])
         wait_for(lambda: "connection refused" in up.text(), 15, 0.02, what="the uplink to find no broker")
         for start in ("0", "1750"):  # in two bursts of 20,000 datagrams/s: the budget's work runs meanwhile
