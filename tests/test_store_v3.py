@@ -252,14 +252,7 @@ def test_v3_answers_every_query_as_v2_does(tmp_path, seed):
     v2_ops = v2ref.Ops(schema_v2_reader(pair.v2_path))
     v3_ops = Ops(schema.open_reader(pair.v3_path))
     try:
-        for q in queries(rng, sensors):
-            expected = run_pages(v2_ops, q)
-            got = run_pages(v3_ops, q)
-            if q["op"] == "stats":  # v3 has more counters
-                got = [{k: v for k, v in got[0].items() if k in expected[0]}]
-            if q["op"] == "sensors":  # and the sensor health fields (issue 11), not in the frozen v2 ops
-                got = [[{k: v for k, v in row.items() if k in ref} for row, ref in zip(got[0], expected[0])]]
-            compare(got, expected, json.dumps(q))
+        check_answers(v2_ops, v3_ops, queries(rng, sensors))
     finally:
         v2_ops.close()
         v3_ops.close()
@@ -393,14 +386,7 @@ def test_a_v2_database_migrates_in_place_and_answers_as_before(tmp_path, caplog)
     v2_ops = v2ref.Ops(schema_v2_reader(v2_path))
     v3_ops = Ops(schema.open_reader(v3_path))
     try:
-        for q in queries(rng, sensors):
-            expected = run_pages(v2_ops, q)
-            got = run_pages(v3_ops, q)
-            if q["op"] == "stats":  # v3 has more counters
-                got = [{k: v for k, v in got[0].items() if k in expected[0]}]
-            if q["op"] == "sensors":  # and the sensor health fields (issue 11), not in the frozen v2 ops
-                got = [[{k: v for k, v in row.items() if k in ref} for row, ref in zip(got[0], expected[0])]]
-            compare(got, expected, json.dumps(q))
+        check_answers(v2_ops, v3_ops, queries(rng, sensors))
     finally:
         v2_ops.close()
         v3_ops.close()
