@@ -408,6 +408,41 @@ def inflate(block: bytes, limit: int) -> bytes:
     return raw
 
 
+def _log_groups(body: bytes, budget: int) -> tuple[Any, int]:
+    """An ingest_log body (collector/ingestlog.py) inflated within `budget` bytes and unpacked:
+    its groups (a list, not yet checked) and the bytes inflated."""
+    raw = inflate(body, budget)
+    try:
+        version, groups = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise PayloadError("bad_block", f"not a log body ({type(exc).__name__})") from None
+    if version != ingestlog.BODY_VERSION or type(version) is not int or not isinstance(groups, list):
+        raise PayloadError("bad_block", f"log body version {version!r}, expected {ingestlog.BODY_VERSION}")
+    return groups, len(raw)
+
+
+def _group(g: Any) -> tuple[Any, Any, list, list, list, dict, int]:
+    """One group's shape: [sensor, boot, seqs, ts, received, metrics] with seqs, ts and
+    received of one length n > 0 (returned last); the columns' values are checked by the caller."""
+    if type(g) is not list or len(g) != 6:
+        raise PayloadError("bad_shape", "group: 6 items expected")
+    sensor, boot, seqs, ts, received, metrics = g
+    n = len(seqs) if type(seqs) is list else 0
+    if not (
+        type(sensor) is str
+        and 0 < len(sensor) <= 256
+        and (boot is None or type(boot) is int)
+        and n > 0
+        and type(ts) is list
+        and len(ts) == n
+        and type(received) is list
+        and len(received) == n
+        and type(metrics) is dict
+    ):
+        raise PayloadError("bad_shape", f"group of {sensor!r}: sensor, boot, seqs/ts/received or metrics")
+    return sensor, boot, seqs, ts, received, metrics, n
+
+
 def _columns(gateway: Any, blocks: Any) -> Columns:
     """Every group's shape checked as it comes, the groups merged per (sensor, boot) in order
     of first appearance (commit order kept within each), then each merged sensor's columns
@@ -417,32 +452,10 @@ def _columns(gateway: Any, blocks: Any) -> Columns:
     budget = MAX_INFLATED_BYTES
     merged: dict[tuple[Any, Any], _Pending] = {}
     for block in blocks:
-        raw = inflate(block, budget)
-        budget -= len(raw)
-        try:
-            version, groups = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
-        except Exception as exc:  # msgpack raises several unrelated types for bad input
-            raise PayloadError("bad_block", f"not a log body ({type(exc).__name__})") from None
-        if version != ingestlog.BODY_VERSION or type(version) is not int or not isinstance(groups, list):
-            raise PayloadError("bad_block", f"log body version {version!r}, expected {ingestlog.BODY_VERSION}")
+        groups, inflated = _log_groups(block, budget)
+        budget -= inflated
         for g in groups:
-            # the same checks as _readings, written for one Python step per group
-            if type(g) is not list or len(g) != 6:
-                raise PayloadError("bad_shape", "group: 6 items expected")
-            sensor, boot, seqs, ts, received, metrics = g
-            n = len(seqs) if type(seqs) is list else 0
-            if not (
-                type(sensor) is str
-                and 0 < len(sensor) <= 256
-                and (boot is None or type(boot) is int)
-                and n > 0
-                and type(ts) is list
-                and len(ts) == n
-                and type(received) is list
-                and len(received) == n
-                and type(metrics) is dict
-            ):
-                raise PayloadError("bad_shape", f"group of {sensor!r}: sensor, boot, seqs/ts/received or metrics")
+            sensor, boot, seqs, ts, received, metrics, n = _group(g)  # the same checks as _readings
             key = (sensor, boot)
             p = merged.get(key)
             if p is None:
@@ -479,32 +492,13 @@ def _log_block(entry: Any, budget: int) -> tuple[LogBlock, int]:
     _shape(type(entry) is list and len(entry) == 4, "block: [id, offset, last, body] expected")
     row_id, offset, last, body = entry
     _shape(_int(row_id) and _int(offset) and type(last) is bool and type(body) is bytes, "block header")
-    raw = inflate(body, budget)
-    try:
-        version, groups = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise PayloadError("bad_block", f"not a log body ({type(exc).__name__})") from None
-    if version != ingestlog.BODY_VERSION or type(version) is not int or not isinstance(groups, list) or not groups:
-        raise PayloadError("bad_block", f"log body version {version!r}, expected {ingestlog.BODY_VERSION}")
+    groups, inflated = _log_groups(body, budget)
+    if not groups:
+        raise PayloadError("bad_block", "a log body without groups")
     datagrams = readings = 0
     values: list = []
     for g in groups:
-        if type(g) is not list or len(g) != 6:
-            raise PayloadError("bad_shape", "group: 6 items expected")
-        sensor, boot, seqs, ts, received, metrics = g
-        n = len(seqs) if type(seqs) is list else 0
-        if not (
-            type(sensor) is str
-            and 0 < len(sensor) <= 256
-            and (boot is None or type(boot) is int)
-            and n > 0
-            and type(ts) is list
-            and len(ts) == n
-            and type(received) is list
-            and len(received) == n
-            and type(metrics) is dict
-        ):
-            raise PayloadError("bad_shape", f"group of {sensor!r}: sensor, boot, seqs/ts/received or metrics")
+        sensor, _, _, _, _, metrics, n = _group(g)
         datagrams += n
         for name, column in metrics.items():
             if type(name) is not str or not 0 < len(name) <= 256 or type(column) is not list or len(column) != n:
@@ -520,7 +514,7 @@ def _log_block(entry: Any, budget: int) -> tuple[LogBlock, int]:
         ranges.block_range(row_id, offset, datagrams, last)
     except ValueError as exc:
         raise PayloadError("bad_shape", str(exc)) from None
-    return LogBlock(row_id, offset, last, groups, datagrams, readings), len(raw)
+    return LogBlock(row_id, offset, last, groups, datagrams, readings), inflated
 
 
 def _blocks(gateway: Any, origin: Any, gone: Any, entries: Any) -> Blocks:
