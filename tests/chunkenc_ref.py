@@ -1,0 +1,797 @@
+"""Chunk codec v1 as it was before the numpy encoder/decoder, kept as the reference.
+
+A frozen copy of collector/chunkenc.py (pure Python, lists) for the
+differential tests (tests/test_chunkenc_diff.py): the new codec must give the
+same bytes for the same columns and `fast` flag, and the same values back.
+Not used by the programs.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import sys
+import zlib
+from array import array
+from collections.abc import Collection
+from itertools import accumulate, repeat
+from itertools import count as count_from
+from operator import add, mul, sub
+
+Number = int | float
+
+VERSION = 1
+MAX_ROWS = 65_536  # datagrams in one chunk
+MAX_METRICS = 256  # collector/tuning.py MAX_SERIES_PER_SENSOR
+MAX_NAME_BYTES = 255  # wire names are at most 64 bytes
+MAX_CELLS = 2**21  # rows x (3 + metrics): bounds a decoded chunk (~64 MiB of Python objects)
+MAX_DECIMALS = 18  # largest decimal scale tried; 10**18 < 2**63
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# The decompressed body can never be larger than this for MAX_CELLS cells:
+# per cell at most 8 bytes of stream, 8+10 bytes as an exception, 2 bits of
+# bitmaps; plus names and per-column headers.  Decompression stops past it.
+_MAX_BODY = MAX_CELLS * 27 + MAX_METRICS * (MAX_NAME_BYTES + 64) + 64
+ZLIB_LEVEL = 9
+
+# Column flags (one byte per column)
+_HAS_NULLS = 0x01
+_KIND_SHIFT = 1  # bits 1-2: 0 all int, 1 all float, 2 mixed, 3 all null
+_KIND_INT, _KIND_FLOAT, _KIND_MIXED, _KIND_EMPTY = 0, 1, 2, 3
+_RELATIVE = 0x08  # float ints are stored as differences from the ts column's
+# Float representation byte
+_REP_BITS = 0xFF  # the float64's 64 bits as a signed int64
+# Integer stream: transform (high nibble) and width code (low nibble)
+_RAW, _DELTA, _DOD, _LINEAR = 0, 1, 2, 3
+_HEADS = {_RAW: 0, _DELTA: 1, _DOD: 2, _LINEAR: 2}  # varints before the body
+_SKIP = {_RAW: 0, _DELTA: 1, _DOD: 2, _LINEAR: 1}  # values the body does not hold
+_WIDTHS = (0, 1, 2, 4, 8)
+_TYPECODE = {1: "b", 2: "h", 4: "i", 8: "q"}
+_LIMIT = {0: 0, 1: 2**7, 2: 2**15, 4: 2**31, 8: 2**63}
+_BIG_ENDIAN = sys.byteorder == "big"
+for _w, _tc in _TYPECODE.items():
+    assert array(_tc).itemsize == _w, "this platform's array sizes are not 1/2/4/8"
+
+
+class ChunkError(ValueError):
+    """A blob that is not a valid chunk (corrupt, truncated, hostile or too large)."""
+
+
+# ---------------------------------------------------------------- varints
+
+
+def _uvarint(out: bytearray, n: int) -> None:
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def _svarint(out: bytearray, n: int) -> None:
+    _uvarint(out, (n << 1) if n >= 0 else ((-n) << 1) - 1)  # zigzag, any size
+
+
+class _Reader:
+    """A bounds-checked cursor over the decompressed body."""
+
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf: bytes) -> None:
+        self.buf = buf
+        self.pos = 0
+
+    def byte(self) -> int:
+        if self.pos >= len(self.buf):
+            raise ChunkError("chunk body truncated")
+        b = self.buf[self.pos]
+        self.pos += 1
+        return b
+
+    def uvarint(self) -> int:
+        n = shift = 0
+        while True:
+            b = self.byte()
+            n |= (b & 0x7F) << shift
+            if b < 0x80:
+                return n
+            shift += 7
+            if shift > 70:
+                raise ChunkError("chunk varint too long")
+
+    def svarint(self) -> int:
+        z = self.uvarint()
+        return (z >> 1) if not z & 1 else -((z + 1) >> 1)
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if n < 0 or end > len(self.buf):
+            raise ChunkError("chunk body truncated")
+        out = self.buf[self.pos : end]
+        self.pos = end
+        return out
+
+
+# ---------------------------------------------------------- integer streams
+
+
+def _width(body: list[int]) -> int | None:
+    if not body:
+        return 0
+    lo, hi = min(body), max(body)
+    if lo == hi == 0:
+        return 0
+    for w in _WIDTHS[1:]:
+        if -_LIMIT[w] <= lo and hi < _LIMIT[w]:
+            return w
+    return None
+
+
+def _pack_body(body: list[int], w: int) -> bytes:
+    if w == 0:
+        return b""
+    arr = array(_TYPECODE[w], body)
+    if _BIG_ENDIAN:
+        arr.byteswap()
+    raw = arr.tobytes()
+    if w == 1:
+        return raw
+    return b"".join(raw[b::w] for b in range(w))  # byte planes, low byte first
+
+
+def _int_stream_candidates(xs: list[int]):
+    """(transform, heads, body, width) for each transform whose body fits int64."""
+    n = len(xs)
+    out = []
+    w = _width(xs)
+    if w is not None:
+        out.append((_RAW, [], xs, w))
+    if n >= 1:
+        d = list(map(sub, xs[1:], xs))
+        w = _width(d)
+        if w is not None:
+            out.append((_DELTA, xs[:1], d, w))
+        if n >= 2:
+            dd = list(map(sub, d[1:], d))
+            w = _width(dd)
+            if w is not None and _INT64_MIN <= d[0] <= _INT64_MAX:
+                out.append((_DOD, [xs[0], d[0]], dd, w))
+            # Residuals from a steady clock: x0 + i * (the median step).
+            step = sorted(d)[len(d) // 2]
+            x0 = xs[0]
+            res = list(map(sub, xs[1:], count_from(x0 + step, step)))
+            w = _width(res)
+            if w is not None and _INT64_MIN <= step <= _INT64_MAX:
+                out.append((_LINEAR, [x0, step], res, w))
+    return out
+
+
+def _cost(packed: bytes, w: int) -> int:
+    """The deflated size of a packed body, each byte plane its own block as _deflate does it.
+
+    Z_RLE at memLevel 1 allocates little (it only looks one byte back), so
+    this is cheaper than counting byte frequencies in Python.
+    """
+    if w == 0:
+        return 0
+    n = len(packed) // w
+    total = 0
+    for b in range(w):
+        c = zlib.compressobj(1, zlib.DEFLATED, -15, 1, zlib.Z_RLE)
+        total += len(c.compress(packed[b * n : (b + 1) * n])) + len(c.flush())
+    return total
+
+
+def _proxy(transform: int, body: list[int], w: int) -> int:
+    """A cheap stand-in for the deflated size: the bits the values need (C loops only)."""
+    if w == 0 or not body:
+        return 0
+    n = len(body)
+    if transform == _RAW:  # raw values cost their spread, not their magnitude
+        body = map(sub, body, repeat(min(body)))
+    return (sum(map(int.bit_length, body)) + n) // 8
+
+
+def _choose_stream(xs: list[int], fast: bool) -> tuple:
+    """(cost, transform, heads, packed, width) of the transform that stores xs smallest."""
+    best = None
+    for transform, heads, body, w in _int_stream_candidates(xs):
+        head_cost = sum(len(_zz(h)) for h in heads)
+        if fast:
+            cost = _proxy(transform, body, w) + head_cost
+            if best is None or cost < best[0]:
+                best = (cost, transform, heads, body, w)
+        else:
+            packed = _pack_body(body, w)
+            cost = _cost(packed, w) + head_cost
+            if best is None or cost < best[0]:
+                best = (cost, transform, heads, packed, w)
+    if best is None:  # a caller bug: values were checked to be int64 before
+        raise ValueError("integer stream does not fit int64")
+    if fast:
+        cost, transform, heads, body, w = best
+        best = (cost, transform, heads, _pack_body(body, w), w)
+    return best
+
+
+def _write_stream(out: bytearray, choice: tuple) -> None:
+    _, transform, heads, packed, w = choice
+    out.append((transform << 4) | _WIDTHS.index(w))
+    for h in heads:
+        _svarint(out, h)
+    marks = getattr(out, "marks", None)
+    if marks is not None and w:
+        n = len(packed) // w
+        for b in range(w):
+            marks.append(len(out) + b * n)
+        marks.append(len(out) + len(packed))
+    out += packed
+
+
+def _zz(n: int) -> bytes:
+    b = bytearray()
+    _svarint(b, n)
+    return bytes(b)
+
+
+def _decode_int_stream(r: _Reader, count: int) -> list[int]:
+    code = r.byte()
+    transform, wcode = code >> 4, code & 0x0F
+    if transform not in _HEADS or wcode >= len(_WIDTHS):
+        raise ChunkError(f"chunk integer stream code {code:#x}")
+    nheads = _HEADS[transform]
+    if count < max(_SKIP[transform], 1 if nheads else 0):
+        raise ChunkError("chunk integer stream shorter than its transform")
+    heads = [r.svarint() for _ in range(nheads)]
+    for h in heads:
+        if not _INT64_MIN <= h <= _INT64_MAX:
+            raise ChunkError("chunk integer stream head out of int64 range")
+    n = count - _SKIP[transform]
+    w = _WIDTHS[wcode]
+    if w == 0:
+        body = repeat(0, n)
+        if transform == _RAW:
+            return [0] * n
+    else:
+        raw = r.take(n * w)
+        if w > 1:
+            buf = bytearray(n * w)
+            for b in range(w):
+                buf[b::w] = raw[b * n : (b + 1) * n]
+            raw = buf
+        arr = array(_TYPECODE[w])
+        arr.frombytes(raw)
+        if _BIG_ENDIAN:
+            arr.byteswap()
+        if transform == _RAW:
+            return arr.tolist()
+        body = arr  # the transforms below iterate it once: no list of it needed
+    lim = _LIMIT[w]
+    if transform == _DELTA:
+        xs = list(accumulate(body, initial=heads[0]))
+        bound = abs(heads[0]) + n * lim
+    elif transform == _LINEAR:
+        x0, step = heads
+        xs = [x0]
+        xs += map(add, body, count_from(x0 + step, step))
+        bound = abs(x0) + n * abs(step) + lim
+    else:
+        xs = list(accumulate(accumulate(body, initial=heads[1]), initial=heads[0]))
+        bound = abs(heads[0]) + n * abs(heads[1]) + n * n * lim
+    # Sums of int64 deltas can leave int64 only in a forged blob; the
+    # bound saves the scan for nearly every real one.
+    if bound > _INT64_MAX and (max(xs) > _INT64_MAX or min(xs) < _INT64_MIN):
+        raise ChunkError("chunk integer stream leaves int64 range")
+    return xs
+
+
+# ------------------------------------------------------------ float streams
+
+_POW10 = [10.0**k for k in range(MAX_DECIMALS + 1)]  # all exact (10**22 is the last exact one)
+
+
+def _bits(xs: list[float]) -> bytes:
+    return array("d", xs).tobytes()
+
+
+def _decimal_ints(xs: list[float], k: int) -> tuple[list[int], list[tuple[int, float]]]:
+    """n_i with n_i / 10**k == x_i bit-exact, and the exceptions (index, x) that have none."""
+    f = _POW10[k]
+    try:  # the common case, in C loops: every value fits
+        ns = list(map(round, map(f.__mul__, xs)))
+        if max(ns) < 2**62 and min(ns) > -(2**62) and _bits(list(map(f.__rtruediv__, ns))) == _bits(xs):
+            return ns, []
+    except (OverflowError, ValueError):
+        pass
+    ns: list[int] = []
+    exc: list[tuple[int, float]] = []
+    prev = 0
+    for i, x in enumerate(xs):
+        try:
+            n = round(x * f)
+        except (OverflowError, ValueError):  # inf, NaN
+            n = None
+        if n is not None and -(2**62) < n < 2**62:
+            y = n / f
+            if y == x and (y != 0.0 or math.copysign(1.0, x) == 1.0):
+                ns.append(n)
+                prev = n
+                continue
+        exc.append((i, x))
+        ns.append(prev)  # a filler that keeps deltas small; the exception overwrites it
+    return ns, exc
+
+
+def _min_decimals(x: float) -> int | None:
+    if x != x or x in (math.inf, -math.inf):
+        return None
+    for k, f in enumerate(_POW10):
+        xf = x * f
+        if not -(2.0**62) < xf < 2.0**62:
+            return None
+        y = round(xf) / f
+        if y == x and (y != 0.0 or math.copysign(1.0, x) == 1.0):
+            return k
+    return None
+
+
+def _choose_decimals(xs: list[float]) -> int | None:
+    """ALP's first level: the column's decimal scale, from a sample."""
+    step = max(1, len(xs) // 32)
+    ks = [_min_decimals(x) for x in xs[::step]]
+    good = [k for k in ks if k is not None]
+    if len(good) * 2 < len(ks) or not good:
+        return None
+    return max(good)
+
+
+def _float_ints(xs: list[float]) -> tuple[int, list[int], list[tuple[int, float]]]:
+    """(rep, ints, exceptions) for a float column: decimal-scaled if that is exact enough."""
+    k = _choose_decimals(xs)
+    if k is not None:
+        ns, exc = _decimal_ints(xs, k)
+        if len(exc) * 8 <= len(xs):  # more than 1 in 8 exceptions: the raw bits do better
+            return k, ns, exc
+    arr = array("q")
+    arr.frombytes(_bits(xs))
+    return _REP_BITS, arr.tolist(), []
+
+
+def _ints_to_floats(rep: int, ints: list[int]) -> list[float]:
+    if rep == _REP_BITS:
+        arr = array("q", ints)
+        out = array("d")
+        out.frombytes(arr.tobytes())
+        return out.tolist()
+    if rep > MAX_DECIMALS:
+        raise ChunkError(f"chunk float representation {rep}")
+    f = _POW10[rep]
+    if rep == 0:
+        return list(map(float, ints))
+    return list(map(f.__rtruediv__, ints))
+
+
+def _encode_exceptions(out: bytearray, exc: list[tuple[int, float]]) -> None:
+    _uvarint(out, len(exc))
+    last = 0
+    for i, x in exc:
+        _uvarint(out, i - last)
+        last = i
+        out += struct.pack("<d", x)
+
+
+def _decode_exceptions(r: _Reader, count: int) -> list[tuple[int, float]]:
+    n = r.uvarint()
+    if n > count:
+        raise ChunkError("chunk has more exceptions than values")
+    out = []
+    i = 0
+    for _ in range(n):
+        i += r.uvarint()
+        if i >= count:
+            raise ChunkError("chunk exception index out of range")
+        out.append((i, struct.unpack("<d", r.take(8))[0]))
+    return out
+
+
+# ----------------------------------------------------------------- bitmaps
+
+
+def _bitmap(flags: list[bool]) -> bytes:
+    out = bytearray((len(flags) + 7) // 8)
+    for i, f in enumerate(flags):
+        if f:
+            out[i >> 3] |= 1 << (i & 7)
+    return bytes(out)
+
+
+_BYTE_BITS = [tuple(bool(b >> j & 1) for j in range(8)) for b in range(256)]
+
+
+def _unbitmap(raw: bytes, n: int) -> list[bool]:
+    bits: list[bool] = []
+    for b in raw:
+        bits.extend(_BYTE_BITS[b])
+    if any(bits[n:]):
+        raise ChunkError("chunk bitmap has bits past its end")
+    return bits[:n]
+
+
+# ----------------------------------------------------------------- columns
+
+_TYPES = {int, float, type(None)}
+
+
+def _check_column(name: str, col: list, rows: int) -> set:
+    """Refuse what cannot be stored; returns the set of the column's value types."""
+    if len(col) != rows:
+        raise ValueError(f"column {name} has {len(col)} values for {rows} rows")
+    types = set(map(type, col))
+    if not types <= _TYPES:
+        bad = (types - _TYPES).pop()
+        raise TypeError(f"column {name}: {bad.__name__} is not int, float or None")
+    if int in types:
+        ints = [v for v in col if type(v) is int]
+        if min(ints) < _INT64_MIN or max(ints) > _INT64_MAX:
+            raise ValueError(f"column {name}: an int is out of int64 range")
+    return types
+
+
+class _Encoded:
+    """What the encoder keeps of a float column so another can be stored relative to it."""
+
+    __slots__ = ("rep", "ints")
+
+    def __init__(self, rep: int | None = None, ints: list[int] | None = None) -> None:
+        self.rep = rep
+        self.ints = ints
+
+
+_FLOAT_ONLY = {float}
+_INT_ONLY = {int}
+
+
+def _encode_column(out: bytearray, col: list, base: _Encoded | None, fast: bool, types: set) -> _Encoded:
+    rows = len(col)
+    # `types` (from _check_column) spares the three list passes for a column of one type.
+    if types == _FLOAT_ONLY:
+        present, ints, floats = col, [], col
+    elif types == _INT_ONLY:
+        present, ints, floats = col, col, []
+    else:
+        present = [v for v in col if v is not None]
+        ints = [v for v in present if type(v) is int]
+        floats = [v for v in present if type(v) is float]
+    has_nulls = len(present) != rows
+    if not present:
+        kind = _KIND_EMPTY
+    elif not floats:
+        kind = _KIND_INT
+    elif not ints:
+        kind = _KIND_FLOAT
+    else:
+        kind = _KIND_MIXED
+    rep, fints, exc = (None, [], [])
+    relative = False
+    if floats:
+        rep, fints, exc = _float_ints(floats)
+        choice = _choose_stream(fints, fast)
+        m = _rescale(base.rep, rep) if base is not None and base.ints is not None else None
+        if m is not None and len(base.ints) == len(fints):
+            diff = list(map(sub, fints, map(mul, base.ints, repeat(m)) if m != 1 else base.ints))
+            if _width(diff) is not None:
+                other = _choose_stream(diff, fast)
+                if other[0] < choice[0]:
+                    relative = True
+                    choice = other
+    flags = (_HAS_NULLS if has_nulls else 0) | (kind << _KIND_SHIFT) | (_RELATIVE if relative else 0)
+    out.append(flags)
+    if has_nulls:
+        out += _bitmap([v is not None for v in col])
+    if kind == _KIND_MIXED:
+        out += _bitmap([type(v) is int for v in present])
+    if ints:
+        _write_stream(out, _choose_stream(ints, fast))
+    if floats:
+        out.append(rep)
+        _encode_exceptions(out, exc)
+        _write_stream(out, choice)
+    return _Encoded(rep, fints) if floats and not has_nulls and not ints else _Encoded()
+
+
+def _rescale(base_rep: int | None, rep: int) -> int | None:
+    """The factor that brings the base column's integers to this column's scale, if any does."""
+    if base_rep is None:
+        return None
+    if base_rep == rep == _REP_BITS:
+        return 1
+    if _REP_BITS in (base_rep, rep) or rep < base_rep:
+        return None
+    return 10 ** (rep - base_rep)
+
+
+def _decode_column(
+    r: _Reader, rows: int, base: tuple[int, list[int]] | None
+) -> tuple[list, tuple[int, list[int]] | None]:
+    flags = r.byte()
+    if flags & ~(_HAS_NULLS | (3 << _KIND_SHIFT) | _RELATIVE):
+        raise ChunkError(f"chunk column flags {flags:#x}")
+    kind = (flags >> _KIND_SHIFT) & 3
+    if flags & _HAS_NULLS:
+        mask = _unbitmap(r.take((rows + 7) // 8), rows)
+        count = sum(mask)
+    else:
+        mask = None
+        count = rows
+    if kind == _KIND_EMPTY:
+        if count:
+            raise ChunkError("chunk column declared empty has values")
+        return [None] * rows, None
+    if kind == _KIND_MIXED:
+        isint = _unbitmap(r.take((count + 7) // 8), count)
+        nints = sum(isint)
+    else:
+        isint = None
+        nints = count if kind == _KIND_INT else 0
+    nfloats = count - nints
+    ints = _decode_int_stream(r, nints) if nints else []
+    floats: list = []
+    fints = None
+    if nfloats:
+        rep = r.byte()
+        if rep > MAX_DECIMALS and rep != _REP_BITS:
+            raise ChunkError(f"chunk float representation {rep}")
+        exc = _decode_exceptions(r, nfloats)
+        fints = _decode_int_stream(r, nfloats)
+        if flags & _RELATIVE:
+            m = _rescale(base[0], rep) if base is not None else None
+            if m is None or len(base[1]) != nfloats:
+                raise ChunkError("chunk relative column has no matching base")
+            fints = list(map(add, fints, map(mul, base[1], repeat(m)) if m != 1 else base[1]))
+            if max(fints) > _INT64_MAX or min(fints) < _INT64_MIN:
+                raise ChunkError("chunk relative column leaves int64 range")
+        floats = _ints_to_floats(rep, fints)
+        for i, x in exc:
+            floats[i] = x
+    elif flags & _RELATIVE:
+        raise ChunkError("chunk relative column without floats")
+    if kind == _KIND_INT:
+        values = ints
+    elif kind == _KIND_FLOAT:
+        values = floats
+    else:
+        if nints == 0 or nfloats == 0:
+            raise ChunkError("chunk mixed column is not mixed")
+        it_i, it_f = iter(ints), iter(floats)
+        values = [next(it_i) if t else next(it_f) for t in isint]
+    if mask is not None:
+        it = iter(values)
+        values = [next(it) if m else None for m in mask]
+    usable_base = (rep, fints) if kind == _KIND_FLOAT and mask is None and nfloats else None
+    return values, usable_base
+
+
+def _skip_int_stream(r: _Reader, count: int) -> None:
+    """Past an integer stream without decoding it (the checks of _decode_int_stream on its frame)."""
+    code = r.byte()
+    transform, wcode = code >> 4, code & 0x0F
+    if transform not in _HEADS or wcode >= len(_WIDTHS):
+        raise ChunkError(f"chunk integer stream code {code:#x}")
+    nheads = _HEADS[transform]
+    if count < max(_SKIP[transform], 1 if nheads else 0):
+        raise ChunkError("chunk integer stream shorter than its transform")
+    for _ in range(nheads):
+        r.svarint()
+    r.take((count - _SKIP[transform]) * _WIDTHS[wcode])
+
+
+def _skip_column(r: _Reader, rows: int) -> None:
+    """Past a column without building its values: its frame is read as _decode_column reads it."""
+    flags = r.byte()
+    if flags & ~(_HAS_NULLS | (3 << _KIND_SHIFT) | _RELATIVE):
+        raise ChunkError(f"chunk column flags {flags:#x}")
+    kind = (flags >> _KIND_SHIFT) & 3
+    count = sum(_unbitmap(r.take((rows + 7) // 8), rows)) if flags & _HAS_NULLS else rows
+    if kind == _KIND_EMPTY:
+        if count:
+            raise ChunkError("chunk column declared empty has values")
+        return
+    if kind == _KIND_MIXED:
+        nints = sum(_unbitmap(r.take((count + 7) // 8), count))
+    else:
+        nints = count if kind == _KIND_INT else 0
+    nfloats = count - nints
+    if nints:
+        _skip_int_stream(r, nints)
+    if nfloats:
+        rep = r.byte()
+        if rep > MAX_DECIMALS and rep != _REP_BITS:
+            raise ChunkError(f"chunk float representation {rep}")
+        _decode_exceptions(r, nfloats)
+        _skip_int_stream(r, nfloats)
+    elif flags & _RELATIVE:
+        raise ChunkError("chunk relative column without floats")
+
+
+# -------------------------------------------------------------- the chunk
+
+
+class _Body(bytearray):
+    """The body being built, with the offsets where a new deflate block should start."""
+
+    marks: list[int]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marks = []
+
+
+# A new deflate block (its own Huffman tables) at every byte plane and
+# column: planes differ (a high byte is nearly constant, a low byte nearly
+# random), and one table for all cost 25 % (bench/disk.py, 1.32 -> 1.06 B
+# per reading).  Blocks under MIN_BLOCK bytes are not worth a table.
+MIN_BLOCK = 64
+
+
+def _deflate(body: _Body, fast: bool) -> bytes:
+    """Raw deflate of the body: Z_RLE wins on byte planes; the default strategy is tried too unless fast."""
+    strategies = (zlib.Z_RLE,) if fast else (zlib.Z_RLE, zlib.Z_DEFAULT_STRATEGY)
+    return min((_deflate_with(body, strategy) for strategy in strategies), key=len)
+
+
+def _deflate_with(body: _Body, strategy: int) -> bytes:
+    c = zlib.compressobj(ZLIB_LEVEL, zlib.DEFLATED, -15, 9, strategy)
+    parts = []
+    last = 0
+    for m in sorted(set(body.marks)):
+        if m - last >= MIN_BLOCK:
+            parts.append(c.compress(body[last:m]))
+            parts.append(c.flush(zlib.Z_BLOCK))
+            last = m
+    parts.append(c.compress(body[last:]))
+    parts.append(c.flush())
+    return b"".join(parts)
+
+
+def encode_chunk(
+    seqs: list[int],
+    ts: list[float],
+    received: list[float],
+    metrics: dict[str, list[Number | None]],
+    *,
+    fast: bool = False,
+) -> bytes:
+    """One chunk's columns -> bytes (decode_chunk is the exact inverse).
+
+    Every column has one value per datagram (row); a metric's value is None
+    where that datagram did not carry it.  Values are int (int64 range) or
+    float (any float64, NaN and inf included); seqs, ts and received too
+    (None is allowed there as well, and round-trips).  Raises ValueError or
+    TypeError on input it cannot represent (the caller's bug, never the
+    peer's: wire.py admits nothing else).
+
+    fast=True picks each column's transform from the bits its values need
+    instead of deflating every candidate: several times cheaper, a few per
+    cent larger (bench/disk.py prints both).  Either decodes the same way.
+    """
+    rows = len(seqs)
+    if rows > MAX_ROWS:
+        raise ValueError(f"{rows} rows in one chunk, more than {MAX_ROWS}")
+    if len(metrics) > MAX_METRICS:
+        raise ValueError(f"{len(metrics)} metrics in one chunk, more than {MAX_METRICS}")
+    if rows * (3 + len(metrics)) > MAX_CELLS:
+        raise ValueError(f"{rows} rows x {3 + len(metrics)} columns is more than {MAX_CELLS} cells")
+    seq_types = _check_column("seqs", seqs, rows)
+    ts_types = _check_column("ts", ts, rows)
+    received_types = _check_column("received", received, rows)
+    body = _Body()
+    _uvarint(body, rows)
+    _uvarint(body, len(metrics))
+    for name in metrics:
+        if type(name) is not str:
+            raise TypeError(f"metric name {name!r} is not a str")
+        raw = name.encode("utf-8")
+        if len(raw) > MAX_NAME_BYTES:
+            raise ValueError(f"metric name {name[:40]!r}... is longer than {MAX_NAME_BYTES} bytes")
+        _uvarint(body, len(raw))
+        body += raw
+    _encode_column(body, seqs, None, fast, seq_types)
+    ts_enc = _encode_column(body, ts, None, fast, ts_types)
+    _encode_column(body, received, ts_enc, fast, received_types)
+    for name, col in metrics.items():
+        _encode_column(body, col, None, fast, _check_column(name, col, rows))
+    blob = bytes((VERSION,)) + _deflate(body, fast)
+    return blob + struct.pack("<I", zlib.crc32(blob))
+
+
+def decode_chunk(
+    blob: bytes, metrics: Collection[str] | None = None, received: bool = True
+) -> tuple[list[int], list[float], list[float] | None, dict[str, list[Number | None]]]:
+    """bytes -> (seqs, ts, received, metrics), or ChunkError; nothing else escapes.
+
+    A reader that wants only some columns names them: `metrics` (the others
+    are left out of the dict) and `received=False` (None in its place).  The
+    columns not wanted are walked, not decoded (their structure is still
+    checked, so a blob is refused the same way), which is what a query asking
+    for one series of a five-metric chunk saves (bench/store_query.py).
+    """
+    try:
+        return _decode(blob, metrics, received)
+    except ChunkError:
+        raise
+    except (
+        ValueError,
+        TypeError,
+        IndexError,
+        OverflowError,
+        MemoryError,
+        StopIteration,
+        struct.error,
+        zlib.error,
+    ) as exc:
+        raise ChunkError(f"chunk is corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def _decode(blob: bytes, wanted: Collection[str] | None = None, want_received: bool = True) -> tuple:
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise ChunkError(f"a chunk is bytes, not {type(blob).__name__}")
+    blob = bytes(blob)
+    if len(blob) < 6:
+        raise ChunkError(f"chunk of {len(blob)} bytes is too short")
+    if struct.unpack("<I", blob[-4:])[0] != zlib.crc32(blob[:-4]):
+        raise ChunkError("chunk checksum mismatch (corrupt blob)")
+    if blob[0] != VERSION:
+        raise ChunkError(f"chunk version {blob[0]}, expected {VERSION}")
+    d = zlib.decompressobj(wbits=-15)
+    body = d.decompress(blob[1:-4], _MAX_BODY)
+    if d.unconsumed_tail or (not d.eof and len(body) >= _MAX_BODY):
+        raise ChunkError("chunk body is larger than any valid chunk")
+    if not d.eof or d.unused_data:
+        raise ChunkError("chunk body is truncated or has trailing bytes")
+    r = _Reader(body)
+    rows = r.uvarint()
+    nmetrics = r.uvarint()
+    if rows > MAX_ROWS or nmetrics > MAX_METRICS or rows * (3 + nmetrics) > MAX_CELLS:
+        raise ChunkError(f"chunk declares {rows} rows x {nmetrics} metrics, over the limits")
+    names = []
+    for _ in range(nmetrics):
+        n = r.uvarint()
+        if n > MAX_NAME_BYTES:
+            raise ChunkError("chunk metric name too long")
+        names.append(r.take(n).decode("utf-8"))
+    if len(set(names)) != len(names):
+        raise ChunkError("chunk has a metric name twice")
+    seqs, _ = _decode_column(r, rows, None)
+    ts, ts_ints = _decode_column(r, rows, None)
+    received = None
+    if want_received:
+        received, _ = _decode_column(r, rows, ts_ints)
+    else:
+        _skip_column(r, rows)
+    metrics = {}
+    for name in names:
+        if wanted is None or name in wanted:
+            metrics[name], _ = _decode_column(r, rows, None)
+        else:
+            _skip_column(r, rows)
+    if r.pos != len(body):
+        raise ChunkError("chunk body has trailing bytes")
+    return seqs, ts, received, metrics
+
+
+# --------------------------------------------------------------- statistics
+
+
+def chunk_stats(ts: list[float], values: list[Number | None]) -> tuple:
+    """(count, min, max, sum, first_ts, last_ts) of one metric column of a chunk.
+
+    Over the rows where the value is present; first_ts/last_ts are the
+    smallest and largest sensor time of those rows (a clock may go back, so
+    not simply the first and last row).  sum is an exact int when every value
+    is an int, else the float sum in row order, as SQLite's sum() adds.  A
+    column with no value gives (0, None, None, None, None, None).
+    """
+    present = [(t, v) for t, v in zip(ts, values) if v is not None]
+    if not present:
+        return 0, None, None, None, None, None
+    vs = [v for _, v in present]
+    tss = [t for t, _ in present]
+    return len(vs), min(vs), max(vs), sum(vs), min(tss), max(tss)
