@@ -47,6 +47,8 @@ from itertools import accumulate, repeat
 from itertools import count as count_from
 from operator import add, mul, sub
 
+import numpy as np
+
 Number = int | float
 
 VERSION = 1
@@ -261,6 +263,100 @@ def _zz(n: int) -> bytes:
     return bytes(b)
 
 
+# ------------------------------------------- integer streams, vectorised
+#
+# The same choices as the list functions above, in numpy's C loops over
+# int64 arrays: same candidates in the same order, same costs, same bytes.
+# Values under _SAFE in magnitude keep every delta, delta of delta and
+# clock residual inside int64 (no wrap-around); a stream with larger values
+# (a float column stored as its raw bits) takes the exact list functions.
+
+_SAFE = 2**61
+_POW2 = np.array([1 << k for k in range(63)], dtype=np.int64)  # bit_length(v) = #(2**k <= v)
+_LE_TYPE = {1: np.dtype("<i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}
+
+
+def _fits_np(xs: np.ndarray) -> bool:
+    return not len(xs) or (int(xs.max()) < _SAFE and int(xs.min()) > -_SAFE)
+
+
+def _width_np(body: np.ndarray) -> int:
+    """_width of an int64 array (which always fits: never None)."""
+    if not len(body):
+        return 0
+    lo, hi = int(body.min()), int(body.max())
+    if lo == hi == 0:
+        return 0
+    for w in _WIDTHS[1:]:
+        if -_LIMIT[w] <= lo and hi < _LIMIT[w]:
+            return w
+    return 8  # pragma: no cover - an int64 always fits 8 bytes
+
+
+def _pack_np(body: np.ndarray, w: int) -> bytes:
+    if w == 0:
+        return b""
+    raw = body.astype(_LE_TYPE[w])
+    if w == 1:
+        return raw.tobytes()
+    return raw.view(np.uint8).reshape(-1, w).T.tobytes()  # byte planes, low byte first
+
+
+def _candidates_np(xs: np.ndarray) -> list:
+    """_int_stream_candidates for an int64 array whose values are under _SAFE in magnitude."""
+    n = len(xs)
+    out: list = [(_RAW, [], xs, _width_np(xs))]
+    if n >= 1:
+        d = np.diff(xs)
+        out.append((_DELTA, [int(xs[0])], d, _width_np(d)))
+        if n >= 2:
+            dd = np.diff(d)
+            out.append((_DOD, [int(xs[0]), int(d[0])], dd, _width_np(dd)))
+            half = len(d) // 2
+            step = int(np.partition(d, half)[half])  # sorted(d)[len(d) // 2]
+            x0 = int(xs[0])
+            if abs(step) * n < _SAFE:
+                res = (xs[1:] - x0) - step * np.arange(1, n, dtype=np.int64)
+                out.append((_LINEAR, [x0, step], res, _width_np(res)))
+            else:  # a huge step: the exact list arithmetic
+                exact = list(map(sub, xs[1:].tolist(), count_from(x0 + step, step)))
+                w = _width(exact)
+                if w is not None:
+                    out.append((_LINEAR, [x0, step], np.array(exact, dtype=np.int64), w))
+    return out
+
+
+def _proxy_np(transform: int, body: np.ndarray, w: int) -> int:
+    if w == 0 or not len(body):
+        return 0
+    if transform == _RAW:
+        body = body - body.min()
+    return (int(np.searchsorted(_POW2, np.abs(body), side="right").sum()) + len(body)) // 8
+
+
+def _choose_stream_np(xs: np.ndarray, fast: bool) -> tuple:
+    """_choose_stream of an int64 array: the same choice and bytes, C loops."""
+    if not _fits_np(xs):
+        return _choose_stream(xs.tolist(), fast)
+    best = None
+    for transform, heads, body, w in _candidates_np(xs):
+        head_cost = sum(len(_zz(h)) for h in heads)
+        if fast:
+            cost = _proxy_np(transform, body, w) + head_cost
+            if best is None or cost < best[0]:
+                best = (cost, transform, heads, body, w)
+        else:
+            packed = _pack_np(body, w)
+            cost = _cost(packed, w) + head_cost
+            if best is None or cost < best[0]:
+                best = (cost, transform, heads, packed, w)
+    assert best is not None
+    if fast:
+        cost, transform, heads, body, w = best
+        best = (cost, transform, heads, _pack_np(body, w), w)
+    return best
+
+
 def _decode_int_stream(r: _Reader, count: int) -> list[int]:
     code = r.byte()
     transform, wcode = code >> 4, code & 0x0F
@@ -384,6 +480,57 @@ def _float_ints(xs: list[float]) -> tuple[int, list[int], list[tuple[int, float]
     return _REP_BITS, arr.tolist(), []
 
 
+# --------------------------------------------- float streams, vectorised
+
+_POW10_NP = np.array(_POW10)
+_TWO62 = 2.0**62
+
+
+def _choose_decimals_np(xs: np.ndarray) -> int | None:
+    """_choose_decimals of a float64 array: every scale of the sample tried at once."""
+    s = xs[:: max(1, len(xs) // 32)]
+    with np.errstate(all="ignore"):
+        xf = _POW10_NP[:, None] * s  # row k: x * 10**k
+        inside = (xf > -_TWO62) & (xf < _TWO62)  # False for NaN and inf
+        y = np.rint(xf) / _POW10_NP[:, None]
+    match = inside & (y == s) & ((y != 0.0) | ~np.signbit(s))  # -0.0 never matches (round loses the sign)
+    stop = match | ~inside  # _min_decimals returns at the first of these, a k or None
+    first = stop.argmax(axis=0)
+    cols = np.arange(len(s))
+    good = first[stop[first, cols] & match[first, cols]]
+    if len(good) * 2 < len(s) or not len(good):
+        return None
+    return int(good.max())
+
+
+def _decimal_ints_np(xs: np.ndarray, k: int) -> tuple[np.ndarray, list[tuple[int, float]]]:
+    """_decimal_ints of a float64 array: the same integers, fillers and exceptions."""
+    f = _POW10[k]
+    with np.errstate(all="ignore"):
+        r = np.rint(xs * f)
+        inside = (r > -_TWO62) & (r < _TWO62)
+        ns = np.where(inside, r, 0.0).astype(np.int64)
+        y = ns.astype(np.float64) / f
+    ok = inside & (y == xs) & ((y != 0.0) | ~np.signbit(xs))
+    if ok.all():
+        return ns, []
+    bad = np.flatnonzero(~ok)
+    exc = list(zip(bad.tolist(), xs[bad].tolist()))
+    last_good = np.where(ok, np.arange(len(xs)), -1)
+    np.maximum.accumulate(last_good, out=last_good)
+    return np.where(last_good >= 0, ns[last_good], 0), exc  # an exception repeats the last good value
+
+
+def _float_ints_np(xs: np.ndarray) -> tuple[int, np.ndarray, list[tuple[int, float]]]:
+    """_float_ints of a float64 array."""
+    k = _choose_decimals_np(xs)
+    if k is not None:
+        ns, exc = _decimal_ints_np(xs, k)
+        if len(exc) * 8 <= len(xs):
+            return k, ns, exc
+    return _REP_BITS, np.ascontiguousarray(xs).view(np.int64), []
+
+
 def _ints_to_floats(rep: int, ints: list[int]) -> list[float]:
     if rep == _REP_BITS:
         arr = array("q", ints)
@@ -469,7 +616,7 @@ class _Encoded:
 
     __slots__ = ("rep", "ints")
 
-    def __init__(self, rep: int | None = None, ints: list[int] | None = None) -> None:
+    def __init__(self, rep: int | None = None, ints: np.ndarray | None = None) -> None:
         self.rep = rep
         self.ints = ints
 
@@ -478,52 +625,126 @@ _FLOAT_ONLY = {float}
 _INT_ONLY = {int}
 
 
-def _encode_column(out: bytearray, col: list, base: _Encoded | None, fast: bool, types: set) -> _Encoded:
+class _Col:
+    """A column as the encoder takes it: which rows have a value, and the int and float values apart."""
+
+    __slots__ = ("rows", "present", "isint", "ints", "floats")
+
+    def __init__(self, rows: int, present, isint, ints, floats) -> None:
+        # Lists under SMALL_ROWS rows, numpy arrays (bool, int64, float64) from there on.
+        self.rows = rows
+        self.present = present  # bool per row, or None when every row has a value
+        self.isint = isint  # bool per value (True: an int), or None when the values are of one type
+        self.ints = ints  # the int values in row order
+        self.floats = floats  # the float values in row order
+
+
+_NO_INTS = np.zeros(0, dtype=np.int64)
+_NO_FLOATS = np.zeros(0, dtype=np.float64)
+
+
+# Under this many rows (a minute block has ~17) a column stays a list and
+# takes the list functions: numpy's per-call cost is more than the loops.
+SMALL_ROWS = 64
+
+
+def _col_from_list(col: list, types: set) -> _Col:
     rows = len(col)
-    # `types` (from _check_column) spares the three list passes for a column of one type.
+    small = rows < SMALL_ROWS
     if types == _FLOAT_ONLY:
-        present, ints, floats = col, [], col
-    elif types == _INT_ONLY:
-        present, ints, floats = col, col, []
-    else:
-        present = [v for v in col if v is not None]
-        ints = [v for v in present if type(v) is int]
-        floats = [v for v in present if type(v) is float]
-    has_nulls = len(present) != rows
-    if not present:
+        return _Col(rows, None, None, [] if small else _NO_INTS, col if small else np.array(col, dtype=np.float64))
+    if types == _INT_ONLY:
+        return _Col(rows, None, None, col if small else np.array(col, dtype=np.int64), [] if small else _NO_FLOATS)
+    present = [v for v in col if v is not None]
+    mask = [v is not None for v in col] if len(present) != rows else None
+    ints = [v for v in present if type(v) is int]
+    floats = [v for v in present if type(v) is float]
+    isint = [type(v) is int for v in present] if ints and floats else None
+    if small:
+        return _Col(rows, mask, isint, ints, floats)
+    return _Col(
+        rows,
+        None if mask is None else np.array(mask, dtype=bool),
+        None if isint is None else np.array(isint, dtype=bool),
+        np.array(ints, dtype=np.int64),
+        np.array(floats, dtype=np.float64),
+    )
+
+
+def _col_from_floats(values: np.ndarray) -> _Col:
+    """A float64 column where NaN means no value (a head's metric column)."""
+    present = values == values
+    if present.all():
+        return _Col(len(values), None, None, _NO_INTS, values)
+    return _Col(len(values), present, None, _NO_INTS, values[present])
+
+
+def _bitmap_any(flags) -> bytes:
+    if isinstance(flags, list):
+        return _bitmap(flags)
+    return np.packbits(flags, bitorder="little").tobytes()
+
+
+def _amax(a: np.ndarray) -> int:
+    return max(int(a.max()), -int(a.min())) if len(a) else 0
+
+
+def _relative_np(fints, base, m: int):
+    """fints - base * m exactly, or None when a difference leaves int64."""
+    if isinstance(fints, list):
+        diff = list(map(sub, fints, map(mul, base, repeat(m)) if m != 1 else base))
+        return diff if _width(diff) is not None else None
+    if _amax(fints) < 2**62 and _amax(base) * m < 2**62:
+        return fints - base * m if m != 1 else fints - base
+    exact = list(map(sub, fints.tolist(), [b * m for b in base.tolist()]))
+    return np.array(exact, dtype=np.int64) if _width(exact) is not None else None
+
+
+def _float_ints_any(xs) -> tuple:
+    return _float_ints(xs) if isinstance(xs, list) else _float_ints_np(xs)
+
+
+def _choose_stream_any(xs, fast: bool) -> tuple:
+    return _choose_stream(xs, fast) if isinstance(xs, list) else _choose_stream_np(xs, fast)
+
+
+def _encode_column(out: bytearray, col: _Col, base: _Encoded | None, fast: bool) -> _Encoded:
+    nints, nfloats = len(col.ints), len(col.floats)
+    has_nulls = col.present is not None
+    if not nints + nfloats:
         kind = _KIND_EMPTY
-    elif not floats:
+    elif not nfloats:
         kind = _KIND_INT
-    elif not ints:
+    elif not nints:
         kind = _KIND_FLOAT
     else:
         kind = _KIND_MIXED
-    rep, fints, exc = (None, [], [])
+    rep = 0
     relative = False
-    if floats:
-        rep, fints, exc = _float_ints(floats)
-        choice = _choose_stream(fints, fast)
+    if nfloats:
+        rep, fints, exc = _float_ints_any(col.floats)
+        choice = _choose_stream_any(fints, fast)
         m = _rescale(base.rep, rep) if base is not None and base.ints is not None else None
-        if m is not None and len(base.ints) == len(fints):
-            diff = list(map(sub, fints, map(mul, base.ints, repeat(m)) if m != 1 else base.ints))
-            if _width(diff) is not None:
-                other = _choose_stream(diff, fast)
+        if m is not None and len(base.ints) == nfloats:
+            diff = _relative_np(fints, base.ints, m)
+            if diff is not None:
+                other = _choose_stream_any(diff, fast)
                 if other[0] < choice[0]:
                     relative = True
                     choice = other
     flags = (_HAS_NULLS if has_nulls else 0) | (kind << _KIND_SHIFT) | (_RELATIVE if relative else 0)
     out.append(flags)
-    if has_nulls:
-        out += _bitmap([v is not None for v in col])
+    if col.present is not None:
+        out += _bitmap_any(col.present)
     if kind == _KIND_MIXED:
-        out += _bitmap([type(v) is int for v in present])
-    if ints:
-        _write_stream(out, _choose_stream(ints, fast))
-    if floats:
+        out += _bitmap_any(col.isint)
+    if nints:
+        _write_stream(out, _choose_stream_any(col.ints, fast))
+    if nfloats:
         out.append(rep)
         _encode_exceptions(out, exc)
         _write_stream(out, choice)
-    return _Encoded(rep, fints) if floats and not has_nulls and not ints else _Encoded()
+    return _Encoded(rep, fints) if nfloats and not has_nulls and not nints else _Encoded()
 
 
 def _rescale(base_rep: int | None, rep: int) -> int | None:
@@ -702,31 +923,81 @@ def encode_chunk(
     cent larger (bench/disk.py prints both).  Either decodes the same way.
     """
     rows = len(seqs)
-    if rows > MAX_ROWS:
-        raise ValueError(f"{rows} rows in one chunk, more than {MAX_ROWS}")
-    if len(metrics) > MAX_METRICS:
-        raise ValueError(f"{len(metrics)} metrics in one chunk, more than {MAX_METRICS}")
-    if rows * (3 + len(metrics)) > MAX_CELLS:
-        raise ValueError(f"{rows} rows x {3 + len(metrics)} columns is more than {MAX_CELLS} cells")
+    _check_shape(rows, len(metrics))
     seq_types = _check_column("seqs", seqs, rows)
     ts_types = _check_column("ts", ts, rows)
     received_types = _check_column("received", received, rows)
-    body = _Body()
-    _uvarint(body, rows)
-    _uvarint(body, len(metrics))
+    cols = {name: _col_from_list(col, _check_column(name, col, rows)) for name, col in _named(metrics).items()}
+    return _encode_cols(
+        _col_from_list(seqs, seq_types),
+        _col_from_list(ts, ts_types),
+        _col_from_list(received, received_types),
+        cols,
+        fast,
+    )
+
+
+def encode_arrays(
+    seqs: np.ndarray, ts: np.ndarray, received: np.ndarray, metrics: dict[str, np.ndarray], *, fast: bool = False
+) -> bytes:
+    """encode_chunk for a head's arrays: the same bytes, without lists.
+
+    seqs int64, ts and received float64 (every row has them), each metric a
+    float64 array where NaN means the datagram did not carry it: exactly
+    encode_chunk(seqs.tolist(), ts.tolist(), received.tolist(),
+    {name: [None if v != v else v for v in col]}).
+    """
+    rows = len(seqs)
+    if rows < SMALL_ROWS:
+        nulled = {name: [None if v != v else v for v in np.asarray(col).tolist()] for name, col in metrics.items()}
+        return encode_chunk(
+            np.asarray(seqs).tolist(), np.asarray(ts).tolist(), np.asarray(received).tolist(), nulled, fast=fast
+        )
+    _check_shape(rows, len(metrics))
+    for name, col in (("ts", ts), ("received", received), *_named(metrics).items()):
+        if len(col) != rows:
+            raise ValueError(f"column {name} has {len(col)} values for {rows} rows")
+    return _encode_cols(
+        _Col(rows, None, None, np.asarray(seqs, dtype=np.int64), _NO_FLOATS),
+        _Col(rows, None, None, _NO_INTS, np.asarray(ts, dtype=np.float64)),
+        _Col(rows, None, None, _NO_INTS, np.asarray(received, dtype=np.float64)),
+        {name: _col_from_floats(np.asarray(col, dtype=np.float64)) for name, col in metrics.items()},
+        fast,
+    )
+
+
+def _check_shape(rows: int, nmetrics: int) -> None:
+    if rows > MAX_ROWS:
+        raise ValueError(f"{rows} rows in one chunk, more than {MAX_ROWS}")
+    if nmetrics > MAX_METRICS:
+        raise ValueError(f"{nmetrics} metrics in one chunk, more than {MAX_METRICS}")
+    if rows * (3 + nmetrics) > MAX_CELLS:
+        raise ValueError(f"{rows} rows x {3 + nmetrics} columns is more than {MAX_CELLS} cells")
+
+
+def _named(metrics: dict) -> dict:
+    """The metrics, their names checked (str, at most MAX_NAME_BYTES of UTF-8)."""
     for name in metrics:
         if type(name) is not str:
             raise TypeError(f"metric name {name!r} is not a str")
-        raw = name.encode("utf-8")
-        if len(raw) > MAX_NAME_BYTES:
+        if len(name.encode("utf-8")) > MAX_NAME_BYTES:
             raise ValueError(f"metric name {name[:40]!r}... is longer than {MAX_NAME_BYTES} bytes")
+    return metrics
+
+
+def _encode_cols(seqs: _Col, ts: _Col, received: _Col, metrics: dict[str, _Col], fast: bool) -> bytes:
+    body = _Body()
+    _uvarint(body, seqs.rows)
+    _uvarint(body, len(metrics))
+    for name in metrics:
+        raw = name.encode("utf-8")
         _uvarint(body, len(raw))
         body += raw
-    _encode_column(body, seqs, None, fast, seq_types)
-    ts_enc = _encode_column(body, ts, None, fast, ts_types)
-    _encode_column(body, received, ts_enc, fast, received_types)
-    for name, col in metrics.items():
-        _encode_column(body, col, None, fast, _check_column(name, col, rows))
+    _encode_column(body, seqs, None, fast)
+    ts_enc = _encode_column(body, ts, None, fast)
+    _encode_column(body, received, ts_enc, fast)
+    for col in metrics.values():
+        _encode_column(body, col, None, fast)
     blob = bytes((VERSION,)) + _deflate(body, fast)
     return blob + struct.pack("<I", zlib.crc32(blob))
 

@@ -22,13 +22,11 @@ from operator import add, le
 from typing import NamedTuple
 
 import msgpack
+import numpy as np
 
-try:  # lane CODEC's compact codec, when it has landed
-    from .chunkenc import decode_chunk as _decode  # type: ignore[import-not-found]
-    from .chunkenc import encode_chunk as _encode
-except ImportError:  # pragma: no cover - the placeholder: zlib(msgpack(columns))
-    _encode = None
-    _decode = None
+from .chunkenc import decode_chunk as _decode
+from .chunkenc import encode_arrays
+from .chunkenc import encode_chunk as _encode
 
 NAN = math.nan
 PLACEHOLDER_MAGIC = b"\x00P1"
@@ -305,6 +303,66 @@ def series_stats(boot: int, seqs, ts, values, *, newest: int | None = None) -> S
     return SeriesStats(count, lo, hi, total, tmin, tmax, boot, last_key[2], last_value)
 
 
+def _first_equal(a: np.ndarray, extreme) -> float:
+    """min(a) or max(a) as Python gives it: the first of equal values, which
+    tells 0.0 from -0.0 (the only equal floats that differ; no NaN here)."""
+    if extreme == 0.0:
+        return float(a[np.flatnonzero(a == 0.0)[0]])
+    return float(extreme)
+
+
+def _received_span(received: np.ndarray, original: array) -> tuple[float, float]:
+    """(min, max) of the receive times as Python's min and max give them."""
+    if len(received) and not np.isnan(received).any():
+        return _first_equal(received, received.min()), _first_equal(received, received.max())
+    return min(original), max(original)  # a NaN (never from a clock) compares as Python compares it
+
+
+def _row_order_sum(v: np.ndarray) -> float:
+    """reduce(add, v, 0.0): added in row order (np.add.accumulate, not the
+    pairwise np.sum); 0.0 + the sum gives the start value's sign of zero."""
+    with np.errstate(all="ignore"):
+        return 0.0 + float(np.add.accumulate(v)[-1])
+
+
+def _newest_row_np(seqs: np.ndarray, ts: np.ndarray) -> int:
+    """newest_row of arrays: the greatest ts, then the greatest seq, the first of equals."""
+    rows = np.flatnonzero(ts == ts.max())
+    if len(rows) == 1:
+        return int(rows[0])
+    return int(rows[int(np.argmax(seqs[rows]))])
+
+
+def _minute_starts(ts: np.ndarray) -> np.ndarray | None:
+    """The first row of each minute (floor(t / 60)) when ts never decreases, else None."""
+    if len(ts) > 1 and not (ts[1:] >= ts[:-1]).all():
+        return None
+    minute = np.floor(ts / 60.0)
+    return np.flatnonzero(np.concatenate(([True], minute[1:] != minute[:-1])))
+
+
+def _rollup_np(ts: np.ndarray, v: np.ndarray, starts: np.ndarray | None) -> dict[tuple[int, int], list]:
+    """rollup(ts, v, minute_runs(ts)) of a column without NaN: min and max of each minute in C
+    (a minute whose extreme is a zero takes Python's first-of-equals), sums by decimal_sum."""
+    if starts is None:
+        return rollup(ts.tolist(), v.tolist())
+    ends = np.append(starts[1:], len(v))
+    lows = np.minimum.reduceat(v, starts)
+    highs = np.maximum.reduceat(v, starts)
+    values = v.tolist()
+    minutes = {}
+    for b, i, j, lo, hi in zip(
+        np.floor(ts[starts] / 60.0).tolist(), starts.tolist(), ends.tolist(), lows.tolist(), highs.tolist()
+    ):
+        run = values[i:j]
+        if lo == 0.0:
+            lo = min(run)
+        if hi == 0.0:
+            hi = max(run)
+        minutes[int(b)] = [j - i, lo, hi, decimal_sum(run)]
+    return _fold_hours(minutes)
+
+
 class Head:
     """One (sensor, boot)'s open datagrams: compact arrays, appended at each flush."""
 
@@ -349,31 +407,43 @@ class Head:
         """The head as an immutable chunk row (the head itself is left as it is).
 
         fast: the codec's cheaper choice of transforms (chunkenc.encode_chunk;
-        a few per cent larger, decoded the same way)."""
-        # Without NaNs (the common case) conversion, stats and rollups run in
-        # C loops over lists (an array boxes a float at every read).
-        seqs, ts = self.seqs.tolist(), self.ts.tolist()
-        metrics = {}
-        plain = set()
-        for name, col in self.metrics.items():
-            if _nan_free(col):
-                metrics[name] = col.tolist()
-                plain.add(name)
-            else:
-                metrics[name] = [None if v != v else v for v in col]
-        blob = encode_chunk(seqs, ts, self.received, metrics, fast)
+        a few per cent larger, decoded the same way).  Encoding, statistics
+        and rollups run in numpy's C loops over copies of the arrays; a
+        column with absent values (NaN) or times that are not finite take
+        the reference loops (series_stats, rollup): the same answers.
+        """
+        seqs = np.frombuffer(self.seqs, dtype=np.int64).copy()
+        ts = np.frombuffer(self.ts, dtype=np.float64).copy()
+        received = np.frombuffer(self.received, dtype=np.float64).copy()
+        columns = {name: np.frombuffer(col, dtype=np.float64).copy() for name, col in self.metrics.items()}
+        blob = encode_arrays(seqs, ts, received, columns, fast=fast)
         stats = {}
         rollups = {}
-        runs = minute_runs(ts) if plain else None
-        newest = newest_row(seqs, ts, self.boot) if plain and seqs else None
+        plain = [name for name, v in columns.items() if not np.isnan(v).any()]
+        quick = bool(plain) and len(seqs) > 0 and bool(np.isfinite(ts).all())
+        if quick:
+            tmin = _first_equal(ts, ts.min())
+            newest = _newest_row_np(seqs, ts)
+            newest_ts, newest_seq = float(ts[newest]), int(seqs[newest])
+            starts = _minute_starts(ts)
         for name, col in self.metrics.items():
-            if name in plain:
-                values = metrics[name]
-                s = series_stats(self.boot, seqs, ts, values, newest=newest)
-                r = rollup(ts, values, runs)
+            if quick and name in plain:
+                v = columns[name]
+                s = SeriesStats(
+                    len(v),
+                    _first_equal(v, v.min()),
+                    _first_equal(v, v.max()),
+                    _row_order_sum(v),
+                    tmin,
+                    newest_ts,
+                    self.boot,
+                    newest_seq,
+                    float(v[newest]),
+                )
+                r = _rollup_np(ts, v, starts)
             else:
-                s = series_stats(self.boot, seqs, ts, col)
-                r = rollup(ts, col) if s is not None else None
+                s = series_stats(self.boot, self.seqs, self.ts, col)
+                r = rollup(self.ts, col) if s is not None else None
             if s is not None:
                 stats[name] = s
                 rollups[name] = r
@@ -381,8 +451,7 @@ class Head:
             self.sensor,
             self.boot,
             len(self.seqs),
-            min(self.received),
-            max(self.received),
+            *_received_span(received, self.received),
             zlib.crc32(blob),
             blob,
             stats,
