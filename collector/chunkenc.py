@@ -257,6 +257,11 @@ def _write_stream(out: bytearray, choice: tuple) -> None:
     out += packed
 
 
+def _zz_len(n: int) -> int:
+    """len(_zz(n)): the bytes of n's zigzag varint."""
+    return (((n << 1) if n >= 0 else ((-n) << 1) - 1).bit_length() + 6) // 7 or 1
+
+
 def _zz(n: int) -> bytes:
     b = bytearray()
     _svarint(b, n)
@@ -266,31 +271,32 @@ def _zz(n: int) -> bytes:
 # ------------------------------------------- integer streams, vectorised
 #
 # The same choices as the list functions above, in numpy's C loops over
-# int64 arrays: same candidates in the same order, same costs, same bytes.
-# Values under _SAFE in magnitude keep every delta, delta of delta and
-# clock residual inside int64 (no wrap-around); a stream with larger values
-# (a float column stored as its raw bits) takes the exact list functions.
+# rows of int64 (every column of a chunk at once: numpy's cost per call,
+# not per value, is what remains): same candidates in the same order, same
+# costs, same bytes.  Values under _SAFE in magnitude keep every delta,
+# delta of delta and clock residual inside int64 (no wrap-around); a row
+# with larger values (a float column stored as its raw bits) or a huge
+# clock step takes the exact list functions.
 
 _SAFE = 2**61
-_POW2 = np.array([1 << k for k in range(63)], dtype=np.int64)  # bit_length(v) = #(2**k <= v)
 _LE_TYPE = {1: np.dtype("<i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}
+_POW2 = np.array([1 << k for k in range(63)], dtype=np.int64)  # bit_length(v) = #(2**k <= v)
 
 
-def _fits_np(xs: np.ndarray) -> bool:
-    return not len(xs) or (int(xs.max()) < _SAFE and int(xs.min()) > -_SAFE)
-
-
-def _width_np(body: np.ndarray) -> int:
-    """_width of an int64 array (which always fits: never None)."""
-    if not len(body):
-        return 0
-    lo, hi = int(body.min()), int(body.max())
-    if lo == hi == 0:
-        return 0
-    for w in _WIDTHS[1:]:
-        if -_LIMIT[w] <= lo and hi < _LIMIT[w]:
-            return w
-    return 8  # pragma: no cover - an int64 always fits 8 bytes
+def _widths_2d(body: np.ndarray) -> list[int]:
+    """_width of each row of an int64 matrix (an int64 always fits: never None)."""
+    if not body.shape[1]:
+        return [0] * body.shape[0]
+    out = []
+    for lo, hi in zip(body.min(axis=1).tolist(), body.max(axis=1).tolist()):
+        if lo == hi == 0:
+            out.append(0)
+            continue
+        for w in _WIDTHS[1:]:
+            if -_LIMIT[w] <= lo and hi < _LIMIT[w]:
+                out.append(w)
+                break
+    return out
 
 
 def _pack_np(body: np.ndarray, w: int) -> bytes:
@@ -302,59 +308,84 @@ def _pack_np(body: np.ndarray, w: int) -> bytes:
     return raw.view(np.uint8).reshape(-1, w).T.tobytes()  # byte planes, low byte first
 
 
-def _candidates_np(xs: np.ndarray) -> list:
-    """_int_stream_candidates for an int64 array whose values are under _SAFE in magnitude."""
-    n = len(xs)
-    out: list = [(_RAW, [], xs, _width_np(xs))]
-    if n >= 1:
-        d = np.diff(xs)
-        out.append((_DELTA, [int(xs[0])], d, _width_np(d)))
-        if n >= 2:
-            dd = np.diff(d)
-            out.append((_DOD, [int(xs[0]), int(d[0])], dd, _width_np(dd)))
-            half = len(d) // 2
-            step = int(np.partition(d, half)[half])  # sorted(d)[len(d) // 2]
-            x0 = int(xs[0])
-            if abs(step) * n < _SAFE:
-                res = (xs[1:] - x0) - step * np.arange(1, n, dtype=np.int64)
-                out.append((_LINEAR, [x0, step], res, _width_np(res)))
-            else:  # a huge step: the exact list arithmetic
-                exact = list(map(sub, xs[1:].tolist(), count_from(x0 + step, step)))
-                w = _width(exact)
-                if w is not None:
-                    out.append((_LINEAR, [x0, step], np.array(exact, dtype=np.int64), w))
+def _bit_lengths(a: np.ndarray) -> np.ndarray:
+    """int.bit_length of each value (|v| < 2**62), summed per row."""
+    a = np.abs(a)
+    if not a.size:
+        return np.zeros(a.shape[0], dtype=np.int64)
+    if int(a.max()) < 2**53:  # exact as floats: frexp's exponent is the bit length
+        return np.frexp(a.astype(np.float64))[1].sum(axis=1, dtype=np.int64)
+    return np.searchsorted(_POW2, a.ravel(), side="right").reshape(a.shape).sum(axis=1)
+
+
+def _choose_streams(rows: list[np.ndarray], fast: bool) -> list[tuple]:
+    """_choose_stream of each int64 row (all of one length): the same choices and bytes."""
+    x = np.stack(rows)
+    n = x.shape[1]
+    if n:
+        fits = ((x.max(axis=1) < _SAFE) & (x.min(axis=1) > -_SAFE)).tolist()
+    else:
+        fits = [True] * len(rows)
+    out: list = [None] * len(rows)
+    batch = [i for i, ok in enumerate(fits) if ok]
+    for i, ok in enumerate(fits):
+        if not ok:
+            out[i] = _choose_stream(rows[i].tolist(), fast)
+    if batch:
+        for i, choice in zip(batch, _choose_2d(x[batch] if len(batch) < len(rows) else x, fast)):
+            out[i] = choice
     return out
 
 
-def _proxy_np(transform: int, body: np.ndarray, w: int) -> int:
-    if w == 0 or not len(body):
-        return 0
-    if transform == _RAW:
-        body = body - body.min()
-    return (int(np.searchsorted(_POW2, np.abs(body), side="right").sum()) + len(body)) // 8
+def _choose_2d(x: np.ndarray, fast: bool) -> list[tuple]:
+    r, n = x.shape
+    # (transform, heads per row, body matrix, widths) in _int_stream_candidates' order
+    cands: list = [(_RAW, [[]] * r, x, _widths_2d(x))]
+    if n >= 1:
+        d = np.diff(x, axis=1)
+        x0 = x[:, 0].tolist()
+        cands.append((_DELTA, [[a] for a in x0], d, _widths_2d(d)))
+        if n >= 2:
+            dd = np.diff(d, axis=1)
+            cands.append((_DOD, [[a, b] for a, b in zip(x0, d[:, 0].tolist())], dd, _widths_2d(dd)))
+            half = (n - 1) // 2
+            steps = np.partition(d, half, axis=1)[:, half]  # sorted(d)[len(d) // 2]
+            step_list = steps.tolist()
+            if max(map(abs, step_list)) * n >= _SAFE:  # a huge clock step: the exact list arithmetic
+                return [_choose_stream(row, fast) for row in x.tolist()]
+            res = (x[:, 1:] - x[:, :1]) - steps[:, None] * np.arange(1, n, dtype=np.int64)
+            cands.append((_LINEAR, [[a, s] for a, s in zip(x0, step_list)], res, _widths_2d(res)))
+    proxies = []
+    if fast:
+        for transform, _, body, _ in cands:
+            if transform == _RAW and n:
+                body = body - body.min(axis=1, keepdims=True)  # raw values cost their spread
+            proxies.append(((_bit_lengths(body) + body.shape[1]) // 8).tolist())
+    out = []
+    for i in range(r):
+        best = None
+        for c, (transform, heads, body, widths) in enumerate(cands):
+            w = widths[i]
+            head_cost = sum(map(_zz_len, heads[i]))
+            if fast:
+                cost = (proxies[c][i] if w and body.shape[1] else 0) + head_cost
+                if best is None or cost < best[0]:
+                    best = (cost, transform, heads[i], body[i], w)
+            else:
+                packed = _pack_np(body[i], w)
+                cost = _cost(packed, w) + head_cost
+                if best is None or cost < best[0]:
+                    best = (cost, transform, heads[i], packed, w)
+        assert best is not None
+        if fast:
+            cost, transform, heads, body, w = best
+            best = (cost, transform, heads, _pack_np(body, w), w)
+        out.append(best)
+    return out
 
 
 def _choose_stream_np(xs: np.ndarray, fast: bool) -> tuple:
-    """_choose_stream of an int64 array: the same choice and bytes, C loops."""
-    if not _fits_np(xs):
-        return _choose_stream(xs.tolist(), fast)
-    best = None
-    for transform, heads, body, w in _candidates_np(xs):
-        head_cost = sum(len(_zz(h)) for h in heads)
-        if fast:
-            cost = _proxy_np(transform, body, w) + head_cost
-            if best is None or cost < best[0]:
-                best = (cost, transform, heads, body, w)
-        else:
-            packed = _pack_np(body, w)
-            cost = _cost(packed, w) + head_cost
-            if best is None or cost < best[0]:
-                best = (cost, transform, heads, packed, w)
-    assert best is not None
-    if fast:
-        cost, transform, heads, body, w = best
-        best = (cost, transform, heads, _pack_np(body, w), w)
-    return best
+    return _choose_streams([xs], fast)[0]
 
 
 def _decode_int_stream(r: _Reader, count: int) -> list[int]:
@@ -486,49 +517,58 @@ _POW10_NP = np.array(_POW10)
 _TWO62 = 2.0**62
 
 
-def _choose_decimals_np(xs: np.ndarray) -> int | None:
-    """_choose_decimals of a float64 array: every scale of the sample tried at once."""
-    s = xs[:: max(1, len(xs) // 32)]
+def _float_ints_2d(f: np.ndarray) -> list[tuple[int, np.ndarray, list[tuple[int, float]]]]:
+    """_float_ints of each row of a float64 matrix (columns of one length): ALP's
+    scale detection for every row and every scale of the sample at once."""
+    rows, n = f.shape
+    s = f[:, :: max(1, n // 32)]
+    scales = _POW10_NP[:, None, None]
     with np.errstate(all="ignore"):
-        xf = _POW10_NP[:, None] * s  # row k: x * 10**k
+        xf = scales * s  # [k, row, i]: x * 10**k
         inside = (xf > -_TWO62) & (xf < _TWO62)  # False for NaN and inf
-        y = np.rint(xf) / _POW10_NP[:, None]
+        y = np.rint(xf) / scales
     match = inside & (y == s) & ((y != 0.0) | ~np.signbit(s))  # -0.0 never matches (round loses the sign)
     stop = match | ~inside  # _min_decimals returns at the first of these, a k or None
     first = stop.argmax(axis=0)
-    cols = np.arange(len(s))
-    good = first[stop[first, cols] & match[first, cols]]
-    if len(good) * 2 < len(s) or not len(good):
-        return None
-    return int(good.max())
+    good = np.take_along_axis(match, first[None], axis=0)[0]
+    ngood = good.sum(axis=1).tolist()
+    kmax = np.where(good, first, -1).max(axis=1).tolist()
+    ks = [k if g and g * 2 >= s.shape[1] else None for k, g in zip(kmax, ngood)]
+    out: list = [None] * rows
+    dec = [i for i, k in enumerate(ks) if k is not None]
+    if dec:
+        fk = _POW10_NP[[ks[i] for i in dec]][:, None]
+        fd = f[dec]
+        with np.errstate(all="ignore"):
+            r = np.rint(fd * fk)
+            inside = (r > -_TWO62) & (r < _TWO62)
+            ns = np.where(inside, r, 0.0).astype(np.int64)
+            y = ns.astype(np.float64) / fk
+        ok = inside & (y == fd) & ((y != 0.0) | ~np.signbit(fd))
+        for j, (i, clean) in enumerate(zip(dec, ok.all(axis=1).tolist())):
+            if clean:
+                out[i] = (ks[i], ns[j], [])
+                continue
+            exc, filled = _exceptions(f[i], ns[j], ok[j])
+            if len(exc) * 8 <= n:  # more than 1 in 8 exceptions: the raw bits do better
+                out[i] = (ks[i], filled, exc)
+    for i in range(rows):
+        if out[i] is None:
+            out[i] = (_REP_BITS, np.ascontiguousarray(f[i]).view(np.int64), [])
+    return out
 
 
-def _decimal_ints_np(xs: np.ndarray, k: int) -> tuple[np.ndarray, list[tuple[int, float]]]:
-    """_decimal_ints of a float64 array: the same integers, fillers and exceptions."""
-    f = _POW10[k]
-    with np.errstate(all="ignore"):
-        r = np.rint(xs * f)
-        inside = (r > -_TWO62) & (r < _TWO62)
-        ns = np.where(inside, r, 0.0).astype(np.int64)
-        y = ns.astype(np.float64) / f
-    ok = inside & (y == xs) & ((y != 0.0) | ~np.signbit(xs))
-    if ok.all():
-        return ns, []
+def _exceptions(xs: np.ndarray, ns: np.ndarray, ok: np.ndarray) -> tuple[list[tuple[int, float]], np.ndarray]:
+    """_decimal_ints' exceptions (index, x) and integers: an exception repeats the last good value."""
     bad = np.flatnonzero(~ok)
     exc = list(zip(bad.tolist(), xs[bad].tolist()))
     last_good = np.where(ok, np.arange(len(xs)), -1)
     np.maximum.accumulate(last_good, out=last_good)
-    return np.where(last_good >= 0, ns[last_good], 0), exc  # an exception repeats the last good value
+    return exc, np.where(last_good >= 0, ns[last_good], 0)
 
 
 def _float_ints_np(xs: np.ndarray) -> tuple[int, np.ndarray, list[tuple[int, float]]]:
-    """_float_ints of a float64 array."""
-    k = _choose_decimals_np(xs)
-    if k is not None:
-        ns, exc = _decimal_ints_np(xs, k)
-        if len(exc) * 8 <= len(xs):
-            return k, ns, exc
-    return _REP_BITS, np.ascontiguousarray(xs).view(np.int64), []
+    return _float_ints_2d(xs[None, :])[0]
 
 
 def _ints_to_floats(rep: int, ints: list[int]) -> list[float]:
@@ -650,22 +690,38 @@ SMALL_ROWS = 64
 
 def _col_from_list(col: list, types: set) -> _Col:
     rows = len(col)
-    small = rows < SMALL_ROWS
+    if rows >= SMALL_ROWS:
+        return _col_array(col, types)
     if types == _FLOAT_ONLY:
-        return _Col(rows, None, None, [] if small else _NO_INTS, col if small else np.array(col, dtype=np.float64))
+        return _Col(rows, None, None, [], col)
     if types == _INT_ONLY:
-        return _Col(rows, None, None, col if small else np.array(col, dtype=np.int64), [] if small else _NO_FLOATS)
+        return _Col(rows, None, None, col, [])
     present = [v for v in col if v is not None]
-    mask = [v is not None for v in col] if len(present) != rows else None
     ints = [v for v in present if type(v) is int]
     floats = [v for v in present if type(v) is float]
-    isint = [type(v) is int for v in present] if ints and floats else None
-    if small:
-        return _Col(rows, mask, isint, ints, floats)
     return _Col(
         rows,
-        None if mask is None else np.array(mask, dtype=bool),
-        None if isint is None else np.array(isint, dtype=bool),
+        [v is not None for v in col] if len(present) != rows else None,
+        [type(v) is int for v in present] if ints and floats else None,
+        ints,
+        floats,
+    )
+
+
+def _col_array(col: list, types: set) -> _Col:
+    """A column as arrays (from SMALL_ROWS rows on, and in encode_many)."""
+    rows = len(col)
+    if types == _FLOAT_ONLY:
+        return _Col(rows, None, None, _NO_INTS, np.array(col, dtype=np.float64))
+    if types == _INT_ONLY:
+        return _Col(rows, None, None, np.array(col, dtype=np.int64), _NO_FLOATS)
+    present = [v for v in col if v is not None]
+    ints = [v for v in present if type(v) is int]
+    floats = [v for v in present if type(v) is float]
+    return _Col(
+        rows,
+        np.array([v is not None for v in col], dtype=bool) if len(present) != rows else None,
+        np.array([type(v) is int for v in present], dtype=bool) if ints and floats else None,
         np.array(ints, dtype=np.int64),
         np.array(floats, dtype=np.float64),
     )
@@ -708,7 +764,44 @@ def _choose_stream_any(xs, fast: bool) -> tuple:
     return _choose_stream(xs, fast) if isinstance(xs, list) else _choose_stream_np(xs, fast)
 
 
-def _encode_column(out: bytearray, col: _Col, base: _Encoded | None, fast: bool) -> _Encoded:
+def _prepare(cols: list[_Col], pairs: list[tuple[int, int]], fast: bool) -> list[dict]:
+    """What _encode_column computes for each column of arrays with a value in every row,
+    computed for all of them together (all of one length): (rep, ints, exceptions) of the
+    float columns in one pass, then every integer stream's choice in one pass, the
+    (ts, received) pairs' relative streams included."""
+    pre: list[dict] = [{} for _ in cols]
+    plain = [
+        i
+        for i, c in enumerate(cols)
+        if c.present is None and isinstance(c.floats, np.ndarray) and len(c.floats) and not len(c.ints)
+    ]
+    if plain:
+        for i, fl in zip(plain, _float_ints_2d(np.stack([cols[i].floats for i in plain]))):
+            pre[i]["float"] = fl
+    rows, keys = [], []
+    for i, c in enumerate(cols):
+        if c.present is None and isinstance(c.ints, np.ndarray) and len(c.ints) and not len(c.floats):
+            rows.append(c.ints)
+            keys.append((i, "ints"))
+        if "float" in pre[i]:
+            rows.append(pre[i]["float"][1])
+            keys.append((i, "floats"))
+    for base, i in pairs:  # received stored relative to ts when that is smaller
+        if "float" in pre[base] and "float" in pre[i]:
+            m = _rescale(pre[base]["float"][0], pre[i]["float"][0])
+            diff = _relative_np(pre[i]["float"][1], pre[base]["float"][1], m) if m is not None else None
+            pre[i]["relative"] = None
+            if diff is not None:
+                rows.append(diff)
+                keys.append((i, "relative"))
+    if rows:
+        for (i, key), choice in zip(keys, _choose_streams(rows, fast)):
+            pre[i][key] = choice
+    return pre
+
+
+def _encode_column(out: bytearray, col: _Col, base: _Encoded | None, fast: bool, pre: dict | None = None) -> _Encoded:
+    pre = pre or {}
     nints, nfloats = len(col.ints), len(col.floats)
     has_nulls = col.present is not None
     if not nints + nfloats:
@@ -722,16 +815,20 @@ def _encode_column(out: bytearray, col: _Col, base: _Encoded | None, fast: bool)
     rep = 0
     relative = False
     if nfloats:
-        rep, fints, exc = _float_ints_any(col.floats)
-        choice = _choose_stream_any(fints, fast)
-        m = _rescale(base.rep, rep) if base is not None and base.ints is not None else None
-        if m is not None and len(base.ints) == nfloats:
-            diff = _relative_np(fints, base.ints, m)
-            if diff is not None:
-                other = _choose_stream_any(diff, fast)
-                if other[0] < choice[0]:
-                    relative = True
-                    choice = other
+        rep, fints, exc = pre["float"] if "float" in pre else _float_ints_any(col.floats)
+        choice = pre["floats"] if "floats" in pre else _choose_stream_any(fints, fast)
+        if "relative" in pre:
+            other = pre["relative"]
+        else:
+            other = None
+            m = _rescale(base.rep, rep) if base is not None and base.ints is not None else None
+            if m is not None and len(base.ints) == nfloats:
+                diff = _relative_np(fints, base.ints, m)
+                if diff is not None:
+                    other = _choose_stream_any(diff, fast)
+        if other is not None and other[0] < choice[0]:
+            relative = True
+            choice = other
     flags = (_HAS_NULLS if has_nulls else 0) | (kind << _KIND_SHIFT) | (_RELATIVE if relative else 0)
     out.append(flags)
     if col.present is not None:
@@ -739,7 +836,7 @@ def _encode_column(out: bytearray, col: _Col, base: _Encoded | None, fast: bool)
     if kind == _KIND_MIXED:
         out += _bitmap_any(col.isint)
     if nints:
-        _write_stream(out, _choose_stream_any(col.ints, fast))
+        _write_stream(out, pre["ints"] if "ints" in pre else _choose_stream_any(col.ints, fast))
     if nfloats:
         out.append(rep)
         _encode_exceptions(out, exc)
@@ -966,6 +1063,39 @@ def encode_arrays(
     )
 
 
+def encode_many(chunks: list[tuple], *, fast: bool = False) -> list[bytes]:
+    """[encode_chunk(*chunk, fast=fast) for chunk in chunks], the same bytes, faster for many
+    small chunks of one length (a closing head's minute blocks, one per metric): their
+    columns go through numpy together, so its cost per call is paid once, not per chunk."""
+    rows = {len(c[0]) for c in chunks}
+    if len(rows) != 1 or len(chunks) < 2:
+        return [encode_chunk(*c, fast=fast) for c in chunks]
+    parts = []
+    for seqs, ts, received, metrics in chunks:
+        n = len(seqs)
+        _check_shape(n, len(metrics))
+        parts.append(
+            [
+                _col_array(seqs, _check_column("seqs", seqs, n)),
+                _col_array(ts, _check_column("ts", ts, n)),
+                _col_array(received, _check_column("received", received, n)),
+                *(_col_array(col, _check_column(name, col, n)) for name, col in _named(metrics).items()),
+            ]
+        )
+    cols = [c for part in parts for c in part]
+    pairs, at = [], 0
+    for part in parts:
+        pairs.append((at + 1, at + 2))
+        at += len(part)
+    pre = _prepare(cols, pairs, fast)
+    out, at = [], 0
+    for (_, _, _, metrics), part in zip(chunks, parts):
+        p = pre[at : at + len(part)]
+        at += len(part)
+        out.append(_encode_cols(part[0], part[1], part[2], dict(zip(metrics, part[3:])), fast, p))
+    return out
+
+
 def _check_shape(rows: int, nmetrics: int) -> None:
     if rows > MAX_ROWS:
         raise ValueError(f"{rows} rows in one chunk, more than {MAX_ROWS}")
@@ -985,7 +1115,9 @@ def _named(metrics: dict) -> dict:
     return metrics
 
 
-def _encode_cols(seqs: _Col, ts: _Col, received: _Col, metrics: dict[str, _Col], fast: bool) -> bytes:
+def _encode_cols(
+    seqs: _Col, ts: _Col, received: _Col, metrics: dict[str, _Col], fast: bool, pre: list[dict] | None = None
+) -> bytes:
     body = _Body()
     _uvarint(body, seqs.rows)
     _uvarint(body, len(metrics))
@@ -993,11 +1125,14 @@ def _encode_cols(seqs: _Col, ts: _Col, received: _Col, metrics: dict[str, _Col],
         raw = name.encode("utf-8")
         _uvarint(body, len(raw))
         body += raw
-    _encode_column(body, seqs, None, fast)
-    ts_enc = _encode_column(body, ts, None, fast)
-    _encode_column(body, received, ts_enc, fast)
-    for col in metrics.values():
-        _encode_column(body, col, None, fast)
+    cols = [seqs, ts, received, *metrics.values()]
+    if pre is None:
+        pre = _prepare(cols, [(1, 2)], fast) if seqs.rows >= SMALL_ROWS else [{} for _ in cols]
+    _encode_column(body, seqs, None, fast, pre[0])
+    ts_enc = _encode_column(body, ts, None, fast, pre[1])
+    _encode_column(body, received, ts_enc, fast, pre[2])
+    for col, p in zip(cols[3:], pre[3:]):
+        _encode_column(body, col, None, fast, p)
     blob = bytes((VERSION,)) + _deflate(body, fast)
     return blob + struct.pack("<I", zlib.crc32(blob))
 

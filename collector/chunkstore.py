@@ -27,6 +27,7 @@ import numpy as np
 from .chunkenc import decode_chunk as _decode
 from .chunkenc import encode_arrays
 from .chunkenc import encode_chunk as _encode
+from .chunkenc import encode_many as _encode_many
 
 NAN = math.nan
 PLACEHOLDER_MAGIC = b"\x00P1"
@@ -86,6 +87,8 @@ class ChunkRow(NamedTuple):
     blob: bytes
     stats: dict[str, SeriesStats]  # metric -> stats
     rollups: dict[str, dict[tuple[int, int], list]]  # metric -> {(width, bucket start): [count, min, max, sum]}
+    # metric -> (first bucket, last bucket, minute block blob), encoded at close; None: insert_chunk encodes them
+    blocks: dict[str, tuple[int, int, bytes]] | None = None
 
 
 ROLLUP_WIDTHS = (60, 3600)  # rollup_1m, rollup_1h
@@ -211,8 +214,7 @@ def _fold_hours(minutes: dict[int, list]) -> dict[tuple[int, int], list]:
 MINUTE_COLUMNS = ("count", "min", "max", "sum")
 
 
-def encode_minutes(buckets: list[tuple[int, int, float, float, float]]) -> bytes:
-    """[(bucket start, count, min, max, sum)] in bucket order -> a minute block blob."""
+def _minute_columns(buckets: list[tuple[int, int, float, float, float]]) -> tuple:
     n = len(buckets)
     nulls = [None] * n
     cols = list(zip(*buckets)) if buckets else [()] * 5
@@ -222,7 +224,25 @@ def encode_minutes(buckets: list[tuple[int, int, float, float, float]]) -> bytes
         "max": [float(v) for v in cols[3]],
         "sum": [float(v) for v in cols[4]],
     }
-    return encode_chunk([int(b) for b in cols[0]], nulls, nulls, metrics)
+    return [int(b) for b in cols[0]], nulls, nulls, metrics
+
+
+def encode_minutes(buckets: list[tuple[int, int, float, float, float]], fast: bool = False) -> bytes:
+    """[(bucket start, count, min, max, sum)] in bucket order -> a minute block blob."""
+    return encode_chunk(*_minute_columns(buckets), fast=fast)
+
+
+def minute_blocks(rollups: dict[str, dict], fast: bool = False) -> dict[str, tuple[int, int, bytes]]:
+    """metric -> (first bucket, last bucket, minute block) of a chunk's rollups: the blocks
+    encode_minutes gives, encoded together (chunkenc.encode_many: one numpy pass)."""
+    names, buckets = [], []
+    for metric, r in rollups.items():
+        minutes = sorted((bucket, *v) for (width, bucket), v in r.items() if width == 60)
+        if minutes:
+            names.append(metric)
+            buckets.append(minutes)
+    blobs = _encode_many([_minute_columns(b) for b in buckets], fast=fast)
+    return {name: (b[0][0], b[-1][0], blob) for name, b, blob in zip(names, buckets, blobs)}
 
 
 def decode_minutes(blob: bytes) -> list[tuple[int, int, float, float, float]]:
@@ -407,7 +427,8 @@ class Head:
         """The head as an immutable chunk row (the head itself is left as it is).
 
         fast: the codec's cheaper choice of transforms (chunkenc.encode_chunk;
-        a few per cent larger, decoded the same way).  Encoding, statistics
+        a few per cent larger, decoded the same way), for the chunk and its
+        minute blocks (ChunkRow.blocks).  Encoding, statistics
         and rollups run in numpy's C loops over copies of the arrays; a
         column with absent values (NaN) or times that are not finite take
         the reference loops (series_stats, rollup): the same answers.
@@ -456,6 +477,7 @@ class Head:
             blob,
             stats,
             rollups,
+            minute_blocks(rollups, fast),
         )
 
     def copy(self) -> Head:

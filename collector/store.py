@@ -122,7 +122,11 @@ def insert_chunk(conn: sqlite3.Connection, row: ChunkRow, log_id: int, series: d
                 minutes.append((bucket, n, lo, hi, total))
             else:
                 hours.append((sid, bucket, n, lo, hi, total))
-        if minutes:
+        if row.blocks is not None:  # encoded at close (Head.close)
+            if metric in row.blocks:
+                first, last, blob = row.blocks[metric]
+                blocks.append((sid, first, chunk_id, last, blob))
+        elif minutes:
             minutes.sort()
             blocks.append((sid, minutes[0][0], chunk_id, minutes[-1][0], encode_minutes(minutes)))
     conn.executemany(INSERT_CHUNK_SERIES, stats)

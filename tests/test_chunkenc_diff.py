@@ -147,14 +147,28 @@ def close_both(seqs, ts, received, metrics, fast):
     return rows
 
 
-def assert_same_row(new, ref):
+def ref_minutes(minutes, fast):
+    """chunkstore_ref.encode_minutes, with the `fast` flag the head closed with."""
+    if not fast:
+        return chunkstore_ref.encode_minutes(minutes)
+    starts, count, lo, hi, total = (list(c) for c in zip(*minutes))
+    nulls = [None] * len(minutes)
+    return chunkenc_ref.encode_chunk(
+        starts, nulls, nulls, {"count": count, "min": lo, "max": hi, "sum": total}, fast=True
+    )
+
+
+def assert_same_row(new, ref, fast):
+    """The same chunk row, and the minute blocks of its rollups encoded as the reference does."""
     assert new.blob == ref.blob
     assert stats_same(tuple(new)[:6], tuple(ref)[:6])
     assert stats_same(new.stats, ref.stats)
     assert stats_same(new.rollups, ref.rollups)
-    for r in ref.rollups.values():
+    blocks = {}
+    for name, r in ref.rollups.items():
         minutes = sorted((b, *v) for (w, b), v in r.items() if w == 60)
-        assert chunkstore.encode_minutes(minutes) == chunkstore_ref.encode_minutes(minutes)
+        blocks[name] = (minutes[0][0], minutes[-1][0], ref_minutes(minutes, fast))
+    assert new.blocks == blocks
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=SLOW)
@@ -165,7 +179,7 @@ def test_a_closed_head_is_the_reference_chunk_row(cols, fast, sort):
         ts = sorted(ts)
     if not seqs:
         return  # an empty head never closes (min of no receive times)
-    assert_same_row(*close_both(seqs, ts, received, metrics, fast))
+    assert_same_row(*close_both(seqs, ts, received, metrics, fast), fast)
 
 
 def test_a_closed_head_keeps_the_first_of_equal_zeros_and_the_newest_of_equal_times():
@@ -179,4 +193,14 @@ def test_a_closed_head_keeps_the_first_of_equal_zeros_and_the_newest_of_equal_ti
         "big": [1e308, 1e308, -1e308] + [1e308] * (n - 3),
         "neg": [-0.0] * n,
     }
-    assert_same_row(*close_both(seqs, ts, [t + 0.5 for t in ts], metrics, True))
+    for fast in (True, False):
+        assert_same_row(*close_both(seqs, ts, [t + 0.5 for t in ts], metrics, fast), fast)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=SLOW)
+@given(st.lists(chunks(), min_size=1, max_size=4), st.booleans())
+def test_encode_many_gives_each_chunks_bytes(many, fast):
+    n = min(len(c[0]) for c in many)
+    cut = [(s[:n], t[:n], r[:n], {k: v[:n] for k, v in m.items()}) for s, t, r, m in many]
+    for batch in (many, cut):  # chunks of one length go through numpy together
+        assert chunkenc.encode_many(batch, fast=fast) == [chunkenc_ref.encode_chunk(*c, fast=fast) for c in batch]
