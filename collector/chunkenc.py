@@ -388,7 +388,9 @@ def _choose_stream_np(xs: np.ndarray, fast: bool) -> tuple:
     return _choose_streams([xs], fast)[0]
 
 
-def _decode_int_stream(r: _Reader, count: int) -> list[int]:
+def _decode_int_stream(r: _Reader, count: int, as_array: bool = False):
+    """An integer stream's values: a list, or an int64 array when as_array (numpy's
+    cumulative sums when no partial sum can leave int64, else the exact list arithmetic)."""
     code = r.byte()
     transform, wcode = code >> 4, code & 0x0F
     if transform not in _HEADS or wcode >= len(_WIDTHS):
@@ -402,7 +404,35 @@ def _decode_int_stream(r: _Reader, count: int) -> list[int]:
             raise ChunkError("chunk integer stream head out of int64 range")
     n = count - _SKIP[transform]
     w = _WIDTHS[wcode]
-    if w == 0:
+    if as_array:
+        body_np = _unpack_np(r.take(n * w), n, w)
+        lim = _LIMIT[w]
+        if transform == _RAW:
+            return body_np
+        if transform == _DELTA and abs(heads[0]) + (n + 1) * lim <= _INT64_MAX:
+            xs = np.empty(n + 1, dtype=np.int64)
+            xs[0] = heads[0]
+            np.cumsum(body_np, out=xs[1:])
+            xs[1:] += heads[0]
+            return xs
+        if transform == _DOD and abs(heads[0]) + (n + 1) * abs(heads[1]) + (n + 1) ** 2 * lim <= _INT64_MAX:
+            inner = np.empty(n + 1, dtype=np.int64)
+            inner[0] = heads[1]
+            np.cumsum(body_np, out=inner[1:])
+            inner[1:] += heads[1]
+            xs = np.empty(n + 2, dtype=np.int64)
+            xs[0] = heads[0]
+            np.cumsum(inner, out=xs[1:])
+            xs[1:] += heads[0]
+            return xs
+        if transform == _LINEAR and abs(heads[0]) + (n + 1) * abs(heads[1]) + lim <= _INT64_MAX:
+            x0, step = heads
+            xs = np.empty(n + 1, dtype=np.int64)
+            xs[0] = x0
+            xs[1:] = body_np + (x0 + step * np.arange(1, n + 1, dtype=np.int64))
+            return xs
+        body = body_np.tolist()  # sums that may leave int64 (a forged blob): the exact arithmetic
+    elif w == 0:
         body = repeat(0, n)
         if transform == _RAW:
             return [0] * n
@@ -436,7 +466,17 @@ def _decode_int_stream(r: _Reader, count: int) -> list[int]:
     # bound saves the scan for nearly every real one.
     if bound > _INT64_MAX and (max(xs) > _INT64_MAX or min(xs) < _INT64_MIN):
         raise ChunkError("chunk integer stream leaves int64 range")
-    return xs
+    return np.array(xs, dtype=np.int64) if as_array else xs
+
+
+def _unpack_np(raw: bytes, n: int, w: int) -> np.ndarray:
+    """Byte planes (low byte first) of n little-endian w-byte ints -> int64."""
+    if w == 0:
+        return np.zeros(n, dtype=np.int64)
+    planes = np.frombuffer(raw, dtype=np.uint8)
+    if w > 1:
+        planes = planes.reshape(w, n).T.copy()
+    return planes.view(_LE_TYPE[w]).reshape(n).astype(np.int64)
 
 
 # ------------------------------------------------------------ float streams
@@ -855,9 +895,7 @@ def _rescale(base_rep: int | None, rep: int) -> int | None:
     return 10 ** (rep - base_rep)
 
 
-def _decode_column(
-    r: _Reader, rows: int, base: tuple[int, list[int]] | None
-) -> tuple[list, tuple[int, list[int]] | None]:
+def _decode_column(r: _Reader, rows: int, base: tuple | None) -> tuple[list, tuple | None]:
     flags = r.byte()
     if flags & ~(_HAS_NULLS | (3 << _KIND_SHIFT) | _RELATIVE):
         raise ChunkError(f"chunk column flags {flags:#x}")
@@ -879,7 +917,8 @@ def _decode_column(
         isint = None
         nints = count if kind == _KIND_INT else 0
     nfloats = count - nints
-    ints = _decode_int_stream(r, nints) if nints else []
+    as_array = count >= SMALL_ROWS  # numpy from here on; a list's loops are cheaper below
+    ints = _decode_int_stream(r, nints, as_array) if nints else []
     floats: list = []
     fints = None
     if nfloats:
@@ -887,19 +926,20 @@ def _decode_column(
         if rep > MAX_DECIMALS and rep != _REP_BITS:
             raise ChunkError(f"chunk float representation {rep}")
         exc = _decode_exceptions(r, nfloats)
-        fints = _decode_int_stream(r, nfloats)
+        fints = _decode_int_stream(r, nfloats, as_array)
         if flags & _RELATIVE:
             m = _rescale(base[0], rep) if base is not None else None
             if m is None or len(base[1]) != nfloats:
                 raise ChunkError("chunk relative column has no matching base")
-            fints = list(map(add, fints, map(mul, base[1], repeat(m)) if m != 1 else base[1]))
-            if max(fints) > _INT64_MAX or min(fints) < _INT64_MIN:
-                raise ChunkError("chunk relative column leaves int64 range")
-        floats = _ints_to_floats(rep, fints)
+            fints = _add_relative(fints, base[1], m)
+        floats = _ints_to_floats_np(rep, fints) if as_array else _ints_to_floats(rep, fints)
         for i, x in exc:
             floats[i] = x
     elif flags & _RELATIVE:
         raise ChunkError("chunk relative column without floats")
+    if as_array:
+        ints = ints.tolist() if nints else []
+        floats = floats.tolist() if nfloats else []
     if kind == _KIND_INT:
         values = ints
     elif kind == _KIND_FLOAT:
@@ -914,6 +954,33 @@ def _decode_column(
         values = [next(it) if m else None for m in mask]
     usable_base = (rep, fints) if kind == _KIND_FLOAT and mask is None and nfloats else None
     return values, usable_base
+
+
+def _add_relative(fints, base, m: int):
+    """fints + base * m, refused when a value leaves int64 (lists or int64 arrays, as fints is)."""
+    if isinstance(fints, np.ndarray):
+        base = np.asarray(base, dtype=np.int64)
+        if _amax(fints) + _amax(base) * m <= _INT64_MAX:
+            return fints + base * m if m != 1 else fints + base
+        exact = list(map(add, fints.tolist(), [b * m for b in base.tolist()]))
+    else:
+        if isinstance(base, np.ndarray):
+            base = base.tolist()
+        exact = list(map(add, fints, map(mul, base, repeat(m)) if m != 1 else base))
+    if max(exact) > _INT64_MAX or min(exact) < _INT64_MIN:
+        raise ChunkError("chunk relative column leaves int64 range")
+    return np.array(exact, dtype=np.int64) if isinstance(fints, np.ndarray) else exact
+
+
+def _ints_to_floats_np(rep: int, ints: np.ndarray) -> np.ndarray:
+    """_ints_to_floats of an int64 array (a new array: exceptions are written into it)."""
+    if rep == _REP_BITS:
+        return ints.view(np.float64).copy()
+    if rep > MAX_DECIMALS:
+        raise ChunkError(f"chunk float representation {rep}")
+    if rep == 0:
+        return ints.astype(np.float64)
+    return ints.astype(np.float64) / _POW10[rep]
 
 
 def _skip_int_stream(r: _Reader, count: int) -> None:
