@@ -308,18 +308,33 @@ def _pack_np(body: np.ndarray, w: int) -> bytes:
     return raw.view(np.uint8).reshape(-1, w).T.tobytes()  # byte planes, low byte first
 
 
+_BIT_LENGTH_16 = np.array([v.bit_length() for v in range(2**16)], dtype=np.uint8)
+
+
 def _bit_lengths(a: np.ndarray) -> np.ndarray:
     """int.bit_length of each value (|v| < 2**62), summed per row."""
     a = np.abs(a)
     if not a.size:
         return np.zeros(a.shape[0], dtype=np.int64)
-    if int(a.max()) < 2**53:  # exact as floats: frexp's exponent is the bit length
+    top = int(a.max())
+    if top < 2**16:  # the usual small deltas: a table
+        return _BIT_LENGTH_16[a].sum(axis=1, dtype=np.int64)
+    if top < 2**53:  # exact as floats: frexp's exponent is the bit length
         return np.frexp(a.astype(np.float64))[1].sum(axis=1, dtype=np.int64)
     return np.searchsorted(_POW2, a.ravel(), side="right").reshape(a.shape).sum(axis=1)
 
 
 def _choose_streams(rows: list[np.ndarray], fast: bool) -> list[tuple]:
-    """_choose_stream of each int64 row (all of one length): the same choices and bytes."""
+    """_choose_stream of each int64 row (all of one length): the same choices and bytes.
+    Equal rows (the bucket starts and counts of a chunk's minute blocks) are chosen once."""
+    keys = [row.tobytes() for row in rows]
+    unique = dict.fromkeys(keys)
+    if len(unique) < len(rows):
+        first = {}
+        for key, row in zip(keys, rows):
+            first.setdefault(key, row)
+        chosen = dict(zip(first, _choose_streams(list(first.values()), fast)))
+        return [chosen[key] for key in keys]
     x = np.stack(rows)
     n = x.shape[1]
     if n:
@@ -342,11 +357,11 @@ def _choose_2d(x: np.ndarray, fast: bool) -> list[tuple]:
     # (transform, heads per row, body matrix, widths) in _int_stream_candidates' order
     cands: list = [(_RAW, [[]] * r, x, _widths_2d(x))]
     if n >= 1:
-        d = np.diff(x, axis=1)
+        d = x[:, 1:] - x[:, :-1]
         x0 = x[:, 0].tolist()
         cands.append((_DELTA, [[a] for a in x0], d, _widths_2d(d)))
         if n >= 2:
-            dd = np.diff(d, axis=1)
+            dd = d[:, 1:] - d[:, :-1]
             cands.append((_DOD, [[a, b] for a, b in zip(x0, d[:, 0].tolist())], dd, _widths_2d(dd)))
             half = (n - 1) // 2
             steps = np.partition(d, half, axis=1)[:, half]  # sorted(d)[len(d) // 2]
@@ -368,7 +383,7 @@ def _choose_2d(x: np.ndarray, fast: bool) -> list[tuple]:
             w = widths[i]
             head_cost = sum(map(_zz_len, heads[i]))
             if fast:
-                cost = (proxies[c][i] if w and body.shape[1] else 0) + head_cost
+                cost = (proxies[c][i] if w else 0) + head_cost
                 if best is None or cost < best[0]:
                     best = (cost, transform, heads[i], body[i], w)
             else:
@@ -1161,6 +1176,47 @@ def encode_many(chunks: list[tuple], *, fast: bool = False) -> list[bytes]:
         at += len(part)
         out.append(_encode_cols(part[0], part[1], part[2], dict(zip(metrics, part[3:])), fast, p))
     return out
+
+
+def encode_many_arrays(chunks: list[tuple], *, fast: bool = False) -> list[bytes]:
+    """encode_many for columns given as arrays (a closing head's minute blocks): each chunk
+    is (seqs, ts, received, {name: column}), a column an int64 array (ints), a float64
+    array (floats; NaN = no value, as in encode_arrays) or None (no value in any row).
+    The same bytes as encode_chunk of those columns as lists."""
+    parts = []
+    for seqs, ts, received, metrics in chunks:
+        n = len(seqs)
+        _check_shape(n, len(metrics))
+        cols = [_col_typed(col, n) for col in (seqs, ts, received, *_named(metrics).values())]
+        if any(c.rows != n for c in cols):
+            raise ValueError(f"a column's length is not the chunk's {n} rows")
+        parts.append(cols)
+    rows = {len(c[0]) for c in chunks}
+    if len(rows) == 1 and rows.pop() >= 1:
+        cols = [c for part in parts for c in part]
+        pairs, at = [], 0
+        for part in parts:
+            pairs.append((at + 1, at + 2))
+            at += len(part)
+        pre = _prepare(cols, pairs, fast)
+    else:
+        pre = [{} for part in parts for _ in part]
+    out, at = [], 0
+    for (_, _, _, metrics), part in zip(chunks, parts):
+        p = pre[at : at + len(part)]
+        at += len(part)
+        out.append(_encode_cols(part[0], part[1], part[2], dict(zip(metrics, part[3:])), fast, p))
+    return out
+
+
+def _col_typed(col, rows: int) -> _Col:
+    if col is None:
+        return _Col(rows, np.zeros(rows, dtype=bool) if rows else None, None, _NO_INTS, _NO_FLOATS)
+    if col.dtype == np.int64:
+        return _Col(len(col), None, None, col, _NO_FLOATS)
+    if col.dtype == np.float64:
+        return _col_from_floats(col)
+    raise TypeError(f"a column of {col.dtype} is not int64 or float64")
 
 
 def _check_shape(rows: int, nmetrics: int) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 from .chunkenc import decode_chunk as _decode
 from .chunkenc import encode_arrays
 from .chunkenc import encode_chunk as _encode
-from .chunkenc import encode_many as _encode_many
+from .chunkenc import encode_many_arrays as _encode_many_arrays
 
 NAN = math.nan
 PLACEHOLDER_MAGIC = b"\x00P1"
@@ -234,15 +234,42 @@ def encode_minutes(buckets: list[tuple[int, int, float, float, float]], fast: bo
 
 def minute_blocks(rollups: dict[str, dict], fast: bool = False) -> dict[str, tuple[int, int, bytes]]:
     """metric -> (first bucket, last bucket, minute block) of a chunk's rollups: the blocks
-    encode_minutes gives, encoded together (chunkenc.encode_many: one numpy pass)."""
-    names, buckets = [], []
+    encode_minutes gives, encoded together (chunkenc.encode_many_arrays: one numpy pass)."""
+    names, firsts, lasts, chunks = [], [], [], []
     for metric, r in rollups.items():
         minutes = sorted((bucket, *v) for (width, bucket), v in r.items() if width == 60)
-        if minutes:
-            names.append(metric)
-            buckets.append(minutes)
-    blobs = _encode_many([_minute_columns(b) for b in buckets], fast=fast)
-    return {name: (b[0][0], b[-1][0], blob) for name, b, blob in zip(names, buckets, blobs)}
+        if not minutes:
+            continue
+        table = None
+        if abs(minutes[0][0]) < 2**53 and abs(minutes[-1][0]) < 2**53:  # starts (and counts) exact as floats
+            table = np.array(minutes, dtype=np.float64)
+            if np.isnan(table).any():  # never from readings; the list encoder keeps a NaN a value
+                table = None
+        names.append(metric)
+        firsts.append(minutes[0][0])
+        lasts.append(minutes[-1][0])
+        chunks.append(minutes if table is None else table)
+    if any(type(c) is list for c in chunks):
+        blobs = [encode_minutes(c, fast) if type(c) is list else encode_minutes(c.tolist(), fast) for c in chunks]
+    else:
+        blobs = _encode_many_arrays(
+            [
+                (
+                    t[:, 0].astype(np.int64),
+                    None,
+                    None,
+                    {
+                        "count": t[:, 1].astype(np.int64),
+                        "min": t[:, 2].copy(),
+                        "max": t[:, 3].copy(),
+                        "sum": t[:, 4].copy(),
+                    },
+                )
+                for t in chunks
+            ],
+            fast=fast,
+        )
+    return {name: (first, last, blob) for name, first, last, blob in zip(names, firsts, lasts, blobs)}
 
 
 def decode_minutes(blob: bytes) -> list[tuple[int, int, float, float, float]]:
