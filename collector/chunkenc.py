@@ -580,12 +580,13 @@ def _float_ints_2d(f: np.ndarray) -> list[tuple[int, np.ndarray, list[tuple[int,
     scales = _POW10_NP[:, None, None]
     with np.errstate(all="ignore"):
         xf = scales * s  # [k, row, i]: x * 10**k
-        inside = (xf > -_TWO62) & (xf < _TWO62)  # False for NaN and inf
-        y = np.rint(xf) / scales
-    match = inside & (y == s) & ((y != 0.0) | ~np.signbit(s))  # -0.0 never matches (round loses the sign)
+        inside = np.abs(xf) < _TWO62  # False for NaN and inf
+        y = np.rint(xf) / scales + 0.0  # + 0.0: round() gives an int, so its zero is never -0.0
+        # y == x bit for bit: -0.0 never matches (round loses the sign), 0.0 and the rest as ==
+        match = inside & (y.view(np.int64) == s.view(np.int64))
     stop = match | ~inside  # _min_decimals returns at the first of these, a k or None
     first = stop.argmax(axis=0)
-    good = np.take_along_axis(match, first[None], axis=0)[0]
+    good = match.reshape(len(_POW10), -1)[first.ravel(), np.arange(first.size)].reshape(first.shape)
     ngood = good.sum(axis=1).tolist()
     kmax = np.where(good, first, -1).max(axis=1).tolist()
     ks = [k if g and g * 2 >= s.shape[1] else None for k, g in zip(kmax, ngood)]
@@ -596,10 +597,10 @@ def _float_ints_2d(f: np.ndarray) -> list[tuple[int, np.ndarray, list[tuple[int,
         fd = f[dec]
         with np.errstate(all="ignore"):
             r = np.rint(fd * fk)
-            inside = (r > -_TWO62) & (r < _TWO62)
+            inside = np.abs(r) < _TWO62
             ns = np.where(inside, r, 0.0).astype(np.int64)
-            y = ns.astype(np.float64) / fk
-        ok = inside & (y == fd) & ((y != 0.0) | ~np.signbit(fd))
+            y = ns.astype(np.float64) / fk  # from an int: never -0.0
+            ok = inside & (y.view(np.int64) == fd.view(np.int64))  # bit for bit, as _decimal_ints checks
         for j, (i, clean) in enumerate(zip(dec, ok.all(axis=1).tolist())):
             if clean:
                 out[i] = (ks[i], ns[j], [])
