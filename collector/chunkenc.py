@@ -283,12 +283,15 @@ _LE_TYPE = {1: np.dtype("<i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dt
 _POW2 = np.array([1 << k for k in range(63)], dtype=np.int64)  # bit_length(v) = #(2**k <= v)
 
 
-def _widths_2d(body: np.ndarray) -> list[int]:
-    """_width of each row of an int64 matrix (an int64 always fits: never None)."""
+def _widths_2d(body: np.ndarray) -> tuple[list[int], list[int], list[int]]:
+    """_width of each row of an int64 matrix (an int64 always fits: never None), and
+    each row's smallest and largest value (0 and 0 for rows of no values)."""
     if not body.shape[1]:
-        return [0] * body.shape[0]
+        zeros = [0] * body.shape[0]
+        return zeros, zeros, zeros
+    los, his = body.min(axis=1).tolist(), body.max(axis=1).tolist()
     out = []
-    for lo, hi in zip(body.min(axis=1).tolist(), body.max(axis=1).tolist()):
+    for lo, hi in zip(los, his):
         if lo == hi == 0:
             out.append(0)
             continue
@@ -296,7 +299,7 @@ def _widths_2d(body: np.ndarray) -> list[int]:
             if -_LIMIT[w] <= lo and hi < _LIMIT[w]:
                 out.append(w)
                 break
-    return out
+    return out, los, his
 
 
 def _pack_np(body: np.ndarray, w: int) -> bytes:
@@ -311,14 +314,13 @@ def _pack_np(body: np.ndarray, w: int) -> bytes:
 _BIT_LENGTH_16 = np.array([v.bit_length() for v in range(2**16)], dtype=np.uint8)
 
 
-def _bit_lengths(a: np.ndarray) -> np.ndarray:
-    """int.bit_length of each value (|v| < 2**62), summed per row."""
-    a = np.abs(a)
+def _bit_lengths(a: np.ndarray, top: int) -> np.ndarray:
+    """int.bit_length of each value of a (|v| <= top < 2**62), summed per row."""
     if not a.size:
         return np.zeros(a.shape[0], dtype=np.int64)
-    top = int(a.max())
     if top < 2**16:  # the usual small deltas: a table
-        return _BIT_LENGTH_16[a].sum(axis=1, dtype=np.int64)
+        return _BIT_LENGTH_16[np.abs(a)].sum(axis=1, dtype=np.int64)
+    a = np.abs(a)
     if top < 2**53:  # exact as floats: frexp's exponent is the bit length
         return np.frexp(a.astype(np.float64))[1].sum(axis=1, dtype=np.int64)
     return np.searchsorted(_POW2, a.ravel(), side="right").reshape(a.shape).sum(axis=1)
@@ -354,7 +356,7 @@ def _choose_streams(rows: list[np.ndarray], fast: bool) -> list[tuple]:
 
 def _choose_2d(x: np.ndarray, fast: bool) -> list[tuple]:
     r, n = x.shape
-    # (transform, heads per row, body matrix, widths) in _int_stream_candidates' order
+    # (transform, heads per row, body matrix, (widths, lows, highs)) in _int_stream_candidates' order
     cands: list = [(_RAW, [[]] * r, x, _widths_2d(x))]
     if n >= 1:
         d = x[:, 1:] - x[:, :-1]
@@ -372,10 +374,14 @@ def _choose_2d(x: np.ndarray, fast: bool) -> list[tuple]:
             cands.append((_LINEAR, [[a, s] for a, s in zip(x0, step_list)], res, _widths_2d(res)))
     proxies = []
     if fast:
-        for transform, _, body, _ in cands:
-            if transform == _RAW and n:
-                body = body - body.min(axis=1, keepdims=True)  # raw values cost their spread
-            proxies.append(((_bit_lengths(body) + body.shape[1]) // 8).tolist())
+        for transform, _, body, (_, los, his) in cands:
+            if transform == _RAW and n:  # raw values cost their spread
+                body = body - x.min(axis=1, keepdims=True)
+                top = max(h - lo for lo, h in zip(los, his))
+            else:
+                top = max(max(map(abs, los)), max(map(abs, his)))
+            proxies.append(((_bit_lengths(body, top) + body.shape[1]) // 8).tolist())
+    cands = [(transform, heads, body, sizes[0]) for transform, heads, body, sizes in cands]
     out = []
     for i in range(r):
         best = None
