@@ -17,12 +17,14 @@ directory):
 
     .venv/bin/python bench/ingest_core.py
     .venv/bin/python bench/ingest_core.py --readings 5
+    .venv/bin/python bench/ingest_core.py --rate 200000 --runs 2 --reference   # closes against the pre-numpy close
     (cd /path/to/other/checkout && /path/to/.venv/bin/python bench/ingest_core.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -45,6 +47,12 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=50_000, help="datagrams per second of receive time")
     ap.add_argument("--batch-size", type=int, default=20_000, help="readings that make a flush")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="also close heads with the frozen pure-Python close path (tests/chunkstore_ref.py), "
+        "runs alternating, and print the ratio of the closes",
+    )
     args = ap.parse_args()
     sensors = args.sensors
     readings = dict(list(VALUES.items())[: args.readings])
@@ -53,11 +61,13 @@ def main() -> None:
         wire.encode(f"bench-{i % sensors:04d}", i // sensors, readings, boot=1, ts=t0 + i // sensors)
         for i in range(args.datagrams)
     ]
-    hot, total, longest, closes = [], [], [], []
-    for _ in range(args.runs):
+    hot, total, longest, closes, reference = [], [], [], [], []
+    for run in range(args.runs * (2 if args.reference else 1)):
+        swap = _reference_close() if args.reference and run % 2 else contextlib.nullcontext()
         clock = [t0]
         with tempfile.TemporaryDirectory() as d:
             c = Collector(Settings(db=os.path.join(d, "b.db"), listen=(("127.0.0.1", 0),)), clock=lambda: clock[0])
+            swap.__enter__()
             try:
                 source = _Source(c.endpoints[0])
                 proc = flush = idle = 0.0
@@ -81,7 +91,11 @@ def main() -> None:
                 flush += time.process_time() - t
                 closed = c.store.chunks_closed
             finally:
+                swap.__exit__(None, None, None)
                 c.server_close()
+        if args.reference and run % 2:
+            reference.append(idle / len(data) * 1e6)
+            continue
         hot.append(proc / len(data) * 1e6)
         closes.append(idle / len(data) * 1e6)
         total.append((proc + flush + idle) / len(data) * 1e6)
@@ -99,6 +113,40 @@ def main() -> None:
     ):
         runs = ", ".join(f"{v:.2f}" for v in values)
         print(f"{label:29s} median {statistics.median(values):7.2f} {unit}  (runs: {runs})")
+    if reference:
+        runs = ", ".join(f"{v:.2f}" for v in reference)
+        ratio = statistics.median(reference) / statistics.median(closes)
+        print(
+            f"{'  reference close, CPU':29s} median {statistics.median(reference):7.2f} us/datagram  (runs: {runs}); x{ratio:.2f}"
+        )
+
+
+@contextlib.contextmanager
+def _reference_close():
+    """Heads close with the pure-Python close path frozen before numpy (tests/chunkstore_ref.py,
+    minute blocks encoded by insert_chunk as then): the baseline, in the same run."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from collector import chunkstore  # noqa: PLC0415
+
+    import chunkstore_ref  # noqa: PLC0415
+
+    def close(head, fast=False):
+        ref = chunkstore_ref.Head(head.sensor, head.boot, head.first_log_id, head.opened)
+        ref.last_log_id, ref.seqs, ref.ts, ref.received, ref.metrics = (
+            head.last_log_id,
+            head.seqs,
+            head.ts,
+            head.received,
+            head.metrics,
+        )
+        return chunkstore.ChunkRow(*ref.close(fast))
+
+    saved = chunkstore.Head.close
+    chunkstore.Head.close = close
+    try:
+        yield
+    finally:
+        chunkstore.Head.close = saved
 
 
 if __name__ == "__main__":
