@@ -29,9 +29,10 @@ import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import Annotated, Any
 
 import msgpack
+import msgspec
 
 from .. import ingestlog
 from ..ingestlog import Entry, Group
@@ -484,37 +485,65 @@ def _columns(gateway: Any, blocks: Any) -> Columns:
     return Columns(gateway, tuple(items))
 
 
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+# A log body as payload 3 takes it: every value's type checked while it is decoded (in C);
+# ints are taken where floats are expected for ts/received, as float() would.
+_LOG_BODY = msgspec.msgpack.Decoder(
+    tuple[
+        int,
+        list[
+            tuple[
+                _Name,
+                int | None,
+                list[int],
+                list[float],
+                list[float],
+                dict[_Name, list[int | float | None]],
+            ]
+        ],
+    ]
+)
+
+
 def _log_block(entry: Any, budget: int) -> tuple[LogBlock, int]:
     """One [id, offset, last, body] of a version-3 columns message: the body inflated (within
     `budget` bytes), every group's shape and every value's type checked, the groups kept as
-    they are (the central side merges the ones it takes).  Returns the block and the bytes
-    inflated.  Type checks run over the whole block's columns at C speed (chain, map, set)."""
+    they are (tuples; the central side merges the ones it takes).  Returns the block and the
+    bytes inflated.  Unlike payload 2's _log_groups and _group, types are checked by a typed
+    decoder as it builds the values (msgspec, in C: 0.328 -> 0.274 s per 600,000 readings),
+    so what is left in Python is one step per group and metric."""
     _shape(type(entry) is list and len(entry) == 4, "block: [id, offset, last, body] expected")
     row_id, offset, last, body = entry
     _shape(_int(row_id) and _int(offset) and type(last) is bool and type(body) is bytes, "block header")
-    groups, inflated = _log_groups(body, budget)
+    raw = inflate(body, budget)
+    try:
+        version, groups = _LOG_BODY.decode(raw)
+    except msgspec.ValidationError as exc:  # a group's shape or a value's type
+        where = str(exc).rpartition("`$")[2]
+        raise PayloadError("bad_shape" if where.startswith("[1][") else "bad_block", f"log body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise PayloadError("bad_block", f"not a log body ({exc})") from None
+    if version != ingestlog.BODY_VERSION:
+        raise PayloadError("bad_block", f"log body version {version!r}, expected {ingestlog.BODY_VERSION}")
     if not groups:
         raise PayloadError("bad_block", "a log body without groups")
     datagrams = readings = 0
-    values: list = []
-    for g in groups:
-        sensor, _, _, _, _, metrics, n = _group(g)
+    for sensor, _boot, seqs, ts, received, metrics in groups:
+        n = len(seqs)
+        if not (n > 0 and len(ts) == n and len(received) == n):
+            raise PayloadError("bad_shape", f"group of {sensor!r}: seqs/ts/received lengths")
         datagrams += n
         for name, column in metrics.items():
-            if type(name) is not str or not 0 < len(name) <= 256 or type(column) is not list or len(column) != n:
+            if len(column) != n:
                 raise PayloadError("bad_shape", f"metric {name!r} of {sensor!r}")
             readings += n - column.count(None)
-            values.append(column)
-    _shape(set(map(type, chain.from_iterable([g[2] for g in groups]))) <= _INT, "seqs")
     times = [g[3] for g in groups] + [g[4] for g in groups]
-    _shape(set(map(type, chain.from_iterable(times))) <= _NUM, "ts/received")
     _shape(all(map(math.isfinite, chain.from_iterable(times))), "non-finite time")
-    _shape(set(map(type, chain.from_iterable(values))) <= _VALUE, "metric values")
     try:
         ranges.block_range(row_id, offset, datagrams, last)
     except ValueError as exc:
         raise PayloadError("bad_shape", str(exc)) from None
-    return LogBlock(row_id, offset, last, groups, datagrams, readings), inflated
+    return LogBlock(row_id, offset, last, groups, datagrams, readings), len(raw)
 
 
 def _blocks(gateway: Any, origin: Any, gone: Any, entries: Any) -> Blocks:
