@@ -8,12 +8,14 @@ store) started here:
 1. catch-up: `telemetry-uplink run` (payload 3) drains a --minutes backlog
    (default 60: the target's hour at 10,000 readings/s, 36 million readings,
    measured, not extrapolated) from position 0: time, readings/s, peak RSS
-   (VmHWM); a payload-1 uplink drains a --central-minutes backlog of the same
-   shape in the same run (the baseline, and the ratio);
-2. central: --gateways uplinks publish their own copy of that backlog at once,
-   then one `telemetry-uplink consume` drains the stream into a central
-   database: readings/s (the catch-up and payload-1 phases publish to a stream
-   of their own, CATCHUP, which the consumer does not read);
+   (VmHWM); a payload-1 uplink drains a 2-minute backlog of the same shape in
+   the same run (the baseline, and the ratio);
+2. central: --gateways uplinks publish their own copy of a --central-minutes
+   backlog (distinct rows) at once, then one `telemetry-uplink consume` drains
+   the stream into a central database: readings/s and readings per CPU second
+   of the consumer (with --central-baseline, the same backlogs as payload 2
+   too: the ratio; the catch-up and payload-1 phases publish to a stream of
+   their own, CATCHUP, which the consumer does not read);
 3. ingest beside the uplink (skip with --skip-ingest; alone with --ingest-only):
    the collector pinned to core 0 as in bench/ingest.py, the sender, the uplink
    and nats-server on core 1.  --searches zero-loss searches of the collector
@@ -699,7 +701,19 @@ def main() -> None:
     p.add_argument("--rate", type=int, default=10_000, help="ingest readings/s during the outage")
     p.add_argument("--sensors", type=int, default=2000, help="sensors of each gateway (2 readings a datagram)")
     p.add_argument("--gateways", type=int, default=3, help="gateways feeding the central consumer")
-    p.add_argument("--central-minutes", type=float, default=2.0, help="backlog of each gateway for the central phase")
+    p.add_argument(
+        "--central-minutes",
+        type=float,
+        default=7.0,
+        help="backlog of each gateway for the central phase (7: at the default rate every sensor fills a "
+        "1,024-datagram chunk, so the consumer's chunk closing is in the figure; a shorter backlog leaves "
+        "most datagrams in open heads, not yet encoded)",
+    )
+    p.add_argument(
+        "--central-baseline",
+        action="store_true",
+        help="also drain the same backlogs sent as payload 2 (the central side keeps a row per datagram) for the ratio",
+    )
     p.add_argument("--skip-ingest", action="store_true", help="do not measure the collector's ingest rate")
     p.add_argument(
         "--ingest-only",
@@ -759,8 +773,12 @@ def main() -> None:
             f"payload 1: {b['peak_rss_kb'] / 1024:.1f} MB"
         )
         print(
-            f"central consumer: {central_rate:,.0f} readings/s with payload 3; {central2_rate:,.0f} with payload 2 "
-            f"(ratio {central_rate / central2_rate:.2f})"
+            f"central consumer: {central_rate:,.0f} readings/s with payload 3"
+            + (
+                f"; {central2_rate:,.0f} with payload 2 (ratio {central_rate / central2_rate:.2f})"
+                if central2_rate
+                else " (--central-baseline: payload 2 beside it)"
+            )
         )
     if ingest:
         report_ingest(ingest, fwd, central_rate, args.gateways)
@@ -797,30 +815,39 @@ def backlog_phases(args, url: str, workdir: Path):
     )
     os.unlink(big)
     small = str(workdir / "small.db")
-    s_entries, s_readings = fill(small, args.central_minutes, args.rate, args.sensors, 1)
+    s_entries, s_readings = fill(small, 2.0, args.rate, args.sensors, 1)
     base = str(workdir / "baseline.db")
     copy_db(small, base)
     b = drain({"baseline": base}, url, s_entries, workdir, args.timeout, payload=1, stream="CATCHUP")
     v1 = s_readings / b["elapsed"]
     print(
-        f"  payload 1 baseline ({args.central_minutes:g} min, {s_readings:,} readings): {b['elapsed']:.2f} s = "
+        f"  payload 1 baseline (2 min, {s_readings:,} readings): {b['elapsed']:.2f} s = "
         f"{v1:,.0f} readings/s, {b['messages']:,} messages; peak RSS {b['peak_rss_kb'] / 1024:.1f} MB",
         flush=True,
     )
     # 2. central: the gateways' backlogs published at once (payload 3), then one consumer
     # drains them all; and the same backlogs as payload 2 (each datagram's identity kept
     # centrally, as before payload 3) to a stream of their own, drained the same way
+    # (--central-minutes: 7 by default, so every sensor closes a chunk of the usual 1,024 datagrams)
+    gw_db = str(workdir / "gateway.db")
+    c_entries, c_readings = fill(gw_db, args.central_minutes, args.rate, args.sensors, 2)
+    print(
+        f"central backlog: {args.central_minutes:g} min of each of {args.gateways} gateways "
+        f"({c_readings:,} readings each, distinct)",
+        flush=True,
+    )
     dbs = {}
     for g in range(args.gateways):
         dbs[f"site-{g}"] = str(workdir / f"gw{g}.db")
-        copy_db(small, dbs[f"site-{g}"])
-    c_pub = drain(dbs, url, s_entries, workdir, args.timeout, payload=3)
-    dbs2 = {}
-    for g in range(args.gateways):
-        dbs2[f"site-{g}"] = str(workdir / f"gw{g}-p2.db")
-        copy_db(small, dbs2[f"site-{g}"])
-    drain(dbs2, url, s_entries, workdir, args.timeout, payload=2, stream="CENTRAL2")
-    total = s_readings * args.gateways
+        copy_db(gw_db, dbs[f"site-{g}"])
+    c_pub = drain(dbs, url, c_entries, workdir, args.timeout, payload=3)
+    if args.central_baseline:
+        dbs2 = {}
+        for g in range(args.gateways):
+            dbs2[f"site-{g}"] = str(workdir / f"gw{g}-p2.db")
+            copy_db(gw_db, dbs2[f"site-{g}"])
+        drain(dbs2, url, c_entries, workdir, args.timeout, payload=2, stream="CENTRAL2")
+    total = c_readings * args.gateways
     print(
         f"  {args.gateways} uplinks at once: {total:,} readings in {c_pub['elapsed']:.2f} s = "
         f"{total / c_pub['elapsed']:,.0f} readings/s together",
@@ -835,15 +862,18 @@ def backlog_phases(args, url: str, workdir: Path):
         f"central database {os.path.getsize(workdir / 'central-TELEMETRY.db') / 1e6:.0f} MB",
         flush=True,
     )
-    c2 = consume(url, total, workdir, args.timeout, stream="CENTRAL2")
-    central2_rate = c2["stored"] / c2["elapsed"]
-    print(
-        f"  central consumer (payload 2, same backlogs): {c2['elapsed']:.2f} s = {central2_rate:,.0f} "
-        f"readings/s ({c2['stored'] / c2['cpu']:,.0f} per CPU second); peak RSS {c2['peak_rss_kb'] / 1024:.1f} MB; central database "
-        f"{os.path.getsize(workdir / 'central-CENTRAL2.db') / 1e6:.0f} MB (payload 3 / payload 2 = "
-        f"{central_rate / central2_rate:.2f})",
-        flush=True,
-    )
+    central2_rate = None
+    if args.central_baseline:
+        c2 = consume(url, total, workdir, args.timeout, stream="CENTRAL2")
+        central2_rate = c2["stored"] / c2["elapsed"]
+        print(
+            f"  central consumer (payload 2, same backlogs): {c2['elapsed']:.2f} s = {central2_rate:,.0f} "
+            f"readings/s ({c2['stored'] / c2['cpu']:,.0f} per CPU second); peak RSS "
+            f"{c2['peak_rss_kb'] / 1024:.1f} MB; central database "
+            f"{os.path.getsize(workdir / 'central-CENTRAL2.db') / 1e6:.0f} MB (payload 3 / payload 2 = "
+            f"{central_rate / central2_rate:.2f})",
+            flush=True,
+        )
     return r, fwd, readings, b, v1, c_pub, central_rate, central2_rate
 
 
