@@ -362,3 +362,12 @@ def test_a_central_database_of_before_payload_3_is_migrated_on_open(tmp_path):
         assert done["uplink_readings"] == 4 and done["uplink_replayed_readings"] == 5
     finally:
         c.close()
+
+
+def test_payload_2_between_payload_3_messages_is_remembered_for_the_next_payload_3(central):
+    """A gateway downgraded to payload 2 and back: what payload 2 brought meanwhile is not
+    taken twice when payload 3 sends the same rows again."""
+    central.apply(blocks_message(log_rows(ROWS[2], first_id=3)))
+    central.apply([columns(ROWS[0])])  # payload 2, rows 1 (s.1 seqs 1-2, b seq 1)
+    done = central.apply(blocks_message(log_rows(ROWS[0], first_id=1)))
+    assert done["uplink_readings"] == 0 and done["uplink_replayed_readings"] == 5

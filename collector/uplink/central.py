@@ -221,6 +221,7 @@ class Central:
         if sensor not in self._ensured and sensor not in self._ensuring:
             conn.execute(ENSURE_SENSOR, (sensor, min(item.received), max(item.received)))
             self._ensuring.add(sensor)
+        self._legacy.pop(item.gateway, None)  # uplink_seen changes: payload 3 reads it again
         boot = schema.NO_BOOT if item.boot is None else item.boot
         n = len(item.seqs)
         total = sum(len(values) - values.count(None) for values in item.metrics.values())
