@@ -371,3 +371,26 @@ def test_payload_2_between_payload_3_messages_is_remembered_for_the_next_payload
     central.apply([columns(ROWS[0])])  # payload 2, rows 1 (s.1 seqs 1-2, b seq 1)
     done = central.apply(blocks_message(log_rows(ROWS[0], first_id=1)))
     assert done["uplink_readings"] == 0 and done["uplink_replayed_readings"] == 5
+
+
+def test_payload_3_merges_groups_that_carry_different_metrics(tmp_path, central):
+    def g(seqs, metrics):
+        seqs = list(seqs)
+        return ingestlog.Group("s.1", 7, seqs, [1000.0 + s for s in seqs], [1000.5 + s for s in seqs], metrics)
+
+    rows = [
+        [g((1, 2), {"temp": [1.0, 2.0]})],
+        [g((3,), {"hum": [30.0]})],
+        [g((4,), {"temp": [4.0], "hum": [None]})],
+        [g((5,), {})],
+        [g((6,), {"temp": [6.0], "hum": [60.0]})],
+    ]
+    done = central.apply(blocks_message(log_rows(*rows)))
+    assert done["uplink_readings"] == 2 + 1 + 1 + 0 + 2
+    other = Central(str(tmp_path / "v2.db"))
+    try:
+        other.apply([columns(*rows)])
+    finally:
+        other.close()
+    assert stored(central.path) == stored(str(tmp_path / "v2.db"))
+    assert len(stored(central.path)) == 6
