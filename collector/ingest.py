@@ -155,10 +155,17 @@ REPORTED = frozenset((Rejected, Refused, Failed))  # outcome classes the caller 
 class _Pending:
     """One (sensor, boot)'s datagrams waiting for the flush, in columns (arrival order).
 
-    Columns, not a tuple per datagram: four appends cost fewer instructions
-    than one tuple the cyclic GC must track (bench/ingest_core.py)."""
+    Readings are kept flat: while every datagram carries the group's metric
+    names (those of its first datagram, in any order), their values go into
+    one list, `width` per datagram in the order of `names`, and the readings
+    dict is dropped at once; the flush slices the columns out of it.  A dict
+    per datagram kept until the flush cost ~1 us per datagram more there
+    (transposing and freeing 10,000 scattered dicts; bench/ingest_core.py).
+    From the first datagram with other names on, the group keeps dicts
+    (`rest`), as every datagram did before.
+    """
 
-    __slots__ = ("sensor", "boot", "seqs", "ts", "received", "readings", "state")
+    __slots__ = ("sensor", "boot", "seqs", "ts", "received", "state", "names", "width", "pick", "values", "rest")
 
     def __init__(self, sensor: str, boot: int | None, state: SensorState) -> None:
         self.sensor = sensor
@@ -166,30 +173,73 @@ class _Pending:
         self.seqs: list[int] = []
         self.ts: list[float] = []
         self.received: list[float] = []
-        self.readings: list[dict[str, int | float]] = []
         self.state = state
+        self.names: tuple[str, ...] = ()
+        self.width = -1  # no datagram yet; 0: the flat part is over (or never began)
+        self.pick: Any = None  # readings dict -> its values in `names` order (an iterable)
+        self.values: list[int | float] = []  # `width` per datagram of the flat part
+        self.rest: list[dict[str, int | float]] | None = None  # dicts from the first irregular datagram on
+
+    def add(self, readings: dict[str, int | float]) -> None:
+        """Queue one datagram's readings (after its seq, ts and received)."""
+        width = self.width
+        if width > 0 and len(readings) == width:
+            try:
+                self.values.extend(self.pick(readings))
+                return
+            except KeyError:
+                pass
+        elif width < 0 and readings:
+            names = self.names = tuple(readings)
+            self.width = len(names)
+            # dict.values for one name (itemgetter of one name gives the value, not a tuple)
+            self.pick = dict.values if len(names) == 1 else itemgetter(*names)
+            self.values.extend(self.pick(readings))
+            return
+        if self.rest is None:
+            self.rest = []
+        self.width = 0
+        self.rest.append(readings)
+
+    @property
+    def flat_count(self) -> int:
+        """Datagrams in the flat part."""
+        return len(self.values) // len(self.names) if self.names else 0
+
+    def reading(self, i: int) -> dict[str, int | float]:
+        """Datagram i's readings (tests, tools, trim)."""
+        flat = self.flat_count
+        if i < flat:
+            k = len(self.names)
+            return dict(zip(self.names, self.values[i * k : i * k + k]))
+        assert self.rest is not None
+        return self.rest[i - flat]
+
+    def drop_front(self, n: int) -> None:
+        """Forget the oldest n datagrams (trim)."""
+        del self.seqs[:n], self.ts[:n], self.received[:n]
+        flat = self.flat_count
+        del self.values[: min(n, flat) * len(self.names)]
+        if n > flat and self.rest is not None:
+            del self.rest[: n - flat]
 
     def group(self) -> Any:
         """The ingest-log group (collector/ingestlog.py): metric columns aligned with seqs,
         None where a datagram lacked the metric (as `group_batch` makes them)."""
         from .ingestlog import Group
 
-        rs = self.readings
-        first = rs[0]
-        metrics: dict[str, list[Any]] | None = None
-        if len(set(map(len, rs))) == 1:
-            # The common case: every datagram carries the same names (the same
-            # count, and each has the first one's names), taken in C loops.
-            try:
-                metrics = {name: list(map(itemgetter(name), rs)) for name in first}
-            except KeyError:
-                metrics = None
-        if metrics is None:
-            names: dict[str, None] = {}
-            for r in rs:
+        k = len(self.names)
+        values = self.values
+        # (No flat datagram left after a trim: its names are no column.)
+        metrics: dict[str, list[Any]] = {name: values[i::k] for i, name in enumerate(self.names)} if values else {}
+        rest = self.rest
+        if rest:
+            flat = self.flat_count
+            for r in rest:
                 for name in r:
-                    names[name] = None
-            metrics = {name: [r.get(name) for r in rs] for name in names}
+                    if name not in metrics:
+                        metrics[name] = [None] * flat
+            metrics = {name: col + [r.get(name) for r in rest] for name, col in metrics.items()}
         return Group(self.sensor, self.boot, list(self.seqs), list(self.ts), list(self.received), metrics)
 
 
@@ -218,7 +268,7 @@ def _in_arrival_order(arrivals: list[_Pending]) -> list[tuple]:
     for g in arrivals:
         i = at.get(id(g), 0)
         at[id(g)] = i + 1
-        out.append((g.sensor, g.boot, g.seqs[i], g.ts[i], g.received[i], g.readings[i]))
+        out.append((g.sensor, g.boot, g.seqs[i], g.ts[i], g.received[i], g.reading(i)))
     return out
 
 
@@ -348,7 +398,7 @@ class IngestCore:
             g.seqs.append(seq)
             g.ts.append(ts)
             g.received.append(now)
-            g.readings.append(readings)
+            g.add(readings)
             self._arrivals.append(g)
             n = len(readings)
             self.pending_readings += n
@@ -434,7 +484,13 @@ class IngestCore:
                     g.seqs.append(seq)
                     g.ts.append(now if ts is None else ts)
                     g.received.append(now)
-                    g.readings.append(r)
+                    if g.width == len(r):
+                        try:
+                            g.values.extend(g.pick(r))
+                        except KeyError:  # other names: the group keeps dicts from here on
+                            g.add(r)
+                    else:
+                        g.add(r)
                     arrive(g)
                     n = len(r)
                     readings_added += n
@@ -565,14 +621,14 @@ class IngestCore:
             if dropped >= want:
                 break
             i = drop.get(id(g), 0)
-            dropped += len(g.readings[i])
+            dropped += len(g.reading(i))
             drop[id(g)] = i + 1
             n += 1
         del self._arrivals[:n]
         for key, g in list(self._groups.items()):
             k = drop.get(id(g), 0)
             if k:
-                del g.seqs[:k], g.ts[:k], g.received[:k], g.readings[:k]
+                g.drop_front(k)
                 if not g.seqs:
                     del self._groups[key]
                     if g.state.pending is g:

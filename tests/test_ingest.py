@@ -246,3 +246,32 @@ def test_receive_many_loaded_sensors_and_a_bug():
     [(i, out)] = loaded.receive_many([wire.encode("t", 0, {"a": 1}), wire.encode("s", 2, {"a": 1})], 3.0)
     assert i == 1 and isinstance(out, Failed) and loaded.counters["internal_errors"] == 1
     assert [d[0] for d in loaded.pending] == ["s", "t"]
+
+
+def test_a_group_keeps_readings_flat_until_a_datagram_brings_other_names():
+    """Same names in any order stay flat; other names (fewer, more, different)
+    switch the group to dicts from there on; the columns are the same as the
+    reference's either way, through a trim of the flat part too."""
+    core = IngestCore()
+    sent = [
+        {"t": 1, "h": 2},
+        {"h": 4, "t": 3},
+        {"t": 5, "h": 6},
+        {"t": 7},
+        {"t": 8, "h": 9, "p": 10},
+        {"h": 11, "t": 12},
+    ]
+    for seq, readings in enumerate(sent):
+        core.receive_many([wire.encode("s", seq, readings, boot=1)], 1.0 + seq)
+    (g,) = core._groups.values()
+    assert g.names == ("t", "h") and g.values == [1, 2, 3, 4, 5, 6] and len(g.rest) == 3
+    assert [d[5] for d in core.pending] == sent
+    assert core.batch().groups == group_batch(core.pending)
+    assert core.batch().groups[0].metrics == {
+        "t": [1, 3, 5, 7, 8, 12],
+        "h": [2, 4, 6, None, 9, 11],
+        "p": [None, None, None, None, 10, None],
+    }
+    assert core.trim(5) == 7  # the 3 flat datagrams and one of the rest: oldest first
+    assert [d[2] for d in core.pending] == [4, 5] and core.batch().groups == group_batch(core.pending)
+    assert core.batch().groups[0].metrics == {"t": [8, 12], "h": [9, 11], "p": [10, None]}
