@@ -152,6 +152,12 @@ class Failed:
 REPORTED = frozenset((Rejected, Refused, Failed))  # outcome classes the caller logs
 
 
+def _one_value(name: str) -> Any:
+    """readings -> (readings[name],): KeyError when the one name is another."""
+    get = itemgetter(name)
+    return lambda readings: (get(readings),)
+
+
 class _Pending:
     """One (sensor, boot)'s datagrams waiting for the flush, in columns (arrival order).
 
@@ -192,8 +198,9 @@ class _Pending:
         elif width < 0 and readings:
             names = self.names = tuple(readings)
             self.width = len(names)
-            # dict.values for one name (itemgetter of one name gives the value, not a tuple)
-            self.pick = dict.values if len(names) == 1 else itemgetter(*names)
+            # itemgetter of several names gives a tuple (KeyError for one that is
+            # missing); of one name it gives the value itself, so that one is wrapped.
+            self.pick = _one_value(names[0]) if len(names) == 1 else itemgetter(*names)
             self.values.extend(self.pick(readings))
             return
         if self.rest is None:

@@ -275,3 +275,15 @@ def test_a_group_keeps_readings_flat_until_a_datagram_brings_other_names():
     assert core.trim(5) == 7  # the 3 flat datagrams and one of the rest: oldest first
     assert [d[2] for d in core.pending] == [4, 5] and core.batch().groups == group_batch(core.pending)
     assert core.batch().groups[0].metrics == {"t": [8, 12], "h": [9, 11], "p": [10, None]}
+
+
+def test_one_metric_groups_keep_names_apart():
+    """A group of one metric name is flat too; a datagram with one other name is
+    not taken for it (it goes to the group's dicts)."""
+    core = IngestCore()
+    for seq, readings in enumerate([{"t": 1}, {"h": 2}, {"t": 3}]):
+        core.receive(wire.encode("a", seq, readings), 1.0)
+        core.receive_many([wire.encode("b", seq, readings)], 1.0)
+    for group in core.batch().groups:
+        assert group.metrics == {"t": [1, None, 3], "h": [None, 2, None]}, group
+    assert core.batch().groups == group_batch(core.pending)
