@@ -128,29 +128,26 @@ def _too_deep(values: Any, level: int) -> bool:
     return False
 
 
-def _is_valid_id(value: Any) -> bool:
+def _memo_match(value: Any, memo: set[str], pattern: re.Pattern[str]) -> bool:
+    """Is `value` a str matching `pattern`?  Remembered in `memo` (capped)."""
     if type(value) is not str:  # also keeps unhashable lists out of the set lookup
         return False
-    if value in _good_ids:
+    if value in memo:
         return True
-    # The regex is ASCII-only, so character count == byte count.
-    if _ID_RE.match(value) is None:
+    # The regexes are ASCII-only, so character count == byte count.
+    if pattern.match(value) is None:
         return False
-    if len(_good_ids) < _MEMO_MAX:
-        _good_ids.add(value)
+    if len(memo) < _MEMO_MAX:
+        memo.add(value)
     return True
+
+
+def _is_valid_id(value: Any) -> bool:
+    return _memo_match(value, _good_ids, _ID_RE)
 
 
 def _is_valid_name(value: Any) -> bool:
-    if type(value) is not str:
-        return False
-    if value in _good_names:
-        return True
-    if _NAME_RE.match(value) is None:
-        return False
-    if len(_good_names) < _MEMO_MAX:
-        _good_names.add(value)
-    return True
+    return _memo_match(value, _good_names, _NAME_RE)
 
 
 def _check_readings(r: Any) -> dict[str, int | float]:
