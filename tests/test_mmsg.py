@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -16,20 +18,25 @@ def test_recvmmsg_is_available_on_linux():
     assert mmsg.available() == sys.platform.startswith("linux")
 
 
-def pair(family: int) -> tuple[socket.socket, socket.socket]:
+@contextmanager
+def pair(family: int = socket.AF_INET) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A non-blocking receiver and a sender on loopback, closed afterwards."""
     host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
     r = socket.socket(family, socket.SOCK_DGRAM)
-    r.bind((host, 0))
-    r.setblocking(False)
     s = socket.socket(family, socket.SOCK_DGRAM)
-    s.bind((host, 0))
-    return r, s
+    try:
+        r.bind((host, 0))
+        r.setblocking(False)
+        s.bind((host, 0))
+        yield r, s
+    finally:
+        r.close()
+        s.close()
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
 def test_datagrams_come_back_whole_in_order_with_their_sources(family):
-    r, s = pair(family)
-    try:
+    with pair(family) as (r, s):
         sent = [bytes([i]) * (1 + i * 37) for i in range(10)]
         for data in sent:
             s.sendto(data, r.getsockname())
@@ -46,27 +53,19 @@ def test_datagrams_come_back_whole_in_order_with_their_sources(family):
         assert got == sent
         assert {a[:2] for a in addresses} == {s.getsockname()[:2]}
         assert rx.receive() == ([], 0, None)  # EAGAIN: nothing queued
-    finally:
-        r.close()
-        s.close()
 
 
 def test_a_limit_reads_no_more_than_asked():
-    r, s = pair(socket.AF_INET)
-    try:
+    with pair() as (r, s):
         for i in range(5):
             s.sendto(bytes([i]), r.getsockname())
         rx = mmsg.BatchReceiver(r, 8, 64)
         assert rx.receive(2)[0] == [b"\x00", b"\x01"]
         assert rx.receive()[0] == [b"\x02", b"\x03", b"\x04"]
-    finally:
-        r.close()
-        s.close()
 
 
 def test_a_datagram_longer_than_its_slot_is_cut_counted_and_left_out():
-    r, s = pair(socket.AF_INET)
-    try:
+    with pair() as (r, s):
         for data in (b"a" * 10, b"b" * 65, b"c" * 64, b"d" * 3):
             s.sendto(data, r.getsockname())
         rx = mmsg.BatchReceiver(r, 8, 64)
@@ -74,14 +73,10 @@ def test_a_datagram_longer_than_its_slot_is_cut_counted_and_left_out():
         assert datas == [b"a" * 10, b"c" * 64, b"d" * 3] and cut == 1
         # Sources follow the datagrams kept, not the slots.
         assert [rx.address(i)[1] for i in range(3)] == [s.getsockname()[1]] * 3
-    finally:
-        r.close()
-        s.close()
 
 
 def test_the_kernel_drop_count_comes_with_the_next_datagram():
-    r, s = pair(socket.AF_INET)
-    try:
+    with pair() as (r, s):
         r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         assert net.enable_drop_counter(r)
         for _ in range(500):  # far more than a 4 KiB buffer holds
@@ -95,18 +90,14 @@ def test_the_kernel_drop_count_comes_with_the_next_datagram():
         s.sendto(b"after", r.getsockname())
         datas, cut, drops = rx.receive()
         assert datas == [b"after"] and drops == dropped
-    finally:
-        r.close()
-        s.close()
 
 
 def test_a_closed_socket_is_an_oserror_not_a_crash():
-    r, s = pair(socket.AF_INET)
-    s.close()
-    rx = mmsg.BatchReceiver(r, 4, 64)
-    r.close()  # fileno() is -1 now: EBADF
-    with pytest.raises(OSError):
-        rx.receive()
+    with pair() as (r, _):
+        rx = mmsg.BatchReceiver(r, 4, 64)
+        r.close()  # fileno() is -1 now: EBADF
+        with pytest.raises(OSError):
+            rx.receive()
 
 
 def test_vlen_and_slot_size_of_the_collector():
