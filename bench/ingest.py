@@ -231,66 +231,75 @@ def run_sender(
     return json.loads(out.stdout)
 
 
+def start_collector(db: Path, log: Path, args, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """`telemetry-collector` on --collector-core with the step's settings, logging to `log`;
+    (the process, its UDP port) once it listens.  bench/uplink.py starts its collectors here too."""
+    cmd = [
+        *taskset(args.collector_core),
+        str(BIN / "telemetry-collector"),
+        "--db",
+        str(db),
+        "--listen",
+        "127.0.0.1:0",
+        "--status-interval",
+        "3600",
+        "--flush-interval",
+        str(args.flush_interval),
+        "--batch-size",
+        str(args.batch_size),
+        "--rcvbuf",
+        str(args.rcvbuf),
+        *extra,
+    ]
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logf)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        m = re.search(r"listening udp 127\.0\.0\.1:(\d+)", log.read_text())
+        if m:
+            return proc, int(m.group(1))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait(10)
+    raise RuntimeError(f"collector did not start: {log.read_text()}")
+
+
+def stop_collector(proc: subprocess.Popen) -> None:
+    """SIGTERM (the collector flushes what it holds and exits), SIGKILL after 60 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def step_collector(rate, args, workdir) -> dict:
     step_dir = Path(tempfile.mkdtemp(prefix=f"collector-{int(rate)}-", dir=workdir))  # fresh counters each step
     db = step_dir / "telemetry.db"
     log = step_dir / "collector.log"
-    with open(log, "wb") as logf:
-        cmd = [
-            *taskset(args.collector_core),
-            str(BIN / "telemetry-collector"),
-            "--db",
-            str(db),
-            "--listen",
-            "127.0.0.1:0",
-            "--status-interval",
-            "3600",
-            "--flush-interval",
-            str(args.flush_interval),
-            "--batch-size",
-            str(args.batch_size),
-            "--rcvbuf",
-            str(args.rcvbuf),
-        ]
-        if args.signed:
-            cmd += ["--keys", str(key_file(Path(workdir) / "keys", args.sensors)), "--require-auth"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logf)
-        stop_beside = None
-        try:
-            port = None
-            deadline = time.monotonic() + 10
-            while port is None and time.monotonic() < deadline:
-                m = re.search(r"listening udp 127\.0\.0\.1:(\d+)", log.read_text())
-                port = int(m.group(1)) if m else None
-                time.sleep(0.02)
-            if port is None:
-                raise RuntimeError(f"collector did not start: {log.read_text()}")
-            if getattr(args, "beside", None):  # bench/uplink.py: a process beside the collector (its uplink)
-                stop_beside = args.beside(str(db), step_dir)
-            sent = run_sender(port, rate, args.seconds, args.sensors, args.sender_core, args.signed, args.n_readings)
-            # Wait until the collector has read everything (received stops growing).
-            last, still = -1, 0
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                time.sleep(args.flush_interval + 0.1)
-                counters = read_counters(db)
-                if counters.get("received", 0) >= sent["sent"]:
+    extra = ("--keys", str(key_file(Path(workdir) / "keys", args.sensors)), "--require-auth") if args.signed else ()
+    proc, port = start_collector(db, log, args, extra)
+    try:
+        sent = run_sender(port, rate, args.seconds, args.sensors, args.sender_core, args.signed, args.n_readings)
+        # Wait until the collector has read everything (received stops growing).
+        last, still = -1, 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(args.flush_interval + 0.1)
+            counters = read_counters(db)
+            if counters.get("received", 0) >= sent["sent"]:
+                break
+            if counters.get("received", 0) == last:
+                still += 1
+                if still >= 3:
                     break
-                if counters.get("received", 0) == last:
-                    still += 1
-                    if still >= 3:
-                        break
-                last = counters.get("received", 0)
-            hwm = vm_hwm(proc.pid)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-            if stop_beside is not None:
-                stop_beside()
+            last = counters.get("received", 0)
+        hwm = vm_hwm(proc.pid)
+    finally:
+        stop_collector(proc)
     c = read_counters(db)
     return {
         "rate": rate,

@@ -42,7 +42,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import sqlite3
 import struct
 import subprocess
@@ -390,35 +389,13 @@ def ingest_step(mod, rate: float, beside: bool, args, url: str, nats_pid: int, w
     step_dir = Path(tempfile.mkdtemp(prefix=f"{'beside' if beside else 'alone'}-{int(rate)}-", dir=workdir))
     db = str(step_dir / "telemetry.db")
     log = step_dir / "collector.log"
-    cmd = [
-        *mod.taskset(args.collector_core),
-        str(BIN / "telemetry-collector"),
-        "--db",
-        db,
-        "--listen",
-        "127.0.0.1:0",
-        "--status-interval",
-        "3600",
-        "--flush-interval",
-        str(args.flush_interval),
-        "--batch-size",
-        str(args.batch_size),
-        "--rcvbuf",
-        str(args.rcvbuf),
-    ]
     up = None
     out: dict = {"rate": rate, "beside": beside}
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logf)
     try:
-        port = None
-        deadline = time.monotonic() + 10
-        while port is None and time.monotonic() < deadline:
-            m = re.search(r"listening udp 127\.0\.0\.1:(\d+)", log.read_text())
-            port = int(m.group(1)) if m else None
-            time.sleep(0.02)
-        if port is None:
-            raise SystemExit(f"collector did not start: {log.read_text()}")
+        proc, port = mod.start_collector(Path(db), log, args)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    try:
         if beside:
             up_log = step_dir / "uplink.log"
             up_cmd = [*mod.taskset(args.sender_core), *uplink_cmd(db, "bench-ingest", url, 3)]
@@ -459,12 +436,7 @@ def ingest_step(mod, rate: float, beside: bool, args, url: str, nats_pid: int, w
         out["uplink_cpu_share"] = (u1 - u0) / elapsed if up else None
         out["broker_cpu_share"] = (n1 - n0) / elapsed
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        mod.stop_collector(proc)
         if up is not None:
             deadline = time.monotonic() + 30
             target = last_log_id(db)
