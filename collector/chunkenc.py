@@ -409,9 +409,8 @@ def _choose_stream_np(xs: np.ndarray, fast: bool) -> tuple:
     return _choose_streams([xs], fast)[0]
 
 
-def _decode_int_stream(r: _Reader, count: int, as_array: bool = False):
-    """An integer stream's values: a list, or an int64 array when as_array (numpy's
-    cumulative sums when no partial sum can leave int64, else the exact list arithmetic)."""
+def _stream_frame(r: _Reader, count: int) -> tuple[int, int, int]:
+    """An integer stream's code byte, checked against its count: (transform, width code, heads)."""
     code = r.byte()
     transform, wcode = code >> 4, code & 0x0F
     if transform not in _HEADS or wcode >= len(_WIDTHS):
@@ -419,6 +418,13 @@ def _decode_int_stream(r: _Reader, count: int, as_array: bool = False):
     nheads = _HEADS[transform]
     if count < max(_SKIP[transform], 1 if nheads else 0):
         raise ChunkError("chunk integer stream shorter than its transform")
+    return transform, wcode, nheads
+
+
+def _decode_int_stream(r: _Reader, count: int, as_array: bool = False):
+    """An integer stream's values: a list, or an int64 array when as_array (numpy's
+    cumulative sums when no partial sum can leave int64, else the exact list arithmetic)."""
+    transform, wcode, nheads = _stream_frame(r, count)
     heads = [r.svarint() for _ in range(nheads)]
     for h in heads:
         if not _INT64_MIN <= h <= _INT64_MAX:
@@ -1007,13 +1013,7 @@ def _ints_to_floats_np(rep: int, ints: np.ndarray) -> np.ndarray:
 
 def _skip_int_stream(r: _Reader, count: int) -> None:
     """Past an integer stream without decoding it (the checks of _decode_int_stream on its frame)."""
-    code = r.byte()
-    transform, wcode = code >> 4, code & 0x0F
-    if transform not in _HEADS or wcode >= len(_WIDTHS):
-        raise ChunkError(f"chunk integer stream code {code:#x}")
-    nheads = _HEADS[transform]
-    if count < max(_SKIP[transform], 1 if nheads else 0):
-        raise ChunkError("chunk integer stream shorter than its transform")
+    transform, wcode, nheads = _stream_frame(r, count)
     for _ in range(nheads):
         r.svarint()
     r.take((count - _SKIP[transform]) * _WIDTHS[wcode])
