@@ -544,3 +544,56 @@ def test_the_last_line_says_so_when_this_run_dropped_readings(db_path):
     with running(db_path) as (collector, _):  # the next run dropped nothing itself
         pass
     assert collector.stop_message()[0] == logging.INFO
+
+
+@both_paths
+def test_heads_close_between_drains_while_the_socket_is_never_empty(db_path, batch_receive):
+    """Under continuous traffic the loop never finds its socket empty: a head at its
+    count closes between drains (one per half a chunk received), not in a flush at
+    twice the count.  240 datagrams of one sensor are queued before the loop starts,
+    so the socket is empty only once all are read."""
+    settings = Settings(
+        db=db_path,
+        listen=(("127.0.0.1", 0),),
+        drain_budget=16,
+        batch_size=2,  # a flush after every drain: heads fill as the datagrams arrive
+        flush_interval=3600,
+        chunk_datagrams=64,
+        batch_receive=batch_receive,
+    )
+    collector = Collector(settings)
+    s = sender()
+    for seq in range(240):  # 240 fit a stock socket buffer
+        s.sendto(good("cont-1", seq), collector.addresses[0])
+    s.close()
+    thread = threading.Thread(target=collector.serve_forever, name="collector")
+    thread.start()
+    try:
+        wait_for(lambda: collector.counters["stored"] == 240, 10, what="240 stored")
+    finally:
+        collector.shutdown()
+        thread.join(10)
+        collector.server_close()
+    c = counters(db_path)
+    assert (c["received"], c["stored"], c["kernel_drops"]) == (240, 240, 0)
+    chunks = [n for (n,) in query(db_path, "SELECT datagrams FROM chunks ORDER BY id")]
+    # Closed at 64 plus at most half a chunk and a drain; a flush would have
+    # waited for 128 (the first chunk then holds 128-143 datagrams).
+    assert len(chunks) >= 2 and all(64 <= n <= 64 + 32 + 16 for n in chunks[:2]), chunks
+    assert query(db_path, "SELECT datagrams, readings FROM sensors") == [(240, 480)]
+
+
+def test_the_cli_collector_freezes_what_start_up_built(db_path):
+    """freeze_gc (the CLI's setting): gen-2 collections skip the objects alive at start."""
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    try:
+        with running(db_path, freeze_gc=True) as (collector, notes):
+            wait_for(lambda: "READY=1" in notes, 5, what="the loop to start")
+            wait_for(lambda: gc.get_freeze_count() > 0, 5, what="gc.freeze()")
+    finally:
+        gc.unfreeze()
+    with running(db_path) as (collector, notes):  # embedders: the setting is off by default
+        wait_for(lambda: "READY=1" in notes, 5, what="the loop to start")
+    assert gc.get_freeze_count() == 0
