@@ -16,7 +16,18 @@ receive buffer.  Printed: zero-loss datagrams/s for each, the ratio
 collector / InfluxDB, and each receiver's peak RSS (VmHWM).  Every step is
 bounded in count and time.
 
+The sender sends each round of the sensors' datagrams with one sendmmsg(2)
+call (`--sender send`: one send() per datagram, the earlier sender, whose
+~250k/s ceiling was InfluxDB's figure with 2 readings).  Steps last 6 s
+(`--seconds`): what costs the receivers periodically (the collector's chunk
+closes come round every ~1,000 datagrams per sensor, SQLite checkpoints
+every ~1,000 WAL pages, InfluxDB's cache snapshots and compactions) shows
+in 6 s at these rates but can miss a 2 s step: the quiet-machine figures of
+session 4 passed 150k/s for 2 s and lost at 8 s.  A full run of
+`--readings 2 5 --skip-bare` then takes ~6-8 minutes.
+
     .venv/bin/python bench/ingest.py                      # 2 and 5 readings, all receivers, ~10 min
+    .venv/bin/python bench/ingest.py --readings 2 5 --skip-bare   # collector and InfluxDB, ~6-8 min
     .venv/bin/python bench/ingest.py --readings 2 --skip-influx
     .venv/bin/python bench/ingest.py --series 2000x5 --fixed-rate 20000   # RSS with 10,000 series
     .venv/bin/python bench/ingest.py --compare-insert     # executemany vs sqlite-utils insert_all
@@ -746,7 +757,9 @@ def compare_insert(rows_existing: int, rows_new: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=2.0, help="traffic per step")
+    p.add_argument(
+        "--seconds", type=float, default=6.0, help="traffic per step (6 s: long enough for periodic stalls to show)"
+    )
     p.add_argument("--sensors", type=int, default=100)
     p.add_argument("--readings", type=int, nargs="+", default=[2, 5], help="readings per datagram, one search each")
     p.add_argument(
