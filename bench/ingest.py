@@ -132,6 +132,10 @@ class RoundSender:
 
         import numpy as np
 
+        sys.path.insert(0, str(ROOT))
+        from collector.mmsg import _Iovec as Iovec  # the structures recvmmsg takes, sendmmsg too
+        from collector.mmsg import _Mmsghdr as Mmsghdr
+
         func = ctypes.CDLL(None, use_errno=True).sendmmsg
         func.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
         func.restype = ctypes.c_int
@@ -141,23 +145,6 @@ class RoundSender:
         size = max(map(len, prefixes)) + suffix_len
         self._data = ctypes.create_string_buffer(vlen * size)
         base = ctypes.addressof(self._data)
-
-        class Iovec(ctypes.Structure):
-            _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-        class Msghdr(ctypes.Structure):
-            _fields_ = [
-                ("msg_name", ctypes.c_void_p),
-                ("msg_namelen", ctypes.c_uint32),
-                ("msg_iov", ctypes.c_void_p),
-                ("msg_iovlen", ctypes.c_size_t),
-                ("msg_control", ctypes.c_void_p),
-                ("msg_controllen", ctypes.c_size_t),
-                ("msg_flags", ctypes.c_int),
-            ]
-
-        class Mmsghdr(ctypes.Structure):
-            _fields_ = [("msg_hdr", Msghdr), ("msg_len", ctypes.c_uint)]
 
         self._iovecs = (Iovec * vlen)(
             *(Iovec(base + i * size, len(prefix) + suffix_len) for i, prefix in enumerate(prefixes))

@@ -154,10 +154,18 @@ def running_collector(db_path: str, *, clock=time.time, **overrides):
     values.update(overrides)
     notes: list[str] = []
     collector = Collector(Settings(**values), notify=notes.append, clock=clock)
+    with serving(collector):
+        yield collector, notes
+
+
+@contextmanager
+def serving(collector):
+    """Run a constructed Collector's loop in a thread (e.g. once its sockets hold
+    datagrams); on exit it is shut down (final flush included) and closed."""
     thread = threading.Thread(target=collector.serve_forever, name="collector")
     thread.start()
     try:
-        yield collector, notes
+        yield collector
     finally:
         collector.shutdown()
         thread.join(10)

@@ -16,7 +16,7 @@ from collector.server import Collector, Settings
 
 from helpers import db_counters as counters
 from helpers import db_query as query
-from helpers import running_collector, wait_for
+from helpers import running_collector, serving, wait_for
 
 running = running_collector
 
@@ -272,14 +272,8 @@ def test_one_busy_socket_does_not_starve_another(db_path, batch_receive):
     for seq in range(5):
         s.sendto(good("quiet-1", seq), quiet)
     s.close()
-    thread = threading.Thread(target=collector.serve_forever, name="collector")
-    thread.start()
-    try:
+    with serving(collector):
         wait_for(lambda: collector.counters["received"] == 255, 10, what="255 received")
-    finally:
-        collector.shutdown()
-        thread.join(10)
-        collector.server_close()
     seen = dict(
         (
             (sensor, (first, last))
@@ -566,14 +560,8 @@ def test_heads_close_between_drains_while_the_socket_is_never_empty(db_path, bat
     for seq in range(240):  # 240 fit a stock socket buffer
         s.sendto(good("cont-1", seq), collector.addresses[0])
     s.close()
-    thread = threading.Thread(target=collector.serve_forever, name="collector")
-    thread.start()
-    try:
+    with serving(collector):
         wait_for(lambda: collector.counters["stored"] == 240, 10, what="240 stored")
-    finally:
-        collector.shutdown()
-        thread.join(10)
-        collector.server_close()
     c = counters(db_path)
     assert (c["received"], c["stored"], c["kernel_drops"]) == (240, 240, 0)
     chunks = [n for (n,) in query(db_path, "SELECT datagrams FROM chunks ORDER BY id")]
