@@ -28,7 +28,8 @@ import re
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, repeat
+from operator import itemgetter
 from typing import Annotated, Any
 
 import msgpack
@@ -527,23 +528,44 @@ def _log_block(entry: Any, budget: int) -> tuple[LogBlock, int]:
         raise PayloadError("bad_block", f"log body version {version!r}, expected {ingestlog.BODY_VERSION}")
     if not groups:
         raise PayloadError("bad_block", "a log body without groups")
-    datagrams = readings = 0
-    for sensor, _boot, seqs, ts, received, metrics in groups:
-        n = len(seqs)
-        if not (n > 0 and len(ts) == n and len(received) == n):
-            raise PayloadError("bad_shape", f"group of {sensor!r}: seqs/ts/received lengths")
-        datagrams += n
-        for name, column in metrics.items():
-            if len(column) != n:
-                raise PayloadError("bad_shape", f"metric {name!r} of {sensor!r}")
-            readings += n - column.count(None)
-    times = [g[3] for g in groups] + [g[4] for g in groups]
-    _shape(all(map(math.isfinite, chain.from_iterable(times))), "non-finite time")
+    datagrams, readings = _block_counts(groups)
+    # A sum of finite floats is finite unless it overflows: then every value is looked at.
+    times = chain(map(_TS, groups), map(_RECEIVED, groups))
+    if not math.isfinite(sum(chain.from_iterable(times))):
+        times = chain(map(_TS, groups), map(_RECEIVED, groups))
+        _shape(all(map(math.isfinite, chain.from_iterable(times))), "non-finite time")
     try:
         ranges.block_range(row_id, offset, datagrams, last)
     except ValueError as exc:
         raise PayloadError("bad_shape", str(exc)) from None
     return LogBlock(row_id, offset, last, groups, datagrams, readings), len(raw)
+
+
+_SEQS, _TS, _RECEIVED, _METRICS = (itemgetter(i) for i in range(2, 6))
+
+
+def _block_counts(groups: list) -> tuple[int, int]:
+    """(datagrams, readings) of a decoded log body's groups, their column lengths checked
+    (seqs, ts and received of one length n > 0 in each group, every metric column n long):
+    one pass over the groups at C speed; the Python loop only to name what is wrong."""
+    ns = list(map(len, map(_SEQS, groups)))
+    maps = list(map(_METRICS, groups))
+    columns = list(chain.from_iterable(map(dict.values, maps)))
+    if (
+        0 in ns
+        or ns != list(map(len, map(_TS, groups)))
+        or ns != list(map(len, map(_RECEIVED, groups)))
+        or list(map(len, columns)) != list(chain.from_iterable(map(repeat, ns, map(len, maps))))
+    ):
+        for sensor, _boot, seqs, ts, received, metrics in groups:
+            n = len(seqs)
+            if not (n > 0 and len(ts) == n and len(received) == n):
+                raise PayloadError("bad_shape", f"group of {sensor!r}: seqs/ts/received lengths")
+            for name, column in metrics.items():
+                if len(column) != n:
+                    raise PayloadError("bad_shape", f"metric {name!r} of {sensor!r}")
+        raise AssertionError("unreachable: the lengths differ")  # pragma: no cover
+    return sum(ns), sum(map(len, columns)) - sum(map(list.count, columns, repeat(None)))
 
 
 def _blocks(gateway: Any, origin: Any, gone: Any, entries: Any) -> Blocks:
