@@ -29,6 +29,7 @@ import importlib.util
 import os
 import pstats
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.getcwd())
 
-from collector.uplink import consumer, core, source  # noqa: E402
+from collector.uplink import closer, consumer, core, source  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -82,9 +83,14 @@ class _Msg:
         pass
 
 
-def run(payloads: list[bytes], db: str, batch: int) -> tuple[float, float, int]:
-    """(CPU seconds, wall seconds, readings stored) of the consumer's _take over every fetch."""
-    c = consumer.Consumer(consumer.ConsumeSettings(db=db, batch=batch))
+def run(payloads: list[bytes], db: str, batch: int, workers: int) -> tuple[float, float, float, int]:
+    """(CPU seconds of the writer, of the close workers, wall seconds, readings stored) of the
+    consumer's _take over every fetch."""
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db + suffix):
+            os.unlink(db + suffix)
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    c = consumer.Consumer(consumer.ConsumeSettings(db=db, batch=batch, close_workers=workers))
     msgs = [_Msg(p) for p in payloads]
 
     async def main() -> None:
@@ -97,10 +103,12 @@ def run(payloads: list[bytes], db: str, batch: int) -> tuple[float, float, int]:
 
     cpu0, wall0 = time.process_time(), time.monotonic()
     asyncio.run(main())
+    c.central.settle()
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
     stored = c.totals["uplink_readings"]
-    c.central.close()
-    return cpu, wall, stored
+    c.central.close()  # waits for the workers: their CPU is in RUSAGE_CHILDREN then
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return cpu, children.ru_utime + children.ru_stime - children0.ru_utime - children0.ru_stime, wall, stored
 
 
 def decode_cpu(payloads: list[bytes]) -> float:
@@ -124,6 +132,14 @@ def main() -> None:
     p.add_argument("--sensors", type=int, default=2000)
     p.add_argument("--batch", type=int, default=consumer.ConsumeSettings.batch, help="messages per fetch")
     p.add_argument("--txn-readings", type=int, default=consumer.TXN_READINGS, help="readings per transaction at most")
+    p.add_argument(
+        "--close-workers",
+        type=int,
+        default=closer.default_workers(),
+        help="worker processes closing heads (default: the consumer's, one per core beyond the writer, at most 4); "
+        "also measured without (0) in the same run, in turn",
+    )
+    p.add_argument("--runs", type=int, default=1, help="runs of each (in turn)")
     p.add_argument("--profile", action="store_true", help="run under cProfile, print the top 30 by own time")
     p.add_argument("--keep", help="directory to keep the gateway databases in (reused when present)")
     args = p.parse_args()
@@ -148,23 +164,33 @@ def main() -> None:
     )
     dec = decode_cpu(payloads)
     central = os.path.join(wd, "central.db")
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(central + suffix):
-            os.unlink(central + suffix)
-    if args.profile:
-        prof = cProfile.Profile()
-        prof.enable()
-    cpu, wall, stored = run(payloads, central, args.batch)
-    if args.profile:
-        prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    modes = [0, args.close_workers] if args.close_workers and not args.profile else [args.close_workers]
+    rates: dict[int, list[float]] = {m: [] for m in modes}
+    for _ in range(args.runs):
+        for workers in modes:
+            if args.profile:
+                prof = cProfile.Profile()
+                prof.enable()
+            cpu, child, wall, stored = run(payloads, central, args.batch, workers)
+            if args.profile:
+                prof.disable()
+                pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+            rates[workers].append(stored / wall)
+            print(
+                f"close workers {workers}: {stored:,} readings in {wall:.2f} s = {stored / wall:,.0f} readings/s "
+                f"({stored / wall / 1.35e6:.2f} of the 1.35 M target); writer {cpu:.2f} CPU s, workers "
+                f"{child:.2f} CPU s: {stored / (cpu + child):,.0f} readings per CPU second; decoding alone "
+                f"{dec:.2f} CPU s ({dec / cpu:.0%} of the writer's)",
+                flush=True,
+            )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(
-        f"consumer in-process: {stored:,} readings in {cpu:.2f} CPU s ({wall:.2f} s wall) = "
-        f"{stored / cpu:,.0f} readings per CPU second ({stored / wall:,.0f}/s wall); decoding alone "
-        f"{dec:.2f} CPU s ({dec / cpu:.0%}); peak RSS of the process {rss:.0f} MB; "
-        f"target 1.35 M readings/s: {stored / cpu / 1.35e6:.2f}x per CPU second"
-    )
+    print(f"peak RSS of the writer process {rss:.0f} MB (with the {sum(map(len, payloads)) / 1e6:.0f} MB of messages)")
+    if len(modes) == 2:
+        a, b = statistics.median(rates[0]), statistics.median(rates[args.close_workers])
+        print(
+            f"median: in one process {a:,.0f} readings/s; with {args.close_workers} close worker(s) {b:,.0f} "
+            f"readings/s (ratio {b / a:.2f})"
+        )
     print(f"(machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}: shared, figures indicative)")
     if not args.keep:
         for f in os.listdir(wd):

@@ -25,8 +25,9 @@ import os
 import sqlite3
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from . import dbfile, ingestlog, schema, tuning
 from .chunkstore import ChunkRow, Head, encode_minutes
@@ -253,6 +254,17 @@ class Store:
         # with (connection, the sensors written): more per-sensor columns.
         self.sensor_writers: list = []
         self._dropped_at_failure = 0
+        # A writer that encodes closing heads elsewhere (the central consumer: worker
+        # processes) sets close_later(heads, fast) -> an object whose ready() says whether
+        # rows() (their ChunkRows, in order) would return at once.  write_groups hands it the
+        # heads a transaction closes and inserts their chunks in a later one, in the order
+        # handed, once ready (waiting when more than closed_later_max are out): until then
+        # their datagrams stay in the log rows they came in (_log_held), so a crash loses nothing.
+        self.close_later: Callable[[list[Head], bool], Any] | None = None
+        self.closed_later_max = 4
+        self.closed_later: list[tuple[list[Head], int, Any]] = []
+        self._handed: tuple[list[Head], int, Any] | None = None
+        self._inserted_later = 0
 
     def _open(self) -> None:
         self._lock_fd = schema.lock_writer(self.path)
@@ -479,6 +491,14 @@ class Store:
         Call committed_groups with what it returns once the transaction commits."""
         if new_series:
             conn.executemany(INSERT_SERIES, new_series)
+        self._handed = None
+        self._inserted_later = 0
+        for heads, chunk_log_id, pending in self.closed_later:  # closes of the transactions before
+            if len(self.closed_later) - self._inserted_later <= self.closed_later_max and not pending.ready():
+                break
+            for head, row in zip(heads, pending.rows(), strict=True):
+                insert_chunk(conn, row, chunk_log_id, self.series[head.sensor])
+            self._inserted_later += 1
         log_id = ingestlog.append(conn, now, groups, known) if groups else 0
         closed = self._close_heads(conn, groups, log_id or self.last_log_id, now)
         self._trim_log(conn)
@@ -486,6 +506,11 @@ class Store:
 
     def committed_groups(self, groups: list[ingestlog.Group], log_id: int, closed: set[tuple[str, int]]) -> None:
         """Committed: the in-memory heads follow what the database now says."""
+        if self.close_later is not None:
+            del self.closed_later[: self._inserted_later]
+            if self._handed is not None:
+                self.closed_later.append(self._handed)
+            self._handed, self._inserted_later = None, 0
         for key in closed:
             self.heads.pop(key, None)
             self.full.pop(key, None)
@@ -577,6 +602,7 @@ class Store:
                     close.append(key)
                     total -= head.nbytes()
         done = set()
+        closing = []
         for key in close:
             if key in done:
                 continue
@@ -589,12 +615,17 @@ class Store:
                 head = head.copy()
             if g is not None:
                 head.extend(g.seqs, g.ts, g.received, g.metrics)
-            insert_chunk(conn, head.close(fast), log_id, self.series[key[0]])
+            closing.append(head)
+        if self.close_later is not None and closing:
+            self._handed = (closing, log_id, self.close_later(closing, fast))
+        else:
+            for head in closing:
+                insert_chunk(conn, head.close(fast), log_id, self.series[head.sensor])
         return done
 
     def _trim_log(self, conn: sqlite3.Connection) -> None:
         """Delete the oldest log rows whose datagrams are all in closed chunks (and sent, with an uplink)."""
-        below = min((h.first_log_id for h in self.heads.values()), default=self.last_log_id + 1)
+        below = self._log_held()
         acked = self._uplink_acked()
         if acked is not None:
             below = min(below, acked + 1)
@@ -602,6 +633,15 @@ class Store:
             "DELETE FROM ingest_log WHERE id IN (SELECT id FROM ingest_log WHERE id < ? ORDER BY id LIMIT ?)",
             (below, LOG_DELETE_STEP),
         )
+
+    def _log_held(self) -> int:
+        """The oldest log row still needed for datagrams not in chunks: an open head's, or one
+        whose chunk is not inserted yet (close_later)."""
+        below = min((h.first_log_id for h in self.heads.values()), default=self.last_log_id + 1)
+        inserted = self._inserted_later if self.conn.in_transaction else 0  # in write_groups: these are
+        for heads, _, _ in self.closed_later[inserted:]:
+            below = min(below, min(h.first_log_id for h in heads))
+        return below
 
     def _uplink_acked(self) -> int | None:
         """The id the uplink acknowledged (`<db>-uplink`), None without an uplink."""
@@ -624,7 +664,7 @@ class Store:
         (the next flush's failure handling covers a persistent fault).
         """
         conn = self.conn
-        below = min((h.first_log_id for h in self.heads.values()), default=self.last_log_id + 1)
+        below = self._log_held()
         acked = self._uplink_acked()
         try:
             conn.execute("BEGIN IMMEDIATE")

@@ -13,6 +13,7 @@ window, a three-node cluster losing a node, TLS and tokens.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
@@ -255,6 +256,54 @@ def test_kill_9_the_consumer_between_commit_and_ack_and_mid_batch(tmp_path, gate
         # the committed-and-unacked messages came again (in a later run) and added nothing
         assert counters["uplink_replayed_readings"] > 0
         assert " ERROR " not in final.text() and "Traceback" not in final.text()
+
+
+def children(pid: int) -> set[int]:
+    """The process ids of `pid`'s children (every thread's)."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:  # the thread ended meanwhile
+            pass
+    return out
+
+
+def test_kill_9_a_close_worker_of_the_consumer_twice_nothing_lost_or_doubled(tmp_path, gateways, consumer):
+    """The consumer closes heads into chunks in a worker process (--close-workers 1; a small
+    --head-budget makes heads close all along).  Its worker is killed (SIGKILL) twice while
+    it drains three gateways' backlogs: the writer closes those heads itself, says so, starts
+    a new worker, and the central database ends with every reading once, the accounts equal."""
+    with NatsServer(tmp_path) as ns:
+        gws = [gateways(f"site-{i}") for i in range(3)]
+        for i, gw in enumerate(gws):
+            gw.sim("--sensors", "4", "--count", "800", "--rate", "max", "--seed", str(50 + i), *FAULTS)
+            gw.wait_ingested()
+            gw.start_uplink([ns.url], "--max-datagrams", "20")
+        for gw in gws:
+            wait_for(lambda gw=gw: gw.position() == gw.last_entry(), 30, 0.05, what=f"{gw.name}'s uplink to catch up")
+        central = str(tmp_path / "central.db")
+        c = consumer(central, [ns.url], "--batch", "4", "--close-workers", "1", "--head-budget", "0.01")
+        killed: set[int] = set()
+        for _ in range(2):
+            wait_for(
+                lambda: children(c.proc.pid) - killed or c.proc.poll() is not None,
+                30,
+                0.005,
+                what=lambda: f"a new close worker of the consumer (killed {sorted(killed)}): {c.text()[-1500:]}",
+            )
+            assert c.proc.poll() is None, c.text()[-2000:]
+            (worker,) = children(c.proc.pid) - killed
+            os.kill(worker, signal.SIGKILL)
+            killed.add(worker)
+        want = sum(len(gw.readings()) for gw in gws)
+        assert db_counters(central).get("uplink_readings", 0) < want  # the kills landed before the end
+        wait_central(central, gws, timeout=60)  # exact: each reading once, accounts equal, nothing rejected
+        assert c.stop() == 0
+        text = c.text()
+        assert text.count("chunk-closing worker process died") == 2, text[-3000:]
+        assert " ERROR " not in text and "Traceback" not in text
+        assert db_query(central, "SELECT count(*) FROM chunks")[0][0] > 0
 
 
 def test_three_node_cluster_kill_9_the_uplinks_node_while_the_collector_ingests(tmp_path, gateways, consumer):

@@ -70,6 +70,18 @@ def _payload_version(value) -> int:
     return n
 
 
+def _close_workers(value) -> int:
+    if type(value) is not bool and value in (0, "0"):
+        return 0
+    try:
+        n = config.positive_int(value)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("must be > 0", "must be 0 or more")) from None
+    if n > 64:
+        raise ValueError(f"at most 64 close workers, got {value!r}")
+    return n
+
+
 def _default_gateway() -> str | None:
     name = socket.gethostname().split(".")[0]
     return name if core.GATEWAY_RE.fullmatch(name) else None
@@ -195,6 +207,23 @@ CENTRAL_SETTINGS = [
     ),
     S("backoff_max", config.positive_float, 30.0, metavar="SECONDS", help="Longest wait between reconnect attempts."),
     S("status_interval", config.positive_float, 60.0, metavar="SECONDS", help="Log a status line this often."),
+    S(
+        "close_workers",
+        _close_workers,
+        None,
+        metavar="N",
+        default_text="one per core beyond the writer's, at most 4",
+        help="Processes that encode closing heads into chunks while the one writer goes on (0: the writer "
+        "encodes them itself).",
+    ),
+    S(
+        "head_budget",
+        config.positive_float,
+        48.0,
+        metavar="MIB",
+        help="Memory of the open heads (datagrams not yet in chunks) of all gateways' sensors at most: the "
+        "largest close early past it, as in the collector.",
+    ),
 ]
 
 
@@ -354,6 +383,8 @@ def consume_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> 
             ack_wait=values["ack_wait"],
             backoff_max=values["backoff_max"],
             status_interval=values["status_interval"],
+            close_workers=values["close_workers"],
+            head_budget=int(values["head_budget"] * 1024 * 1024),
         )
         if check:
             broker.connect_options(bs)

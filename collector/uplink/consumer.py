@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from .. import store
 from ..errors import ConfigError, SetupError
-from . import broker, central, core
+from . import broker, central, closer, core
 
 log = logging.getLogger("uplink.consume")
 
@@ -36,6 +37,8 @@ class ConsumeSettings:
     ack_wait: float = 30.0  # seconds before JetStream redelivers an unacked message
     backoff_max: float = 30.0
     status_interval: float = 60.0
+    close_workers: int | None = None  # processes closing heads into chunks (None: closer.default_workers())
+    head_budget: int = store.HEAD_BUDGET_BYTES  # bytes of open heads at most (the largest close early past it)
 
 
 class Consumer:
@@ -43,7 +46,8 @@ class Consumer:
         self.s = settings
         self.notify = notify
         self.opts = broker.connect_options(settings.broker)
-        self.central = central.Central(settings.db)
+        workers = closer.default_workers() if settings.close_workers is None else settings.close_workers
+        self.central = central.Central(settings.db, workers, settings.head_budget)
         gc.freeze()  # what start-up loaded (the open heads) stays out of the collector's passes
         self.stop = asyncio.Event()
         self.backoff = core.Backoff(0.1, settings.backoff_max)
@@ -122,6 +126,7 @@ class Consumer:
             try:
                 msgs = await sub.fetch(self.s.batch, timeout=1.0)
             except nats.errors.TimeoutError:
+                self.central.settle()  # the chunks the workers closed, not left waiting for a message
                 self.notify("WATCHDOG=1")
                 continue
             # Decoded message by message; written (and then acked) whenever TXN_READINGS readings

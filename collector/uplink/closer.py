@@ -1,0 +1,173 @@
+"""Closing heads into chunks in worker processes, for the central consumer's one writer.
+
+Encoding a closing head (chunkstore.Head.close: the codec, statistics,
+rollups, minute blocks) is pure and per series, and it is a third of the
+consumer's CPU.  The Store hands the heads a transaction closes to
+`Closer.__call__` (Store.close_later) and inserts their chunks at the start of
+its next transaction; meanwhile the writer decodes and merges the next fetch,
+so the second core works.  The workers hold nothing that matters: they get
+each head's arrays as bytes and return its ChunkRow.  A worker that dies
+(kill -9, out of memory) costs nothing but time: the writer closes those
+heads itself, says so once in the log, and starts a new pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+from array import array
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
+
+from ..chunkstore import ChunkRow, Head
+
+log = logging.getLogger("uplink.consume")
+
+PR_SET_PDEATHSIG = 1
+
+# What one head travels as: sensor, boot, seqs, ts, received, {metric: values} (the arrays' bytes).
+Packed = tuple[str, int, bytes, bytes, bytes, dict[str, bytes]]
+
+
+def default_workers() -> int:
+    """One worker per core beyond the writer's, at most 4 (closing is a third of the work)."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def pack(head: Head) -> Packed:
+    return (
+        head.sensor,
+        head.boot,
+        head.seqs.tobytes(),
+        head.ts.tobytes(),
+        head.received.tobytes(),
+        {name: col.tobytes() for name, col in head.metrics.items()},
+    )
+
+
+def unpack(p: Packed) -> Head:
+    sensor, boot, seqs, ts, received, metrics = p
+    head = Head(sensor, boot, 0, 0.0)
+    head.seqs.frombytes(seqs)
+    head.ts.frombytes(ts)
+    head.received.frombytes(received)
+    for name, values in metrics.items():
+        col = head.metrics[name] = array("d")
+        col.frombytes(values)
+    return head
+
+
+def _die_with_parent() -> None:
+    """In a worker: SIGKILL when the writer process is gone (Linux prctl PR_SET_PDEATHSIG)."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pool's own EOF handling only
+        return
+    if os.getppid() != parent:  # it died before the prctl took effect
+        os._exit(1)
+
+
+def close_packed(heads: list[Packed], fast: bool) -> list[ChunkRow]:
+    """In a worker: the heads' chunk rows, in order."""
+    return [unpack(p).close(fast) for p in heads]
+
+
+class _Pending:
+    """The chunk rows of one transaction's closing heads, as Store.close_later expects."""
+
+    def __init__(self, closer: Closer, parts: list[list[Head]], futures: list, fast: bool) -> None:
+        self.closer = closer
+        self.parts = parts
+        self.futures = futures
+        self.fast = fast
+        self._rows: list[ChunkRow] | None = None
+
+    def ready(self) -> bool:
+        return all(sent is None or sent[1].done() for sent in self.futures)
+
+    def rows(self) -> list[ChunkRow]:
+        if self._rows is None:
+            out: list[ChunkRow] = []
+            for part, sent in zip(self.parts, self.futures):
+                got = None
+                if sent is not None:
+                    try:
+                        got = sent[1].result()
+                    except (BrokenProcessPool, OSError, EOFError) as exc:
+                        self.closer._died(exc, sent[0])
+                if got is None:
+                    got = [h.close(self.fast) for h in part]
+                    self.closer.closed_here += len(part)
+                out += got
+            self._rows = out
+        return self._rows
+
+
+class Closer:
+    """Store.close_later backed by `workers` processes."""
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+        self.closed_here = 0  # heads the writer closed itself because a worker died
+        self.deaths = 0
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self.pool is None:
+            # Forked (no helper process stays behind, as spawn's resource tracker would; the
+            # workers touch nothing of the writer's but the heads they are sent), and gone with
+            # the writer: a worker must not outlive a kill -9 of it holding its descriptors.
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("fork"), initializer=_die_with_parent)
+        return self.pool
+
+    def pids(self) -> list[int]:
+        """The workers' process ids (those started so far)."""
+        procs = getattr(self.pool, "_processes", None) or {}
+        return sorted(procs)
+
+    def __call__(self, heads: list[Head], fast: bool) -> _Pending:
+        # About equal datagrams per worker, heads kept in order within each part.
+        parts: list[list[Head]] = []
+        if len(heads) <= 1 or self.workers == 1:
+            parts = [heads]
+        else:
+            share = sum(len(h) for h in heads) / self.workers
+            parts, at = [[]], 0
+            for h in heads:
+                if at >= share * len(parts) and len(parts) < self.workers:
+                    parts.append([])
+                parts[-1].append(h)
+                at += len(h)
+        futures: list[tuple[ProcessPoolExecutor, Future] | None] = []
+        for part in parts:
+            pool = self._pool()
+            try:
+                futures.append((pool, pool.submit(close_packed, [pack(h) for h in part], fast)))
+            except (BrokenProcessPool, RuntimeError, OSError) as exc:
+                self._died(exc, pool)
+                futures.append(None)
+        return _Pending(self, parts, futures, fast)
+
+    def _died(self, exc: BaseException, pool: ProcessPoolExecutor) -> None:
+        """A worker of `pool` is gone: the writer closes its heads itself; a new pool for the next ones."""
+        if pool is self.pool:
+            self.deaths += 1
+            log.warning(
+                "a chunk-closing worker process died (%s): the writer closes its heads itself "
+                "(nothing is lost); starting new workers",
+                exc.__class__.__name__,
+            )
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
