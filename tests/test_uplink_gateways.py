@@ -279,11 +279,11 @@ def test_kill_9_a_close_worker_of_the_consumer_twice_nothing_lost_or_doubled(tmp
         for i, gw in enumerate(gws):
             gw.sim("--sensors", "4", "--count", "800", "--rate", "max", "--seed", str(50 + i), *FAULTS)
             gw.wait_ingested()
-            gw.start_uplink([ns.url], "--max-datagrams", "20")
+            gw.start_uplink([ns.url], "--max-datagrams", "4")
         for gw in gws:
             wait_for(lambda gw=gw: gw.position() == gw.last_entry(), 30, 0.05, what=f"{gw.name}'s uplink to catch up")
         central = str(tmp_path / "central.db")
-        c = consumer(central, [ns.url], "--batch", "4", "--close-workers", "1", "--head-budget", "0.01")
+        c = consumer(central, [ns.url], "--batch", "2", "--close-workers", "1", "--head-budget", "0.01")
         killed: set[int] = set()
         for _ in range(2):
             wait_for(
