@@ -259,12 +259,49 @@ def drain(
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a live process (/proc/PID/stat), in seconds."""
+    """CPU time of a live process so far, in seconds: its threads' run time in ns
+    (/proc/PID/task/*/schedstat), else utime + stime in clock ticks (/proc/PID/stat)."""
+    try:
+        return sum(int((t / "schedstat").read_text().split()[0]) for t in Path(f"/proc/{pid}/task").iterdir()) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_events(pid: int) -> dict[str, int]:
+    """Minor page faults (/proc/PID/stat) and voluntary / involuntary context switches
+    (/proc/PID/status, summed over the threads' task entries) of a live process so far."""
+    out = {"minflt": 0, "vol_cs": 0, "invol_cs": 0}
+    try:
+        out["minflt"] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            text = (task / "status").read_text()
+            out["vol_cs"] += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", text, re.M).group(1))
+            out["invol_cs"] += int(re.search(r"^nonvoluntary_ctxt_switches:\s+(\d+)", text, re.M).group(1))
+    except (OSError, AttributeError, ValueError):
+        pass
+    return out
+
+
+def flush_histogram(log: Path) -> dict[str, float]:
+    """The collector's flush-duration histogram (its Prometheus exporter, whose address it logged):
+    cumulative counts by upper bound ("0.025", ..., "+Inf") and "sum" (seconds)."""
+    import urllib.request
+
+    m = re.search(r"metrics on (http://\S+/metrics)", log.read_text(errors="replace"))
+    if not m:
+        return {}
+    text = urllib.request.urlopen(m.group(1), timeout=10).read().decode()
+    out = {}
+    for name, le, value in re.findall(
+        r'^(telemetry_collector_flush_duration_seconds_(?:bucket|sum))(?:\{le="([^"]+)"\})? (\S+)$', text, re.M
+    ):
+        out["sum" if name.endswith("_sum") else le] = float(value)
+    return out
 
 
 def run_wait_seconds(pid: int) -> float:
@@ -378,7 +415,79 @@ class Sampler:
         return self.peak, self.peak_frames, self.total_frames / max(1, self.samples)
 
 
-def ingest_step(mod, rate: float, beside: bool, args, url: str, nats_pid: int, workdir: Path) -> dict:
+# What runs on core 1 beside the collector in a --neighbours step (the sender is always there):
+# each isolates one part of what a live uplink does, to find what it costs the collector.
+NEIGHBOURS = {
+    "alone": "nothing else",
+    "burner": "a CPU burner at nice 19 (core 1 never idle: the floor of what anything beside can be)",
+    "reader": "the uplink's read transactions (payload 3 rounds, polling as deployed), the position file "
+    "written after each round without fsync; nothing published",
+    "reader-fsync": "the same, the position file fsync'd after each round as the uplink did until session 5",
+    "uplink": "a live telemetry-uplink run publishing to the local nats-server",
+    # amplified suspects: what each does many times more often than a deployed uplink
+    "fsync20": "the position file (far ahead: the collector trims as alone) written and fsync'd 20 times a second (file and directory), nothing read",
+    "reader-busy": "the reader polling every 10 ms instead of 0.5 s, no fsync",
+}
+
+
+def reader_loop(db: str, poll: float, durable: bool) -> None:
+    """--_reader: the uplink's reads of the collector's database without a broker: Source.read
+    as a payload-3 round does (its limits), the position file after each round that found
+    something (fsync'd with `durable`), `poll` seconds of sleep after one that found nothing."""
+    from collector.uplink import source
+
+    source.write_cursor(db, 0) if durable else source.write_atomically(source.cursor_path(db), b"0\n", False)
+    src = source.Source(db, "bench")
+    cursor = 0
+    print("ready", flush=True)
+    while True:
+        snap = src.read(cursor, 1000, 2_000_000, raw=True, max_bytes=4 << 20)
+        ids = snap.ids
+        if not ids and not snap.accounts:
+            time.sleep(poll)
+            continue
+        if ids:
+            cursor = ids[-1]
+            if durable:
+                source.write_cursor(db, cursor)
+            else:
+                source.write_atomically(source.cursor_path(db), f"{cursor}\n".encode(), False)
+        src.mark_published(snap.account_rows)
+
+
+def neighbour_cmd(name: str, db: str, url: str, args) -> list[str] | None:
+    """The command of a --neighbours step's neighbour on core 1 (None: nothing)."""
+    if name == "alone":
+        return None
+    if name == "burner":
+        return ["nice", "-n", "19", sys.executable, "-c", "print('ready', flush=True)\nwhile True: pass"]
+    if name in ("reader", "reader-fsync", "reader-busy"):
+        poll = 0.01 if name == "reader-busy" else args.poll_interval
+        cmd = [sys.executable, __file__, "--_reader", db, "--poll-interval", str(poll)]
+        return cmd + (["--_durable"] if name == "reader-fsync" else [])
+    if name == "fsync20":
+        code = (
+            "import sys, time\nsys.path.insert(0, sys.argv[2])\nfrom collector.uplink import source\n"
+            "print('ready', flush=True)\nn = 0\nwhile True:\n"
+            "    source.write_cursor(sys.argv[1], 10**12)\n    time.sleep(0.05)\n"
+        )
+        return [sys.executable, "-c", code, db, str(ROOT)]
+    cmd = uplink_cmd(db, "bench-ingest", url, 3)
+    cmd[cmd.index("--poll-interval") + 1] = str(args.poll_interval)
+    return cmd
+
+
+def ingest_step(
+    mod,
+    rate: float,
+    beside: bool,
+    args,
+    url: str,
+    nats_pid: int,
+    workdir: Path,
+    neighbour: str | None = None,
+    flushes: bool = False,
+) -> dict:
     """One step of bench/ingest.py's search (the collector on its own core, the sender on the
     other), with, if `beside`, a `telemetry-uplink run` publishing the collector's database to
     the nats-server: the uplink and nats-server on the sender's core, the uplink started and
@@ -386,27 +495,30 @@ def ingest_step(mod, rate: float, beside: bool, args, url: str, nats_pid: int, w
     what ingest pays), polling as deployed (0.5 s).  Measured besides bench/ingest.py's
     counts: the collector's CPU seconds from the first datagram until it stored the last
     (per datagram), the WAL's peak size, the uplink's and the broker's CPU over the same time."""
-    step_dir = Path(tempfile.mkdtemp(prefix=f"{'beside' if beside else 'alone'}-{int(rate)}-", dir=workdir))
+    neighbour = neighbour or ("uplink" if beside else "alone")
+    beside = neighbour != "alone"
+    step_dir = Path(tempfile.mkdtemp(prefix=f"{neighbour}-{int(rate)}-", dir=workdir))
     db = str(step_dir / "telemetry.db")
     log = step_dir / "collector.log"
     up = None
-    out: dict = {"rate": rate, "beside": beside}
+    out: dict = {"rate": rate, "beside": beside, "neighbour": neighbour}
     try:
-        proc, port = mod.start_collector(Path(db), log, args)
+        proc, port = mod.start_collector(Path(db), log, args, ("--metrics", "127.0.0.1:0") if flushes else ())
     except RuntimeError as exc:
         raise SystemExit(str(exc)) from None
     try:
         if beside:
             up_log = step_dir / "uplink.log"
-            up_cmd = [*mod.taskset(args.sender_core), *uplink_cmd(db, "bench-ingest", url, 3)]
-            up_cmd[up_cmd.index("--poll-interval") + 1] = str(args.poll_interval)
+            up_cmd = [*mod.taskset(args.sender_core), *neighbour_cmd(neighbour, db, url, args)]
             up = subprocess.Popen(up_cmd, stdout=open(up_log, "wb"), stderr=subprocess.STDOUT)
             deadline = time.monotonic() + 20
-            while "connected to" not in up_log.read_text(errors="replace"):
+            ready = "connected to" if neighbour == "uplink" else "ready"
+            while ready not in up_log.read_text(errors="replace"):
                 if up.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"uplink did not connect: {up_log.read_text()[-800:]}")
                 time.sleep(0.02)
         sampler = Sampler(db)
+        e0 = proc_events(proc.pid)
         c0, n0, w0 = cpu_seconds(proc.pid), cpu_seconds(nats_pid), run_wait_seconds(proc.pid)
         u0 = cpu_seconds(up.pid) if up else 0.0
         t0 = time.monotonic()
@@ -427,6 +539,10 @@ def ingest_step(mod, rate: float, beside: bool, args, url: str, nats_pid: int, w
             last = progress
         t1 = time.monotonic()
         c1, n1, w1 = cpu_seconds(proc.pid), cpu_seconds(nats_pid), run_wait_seconds(proc.pid)
+        e1 = proc_events(proc.pid)
+        out.update({k: e1[k] - e0[k] for k in e0})
+        if flushes:
+            out["flushes"] = flush_histogram(log)
         u1 = cpu_seconds(up.pid) if up else 0.0
         out["wal_peak"], out["wal_frames_peak"], out["wal_frames_mean"] = sampler.stop()
         out["wal_end"] = wal_bytes(db)
@@ -437,7 +553,10 @@ def ingest_step(mod, rate: float, beside: bool, args, url: str, nats_pid: int, w
         out["broker_cpu_share"] = (n1 - n0) / elapsed
     finally:
         mod.stop_collector(proc)
-        if up is not None:
+        if up is not None and neighbour != "uplink":
+            up.terminate()
+            up.wait(30)
+        elif up is not None:
             deadline = time.monotonic() + 30
             target = last_log_id(db)
             while position(db) < target and time.monotonic() < deadline and up.poll() is None:
@@ -445,6 +564,10 @@ def ingest_step(mod, rate: float, beside: bool, args, url: str, nats_pid: int, w
             out["uplink_behind"] = max(0, target - position(db))
             up.terminate()
             up.wait(30)
+            try:
+                out["uplink_rounds"] = json.loads(Path(db + "-uplink.status.json").read_text())["rounds"]
+            except (OSError, ValueError, KeyError):
+                pass
     c = mod.read_counters(Path(db))
     stored = int(c.get("stored", 0))
     out.update(
@@ -472,7 +595,7 @@ def median(xs: list[float]) -> float:
 def _step_line(label: str, r: dict) -> str:
     extra = ""
     if r["beside"]:
-        extra = f", uplink {100 * r['uplink_cpu_share']:.0f} % / broker {100 * r['broker_cpu_share']:.0f} % of a core"
+        extra = f", {r['neighbour']} {100 * r['uplink_cpu_share']:.0f} % / broker {100 * r['broker_cpu_share']:.0f} % of a core"
         if r.get("uplink_behind"):
             extra += f", UPLINK BEHIND by {r['uplink_behind']} entries"
     return (
@@ -483,14 +606,8 @@ def _step_line(label: str, r: dict) -> str:
     )
 
 
-def ingest_beside(url: str, nats_pid: int, args, workdir: Path) -> dict:
-    """Ingest unchanged beside the uplink?  The collector pinned to one core as in
-    bench/ingest.py; the sender, the uplink and nats-server on the other.  --searches times:
-    bench/ingest.py's zero-loss search of the collector alone and of the collector with the
-    uplink, their steps in turn (A B, B A, ...), the searches in turn too; then --pairs fixed-rate
-    pairs (A B, B A, ...) at half the alone median, for the collector's CPU per datagram and the
-    WAL beside the uplink.  Medians of each, and the ratios."""
-    mod = _load_ingest_bench()
+def ingest_settings(args) -> argparse.Namespace:
+    """bench/ingest.py's step settings for the ingest phases: the collector on core 0, the rest on core 1."""
     try:
         rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
     except (OSError, ValueError):
@@ -511,6 +628,18 @@ def ingest_beside(url: str, nats_pid: int, args, workdir: Path) -> dict:
     )
     if (os.cpu_count() or 1) < 2:
         a.collector_core = a.sender_core = None
+    return a
+
+
+def ingest_beside(url: str, nats_pid: int, args, workdir: Path) -> dict:
+    """Ingest unchanged beside the uplink?  The collector pinned to one core as in
+    bench/ingest.py; the sender, the uplink and nats-server on the other.  --searches times:
+    bench/ingest.py's zero-loss search of the collector alone and of the collector with the
+    uplink, their steps in turn (A B, B A, ...), the searches in turn too; then --pairs fixed-rate
+    pairs (A B, B A, ...) at half the alone median, for the collector's CPU per datagram and the
+    WAL beside the uplink.  Medians of each, and the ratios."""
+    mod = _load_ingest_bench()
+    a = ingest_settings(args)
     pin(nats_pid, a.sender_core)
     print(
         f"ingest beside the uplink: collector on core {a.collector_core}; sender, uplink (poll "
@@ -573,6 +702,65 @@ def ingest_beside(url: str, nats_pid: int, args, workdir: Path) -> dict:
                 out["pairs"]["beside" if beside else "alone"].append(r)
     out["n_readings"] = a.n_readings
     return out
+
+
+def neighbours_phase(url: str, nats_pid: int, args, workdir: Path) -> None:
+    """--neighbours: what each part of the uplink costs the collector.  Fixed-rate steps
+    (--pair-rate, --pair-seconds) of the collector on core 0 with each neighbour on core 1
+    beside the sender (NEIGHBOURS), --pairs rounds, the neighbours taken in turn and in a
+    rotated order each round (load from elsewhere falls on all of them alike).  Prints the
+    collector's median CPU per datagram with each and its ratio to `alone` (datagrams per
+    CPU-second, neighbour / alone), what it waited for its core, its context switches and
+    page faults, and the neighbour's own CPU."""
+    mod = _load_ingest_bench()
+    a = ingest_settings(args)
+    pin(nats_pid, a.sender_core)
+    names = args.neighbours
+    rate = args.pair_rate or 95_000
+    print(
+        f"neighbours: collector on core {a.collector_core}; the sender and each neighbour on core {a.sender_core}; "
+        f"{a.sensors} sensors at {rate:,.0f} datagrams/s, {args.pair_seconds:g} s a step, {args.pairs} rounds",
+        flush=True,
+    )
+    for n in names:
+        print(f"  {n:13s} {NEIGHBOURS[n]}")
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    step_args = argparse.Namespace(**dict(vars(a), seconds=args.pair_seconds))
+    for k in range(args.pairs):
+        order = names[k % len(names) :] + names[: k % len(names)]
+        if k % 2:
+            order.reverse()
+        for n in order:
+            r = ingest_step(mod, rate, n != "alone", step_args, url, nats_pid, workdir, neighbour=n, flushes=True)
+            print(_step_line(n, r), flush=True)
+            results[n].append(r)
+    print()
+    base = median([r["cpu_us_per_datagram"] for r in results[names[0]]])
+    print(f"collector at {rate:,.0f} datagrams/s, medians of {args.pairs} steps each (ratio: {names[0]} / neighbour):")
+    for n in names:
+        rs = results[n]
+        cpu = median([r["cpu_us_per_datagram"] for r in rs])
+        per_s = {k: median([r[k] / r["elapsed"] for r in rs]) for k in ("vol_cs", "invol_cs", "minflt")}
+        lost = sum(r["sent"] - r["stored"] for r in rs)
+        own = [r["uplink_cpu_share"] for r in rs if r["uplink_cpu_share"] is not None]
+        fl = [r.get("flushes") or {} for r in rs]
+        n_fl = sum(f.get("+Inf", 0) for f in fl)
+        slow = {b: sum(f.get("+Inf", 0) - f.get(b, 0) for f in fl) for b in ("0.025", "0.05")}
+        flush_ms = 1000 * sum(f.get("sum", 0) for f in fl) / max(1, n_fl)
+        steps = ", ".join(f"{r['cpu_us_per_datagram']:.2f}" for r in rs)
+        print(
+            f"  {n:13s} {cpu:.2f} us CPU/datagram (ratio {base / cpu:.3f}; steps {steps}); waited "
+            f"{1000 * median([r['run_wait'] for r in rs]):.0f} ms for its core; context switches "
+            f"{per_s['vol_cs']:,.0f}/s voluntary, {per_s['invol_cs']:,.0f}/s involuntary; "
+            f"{per_s['minflt']:,.0f} minor faults/s; {n_fl:.0f} flushes of {flush_ms:.1f} ms on average, "
+            f"{slow['0.025']:.0f} over 25 ms, {slow['0.05']:.0f} over 50 ms; lost {lost}"
+            + (f"; the neighbour used {100 * median(own):.1f} % of a core" if own else "")
+            + (
+                f"; {median([r['uplink_rounds'] / r['elapsed'] for r in rs]):.1f} uplink rounds/s"
+                if all("uplink_rounds" in r for r in rs)
+                else ""
+            )
+        )
 
 
 def report_ingest(ingest: dict, fwd: float | None, central_rate: float | None, gateways: int) -> None:
@@ -708,8 +896,22 @@ def main() -> None:
     p.add_argument("--retakes", type=int, default=1, help="times a disturbed lossy step is taken again at most")
     p.add_argument("--pair-rate", type=float, help="datagrams/s of the pairs (default: half the alone median)")
     p.add_argument("--poll-interval", type=float, default=0.5, help="the uplink's poll interval beside the collector")
+    p.add_argument(
+        "--neighbours",
+        type=lambda v: [n for n in v.split(",") if n],
+        help=f"only: fixed-rate steps of the collector beside each of these on core 1, in turn "
+        f"(of {', '.join(NEIGHBOURS)}; the first is the baseline), --pairs rounds",
+    )
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--_reader", help=argparse.SUPPRESS)
+    p.add_argument("--_durable", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args._reader:
+        reader_loop(args._reader, args.poll_interval, args._durable)
+        return
+    for n in args.neighbours or ():
+        if n not in NEIGHBOURS:
+            p.error(f"--neighbours: {n!r} is none of {', '.join(NEIGHBOURS)}")
     hour = 10_000 * 3600
     load0 = os.getloadavg()[0]
     r = b = c_pub = None
@@ -718,6 +920,9 @@ def main() -> None:
         workdir = Path(wd)
         nats, url = start_nats(workdir)
         try:
+            if args.neighbours:
+                neighbours_phase(url, nats.pid, args, workdir)
+                return
             if not args.ingest_only:
                 (r, fwd, readings, b, v1, c_pub, central_rate, central2_rate) = backlog_phases(args, url, workdir)
             ingest = None if args.skip_ingest else ingest_beside(url, nats.pid, args, workdir)
