@@ -20,8 +20,12 @@ from uplinkgw import accounts, readings
 from helpers import db_counters, wait_for
 from processes import CollectorProcess, Daemon
 
-# Fast enough for tests: poll often, back off briefly, a status file twice a second.
-FAST = ["--poll-interval", "0.05", "--backoff-max", "0.5", "--status-interval", "0.5", "--ack-timeout", "3"]
+# Fast enough for tests: poll often, back off briefly, a status file twice a second, the
+# position file each second (still many rounds a write: the pacing is what runs).
+FAST = [
+    *("--poll-interval", "0.05", "--backoff-max", "0.5", "--status-interval", "0.5", "--ack-timeout", "3"),
+    *("--position-interval", "1"),
+]
 
 
 def clean_env(extra: dict | None = None) -> dict:

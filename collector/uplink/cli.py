@@ -171,6 +171,14 @@ UPLINK_SETTINGS = [
     S("window", config.positive_int, 512, metavar="N", help="Publishes awaiting their ack at most."),
     S("poll_interval", config.positive_float, 0.5, metavar="SECONDS", help="Look for new data this often when idle."),
     S(
+        "position_interval",
+        config.positive_float,
+        5.0,
+        metavar="SECONDS",
+        help="Write (and fsync) the acked position to <db>-uplink at most this often, and on stop; "
+        "a kill -9 or power cut sends at most this much again (JetStream and the central side drop it).",
+    ),
+    S(
         "ack_timeout",
         config.positive_float,
         10.0,
@@ -328,6 +336,7 @@ def run_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> None
             payload_version=values["payload_version"],
             window=values["window"],
             poll_interval=values["poll_interval"],
+            position_interval=values["position_interval"],
             ack_timeout=values["ack_timeout"],
             backoff_max=values["backoff_max"],
             status_interval=values["status_interval"],
@@ -449,7 +458,19 @@ def status_cmd(db, config_path, fmt) -> None:
         if db is None:
             table = config.read_table(config_path, "uplink")
             db = _db_path(table.get("db", "telemetry.db"))
-        position = source.read_cursor(db)
+        written = position = source.read_cursor(db)
+        daemon = {}
+        try:
+            with open(source.cursor_path(db) + ".status.json", encoding="utf-8") as f:
+                daemon = json.load(f)
+        except (OSError, ValueError):
+            pass
+        running = bool(daemon) and _pid_alive(daemon.get("pid"))
+        # A running uplink writes <db>-uplink every few seconds (position-interval); its
+        # status file (each second) has the position acked since.
+        live = daemon.get("position") if running else None
+        if type(live) is int and live > position:
+            position = live
         src = source.Source(db, "status")
         try:
             entries, readings, oldest = src.pending(position)
@@ -458,13 +479,6 @@ def status_cmd(db, config_path, fmt) -> None:
     except (ConfigError, SetupError, ValueError) as exc:
         raise config.SetupFailed(str(exc)) from None
     now = time.time()
-    daemon = {}
-    try:
-        with open(source.cursor_path(db) + ".status.json", encoding="utf-8") as f:
-            daemon = json.load(f)
-    except (OSError, ValueError):
-        pass
-    running = bool(daemon) and _pid_alive(daemon.get("pid"))
     try:
         acked_at = os.stat(source.cursor_path(db)).st_mtime
     except OSError:
@@ -473,6 +487,7 @@ def status_cmd(db, config_path, fmt) -> None:
     out = dict(
         db=db,
         position=position,
+        position_written=written,
         pending_entries=entries,
         pending_readings=readings,
         lag_seconds=None if oldest is None else max(0.0, now - oldest),
@@ -492,7 +507,11 @@ def status_cmd(db, config_path, fmt) -> None:
     else:
         stamp = "-" if last_ack is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last_ack))
         lines = [
-            ("position", f"{position} (last ingest_log id acked by JetStream)"),
+            (
+                "position",
+                f"{position} (last ingest_log id acked by JetStream"
+                + (f"; {written} in {source.cursor_path(db)})" if written != position else ")"),
+            ),
             ("pending", f"{readings} readings in {entries} entries"),
             ("lag", f"{_age(out['lag_seconds'])} (oldest unsent entry)" if entries else "0 (nothing unsent)"),
             ("last ack", f"{stamp} ({_age(out['last_ack_age_seconds'])} ago)" if last_ack else "never"),

@@ -5,11 +5,19 @@ accounts that changed) in one read transaction, cut them into messages
 (payload 2, the default: the rows' bodies as committed, packed by
 core.columns_messages, nothing re-encoded; payload 1: decoded and merged per
 sensor by core.batch), publish them pipelined (at most `window` acks outstanding),
-and only when JetStream has acked every one of them write the new position
-to `<db>-uplink` (atomically, fsync'd).  A failed round (broker gone, an ack
-timed out) is retried whole after a jittered backoff: its messages carry the
-same Nats-Msg-Id, so the ones JetStream already stored are dropped inside
-its duplicate window, and the central consumer drops the rest by key.
+and only when JetStream has acked every one of them move the position.  The
+position goes to `<db>-uplink` (atomically, fsync'd) at most every
+`position_interval` seconds (5) and when the uplink stops: an fsync forces an
+ext4 journal commit on the disk the collector's WAL is on, and rounds come
+several times a second.  A kill -9 or a power cut between two writes sends
+the entries acked since the last one again (at most position_interval's
+worth): JetStream drops them inside its duplicate window, the central side by
+key after it.  A round that reached the newest entry sleeps poll_interval
+before the next read; one cut by its limits (a backlog) is followed at once.
+A failed round (broker gone, an ack timed out) is retried whole after a
+jittered backoff: its messages carry the same Nats-Msg-Id, so the ones
+JetStream already stored are dropped inside its duplicate window, and the
+central consumer drops the rest by key.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ class UplinkSettings:
     round_entries: int = 1000  # ingest_log entries per round at most
     window: int = 512  # publishes awaiting their ack at most
     poll_interval: float = 0.5  # seconds between looks at an idle log
+    position_interval: float = 5.0  # seconds between writes (fsync'd) of the acked position at most
     ack_timeout: float = 10.0  # seconds without an ack before a round is retried
     backoff_max: float = 30.0  # seconds between reconnect attempts at most
     status_interval: float = 60.0
@@ -49,13 +58,18 @@ def status_path(db: str) -> str:
 
 
 class Uplink:
-    def __init__(self, settings: UplinkSettings, notify=lambda message: False) -> None:
+    def __init__(self, settings: UplinkSettings, notify=lambda message: False, clock=time.monotonic) -> None:
         self.s = settings
         self.notify = notify
+        self.clock = clock  # paces the position file's writes
         self.opts = broker.connect_options(settings.broker)  # ConfigError before anything starts
         self.stop = asyncio.Event()
         self.backoff = core.Backoff(0.1, settings.backoff_max)
-        self.cursor = source.read_cursor(settings.db)
+        self.cursor = source.read_cursor(settings.db)  # the last id JetStream acked
+        self.written = self.cursor  # the id in <db>-uplink
+        self._written_at = clock()
+        self.position_writes = 0
+        self.reads = 0  # read transactions on the collector's database (rounds, with or without news)
         if settings.payload_version not in core.VERSIONS:
             raise ConfigError(f"payload version {settings.payload_version!r}: 1, 2 or 3")
         self.max_datagrams = settings.max_datagrams or core.DEFAULT_MAX_DATAGRAMS[settings.payload_version]
@@ -100,13 +114,14 @@ class Uplink:
         status_task = asyncio.create_task(self._status_loop())
         try:
             while not self.stop.is_set():
+                self._save_position()
                 if self.nc is None or not self.nc.is_connected:
                     delay = await self._connect()
                     if delay is not None:
                         await self._sleep(delay)
                         continue
                 try:
-                    worked = await self._round()
+                    more = await self._round()
                 except (SetupError, ConfigError):
                     raise
                 except Exception as exc:  # the broker or the link failed: back off, retry the round
@@ -120,11 +135,21 @@ class Uplink:
                     await self._sleep(delay)
                     continue
                 self.notify("WATCHDOG=1")
-                if not worked:
-                    await self._sleep(self.s.poll_interval)
+                if not more:
+                    await self._sleep(self._idle_sleep())
         finally:
             status_task.cancel()
             await self._drop_connection()
+            try:
+                self._save_position(force=True)
+            except OSError as exc:
+                log.error(
+                    "cannot write the position %d to %s: %s (the next start sends again what follows %d)",
+                    self.cursor,
+                    source.cursor_path(self.s.db),
+                    exc.strerror,
+                    self.written,
+                )
             self._write_status(force=True)
             self.notify("STOPPING=1")
             self.source.close()
@@ -134,6 +159,26 @@ class Uplink:
                 self.stats["acked_readings"],
                 self.cursor,
             )
+
+    def _save_position(self, force: bool = False) -> None:
+        """Write the acked position to <db>-uplink when it moved and position_interval passed
+        since the last write, or at once with `force`."""
+        if self.cursor == self.written:
+            return
+        now = self.clock()
+        if not force and now - self._written_at < self.s.position_interval:
+            return
+        source.write_cursor(self.s.db, self.cursor)
+        self.written = self.cursor
+        self._written_at = now
+        self.position_writes += 1
+
+    def _idle_sleep(self) -> float:
+        """poll_interval, or less when the position is due to be written before then."""
+        if self.cursor == self.written:
+            return self.s.poll_interval
+        due = self.s.position_interval - (self.clock() - self._written_at)
+        return max(0.0, min(self.s.poll_interval, due))
 
     async def _sleep(self, seconds: float) -> None:
         await broker.watchful_sleep(seconds, self.stop, self.notify)
@@ -203,8 +248,10 @@ class Uplink:
     # ------------------------------------------------------------ one round
 
     async def _round(self) -> bool:
-        """Publish what follows the position; False when there was nothing to do."""
+        """Publish what follows the position; True when more is waiting (the round was cut by
+        its limits), False when it reached the newest entry."""
         raw = self.s.payload_version >= 2
+        self.reads += 1
         snap = self.source.read(
             self.cursor, self.s.round_entries, self.round_readings, raw=raw, max_bytes=self.s.round_bytes
         )
@@ -217,7 +264,7 @@ class Uplink:
                 snap.last_id,
             )
             self.cursor = 0
-            source.write_cursor(self.s.db, 0)
+            self._save_position(force=True)
             return True
         gone: list[tuple[int, int]] = []
         if ids and ids[0] > self.cursor + 1:
@@ -265,7 +312,6 @@ class Uplink:
         await self._publish(messages)
         if ids:
             self.cursor = ids[-1]
-            source.write_cursor(self.s.db, self.cursor)
         self.source.mark_published(snap.account_rows)
         if origin is not None:
             self.published_counters = snap.counters
@@ -273,7 +319,7 @@ class Uplink:
         self.last_ack = time.time()
         self.stats["rounds"] += 1
         self._write_status()
-        return True
+        return bool(ids) and ids[-1] < snap.last_id
 
     async def _publish(self, messages: list[core.Message]) -> None:
         js = self.js
@@ -307,6 +353,7 @@ class Uplink:
             updated=now,
             gateway=self.s.gateway,
             position=self.cursor,
+            position_written=self.written,
             pending_entries=entries,
             pending_readings=readings,
             oldest_unsent_age=None if oldest is None else max(0.0, now - oldest),
