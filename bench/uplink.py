@@ -177,10 +177,17 @@ def start_nats(workdir: Path) -> tuple[subprocess.Popen, str]:
 
 
 def position(db: str) -> int:
+    """The uplink's acked position: its status file's (written when a backlog has drained, else
+    at most once a second) or `<db>-uplink`'s (at most every --position-interval), the larger."""
     try:
-        return int(Path(db + "-uplink").read_text())
+        written = int(Path(db + "-uplink").read_text())
     except (OSError, ValueError):
-        return 0
+        written = 0
+    try:
+        live = json.loads(Path(db + "-uplink.status.json").read_text()).get("position", 0)
+    except (OSError, ValueError, AttributeError):
+        live = 0
+    return max(written, live if type(live) is int else 0)
 
 
 def last_log_id(db: str) -> int:
@@ -427,6 +434,7 @@ NEIGHBOURS = {
     # amplified suspects: what each does many times more often than a deployed uplink
     "fsync20": "the position file (far ahead: the collector trims as alone) written and fsync'd 20 times a second (file and directory), nothing read",
     "reader-busy": "the reader polling every 10 ms instead of 0.5 s, no fsync",
+    "uplink-eager": "the live uplink writing its position file (fsync'd) after every round, as before session 5",
 }
 
 
@@ -474,7 +482,7 @@ def neighbour_cmd(name: str, db: str, url: str, args) -> list[str] | None:
         return [sys.executable, "-c", code, db, str(ROOT)]
     cmd = uplink_cmd(db, "bench-ingest", url, 3)
     cmd[cmd.index("--poll-interval") + 1] = str(args.poll_interval)
-    return cmd
+    return cmd + (["--position-interval", "0.000001"] if name == "uplink-eager" else [])
 
 
 def ingest_step(
@@ -512,7 +520,7 @@ def ingest_step(
             up_cmd = [*mod.taskset(args.sender_core), *neighbour_cmd(neighbour, db, url, args)]
             up = subprocess.Popen(up_cmd, stdout=open(up_log, "wb"), stderr=subprocess.STDOUT)
             deadline = time.monotonic() + 20
-            ready = "connected to" if neighbour == "uplink" else "ready"
+            ready = "connected to" if neighbour.startswith("uplink") else "ready"
             while ready not in up_log.read_text(errors="replace"):
                 if up.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"uplink did not connect: {up_log.read_text()[-800:]}")
@@ -553,7 +561,7 @@ def ingest_step(
         out["broker_cpu_share"] = (n1 - n0) / elapsed
     finally:
         mod.stop_collector(proc)
-        if up is not None and neighbour != "uplink":
+        if up is not None and not neighbour.startswith("uplink"):
             up.terminate()
             up.wait(30)
         elif up is not None:
@@ -565,7 +573,11 @@ def ingest_step(
             up.terminate()
             up.wait(30)
             try:
-                out["uplink_rounds"] = json.loads(Path(db + "-uplink.status.json").read_text())["rounds"]
+                st = json.loads(Path(db + "-uplink.status.json").read_text())
+                out["uplink_rounds"] = st["rounds"]
+                out["uplink_reads"] = st.get("reads")  # None: an uplink from before session 5
+                out["uplink_position_writes"] = st.get("position_writes")
+                out["uplink_life"] = time.time() - st["started"] if "started" in st else None
             except (OSError, ValueError, KeyError):
                 pass
     c = mod.read_counters(Path(db))
@@ -704,6 +716,29 @@ def ingest_beside(url: str, nats_pid: int, args, workdir: Path) -> dict:
     return out
 
 
+def bracketed(names: list[str], rounds: int) -> list[str]:
+    """The run order of a --neighbours phase: each round takes every other neighbour once
+    (rotated each round), each run preceded by a run of the baseline (names[0]), and one
+    baseline run closes the sequence: every neighbour's run has a baseline run on either side,
+    so drift of a shared machine's speed falls on its ratio as little as it can."""
+    base, others = names[0], names[1:]
+    seq: list[str] = []
+    for k in range(rounds):
+        for n in others[k % len(others) :] + others[: k % len(others)]:
+            seq += [base, n]
+    return seq + [base]
+
+
+def bracket_ratios(seq: list[str], values: list[float]) -> dict[str, list[float]]:
+    """Per neighbour run: the mean of the baseline runs on either side over its own value
+    (CPU per datagram: > 1 means the collector did its work faster beside it)."""
+    out: dict[str, list[float]] = {}
+    for i, name in enumerate(seq):
+        if name != seq[0]:
+            out.setdefault(name, []).append((values[i - 1] + values[i + 1]) / 2 / values[i])
+    return out
+
+
 def neighbours_phase(url: str, nats_pid: int, args, workdir: Path) -> None:
     """--neighbours: what each part of the uplink costs the collector.  Fixed-rate steps
     (--pair-rate, --pair-seconds) of the collector on core 0 with each neighbour on core 1
@@ -726,17 +761,19 @@ def neighbours_phase(url: str, nats_pid: int, args, workdir: Path) -> None:
         print(f"  {n:13s} {NEIGHBOURS[n]}")
     results: dict[str, list[dict]] = {n: [] for n in names}
     step_args = argparse.Namespace(**dict(vars(a), seconds=args.pair_seconds))
-    for k in range(args.pairs):
-        order = names[k % len(names) :] + names[: k % len(names)]
-        if k % 2:
-            order.reverse()
-        for n in order:
-            r = ingest_step(mod, rate, n != "alone", step_args, url, nats_pid, workdir, neighbour=n, flushes=True)
-            print(_step_line(n, r), flush=True)
-            results[n].append(r)
+    seq = bracketed(names, args.pairs)
+    every = []
+    for n in seq:
+        r = ingest_step(mod, rate, n != "alone", step_args, url, nats_pid, workdir, neighbour=n, flushes=True)
+        print(_step_line(n, r), flush=True)
+        results[n].append(r)
+        every.append(r["cpu_us_per_datagram"])
+    ratios = bracket_ratios(seq, every)
     print()
-    base = median([r["cpu_us_per_datagram"] for r in results[names[0]]])
-    print(f"collector at {rate:,.0f} datagrams/s, medians of {args.pairs} steps each (ratio: {names[0]} / neighbour):")
+    print(
+        f"collector at {rate:,.0f} datagrams/s, medians (ratio: the {names[0]} steps on either side over the "
+        "neighbour's, CPU per datagram, median over the neighbour's steps):"
+    )
     for n in names:
         rs = results[n]
         cpu = median([r["cpu_us_per_datagram"] for r in rs])
@@ -749,17 +786,128 @@ def neighbours_phase(url: str, nats_pid: int, args, workdir: Path) -> None:
         flush_ms = 1000 * sum(f.get("sum", 0) for f in fl) / max(1, n_fl)
         steps = ", ".join(f"{r['cpu_us_per_datagram']:.2f}" for r in rs)
         print(
-            f"  {n:13s} {cpu:.2f} us CPU/datagram (ratio {base / cpu:.3f}; steps {steps}); waited "
+            f"  {n:13s} {cpu:.2f} us CPU/datagram ("
+            + (f"ratio {median(ratios[n]):.3f}; " if n in ratios else "")
+            + f"steps {steps}); waited "
             f"{1000 * median([r['run_wait'] for r in rs]):.0f} ms for its core; context switches "
             f"{per_s['vol_cs']:,.0f}/s voluntary, {per_s['invol_cs']:,.0f}/s involuntary; "
             f"{per_s['minflt']:,.0f} minor faults/s; {n_fl:.0f} flushes of {flush_ms:.1f} ms on average, "
             f"{slow['0.025']:.0f} over 25 ms, {slow['0.05']:.0f} over 50 ms; lost {lost}"
             + (f"; the neighbour used {100 * median(own):.1f} % of a core" if own else "")
             + (
-                f"; {median([r['uplink_rounds'] / r['elapsed'] for r in rs]):.1f} uplink rounds/s"
-                if all("uplink_rounds" in r for r in rs)
+                f"; the uplink per second of its life: {median([r['uplink_rounds'] / r['uplink_life'] for r in rs]):.1f} "
+                f"rounds, {median([r['uplink_reads'] / r['uplink_life'] for r in rs]):.1f} read transactions, "
+                f"{median([r['uplink_position_writes'] / r['uplink_life'] for r in rs]):.2f} position writes (each "
+                "2 fsyncs: file, directory)"
+                if all(r.get("uplink_reads") is not None and r.get("uplink_life") for r in rs)
                 else ""
             )
+        )
+
+
+def core_phase(url: str, nats_pid: int, args, workdir: Path) -> None:
+    """--in-process: the collector's work without sockets or a sender (bench/ingest_core.py's
+    harness: a real Collector's _process in bursts of 256 pre-encoded datagrams, a flush each
+    --batch-size readings, full heads closed between bursts), as fast as it goes, in this
+    process pinned to core 0; each neighbour on core 1 follows the same database file, runs in
+    turn.  CPU time (process time) per datagram, all of it and the flushes' share, is the
+    collector's work whatever waits the scheduler adds: what the neighbour's I/O, locks and
+    cache traffic cost it.  The longest flush in wall milliseconds too."""
+    from collector import wire
+    from collector.server import Collector, Settings, _Source
+
+    cores = os.sched_getaffinity(0)
+    if len(cores) >= 2:
+        os.sched_setaffinity(0, {0})
+    pin(nats_pid, 1)
+    names = args.neighbours
+    t0 = 1_700_000_000.0
+    n = args.core_datagrams
+    readings = {"temp": 21.53, "hum": 40.2}
+    data = [wire.encode(f"bench-{i % 100:04d}", i // 100, readings, boot=1, ts=t0 + i // 100) for i in range(n)]
+    print(
+        f"in-process collector on core 0 ({n:,} datagrams of 2 readings from 100 sensors a run, flush every "
+        f"20,000 readings, as fast as it goes); each neighbour on core 1 following the same file; "
+        f"{args.pairs} rounds",
+        flush=True,
+    )
+    results: dict[str, list[dict]] = {k: [] for k in names}
+    seq = bracketed(names, args.pairs)
+    every, every_flush = [], []
+    for name in seq:
+        d = Path(tempfile.mkdtemp(prefix=f"core-{name}-", dir=workdir))
+        db = str(d / "telemetry.db")
+        clock = [t0]
+        c = Collector(Settings(db=db, listen=(("127.0.0.1", 0),)), clock=lambda: clock[0])
+        nb = None
+        try:
+            cmd = neighbour_cmd(name, db, url, args)
+            if cmd is not None:
+                nb_log = d / "neighbour.log"
+                nb = subprocess.Popen(["taskset", "-c", "1", *cmd], stdout=open(nb_log, "wb"), stderr=subprocess.STDOUT)
+                ready = "connected to" if name.startswith("uplink") else "ready"
+                deadline = time.monotonic() + 20
+                while ready not in nb_log.read_text(errors="replace"):
+                    if nb.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit(f"{name} did not start: {nb_log.read_text()[-800:]}")
+                    time.sleep(0.02)
+            source_ = _Source(c.endpoints[0])
+            cpu = flush = worst = 0.0
+            nb0 = cpu_seconds(nb.pid) if nb else 0.0
+            w0 = time.perf_counter()
+            p0 = time.process_time()
+            for start in range(0, n, 256):
+                clock[0] = round(t0 + start / 50_000, 6)
+                c._process(data[start : start + 256], None, source_, clock[0])
+                if getattr(c.store, "full", None):
+                    c.store.close_one()
+                if c.core.pending_readings >= 20_000:
+                    t, w = time.process_time(), time.perf_counter()
+                    c.flush()
+                    flush += time.process_time() - t
+                    worst = max(worst, time.perf_counter() - w)
+            t = time.process_time()
+            c.flush()
+            flush += time.process_time() - t
+            cpu = time.process_time() - p0
+            wall = time.perf_counter() - w0
+            nb_cpu = (cpu_seconds(nb.pid) - nb0) if nb else None
+        finally:
+            if nb is not None:
+                nb.terminate()
+                nb.wait(30)
+            c.server_close()
+            shutil.rmtree(d, ignore_errors=True)
+        r = dict(cpu=1e6 * cpu / n, flush=1e6 * flush / n, worst=1e3 * worst, wall=wall, nb=nb_cpu)
+        results[name].append(r)
+        every.append(r["cpu"])
+        every_flush.append(r["flush"])
+        print(
+            f"  {name:13s} {r['cpu']:.3f} us CPU/datagram (flushes {r['flush']:.3f}), longest flush "
+            f"{r['worst']:.1f} ms, {n / wall:,.0f} datagrams/s of wall time"
+            + (f", neighbour {100 * nb_cpu / wall:.1f} % of a core" if nb_cpu is not None else ""),
+            flush=True,
+        )
+    print()
+    ratios, flush_ratios = bracket_ratios(seq, every), bracket_ratios(seq, every_flush)
+    print(
+        f"in-process collector, medians (ratio: the {names[0]} runs on either side over the neighbour's, "
+        "CPU per datagram, median over the neighbour's runs):"
+    )
+    for name in names:
+        rs = results[name]
+        cpu, fl = median([r["cpu"] for r in rs]), median([r["flush"] for r in rs])
+        runs = ", ".join(f"{r['cpu']:.3f}" for r in rs)
+        print(
+            f"  {name:13s} {cpu:.3f} us CPU/datagram ("
+            + (
+                f"ratio {median(ratios[name]):.3f}, {min(ratios[name]):.3f}-{max(ratios[name]):.3f}; "
+                if name in ratios
+                else ""
+            )
+            + f"runs {runs}); flushes {fl:.3f} us"
+            + (f" (ratio {median(flush_ratios[name]):.3f})" if name in flush_ratios else "")
+            + f"; longest flush median {median([r['worst'] for r in rs]):.1f} ms"
         )
 
 
@@ -902,6 +1050,12 @@ def main() -> None:
         help=f"only: fixed-rate steps of the collector beside each of these on core 1, in turn "
         f"(of {', '.join(NEIGHBOURS)}; the first is the baseline), --pairs rounds",
     )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="with --neighbours: the collector's work in this process (no sockets, no sender), its CPU time",
+    )
+    p.add_argument("--core-datagrams", type=int, default=1_000_000, help="datagrams of each --in-process run")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--_reader", help=argparse.SUPPRESS)
     p.add_argument("--_durable", action="store_true", help=argparse.SUPPRESS)
@@ -920,6 +1074,9 @@ def main() -> None:
         workdir = Path(wd)
         nats, url = start_nats(workdir)
         try:
+            if args.neighbours and args.in_process:
+                core_phase(url, nats.pid, args, workdir)
+                return
             if args.neighbours:
                 neighbours_phase(url, nats.pid, args, workdir)
                 return

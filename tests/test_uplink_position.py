@@ -6,8 +6,9 @@ on; so the acked position lives in memory and reaches the file at most every
 position_interval seconds (an injected clock here), at once when the uplink
 stops.  A kill -9 between two writes sends again what was acked since the last
 one: against a real nats-server and the real central consumer, every reading
-lands once.  A round cut by its limits (a backlog) is followed at once; one
-that reached the newest entry sleeps poll_interval.
+lands once.  The status file carries the acked position (within a second, at
+once when a backlog has drained).  A round cut by its limits (a backlog) is
+followed at once; one that reached the newest entry sleeps poll_interval.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ def test_the_position_reaches_the_file_at_most_every_interval_and_on_stop(tmp_pa
             gw.flush()
             await until(lambda: up.cursor == 6, what="two more flushes acked")
             assert source.read_cursor(gw.path) == 4  # the interval starts again at each write
+            # the status file (telemetry-uplink status) has the acked position within a second or so
+            await until(lambda: uplinkfleet.status(gw.path).get("position") == 6, what="the status file")
+            assert source.read_cursor(gw.path) == 4 and uplinkfleet.status(gw.path)["position_written"] == 4
             up.stop.set()
             await run
 
@@ -108,6 +112,7 @@ def test_a_round_cut_by_its_limits_is_followed_at_once(tmp_path, gw):
         async def scenario() -> None:
             run = asyncio.create_task(up.run())
             await until(lambda: up.cursor == 7, timeout=20, what="the backlog drained")
+            assert uplinkfleet.status(gw.path)["position"] == 7  # written as the backlog drained
             gw.flush()
             await asyncio.sleep(0.3)
             assert up.stats["rounds"] == up.reads == 4 and up.cursor == 7  # asleep: the new flush waits

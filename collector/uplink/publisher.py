@@ -70,6 +70,8 @@ class Uplink:
         self._written_at = clock()
         self.position_writes = 0
         self.reads = 0  # read transactions on the collector's database (rounds, with or without news)
+        self._behind = False  # the last round was cut by its limits (a backlog)
+        self._status_stale = False  # something changed since the status file was last written
         if settings.payload_version not in core.VERSIONS:
             raise ConfigError(f"payload version {settings.payload_version!r}: 1, 2 or 3")
         self.max_datagrams = settings.max_datagrams or core.DEFAULT_MAX_DATAGRAMS[settings.payload_version]
@@ -115,6 +117,8 @@ class Uplink:
         try:
             while not self.stop.is_set():
                 self._save_position()
+                if self._status_stale:
+                    self._write_status()
                 if self.nc is None or not self.nc.is_connected:
                     delay = await self._connect()
                     if delay is not None:
@@ -318,8 +322,12 @@ class Uplink:
         self.backoff.reset()
         self.last_ack = time.time()
         self.stats["rounds"] += 1
-        self._write_status()
-        return bool(ids) and ids[-1] < snap.last_id
+        more = bool(ids) and ids[-1] < snap.last_id
+        # at once when a backlog has just drained (the operator, and bench/uplink.py's catch-up
+        # time, see the position it reached), else at most once a second
+        self._write_status(force=self._behind and not more)
+        self._behind = more
+        return more
 
     async def _publish(self, messages: list[core.Message]) -> None:
         js = self.js
@@ -350,10 +358,13 @@ class Uplink:
         now = time.time()
         return dict(
             pid=os.getpid(),
+            started=self.started,
             updated=now,
             gateway=self.s.gateway,
             position=self.cursor,
             position_written=self.written,
+            position_writes=self.position_writes,
+            reads=self.reads,
             pending_entries=entries,
             pending_readings=readings,
             oldest_unsent_age=None if oldest is None else max(0.0, now - oldest),
@@ -376,8 +387,10 @@ class Uplink:
     def _write_status(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last_status_file < 1.0:
+            self._status_stale = True  # the loop writes it once the second has passed
             return
         self._last_status_file = now
+        self._status_stale = False
         self.notify(f"STATUS={self.status_line()[8:]}")
         try:
             source.write_atomically(status_path(self.s.db), json.dumps(self.status()).encode() + b"\n", durable=False)
