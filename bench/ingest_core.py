@@ -39,6 +39,36 @@ from collector.server import Collector, Settings, _Source  # noqa: E402
 VALUES = {"temp": 21.53, "hum": 40.2, "pres": 1013.25, "bat": 3.712, "count": 123456}
 
 
+def feed(c: Collector, data: list[bytes], clock: list[float], t0: float, rate: float, batch_size: int):
+    """`data` through the Collector `c` as its loop would: `_process` bursts of 256 at receive
+    time t0 + i / rate (into clock[0]), a full head closed per half a chunk received, a flush whenever
+    the batch holds batch_size readings, and one at the end.  (hot path, closes, flushes) in
+    CPU seconds (process time) and the longest flush in wall seconds."""
+    source = _Source(c.endpoints[0])
+    proc = flush = idle = worst = 0.0
+    closed_at = 0
+    for start in range(0, len(data), 256):
+        clock[0] = round(t0 + start / rate, 6)  # as Collector._drain rounds it
+        t = time.process_time()
+        c._process(data[start : start + 256], None, source, clock[0])
+        proc += time.process_time() - t
+        # Under continuous traffic the loop closes a full head per half a chunk received.
+        if c.store.full and start + 256 - closed_at >= c.store.chunk_datagrams // 2:
+            closed_at = start + 256
+            t = time.process_time()
+            c.store.close_one()
+            idle += time.process_time() - t
+        if c.core.pending_readings >= batch_size:
+            t, w = time.process_time(), time.perf_counter()
+            c.flush()
+            flush += time.process_time() - t
+            worst = max(worst, time.perf_counter() - w)
+    t = time.process_time()
+    c.flush()
+    flush += time.process_time() - t
+    return proc, idle, flush, worst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datagrams", type=int, default=300_000)
@@ -69,29 +99,7 @@ def main() -> None:
             c = Collector(Settings(db=os.path.join(d, "b.db"), listen=(("127.0.0.1", 0),)), clock=lambda: clock[0])
             swap.__enter__()
             try:
-                source = _Source(c.endpoints[0])
-                proc = flush = idle = 0.0
-                worst = 0.0
-                closed_at = 0
-                for start in range(0, len(data), 256):
-                    clock[0] = round(t0 + start / args.rate, 6)  # as Collector._drain rounds it
-                    t = time.process_time()
-                    c._process(data[start : start + 256], None, source, clock[0])
-                    proc += time.process_time() - t
-                    # Under continuous traffic the loop closes a full head per half a chunk received.
-                    if c.store.full and start + 256 - closed_at >= c.store.chunk_datagrams // 2:
-                        closed_at = start + 256
-                        t = time.process_time()
-                        c.store.close_one()
-                        idle += time.process_time() - t
-                    if c.core.pending_readings >= args.batch_size:
-                        t, w = time.process_time(), time.perf_counter()
-                        c.flush()
-                        flush += time.process_time() - t
-                        worst = max(worst, time.perf_counter() - w)
-                t = time.process_time()
-                c.flush()
-                flush += time.process_time() - t
+                proc, idle, flush, worst = feed(c, data, clock, t0, args.rate, args.batch_size)
                 closed = c.store.chunks_closed
             finally:
                 swap.__exit__(None, None, None)

@@ -814,7 +814,11 @@ def core_phase(url: str, nats_pid: int, args, workdir: Path) -> None:
     collector's work whatever waits the scheduler adds: what the neighbour's I/O, locks and
     cache traffic cost it.  The longest flush in wall milliseconds too."""
     from collector import wire
-    from collector.server import Collector, Settings, _Source
+    from collector.server import Collector, Settings
+
+    spec = importlib.util.spec_from_file_location("bench_ingest_core", ROOT / "bench" / "ingest_core.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
 
     cores = os.sched_getaffinity(0)
     if len(cores) >= 2:
@@ -851,25 +855,10 @@ def core_phase(url: str, nats_pid: int, args, workdir: Path) -> None:
                     if nb.poll() is not None or time.monotonic() > deadline:
                         raise SystemExit(f"{name} did not start: {nb_log.read_text()[-800:]}")
                     time.sleep(0.02)
-            source_ = _Source(c.endpoints[0])
-            cpu = flush = worst = 0.0
             nb0 = cpu_seconds(nb.pid) if nb else 0.0
             w0 = time.perf_counter()
-            p0 = time.process_time()
-            for start in range(0, n, 256):
-                clock[0] = round(t0 + start / 50_000, 6)
-                c._process(data[start : start + 256], None, source_, clock[0])
-                if getattr(c.store, "full", None):
-                    c.store.close_one()
-                if c.core.pending_readings >= 20_000:
-                    t, w = time.process_time(), time.perf_counter()
-                    c.flush()
-                    flush += time.process_time() - t
-                    worst = max(worst, time.perf_counter() - w)
-            t = time.process_time()
-            c.flush()
-            flush += time.process_time() - t
-            cpu = time.process_time() - p0
+            hot, closes, flush, worst = harness.feed(c, data, clock, t0, 50_000, 20_000)
+            cpu = hot + closes + flush
             wall = time.perf_counter() - w0
             nb_cpu = (cpu_seconds(nb.pid) - nb0) if nb else None
         finally:
