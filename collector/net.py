@@ -133,6 +133,20 @@ def enable_drop_counter(sock: socket.socket) -> bool:
     return True
 
 
+def _meminfo(sock: socket.socket, fields: int) -> tuple[int, ...] | None:
+    """The first `fields` u32 of the socket's SO_MEMINFO (linux/sock_diag.h), or None."""
+    if not IS_LINUX:
+        return None
+    size = 4 * fields
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, tuning.SO_MEMINFO, size)
+    except OSError:
+        return None
+    if len(raw) < size:
+        return None
+    return struct.unpack_from(f"={fields}I", raw)
+
+
 def read_drops(sock: socket.socket) -> int | None:
     """The socket's cumulative kernel drop count now (SO_MEMINFO), or None if unavailable.
 
@@ -140,16 +154,17 @@ def read_drops(sock: socket.socket) -> int | None:
     the next datagram queued after the drops; this reads it at any time, so
     drops at the end of a burst are accounted without waiting for traffic.
     """
-    if not IS_LINUX:
+    info = _meminfo(sock, tuning.SK_MEMINFO_DROPS + 1)
+    return None if info is None else info[tuning.SK_MEMINFO_DROPS]
+
+
+def queue_fill(sock: socket.socket) -> float | None:
+    """How full the socket's receive queue is now: bytes charged over the buffer
+    granted (SO_MEMINFO rmem_alloc / rcvbuf), or None if unavailable."""
+    info = _meminfo(sock, 2)
+    if info is None or not info[1]:
         return None
-    size = 4 * (tuning.SK_MEMINFO_DROPS + 1)
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, tuning.SO_MEMINFO, size)
-    except OSError:
-        return None
-    if len(raw) < size:
-        return None
-    return struct.unpack_from("=I", raw, 4 * tuning.SK_MEMINFO_DROPS)[0]
+    return info[0] / info[1]
 
 
 # --- interfaces ----------------------------------------------------------------------------

@@ -387,13 +387,14 @@ class Collector:
                     else:
                         drain(source)
                 if store.full and counters["received"] - closed_at >= close_every:
-                    # Continuous traffic: the sockets are never empty, so heads
+                    # Continuous traffic: the sockets may never be empty, so heads
                     # at their count close here too, one per half a chunk of
                     # datagrams received (twice as fast as equal-rate sensors
                     # fill them), rather than many in one flush at twice the
-                    # count while datagrams queue (store.close_one, _close_heads).
+                    # count (store.close_one, _close_heads); but only while the
+                    # queues are short: a backlog is read first.
                     closed_at = counters["received"]
-                    if store.failing_since is None:
+                    if store.failing_since is None and self._room_to_close():
                         store.close_one()
                 if self._reload_requested:
                     self._reload_requested = False
@@ -428,6 +429,14 @@ class Collector:
             self._final_flush()
             self._final_file_check()
             self._done.set()
+
+    def _room_to_close(self) -> bool:
+        """Every socket's queue is short enough to spend a close's few ms (False where unknown)."""
+        for source in self._sources:
+            fill = net.queue_fill(source.sock)
+            if fill is None or fill >= tuning.CLOSE_QUEUE_FILL_MAX:
+                return False
+        return True
 
     def _flush(self, mono: float) -> bool:
         """One flush from the loop: sample sensor health first, and time it for the metrics."""

@@ -40,6 +40,11 @@ DRAIN_BUDGET_DATAGRAMS = 256
 # RECV_BUFFER_BYTES: 4 MiB of address space, of which only the pages the
 # kernel writes (about one per slot in use) become resident.
 RECVMMSG_VLEN = 64
+# Under continuous traffic a head at its count closes between two drains only
+# while every socket's queue is under this share of its buffer (SO_MEMINFO):
+# closing while a backlog waits (after the CPU was taken away) slows the
+# catch-up, and a fuller queue overflows sooner (collector/server.py).
+CLOSE_QUEUE_FILL_MAX = 0.25
 # The longest one select() waits (seconds): epoll takes at most 2**31-1 ms,
 # and --flush-interval / --status-interval may be longer, even inf.
 MAX_SELECT_TIMEOUT_S = 3600.0

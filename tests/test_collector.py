@@ -540,35 +540,43 @@ def test_the_last_line_says_so_when_this_run_dropped_readings(db_path):
     assert collector.stop_message()[0] == logging.INFO
 
 
-@both_paths
-def test_heads_close_between_drains_while_the_socket_is_never_empty(db_path, batch_receive):
-    """Under continuous traffic the loop never finds its socket empty: a head at its
-    count closes between drains (one per half a chunk received), not in a flush at
-    twice the count.  240 datagrams of one sensor are queued before the loop starts,
-    so the socket is empty only once all are read."""
-    settings = Settings(
-        db=db_path,
-        listen=(("127.0.0.1", 0),),
-        drain_budget=16,
-        batch_size=2,  # a flush after every drain: heads fill as the datagrams arrive
-        flush_interval=3600,
-        chunk_datagrams=64,
-        batch_receive=batch_receive,
+def _queued_then_served(db_path, datagrams: int, **settings) -> list[int]:
+    """Queue `datagrams` of one sensor before the loop starts (so its socket is empty
+    only once all are read), serve them with a flush after every drain, and return
+    the datagrams of each chunk the collector closed, oldest first."""
+    collector = Collector(
+        Settings(db=db_path, listen=(("127.0.0.1", 0),), batch_size=2, flush_interval=3600, **settings)
     )
-    collector = Collector(settings)
     s = sender()
-    for seq in range(240):  # 240 fit a stock socket buffer
+    for seq in range(datagrams):
         s.sendto(good("cont-1", seq), collector.addresses[0])
     s.close()
     with serving(collector):
-        wait_for(lambda: collector.counters["stored"] == 240, 10, what="240 stored")
+        wait_for(lambda: collector.counters["stored"] == datagrams, 10, what=f"{datagrams} stored")
     c = counters(db_path)
-    assert (c["received"], c["stored"], c["kernel_drops"]) == (240, 240, 0)
-    chunks = [n for (n,) in query(db_path, "SELECT datagrams FROM chunks ORDER BY id")]
-    # Closed at 64 plus at most half a chunk and a drain; a flush would have
-    # waited for 128 (the first chunk then holds 128-143 datagrams).
-    assert len(chunks) >= 2 and all(64 <= n <= 64 + 32 + 16 for n in chunks[:2]), chunks
-    assert query(db_path, "SELECT datagrams, readings FROM sensors") == [(240, 480)]
+    assert (c["received"], c["stored"], c["kernel_drops"]) == (datagrams, datagrams, 0)
+    assert query(db_path, "SELECT datagrams, readings FROM sensors") == [(datagrams, 2 * datagrams)]
+    return [n for (n,) in query(db_path, "SELECT datagrams FROM chunks ORDER BY id")]
+
+
+@both_paths
+def test_heads_close_between_drains_while_the_socket_is_never_empty(db_path, batch_receive):
+    """Under continuous traffic the loop never finds its socket empty: a head at its
+    count closes between drains (one per half a chunk received) while the queue is
+    short, not in a flush at twice the count.  80 small datagrams fill a sixth of a
+    stock socket buffer (425,984 bytes granted), under CLOSE_QUEUE_FILL_MAX."""
+    chunks = _queued_then_served(db_path, 80, drain_budget=4, chunk_datagrams=16, batch_receive=batch_receive)
+    # Closed at 16 plus at most half a chunk and a drain; a flush would have
+    # waited for 32 (the first chunk then holds 32-35 datagrams).
+    assert len(chunks) >= 2 and all(16 <= n <= 16 + 8 + 4 for n in chunks[:2]), chunks
+
+
+def test_heads_wait_while_the_queue_is_long(db_path):
+    """A long queue is read first: with 200 datagrams queued in a 300,000-byte buffer
+    (~830 bytes each: over a third of it still full when the head reaches its count),
+    no head closes between drains, and the flush closes it at twice the count."""
+    chunks = _queued_then_served(db_path, 200, drain_budget=16, chunk_datagrams=64, rcvbuf=150_000)
+    assert chunks and 128 <= chunks[0] <= 128 + 16, chunks
 
 
 def test_the_cli_collector_freezes_what_start_up_built(db_path):

@@ -9,6 +9,8 @@ import pytest
 from collector import net, tuning
 from collector.errors import ConfigError, SetupError
 
+from helpers import wait_for
+
 LINUX = net.IS_LINUX
 
 
@@ -242,3 +244,25 @@ def test_a_socket_the_kernel_refuses_is_a_setup_error_with_a_fixed_port_too(no_f
         net.open_unicast("127.0.0.1", 0)
     with pytest.raises(SetupError, match="cannot create an IPv4 UDP socket: Too many open files"):
         net.open_unicast("127.0.0.1", tuning.DEFAULT_UDP_PORT)
+
+
+@pytest.mark.skipif(not LINUX, reason="SO_MEMINFO is Linux's")
+def test_queue_fill_follows_what_is_queued():
+    """queue_fill: bytes charged to the socket's queue over its buffer, 0 when read empty."""
+    r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        r.bind(("127.0.0.1", 0))
+        assert net.queue_fill(r) == 0.0
+        for _ in range(10):
+            s.sendto(b"x" * 70, r.getsockname())
+        wait_for(lambda: net.queue_fill(r) > 0, 5, what="the datagrams to be queued")
+        ten = net.queue_fill(r)
+        granted = r.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        assert 10 * 70 / granted < ten < 10 * 4096 / granted  # each charged its payload and its overhead
+        for _ in range(10):
+            r.recv(100)
+        assert net.queue_fill(r) == 0.0
+    finally:
+        r.close()
+        s.close()
