@@ -341,12 +341,15 @@ def run_sender(
     return json.loads(out.stdout)
 
 
-def start_collector(db: Path, log: Path, args, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
-    """`telemetry-collector` on --collector-core with the step's settings, logging to `log`;
-    (the process, its UDP port) once it listens.  bench/uplink.py starts its collectors here too."""
+def start_collector(
+    db: Path, log: Path, args, extra: tuple[str, ...] = (), program: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, int]:
+    """`telemetry-collector` (or `program`, which takes its options) on --collector-core with
+    the step's settings, logging to `log`; (the process, its UDP port) once it listens.
+    bench/uplink.py and bench/ingest_stalls.py start their collectors here too."""
     cmd = [
         *taskset(args.collector_core),
-        str(BIN / "telemetry-collector"),
+        *(program or (str(BIN / "telemetry-collector"),)),
         "--db",
         str(db),
         "--listen",

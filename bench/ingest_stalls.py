@@ -29,15 +29,15 @@ import argparse
 import json
 import os
 import re
-import signal
-import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import ingest  # noqa: E402  (bench/ingest.py: its sender, taskset, counters)
 
 
 def instrumented(out: str, cpu: bool) -> None:
@@ -127,42 +127,9 @@ def instrumented(out: str, cpu: bool) -> None:
 def run(args, cpu: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="stalls-") as d:
         db, log, out = Path(d) / "t.db", Path(d) / "c.log", Path(d) / "record.json"
-        cmd = [
-            *_taskset(args.collector_core),
-            sys.executable,
-            __file__,
-            "--_instrumented",
-            str(out),
-            *(["--_cpu"] if cpu else []),
-            "--",
-            "--db",
-            str(db),
-            "--listen",
-            "127.0.0.1:0",
-            "--status-interval",
-            "3600",
-            "--rcvbuf",
-            str(args.rcvbuf),
-        ]
-        with open(log, "wb") as logf:
-            proc = subprocess.Popen(cmd, stderr=logf)
-        deadline = time.monotonic() + 15
-        port = None
-        while time.monotonic() < deadline and port is None:
-            m = re.search(r"listening udp 127\.0\.0\.1:(\d+) \(rcvbuf asked \d+, granted (\d+)", log.read_text())
-            if m:
-                port, granted = int(m.group(1)), int(m.group(2))
-            elif proc.poll() is not None:
-                break
-            else:
-                time.sleep(0.02)
-        if port is None:
-            proc.kill()
-            proc.wait(10)
-            raise SystemExit(f"collector did not start: {log.read_text()[-2000:]}")
-        sys.path.insert(0, str(HERE))
-        import ingest
-
+        program = (sys.executable, __file__, "--_instrumented", str(out), *(["--_cpu"] if cpu else []), "--")
+        proc, port = ingest.start_collector(db, log, args, program=program)
+        granted = int(re.search(r"granted (\d+)", log.read_text()).group(1))
         try:
             sent = ingest.run_sender(
                 port, args.rate, args.seconds, args.sensors, args.sender_core, False, args.readings
@@ -170,11 +137,10 @@ def run(args, cpu: bool) -> None:
             stored, last, deadline = -1, -2, time.monotonic() + 30
             while time.monotonic() < deadline and stored != last and stored < sent["sent"]:
                 time.sleep(1.1)  # a flush interval and a little
-                last, stored = stored, _counters(db).get("stored", 0)
+                last, stored = stored, ingest.read_counters(db).get("stored", 0)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
-        c = _counters(db)
+            ingest.stop_collector(proc)
+        c = ingest.read_counters(db)
         record = json.loads(out.read_text())
     gaps = sorted(record["gaps"])
     if not gaps:
@@ -208,21 +174,6 @@ def run(args, cpu: bool) -> None:
         print(f"    at {at:6.2f} s: {gap * 1e3:6.1f} ms: {'; '.join(parts) or '(nothing timed: another process?)'}")
 
 
-def _counters(db: Path) -> dict:
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            return dict(conn.execute("SELECT name, value FROM counters"))
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return {}
-
-
-def _taskset(core: int | None) -> list[str]:
-    return ["taskset", "-c", str(core)] if core is not None and os.path.exists("/usr/bin/taskset") else []
-
-
 def main() -> None:
     if "--_instrumented" in sys.argv:
         i = sys.argv.index("--_instrumented")
@@ -236,6 +187,8 @@ def main() -> None:
     ap.add_argument("--rcvbuf", type=int, default=4 * 1024 * 1024, help="as bench/ingest.py asks (rmem_max here)")
     ap.add_argument("--collector-core", type=int, default=0)
     ap.add_argument("--sender-core", type=int, default=1)
+    ap.add_argument("--flush-interval", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=20_000)
     ap.add_argument("--show", type=int, default=6, help="longest gaps to list")
     ap.add_argument("--clock", choices=("both", "wall", "cpu"), default="both", help="one run per clock")
     args = ap.parse_args()
