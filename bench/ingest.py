@@ -214,6 +214,7 @@ def send(
     if mode == "mmsg" and not signed and sensors <= 1024:  # UIO_MAXIOV
         rounds = RoundSender(sock, prefixes, len(pack(0)))
         seq = 0
+        behind = 0.0  # how far behind its schedule the sender fell at most (it then sends at once)
         while seq * sensors < count:
             due = start + seq * sensors / rate
             now = time.perf_counter()
@@ -221,12 +222,14 @@ def send(
                 time.sleep(due - now)
             elif now > deadline:
                 break
+            else:
+                behind = max(behind, now - due)
             ok, bad = rounds.send_round(pack(seq), min(sensors, count - seq * sensors))
             sent += ok
             failed += bad
             seq += 1
         elapsed = time.perf_counter() - start
-        print(json.dumps({"sent": sent, "failed": failed, "elapsed": elapsed}))
+        print(json.dumps({"sent": sent, "failed": failed, "elapsed": elapsed, "behind_max": behind}))
         return
     if signed:
         sys.path.insert(0, str(ROOT))

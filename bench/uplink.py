@@ -58,6 +58,18 @@ from collector import ingestlog, schema  # noqa: E402
 from collector.ingestlog import Group  # noqa: E402
 
 
+def _unit_nice() -> int:
+    """Nice= of the uplink's systemd unit: the bench runs the uplink beside the collector as deployed."""
+    try:
+        m = re.search(r"^Nice=(-?\d+)$", (ROOT / "deploy/systemd/telemetry-uplink.service").read_text(), re.M)
+    except OSError:
+        return 0
+    return int(m.group(1)) if m else 0
+
+
+UNIT_NICE = _unit_nice()
+
+
 def fill(
     path: str, minutes: float, rate: int, sensors: int, seed: int, distinct: float | None = None
 ) -> tuple[int, int]:
@@ -482,7 +494,8 @@ def neighbour_cmd(name: str, db: str, url: str, args) -> list[str] | None:
         return [sys.executable, "-c", code, db, str(ROOT)]
     cmd = uplink_cmd(db, "bench-ingest", url, 3)
     cmd[cmd.index("--poll-interval") + 1] = str(args.poll_interval)
-    return cmd + (["--position-interval", "0.000001"] if name == "uplink-eager" else [])
+    nice = ["nice", "-n", str(args.uplink_nice)] if args.uplink_nice else []
+    return nice + cmd + (["--position-interval", "0.000001"] if name == "uplink-eager" else [])
 
 
 def ingest_step(
@@ -585,6 +598,7 @@ def ingest_step(
     out.update(
         sent=sent["sent"],
         send_elapsed=sent["elapsed"],
+        sender_behind=sent.get("behind_max", 0.0),
         received=int(c.get("received", 0)),
         stored=stored,
         stored_readings=int(c.get("stored_readings", 0)),
@@ -614,7 +628,9 @@ def _step_line(label: str, r: dict) -> str:
         f"  {label:7s} {r['rate']:>9,.0f} datagrams/s offered, {r['sent'] / r['send_elapsed']:>9,.0f} sent: "
         f"stored {r['stored']:,} of {r['sent']:,}, kernel drops {r['kernel_drops']}; collector "
         f"{r['cpu_us_per_datagram']:.2f} us CPU/datagram, waited {1000 * r['run_wait']:.0f} ms for its core, "
-        f"WAL at most {r['wal_frames_peak']} frames" + extra + ("  ok" if r["ok"] else "  LOSS")
+        f"WAL at most {r['wal_frames_peak']} frames, sender late by {1000 * r.get('sender_behind', 0):.1f} ms at most"
+        + extra
+        + ("  ok" if r["ok"] else "  LOSS")
     )
 
 
@@ -637,6 +653,7 @@ def ingest_settings(args) -> argparse.Namespace:
         batch_size=20_000,
         rcvbuf=min(8 * 1024 * 1024, rmem_max),
         poll_interval=args.poll_interval,
+        uplink_nice=args.uplink_nice,
     )
     if (os.cpu_count() or 1) < 2:
         a.collector_core = a.sender_core = None
@@ -655,7 +672,7 @@ def ingest_beside(url: str, nats_pid: int, args, workdir: Path) -> dict:
     pin(nats_pid, a.sender_core)
     print(
         f"ingest beside the uplink: collector on core {a.collector_core}; sender, uplink (poll "
-        f"{a.poll_interval:g} s) and nats-server on core {a.sender_core}; {a.sensors} sensors, "
+        f"{a.poll_interval:g} s, nice {a.uplink_nice}) and nats-server on core {a.sender_core}; {a.sensors} sensors, "
         f"{a.n_readings} readings a datagram, {a.seconds:g} s a step",
         flush=True,
     )
@@ -753,7 +770,8 @@ def neighbours_phase(url: str, nats_pid: int, args, workdir: Path) -> None:
     names = args.neighbours
     rate = args.pair_rate or 95_000
     print(
-        f"neighbours: collector on core {a.collector_core}; the sender and each neighbour on core {a.sender_core}; "
+        f"neighbours: collector on core {a.collector_core}; the sender and each neighbour on core {a.sender_core} "
+        f"(uplinks at nice {a.uplink_nice}); "
         f"{a.sensors} sensors at {rate:,.0f} datagrams/s, {args.pair_seconds:g} s a step, {args.pairs} rounds",
         flush=True,
     )
@@ -791,7 +809,8 @@ def neighbours_phase(url: str, nats_pid: int, args, workdir: Path) -> None:
             + f"steps {steps}); waited "
             f"{1000 * median([r['run_wait'] for r in rs]):.0f} ms for its core; context switches "
             f"{per_s['vol_cs']:,.0f}/s voluntary, {per_s['invol_cs']:,.0f}/s involuntary; "
-            f"{per_s['minflt']:,.0f} minor faults/s; {n_fl:.0f} flushes of {flush_ms:.1f} ms on average, "
+            f"{per_s['minflt']:,.0f} minor faults/s; the sender fell behind its schedule by at most "
+            f"{1000 * median([r['sender_behind'] for r in rs]):.1f} ms (median of steps); {n_fl:.0f} flushes of {flush_ms:.1f} ms on average, "
             f"{slow['0.025']:.0f} over 25 ms, {slow['0.05']:.0f} over 50 ms; lost {lost}"
             + (f"; the neighbour used {100 * median(own):.1f} % of a core" if own else "")
             + (
@@ -1033,6 +1052,13 @@ def main() -> None:
     p.add_argument("--retakes", type=int, default=1, help="times a disturbed lossy step is taken again at most")
     p.add_argument("--pair-rate", type=float, help="datagrams/s of the pairs (default: half the alone median)")
     p.add_argument("--poll-interval", type=float, default=0.5, help="the uplink's poll interval beside the collector")
+    p.add_argument(
+        "--uplink-nice",
+        type=int,
+        default=UNIT_NICE,
+        help=f"niceness of the uplink beside the collector (default {UNIT_NICE}: Nice= of "
+        "deploy/systemd/telemetry-uplink.service, as deployed; 0: as sessions 1-4 measured it)",
+    )
     p.add_argument(
         "--neighbours",
         type=lambda v: [n for n in v.split(",") if n],
