@@ -17,6 +17,7 @@ import click
 
 from . import __version__
 from .commands import COMMANDS, SETTINGS_KEY, check_client_environment, connection_options
+from .interrupt import interruptible
 from .output import render
 from .serve import SERVE_SETTINGS, build_server, serve, tls_context
 from .times import human_time, parse_duration, parse_time
@@ -47,6 +48,7 @@ def main(ctx: click.Context, server, ca, cert, key, fmt, times) -> None:
     Example:
       telemetry-query --server gw1.example.org:4740 --ca ca.pem latest
     """
+    interruptible()  # Ctrl-C stops follow, plot --watch and a slow answer, however we were started
     check_client_environment(dict(os.environ))
     ctx.meta[SETTINGS_KEY] = {"server": server, "ca": ca, "cert": cert, "key": key, "fmt": fmt, "times": times}
 

@@ -316,6 +316,9 @@ def main(duration: float, keep: bool) -> None:
 
         python -m sensor_sim.demo --duration 10 --keep
     """
+    from query.interrupt import interruptible
+
+    interruptible()  # the daemons stop on SIGINT whatever we inherited: so must the demo that runs them
     workdir = Path(tempfile.mkdtemp(prefix="gateway-telemetry-demo-"))
     demo = Demo(workdir, duration)
     click.secho(

@@ -13,12 +13,31 @@ import re
 import signal
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 from helpers import db_query, wait_for
 
 COLLECTOR_READY = r"started: "
 QUERY_READY = r"listening tls (\S+):(\d+)"
+
+# How a parent can leave SIGINT to a child (both ignored and blocked survive
+# exec): at its default, as a terminal's foreground job has it; ignored, as a
+# non-interactive shell starts `command &` (and everything a CI job started so
+# runs); blocked.  A Ctrl-C test names the state instead of inheriting the
+# test runner's.
+SIGINT_STATES = ("default", "ignored", "blocked")
+_SIGINT_SETUP = {
+    "default": "signal.signal(signal.SIGINT, signal.SIG_DFL); signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])",
+    "ignored": "signal.signal(signal.SIGINT, signal.SIG_IGN); signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])",
+    "blocked": "signal.signal(signal.SIGINT, signal.SIG_DFL); signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])",
+}
+
+
+def with_sigint(state: str, cmd: list[str]) -> list[str]:
+    """`cmd` (cmd[0] a path) run by a small Python that sets SIGINT to `state`, then execs it."""
+    setup = _SIGINT_SETUP[state]
+    return [sys.executable, "-c", f"import os, signal, sys; {setup}; os.execv(sys.argv[1], sys.argv[1:])", *cmd]
 
 
 class Daemon:

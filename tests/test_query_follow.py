@@ -23,6 +23,7 @@ from query.follow import encode_event, matching, rows_of
 from query.server import ServerLimits
 
 from helpers import wait_for
+from processes import SIGINT_STATES, with_sigint
 from query_fixtures import running_server
 
 
@@ -266,7 +267,10 @@ def test_follow_on_a_database_without_an_ingest_log_says_so(tmp_path, tls):
 # -- the client ---------------------------------------------------------------------
 
 
-def test_cli_follow_prints_rows_until_ctrl_c_and_exits_0(log_db, tls, bin_path):
+@pytest.mark.parametrize("sigint", SIGINT_STATES)
+def test_cli_follow_prints_rows_until_ctrl_c_and_exits_0(log_db, tls, bin_path, sigint):
+    # Started with SIGINT ignored or blocked (a script's `telemetry-query follow &`), Python
+    # alone would never raise KeyboardInterrupt: the client undoes that first.
     with running_server(log_db.path, tls) as server:
         env = {
             **os.environ,
@@ -275,7 +279,7 @@ def test_cli_follow_prints_rows_until_ctrl_c_and_exits_0(log_db, tls, bin_path):
             "PYTHONUNBUFFERED": "1",
         }
         proc = subprocess.Popen(
-            [bin_path("telemetry-query"), "follow", "s1", "--metric", "temp", "--format", "csv"],
+            with_sigint(sigint, [bin_path("telemetry-query"), "follow", "s1", "--metric", "temp", "--format", "csv"]),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
