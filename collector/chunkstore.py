@@ -410,6 +410,13 @@ def _rollup_np(ts: np.ndarray, v: np.ndarray, starts: np.ndarray | None) -> dict
     return _fold_hours(minutes)
 
 
+def _append(col: array, values) -> None:
+    if type(values) is list:
+        col.fromlist(values)
+    else:
+        col.extend(values)
+
+
 class Head:
     """One (sensor, boot)'s open datagrams: compact arrays, appended at each flush."""
 
@@ -435,15 +442,20 @@ class Head:
     def extend(self, seqs, ts, received, metrics) -> None:
         n0 = len(self.seqs)
         n = len(seqs)
-        self.seqs.extend(seqs)
-        self.ts.extend(ts)
-        self.received.extend(received)
+        # fromlist converts a list in C (array.extend iterates it generically:
+        # 2.4 against 1.0 us for 41 values); anything else is extended.
+        _append(self.seqs, seqs)
+        _append(self.ts, ts)
+        _append(self.received, received)
         for name, values in metrics.items():
             col = self.metrics.get(name)
             if col is None:
                 col = self.metrics[name] = array("d", [NAN]) * n0
-            try:  # ints become floats as float(v) makes them; a None (absent) refuses
-                col.extend(array("d", values))
+            try:  # ints become floats as float(v) makes them; a None (absent) refuses, changing nothing
+                if type(values) is list:
+                    col.fromlist(values)
+                else:
+                    col.extend(array("d", values))
             except TypeError:
                 col.extend([NAN if v is None else float(v) for v in values])
         for col in self.metrics.values():
