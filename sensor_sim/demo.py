@@ -44,6 +44,27 @@ def _die_with_parent() -> None:
         pass
 
 
+class _CtrlC:
+    """SIGINT raises KeyboardInterrupt, as by default, and remembers it: Python swallows an
+    exception raised where nothing can catch it (it prints "Exception ignored in ..."), and
+    a Ctrl-C landing in the fork of a child runs in logging's at-fork hook, one such place.
+    check() raises it again at the demo's next step."""
+
+    def __init__(self) -> None:
+        self.hit = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+
+
+CTRL_C = _CtrlC()
+
+
 def _signal(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.kill(proc.pid, sig)  # not yet reaped by us: the pid is still our child's (or its zombie's)
@@ -94,6 +115,7 @@ class Demo:
                 preexec_fn=_die_with_parent,
             )
         self.children.append((name, proc))
+        CTRL_C.check()
         return proc, log
 
     def wait_for_line(self, proc: subprocess.Popen, log: Path, pattern: str) -> list[re.Match]:
@@ -101,6 +123,7 @@ class Demo:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         regex = re.compile(pattern)
         while time.monotonic() < deadline:
+            CTRL_C.check()
             text = log.read_text(errors="replace")
             found = list(regex.finditer(text))
             if found:
@@ -244,6 +267,7 @@ class Demo:
         )
         for proc in (uni, multi):
             proc.wait(timeout=self.duration + 30)
+            CTRL_C.check()  # they stop on SIGINT: this is no failure of theirs
             if proc.returncode != 0:
                 raise click.ClickException(f"sensor-sim exited with {proc.returncode}")
         truth = _ground_truth(self.dir / "unicast.json", self.dir / "multicast.json")
@@ -347,13 +371,18 @@ def main(duration: float, keep: bool) -> None:
     from query.interrupt import interruptible
 
     interruptible()  # the daemons stop on SIGINT whatever we inherited: so must the demo that runs them
+    signal.signal(signal.SIGINT, CTRL_C)
     workdir = Path(tempfile.mkdtemp(prefix="gateway-telemetry-demo-"))
     demo = Demo(workdir, duration)
     click.secho(
         "gateway-telemetry demo: collector, query server and sensors as real processes on loopback\n", bold=True
     )
     try:
-        demo.run()
+        try:
+            demo.run()
+        except click.ClickException:
+            CTRL_C.check()  # a step failed because Ctrl-C stopped the daemons: say so
+            raise
     except KeyboardInterrupt:
         click.echo("\ninterrupted: stopping every process", err=True)
         raise SystemExit(130) from None
