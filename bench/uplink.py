@@ -31,6 +31,7 @@ store) started here:
     .venv/bin/python bench/uplink.py --ingest-only        # phase 3: ~5 minutes at load 4-6
     .venv/bin/python bench/uplink.py                      # phases 1-3: a few minutes more
     .venv/bin/python bench/uplink.py --minutes 10 --skip-ingest
+    .venv/bin/python bench/uplink.py --central-only --central-alone   # phase 2, close workers against one process
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import random
 import re
 import shutil
 import sqlite3
+import statistics
 import struct
 import subprocess
 import sys
@@ -56,6 +58,11 @@ sys.path.insert(0, str(ROOT))
 
 from collector import ingestlog, schema  # noqa: E402
 from collector.ingestlog import Group  # noqa: E402
+
+# The central target: 3 gateways at the collector's zero-loss ingest rate on the quiet machine
+# (224,905 datagrams/s of 2 readings, session 4), and session 4's consumer on the same backlogs.
+TARGET_CENTRAL = 3 * 224_905 * 2
+SESSION4_CENTRAL = 317_007
 
 
 def _unit_nice() -> int:
@@ -344,14 +351,41 @@ def central_readings(path: str) -> int:
     return int(row[0]) if row else 0
 
 
-def consume(url: str, total: int, workdir: Path, timeout: float, stream: str = "TELEMETRY") -> dict:
-    central = str(workdir / f"central-{stream}.db")
-    log = workdir / f"consume-{stream}.log"
+def children_of(pid: int) -> set[int]:
+    out: set[int] = set()
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                out |= {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return out
+
+
+def consume(
+    url: str,
+    total: int,
+    workdir: Path,
+    timeout: float,
+    stream: str = "TELEMETRY",
+    close_workers: int | None = None,
+    tag: str = "",
+) -> dict:
+    """One `telemetry-uplink consume` (a durable of its own) drains `total` readings of the stream
+    into a new central database: time, CPU of the writer and of its close workers, peak RSS of
+    each (VmHWM, sampled every 50 ms)."""
+    central = str(workdir / f"central-{stream}{tag}.db")
+    log = workdir / f"consume-{stream}{tag}.log"
     cmd = [str(BIN / "telemetry-uplink"), "consume", "--db", central, "--servers", url, "--status-interval", "3600"]
-    cmd += ["--stream", stream, "--subject-prefix", stream.lower()]
+    cmd += ["--stream", stream, "--subject-prefix", stream.lower(), "--durable", f"bench{tag or '-central'}"]
+    if close_workers is not None:
+        cmd += ["--close-workers", str(close_workers)]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     peak = 0
+    workers: dict[int, tuple[int, float]] = {}  # pid -> (peak RSS kB, CPU seconds), as last seen
     try:
         while central_readings(central) < total:
             if proc.poll() is not None or time.monotonic() - start > timeout:
@@ -359,13 +393,28 @@ def consume(url: str, total: int, workdir: Path, timeout: float, stream: str = "
                     f"consumer stopped or timed out at {central_readings(central)}: {log.read_text()[-800:]}"
                 )
             peak = max(peak, vm_hwm_kb(proc.pid) or 0)
+            for child in children_of(proc.pid):
+                hwm, cpu = workers.get(child, (0, 0.0))
+                workers[child] = (max(hwm, vm_hwm_kb(child) or 0), max(cpu, cpu_seconds(child)))
             time.sleep(0.05)
         elapsed = time.monotonic() - start
         cpu = cpu_seconds(proc.pid)
+        for child in children_of(proc.pid):
+            hwm, wcpu = workers.get(child, (0, 0.0))
+            workers[child] = (max(hwm, vm_hwm_kb(child) or 0), max(wcpu, cpu_seconds(child)))
     finally:
         proc.terminate()
         proc.wait(30)
-    return dict(elapsed=elapsed, peak_rss_kb=peak, stored=central_readings(central), cpu=cpu)
+    return dict(
+        elapsed=elapsed,
+        peak_rss_kb=peak,
+        stored=central_readings(central),
+        cpu=cpu,
+        workers=len(workers),
+        worker_cpu=sum(c for _, c in workers.values()),
+        worker_rss_kb=max((h for h, _ in workers.values()), default=0),
+        db_bytes=os.path.getsize(central),
+    )
 
 
 def _load_ingest_bench():
@@ -1030,6 +1079,17 @@ def main() -> None:
         action="store_true",
         help="also drain the same backlogs sent as payload 2 (the central side keeps a row per datagram) for the ratio",
     )
+    p.add_argument(
+        "--central-only",
+        action="store_true",
+        help="only phase 2 (the central consumer; implies --skip-ingest): ~2-3 minutes with --central-alone",
+    )
+    p.add_argument(
+        "--central-alone",
+        action="store_true",
+        help="also drain the central backlogs with the consumer in one process (--close-workers 0): the ratio",
+    )
+    p.add_argument("--central-runs", type=int, default=1, help="consumer runs of each kind (in turn)")
     p.add_argument("--skip-ingest", action="store_true", help="do not measure the collector's ingest rate")
     p.add_argument(
         "--ingest-only",
@@ -1081,6 +1141,8 @@ def main() -> None:
     for n in args.neighbours or ():
         if n not in NEIGHBOURS:
             p.error(f"--neighbours: {n!r} is none of {', '.join(NEIGHBOURS)}")
+    if args.central_only:
+        args.skip_ingest = True
     hour = 10_000 * 3600
     load0 = os.getloadavg()[0]
     r = b = c_pub = None
@@ -1102,7 +1164,7 @@ def main() -> None:
             nats.terminate()
             nats.wait(30)
     print()
-    if not args.ingest_only:
+    if not args.ingest_only and not args.central_only:
         print(
             f"uplink forward rate (payload 3, catch-up of {readings:,} readings): {fwd:,.0f} readings/s; "
             f"payload 1 in the same run: {v1:,.0f} readings/s (ratio {fwd / v1:.1f})"
@@ -1121,6 +1183,7 @@ def main() -> None:
             f"uplink peak RSS: {max(r['peak_rss_kb'], c_pub['peak_rss_kb']) / 1024:.1f} MB (target < 60 MB); "
             f"payload 1: {b['peak_rss_kb'] / 1024:.1f} MB"
         )
+    if not args.ingest_only:
         print(
             f"central consumer: {central_rate:,.0f} readings/s with payload 3"
             + (
@@ -1144,6 +1207,15 @@ def backlog_phases(args, url: str, workdir: Path):
         f"{args.sensors} sensors, {args.rate / (2 * args.sensors):g} datagrams/s each of 2 readings, "
         "one ingest_log row per second"
     )
+    if args.central_only:
+        r, fwd, readings, b, v1 = None, None, None, None, None
+    else:
+        r, fwd, readings, b, v1 = catchup_phase(args, url, workdir, shape)
+    c_pub, central_rate, central2_rate = central_phase(args, url, workdir)
+    return r, fwd, readings, b, v1, c_pub, central_rate, central2_rate
+
+
+def catchup_phase(args, url: str, workdir: Path, shape: str):
     # 1. catch-up: one gateway's backlog drained by payload 3 (and a payload-1 baseline on a
     # short backlog of the same shape, same run)
     print(f"catch-up backlog: {args.minutes:g} min at {args.rate:,} readings/s; {shape}", flush=True)
@@ -1174,6 +1246,10 @@ def backlog_phases(args, url: str, workdir: Path):
         f"{v1:,.0f} readings/s, {b['messages']:,} messages; peak RSS {b['peak_rss_kb'] / 1024:.1f} MB",
         flush=True,
     )
+    return r, fwd, readings, b, v1
+
+
+def central_phase(args, url: str, workdir: Path):
     # 2. central: the gateways' backlogs published at once (payload 3), then one consumer
     # drains them all; and the same backlogs as payload 2 (each datagram's identity kept
     # centrally, as before payload 3) to a stream of their own, drained the same way
@@ -1202,15 +1278,35 @@ def backlog_phases(args, url: str, workdir: Path):
         f"{total / c_pub['elapsed']:,.0f} readings/s together",
         flush=True,
     )
-    c = consume(url, total, workdir, args.timeout)
-    central_rate = c["stored"] / c["elapsed"]
-    print(
-        f"  central consumer (payload 3): {c['stored']:,} readings of {args.gateways} gateways in "
-        f"{c['elapsed']:.2f} s = {central_rate:,.0f} readings/s ({c['stored'] / c['cpu']:,.0f} per CPU second "
-        f"of the consumer); peak RSS {c['peak_rss_kb'] / 1024:.1f} MB; "
-        f"central database {os.path.getsize(workdir / 'central-TELEMETRY.db') / 1e6:.0f} MB",
-        flush=True,
-    )
+    rates: dict[str, list[float]] = {"workers": [], "alone": []}
+    for run in range(args.central_runs):
+        # the consumer as deployed (close workers: one per core beyond the writer's), then in one
+        # process (--close-workers 0), each draining the same stream with a durable of its own
+        for label, workers in (("workers", None), ("alone", 0)):
+            if label == "alone" and not args.central_alone:
+                continue
+            c = consume(url, total, workdir, args.timeout, close_workers=workers, tag=f"-{label}{run}")
+            rate = c["stored"] / c["elapsed"]
+            rates[label].append(rate)
+            cpu = c["cpu"] + c["worker_cpu"]
+            print(
+                f"  central consumer (payload 3, {c['workers']} close worker(s)): {c['stored']:,} readings of "
+                f"{args.gateways} gateways in {c['elapsed']:.2f} s = {rate:,.0f} readings/s "
+                f"({rate / TARGET_CENTRAL:.2f} of the {TARGET_CENTRAL / 1e6:.2f} M target, {rate / SESSION4_CENTRAL:.2f}x "
+                f"session 4's {SESSION4_CENTRAL:,}); {c['stored'] / cpu:,.0f} per CPU second (writer "
+                f"{c['cpu']:.1f} s + workers {c['worker_cpu']:.1f} s); peak RSS writer {c['peak_rss_kb'] / 1024:.1f} MB"
+                + (f", each worker <= {c['worker_rss_kb'] / 1024:.1f} MB" if c["workers"] else "")
+                + f"; central database {c['db_bytes'] / 1e6:.0f} MB",
+                flush=True,
+            )
+    central_rate = statistics.median(rates["workers"])
+    if rates["alone"]:
+        alone = statistics.median(rates["alone"])
+        print(
+            f"  medians: {central_rate:,.0f} readings/s with close workers, {alone:,.0f} in one process "
+            f"(ratio {central_rate / alone:.2f})",
+            flush=True,
+        )
     central2_rate = None
     if args.central_baseline:
         c2 = consume(url, total, workdir, args.timeout, stream="CENTRAL2")
@@ -1219,11 +1315,11 @@ def backlog_phases(args, url: str, workdir: Path):
             f"  central consumer (payload 2, same backlogs): {c2['elapsed']:.2f} s = {central2_rate:,.0f} "
             f"readings/s ({c2['stored'] / c2['cpu']:,.0f} per CPU second); peak RSS "
             f"{c2['peak_rss_kb'] / 1024:.1f} MB; central database "
-            f"{os.path.getsize(workdir / 'central-CENTRAL2.db') / 1e6:.0f} MB (payload 3 / payload 2 = "
+            f"{c2['db_bytes'] / 1e6:.0f} MB (payload 3 / payload 2 = "
             f"{central_rate / central2_rate:.2f})",
             flush=True,
         )
-    return r, fwd, readings, b, v1, c_pub, central_rate, central2_rate
+    return c_pub, central_rate, central2_rate
 
 
 if __name__ == "__main__":
