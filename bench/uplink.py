@@ -372,6 +372,7 @@ def consume(
     stream: str = "TELEMETRY",
     close_workers: int | None = None,
     tag: str = "",
+    head_budget: float | None = None,
 ) -> dict:
     """One `telemetry-uplink consume` (a durable of its own) drains `total` readings of the stream
     into a new central database: time, CPU of the writer and of its close workers, peak RSS of
@@ -382,6 +383,8 @@ def consume(
     cmd += ["--stream", stream, "--subject-prefix", stream.lower(), "--durable", f"bench{tag or '-central'}"]
     if close_workers is not None:
         cmd += ["--close-workers", str(close_workers)]
+    if head_budget is not None:
+        cmd += ["--head-budget", str(head_budget)]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     peak = 0
@@ -1089,6 +1092,7 @@ def main() -> None:
         action="store_true",
         help="also drain the central backlogs with the consumer in one process (--close-workers 0): the ratio",
     )
+    p.add_argument("--head-budget", type=float, help="the consumer's --head-budget (MiB; default: its own, 48)")
     p.add_argument("--central-runs", type=int, default=1, help="consumer runs of each kind (in turn)")
     p.add_argument("--skip-ingest", action="store_true", help="do not measure the collector's ingest rate")
     p.add_argument(
@@ -1285,7 +1289,15 @@ def central_phase(args, url: str, workdir: Path):
         for label, workers in (("workers", None), ("alone", 0)):
             if label == "alone" and not args.central_alone:
                 continue
-            c = consume(url, total, workdir, args.timeout, close_workers=workers, tag=f"-{label}{run}")
+            c = consume(
+                url,
+                total,
+                workdir,
+                args.timeout,
+                close_workers=workers,
+                tag=f"-{label}{run}",
+                head_budget=args.head_budget,
+            )
             rate = c["stored"] / c["elapsed"]
             rates[label].append(rate)
             cpu = c["cpu"] + c["worker_cpu"]

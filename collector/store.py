@@ -258,10 +258,11 @@ class Store:
         # processes) sets close_later(heads, fast) -> an object whose ready() says whether
         # rows() (their ChunkRows, in order) would return at once.  write_groups hands it the
         # heads a transaction closes and inserts their chunks in a later one, in the order
-        # handed, once ready (waiting when more than closed_later_max are out): until then
+        # handed, once ready (waiting when more than closed_later_max are out: each holds its
+        # heads, so this bounds the memory a slow worker makes the writer hold): until then
         # their datagrams stay in the log rows they came in (_log_held), so a crash loses nothing.
         self.close_later: Callable[[list[Head], bool], Any] | None = None
-        self.closed_later_max = 4
+        self.closed_later_max = 1
         self.closed_later: list[tuple[list[Head], int, Any]] = []
         self._handed: tuple[list[Head], int, Any] | None = None
         self._inserted_later = 0
