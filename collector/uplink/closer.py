@@ -6,7 +6,7 @@ consumer's CPU.  The Store hands the heads a transaction closes to
 `Closer.__call__` (Store.close_later) and inserts their chunks at the start of
 its next transaction; meanwhile the writer decodes and merges the next fetch,
 so the second core works.  The workers hold nothing that matters: they get
-each head's arrays as bytes and return its ChunkRow.  A worker that dies
+each head (its arrays, pickled as bytes) and return its ChunkRow.  A worker that dies
 (kill -9, out of memory) costs nothing but time: the writer closes those
 heads itself, says so once in the log, and starts a new pool.
 """
@@ -17,7 +17,6 @@ import ctypes
 import logging
 import os
 import signal
-from array import array
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
@@ -28,36 +27,10 @@ log = logging.getLogger("uplink.consume")
 
 PR_SET_PDEATHSIG = 1
 
-# What one head travels as: sensor, boot, seqs, ts, received, {metric: values} (the arrays' bytes).
-Packed = tuple[str, int, bytes, bytes, bytes, dict[str, bytes]]
-
 
 def default_workers() -> int:
     """One worker per core beyond the writer's, at most 4 (closing is a third of the work)."""
     return max(0, min(4, (os.cpu_count() or 1) - 1))
-
-
-def pack(head: Head) -> Packed:
-    return (
-        head.sensor,
-        head.boot,
-        head.seqs.tobytes(),
-        head.ts.tobytes(),
-        head.received.tobytes(),
-        {name: col.tobytes() for name, col in head.metrics.items()},
-    )
-
-
-def unpack(p: Packed) -> Head:
-    sensor, boot, seqs, ts, received, metrics = p
-    head = Head(sensor, boot, 0, 0.0)
-    head.seqs.frombytes(seqs)
-    head.ts.frombytes(ts)
-    head.received.frombytes(received)
-    for name, values in metrics.items():
-        col = head.metrics[name] = array("d")
-        col.frombytes(values)
-    return head
 
 
 def _die_with_parent() -> None:
@@ -72,9 +45,9 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def close_packed(heads: list[Packed], fast: bool) -> list[ChunkRow]:
-    """In a worker: the heads' chunk rows, in order."""
-    return [unpack(p).close(fast) for p in heads]
+def close_heads(heads: list[Head], fast: bool) -> list[ChunkRow]:
+    """In a worker: the heads' chunk rows, in order (a Head pickles as its arrays' bytes)."""
+    return [h.close(fast) for h in heads]
 
 
 class _Pending:
@@ -149,7 +122,7 @@ class Closer:
         for part in parts:
             pool = self._pool()
             try:
-                futures.append((pool, pool.submit(close_packed, [pack(h) for h in part], fast)))
+                futures.append((pool, pool.submit(close_heads, part, fast)))
             except (BrokenProcessPool, RuntimeError, OSError) as exc:
                 self._died(exc, pool)
                 futures.append(None)
