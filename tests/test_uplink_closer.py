@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -164,3 +166,36 @@ def test_settle_writes_out_what_the_workers_closed(tmp_path, workers):
     finally:
         c.close()
     assert len(chunks(path)) == n
+
+
+def test_a_close_worker_does_not_outlive_a_kill_9_of_its_writer(tmp_path):
+    """The worker holds the writer's descriptors (forked): it must end with the writer."""
+    code = (
+        "import sys, time\n"
+        "from collector.chunkstore import Head\n"
+        "from collector.uplink.closer import Closer\n"
+        "c = Closer(1)\n"
+        "h = Head('a', 1, 1, 0.0)\n"
+        "h.extend([1], [1.0], [1.5], {'t': [2.0]})\n"
+        "assert c([h], False).rows()[0].datagrams == 1\n"
+        "print(c.pids()[0], flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(proc.stdout.readline())
+        assert alive(worker)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    wait_for(lambda: not alive(worker), 10, 0.01, what=f"worker {worker} to end with its writer")
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
