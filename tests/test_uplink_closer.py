@@ -14,7 +14,7 @@ import pytest
 from uplinkgw import readings
 
 from collector import ingestlog
-from collector.uplink import core
+from collector.uplink import closer, core
 from collector.uplink.central import Central
 
 from helpers import db_query, wait_for
@@ -199,3 +199,27 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+class NoPool(closer.Closer):
+    """A host where the pool cannot start (no /dev/shm for its semaphores, say)."""
+
+    def _pool(self):
+        raise PermissionError(13, "Permission denied", "/dev/shm/sem.mp-x")
+
+
+def test_workers_that_cannot_start_leave_the_closing_to_the_writer_said_once(tmp_path, caplog):
+    data = rows(30)
+    want = writer_only(str(tmp_path / "writer.db"), data)
+    path = str(tmp_path / "noworkers.db")
+    c = Central(path, 0, BUDGET)
+    c.closer = c.store.close_later = NoPool(1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="uplink.consume"):
+            for i, row in enumerate(data, 1):
+                c.apply([message(row, i)], now=5000.0 + i)
+        assert c.closer.unavailable and c.closer.closed_here > 0
+    finally:
+        c.close()
+    assert chunks(path) == want
+    assert caplog.text.count("cannot start chunk-closing worker processes") == 1

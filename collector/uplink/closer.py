@@ -91,6 +91,7 @@ class Closer:
         self.pool: ProcessPoolExecutor | None = None
         self.closed_here = 0  # heads the writer closed itself because a worker died
         self.deaths = 0
+        self.unavailable: str | None = None  # why no worker can start: the writer closes every head
 
     def _pool(self) -> ProcessPoolExecutor:
         if self.pool is None:
@@ -120,7 +121,19 @@ class Closer:
                 at += len(h)
         futures: list[tuple[ProcessPoolExecutor, Future] | None] = []
         for part in parts:
-            pool = self._pool()
+            if self.unavailable is not None:
+                futures.append(None)
+                continue
+            try:
+                pool = self._pool()
+            except OSError as exc:  # no POSIX semaphores (/dev/shm), no processes left, ...
+                self.unavailable = f"{exc.__class__.__name__}: {exc}"
+                log.warning(
+                    "cannot start chunk-closing worker processes (%s): the writer closes every head itself",
+                    self.unavailable,
+                )
+                futures.append(None)
+                continue
             try:
                 futures.append((pool, pool.submit(close_heads, part, fast)))
             except (BrokenProcessPool, RuntimeError, OSError) as exc:
