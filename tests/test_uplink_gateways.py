@@ -196,6 +196,19 @@ def committed_unacked(central: str, stream: StreamWatch) -> bool:
     )
 
 
+def backlogs_in_the_stream(gateways, ns: NatsServer, *, sensors: int, count: int, seed: int, max_datagrams: int):
+    """Three gateways, site-0..2, each fed by a faulty simulator and its whole backlog
+    published to `ns` (`max_datagrams` a message) before any consumer runs."""
+    gws = [gateways(f"site-{i}") for i in range(3)]
+    for i, gw in enumerate(gws):
+        gw.sim("--sensors", str(sensors), "--count", str(count), "--rate", "max", "--seed", str(seed + i), *FAULTS)
+        gw.wait_ingested()
+        gw.start_uplink([ns.url], "--max-datagrams", str(max_datagrams))
+    for gw in gws:
+        wait_for(lambda gw=gw: gw.position() == gw.last_entry(), 30, 0.05, what=f"{gw.name}'s uplink to catch up")
+    return gws
+
+
 def test_kill_9_the_consumer_between_commit_and_ack_and_mid_batch(tmp_path, gateways, consumer):
     """Three gateways' backlogs in JetStream, one datagram a message.  The consumer is frozen
     (SIGSTOP) right after a COMMIT and killed (SIGKILL) until it was caught twice holding
@@ -206,13 +219,7 @@ def test_kill_9_the_consumer_between_commit_and_ack_and_mid_batch(tmp_path, gate
     already had are counted as replayed."""
     rng = random.Random(7)
     with NatsServer(tmp_path) as ns, StreamWatch(ns.url) as stream:
-        gws = [gateways(f"site-{i}") for i in range(3)]
-        for i, gw in enumerate(gws):
-            gw.sim("--sensors", "3", "--count", "1000", "--rate", "max", "--seed", str(30 + i), *FAULTS)
-            gw.wait_ingested()
-            gw.start_uplink([ns.url], "--max-datagrams", "1")
-        for gw in gws:
-            wait_for(lambda gw=gw: gw.position() == gw.last_entry(), 30, 0.05, what=f"{gw.name}'s uplink to catch up")
+        gws = backlogs_in_the_stream(gateways, ns, sensors=3, count=1000, seed=30, max_datagrams=1)
         central = str(tmp_path / "central.db")
         after_commit = in_flight = runs = 0
         while after_commit < 2 or after_commit + in_flight < 5:
@@ -275,13 +282,7 @@ def test_kill_9_a_close_worker_of_the_consumer_twice_nothing_lost_or_doubled(tmp
     it drains three gateways' backlogs: the writer closes those heads itself, says so, starts
     a new worker, and the central database ends with every reading once, the accounts equal."""
     with NatsServer(tmp_path) as ns:
-        gws = [gateways(f"site-{i}") for i in range(3)]
-        for i, gw in enumerate(gws):
-            gw.sim("--sensors", "4", "--count", "800", "--rate", "max", "--seed", str(50 + i), *FAULTS)
-            gw.wait_ingested()
-            gw.start_uplink([ns.url], "--max-datagrams", "4")
-        for gw in gws:
-            wait_for(lambda gw=gw: gw.position() == gw.last_entry(), 30, 0.05, what=f"{gw.name}'s uplink to catch up")
+        gws = backlogs_in_the_stream(gateways, ns, sensors=4, count=800, seed=50, max_datagrams=4)
         central = str(tmp_path / "central.db")
         c = consumer(central, [ns.url], "--batch", "2", "--close-workers", "1", "--head-budget", "0.01")
         killed: set[int] = set()
