@@ -382,11 +382,11 @@ def start_collector(
     raise RuntimeError(f"collector did not start: {log.read_text()}")
 
 
-def stop_collector(proc: subprocess.Popen) -> None:
-    """SIGTERM (the collector flushes what it holds and exits), SIGKILL after 60 s."""
-    proc.send_signal(signal.SIGTERM)
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 60) -> None:
+    """`sig` (the collector, InfluxDB: SIGTERM flushes what they hold and exits), SIGKILL after `grace` s."""
+    proc.send_signal(sig)
     try:
-        proc.wait(60)
+        proc.wait(grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
@@ -415,7 +415,7 @@ def step_collector(rate, args, workdir) -> dict:
             last = counters.get("received", 0)
         hwm = vm_hwm(proc.pid)
     finally:
-        stop_collector(proc)
+        stop_process(proc)
     c = read_counters(db)
     return {
         "rate": rate,
@@ -577,12 +577,7 @@ def step_influx(rate, args, workdir) -> dict:
             last = stored
         hwm = vm_hwm(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, grace=30)
         shutil.rmtree(home, ignore_errors=True)
     return {
         "rate": rate,

@@ -139,7 +139,7 @@ def run(args, cpu: bool) -> None:
                 time.sleep(1.1)  # a flush interval and a little
                 last, stored = stored, ingest.read_counters(db).get("stored", 0)
         finally:
-            ingest.stop_collector(proc)
+            ingest.stop_process(proc)
         c = ingest.read_counters(db)
         record = json.loads(out.read_text())
     gaps = sorted(record["gaps"])

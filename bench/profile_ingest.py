@@ -81,12 +81,7 @@ def main() -> None:
             time.sleep(1.5)  # the last flush
         finally:
             # py-spy passes SIGINT on to the collector, then writes its file.
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            ingest.stop_process(proc, signal.SIGINT)
         counters = ingest.read_counters(tmp / "t.db")
         selfs, incl, total = collections.Counter(), collections.Counter(), 0
         for line in raw.read_text().splitlines() if raw.exists() else []:

@@ -625,7 +625,7 @@ def ingest_step(
         out["uplink_cpu_share"] = (u1 - u0) / elapsed if up else None
         out["broker_cpu_share"] = (n1 - n0) / elapsed
     finally:
-        mod.stop_collector(proc)
+        mod.stop_process(proc)
         if up is not None and not neighbour.startswith("uplink"):
             up.terminate()
             up.wait(30)

@@ -1171,12 +1171,21 @@ def encode_many(chunks: list[tuple], *, fast: bool = False) -> list[bytes]:
                 *(_col_array(col, _check_column(name, col, n)) for name, col in _named(metrics).items()),
             ]
         )
-    cols = [c for part in parts for c in part]
-    pairs, at = [], 0
-    for part in parts:
-        pairs.append((at + 1, at + 2))
-        at += len(part)
-    pre = _prepare(cols, pairs, fast)
+    return _encode_parts(chunks, parts, fast, together=True)
+
+
+def _encode_parts(chunks: list[tuple], parts: list[list[_Col]], fast: bool, together: bool) -> list[bytes]:
+    """Each chunk's blob from its columns (seqs, ts, received, metrics...); `together`: the
+    chunks have one length, so their columns are prepared in one numpy pass (_prepare)."""
+    if together:
+        cols = [c for part in parts for c in part]
+        pairs, at = [], 0
+        for part in parts:
+            pairs.append((at + 1, at + 2))
+            at += len(part)
+        pre = _prepare(cols, pairs, fast)
+    else:
+        pre = [{} for part in parts for _ in part]
     out, at = [], 0
     for (_, _, _, metrics), part in zip(chunks, parts):
         p = pre[at : at + len(part)]
@@ -1199,21 +1208,7 @@ def encode_many_arrays(chunks: list[tuple], *, fast: bool = False) -> list[bytes
             raise ValueError(f"a column's length is not the chunk's {n} rows")
         parts.append(cols)
     rows = {len(c[0]) for c in chunks}
-    if len(rows) == 1 and rows.pop() >= 1:
-        cols = [c for part in parts for c in part]
-        pairs, at = [], 0
-        for part in parts:
-            pairs.append((at + 1, at + 2))
-            at += len(part)
-        pre = _prepare(cols, pairs, fast)
-    else:
-        pre = [{} for part in parts for _ in part]
-    out, at = [], 0
-    for (_, _, _, metrics), part in zip(chunks, parts):
-        p = pre[at : at + len(part)]
-        at += len(part)
-        out.append(_encode_cols(part[0], part[1], part[2], dict(zip(metrics, part[3:])), fast, p))
-    return out
+    return _encode_parts(chunks, parts, fast, together=len(rows) == 1 and rows.pop() >= 1)
 
 
 def _col_typed(col, rows: int) -> _Col:
