@@ -158,6 +158,27 @@ def running_collector(db_path: str, *, clock=time.time, **overrides):
         yield collector, notes
 
 
+def in_loop(collector, func, timeout: float = 10.0):
+    """Run `func` in the collector loop's thread, between two of its steps, and return
+    its result.  Counters read from another thread can be caught in the middle of
+    a burst (`received` is counted before the burst's datagrams are judged); read
+    here, they are as the loop left them."""
+    done = threading.Event()
+    result: list = []
+
+    def call():
+        try:
+            result.append(func())
+        finally:
+            done.set()
+
+    collector.call_soon(call)
+    wait_for(done.is_set, timeout, what=f"the collector loop to run {getattr(func, '__name__', func)}")
+    if not result:
+        raise AssertionError(f"{func!r} raised in the collector loop (its traceback is in the log)")
+    return result[0]
+
+
 @contextmanager
 def serving(collector):
     """Run a constructed Collector's loop in a thread (e.g. once its sockets hold
