@@ -9,7 +9,8 @@ interning, sequence tracking, and queueing what is to be stored
 inline: the collector's loop calls it).  It returns
 the tracker's event (collector/sequence.py: `InOrder`, `Gap`, ..., `Duplicate`)
 when the datagram was accounted, or an outcome the caller may log
-(`Rejected`, `Refused`, `Failed`, in REPORTED); everything is counted here.  The store only writes what `batch()` hands it; the Collector only
+(`Rejected`, `Refused`, `Failed`, in REPORTED); everything is counted here.  The store only writes what `batch()` hands it
+(`take()`: datagrams go on arriving while a writer thread writes it); the Collector only
 owns sockets, signals, the loop and the rate-limited log.
 
 The pending batch is kept in columns, one `_Pending` per (sensor, boot) in
@@ -252,7 +253,10 @@ class _Pending:
 
 @dataclass
 class Batch:
-    """What one flush writes, handed to the store; the core keeps it until `committed()`."""
+    """What one flush writes, as the core stood at `batch()` or `take()`: after a
+    `take()` the core goes on queueing datagrams (the collector's loop reads on
+    while its writer thread writes this), drops this batch's part once
+    `committed()`, or takes back its sensors, series and gaps with `refused()`."""
 
     groups: list[Any]  # ingestlog.Group per (sensor, boot), in order of first arrival
     count: int  # datagrams
@@ -260,8 +264,11 @@ class Batch:
     dirty: list[SensorState]
     new_series: list[tuple[int, str, str]]
     gaps: dict[tuple[str, int, int], GapRecord | None]
-    counters: dict[str, float]
+    counters: dict[str, float]  # a copy, as they stood
     arrivals: list[_Pending] = field(repr=False, default_factory=list)
+    sensor_rows: list[tuple] = field(repr=False, default_factory=list)  # SensorState.row() of `dirty`, as they stood
+    taken: list[tuple[_Pending, int]] = field(repr=False, default_factory=list)  # (group, its datagrams taken)
+    detached: bool = False  # by `take()`: its sensors, series and gaps left the core with it
 
     @property
     def datagrams(self) -> list[tuple]:
@@ -591,29 +598,71 @@ class IngestCore:
     # --- the batch -----------------------------------------------------------------------
 
     def batch(self) -> Batch:
-        """Everything the next flush must write (the core keeps it until `committed`)."""
+        """Everything the next flush must write, as it stands now (a snapshot; the
+        core keeps it all until `committed()`: tests and tools look with this)."""
         for state in self.dirty:
             merge_gap_changes(self._gaps, state.sensor, state.tracker.pop_gap_changes())
+        dirty = list(self.dirty)
+        arrivals = self._arrivals
         return Batch(
             [g.group() for g in self._groups.values()],
-            len(self._arrivals),
+            len(arrivals),
             self.pending_readings,
-            list(self.dirty),
+            dirty,
             self._new_series,
             self._gaps,
-            self.counters,
-            self._arrivals,
+            dict(self.counters),
+            arrivals[:],
+            [state.row() for state in dirty],
+            [(g, len(g.seqs)) for g in self._groups.values()],
         )
 
-    def committed(self, stored_readings: int, now: float) -> None:
-        """The store committed the last `batch()`: account it and start a new one."""
-        self.counters["stored"] += len(self._arrivals)
-        self.counters["stored_readings"] += stored_readings
-        self.counters["last_flush"] = now
-        self.discard_pending()
+    def take(self) -> Batch:
+        """`batch()` for a flush that may be written in another thread while this core
+        queues more: its sensors, new series and gap changes leave the core with it
+        (what arrives meanwhile goes to the next one).  Hand it back with
+        `committed()` or `refused()` before the next `take()`."""
+        batch = self.batch()
+        batch.detached = True
         self.dirty = set()
         self._new_series = []
         self._gaps = {}
+        return batch
+
+    def committed(self, batch: Batch, now: float) -> None:
+        """The store committed `batch`: account it and forget its datagrams (those
+        queued since a `take()` stay pending, in order)."""
+        self.counters["stored"] += batch.count
+        self.counters["stored_readings"] += batch.readings
+        self.counters["last_flush"] = now
+        if not batch.detached:  # nothing can have come since (the caller's promise)
+            self.dirty = set()
+            self._new_series = []
+            self._gaps = {}
+        if batch.count == len(self._arrivals):  # no datagram came meanwhile
+            self.discard_pending()
+            return
+        for g, n in batch.taken:
+            g.drop_front(n)
+            if not g.seqs:
+                key = (g.sensor, g.boot)
+                if self._groups.get(key) is g:
+                    del self._groups[key]
+                if g.state.pending is g:
+                    g.state.pending = None
+        del self._arrivals[: batch.count]
+        self.pending_readings -= batch.readings
+
+    def refused(self, batch: Batch) -> None:
+        """The store refused `batch` (nothing of it was written): its datagrams are still
+        pending, and its sensors, new series and gap changes go back to the next batch."""
+        if not batch.detached:
+            return  # they never left
+        self.dirty.update(batch.dirty)
+        self._new_series = batch.new_series + self._new_series
+        # No batch() since: every gap change popped after it is still in its tracker.
+        assert not self._gaps
+        self._gaps = batch.gaps
 
     def trim(self, max_readings: int) -> int:
         """Drop the oldest whole datagrams beyond `max_readings` queued; returns readings dropped."""

@@ -206,6 +206,16 @@ def _restore_window(sensor: str, text: str, tracker: SensorTracker) -> ReplayWin
 
 
 @dataclass
+class FlushJob:
+    """One flush: the batch taken from the core, its time, and what became of it."""
+
+    batch: Batch
+    now: float
+    counters: dict[str, float] | None  # the maintenance counters, when a maintenance step follows
+    error: sqlite3.Error | None = None
+
+
+@dataclass
 class Loaded:
     counters: dict[str, float]
     sensors: dict[str, SensorState]
@@ -447,29 +457,54 @@ class Store:
 
         `now` (Unix time) is recorded as last_flush; `monotonic` (default:
         `now`) schedules the retry, so a wall-clock step cannot stall it.
+        The collector's loop runs the same three steps with `write` in its
+        writer thread (collector/server.py), reading on meanwhile.
         """
-        mono = now if monotonic is None else monotonic
-        batch = core.batch()
+        job = self.begin(core, now)
+        self.write(job)
+        return self.end(core, job, now if monotonic is None else monotonic)
+
+    def begin(self, core: IngestCore, now: float, maintain: bool = False) -> FlushJob:
+        """Take the core's batch for a flush (in the thread that feeds the core)."""
+        counters = {k: core.counters.get(k, 0) for k in MAINTENANCE_COUNTERS} if maintain else None
+        return FlushJob(core.take(), now, counters)
+
+    def write(self, job: FlushJob) -> None:
+        """The flush's transaction and, once it commits, the heads that follow it (and,
+        if asked, one maintenance step).  Any one thread, while no other uses this store;
+        a refusal is kept in `job.error`."""
+        batch = job.batch
         groups = batch.groups
         conn = self.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                closing = self._write(conn, batch, groups, now)
+                closing = self._write(conn, batch, groups, job.now)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:  # SQLITE_FULL has rolled it back already
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            self._failed(mono, exc, core)
-            return False
+            job.error = exc
+            return
         self.committed_groups(groups, *closing)
-        core.committed(batch.readings, now)
+        if job.counters is not None:
+            self.maintain(job.counters, job.now)
+
+    def end(self, core: IngestCore, job: FlushJob, monotonic: float) -> bool:
+        """Account a written (or refused) flush in the core (in the thread that feeds it)."""
+        if job.error is not None:
+            core.refused(job.batch)
+            self._failed(monotonic, job.error, core)
+            return False
+        core.committed(job.batch, job.now)
+        if job.counters is not None:  # what the maintenance step counted (only it changes these)
+            core.counters.update(job.counters)
         if self.failing_since is not None:
             log.warning(
                 "database writable again after %.1f s; %d readings were dropped meanwhile (storage_dropped)",
-                mono - self.failing_since,
+                monotonic - self.failing_since,
                 core.counters["storage_dropped"] - self._dropped_at_failure,
             )
             self.failing_since = None
@@ -530,7 +565,7 @@ class Store:
                 self.series[sensor][metric] = sid
         log_id = ingestlog.append(conn, now, groups, (batch.count, batch.readings)) if groups else 0
         if batch.dirty:
-            conn.executemany(UPSERT_SENSOR, [state.row() for state in batch.dirty])
+            conn.executemany(UPSERT_SENSOR, batch.sensor_rows)
             for write in self.sensor_writers:  # more per-sensor columns (collector/healthstore.py)
                 write(conn, batch.dirty)
         if batch.gaps:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sqlite3
 import threading
 
 import msgpack
@@ -16,7 +17,7 @@ from collector.server import Collector, Settings
 
 from helpers import db_counters as counters
 from helpers import db_query as query
-from helpers import running_collector, serving, wait_for
+from helpers import in_loop, running_collector, serving, wait_for
 
 running = running_collector
 
@@ -543,7 +544,9 @@ def test_the_last_line_says_so_when_this_run_dropped_readings(db_path):
 def _queued_then_served(db_path, datagrams: int, **settings) -> list[int]:
     """Queue `datagrams` of one sensor before the loop starts (so its socket is empty
     only once all are read), serve them with a flush after every drain, and return
-    the datagrams of each chunk the collector closed, oldest first."""
+    the datagrams of each chunk the collector closed, oldest first.  Flushes and
+    closes run in the loop's thread (writer_thread=False): with the writer thread
+    the loop reads on during a flush, and the next flush brings whatever it read."""
     collector = Collector(
         Settings(db=db_path, listen=(("127.0.0.1", 0),), batch_size=2, flush_interval=3600, **settings)
     )
@@ -565,7 +568,9 @@ def test_heads_close_between_drains_while_the_socket_is_never_empty(db_path, bat
     count closes between drains (one per half a chunk received) while the queue is
     short, not in a flush at twice the count.  80 small datagrams fill a sixth of a
     stock socket buffer (425,984 bytes granted), under CLOSE_QUEUE_FILL_MAX."""
-    chunks = _queued_then_served(db_path, 80, drain_budget=4, chunk_datagrams=16, batch_receive=batch_receive)
+    chunks = _queued_then_served(
+        db_path, 80, drain_budget=4, chunk_datagrams=16, batch_receive=batch_receive, writer_thread=False
+    )
     # Closed at 16 plus at most half a chunk and a drain; a flush would have
     # waited for 32 (the first chunk then holds 32-35 datagrams).
     assert len(chunks) >= 2 and all(16 <= n <= 16 + 8 + 4 for n in chunks[:2]), chunks
@@ -575,8 +580,44 @@ def test_heads_wait_while_the_queue_is_long(db_path):
     """A long queue is read first: with 200 datagrams queued in a 300,000-byte buffer
     (~830 bytes each: over a third of it still full when the head reaches its count),
     no head closes between drains, and the flush closes it at twice the count."""
-    chunks = _queued_then_served(db_path, 200, drain_budget=16, chunk_datagrams=64, rcvbuf=150_000)
+    chunks = _queued_then_served(db_path, 200, drain_budget=16, chunk_datagrams=64, rcvbuf=150_000, writer_thread=False)
     assert chunks and 128 <= chunks[0] <= 128 + 16, chunks
+
+
+@pytest.mark.parametrize("writer_thread", [True, False], ids=["writer", "loop"])
+def test_the_loop_reads_on_while_a_flush_waits_for_the_database(db_path, writer_thread):
+    """Another connection holds the write lock: every flush waits for it (busy
+    timeout) and is refused.  With the writer thread, the loop has read every
+    datagram sent while a flush is still waiting: that flush is in the writer
+    thread, not in the loop.  In the loop's own thread (writer_thread=False) it
+    never is: the check fails, as it did before the writer thread."""
+    with running_collector(db_path, writer_thread=writer_thread) as (c, _notes):
+        s = sender()
+        for seq in range(5):
+            s.sendto(good("lock-1", seq), c.addresses[0])
+        wait_for(lambda: counters(db_path).get("stored") == 5, 10, what="5 stored")
+        holder = sqlite3.connect(db_path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            for seq in range(5, 25):
+                s.sendto(good("lock-1", seq), c.addresses[0])
+
+            def reading_while_writing():
+                return in_loop(c, lambda: (c.writing, int(c.counters["received"])), timeout=5) == (True, 25)
+
+            if writer_thread:
+                wait_for(reading_while_writing, 10, what="all 25 read while a flush waits in the writer thread")
+            else:
+                with pytest.raises(AssertionError, match="timed out"):
+                    wait_for(reading_while_writing, 2, what="never: the loop itself waits")
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+            s.close()
+        wait_for(lambda: counters(db_path).get("stored") == 25, 10, what="25 stored once the lock is gone")
+    c = counters(db_path)
+    assert (c["received"], c["stored"], c["stored_readings"], c["kernel_drops"]) == (25, 25, 50, 0)
+    assert query(db_path, "SELECT datagrams, readings, lost FROM sensors") == [(25, 50, 0)]
 
 
 def test_the_cli_collector_freezes_what_start_up_built(db_path):

@@ -50,7 +50,7 @@ def test_events_batch_and_accounts():
     assert group.received == [1.0, 1.1, 1.2, 1.3] and group.ts == [100.0, 101.0, 104.0, 102.0]
     assert group.metrics["h"] == [3, 3, 3, None]
     assert str(group.metrics["t"][3]) == "-0.0"
-    core.committed(7, 2.0)
+    core.committed(batch, 2.0)
     assert core.pending == [] and core.counters["stored"] == 4 and core.counters["stored_readings"] == 7
 
 

@@ -294,3 +294,69 @@ def test_a_second_writer_on_the_same_database_is_refused_until_the_first_closes(
     first.close()
     second = W(db_path)  # the lock went with the first writer
     second.close()
+
+
+def _meanwhile(w: W) -> None:
+    """What the loop queues while a writer thread writes the batch taken before:
+    more of s1's head (with a gap: 4 missing) and a new sensor (new series)."""
+    assert feed(w, "s1", 1, 5, 111.0) == Gap(4, 4)
+    feed(w, "s2", None, 0, 111.5, {"v": 2.5})
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["committed", "refused"])
+def test_a_flush_written_in_another_thread_keeps_what_arrives_meanwhile(db_path, refused):
+    """Store.begin takes the batch; the loop queues more while Store.write runs in
+    another thread; Store.end then forgets exactly what was written (committed),
+    or nothing (refused: another connection held the write lock), and the next
+    flush writes the rest with the accounts as they stand: nothing lost, nothing twice."""
+    import threading
+
+    w = W(db_path)
+    for seq in range(3):
+        feed(w, "s1", 1, seq, 100.0 + seq)
+    assert w.flush(105.0)
+    feed(w, "s1", 1, 3, 106.0)
+    w.counters["received"] = 4
+    job = w.store.begin(w.core, 110.0)
+    holder = None
+    if refused:
+        holder = sqlite3.connect(db_path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+    _meanwhile(w)
+    w.counters["received"] = 6
+    writer = threading.Thread(target=w.store.write, args=(job,))
+    writer.start()
+    writer.join()
+    if holder is not None:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert w.store.end(w.core, job, 110.0) is not refused
+    # What the database says now: the batch as it stood at begin, or the flush before.
+    stored = 3 if refused else 4
+    assert rows(db_path, "SELECT count(*) FROM readings") == [(2 * stored,)]
+    assert rows(db_path, "SELECT sensor, datagrams, lost FROM sensors") == [("s1", stored, 0)]
+    assert rows(db_path, "SELECT count(*) FROM gaps") == [(0,)]
+    assert w.counters["stored"] == stored
+    pending = [d[:3] for d in w.core.pending]
+    assert pending == ([("s1", 1, 3)] if refused else []) + [("s1", 1, 5), ("s2", None, 0)]
+    assert w.core.pending_readings == 2 * len(pending) - 1
+    assert {state.sensor for state in w.core.dirty} == {"s1", "s2"}
+    assert w.flush(120.0)
+    assert w.core.pending == [] and w.core.dirty == set() and w.core.pending_datagrams == 0
+    assert rows(db_path, "SELECT sensor, datagrams, readings, lost FROM sensors ORDER BY sensor") == [
+        ("s1", 5, 10, 1),
+        ("s2", 1, 1, 0),
+    ]
+    assert rows(db_path, "SELECT sensor, first_seq, last_seq, missing FROM gaps") == [("s1", 4, 4, 1)]
+    assert rows(
+        db_path,
+        "SELECT s.sensor, r.seq FROM readings r JOIN series s ON s.id = r.series WHERE s.metric != 'hum' ORDER BY 1, 2",
+    ) == [("s1", 0), ("s1", 1), ("s1", 2), ("s1", 3), ("s1", 5), ("s2", 0)]
+    assert rows(db_path, "SELECT id, sensor, metric FROM series ORDER BY id") == [
+        (1, "s1", "temp"),
+        (2, "s1", "hum"),
+        (3, "s2", "v"),
+    ]
+    counters = dict(rows(db_path, "SELECT name, value FROM counters"))
+    assert (counters["received"], counters["stored"], counters["stored_readings"]) == (6, 6, 11)
+    w.close()
