@@ -2,9 +2,10 @@
 
 Runs the collector (pinned to one core, as bench/ingest.py does) with its
 loop instrumented from outside (wrappers around `Collector._drain`,
-`Store.flush`, `Store.close_one`, `Store.maintain` and a gc callback; the
-collector's code is not changed), offers a fixed rate from bench/ingest.py's
-sender (pinned to the other core) for a bounded time, and prints:
+`Store.write` (a flush's transaction), `Store.close_one`, `Store.maintain` and
+a gc callback; the collector's code is not changed), offers a fixed rate from
+bench/ingest.py's sender (pinned to the other core) for a bounded time, and
+prints:
 
 - the distribution of the gaps between the end of one drain and the start of
   the next (everything the loop does that is not reading: flushes, closes,
@@ -14,12 +15,21 @@ sender (pinned to the other core) for a bounded time, and prints:
 - the longest gaps and what ran inside them (flush datagrams, heads closed,
   its COMMIT's share; closes between drains; GC generation 2 passes);
 - sent, stored and kernel drops, and what a gap of each size costs against
-  the socket buffer at this rate (the buffer holds ~830 bytes per datagram).
+  the socket buffer at this rate (the buffer holds ~830 bytes per datagram);
+- the flushes: how full the receive queue was at each one's start and end,
+  and the kernel drops that came while one ran against all (`--timeline`
+  lists every flush).
+
+Flushes and closes run in the collector's writer thread (what runs in a gap
+is then what either thread did meanwhile); `--writer loop` runs them in the
+loop's own thread as session 5 did, and `--writer both --pairs N` runs the
+two in turn, for a ratio from one run.
 
 Run it from a checkout to measure that checkout's collector (the package in
 the working directory comes first), e.g. main before and after a change:
 
     .venv/bin/python bench/ingest_stalls.py --rate 150000 --seconds 8 --readings 5
+    .venv/bin/python bench/ingest_stalls.py --rate 162500 --readings 2 --clock wall --writer both --pairs 2
     (cd /path/to/other/checkout && /path/to/.venv/bin/python /path/to/bench/ingest_stalls.py --rate 150000)
 """
 
@@ -40,25 +50,35 @@ sys.path.insert(0, str(HERE))
 import ingest  # noqa: E402  (bench/ingest.py: its sender, taskset, counters)
 
 
-def instrumented(out: str, cpu: bool) -> None:
+def instrumented(out: str, cpu: bool, loop_writes: bool) -> None:
     """In the collector's process: wrap the loop's steps, run the CLI, write the record at exit."""
     import atexit
     import gc
 
     sys.path.insert(0, os.getcwd())
+    from collector import net
     from collector import store as store_mod
     from collector.cli import main
-    from collector.server import Collector
+    from collector.server import Collector, Settings
 
     clock = time.thread_time if cpu else time.perf_counter
     gaps: list[float] = []
     longest: list[tuple[float, float, list]] = []  # (at, gap, what ran inside)
-    state: dict = {"end": None, "inside": []}
+    state: dict = {"end": None, "inside": [], "socks": []}
+    flushes: list[tuple] = []  # (at, wall s, datagrams, fill before, fill after, drops before, drops after)
     t0 = time.perf_counter()
+
+    def socket_state() -> tuple[float, int]:
+        """The fullest receive queue (share of its buffer) and the kernel drops of all sockets, now."""
+        fills = [net.queue_fill(s) or 0.0 for s in state["socks"]]
+        drops = [net.read_drops(s) or 0 for s in state["socks"]]
+        return max(fills, default=0.0), sum(drops)
 
     drain = Collector._drain
 
     def timed_drain(self, source):
+        if not state["socks"]:
+            state["socks"] = [ep.sock for ep in self.endpoints]
         t = clock()
         if state["end"] is not None:
             gap = t - state["end"]
@@ -69,26 +89,39 @@ def instrumented(out: str, cpu: bool) -> None:
         drain(self, source)
         state["end"] = clock()
 
-    flush = store_mod.Store.flush
+    write = store_mod.Store.write
 
-    def timed_flush(self, core, now, monotonic=None):
+    def timed_write(self, job):
         marks = {}
 
         def trace(sql: str) -> None:
-            if sql.startswith("COMMIT"):
+            if sql.startswith("COMMIT") and "commit" not in marks:  # the flush's (a maintenance step's follows)
                 marks["commit"] = clock()
 
         self.conn.set_trace_callback(trace)
-        datagrams, closed = core.pending_datagrams, self.chunks_closed
+        datagrams, closed = job.batch.count, self.chunks_closed
+        fill0, drops0 = socket_state()
+        w = time.perf_counter()
         t = clock()
-        ok = flush(self, core, now, monotonic)
+        committed_groups = self.committed_groups
+
+        def timed_committed_groups(*args):  # the first thing after the COMMIT returns
+            marks["committed"] = clock()
+            return committed_groups(*args)
+
+        self.committed_groups = timed_committed_groups
+        try:
+            write(self, job)
+        finally:
+            del self.committed_groups
         e = clock()
+        fill1, drops1 = socket_state()
+        flushes.append((round(w - t0, 3), time.perf_counter() - w, datagrams, fill0, fill1, drops0, drops1))
         self.conn.set_trace_callback(None)
-        commit = e - marks["commit"] if "commit" in marks else None
+        commit = marks["committed"] - marks["commit"] if "committed" in marks else None
         state["inside"].append(
             ("flush", e - t, {"datagrams": datagrams, "closed": self.chunks_closed - closed, "commit": commit})
         )
-        return ok
 
     def wrap(cls, name: str) -> None:
         func = getattr(cls, name)
@@ -101,7 +134,15 @@ def instrumented(out: str, cpu: bool) -> None:
 
         setattr(cls, name, timed)
 
-    store_mod.Store.flush = timed_flush
+    store_mod.Store.write = timed_write
+    if loop_writes:  # session 5's way: flushes and closes in the loop's own thread
+        post_init = Settings.__post_init__
+
+        def loop_writes_init(self) -> None:
+            post_init(self)
+            self.writer_thread = False
+
+        Settings.__post_init__ = loop_writes_init
     Collector._drain = timed_drain
     wrap(store_mod.Store, "close_one")
     wrap(store_mod.Store, "maintain")
@@ -117,17 +158,18 @@ def instrumented(out: str, cpu: bool) -> None:
 
     def dump() -> None:
         longest.sort(key=lambda x: -x[1])
-        Path(out).write_text(json.dumps({"gaps": gaps, "longest": longest[:12]}))
+        Path(out).write_text(json.dumps({"gaps": gaps, "longest": longest[:12], "flushes": flushes}))
 
     atexit.register(dump)
     sys.argv = ["telemetry-collector", *sys.argv[sys.argv.index("--") + 1 :]]
     main()
 
 
-def run(args, cpu: bool) -> None:
+def run(args, cpu: bool, writer: str) -> None:
     with tempfile.TemporaryDirectory(prefix="stalls-") as d:
         db, log, out = Path(d) / "t.db", Path(d) / "c.log", Path(d) / "record.json"
-        program = (sys.executable, __file__, "--_instrumented", str(out), *(["--_cpu"] if cpu else []), "--")
+        flags = [*(["--_cpu"] if cpu else []), *(["--_loop-writes"] if writer == "loop" else [])]
+        program = (sys.executable, __file__, "--_instrumented", str(out), *flags, "--")
         proc, port = ingest.start_collector(db, log, args, program=program)
         granted = int(re.search(r"granted (\d+)", log.read_text()).group(1))
         try:
@@ -152,7 +194,7 @@ def run(args, cpu: bool) -> None:
     holds = granted / 830 / args.rate * 1e3
     kind = "loop thread CPU" if cpu else "wall"
     print(
-        f"{kind}: sent {sent['sent']:,} in {sent['elapsed']:.2f} s, stored {int(c.get('stored', 0)):,}, kernel drops "
+        f"{kind}, writes in the {'writer thread' if writer == 'thread' else 'loop thread'}: sent {sent['sent']:,} in {sent['elapsed']:.2f} s, stored {int(c.get('stored', 0)):,}, kernel drops "
         f"{int(c.get('kernel_drops', 0)):,}; loadavg {os.getloadavg()[0]:.1f}; the buffer ({granted:,} bytes) holds "
         f"~{holds:.0f} ms at this rate"
     )
@@ -161,6 +203,22 @@ def run(args, cpu: bool) -> None:
         f"max {gaps[-1] * 1e3:.2f} ms; over 5 ms {sum(g > 0.005 for g in gaps)}, over 10 ms "
         f"{sum(g > 0.01 for g in gaps)}, over 20 ms {sum(g > 0.02 for g in gaps)}"
     )
+    flushes = record.get("flushes", [])
+    if flushes:
+        # Drops that arrived while a flush ran, against all: what holds the loop when the queue overflows.
+        during = sum(f[6] - f[5] for f in flushes)
+        print(
+            f"  flushes {len(flushes)} (wall p50 {sorted(f[1] for f in flushes)[len(flushes) // 2] * 1e3:.1f} ms, "
+            f"max {max(f[1] for f in flushes) * 1e3:.1f} ms); kernel drops during flushes {during:,} of "
+            f"{int(c.get('kernel_drops', 0)):,}; queue fill at a flush's end: max {max(f[4] for f in flushes):.0%}, "
+            f"at its start: max {max(f[3] for f in flushes):.0%}"
+        )
+        if args.timeline:
+            for at, wall, n, fill0, fill1, d0, d1 in flushes:
+                print(
+                    f"    flush at {at:6.2f} s: {wall * 1e3:6.1f} ms wall, {n:,} datagrams, queue "
+                    f"{fill0:.0%} -> {fill1:.0%}, drops +{d1 - d0:,} (total {d1:,})"
+                )
     for at, gap, inside in record["longest"][: args.show]:
         parts = []
         for name, took, info in inside:
@@ -177,7 +235,8 @@ def run(args, cpu: bool) -> None:
 def main() -> None:
     if "--_instrumented" in sys.argv:
         i = sys.argv.index("--_instrumented")
-        instrumented(sys.argv[i + 1], "--_cpu" in sys.argv[: sys.argv.index("--")])
+        ours = sys.argv[: sys.argv.index("--")]
+        instrumented(sys.argv[i + 1], "--_cpu" in ours, "--_loop-writes" in ours)
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", type=float, default=150_000, help="datagrams per second offered")
@@ -190,12 +249,25 @@ def main() -> None:
     ap.add_argument("--flush-interval", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=20_000)
     ap.add_argument("--show", type=int, default=6, help="longest gaps to list")
+    ap.add_argument(
+        "--writer",
+        choices=("both", "thread", "loop"),
+        default="thread",
+        help="flushes and closes in the writer thread (the default) or in the loop's thread (session 5's way), "
+        "or both in turn",
+    )
+    ap.add_argument("--pairs", type=int, default=1, help="runs of each (turns alternated)")
+    ap.add_argument("--timeline", action="store_true", help="list every flush: queue fill and drops around it")
     ap.add_argument("--clock", choices=("both", "wall", "cpu"), default="both", help="one run per clock")
     args = ap.parse_args()
     if (os.cpu_count() or 1) < 2:
         args.collector_core = args.sender_core = None
-    for cpu in {"both": (False, True), "wall": (False,), "cpu": (True,)}[args.clock]:
-        run(args, cpu)
+    writers = {"both": ("thread", "loop"), "thread": ("thread",), "loop": ("loop",)}[args.writer]
+    for _ in range(args.pairs):
+        for cpu in {"both": (False, True), "wall": (False,), "cpu": (True,)}[args.clock]:
+            for writer in writers:
+                run(args, cpu, writer)
+            writers = writers[::-1]  # A B, B A: whatever else loads the machine falls on both
 
 
 if __name__ == "__main__":
