@@ -9,11 +9,16 @@ same readings as line protocol, one point per datagram), and a bare Python
 recv loop (the sender's ceiling).  A step passes when every datagram sent
 was stored (the collector's counters, with no kernel drops; InfluxDB's
 count(*) queried back over HTTP; the bare loop's count); the rate doubles
-until a step fails, then bisects, and the receivers take their steps in turn
+until a step fails, then bisects until the lowest loss is within 2.5 % of
+the best pass (`--resolution`; at most `--bisect-steps` 6: with a pass at
+100k and a loss at 200k, 5 steps, 3,125/s apart; 12,500/s apart after the
+3 steps of session 5 could not tell 1.08x from 1.17x, either side of the
+1.1x target), and the receivers take their steps in turn
 (so that load from elsewhere on a shared machine falls on each alike, not on
 whichever searched last).  Every receiver gets the same socket
 receive buffer.  Printed: zero-loss datagrams/s for each, the ratio
-collector / InfluxDB, and each receiver's peak RSS (VmHWM).  Every step is
+collector / InfluxDB, the lowest rate that lost above it (the search's
+resolution), and each receiver's peak RSS (VmHWM).  Every step is
 bounded in count and time.
 
 The sender sends each round of the sensors' datagrams with one sendmmsg(2)
@@ -24,10 +29,10 @@ closes come round every ~1,000 datagrams per sensor, SQLite checkpoints
 every ~1,000 WAL pages, InfluxDB's cache snapshots and compactions) shows
 in 6 s at these rates but can miss a 2 s step: the quiet-machine figures of
 session 4 passed 150k/s for 2 s and lost at 8 s.  A full run of
-`--readings 2 5 --skip-bare` then takes ~6-8 minutes.
+`--readings 2 5 --skip-bare` then takes ~8-9 minutes.
 
-    .venv/bin/python bench/ingest.py                      # 2 and 5 readings, all receivers, ~10 min
-    .venv/bin/python bench/ingest.py --readings 2 5 --skip-bare   # collector and InfluxDB, ~6-8 min
+    .venv/bin/python bench/ingest.py                      # 2 and 5 readings, all receivers, ~12 min
+    .venv/bin/python bench/ingest.py --readings 2 5 --skip-bare   # collector and InfluxDB, ~8-9 min
     .venv/bin/python bench/ingest.py --readings 2 --skip-influx
     .venv/bin/python bench/ingest.py --series 2000x5 --fixed-rate 20000   # RSS with 10,000 series
     .venv/bin/python bench/ingest.py --compare-insert     # executemany vs sqlite-utils insert_all
@@ -640,6 +645,8 @@ def _searcher(args):
     if fail is not None and best is not None:
         lo, hi = best["rate"], fail
         for _ in range(args.bisect_steps):
+            if hi - lo <= args.resolution * lo:
+                break  # fine enough: e.g. 2.5 % tells 1.1x from 1.08x and 1.13x
             mid = (lo + hi) / 2
             r = yield mid
             r["achieved"] = r["sent"] / r["send_elapsed"]
@@ -651,7 +658,11 @@ def _searcher(args):
     # The zero-loss figure is the passing step that achieved the most: on a
     # loaded machine the sender can fall behind in a later, higher step.
     passed = [r for r in results if r["ok"]]
-    return (max(passed, key=lambda r: r["achieved"]) if passed else None), results
+    best = max(passed, key=lambda r: r["achieved"]) if passed else None
+    if best is not None:
+        above = [r["rate"] for r in results if not r["ok"] and r["rate"] > best["rate"]]
+        best["lost_at"] = min(above, default=None)  # the search's resolution, where it ended
+    return best, results
 
 
 def _print_step(label: str, rate: float, r: dict) -> None:
@@ -759,7 +770,13 @@ def main() -> None:
     p.add_argument("--skip-influx", action="store_true")
     p.add_argument("--start", type=float, default=25_000)
     p.add_argument("--max-rate", type=float, default=400_000)
-    p.add_argument("--bisect-steps", type=int, default=3)
+    p.add_argument("--bisect-steps", type=int, default=6, help="at most this many steps between a pass and a loss")
+    p.add_argument(
+        "--resolution",
+        type=float,
+        default=0.025,
+        help="bisect until the lowest loss is within this fraction of the best pass (0.025: 2.5 %%)",
+    )
     p.add_argument("--collector-core", type=int, default=0)
     p.add_argument("--sender-core", type=int, default=1)
     p.add_argument("--flush-interval", type=float, default=1.0)
@@ -878,6 +895,8 @@ def main() -> None:
                 print(f"{name:10s}: lost datagrams even at the starting rate")
                 continue
             capped = " (the sender's ceiling: the receiver is faster still)" if best.get("sender_capped") else ""
+            lost_at = best.get("lost_at")
+            capped += f", lost at {lost_at:,.0f}/s" if lost_at else ""
             lossy = " WITH LOSS" if best.get("lossy") else " with zero loss"
             rss = f", peak RSS {best['peak_rss_kb'] / 1024:.1f} MB" if best.get("peak_rss_kb") else ""
             print(
