@@ -26,12 +26,23 @@ store) started here:
    time-averaged (a reader holding checkpoints back shows as a WAL past the
    1,000 frames it is checkpointed at), flushes
    SQLite refused, the uplink's and the broker's CPU; and forward rate / ingest
-   rate, central rate / (gateways x ingest rate).
+   rate, central rate / (gateways x ingest rate).  A zero-loss search step is one bit (lost or
+   not), so a search resolves its last bisection and no finer, and one lossy step moves it by
+   that much: with --fixed the collector runs at fixed rates near its edge instead, alone and
+   beside the uplink in turn (--rounds of each), and the report gives per rate how many steps
+   lost, the datagrams lost (min / median / max), what the collector waited for a core, its
+   WAL, and pooled a Fisher test of the lossy steps and a sign test of the pairs.  --placement
+   gateway leaves the collector and the uplink unpinned as systemd runs them on a 2-core
+   gateway (the sender stands for the network on core 1); --fixed-with uplink-other,
+   uplink-batch,uplink-idle compares the uplink's scheduling policies.
 
     .venv/bin/python bench/uplink.py --ingest-only        # phase 3: ~5 minutes at load 4-6
     .venv/bin/python bench/uplink.py                      # phases 1-3: a few minutes more
     .venv/bin/python bench/uplink.py --minutes 10 --skip-ingest
     .venv/bin/python bench/uplink.py --central-only --central-alone   # phase 2, close workers against one process
+    .venv/bin/python bench/uplink.py --fixed 40000,70000 --rounds 8  # phase 3 at fixed rates: ~3 minutes
+    .venv/bin/python bench/uplink.py --fixed 50000,80000 --rounds 5 --placement gateway \
+        --fixed-with alone,uplink-other,uplink-batch,uplink-idle       # the policies, unpinned: ~4 minutes
 """
 
 from __future__ import annotations
@@ -75,6 +86,20 @@ def _unit_nice() -> int:
 
 
 UNIT_NICE = _unit_nice()
+
+
+def _unit_policy() -> str:
+    """CPUSchedulingPolicy= of the uplink's unit (other when it sets none): as deployed."""
+    try:
+        m = re.search(
+            r"^CPUSchedulingPolicy=(\w+)$", (ROOT / "deploy/systemd/telemetry-uplink.service").read_text(), re.M
+        )
+    except OSError:
+        return "other"
+    return m.group(1) if m else "other"
+
+
+UNIT_POLICY = _unit_policy()
 
 
 def fill(
@@ -452,16 +477,33 @@ def wal_frames(db: str) -> int:
     return struct.unpack_from("=I", head, 16)[0] if len(head) == 48 else 0
 
 
+def thread_cores(pid: int) -> list[int]:
+    """The core each thread of a process runs on or last ran on (/proc/PID/task/*/stat, field 39)."""
+    out = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                out.append(int((task / "stat").read_text().rsplit(")", 1)[1].split()[36]))
+            except (OSError, ValueError, IndexError):
+                pass
+    except OSError:
+        pass
+    return out
+
+
 class Sampler:
     """Samples, every `every` seconds in a thread, the frames in use in the collector's WAL and
     the -wal file's size.  SQLite checkpoints after the commit that takes the WAL to 1,000 frames
     and the next commit starts it again from the top, unless a reader's snapshot still needs the
     frames: a WAL past ~1,000 frames is a checkpoint held back."""
 
-    def __init__(self, db: str, every: float = 0.05) -> None:
+    def __init__(self, db: str, pids: dict[str, int] | None = None, every: float = 0.05) -> None:
         import threading
 
         self.db = db
+        self.pids = pids or {}
+        # label -> core -> samples of its threads found running or last run there (/proc stat field 39)
+        self.cores: dict[str, dict[int, int]] = {k: {} for k in self.pids}
         self.every = every
         self.peak = 0
         self.peak_frames = 0
@@ -478,6 +520,9 @@ class Sampler:
             self.peak_frames = max(self.peak_frames, frames)
             self.total_frames += frames
             self.samples += 1
+            for label, pid in self.pids.items():
+                for core in thread_cores(pid):
+                    self.cores[label][core] = self.cores[label].get(core, 0) + 1
 
     def stop(self) -> tuple[int, int, float]:
         """(the -wal file's peak bytes, peak frames in use, mean frames in use) over the samples."""
@@ -499,6 +544,10 @@ NEIGHBOURS = {
     "fsync20": "the position file (far ahead: the collector trims as alone) written and fsync'd 20 times a second (file and directory), nothing read",
     "reader-busy": "the reader polling every 10 ms instead of 0.5 s, no fsync",
     "uplink-eager": "the live uplink writing its position file (fsync'd) after every round, as before session 5",
+    # the live uplink under each scheduling policy whatever its unit says (chrt), at --uplink-nice
+    "uplink-other": "the live uplink at SCHED_OTHER (its wake-ups may preempt what runs on its core)",
+    "uplink-batch": "the live uplink at SCHED_BATCH (never preempts on waking; a nice-weighted share)",
+    "uplink-idle": "the live uplink at SCHED_IDLE (runs only on an otherwise idle core, or nearly)",
 }
 
 
@@ -546,8 +595,11 @@ def neighbour_cmd(name: str, db: str, url: str, args) -> list[str] | None:
         return [sys.executable, "-c", code, db, str(ROOT)]
     cmd = uplink_cmd(db, "bench-ingest", url, 3)
     cmd[cmd.index("--poll-interval") + 1] = str(args.poll_interval)
+    policy = name.split("-", 1)[1] if name in ("uplink-other", "uplink-batch", "uplink-idle") else args.uplink_policy
+    # chrt as systemd's CPUSchedulingPolicy= does (before exec); nice after it (SCHED_IDLE ignores it)
+    chrt = ["chrt", f"--{policy}", "0"] if policy != "other" and shutil.which("chrt") else []
     nice = ["nice", "-n", str(args.uplink_nice)] if args.uplink_nice else []
-    return nice + cmd + (["--position-interval", "0.000001"] if name == "uplink-eager" else [])
+    return chrt + nice + cmd + (["--position-interval", "0.000001"] if name == "uplink-eager" else [])
 
 
 def ingest_step(
@@ -582,15 +634,15 @@ def ingest_step(
     try:
         if beside:
             up_log = step_dir / "uplink.log"
-            up_cmd = [*mod.taskset(args.sender_core), *neighbour_cmd(neighbour, db, url, args)]
+            up_cmd = [*mod.taskset(args.uplink_core), *neighbour_cmd(neighbour, db, url, args)]
             up = subprocess.Popen(up_cmd, stdout=open(up_log, "wb"), stderr=subprocess.STDOUT)
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 60  # a loaded box starts Python slowly
             ready = "connected to" if neighbour.startswith("uplink") else "ready"
             while ready not in up_log.read_text(errors="replace"):
                 if up.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"uplink did not connect: {up_log.read_text()[-800:]}")
                 time.sleep(0.02)
-        sampler = Sampler(db)
+        sampler = Sampler(db, {"collector": proc.pid, **({"uplink": up.pid} if up else {})})
         e0 = proc_events(proc.pid)
         c0, n0, w0 = cpu_seconds(proc.pid), cpu_seconds(nats_pid), run_wait_seconds(proc.pid)
         u0 = cpu_seconds(up.pid) if up else 0.0
@@ -618,6 +670,7 @@ def ingest_step(
             out["flushes"] = flush_histogram(log)
         u1 = cpu_seconds(up.pid) if up else 0.0
         out["wal_peak"], out["wal_frames_peak"], out["wal_frames_mean"] = sampler.stop()
+        out["cores"] = sampler.cores
         out["wal_end"] = wal_bytes(db)
         elapsed = out["elapsed"] = t1 - t0
         out["collector_cpu"] = c1 - c0
@@ -699,6 +752,7 @@ def ingest_settings(args) -> argparse.Namespace:
         start=args.ingest_start,
         max_rate=400_000,
         bisect_steps=args.bisect_steps,
+        resolution=args.resolution,
         collector_core=0,
         sender_core=1,
         flush_interval=1.0,
@@ -706,10 +760,26 @@ def ingest_settings(args) -> argparse.Namespace:
         rcvbuf=min(8 * 1024 * 1024, rmem_max),
         poll_interval=args.poll_interval,
         uplink_nice=args.uplink_nice,
+        uplink_policy=args.uplink_policy,
+        uplink_core=1,
+        placement=args.placement,
     )
+    if args.placement == "gateway":
+        # As on a 2-core gateway under systemd (no CPUAffinity=): the collector and the uplink
+        # go where the scheduler puts them; the sender stands for the network (softirqs of a
+        # loopback send run on the sending core) and stays on core 1 with the broker.
+        a.collector_core = a.uplink_core = None
     if (os.cpu_count() or 1) < 2:
-        a.collector_core = a.sender_core = None
+        a.collector_core = a.sender_core = a.uplink_core = None
     return a
+
+
+def placement_line(a) -> str:
+    where = {None: "any core"} | {c: f"core {c}" for c in (0, 1)}
+    return (
+        f"collector on {where[a.collector_core]}; uplink on {where[a.uplink_core]} (poll {a.poll_interval:g} s, "
+        f"SCHED_{a.uplink_policy.upper()}, nice {a.uplink_nice}); sender and nats-server on {where[a.sender_core]}"
+    )
 
 
 def ingest_beside(url: str, nats_pid: int, args, workdir: Path) -> dict:
@@ -723,8 +793,7 @@ def ingest_beside(url: str, nats_pid: int, args, workdir: Path) -> dict:
     a = ingest_settings(args)
     pin(nats_pid, a.sender_core)
     print(
-        f"ingest beside the uplink: collector on core {a.collector_core}; sender, uplink (poll "
-        f"{a.poll_interval:g} s, nice {a.uplink_nice}) and nats-server on core {a.sender_core}; {a.sensors} sensors, "
+        f"ingest beside the uplink: {placement_line(a)}; {a.sensors} sensors, "
         f"{a.n_readings} readings a datagram, {a.seconds:g} s a step",
         flush=True,
     )
@@ -785,6 +854,127 @@ def ingest_beside(url: str, nats_pid: int, args, workdir: Path) -> dict:
     return out
 
 
+def fisher_p(a: int, b: int, c: int, d: int) -> float:
+    """Two-sided Fisher exact p of the 2x2 table [[a, b], [c, d]] (rows: conditions; columns:
+    lossy steps, clean steps): the chance of a split at least this uneven with no difference."""
+    from math import comb
+
+    row1, col1, n = a + b, a + c, a + b + c + d
+
+    def p_of(x: int) -> float:
+        return comb(col1, x) * comb(n - col1, row1 - x) / comb(n, row1)
+
+    observed = p_of(a)
+    xs = range(max(0, row1 + col1 - n), min(row1, col1) + 1)
+    return min(1.0, sum(p_of(x) for x in xs if p_of(x) <= observed * (1 + 1e-9)))
+
+
+def sign_p(more: int, fewer: int) -> float:
+    """Two-sided sign test: the chance of a split of more/fewer at least this uneven by coin tosses."""
+    from math import comb
+
+    n, k = more + fewer, min(more, fewer)
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+
+
+def spread(xs: list[float], fmt: str = ",.0f") -> str:
+    """min / median / max."""
+    return " / ".join(format(v, fmt) for v in (min(xs), median(xs), max(xs))) if xs else "-"
+
+
+def cores_line(steps: list[dict], label: str) -> str:
+    """Share of the samples that found `label`'s threads on each core, over the steps."""
+    total: dict[int, int] = {}
+    for r in steps:
+        for core, n in (r.get("cores") or {}).get(label, {}).items():
+            total[core] = total.get(core, 0) + n
+    n = sum(total.values())
+    return ", ".join(f"core {c} {100 * k / n:.0f} %" for c, k in sorted(total.items())) if n else "-"
+
+
+def fixed_phase(url: str, nats_pid: int, args, workdir: Path) -> None:
+    """--fixed: the collector at fixed rates near its zero-loss edge, alone and beside each of
+    --fixed-with's neighbours, --rounds rounds; in each round every rate, and at each rate every
+    condition once, the order rotated each round (A B, B A, ...) so load from elsewhere falls on
+    all alike.  No step is taken again.  What a search's one-bit steps (lost or not) cannot
+    show: per rate and condition how many steps lost, the datagrams lost (min / median / max),
+    what the collector waited for a core, its WAL; pooled: a Fisher exact test of the lossy
+    steps and a sign test of the pairs (same round, same rate: who lost more)."""
+    mod = _load_ingest_bench()
+    a = ingest_settings(args)
+    pin(nats_pid, a.sender_core)
+    names = args.fixed_with
+    print(
+        f"fixed rates {', '.join(f'{r:,.0f}' for r in args.fixed)} datagrams/s of {a.n_readings} readings, "
+        f"{a.seconds:g} s a step, {args.rounds} rounds; {placement_line(a)}; {a.sensors} sensors",
+        flush=True,
+    )
+    for n in names:
+        print(f"  {n:13s} {NEIGHBOURS[n]}")
+    res: dict[tuple[float, str], list[dict]] = {(r, n): [] for r in args.fixed for n in names}
+    for k in range(args.rounds):
+        rates = args.fixed[k % len(args.fixed) :] + args.fixed[: k % len(args.fixed)]
+        for rate in rates:
+            order = names[k % len(names) :] + names[: k % len(names)]
+            for n in order:
+                r = ingest_step(mod, rate, n != "alone", a, url, nats_pid, workdir, neighbour=n)
+                print(_step_line(f"{n} r{k + 1}", r) + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+                res[(rate, n)].append(r)
+    print()
+    lost_of = lambda r: r["sent"] - r["stored"]  # noqa: E731
+    for rate in args.fixed:
+        print(f"at {rate:,.0f} datagrams/s ({rate * a.n_readings:,.0f} readings/s), {args.rounds} steps each:")
+        for n in names:
+            rs = res[(rate, n)]
+            lossy = sum(1 for r in rs if not r["ok"])
+            print(
+                f"  {n:13s} lossy {lossy} of {len(rs)}; datagrams lost a step min/median/max "
+                f"{spread([lost_of(r) for r in rs])} ({100 * sum(lost_of(r) for r in rs) / sum(r['sent'] for r in rs):.3f} % "
+                f"of all sent); collector waited for a core {spread([1000 * r['run_wait'] for r in rs])} ms, "
+                f"CPU {median([r['cpu_us_per_datagram'] for r in rs]):.2f} us/datagram; WAL frames in use at most "
+                f"{spread([r['wal_frames_peak'] for r in rs])}, time-averaged {median([r['wal_frames_mean'] for r in rs]):,.0f}"
+                f", -wal file at most {max(r['wal_peak'] for r in rs) / 2**20:.1f} MiB; sender late by at most "
+                f"{1000 * max(r.get('sender_behind', 0) for r in rs):.1f} ms"
+            )
+    base = names[0]
+    every = {n: [r for rate in args.fixed for r in res[(rate, n)]] for n in names}
+    print(f"pooled over the rates ({len(every[base])} steps each):")
+    for n in names:
+        rs = every[n]
+        lossy = sum(1 for r in rs if not r["ok"])
+        line = f"  {n:13s} lossy {lossy} of {len(rs)}"
+        if n != base:
+            b_lossy = sum(1 for r in every[base] if not r["ok"])
+            more = fewer = 0
+            for rate in args.fixed:
+                for x, y in zip(res[(rate, n)], res[(rate, base)]):
+                    more += lost_of(x) > lost_of(y)
+                    fewer += lost_of(x) < lost_of(y)
+            line += (
+                f" against {b_lossy} of {len(every[base])} {base}: Fisher p = "
+                f"{fisher_p(lossy, len(rs) - lossy, b_lossy, len(every[base]) - b_lossy):.2f}; pairs (same round and "
+                f"rate) where it lost more than {base}: {more}, fewer: {fewer}, as many: {len(rs) - more - fewer} "
+                f"(sign test p = {sign_p(more, fewer):.2f})"
+            )
+        calm = [r for r in rs if r["send_wait"] <= args.disturbed * r["send_elapsed"]]
+        line += (
+            f"; of the steps whose collector waited for a core under {100 * args.disturbed:.0f} % of the send, "
+            f"{sum(1 for r in calm if not r['ok'])} of {len(calm)} lossy"
+        )
+        up = [r["uplink_cpu_share"] for r in rs if r.get("uplink_cpu_share") is not None]
+        behind = sum(1 for r in rs if r.get("uplink_behind"))
+        line += (
+            f"; collector's cores {cores_line(rs, 'collector')}"
+            + (f"; its own cores {cores_line(rs, 'uplink')}, {100 * median(up):.1f} % of a core" if up else "")
+            + (f"; BEHIND at the end of {behind} steps" if behind else "")
+        )
+        print(line)
+    every_step = [r for rs in every.values() for r in rs]
+    print(
+        f"flushes the database refused over all {len(every_step)} steps: {sum(r['refused_flushes'] for r in every_step)}"
+    )
+
+
 def bracketed(names: list[str], rounds: int) -> list[str]:
     """The run order of a --neighbours phase: each round takes every other neighbour once
     (rotated each round), each run preceded by a run of the baseline (names[0]), and one
@@ -822,8 +1012,7 @@ def neighbours_phase(url: str, nats_pid: int, args, workdir: Path) -> None:
     names = args.neighbours
     rate = args.pair_rate or 95_000
     print(
-        f"neighbours: collector on core {a.collector_core}; the sender and each neighbour on core {a.sender_core} "
-        f"(uplinks at nice {a.uplink_nice}); "
+        f"neighbours: {placement_line(a).replace('uplink', 'each neighbour')}; "
         f"{a.sensors} sensors at {rate:,.0f} datagrams/s, {args.pair_seconds:g} s a step, {args.pairs} rounds",
         flush=True,
     )
@@ -986,14 +1175,16 @@ def report_ingest(ingest: dict, fwd: float | None, central_rate: float | None, g
         med[label] = median(rates)
         print(
             f"collector zero-loss ingest, {label + (' (the uplink following it)' if label == 'beside' else '')}: "
-            f"median {med[label]:,.0f} readings/s offered over {len(bs)} searches "
+            f"min / median / max {spread(rates)} readings/s offered over {len(bs)} searches "
             f"({', '.join(f'{x:,.0f}' for x in rates)}; sender achieved {', '.join(f'{x:,.0f}' for x in achieved)})"
             + (f"; {capped} at the sender's ceiling" if capped else "")
+            + "; lost at "
+            + ", ".join(f"{b['lost_at'] * n:,.0f}" if b.get("lost_at") else "-" for b in bs)
         )
     if len(med) == 2:
         print(
             f"ingest with / without the uplink, medians = {med['beside'] / med['alone']:.2f} (target >= 0.95; "
-            "each search resolves 1/8 of its last doubling)"
+            "each search resolves the gap between its best pass and its lowest loss above it)"
         )
         if fwd:
             print(
@@ -1102,7 +1293,15 @@ def main() -> None:
     )
     p.add_argument("--ingest-seconds", type=float, default=2.0, help="length of each ingest step")
     p.add_argument("--ingest-start", type=float, default=25_000, help="datagrams/s of each search's first step")
-    p.add_argument("--bisect-steps", type=int, default=3, help="bisection steps of each zero-loss search")
+    p.add_argument(
+        "--bisect-steps", type=int, default=6, help="bisection steps of each zero-loss search at most (bench/ingest.py)"
+    )
+    p.add_argument(
+        "--resolution",
+        type=float,
+        default=0.025,
+        help="bisect until the lowest loss is within this fraction of the best pass (bench/ingest.py; 0.025: 2.5 %%)",
+    )
     p.add_argument("--searches", type=int, default=3, help="zero-loss searches of each (alone, beside), in turn")
     p.add_argument("--pairs", type=int, default=3, help="fixed-rate pairs (alone, beside) for CPU per datagram")
     p.add_argument("--pair-seconds", type=float, default=10.0, help="length of each pair's steps")
@@ -1135,6 +1334,34 @@ def main() -> None:
         help="with --neighbours: the collector's work in this process (no sockets, no sender), its CPU time",
     )
     p.add_argument("--core-datagrams", type=int, default=1_000_000, help="datagrams of each --in-process run")
+    p.add_argument(
+        "--fixed",
+        type=lambda v: [float(x) for x in v.split(",") if x],
+        help="only: steps at these datagrams/s (near the zero-loss edge), alone and beside each of --fixed-with "
+        "in turn, --rounds rounds (--ingest-seconds a step): lossy steps and datagrams lost, min/median/max",
+    )
+    p.add_argument(
+        "--fixed-with",
+        type=lambda v: [n for n in v.split(",") if n],
+        default=["alone", "uplink"],
+        help="with --fixed: the conditions (of the --neighbours names; the first is the baseline)",
+    )
+    p.add_argument("--rounds", type=int, default=6, help="with --fixed: steps of each rate and condition")
+    p.add_argument(
+        "--placement",
+        choices=("pinned", "gateway"),
+        default="pinned",
+        help="pinned: the collector alone on core 0, the uplink with the sender and nats-server on core 1; "
+        "gateway: the collector and the uplink unpinned, as systemd runs them on a 2-core gateway "
+        "(the sender, standing for the network, and nats-server on core 1)",
+    )
+    p.add_argument(
+        "--uplink-policy",
+        choices=("other", "batch", "idle"),
+        default=UNIT_POLICY,
+        help=f"scheduling policy of the uplink beside the collector (default {UNIT_POLICY}: CPUSchedulingPolicy= "
+        "of deploy/systemd/telemetry-uplink.service, as deployed)",
+    )
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--_reader", help=argparse.SUPPRESS)
     p.add_argument("--_durable", action="store_true", help=argparse.SUPPRESS)
@@ -1142,9 +1369,9 @@ def main() -> None:
     if args._reader:
         reader_loop(args._reader, args.poll_interval, args._durable)
         return
-    for n in args.neighbours or ():
+    for n in (args.neighbours or []) + (args.fixed_with if args.fixed else []):
         if n not in NEIGHBOURS:
-            p.error(f"--neighbours: {n!r} is none of {', '.join(NEIGHBOURS)}")
+            p.error(f"--neighbours/--fixed-with: {n!r} is none of {', '.join(NEIGHBOURS)}")
     if args.central_only:
         args.skip_ingest = True
     hour = 10_000 * 3600
@@ -1160,6 +1387,9 @@ def main() -> None:
                 return
             if args.neighbours:
                 neighbours_phase(url, nats.pid, args, workdir)
+                return
+            if args.fixed:
+                fixed_phase(url, nats.pid, args, workdir)
                 return
             if not args.ingest_only:
                 (r, fwd, readings, b, v1, c_pub, central_rate, central2_rate) = backlog_phases(args, url, workdir)

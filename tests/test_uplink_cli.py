@@ -97,6 +97,7 @@ def test_environment_beats_the_file_and_flags_beat_both(example):
         (["--gateway", "g", "--user", "u", "--password-file", "/nonexistent/pw"], "password-file /nonexistent/pw"),
         (["--gateway", "g", "--token-file", "/x", "--user", "u"], "choose one way to authenticate"),
         (["--gateway", "g", "--cert", "/x.pem"], "cert and key go together"),
+        (["--gateway", "g", "--scheduling", "fifo"], "'fifo': write one of other, batch, idle"),
     ],
 )
 def test_bad_settings_are_one_line_and_exit_2(args, message, bin_path, tmp_path):

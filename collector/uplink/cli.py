@@ -21,7 +21,7 @@ import click
 
 from .. import __version__, config
 from ..errors import ConfigError, SetupError
-from . import broker, core, source
+from . import broker, core, priority, source
 
 UPLINK_ENV = "TELEMETRY_UPLINK_"
 CENTRAL_ENV = "TELEMETRY_CENTRAL_"
@@ -193,6 +193,15 @@ UPLINK_SETTINGS = [
         help="Longest wait between reconnect attempts (jittered).",
     ),
     S("status_interval", config.positive_float, 60.0, metavar="SECONDS", help="Log a status line this often."),
+    S(
+        "scheduling",
+        priority.parse,
+        "batch",
+        metavar="|".join(priority.POLICIES),
+        help="CPU scheduling policy, taken at start: batch (SCHED_BATCH) never preempts the collector when it "
+        "wakes yet keeps its share of a busy core; idle runs only on an otherwise idle core (may fall behind on "
+        "a saturated gateway); other is the kernel's default.  The systemd unit sets it (CPUSchedulingPolicy=).",
+    ),
 ]
 
 CENTRAL_SETTINGS = [
@@ -348,6 +357,13 @@ def run_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> None
             return
         from ..sdnotify import Notifier
 
+        changed = priority.apply(values["scheduling"])
+        logging.getLogger(__name__).info(
+            "scheduling policy %s, nice %d%s",
+            priority.current(),
+            os.getpriority(os.PRIO_PROCESS, 0),
+            " (set here)" if changed else "",
+        )
         daemon = Uplink(settings, notify=Notifier())
         _serve(daemon)
     except (ConfigError, SetupError) as exc:
