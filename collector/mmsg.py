@@ -56,7 +56,12 @@ def _libc_recvmmsg():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        func = ctypes.CDLL(None, use_errno=True).recvmmsg
+        # PyDLL: the call keeps the GIL.  It never blocks (the sockets are
+        # non-blocking) and takes tens of us; released, it handed the GIL to
+        # the collector's writer thread at every call, and the loop then
+        # waited up to the interpreter's switch interval (5 ms) to get it
+        # back: ~64 datagrams per 5 ms while a flush ran (bench/ingest_stalls.py).
+        func = ctypes.PyDLL(None, use_errno=True).recvmmsg
     except (OSError, AttributeError):
         return None
     func.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
