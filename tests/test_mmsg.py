@@ -102,3 +102,13 @@ def test_a_closed_socket_is_an_oserror_not_a_crash():
 
 def test_vlen_and_slot_size_of_the_collector():
     assert 1 <= tuning.RECVMMSG_VLEN <= 1024  # Linux caps vlen at UIO_MAXIOV (1024)
+
+
+@pytest.mark.skipif(not mmsg.available(), reason="no recvmmsg in this libc")
+def test_recvmmsg_keeps_the_gil():
+    """The call is made without releasing the GIL (ctypes.PyDLL): released, the
+    collector's writer thread took it at every receive and the loop waited up to
+    the switch interval (5 ms) to read on (docs/OPERATIONS.md, session 6)."""
+    import ctypes
+
+    assert mmsg._recvmmsg._flags_ & ctypes._FUNCFLAG_PYTHONAPI
