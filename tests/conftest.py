@@ -51,6 +51,32 @@ def _children() -> set[int]:
     return found
 
 
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_runtest_call(item):
+    """A `no_cover` test runs with no tracer at all.
+
+    pytest-cov (7.1) pauses its own Coverage for it, but in an xdist worker the
+    plugin started two: one when it loaded, one at session start.  Pausing the
+    second resumes the first, so the 200,000-case soaks were still traced under
+    -n 2 (58 s for test_differential_fuzz_200k against 16 s with -n 0).  This
+    wrapper runs inside pytest-cov's: it stops whatever Coverage still traces,
+    and starts it again (in the same order) before pytest-cov resumes its own."""
+    if item.get_closest_marker("no_cover") is None:
+        yield
+        return
+    import coverage
+
+    stopped = []
+    while (cov := coverage.Coverage.current()) is not None:
+        cov.stop()  # pops it: current() is then the one started before it
+        stopped.append(cov)
+    try:
+        yield
+    finally:
+        for cov in reversed(stopped):
+            cov.start()
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Fail a test that leaves a thread or a child process running."""
