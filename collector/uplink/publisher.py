@@ -283,6 +283,9 @@ class Uplink:
                 self.cursor + 1,
                 first - 1,
             )
+            # The status file says LOST from now on, not up to a second later: whoever reads the
+            # ERROR line (or sees the rows that follow it arrive centrally) finds it in `status` too.
+            self._write_status(force=True)
         # Payload 3 names the rows by the database's identity; one without (a collector older
         # than payload 3 has not reopened it yet) goes as payload 2 meanwhile.
         origin = snap.origin if self.s.payload_version == 3 else None
