@@ -286,10 +286,13 @@ class Collector:
             self._done.wait()
 
     def call_soon(self, func: Callable[[], object]) -> None:
-        """Run `func` in the loop's thread at its next wake (thread-safe).
+        """Run `func` in the loop's thread at the end of its next turn (thread-safe).
 
         The loop owns the database connection; anything that must touch it
-        from outside (a test, an admin hook) goes through here.
+        from outside (a test, an admin hook) goes through here.  At the end of
+        a turn the bursts read in it are judged and queued, and the flush step
+        has run (a refused backlog trimmed); a flush or close may still be in
+        the writer thread (`writing`).
         """
         self._calls.append(func)
         try:
@@ -460,6 +463,8 @@ class Collector:
                 if mono >= next_watchdog:
                     self.notify("WATCHDOG=1")
                     next_watchdog = mono + tuning.WATCHDOG_MIN_INTERVAL_S
+                if self._calls:
+                    self._run_calls()
         finally:
             self.notify("STOPPING=1")
             sel.close()
@@ -715,6 +720,9 @@ class Collector:
                 pass
         except OSError:  # BlockingIOError: drained
             pass
+
+    def _run_calls(self) -> None:
+        """call_soon's functions, at the end of a turn of the loop."""
         while self._calls:
             func = self._calls.popleft()
             try:

@@ -159,10 +159,11 @@ def running_collector(db_path: str, *, clock=time.time, **overrides):
 
 
 def in_loop(collector, func, timeout: float = 10.0):
-    """Run `func` in the collector loop's thread, between two of its steps, and return
-    its result.  Counters read from another thread can be caught in the middle of
-    a burst (`received` is counted before the burst's datagrams are judged); read
-    here, they are as the loop left them."""
+    """Run `func` in the collector loop's thread, at the end of one of its turns, and
+    return its result.  Counters read from another thread can be caught in the
+    middle of a burst (`received` is counted before the burst's datagrams are
+    judged); read here, they are as the loop left them.  The store is the writer
+    thread's while `collector.writing`."""
     done = threading.Event()
     result: list = []
 

@@ -332,6 +332,7 @@ def fill_disk(collector: Collector) -> None:
     full = threading.Event()
 
     def cap():
+        collector._wait_for_writer()  # the connection is the writer thread's while it writes
         conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
         full.set()
 
@@ -342,7 +343,7 @@ def fill_disk(collector: Collector) -> None:
 def free_disk(collector: Collector) -> None:
     """Lift the cap again: space has returned."""
     conn = collector.store.conn
-    collector.call_soon(lambda: conn.execute("PRAGMA max_page_count = 1073741823"))
+    collector.call_soon(lambda: (collector._wait_for_writer(), conn.execute("PRAGMA max_page_count = 1073741823")))
 
 
 def test_disk_full_while_running_keeps_receiving_counts_drops_and_recovers(db_path, caplog):
@@ -355,9 +356,15 @@ def test_disk_full_while_running_keeps_receiving_counts_drops_and_recovers(db_pa
         send_paced(s, collector, [good("full-1", seq) for seq in range(600)], collector.addresses[0])
         wait_for(lambda: collector.counters["received"] == 600, 5, what="600 received")
         wait_for(lambda: collector.counters["storage_dropped"] > 0, 5, what="backlog overflow")
-        # Read in the loop's thread: a burst is queued before the loop trims the backlog again.
-        failing_since, pending = in_loop(
-            collector, lambda: (collector.store.failing_since, collector.core.pending_readings)
+        # Read in the loop's thread at the end of a turn with no write in progress: the backlog
+        # is trimmed after each flush attempt, and grows while one is in the writer thread.
+        failing_since, pending = wait_for(
+            lambda: in_loop(
+                collector,
+                lambda: None if collector.writing else (collector.store.failing_since, collector.core.pending_readings),
+            ),
+            10,
+            what="a turn of the loop with no write in progress",
         )
         assert failing_since is not None
         assert pending <= 60
