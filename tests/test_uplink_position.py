@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 
 import pytest
 import uplinkfleet
@@ -150,3 +151,37 @@ def test_kill_9_after_rounds_the_file_did_not_cover_sends_them_again_and_nothing
             assert "DATA LOST" not in second.text()
     finally:
         uplinks.close()
+
+
+def test_a_round_that_fails_after_finding_entries_gone_says_data_lost_once(tmp_path, gw, caplog):
+    """Entries 1-2 are deleted before the uplink sent them (the collector's disk budget) and the
+    round that finds the hole fails (the broker stopped: no ack within ack_timeout).  The rounds
+    after it (the broker back) find the same hole: one ERROR line and two entries counted, not
+    two lines and four."""
+    caplog.set_level("ERROR", logger="collector.uplink")
+    with NatsServer(tmp_path) as ns:
+        up = Uplink(settings(gw, ns.url, ack_timeout=0.5, backoff_max=0.2))
+
+        async def scenario() -> None:
+            run = asyncio.create_task(up.run())
+            await until(lambda: up.nc is not None and up.stats["rounds"] >= 1, what="the uplink connected and idle")
+            ns.proc.send_signal(signal.SIGSTOP)
+            try:
+                # No await between these: the uplink's loop cannot read in the middle.
+                for _ in range(3):
+                    gw.flush()
+                with sqlite3.connect(gw.path) as conn:
+                    conn.execute("DELETE FROM ingest_log WHERE id <= 2")
+                conn.close()
+                await until(lambda: up.stats["failed_rounds"] >= 1, what="the round failed")
+            finally:
+                ns.proc.send_signal(signal.SIGCONT)
+            await until(lambda: up.cursor == 3, what="entry 3 acked")
+            up.stop.set()
+            await run
+
+        asyncio.run(scenario())
+    lost = [r.getMessage() for r in caplog.records if "DATA LOST" in r.getMessage()]
+    assert len(lost) == 1 and "entries 1-2 were deleted" in lost[0], lost
+    assert up.stats["skipped_entries"] == 2
+    assert uplinkfleet.status(gw.path)["skipped_entries"] == 2

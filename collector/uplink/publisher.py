@@ -72,6 +72,7 @@ class Uplink:
         self.reads = 0  # read transactions on the collector's database (rounds, with or without news)
         self._behind = False  # the last round was cut by its limits (a backlog)
         self._status_stale = False  # something changed since the status file was last written
+        self._lost_through = 0  # the last ingest_log id said (and counted) as deleted unsent
         if settings.payload_version not in core.VERSIONS:
             raise ConfigError(f"payload version {settings.payload_version!r}: 1, 2 or 3")
         self.max_datagrams = settings.max_datagrams or core.DEFAULT_MAX_DATAGRAMS[settings.payload_version]
@@ -268,24 +269,28 @@ class Uplink:
                 snap.last_id,
             )
             self.cursor = 0
+            self._lost_through = 0
             self._save_position(force=True)
             return True
         gone: list[tuple[int, int]] = []
         if ids and ids[0] > self.cursor + 1:
             first = ids[0]
-            gone.append((self.cursor + 1, first - 1))
-            skipped = first - self.cursor - 1
-            self.stats["skipped_entries"] += skipped
-            log.error(
-                "DATA LOST to the central side: ingest_log entries %d-%d were deleted before they were sent "
-                "(the collector's disk budget: its counter uplink_dropped says how many readings; "
-                "or the collector trimmed them before this uplink first ran)",
-                self.cursor + 1,
-                first - 1,
-            )
-            # The status file says LOST from now on, not up to a second later: whoever reads the
-            # ERROR line (or sees the rows that follow it arrive centrally) finds it in `status` too.
-            self._write_status(force=True)
+            gone.append((self.cursor + 1, first - 1))  # sent with every try of this round
+            # Said and counted once: a round that fails finds the same hole when it is tried again.
+            said = max(self.cursor, self._lost_through)
+            if first - 1 > said:
+                self._lost_through = first - 1
+                self.stats["skipped_entries"] += first - 1 - said
+                log.error(
+                    "DATA LOST to the central side: ingest_log entries %d-%d were deleted before they were sent "
+                    "(the collector's disk budget: its counter uplink_dropped says how many readings; "
+                    "or the collector trimmed them before this uplink first ran)",
+                    said + 1,
+                    first - 1,
+                )
+                # The status file says LOST from now on, not up to a second later: whoever reads the
+                # ERROR line (or sees the rows that follow it arrive centrally) finds it in `status` too.
+                self._write_status(force=True)
         # Payload 3 names the rows by the database's identity; one without (a collector older
         # than payload 3 has not reopened it yet) goes as payload 2 meanwhile.
         origin = snap.origin if self.s.payload_version == 3 else None
