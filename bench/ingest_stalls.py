@@ -23,7 +23,8 @@ prints:
 Flushes and closes run in the collector's writer thread (what runs in a gap
 is then what either thread did meanwhile); `--writer loop` runs them in the
 loop's own thread as session 5 did, and `--writer both --pairs N` runs the
-two in turn, for a ratio from one run.
+two in turn, for a ratio from one run; `--switch-interval 0.005 0.0005`
+does the same for the GIL switch interval the collector serves with.
 
 Run it from a checkout to measure that checkout's collector (the package in
 the working directory comes first), e.g. main before and after a change:
@@ -50,7 +51,7 @@ sys.path.insert(0, str(HERE))
 import ingest  # noqa: E402  (bench/ingest.py: its sender, taskset, counters)
 
 
-def instrumented(out: str, cpu: bool, loop_writes: bool) -> None:
+def instrumented(out: str, cpu: bool, loop_writes: bool, switch: float | None) -> None:
     """In the collector's process: wrap the loop's steps, run the CLI, write the record at exit."""
     import atexit
     import gc
@@ -135,14 +136,16 @@ def instrumented(out: str, cpu: bool, loop_writes: bool) -> None:
         setattr(cls, name, timed)
 
     store_mod.Store.write = timed_write
-    if loop_writes:  # session 5's way: flushes and closes in the loop's own thread
-        post_init = Settings.__post_init__
+    post_init = Settings.__post_init__
 
-        def loop_writes_init(self) -> None:
-            post_init(self)
+    def settings_init(self) -> None:
+        post_init(self)
+        if loop_writes:  # session 5's way: flushes and closes in the loop's own thread
             self.writer_thread = False
+        if switch is not None:
+            self.switch_interval = switch
 
-        Settings.__post_init__ = loop_writes_init
+    Settings.__post_init__ = settings_init
     Collector._drain = timed_drain
     wrap(store_mod.Store, "close_one")
     wrap(store_mod.Store, "maintain")
@@ -165,10 +168,11 @@ def instrumented(out: str, cpu: bool, loop_writes: bool) -> None:
     main()
 
 
-def run(args, cpu: bool, writer: str) -> None:
+def run(args, cpu: bool, writer: str, switch: float | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="stalls-") as d:
         db, log, out = Path(d) / "t.db", Path(d) / "c.log", Path(d) / "record.json"
         flags = [*(["--_cpu"] if cpu else []), *(["--_loop-writes"] if writer == "loop" else [])]
+        flags += ["--_switch", str(switch)] if switch is not None else []
         program = (sys.executable, __file__, "--_instrumented", str(out), *flags, "--")
         proc, port = ingest.start_collector(db, log, args, program=program)
         granted = int(re.search(r"granted (\d+)", log.read_text()).group(1))
@@ -194,7 +198,8 @@ def run(args, cpu: bool, writer: str) -> None:
     holds = granted / 830 / args.rate * 1e3
     kind = "loop thread CPU" if cpu else "wall"
     print(
-        f"{kind}, writes in the {'writer thread' if writer == 'thread' else 'loop thread'}: sent {sent['sent']:,} in {sent['elapsed']:.2f} s, stored {int(c.get('stored', 0)):,}, kernel drops "
+        f"{kind}, writes in the {'writer thread' if writer == 'thread' else 'loop thread'}"
+        f"{f', switch interval {switch * 1e3:g} ms' if switch is not None else ''}: sent {sent['sent']:,} in {sent['elapsed']:.2f} s, stored {int(c.get('stored', 0)):,}, kernel drops "
         f"{int(c.get('kernel_drops', 0)):,}; loadavg {os.getloadavg()[0]:.1f}; the buffer ({granted:,} bytes) holds "
         f"~{holds:.0f} ms at this rate"
     )
@@ -236,7 +241,8 @@ def main() -> None:
     if "--_instrumented" in sys.argv:
         i = sys.argv.index("--_instrumented")
         ours = sys.argv[: sys.argv.index("--")]
-        instrumented(sys.argv[i + 1], "--_cpu" in ours, "--_loop-writes" in ours)
+        switch = float(ours[ours.index("--_switch") + 1]) if "--_switch" in ours else None
+        instrumented(sys.argv[i + 1], "--_cpu" in ours, "--_loop-writes" in ours, switch)
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", type=float, default=150_000, help="datagrams per second offered")
@@ -256,17 +262,27 @@ def main() -> None:
         help="flushes and closes in the writer thread (the default) or in the loop's thread (session 5's way), "
         "or both in turn",
     )
+    ap.add_argument(
+        "--switch-interval",
+        type=float,
+        nargs="+",
+        help="the collector's GIL switch interval (s), one run each in turn (default: the CLI's, "
+        "tuning.WRITER_SWITCH_INTERVAL_S; Python's own is 0.005)",
+    )
     ap.add_argument("--pairs", type=int, default=1, help="runs of each (turns alternated)")
     ap.add_argument("--timeline", action="store_true", help="list every flush: queue fill and drops around it")
     ap.add_argument("--clock", choices=("both", "wall", "cpu"), default="both", help="one run per clock")
     args = ap.parse_args()
     if (os.cpu_count() or 1) < 2:
         args.collector_core = args.sender_core = None
+    switches = args.switch_interval or [None]
     writers = {"both": ("thread", "loop"), "thread": ("thread",), "loop": ("loop",)}[args.writer]
     for _ in range(args.pairs):
         for cpu in {"both": (False, True), "wall": (False,), "cpu": (True,)}[args.clock]:
             for writer in writers:
-                run(args, cpu, writer)
+                for switch in switches:
+                    run(args, cpu, writer, switch)
+                switches = switches[::-1]
             writers = writers[::-1]  # A B, B A: whatever else loads the machine falls on both
 
 

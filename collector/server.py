@@ -26,6 +26,7 @@ import signal
 import socket
 import sqlite3
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -80,6 +81,9 @@ class Settings:
     # The CLI sets it (the process is the collector's alone): gc.freeze() once
     # started, so gen-2 passes skip what start-up built.  Not for embedders.
     freeze_gc: bool = False
+    # The CLI sets it too: the interpreter's GIL switch interval while serving
+    # (sys.setswitchinterval; None: leave it).  Not for embedders.
+    switch_interval: float | None = None
     batch_receive: bool = True  # recvmmsg(2) where libc has it (collector/mmsg.py); False: recv per datagram
     # Flushes and closes in a writer thread while the loop reads on (Collector._start_flush);
     # False: in the loop's own thread, the loop away from its sockets meanwhile (session 5's way).
@@ -364,6 +368,7 @@ class Collector:
         store = self.store
         core = self.core
         sel = selectors.DefaultSelector()
+        switch_interval = sys.getswitchinterval()
         try:
             batch = s.batch_receive and mmsg.available()
             self._sources = [
@@ -380,6 +385,10 @@ class Collector:
                 # 150k datagrams/s; the loop's own objects are few.
                 gc.collect()
                 gc.freeze()
+            if s.switch_interval is not None:
+                # The loop gives the GIL up in select() and then waits for the
+                # writer thread to hand it back: at most this long, not 5 ms.
+                sys.setswitchinterval(s.switch_interval)
             self._serving.set()
             self.notify("READY=1")
             # Deadlines run on the monotonic clock: a gateway without an RTC
@@ -466,6 +475,7 @@ class Collector:
                 if self._calls:
                     self._run_calls()
         finally:
+            sys.setswitchinterval(switch_interval)
             self.notify("STOPPING=1")
             sel.close()
             self._wait_for_writer()

@@ -48,6 +48,10 @@ CLOSE_QUEUE_FILL_MAX = 0.25
 # The longest one select() waits (seconds): epoll takes at most 2**31-1 ms,
 # and --flush-interval / --status-interval may be longer, even inf.
 MAX_SELECT_TIMEOUT_S = 3600.0
+# The GIL switch interval telemetry-collector serves with (Python's: 5 ms): the
+# loop gives the GIL up in select() and may wait this long to get it back from
+# the writer thread (bench/ingest_stalls.py --switch-interval; docs/OPERATIONS.md).
+WRITER_SWITCH_INTERVAL_S = 0.0005
 # At most one rejected-datagram log line per reason in this many seconds.
 REJECT_LOG_INTERVAL_S = 10.0
 

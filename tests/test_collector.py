@@ -636,6 +636,25 @@ def test_the_loop_reads_on_while_a_flush_waits_for_the_database(db_path, writer_
     assert query(db_path, "SELECT datagrams, readings, lost FROM sensors") == [(25, 50, 0)]
 
 
+def test_the_cli_collector_serves_with_a_short_gil_switch_interval(db_path):
+    """switch_interval (the CLI's setting, tuning.WRITER_SWITCH_INTERVAL_S): set while
+    the loop serves, so it waits at most that long for the GIL from its writer
+    thread; the interpreter's own interval is back once it stops."""
+    import sys
+
+    from collector import tuning
+
+    before = sys.getswitchinterval()
+    assert before != tuning.WRITER_SWITCH_INTERVAL_S
+    with running(db_path, switch_interval=tuning.WRITER_SWITCH_INTERVAL_S) as (collector, notes):
+        wait_for(lambda: "READY=1" in notes, 5, what="the loop to start")
+        assert sys.getswitchinterval() == tuning.WRITER_SWITCH_INTERVAL_S
+    assert sys.getswitchinterval() == before
+    with running(db_path) as (collector, notes):  # embedders: left alone by default
+        wait_for(lambda: "READY=1" in notes, 5, what="the loop to start")
+        assert sys.getswitchinterval() == before
+
+
 def test_the_cli_collector_freezes_what_start_up_built(db_path):
     """freeze_gc (the CLI's setting): gen-2 collections skip the objects alive at start."""
     import gc
