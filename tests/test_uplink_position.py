@@ -160,7 +160,7 @@ def test_a_round_that_fails_after_finding_entries_gone_says_data_lost_once(tmp_p
     two lines and four."""
     caplog.set_level("ERROR", logger="collector.uplink")
     with NatsServer(tmp_path) as ns:
-        up = Uplink(settings(gw, ns.url, ack_timeout=0.5, backoff_max=0.2))
+        up = Uplink(settings(gw, ns.url, ack_timeout=1.0, backoff_max=0.2))
 
         async def scenario() -> None:
             run = asyncio.create_task(up.run())
