@@ -185,3 +185,28 @@ def test_a_round_that_fails_after_finding_entries_gone_says_data_lost_once(tmp_p
     assert len(lost) == 1 and "entries 1-2 were deleted" in lost[0], lost
     assert up.stats["skipped_entries"] == 2
     assert uplinkfleet.status(gw.path)["skipped_entries"] == 2
+
+
+def test_every_unsent_entry_deleted_is_data_lost_too(tmp_path, gw, caplog):
+    """The collector's disk budget deleted every entry the uplink had not sent (entries 1-2):
+    no row follows the position, but the log's newest id (sqlite_sequence) is past it.  That is
+    said and counted as a hole, and the position moves past it, without waiting for an entry."""
+    caplog.set_level("ERROR", logger="collector.uplink")
+    gw.flush()
+    gw.flush()
+    with sqlite3.connect(gw.path) as conn:
+        conn.execute("DELETE FROM ingest_log")
+    conn.close()
+    with NatsServer(tmp_path) as ns:
+        up = Uplink(settings(gw, ns.url))
+
+        async def scenario() -> None:
+            run = asyncio.create_task(up.run())
+            await until(lambda: up.cursor == 2, what="the position past the hole")
+            up.stop.set()
+            await run
+
+        asyncio.run(scenario())
+    lost = [r.getMessage() for r in caplog.records if "DATA LOST" in r.getMessage()]
+    assert len(lost) == 1 and "entries 1-2 were deleted" in lost[0], lost
+    assert up.stats["skipped_entries"] == 2 and source.read_cursor(gw.path) == 2

@@ -273,8 +273,10 @@ class Uplink:
             self._save_position(force=True)
             return True
         gone: list[tuple[int, int]] = []
-        if ids and ids[0] > self.cursor + 1:
-            first = ids[0]
+        # The first entry after the position, or one past the newest id ever given (its row may be
+        # gone too) when there is none: what lies between was deleted before it was sent.
+        first = ids[0] if ids else snap.last_id + 1
+        if first > self.cursor + 1:
             gone.append((self.cursor + 1, first - 1))  # sent with every try of this round
             # Said and counted once: a round that fails finds the same hole when it is tried again.
             said = max(self.cursor, self._lost_through)
@@ -302,7 +304,7 @@ class Uplink:
                 self.s.db,
             )
         counters = snap.counters if origin is not None and snap.counters != self.published_counters else None
-        if not ids and not snap.accounts and counters is None:
+        if not ids and not gone and not snap.accounts and counters is None:
             return False
         prefix = self.s.broker.subject_prefix
         if snap.blocks is not None:
@@ -324,6 +326,8 @@ class Uplink:
         await self._publish(messages)
         if ids:
             self.cursor = ids[-1]
+        elif gone:
+            self.cursor = gone[-1][1]
         self.source.mark_published(snap.account_rows)
         if origin is not None:
             self.published_counters = snap.counters
