@@ -931,7 +931,7 @@ def fixed_phase(url: str, nats_pid: int, args, workdir: Path) -> None:
                 f"  {n:13s} lossy {lossy} of {len(rs)}; datagrams lost a step min/median/max "
                 f"{spread([lost_of(r) for r in rs])} ({100 * sum(lost_of(r) for r in rs) / sum(r['sent'] for r in rs):.3f} % "
                 f"of all sent); collector waited for a core {spread([1000 * r['run_wait'] for r in rs])} ms, "
-                f"CPU {median([r['cpu_us_per_datagram'] for r in rs]):.2f} us/datagram; WAL frames in use at most "
+                f"CPU {spread([r['cpu_us_per_datagram'] for r in rs], '.2f')} us/datagram; WAL frames in use at most "
                 f"{spread([r['wal_frames_peak'] for r in rs])}, time-averaged {median([r['wal_frames_mean'] for r in rs]):,.0f}"
                 f", -wal file at most {max(r['wal_peak'] for r in rs) / 2**20:.1f} MiB; sender late by at most "
                 f"{1000 * max(r.get('sender_behind', 0) for r in rs):.1f} ms"
