@@ -398,13 +398,14 @@ def consume(
     close_workers: int | None = None,
     tag: str = "",
     head_budget: float | None = None,
+    bin_dir: Path = BIN,
 ) -> dict:
     """One `telemetry-uplink consume` (a durable of its own) drains `total` readings of the stream
     into a new central database: time, CPU of the writer and of its close workers, peak RSS of
     each (VmHWM, sampled every 50 ms)."""
     central = str(workdir / f"central-{stream}{tag}.db")
     log = workdir / f"consume-{stream}{tag}.log"
-    cmd = [str(BIN / "telemetry-uplink"), "consume", "--db", central, "--servers", url, "--status-interval", "3600"]
+    cmd = [str(bin_dir / "telemetry-uplink"), "consume", "--db", central, "--servers", url, "--status-interval", "3600"]
     cmd += ["--stream", stream, "--subject-prefix", stream.lower(), "--durable", f"bench{tag or '-central'}"]
     if close_workers is not None:
         cmd += ["--close-workers", str(close_workers)]
@@ -1283,6 +1284,13 @@ def main() -> None:
         action="store_true",
         help="also drain the central backlogs with the consumer in one process (--close-workers 0): the ratio",
     )
+    p.add_argument(
+        "--central-against",
+        metavar="BIN",
+        help="also drain the central backlogs with the telemetry-uplink of another checkout's virtualenv "
+        "(e.g. /path/to/main/.venv/bin), in turn with this one's: before/after in one run",
+    )
+    p.add_argument("--central-workers", type=int, help="the consumer's --close-workers (default: its own)")
     p.add_argument("--head-budget", type=float, help="the consumer's --head-budget (MiB; default: its own, 48)")
     p.add_argument("--central-runs", type=int, default=1, help="consumer runs of each kind (in turn)")
     p.add_argument("--skip-ingest", action="store_true", help="do not measure the collector's ingest rate")
@@ -1512,11 +1520,15 @@ def central_phase(args, url: str, workdir: Path):
         f"{total / c_pub['elapsed']:,.0f} readings/s together",
         flush=True,
     )
-    rates: dict[str, list[float]] = {"workers": [], "alone": []}
+    rates: dict[str, list[float]] = {"workers": [], "alone": [], "against": []}
+    kinds = [("workers", args.central_workers, BIN), ("alone", 0, BIN)]
+    if args.central_against:
+        kinds.insert(1, ("against", args.central_workers, Path(args.central_against)))
     for run in range(args.central_runs):
-        # the consumer as deployed (close workers: one per core beyond the writer's), then in one
-        # process (--close-workers 0), each draining the same stream with a durable of its own
-        for label, workers in (("workers", None), ("alone", 0)):
+        # the consumer as deployed (close workers: one per core beyond the writer's), another
+        # checkout's (--central-against), then in one process (--close-workers 0), each draining
+        # the same stream with a durable of its own; the order turns each run
+        for label, workers, bin_dir in kinds if run % 2 == 0 else kinds[::-1]:
             if label == "alone" and not args.central_alone:
                 continue
             c = consume(
@@ -1527,12 +1539,14 @@ def central_phase(args, url: str, workdir: Path):
                 close_workers=workers,
                 tag=f"-{label}{run}",
                 head_budget=args.head_budget,
+                bin_dir=bin_dir,
             )
             rate = c["stored"] / c["elapsed"]
             rates[label].append(rate)
             cpu = c["cpu"] + c["worker_cpu"]
+            who = "" if label != "against" else f", {bin_dir}"
             print(
-                f"  central consumer (payload 3, {c['workers']} close worker(s)): {c['stored']:,} readings of "
+                f"  central consumer (payload 3, {c['workers']} close worker(s){who}): {c['stored']:,} readings of "
                 f"{args.gateways} gateways in {c['elapsed']:.2f} s = {rate:,.0f} readings/s "
                 f"({rate / TARGET_CENTRAL:.2f} of the {TARGET_CENTRAL / 1e6:.2f} M target, {rate / SESSION4_CENTRAL:.2f}x "
                 f"session 4's {SESSION4_CENTRAL:,}); {c['stored'] / cpu:,.0f} per CPU second (writer "
@@ -1542,6 +1556,13 @@ def central_phase(args, url: str, workdir: Path):
                 flush=True,
             )
     central_rate = statistics.median(rates["workers"])
+    if rates["against"]:
+        other = statistics.median(rates["against"])
+        print(
+            f"  medians: {central_rate:,.0f} readings/s this checkout, {other:,.0f} the other's "
+            f"(ratio {central_rate / other:.2f})",
+            flush=True,
+        )
     if rates["alone"]:
         alone = statistics.median(rates["alone"])
         print(
