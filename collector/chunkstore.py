@@ -413,6 +413,8 @@ def _rollup_np(ts: np.ndarray, v: np.ndarray, starts: np.ndarray | None) -> dict
 def _append(col: array, values) -> None:
     if type(values) is list:
         col.fromlist(values)
+    elif type(values) is memoryview:  # of the column's type (uplink/prepared.py)
+        col.frombytes(values.cast("B"))
     else:
         col.extend(values)
 
@@ -454,6 +456,8 @@ class Head:
             try:  # ints become floats as float(v) makes them; a None (absent) refuses, changing nothing
                 if type(values) is list:
                     col.fromlist(values)
+                elif type(values) is memoryview:  # float64, NaN where absent (uplink/prepared.py)
+                    col.frombytes(values.cast("B"))
                 else:
                     col.extend(array("d", values))
             except TypeError:

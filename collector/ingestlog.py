@@ -24,7 +24,9 @@ Body, version 1: zlib(msgpack([1, [group, ...]])) where a group is
   received [float, ...]        receive time
   metrics  {name: [value or None, ...]}  aligned with seqs; None where that
            datagram did not carry the metric
-A sensor that changed boot within one flush has one group per boot.
+A sensor that changed boot within one flush has one group per boot.  The
+central database of `telemetry-uplink consume` may hold several groups of one
+(sensor, boot) in a row (one per message it took): readers take them in order.
 """
 
 from __future__ import annotations
@@ -87,6 +89,27 @@ def encode_body(groups: list[Group]) -> bytes:
     return zlib.compress(_pack([BODY_VERSION, groups]), ZLIB_LEVEL)
 
 
+def pack_groups(groups: list[Group]) -> bytes:
+    """Groups as msgpack, as they appear inside a body, one after the other (body_of_packed
+    joins such runs): packed as one array, its header cut off."""
+    return _pack(groups)[len(_array_header(len(groups))) :]
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def body_of_packed(parts: list[bytes], count: int) -> bytes:
+    """The body of `count` groups packed apart (pack_group; one part may hold several, joined):
+    the same bytes as encode_body of those groups, without packing them again (msgpack's
+    array is its header followed by its items)."""
+    return zlib.compress(b"".join([b"\x92\x01", _array_header(count), *parts]), ZLIB_LEVEL)
+
+
 def decode_body(body: bytes) -> list[Group]:
     try:
         version, groups = msgpack.unpackb(zlib.decompress(body), raw=False, strict_map_key=True)
@@ -110,16 +133,21 @@ def counts(groups: list[Group]) -> tuple[int, int]:
 
 
 def append(
-    conn: sqlite3.Connection, committed: float, groups: list[Group], known: tuple[int, int] | None = None
+    conn: sqlite3.Connection,
+    committed: float,
+    groups: list[Group],
+    known: tuple[int, int] | None = None,
+    body: bytes | None = None,
 ) -> int:
     """Append one row inside the caller's transaction; returns its id.
 
     `known`: (datagrams, readings) when the caller has counted them (the
-    ingest core has), saving a pass over every value."""
+    ingest core has), saving a pass over every value; `body`: the groups'
+    body when the caller has encoded it (body_of_packed)."""
     datagrams, readings = counts(groups) if known is None else known
     cur = conn.execute(
         "INSERT INTO ingest_log (committed, datagrams, readings, body) VALUES (?, ?, ?, ?)",
-        (committed, datagrams, readings, encode_body(groups)),
+        (committed, datagrams, readings, encode_body(groups) if body is None else body),
     )
     assert cur.lastrowid is not None  # an INSERT into a rowid table always sets it
     return cur.lastrowid

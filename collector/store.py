@@ -519,10 +519,12 @@ class Store:
         now: float,
         new_series: list[tuple[int, str, str]],
         known: tuple[int, int] | None = None,
+        body: bytes | None = None,
     ) -> tuple[int, set[tuple[str, int]]]:
         """For a writer other than the ingest core (the uplink's central database):
         inside the caller's transaction, the new series, one log row for `groups`
-        (one group per (sensor, boot); `known`: their (datagrams, readings) if counted)
+        (a (sensor, boot) may have several, in order; their columns lists or arrays;
+        `known`: their (datagrams, readings) if counted; `body`: theirs if encoded)
         and the chunks of the heads that close.
         Call committed_groups with what it returns once the transaction commits."""
         if new_series:
@@ -535,7 +537,7 @@ class Store:
             for head, row in zip(heads, pending.rows(), strict=True):
                 insert_chunk(conn, row, chunk_log_id, self.series[head.sensor])
             self._inserted_later += 1
-        log_id = ingestlog.append(conn, now, groups, known) if groups else 0
+        log_id = ingestlog.append(conn, now, groups, known, body) if groups else 0
         closed = self._close_heads(conn, groups, log_id or self.last_log_id, now)
         self._trim_log(conn)
         return log_id, closed
@@ -592,9 +594,14 @@ class Store:
         over the count.
         """
         incoming: dict[tuple[str, int], ingestlog.Group] = {}
+        more: dict[tuple[str, int], list[ingestlog.Group]] = {}  # keys with several groups (write_groups)
         arriving = 0
         for g in groups:
-            incoming[(g.sensor, schema.NO_BOOT if g.boot is None else g.boot)] = g
+            key = (g.sensor, schema.NO_BOOT if g.boot is None else g.boot)
+            if key in incoming:
+                more.setdefault(key, [incoming[key]]).append(g)
+            else:
+                incoming[key] = g
             arriving += len(g.seqs)
         heads = self.heads
         fast = False
@@ -607,7 +614,8 @@ class Store:
         count = self.chunk_datagrams * (2 if self.close_between_flushes else 1)
         for key, g in incoming.items():
             head = heads.get(key)
-            size = len(g.seqs) + (len(head) if head is not None else 0)
+            size = len(g.seqs) if key not in more else sum(len(m.seqs) for m in more[key])
+            size += len(head) if head is not None else 0
             opened = head.opened if head is not None else g.received[0]
             if size >= overdue:
                 close.append(key)
@@ -649,8 +657,8 @@ class Store:
                 head = Head(key[0], key[1], log_id, g.received[0])
             elif g is not None:
                 head = head.copy()
-            if g is not None:
-                head.extend(g.seqs, g.ts, g.received, g.metrics)
+            for part in more.get(key) or ((g,) if g is not None else ()):
+                head.extend(part.seqs, part.ts, part.received, part.metrics)
             closing.append(head)
         if self.close_later is not None and closing:
             self._handed = (closing, log_id, self.close_later(closing, fast))

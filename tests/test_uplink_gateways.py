@@ -302,9 +302,37 @@ def test_kill_9_a_close_worker_of_the_consumer_twice_nothing_lost_or_doubled(tmp
         wait_central(central, gws, timeout=60)  # exact: each reading once, accounts equal, nothing rejected
         assert c.stop() == 0
         text = c.text()
-        assert text.count("chunk-closing worker process died") == 2, text[-3000:]
+        assert text.count("a worker process died") == 2, text[-3000:]
         assert " ERROR " not in text and "Traceback" not in text
         assert db_query(central, "SELECT count(*) FROM chunks")[0][0] > 0
+
+
+def test_two_workers_decode_the_messages_one_killed_nothing_lost_or_doubled(tmp_path, gateways, consumer):
+    """With two workers (--close-workers 2) they decode the messages too (prepared.py: merged
+    per sensor into arrays ahead of the writer).  One is killed (SIGKILL) while the consumer
+    drains three gateways' backlogs: the writer decodes those messages itself, says so once,
+    starts new workers, and the central database ends with every reading once, the accounts
+    equal."""
+    with NatsServer(tmp_path) as ns:
+        gws = backlogs_in_the_stream(gateways, ns, sensors=4, count=800, seed=70, max_datagrams=40)
+        central = str(tmp_path / "central.db")
+        c = consumer(central, [ns.url], "--batch", "3", "--close-workers", "2", "--head-budget", "0.01")
+        wait_for(
+            lambda: children(c.proc.pid) or c.proc.poll() is not None,
+            30,
+            0.005,
+            what=lambda: f"a worker of the consumer: {c.text()[-1500:]}",
+        )
+        assert c.proc.poll() is None, c.text()[-2000:]
+        os.kill(min(children(c.proc.pid)), signal.SIGKILL)
+        want = sum(len(gw.readings()) for gw in gws)
+        assert db_counters(central).get("uplink_readings", 0) < want  # the kill landed before the end
+        wait_central(central, gws, timeout=60)  # exact: each reading once, accounts equal, nothing rejected
+        assert c.stop() == 0
+        text = c.text()
+        assert "2 worker processes decode messages and close heads into chunks" in text
+        assert text.count("a worker process died") == 1, text[-3000:]
+        assert " ERROR " not in text and "Traceback" not in text
 
 
 def test_three_node_cluster_kill_9_the_uplinks_node_while_the_collector_ingests(tmp_path, gateways, consumer):

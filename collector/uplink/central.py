@@ -32,7 +32,7 @@ from itertools import chain
 from operator import itemgetter, methodcaller
 
 from .. import ingestlog, schema, store
-from . import closer, core, ranges
+from . import closer, core, prepared, ranges
 
 log = logging.getLogger("uplink.consume")
 
@@ -177,7 +177,7 @@ class Central:
 
     def apply(
         self,
-        items: list[core.Readings | core.Accounts | core.Columns | core.Snapshots],
+        items: list[core.Readings | core.Accounts | core.Columns | core.Snapshots | prepared.Prepared],
         rejected: Counter | None = None,
         now: float | None = None,
     ) -> Counter:
@@ -190,12 +190,21 @@ class Central:
         self._pending = {}
         groups: dict[tuple[str, int | None], list[ingestlog.Group]] = {}
         taken: dict[tuple[str, str, int | None], list[list]] = {}
+        ready: list[prepared.Prepared] = []
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             for item in items:
                 done["uplink_messages"] += 1
-                if isinstance(item, core.Blocks):
+                if isinstance(item, prepared.Prepared):
+                    if self._all_new(item):
+                        ready.append(item)
+                        done["uplink_readings"] += item.readings
+                    else:
+                        blocks = core.decode(item.payload)
+                        assert isinstance(blocks, core.Blocks)  # a worker decoded it so
+                        self._blocks(blocks, done, taken)
+                elif isinstance(item, core.Blocks):
                     self._blocks(item, done, taken)
                 elif isinstance(item, core.Readings):
                     self._readings(item, done, groups)
@@ -217,8 +226,21 @@ class Central:
                     [(gateway, origin, lo, hi) for lo, hi in pending.items()],
                 )
             merged = [_merge(parts) for parts in groups.values()]
-            known = (sum(len(g.seqs) for g in merged), done["uplink_readings"])  # counted as they were taken
-            closing = self.store.write_groups(conn, merged, now, self._new_series, known)
+            known = (
+                sum(len(g.seqs) for g in merged) + sum(p.datagrams for p in ready),
+                done["uplink_readings"],  # counted as they were taken
+            )
+            body = None
+            if ready:
+                # The prepared messages' groups follow the others' (a (sensor, boot) may have a
+                # group from each message), their body joined from what the workers packed.
+                body = ingestlog.body_of_packed(
+                    [ingestlog.pack_groups(merged), *(p.packed for p in ready)],
+                    len(merged) + sum(p.count for p in ready),
+                )
+                for p in ready:
+                    merged += self._prepared_groups(p)
+            closing = self.store.write_groups(conn, merged, now, self._new_series, known, body)
             for reason, n in (rejected or {}).items():
                 done[f"uplink_rejected:{reason}"] += n
             for name, n in done.items():
@@ -297,6 +319,37 @@ class Central:
         groups.setdefault((sensor, item.boot), []).append(group)
 
     # ------------------------------------------------------------ payload 3
+
+    def _all_new(self, item: prepared.Prepared) -> bool:
+        """Whether a prepared message is taken as it is: every block new (in increasing order, so
+        none covers another), no rows gone, no payload-1/2 datagrams of its gateway to check
+        against; then its blocks are marked taken."""
+        if item.gone or self._legacy_of(item.gateway):
+            return False
+        r = self._ranges_of((item.gateway, item.origin))
+        below = -1
+        for lo, hi in item.spans:
+            if lo <= below or r.uncovered(lo, hi) != [(lo, hi)]:
+                return False
+            below = hi
+        for lo, hi in item.spans:
+            r.add(lo, hi)
+        return True
+
+    def _prepared_groups(self, item: prepared.Prepared) -> list[ingestlog.Group]:
+        """A prepared message's groups (one per key), with the sensor rows and series they need."""
+        conn = self.conn
+        groups = item.groups()
+        for g in groups:
+            sensor = g.sensor
+            if sensor not in self._ensured and sensor not in self._ensuring:
+                conn.execute(ENSURE_SENSOR, (sensor, min(g.received), max(g.received)))
+                self._ensuring.add(sensor)
+            known = self.store.series[sensor]
+            for name in g.metrics:
+                if name not in known:
+                    self._series(sensor, name)
+        return groups
 
     def _ranges_of(self, key: tuple[str, str]) -> ranges.Ranges:
         """This transaction's copy of what was taken from (gateway, origin)."""

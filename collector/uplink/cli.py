@@ -230,8 +230,8 @@ CENTRAL_SETTINGS = [
         None,
         metavar="N",
         default_text="one per core beyond the writer's, at most 4",
-        help="Processes that encode closing heads into chunks while the one writer goes on (0: the writer "
-        "encodes them itself).",
+        help="Processes that encode closing heads into chunks while the one writer goes on, and from 2 on "
+        "decode the messages too (payload 3: merged per sensor into arrays); 0: the writer does all itself.",
     ),
     S(
         "head_budget",

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Awaitable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import nats.errors
@@ -20,12 +22,20 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from .. import store
 from ..errors import ConfigError, SetupError
-from . import broker, central, closer, core
+from . import broker, central, closer, core, prepared
 
 log = logging.getLogger("uplink.consume")
 
 # Readings written per transaction at most (then acked), whatever the fetch held.
 TXN_READINGS = 200_000
+# Messages handed to each worker to decode ahead of the writer (each ~0.5 MB in, ~1 MB of arrays
+# and packed groups out): enough to keep it busy, few enough that a head it must close next does
+# not wait behind many.
+PREPARE_AHEAD = 2
+
+
+async def _now(decode, data: bytes):
+    return decode(data)
 
 
 @dataclass(frozen=True)
@@ -62,12 +72,17 @@ class Consumer:
 
     async def run(self) -> None:
         self.notify("READY=1")
+        closer = self.central.closer
         log.info(
-            "started: central database %s, servers %s, stream %s, durable consumer %s",
+            "started: central database %s, servers %s, stream %s, durable consumer %s; %s",
             self.s.db,
             ",".join(self.s.broker.servers),
             self.s.broker.stream,
             self.s.durable,
+            "no worker processes: the writer decodes and closes everything"
+            if closer is None
+            else f"{closer.workers} worker process{'es' if closer.workers > 1 else ''} "
+            + ("decode messages and close heads into chunks" if closer.decodes else "close heads into chunks"),
         )
         status_task = asyncio.create_task(self._status_loop())
         try:
@@ -143,15 +158,58 @@ class Consumer:
             self.backoff.reset()
             self.notify("WATCHDOG=1")
 
+    def _decoded(self, msgs: list) -> Iterator[Awaitable]:
+        """Each message's item (prepared.prepare: core.decode's, a payload-3 columns message as a
+        prepared.Prepared), in order: with DECODE_FROM_WORKERS workers or more, decoded in them,
+        PREPARE_AHEAD messages per worker ahead of the writer; with fewer (or when one dies, or
+        cannot decode it) here."""
+        closer = self.central.closer
+        if closer is None or not closer.decodes:
+            for m in msgs:
+                yield _now(core.decode, m.data)
+            return
+        ahead = PREPARE_AHEAD * closer.workers
+        sent: deque = deque()
+        at = 0
+        for m in msgs:
+            while at < len(msgs) and len(sent) < ahead:
+                sent.append(closer.prepare(msgs[at].data))
+                at += 1
+            job = sent.popleft()
+            yield self._prepared(closer, job, m.data)
+
+    async def _prepared(self, closer, job, data: bytes):
+        if job is None:
+            return core.decode(data)
+        pool, future = job
+        try:
+            item = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not future.cancelled() or (task is not None and task.cancelling()):
+                raise
+            return core.decode(data)  # its pool was shut down under it: a worker died (closer._died)
+        except core.PayloadError:
+            raise
+        except (BrokenProcessPool, OSError, EOFError) as exc:
+            closer._died(exc, pool)
+            return core.decode(data)
+        except Exception as exc:  # what the worker could not make of it, this process decides
+            log.debug("a worker could not prepare a message (%s); decoding it here", exc)
+            return core.decode(data)
+        if isinstance(item, prepared.Prepared):
+            item.payload = data
+        return item
+
     async def _take(self, msgs: list) -> None:
         items: list = []
         good: list = []
         bad: list = []
         rejected: Counter = Counter()
         readings = 0
-        for m in msgs:
+        for m, decoded in zip(msgs, self._decoded(msgs)):
             try:
-                item = core.decode(m.data)
+                item = await decoded
             except core.PayloadError as exc:
                 rejected[exc.reason] += 1
                 bad.append(m)
@@ -159,7 +217,7 @@ class Consumer:
                 continue
             items.append(item)
             good.append(m)
-            if isinstance(item, (core.Readings, core.Columns, core.Blocks)):
+            if isinstance(item, (core.Readings, core.Columns, core.Blocks, prepared.Prepared)):
                 readings += item.readings
             if readings >= TXN_READINGS:
                 await self._commit(items, good, bad, rejected)

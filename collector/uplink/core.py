@@ -84,6 +84,10 @@ class PayloadError(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):  # raised in a worker process (prepared.py), pickled back to the writer
+        return (PayloadError, (self.reason, self.detail))
 
 
 REASONS = ("not_msgpack", "bad_version", "bad_kind", "bad_shape", "too_large", "bad_block")

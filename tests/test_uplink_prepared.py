@@ -1,0 +1,202 @@
+"""Payload-3 messages decoded and merged in a worker (prepared.py): the central database the
+writer makes from them is the one it makes decoding them itself, a replay or a partly new
+message is still taken block by block, and a worker's refusal reaches the writer intact."""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+
+import pytest
+from test_uplink_closer import BUDGET, chunks, rows
+from uplinkgw import readings
+
+from collector import ingestlog
+from collector.uplink import closer, core, prepared
+from collector.uplink.central import Central
+
+from helpers import db_query
+
+
+def payloads(data, first_id: int = 1, rows_per_message: int = 3, max_datagrams: int = 50_000) -> list[bytes]:
+    """The gateway rows as payload-3 messages of several blocks each (as `telemetry-uplink run`
+    cuts them; max_datagrams small: rows cut into pieces)."""
+    out = []
+    for at in range(0, len(data), rows_per_message):
+        blocks = []
+        for i, row in enumerate(data[at : at + rows_per_message]):
+            body = ingestlog.encode_body(row)
+            datagrams, n = ingestlog.counts(row)
+            blocks.append(core.Block(first_id + at + i, datagrams, n, body, len(zlib.decompress(body))))
+        out += [
+            m.payload
+            for m in core.columns_messages("telemetry", "site-7", blocks, max_datagrams=max_datagrams, origin="ab01")
+        ]
+    return out
+
+
+def made_ready(payload: bytes) -> prepared.Prepared:
+    item = prepared.prepare(payload)
+    assert isinstance(item, prepared.Prepared)
+    item.payload = payload
+    return item
+
+
+def feed(path: str, batches: list[list[bytes]], ready: bool, workers: int = 0) -> Counter:
+    total: Counter = Counter()
+    c = Central(path, workers, BUDGET)
+    try:
+        for i, batch in enumerate(batches, 1):
+            items = [made_ready(p) if ready else core.decode(p) for p in batch]
+            total.update(c.apply(items, now=5000.0 + i))
+    finally:
+        c.close()
+    return total
+
+
+def counters(path: str) -> dict[str, int]:
+    return dict(db_query(path, "SELECT name, value FROM counters WHERE name LIKE 'uplink_%'"))
+
+
+def datagrams(path: str) -> list[tuple]:
+    """Every reading of the database, in the order each (sensor, boot) holds them."""
+    return sorted(readings(path))
+
+
+def test_a_prepared_message_holds_its_blocks_merged_per_sensor_with_the_writers_body():
+    data = rows(6)
+    (payload,) = payloads(data, rows_per_message=6)
+    blocks = core.decode(payload)
+    item = made_ready(payload)
+    assert item.spans == tuple(b.range for b in blocks.blocks)
+    assert (item.datagrams, item.readings) == (blocks.datagrams, blocks.readings) == (72, 134)
+    assert sum(ingestlog.counts(r)[1] for r in data) == 134
+    assert item.keys == [(f"site-7:s{i}", 1) for i in range(6)]
+    groups = item.groups()
+    for g, sensor in zip(groups, [f"s{i}" for i in range(6)], strict=True):
+        mine = [m for row in data for m in row if m.sensor == sensor]  # six rows of it, in order
+        assert g.sensor == f"site-7:{sensor}" and g.boot == 1
+        assert g.seqs.tolist() == [q for m in mine for q in m.seqs]
+        assert g.ts.tolist() == [t for m in mine for t in m.ts]
+        assert g.received.tolist() == [t for m in mine for t in m.received]
+        hum = [v for m in mine for v in m.metrics.get("hum", [None] * len(m.seqs))]
+        assert [v != v for v in g.metrics["hum"].tolist()] == [v is None for v in hum]  # NaN where absent
+        assert [v for v in g.metrics["hum"].tolist() if v == v] == [v for v in hum if v is not None]
+    # the log body's groups: one per key, the values as they came (None where absent)
+    body = ingestlog.decode_body(ingestlog.body_of_packed([item.packed], item.count))
+    assert [(g.sensor, g.boot) for g in body] == item.keys
+    for got, g in zip(body, groups, strict=True):
+        assert got.seqs == g.seqs.tolist() and got.ts == g.ts.tolist() and got.received == g.received.tolist()
+        assert sorted(got.metrics) == sorted(g.metrics)
+    hum = [v for row in data for m in row if m.sensor == "s0" for v in m.metrics.get("hum", [None] * len(m.seqs))]
+    assert body[0].metrics["hum"] == hum
+
+
+@pytest.mark.parametrize("per_txn", [1, 3])
+def test_prepared_messages_make_the_database_decoded_ones_make(tmp_path, per_txn):
+    data = rows(60)
+    msgs = payloads(data)
+    batches = [msgs[i : i + per_txn] for i in range(0, len(msgs), per_txn)]
+    want_done = feed(str(tmp_path / "decoded.db"), batches, ready=False)
+    got_done = feed(str(tmp_path / "prepared.db"), batches, ready=True)
+    want_chunks, got_chunks = chunks(str(tmp_path / "decoded.db")), chunks(str(tmp_path / "prepared.db"))
+    assert len(want_chunks) >= 20  # the budget closes heads all along
+    assert got_chunks == want_chunks  # the same bytes and log ids
+    assert got_done == want_done
+    n = sum(ingestlog.counts(r)[1] for r in data)
+    assert got_done["uplink_readings"] == n and got_done["uplink_replayed_readings"] == 0
+    assert datagrams(str(tmp_path / "prepared.db")) == datagrams(str(tmp_path / "decoded.db"))
+    assert len(datagrams(str(tmp_path / "prepared.db"))) == n
+    assert counters(str(tmp_path / "prepared.db")) == counters(str(tmp_path / "decoded.db"))
+
+
+def test_a_replayed_or_partly_new_prepared_message_is_taken_block_by_block(tmp_path):
+    data = rows(30)
+    whole = payloads(data, rows_per_message=5)
+    pieces = payloads(data, rows_per_message=5, max_datagrams=7)  # the same rows cut otherwise
+    assert len(pieces) > len(whole)
+    n = sum(ingestlog.counts(r)[1] for r in data)
+    path = str(tmp_path / "central.db")
+    # the first half whole, then everything again in pieces (a retry cut differently), then whole
+    # again in one transaction with a copy of itself: each reading once, the rest counted replayed
+    done = feed(path, [whole[:3], pieces, whole + whole], ready=True)
+    assert done["uplink_readings"] == n
+    half = sum(ingestlog.counts(r)[1] for r in data[:15])
+    assert done["uplink_replayed_readings"] == half + 2 * n
+    assert len(datagrams(path)) == n
+    assert datagrams(path) == datagrams(_decoded_once(tmp_path, data))
+
+
+def _decoded_once(tmp_path, data) -> str:
+    path = str(tmp_path / "once.db")
+    feed(path, [[p] for p in payloads(data, rows_per_message=5)], ready=False)
+    return path
+
+
+def test_a_worker_prepares_messages_and_its_refusals_reach_the_writer_by_reason(tmp_path):
+    data = rows(10)
+    (payload,) = payloads(data, rows_per_message=10)
+    c = closer.Closer(1)
+    try:
+        pool, future = c.prepare(payload)
+        item = future.result(timeout=60)
+        assert isinstance(item, prepared.Prepared) and item.payload == b""
+        assert item.readings == core.decode(payload).readings
+        for bad, reason in (
+            (b"\xc1", "not_msgpack"),
+            (payload[:-40], "not_msgpack"),
+            (b"\x92\x09\xa1C", "bad_version"),
+        ):
+            _, future = c.prepare(bad)
+            with pytest.raises(core.PayloadError) as err:
+                future.result(timeout=60)
+            assert err.value.reason == reason
+        assert c.deaths == 0 and pool is c.pool
+    finally:
+        c.shutdown()
+
+
+def test_nan_values_and_metrics_a_group_does_not_carry_are_taken_as_the_writer_takes_them(tmp_path):
+    """Values sent as NaN (not None), a metric a gateway group holds only as None, a metric new
+    in a later row, a sensor with no boot: the same database either way."""
+    data = rows(24)
+    nan = float("nan")
+    for r, row in enumerate(data):
+        g = row[0]
+        row[0] = g._replace(metrics={**g.metrics, "temp": [nan] + g.metrics["temp"][1:]})
+        g = row[1]
+        row[1] = g._replace(metrics={**g.metrics, "ghost": [None] * len(g.seqs)})
+        if r >= 10:
+            g = row[2]
+            row[2] = g._replace(metrics={**g.metrics, "late": [float(r)] * len(g.seqs)})
+        g = row[3]
+        row[3] = g._replace(boot=None)
+    msgs = payloads(data, rows_per_message=4)
+    batches = [msgs[i : i + 2] for i in range(0, len(msgs), 2)]
+    want_done = feed(str(tmp_path / "decoded.db"), batches, ready=False)
+    got_done = feed(str(tmp_path / "prepared.db"), batches, ready=True)
+    assert got_done == want_done
+    assert chunks(str(tmp_path / "prepared.db")) == chunks(str(tmp_path / "decoded.db"))
+    series = "SELECT sensor, metric FROM series ORDER BY sensor, metric"
+    assert db_query(str(tmp_path / "prepared.db"), series) == db_query(str(tmp_path / "decoded.db"), series)
+    assert ("site-7:s1", "ghost") not in db_query(str(tmp_path / "prepared.db"), series)
+    got, want = datagrams(str(tmp_path / "prepared.db")), datagrams(str(tmp_path / "decoded.db"))
+    assert repr(got) == repr(want)  # NaN != NaN: compared as text
+    bodies = "SELECT body FROM ingest_log ORDER BY id"
+    for (a,), (b,) in zip(
+        db_query(str(tmp_path / "prepared.db"), bodies), db_query(str(tmp_path / "decoded.db"), bodies)
+    ):
+        # the same datagrams per (sensor, boot), NaN kept, the None-only column left out
+        def per_key(body):
+            out = {}
+            for g in ingestlog.decode_body(body):
+                seqs, columns = out.setdefault((g.sensor, g.boot), [[], {}])
+                before = len(seqs)
+                seqs += g.seqs
+                for name, values in g.metrics.items():
+                    columns.setdefault(name, [None] * before).extend(values)
+                for column in columns.values():
+                    column += [None] * (len(seqs) - len(column))
+            return repr(sorted(out.items()))
+
+        assert per_key(a) == per_key(b)
