@@ -173,6 +173,7 @@ class Collector:
         self._file_retry_at = 0.0
         self._file_retry_delay = 1.0
         self.db_lost: str | None = None  # set when the run ends without its database at --db
+        self._holding_reads = False  # the loop waits for the writer, its queue at max_backlog_rows
         self._writing: _Writing | None = None  # the flush in the writer thread, if one is
         try:
             self._bind()
@@ -223,6 +224,26 @@ class Collector:
             interface = net.Interface.resolve(s.multicast_interface)
             for group, port in s.multicast:
                 self.endpoints.append(net.open_multicast(group, port or default_port, interface, s.rcvbuf))
+
+    @property
+    def holding_reads(self) -> bool:
+        """The loop reads nothing while the writer thread is out: its queue is at max_backlog_rows."""
+        return self._holding_reads
+
+    def _hold_log(self, mono: float) -> None:
+        """Say (at most once per interval) that the writer holds the loop's reads."""
+        now = self.clock()
+        if self._quiet("writer_hold", now):
+            return
+        self._reject_next_log["writer_hold"] = now + tuning.REJECT_LOG_INTERVAL_S
+        assert self._writing is not None
+        log.warning(
+            "the database write started %.1f s ago is not done and %d readings wait for it "
+            "(max_backlog_rows): reading nothing until it is; datagrams the sockets cannot hold "
+            "meanwhile are dropped by the kernel and counted in kernel_drops",
+            mono - self._writing.started,
+            self.core.pending_readings,
+        )
 
     @property
     def writing(self) -> bool:
@@ -420,8 +441,21 @@ class Collector:
                 # interval may be longer (or inf): the loop just wakes again.
                 wait = min(max(timeout - time.monotonic(), 0.0), tuning.MAX_SELECT_TIMEOUT_S)
                 events = None
+                held = False
                 mono = time.monotonic()
-                if idle and store.full and wait > 0 and store.failing_since is None:
+                if not idle and core.pending_readings >= s.max_backlog_rows:
+                    # The queue is at its bound and the writer is still out (a slow
+                    # or stalled disk): read nothing more until it is back.  What
+                    # the sockets cannot hold meanwhile the kernel drops and counts
+                    # (kernel_drops), as when the loop itself wrote; the memory a
+                    # sender can make this process hold stays bounded.
+                    self._holding_reads = True
+                    self._hold_log(mono)
+                    assert self._writing is not None
+                    self._writing.done.wait(min(wait, tuning.WATCHDOG_MIN_INTERVAL_S))
+                    self._holding_reads = False
+                    events, held = [], True
+                elif idle and store.full and wait > 0 and store.failing_since is None:
                     # Heads at their count: close one now if nothing waits to be
                     # read, rather than inside the next flush (store.close_one),
                     # in the writer thread; its wake-up ends the wait.
@@ -430,7 +464,7 @@ class Collector:
                         self._start_close(mono)
                         if self._writing is not None:
                             wait = min(max(next_status - time.monotonic(), 0.0), tuning.MAX_SELECT_TIMEOUT_S)
-                if not events:
+                if not events and not held:
                     events = sel.select(wait)
                 for key, _ in events:
                     source = key.data

@@ -68,7 +68,9 @@ MAX_SERIES_PER_SENSOR = 256
 
 # Rows kept in memory while the database refuses writes (disk full, locked).
 # A row tuple costs ~150 bytes in CPython, so 500,000 rows is ~75 MB; beyond
-# it the oldest rows are dropped and counted in storage_dropped.
+# it the oldest rows are dropped and counted in storage_dropped.  While a write
+# is out in the writer thread, the loop stops reading at this many readings
+# waiting (the kernel's buffer holds the rest; its drops are kernel_drops).
 MAX_BACKLOG_ROWS = 500_000
 # Retry a failed flush after this delay, doubling up to the maximum (seconds).
 RETRY_INITIAL_S = 0.5

@@ -636,6 +636,49 @@ def test_the_loop_reads_on_while_a_flush_waits_for_the_database(db_path, writer_
     assert query(db_path, "SELECT datagrams, readings, lost FROM sensors") == [(25, 50, 0)]
 
 
+def test_a_stalled_write_bounds_what_the_loop_holds(db_path, caplog):
+    """The writer thread's flush does not come back (a stalled disk: here its
+    store.write waits on an event before it writes for real).  The loop reads
+    until max_backlog_rows readings wait, then reads nothing more: the rest stays
+    in the socket's buffer, not in this process.  Once the write is back every
+    datagram is read and stored, none dropped.  Without the hold the loop read
+    all 200 while the write was out (pending 400 readings)."""
+    caplog.set_level(logging.WARNING, logger="collector")
+    release = threading.Event()
+    with running_collector(
+        db_path, max_backlog_rows=40, batch_size=10, drain_budget=4, rcvbuf=1 << 20, flush_interval=3600.0
+    ) as (c, _notes):
+        real_write = c.store.write
+
+        def stalled_write(job):
+            release.wait(20)
+            return real_write(job)
+
+        c.store.write = stalled_write
+        s = sender()
+        try:
+            for seq in range(200):  # 2 readings each
+                s.sendto(good("stall-1", seq), c.addresses[0])
+            wait_for(lambda: c.holding_reads, 10, what="the loop to hold its reads for the writer")
+            # The first flush took the first batch; the loop read on until 40 readings
+            # waited, plus at most one drain (4 datagrams, 8 readings).
+            assert 40 <= c.core.pending_readings <= 40 + 8, c.core.pending_readings
+            assert c.counters["received"] <= 20 + 4, c.counters["received"]
+        finally:
+            release.set()
+            s.close()
+        wait_for(lambda: counters(db_path).get("stored") == 200, 10, what="200 stored once the write is back")
+    assert "is not done and" in caplog.text and "reading nothing until it is" in caplog.text
+    c = counters(db_path)
+    assert (c["received"], c["stored"], c["stored_readings"], c["kernel_drops"], c["storage_dropped"]) == (
+        200,
+        200,
+        400,
+        0,
+        0,
+    )
+
+
 def test_the_cli_collector_serves_with_a_short_gil_switch_interval(db_path):
     """switch_interval (the CLI's setting, tuning.WRITER_SWITCH_INTERVAL_S): set while
     the loop serves, so it waits at most that long for the GIL from its writer
