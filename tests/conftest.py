@@ -51,17 +51,17 @@ def _children() -> set[int]:
     return found
 
 
-@pytest.hookimpl(hookwrapper=True, trylast=True)
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    """A `no_cover` test runs with no tracer at all.
+    """An `untraced` test runs with no coverage tracer at all (a soak: its worth is its
+    number of cases, and every line it reaches the tests beside it reach too).
 
-    pytest-cov (7.1) pauses its own Coverage for it, but in an xdist worker the
-    plugin started two: one when it loaded, one at session start.  Pausing the
-    second resumes the first, so the 200,000-case soaks were still traced under
-    -n 2 (58 s for test_differential_fuzz_200k against 16 s with -n 0).  This
-    wrapper runs inside pytest-cov's: it stops whatever Coverage still traces,
-    and starts it again (in the same order) before pytest-cov resumes its own."""
-    if item.get_closest_marker("no_cover") is None:
+    Not pytest-cov's own `no_cover` marker: under xdist, pytest-cov 7.1 starts two
+    Coverage objects in each worker and pausing its own resumed the other, so the
+    200,000-case soaks were still traced with -n 2 (58 s for test_differential_fuzz_200k
+    against 16 s with -n 0); and with --no-cov its hook raised AttributeError.  This
+    stops whatever Coverage traces and starts it again (in the same order) after."""
+    if item.get_closest_marker("untraced") is None:
         yield
         return
     import coverage

@@ -36,7 +36,7 @@ def _run_fallback(code_or_args: list[str], timeout: float = 120) -> subprocess.C
 
 # A soak: its worth is the number of cases, and line tracing doubled its time; every line it
 # reaches, the named and hypothesis tests beside it reach too (wire.py's coverage is the same).
-@pytest.mark.no_cover
+@pytest.mark.untraced  # conftest.py
 def test_fuzz_200k_mutated_datagrams():
     result = fuzz.run(SEED, 200_000, trace_memory=False)
     assert result["escapes"] == []

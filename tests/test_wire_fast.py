@@ -177,7 +177,7 @@ def test_int_ts_is_a_float_on_both_paths(reference_calls):
 
 # A soak: its worth is the number of cases, and line tracing doubled its time; every line it
 # reaches, the named and hypothesis tests beside it reach too (wire.py's coverage is the same).
-@pytest.mark.no_cover
+@pytest.mark.untraced  # conftest.py
 def test_differential_fuzz_200k():
     result = fuzz.differential(SEED, 200_000)
     assert result["examples"] == [] and result["mismatches"] == 0
