@@ -1556,20 +1556,17 @@ def central_phase(args, url: str, workdir: Path):
                 flush=True,
             )
     central_rate = statistics.median(rates["workers"])
-    if rates["against"]:
-        other = statistics.median(rates["against"])
-        print(
-            f"  medians: {central_rate:,.0f} readings/s this checkout, {other:,.0f} the other's "
-            f"(ratio {central_rate / other:.2f})",
-            flush=True,
-        )
-    if rates["alone"]:
-        alone = statistics.median(rates["alone"])
-        print(
-            f"  medians: {central_rate:,.0f} readings/s with close workers, {alone:,.0f} in one process "
-            f"(ratio {central_rate / alone:.2f})",
-            flush=True,
-        )
+    for key, this, that in (
+        ("against", "this checkout", "the other's"),
+        ("alone", "with close workers", "in one process"),
+    ):
+        if rates[key]:
+            other = statistics.median(rates[key])
+            print(
+                f"  medians: {central_rate:,.0f} readings/s {this}, {other:,.0f} {that} "
+                f"(ratio {central_rate / other:.2f})",
+                flush=True,
+            )
     central2_rate = None
     if args.central_baseline:
         c2 = consume(url, total, workdir, args.timeout, stream="CENTRAL2")
