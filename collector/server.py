@@ -173,7 +173,6 @@ class Collector:
         self._file_retry_at = 0.0
         self._file_retry_delay = 1.0
         self.db_lost: str | None = None  # set when the run ends without its database at --db
-        self._holding_reads = False  # the loop waits for the writer, its queue at max_backlog_rows
         self._writing: _Writing | None = None  # the flush in the writer thread, if one is
         try:
             self._bind()
@@ -228,7 +227,7 @@ class Collector:
     @property
     def holding_reads(self) -> bool:
         """The loop reads nothing while the writer thread is out: its queue is at max_backlog_rows."""
-        return self._holding_reads
+        return self._writing is not None and self.core.pending_readings >= self.settings.max_backlog_rows
 
     def _hold_log(self, mono: float) -> None:
         """Say (at most once per interval) that the writer holds the loop's reads."""
@@ -443,17 +442,15 @@ class Collector:
                 events = None
                 held = False
                 mono = time.monotonic()
-                if not idle and core.pending_readings >= s.max_backlog_rows:
+                if self.holding_reads:
                     # The queue is at its bound and the writer is still out (a slow
                     # or stalled disk): read nothing more until it is back.  What
                     # the sockets cannot hold meanwhile the kernel drops and counts
                     # (kernel_drops), as when the loop itself wrote; the memory a
                     # sender can make this process hold stays bounded.
-                    self._holding_reads = True
                     self._hold_log(mono)
                     assert self._writing is not None
                     self._writing.done.wait(min(wait, tuning.WATCHDOG_MIN_INTERVAL_S))
-                    self._holding_reads = False
                     events, held = [], True
                 elif idle and store.full and wait > 0 and store.failing_since is None:
                     # Heads at their count: close one now if nothing waits to be
@@ -532,7 +529,8 @@ class Collector:
 
         SQLite releases the GIL while it works (statements, the COMMIT's WAL
         writes, checkpoints and their fsync), and the writer's Python gives it
-        up every switch interval (5 ms), so the loop is away from its sockets
+        up every switch interval (Settings.switch_interval: 0.5 ms from the
+        CLI, Python's 5 ms otherwise), so the loop is away from its sockets
         a few ms at a time instead of a whole flush (35-45 ms of CPU and
         100-270 ms of wall time on a loaded box at 162,500 datagrams/s, against
         the ~60 ms an 8 MiB buffer holds: bench/ingest_stalls.py)."""
@@ -579,7 +577,7 @@ class Collector:
         if mono >= self._file_retry_at:
             self._guard_file(mono)
 
-    def _end_writing(self, after: bool = True) -> bool:
+    def _end_writing(self, after: bool = True) -> None:
         """In the loop: account the flush (or close) the writer thread finished;
         then, if `after`, what follows a flush (_after_flush)."""
         writing, self._writing = self._writing, None
@@ -589,7 +587,7 @@ class Collector:
         if writing.crashed is not None:
             raise writing.crashed
         if writing.job is None:
-            return True  # a close: store.close_one said what it had to
+            return  # a close: store.close_one said what it had to
         ok = self.store.end(self.core, writing.job, writing.started + writing.took)
         self.flush_stats.record(writing.took, writing.rows, ok)
         if not ok:
@@ -597,7 +595,6 @@ class Collector:
             self.health.forget_written()  # rolled back: the next flush writes every health row again
         if after:
             self._after_flush(time.monotonic())
-        return ok
 
     def _wait_for_writer(self) -> None:
         """Let the writer thread finish its flush and account it (before the store is used here)."""
