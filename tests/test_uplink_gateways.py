@@ -276,6 +276,25 @@ def children(pid: int) -> set[int]:
     return out
 
 
+def freeze_new_workers(c, known: set[int], count: int) -> set[int]:
+    """Wait for the consumer `c` to have `count` worker processes not in `known` (a pool starts
+    its workers when the writer first hands it work), and stop them at once (SIGSTOP): the writer
+    then waits for their results, so its drain is held mid-way, however fast it was, until the
+    test kills one and continues the others."""
+    new = wait_for(
+        lambda: (
+            len(children(c.proc.pid) - known) >= count and children(c.proc.pid) - known or c.proc.poll() is not None
+        ),
+        30,
+        0.002,
+        what=lambda: f"a new worker of the consumer (known {sorted(known)}): {c.text()[-1500:]}",
+    )
+    assert c.proc.poll() is None, c.text()[-2000:]
+    for pid in new:
+        os.kill(pid, signal.SIGSTOP)
+    return new
+
+
 def test_kill_9_a_close_worker_of_the_consumer_twice_nothing_lost_or_doubled(tmp_path, gateways, consumer):
     """The consumer closes heads into chunks in a worker process (--close-workers 1; a small
     --head-budget makes heads close all along).  Its worker is killed (SIGKILL) twice while
@@ -285,20 +304,13 @@ def test_kill_9_a_close_worker_of_the_consumer_twice_nothing_lost_or_doubled(tmp
         gws = backlogs_in_the_stream(gateways, ns, sensors=4, count=800, seed=50, max_datagrams=4)
         central = str(tmp_path / "central.db")
         c = consumer(central, [ns.url], "--batch", "2", "--close-workers", "1", "--head-budget", "0.01")
+        want = sum(len(gw.readings()) for gw in gws)
         killed: set[int] = set()
         for _ in range(2):
-            wait_for(
-                lambda: children(c.proc.pid) - killed or c.proc.poll() is not None,
-                30,
-                0.005,
-                what=lambda: f"a new close worker of the consumer (killed {sorted(killed)}): {c.text()[-1500:]}",
-            )
-            assert c.proc.poll() is None, c.text()[-2000:]
-            (worker,) = children(c.proc.pid) - killed
+            (worker,) = freeze_new_workers(c, killed, 1)
+            assert db_counters(central).get("uplink_readings", 0) < want  # the kill lands before the end
             os.kill(worker, signal.SIGKILL)
             killed.add(worker)
-        want = sum(len(gw.readings()) for gw in gws)
-        assert db_counters(central).get("uplink_readings", 0) < want  # the kills landed before the end
         wait_central(central, gws, timeout=60)  # exact: each reading once, accounts equal, nothing rejected
         assert c.stop() == 0
         text = c.text()
@@ -317,16 +329,11 @@ def test_two_workers_decode_the_messages_one_killed_nothing_lost_or_doubled(tmp_
         gws = backlogs_in_the_stream(gateways, ns, sensors=4, count=800, seed=70, max_datagrams=40)
         central = str(tmp_path / "central.db")
         c = consumer(central, [ns.url], "--batch", "3", "--close-workers", "2", "--head-budget", "0.01")
-        wait_for(
-            lambda: children(c.proc.pid) or c.proc.poll() is not None,
-            30,
-            0.005,
-            what=lambda: f"a worker of the consumer: {c.text()[-1500:]}",
-        )
-        assert c.proc.poll() is None, c.text()[-2000:]
-        os.kill(min(children(c.proc.pid)), signal.SIGKILL)
+        workers = freeze_new_workers(c, set(), 2)
         want = sum(len(gw.readings()) for gw in gws)
-        assert db_counters(central).get("uplink_readings", 0) < want  # the kill landed before the end
+        assert db_counters(central).get("uplink_readings", 0) < want  # the kill lands before the end
+        os.kill(min(workers), signal.SIGKILL)
+        os.kill(max(workers), signal.SIGCONT)
         wait_central(central, gws, timeout=60)  # exact: each reading once, accounts equal, nothing rejected
         assert c.stop() == 0
         text = c.text()
