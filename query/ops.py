@@ -707,7 +707,13 @@ def _central_stats(counters: dict[str, Any]) -> dict[str, Any]:
     deleted before its uplink sent them (`uplink_dropped`), as the gateway last reported."""
     out: dict[str, Any] = {
         name: _count(counters.get(name))
-        for name in ("uplink_readings", "uplink_replayed_readings", "uplink_gone_rows", "uplink_stale_accounts")
+        for name in (
+            "uplink_readings",
+            "uplink_replayed_readings",
+            "uplink_gone_rows",
+            "uplink_stale_accounts",
+            "uplink_quarantined",
+        )
     }
     for kind in ("uplink_dropped", "budget_dropped"):
         prefix = f"gateway_{kind}:"

@@ -70,6 +70,18 @@ CREATE TABLE IF NOT EXISTS uplink_gateways (
     updated REAL NOT NULL,
     PRIMARY KEY (gateway, origin)
 )"""
+# Messages the consumer could not write (a poison message: it passed the decoder and breaks a
+# constraint), set aside with their payload so nothing is silently lost (consumer.py).
+CREATE_QUARANTINE = """
+CREATE TABLE IF NOT EXISTS uplink_quarantine (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    gateway TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    stream_seq INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    payload BLOB NOT NULL
+)"""
 UPSERT_GATEWAY = """
 INSERT INTO uplink_gateways (gateway, origin, as_of, uplink_dropped, budget_dropped, updated)
 VALUES (?, ?, ?, ?, ?, ?)
@@ -109,6 +121,7 @@ COUNTERS = (
     "uplink_accounts",
     "uplink_stale_accounts",
     "uplink_gone_rows",
+    "uplink_quarantined",
 ) + tuple(f"uplink_rejected:{r}" for r in core.REASONS)
 
 
@@ -129,6 +142,7 @@ class Central:
             self.conn.execute(CREATE_SEEN)
             self.conn.execute(CREATE_RANGES)
             self.conn.execute(CREATE_GATEWAYS)
+            self.conn.execute(CREATE_QUARANTINE)
             for name in COUNTERS:
                 self.conn.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", (name,))
             self.conn.execute("COMMIT")
@@ -167,6 +181,24 @@ class Central:
                 self.closer.shutdown()
         finally:
             self.store.close()
+
+    def quarantine(self, gateway: str, subject: str, stream_seq: int, error: str, payload: bytes, now: float) -> int:
+        """Set a message aside (one transaction): its row in uplink_quarantine and the count in
+        counters.uplink_quarantined; returns the row's id."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = conn.execute(
+                "INSERT INTO uplink_quarantine (at, gateway, subject, stream_seq, error, payload) VALUES (?, ?, ?, ?, ?, ?)",
+                (now, gateway, subject, stream_seq, error[:1000], payload),
+            )
+            conn.execute(ADD_COUNTER, ("uplink_quarantined", 1))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return int(cur.lastrowid or 0)
 
     def _series(self, sensor: str, metric: str) -> None:
         known = self.store.series[sensor]

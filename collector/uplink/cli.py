@@ -222,7 +222,14 @@ CENTRAL_SETTINGS = [
         metavar="SECONDS",
         help="JetStream redelivers an unacked message after this.",
     ),
-    S("backoff_max", config.positive_float, 30.0, metavar="SECONDS", help="Longest wait between reconnect attempts."),
+    S(
+        "backoff_max",
+        config.positive_float,
+        30.0,
+        metavar="SECONDS",
+        help="Longest wait between reconnect attempts, and between tries of a write the database refused "
+        "(at most half of ack-wait).",
+    ),
     S("status_interval", config.positive_float, 60.0, metavar="SECONDS", help="Log a status line this often."),
     S(
         "close_workers",

@@ -5,6 +5,18 @@ A durable pull consumer with explicit acks: fetch a batch, decode it
 is never redelivered), write the batch in one transaction (central.Central),
 and ack each message only after the COMMIT.  A crash between COMMIT and the
 acks redelivers the batch, which the idempotent writes drop.
+
+A write that fails is never left to wedge the consumer (docs/OPERATIONS.md
+"A write that fails"): when the database cannot take writes (busy, locked,
+the disk full, an I/O error, or even an empty transaction fails) the batch is
+tried again with bounded, jittered backoff, its messages kept from redelivery
+(`in_progress`), said once and once more when writes work again.  When the
+database takes an empty transaction but not the batch, a message of it cannot
+be written (a poison message: it passed the decoder and breaks a constraint):
+the batch is written message by message, and one that fails alone
+QUARANTINE_ATTEMPTS times is set aside in `uplink_quarantine` (payload kept),
+counted in `uplink_quarantined`, logged at ERROR with gateway, subject and
+stream sequence, and terminated; every other message is written.
 """
 
 from __future__ import annotations
@@ -12,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sqlite3
+import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Iterator
 from concurrent.futures.process import BrokenProcessPool
@@ -32,6 +46,22 @@ TXN_READINGS = 200_000
 # and packed groups out): enough to keep it busy, few enough that a head it must close next does
 # not wait behind many.
 PREPARE_AHEAD = 2
+# Tries of one message alone, the database taking writes, before it is set aside (quarantined).
+QUARANTINE_ATTEMPTS = 3
+# SQLite's primary result codes of a write that may succeed later unchanged.
+TRANSIENT_CODES = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_PROTOCOL")
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failed write is the database's state rather than the batch's content: busy or
+    locked by another process, the disk full, an I/O error, or the system out of a resource."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return (getattr(exc, "sqlite_errorname", None) or "").startswith(TRANSIENT_CODES)
+    return isinstance(exc, (OSError, MemoryError))
+
+
+class Stopping(Exception):
+    """The consumer stops while a write waits for the database: nothing is acked (redelivered)."""
 
 
 async def _now(decode, data: bytes):
@@ -51,6 +81,12 @@ class ConsumeSettings:
     head_budget: int = store.HEAD_BUDGET_BYTES  # bytes of open heads at most (the largest close early past it)
 
 
+class _CannotWrite(Exception):
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
 class Consumer:
     def __init__(self, settings: ConsumeSettings, notify=lambda message: False) -> None:
         self.s = settings
@@ -66,6 +102,9 @@ class Consumer:
         self.reconnects = 0
         self._connects = 0
         self.connected_to: str | None = None
+        self.write_backoff = core.Backoff(0.1, settings.backoff_max)
+        self.failing_since: float | None = None  # monotonic: the database refuses writes since
+        self.write_retries = 0  # in the current failure episode
 
     async def _sleep(self, seconds: float) -> None:
         await broker.watchful_sleep(seconds, self.stop, self.notify)
@@ -141,7 +180,11 @@ class Consumer:
             try:
                 msgs = await sub.fetch(self.s.batch, timeout=1.0)
             except nats.errors.TimeoutError:
-                self.central.settle()  # the chunks the workers closed, not left waiting for a message
+                # the chunks the workers closed, not left waiting for a message
+                try:
+                    await self._write(self.central.settle, [])
+                except Stopping:
+                    return
                 self.notify("WATCHDOG=1")
                 continue
             # Decoded message by message; written (and then acked) whenever TXN_READINGS readings
@@ -153,6 +196,8 @@ class Consumer:
             gc.disable()
             try:
                 await self._take(msgs)
+            except Stopping:
+                return
             finally:
                 gc.enable()
             self.backoff.reset()
@@ -226,12 +271,124 @@ class Consumer:
             await self._commit(items, good, bad, rejected)
 
     async def _commit(self, items: list, good: list, bad: list, rejected: Counter) -> None:
-        done = self.central.apply(items, rejected)
-        self.totals.update(done)
+        """Write the batch and ack it; a poison message in it is set aside (terminated), the
+        others written one by one.  Stopping raised when the consumer stops first."""
+        aside = await self._apply(items, good, rejected)
         for m in good:
-            await m.ack()
+            if id(m) not in aside:
+                await m.ack()
         for m in bad:
             await m.term()
+
+    async def _apply(self, items: list, msgs: list, rejected: Counter | None) -> set[int]:
+        """Write items (from msgs, in order) in one transaction, or, when one of them cannot be
+        written, message by message; returns the ids of the messages set aside (terminated)."""
+        attempts = 0
+        while True:
+            try:
+                done = await self._write(lambda: self.central.apply(items, rejected), msgs)
+            except _CannotWrite as failed:
+                attempts += 1
+                exc = failed.exc
+            else:
+                self.totals.update(done)
+                return set()
+            if len(items) > 1:  # which one: each alone, the others go through
+                aside: set[int] = set()
+                for item, m in zip(items, msgs):
+                    aside |= await self._apply([item], [m], None)
+                if rejected:
+                    await self._apply([], [], rejected)
+                return aside
+            if not items or attempts < QUARANTINE_ATTEMPTS:
+                log.debug("a write failed (%s: %s); attempt %d", exc.__class__.__name__, exc, attempts)
+                await self._pause(msgs)
+                continue
+            await self._set_aside(items[0], msgs[0], exc, attempts)
+            self.write_backoff.reset()
+            return {id(msgs[0])}
+
+    async def _write(self, write, msgs: list):
+        """write() (one transaction), tried again with bounded, jittered backoff while the
+        database cannot take writes (said once per episode, and when it can again; the messages
+        kept from redelivery meanwhile).  _CannotWrite when the database takes an empty
+        transaction but not this one: the messages' content is at fault."""
+        while True:
+            try:
+                result = write()
+            except Exception as exc:
+                if not transient(exc) and self._writable():
+                    raise _CannotWrite(exc) from exc
+                self._failing(exc)
+                await self._pause(msgs)
+                continue
+            if self.failing_since is not None:
+                log.info(
+                    "the central database takes writes again, after %d retries in %.1f s",
+                    self.write_retries,
+                    time.monotonic() - self.failing_since,
+                )
+                self.failing_since = None
+                self.write_retries = 0
+                self.write_backoff.reset()
+            return result
+
+    def _writable(self) -> bool:
+        """Whether the database takes an empty transaction (its counters' last_flush)."""
+        try:
+            self.central.apply([])
+        except Exception:
+            return False
+        return True
+
+    def _failing(self, exc: BaseException) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            self.write_retries = 0
+            log.warning(
+                "cannot write the central database (%s: %s): retrying with backoff up to %.1f s, the messages "
+                "held unacked (said once; again when writes work)",
+                exc.__class__.__name__,
+                exc,
+                self._pause_cap(),
+            )
+        else:
+            self.write_retries += 1
+            log.debug("the central database still refuses writes (%s: %s)", exc.__class__.__name__, exc)
+
+    def _pause_cap(self) -> float:
+        return min(self.s.backoff_max, self.s.ack_wait / 2)
+
+    async def _pause(self, msgs: list) -> None:
+        """A backoff step; the messages' ack deadline pushed back first (JetStream redelivers
+        them elsewhere only if this process is gone)."""
+        for m in msgs:
+            await m.in_progress()
+        await self._sleep(min(self.write_backoff.next(), self._pause_cap()))
+        if self.stop.is_set():
+            raise Stopping()
+
+    async def _set_aside(self, item, m, exc: BaseException, attempts: int) -> None:
+        """Keep a message that cannot be written in uplink_quarantine, count it, say so loudly
+        and terminate it (JetStream does not redeliver it)."""
+        seq = m.metadata.sequence.stream
+        gateway = getattr(item, "gateway", None) or "?"
+        error = f"{exc.__class__.__name__}: {exc}"
+        qid = await self._write(
+            lambda: self.central.quarantine(gateway, m.subject, seq, error, m.data, time.time()), [m]
+        )
+        self.totals["uplink_quarantined"] += 1
+        log.error(
+            "set aside a message that cannot be written: gateway %s, subject %s, stream sequence %d (%s; "
+            "%d attempts); kept in uplink_quarantine id %d, terminated, the others written",
+            gateway,
+            m.subject,
+            seq,
+            error,
+            attempts,
+            qid,
+        )
+        await m.term()
 
     def _summary(self) -> str:
         t = self.totals
@@ -239,7 +396,8 @@ class Consumer:
             f"{t['uplink_messages']} messages, {t['uplink_readings']} readings stored, "
             f"{t['uplink_replayed_readings']} replayed readings dropped, {t['uplink_accounts']} account "
             f"snapshots ({t['uplink_stale_accounts']} stale), "
-            f"{sum(v for k, v in t.items() if k.startswith('uplink_rejected:'))} rejected"
+            f"{sum(v for k, v in t.items() if k.startswith('uplink_rejected:'))} rejected, "
+            f"{t['uplink_quarantined']} set aside"
         )
 
     async def _status_loop(self) -> None:
