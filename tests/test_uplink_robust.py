@@ -1,6 +1,12 @@
 """The central consumer's known risks, with real parts: a real nats-server started here, the
 test publishing the messages a gateway would (core's encoders) to a real JetStream stream, a
-real `telemetry-uplink consume` process and its real SQLite database.
+real `telemetry-uplink consume` process and its real SQLite database (and the same writer,
+central.Central, in process on a real SQLite file where a test needs its inner state).
+
+- Doubles across payload versions: a payload-2 message of rows whose payload-3 copy was
+  applied before (a gateway upgraded mid-backlog, or a redelivery after the window) adds
+  nothing and its readings are counted as replayed, wherever the payload-3 copy is (open
+  head, chunk, heads closing in a worker, the same transaction).
 
 - A batch that fails to write must not wedge the consumer: a database locked by another
   process is waited for (bounded backoff, said once, the messages kept from redelivery); a
@@ -22,7 +28,8 @@ from natsserver import NatsServer
 from uplinkfleet import Uplinks, consume_args
 
 from collector import ingestlog, schema
-from collector.uplink import core
+from collector.uplink import core, prepared
+from collector.uplink.central import Central
 
 from helpers import db_counters, db_query, wait_for
 
@@ -143,6 +150,108 @@ def stats(path: str) -> dict:
         return ops.run(parse_request(b'{"op": "stats"}'))
     finally:
         ops.close()
+
+
+# ---------------------------------------------------------------- doubles across payload versions
+
+ROWS = [
+    [group("a", 7, (1, 2, 3)), group("b", None, (1, 2))],
+    [group("a", 7, (4,)), group("b", None, (1,), t0=2000.0)],  # b restarted its seqs (no boot)
+]
+NOW = 1010.0  # the writer's clock, near the readings' receive times: heads stay open (chunk span)
+# the same sensors later: payload 2 carries the rows above again with these new datagrams
+NEW = [[group("a", 7, (5, 6)), group("c", 1, (1,))]]
+
+
+def columns2(gateway: str, *rows: list[ingestlog.Group]) -> core.Message:
+    (m,) = core.columns_messages(PREFIX, gateway, blocks(*rows))
+    return m
+
+
+def decoded(m: core.Message, prepare: bool = False):
+    if not prepare:
+        return core.decode(m.payload)
+    item = prepared.prepare(m.payload)  # what a decoding worker hands the writer
+    if isinstance(item, prepared.Prepared):
+        item.payload = m.payload
+    return item
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["open heads", "chunks", "closing in a worker", "same transaction", "same transaction, prepared"],
+)
+def test_payload_2_after_the_payload_3_copy_of_its_rows_adds_nothing(tmp_path, where):
+    """Before, payload 2 was checked against uplink_seen only, which payload 3 never writes:
+    every reading came twice (24 stored of 12, 0 replayed)."""
+    # a clock a day past the readings: every head is past its span and closes at once
+    now = NOW + 86400 if where in ("chunks", "closing in a worker") else NOW
+    c = Central(str(tmp_path / "central.db"), 1 if where == "closing in a worker" else 0)
+    try:
+        p3 = decoded(columns3("site-7", *ROWS), prepare=where.endswith("prepared"))
+        p2 = decoded(columns2("site-7", *ROWS, *NEW))
+        old, new = expected("site-7", *ROWS), expected("site-7", *NEW)
+        if where.startswith("same transaction"):
+            assert isinstance(p3, prepared.Prepared) == where.endswith("prepared")
+            done = c.apply([p3, p2], now=now)
+            assert done["uplink_readings"] == len(old) + len(new) and done["uplink_replayed_readings"] == len(old)
+        else:
+            assert c.apply([p3], now=now)["uplink_readings"] == len(old)
+            if where == "open heads":
+                assert sorted(c.store.heads) == [("site-7:a", 7), ("site-7:b", -1)]
+            elif where == "chunks":
+                assert not c.store.heads and db_query(c.path, "SELECT count(*) FROM chunks") == [(2,)]
+            else:
+                assert not c.store.heads and len(c.store.closed_later) == 1
+            done = c.apply([p2], now=now)
+            assert done["uplink_readings"] == len(new) and done["uplink_replayed_readings"] == len(old)
+        # and again (a redelivery of the payload-2 message): nothing more
+        again = c.apply([decoded(columns2("site-7", *ROWS, *NEW))], now=now)
+        assert again["uplink_readings"] == 0 and again["uplink_replayed_readings"] == len(old) + len(new)
+        c.settle()
+        counters = db_counters(c.path)
+    finally:
+        c.close()
+    assert central_rows(c.path) == sorted(old + new)
+    assert counters["uplink_readings"] == len(old) + len(new)
+    assert counters["uplink_replayed_readings"] == len(old) + len(old) + len(new)
+
+
+def test_payload_2_of_another_gateway_or_before_any_payload_3_is_taken_as_before(tmp_path):
+    """Only a gateway that sent payload 3 has its payload 2 checked against what is held: a
+    gateway with the same sensor names keeps its own readings, and payload 2 before payload 3
+    is remembered in uplink_seen (and the payload-3 copy after it dropped)."""
+    c = Central(str(tmp_path / "central.db"))
+    try:
+        c.apply([decoded(columns3("site-7", *ROWS))])
+        assert c.apply([decoded(columns2("site-8", *ROWS))])["uplink_replayed_readings"] == 0
+        assert c.apply([decoded(columns3("site-8", *ROWS))])["uplink_readings"] == 0
+    finally:
+        c.close()
+    assert central_rows(c.path) == sorted(expected("site-7", *ROWS) + expected("site-8", *ROWS))
+
+
+def test_a_consumer_takes_payload_2_after_payload_3_of_the_same_rows_once(tmp_path, consume):
+    """A gateway's rows as payload 3, then (a downgraded uplink, or the payload-2 copy of a
+    gateway upgraded mid-backlog redelivered after ack-wait) as payload 2 with new datagrams:
+    a real consumer with two decoding workers stores each reading once and counts the replay."""
+    central = str(tmp_path / "central.db")
+    old, new = expected("site-7", *ROWS), expected("site-7", *NEW)
+    with NatsServer(tmp_path) as ns:
+        pub = Publisher(ns.url)
+        try:
+            c = consume(central, [ns.url], "--close-workers", "2")
+            pub.publish(columns3("site-7", *ROWS))
+            wait_for(lambda: db_counters(central)["uplink_messages"] == 1, 30, 0.05, what="the payload-3 message")
+            pub.publish(columns2("site-7", *ROWS, *NEW))
+            wait_for(lambda: db_counters(central)["uplink_messages"] == 2, 30, 0.05, what="the payload-2 message")
+            assert c.stop() == 0
+        finally:
+            pub.close()
+    assert central_rows(central) == sorted(old + new)
+    counters = db_counters(central)
+    assert counters["uplink_readings"] == len(old) + len(new)
+    assert counters["uplink_replayed_readings"] == len(old)
 
 
 # ---------------------------------------------------------------- a write that fails

@@ -12,7 +12,9 @@ id is prefixed by its gateway (`site-7:sim-0001`).  Writes are idempotent:
   row while a gateway's rows arrive in order), so a message delivered again
   after JetStream's duplicate window adds nothing; payloads 1 and 2 carry no such
   names, and every datagram they bring is remembered in `uplink_seen` (sensor,
-  boot, seq, ts) instead.  The readings a replay repeated are counted in
+  boot, seq, ts) instead, and, for a gateway that sent payload 3 too (whose
+  datagrams left no such rows), checked against what is held of the sensor
+  (_held).  The readings a replay repeated are counted in
   `counters.uplink_replayed_readings`;
 - accounts are snapshots: one is applied only if its `as_of` (the gateway's
   ingest_log id when it was read) is not older than the one stored in
@@ -31,7 +33,7 @@ from collections import Counter
 from itertools import chain
 from operator import itemgetter, methodcaller
 
-from .. import ingestlog, schema, store
+from .. import chunkstore, ingestlog, schema, store
 from . import closer, core, prepared, ranges
 
 log = logging.getLogger("uplink.consume")
@@ -160,6 +162,9 @@ class Central:
         # gateway -> {(central sensor, boot): highest seq in uplink_seen}: the payload-1/2 datagrams
         # a payload-3 block must also be checked against (an uplink upgraded mid-round resends them).
         self._legacy: dict[str, dict[tuple[str, int], int]] = {}
+        # Gateways known to have sent payload 3: their payload-1/2 datagrams are checked against
+        # what is held, not only uplink_seen (_legacy_item).
+        self._payload_3: set[str] = set()
 
     def settle(self) -> None:
         """Insert the chunks of heads closed by the workers (a transaction of its own): when
@@ -223,6 +228,7 @@ class Central:
         groups: dict[tuple[str, int | None], list[ingestlog.Group]] = {}
         taken: dict[tuple[str, str, int | None], list[list]] = {}
         ready: list[prepared.Prepared] = []
+        deferred: list[core.Readings] = []  # payload 1/2 of gateways that sent payload 3 (_legacy_item)
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -239,10 +245,10 @@ class Central:
                 elif isinstance(item, core.Blocks):
                     self._blocks(item, done, taken)
                 elif isinstance(item, core.Readings):
-                    self._readings(item, done, groups)
+                    self._legacy_item(item, done, groups, deferred)
                 elif isinstance(item, core.Columns):
                     for part in item.items:
-                        self._readings(part, done, groups)
+                        self._legacy_item(part, done, groups, deferred)
                 elif isinstance(item, core.Snapshots):
                     for snapshot in item.items:
                         self._accounts(snapshot, done, now)
@@ -251,6 +257,8 @@ class Central:
                 else:
                     self._accounts(item, done, now)
             self._taken_groups(taken, done, groups)
+            for part in deferred:  # after this transaction's payload-3 groups: checked against them too
+                self._readings(part, done, groups, ready)
             for (gateway, origin), pending in self._pending.items():
                 conn.execute("DELETE FROM uplink_ranges WHERE gateway = ? AND origin = ?", (gateway, origin))
                 conn.executemany(
@@ -291,9 +299,84 @@ class Central:
         self.store.committed_groups(merged, *closing)
         return done
 
-    def _readings(
-        self, item: core.Readings, done: Counter, groups: dict[tuple[str, int | None], list[ingestlog.Group]]
+    def _legacy_item(
+        self,
+        item: core.Readings,
+        done: Counter,
+        groups: dict[tuple[str, int | None], list[ingestlog.Group]],
+        deferred: list[core.Readings],
     ) -> None:
+        """A payload-1/2 sensor's datagrams: taken now by their uplink_seen rows, or, when the
+        gateway has sent payload 3 (what that stored left no uplink_seen rows), deferred until
+        this transaction's payload-3 groups are gathered and checked against what is stored."""
+        if self._sent_payload_3(item.gateway):
+            deferred.append(item)
+        else:
+            self._readings(item, done, groups)
+
+    def _sent_payload_3(self, gateway: str) -> bool:
+        """Whether payload-3 blocks of `gateway` were taken (committed, or in this transaction)."""
+        if gateway in self._payload_3:
+            return True
+        if (
+            any(key[0] == gateway for key in chain(self._ranges, self._pending))
+            or self.conn.execute("SELECT 1 FROM uplink_ranges WHERE gateway = ? LIMIT 1", (gateway,)).fetchone()
+        ):
+            self._payload_3.add(gateway)  # a rolled-back transaction leaves it: only a slower check
+            return True
+        return False
+
+    def _held(
+        self,
+        sensor: str,
+        boot: int | None,
+        lo: int,
+        hi: int,
+        received: list[float],
+        groups: dict[tuple[str, int | None], list[ingestlog.Group]],
+        ready: list[prepared.Prepared],
+    ) -> list[tuple[int, float]]:
+        """(seq, ts) of the datagrams of (central sensor, boot) with seqs lo..hi held here,
+        whatever brought them: in chunks (those whose receive times meet `received`'s), the
+        open head, heads closing in the workers, and this transaction's groups."""
+        b = schema.NO_BOOT if boot is None else boot
+        out: list[tuple[int, float]] = []
+
+        def add(seqs, ts) -> None:
+            out.extend((s, t) for s, t in zip(seqs, ts) if lo <= s <= hi)
+
+        for (blob,) in self.conn.execute(
+            "SELECT blob FROM chunks WHERE sensor = ? AND boot = ? AND first_received <= ? AND last_received >= ?",
+            (sensor, b, max(received), min(received)),
+        ):
+            try:
+                seqs, ts, _, _ = chunkstore.decode_chunk(blob, metrics=(), received=False)
+            except chunkstore.ChunkError:  # its readings are unreadable (chunk_faults): none to double
+                continue
+            add(seqs, ts)
+        heads = [self.store.heads.get((sensor, b))]
+        heads += [h for closing, _, _ in self.store.closed_later for h in closing if (h.sensor, h.boot) == (sensor, b)]
+        for head in heads:
+            if head is not None:
+                add(head.seqs, head.ts)
+        for g in groups.get((sensor, boot), ()):
+            add(g.seqs, g.ts)
+        for p in ready:
+            for k, key in enumerate(p.keys):
+                if key == (sensor, boot):
+                    a, z = p.bounds[k], p.bounds[k + 1]
+                    add(memoryview(p.seqs).cast("q")[a:z], memoryview(p.ts).cast("d")[a:z])
+        return out
+
+    def _readings(
+        self,
+        item: core.Readings,
+        done: Counter,
+        groups: dict[tuple[str, int | None], list[ingestlog.Group]],
+        ready: list[prepared.Prepared] | None = None,
+    ) -> None:
+        """A payload-1/2 sensor's datagrams not seen before (uplink_seen; with `ready`, the
+        payload-3 transaction's, also what is held: _held), marked seen and gathered in groups."""
         sensor = core.central_sensor(item.gateway, item.sensor)
         conn = self.conn
         if sensor not in self._ensured and sensor not in self._ensuring:
@@ -309,6 +392,8 @@ class Central:
         # includes its ts, as the collector's did.
         lo, hi = min(item.seqs), max(item.seqs)
         seen = conn.execute(SEEN_IN_RANGE, (sensor, boot, lo, hi)).fetchall()
+        if ready is not None:  # payload 3 stored datagrams of this gateway without uplink_seen rows
+            seen += self._held(sensor, item.boot, lo, hi, item.received, groups, ready)
         if not seen and len(set(keys)) == n:
             conn.executemany(MARK_SEEN, [(sensor, boot, seq, ts) for seq, ts in keys])
             done["uplink_readings"] += total
