@@ -179,7 +179,7 @@ class Consumer:
                 raise nats.errors.ConnectionClosedError()
             try:
                 msgs = await sub.fetch(self.s.batch, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats.errors.TimeoutError, or asyncio's that nats-py's fetch raises itself
                 # the chunks the workers closed, not left waiting for a message
                 try:
                     await self._write(self.central.settle, [])
