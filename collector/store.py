@@ -86,6 +86,11 @@ INSERT INTO rollup_1m_blocks (series, first_bucket, chunk, last_bucket, blob) VA
 CHUNK_DATAGRAMS = 1024
 CHUNK_SPAN_S = 3600.0
 HEAD_BUDGET_BYTES = 48 * 1024 * 1024
+# Open heads at most, for a writer that sets max_heads (the central consumer: its peers, the
+# gateways, choose how many sensors there are).  A head costs ~1 KB of objects beyond the data
+# the byte budget counts (tracemalloc: 1,033 B for a head of 2 datagrams of 2 metrics), which
+# HEAD_BUDGET_BYTES never sees: many sensors of a few datagrams each are held by this bound.
+MAX_OPEN_HEADS = 10_000
 # A flush closes due heads up to the datagrams it brings plus this many
 # chunks' worth (the rest wait for the next flush: see _close_heads); a head
 # this many times over its count closes at once, whatever the budget.
@@ -232,6 +237,7 @@ class Store:
         chunk_datagrams: int = CHUNK_DATAGRAMS,
         chunk_span: float = CHUNK_SPAN_S,
         head_budget: int = HEAD_BUDGET_BYTES,
+        max_heads: int | None = None,
         max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS,
         close_between_flushes: bool = False,
         **retention: float | int | None,
@@ -242,6 +248,10 @@ class Store:
         self.chunk_datagrams = chunk_datagrams
         self.chunk_span = chunk_span
         self.head_budget = head_budget
+        # Open heads at most after each transaction (None: no limit): past it, the least recently
+        # written close until 3/4 of it stay open (_close_heads).
+        self.max_heads = max_heads
+        self.closed_busy = 0  # heads max_heads closed in the flush that wrote them (more are written at once)
         # The collector's loop closes heads at their count while its sockets
         # are empty (close_one); then a flush leaves them until twice the count.
         self.close_between_flushes = close_between_flushes
@@ -591,7 +601,9 @@ class Store:
         span of receive time reaches chunk_span; due heads close oldest first within the
         flush's close budget.  Largest first, heads close when all together
         pass the memory budget, and at once when CLOSE_OVERDUE_FACTOR times
-        over the count.
+        over the count.  With max_heads, when more would stay open, the least
+        recently written (oldest last_log_id first, those this flush writes
+        last) close until 3/4 of max_heads stay open.
         """
         incoming: dict[tuple[str, int], ingestlog.Group] = {}
         more: dict[tuple[str, int], list[ingestlog.Group]] = {}  # keys with several groups (write_groups)
@@ -645,6 +657,8 @@ class Store:
                 if key not in closing:
                     close.append(key)
                     total -= head.nbytes()
+        if self.max_heads is not None:
+            close += self._least_recent(incoming, set(close))
         done = set()
         closing = []
         for key in close:
@@ -666,6 +680,24 @@ class Store:
             for head in closing:
                 insert_chunk(conn, head.close(fast), log_id, self.series[head.sensor])
         return done
+
+    def _least_recent(self, incoming: dict[tuple[str, int], Any], closing: set[tuple[str, int]]) -> list:
+        """The heads to close so that at most 3/4 of max_heads stay open, when more than
+        max_heads would: those written longest ago first, those of this flush last."""
+        heads = self.heads
+        new = [key for key in incoming if key not in heads]
+        staying = len(heads) + len(new) - len(closing)
+        assert self.max_heads is not None
+        if staying <= self.max_heads:
+            return []
+        idle = sorted(
+            (head.last_log_id, key) for key, head in heads.items() if key not in incoming and key not in closing
+        )
+        order = [key for _, key in idle]
+        order += [key for key in incoming if key not in closing]  # only when this flush alone brings too many
+        out = order[: staying - self.max_heads * 3 // 4]
+        self.closed_busy += max(0, len(out) - len(idle))
+        return out
 
     def _trim_log(self, conn: sqlite3.Connection) -> None:
         """Delete the oldest log rows whose datagrams are all in closed chunks (and sent, with an uplink)."""

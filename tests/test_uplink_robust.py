@@ -7,6 +7,8 @@ central.Central, in process on a real SQLite file where a test needs its inner s
   applied before (a gateway upgraded mid-backlog, or a redelivery after the window) adds
   nothing and its readings are counted as replayed, wherever the payload-3 copy is (open
   head, chunk, heads closing in a worker, the same transaction).
+- Open heads are bounded (max-heads): the least recently written close when more would stay
+  open; what is stored is the same as without the bound, chunk boundaries aside.
 
 - A batch that fails to write must not wedge the consumer: a database locked by another
   process is waited for (bounded backoff, said once, the messages kept from redelivery); a
@@ -252,6 +254,97 @@ def test_a_consumer_takes_payload_2_after_payload_3_of_the_same_rows_once(tmp_pa
     counters = db_counters(central)
     assert counters["uplink_readings"] == len(old) + len(new)
     assert counters["uplink_replayed_readings"] == len(old)
+
+
+# ---------------------------------------------------------------- open heads bounded
+
+
+def fleet(gateways: int = 3, sensors: int = 200, rows: int = 6) -> tuple[list, list]:
+    """Payload-3 messages of `gateways` gateways of `sensors` sensors each, one message per
+    gateway and ingest_log row (a datagram of every sensor a row), interleaved as the stream
+    holds them; a third of the sensors skip each later row, so heads are written at different
+    times.  And their readings, as central_rows() gives them."""
+    out, want = [], []
+    for r in range(rows):
+        for g in range(gateways):
+            gs = [group(f"s{i:03d}", 7, (r + 1,), t0=1000.0 + r * 10) for i in range(sensors) if (i + r) % 3 or r == 0]
+            out.append(columns3(f"site-{g}", gs, first_id=r + 1))
+            want += expected(f"site-{g}", gs)
+    return out, sorted(want)
+
+
+def test_open_heads_stay_at_most_max_heads_and_the_stored_readings_do_not_change(tmp_path):
+    """600 sensors' heads (3 gateways x 200) written over 6 transactions: with max_heads 100,
+    at most 100 are open after every transaction (without the bound: all 600); the central
+    database holds the same readings, sensors, series and counters either way, in more chunks
+    (the least recently written closed early), also after a restart of the writer."""
+    messages, want = fleet()
+    opened: dict[str, list[int]] = {}
+    paths = {}
+    for name, bound in (("unbounded", None), ("bounded", 100)):
+        paths[name] = str(tmp_path / f"{name}.db")
+        c = Central(paths[name], 0, max_heads=bound)
+        try:
+            opened[name] = []
+            for i in range(0, len(messages), 3):  # one fetch: a row of each gateway
+                c.apply([decoded(m) for m in messages[i : i + 3]], now=NOW)
+                opened[name].append(len(c.store.heads))
+        finally:
+            c.close()
+    assert opened["unbounded"] == [600] * 6
+    assert max(opened["bounded"]) <= 100 and opened["bounded"][0] == 75  # closed down to 3/4 of the bound
+    rows = central_rows(paths["unbounded"])
+    assert rows == want and len(rows) == 3 * (200 + 5 * 133 + 2) * 2
+    assert central_rows(paths["bounded"]) == rows
+    chunks = {n: db_query(p, "SELECT count(*), total(datagrams) FROM chunks")[0] for n, p in paths.items()}
+    assert chunks["unbounded"] == (0, 0) and chunks["bounded"][0] > 0
+    for sql in (
+        "SELECT sensor, first_seen, last_seen FROM sensors ORDER BY 1",
+        "SELECT sensor, metric FROM series ORDER BY 1, 2",
+        "SELECT name, value FROM counters WHERE name LIKE 'uplink_%' ORDER BY 1",
+    ):
+        assert db_query(paths["bounded"], sql) == db_query(paths["unbounded"], sql)
+    # a restart rebuilds the open heads from the log rows: the bound holds from the next transaction
+    c = Central(paths["bounded"], 0, max_heads=100)
+    try:
+        c.apply([decoded(columns3("site-0", [group("s000", 7, (7,), t0=1060.0)], first_id=7))], now=NOW)
+        assert len(c.store.heads) <= 100
+    finally:
+        c.close()
+    assert len(central_rows(paths["bounded"])) == len(rows) + 2
+
+
+def test_heads_no_longer_written_close_first_and_a_bound_too_small_is_said_once(tmp_path, caplog):
+    """Sensors that restart (a new boot: a new head each time) leave heads nobody writes again:
+    those close first, none still being written (closed_busy 0), and the open heads are the
+    newest.  A bound below the heads written by one transaction closes heads in use: said once."""
+    c = Central(str(tmp_path / "central.db"), 0, max_heads=100)
+    try:
+        for r in range(6):  # each row: 25 sensors of each of 3 gateways (75 heads), a new boot each
+            fetch = [
+                decoded(columns3(f"site-{g}", [group(f"s{i:02d}", 10 + r, (1,)) for i in range(25)], first_id=r + 1))
+                for g in range(3)
+            ]
+            c.apply(fetch, now=NOW)
+            assert len(c.store.heads) <= 100
+        assert c.store.closed_busy == 0 and {boot for _, boot in c.store.heads} == {15}
+        assert "max-heads" not in caplog.text
+        c.apply([decoded(columns3("site-9", [group(f"x{i:03d}", 1, (1,)) for i in range(150)]))], now=NOW)
+        c.apply([decoded(columns3("site-8", [group(f"x{i:03d}", 1, (1,)) for i in range(150)]))], now=NOW)
+        assert c.store.closed_busy > 0 and len(c.store.heads) <= 100
+    finally:
+        c.close()
+    assert caplog.text.count("raise max-heads") == 1
+    assert len(central_rows(c.path)) == 6 * 3 * 25 * 2 + 2 * 150 * 2
+
+
+def test_the_consumer_default_bound_is_the_stores():
+    from collector import store
+    from collector.uplink import cli
+    from collector.uplink.consumer import ConsumeSettings
+
+    (setting,) = [s for s in cli.CENTRAL_SETTINGS if s.name == "max_heads"]
+    assert setting.default == ConsumeSettings.max_heads == store.MAX_OPEN_HEADS
 
 
 # ---------------------------------------------------------------- a write that fails

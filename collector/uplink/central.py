@@ -130,9 +130,15 @@ COUNTERS = (
 class Central:
     """The central database's one writer: the collector's Store, fed by messages instead of sockets."""
 
-    def __init__(self, path: str, close_workers: int = 0, head_budget: int = store.HEAD_BUDGET_BYTES) -> None:
+    def __init__(
+        self,
+        path: str,
+        close_workers: int = 0,
+        head_budget: int = store.HEAD_BUDGET_BYTES,
+        max_heads: int | None = store.MAX_OPEN_HEADS,
+    ) -> None:
         self.path = path
-        self.store = store.Store(path, head_budget=head_budget)
+        self.store = store.Store(path, head_budget=head_budget, max_heads=max_heads)
         # With workers, heads close in other processes while this one writes (closer.py).
         self.closer = closer.Closer(close_workers) if close_workers > 0 else None
         self.store.close_later = self.closer
@@ -165,6 +171,7 @@ class Central:
         # Gateways known to have sent payload 3: their payload-1/2 datagrams are checked against
         # what is held, not only uplink_seen (_legacy_item).
         self._payload_3: set[str] = set()
+        self._said_busy = False
 
     def settle(self) -> None:
         """Insert the chunks of heads closed by the workers (a transaction of its own): when
@@ -295,6 +302,14 @@ class Central:
             self._next_series = next_before
             raise
         self._ensured |= self._ensuring
+        if self.store.closed_busy and not self._said_busy:
+            self._said_busy = True
+            log.warning(
+                "more sensors (and boots) write per transaction than max-heads (%d) lets stay open: heads still "
+                "being written close early into small chunks (more CPU and disk per reading); raise max-heads "
+                "(said once)",
+                self.store.max_heads,
+            )
         self._ranges.update(self._pending)
         self.store.committed_groups(merged, *closing)
         return done

@@ -248,6 +248,15 @@ CENTRAL_SETTINGS = [
         help="Memory of the open heads (datagrams not yet in chunks) of all gateways' sensors at most: the "
         "largest close early past it, as in the collector.",
     ),
+    S(
+        "max_heads",
+        config.positive_int,
+        10_000,  # collector.store.MAX_OPEN_HEADS (not imported here: numpy would load for `run` too)
+        metavar="N",
+        help="Open heads (one per sensor and boot of every gateway) at most: past it the least recently written "
+        "close into chunks until 3/4 of N are open, so the gateways' number of sensors does not set the memory "
+        "held (~1 KB a head beyond the data head-budget counts).",
+    ),
 ]
 
 
@@ -417,6 +426,7 @@ def consume_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> 
             status_interval=values["status_interval"],
             close_workers=values["close_workers"],
             head_budget=int(values["head_budget"] * 1024 * 1024),
+            max_heads=values["max_heads"],
         )
         if check:
             broker.connect_options(bs)

@@ -79,6 +79,7 @@ class ConsumeSettings:
     status_interval: float = 60.0
     close_workers: int | None = None  # processes closing heads into chunks (None: closer.default_workers())
     head_budget: int = store.HEAD_BUDGET_BYTES  # bytes of open heads at most (the largest close early past it)
+    max_heads: int = store.MAX_OPEN_HEADS  # open heads at most (the least recently written close past it)
 
 
 class _CannotWrite(Exception):
@@ -93,7 +94,7 @@ class Consumer:
         self.notify = notify
         self.opts = broker.connect_options(settings.broker)
         workers = closer.default_workers() if settings.close_workers is None else settings.close_workers
-        self.central = central.Central(settings.db, workers, settings.head_budget)
+        self.central = central.Central(settings.db, workers, settings.head_budget, settings.max_heads)
         gc.freeze()  # what start-up loaded (the open heads) stays out of the collector's passes
         self.stop = asyncio.Event()
         self.backoff = core.Backoff(0.1, settings.backoff_max)
