@@ -447,8 +447,9 @@ def test_a_locked_database_is_waited_for_said_once_and_nothing_is_redelivered(tm
                 lock.close()
             want = expected("site-1", *rows)
             wait_for(lambda: db_counters(central)["uplink_readings"] == len(want), 30, 0.05, what="the batch written")
-            info = pub.consumer_info()
-            assert info.num_redelivered == 0 and info.num_ack_pending == 0
+            # acked after the COMMIT the counters show: waited for, then nothing was redelivered
+            wait_for(lambda: pub.consumer_info().num_ack_pending == 0, 15, 0.05, what="the acks")
+            assert pub.consumer_info().num_redelivered == 0
             assert c.stop() == 0
         finally:
             pub.close()
