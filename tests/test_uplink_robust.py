@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
+import resource
 import sqlite3
 import zlib
 
@@ -217,6 +219,24 @@ def test_payload_2_after_the_payload_3_copy_of_its_rows_adds_nothing(tmp_path, w
     assert central_rows(c.path) == sorted(old + new)
     assert counters["uplink_readings"] == len(old) + len(new)
     assert counters["uplink_replayed_readings"] == len(old) + len(old) + len(new)
+
+
+def test_payload_1_after_the_payload_3_copy_of_its_rows_adds_nothing(tmp_path):
+    """The same for payload 1 (one sensor's datagrams a message)."""
+    c = Central(str(tmp_path / "central.db"))
+    try:
+        c.apply([decoded(columns3("site-7", *ROWS))], now=NOW)
+        p1 = [
+            core.decode(core.readings_message(PREFIX, core.Readings("site-7", *g)).payload)
+            for row in (*ROWS, *NEW)
+            for g in row
+        ]
+        done = c.apply(p1, now=NOW)
+    finally:
+        c.close()
+    old, new = expected("site-7", *ROWS), expected("site-7", *NEW)
+    assert done["uplink_readings"] == len(new) and done["uplink_replayed_readings"] == len(old)
+    assert central_rows(c.path) == sorted(old + new)
 
 
 def test_payload_2_of_another_gateway_or_before_any_payload_3_is_taken_as_before(tmp_path):
@@ -464,4 +484,41 @@ def test_a_locked_database_is_waited_for_said_once_and_nothing_is_redelivered(tm
     (again,) = [line for line in text.splitlines() if "takes writes again" in line]
     retries = int(re.search(r"after (\d+) retries", again).group(1))
     assert retries == text.count("still refuses writes") >= 5
+    assert " ERROR " not in text and "retrying in" not in text and "Traceback" not in text
+
+
+def test_a_file_the_kernel_will_not_let_grow_is_waited_for_said_once(tmp_path, consume):
+    """The consumer's files may not grow (RLIMIT_FSIZE set on the running process: the kernel
+    refuses the writes past it with EFBIG, as a full disk refuses them with ENOSPC; SQLite says
+    'disk I/O error'): its transaction fails where it appends to the WAL; it is tried again
+    with backoff, said once, and written once the limit is lifted: every reading once."""
+    central = str(tmp_path / "central.db")
+    rows = [[group(f"s{i:02d}", 7, range(1, 50)) for i in range(40)]]
+    with NatsServer(tmp_path) as ns:
+        pub = Publisher(ns.url)
+        try:
+            c = consume(central, [ns.url], "--close-workers", "0", "-v")
+            limit = max(os.path.getsize(central), os.path.getsize(central + "-wal"))
+            assert os.path.getsize(c.log) < limit  # its log still grows
+            resource.prlimit(c.proc.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+            pub.publish(columns3("site-1", *rows))
+            wait_for(
+                lambda: c.text().count("still refuses writes") >= 3,
+                30,
+                0.05,
+                what=lambda: f"three retries while the WAL may not grow\n{c.text()[-3000:]}",
+            )
+            resource.prlimit(c.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            want = expected("site-1", *rows)
+            wait_for(lambda: db_counters(central)["uplink_readings"] == len(want), 30, 0.05, what="the batch written")
+            wait_for(lambda: pub.consumer_info().num_ack_pending == 0, 15, 0.05, what="the ack")
+            assert pub.consumer_info().num_redelivered == 0
+            assert c.stop() == 0
+        finally:
+            pub.close()
+    text = c.text()
+    assert central_rows(central) == want and len(want) == 40 * 49 + 40
+    warnings = [line for line in text.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1 and "cannot write the central database (OperationalError: disk I/O error)" in warnings[0]
+    assert text.count("takes writes again") == 1
     assert " ERROR " not in text and "retrying in" not in text and "Traceback" not in text
