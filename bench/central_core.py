@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.getcwd())
 
+from collector import store  # noqa: E402
 from collector.uplink import closer, consumer, core, source  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -83,14 +84,16 @@ class _Msg:
         pass
 
 
-def run(payloads: list[bytes], db: str, batch: int, workers: int) -> tuple[float, float, float, int]:
+def run(
+    payloads: list[bytes], db: str, batch: int, workers: int, head_budget: int = store.HEAD_BUDGET_BYTES
+) -> tuple[float, float, float, int]:
     """(CPU seconds of the writer, of the close workers, wall seconds, readings stored) of the
     consumer's _take over every fetch."""
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(db + suffix):
             os.unlink(db + suffix)
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    c = consumer.Consumer(consumer.ConsumeSettings(db=db, batch=batch, close_workers=workers))
+    c = consumer.Consumer(consumer.ConsumeSettings(db=db, batch=batch, close_workers=workers, head_budget=head_budget))
     msgs = [_Msg(p) for p in payloads]
 
     async def main() -> None:
@@ -139,6 +142,12 @@ def main() -> None:
         help="worker processes closing heads (default: the consumer's, one per core beyond the writer, at most 4); "
         "also measured without (0) in the same run, in turn",
     )
+    p.add_argument(
+        "--head-budget",
+        type=int,
+        default=store.HEAD_BUDGET_BYTES // (1024 * 1024),
+        help="the consumer's --head-budget (MiB): past it the largest heads close early, into smaller chunks",
+    )
     p.add_argument("--runs", type=int, default=1, help="runs of each (in turn)")
     p.add_argument("--profile", action="store_true", help="run under cProfile, print the top 30 by own time")
     p.add_argument("--keep", help="directory to keep the gateway databases in (reused when present)")
@@ -171,7 +180,7 @@ def main() -> None:
             if args.profile:
                 prof = cProfile.Profile()
                 prof.enable()
-            cpu, child, wall, stored = run(payloads, central, args.batch, workers)
+            cpu, child, wall, stored = run(payloads, central, args.batch, workers, args.head_budget * 1024 * 1024)
             if args.profile:
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(30)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import dbfile, ingestlog, schema, tuning
-from .chunkstore import ChunkRow, Head, encode_minutes
+from .chunkstore import ChunkRow, Head, close_heads, encode_minutes
 from .errors import SetupError
 from .ingest import Batch, IngestCore, SensorState
 from .replay import ReplayWindow
@@ -677,8 +677,8 @@ class Store:
         if self.close_later is not None and closing:
             self._handed = (closing, log_id, self.close_later(closing, fast))
         else:
-            for head in closing:
-                insert_chunk(conn, head.close(fast), log_id, self.series[head.sensor])
+            for head, row in zip(closing, close_heads(closing, fast)):
+                insert_chunk(conn, row, log_id, self.series[head.sensor])
         return done
 
     def _least_recent(self, incoming: dict[tuple[str, int], Any], closing: set[tuple[str, int]]) -> list:

@@ -204,3 +204,32 @@ def test_encode_many_gives_each_chunks_bytes(many, fast):
     cut = [(s[:n], t[:n], r[:n], {k: v[:n] for k, v in m.items()}) for s, t, r, m in many]
     for batch in (many, cut):  # chunks of one length go through numpy together
         assert chunkenc.encode_many(batch, fast=fast) == [chunkenc_ref.encode_chunk(*c, fast=fast) for c in batch]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=SLOW)
+@given(st.lists(head_columns(), min_size=1, max_size=4), st.booleans(), st.booleans())
+def test_heads_closed_together_are_each_the_reference_chunk_row(many, fast, sort):
+    """chunkstore.close_heads (the central consumer's batches): each head's row as the reference
+    closes it alone, whether the heads (and their minute blocks) share a length or not."""
+    many = [(s, sorted(t) if sort else t, r, m) for s, t, r, m in many if s]
+    if not many:
+        return
+    n = min(len(c[0]) for c in many)
+    cut = [(s[:n], t[:n], r[:n], {k: v[:n] for k, v in m.items()}) for s, t, r, m in many]
+    for batch in (many, cut, many + cut):  # lengths that differ, one length, both
+        heads = []
+        for seqs, ts, received, metrics in batch:
+            head = chunkstore.Head("s-1", 3, 1, 0.0)
+            head.extend(seqs, ts, received, {k: [None if v != v else v for v in c] for k, c in metrics.items()})
+            heads.append(head)
+        rows = chunkstore.close_heads(heads, fast)
+        together, chunkstore.CLOSE_TOGETHER = chunkstore.CLOSE_TOGETHER, 3  # in slices of 3 heads
+        try:
+            sliced = chunkstore.close_heads(heads, fast)
+        finally:
+            chunkstore.CLOSE_TOGETHER = together
+        assert len(rows) == len(sliced) == len(batch)
+        for row, row_sliced, cols in zip(rows, sliced, batch):
+            ref = close_both(*cols, fast)[1]
+            assert_same_row(row, ref, fast)
+            assert_same_row(row_sliced, ref, fast)

@@ -24,6 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
 from ..chunkstore import ChunkRow, Head
+from ..chunkstore import close_heads as _close_heads
 from . import prepared
 
 log = logging.getLogger("uplink.consume")
@@ -62,8 +63,9 @@ def _die_with_parent() -> None:
 
 
 def close_heads(heads: list[Head], fast: bool) -> list[ChunkRow]:
-    """In a worker: the heads' chunk rows, in order (a Head pickles as its arrays' bytes)."""
-    return [h.close(fast) for h in heads]
+    """In a worker: the heads' chunk rows, in order (a Head pickles as its arrays' bytes), encoded
+    together (chunkstore.close_heads: the same rows as closing them one by one)."""
+    return _close_heads(heads, fast)
 
 
 class _Pending:
@@ -92,7 +94,7 @@ class _Pending:
                     except CancelledError:  # its pool was shut down under it: a worker died (_died)
                         pass
                 if got is None:
-                    got = [h.close(self.fast) for h in part]
+                    got = _close_heads(part, self.fast)
                     self.closer.closed_here += len(part)
                 out += got
             self._rows = out
