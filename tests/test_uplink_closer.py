@@ -3,6 +3,7 @@ reading readable at every commit, and a worker or a writer killed loses and doub
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -190,6 +191,54 @@ def test_a_close_worker_does_not_outlive_a_kill_9_of_its_writer(tmp_path):
         proc.wait()
         proc.stdout.close()
     wait_for(lambda: not alive(worker), 10, 0.01, what=f"worker {worker} to end with its writer")
+
+
+def test_a_sigterm_to_a_worker_before_its_initializer_waits_for_it_and_never_reaches_the_writer():
+    """A worker is forked with the writer's SIGTERM handler and asyncio's wake-up fd, which its
+    initializer (_die_with_parent) undoes.  A SIGTERM sent to it before then (the pool sends one
+    to every worker when a sibling dies) must not run the writer's handler in the fork, which
+    writes into the writer's wake-up fd: the writer's loop took it as its own SIGTERM and the
+    consumer stopped (seen in CI).  Here the initializer is held 1 s (the window, opened wide)
+    and the worker is sent SIGTERM inside it: the worker dies of it once its handlers are
+    undone, the writer closes the head itself, and the writer's handler never runs."""
+    code = (
+        "import asyncio, json, os, signal, time\n"
+        "from collector.chunkstore import Head\n"
+        "from collector.uplink import closer\n"
+        "undo = closer._die_with_parent\n"
+        "def held():\n"
+        "    time.sleep(1.0)\n"
+        "    undo()\n"
+        "closer._die_with_parent = held\n"
+        "def alive(pid):\n"
+        "    try:\n"
+        "        with open(f'/proc/{pid}/stat') as f:\n"
+        "            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'\n"
+        "    except OSError:\n"
+        "        return False\n"
+        "async def main():\n"
+        "    got = []\n"
+        "    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, got.append, 'SIGTERM')\n"
+        "    c = closer.Closer(1)\n"
+        "    h = Head('a', 1, 1, 0.0)\n"
+        "    h.extend([1], [1.0], [1.5], {'t': [2.0]})\n"
+        "    pending = c([h], False)\n"
+        "    (worker,) = c.pids()\n"
+        "    os.kill(worker, signal.SIGTERM)\n"
+        "    deadline = time.monotonic() + 20\n"
+        "    while alive(worker) and not got and time.monotonic() < deadline:\n"
+        "        await asyncio.sleep(0.01)\n"
+        "    for _ in range(5):\n"
+        "        await asyncio.sleep(0)  # a byte in the wake-up fd is read and its handler run\n"
+        "    rows = pending.rows()\n"
+        "    out = dict(got=got, worker_alive=alive(worker), datagrams=rows[0].datagrams, here=c.closed_here)\n"
+        "    c.shutdown()\n"
+        "    print(json.dumps(out), flush=True)\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == {"got": [], "worker_alive": False, "datagrams": 1, "here": 1}, done.stderr
 
 
 def alive(pid: int) -> bool:

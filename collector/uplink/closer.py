@@ -44,14 +44,22 @@ def default_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
+# Held (blocked) in the writer's thread while it hands the pool work, which is when the pool
+# forks its workers, and in each worker until _die_with_parent has undone the writer's handlers.
+_HELD_AT_FORK = {signal.SIGTERM, signal.SIGINT}
+
+
 def _die_with_parent() -> None:
     """In a worker: SIGKILL when the writer process is gone (Linux prctl PR_SET_PDEATHSIG); the
     writer's signal handling undone.  The fork inherits asyncio's wake-up fd: a SIGTERM to a
     worker (the pool terminates the others when one dies) was written into it and read by the
-    writer's loop as its own SIGTERM, and the consumer stopped (tests/test_uplink_gateways.py)."""
+    writer's loop as its own SIGTERM, and the consumer stopped (tests/test_uplink_gateways.py).
+    The worker is born with SIGTERM and SIGINT blocked (_submit): one sent before this ran
+    waits, and is taken with the handlers undone (tests/test_uplink_closer.py)."""
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the writer, which ends the pool
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_AT_FORK)
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -66,6 +74,19 @@ def close_heads(heads: list[Head], fast: bool) -> list[ChunkRow]:
     """In a worker: the heads' chunk rows, in order (a Head pickles as its arrays' bytes), encoded
     together (chunkstore.close_heads: the same rows as closing them one by one)."""
     return _close_heads(heads, fast)
+
+
+def _submit(pool: ProcessPoolExecutor, fn, *args) -> Future:
+    """pool.submit with SIGTERM and SIGINT blocked in this thread: a fork-context pool forks its
+    workers inside its first submit, and a fork inherits the mask, so a signal sent to a new
+    worker before its initializer has run waits for it (instead of running the writer's
+    handler in the worker, which writes into the writer's wake-up fd).  Signals sent to the
+    writer meanwhile are taken by its other threads, or when the mask is restored."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_AT_FORK)
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class _Pending:
@@ -164,7 +185,7 @@ class Closer:
                 futures.append(None)
                 continue
             try:
-                futures.append((pool, pool.submit(close_heads, part, fast)))
+                futures.append((pool, _submit(pool, close_heads, part, fast)))
             except (BrokenProcessPool, RuntimeError, OSError) as exc:
                 self._died(exc, pool)
                 futures.append(None)
@@ -178,7 +199,7 @@ class Closer:
         if pool is None:
             return None
         try:
-            return pool, pool.submit(prepared.prepare, data)
+            return pool, _submit(pool, prepared.prepare, data)
         except (BrokenProcessPool, RuntimeError, OSError) as exc:
             self._died(exc, pool)
             return None
