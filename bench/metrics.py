@@ -34,10 +34,11 @@ from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
 from collector import healthstore  # noqa: E402
 from collector.health import HealthBook  # noqa: E402
-from collector.metrics import CollectorMetrics, FlushStats  # noqa: E402
+from collector.histogram import FlushStats  # noqa: E402
+from collector.metrics import CollectorMetrics  # noqa: E402
 from collector.server import Settings  # noqa: E402
 from collector.store import BatchWriter  # noqa: E402
-from query.metrics import QueryStats  # noqa: E402
+from query.stats import QueryStats  # noqa: E402
 
 
 def fill(writer: BatchWriter, sensors: int, seq: int, now: float) -> None:

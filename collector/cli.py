@@ -13,9 +13,8 @@ import sys
 
 import click
 
-from . import __version__, config, health, net, tuning
+from . import PACKAGE, config, health, net, tuning
 from .errors import ConfigError, SetupError
-from .server import Collector, Settings
 
 ENV = "TELEMETRY_COLLECTOR_"
 
@@ -282,7 +281,7 @@ SETTINGS = [
     "collector",
     "Validate the settings and the key file, print the effective [collector] table and exit (binds nothing).",
 )
-@click.version_option(__version__, "--version")
+@click.version_option(package_name=PACKAGE)
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int, quiet: int, **_: object) -> None:
     """Receive sensor datagrams over UDP and store them in SQLite with exact loss accounts.
@@ -303,6 +302,10 @@ def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int,
           --multicast 239.12.0.1 --multicast-interface eth0 --metrics 127.0.0.1:9739
     """
     config.setup_logging(verbose, quiet)
+    # Here, not at the top: `--help`, `--version` and a bad flag answer without
+    # the receive path's imports (numpy, sqlite-utils: ~0.3 s of CPU).
+    from .server import Collector, Settings
+
     try:
         values = config.merge(
             ctx, SETTINGS, config.read_table(config_path, "collector"), f"{config_path} [collector]", env_prefix=ENV

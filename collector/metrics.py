@@ -4,7 +4,8 @@ Nothing here sits on the hot path: the receive loop keeps the counters it
 always kept (`store.counters`, the trackers, the health book), and
 `CollectorMetrics.collect()` reads them when Prometheus scrapes, on the HTTP
 server's thread.  The only bookkeeping added to the loop is one `Histogram`
-pair per flush (about 1 us a second).
+pair per flush (about 1 us a second; collector/histogram.py, apart so that
+the loop imports no prometheus_client).
 
 Thread safety: the loop thread is the only writer.  The scrape thread takes
 shallow copies (`dict.copy()` of the counters, the sensors and the health
@@ -23,7 +24,6 @@ says how many were left out).
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -32,70 +32,14 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector as _PromCollector
 
+from .histogram import Histogram
 from .schema import REJECT_REASONS
 
 log = logging.getLogger("collector")
 
-# Flush duration buckets (seconds): a healthy flush of a few thousand rows
-# takes milliseconds; seconds mean a slow disk or a lock.
-FLUSH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-# Readings per flush: from a trickle to the default batch size (20,000) and beyond.
-BATCH_ROWS_BUCKETS = (1, 10, 100, 1000, 5000, 10_000, 20_000, 50_000, 100_000)
 
-
-class Histogram:
-    """A Prometheus-style histogram without locks: one writer thread, any readers.
-
-    `observe` is a bisect and two additions.  A reader may see `sum` one
-    observation ahead of the buckets; never a bucket count that goes down.
-    """
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        if list(bounds) != sorted(set(bounds)):
-            raise ValueError("bucket bounds must be strictly increasing")
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)  # the last is +Inf only
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def buckets(self) -> list[tuple[str, int]]:
-        """Cumulative (le, count) pairs, +Inf last, as the exposition format wants."""
-        out, total = [], 0
-        counts = list(self.counts)
-        for bound, n in zip(self.bounds, counts):
-            total += n
-            out.append((_le(bound), total))
-        out.append(("+Inf", total + counts[-1]))
-        return out
-
-    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
-        buckets = self.buckets()
-        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
-
-
-def _le(bound: float) -> str:
-    return repr(float(bound))
-
-
-class FlushStats:
-    """What the loop records per flush attempt (its own thread only)."""
-
-    def __init__(self) -> None:
-        self.seconds = Histogram(FLUSH_SECONDS_BUCKETS)
-        self.rows = Histogram(BATCH_ROWS_BUCKETS)
-        self.failures = 0
-
-    def record(self, seconds: float, rows: int, ok: bool) -> None:
-        if ok:
-            self.seconds.observe(seconds)
-            self.rows.observe(rows)
-        else:
-            self.failures += 1
+def _histogram(histogram: Histogram, name: str, doc: str) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, doc, buckets=histogram.buckets(), sum_value=histogram.sum)
 
 
 def _counter(name: str, doc: str, value: float, labels: Sequence[str] = ()) -> CounterMetricFamily:
@@ -193,8 +137,10 @@ class CollectorMetrics(_PromCollector):
             0 if store.failing_since is None else 1,
         )
         yield _gauge(p + "backlog_readings", "Readings waiting for the next flush.", c.core.pending_readings)
-        yield flush.seconds.family(p + "flush_duration_seconds", "Time one successful flush (one transaction) took.")
-        yield flush.rows.family(p + "flush_batch_readings", "Readings written per successful flush.")
+        yield _histogram(
+            flush.seconds, p + "flush_duration_seconds", "Time one successful flush (one transaction) took."
+        )
+        yield _histogram(flush.rows, p + "flush_batch_readings", "Readings written per successful flush.")
         last_flush = counters.get("last_flush")
         if last_flush:
             yield _gauge(p + "last_flush_timestamp_seconds", "Unix time of the last successful flush.", last_flush)

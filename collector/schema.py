@@ -42,11 +42,13 @@ import sqlite3
 import stat
 import time
 from collections.abc import Callable
-
-import sqlite_utils
+from typing import TYPE_CHECKING
 
 from . import auth, replay, wire
 from .errors import SetupError
+
+if TYPE_CHECKING:  # imported where a database is opened for writing: it pulls in numpy (~0.25 s of CPU)
+    import sqlite_utils
 
 SCHEMA_VERSION = 5
 log = logging.getLogger("collector.schema")
@@ -411,6 +413,8 @@ def open_writer(path: str) -> sqlite_utils.Database:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
         raise SetupError(f"cannot open database {path}: {exc} ({open_advice(path, exc)})") from None
+    import sqlite_utils
+
     try:
         db = sqlite_utils.Database(conn)
         if not db.table_names():

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 from . import auth, dbfile, health, healthstore, mmsg, net, retention, tuning
 from .errors import ConfigError, DecodeError, SetupError
+from .histogram import FlushStats
 from .ingest import IngestCore, Refused, Rejected
-from .metrics import FlushStats
 from .schema import REJECT_REASONS
 from .store import CHUNK_DATAGRAMS, FlushJob, Store
 

@@ -15,7 +15,8 @@ import os
 
 import click
 
-from . import __version__
+from collector import PACKAGE
+
 from .commands import COMMANDS, SETTINGS_KEY, check_client_environment, connection_options
 from .interrupt import interruptible
 from .output import render
@@ -36,7 +37,7 @@ __all__ = [
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @connection_options(envvars=True)
-@click.version_option(__version__, "--version", prog_name="telemetry-query")
+@click.version_option(package_name=PACKAGE, prog_name="telemetry-query")
 @click.pass_context
 def main(ctx: click.Context, server, ca, cert, key, fmt, times) -> None:
     """Query a gateway's telemetry over TLS (and `serve` runs the query server).

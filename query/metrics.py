@@ -1,10 +1,8 @@
 """Prometheus metrics of the query server (`serve --metrics HOST:PORT`).
 
-`QueryStats` is what the server records as it works: requests by op and
-code with their latency, TLS handshake failures, connections accepted.  The
-loop thread and the SQL worker threads both record, so every update takes
-one uncontended lock (~0.1 us against a request's ~1 ms); the scrape thread
-takes the same lock to copy.  `QueryMetrics` turns a copy into metric
+`QueryStats` (query/stats.py) is what the server records as it works:
+requests by op and code with their latency, TLS handshake failures,
+connections accepted.  `QueryMetrics` turns a copy into metric
 families at scrape time, together with what the server already counts
 (connections open, refused at max-connections).
 
@@ -14,59 +12,14 @@ that did not parse to a known op), `code` is "ok" or one of protocol.CODES.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector as _PromCollector
 
-from collector.metrics import Histogram
-
 from .protocol import CODES, OPS
-
-# Request latency buckets (seconds): `latest` answers in ~1 ms, a large
-# aggregate in tens of ms, and the query time budget is 2 s by default.
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-INVALID_OP = "invalid"
-HANDSHAKE_FAILURES = ("error", "timeout")  # refused by TLS (bad certificate, not TLS, old version) / too slow
-
-
-class QueryStats:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str], int] = {}
-        self.latency: dict[str, Histogram] = {}
-        self.handshake_failures = dict.fromkeys(HANDSHAKE_FAILURES, 0)
-        self.accepted = 0
-
-    def request(self, op: str, code: str, seconds: float) -> None:
-        if op not in OPS:
-            op = INVALID_OP
-        with self._lock:
-            key = (op, code)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            histogram = self.latency.get(op)
-            if histogram is None:
-                histogram = self.latency[op] = Histogram(LATENCY_BUCKETS)
-            histogram.observe(seconds)
-
-    def handshake_failed(self, why: str) -> None:
-        with self._lock:
-            self.handshake_failures[why] += 1
-
-    def connection_accepted(self) -> None:
-        with self._lock:
-            self.accepted += 1
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                "requests": dict(self.requests),
-                "latency": {op: (h.buckets(), h.sum) for op, h in self.latency.items()},
-                "handshake_failures": dict(self.handshake_failures),
-                "accepted": self.accepted,
-            }
+from .stats import QueryStats
 
 
 class QueryMetrics(_PromCollector):

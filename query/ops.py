@@ -33,11 +33,12 @@ from itertools import islice
 from operator import le
 from typing import Any
 
+import collector
 from collector.chunkstore import ChunkError, decode_chunk, decode_minutes
 from collector.health import is_stale
 from collector.schema import NO_BOOT, REJECT_REASONS
 
-from . import __version__, tuning
+from . import tuning
 from .heads import HeadCache, Window
 from .protocol import (
     DEFAULT_LIMIT,
@@ -94,7 +95,7 @@ def _count(value: Any) -> int | None:
 
 
 def ping() -> dict[str, Any]:
-    return {"version": __version__, "protocol": PROTOCOL_VERSION}
+    return {"version": collector.__version__, "protocol": PROTOCOL_VERSION}
 
 
 class Ops:

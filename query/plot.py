@@ -15,8 +15,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import plotille
-
 from .times import human_time
 
 BLOCKS = "▁▂▃▄▅▆▇█"
@@ -111,6 +109,8 @@ def render(
     # and the newest reading on it.
     y_hi += (y_hi - y_lo) / (height * 4)
     x_hi += (x_hi - x_lo) / (width * 2)
+
+    import plotille  # only `plot` draws: the other commands start without it
 
     fig = plotille.Figure()
     fig.width, fig.height = width, height

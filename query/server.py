@@ -35,7 +35,6 @@ from collector.errors import SetupError
 
 from . import tuning
 from .follow import FollowSource, encode_event, matching
-from .metrics import QueryStats
 from .ops import Ops, ping
 from .protocol import (
     MAX_LINE_BYTES,
@@ -49,6 +48,7 @@ from .protocol import (
     encode_result,
     parse_request,
 )
+from .stats import QueryStats
 
 log = logging.getLogger("telemetry.query")
 
@@ -161,7 +161,7 @@ class Service:
     def __init__(self, make_ops: Callable[[], Ops], workers: int = 2) -> None:
         self.make_ops = make_ops
         self.workers = workers
-        self.stats = QueryStats()  # requests by op and code, latency (query/metrics.py)
+        self.stats = QueryStats()  # requests by op and code, latency (query/stats.py)
 
     def parse(self, line: bytes) -> Request | bytes:
         """The request, or the error response when the line is not a valid one."""

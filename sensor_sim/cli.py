@@ -19,10 +19,10 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from collector import PACKAGE
 from collector.auth import load_keys, parse_key
 from collector.errors import ConfigError, SetupError
 
-from . import __version__
 from .faults import FaultRates
 from .net import parse_target
 from .replay import ReplayConfig, load, run_replay
@@ -202,7 +202,7 @@ Example:
 
 
 @click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="sensor-sim")
+@click.version_option(package_name=PACKAGE, prog_name="sensor-sim")
 @click.option(
     "--target",
     "targets",

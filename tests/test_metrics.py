@@ -11,7 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector import wire
-from collector.metrics import Histogram, database_bytes
+from collector.histogram import Histogram
+from collector.metrics import database_bytes
 from collector.schema import REJECT_REASONS
 from query.serve import start_metrics
 
