@@ -28,6 +28,25 @@ settings.register_profile(
 settings.load_profile("ci")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    """Compile the three packages to bytecode once, before any test starts a daemon.
+
+    The suite starts a few hundred processes of our programs.  Where
+    PYTHONDONTWRITEBYTECODE is set (as in CI's environment) none of them writes
+    the .pyc of the modules it compiled, so every start compiled them again:
+    ~80 ms of CPU per collector start (430 -> 351 ms, median of 9 starts).
+    compileall writes them whatever that setting says,
+    and skips the ones already up to date.  Once, in the controller: xdist's
+    workers and the daemons read them."""
+    if hasattr(session.config, "workerinput"):
+        return
+    import compileall
+
+    for package in ("collector", "query", "sensor_sim"):
+        compileall.compile_dir(REPO / package, quiet=1)
+
+
 def _children() -> set[int]:
     """PIDs of this process's live (non-zombie) children, from /proc."""
     me = str(os.getpid())
