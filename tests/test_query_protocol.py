@@ -231,6 +231,7 @@ json_values = st.recursive(
 )
 
 
+@pytest.mark.untraced  # conftest.py: a property test; the named tests beside it reach its lines
 @settings(max_examples=300)
 @given(
     st.sampled_from(["ping", "sensors", "latest", "readings", "aggregate", "gaps", "stats", "x"]),

@@ -565,6 +565,7 @@ SEEDS = [json.dumps(r).encode() for r in PIPELINE] + [
 FUZZ_LINES = 100_000  # json.loads' RecursionError and NaN among them: one response each
 
 
+@pytest.mark.untraced  # conftest.py: a property test; the named tests beside it reach its lines
 def test_fuzz_100000_lines_one_response_each_and_no_server_exception(known_db, tls, caplog):
     rng = random.Random(20251125)
     lines = []

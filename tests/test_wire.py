@@ -523,6 +523,7 @@ msgpack_values = st.recursive(
 )
 
 
+@pytest.mark.untraced  # conftest.py: a property test; the named tests beside it reach its lines
 @settings(max_examples=300)
 @given(st.dictionaries(st.sampled_from(["v", "id", "seq", "boot", "ts", "r", "x"]), msgpack_values))
 def test_any_well_formed_map_gives_a_datagram_or_a_decode_error(obj):

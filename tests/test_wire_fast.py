@@ -200,6 +200,7 @@ _scalar = st.one_of(
 )
 
 
+@pytest.mark.untraced  # conftest.py: a property test; the named tests beside it reach its lines
 @settings(max_examples=1500, deadline=None)
 @given(
     st.fixed_dictionaries(
