@@ -111,12 +111,26 @@ def no_leaks():
         if time.monotonic() > deadline:
             break
         time.sleep(0.02)
+    described = [_describe(pid) for pid in sorted(children)]  # before the kill: what each was doing
     for pid in children:  # do not let one leak poison the rest of the run
         try:
             os.kill(pid, 9)
         except OSError:
             pass
-    pytest.fail(f"test leaked threads {[t.name for t in threads]} / child processes {sorted(children)}")
+    pytest.fail(f"test leaked threads {[t.name for t in threads]} / child processes {described}")
+
+
+def _describe(pid: int) -> str:
+    """'PID STATE command line' of a child, from /proc (the state says whether it was running,
+    asleep, or stopped), so that a leak seen once in CI says what leaked."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().decode(errors="replace").rsplit(")", 1)[-1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return f"{pid} (gone)"
+    return f"{pid} {state} {cmdline[:300]}"
 
 
 @pytest.fixture(scope="session")
