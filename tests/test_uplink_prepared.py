@@ -4,6 +4,7 @@ message is still taken block by block, and a worker's refusal reaches the writer
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from collections import Counter
 
@@ -12,7 +13,7 @@ from test_uplink_closer import BUDGET, chunks, rows
 from uplinkgw import readings
 
 from collector import ingestlog
-from collector.uplink import closer, core, prepared
+from collector.uplink import closer, consumer, core, prepared
 from collector.uplink.central import Central
 
 from helpers import db_query
@@ -42,12 +43,18 @@ def made_ready(payload: bytes) -> prepared.Prepared:
     return item
 
 
-def feed(path: str, batches: list[list[bytes]], ready: bool, workers: int = 0) -> Counter:
+def feed(path: str, batches: list[list[bytes]], ready, workers: int = 0) -> Counter:
+    """The batches written by a Central; `ready`: a message prepared (True), decoded by the writer
+    (False), or a function of the message's index in the stream that says which."""
     total: Counter = Counter()
     c = Central(path, workers, BUDGET)
+    k = 0
     try:
         for i, batch in enumerate(batches, 1):
-            items = [made_ready(p) if ready else core.decode(p) for p in batch]
+            items = []
+            for p in batch:
+                items.append(made_ready(p) if (ready(k) if callable(ready) else ready) else core.decode(p))
+                k += 1
             total.update(c.apply(items, now=5000.0 + i))
     finally:
         c.close()
@@ -200,3 +207,46 @@ def test_nan_values_and_metrics_a_group_does_not_carry_are_taken_as_the_writer_t
             return repr(sorted(out.items()))
 
         assert per_key(a) == per_key(b)
+
+
+class _Msg:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def test_one_worker_decodes_every_third_message_across_fetches_and_the_writer_the_rest(tmp_path):
+    msgs = payloads(rows(60), rows_per_message=4)
+    assert len(msgs) >= 12
+    c = consumer.Consumer(consumer.ConsumeSettings(db=str(tmp_path / "central.db"), close_workers=1))
+    assert c.central.closer is not None and c.central.closer.share == closer.ONE_WORKER_SHARE
+
+    async def fetches() -> list:
+        got = []
+        for batch in (msgs[:4], msgs[4:5], msgs[5:]):  # the count goes on from fetch to fetch
+            got += [await item for item in c._decoded([_Msg(p) for p in batch])]
+        return got
+
+    try:
+        items = asyncio.run(fetches())
+        assert c.central.closer.deaths == 0
+    finally:
+        c.central.close()
+    assert [isinstance(item, prepared.Prepared) for item in items] == [i % 3 == 2 for i in range(len(msgs))]
+    assert [item.readings for item in items] == [core.decode(p).readings for p in msgs]
+
+
+@pytest.mark.parametrize("per_txn", [1, 4])
+def test_messages_prepared_and_decoded_in_one_transaction_make_the_decoded_database(tmp_path, per_txn):
+    """One worker's share (every third message prepared, the rest decoded by the writer): the
+    same chunks, readings and counters as every message decoded by the writer."""
+    data = rows(60)
+    msgs = payloads(data)
+    batches = [msgs[i : i + per_txn] for i in range(0, len(msgs), per_txn)]
+    want_done = feed(str(tmp_path / "decoded.db"), batches, ready=False)
+    got_done = feed(str(tmp_path / "mixed.db"), batches, ready=lambda k: k % 3 == 2)
+    assert chunks(str(tmp_path / "mixed.db")) == chunks(str(tmp_path / "decoded.db"))
+    assert got_done == want_done
+    n = sum(ingestlog.counts(r)[1] for r in data)
+    assert got_done["uplink_readings"] == n and len(datagrams(str(tmp_path / "mixed.db"))) == n
+    assert datagrams(str(tmp_path / "mixed.db")) == datagrams(str(tmp_path / "decoded.db"))
+    assert counters(str(tmp_path / "mixed.db")) == counters(str(tmp_path / "decoded.db"))

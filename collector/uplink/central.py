@@ -235,6 +235,9 @@ class Central:
         groups: dict[tuple[str, int | None], list[ingestlog.Group]] = {}
         taken: dict[tuple[str, str, int | None], list[list]] = {}
         ready: list[prepared.Prepared] = []
+        # The log row's groups in the order their messages came: the other messages' groups
+        # (merged per key) between one prepared message and the next, and each prepared one's.
+        order: list[dict[tuple[str, int | None], list[ingestlog.Group]] | prepared.Prepared] = []
         deferred: list[core.Readings] = []  # payload 1/2 of gateways that sent payload 3 (_legacy_item)
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
@@ -243,6 +246,11 @@ class Central:
                 done["uplink_messages"] += 1
                 if isinstance(item, prepared.Prepared):
                     if self._all_new(item):
+                        self._taken_groups(taken, done, groups)
+                        if groups:
+                            order.append(groups)
+                        groups, taken = {}, {}
+                        order.append(item)
                         ready.append(item)
                         done["uplink_readings"] += item.readings
                     else:
@@ -264,6 +272,15 @@ class Central:
                 else:
                     self._accounts(item, done, now)
             self._taken_groups(taken, done, groups)
+            gathered = bool(deferred and ready)
+            if gathered:  # payload 1/2 is checked against all of this transaction's groups: in one place
+                combined: dict[tuple[str, int | None], list[ingestlog.Group]] = {}
+                for segment in [*order, groups]:
+                    if not isinstance(segment, prepared.Prepared):
+                        for key, parts in segment.items():
+                            combined.setdefault(key, []).extend(parts)
+                groups = combined
+                order = [segment for segment in order if isinstance(segment, prepared.Prepared)]
             for part in deferred:  # after this transaction's payload-3 groups: checked against them too
                 self._readings(part, done, groups, ready)
             for (gateway, origin), pending in self._pending.items():
@@ -272,21 +289,36 @@ class Central:
                     "INSERT INTO uplink_ranges (gateway, origin, lo, hi) VALUES (?, ?, ?, ?)",
                     [(gateway, origin, lo, hi) for lo, hi in pending.items()],
                 )
-            merged = [_merge(parts) for parts in groups.values()]
-            known = (
-                sum(len(g.seqs) for g in merged) + sum(p.datagrams for p in ready),
-                done["uplink_readings"],  # counted as they were taken
-            )
+            if groups and gathered:  # before the prepared messages' groups, as they all were
+                order.insert(0, groups)
+            elif groups:
+                order.append(groups)
+            merged: list[ingestlog.Group] = []
             body = None
-            if ready:
-                # The prepared messages' groups follow the others' (a (sensor, boot) may have a
-                # group from each message), their body joined from what the workers packed.
-                body = ingestlog.body_of_packed(
-                    [ingestlog.pack_groups(merged), *(p.packed for p in ready)],
-                    len(merged) + sum(p.count for p in ready),
-                )
-                for p in ready:
-                    merged += self._prepared_groups(p)
+            if not ready:
+                for segment in order:
+                    assert not isinstance(segment, prepared.Prepared)
+                    merged += [_merge(parts) for parts in segment.values()]
+                known = (sum(len(g.seqs) for g in merged), done["uplink_readings"])  # readings counted as taken
+            else:
+                # A (sensor, boot) may have a group from several segments, in the order they came;
+                # the body joined from what was packed here and what the workers packed.
+                packed: list[bytes] = []
+                count = datagrams = 0
+                for segment in order:
+                    if isinstance(segment, prepared.Prepared):
+                        packed.append(segment.packed)
+                        count += segment.count
+                        datagrams += segment.datagrams
+                        merged += self._prepared_groups(segment)
+                    else:
+                        part = [_merge(parts) for parts in segment.values()]
+                        packed.append(ingestlog.pack_groups(part))
+                        count += len(part)
+                        datagrams += sum(len(g.seqs) for g in part)
+                        merged += part
+                body = ingestlog.body_of_packed(packed, count)
+                known = (datagrams, done["uplink_readings"])
             closing = self.store.write_groups(conn, merged, now, self._new_series, known, body)
             for reason, n in (rejected or {}).items():
                 done[f"uplink_rejected:{reason}"] += n

@@ -240,8 +240,9 @@ CENTRAL_SETTINGS = [
         None,
         metavar="N",
         default_text="one per core beyond the writer's, at most 4",
-        help="Processes that encode closing heads into chunks while the one writer goes on, and from 2 on "
-        "decode the messages too (payload 3: merged per sensor into arrays); 0: the writer does all itself.",
+        help="Processes that encode closing heads into chunks while the one writer goes on, and decode "
+        "messages too (payload 3: merged per sensor into arrays; one worker every third message, from 2 on all "
+        "of them); 0: the writer does all itself.",
     ),
     S(
         "head_budget",

@@ -6,9 +6,10 @@ consumer's CPU.  The Store hands the heads a transaction closes to
 `Closer.__call__` (Store.close_later) and inserts their chunks at the start of
 its next transaction; meanwhile the writer decodes and merges the next fetch,
 so the second core works.  The workers hold nothing that matters: they get
-each head (its arrays, pickled as bytes) and return its ChunkRow.  From
-DECODE_FROM_WORKERS workers on they also decode the messages ahead of the
-writer (`prepare`, prepared.py).  A worker that dies (kill -9, out of memory)
+each head (its arrays, pickled as bytes) and return its ChunkRow, a
+transaction's heads closed together (chunkstore.close_heads).  They also
+decode messages ahead of the writer (`prepare`, prepared.py): all of them from
+DECODE_FROM_WORKERS workers on, every third with one (ONE_WORKER_SHARE).  A worker that dies (kill -9, out of memory)
 costs nothing but time: the writer decodes those messages and closes those
 heads itself, says so once in the log, and starts a new pool.
 """
@@ -37,6 +38,11 @@ PR_SET_PDEATHSIG = 1
 # worker 9.3 -> 18.8 s for 5.4 M readings, bench/central_core.py), so one worker would carry
 # nearly everything while the writer idles; with two or more the work spreads.
 DECODE_FROM_WORKERS = 2
+# With one worker it decodes this share of the messages (every third): closing got ~2x cheaper
+# (chunkstore.close_heads), and the writer, which decodes the rest, became the bound with the
+# worker idle two thirds of the time (bench/uplink.py --central-only: writer 17-19 CPU s,
+# worker 5.5-6.3 s for 12.6 M readings).
+ONE_WORKER_SHARE = 1 / 3
 
 
 def default_workers() -> int:
@@ -129,7 +135,9 @@ class Closer:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.workers = workers
-        self.decodes = workers >= DECODE_FROM_WORKERS  # the writer hands them messages to decode (prepare)
+        # The share of the messages the writer hands them to decode (prepare)
+        self.share = 1.0 if workers >= DECODE_FROM_WORKERS else ONE_WORKER_SHARE
+        self.decodes = self.share > 0
         self.pool: ProcessPoolExecutor | None = None
         self.closed_here = 0  # heads the writer closed itself because a worker died
         self.deaths = 0

@@ -100,6 +100,7 @@ class Consumer:
         self.backoff = core.Backoff(0.1, settings.backoff_max)
         self.server_index = 0
         self.totals: Counter = Counter()
+        self._shared_at = 0  # messages seen by _decoded (which of them go to the workers)
         self.reconnects = 0
         self._connects = 0
         self.connected_to: str | None = None
@@ -121,8 +122,10 @@ class Consumer:
             self.s.durable,
             "no worker processes: the writer decodes and closes everything"
             if closer is None
-            else f"{closer.workers} worker process{'es' if closer.workers > 1 else ''} "
-            + ("decode messages and close heads into chunks" if closer.decodes else "close heads into chunks"),
+            else f"{closer.workers} worker processes decode messages and close heads into chunks"
+            if closer.share >= 1
+            else f"{closer.workers} worker process closes heads into chunks and decodes "
+            f"{closer.share:.0%} of the messages",
         )
         status_task = asyncio.create_task(self._status_loop())
         try:
@@ -206,23 +209,30 @@ class Consumer:
 
     def _decoded(self, msgs: list) -> Iterator[Awaitable]:
         """Each message's item (prepared.prepare: core.decode's, a payload-3 columns message as a
-        prepared.Prepared), in order: with DECODE_FROM_WORKERS workers or more, decoded in them,
-        PREPARE_AHEAD messages per worker ahead of the writer; with fewer (or when one dies, or
-        cannot decode it) here."""
+        prepared.Prepared), in order: closer.share of them (all with DECODE_FROM_WORKERS workers
+        or more, every third with one) decoded in the workers, PREPARE_AHEAD messages per worker
+        ahead of the writer; the others (and when a worker dies, or cannot decode one) here."""
         closer = self.central.closer
         if closer is None or not closer.decodes:
             for m in msgs:
                 yield _now(core.decode, m.data)
             return
+        # The workers' share of the messages (closer.share: all of them from DECODE_FROM_WORKERS
+        # on), spread evenly over the stream: message k goes when floor((k + 1) * share) moves.
+        share, k0 = closer.share, self._shared_at
+        self._shared_at += len(msgs)
+        chosen = [i for i in range(len(msgs)) if int((k0 + i + 1) * share) > int((k0 + i) * share)]
         ahead = PREPARE_AHEAD * closer.workers
         sent: deque = deque()
         at = 0
-        for m in msgs:
-            while at < len(msgs) and len(sent) < ahead:
-                sent.append(closer.prepare(msgs[at].data))
+        for i, m in enumerate(msgs):
+            while at < len(chosen) and len(sent) < ahead:
+                sent.append((chosen[at], closer.prepare(msgs[chosen[at]].data)))
                 at += 1
-            job = sent.popleft()
-            yield self._prepared(closer, job, m.data)
+            if sent and sent[0][0] == i:
+                yield self._prepared(closer, sent.popleft()[1], m.data)
+            else:
+                yield _now(core.decode, m.data)
 
     async def _prepared(self, closer, job, data: bytes):
         if job is None:
