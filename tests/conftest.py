@@ -174,3 +174,16 @@ def bin_path():
         return str(path)
 
     return find
+
+
+@pytest.fixture
+def consumer(bin_path, tmp_path):
+    """Start `telemetry-uplink consume` (killed at the end of the test if still running):
+    consumer(central_db, [server_url], *extra_flags) -> the started process (uplinkfleet.Uplinks)."""
+    from uplinkfleet import Uplinks, consume_args
+
+    uplinks = Uplinks(bin_path, tmp_path)
+    yield lambda central, servers, *extra: uplinks.start(
+        f"consume{len(uplinks.started)}", *consume_args(central, servers, *extra)
+    )
+    uplinks.close()

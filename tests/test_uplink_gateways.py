@@ -30,8 +30,6 @@ from natsserver import Cluster, NatsServer, free_port, wait_jetstream_ready
 from uplinkfleet import (
     Gateway,
     StreamWatch,
-    Uplinks,
-    consume_args,
     kill_mid_publish,
     status,
     wait_central,
@@ -59,16 +57,6 @@ def gateways(bin_path, tmp_path):
     yield make
     for gw in made:
         gw.close()
-
-
-@pytest.fixture
-def consumer(bin_path, tmp_path):
-    """Start `telemetry-uplink consume` (killed at the end of the test if still running)."""
-    uplinks = Uplinks(bin_path, tmp_path)
-    yield lambda central, servers, *extra: uplinks.start(
-        f"consume{len(uplinks.started)}", *consume_args(central, servers, *extra)
-    )
-    uplinks.close()
 
 
 def faults_happened(gw: Gateway) -> dict:

@@ -29,7 +29,6 @@ import zlib
 
 import pytest
 from natsserver import NatsServer
-from uplinkfleet import Uplinks, consume_args
 
 from collector import ingestlog, schema
 from collector.uplink import core, prepared
@@ -65,15 +64,6 @@ class Publisher:
             self.loop.run_until_complete(self.nc.close())
         finally:
             self.loop.close()
-
-
-@pytest.fixture
-def consume(bin_path, tmp_path):
-    uplinks = Uplinks(bin_path, tmp_path)
-    yield lambda central, servers, *extra: uplinks.start(
-        f"consume{len(uplinks.started)}", *consume_args(central, servers, *extra)
-    )
-    uplinks.close()
 
 
 def group(sensor: str, boot: int | None, seqs, t0: float = 1000.0) -> ingestlog.Group:
@@ -253,7 +243,7 @@ def test_payload_2_of_another_gateway_or_before_any_payload_3_is_taken_as_before
     assert central_rows(c.path) == sorted(expected("site-7", *ROWS) + expected("site-8", *ROWS))
 
 
-def test_a_consumer_takes_payload_2_after_payload_3_of_the_same_rows_once(tmp_path, consume):
+def test_a_consumer_takes_payload_2_after_payload_3_of_the_same_rows_once(tmp_path, consumer):
     """A gateway's rows as payload 3, then (a downgraded uplink, or the payload-2 copy of a
     gateway upgraded mid-backlog redelivered after ack-wait) as payload 2 with new datagrams:
     a real consumer with two decoding workers stores each reading once and counts the replay."""
@@ -262,7 +252,7 @@ def test_a_consumer_takes_payload_2_after_payload_3_of_the_same_rows_once(tmp_pa
     with NatsServer(tmp_path) as ns:
         pub = Publisher(ns.url)
         try:
-            c = consume(central, [ns.url], "--close-workers", "2")
+            c = consumer(central, [ns.url], "--close-workers", "2")
             pub.publish(columns3("site-7", *ROWS))
             wait_for(lambda: db_counters(central)["uplink_messages"] == 1, 30, 0.05, what="the payload-3 message")
             pub.publish(columns2("site-7", *ROWS, *NEW))
@@ -371,7 +361,7 @@ def test_the_consumer_default_bound_is_the_stores():
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
-def test_poison_messages_are_set_aside_and_every_other_gateways_data_is_written(tmp_path, consume, workers):
+def test_poison_messages_are_set_aside_and_every_other_gateways_data_is_written(tmp_path, consumer, workers):
     """Two messages that pass the decoder but can never be written (an accounts snapshot whose
     first_seen is NaN: NOT NULL; one whose datagrams count is 2^64 - 1: over SQLite's
     integers) in one fetch with three gateways' good messages.  Before, the whole batch failed
@@ -390,7 +380,7 @@ def test_poison_messages_are_set_aside_and_every_other_gateways_data_is_written(
         pub = Publisher(ns.url)
         try:
             seqs = [pub.publish(m) for m in (good1, nan, good3, huge, snapshot("site-3", "c"))]
-            c = consume(central, [ns.url], "--close-workers", workers)
+            c = consumer(central, [ns.url], "--close-workers", workers)
             want = expected("site-1", *rows1) + expected("site-3", *rows3)
             wait_for(
                 lambda: (
@@ -438,7 +428,7 @@ def test_poison_messages_are_set_aside_and_every_other_gateways_data_is_written(
     assert "Traceback" not in text and "retrying in" not in text  # never taken for a broker failure
 
 
-def test_a_locked_database_is_waited_for_said_once_and_nothing_is_redelivered(tmp_path, consume):
+def test_a_locked_database_is_waited_for_said_once_and_nothing_is_redelivered(tmp_path, consumer):
     """Another process holds the central database's write lock (a backup, a sqlite3 shell):
     before, each failed batch went up as a broker failure (a reconnect, a WARNING per retry)
     and JetStream redelivered the batch.  Now the consumer retries with bounded backoff,
@@ -449,7 +439,7 @@ def test_a_locked_database_is_waited_for_said_once_and_nothing_is_redelivered(tm
     with NatsServer(tmp_path) as ns:
         pub = Publisher(ns.url)
         try:
-            c = consume(central, [ns.url], "--close-workers", "0", "-v")
+            c = consumer(central, [ns.url], "--close-workers", "0", "-v")
             lock = sqlite3.connect(central, isolation_level=None)
             try:
                 lock.execute("BEGIN IMMEDIATE")
@@ -487,7 +477,7 @@ def test_a_locked_database_is_waited_for_said_once_and_nothing_is_redelivered(tm
     assert " ERROR " not in text and "retrying in" not in text and "Traceback" not in text
 
 
-def test_a_file_the_kernel_will_not_let_grow_is_waited_for_said_once(tmp_path, consume):
+def test_a_file_the_kernel_will_not_let_grow_is_waited_for_said_once(tmp_path, consumer):
     """The consumer's files may not grow (RLIMIT_FSIZE set on the running process: the kernel
     refuses the writes past it with EFBIG, as a full disk refuses them with ENOSPC; SQLite says
     'disk I/O error'): its transaction fails where it appends to the WAL; it is tried again
@@ -497,7 +487,7 @@ def test_a_file_the_kernel_will_not_let_grow_is_waited_for_said_once(tmp_path, c
     with NatsServer(tmp_path) as ns:
         pub = Publisher(ns.url)
         try:
-            c = consume(central, [ns.url], "--close-workers", "0", "-v")
+            c = consumer(central, [ns.url], "--close-workers", "0", "-v")
             limit = max(os.path.getsize(central), os.path.getsize(central + "-wal"))
             assert os.path.getsize(c.log) < limit  # its log still grows
             resource.prlimit(c.proc.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
