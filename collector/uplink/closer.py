@@ -24,8 +24,7 @@ from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
-from ..chunkstore import ChunkRow, Head
-from ..chunkstore import close_heads as _close_heads
+from ..chunkstore import ChunkRow, Head, close_heads
 from . import prepared
 
 log = logging.getLogger("uplink.consume")
@@ -76,12 +75,6 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def close_heads(heads: list[Head], fast: bool) -> list[ChunkRow]:
-    """In a worker: the heads' chunk rows, in order (a Head pickles as its arrays' bytes), encoded
-    together (chunkstore.close_heads: the same rows as closing them one by one)."""
-    return _close_heads(heads, fast)
-
-
 def _submit(pool: ProcessPoolExecutor, fn, *args) -> Future:
     """pool.submit with SIGTERM and SIGINT blocked in this thread: a fork-context pool forks its
     workers inside its first submit, and a fork inherits the mask, so a signal sent to a new
@@ -121,7 +114,7 @@ class _Pending:
                     except CancelledError:  # its pool was shut down under it: a worker died (_died)
                         pass
                 if got is None:
-                    got = _close_heads(part, self.fast)
+                    got = close_heads(part, self.fast)
                     self.closer.closed_here += len(part)
                 out += got
             self._rows = out
@@ -137,7 +130,6 @@ class Closer:
         self.workers = workers
         # The share of the messages the writer hands them to decode (prepare)
         self.share = 1.0 if workers >= DECODE_FROM_WORKERS else ONE_WORKER_SHARE
-        self.decodes = self.share > 0
         self.pool: ProcessPoolExecutor | None = None
         self.closed_here = 0  # heads the writer closed itself because a worker died
         self.deaths = 0
@@ -193,6 +185,7 @@ class Closer:
                 futures.append(None)
                 continue
             try:
+                # chunkstore.close_heads in the worker: a Head pickles as its arrays' bytes
                 futures.append((pool, _submit(pool, close_heads, part, fast)))
             except (BrokenProcessPool, RuntimeError, OSError) as exc:
                 self._died(exc, pool)

@@ -213,7 +213,7 @@ class Consumer:
         or more, every third with one) decoded in the workers, PREPARE_AHEAD messages per worker
         ahead of the writer; the others (and when a worker dies, or cannot decode one) here."""
         closer = self.central.closer
-        if closer is None or not closer.decodes:
+        if closer is None:
             for m in msgs:
                 yield _now(core.decode, m.data)
             return
