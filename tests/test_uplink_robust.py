@@ -29,6 +29,7 @@ import zlib
 
 import pytest
 from natsserver import NatsServer
+from uplinkgw import reading_rows
 
 from collector import ingestlog, schema
 from collector.uplink import core, prepared
@@ -108,25 +109,7 @@ def expected(gateway: str, *rows: list[ingestlog.Group]) -> list[tuple]:
 
 def central_rows(path: str) -> list[tuple]:
     """Every reading of the central database, as telemetry-query reads it, doubles kept."""
-    from query.ops import Ops
-
-    ops = Ops(schema.open_reader(path))
-    out = []
-    try:
-        ops.heads.refresh(ops.conn)
-        for sensor, metric in ops.conn.execute("SELECT sensor, metric FROM series").fetchall():
-            cursor = None
-            while True:
-                page = ops.op_readings(sensor=sensor, metric=metric, limit=10_000, cursor=cursor)
-                for r in page["rows"]:
-                    boot = schema.NO_BOOT if r["boot"] is None else r["boot"]
-                    out.append((sensor, metric, r["ts"], boot, r["seq"], r["value"]))
-                cursor = page["next"]
-                if cursor is None:
-                    break
-    finally:
-        ops.close()
-    return sorted(out)
+    return sorted(reading_rows(path))
 
 
 def snapshot(gateway: str, sensor: str, first_seen: float = 1001.5, datagrams: int = 3) -> core.Message:
@@ -428,6 +411,15 @@ def test_poison_messages_are_set_aside_and_every_other_gateways_data_is_written(
     assert "Traceback" not in text and "retrying in" not in text  # never taken for a broker failure
 
 
+def written_once(central: str, pub, c, readings: int) -> None:
+    """The batch written (its readings counted), acked after the COMMIT the counters show (waited
+    for), never redelivered, and the consumer `c` stopped cleanly."""
+    wait_for(lambda: db_counters(central)["uplink_readings"] == readings, 30, 0.05, what="the batch written")
+    wait_for(lambda: pub.consumer_info().num_ack_pending == 0, 15, 0.05, what="the acks")
+    assert pub.consumer_info().num_redelivered == 0
+    assert c.stop() == 0
+
+
 def test_a_locked_database_is_waited_for_said_once_and_nothing_is_redelivered(tmp_path, consumer):
     """Another process holds the central database's write lock (a backup, a sqlite3 shell):
     before, each failed batch went up as a broker failure (a reconnect, a WARNING per retry)
@@ -456,11 +448,7 @@ def test_a_locked_database_is_waited_for_said_once_and_nothing_is_redelivered(tm
                 lock.execute("ROLLBACK")
                 lock.close()
             want = expected("site-1", *rows)
-            wait_for(lambda: db_counters(central)["uplink_readings"] == len(want), 30, 0.05, what="the batch written")
-            # acked after the COMMIT the counters show: waited for, then nothing was redelivered
-            wait_for(lambda: pub.consumer_info().num_ack_pending == 0, 15, 0.05, what="the acks")
-            assert pub.consumer_info().num_redelivered == 0
-            assert c.stop() == 0
+            written_once(central, pub, c, len(want))
         finally:
             pub.close()
     text = c.text()
@@ -500,10 +488,7 @@ def test_a_file_the_kernel_will_not_let_grow_is_waited_for_said_once(tmp_path, c
             )
             resource.prlimit(c.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
             want = expected("site-1", *rows)
-            wait_for(lambda: db_counters(central)["uplink_readings"] == len(want), 30, 0.05, what="the batch written")
-            wait_for(lambda: pub.consumer_info().num_ack_pending == 0, 15, 0.05, what="the ack")
-            assert pub.consumer_info().num_redelivered == 0
-            assert c.stop() == 0
+            written_once(central, pub, c, len(want))
         finally:
             pub.close()
     text = c.text()

@@ -121,10 +121,15 @@ def log_readings(path: str, prefix: str = "") -> set[tuple]:
 def readings(path: str, prefix: str = "") -> set[tuple]:
     """Every reading of the central database as (sensor, metric, ts, boot, seq, value),
     read as telemetry-query reads it (storage v3: chunks and the open heads in the log)."""
+    return set(reading_rows(path, prefix))
+
+
+def reading_rows(path: str, prefix: str = "") -> list[tuple]:
+    """readings(), doubles kept (a reading stored twice comes twice), in the order read."""
     from query.ops import Ops
 
     ops = Ops(schema.open_reader(path))
-    out = set()
+    out = []
     try:
         ops.heads.refresh(ops.conn)  # what Ops.run does before each request
         for sensor, metric in ops.conn.execute("SELECT sensor, metric FROM series").fetchall():
@@ -133,7 +138,7 @@ def readings(path: str, prefix: str = "") -> set[tuple]:
                 page = ops.op_readings(sensor=sensor, metric=metric, limit=10_000, cursor=cursor)
                 for r in page["rows"]:
                     boot = schema.NO_BOOT if r["boot"] is None else r["boot"]
-                    out.add((prefix + sensor, metric, r["ts"], boot, r["seq"], r["value"]))
+                    out.append((prefix + sensor, metric, r["ts"], boot, r["seq"], r["value"]))
                 cursor = page["next"]
                 if cursor is None:
                     break
