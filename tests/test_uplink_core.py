@@ -53,7 +53,9 @@ def group(sensor="s1", boot=7, seqs=(1, 2, 3), metrics=None):
     return Group(sensor, boot, seqs, ts, rec, metrics)
 
 
-values = st.one_of(st.none(), st.floats(allow_nan=False), st.integers(-(2**63), 2**64 - 1))
+# What a reading can be (the wire admits no other, and the central database holds no other):
+# finite floats and int64s (tests/test_uplink_robust.py: any message the decoder takes is writable).
+values = st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False), st.integers(-(2**63), 2**63 - 1))
 
 
 @st.composite
@@ -174,6 +176,92 @@ BODY = zlib.compress(msgpack.packb([1, [["s", 1, [1], [1.0], [1.0], {"t": [2.5]}
             "bad_shape",
         ),
         ([3, "S", "gw", "ab", 1, {"uplink_dropped": -1}, []], "bad_shape"),  # a negative counter
+        # what the central database cannot hold (an int past int64, a NaN, inf or out-of-range time,
+        # a reading that is not finite): refused here, never poison for the writer
+        ([3, "S", "gw", "ab", 1, {"uplink_dropped": 2**63}, []], "bad_shape"),
+        ([3, "S", "gw", "ab", 2**63, {}, []], "bad_shape"),  # as_of
+        ([2, "S", "gw", [["s", 1, float("nan"), 2.0, 1, 1, 0, 0, 0, 0, [], 0]]], "bad_shape"),  # first_seen
+        ([2, "S", "gw", [["s", 1, 1.0, float("inf"), 1, 1, 0, 0, 0, 0, [], 0]]], "bad_shape"),  # last_seen
+        ([2, "S", "gw", [["s", 1, 1.0, 2.0, 2**64 - 1, 1, 0, 0, 0, 0, [], 0]]], "bad_shape"),  # datagrams
+        ([2, "S", "gw", [["s", 2**63, 1.0, 2.0, 1, 1, 0, 0, 0, 0, [], 0]]], "bad_shape"),  # as_of
+        ([2, "S", "gw", [["s", 1, 1.0, 2.0, 1, 1, 0, 0, 0, 0, [], 2**63]]], "bad_shape"),  # gaps_total
+        ([1, "A", "gw", "s", 1, 1.0, 2.0, 1, 1, 0, 0, 0, 0, [[0, 2**63, 1, 1, 1, 1.0]], 1], "bad_shape"),  # gap boot
+        ([1, "A", "gw", "s", 1, 1.0, 2.0, 1, 1, 0, 0, 0, 0, [[0, 1, 1, 1, 1, float("nan")]], 1], "bad_shape"),
+        ([1, "A", "gw", "s", 1, -1.0, 2.0, 1, 1, 0, 0, 0, 0, [], 0], "bad_shape"),  # a time before 1970
+        ([1, "R", "gw", "s", 2**63, [1], [1.0], [1.0], {}], "bad_shape"),  # boot
+        ([1, "R", "gw", "s", 1, [2**64 - 1], [1.0], [1.0], {}], "bad_shape"),  # seq
+        ([1, "R", "gw", "s", 1, [1], [2.0**32], [1.0], {}], "bad_shape"),  # ts past the wire's range
+        ([1, "R", "gw", "s", 1, [1], [1.0], [1e300], {}], "bad_shape"),  # received
+        ([1, "R", "gw", "s", 1, [1], [1.0], [1.0], {"t": [float("nan")]}], "bad_shape"),
+        ([1, "R", "gw", "s", 1, [1, 2], [1.0, 2.0], [1.0, 2.0], {"t": [None, -float("inf")]}], "bad_shape"),
+        ([1, "R", "gw", "s", 1, [1], [1.0], [1.0], {"t": [2**63]}], "bad_shape"),
+        ([2, "C", "gw", [zlib.compress(msgpack.packb([1, [["s", 1, [2**63], [1.0], [1.0], {}]]]))]], "bad_shape"),
+        (
+            [
+                3,
+                "C",
+                "gw",
+                "ab",
+                [],
+                [[1, 0, True, zlib.compress(msgpack.packb([1, [["s", 2**63, [1], [1.0], [1.0], {}]]]))]],
+            ],
+            "bad_shape",
+        ),
+        (
+            [
+                3,
+                "C",
+                "gw",
+                "ab",
+                [],
+                [[1, 0, True, zlib.compress(msgpack.packb([1, [["s", 1, [2**64 - 1], [1.0], [1.0], {}]]]))]],
+            ],
+            "bad_shape",
+        ),
+        (
+            [
+                3,
+                "C",
+                "gw",
+                "ab",
+                [],
+                [[1, 0, True, zlib.compress(msgpack.packb([1, [["s", 1, [1], [1e300], [1.0], {}]]]))]],
+            ],
+            "bad_shape",
+        ),
+        (
+            [
+                3,
+                "C",
+                "gw",
+                "ab",
+                [],
+                [[1, 0, True, zlib.compress(msgpack.packb([1, [["s", 1, [1], [1.0], [-0.5], {}]]]))]],
+            ],
+            "bad_shape",
+        ),
+        (
+            [
+                3,
+                "C",
+                "gw",
+                "ab",
+                [],
+                [[1, 0, True, zlib.compress(msgpack.packb([1, [["s", 1, [1], [1.0], [1.0], {"t": [float("inf")]}]]]))]],
+            ],
+            "bad_shape",
+        ),
+        (
+            [
+                3,
+                "C",
+                "gw",
+                "ab",
+                [],
+                [[1, 0, True, zlib.compress(msgpack.packb([1, [["s", 1, [1], [1.0], [1.0], {"t": [2**64 - 1]}]]]))]],
+            ],
+            "bad_shape",
+        ),
         ([3, "S", "gw", "ab", 1, {}], "bad_shape"),  # 6 items
         ([3, "S", "gw", "", 1, {}, []], "bad_shape"),  # no origin
     ],

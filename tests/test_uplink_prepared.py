@@ -163,14 +163,17 @@ def test_a_worker_prepares_messages_and_its_refusals_reach_the_writer_by_reason(
         c.shutdown()
 
 
-def test_nan_values_and_metrics_a_group_does_not_carry_are_taken_as_the_writer_takes_them(tmp_path):
-    """Values sent as NaN (not None), a metric a gateway group holds only as None, a metric new
-    in a later row, a sensor with no boot: the same database either way."""
+def test_metrics_a_group_does_not_carry_are_taken_as_the_writer_takes_them(tmp_path):
+    """A metric a gateway group holds only as None, a metric new in a later row, a sensor with no
+    boot: the same database either way.  (A value sent as NaN is refused by both, bad_shape: no
+    reading is NaN, and NaN stands for "not carried" in a head.)"""
     data = rows(24)
-    nan = float("nan")
+    nan_row = [data[0][0]._replace(metrics={**data[0][0].metrics, "temp": [float("nan")] * len(data[0][0].seqs)})]
+    for decode in (core.decode, prepared.prepare):
+        with pytest.raises(core.PayloadError) as err:
+            decode(payloads([nan_row], rows_per_message=1)[0])
+        assert err.value.reason == "bad_shape"
     for r, row in enumerate(data):
-        g = row[0]
-        row[0] = g._replace(metrics={**g.metrics, "temp": [nan] + g.metrics["temp"][1:]})
         g = row[1]
         row[1] = g._replace(metrics={**g.metrics, "ghost": [None] * len(g.seqs)})
         if r >= 10:
@@ -188,12 +191,12 @@ def test_nan_values_and_metrics_a_group_does_not_carry_are_taken_as_the_writer_t
     assert db_query(str(tmp_path / "prepared.db"), series) == db_query(str(tmp_path / "decoded.db"), series)
     assert ("site-7:s1", "ghost") not in db_query(str(tmp_path / "prepared.db"), series)
     got, want = datagrams(str(tmp_path / "prepared.db")), datagrams(str(tmp_path / "decoded.db"))
-    assert repr(got) == repr(want)  # NaN != NaN: compared as text
+    assert repr(got) == repr(want)  # NaN (not carried) != NaN: compared as text
     bodies = "SELECT body FROM ingest_log ORDER BY id"
     for (a,), (b,) in zip(
         db_query(str(tmp_path / "prepared.db"), bodies), db_query(str(tmp_path / "decoded.db"), bodies)
     ):
-        # the same datagrams per (sensor, boot), NaN kept, the None-only column left out
+        # the same datagrams per (sensor, boot), the None-only column left out
         def per_key(body):
             out = {}
             for g in ingestlog.decode_body(body):

@@ -25,9 +25,13 @@ import os
 import re
 import resource
 import sqlite3
+import tempfile
 import zlib
 
+import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from natsserver import NatsServer
 from uplinkgw import reading_rows
 
@@ -343,26 +347,48 @@ def test_the_consumer_default_bound_is_the_stores():
 # ---------------------------------------------------------------- a write that fails
 
 
+def refuse(central: str, *sensors: str) -> None:
+    """A constraint only the database knows (an operator's trigger): the central database
+    created as the consumer creates it, then refusing accounts of these sensors."""
+    Central(central).close()
+    conn = sqlite3.connect(central)
+    try:
+        names = ", ".join(f"'{s}'" for s in sensors)  # the test's own constants
+        conn.execute(
+            f"CREATE TRIGGER refuse BEFORE INSERT ON uplink_accounts WHEN NEW.sensor IN ({names}) "
+            "BEGIN SELECT RAISE(ABORT, 'refused by the operator'); END"
+        )
+        conn.commit()
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_poison_messages_are_set_aside_and_every_other_gateways_data_is_written(tmp_path, consumer, workers):
-    """Two messages that pass the decoder but can never be written (an accounts snapshot whose
-    first_seen is NaN: NOT NULL; one whose datagrams count is 2^64 - 1: over SQLite's
-    integers) in one fetch with three gateways' good messages.  Before, the whole batch failed
-    on every redelivery and nothing of it was ever written (the consumer reconnected and tried
-    again forever).  Now: every good message is written once, the two are set aside in
-    uplink_quarantine (payload kept) with their gateway, subject and stream sequence, counted,
-    logged at ERROR once each, terminated, and the consumer goes on."""
+    """Two messages that pass the decoder but can never be written (accounts snapshots that a
+    trigger of the central database refuses) in one fetch with three gateways' good messages,
+    and two the decoder refuses (a NaN first_seen, a datagrams count of 2**64 - 1: what the
+    database cannot hold).  Before 7ac7f3d, the whole batch failed on every redelivery and
+    nothing of it was ever written (the consumer reconnected and tried again forever).  Now:
+    every good message is written once, the two poison ones are set aside in uplink_quarantine
+    (payload kept) with their gateway, subject and stream sequence, counted, logged at ERROR
+    once each, terminated; the two bad ones are counted in uplink_rejected:bad_shape and
+    terminated (before, the decoder took them and they were set aside as poison); the
+    consumer goes on."""
     rows1 = [[group("a", 7, (1, 2, 3))], [group("b", None, (1, 2))]]
     rows3 = [[group("c", 1, (10, 11)), group("d", 2, (5,))]]
     good1, good3 = columns3("site-1", *rows1), columns3("site-3", *rows3)
-    nan, huge = snapshot("site-2", "x", first_seen=math.nan), snapshot("site-4", "y", datagrams=2**64 - 1)
-    for m in (nan, huge):  # the decoder takes them: they are poison for the writer only
-        assert isinstance(core.decode(m.payload), core.Snapshots)
+    poison2, poison4 = snapshot("site-2", "x"), snapshot("site-4", "y")
+    nan, huge = snapshot("site-5", "x", first_seen=math.nan), snapshot("site-6", "y", datagrams=2**64 - 1)
+    for m in (nan, huge):
+        with pytest.raises(core.PayloadError, match="bad_shape"):
+            core.decode(m.payload)
     central = str(tmp_path / "central.db")
+    refuse(central, "site-2:x", "site-4:y")
     with NatsServer(tmp_path) as ns:
         pub = Publisher(ns.url)
         try:
-            seqs = [pub.publish(m) for m in (good1, nan, good3, huge, snapshot("site-3", "c"))]
+            seqs = [pub.publish(m) for m in (good1, poison2, nan, good3, poison4, huge, snapshot("site-3", "c"))]
             c = consumer(central, [ns.url], "--close-workers", workers)
             want = expected("site-1", *rows1) + expected("site-3", *rows3)
             wait_for(
@@ -393,21 +419,25 @@ def test_poison_messages_are_set_aside_and_every_other_gateways_data_is_written(
         central, "SELECT gateway, subject, stream_seq, payload, error FROM uplink_quarantine ORDER BY id"
     )
     assert [r[:4] for r in set_aside] == [
-        ("site-2", nan.subject, seqs[1], nan.payload),
-        ("site-4", huge.subject, seqs[3], huge.payload),
+        ("site-2", poison2.subject, seqs[1], poison2.payload),
+        ("site-4", poison4.subject, seqs[4], poison4.payload),
     ]
-    assert set_aside[0][4].startswith("IntegrityError: NOT NULL") and set_aside[1][4].startswith("OverflowError")
+    assert [r[4] for r in set_aside] == ["IntegrityError: refused by the operator"] * 2
     errors = [line for line in text.splitlines() if " ERROR " in line]
     assert len(errors) == 2, text
-    for line, (gateway, m, seq) in zip(errors, [("site-2", nan, seqs[1]), ("site-4", huge, seqs[3])]):
+    for line, (gateway, m, seq) in zip(errors, [("site-2", poison2, seqs[1]), ("site-4", poison4, seqs[4])]):
         assert f"gateway {gateway}, subject {m.subject}, stream sequence {seq} " in line
         assert "3 attempts" in line
     counters = db_counters(central)
     assert counters["uplink_quarantined"] == 2
+    assert counters["uplink_rejected:bad_shape"] == 2
     assert counters["uplink_messages"] == 4  # the three good messages of the fetch and the one after
     assert counters["uplink_accounts"] == 1 and counters["uplink_replayed_readings"] == 0
     assert stats(central)["uplink_quarantined"] == 2
-    assert db_query(central, "SELECT sensor FROM sensors WHERE sensor IN ('site-2:x', 'site-4:y')") == []
+    assert db_query(
+        central, "SELECT count(*) FROM sensors WHERE sensor NOT LIKE 'site-1:%' AND sensor NOT LIKE 'site-3:%'"
+    ) == [(0,)]
+    assert text.count("rejected a message on ") == 2
     assert "Traceback" not in text and "retrying in" not in text  # never taken for a broker failure
 
 
@@ -497,3 +527,114 @@ def test_a_file_the_kernel_will_not_let_grow_is_waited_for_said_once(tmp_path, c
     assert len(warnings) == 1 and "cannot write the central database (OperationalError: disk I/O error)" in warnings[0]
     assert text.count("takes writes again") == 1
     assert " ERROR " not in text and "retrying in" not in text and "Traceback" not in text
+
+
+# ---------------------------------------------------------------- what the decoder admits is writable
+
+
+# Integers and floats at the edges of what msgpack carries and SQLite holds (int64, finite REAL).
+def mostly(ordinary, edges):
+    """`ordinary` 9 times in 10 (so that many messages are taken and written), else `edges`."""
+    return st.integers(0, 9).flatmap(lambda k: ordinary if k else edges)
+
+
+EDGE_INTS = mostly(
+    st.integers(0, 1000),
+    st.one_of(
+        st.sampled_from([-1, 2**32, 2**53, 2**63 - 1, 2**63, 2**64 - 1, -(2**63)]), st.integers(-(2**63), 2**64 - 1)
+    ),
+)
+EDGE_FLOATS = mostly(
+    st.floats(0, 2e9),
+    st.one_of(st.sampled_from([math.nan, math.inf, -math.inf, 1e300, -1e300, -0.0, 2.0**32, 5e-324]), st.floats()),
+)
+TIMES = st.one_of(EDGE_FLOATS, EDGE_INTS)
+
+
+@st.composite
+def log_group(draw) -> list:
+    n = draw(st.integers(1, 3))
+    column = st.lists(st.one_of(st.none(), EDGE_FLOATS, EDGE_INTS), min_size=n, max_size=n)
+    return [
+        draw(st.sampled_from(["a", "b"])),
+        draw(st.one_of(st.none(), EDGE_INTS)),
+        draw(st.lists(EDGE_INTS, min_size=n, max_size=n)),
+        draw(st.lists(TIMES, min_size=n, max_size=n)),
+        draw(st.lists(TIMES, min_size=n, max_size=n)),
+        draw(st.dictionaries(st.sampled_from(["t", "h"]), column, max_size=2)),
+    ]
+
+
+@st.composite
+def snapshot_body(draw) -> list:
+    gap = st.tuples(EDGE_INTS, EDGE_INTS, EDGE_INTS, EDGE_INTS, EDGE_INTS, TIMES).map(list)
+    return [
+        draw(st.sampled_from(["a", "b"])),
+        draw(EDGE_INTS),
+        draw(TIMES),
+        draw(TIMES),
+        *draw(st.lists(EDGE_INTS, min_size=6, max_size=6)),
+        draw(st.lists(gap, max_size=2)),
+        draw(EDGE_INTS),
+    ]
+
+
+@st.composite
+def any_message(draw) -> bytes:
+    """A message of every kind the decoder takes, its numbers drawn from the edges."""
+    kind = draw(st.sampled_from(["R1", "C2", "C3", "A1", "S2", "S3"]))
+    body = lambda gs: zlib.compress(msgpack.packb([ingestlog.BODY_VERSION, gs]))  # noqa: E731
+    if kind == "R1":
+        g = draw(log_group())
+        out: list = [1, "R", "gw", *g]
+    elif kind == "C2":
+        out = [2, "C", "gw", [body(draw(st.lists(log_group(), min_size=1, max_size=2)))]]
+    elif kind == "C3":
+        n = draw(st.integers(1, 2))
+        out = [
+            3,
+            "C",
+            "gw",
+            "ab01",
+            [],
+            [[1 + i, 0, True, body(draw(st.lists(log_group(), min_size=1, max_size=2)))] for i in range(n)],
+        ]
+    elif kind == "A1":
+        out = [1, "A", "gw", *draw(snapshot_body())]
+    elif kind == "S2":
+        out = [2, "S", "gw", draw(st.lists(snapshot_body(), min_size=1, max_size=2))]
+    else:
+        counters = st.dictionaries(st.sampled_from(core.GATEWAY_COUNTERS), EDGE_INTS, max_size=2)
+        out = [3, "S", "gw", "ab01", draw(EDGE_INTS), draw(counters), draw(st.lists(snapshot_body(), max_size=2))]
+    return msgpack.packb(out)
+
+
+@pytest.mark.untraced
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(any_message())
+def test_every_message_the_decoder_takes_is_writable(data):
+    """Any message the decoder takes (as the writer decodes it, and as a worker prepares it)
+    is written, every head closed into a chunk in the same transaction (max_heads 0), and read
+    back after a restart; what the database cannot hold (NaN or infinite times and values,
+    integers beyond int64) is bad_shape.  Before, a NaN first_seen failed NOT NULL and a count
+    of 2**64 - 1 raised OverflowError in the writer: poison instead of rejects."""
+    try:
+        core.decode(data)
+    except core.PayloadError as exc:
+        assert exc.reason in core.REASONS
+        return
+    for prepare in (False, True):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "central.db")
+            c = Central(path, 0, max_heads=0)
+            try:
+                item = prepared.prepare(data) if prepare else core.decode(data)
+                if isinstance(item, prepared.Prepared):
+                    item.payload = data
+                c.apply([item], now=NOW)
+                c.apply([item], now=NOW)  # and again: a redelivery
+            finally:
+                c.close()
+            c = Central(path, 0)  # its heads rebuilt from the log
+            c.close()
+            reading_rows(path)

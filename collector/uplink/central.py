@@ -681,7 +681,8 @@ class Central:
             (item.gateway,),
         ).fetchone()
         for name, value in zip(core.GATEWAY_COUNTERS, sums):
-            self.conn.execute(SET_COUNTER, (f"gateway_{name}:{item.gateway}", int(value)))
+            # total() is a float, and counters.value is REAL: a sum past int64 is still one
+            self.conn.execute(SET_COUNTER, (f"gateway_{name}:{item.gateway}", value))
 
     def _accounts(self, item: core.Accounts, done: Counter, now: float) -> None:
         sensor = core.central_sensor(item.gateway, item.sensor)

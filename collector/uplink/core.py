@@ -25,6 +25,7 @@ import hashlib
 import math
 import random
 import re
+import sys
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ import msgspec
 
 from .. import ingestlog
 from ..ingestlog import Entry, Group
+from ..wire import MAX_TS
 from . import ranges
 
 # Version 1: readings ("R", one sensor per message) and accounts ("A").
@@ -354,12 +356,27 @@ def encode_columns3(gateway: str, origin: str, blocks: Sequence[Block], gone: Se
     )
 
 
+# What the central database holds (docs/PROTOCOL.md "What the consumer refuses"): SQLite's
+# integers are int64 (msgpack carries up to 2**64 - 1); a NaN REAL is NULL (NOT NULL fails); a
+# time is Unix seconds in [0, 2**32), the wire's ts range (a chunk's minute buckets are int64s of
+# it: 1e300 is not one).  The wire admits no other reading, seq or ts at the gateway.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_TIME = MAX_TS
+
+
 def _int(v: Any) -> bool:
-    return type(v) is int
+    """An integer SQLite holds (int64)."""
+    return type(v) is int and INT64_MIN <= v <= INT64_MAX
 
 
-def _num(v: Any) -> bool:
-    return type(v) in (int, float)
+def _time(v: Any) -> bool:
+    """Unix seconds in [0, 2**32) (false for NaN), an int or a float."""
+    return type(v) in _NUM and 0 <= v < MAX_TIME
+
+
+def _times(v: Any) -> bool:
+    """A list of times (_time), checked at C speed."""
+    return _nums(v) and all(map(MAX_TIME.__gt__, v)) and all(map((0.0).__le__, v))
 
 
 # Type checks over whole columns run at C speed (map/set), not one Python step per value:
@@ -370,11 +387,25 @@ _VALUE = frozenset((int, float, type(None)))
 
 
 def _ints(v: Any) -> bool:
-    return isinstance(v, list) and set(map(type, v)) <= _INT
+    """A list of int64s."""
+    return isinstance(v, list) and set(map(type, v)) <= _INT and (not v or INT64_MIN <= min(v) and max(v) <= INT64_MAX)
 
 
 def _nums(v: Any) -> bool:
     return isinstance(v, list) and set(map(type, v)) <= _NUM
+
+
+def _finite_values(values: list, types: set) -> bool:
+    """A metric column's values (of `types`: int, float, None) finite, its ints int64: what a
+    reading can be (the wire admits no other), and what a chunk's statistics can hold (a NaN
+    min or sum is NULL; +inf and -inf in one minute sum to NaN)."""
+    present = [v for v in values if v is not None] if type(None) in types else values
+    if not all(map(math.isfinite, present)):
+        return False
+    if int not in types:
+        return True
+    ints = [v for v in present if type(v) is int]
+    return INT64_MIN <= min(ints) and max(ints) <= INT64_MAX
 
 
 def _shape(ok: bool, what: str) -> None:
@@ -390,12 +421,13 @@ def _readings(gateway: Any, sensor: Any, boot: Any, seqs: Any, ts: Any, received
     _shape(_ints(seqs) and _nums(ts) and _nums(received), "seqs/ts/received")
     n = len(seqs)
     _shape(n > 0 and len(ts) == n and len(received) == n, "seqs/ts/received lengths")
-    _shape(all(map(math.isfinite, ts)) and all(map(math.isfinite, received)), "non-finite time")
+    _shape(_times(ts) and _times(received), "a time not in [0, 2**32)")
     _shape(isinstance(metrics, dict), "metrics")
     for name, values in metrics.items():
         _shape(isinstance(name, str) and 0 < len(name) <= 256, "metric name")
         _shape(isinstance(values, list) and len(values) == n, f"metric {name!r} length")
-        _shape(set(map(type, values)) <= _VALUE, f"metric {name!r} values")
+        types = set(map(type, values))
+        _shape(types <= _VALUE and _finite_values(values, types), f"metric {name!r} values")
     return Readings(gateway, sensor, boot, seqs, list(map(float, ts)), list(map(float, received)), metrics)
 
 
@@ -491,19 +523,23 @@ def _columns(gateway: Any, blocks: Any) -> Columns:
 
 
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-# A log body as payload 3 takes it: every value's type checked while it is decoded (in C);
-# ints are taken where floats are expected for ts/received, as float() would.
+_I64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+_FINITE = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]  # NaN fails both
+_TIME = Annotated[float, msgspec.Meta(ge=0.0, lt=MAX_TIME)]
+# A log body as payload 3 takes it: every value's type and range checked while it is decoded (in
+# C): ints int64, readings finite, times in [0, 2**32) (what the central database holds); ints are
+# taken where floats are expected for ts/received, as float() would.
 _LOG_BODY = msgspec.msgpack.Decoder(
     tuple[
         int,
         list[
             tuple[
                 _Name,
-                int | None,
-                list[int],
-                list[float],
-                list[float],
-                dict[_Name, list[int | float | None]],
+                _I64 | None,
+                list[_I64],
+                list[_TIME],
+                list[_TIME],
+                dict[_Name, list[_I64 | _FINITE | None]],
             ]
         ],
     ]
@@ -533,11 +569,6 @@ def _log_block(entry: Any, budget: int) -> tuple[LogBlock, int]:
     if not groups:
         raise PayloadError("bad_block", "a log body without groups")
     datagrams, readings = _block_counts(groups)
-    # A sum of finite floats is finite unless it overflows: then every value is looked at.
-    times = chain(map(_TS, groups), map(_RECEIVED, groups))
-    if not math.isfinite(sum(chain.from_iterable(times))):
-        times = chain(map(_TS, groups), map(_RECEIVED, groups))
-        _shape(all(map(math.isfinite, chain.from_iterable(times))), "non-finite time")
     try:
         ranges.block_range(row_id, offset, datagrams, last)
     except ValueError as exc:
@@ -617,11 +648,11 @@ def _accounts(gateway: Any, fields: list) -> Accounts:
         all(_int(v) for v in (as_of, datagrams, readings, lost, duplicates, reordered, restarts, gaps_total)),
         "counts",
     )
-    _shape(_num(first_seen) and _num(last_seen), "first_seen/last_seen")
+    _shape(_time(first_seen) and _time(last_seen), "first_seen/last_seen")
     _shape(isinstance(gaps, list) and len(gaps) <= MAX_GAPS_PER_SNAPSHOT, "gaps")
     out = []
     for g in gaps:
-        _shape(isinstance(g, list) and len(g) == 6 and all(_int(v) for v in g[:5]) and _num(g[5]), "gap")
+        _shape(isinstance(g, list) and len(g) == 6 and all(_int(v) for v in g[:5]) and _time(g[5]), "gap")
         out.append(Gap(g[0], g[1], g[2], g[3], g[4], float(g[5])))
     return Accounts(
         gateway,
