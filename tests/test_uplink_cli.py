@@ -221,3 +221,19 @@ def test_a_good_nkey_seed_file_and_creds_file_pass_check(command, tmp_path):
         result = uplink(args + (["--gateway", "g"] if command == "run" else []))
         assert result.returncode == 0, result.stderr
         assert user.seed not in result.stdout + result.stderr
+
+
+def test_central_status_of_a_database_with_nothing_set_aside_exits_0_and_of_a_gateway_2(tmp_path):
+    """telemetry-uplink status --central (set-aside messages: tests/test_uplink_robust.py)."""
+    from collector.uplink.central import Central
+
+    path = str(tmp_path / "central.db")
+    Central(path).close()
+    result = uplink(["status", "--central", "--db", path])
+    assert result.returncode == 0, result.stderr
+    assert "set aside   0" in result.stdout.splitlines() and "ATTENTION" not in result.stdout
+    out = json.loads(uplink(["status", "--central", "--db", path, "--format", "json"]).stdout)
+    assert out["counters"]["uplink_quarantined"] == 0 and out["set_aside"] == [] and out["last_write"] is None
+    gw = GatewayDB(str(tmp_path / "gw.db"))
+    result = uplink(["status", "--central", "--db", gw.path])
+    assert result.returncode == 2 and "not a central database" in result.stderr and result.stderr.count("\n") == 1

@@ -24,7 +24,9 @@ import math
 import os
 import re
 import resource
+import shlex
 import sqlite3
+import subprocess
 import tempfile
 import zlib
 
@@ -37,7 +39,7 @@ from uplinkgw import reading_rows
 
 from collector import ingestlog, schema
 from collector.uplink import core, prepared
-from collector.uplink.central import Central
+from collector.uplink.central import QUARANTINE_QUERY, Central
 
 from helpers import db_counters, db_query, wait_for
 
@@ -364,7 +366,7 @@ def refuse(central: str, *sensors: str) -> None:
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
-def test_poison_messages_are_set_aside_and_every_other_gateways_data_is_written(tmp_path, consumer, workers):
+def test_poison_messages_are_set_aside_and_every_other_gateways_data_is_written(tmp_path, consumer, workers, bin_path):
     """Two messages that pass the decoder but can never be written (accounts snapshots that a
     trigger of the central database refuses) in one fetch with three gateways' good messages,
     and two the decoder refuses (a NaN first_seen, a datagrams count of 2**64 - 1: what the
@@ -439,6 +441,28 @@ def test_poison_messages_are_set_aside_and_every_other_gateways_data_is_written(
     ) == [(0,)]
     assert text.count("rejected a message on ") == 2
     assert "Traceback" not in text and "retrying in" not in text  # never taken for a broker failure
+    # the operator sees them: telemetry-uplink status --central (exit 1: they need attention)
+    status = subprocess.run(
+        [bin_path("telemetry-uplink"), "status", "--central", "--db", central],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 1, status.stderr
+    lines = status.stdout.splitlines()
+    assert "set aside   2 messages that cannot be written" in lines
+    assert "rejected    2 messages (bad_shape 2)" in lines
+    shown = [re.sub(r" \S+Z:", " <at>:", line.strip()) for line in lines if line.startswith(" " * 12 + "id ")]
+    assert shown == [  # the newest first
+        f"id 2 <at>: gateway site-4, stream sequence {seqs[4]}: IntegrityError: refused by the operator",
+        f"id 1 <at>: gateway site-2, stream sequence {seqs[1]}: IntegrityError: refused by the operator",
+    ]
+    assert lines[-1] == f"  sqlite3 -readonly {shlex.quote(central)} {shlex.quote(QUARANTINE_QUERY)}"
+    assert "ATTENTION: 2 messages are set aside in uplink_quarantine" in status.stdout
+    assert [(r[0], r[2], r[4]) for r in db_query(central, QUARANTINE_QUERY)] == [
+        (1, "site-2", seqs[1]),
+        (2, "site-4", seqs[4]),
+    ]
 
 
 def written_once(central: str, pub, c, readings: int) -> None:

@@ -28,6 +28,7 @@ One transaction per batch of messages: the consumer acks them after COMMIT.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections import Counter
 from itertools import chain
@@ -125,6 +126,42 @@ COUNTERS = (
     "uplink_gone_rows",
     "uplink_quarantined",
 ) + tuple(f"uplink_rejected:{r}" for r in core.REASONS)
+
+
+# How an operator looks at what was set aside (docs/OPERATIONS.md "A write that fails").
+QUARANTINE_QUERY = (
+    "SELECT id, at, gateway, subject, stream_seq, error, length(payload) AS bytes FROM uplink_quarantine ORDER BY id"
+)
+
+
+def summary(path: str, newest: int = 5) -> dict:
+    """What `telemetry-uplink status --central` shows of a central database, read-only: the
+    consumer's counters (COUNTERS, last_flush) and the `newest` messages set aside."""
+    conn = schema.open_reader(path)
+    try:
+        counters = {name: 0 for name in COUNTERS}
+        last_flush = None
+        for name, value in conn.execute("SELECT name, value FROM counters"):
+            if name in counters:
+                counters[name] = int(value)
+            elif name == "last_flush":
+                last_flush = float(value)
+        try:
+            aside = conn.execute(
+                "SELECT id, at, gateway, subject, stream_seq, error FROM uplink_quarantine ORDER BY id DESC LIMIT ?",
+                (newest,),
+            ).fetchall()
+        except sqlite3.OperationalError:  # no such table: not a central database
+            raise ValueError(
+                f"{path}: not a central database (no uplink_quarantine table; see telemetry-uplink consume)"
+            ) from None
+    finally:
+        conn.close()
+    return dict(
+        counters=counters,
+        last_write=last_flush,
+        set_aside=[dict(zip(("id", "at", "gateway", "subject", "stream_seq", "error"), row)) for row in aside],
+    )
 
 
 class Central:

@@ -313,7 +313,8 @@ def main() -> None:
     \b
     telemetry-uplink run       on each gateway: read the collector's database, publish
     telemetry-uplink consume   centrally: the stream into one gateway-telemetry database
-    telemetry-uplink status    on a gateway: position, pending, lag, last ack
+    telemetry-uplink status    on a gateway: position, pending, lag, last ack;
+                               --central: what was written, rejected, set aside
 
     Nothing is lost or doubled: a batch counts as sent only after JetStream's ack,
     the position survives kill -9, retries carry the same Nats-Msg-Id, and the
@@ -463,6 +464,63 @@ def _age(seconds: float | None) -> str:
     )
 
 
+def _central_status(db, config_path, fmt) -> None:
+    import shlex
+
+    from . import central
+
+    try:
+        if db is None:
+            table = config.read_table(config_path, "central")
+            db = _db_path(table.get("db", "central.db"))
+        out = central.summary(db)
+    except (ConfigError, SetupError, ValueError) as exc:
+        raise config.SetupFailed(str(exc)) from None
+    counters = out["counters"]
+    quarantined = counters["uplink_quarantined"]
+    last = out["last_write"]
+    out = dict(db=db, **out, last_write_age_seconds=None if last is None else max(0.0, time.time() - last))
+    if fmt == "json":
+        click.echo(json.dumps(out, indent=1))
+    else:
+        rejected = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("uplink_rejected:") and v}
+        stamp = "-" if not last else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last))
+        lines = [
+            ("central", db),
+            (
+                "written",
+                f"{counters['uplink_messages']} messages, {counters['uplink_readings']} readings "
+                f"({counters['uplink_replayed_readings']} replayed readings dropped), "
+                f"{counters['uplink_accounts']} account snapshots ({counters['uplink_stale_accounts']} stale)",
+            ),
+            (
+                "rejected",
+                f"{sum(rejected.values())} messages"
+                + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) + ")" if rejected else ""),
+            ),
+            ("last write", f"{stamp} ({_age(out['last_write_age_seconds'])} ago)" if last else "never"),
+            ("set aside", f"{quarantined} messages that cannot be written" if quarantined else "0"),
+        ]
+        for row in out["set_aside"]:
+            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["at"]))
+            lines.append(
+                (
+                    "",
+                    f"id {row['id']} {at}: gateway {row['gateway']}, stream sequence {row['stream_seq']}: {row['error']}",
+                )
+            )
+        for k, v in lines:
+            click.echo(f"{k:<11} {v}")
+        if quarantined:
+            click.echo(
+                f"ATTENTION: {quarantined} messages are set aside in uplink_quarantine (payload kept; "
+                f'docs/OPERATIONS.md "A write that fails"):\n'
+                f"  sqlite3 -readonly {shlex.quote(db)} {shlex.quote(central.QUARANTINE_QUERY)}"
+            )
+    if quarantined:
+        sys.exit(1)
+
+
 def _pid_alive(pid) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -485,19 +543,31 @@ def _pid_alive(pid) -> bool:
     envvar="TELEMETRY_CONFIG",
     metavar="FILE.toml",
     type=click.Path(dir_okay=False),
-    help="Take db from this file's [uplink] table.",
+    help="Take db from this file's [uplink] table ([central] with --central).",
+)
+@click.option(
+    "--central",
+    is_flag=True,
+    help="Show the central database instead (telemetry-uplink consume's): what was written, rejected, and "
+    "set aside because it cannot be written.",
 )
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def status_cmd(db, config_path, fmt) -> None:
+def status_cmd(db, config_path, central, fmt) -> None:
     """Show the uplink's position, what is pending, the lag and the last ack.
 
     Exit 0 when the uplink runs and is connected, 1 when it is not running or
     not connected (the reason is shown), 2 for a bad flag or an unreadable database.
+    With --central: the consumer's counters and the messages set aside
+    (uplink_quarantine); exit 1 when any is set aside (it needs attention).
 
     \b
     Example:
       telemetry-uplink status --config /etc/gateway-telemetry/gateway.toml
+      telemetry-uplink status --central --db /var/lib/gateway-telemetry/central.db
     """
+    if central:
+        _central_status(db, config_path, fmt)
+        return
     try:
         if db is None:
             table = config.read_table(config_path, "uplink")
