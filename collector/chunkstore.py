@@ -25,7 +25,7 @@ import msgpack
 import numpy as np
 
 from .chunkenc import decode_chunk as _decode
-from .chunkenc import encode_arrays, encode_arrays_many
+from .chunkenc import encode_arrays, encode_arrays_many, encode_row
 from .chunkenc import encode_chunk as _encode
 from .chunkenc import encode_many_arrays as _encode_many_arrays
 
@@ -229,20 +229,25 @@ def _minute_columns(buckets: list[tuple[int, int, float, float, float]]) -> tupl
 
 def encode_minutes(buckets: list[tuple[int, int, float, float, float]], fast: bool = False) -> bytes:
     """[(bucket start, count, min, max, sum)] in bucket order -> a minute block blob."""
+    if fast and len(buckets) == 1:  # a head within one minute: the one-row encoder, same bytes
+        b, n, lo, hi, total = buckets[0]
+        return encode_row(int(b), {"count": int(n), "min": float(lo), "max": float(hi), "sum": float(total)}, fast=True)
     return encode_chunk(*_minute_columns(buckets), fast=fast)
 
 
 def _minute_tables(rollups: dict[str, dict]) -> tuple[list[str], list[int], list[int], list]:
     """(metrics, first buckets, last buckets, minute tables) of a chunk's rollups: each table a
     float64 array of (bucket start, count, min, max, sum) rows, or a list of those tuples when
-    the starts are not exact as floats or a value is NaN (the list encoder then)."""
+    it has one row, the starts are not exact as floats or a value is NaN (encode_minutes then)."""
     names, firsts, lasts, chunks = [], [], [], []
     for metric, r in rollups.items():
         minutes = sorted((bucket, *v) for (width, bucket), v in r.items() if width == 60)
         if not minutes:
             continue
         table = None
-        if abs(minutes[0][0]) < 2**53 and abs(minutes[-1][0]) < 2**53:  # starts (and counts) exact as floats
+        if len(minutes) == 1:  # encode_minutes takes it as it is (chunkenc.encode_row when fast)
+            pass
+        elif abs(minutes[0][0]) < 2**53 and abs(minutes[-1][0]) < 2**53:  # starts (and counts) exact as floats
             table = np.array(minutes, dtype=np.float64)
             if np.isnan(table).any():  # never from readings; the list encoder keeps a NaN a value
                 table = None
@@ -265,30 +270,26 @@ def _minute_arrays(t: np.ndarray) -> tuple:
 
 def minute_blocks(rollups: dict[str, dict], fast: bool = False) -> dict[str, tuple[int, int, bytes]]:
     """metric -> (first bucket, last bucket, minute block) of a chunk's rollups: the blocks
-    encode_minutes gives, encoded together (chunkenc.encode_many_arrays: one numpy pass)."""
-    names, firsts, lasts, chunks = _minute_tables(rollups)
-    if any(type(c) is list for c in chunks):
-        blobs = [encode_minutes(c, fast) if type(c) is list else encode_minutes(c.tolist(), fast) for c in chunks]
-    else:
-        blobs = _encode_many_arrays([_minute_arrays(t) for t in chunks], fast=fast)
-    return {name: (first, last, blob) for name, first, last, blob in zip(names, firsts, lasts, blobs)}
+    encode_minutes gives (see minute_blocks_many)."""
+    return minute_blocks_many([rollups], fast)[0]
 
 
 def minute_blocks_many(rollups: list[dict[str, dict]], fast: bool = False) -> list[dict[str, tuple[int, int, bytes]]]:
-    """[minute_blocks(r, fast) for r in rollups], the same blocks: the tables of one length,
-    across all the chunks, encoded together (one numpy pass per length, not per chunk)."""
+    """[minute_blocks(r, fast) for r in rollups], the same blocks as encode_minutes gives: the
+    tables of one length, across all the chunks, encoded together (chunkenc.encode_many_arrays:
+    one numpy pass per length, not per table).  A table of one row (a head within one minute,
+    nearly every head at ingest rates: chunkenc.encode_row when fast, no numpy) and a table
+    numpy cannot hold exactly go to encode_minutes one by one."""
     tables = [_minute_tables(r) for r in rollups]
     blobs: list[list] = []
     by_rows: dict[int, list[tuple[int, int]]] = {}
     for c, (_, _, _, chunks) in enumerate(tables):
-        if any(type(t) is list for t in chunks):
-            blobs.append(
-                [encode_minutes(t, fast) if type(t) is list else encode_minutes(t.tolist(), fast) for t in chunks]
-            )
-            continue
         blobs.append([None] * len(chunks))
         for k, t in enumerate(chunks):
-            by_rows.setdefault(len(t), []).append((c, k))
+            if type(t) is list:
+                blobs[c][k] = encode_minutes(t, fast)
+            else:
+                by_rows.setdefault(len(t), []).append((c, k))
     for where in by_rows.values():
         encoded = _encode_many_arrays([_minute_arrays(tables[c][3][k]) for c, k in where], fast=fast)
         for (c, k), blob in zip(where, encoded):
@@ -415,26 +416,48 @@ def _minute_starts(ts: np.ndarray) -> np.ndarray | None:
     return np.flatnonzero(np.concatenate(([True], minute[1:] != minute[:-1])))
 
 
-def _rollup_np(ts: np.ndarray, v: np.ndarray, starts: np.ndarray | None) -> dict[tuple[int, int], list]:
-    """rollup(ts, v, minute_runs(ts)) of a column without NaN: min and max of each minute in C
-    (a minute whose extreme is a zero takes Python's first-of-equals), sums by decimal_sum."""
-    if starts is None:
-        return rollup(ts.tolist(), v.tolist())
-    ends = np.append(starts[1:], len(v))
-    lows = np.minimum.reduceat(v, starts)
-    highs = np.maximum.reduceat(v, starts)
+def _stats_np(boot: int, seqs: np.ndarray, ts: np.ndarray, matrix: np.ndarray, rows: list[int]) -> list[tuple]:
+    """(SeriesStats, rollups) of each given row of a metric matrix, rows without NaN and ts
+    finite: what series_stats(..., newest=newest_row) and rollup(ts, v, minute_runs(ts)) give,
+    with each numpy call made once for all the rows.  min and max keep Python's first of
+    equal values where that matters (0.0 against -0.0), sums are added in row order from 0.0
+    (np.add.accumulate, not the pairwise np.sum), a minute's sum is decimal_sum of its values."""
+    v = matrix[rows] if len(rows) < len(matrix) else matrix
+    tmin = _first_equal(ts, ts.min())
+    newest = _newest_row_np(seqs, ts)
+    newest_ts, newest_seq = float(ts[newest]), int(seqs[newest])
+    with np.errstate(all="ignore"):
+        sums = np.add.accumulate(v, axis=1)[:, -1].tolist()
+    lows, highs, lasts = v.min(axis=1).tolist(), v.max(axis=1).tolist(), v[:, newest].tolist()
+    starts = _minute_starts(ts)
     values = v.tolist()
-    minutes = {}
-    for b, i, j, lo, hi in zip(
-        np.floor(ts[starts] / 60.0).tolist(), starts.tolist(), ends.tolist(), lows.tolist(), highs.tolist()
-    ):
-        run = values[i:j]
+    if starts is not None:
+        ends = np.append(starts[1:], len(ts)).tolist()
+        buckets = np.floor(ts[starts] / 60.0).tolist()
+        min_runs = np.minimum.reduceat(v, starts, axis=1).tolist()
+        max_runs = np.maximum.reduceat(v, starts, axis=1).tolist()
+        starts_list = starts.tolist()
+    out = []
+    for k, vals in enumerate(values):
+        lo, hi = lows[k], highs[k]
         if lo == 0.0:
-            lo = min(run)
+            lo = min(vals)  # the first of 0.0 and -0.0, as _first_equal
         if hi == 0.0:
-            hi = max(run)
-        minutes[int(b)] = [j - i, lo, hi, decimal_sum(run)]
-    return _fold_hours(minutes)
+            hi = max(vals)
+        s = SeriesStats(len(vals), lo, hi, 0.0 + sums[k], tmin, newest_ts, boot, newest_seq, lasts[k])
+        if starts is None:
+            out.append((s, rollup(ts.tolist(), vals)))
+            continue
+        minutes = {}
+        for b, i, j, mlo, mhi in zip(buckets, starts_list, ends, min_runs[k], max_runs[k]):
+            run = vals[i:j] if j - i < len(vals) else vals
+            if mlo == 0.0:
+                mlo = min(run)
+            if mhi == 0.0:
+                mhi = max(run)
+            minutes[int(b)] = [j - i, mlo, mhi, decimal_sum(run)]
+        out.append((s, _fold_hours(minutes)))
+    return out
 
 
 def _append(col: array, values) -> None:
@@ -509,44 +532,44 @@ class Head:
 
     def _closing(self) -> tuple[tuple, ChunkRow]:
         """(the columns to encode, as encode_arrays takes them; the chunk row without its blob,
-        crc and minute blocks): what close computes for one head alone."""
+        crc and minute blocks): what close computes for one head alone.
+
+        The metric columns are the rows of one matrix, so the columns without an absent value
+        (the common case) get their statistics and minute extremes in one numpy call each for
+        all of them (the same answers as series_stats and rollup: _stats_np)."""
         seqs = np.frombuffer(self.seqs, dtype=np.int64).copy()
         ts = np.frombuffer(self.ts, dtype=np.float64).copy()
         received = np.frombuffer(self.received, dtype=np.float64).copy()
-        columns = {name: np.frombuffer(col, dtype=np.float64).copy() for name, col in self.metrics.items()}
+        names = list(self.metrics)
+        n = len(seqs)
+        if names:
+            matrix = np.empty((len(names), n), dtype=np.float64)
+            for k, col in enumerate(self.metrics.values()):
+                matrix[k] = np.frombuffer(col, dtype=np.float64)
+            nans = np.isnan(matrix).any(axis=1).tolist()
+        else:
+            matrix, nans = np.empty((0, n)), []
+        columns = {name: matrix[k] for k, name in enumerate(names)}
+        plain = [k for k, nan in enumerate(nans) if not nan]
+        quick = bool(plain) and n > 0 and bool(np.isfinite(ts).all())
         stats = {}
         rollups = {}
-        plain = [name for name, v in columns.items() if not np.isnan(v).any()]
-        quick = bool(plain) and len(seqs) > 0 and bool(np.isfinite(ts).all())
         if quick:
-            tmin = _first_equal(ts, ts.min())
-            newest = _newest_row_np(seqs, ts)
-            newest_ts, newest_seq = float(ts[newest]), int(seqs[newest])
-            starts = _minute_starts(ts)
-        for name, col in self.metrics.items():
-            if quick and name in plain:
-                v = columns[name]
-                s = SeriesStats(
-                    len(v),
-                    _first_equal(v, v.min()),
-                    _first_equal(v, v.max()),
-                    _row_order_sum(v),
-                    tmin,
-                    newest_ts,
-                    self.boot,
-                    newest_seq,
-                    float(v[newest]),
-                )
-                r = _rollup_np(ts, v, starts)
-            else:
-                s = series_stats(self.boot, self.seqs, self.ts, col)
-                r = rollup(self.ts, col) if s is not None else None
-            if s is not None:
-                stats[name] = s
-                rollups[name] = r
-        row = ChunkRow(
-            self.sensor, self.boot, len(self.seqs), *_received_span(received, self.received), 0, b"", stats, rollups
-        )
+            for k, (s, r) in zip(plain, _stats_np(self.boot, seqs, ts, matrix, plain)):
+                stats[names[k]] = s
+                rollups[names[k]] = r
+        for k, name in enumerate(names):
+            if quick and not nans[k]:
+                continue
+            col = self.metrics[name]
+            st = series_stats(self.boot, self.seqs, self.ts, col)
+            if st is not None:
+                stats[name] = st
+                rollups[name] = rollup(self.ts, col)
+        if len(stats) > 1 and list(stats) != [name for name in names if name in stats]:  # the head's order
+            stats = {name: stats[name] for name in names if name in stats}
+            rollups = {name: rollups[name] for name in names if name in rollups}
+        row = ChunkRow(self.sensor, self.boot, n, *_received_span(received, self.received), 0, b"", stats, rollups)
         return (seqs, ts, received, columns), row
 
     def copy(self) -> Head:

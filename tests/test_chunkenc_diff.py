@@ -233,3 +233,24 @@ def test_heads_closed_together_are_each_the_reference_chunk_row(many, fast, sort
             ref = close_both(*cols, fast)[1]
             assert_same_row(row, ref, fast)
             assert_same_row(row_sliced, ref, fast)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([0, 1, -1, 2**62, -(2**62), 1_700_000_000])),
+    st.dictionaries(
+        st.sampled_from(["count", "min", "max", "sum", "x" * 70]),
+        st.one_of(
+            st.integers(-(2**63), 2**63 - 1),
+            st.floats(),
+            st.sampled_from(SPECIAL_FLOATS),
+            st.builds(round, st.floats(-1e6, 1e6), st.integers(0, 9)),
+        ),
+        max_size=5,
+    ),
+    st.booleans(),
+)
+def test_a_one_row_chunk_is_the_reference_chunk(seq, metrics, fast):
+    """chunkenc.encode_row (a minute block of one minute) gives encode_chunk's bytes."""
+    blob = chunkenc.encode_row(seq, metrics, fast=fast)
+    assert blob == chunkenc_ref.encode_chunk([seq], [None], [None], {k: [v] for k, v in metrics.items()}, fast=fast)
