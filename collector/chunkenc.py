@@ -868,7 +868,9 @@ def _prepare(cols: list[_Col], pairs: list[tuple[int, int]], fast: bool) -> list
     return pre
 
 
-def _encode_column(out: bytearray, col: _Col, base: _Encoded | None, fast: bool, pre: dict | None = None) -> _Encoded:
+def _encode_column(
+    out: bytearray, col: _Col, base: _Encoded | None, fast: bool, pre: dict | None = None, chosen: list | None = None
+) -> _Encoded:
     pre = pre or {}
     nints, nfloats = len(col.ints), len(col.floats)
     has_nulls = col.present is not None
@@ -904,11 +906,19 @@ def _encode_column(out: bytearray, col: _Col, base: _Encoded | None, fast: bool,
     if kind == _KIND_MIXED:
         out += _bitmap_any(col.isint)
     if nints:
-        _write_stream(out, pre["ints"] if "ints" in pre else _choose_stream_any(col.ints, fast))
+        ichoice = pre["ints"] if "ints" in pre else _choose_stream_any(col.ints, fast)
+        _write_stream(out, ichoice)
     if nfloats:
         out.append(rep)
         _encode_exceptions(out, exc)
         _write_stream(out, choice)
+    if chosen is not None:  # what encode_reusing may try on the next chunk: one kind, every row, no exception
+        if has_nulls or kind not in (_KIND_INT, _KIND_FLOAT) or (nfloats and exc):
+            chosen.append(None)
+        elif kind == _KIND_INT:
+            chosen.append((None, ichoice[1], ichoice[4], False))
+        else:
+            chosen.append((rep, choice[1], choice[4], relative))
     return _Encoded(rep, fints) if nfloats and not has_nulls and not nints else _Encoded()
 
 
@@ -1194,6 +1204,7 @@ def encode_arrays(
     metrics: dict[str, np.ndarray],
     *,
     fast: bool = False,
+    _chosen: list | None = None,
 ) -> bytes:
     """encode_chunk for a head's arrays: the same bytes, without lists.
 
@@ -1218,7 +1229,146 @@ def encode_arrays(
         _Col(rows, None, None, _NO_INTS, np.asarray(received, dtype=np.float64)),
         {name: _col_from_floats(np.asarray(col, dtype=np.float64)) for name, col in metrics.items()},
         fast,
+        None,
+        _chosen,
     )
+
+
+# ------------------------------------------------- reusing the last choices
+#
+# At ingest rates a sensor's chunks look alike: the same decimal scale per
+# column, the same transform, the same width.  encode_reusing tries the
+# choices of the sensor's previous chunk first and checks that they still
+# hold exactly (every value decimal-exact at that scale, no absent value);
+# then it computes one candidate per column instead of ALP's scale search
+# and four transforms with their costs.  A column whose stream came out
+# wider than before has its transform searched again (_choose_streams, that
+# column alone).  When a check fails, or the choices are unknown, it is
+# encode_arrays(fast=True) and its choices are returned to be tried next
+# time.  Either way the blob is a valid chunk that decode_chunk reads back
+# bit-exact: a choice changes the bytes, never the values (docs/SCHEMA.md
+# lets an encoder pick any).
+
+Choices = tuple  # (metric names, per column (rep or None, transform, width, relative) or None)
+
+
+def encode_reusing(
+    seqs: np.ndarray, ts: np.ndarray, received: np.ndarray, metrics: dict[str, np.ndarray], last: Choices | None
+) -> tuple[bytes, Choices | None, bool]:
+    """(blob, the choices to try next time, whether `last` was used) for a head's arrays as
+    encode_arrays takes them, fast=True: `last`'s choices when they still hold exactly, else
+    encode_arrays(fast=True)'s blob (the same bytes) and choices."""
+    if last is not None and len(seqs) >= SMALL_ROWS:
+        reused = _encode_reused(seqs, ts, received, metrics, last)
+        if reused is not None:
+            return reused[0], reused[1], True
+    chosen: list = []
+    blob = encode_arrays(seqs, ts, received, metrics, fast=True, _chosen=chosen)
+    names = tuple(metrics)
+    return blob, ((names, tuple(chosen)) if len(chosen) == 3 + len(names) else None), False
+
+
+def _encode_reused(seqs, ts, received, metrics: dict, last: Choices) -> tuple[bytes, Choices] | None:
+    names, choices = last
+    if tuple(metrics) != names or None in choices or choices[0][0] is not None:
+        return None
+    rows = len(seqs)
+    _check_shape(rows, len(metrics))
+    for col in (ts, received, *metrics.values()):
+        if len(col) != rows:
+            return None  # encode_arrays says what is wrong
+    floats = np.stack([ts, received, *metrics.values()]).astype(np.float64, copy=False)
+    reps = [c[0] for c in choices[1:]]
+    if None in reps:
+        return None
+    ints = np.empty((len(choices), rows), dtype=np.int64)
+    ints[0] = seqs
+    dec = [i for i, k in enumerate(reps) if k != _REP_BITS]
+    if len(dec) < len(reps):
+        raw = [i for i, k in enumerate(reps) if k == _REP_BITS]
+        fr = floats[raw]
+        if not (fr == fr).all():  # a NaN is an absent value: a bitmap the full encoder writes
+            return None
+        ints[[i + 1 for i in raw]] = fr.view(np.int64)
+    if dec:
+        fd = floats[dec] if len(dec) < len(reps) else floats
+        fk = _POW10_NP[[reps[i] for i in dec]][:, None]
+        with np.errstate(all="ignore"):
+            r = np.rint(fd * fk)
+            if not (np.abs(r) < _TWO62).all():  # NaN (absent) and inf fail here too
+                return None
+            ns = r.astype(np.int64)
+            # bit for bit, as _float_ints_2d checks (-0.0 comes back 0.0: an exception, refused)
+            if not ((ns.astype(np.float64) / fk).view(np.int64) == fd.view(np.int64)).all():
+                return None
+        ints[[i + 1 for i in dec]] = ns
+    lows, highs = ints.min(axis=1).tolist(), ints.max(axis=1).tolist()
+    if choices[2][3]:  # received stored relative to ts, at the same pair of scales as before
+        m = _rescale(reps[0], reps[1])
+        if m is None or max(abs(lows[1]), abs(highs[1])) * m >= _SAFE or max(abs(lows[2]), abs(highs[2])) >= _SAFE:
+            return None
+        own = ints[2].copy()  # received's own integers: the other choice, if it grows
+        ints[2] -= ints[1] * m if m != 1 else ints[1]
+        lows[2], highs[2] = int(ints[2].min()), int(ints[2].max())
+    streams: list = [None] * len(choices)
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(choices):
+        if highs[i] >= _SAFE or lows[i] <= -_SAFE:  # a float's 64 bits: deltas could leave int64
+            streams[i] = _choose_stream(ints[i].tolist(), True)  # the exact list search, as _choose_streams
+        else:
+            groups.setdefault(c[1], []).append(i)
+    for transform, where in groups.items():
+        x = ints[where] if len(where) < len(choices) else ints
+        x0 = x[:, 0].tolist()
+        if transform == _RAW:
+            body, heads = x, [[]] * len(where)
+        else:
+            d = x[:, 1:] - x[:, :-1]
+            if transform == _DELTA:
+                body, heads = d, [[a] for a in x0]
+            elif transform == _DOD:
+                body, heads = d[:, 1:] - d[:, :-1], [[a, b] for a, b in zip(x0, d[:, 0].tolist())]
+            else:
+                half = (rows - 1) // 2
+                steps = np.partition(d, half, axis=1)[:, half]  # sorted(d)[len(d) // 2], as _choose_2d
+                step_list = steps.tolist()
+                if max(map(abs, step_list)) * rows >= _SAFE:
+                    return None
+                body = (x[:, 1:] - x[:, :1]) - steps[:, None] * np.arange(1, rows, dtype=np.int64)
+                heads = [[a, s] for a, s in zip(x0, step_list)]
+        widths, _, _ = _widths_2d(body)
+        for j, i, w, h in zip(range(len(where)), where, widths, heads):
+            streams[i] = (0, transform, h, _pack_np(body[j], w), w) if w <= choices[i][2] else None
+    grown = [i for i, stream in enumerate(streams) if stream is None]  # wider than before: choose again
+    if grown:
+        choices = list(choices)
+        rows_again = [ints[i] for i in grown]
+        if 2 in grown and choices[2][3]:  # received: relative to ts or not, as _encode_column picks
+            rows_again.append(own)
+        again = _choose_streams(rows_again, True)
+        for i, stream in zip(grown, again):
+            relative = choices[i][3]
+            if i == 2 and relative and again[-1][0] <= stream[0]:  # relative only when smaller
+                stream, relative = again[-1], False
+            streams[i] = stream
+            choices[i] = (choices[i][0], stream[1], stream[4], relative)
+        choices = tuple(choices)
+    body_out = _Body()
+    _uvarint(body_out, rows)
+    _uvarint(body_out, len(metrics))
+    for name in metrics:
+        raw_name = name.encode("utf-8")
+        _uvarint(body_out, len(raw_name))
+        body_out += raw_name
+    body_out.append(_KIND_INT << _KIND_SHIFT)
+    _write_stream(body_out, streams[0])
+    for (rep, _, _, relative), stream in zip(choices[1:], streams[1:]):
+        body_out.append((_KIND_FLOAT << _KIND_SHIFT) | (_RELATIVE if relative else 0))
+        body_out.append(rep)
+        body_out.append(0)  # no exceptions
+        _write_stream(body_out, stream)
+    blob = bytes((VERSION,)) + _deflate(body_out, True)
+    return blob + struct.pack("<I", zlib.crc32(blob)), (names, choices)
 
 
 def encode_many(chunks: list[tuple], *, fast: bool = False) -> list[bytes]:
@@ -1344,7 +1494,13 @@ def _named(metrics: dict) -> dict:
 
 
 def _encode_cols(
-    seqs: _Col, ts: _Col, received: _Col, metrics: dict[str, _Col], fast: bool, pre: list[dict] | None = None
+    seqs: _Col,
+    ts: _Col,
+    received: _Col,
+    metrics: dict[str, _Col],
+    fast: bool,
+    pre: list[dict] | None = None,
+    chosen: list | None = None,
 ) -> bytes:
     body = _Body()
     _uvarint(body, seqs.rows)
@@ -1356,11 +1512,11 @@ def _encode_cols(
     cols = [seqs, ts, received, *metrics.values()]
     if pre is None:
         pre = _prepare(cols, [(1, 2)], fast) if seqs.rows >= SMALL_ROWS else [{} for _ in cols]
-    _encode_column(body, seqs, None, fast, pre[0])
-    ts_enc = _encode_column(body, ts, None, fast, pre[1])
-    _encode_column(body, received, ts_enc, fast, pre[2])
+    _encode_column(body, seqs, None, fast, pre[0], chosen)
+    ts_enc = _encode_column(body, ts, None, fast, pre[1], chosen)
+    _encode_column(body, received, ts_enc, fast, pre[2], chosen)
     for col, p in zip(cols[3:], pre[3:]):
-        _encode_column(body, col, None, fast, p)
+        _encode_column(body, col, None, fast, p, chosen)
     blob = bytes((VERSION,)) + _deflate(body, fast)
     return blob + struct.pack("<I", zlib.crc32(blob))
 

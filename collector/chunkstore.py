@@ -24,8 +24,8 @@ from typing import NamedTuple
 import msgpack
 import numpy as np
 
+from .chunkenc import Choices, encode_arrays, encode_arrays_many, encode_reusing, encode_row
 from .chunkenc import decode_chunk as _decode
-from .chunkenc import encode_arrays, encode_arrays_many, encode_row
 from .chunkenc import encode_chunk as _encode
 from .chunkenc import encode_many_arrays as _encode_many_arrays
 
@@ -516,7 +516,7 @@ class Head:
             if len(col) < n0 + n:
                 col.extend(array("d", [NAN]) * (n0 + n - len(col)))
 
-    def close(self, fast: bool = False) -> ChunkRow:
+    def close(self, fast: bool = False, hints: CloseHints | None = None) -> ChunkRow:
         """The head as an immutable chunk row (the head itself is left as it is).
 
         fast: the codec's cheaper choice of transforms (chunkenc.encode_chunk;
@@ -525,9 +525,13 @@ class Head:
         and rollups run in numpy's C loops over copies of the arrays; a
         column with absent values (NaN) or times that are not finite take
         the reference loops (series_stats, rollup): the same answers.
+
+        hints (fast only): the sensor's previous choices are tried first
+        (CloseHints); the blob may then differ from encode_arrays' bytes,
+        never in what it decodes to.
         """
         columns, row = self._closing()
-        blob = encode_arrays(*columns, fast=fast)
+        blob = hints.encode(self.sensor, columns) if hints is not None and fast else encode_arrays(*columns, fast=fast)
         return row._replace(crc=zlib.crc32(blob), blob=blob, blocks=minute_blocks(row.rollups, fast))
 
     def _closing(self) -> tuple[tuple, ChunkRow]:
@@ -588,12 +592,55 @@ class Head:
 CLOSE_TOGETHER = 128
 
 
-def close_heads(heads: list[Head], fast: bool = False) -> list[ChunkRow]:
+class CloseHints:
+    """The codec's choices for each sensor's last chunk (chunkenc.encode_reusing), tried first
+    on its next one: at ingest rates a sensor's chunks look alike, and checking a choice
+    costs a fraction of searching for one (bench/close.py).  Every REFRESH-th chunk of a
+    sensor is searched afresh, so a better choice is found when the data changes in a way the
+    checks do not catch (narrower values).  At most MAX_SENSORS sensors are remembered
+    (peers choose the names), the oldest forgotten first: ~1 KB each."""
+
+    REFRESH = 16
+    MAX_SENSORS = 4096
+
+    __slots__ = ("_last", "reused", "searched")
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[Choices | None, int]] = {}
+        self.reused = 0  # chunks encoded with a sensor's previous choices
+        self.searched = 0  # chunks whose choices were searched (first, refresh, or a check failed)
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def encode(self, sensor: str, columns: tuple) -> bytes:
+        """The blob of a head's columns (Head._closing's), fast=True."""
+        last, uses = self._last.pop(sensor, (None, 0))
+        if uses >= self.REFRESH:
+            last = None
+        blob, chosen, reused = encode_reusing(*columns, last)
+        if reused:
+            self.reused += 1
+            uses += 1
+        else:
+            self.searched += 1
+            uses = 0
+        if len(self._last) >= self.MAX_SENSORS:
+            del self._last[next(iter(self._last))]
+        self._last[sensor] = (chosen, uses)
+        return blob
+
+
+def close_heads(heads: list[Head], fast: bool = False, hints: CloseHints | None = None) -> list[ChunkRow]:
     """[h.close(fast) for h in heads], the same rows, cheaper for many heads (the central
     consumer closes hundreds a transaction, most of a few hundred datagrams): CLOSE_TOGETHER at
     a time, their chunks of one length and their minute blocks of one length go through the
     encoder's numpy passes together (chunkenc.encode_arrays_many, minute_blocks_many), so its
-    cost per call is paid per length instead of per head."""
+    cost per call is paid per length instead of per head.  With hints (fast only) each head
+    closes as Head.close(fast, hints) does: the reused choices beat the shared numpy passes
+    (bench/close.py --together)."""
+    if hints is not None and fast:
+        return [h.close(fast, hints) for h in heads]
     out: list[ChunkRow] = []
     for at in range(0, len(heads), CLOSE_TOGETHER):
         closing = [h._closing() for h in heads[at : at + CLOSE_TOGETHER]]

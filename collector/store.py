@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import dbfile, ingestlog, schema, tuning
-from .chunkstore import ChunkRow, Head, close_heads, encode_minutes
+from .chunkstore import ChunkRow, CloseHints, Head, close_heads, encode_minutes
 from .errors import SetupError
 from .ingest import Batch, IngestCore, SensorState
 from .replay import ReplayWindow
@@ -264,6 +264,10 @@ class Store:
         self._flushed_at: float | None = None  # `now` of the last flush that wrote datagrams
         self._fast = False  # the last flush's rate was over FAST_CLOSE_RATE
         self.full: dict[tuple[str, int], None] = {}  # heads at their count, oldest first (close_one)
+        # The collector's heads close one sensor's chunk after another with the fast choice:
+        # each sensor's last choices are tried first (chunkstore.CloseHints, bench/close.py).
+        # The central consumer closes many short heads together instead (close_heads).
+        self.close_hints = CloseHints() if close_between_flushes else None
         self.closed_between_flushes = 0
         # Failure episode (monotonic seconds): when set, the database refused the last flush.
         self.failing_since: float | None = None
@@ -441,7 +445,7 @@ class Store:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                insert_chunk(conn, head.close(self._fast), head.last_log_id, self.series[key[0]])
+                insert_chunk(conn, head.close(self._fast, self.close_hints), head.last_log_id, self.series[key[0]])
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -677,7 +681,7 @@ class Store:
         if self.close_later is not None and closing:
             self._handed = (closing, log_id, self.close_later(closing, fast))
         else:
-            for head, row in zip(closing, close_heads(closing, fast)):
+            for head, row in zip(closing, close_heads(closing, fast, self.close_hints)):
                 insert_chunk(conn, row, log_id, self.series[head.sensor])
         return done
 
