@@ -29,6 +29,7 @@ from typing import Any
 
 from . import auth, tuning, wire
 from .errors import DecodeError
+from .ingestlog import Group
 from .replay import ReplayWindow
 from .sequence import IN_ORDER as _IN_ORDER
 from .sequence import Duplicate, GapRecord, SensorTracker, Stray
@@ -234,8 +235,29 @@ class _Pending:
     def group(self) -> Any:
         """The ingest-log group (collector/ingestlog.py): metric columns aligned with seqs,
         None where a datagram lacked the metric (as `group_batch` makes them)."""
-        from .ingestlog import Group
+        return self._group(list(self.seqs), list(self.ts), list(self.received))
 
+    def hand_over(self) -> tuple[Any, list[int | float], list[dict[str, int | float]] | None]:
+        """`group()` on this group's own lists (no copy), which it gives up for empty ones: the
+        datagrams queued from now on go there, in the same layout (names, width).  Returns
+        (the group, the flat values, the dicts) for `take_back`."""
+        values, rest = self.values, self.rest
+        g = self._group(self.seqs, self.ts, self.received)
+        self.seqs, self.ts, self.received, self.values, self.rest = [], [], [], [], None
+        return g, values, rest
+
+    def take_back(self, group: Any, values: list[int | float], rest: list[dict[str, int | float]] | None) -> None:
+        """Put a `hand_over`'s datagrams back in front of those queued since.  The flat part
+        stays in front of the dicts: a group that kept dicts (width 0) when it handed over
+        queued only dicts since."""
+        self.seqs[:0] = group.seqs
+        self.ts[:0] = group.ts
+        self.received[:0] = group.received
+        self.values[:0] = values
+        if rest:
+            self.rest = rest + (self.rest or [])
+
+    def _group(self, seqs: list[int], ts: list[float], received: list[float]) -> Any:
         k = len(self.names)
         values = self.values
         # (No flat datagram left after a trim: its names are no column.)
@@ -248,15 +270,15 @@ class _Pending:
                     if name not in metrics:
                         metrics[name] = [None] * flat
             metrics = {name: col + [r.get(name) for r in rest] for name, col in metrics.items()}
-        return Group(self.sensor, self.boot, list(self.seqs), list(self.ts), list(self.received), metrics)
+        return Group(self.sensor, self.boot, seqs, ts, received, metrics)
 
 
 @dataclass
 class Batch:
     """What one flush writes, as the core stood at `batch()` or `take()`: after a
     `take()` the core goes on queueing datagrams (the collector's loop reads on
-    while its writer thread writes this), drops this batch's part once
-    `committed()`, or takes back its sensors, series and gaps with `refused()`."""
+    while its writer thread writes this), forgets this batch's part once
+    `committed()`, or takes it back, with its sensors, series and gaps, on `refused()`."""
 
     groups: list[Any]  # ingestlog.Group per (sensor, boot), in order of first arrival
     count: int  # datagrams
@@ -267,13 +289,25 @@ class Batch:
     counters: dict[str, float]  # a copy, as they stood
     arrivals: list[_Pending] = field(repr=False, default_factory=list)
     sensor_rows: list[tuple] = field(repr=False, default_factory=list)  # SensorState.row() of `dirty`, as they stood
-    taken: list[tuple[_Pending, int]] = field(repr=False, default_factory=list)  # (group, its datagrams taken)
-    detached: bool = False  # by `take()`: its sensors, series and gaps left the core with it
+    # batch(): (group, its datagrams taken); take(): (group, its hand_over()) per group
+    taken: list[tuple] = field(repr=False, default_factory=list)
+    detached: bool = False  # by `take()`: its datagrams, sensors, series and gaps left the core with it
 
     @property
     def datagrams(self) -> list[tuple]:
         """(sensor, boot or None, seq, ts, received, readings) in arrival order (tests, tools)."""
-        return _in_arrival_order(self.arrivals)
+        if not self.detached:
+            return _in_arrival_order(self.arrivals)
+        handed = {id(p): g for p, (g, _, _) in self.taken}
+        at: dict[int, int] = {}
+        out = []
+        for p in self.arrivals:
+            g = handed[id(p)]
+            i = at.get(id(p), 0)
+            at[id(p)] = i + 1
+            readings = {name: col[i] for name, col in g.metrics.items() if col[i] is not None}
+            out.append((g.sensor, g.boot, g.seqs[i], g.ts[i], g.received[i], readings))
+        return out
 
 
 def _in_arrival_order(arrivals: list[_Pending]) -> list[tuple]:
@@ -619,11 +653,30 @@ class IngestCore:
 
     def take(self) -> Batch:
         """`batch()` for a flush that may be written in another thread while this core
-        queues more: its sensors, new series and gap changes leave the core with it
-        (what arrives meanwhile goes to the next one).  Hand it back with
-        `committed()` or `refused()` before the next `take()`."""
-        batch = self.batch()
-        batch.detached = True
+        queues more: its datagrams, sensors, new series and gap changes leave the core
+        with it (what arrives meanwhile goes to the next one).  The groups hand their
+        lists over (`_Pending.hand_over`) instead of copying them, so `committed()` has
+        nothing to cut out of them.  Hand it back with `committed()` or `refused()`
+        before the next `take()`; `pending_readings` counts it until then."""
+        for state in self.dirty:
+            merge_gap_changes(self._gaps, state.sensor, state.tracker.pop_gap_changes())
+        dirty = list(self.dirty)
+        taken = [(g, g.hand_over()) for g in self._groups.values()]
+        arrivals = self._arrivals
+        batch = Batch(
+            [handed[0] for _, handed in taken],
+            len(arrivals),
+            self.pending_readings,
+            dirty,
+            self._new_series,
+            self._gaps,
+            dict(self.counters),
+            arrivals,
+            [state.row() for state in dirty],
+            taken,
+            True,
+        )
+        self._arrivals = []
         self.dirty = set()
         self._new_series = []
         self._gaps = {}
@@ -635,29 +688,44 @@ class IngestCore:
         self.counters["stored"] += batch.count
         self.counters["stored_readings"] += batch.readings
         self.counters["last_flush"] = now
-        if not batch.detached:  # nothing can have come since (the caller's promise)
-            self.dirty = set()
-            self._new_series = []
-            self._gaps = {}
-        if batch.count == len(self._arrivals):  # no datagram came meanwhile
+        if batch.detached:  # its datagrams left with it: forget the groups nothing came to since
+            for g, _ in batch.taken:
+                if not g.seqs:
+                    self._forget(g)
+            self.pending_readings -= batch.readings
+            return
+        # batch(): its sensors, series and gaps never left (nothing can have come since:
+        # the caller's promise); its datagrams are the oldest pending
+        self.dirty = set()
+        self._new_series = []
+        self._gaps = {}
+        if batch.count == len(self._arrivals):
             self.discard_pending()
             return
         for g, n in batch.taken:
             g.drop_front(n)
             if not g.seqs:
-                key = (g.sensor, g.boot)
-                if self._groups.get(key) is g:
-                    del self._groups[key]
-                if g.state.pending is g:
-                    g.state.pending = None
+                self._forget(g)
         del self._arrivals[: batch.count]
         self.pending_readings -= batch.readings
 
+    def _forget(self, g: _Pending) -> None:
+        key = (g.sensor, g.boot)
+        if self._groups.get(key) is g:
+            del self._groups[key]
+        if g.state.pending is g:
+            g.state.pending = None
+
     def refused(self, batch: Batch) -> None:
-        """The store refused `batch` (nothing of it was written): its datagrams are still
-        pending, and its sensors, new series and gap changes go back to the next batch."""
+        """The store refused `batch` (nothing of it was written): its datagrams go back in
+        front of those queued since, and its sensors, new series and gap changes go back
+        to the next batch."""
         if not batch.detached:
             return  # they never left
+        for g, handed in batch.taken:
+            g.take_back(*handed)
+            assert self._groups.get((g.sensor, g.boot)) is g  # only committed() forgets a taken group
+        self._arrivals[:0] = batch.arrivals
         self.dirty.update(batch.dirty)
         self._new_series = batch.new_series + self._new_series
         # No batch() since: every gap change popped after it is still in its tracker.
@@ -722,8 +790,6 @@ def group_batch(datagrams: list[tuple]) -> list[Any]:
 
     Metric columns are aligned with seqs, None where a datagram lacked the metric.
     """
-    from .ingestlog import Group
-
     by_key: dict[tuple, list[tuple]] = {}
     for item in datagrams:
         key = (item[0], item[1])

@@ -183,6 +183,70 @@ def test_the_batch_columns_are_the_arrival_list_grouped(ops):
         assert sorted(batch.groups, key=key) == sorted(group_batch(pending), key=key)
 
 
+a_datagram = st.tuples(
+    st.sampled_from(["a", "b", "c"]),
+    st.sampled_from([None, 1, 2]),
+    st.integers(0, 40),
+    st.dictionaries(st.sampled_from(["t", "h", "p"]), st.integers(-5, 5), min_size=1),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rounds=st.lists(
+        st.tuples(
+            st.lists(a_datagram, max_size=10),  # before the take
+            st.lists(a_datagram, max_size=10),  # while the batch is out
+            st.booleans(),  # refused
+            st.none() | st.integers(0, 30),  # a trim after it
+        ),
+        max_size=8,
+    )
+)
+def test_a_taken_batch_leaves_the_core_and_comes_back_whole_when_refused(rounds):
+    """take() hands the pending datagrams over to the batch (no copy): the core then holds
+    exactly what came since; committed() forgets the batch, refused() puts it back in front,
+    in arrival order, through groups that changed names, boots and trims in between."""
+    core = IngestCore()
+    expected: list[tuple] = []  # what core.pending must be
+    now = 1.0
+    key = lambda g: (g.sensor, -1 if g.boot is None else g.boot)  # noqa: E731
+
+    def receive(datagrams, out_readings):
+        nonlocal now
+        for sensor, boot, seq, readings in datagrams:
+            now += 0.5
+            before = core.pending_datagrams
+            core.receive(wire.encode(sensor, seq, readings, boot=boot, ts=now), now)
+            if core.pending_datagrams > before:
+                expected.append((sensor, boot, seq, now, now, readings))
+        assert core.pending == expected and core.pending_datagrams == len(expected)
+        assert core.pending_readings == sum(len(d[5]) for d in expected) + out_readings
+
+    for before, meanwhile, refused, trim in rounds:
+        receive(before, 0)
+        batch = core.take()
+        assert batch.datagrams == expected and batch.count == len(expected)
+        assert sorted(batch.groups, key=key) == sorted(group_batch(expected), key=key)
+        taken, expected = expected, []
+        receive(meanwhile, batch.readings)
+        if refused:
+            core.refused(batch)
+            expected = taken + expected
+        else:
+            core.committed(batch, now)
+        assert core.pending == expected and core.pending_readings == sum(len(d[5]) for d in expected)
+        if trim is not None:
+            dropped = core.trim(trim)
+            cut = 0
+            while sum(len(d[5]) for d in expected[:cut]) < dropped:
+                cut += 1
+            assert sum(len(d[5]) for d in expected[:cut]) == dropped
+            expected = expected[cut:]
+            assert core.pending == expected and core.pending_readings == sum(len(d[5]) for d in expected)
+    assert sorted(core.batch().groups, key=key) == sorted(group_batch(expected), key=key)
+
+
 new_metric = st.builds(
     lambda sensor, seq, name: msgpack.packb(
         {"v": 1, "id": f"p-{sensor}", "seq": seq, "boot": 1, "r": {name: 1.5, "m0": 2}}
