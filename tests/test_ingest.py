@@ -183,6 +183,33 @@ def test_the_batch_columns_are_the_arrival_list_grouped(ops):
         assert sorted(batch.groups, key=key) == sorted(group_batch(pending), key=key)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from([None, 1, 2**32 - 1]), st.integers(0, 2**32 - 1)), max_size=60),
+    st.lists(st.integers(0, 2**32 - 1), max_size=20),
+)
+def test_a_sensor_row_holds_its_tracker_and_window_as_json_dumps_writes_them(observed, signed):
+    """SensorState.row writes the snapshots with msgspec's encoder: the same text as
+    json.dumps(snapshot, separators=(",", ":")), which the rows held before (a restart
+    reads them back with json.loads)."""
+    import json
+
+    from collector.replay import ReplayWindow
+
+    state = SensorState("s-1", SensorTracker(), {}, 1.0, 2.0)
+    for boot, seq in observed:
+        state.tracker.observe(boot, seq, 3.0)
+    if signed:
+        state.replay = ReplayWindow()
+        for seq in signed:
+            if state.replay.check(9, seq):
+                state.replay.accept(9, seq)
+    row = state.row()
+    assert row[9] == json.dumps(state.tracker.snapshot(), separators=(",", ":"))
+    window = None if state.replay is None else json.dumps(state.replay.snapshot(), separators=(",", ":"))
+    assert row[10] == window
+
+
 a_datagram = st.tuples(
     st.sampled_from(["a", "b", "c"]),
     st.sampled_from([None, 1, 2]),
