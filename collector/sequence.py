@@ -320,7 +320,12 @@ class SensorTracker:
     # -- the hot path --
 
     def observe(self, boot: int | None, seq: int, now: float) -> Event:
-        """Account one valid datagram (boot, seq uint32); anything but Duplicate is to be stored."""
+        """Account one valid datagram (boot, seq uint32); anything but Duplicate is to be stored.
+
+        IngestCore.receive_many runs the in-order case (the first branch, to
+        `return _IN_ORDER`) inline and calls this for every other datagram: a
+        change to that case is made there too (tests/test_ingest.py compares
+        receive_many with receive, which calls this)."""
         s = self._cur
         if boot == s.boot:
             delta = (seq - s.max) & 0xFFFFFFFF
