@@ -78,6 +78,9 @@ class Settings:
     retain_1h: float = retention.DEFAULT_RETAIN_1H_S
     max_disk: int | None = None
     drain_budget: int = tuning.DRAIN_BUDGET_DATAGRAMS
+    # A flush is followed by a maintenance step (retention, budget, scrub) at most this often
+    # (seconds; --flush-interval if shorter).
+    maintain_interval: float = tuning.MAINTAIN_MIN_INTERVAL_S
     # The CLI sets it (the process is the collector's alone): gc.freeze() once
     # started, so gen-2 passes skip what start-up built.  Not for embedders.
     freeze_gc: bool = False
@@ -172,6 +175,7 @@ class Collector:
         self._file_error = ""
         self._file_retry_at = 0.0
         self._file_retry_delay = 1.0
+        self._maintain_at = 0.0  # monotonic: the next flush from then on is followed by a maintenance step
         self.db_lost: str | None = None  # set when the run ends without its database at --db
         self._writing: _Writing | None = None  # the flush in the writer thread, if one is
         try:
@@ -525,7 +529,8 @@ class Collector:
 
     def _start_flush(self, mono: float) -> None:
         """Hand the pending batch to the writer thread: the transaction (and the
-        maintenance step after it) runs there while this loop reads on.
+        maintenance step after it, at most every Settings.maintain_interval) runs there
+        while this loop reads on.
 
         SQLite releases the GIL while it works (statements, the COMMIT's WAL
         writes, checkpoints and their fsync), and the writer's Python gives it
@@ -535,7 +540,10 @@ class Collector:
         100-270 ms of wall time on a loaded box at 162,500 datagrams/s, against
         the ~60 ms an 8 MiB buffer holds: bench/ingest_stalls.py)."""
         self.health.sample_states(self.core.dirty)
-        job = self.store.begin(self.core, self.clock(), maintain=True)
+        maintain = mono >= self._maintain_at
+        if maintain:
+            self._maintain_at = mono + min(self.settings.maintain_interval, self.settings.flush_interval)
+        job = self.store.begin(self.core, self.clock(), maintain=maintain)
         self._activity = False  # datagrams from now on set it again
         self._start_writing(_Writing(job, self.core.pending_readings, mono))
 

@@ -216,6 +216,31 @@ def test_batch_size_flushes_before_the_interval(db_path):
     assert query(db_path, "SELECT count(*) FROM readings") == [(60,)]  # and shutdown flushed the rest
 
 
+@pytest.mark.parametrize(("interval", "steps"), [(0.0, 3), (3600.0, 1)])
+def test_a_maintenance_step_follows_a_flush_at_most_once_per_interval(db_path, interval, steps):
+    """Three size-triggered flushes: each is followed by a maintenance step (retention,
+    budget, scrub) only once `maintain_interval` has passed since the last (0: every
+    flush, as before; one hour: the first only).  The final flush takes none."""
+    with running(db_path, flush_interval=3600.0, batch_size=10, maintain_interval=interval) as (collector, _):
+        taken = []
+        maintain = collector.store.maintain
+
+        def counted(counters, now):
+            taken.append(now)
+            return maintain(counters, now)
+
+        collector.store.maintain = counted  # the real step, counted
+        port = collector.addresses[0][1]
+        s = sender()
+        for flush in range(3):
+            for seq in range(5 * flush, 5 * flush + 5):  # 10 readings: a flush
+                s.sendto(good("maint-1", seq), ("127.0.0.1", port))
+            wait_for(lambda n=flush: counters(db_path).get("stored", 0) == 5 * (n + 1), 5, what="a flush")
+        s.close()
+        wait_for(lambda: not collector.writing, 5, what="the writer done")
+        assert len(in_loop(collector, lambda: list(taken))) == steps
+
+
 def test_shutdown_flushes_everything_accepted_and_notifies(db_path):
     with running(db_path, flush_interval=3600.0) as (collector, notes):
         port = collector.addresses[0][1]
