@@ -310,7 +310,12 @@ def main(ctx: click.Context, config_path: str | None, check: bool, verbose: int,
         values = config.merge(
             ctx, SETTINGS, config.read_table(config_path, "collector"), f"{config_path} [collector]", env_prefix=ENV
         )
-        settings = Settings(**values, freeze_gc=True, switch_interval=tuning.WRITER_SWITCH_INTERVAL_S)
+        settings = Settings(
+            **values,
+            freeze_gc=True,
+            gc_threshold=tuning.GC_THRESHOLD0,
+            switch_interval=tuning.WRITER_SWITCH_INTERVAL_S,
+        )
         if check:
             if settings.keys:
                 from .auth import load_keys

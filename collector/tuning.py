@@ -59,6 +59,12 @@ WRITER_SWITCH_INTERVAL_S = 0.0005
 # 640 chunks a second under --max-disk (CHUNKS_PER_STEP), over 3x what 200,000
 # datagrams/s close.
 MAINTAIN_MIN_INTERVAL_S = 0.1
+# gc's youngest-generation threshold telemetry-collector serves with (Python's:
+# 700): what a flush allocates stays alive until its transaction ends, so
+# collecting it at 700 only traced it again (collector/server.py; with 100
+# sensors no collection runs at all, with 2,000 sensors a few: bench/ingest_core.py).
+# Garbage cycles wait for at most this many new containers.
+GC_THRESHOLD0 = 50_000
 # At most one rejected-datagram log line per reason in this many seconds.
 REJECT_LOG_INTERVAL_S = 10.0
 

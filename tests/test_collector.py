@@ -726,6 +726,26 @@ def test_the_cli_collector_serves_with_a_short_gil_switch_interval(db_path):
         assert sys.getswitchinterval() == before
 
 
+def test_the_cli_collector_serves_with_a_higher_gc_threshold(db_path):
+    """gc_threshold (the CLI's setting, tuning.GC_THRESHOLD0): gc's youngest generation
+    is collected at that many new containers while the loop serves, not Python's 700
+    (a flush's young objects live until its transaction ends); the thresholds are back
+    once it stops, and embedders' are left alone."""
+    import gc
+
+    from collector import tuning
+
+    before = gc.get_threshold()
+    assert before[0] != tuning.GC_THRESHOLD0
+    with running(db_path, gc_threshold=tuning.GC_THRESHOLD0) as (collector, notes):
+        wait_for(lambda: "READY=1" in notes, 5, what="the loop to start")
+        assert gc.get_threshold() == (tuning.GC_THRESHOLD0, *before[1:])
+    assert gc.get_threshold() == before
+    with running(db_path) as (collector, notes):
+        wait_for(lambda: "READY=1" in notes, 5, what="the loop to start")
+        assert gc.get_threshold() == before
+
+
 def test_the_cli_collector_freezes_what_start_up_built(db_path):
     """freeze_gc (the CLI's setting): gen-2 collections skip the objects alive at start."""
     import gc
