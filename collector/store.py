@@ -286,6 +286,11 @@ class Store:
         # heads, so this bounds the memory a slow worker makes the writer hold): until then
         # their datagrams stay in the log rows they came in (_log_held), so a crash loses nothing.
         self.close_later: Callable[[list[Head], bool], Any] | None = None
+        # The central writer sets chunk_refused(conn, head, exc): called, inside the transaction,
+        # for a head whose chunk cannot be inserted (nor one closed again here) while the rest of
+        # the transaction goes on; it sets the head's datagrams aside or raises (the database is
+        # at fault: the transaction fails as a whole).  None (the collector): the failure raises.
+        self.chunk_refused: Callable[[sqlite3.Connection, Head, Exception], None] | None = None
         self.closed_later_max = 1
         self.closed_later: list[tuple[list[Head], int, Any]] = []
         self._handed: tuple[list[Head], int, Any] | None = None
@@ -548,8 +553,7 @@ class Store:
         for heads, chunk_log_id, pending in self.closed_later:  # closes of the transactions before
             if len(self.closed_later) - self._inserted_later <= self.closed_later_max and not pending.ready():
                 break
-            for head, row in zip(heads, pending.rows(), strict=True):
-                insert_chunk(conn, row, chunk_log_id, self.series[head.sensor])
+            self._insert_chunks(conn, heads, pending.rows, chunk_log_id)
             self._inserted_later += 1
         log_id = ingestlog.append(conn, now, groups, known, body) if groups else 0
         closed = self._close_heads(conn, groups, log_id or self.last_log_id, now)
@@ -681,9 +685,52 @@ class Store:
         if self.close_later is not None and closing:
             self._handed = (closing, log_id, self.close_later(closing, fast))
         else:
-            for head, row in zip(closing, close_heads(closing, fast, self.close_hints)):
-                insert_chunk(conn, row, log_id, self.series[head.sensor])
+            self._insert_chunks(conn, closing, lambda: close_heads(closing, fast, self.close_hints), log_id)
         return done
+
+    def _insert_chunks(
+        self, conn: sqlite3.Connection, heads: list[Head], rows: Callable[[], list[ChunkRow]], log_id: int
+    ) -> None:
+        """Insert the chunks of closing heads (rows(): theirs, in order, closed here or in a worker).
+        With chunk_refused (the central writer), when that fails the heads go one at a time, each
+        in a savepoint: a chunk that fails is closed again here and tried once more (a worker's
+        row may be at fault), and a head whose chunk still fails goes to chunk_refused; the others
+        are inserted.  One savepoint per call when nothing fails."""
+        if self.chunk_refused is None:
+            for head, row in zip(heads, rows(), strict=True):
+                insert_chunk(conn, row, log_id, self.series[head.sensor])
+            return
+        conn.execute("SAVEPOINT chunks")
+        try:
+            for head, row in zip(heads, rows(), strict=True):
+                insert_chunk(conn, row, log_id, self.series[head.sensor])
+        except Exception:
+            conn.execute("ROLLBACK TO chunks")
+            try:
+                made: list[ChunkRow | None] = list(rows())
+            except Exception:  # a worker could not close them: each is closed here
+                made = [None] * len(heads)
+            for head, row in zip(heads, made, strict=True):
+                self._insert_one(conn, head, row, log_id)
+        conn.execute("RELEASE chunks")
+
+    def _insert_one(self, conn: sqlite3.Connection, head: Head, row: ChunkRow | None, log_id: int) -> None:
+        assert self.chunk_refused is not None
+        error: Exception | None = None
+        for attempt in ([row] if row is not None else []) + [None]:
+            conn.execute("SAVEPOINT chunk")
+            try:
+                made = attempt if attempt is not None else close_heads([head], False)[0]
+                insert_chunk(conn, made, log_id, self.series[head.sensor])
+            except Exception as exc:
+                conn.execute("ROLLBACK TO chunk")
+                conn.execute("RELEASE chunk")
+                error = exc
+                continue
+            conn.execute("RELEASE chunk")
+            return
+        assert error is not None
+        self.chunk_refused(conn, head, error)
 
     def _least_recent(self, incoming: dict[tuple[str, int], Any], closing: set[tuple[str, int]]) -> list:
         """The heads to close so that at most 3/4 of max_heads stay open, when more than

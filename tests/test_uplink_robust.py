@@ -662,3 +662,127 @@ def test_every_message_the_decoder_takes_is_writable(data):
             c = Central(path, 0)  # its heads rebuilt from the log
             c.close()
             reading_rows(path)
+
+
+# ---------------------------------------------------------------- a chunk that cannot be written
+
+BAD = "site-1:bad"
+
+
+def refuse_chunks(central: str, sensor: str = BAD) -> sqlite3.Connection:
+    """A constraint only the database knows: a trigger refusing the chunks of `sensor` (the
+    central database created as the consumer creates it).  Returns an open connection (its
+    caller drops the trigger with it, or closes it)."""
+    if not os.path.exists(central):
+        Central(central).close()
+    conn = sqlite3.connect(central, isolation_level=None)
+    conn.execute(
+        f"CREATE TRIGGER refuse_chunk BEFORE INSERT ON chunks WHEN NEW.sensor = '{sensor}' "
+        "BEGIN SELECT RAISE(ABORT, 'refused by the operator'); END"
+    )
+    return conn
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_chunk_that_can_never_be_written_is_set_aside_and_the_rest_is_written(tmp_path, workers, caplog):
+    """A trigger refuses the chunks of one sensor.  Before, with a close worker, every later
+    transaction, even an empty one, failed inserting that worker-made chunk, so the consumer
+    retried for ever ('cannot write the central database') and wrote nothing more; without
+    one, every batch that closed the head failed (its messages then set aside one by one with
+    other sensors' readings in them).  Now the head's 4 datagrams are set aside in
+    uplink_quarantine as a payload-1 message (counted, one ERROR line), every other chunk and
+    message is written, and the message published again once the trigger is gone stores them."""
+    path = str(tmp_path / "central.db")
+    trigger = refuse_chunks(path)
+    rows = [[group("good", 7, (1, 2, 3)), group("bad", 7, (1, 2, 3, 4))]]
+    later = [[group("good", 7, (4, 5)), group("other", 1, (1,))]]
+    now = NOW + 86400  # a day past the readings: every head closes at once
+    c = Central(path, workers)
+    try:
+        c.apply([decoded(columns3("site-1", *rows))], now=now)
+        c.apply([decoded(columns3("site-1", *later, first_id=2))], now=now)
+        c.settle()  # the worker's last chunks
+        c.apply([], now=now)  # and the log rows no head holds trimmed
+        assert not c.store.heads and not c.store.closed_later
+    finally:
+        c.close()
+    good = expected("site-1", *rows, *later)
+    assert central_rows(path) == sorted(r for r in good if r[0] != BAD)
+    assert db_query(path, "SELECT sensor, count(*) FROM chunks GROUP BY sensor ORDER BY 1") == [
+        ("site-1:good", 2),
+        ("site-1:other", 1),
+    ]
+    ((gateway, subject, seq, error, payload),) = db_query(
+        path, "SELECT gateway, subject, stream_seq, error, payload FROM uplink_quarantine"
+    )
+    assert (gateway, subject, seq, error) == (
+        "site-1",
+        "telemetry.site-1.bad.readings",
+        0,
+        "IntegrityError: refused by the operator",
+    )
+    g = group("bad", 7, (1, 2, 3, 4))
+    assert core.decode(payload) == core.Readings("site-1", *g)
+    assert db_counters(path)["uplink_quarantined"] == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"set aside 4 datagrams of {BAD} boot 7 whose chunk cannot be written (IntegrityError: refused by the "
+        "operator): kept in uplink_quarantine id 1 as payload-1 messages"
+    )
+    # the cause fixed, the message published again: nothing was lost
+    trigger.execute("DROP TRIGGER refuse_chunk")
+    trigger.close()
+    c = Central(path, workers)
+    try:
+        done = c.apply([core.decode(payload)], now=now)
+        c.settle()
+    finally:
+        c.close()
+    assert done["uplink_readings"] == 5 and done["uplink_replayed_readings"] == 0
+    assert central_rows(path) == sorted(good)
+
+
+def test_a_consumer_whose_worker_made_chunk_cannot_be_written_goes_on(tmp_path, consumer, bin_path):
+    """The same with a real consumer and its close worker: before, after the first message every
+    write failed inserting the worker's chunk (even the empty transaction the consumer tries to
+    tell a poison message from a database that refuses writes), so it retried for ever and wrote
+    nothing more.  Now: one ERROR line, the head's datagrams set aside, every message written
+    once and acked, no retry, and `status --central` shows it (exit 1)."""
+    central = str(tmp_path / "central.db")
+    refuse_chunks(central).close()
+    rows = [[group("good", 7, (1, 2, 3)), group("bad", 7, (1, 2, 3, 4))]]
+    later = [[group("good", 7, (4, 5)), group("other", 1, (1,))]]
+    want = sorted(r for r in expected("site-1", *rows, *later) if r[0] != BAD)
+    with NatsServer(tmp_path) as ns:
+        pub = Publisher(ns.url)
+        try:
+            c = consumer(central, [ns.url], "--close-workers", "1")
+            pub.publish(columns3("site-1", *rows))
+            wait_for(lambda: db_counters(central)["uplink_messages"] == 1, 30, 0.05, what="the first message")
+            pub.publish(columns3("site-1", *later, first_id=2))
+            wait_for(
+                lambda: (
+                    db_counters(central)["uplink_quarantined"] == 1 and db_counters(central)["uplink_messages"] == 2
+                ),
+                30,
+                0.05,
+                what=lambda: f"the head set aside and the second message written\n{c.text()[-3000:]}",
+            )
+            wait_for(lambda: pub.consumer_info().num_ack_pending == 0, 15, 0.05, what="the acks")
+            assert pub.consumer_info().num_redelivered == 0
+            assert c.stop() == 0
+        finally:
+            pub.close()
+    text = c.text()
+    assert central_rows(central) == want
+    errors = [line for line in text.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"set aside 4 datagrams of {BAD} boot 7 whose chunk cannot be written" in errors[0]
+    assert " WARNING " not in text and "Traceback" not in text and "retrying" not in text
+    status = subprocess.run(
+        [bin_path("telemetry-uplink"), "status", "--central", "--db", central],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 1 and "set aside   1 messages that cannot be written" in status.stdout.splitlines()
+    assert "gateway site-1, stream sequence 0: IntegrityError: refused by the operator" in status.stdout

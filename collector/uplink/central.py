@@ -128,6 +128,21 @@ COUNTERS = (
 ) + tuple(f"uplink_rejected:{r}" for r in core.REASONS)
 
 
+# SQLite's primary result codes of a write that may succeed later unchanged.
+TRANSIENT_CODES = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_PROTOCOL")
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failed write is the database's state rather than the batch's content: busy or
+    locked by another process, the disk full, an I/O error, or the system out of a resource."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return (getattr(exc, "sqlite_errorname", None) or "").startswith(TRANSIENT_CODES)
+    return isinstance(exc, (OSError, MemoryError))
+
+
+INSERT_QUARANTINE = (
+    "INSERT INTO uplink_quarantine (at, gateway, subject, stream_seq, error, payload) VALUES (?, ?, ?, ?, ?, ?)"
+)
 # How an operator looks at what was set aside (docs/OPERATIONS.md "A write that fails").
 QUARANTINE_QUERY = (
     "SELECT id, at, gateway, subject, stream_seq, error, length(payload) AS bytes FROM uplink_quarantine ORDER BY id"
@@ -173,9 +188,15 @@ class Central:
         close_workers: int = 0,
         head_budget: int = store.HEAD_BUDGET_BYTES,
         max_heads: int | None = store.MAX_OPEN_HEADS,
+        subject_prefix: str = "telemetry",
     ) -> None:
         self.path = path
+        self.subject_prefix = subject_prefix  # of the payload-1 messages a refused chunk is set aside as
         self.store = store.Store(path, head_budget=head_budget, max_heads=max_heads)
+        self.store.chunk_refused = self._chunk_refused
+        self._done: Counter = Counter()  # the transaction's counter deltas (for _chunk_refused)
+        self._now = 0.0
+        self._aside: list[str] = []  # what _chunk_refused set aside: said at ERROR after the COMMIT
         # With workers, heads close in other processes while this one writes (closer.py).
         self.closer = closer.Closer(close_workers) if close_workers > 0 else None
         self.store.close_later = self.closer
@@ -237,10 +258,7 @@ class Central:
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            cur = conn.execute(
-                "INSERT INTO uplink_quarantine (at, gateway, subject, stream_seq, error, payload) VALUES (?, ?, ?, ?, ?, ?)",
-                (now, gateway, subject, stream_seq, error[:1000], payload),
-            )
+            cur = conn.execute(INSERT_QUARANTINE, (now, gateway, subject, stream_seq, error[:1000], payload))
             conn.execute(ADD_COUNTER, ("uplink_quarantined", 1))
             conn.execute("COMMIT")
         except BaseException:
@@ -265,6 +283,7 @@ class Central:
         """Write a batch in one transaction; returns what it did (counter deltas)."""
         now = time.time() if now is None else now
         done: Counter = Counter()
+        self._done, self._now, self._aside = done, now, []
         next_before = self._next_series
         self._new_series = []
         self._ensuring = set()
@@ -381,7 +400,46 @@ class Central:
             )
         self._ranges.update(self._pending)
         self.store.committed_groups(merged, *closing)
+        for line in self._aside:
+            log.error("%s", line)
         return done
+
+    def _chunk_refused(self, conn, head: chunkstore.Head, exc: Exception) -> None:
+        """A closing head whose chunk the database refuses (twice, the second closed here) while
+        it takes the rest of the transaction: its datagrams set aside in uplink_quarantine as
+        payload-1 readings messages (stream sequence 0: made here, not taken from the stream),
+        ready to be published again once the cause is fixed; counted in uplink_quarantined and
+        said at ERROR after the COMMIT.  A failure of the database itself (transient) raises:
+        the transaction is tried again as a whole."""
+        if transient(exc):
+            raise exc
+        gateway, _, local = head.sensor.partition(":")
+        columns = {name: column.tolist() for name, column in head.metrics.items()}
+        metrics = {}
+        for name, values in columns.items():
+            column = [None if v != v else v for v in values]  # NaN: the datagram did not carry it
+            if column.count(None) != len(column):
+                metrics[name] = column
+        item = core.Readings(
+            gateway,
+            local,
+            None if head.boot == schema.NO_BOOT else head.boot,
+            head.seqs.tolist(),
+            head.ts.tolist(),
+            head.received.tolist(),
+            metrics,
+        )
+        error = f"{exc.__class__.__name__}: {exc}"
+        ids = []
+        for m in core.readings_messages(self.subject_prefix, item):
+            cur = conn.execute(INSERT_QUARANTINE, (self._now, gateway, m.subject, 0, error[:1000], m.payload))
+            ids.append(int(cur.lastrowid or 0))
+        self._done["uplink_quarantined"] += len(ids)
+        self._aside.append(
+            f"set aside {len(head)} datagrams of {head.sensor} boot {head.boot} whose chunk cannot be written "
+            f"({error}): kept in uplink_quarantine id {', '.join(map(str, ids))} as payload-1 messages (publish "
+            "them again once the cause is fixed), the rest written"
+        )
 
     def _legacy_item(
         self,

@@ -16,7 +16,9 @@ be written (a poison message: it passed the decoder and breaks a constraint):
 the batch is written message by message, and one that fails alone
 QUARANTINE_ATTEMPTS times is set aside in `uplink_quarantine` (payload kept),
 counted in `uplink_quarantined`, logged at ERROR with gateway, subject and
-stream sequence, and terminated; every other message is written.
+stream sequence, and terminated; every other message is written.  A chunk the
+database refuses (a head closed by a worker or the writer) is set aside the
+same way by the writer itself, as payload-1 messages (central.Central._chunk_refused).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import sqlite3
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Iterator
@@ -48,16 +49,8 @@ TXN_READINGS = 200_000
 PREPARE_AHEAD = 2
 # Tries of one message alone, the database taking writes, before it is set aside (quarantined).
 QUARANTINE_ATTEMPTS = 3
-# SQLite's primary result codes of a write that may succeed later unchanged.
-TRANSIENT_CODES = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_PROTOCOL")
-
-
-def transient(exc: BaseException) -> bool:
-    """Whether a failed write is the database's state rather than the batch's content: busy or
-    locked by another process, the disk full, an I/O error, or the system out of a resource."""
-    if isinstance(exc, sqlite3.OperationalError):
-        return (getattr(exc, "sqlite_errorname", None) or "").startswith(TRANSIENT_CODES)
-    return isinstance(exc, (OSError, MemoryError))
+# A failed write that may succeed later unchanged (the central writer decides the same for a chunk).
+transient = central.transient
 
 
 class Stopping(Exception):
@@ -94,7 +87,9 @@ class Consumer:
         self.notify = notify
         self.opts = broker.connect_options(settings.broker)
         workers = closer.default_workers() if settings.close_workers is None else settings.close_workers
-        self.central = central.Central(settings.db, workers, settings.head_budget, settings.max_heads)
+        self.central = central.Central(
+            settings.db, workers, settings.head_budget, settings.max_heads, settings.broker.subject_prefix
+        )
         gc.freeze()  # what start-up loaded (the open heads) stays out of the collector's passes
         self.stop = asyncio.Event()
         self.backoff = core.Backoff(0.1, settings.backoff_max)
