@@ -714,6 +714,7 @@ def _central_stats(counters: dict[str, Any]) -> dict[str, Any]:
             "uplink_gone_rows",
             "uplink_stale_accounts",
             "uplink_quarantined",
+            "uplink_expired_readings",
         )
     }
     for kind in ("uplink_dropped", "budget_dropped"):

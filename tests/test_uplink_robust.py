@@ -28,7 +28,9 @@ import shlex
 import sqlite3
 import subprocess
 import tempfile
+import time
 import zlib
+from collections import Counter
 
 import msgpack
 import pytest
@@ -786,3 +788,89 @@ def test_a_consumer_whose_worker_made_chunk_cannot_be_written_goes_on(tmp_path, 
     )
     assert status.returncode == 1 and "set aside   1 messages that cannot be written" in status.stdout.splitlines()
     assert "gateway site-1, stream sequence 0: IntegrityError: refused by the operator" in status.stdout
+
+
+# ---------------------------------------------------------------- retention
+
+DAY = 86400.0
+
+
+def test_a_replay_of_rows_the_retention_deleted_is_not_stored_again(tmp_path):
+    """With a retention (2 days here), the chunks of a gateway's rows go when they are older;
+    the payload-2 copy of those rows redelivered after that (after the duplicate window, from a
+    gateway that sent payload 3: checked against what is held, and nothing is held any more)
+    was stored again (on the code before: 11 old readings back, besides the 5 new ones).  As a
+    TSDB drops samples older than its retention, datagrams received before it are not stored:
+    counted in uplink_expired_readings; the new ones are stored."""
+    path = str(tmp_path / "central.db")
+    old = expected("site-7", *ROWS)
+    c = Central(path, 0, retain=2 * DAY)
+    try:
+        assert c.apply([decoded(columns3("site-7", *ROWS))], now=NOW)["uplink_readings"] == len(old)
+        c.apply([], now=NOW + DAY)  # a day later the heads are past their span: chunks
+        c.apply([], now=NOW + DAY)  # and the log rows that held them trimmed
+        assert not c.store.heads and db_query(path, "SELECT count(*) FROM chunks") == [(2,)]
+        c.maintain(now=NOW + 3 * DAY)  # three days on, the retention deletes them
+        assert db_query(path, "SELECT count(*) FROM chunks") == [(0,)]
+        fresh = [[group("a", 7, (5, 6), t0=NOW + 3 * DAY - 10), group("c", 1, (1,), t0=NOW + 3 * DAY - 10)]]
+        done = c.apply([decoded(columns2("site-7", *ROWS, *fresh))], now=NOW + 3 * DAY)
+        assert done["uplink_readings"] == len(expected("site-7", *fresh)) == 5
+        assert done["uplink_expired_readings"] == len(old) == 11 and done["uplink_replayed_readings"] == 0
+        counters = db_counters(path)
+    finally:
+        c.close()
+    assert central_rows(path) == expected("site-7", *fresh)
+    assert counters["retention_dropped"] == len(old) and counters["uplink_expired_readings"] == len(old)
+    assert stats(path)["uplink_expired_readings"] == len(old)
+
+
+@pytest.mark.parametrize("prepare", [False, True])
+def test_datagrams_older_than_the_retention_are_counted_not_stored_whatever_brings_them(tmp_path, prepare):
+    """Payload 3 (as the writer decodes it, and as a worker prepares it), 2 and 1, each with old
+    and fresh datagrams of one sensor: the old ones counted in uplink_expired_readings, the
+    fresh ones stored; without a retention (the default) everything is stored, as before."""
+    now = NOW + 10 * DAY
+    mixed = [[group("a", 7, (1, 2), t0=NOW), group("a", 7, (3, 4), t0=now - 100), group("b", 1, (1,), t0=NOW)]]
+    fresh = expected("site-7", [mixed[0][1]])
+    for retain, want in ((DAY, fresh), (0.0, expected("site-7", *mixed))):
+        path = str(tmp_path / f"central-{retain}.db")
+        c = Central(path, 0, retain=retain)
+        try:
+            done = Counter()
+            for m in (decoded(columns3("site-7", *mixed), prepare), decoded(columns2("site-8", *mixed))):
+                done += c.apply([m], now=now)
+            for g in mixed[0]:
+                done += c.apply(
+                    [core.decode(core.readings_message(PREFIX, core.Readings("site-9", *g)).payload)], now=now
+                )
+        finally:
+            c.close()
+        everything = 3 * len(expected("site-7", *mixed))
+        assert done["uplink_readings"] == 3 * len(want)
+        assert done["uplink_expired_readings"] == everything - 3 * len(want)
+        assert central_rows(path) == sorted(
+            (f"{gw}:{r[0].split(':')[1]}", *r[1:]) for gw in ("site-7", "site-8", "site-9") for r in want
+        )
+
+
+def test_a_consumer_with_a_retention_drops_what_is_older(tmp_path, consumer):
+    """`consume --retain 1h` with a real nats-server: a gateway's backlog of readings from 1970
+    and of the last minute: the old ones counted in uplink_expired_readings, not stored."""
+    central = str(tmp_path / "central.db")
+    t = time.time() - 60
+    rows = [[group("a", 7, (1, 2, 3)), group("b", 1, (1, 2), t0=t)], [group("a", 7, (4,), t0=t)]]
+    want = expected("site-1", [rows[0][1]], rows[1])
+    with NatsServer(tmp_path) as ns:
+        pub = Publisher(ns.url)
+        try:
+            c = consumer(central, [ns.url], "--close-workers", "0", "--retain", "1h")
+            pub.publish(columns3("site-1", *rows))
+            wait_for(lambda: db_counters(central)["uplink_messages"] == 1, 30, 0.05, what="the message")
+            assert c.stop() == 0
+        finally:
+            pub.close()
+    assert central_rows(central) == want
+    counters = db_counters(central)
+    assert counters["uplink_readings"] == len(want) == 5
+    assert counters["uplink_expired_readings"] == len(expected("site-1", [rows[0][0]])) == 4
+    assert "5 readings stored, 0 replayed readings dropped, 4 older than the retention" in c.text()

@@ -28,6 +28,7 @@ One transaction per batch of messages: the consumer acks them after COMMIT.
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import time
 from collections import Counter
@@ -38,6 +39,9 @@ from .. import chunkstore, ingestlog, schema, store
 from . import closer, core, prepared, ranges
 
 log = logging.getLogger("uplink.consume")
+
+# A retention step (Central.maintain) at most this often.
+MAINTAIN_INTERVAL_S = 1.0
 
 CREATE_ACCOUNTS = """
 CREATE TABLE IF NOT EXISTS uplink_accounts (
@@ -125,6 +129,7 @@ COUNTERS = (
     "uplink_stale_accounts",
     "uplink_gone_rows",
     "uplink_quarantined",
+    "uplink_expired_readings",
 ) + tuple(f"uplink_rejected:{r}" for r in core.REASONS)
 
 
@@ -189,10 +194,19 @@ class Central:
         head_budget: int = store.HEAD_BUDGET_BYTES,
         max_heads: int | None = store.MAX_OPEN_HEADS,
         subject_prefix: str = "telemetry",
+        retain: float = 0.0,
     ) -> None:
         self.path = path
         self.subject_prefix = subject_prefix  # of the payload-1 messages a refused chunk is set aside as
-        self.store = store.Store(path, head_budget=head_budget, max_heads=max_heads)
+        # Raw readings received longer ago than this (seconds; 0: kept for ever) are deleted
+        # (retention.py, a bounded step at most every MAINTAIN_INTERVAL_S: maintain), and such
+        # datagrams that arrive are not stored, counted in uplink_expired_readings, as a TSDB
+        # drops samples older than its retention: a replay of rows retention deleted (after the
+        # duplicate window, from a gateway whose payload 2 is checked against what is held) is
+        # not stored again.  Rollups are kept.
+        self.retain = retain
+        self._maintained_at = -math.inf
+        self.store = store.Store(path, head_budget=head_budget, max_heads=max_heads, retain=retain, retain_1m=0.0)
         self.store.chunk_refused = self._chunk_refused
         self._done: Counter = Counter()  # the transaction's counter deltas (for _chunk_refused)
         self._now = 0.0
@@ -230,6 +244,21 @@ class Central:
         # what is held, not only uplink_seen (_legacy_item).
         self._payload_3: set[str] = set()
         self._said_busy = False
+        # retention_dropped and the others Store.maintain counts (it writes their totals)
+        self._maintenance_counters: dict[str, float] = {
+            name: value
+            for name, value in self.conn.execute("SELECT name, value FROM counters")
+            if name in store.MAINTENANCE_COUNTERS
+        }
+
+    def maintain(self, now: float | None = None) -> None:
+        """With a retention: one bounded step of it (its own transaction; the scrub of chunk
+        checksums too), at most every MAINTAIN_INTERVAL_S; a failure is said and tried again
+        at the next (Store.maintain)."""
+        now = time.time() if now is None else now
+        if self.retain and now - self._maintained_at >= MAINTAIN_INTERVAL_S:
+            self._maintained_at = now
+            self.store.maintain(self._maintenance_counters, now)
 
     def settle(self) -> None:
         """Insert the chunks of heads closed by the workers (a transaction of its own): when
@@ -349,6 +378,9 @@ class Central:
                 order.insert(0, groups)
             elif groups:
                 order.append(groups)
+            if self.retain:  # what is older than the retention is not stored (counted)
+                cutoff = now - self.retain
+                order = [s if isinstance(s, prepared.Prepared) else _unexpired(s, cutoff, done) for s in order]
             merged: list[ingestlog.Group] = []
             body = None
             if not ready:
@@ -585,6 +617,8 @@ class Central:
         against; then its blocks are marked taken."""
         if item.gone or self._legacy_of(item.gateway):
             return False
+        if self.retain and min(memoryview(item.received).cast("d")) < self._now - self.retain:
+            return False  # some are older than the retention: taken block by block, and dropped
         r = self._ranges_of((item.gateway, item.origin))
         below = -1
         for lo, hi in item.spans:
@@ -793,6 +827,43 @@ class Central:
             [(sensor, g.stream, g.boot, g.first_seq, g.last_seq, g.missing, g.detected_at) for g in item.gaps],
         )
         done["uplink_accounts"] += 1
+
+
+def _unexpired(
+    segment: dict[tuple[str, int | None], list[ingestlog.Group]], cutoff: float, done: Counter
+) -> dict[tuple[str, int | None], list[ingestlog.Group]]:
+    """The groups without their datagrams received before `cutoff` (the retention's): those are
+    counted in uplink_expired_readings instead of uplink_readings."""
+    out: dict[tuple[str, int | None], list[ingestlog.Group]] = {}
+    for key, parts in segment.items():
+        kept = []
+        for g in parts:
+            if min(g.received) >= cutoff:
+                kept.append(g)
+                continue
+            keep = [i for i, r in enumerate(g.received) if r >= cutoff]
+            metrics = {}
+            for name, values in g.metrics.items():
+                column = [values[i] for i in keep]
+                expired = len(values) - values.count(None) - (len(column) - column.count(None))
+                done["uplink_readings"] -= expired
+                done["uplink_expired_readings"] += expired
+                if column.count(None) != len(column):
+                    metrics[name] = column
+            if keep:
+                kept.append(
+                    ingestlog.Group(
+                        g.sensor,
+                        g.boot,
+                        [g.seqs[i] for i in keep],
+                        [g.ts[i] for i in keep],
+                        [g.received[i] for i in keep],
+                        metrics,
+                    )
+                )
+        if kept:
+            out[key] = kept
+    return out
 
 
 def _merge(parts: list[ingestlog.Group]) -> ingestlog.Group:

@@ -37,6 +37,20 @@ def _db_path(value) -> str:
     return path
 
 
+class _Forever(str):
+    seconds = 0.0
+
+
+def _retain(value):
+    """The collector's `retain` format (90d, 12h, 30m or 'forever'); its parser (collector.cli,
+    ~65 ms of imports) loaded only for a value other than the default."""
+    if not isinstance(value, bool) and str(value).strip().lower() in ("forever", "0", "0.0"):
+        return _Forever(str(value))
+    from ..cli import _duration
+
+    return _duration(value)
+
+
 def _gateway(value) -> str:
     return core.check_gateway(config.string(value))
 
@@ -261,6 +275,15 @@ CENTRAL_SETTINGS = [
         "close into chunks until 3/4 of N are open, so the gateways' number of sensors does not set the memory "
         "held (~1 KB a head beyond the data head-budget counts).",
     ),
+    S(
+        "retain",
+        _retain,
+        _retain("forever"),
+        metavar="DURATION",
+        help="Keep raw readings this long (by receive time at the gateway), then only their rollups; readings "
+        "that arrive older than this are not stored (counted in uplink_expired_readings), as a TSDB drops "
+        "samples older than its retention.  'forever' (the default): nothing is deleted.",
+    ),
 ]
 
 
@@ -439,6 +462,7 @@ def consume_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> 
             close_workers=values["close_workers"],
             head_budget=int(values["head_budget"] * 1024 * 1024),
             max_heads=values["max_heads"],
+            retain=values["retain"].seconds,
         )
         if check:
             broker.connect_options(bs)
@@ -490,7 +514,13 @@ def _central_status(db, config_path, fmt) -> None:
             (
                 "written",
                 f"{counters['uplink_messages']} messages, {counters['uplink_readings']} readings "
-                f"({counters['uplink_replayed_readings']} replayed readings dropped), "
+                f"({counters['uplink_replayed_readings']} replayed readings dropped"
+                + (
+                    f", {counters['uplink_expired_readings']} older than the retention"
+                    if counters["uplink_expired_readings"]
+                    else ""
+                )
+                + "), "
                 f"{counters['uplink_accounts']} account snapshots ({counters['uplink_stale_accounts']} stale)",
             ),
             (

@@ -73,6 +73,7 @@ class ConsumeSettings:
     close_workers: int | None = None  # processes closing heads into chunks (None: closer.default_workers())
     head_budget: int = store.HEAD_BUDGET_BYTES  # bytes of open heads at most (the largest close early past it)
     max_heads: int = store.MAX_OPEN_HEADS  # open heads at most (the least recently written close past it)
+    retain: float = 0.0  # seconds of raw readings kept (0: for ever); older ones that arrive are not stored
 
 
 class _CannotWrite(Exception):
@@ -88,7 +89,12 @@ class Consumer:
         self.opts = broker.connect_options(settings.broker)
         workers = closer.default_workers() if settings.close_workers is None else settings.close_workers
         self.central = central.Central(
-            settings.db, workers, settings.head_budget, settings.max_heads, settings.broker.subject_prefix
+            settings.db,
+            workers,
+            settings.head_budget,
+            settings.max_heads,
+            settings.broker.subject_prefix,
+            settings.retain,
         )
         gc.freeze()  # what start-up loaded (the open heads) stays out of the collector's passes
         self.stop = asyncio.Event()
@@ -184,6 +190,7 @@ class Consumer:
                     await self._write(self.central.settle, [])
                 except Stopping:
                     return
+                self.central.maintain()
                 self.notify("WATCHDOG=1")
                 continue
             # Decoded message by message; written (and then acked) whenever TXN_READINGS readings
@@ -199,6 +206,7 @@ class Consumer:
                 return
             finally:
                 gc.enable()
+            self.central.maintain()
             self.backoff.reset()
             self.notify("WATCHDOG=1")
 
@@ -400,7 +408,9 @@ class Consumer:
         t = self.totals
         return (
             f"{t['uplink_messages']} messages, {t['uplink_readings']} readings stored, "
-            f"{t['uplink_replayed_readings']} replayed readings dropped, {t['uplink_accounts']} account "
+            f"{t['uplink_replayed_readings']} replayed readings dropped"
+            + (f", {t['uplink_expired_readings']} older than the retention" if t["uplink_expired_readings"] else "")
+            + f", {t['uplink_accounts']} account "
             f"snapshots ({t['uplink_stale_accounts']} stale), "
             f"{sum(v for k, v in t.items() if k.startswith('uplink_rejected:'))} rejected, "
             f"{t['uplink_quarantined']} set aside"
