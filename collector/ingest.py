@@ -486,6 +486,8 @@ class IngestCore:
         state: Any  # a SensorState whenever d is not None
         tracker: Any
         cur: Any
+        g: Any
+        vals: Any  # the datagram's values in its pending group's order, when it has that group's names
         if fast is None or self.require_auth:
             for i, data in enumerate(datas):
                 outcome = self.receive(data, now)
@@ -509,14 +511,28 @@ class IngestCore:
                     except Exception:  # noqa: BLE001 - the careful path judges it
                         d = None
                     else:
-                        state = plain(d.id)
-                        r = d.r
                         # `decode` trusts the fast decoder for a valid id and
                         # valid names; these are a known sensor without a key
                         # and known metric names, all checked valid: the common
                         # case of `receive`, which takes every other datagram.
-                        if state is None or not state.names.issuperset(r):
+                        state = plain(d.id)
+                        if state is None:
                             d = None
+                        else:
+                            r = d.r
+                            n = len(r)
+                            # Exactly the names of the sensor's pending group of this
+                            # boot (known and valid since its first datagram): its
+                            # values in the group's order, and no other check.
+                            g = state.pending
+                            vals = None
+                            if g is not None and g.width == n and g.boot == d.boot:
+                                try:
+                                    vals = g.pick(r)
+                                except KeyError:
+                                    pass
+                            if vals is None and not state.names.issuperset(r):
+                                d = None
                 else:
                     d = None
                 if d is not None:
@@ -546,13 +562,16 @@ class IngestCore:
                                 self.repeated_strays += 1
                                 counters["duplicates"] += 1
                                 continue
-                    g = state.pending
-                    if g is None or g.boot != boot:
-                        g = self._pending_group(state, boot)
+                    if vals is None:
+                        g = state.pending
+                        if g is None or g.boot != boot:
+                            g = self._pending_group(state, boot)
                     g.seqs.append(seq)
                     g.ts.append(now if ts is None else ts)
                     g.received.append(now)
-                    if g.width == len(r):
+                    if vals is not None:
+                        g.values.extend(vals)
+                    elif g.width == n:
                         try:
                             g.values.extend(g.pick(r))
                         except KeyError:  # other names: the group keeps dicts from here on
@@ -560,7 +579,6 @@ class IngestCore:
                     else:
                         g.add(r)
                     arrive(g)
-                    n = len(r)
                     readings_added += n
                     state.readings += n
                     continue
