@@ -10,7 +10,10 @@ milliseconds per close and microseconds per datagram.  Two shapes of data:
 - realistic: ms-jittered sensor times, values quantized like devices
   (0.01, 0.1, 0.01, 0.001 and an integer counter), receive times at 1 us;
 - ingest: what bench/ingest.py sends (one sensor time and the same values
-  in every datagram of a sensor), receive times at 1 us.
+  in every datagram of a sensor), receive times at 1 us;
+- seconds: bench/ingest_core.py's (the same values, the sensor time one
+  second further each datagram: a head spans 17 minutes, so its minute
+  blocks have ~18 rows, as with many sensors at 1 Hz).
 
 `--against DIR` times another checkout's code (DIR's collector package,
 with DIR/.venv/bin/python) in turn with this one, `--pairs` times, so the
@@ -34,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("temp", "hum", "press", "volt", "count")
+SHAPES = ("realistic", "ingest", "seconds")
 
 
 def make_head(Head, shape: str, rows: int, metrics: int, sensor: int, rnd: random.Random, name: int | None = None):
@@ -43,8 +47,8 @@ def make_head(Head, shape: str, rows: int, metrics: int, sensor: int, rnd: rando
     t0 = 1_700_000_000.0 + sensor
     seqs = list(range(1000 * sensor, 1000 * sensor + rows))
     received = [round(t0 + 0.5 + i * 0.0008 + rnd.random() * 1e-4, 6) for i in range(rows)]
-    if shape == "ingest":  # bench/ingest.py: one ts and the same readings in every datagram
-        ts = [t0] * rows
+    if shape in ("ingest", "seconds"):  # bench/ingest.py: one ts and the same readings in every datagram
+        ts = [t0] * rows if shape == "ingest" else [t0 + i for i in range(rows)]
         values = {"temp": 21.53, "hum": 40.2, "press": 1013.25, "volt": 3.712, "count": 123456.0}
         cols = {k: [values[k]] * rows for k in NAMES[:metrics]}
     else:
@@ -61,7 +65,9 @@ def make_head(Head, shape: str, rows: int, metrics: int, sensor: int, rnd: rando
     return head
 
 
-def measure(root: Path, rows_list: list[int], heads: int, repeat: int, together: bool, fast: bool) -> list[dict]:
+def measure(
+    root: Path, rows_list: list[int], heads: int, repeat: int, together: bool, fast: bool, shapes: list[str]
+) -> list[dict]:
     sys.path.insert(0, str(root))
     from collector import chunkstore
     from collector.chunkstore import Head, close_heads
@@ -71,7 +77,7 @@ def measure(root: Path, rows_list: list[int], heads: int, repeat: int, together:
     args = (fast, hints) if hints is not None else (fast,)
 
     out = []
-    for shape in ("realistic", "ingest"):
+    for shape in shapes:
         for metrics in (2, 5):
             for rows in rows_list:
                 rnd = random.Random(rows * 10 + metrics)
@@ -110,6 +116,7 @@ def run_child(python: str, root: Path, args) -> list[dict]:
     cmd += ["--repeat", str(args.repeat), "--rows", *map(str, args.rows)]
     cmd += ["--together"] if args.together else []
     cmd += ["--slow"] if args.slow else []
+    cmd += ["--shapes", *args.shapes]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
@@ -120,13 +127,18 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=7, help="repeats, the median is printed (default 7)")
     p.add_argument("--together", action="store_true", help="also time chunkstore.close_heads of the same heads")
     p.add_argument("--slow", action="store_true", help="fast=False (the 1 Hz choice) instead of fast=True")
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES, help="data shapes (default: all)")
     p.add_argument("--against", type=Path, help="another checkout (DIR/.venv/bin/python, DIR's collector), in turn")
     p.add_argument("--pairs", type=int, default=1, help="with --against: runs of each, in turn (default 1)")
     p.add_argument("--_json", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._json:
-        print(json.dumps(measure(args._root, args.rows, args.heads, args.repeat, args.together, not args.slow)))
+        print(
+            json.dumps(
+                measure(args._root, args.rows, args.heads, args.repeat, args.together, not args.slow, args.shapes)
+            )
+        )
         return
     programs = [("this", sys.executable, ROOT)]
     if args.against:

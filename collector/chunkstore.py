@@ -636,15 +636,17 @@ def close_heads(heads: list[Head], fast: bool = False, hints: CloseHints | None 
     consumer closes hundreds a transaction, most of a few hundred datagrams): CLOSE_TOGETHER at
     a time, their chunks of one length and their minute blocks of one length go through the
     encoder's numpy passes together (chunkenc.encode_arrays_many, minute_blocks_many), so its
-    cost per call is paid per length instead of per head.  With hints (fast only) each head
-    closes as Head.close(fast, hints) does: the reused choices beat the shared numpy passes
-    (bench/close.py --together)."""
-    if hints is not None and fast:
-        return [h.close(fast, hints) for h in heads]
+    cost per call is paid per length instead of per head.  With hints (fast only) each chunk
+    is encoded as Head.close(fast, hints) does (the reused choices beat the shared numpy
+    passes), its minute blocks still together with the others' (bench/close.py --together)."""
     out: list[ChunkRow] = []
     for at in range(0, len(heads), CLOSE_TOGETHER):
-        closing = [h._closing() for h in heads[at : at + CLOSE_TOGETHER]]
-        blobs = encode_arrays_many([columns for columns, _ in closing], fast=fast)
+        some = heads[at : at + CLOSE_TOGETHER]
+        closing = [h._closing() for h in some]
+        if hints is not None and fast:
+            blobs = [hints.encode(h.sensor, columns) for h, (columns, _) in zip(some, closing)]
+        else:
+            blobs = encode_arrays_many([columns for columns, _ in closing], fast=fast)
         blocks = minute_blocks_many([row.rollups for _, row in closing], fast)
         out += [
             row._replace(crc=zlib.crc32(blob), blob=blob, blocks=b) for (_, row), blob, b in zip(closing, blobs, blocks)
