@@ -26,7 +26,16 @@ Body, version 1: zlib(msgpack([1, [group, ...]])) where a group is
            datagram did not carry the metric
 A sensor that changed boot within one flush has one group per boot.  The
 central database of `telemetry-uplink consume` may hold several groups of one
-(sensor, boot) in a row (one per message it took): readers take them in order.
+(sensor, boot) in a row (one per message or block it took): readers take them
+in order.
+
+Body, version 2 (the central database only): zlib(msgpack([2, [[prefix, body],
+...]])) where each body is a version-1 body as a gateway committed it (bytes,
+zlib; the consumer keeps the blocks of a payload-3 message as they came instead
+of packing and compressing their groups again) and prefix the string its
+groups' sensors take (`site-7:`; "" when they are named already); the row's
+groups are each part's in turn.  The outer zlib stream is level 0 (stored):
+its parts are compressed already.
 """
 
 from __future__ import annotations
@@ -40,6 +49,9 @@ import msgpack
 import msgspec
 
 BODY_VERSION = 1
+# The central database's rows of payload-3 messages (telemetry-uplink consume): the gateways'
+# version-1 bodies as they came, with the prefix their sensors take (encode_refs).
+REFS_VERSION = 2
 # zlib level 1: the log is transient (deleted once its data is in closed
 # chunks and, when an uplink runs, sent), so it is compressed for write
 # volume, not for size at rest.
@@ -110,13 +122,54 @@ def body_of_packed(parts: list[bytes], count: int) -> bytes:
     return zlib.compress(b"".join([b"\x92\x01", _array_header(count), *parts]), ZLIB_LEVEL)
 
 
+def encode_refs(parts: list[tuple[str, bytes]]) -> bytes:
+    """A version-2 body (the central database's): version-1 bodies as they came, each with the
+    prefix its groups' sensors take (a gateway's `site-7:`; "" for none), in order.  Stored
+    zlib level 0: the parts are compressed already."""
+    return zlib.compress(_pack([REFS_VERSION, parts]), 0)
+
+
 def decode_body(body: bytes) -> list[Group]:
+    """A body's groups, in order: version 1, or version 2's parts' groups in turn, their
+    sensors prefixed."""
+    version, groups = _unpacked(body)
+    if version == REFS_VERSION:
+        if not isinstance(groups, list):
+            raise LogFormatError("ingest log body: version 2 holds a list of [prefix, body]")
+        out = []
+        for part in groups:
+            if not (isinstance(part, list) and len(part) == 2 and type(part[0]) is str and type(part[1]) is bytes):
+                raise LogFormatError("ingest log body: a version-2 part is not [prefix, body]")
+            prefix, inner = part
+            version, inner_groups = _unpacked(inner)
+            if version != BODY_VERSION:
+                raise LogFormatError(
+                    f"ingest log body: a version-2 part of version {version!r}, expected {BODY_VERSION}"
+                )
+            if prefix:
+                named = _groups(inner_groups)
+                if not all(type(g.sensor) is str for g in named):
+                    raise LogFormatError("ingest log body: a version-2 part's group without a sensor name")
+                out += [g._replace(sensor=prefix + g.sensor) for g in named]
+            else:
+                out += _groups(inner_groups)
+        return out
+    if version != BODY_VERSION:
+        raise LogFormatError(f"ingest log body version {version!r}, expected {BODY_VERSION} or {REFS_VERSION}")
+    return _groups(groups)
+
+
+def _unpacked(body: bytes) -> tuple[Any, Any]:
     try:
         version, groups = msgpack.unpackb(zlib.decompress(body), raw=False, strict_map_key=True)
     except (zlib.error, ValueError, TypeError, msgpack.UnpackException) as exc:
         raise LogFormatError(f"ingest log body: {exc}") from None
-    if version != BODY_VERSION:
-        raise LogFormatError(f"ingest log body version {version!r}, expected {BODY_VERSION}")
+    return version, groups
+
+
+def _groups(groups: Any) -> list[Group]:
+    if not isinstance(groups, list):
+        raise LogFormatError("ingest log body: groups are not a list")
     out = []
     for g in groups:
         if not isinstance(g, list) or len(g) != 6:

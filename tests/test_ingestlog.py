@@ -97,13 +97,36 @@ def test_negative_zero_and_big_int_survive():
     [
         b"",
         b"garbage",
-        ingestlog.zlib.compress(b"\x92\x02\x90"),
+        ingestlog.zlib.compress(b"\x92\x03\x90"),
         ingestlog.zlib.compress(b"\x92\x01\x91\x93\x01\x02\x03"),
+        ingestlog.zlib.compress(b"\x92\x02\xc0"),  # version 2 without its list of parts
+        ingestlog.encode_refs([("p:", b"garbage")]),
+        ingestlog.zlib.compress(ingestlog.msgpack.packb([2, [["p:"]]])),
+        ingestlog.zlib.compress(ingestlog.msgpack.packb([2, [[1, ingestlog.encode_body([])]]])),
+        ingestlog.encode_refs([("p:", ingestlog.encode_refs([]))]),  # version 2 inside version 2
+        ingestlog.encode_refs(
+            [("p:", ingestlog.zlib.compress(ingestlog.msgpack.packb([1, [[7, 1, [1], [1.0], [1.0], {}]]])))]
+        ),
     ],
 )
 def test_bad_bodies_are_refused_with_one_error(body):
     with pytest.raises(ingestlog.LogFormatError):
         ingestlog.decode_body(body)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["", "site-7:", "b:"]), groups()), max_size=4))
+def test_a_version_2_body_reads_as_its_parts_groups_in_turn_their_sensors_prefixed(parts):
+    body = ingestlog.encode_refs([(prefix, ingestlog.encode_body(gs)) for prefix, gs in parts])
+
+    def exact(gs):
+        return [
+            (g.sensor, g.boot, g.seqs, [bits(x) for x in g.ts], [bits(x) for x in g.received])
+            + ({k: [(type(x), bits(x)) for x in v] for k, v in g.metrics.items()},)
+            for g in gs
+        ]
+
+    assert exact(ingestlog.decode_body(body)) == exact([g._replace(sensor=p + g.sensor) for p, gs in parts for g in gs])
+    assert ingestlog.zlib.decompress(body)[:1] == b"\x92"  # stored: msgpack as it is, level 0
 
 
 def test_table_reads_in_commit_order_and_ids_are_never_reused(tmp_path):

@@ -43,17 +43,27 @@ def made_ready(payload: bytes) -> prepared.Prepared:
     return item
 
 
-def feed(path: str, batches: list[list[bytes]], ready, workers: int = 0) -> Counter:
+def feed(path: str, batches: list[list[bytes]], ready, workers: int = 0, columnar: bool = True) -> Counter:
     """The batches written by a Central; `ready`: a message prepared (True), decoded by the writer
-    (False), or a function of the message's index in the stream that says which."""
+    (False), or a function of the message's index in the stream that says which (a message that
+    names a metric with no value is prepared as decoded: prepared.prepare).  columnar=False: the
+    writer takes what it decoded block by block and merges per key (the way before session 8:
+    the reference the other ways are held to)."""
     total: Counter = Counter()
     c = Central(path, workers, BUDGET)
+    c.columnar = columnar
     k = 0
     try:
         for i, batch in enumerate(batches, 1):
             items = []
             for p in batch:
-                items.append(made_ready(p) if (ready(k) if callable(ready) else ready) else core.decode(p))
+                if ready(k) if callable(ready) else ready:
+                    item = prepared.prepare(p)  # a Blocks when it names a metric with no value
+                    if isinstance(item, prepared.Prepared):
+                        item.payload = p
+                    items.append(item)
+                else:
+                    items.append(core.decode(p))
                 k += 1
             total.update(c.apply(items, now=5000.0 + i))
     finally:
@@ -70,7 +80,7 @@ def datagrams(path: str) -> list[tuple]:
     return sorted(readings(path))
 
 
-def test_a_prepared_message_holds_its_blocks_merged_per_sensor_with_the_writers_body():
+def test_a_prepared_message_holds_its_blocks_merged_per_sensor_and_their_bodies_as_they_came():
     data = rows(6)
     (payload,) = payloads(data, rows_per_message=6)
     blocks = core.decode(payload)
@@ -89,23 +99,30 @@ def test_a_prepared_message_holds_its_blocks_merged_per_sensor_with_the_writers_
         hum = [v for m in mine for v in m.metrics.get("hum", [None] * len(m.seqs))]
         assert [v != v for v in g.metrics["hum"].tolist()] == [v is None for v in hum]  # NaN where absent
         assert [v for v in g.metrics["hum"].tolist() if v == v] == [v for v in hum if v is not None]
-    # the log body's groups: one per key, the values as they came (None where absent)
-    body = ingestlog.decode_body(ingestlog.body_of_packed([item.packed], item.count))
-    assert [(g.sensor, g.boot) for g in body] == item.keys
-    for got, g in zip(body, groups, strict=True):
-        assert got.seqs == g.seqs.tolist() and got.ts == g.ts.tolist() and got.received == g.received.tolist()
-        assert sorted(got.metrics) == sorted(g.metrics)
+    # the central log row keeps the blocks' bodies as they came: the gateway's groups in order,
+    # renamed; per key the same datagrams as the merged groups, the values as they came
+    assert item.bodies == tuple(b.body for b in blocks.blocks)
+    body = ingestlog.decode_body(ingestlog.encode_refs([("site-7:", b) for b in item.bodies]))
+    assert body == [g._replace(sensor=f"site-7:{g.sensor}") for row in data for g in row]
+    for got in groups:
+        mine = [g for g in body if (g.sensor, g.boot) == (got.sensor, got.boot)]
+        assert [q for g in mine for q in g.seqs] == got.seqs.tolist()
+        assert [t for g in mine for t in g.ts] == got.ts.tolist()
+        assert [t for g in mine for t in g.received] == got.received.tolist()
     hum = [v for row in data for m in row if m.sensor == "s0" for v in m.metrics.get("hum", [None] * len(m.seqs))]
-    assert body[0].metrics["hum"] == hum
+    assert [v for g in body if g.sensor == "site-7:s0" for v in g.metrics.get("hum", [None] * len(g.seqs))] == hum
 
 
+@pytest.mark.parametrize("ready", [True, False], ids=["worker", "writer"])
 @pytest.mark.parametrize("per_txn", [1, 3])
-def test_prepared_messages_make_the_database_decoded_ones_make(tmp_path, per_txn):
+def test_prepared_messages_make_the_database_decoded_ones_make(tmp_path, per_txn, ready):
+    """Made ready in a worker, or by the writer (Central._columnar): the database the writer's
+    block-by-block way makes (chunks byte for byte)."""
     data = rows(60)
     msgs = payloads(data)
     batches = [msgs[i : i + per_txn] for i in range(0, len(msgs), per_txn)]
-    want_done = feed(str(tmp_path / "decoded.db"), batches, ready=False)
-    got_done = feed(str(tmp_path / "prepared.db"), batches, ready=True)
+    want_done = feed(str(tmp_path / "decoded.db"), batches, ready=False, columnar=False)
+    got_done = feed(str(tmp_path / "prepared.db"), batches, ready=ready)
     want_chunks, got_chunks = chunks(str(tmp_path / "decoded.db")), chunks(str(tmp_path / "prepared.db"))
     assert len(want_chunks) >= 20  # the budget closes heads all along
     assert got_chunks == want_chunks  # the same bytes and log ids
@@ -163,7 +180,8 @@ def test_a_worker_prepares_messages_and_its_refusals_reach_the_writer_by_reason(
         c.shutdown()
 
 
-def test_metrics_a_group_does_not_carry_are_taken_as_the_writer_takes_them(tmp_path):
+@pytest.mark.parametrize("ready", [True, False], ids=["worker", "writer"])
+def test_metrics_a_group_does_not_carry_are_taken_as_the_writer_takes_them(tmp_path, ready):
     """A metric a gateway group holds only as None, a metric new in a later row, a sensor with no
     boot: the same database either way.  (A value sent as NaN is refused by both, bad_shape: no
     reading is NaN, and NaN stands for "not carried" in a head.)"""
@@ -183,8 +201,8 @@ def test_metrics_a_group_does_not_carry_are_taken_as_the_writer_takes_them(tmp_p
         row[3] = g._replace(boot=None)
     msgs = payloads(data, rows_per_message=4)
     batches = [msgs[i : i + 2] for i in range(0, len(msgs), 2)]
-    want_done = feed(str(tmp_path / "decoded.db"), batches, ready=False)
-    got_done = feed(str(tmp_path / "prepared.db"), batches, ready=True)
+    want_done = feed(str(tmp_path / "decoded.db"), batches, ready=False, columnar=False)
+    got_done = feed(str(tmp_path / "prepared.db"), batches, ready=ready)
     assert got_done == want_done
     assert chunks(str(tmp_path / "prepared.db")) == chunks(str(tmp_path / "decoded.db"))
     series = "SELECT sensor, metric FROM series ORDER BY sensor, metric"
@@ -245,7 +263,7 @@ def test_messages_prepared_and_decoded_in_one_transaction_make_the_decoded_datab
     data = rows(60)
     msgs = payloads(data)
     batches = [msgs[i : i + per_txn] for i in range(0, len(msgs), per_txn)]
-    want_done = feed(str(tmp_path / "decoded.db"), batches, ready=False)
+    want_done = feed(str(tmp_path / "decoded.db"), batches, ready=False, columnar=False)
     got_done = feed(str(tmp_path / "mixed.db"), batches, ready=lambda k: k % 3 == 2)
     assert chunks(str(tmp_path / "mixed.db")) == chunks(str(tmp_path / "decoded.db"))
     assert got_done == want_done

@@ -6,7 +6,9 @@ id is prefixed by its gateway (`site-7:sim-0001`).  Writes are idempotent:
 
 - readings are written as the collector writes them (storage v3: one
   ingest_log row per batch, heads closed into chunks), through the collector's
-  own Store.  Payload 3 names every block by its place in the gateway's log
+  own Store; a row of payload-3 messages taken whole keeps their blocks' bodies
+  as the gateways committed them (ingest_log body version 2: no value packed
+  again), the arrays of their heads made from them in one pass (prepared.py).  Payload 3 names every block by its place in the gateway's log
   (database identity, row id, datagram offset): what was taken is kept as
   merged key ranges per (gateway, database) in `uplink_ranges` (ranges.py; one
   row while a gateway's rows arrive in order), so a message delivered again
@@ -34,6 +36,8 @@ import time
 from collections import Counter
 from itertools import chain
 from operator import itemgetter, methodcaller
+
+import numpy as np
 
 from .. import chunkstore, ingestlog, schema, store
 from . import closer, core, prepared, ranges
@@ -329,8 +333,10 @@ class Central:
         try:
             for item in items:
                 done["uplink_messages"] += 1
+                if isinstance(item, core.Blocks):  # made ready here when every block is new (_columnar)
+                    item = self._columnar(item) or item
                 if isinstance(item, prepared.Prepared):
-                    if self._all_new(item):
+                    if item.payload is None or self._all_new(item):  # None: made here, all new
                         self._taken_groups(taken, done, groups)
                         if groups:
                             order.append(groups)
@@ -390,22 +396,24 @@ class Central:
                 known = (sum(len(g.seqs) for g in merged), done["uplink_readings"])  # readings counted as taken
             else:
                 # A (sensor, boot) may have a group from several segments, in the order they came;
-                # the body joined from what was packed here and what the workers packed.
-                packed: list[bytes] = []
-                count = datagrams = 0
+                # the body (version 2) keeps the prepared messages' blocks as they came, each
+                # with its gateway's prefix, and packs the other segments' groups.
+                refs: list[tuple[str, bytes]] = []
+                datagrams = 0
+                new = self._new_sensors(ready)
                 for segment in order:
                     if isinstance(segment, prepared.Prepared):
-                        packed.append(segment.packed)
-                        count += segment.count
+                        prefix = core.central_sensor(segment.gateway, "")
+                        refs += [(prefix, b) for b in segment.bodies]
                         datagrams += segment.datagrams
-                        merged += self._prepared_groups(segment)
+                        merged += self._prepared_groups(segment, new)
                     else:
                         part = [_merge(parts) for parts in segment.values()]
-                        packed.append(ingestlog.pack_groups(part))
-                        count += len(part)
+                        refs.append(("", ingestlog.encode_body(part)))
                         datagrams += sum(len(g.seqs) for g in part)
                         merged += part
-                body = ingestlog.body_of_packed(packed, count)
+                self._series_of(merged)
+                body = ingestlog.encode_refs(refs)
                 known = (datagrams, done["uplink_readings"])
             closing = self.store.write_groups(conn, merged, now, self._new_series, known, body)
             for reason, n in (rejected or {}).items():
@@ -629,20 +637,83 @@ class Central:
             r.add(lo, hi)
         return True
 
-    def _prepared_groups(self, item: prepared.Prepared) -> list[ingestlog.Group]:
-        """A prepared message's groups (one per key), with the sensor rows and series they need."""
+    # Payload-3 messages the writer decoded are made ready here as a worker makes them
+    # (prepared.from_blocks: arrays, no Python step per value) when every block is new; False:
+    # taken block by block and merged per key (_blocks, _taken_groups), as before session 8
+    # (tests/test_uplink_prepared.py holds the two to the same database).
+    columnar = True
+
+    def _columnar(self, item: core.Blocks) -> prepared.Prepared | None:
+        """A decoded payload-3 message as a Prepared, its blocks marked taken, when it would be
+        taken as it is (_all_new); None otherwise (block by block, as a replay must be)."""
+        if not self.columnar or item.gone or not item.blocks or self._legacy_of(item.gateway):
+            return None
+        try:
+            made = prepared.from_blocks(item)
+        except (OverflowError, ValueError, TypeError):  # a value arrays cannot hold: the way that says so
+            return None
+        if not self._all_new(made):
+            return None
+        made.payload = None
+        return made
+
+    def _new_sensors(self, ready: list[prepared.Prepared]) -> dict[str, tuple[float, float]]:
+        """The sensors of the prepared messages that have no row yet: the receive times their
+        first (sensor, boot) spans over all of them (what the row is made with when the
+        transaction's groups are merged per key)."""
+        out: dict[str, tuple[float, float]] = {}
+        first: dict[str, tuple[str, int | None]] = {}
+        have = self._ensured | self._ensuring
+        for p in ready:
+            if have.issuperset(map(itemgetter(0), p.keys)):
+                continue
+            received = np.frombuffer(p.received, np.float64)
+            lows = np.minimum.reduceat(received, p.bounds[:-1]).tolist()
+            highs = np.maximum.reduceat(received, p.bounds[:-1]).tolist()
+            for key, lo, hi in zip(p.keys, lows, highs):
+                sensor = key[0]
+                if sensor in have or first.setdefault(sensor, key) != key:
+                    continue
+                was = out.get(sensor)
+                out[sensor] = (lo, hi) if was is None else (min(was[0], lo), max(was[1], hi))
+        return out
+
+    def _prepared_groups(self, item: prepared.Prepared, new: dict[str, tuple[float, float]]) -> list[ingestlog.Group]:
+        """A prepared message's groups (one per key), with the sensor rows they need (`new`:
+        _new_sensors); their series are numbered once all are gathered (_series_of)."""
         conn = self.conn
         groups = item.groups()
         for g in groups:
             sensor = g.sensor
             if sensor not in self._ensured and sensor not in self._ensuring:
-                conn.execute(ENSURE_SENSOR, (sensor, min(g.received), max(g.received)))
+                conn.execute(ENSURE_SENSOR, (sensor, *new[sensor]))
                 self._ensuring.add(sensor)
-            known = self.store.series[sensor]
-            for name in g.metrics:
+        return groups
+
+    def _series_of(self, merged: list[ingestlog.Group]) -> None:
+        """The series the transaction's groups need, numbered as when its groups are merged per
+        key: key by key in order of first appearance, each key's metrics in the order its groups
+        first name them."""
+        series = self.store.series
+        for g in merged:  # the usual case: every metric known (two lookups a group)
+            known = series[g.sensor]
+            if not all(map(known.__contains__, g.metrics)):
+                break
+        else:
+            return
+        names: dict[tuple[str, int | None], dict[str, None]] = {}
+        for g in merged:
+            key = (g.sensor, g.boot)
+            named = names.get(key)
+            if named is None:
+                names[key] = dict.fromkeys(g.metrics)
+            else:
+                named.update(dict.fromkeys(g.metrics))
+        for (sensor, _), named in names.items():
+            known = series[sensor]
+            for name in named:
                 if name not in known:
                     self._series(sensor, name)
-        return groups
 
     def _ranges_of(self, key: tuple[str, str]) -> ranges.Ranges:
         """This transaction's copy of what was taken from (gateway, origin)."""

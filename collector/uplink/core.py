@@ -277,6 +277,7 @@ class LogBlock:
     groups: list[list]
     datagrams: int
     readings: int
+    body: bytes = b""  # the log body as it came (zlib): what the central log row keeps (prepared.py)
 
     @property
     def range(self) -> tuple[int, int]:
@@ -573,7 +574,7 @@ def _log_block(entry: Any, budget: int) -> tuple[LogBlock, int]:
         ranges.block_range(row_id, offset, datagrams, last)
     except ValueError as exc:
         raise PayloadError("bad_shape", str(exc)) from None
-    return LogBlock(row_id, offset, last, groups, datagrams, readings), len(raw)
+    return LogBlock(row_id, offset, last, groups, datagrams, readings, body), len(raw)
 
 
 _SEQS, _TS, _RECEIVED, _METRICS = (itemgetter(i) for i in range(2, 6))
