@@ -283,6 +283,7 @@ class Central:
                     log.warning("chunks of closed heads not written at exit (%s); they close at the next start", exc)
                 self.closer.shutdown()
         finally:
+            self.store.chunk_refused = None  # the cycle Central -> Store -> Central gone: freed by refcount
             self.store.close()
 
     def quarantine(self, gateway: str, subject: str, stream_seq: int, error: str, payload: bytes, now: float) -> int:
