@@ -672,21 +672,9 @@ class IngestCore:
     def batch(self) -> Batch:
         """Everything the next flush must write, as it stands now (a snapshot; the
         core keeps it all until `committed()`: tests and tools look with this)."""
-        for state in self.dirty:
-            merge_gap_changes(self._gaps, state.sensor, state.tracker.pop_gap_changes())
-        dirty = list(self.dirty)
-        arrivals = self._arrivals
-        return Batch(
-            [g.group() for g in self._groups.values()],
-            len(arrivals),
-            self.pending_readings,
-            dirty,
-            self._new_series,
-            self._gaps,
-            dict(self.counters),
-            arrivals[:],
-            [state.row() for state in dirty],
-            [(g, len(g.seqs)) for g in self._groups.values()],
+        groups = self._groups.values()
+        return self._batch(
+            [g.group() for g in groups], self._arrivals[:], [(g, len(g.seqs)) for g in groups], detached=False
         )
 
     def take(self) -> Batch:
@@ -696,13 +684,22 @@ class IngestCore:
         lists over (`_Pending.hand_over`) instead of copying them, so `committed()` has
         nothing to cut out of them.  Hand it back with `committed()` or `refused()`
         before the next `take()`; `pending_readings` counts it until then."""
+        taken = [(g, g.hand_over()) for g in self._groups.values()]
+        batch = self._batch([handed[0] for _, handed in taken], self._arrivals, taken, detached=True)
+        self._arrivals = []
+        self.dirty = set()
+        self._new_series = []
+        self._gaps = {}
+        return batch
+
+    def _batch(self, groups: list, arrivals: list, taken: list, detached: bool) -> Batch:
+        """The Batch of these groups and arrivals with the core's sensors, series, gap
+        changes and counters as they stand (batch() and take())."""
         for state in self.dirty:
             merge_gap_changes(self._gaps, state.sensor, state.tracker.pop_gap_changes())
         dirty = list(self.dirty)
-        taken = [(g, g.hand_over()) for g in self._groups.values()]
-        arrivals = self._arrivals
-        batch = Batch(
-            [handed[0] for _, handed in taken],
+        return Batch(
+            groups,
             len(arrivals),
             self.pending_readings,
             dirty,
@@ -712,13 +709,8 @@ class IngestCore:
             arrivals,
             [state.row() for state in dirty],
             taken,
-            True,
+            detached,
         )
-        self._arrivals = []
-        self.dirty = set()
-        self._new_series = []
-        self._gaps = {}
-        return batch
 
     def committed(self, batch: Batch, now: float) -> None:
         """The store committed `batch`: account it and forget its datagrams (those
