@@ -31,6 +31,10 @@ Version 5 stores the 1-minute rollups as minute blocks (`rollup_1m_blocks`,
 one encoded blob per series and closed chunk) instead of a row per series
 and minute: 0.69 -> ~0.2 bytes per reading on the realistic day
 (bench/store_disk.py).  The migration converts version 4's `rollup_1m` rows.
+
+Version 6 declares `chunks.id` AUTOINCREMENT: retention may delete every
+chunk, and SQLite would then hand their ids out again to new chunks, which a
+running query server would miss or answer from its cache of the old ones.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from .errors import SetupError
 if TYPE_CHECKING:  # imported where a database is opened for writing: it pulls in numpy (~0.25 s of CPU)
     import sqlite_utils
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 log = logging.getLogger("collector.schema")
 NO_BOOT = -1  # stored in place of a missing boot field
 # Every reason the collector counts as `rejected:<reason>` in `counters`:
@@ -140,9 +144,11 @@ CHUNK_TABLES = (
     # One row per closed head: one (sensor, boot)'s datagrams, encoded
     # (docs/SCHEMA.md "Chunk format").  log_id: the ingest_log row of the flush
     # that closed it; every datagram of (sensor, boot) in log rows <= log_id is
-    # in a chunk, so readers take only later log rows as open heads.
+    # in a chunk, so readers take only later log rows as open heads.  AUTOINCREMENT
+    # (version 6): an id is never handed out again after retention deleted the
+    # newest chunks, since readers remember ids (heads.HeadCache, decoded chunks).
     """CREATE TABLE IF NOT EXISTS chunks (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         sensor TEXT NOT NULL,
         boot INTEGER NOT NULL,
         log_id INTEGER NOT NULL,
@@ -223,6 +229,40 @@ def _v5(db: sqlite_utils.Database) -> None:
     if "rollup_1m" in db.table_names():
         migrate_minutes(conn)
         conn.execute("DROP TABLE rollup_1m")
+
+
+def _v6(db: sqlite_utils.Database) -> None:
+    """Chunk ids are never reused: `chunks.id` becomes AUTOINCREMENT, counting on from the highest
+    id anything still names (a chunk, a corrupt-chunk record, a minute block)."""
+    conn = db.conn
+    for sql in CHUNK_TABLES:
+        conn.execute(sql)
+    (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'chunks'").fetchone()
+    if "AUTOINCREMENT" not in sql:
+        # The table's rows and pages stay as they are; only its declaration and
+        # sqlite_sequence change (the procedure of https://sqlite.org/lang_altertable.html
+        # section 8 for changes that leave the stored content alone): no copy of a
+        # file of chunks that may be gigabytes.
+        declared = sql.replace("id INTEGER PRIMARY KEY,", "id INTEGER PRIMARY KEY AUTOINCREMENT,", 1)
+        if declared == sql:
+            raise SetupError(f"table chunks is declared as {sql!r}, not as this collector made it: report this")
+        (version,) = conn.execute("PRAGMA schema_version").fetchone()
+        conn.execute("PRAGMA writable_schema=ON")
+        try:
+            conn.execute("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'chunks'", (declared,))
+            conn.execute(f"PRAGMA schema_version={int(version) + 1}")  # every connection reads the schema again
+        finally:
+            conn.execute("PRAGMA writable_schema=OFF")
+    (high,) = conn.execute(
+        "SELECT max(coalesce((SELECT max(id) FROM chunks), 0), coalesce((SELECT max(chunk) FROM chunk_faults), 0),"
+        " coalesce((SELECT max(chunk) FROM rollup_1m_blocks), 0))"
+    ).fetchone()
+    conn.execute("DELETE FROM sqlite_sequence WHERE name = 'chunks' AND seq < ?", (high,))
+    conn.execute(
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'chunks', ? WHERE NOT EXISTS"
+        " (SELECT 1 FROM sqlite_sequence WHERE name = 'chunks')",
+        (high,),
+    )
 
 
 MINUTES_PER_BLOCK = 1440  # a day of one series' minutes per converted block
@@ -316,7 +356,7 @@ def migrate_readings(conn: sqlite3.Connection) -> int:
     return moved
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _health_columns, _v4, _v5]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _health_columns, _v4, _v5, _v6]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

@@ -158,7 +158,9 @@ def test_a_version_4_database_converts_its_minute_rows_into_blocks(db_path, capl
     schema.open_writer(db_path).conn.close()
     assert f"converted {len(merged)} 1-minute rollup rows of 2 series into minute blocks" in caplog.text
     conn = sqlite3.connect(db_path)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("5",)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+        str(schema.SCHEMA_VERSION),
+    )
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'rollup_1m'").fetchone() == (0,)
     assert conn.execute("SELECT count(*) FROM rollup_1m_blocks").fetchone() == (2,)  # one block per series
     assert conn.execute("PRAGMA freelist_count").fetchone() == (0,)  # rollup_1m's pages handed back
