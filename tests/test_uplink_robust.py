@@ -816,11 +816,19 @@ def test_a_replay_of_rows_the_retention_deleted_is_not_stored_again(tmp_path):
         done = c.apply([decoded(columns2("site-7", *ROWS, *fresh))], now=NOW + 3 * DAY)
         assert done["uplink_readings"] == len(expected("site-7", *fresh)) == 5
         assert done["uplink_expired_readings"] == len(old) == 11 and done["uplink_replayed_readings"] == 0
+        # The payload-3 copy left no identity per datagram and what it stored is gone, so this
+        # copy's old readings were counted expired although they were counted taken before
+        # (docs/OPERATIONS.md "The central side"); its uplink_seen rows make the next
+        # delivery a replay.
+        again = c.apply([decoded(columns2("site-7", *ROWS, *fresh))], now=NOW + 3 * DAY)
+        assert (again["uplink_readings"], again["uplink_expired_readings"]) == (0, 0)
+        assert again["uplink_replayed_readings"] == len(old) + 5
         counters = db_counters(path)
     finally:
         c.close()
     assert central_rows(path) == expected("site-7", *fresh)
     assert counters["retention_dropped"] == len(old) and counters["uplink_expired_readings"] == len(old)
+    assert counters["uplink_readings"] == len(old) + 5
     assert stats(path)["uplink_expired_readings"] == len(old)
 
 
@@ -893,3 +901,57 @@ def test_a_closed_central_writer_is_freed_without_the_cycle_collector(tmp_path):
         assert gone() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("payload", ["3", "3 prepared", "2", "1"])
+def test_each_expired_reading_is_counted_once_however_often_it_is_delivered(tmp_path, payload):
+    """A message of datagrams older than the retention, delivered three times (a redelivery
+    after ack-wait, a replay after the duplicate window): nothing stored, its readings counted
+    once in uplink_expired_readings and then, each later delivery, in uplink_replayed_readings
+    (payload 3 by its log ranges, payloads 1 and 2 by uplink_seen)."""
+    path = str(tmp_path / "central.db")
+    old = expected("site-7", *ROWS)
+    c = Central(path, 0, retain=2 * DAY)
+    try:
+        done = Counter()
+        for delivery in range(3):
+            if payload.startswith("3"):
+                items = [decoded(columns3("site-7", *ROWS), prepare=payload.endswith("prepared"))]
+            elif payload == "2":
+                items = [decoded(columns2("site-7", *ROWS))]
+            else:
+                items = [
+                    core.decode(core.readings_message(PREFIX, core.Readings("site-7", *g)).payload)
+                    for row in ROWS
+                    for g in row
+                ]
+            step = c.apply(items, now=NOW + 3 * DAY)
+            want = (0, len(old), 0) if delivery == 0 else (0, 0, len(old))
+            got = (step["uplink_readings"], step["uplink_expired_readings"], step["uplink_replayed_readings"])
+            assert got == want, delivery
+            done += step
+        counters = db_counters(path)
+    finally:
+        c.close()
+    assert central_rows(path) == []
+    assert (counters["uplink_expired_readings"], counters["uplink_replayed_readings"]) == (len(old), 2 * len(old))
+    assert counters["uplink_readings"] == 0 and len(old) == 11
+
+
+def test_a_payload_2_copy_of_expired_payload_3_rows_is_counted_expired_once_more(tmp_path):
+    """The one case the central side cannot tell (docs/OPERATIONS.md "The central side"): payload 3
+    keeps no identity per datagram, so the payload-2 copy of rows whose payload-3 copy was older
+    than the retention is counted expired again; its uplink_seen rows make later copies replays."""
+    path = str(tmp_path / "central.db")
+    old = expected("site-7", *ROWS)
+    c = Central(path, 0, retain=2 * DAY)
+    try:
+        counts = []
+        for m in (columns3("site-7", *ROWS), columns2("site-7", *ROWS), columns2("site-7", *ROWS)):
+            step = c.apply([decoded(m)], now=NOW + 3 * DAY)
+            counts.append((step["uplink_readings"], step["uplink_expired_readings"], step["uplink_replayed_readings"]))
+    finally:
+        c.close()
+    assert counts == [(0, len(old), 0), (0, len(old), 0), (0, 0, len(old))]
+    assert central_rows(path) == []
+
