@@ -28,6 +28,7 @@ import logging
 import os
 import sqlite3
 import zlib
+from collections.abc import Callable
 
 log = logging.getLogger("collector.retention")
 
@@ -103,6 +104,10 @@ class Maintenance:
         self._scrub_after = 0
         self._rollup_after = {"rollup_1m_blocks": 0, "rollup_1h": 0}
         self.faults_logged = 0
+        # Called in the step's transaction with the ids of the chunks the retention is about
+        # to delete (not the budget's: those may be younger than the retention).  The central
+        # consumer forgets their datagrams' payload-1/2 identities there (uplink_seen).
+        self.on_expire: Callable[[sqlite3.Connection, list[int]], None] | None = None
 
     def configure(self, conn: sqlite3.Connection) -> None:
         """Bound the WAL by the budget: it is part of the file's size on disk.
@@ -204,6 +209,8 @@ class Maintenance:
                 (cutoff, _oldest_log_row(conn), CHUNKS_PER_STEP),
             )
         ]
+        if ids and self.on_expire is not None:
+            self.on_expire(conn, ids)
         self._delete_chunks(conn, ids, counters, "retention_dropped")
 
     def _rollup_retention(self, conn: sqlite3.Connection, table: str, cutoff: float) -> None:

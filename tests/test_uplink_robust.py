@@ -955,3 +955,34 @@ def test_a_payload_2_copy_of_expired_payload_3_rows_is_counted_expired_once_more
     assert counts == [(0, len(old), 0), (0, len(old), 0), (0, 0, len(old))]
     assert central_rows(path) == []
 
+
+def test_uplink_seen_rows_go_with_the_chunks_the_retention_deletes_and_a_replay_stays_out(tmp_path):
+    """uplink_seen keeps one row per payload-1/2 datagram; with a retention, the rows of the
+    datagrams in the chunks it deletes go with them (before: kept for good).  Those datagrams are
+    older than the retention, so a replay of them is refused by age: not stored, counted in
+    uplink_expired_readings (the identity that told a replay is gone), and the next delivery is
+    a replay again.  A datagram whose chunk is kept keeps its row: its replay is dropped as one."""
+    path = str(tmp_path / "central.db")
+    old = expected("site-8", *ROWS)
+    fresh = [[group("a", 7, (5, 6), t0=NOW + 3 * DAY - 10)]]
+    new = len(expected("site-8", *fresh))
+    c = Central(path, 0, retain=2 * DAY)
+    try:
+        assert c.apply([decoded(columns2("site-8", *ROWS))], now=NOW)["uplink_readings"] == len(old)
+        c.apply([], now=NOW + DAY)  # the heads are past their span: chunks
+        c.apply([], now=NOW + DAY)  # and the log rows that held them trimmed
+        assert db_query(path, "SELECT count(*) FROM uplink_seen") == [(7,)]  # one per datagram
+        assert c.apply([decoded(columns2("site-8", *fresh))], now=NOW + 3 * DAY)["uplink_readings"] == new == 3
+        c.maintain(now=NOW + 3 * DAY)
+        assert db_query(path, "SELECT count(*) FROM chunks") == [(0,)]
+        assert db_query(path, "SELECT seq FROM uplink_seen ORDER BY seq") == [(5,), (6,)]  # the fresh ones
+        counts = []
+        for _ in range(2):
+            step = c.apply([decoded(columns2("site-8", *ROWS, *fresh))], now=NOW + 3 * DAY)
+            counts.append((step["uplink_readings"], step["uplink_expired_readings"], step["uplink_replayed_readings"]))
+        counters = db_counters(path)
+    finally:
+        c.close()
+    assert counts == [(0, len(old), new), (0, 0, len(old) + new)]
+    assert central_rows(path) == expected("site-8", *fresh)
+    assert counters["uplink_readings"] == len(old) + new and counters["retention_dropped"] == len(old)

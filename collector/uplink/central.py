@@ -100,6 +100,7 @@ ON CONFLICT (gateway, origin) DO UPDATE SET as_of = excluded.as_of, uplink_dropp
     budget_dropped = excluded.budget_dropped, updated = excluded.updated
 """
 MARK_SEEN = "INSERT INTO uplink_seen (sensor, boot, seq, ts) VALUES (?, ?, ?, ?)"
+FORGET_SEEN = "DELETE FROM uplink_seen WHERE sensor = ? AND boot = ? AND seq = ? AND ts = ?"
 SEEN_IN_RANGE = "SELECT seq, ts FROM uplink_seen WHERE sensor = ? AND boot = ? AND seq BETWEEN ? AND ?"
 ENSURE_SENSOR = "INSERT OR IGNORE INTO sensors (sensor, first_seen, last_seen) VALUES (?, ?, ?)"
 UPSERT_SENSOR = """
@@ -212,6 +213,7 @@ class Central:
         self._maintained_at = -math.inf
         self.store = store.Store(path, head_budget=head_budget, max_heads=max_heads, retain=retain, retain_1m=0.0)
         self.store.chunk_refused = self._chunk_refused
+        self.store.maintenance.on_expire = self._forget_seen
         self._done: Counter = Counter()  # the transaction's counter deltas (for _chunk_refused)
         self._now = 0.0
         self._aside: list[str] = []  # what _chunk_refused set aside: said at ERROR after the COMMIT
@@ -264,6 +266,27 @@ class Central:
             self._maintained_at = now
             self.store.maintain(self._maintenance_counters, now)
 
+    def _forget_seen(self, conn: sqlite3.Connection, chunk_ids: list[int]) -> None:
+        """The uplink_seen rows of the datagrams in chunks the retention deletes (in its
+        transaction).  Every one was received before the retention's cutoff, so a replay of it
+        is refused by age (uplink_expired_readings) and its identity is no longer needed to keep
+        it out: the table holds the payload-1/2 datagrams within the retention (and those that
+        came older than it, never stored), not every one for good."""
+        for chunk_id in chunk_ids:
+            sensor, boot, blob = conn.execute(
+                "SELECT sensor, boot, blob FROM chunks WHERE id = ?", (chunk_id,)
+            ).fetchone()
+            if not conn.execute(
+                "SELECT 1 FROM uplink_seen WHERE sensor = ? AND boot = ? LIMIT 1", (sensor, boot)
+            ).fetchone():
+                continue  # payload 3 brought it (the usual case): no rows to look for
+            try:
+                seqs, ts, _, _ = chunkstore.decode_chunk(blob, metrics=(), received=False)
+            except chunkstore.ChunkError:  # unreadable (chunk_faults): its rows stay, which lets nothing in
+                continue
+            conn.executemany(FORGET_SEEN, [(sensor, boot, seq, t) for seq, t in zip(seqs, ts)])
+            self._legacy.pop(sensor.split(":", 1)[0], None)  # its highest seqs: read again when needed
+
     def settle(self) -> None:
         """Insert the chunks of heads closed by the workers (a transaction of its own): when
         no message comes, so they do not wait for the next one."""
@@ -284,6 +307,7 @@ class Central:
                 self.closer.shutdown()
         finally:
             self.store.chunk_refused = None  # the cycle Central -> Store -> Central gone: freed by refcount
+            self.store.maintenance.on_expire = None
             self.store.close()
 
     def quarantine(self, gateway: str, subject: str, stream_seq: int, error: str, payload: bytes, now: float) -> int:
