@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from uplinkgw import GatewayDB
 
-from collector.uplink import cli
+from collector.uplink import cli, source
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "gateway.toml"
 
@@ -237,3 +237,31 @@ def test_central_status_of_a_database_with_nothing_set_aside_exits_0_and_of_a_ga
     gw = GatewayDB(str(tmp_path / "gw.db"))
     result = uplink(["status", "--central", "--db", gw.path])
     assert result.returncode == 2 and "not a central database" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_central_database_is_not_uplinked_onward_one_line_exit_2(tmp_path, bin_path):
+    """A central database (`consume` writes it) given to `run`: its log rows hold several
+    gateways' blocks (body version 2), which no consumer takes as payload (bad_shape, every
+    message of it refused at the higher tier while this uplink saw its acks), so `run` refuses
+    it before it starts, in one line, and leaves no position file (that would make the central
+    database keep its ingest log for an uplink that never acks)."""
+    import subprocess
+
+    from collector.uplink.central import Central
+
+    path = str(tmp_path / "central.db")
+    Central(path).close()
+    result = uplink(["run", "--db", path, "--gateway", "hq", "--check"])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr
+    assert errors[0] == f"Error: {source.central_refusal(path)}"
+    proc = subprocess.run(
+        [bin_path("telemetry-uplink"), "run", "--db", path, "--gateway", "hq", "--servers", "nats://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"Error: {source.central_refusal(path)}"]
+    assert not (tmp_path / "central.db-uplink").exists()
+    gw = GatewayDB(str(tmp_path / "gw.db"))  # a gateway's database passes
+    assert uplink(["run", "--db", gw.path, "--gateway", "hq", "--check"]).returncode == 0

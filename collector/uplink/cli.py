@@ -400,6 +400,7 @@ def run_cmd(ctx: click.Context, config_path, check, verbose, quiet, **_) -> None
             backoff_max=values["backoff_max"],
             status_interval=values["status_interval"],
         )
+        source.refuse_central(settings.db)
         if check:
             broker.connect_options(bs)
             source.read_cursor(settings.db)
@@ -615,7 +616,7 @@ def status_cmd(db, config_path, central, fmt) -> None:
         live = daemon.get("position") if running else None
         if type(live) is int and live > position:
             position = live
-        src = source.Source(db, "status")
+        src = source.Source(db, source.STATUS)
         try:
             entries, readings, oldest = src.pending(position)
         finally:

@@ -19,6 +19,7 @@ from .. import ingestlog
 from ..errors import SetupError
 from . import core
 
+STATUS = "status"  # the gateway name `telemetry-uplink status` reads with: any database may be looked at
 SENSOR_COLUMNS = "sensor, first_seen, last_seen, datagrams, readings, lost, duplicates, reordered, restarts"
 # Sensors whose last_seen is this close below the newest we published are
 # looked at again each round (clock steps, flushes that commit older receive times).
@@ -34,6 +35,45 @@ ACCOUNTS_SLACK_S = 120.0
 # (~200 bytes each); longer lists are read each time.
 GAP_CACHE_PER_SENSOR = 16
 GAP_CACHE_TOTAL = 20_000
+
+
+# Tables only `telemetry-uplink consume` makes: their presence marks a central database.
+CENTRAL_TABLES = ("uplink_accounts", "uplink_ranges", "uplink_seen", "uplink_quarantine")
+
+
+def central_refusal(db: str) -> str:
+    """The one line that refuses to uplink a central database onward."""
+    return (
+        f"database {db} is a central database (telemetry-uplink consume writes it): it cannot be uplinked "
+        "onward to another tier; let the higher tier's consumer read the gateways' stream (docs/OPERATIONS.md "
+        '"The central side")'
+    )
+
+
+def is_central(conn: sqlite3.Connection) -> bool:
+    marks = ",".join("?" * len(CENTRAL_TABLES))
+    return bool(
+        conn.execute(
+            f"SELECT 1 FROM sqlite_master WHERE type = 'table' AND name IN ({marks})", CENTRAL_TABLES
+        ).fetchone()
+    )
+
+
+def refuse_central(db: str) -> None:
+    """SetupError when `db` is a central database; nothing when it is not, or not there yet (the
+    collector creates it; Source checks again when it opens it)."""
+    if not os.path.exists(db):
+        return
+    try:
+        conn = sqlite3.connect(f"file:{quote(db)}?mode=ro", uri=True)
+        try:
+            central = is_central(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return  # Source says what is wrong with it
+    if central:
+        raise SetupError(central_refusal(db))
 
 
 def cursor_path(db: str) -> str:
@@ -127,10 +167,15 @@ class Source:
             self.conn.execute("PRAGMA busy_timeout=5000")
             self.conn.execute("SELECT 1 FROM ingest_log LIMIT 1").fetchall()
             self.conn.execute("SELECT 1 FROM sensors LIMIT 1").fetchall()
+            central = gateway != STATUS and is_central(self.conn)
         except sqlite3.Error as exc:
+            self.conn.close()
             raise SetupError(
                 f"cannot read database {db}: {exc} (has a collector with the ingest log, storage v3, created it yet?)"
             ) from None
+        if central:
+            self.conn.close()
+            raise SetupError(central_refusal(db))
         self.published: dict[str, tuple] = {}  # sensor -> counts last acked centrally
         self.high_last_seen = float("-inf")
         # sensor -> ((lost, reordered), gaps, gaps_total) as read last (GAP_CACHE_*)
