@@ -16,7 +16,7 @@ from collections import Counter
 import msgpack
 import pytest
 from test_uplink_closer import BUDGET, chunks
-from test_uplink_prepared import counters, datagrams
+from test_uplink_prepared import counters, datagrams, per_key
 from uplinkgw import readings
 
 from collector import ingestlog
@@ -140,20 +140,9 @@ def test_the_columnar_way_makes_the_database_the_way_before_it_made(tmp_path, se
         db_query(new, "SELECT body FROM ingest_log ORDER BY id"),
         strict=True,
     ):
-        assert _per_key(ingestlog.decode_body(a)) == _per_key(ingestlog.decode_body(b))
-
-
-def _per_key(groups: list[ingestlog.Group]) -> str:
-    out: dict = {}
-    for g in groups:
-        seqs, columns = out.setdefault((g.sensor, str(g.boot)), [[], {}])
-        before = len(seqs)
-        seqs += g.seqs
-        for name, values in g.metrics.items():
-            columns.setdefault(name, [None] * before).extend(values)
-        for column in columns.values():
-            column += [None] * (len(seqs) - len(column))
-    return repr(sorted((k, v[0], sorted(v[1].items())) for k, v in out.items()))
+        assert per_key(ingestlog.decode_body(a), sort_metrics=True) == per_key(
+            ingestlog.decode_body(b), sort_metrics=True
+        )
 
 
 def test_heads_rebuilt_from_version_2_rows_after_a_restart_make_the_same_chunks(tmp_path):

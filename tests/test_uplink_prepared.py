@@ -19,6 +19,23 @@ from collector.uplink.central import Central
 from helpers import db_query
 
 
+def per_key(groups: list[ingestlog.Group], sort_metrics: bool = False) -> str:
+    """A log row's datagrams merged per (sensor, boot) in the order they came, as text: each
+    key's seqs and metric columns (None where a datagram did not carry the metric), the metrics
+    in the order they were first named, or by name with `sort_metrics`."""
+    out: dict = {}
+    for g in groups:
+        seqs, columns = out.setdefault((g.sensor, str(g.boot)), [[], {}])
+        before = len(seqs)
+        seqs += g.seqs
+        for name, values in g.metrics.items():
+            columns.setdefault(name, [None] * before).extend(values)
+        for column in columns.values():
+            column += [None] * (len(seqs) - len(column))
+    order = sorted if sort_metrics else list
+    return repr(sorted((k, v[0], order(v[1].items())) for k, v in out.items()))
+
+
 def payloads(data, first_id: int = 1, rows_per_message: int = 3, max_datagrams: int = 50_000) -> list[bytes]:
     """The gateway rows as payload-3 messages of several blocks each (as `telemetry-uplink run`
     cuts them; max_datagrams small: rows cut into pieces)."""
@@ -215,19 +232,7 @@ def test_metrics_a_group_does_not_carry_are_taken_as_the_writer_takes_them(tmp_p
         db_query(str(tmp_path / "prepared.db"), bodies), db_query(str(tmp_path / "decoded.db"), bodies)
     ):
         # the same datagrams per (sensor, boot), the None-only column left out
-        def per_key(body):
-            out = {}
-            for g in ingestlog.decode_body(body):
-                seqs, columns = out.setdefault((g.sensor, g.boot), [[], {}])
-                before = len(seqs)
-                seqs += g.seqs
-                for name, values in g.metrics.items():
-                    columns.setdefault(name, [None] * before).extend(values)
-                for column in columns.values():
-                    column += [None] * (len(seqs) - len(column))
-            return repr(sorted(out.items()))
-
-        assert per_key(a) == per_key(b)
+        assert per_key(ingestlog.decode_body(a)) == per_key(ingestlog.decode_body(b))
 
 
 class _Msg:

@@ -75,6 +75,12 @@ class Publisher:
             self.loop.close()
 
 
+def published(pub: Publisher, central: str, m: core.Message, messages: int, what: str) -> None:
+    """Publish `m`, then wait until the consumer has written `messages` messages in all."""
+    pub.publish(m)
+    wait_for(lambda: db_counters(central)["uplink_messages"] == messages, 30, 0.05, what=what)
+
+
 def group(sensor: str, boot: int | None, seqs, t0: float = 1000.0) -> ingestlog.Group:
     seqs = list(seqs)
     return ingestlog.Group(
@@ -244,10 +250,8 @@ def test_a_consumer_takes_payload_2_after_payload_3_of_the_same_rows_once(tmp_pa
         pub = Publisher(ns.url)
         try:
             c = consumer(central, [ns.url], "--close-workers", "2")
-            pub.publish(columns3("site-7", *ROWS))
-            wait_for(lambda: db_counters(central)["uplink_messages"] == 1, 30, 0.05, what="the payload-3 message")
-            pub.publish(columns2("site-7", *ROWS, *NEW))
-            wait_for(lambda: db_counters(central)["uplink_messages"] == 2, 30, 0.05, what="the payload-2 message")
+            published(pub, central, columns3("site-7", *ROWS), 1, "the payload-3 message")
+            published(pub, central, columns2("site-7", *ROWS, *NEW), 2, "the payload-2 message")
             assert c.stop() == 0
         finally:
             pub.close()
@@ -759,8 +763,7 @@ def test_a_consumer_whose_worker_made_chunk_cannot_be_written_goes_on(tmp_path, 
         pub = Publisher(ns.url)
         try:
             c = consumer(central, [ns.url], "--close-workers", "1")
-            pub.publish(columns3("site-1", *rows))
-            wait_for(lambda: db_counters(central)["uplink_messages"] == 1, 30, 0.05, what="the first message")
+            published(pub, central, columns3("site-1", *rows), 1, "the first message")
             pub.publish(columns3("site-1", *later, first_id=2))
             wait_for(
                 lambda: (
@@ -872,8 +875,7 @@ def test_a_consumer_with_a_retention_drops_what_is_older(tmp_path, consumer):
         pub = Publisher(ns.url)
         try:
             c = consumer(central, [ns.url], "--close-workers", "0", "--retain", "1h")
-            pub.publish(columns3("site-1", *rows))
-            wait_for(lambda: db_counters(central)["uplink_messages"] == 1, 30, 0.05, what="the message")
+            published(pub, central, columns3("site-1", *rows), 1, "the message")
             assert c.stop() == 0
         finally:
             pub.close()
