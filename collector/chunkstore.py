@@ -598,10 +598,16 @@ class CloseHints:
     costs a fraction of searching for one (bench/close.py).  Every REFRESH-th chunk of a
     sensor is searched afresh, so a better choice is found when the data changes in a way the
     checks do not catch (narrower values).  At most MAX_SENSORS sensors are remembered
-    (peers choose the names), the oldest forgotten first: ~1 KB each."""
+    (peers choose the names), the oldest forgotten first: ~1 KB each.
+
+    A search costs about 1 us a datagram however long the head (the scale search and every
+    transform's candidate), a reuse a third of that at 4,096 (bench/close.py): a head longer
+    than SEARCH_ROWS (a fast sensor's, store.FAST_HEAD_FACTOR) is searched on its first
+    SEARCH_ROWS rows, and those choices are then tried on all of it, checked as any reuse."""
 
     REFRESH = 16
     MAX_SENSORS = 4096
+    SEARCH_ROWS = 1024
 
     __slots__ = ("_last", "reused", "searched")
 
@@ -618,8 +624,13 @@ class CloseHints:
         last, uses = self._last.pop(sensor, (None, 0))
         if uses >= self.REFRESH:
             last = None
-        blob, chosen, reused = encode_reusing(*columns, last)
-        if reused:
+        searching = last is None
+        seqs, ts, received, metrics = columns
+        n = self.SEARCH_ROWS
+        if searching and len(seqs) > n:  # search the first rows, then reuse what they chose
+            last = encode_reusing(seqs[:n], ts[:n], received[:n], {k: v[:n] for k, v in metrics.items()}, None)[1]
+        blob, chosen, reused = encode_reusing(seqs, ts, received, metrics, last)
+        if reused and not searching:
             self.reused += 1
             uses += 1
         else:

@@ -38,7 +38,7 @@ from .errors import ConfigError, DecodeError, SetupError
 from .histogram import FlushStats
 from .ingest import IngestCore, Refused, Rejected
 from .schema import REJECT_REASONS
-from .store import CHUNK_DATAGRAMS, FlushJob, Store
+from .store import CHUNK_DATAGRAMS, FAST_HEAD_FACTOR, FlushJob, Store
 
 log = logging.getLogger("collector")
 
@@ -70,6 +70,8 @@ class Settings:
     max_sensors: int = tuning.MAX_SENSORS
     max_series_per_sensor: int = tuning.MAX_SERIES_PER_SENSOR
     chunk_datagrams: int = CHUNK_DATAGRAMS  # a head closes into a chunk at this many datagrams
+    # ... and at this many times that when its sensor sends faster than store.FAST_HEAD_RATE
+    fast_head_factor: int = FAST_HEAD_FACTOR
     recv_buffer_bytes: int = tuning.RECV_BUFFER_BYTES
     # Storage v3 (collector/retention.py): raw and rollup retention (seconds,
     # 0 = forever) and the disk budget (bytes of database + WAL, None = none).
@@ -192,6 +194,7 @@ class Collector:
                 max_disk=None if settings.max_disk is None else int(settings.max_disk),
                 close_between_flushes=True,
                 chunk_datagrams=settings.chunk_datagrams,
+                fast_head_factor=settings.fast_head_factor,
             )
             loaded = self.store.load()
             self.core = IngestCore(

@@ -102,6 +102,13 @@ CLOSE_FLOOR_CHUNKS = 4
 # smallest chunks; a flood gets a collector that keeps up.
 FAST_CLOSE_RATE = 10_000
 CLOSE_OVERDUE_FACTOR = 8
+# A head whose sensor sends faster than FAST_HEAD_RATE datagrams a second (its datagrams over
+# their span of receive time) is due at FAST_HEAD_FACTOR times the count, when the writer asks
+# for it (the collector): much of a close's CPU is paid per close, not per datagram (numpy's
+# calls, the statistics, its own transaction; bench/close.py --rows), so at ingest rates
+# bigger chunks divide it.  A sensor at 1 Hz (the disk figure) never reaches the rate.
+FAST_HEAD_RATE = 500.0
+FAST_HEAD_FACTOR = 4
 MAINTENANCE_COUNTERS = ("retention_dropped", "budget_dropped", "uplink_dropped", "corrupt_chunks")
 # Ingest log rows deleted per flush at most: a big delete never delays a flush.
 LOG_DELETE_STEP = 2000
@@ -240,6 +247,7 @@ class Store:
         max_heads: int | None = None,
         max_backlog_rows: int = tuning.MAX_BACKLOG_ROWS,
         close_between_flushes: bool = False,
+        fast_head_factor: int = 1,
         **retention: float | int | None,
     ) -> None:
         self.path = path
@@ -255,6 +263,8 @@ class Store:
         # The collector's loop closes heads at their count while its sockets
         # are empty (close_one); then a flush leaves them until twice the count.
         self.close_between_flushes = close_between_flushes
+        # A fast sensor's head is due at this many times chunk_datagrams (FAST_HEAD_RATE; 1: never).
+        self.fast_head_factor = fast_head_factor
         self.max_backlog_rows = max_backlog_rows
         self.uplink_path = path + "-uplink"
         self.series: dict[str, dict[str, int]] = defaultdict(dict)  # sensor -> metric -> id
@@ -422,8 +432,17 @@ class Store:
             head = self.heads[key] = Head(g.sensor, boot, log_id, g.received[0])
         head.extend(g.seqs, g.ts, g.received, g.metrics)
         head.last_log_id = log_id
-        if len(head) >= self.chunk_datagrams:
+        n = len(head)
+        if n >= self.chunk_datagrams and n >= self._count(n, head.opened, head.received[-1]):
             self.full[key] = None
+
+    def _count(self, size: int, opened: float, last: float) -> int:
+        """The datagrams at which a head of `size` datagrams received from `opened` to `last` is
+        due: chunk_datagrams, or fast_head_factor times it when they came faster than
+        FAST_HEAD_RATE (a sensor that slows down is due at the count again)."""
+        if self.fast_head_factor > 1 and size > FAST_HEAD_RATE * (last - opened):
+            return self.chunk_datagrams * self.fast_head_factor
+        return self.chunk_datagrams
 
     # --- closing heads between flushes ---------------------------------------------------
 
@@ -442,7 +461,7 @@ class Store:
             key = next(iter(self.full))
             del self.full[key]
             head = self.heads.get(key)
-            if head is not None and len(head) >= self.chunk_datagrams:
+            if head is not None and len(head) >= self._count(len(head), head.opened, head.received[-1]):
                 break
         else:
             return False
@@ -604,12 +623,13 @@ class Store:
     ) -> set[tuple[str, int]]:
         """Write the chunks of the heads that close in this flush; returns their keys.
 
-        A head is due when it reaches chunk_datagrams (twice that with
+        A head is due when it reaches its count (chunk_datagrams, or fast_head_factor
+        times it for a fast sensor: _count; twice that with
         close_between_flushes: close_one is meant to close it before) or its
         span of receive time reaches chunk_span; due heads close oldest first within the
         flush's close budget.  Largest first, heads close when all together
         pass the memory budget, and at once when CLOSE_OVERDUE_FACTOR times
-        over the count.  With max_heads, when more would stay open, the least
+        over their count.  With max_heads, when more would stay open, the least
         recently written (oldest last_log_id first, those this flush writes
         last) close until 3/4 of max_heads stay open.
         """
@@ -630,13 +650,15 @@ class Store:
             fast = self._fast = last is not None and arriving > FAST_CLOSE_RATE * max(now - last, 0.0)
         close: list[tuple[str, int]] = []
         due: list[tuple[float, tuple[str, int], int]] = []  # (opened, key, datagrams)
-        overdue = self.chunk_datagrams * CLOSE_OVERDUE_FACTOR
-        count = self.chunk_datagrams * (2 if self.close_between_flushes else 1)
+        between = 2 if self.close_between_flushes else 1
         for key, g in incoming.items():
             head = heads.get(key)
             size = len(g.seqs) if key not in more else sum(len(m.seqs) for m in more[key])
             size += len(head) if head is not None else 0
             opened = head.opened if head is not None else g.received[0]
+            own = self._count(size, opened, (more[key][-1] if key in more else g).received[-1])
+            overdue = own * CLOSE_OVERDUE_FACTOR
+            count = own * between
             if size >= overdue:
                 close.append(key)
             elif size >= count or now - opened >= self.chunk_span:

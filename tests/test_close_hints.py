@@ -200,3 +200,33 @@ def test_close_heads_with_hints_closes_each_as_head_close_does():
     rows = chunkstore.close_heads(heads, True, hints)
     assert [r.blob for r in rows] == [h.close(True, alone).blob for h in heads]
     assert (hints.searched, hints.reused) == (2, 2)
+
+
+def test_a_head_longer_than_search_rows_is_searched_on_its_first_rows():
+    """A fast sensor's head (4,096 rows) is searched on its first SEARCH_ROWS rows and those
+    choices are checked on all of it: the values come back exactly, the choices are the
+    prefix's, and the next head reuses them."""
+    n = chunkstore.CloseHints.SEARCH_ROWS
+    hints = chunkstore.CloseHints()
+    cols = realistic(n=4 * n, seed=1)
+    close_with(hints, cols)
+    assert (hints.searched, hints.reused) == (1, 0)
+    prefix = chunkstore.CloseHints()
+    seqs, ts, received, metrics = cols
+    close_with(prefix, (seqs[:n], ts[:n], received[:n], {k: v[:n] for k, v in metrics.items()}))
+    assert hints._last["s-1"][0] == prefix._last["s-1"][0]
+    close_with(hints, realistic(n=4 * n, seed=2))
+    assert (hints.searched, hints.reused) == (1, 1)
+
+
+def test_a_head_whose_later_rows_break_the_prefixs_choices_is_searched_in_full():
+    """A value with more decimals past the first SEARCH_ROWS rows: the prefix's scale does not
+    hold, so the whole head is searched: the full search's bytes (fails if the prefix's
+    choices were kept unchecked: 21.005 would come back rounded)."""
+    n = chunkstore.CloseHints.SEARCH_ROWS
+    hints = chunkstore.CloseHints()
+    cols = realistic(n=2 * n, seed=3)
+    cols[3]["temp"][n + 10] = 21.005
+    row = close_with(hints, cols)
+    assert row.blob == chunkstore_blob(cols)
+    assert (hints.searched, hints.reused) == (1, 0)

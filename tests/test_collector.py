@@ -590,9 +590,14 @@ def _queued_then_served(db_path, datagrams: int, **settings) -> list[int]:
     only once all are read), serve them with a flush after every drain, and return
     the datagrams of each chunk the collector closed, oldest first.  Flushes and
     closes run in the loop's thread (writer_thread=False): with the writer thread
-    the loop reads on during a flush, and the next flush brings whatever it read."""
+    the loop reads on during a flush, and the next flush brings whatever it read.
+    The datagrams come at loopback speed, far over store.FAST_HEAD_RATE: the heads
+    keep chunk_datagrams as their count (fast_head_factor=1), the rule under test here
+    (a fast sensor's count is tests/test_store_v3.py's)."""
     collector = Collector(
-        Settings(db=db_path, listen=(("127.0.0.1", 0),), batch_size=2, flush_interval=3600, **settings)
+        Settings(
+            db=db_path, listen=(("127.0.0.1", 0),), batch_size=2, flush_interval=3600, fast_head_factor=1, **settings
+        )
     )
     s = sender()
     for seq in range(datagrams):

@@ -458,3 +458,65 @@ def test_heads_close_with_the_fast_transform_choice_only_above_the_rate(tmp_path
             columns = chunkenc.decode_chunk(blob)
             assert chunkenc.encode_chunk(*columns, fast=fast) == blob
             assert chunkenc.encode_chunk(*columns, fast=not fast) != blob  # the choice shows
+
+
+def _chunk_sizes(path: str) -> dict[str, list[int]]:
+    conn = sqlite3.connect(path)
+    try:
+        sizes: dict[str, list[int]] = {}
+        for sensor, datagrams in conn.execute("SELECT sensor, datagrams FROM chunks ORDER BY id"):
+            sizes.setdefault(sensor, []).append(datagrams)
+        return sizes
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("between", [False, True], ids=["in-flushes", "between-flushes"])
+def test_a_fast_sensors_heads_close_at_fast_head_factor_times_the_count(tmp_path, between):
+    """With fast_head_factor (the collector's), a sensor sending over FAST_HEAD_RATE datagrams
+    a second has its heads closed at that many times the count, one under it at the count;
+    a sensor that slows down is due at the count again.  Without it (the default) every head
+    closes at the count.  Nothing is lost or stored twice."""
+    from collector.store import FAST_HEAD_RATE
+
+    path = str(tmp_path / "fast.db")
+    store, core = open_ingest(
+        path, store_options={"chunk_datagrams": 8, "fast_head_factor": 4, "close_between_flushes": between}
+    )
+    fast_gap, slow_gap = 0.5 / FAST_HEAD_RATE, 2.0 / FAST_HEAD_RATE  # 1,000/s and 250/s of receive time
+    try:
+        now = T0
+        for seq in range(40):
+            now += fast_gap
+            core.receive(wire.encode("fast", seq, {"v": float(seq)}, boot=1, ts=now), now)
+            core.receive(
+                wire.encode("slow", seq, {"v": float(seq)}, boot=1, ts=T0 + seq * slow_gap), T0 + seq * slow_gap
+            )
+            if seq % 4 == 3:
+                assert store.flush(core, max(now, T0 + seq * slow_gap))
+                while between and store.close_one():  # as the loop does while its sockets are empty
+                    pass
+        assert _chunk_sizes(path) == {"slow": [8, 8, 8, 8, 8], "fast": [32]}
+        assert len(store.heads[("fast", 1)]) == 8
+        # The fast sensor pauses: its head is slower than the rate now, so due at the count.
+        now += 1.0
+        core.receive(wire.encode("fast", 40, {"v": 40.0}, boot=1, ts=now), now)
+        assert store.flush(core, now)
+        while between and store.close_one():
+            pass
+        assert _chunk_sizes(path) == {"slow": [8, 8, 8, 8, 8], "fast": [32, 9]}
+        assert core.counters["stored"] == 81
+    finally:
+        store.close()
+    store, core = open_ingest(path, store_options={"chunk_datagrams": 8, "close_between_flushes": between})
+    try:
+        now += 1.0
+        for seq in range(41, 49):  # fast again, but this writer never lets a head grow
+            now += fast_gap
+            core.receive(wire.encode("fast", seq, {"v": float(seq)}, boot=1, ts=now), now)
+        assert store.flush(core, now)
+        while between and store.close_one():
+            pass
+        assert _chunk_sizes(path)["fast"] == [32, 9, 8]
+    finally:
+        store.close()
