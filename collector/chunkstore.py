@@ -430,7 +430,7 @@ def _stats_np(boot: int, seqs: np.ndarray, ts: np.ndarray, matrix: np.ndarray, r
         sums = np.add.accumulate(v, axis=1)[:, -1].tolist()
     lows, highs, lasts = v.min(axis=1).tolist(), v.max(axis=1).tolist(), v[:, newest].tolist()
     starts = _minute_starts(ts)
-    values = v.tolist()
+    values = [memoryview(row) for row in v]  # floats one at a time, for fsum and min: no list of them
     if starts is not None:
         ends = np.append(starts[1:], len(ts)).tolist()
         buckets = np.floor(ts[starts] / 60.0).tolist()
