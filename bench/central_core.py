@@ -6,11 +6,11 @@ ingest_log row per second, --minutes of backlog, distinct data per gateway),
 cut into payload-3 messages exactly as `telemetry-uplink run` cuts them
 (Source.read + core.columns_messages), interleaved gateway by gateway as the
 stream holds them when the uplinks publish at once, then fed to the consumer's
-own code (consumer.Consumer's _take: core.decode per message, central.Central.apply
+own code (consumer.Consumer's _take: prepared.prepare per message, central.Central.apply
 per transaction, the cyclic collector off as in the consumer's loop) in fetches of
 --batch messages, into a real SQLite file.  Prints readings per CPU second of
 the whole (process time, so a loaded machine inflates it less than wall time),
-the share spent decoding, and the peak RSS; `--profile` runs it under cProfile
+the share spent decoding (prepared.prepare alone), and the peak RSS; `--profile` runs it under cProfile
 and prints the top functions.  With 7 minutes at the default rate every sensor
 closes a chunk of 1,024 datagrams, so closing is in the figure.
 
@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, os.getcwd())
 
 from collector import store  # noqa: E402
-from collector.uplink import closer, consumer, core, source  # noqa: E402
+from collector.uplink import closer, consumer, core, prepared, source  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -119,7 +119,7 @@ def decode_cpu(payloads: list[bytes]) -> float:
     try:
         t = time.process_time()
         for p in payloads:
-            core.decode(p)
+            prepared.prepare(p)  # what the consumer makes of each message (a payload-3 one: a Prepared)
         return time.process_time() - t
     finally:
         gc.enable()
@@ -188,7 +188,7 @@ def main() -> None:
             print(
                 f"close workers {workers}: {stored:,} readings in {wall:.2f} s = {stored / wall:,.0f} readings/s "
                 f"({stored / wall / 1.35e6:.2f} of the 1.35 M target); writer {cpu:.2f} CPU s, workers "
-                f"{child:.2f} CPU s: {stored / (cpu + child):,.0f} readings per CPU second; decoding alone "
+                f"{child:.2f} CPU s: {stored / (cpu + child):,.0f} readings per CPU second; decoding (prepared.prepare) alone "
                 f"{dec:.2f} CPU s ({dec / cpu:.0%} of the writer's)",
                 flush=True,
             )

@@ -245,6 +245,14 @@ def test_one_worker_decodes_every_third_message_across_fetches_and_the_writer_th
     assert len(msgs) >= 12
     c = consumer.Consumer(consumer.ConsumeSettings(db=str(tmp_path / "central.db"), close_workers=1))
     assert c.central.closer is not None and c.central.closer.share == closer.ONE_WORKER_SHARE
+    sent = []  # the messages handed to the worker
+    to_worker = c.central.closer.prepare
+
+    def prepare(data: bytes):
+        sent.append(data)
+        return to_worker(data)
+
+    c.central.closer.prepare = prepare
 
     async def fetches() -> list:
         got = []
@@ -257,7 +265,9 @@ def test_one_worker_decodes_every_third_message_across_fetches_and_the_writer_th
         assert c.central.closer.deaths == 0
     finally:
         c.central.close()
-    assert [isinstance(item, prepared.Prepared) for item in items] == [i % 3 == 2 for i in range(len(msgs))]
+    assert sent == [p for i, p in enumerate(msgs) if i % 3 == 2]
+    # the writer makes the messages it decodes ready as the worker does (_ready)
+    assert all(isinstance(item, prepared.Prepared) and item.payload == p for item, p in zip(items, msgs))
     assert [item.readings for item in items] == [core.decode(p).readings for p in msgs]
 
 

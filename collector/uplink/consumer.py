@@ -61,6 +61,16 @@ async def _now(decode, data: bytes):
     return decode(data)
 
 
+def _ready(data: bytes):
+    """What the writer makes of a message it decodes itself: as a worker makes it (prepared.prepare:
+    a payload-3 columns message as a Prepared, read from its bytes as arrays), with the message
+    kept for the block-by-block way (Central.apply)."""
+    item = prepared.prepare(data)
+    if isinstance(item, prepared.Prepared):
+        item.payload = data
+    return item
+
+
 @dataclass(frozen=True)
 class ConsumeSettings:
     db: str
@@ -218,7 +228,7 @@ class Consumer:
         closer = self.central.closer
         if closer is None:
             for m in msgs:
-                yield _now(core.decode, m.data)
+                yield _now(_ready, m.data)
             return
         # The workers' share of the messages (closer.share: all of them from DECODE_FROM_WORKERS
         # on), spread evenly over the stream: message k goes when floor((k + 1) * share) moves.
@@ -235,7 +245,7 @@ class Consumer:
             if sent and sent[0][0] == i:
                 yield self._prepared(closer, sent.popleft()[1], m.data)
             else:
-                yield _now(core.decode, m.data)
+                yield _now(_ready, m.data)
 
     async def _prepared(self, closer, job, data: bytes):
         if job is None:
