@@ -37,7 +37,6 @@ from pathlib import Path
 
 sys.path.insert(0, os.getcwd())
 
-from collector import store  # noqa: E402
 from collector.uplink import closer, consumer, core, prepared, source  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -85,7 +84,7 @@ class _Msg:
 
 
 def run(
-    payloads: list[bytes], db: str, batch: int, workers: int, head_budget: int = store.HEAD_BUDGET_BYTES
+    payloads: list[bytes], db: str, batch: int, workers: int, head_budget: int = consumer.HEAD_BUDGET_BYTES
 ) -> tuple[float, float, float, int]:
     """(CPU seconds of the writer, of the close workers, wall seconds, readings stored) of the
     consumer's _take over every fetch."""
@@ -145,7 +144,7 @@ def main() -> None:
     p.add_argument(
         "--head-budget",
         type=int,
-        default=store.HEAD_BUDGET_BYTES // (1024 * 1024),
+        default=consumer.HEAD_BUDGET_BYTES // (1024 * 1024),
         help="the consumer's --head-budget (MiB): past it the largest heads close early, into smaller chunks",
     )
     p.add_argument("--runs", type=int, default=1, help="runs of each (in turn)")

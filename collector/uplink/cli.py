@@ -261,10 +261,11 @@ CENTRAL_SETTINGS = [
     S(
         "head_budget",
         config.positive_float,
-        48.0,
+        96.0,  # consumer.HEAD_BUDGET_BYTES (twice the collector's: bigger chunks, fewer closes)
         metavar="MIB",
         help="Memory of the open heads (datagrams not yet in chunks) of all gateways' sensors at most: the "
-        "largest close early past it, as in the collector.",
+        "largest close early past it, as in the collector (whose default is 48: a central host closes fewer, "
+        "bigger chunks for its CPU).",
     ),
     S(
         "max_heads",

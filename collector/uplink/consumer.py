@@ -57,6 +57,13 @@ class Stopping(Exception):
     """The consumer stops while a write waits for the database: nothing is acked (redelivered)."""
 
 
+# Open heads of the central writer at most (bytes): twice the collector's (store.HEAD_BUDGET_BYTES).
+# Under the collector's 48 MiB, 3 gateways of 2,000 sensors closed heads at ~470 datagrams; with 96
+# they close at ~1,000 and a chunk's cost is mostly per chunk, not per datagram: 20-35 % less CPU
+# per reading for ~80-110 MB more RSS (bench/central_core.py --head-budget, docs/OPERATIONS.md).
+HEAD_BUDGET_BYTES = 2 * store.HEAD_BUDGET_BYTES
+
+
 async def _now(decode, data: bytes):
     return decode(data)
 
@@ -81,7 +88,7 @@ class ConsumeSettings:
     backoff_max: float = 30.0
     status_interval: float = 60.0
     close_workers: int | None = None  # processes closing heads into chunks (None: closer.default_workers())
-    head_budget: int = store.HEAD_BUDGET_BYTES  # bytes of open heads at most (the largest close early past it)
+    head_budget: int = HEAD_BUDGET_BYTES  # bytes of open heads at most (the largest close early past it)
     max_heads: int = store.MAX_OPEN_HEADS  # open heads at most (the least recently written close past it)
     retain: float = 0.0  # seconds of raw readings kept (0: for ever); older ones that arrive are not stored
 
