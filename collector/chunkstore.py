@@ -602,7 +602,8 @@ class CloseHints:
 
     A search costs about 1 us a datagram however long the head (the scale search and every
     transform's candidate), a reuse a third of that at 4,096 (bench/close.py): a head longer
-    than SEARCH_ROWS (a fast sensor's, store.FAST_HEAD_FACTOR) is searched on its first
+    than SEARCH_ROWS (one a flush closes at twice the count, or a fast sensor's,
+    store.FAST_HEAD_FACTOR) is searched on its first
     SEARCH_ROWS rows, and those choices are then tried on all of it, checked as any reuse."""
 
     REFRESH = 16

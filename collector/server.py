@@ -38,7 +38,7 @@ from .errors import ConfigError, DecodeError, SetupError
 from .histogram import FlushStats
 from .ingest import IngestCore, Refused, Rejected
 from .schema import REJECT_REASONS
-from .store import CHUNK_DATAGRAMS, FAST_HEAD_FACTOR, FlushJob, Store
+from .store import CHUNK_DATAGRAMS, FlushJob, Store
 
 log = logging.getLogger("collector")
 
@@ -71,7 +71,9 @@ class Settings:
     max_series_per_sensor: int = tuning.MAX_SERIES_PER_SENSOR
     chunk_datagrams: int = CHUNK_DATAGRAMS  # a head closes into a chunk at this many datagrams
     # ... and at this many times that when its sensor sends faster than store.FAST_HEAD_RATE
-    fast_head_factor: int = FAST_HEAD_FACTOR
+    # (1: never).  Not the default: session 10's 4 (store.FAST_HEAD_FACTOR) cut the writer
+    # threads' CPU but lost more datagrams at 135,000/s (docs/OPERATIONS.md, session 10).
+    fast_head_factor: int = 1
     recv_buffer_bytes: int = tuning.RECV_BUFFER_BYTES
     # Storage v3 (collector/retention.py): raw and rollup retention (seconds,
     # 0 = forever) and the disk budget (bytes of database + WAL, None = none).

@@ -104,11 +104,13 @@ FAST_CLOSE_RATE = 10_000
 CLOSE_OVERDUE_FACTOR = 8
 # A head whose sensor sends faster than FAST_HEAD_RATE datagrams a second (its datagrams over
 # their span of receive time) is due at FAST_HEAD_FACTOR times the count, when the writer asks
-# for it (the collector): much of a close's CPU is paid per close, not per datagram (numpy's
-# calls, the statistics, its own transaction; bench/close.py --rows), so at ingest rates
-# bigger chunks divide it.  A sensor at 1 Hz (the disk figure) never reaches the rate.
+# for it (Store's fast_head_factor; the collector's Settings.fast_head_factor, 1 by default):
+# much of a close's CPU is paid per close, not per datagram (numpy's calls, the statistics,
+# its own transaction; bench/close.py --rows), so at ingest rates bigger chunks divide it,
+# but their closes are longer stalls: at 135,000 datagrams/s a collector with 4 lost more
+# (docs/OPERATIONS.md, session 10).  A sensor at 1 Hz never reaches the rate.
 FAST_HEAD_RATE = 500.0
-FAST_HEAD_FACTOR = 4
+FAST_HEAD_FACTOR = 4  # the factor measured in session 10
 MAINTENANCE_COUNTERS = ("retention_dropped", "budget_dropped", "uplink_dropped", "corrupt_chunks")
 # Ingest log rows deleted per flush at most: a big delete never delays a flush.
 LOG_DELETE_STEP = 2000

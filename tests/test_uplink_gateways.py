@@ -532,8 +532,7 @@ def test_a_creds_file_delivers_through_an_operator_and_account_chain(tmp_path, g
 
 def test_the_collector_keeps_the_log_for_an_uplink_that_never_reached_the_broker(tmp_path, gateways, consumer):
     """A new site whose broker is not reachable yet: the uplink has acked nothing, while the
-    collector closes chunks (4,096 datagrams a series: a sensor at 2,000 Hz is a fast one,
-    store.FAST_HEAD_FACTOR) and trims its ingest log behind them.
+    collector closes chunks (1024 datagrams a series) and trims its ingest log behind them.
     The log rows the uplink has not sent must stay; when the broker comes, all arrives."""
     ns = NatsServer(tmp_path, port=free_port())
     try:
@@ -541,7 +540,7 @@ def test_the_collector_keeps_the_log_for_an_uplink_that_never_reached_the_broker
         up = gw.start_uplink([ns.url])
         wait_for(lambda: "connection refused" in up.text(), 15, 0.02, what="the uplink to find no broker")
         gw.sim(
-            "--sensors", "2", "--count", "4500", "--rate", "2000", "--seed", "8", "--metrics", "temp"
+            "--sensors", "2", "--count", "1500", "--rate", "2000", "--seed", "8", "--metrics", "temp"
         )  # many flushes
         gw.wait_ingested()
         # A chunk closed per series (trimmable).  The writer thread closes a head beside the
@@ -618,17 +617,14 @@ def test_the_disk_budget_drops_unsent_log_entries_loudly_and_exactly(tmp_path, g
         gw = gateways("site-2", "--max-disk", "1M", "--rcvbuf", str(64 << 20))
         up = gw.start_uplink([ns.url])
         wait_for(lambda: "connection refused" in up.text(), 15, 0.02, what="the uplink to find no broker")
-        # In two bursts of 20,000 datagrams/s (the budget's work runs meanwhile), 8,400 a sensor:
-        # two chunks each (a sensor's newest chunk stays while the log holds rows after it), as a
-        # sensor at 2,000 Hz closes its heads at 4,096 datagrams (store.FAST_HEAD_FACTOR).
-        for start in ("0", "4200"):
+        for start in ("0", "1750"):  # in two bursts of 20,000 datagrams/s: the budget's work runs meanwhile
             gw.sim(
                 "--sensors",
-                "10",
+                "20",
                 "--count",
-                "4200",
+                "1750",
                 "--rate",
-                "2000",
+                "1000",
                 "--metrics",
                 "all",
                 "--seed",
@@ -639,7 +635,7 @@ def test_the_disk_budget_drops_unsent_log_entries_loudly_and_exactly(tmp_path, g
             gw.wait_ingested(timeout=60)
         # raw chunks go first, then rollups, then log entries the uplink has not sent
         # The budget deletes raw chunks, then rollups, then log entries: its work grows with the
-        # 84,000 datagrams stored, on a loaded box too.
+        # 70,000 datagrams stored, on a loaded box too.
         wait_for(
             lambda: gw.collector.counters()["uplink_dropped"],
             60,
