@@ -207,14 +207,7 @@ def _assemble(
         ordered = list(map(maps.__getitem__, gperm))
         gbounds = [0, *np.cumsum(np.bincount(gids, minlength=len(index))).tolist()]
         names_of = [tuple(dict.fromkeys(chain.from_iterable(ordered[a:b]))) for a, b in zip(gbounds, gbounds[1:])]
-    present: list[tuple[str, ...]] = []
-    shared: dict[tuple[str, ...], tuple[str, ...]] = {}  # one tuple object each: pickled once
-    if carried:
-        for k, named in enumerate(names_of):
-            kept = tuple(name for name in named if name not in carried or carried[name][k])
-            present.append(shared.setdefault(kept, kept))
-    else:
-        present = [shared.setdefault(named, named) for named in names_of]
+    present = _present(names_of, carried)
     return Prepared(
         gateway,
         origin,
@@ -276,6 +269,19 @@ _NIL = 0xC0
 _F64 = 0xCB
 _GROUP = 0x96  # an array of 6: [sensor, boot, seqs, ts, received, metrics]
 MAX_KEYS = 64  # metrics a group names at most here (more: the way before)
+
+
+def _present(names_of: list[tuple[str, ...]], carried: dict[str, list[bool]]) -> list[tuple[str, ...]]:
+    """Each key's metric names, less those no datagram of that key carried a value for; equal tuples
+    are one object, so a message pickles each set of names once."""
+    shared: dict[tuple[str, ...], tuple[str, ...]] = {}
+    if not carried:
+        return [shared.setdefault(named, named) for named in names_of]
+    present: list[tuple[str, ...]] = []
+    for k, named in enumerate(names_of):
+        kept = tuple(name for name in named if name not in carried or carried[name][k])
+        present.append(shared.setdefault(kept, kept))
+    return present
 
 
 class _Refused(Exception):
@@ -690,14 +696,7 @@ def _finish(
             empty = ~np.logical_or.reduceat(some, group_starts)
             if bool((empty & (ids == j).any(axis=1)).any()):  # a group names it with no value
                 raise _Refused("a metric of a group carries None only")
-    present: list[tuple[str, ...]] = []
-    shared: dict[tuple[str, ...], tuple[str, ...]] = {}
-    if carried:
-        for k, named in enumerate(names_of):
-            kept = tuple(name for name in named if name not in carried or carried[name][k])
-            present.append(shared.setdefault(kept, kept))
-    else:
-        present = [shared.setdefault(named, named) for named in names_of]
+    present = _present(names_of, carried)
     spans = []
     at = 0
     counts = n.tolist()
