@@ -30,7 +30,6 @@ so such a message goes block by block too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import is_, itemgetter
@@ -107,76 +106,23 @@ def from_blocks(item: core.Blocks) -> Prepared:
     hold several groups of one (sensor, boot), taken in order (collector/ingestlog.py)."""
     gs: list = list(chain.from_iterable(b.groups for b in item.blocks))
     sensors, boots, seqs_l, ts_l, received_l, maps = zip(*gs)
-    lens = list(map(len, seqs_l))
-    n = sum(lens)
-    names = dict.fromkeys(chain.from_iterable(maps))
-    regular = min(map(len, maps)) == len(names)  # every group names every metric (in some order)
-    whole = regular and item.readings == n * len(names)  # and no value is None (the decoder counted them)
-    fills: list | None = None
-
-    def column(name: str) -> tuple[np.ndarray, np.ndarray | None]:
-        nonlocal fills
-        if whole:  # one pass in C, no list (np.fromiter would take None as NaN: none is there)
-            return np.fromiter(chain.from_iterable(map(itemgetter(name), maps)), np.float64, n), None
-        if regular:
-            return _floats(list(chain.from_iterable(map(itemgetter(name), maps))), n)
-        # None where a group does not carry it
-        if fills is None:
-            nones = [None] * max(lens)
-            fills = list(map(nones.__getitem__, map(slice, lens)))
-        return _floats(list(chain.from_iterable(map(dict.get, maps, repeat(name), fills))), n)
-
-    return _assemble(
-        item.gateway,
-        item.origin,
-        tuple(b.range for b in item.blocks),
-        tuple(b.body for b in item.blocks),
-        item.datagrams,
-        item.readings,
-        bool(item.gone),
-        sensors,
-        boots,
-        maps,
-        lens,
-        np.fromiter(chain.from_iterable(seqs_l), np.int64, n),
-        np.fromiter(chain.from_iterable(ts_l), np.float64, n),
-        np.fromiter(chain.from_iterable(received_l), np.float64, n),
-        column,
-    )
-
-
-def _assemble(
-    gateway: str,
-    origin: str,
-    spans: tuple[tuple[int, int], ...],
-    bodies: tuple[bytes, ...],
-    datagrams: int,
-    readings: int,
-    gone: bool,
-    sensors: tuple[str, ...],
-    boots: tuple[int | None, ...],
-    maps: tuple[dict, ...],
-    lens: list[int],
-    seqs: np.ndarray,
-    ts: np.ndarray,
-    received: np.ndarray,
-    column: Callable[[str], tuple[np.ndarray, np.ndarray | None]],
-) -> Prepared:
-    """The Prepared of a message's groups (sensor, boot, metric maps and datagram counts, in
-    the order they came), its columns in that order (seqs, ts, received; column(name): a
-    metric's values, NaN where absent, and where they are None or None when none is)."""
+    gateway = item.gateway
     central = {s: core.central_sensor(gateway, s) for s in dict.fromkeys(sensors)}
     renamed = list(map(central.__getitem__, sensors))
     local = list(zip(renamed, boots))
     index = dict.fromkeys(local)
     for i, key in enumerate(index):
         index[key] = i
-    gids = np.fromiter(map(index.__getitem__, local), np.int64, len(local))
+    lens = list(map(len, seqs_l))
+    n = sum(lens)
+    gids = np.fromiter(map(index.__getitem__, local), np.int64, len(gs))
     ids = np.repeat(gids, lens)
-    perm = None if len(index) == len(local) else np.argsort(ids, kind="stable")
+    perm = None if len(index) == len(gs) else np.argsort(ids, kind="stable")
     bounds = [0, *np.cumsum(np.bincount(ids, minlength=len(index))).tolist()]
     names = dict.fromkeys(chain.from_iterable(maps))
-    regular = min(map(len, maps)) == len(names)
+    regular = min(map(len, maps)) == len(names)  # every group names every metric (in some order)
+    whole = regular and item.readings == n * len(names)  # and no value is None (the decoder counted them)
+    fills: list | None = None
 
     def arranged(a: np.ndarray) -> bytes:
         return (a if perm is None else a[perm]).tobytes()
@@ -185,7 +131,16 @@ def _assemble(
     carried: dict[str, list[bool]] = {}  # per metric with a None: whether each key carries it
     starts = None
     for name in names:
-        values, none = column(name)
+        none = None
+        if whole:  # one pass in C, no list (np.fromiter would take None as NaN: none is there)
+            values = np.fromiter(chain.from_iterable(map(itemgetter(name), maps)), np.float64, n)
+        elif regular:
+            values, none = _floats(list(chain.from_iterable(map(itemgetter(name), maps))), n)
+        else:  # None where a group does not carry it
+            if fills is None:
+                nones = [None] * max(lens)
+                fills = list(map(nones.__getitem__, map(slice, lens)))
+            values, none = _floats(list(chain.from_iterable(map(dict.get, maps, repeat(name), fills))), n)
         floats[name] = arranged(values)
         if none is not None:
             some = ~none
@@ -208,10 +163,13 @@ def _assemble(
         gbounds = [0, *np.cumsum(np.bincount(gids, minlength=len(index))).tolist()]
         names_of = [tuple(dict.fromkeys(chain.from_iterable(ordered[a:b]))) for a, b in zip(gbounds, gbounds[1:])]
     present = _present(names_of, carried)
+    seqs = np.fromiter(chain.from_iterable(seqs_l), np.int64, n)
+    ts = np.fromiter(chain.from_iterable(ts_l), np.float64, n)
+    received = np.fromiter(chain.from_iterable(received_l), np.float64, n)
     return Prepared(
         gateway,
-        origin,
-        spans,
+        item.origin,
+        tuple(b.range for b in item.blocks),
         list(index),
         bounds,
         present,
@@ -219,10 +177,10 @@ def _assemble(
         arranged(ts),
         arranged(received),
         floats,
-        bodies,
-        datagrams,
-        readings,
-        gone,
+        tuple(b.body for b in item.blocks),
+        item.datagrams,
+        item.readings,
+        bool(item.gone),
     )
 
 
@@ -675,7 +633,7 @@ def _finish(
     received: np.ndarray,
     readings: int,
 ) -> Prepared:
-    """The Prepared from_blocks makes (_assemble's steps, on arrays of the groups)."""
+    """The Prepared from_blocks makes (its steps, on arrays of the groups)."""
     ids_dg = np.repeat(gids, n)
     perm = None if len(keys) == len(gids) else np.argsort(ids_dg, kind="stable")
     bounds = [0, *np.cumsum(np.bincount(ids_dg, minlength=len(keys))).tolist()]
