@@ -35,6 +35,7 @@ and minute: 0.69 -> ~0.2 bytes per reading on the realistic day
 Version 6 declares `chunks.id` AUTOINCREMENT: retention may delete every
 chunk, and SQLite would then hand their ids out again to new chunks, which a
 running query server would miss or answer from its cache of the old ones.
+Version 7 does the same for a central database's `uplink_quarantine.id`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from .errors import SetupError
 if TYPE_CHECKING:  # imported where a database is opened for writing: it pulls in numpy (~0.25 s of CPU)
     import sqlite_utils
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 log = logging.getLogger("collector.schema")
 NO_BOOT = -1  # stored in place of a missing boot field
 # Every reason the collector counts as `rejected:<reason>` in `counters`:
@@ -237,31 +238,53 @@ def _v6(db: sqlite_utils.Database) -> None:
     conn = db.conn
     for sql in CHUNK_TABLES:
         conn.execute(sql)
-    (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'chunks'").fetchone()
-    if "AUTOINCREMENT" not in sql:
-        # The table's rows and pages stay as they are; only its declaration and
-        # sqlite_sequence change (the procedure of https://sqlite.org/lang_altertable.html
-        # section 8 for changes that leave the stored content alone): no copy of a
-        # file of chunks that may be gigabytes.
-        declared = sql.replace("id INTEGER PRIMARY KEY,", "id INTEGER PRIMARY KEY AUTOINCREMENT,", 1)
-        if declared == sql:
-            raise SetupError(f"table chunks is declared as {sql!r}, not as this collector made it: report this")
-        (version,) = conn.execute("PRAGMA schema_version").fetchone()
-        conn.execute("PRAGMA writable_schema=ON")
-        try:
-            conn.execute("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'chunks'", (declared,))
-            conn.execute(f"PRAGMA schema_version={int(version) + 1}")  # every connection reads the schema again
-        finally:
-            conn.execute("PRAGMA writable_schema=OFF")
     (high,) = conn.execute(
         "SELECT max(coalesce((SELECT max(id) FROM chunks), 0), coalesce((SELECT max(chunk) FROM chunk_faults), 0),"
         " coalesce((SELECT max(chunk) FROM rollup_1m_blocks), 0))"
     ).fetchone()
-    conn.execute("DELETE FROM sqlite_sequence WHERE name = 'chunks' AND seq < ?", (high,))
+    declare_autoincrement(conn, "chunks", high)
+
+
+def _v7(db: sqlite_utils.Database) -> None:
+    """A central database's `uplink_quarantine.id` is never reused (the consumer's ERROR lines
+    and `status --central` name its rows by id, and the operator deletes a row once its message
+    is published again): AUTOINCREMENT, counting on from the number of rows ever set aside
+    (`counters.uplink_quarantined`, written in the same transaction as each row), which no id
+    handed out before can exceed.  A file without the table (a gateway's) only gets the version."""
+    conn = db.conn
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'uplink_quarantine'").fetchone():
+        return  # telemetry-uplink consume creates it so declared (collector/uplink/central.py)
+    (high,) = conn.execute(
+        "SELECT max(coalesce((SELECT max(id) FROM uplink_quarantine), 0),"
+        " coalesce((SELECT CAST(value AS INTEGER) FROM counters WHERE name = 'uplink_quarantined'), 0))"
+    ).fetchone()
+    declare_autoincrement(conn, "uplink_quarantine", high)
+
+
+def declare_autoincrement(conn: sqlite3.Connection, table: str, high: int) -> None:
+    """Declare `table`'s `id INTEGER PRIMARY KEY` AUTOINCREMENT and have its next id come after
+    `high` (inside the caller's transaction).
+
+    The table's rows and pages stay as they are; only its declaration and sqlite_sequence change
+    (the procedure of https://sqlite.org/lang_altertable.html section 8 for changes that leave the
+    stored content alone): no copy of a table that may be gigabytes."""
+    (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+    if "AUTOINCREMENT" not in sql:
+        declared = sql.replace("id INTEGER PRIMARY KEY,", "id INTEGER PRIMARY KEY AUTOINCREMENT,", 1)
+        if declared == sql:
+            raise SetupError(f"table {table} is declared as {sql!r}, not as this collector made it: report this")
+        (version,) = conn.execute("PRAGMA schema_version").fetchone()
+        conn.execute("PRAGMA writable_schema=ON")
+        try:
+            conn.execute("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = ?", (declared, table))
+            conn.execute(f"PRAGMA schema_version={int(version) + 1}")  # every connection reads the schema again
+        finally:
+            conn.execute("PRAGMA writable_schema=OFF")
+    conn.execute("DELETE FROM sqlite_sequence WHERE name = ? AND seq < ?", (table, high))
     conn.execute(
-        "INSERT INTO sqlite_sequence (name, seq) SELECT 'chunks', ? WHERE NOT EXISTS"
-        " (SELECT 1 FROM sqlite_sequence WHERE name = 'chunks')",
-        (high,),
+        "INSERT INTO sqlite_sequence (name, seq) SELECT ?, ? WHERE NOT EXISTS"
+        " (SELECT 1 FROM sqlite_sequence WHERE name = ?)",
+        (table, high, table),
     )
 
 
@@ -356,7 +379,7 @@ def migrate_readings(conn: sqlite3.Connection) -> int:
     return moved
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _health_columns, _v4, _v5, _v6]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _health_columns, _v4, _v5, _v6, _v7]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

@@ -123,7 +123,9 @@ def test_the_version_6_migration_counts_on_from_the_highest_id_a_minute_block_or
     finally:
         store.close()
     conn = sqlite3.connect(db_path)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("6",)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+        str(schema.SCHEMA_VERSION),
+    )
     assert conn.execute("SELECT id FROM chunks").fetchall() == [(4,)]  # not 1 again
     assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     conn.close()

@@ -82,10 +82,12 @@ CREATE TABLE IF NOT EXISTS uplink_gateways (
     PRIMARY KEY (gateway, origin)
 )"""
 # Messages the consumer could not write (a poison message: it passed the decoder and breaks a
-# constraint), set aside with their payload so nothing is silently lost (consumer.py).
+# constraint), set aside with their payload so nothing is silently lost (consumer.py).  Log lines
+# name a row by id and the operator deletes it once published again: AUTOINCREMENT (schema v7), so
+# an id is never handed out twice.
 CREATE_QUARANTINE = """
 CREATE TABLE IF NOT EXISTS uplink_quarantine (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
     gateway TEXT NOT NULL,
     subject TEXT NOT NULL,
