@@ -214,12 +214,17 @@ def send(
         prefixes = datagram_prefixes(sensors, n_readings)
         pack = struct.Struct(">I").pack
     sent = failed = 0
+    # Set up before the schedule starts: RoundSender imports numpy (~60-90 ms), and a
+    # schedule started before it began that far behind and sent as much at once, a burst at
+    # the start of every step (session 11, docs/OPERATIONS.md).
+    fast = mode == "mmsg" and not signed and sensors <= 1024  # UIO_MAXIOV
+    rounds = RoundSender(sock, prefixes, len(pack(0))) if fast else None
     start = time.perf_counter()
     deadline = start + max_seconds
-    if mode == "mmsg" and not signed and sensors <= 1024:  # UIO_MAXIOV
-        rounds = RoundSender(sock, prefixes, len(pack(0)))
+    if rounds is not None:
         seq = 0
         behind = 0.0  # how far behind its schedule the sender fell at most (it then sends at once)
+        late: list[tuple[float, float]] = []  # (due, behind) of rounds sent over 5 ms late
         while seq * sensors < count:
             due = start + seq * sensors / rate
             now = time.perf_counter()
@@ -228,13 +233,19 @@ def send(
             elif now > deadline:
                 break
             else:
+                if now - due > 0.005 and len(late) < 100:  # when it fell behind, for bench/ingest_stalls.py --events
+                    late.append((round(due - start, 4), round(now - due, 4)))
                 behind = max(behind, now - due)
             ok, bad = rounds.send_round(pack(seq), min(sensors, count - seq * sensors))
             sent += ok
             failed += bad
             seq += 1
         elapsed = time.perf_counter() - start
-        print(json.dumps({"sent": sent, "failed": failed, "elapsed": elapsed, "behind_max": behind}))
+        print(
+            json.dumps(
+                {"sent": sent, "failed": failed, "elapsed": elapsed, "behind_max": behind, "late": late, "t0": start}
+            )
+        )
         return
     if signed:
         sys.path.insert(0, str(ROOT))
