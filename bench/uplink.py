@@ -399,10 +399,12 @@ def consume(
     tag: str = "",
     head_budget: float | None = None,
     bin_dir: Path = BIN,
+    broker_pid: int | None = None,
 ) -> dict:
     """One `telemetry-uplink consume` (a durable of its own) drains `total` readings of the stream
     into a new central database: time, CPU of the writer and of its close workers, peak RSS of
-    each (VmHWM, sampled every 50 ms)."""
+    each (VmHWM, sampled every 50 ms), and `timeline`: (seconds since start, writer CPU s, workers'
+    CPU s, broker CPU s, readings stored) at each sample, for each one's share of a core over time."""
     central = str(workdir / f"central-{stream}{tag}.db")
     log = workdir / f"consume-{stream}{tag}.log"
     cmd = [str(bin_dir / "telemetry-uplink"), "consume", "--db", central, "--servers", url, "--status-interval", "3600"]
@@ -415,8 +417,10 @@ def consume(
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     peak = 0
     workers: dict[int, tuple[int, float]] = {}  # pid -> (peak RSS kB, CPU seconds), as last seen
+    timeline: list[tuple[float, float, float, float, int]] = []
+    broker0 = cpu_seconds(broker_pid) if broker_pid else 0.0
     try:
-        while central_readings(central) < total:
+        while (stored := central_readings(central)) < total:
             if proc.poll() is not None or time.monotonic() - start > timeout:
                 raise SystemExit(
                     f"consumer stopped or timed out at {central_readings(central)}: {log.read_text()[-800:]}"
@@ -425,6 +429,15 @@ def consume(
             for child in children_of(proc.pid):
                 hwm, cpu = workers.get(child, (0, 0.0))
                 workers[child] = (max(hwm, vm_hwm_kb(child) or 0), max(cpu, cpu_seconds(child)))
+            timeline.append(
+                (
+                    time.monotonic() - start,
+                    cpu_seconds(proc.pid),
+                    sum(c for _, c in workers.values()),
+                    (cpu_seconds(broker_pid) - broker0) if broker_pid else 0.0,
+                    stored,
+                )
+            )
             time.sleep(0.05)
         elapsed = time.monotonic() - start
         cpu = cpu_seconds(proc.pid)
@@ -443,7 +456,24 @@ def consume(
         worker_cpu=sum(c for _, c in workers.values()),
         worker_rss_kb=max((h for h, _ in workers.values()), default=0),
         db_bytes=os.path.getsize(central),
+        timeline=timeline,
     )
+
+
+def timeline_line(timeline: list[tuple[float, float, float, float, int]], step: float = 1.0) -> str:
+    """Each one's share of a core per `step` seconds of a consume() timeline (writer / workers /
+    broker, percent), and when the first reading was stored."""
+    first = next((t for t, *_, n in timeline if n > 0), None)
+    parts, prev = [], None
+    for sample in timeline:
+        if prev is None or sample[0] - prev[0] >= step:
+            if prev is not None:
+                dt = sample[0] - prev[0]
+                shares = "/".join(f"{100 * (sample[k] - prev[k]) / dt:.0f}" for k in (1, 2, 3))
+                parts.append(f"{prev[0]:.0f}-{sample[0]:.0f} s {shares}")
+            prev = sample
+    start = "-" if first is None else f"{first:.2f} s"
+    return f"first readings stored at {start}; % of a core writer/workers/broker: " + ", ".join(parts)
 
 
 def _load_ingest_bench():
@@ -1280,6 +1310,12 @@ def main() -> None:
         help="only phase 2 (the central consumer; implies --skip-ingest): ~2-3 minutes with --central-alone",
     )
     p.add_argument(
+        "--central-timeline",
+        action="store_true",
+        help="print each consumer's CPU share over time (writer / workers / broker, per second) and when it stored "
+        "its first readings",
+    )
+    p.add_argument(
         "--central-alone",
         action="store_true",
         help="also drain the central backlogs with the consumer in one process (--close-workers 0): the ratio",
@@ -1400,7 +1436,9 @@ def main() -> None:
                 fixed_phase(url, nats.pid, args, workdir)
                 return
             if not args.ingest_only:
-                (r, fwd, readings, b, v1, c_pub, central_rate, central2_rate) = backlog_phases(args, url, workdir)
+                (r, fwd, readings, b, v1, c_pub, central_rate, central2_rate) = backlog_phases(
+                    args, url, workdir, nats.pid
+                )
             ingest = None if args.skip_ingest else ingest_beside(url, nats.pid, args, workdir)
         finally:
             nats.terminate()
@@ -1442,7 +1480,7 @@ def main() -> None:
     )
 
 
-def backlog_phases(args, url: str, workdir: Path):
+def backlog_phases(args, url: str, workdir: Path, broker_pid: int | None = None):
     """Phases 1 and 2: catch-up (payload 3 and the payload-1 baseline) and the central consumer
     (payload 3, and payload 2 for comparison)."""
     shape = (
@@ -1453,7 +1491,7 @@ def backlog_phases(args, url: str, workdir: Path):
         r, fwd, readings, b, v1 = None, None, None, None, None
     else:
         r, fwd, readings, b, v1 = catchup_phase(args, url, workdir, shape)
-    c_pub, central_rate, central2_rate = central_phase(args, url, workdir)
+    c_pub, central_rate, central2_rate = central_phase(args, url, workdir, broker_pid)
     return r, fwd, readings, b, v1, c_pub, central_rate, central2_rate
 
 
@@ -1491,7 +1529,7 @@ def catchup_phase(args, url: str, workdir: Path, shape: str):
     return r, fwd, readings, b, v1
 
 
-def central_phase(args, url: str, workdir: Path):
+def central_phase(args, url: str, workdir: Path, broker_pid: int | None = None):
     # 2. central: the gateways' backlogs published at once (payload 3), then one consumer
     # drains them all; and the same backlogs as payload 2 (each datagram's identity kept
     # centrally, as before payload 3) to a stream of their own, drained the same way
@@ -1540,6 +1578,7 @@ def central_phase(args, url: str, workdir: Path):
                 tag=f"-{label}{run}",
                 head_budget=args.head_budget,
                 bin_dir=bin_dir,
+                broker_pid=broker_pid,
             )
             rate = c["stored"] / c["elapsed"]
             rates[label].append(rate)
@@ -1555,6 +1594,8 @@ def central_phase(args, url: str, workdir: Path):
                 + f"; central database {c['db_bytes'] / 1e6:.0f} MB",
                 flush=True,
             )
+            if args.central_timeline:
+                print("    " + timeline_line(c["timeline"]), flush=True)
     central_rate = statistics.median(rates["workers"])
     for key, this, that in (
         ("against", "this checkout", "the other's"),
