@@ -258,6 +258,8 @@ class Store:
         self.chunk_datagrams = chunk_datagrams
         self.chunk_span = chunk_span
         self.head_budget = head_budget
+        # Past head_budget the largest heads close until this share of it stays open.
+        self.budget_floor = 0.75
         # Open heads at most after each transaction (None: no limit): past it, the least recently
         # written close until 3/4 of it stay open (_close_heads).
         self.max_heads = max_heads
@@ -683,8 +685,9 @@ class Store:
         total = sum(h.nbytes() for h in heads.values())
         if total > self.head_budget:
             closing = set(close)
+            floor = int(self.head_budget * self.budget_floor)
             for key, head in sorted(heads.items(), key=lambda kv: -kv[1].nbytes()):
-                if total <= self.head_budget * 3 // 4:
+                if total <= floor:
                     break
                 if key not in closing:
                     close.append(key)

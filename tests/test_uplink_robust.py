@@ -319,6 +319,35 @@ def test_open_heads_stay_at_most_max_heads_and_the_stored_readings_do_not_change
     assert len(central_rows(paths["bounded"])) == len(rows) + 2
 
 
+def test_past_the_head_budget_heads_close_until_it_holds_not_down_to_three_quarters(tmp_path):
+    """The central writer closes past its head budget (the open heads before a transaction's
+    datagrams) only until the budget holds again, the largest first (the collector's store goes
+    down to 3/4 of it): a few heads each transaction instead of a quarter of them at once every
+    few, which kept the writer waiting for a worker busy with them.  The stored readings are
+    those of the fleet."""
+    messages, want = fleet()
+    budget = 20_000  # bytes: 600 heads of one datagram of 2 metrics are 24,000
+    largest = 6 * (24 + 8 * 2)  # a head of the fleet's 6 rows
+    path = str(tmp_path / "central.db")
+    c = Central(path, 0, head_budget=budget)
+    try:
+        over = 0
+        for i in range(0, len(messages), 3):  # one fetch: a row of each gateway
+            before = {key: head.nbytes() for key, head in c.store.heads.items()}
+            c.apply([decoded(m) for m in messages[i : i + 3]], now=NOW)
+            if sum(before.values()) > budget:
+                over += 1
+                kept = [n for key, n in before.items() if key in c.store.heads]
+                assert budget - largest < sum(kept) <= budget
+                assert min(before.values()) <= min(kept) and max(kept) <= max(before.values())
+                assert all(before[key] >= max(kept) for key in before if key not in c.store.heads)  # largest first
+        closed = c.store.chunks_closed
+    finally:
+        c.close()
+    assert over == 5 and closed > 0
+    assert central_rows(path) == want
+
+
 def test_heads_no_longer_written_close_first_and_a_bound_too_small_is_said_once(tmp_path, caplog):
     """Sensors that restart (a new boot: a new head each time) leave heads nobody writes again:
     those close first, none still being written (closed_busy 0), and the open heads are the
