@@ -437,6 +437,7 @@ def step_collector(rate, args, workdir) -> dict:
         "rate": rate,
         "sent": sent["sent"],
         "send_elapsed": sent["elapsed"],
+        "sender_late_ms": round(sent.get("behind_max", 0.0) * 1e3, 1),  # then it sent that much at once
         "received": int(c.get("received", 0)),
         "stored": int(c.get("stored", 0)),
         "stored_readings": int(c.get("stored_readings", 0)),
@@ -474,6 +475,7 @@ def step_bare(rate, args, workdir) -> dict:
         "rate": rate,
         "sent": sent["sent"],
         "send_elapsed": sent["elapsed"],
+        "sender_late_ms": round(sent.get("behind_max", 0.0) * 1e3, 1),  # then it sent that much at once
         "received": received,
         "ok": received == sent["sent"],
     }
@@ -599,6 +601,7 @@ def step_influx(rate, args, workdir) -> dict:
         "rate": rate,
         "sent": sent["sent"],
         "send_elapsed": sent["elapsed"],
+        "sender_late_ms": round(sent.get("behind_max", 0.0) * 1e3, 1),  # then it sent that much at once
         "received": stored,
         "stored": stored,
         "kernel_drops": "n/a",
@@ -681,6 +684,7 @@ def _print_step(label: str, rate: float, r: dict) -> None:
         f"  {label} {rate:>9,.0f}/s offered: sent {r['sent']:,} in {r['send_elapsed']:.2f}s, "
         f"received {r['received']:,}"
         + (f", stored {r['stored']:,}, kernel_drops {r['kernel_drops']}" if "stored" in r else "")
+        + (f", the sender {r['sender_late_ms']:.0f} ms late at most" if r.get("sender_late_ms", 0) > 5 else "")
         + ("  ok" if r["ok"] else "  LOSS"),
         flush=True,
     )

@@ -291,6 +291,17 @@ def explain(samples: list, events: list, granted: int, rate: float, t0: float, s
     peak = max(s[1] for s in samples)
     gaps = [b[0] - a[0] for a, b in zip(samples, samples[1:], strict=False)]
     first_s, last_s = samples[0], samples[-1]
+    kinds: dict[str, list[float]] = {}
+    for kind, start, end, cpu, _ in events:
+        k = kinds.setdefault(kind, [0, 0.0, 0.0, 0.0])
+        k[0] += 1
+        k[1] += end - start
+        k[2] = max(k[2], end - start)
+        k[3] += cpu or 0.0
+    print(
+        "  steps (count, wall s in all, longest ms, CPU s): "
+        + "; ".join(f"{kind} {n:,} {w:.3f} {m * 1e3:.1f} {c:.3f}" for kind, (n, w, m, c) in sorted(kinds.items()))
+    )
     print(
         f"  the loop's thread over the run: ran {(last_s[4] - first_s[4]) / 1e9:.2f} s, runnable but waiting for a "
         f"CPU {(last_s[5] - first_s[5]) / 1e9:.2f} s; the writer threads ran {writer_cpu(first_s[0], last_s[0]):.2f} s"
