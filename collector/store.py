@@ -682,16 +682,19 @@ class Store:
                 break
             close.append(key)
             budget -= size
-        total = sum(h.nbytes() for h in heads.values())
+        sizes = [h.nbytes() for h in heads.values()]
+        total = sum(sizes)
         if total > self.head_budget:
             closing = set(close)
             floor = int(self.head_budget * self.budget_floor)
-            for key, head in sorted(heads.items(), key=lambda kv: -kv[1].nbytes()):
+            keys = list(heads)
+            # largest first, equal sizes in the heads' order (reverse keeps a sort stable)
+            for i in sorted(range(len(keys)), key=sizes.__getitem__, reverse=True):
                 if total <= floor:
                     break
-                if key not in closing:
-                    close.append(key)
-                    total -= head.nbytes()
+                if keys[i] not in closing:
+                    close.append(keys[i])
+                    total -= sizes[i]
         if self.max_heads is not None:
             close += self._least_recent(incoming, set(close))
         done = set()
