@@ -108,6 +108,9 @@ class Maintenance:
         # to delete (not the budget's: those may be younger than the retention).  The central
         # consumer forgets their datagrams' payload-1/2 identities there (uplink_seen).
         self.on_expire: Callable[[sqlite3.Connection, list[int]], None] | None = None
+        # Called at the end of each retention step, in its transaction, with the step's `now`:
+        # the central consumer trims the identities of datagrams that came already expired.
+        self.on_step: Callable[[sqlite3.Connection, float], None] | None = None
 
     def configure(self, conn: sqlite3.Connection) -> None:
         """Bound the WAL by the budget: it is part of the file's size on disk.
@@ -155,6 +158,8 @@ class Maintenance:
         if self.max_disk:
             self._budget(conn, counters, unacked_after, log_chunked_below)
         self._scrub(conn, counters, now)
+        if self.retain > 0 and self.on_step is not None:
+            self.on_step(conn, now)
 
     def shrink(self, conn: sqlite3.Connection) -> None:
         """Outside a transaction: hand free pages back to the file system, a bounded number per step.

@@ -719,6 +719,42 @@ def refuse_chunks(central: str, sensor: str = BAD) -> sqlite3.Connection:
 
 
 @pytest.mark.parametrize("workers", [0, 1])
+def test_payload_2_datagrams_of_a_chunk_set_aside_are_stored_when_published_again(tmp_path, workers):
+    """Payload 2 leaves an uplink_seen row per datagram taken.  When the chunk of those datagrams
+    is set aside, their rows must go with it: before, they stayed, so the payload-1 message
+    published again from uplink_quarantine once the cause was fixed counted its 5 readings as
+    replayed and stored none of them (and the rows, in no chunk, outlived any retention)."""
+    path = str(tmp_path / "central.db")
+    trigger = refuse_chunks(path)
+    rows = [[group("good", 7, (1, 2, 3)), group("bad", 7, (1, 2, 3, 4))]]
+    now = NOW + 86400  # a day past the readings: every head closes at once
+    c = Central(path, workers)
+    try:
+        assert c.apply([decoded(columns2("site-1", *rows))], now=now)["uplink_readings"] == 9
+        c.settle()
+        c.apply([], now=now)
+        assert not c.store.heads and not c.store.closed_later
+    finally:
+        c.close()
+    ((payload,),) = db_query(path, "SELECT payload FROM uplink_quarantine")
+    assert db_query(path, "SELECT sensor, count(*) FROM uplink_seen GROUP BY sensor") == [("site-1:good", 3)]
+    trigger.execute("DROP TRIGGER refuse_chunk")
+    trigger.close()
+    c = Central(path, workers)
+    try:
+        done = c.apply([core.decode(payload)], now=now)
+        c.settle()
+    finally:
+        c.close()
+    assert (done["uplink_readings"], done["uplink_replayed_readings"]) == (5, 0)
+    assert central_rows(path) == expected("site-1", *rows)
+    assert db_query(path, "SELECT sensor, count(*) FROM uplink_seen GROUP BY sensor ORDER BY 1") == [
+        ("site-1:bad", 4),
+        ("site-1:good", 3),
+    ]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
 def test_a_chunk_that_can_never_be_written_is_set_aside_and_the_rest_is_written(tmp_path, workers, caplog):
     """A trigger refuses the chunks of one sensor.  Before, with a close worker, every later
     transaction, even an empty one, failed inserting that worker-made chunk, so the consumer
@@ -1017,3 +1053,46 @@ def test_uplink_seen_rows_go_with_the_chunks_the_retention_deletes_and_a_replay_
     assert counts == [(0, len(old), new), (0, 0, len(old) + new)]
     assert central_rows(path) == expected("site-8", *fresh)
     assert counters["uplink_readings"] == len(old) + new and counters["retention_dropped"] == len(old)
+
+
+@pytest.mark.parametrize("payload", ["2", "1"])
+def test_datagrams_that_come_older_than_the_retention_leave_rows_only_for_the_retention(tmp_path, payload):
+    """Payload 1/2 datagrams that arrive already older than the retention are never stored, so
+    no chunk the retention deletes takes their identities with it: before, each left a
+    uplink_seen row for good (7 rows here, after every retention step).  Now they are kept in
+    uplink_expired for `retain` after they came (a redelivery meanwhile counts as replayed),
+    then a retention step trims them; a delivery after that counts as expired again."""
+    path = str(tmp_path / "central.db")
+    old = expected("site-8", *ROWS)
+    now = NOW + 3 * DAY
+    c = Central(path, 0, retain=2 * DAY)
+
+    def deliver(at: float) -> tuple[int, int, int]:
+        if payload == "2":
+            items = [decoded(columns2("site-8", *ROWS))]
+        else:
+            items = [
+                core.decode(core.readings_message(PREFIX, core.Readings("site-8", *g)).payload) for r in ROWS for g in r
+            ]
+        step = c.apply(items, now=at)
+        return step["uplink_readings"], step["uplink_expired_readings"], step["uplink_replayed_readings"]
+
+    def rows() -> tuple[int, int]:
+        ((seen,),) = db_query(path, "SELECT count(*) FROM uplink_seen")
+        ((expired,),) = db_query(path, "SELECT count(*) FROM uplink_expired")
+        return seen, expired
+
+    try:
+        assert deliver(now) == (0, len(old), 0) and len(old) == 11
+        assert db_query(path, "SELECT count(*) FROM uplink_seen") == [(0,)]  # before: 7, for good
+        assert rows() == (0, 7)  # one per datagram
+        assert deliver(now + 10) == (0, 0, len(old))
+        c.maintain(now=now + 2 * DAY - 1)  # not yet `retain` after they came
+        assert rows() == (0, 7)
+        c.maintain(now=now + 2 * DAY + 1)
+        assert rows() == (0, 0)
+        assert deliver(now + 2 * DAY + 2) == (0, len(old), 0)
+        assert rows() == (0, 7)
+    finally:
+        c.close()
+    assert central_rows(path) == []

@@ -63,6 +63,25 @@ CREATE TABLE IF NOT EXISTS uplink_seen (
     ts REAL NOT NULL,
     PRIMARY KEY (sensor, boot, seq, ts)
 ) WITHOUT ROWID"""
+# The identities of payload-1/2 datagrams that came already older than the retention (never
+# stored, so in no chunk whose deletion would take them): kept `retain` seconds after they came
+# (until), so a redelivery meanwhile counts as replayed, not expired again; then trimmed.
+CREATE_EXPIRED = """
+CREATE TABLE IF NOT EXISTS uplink_expired (
+    sensor TEXT NOT NULL,
+    boot INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (sensor, boot, seq, ts)
+) WITHOUT ROWID"""
+CREATE_EXPIRED_UNTIL = "CREATE INDEX IF NOT EXISTS uplink_expired_until ON uplink_expired (until)"
+MARK_EXPIRED = "INSERT INTO uplink_expired (sensor, boot, seq, ts, until) VALUES (?, ?, ?, ?, ?)"
+EXPIRED_IN_RANGE = "SELECT seq, ts FROM uplink_expired WHERE sensor = ? AND boot = ? AND seq BETWEEN ? AND ?"
+TRIM_EXPIRED = """
+DELETE FROM uplink_expired WHERE (sensor, boot, seq, ts) IN
+    (SELECT sensor, boot, seq, ts FROM uplink_expired WHERE until < ? ORDER BY until LIMIT ?)"""
+EXPIRED_PER_STEP = 50_000  # uplink_expired rows trimmed per retention step at most
 CREATE_RANGES = """
 CREATE TABLE IF NOT EXISTS uplink_ranges (
     gateway TEXT NOT NULL,
@@ -220,6 +239,7 @@ class Central:
         # transactions (~0.9 s of a worker), and the writer waited for the messages queued behind.
         self.store.budget_floor = 1.0
         self.store.maintenance.on_expire = self._forget_seen
+        self.store.maintenance.on_step = self._forget_expired
         self._done: Counter = Counter()  # the transaction's counter deltas (for _chunk_refused)
         self._now = 0.0
         self._aside: list[str] = []  # what _chunk_refused set aside: said at ERROR after the COMMIT
@@ -232,6 +252,8 @@ class Central:
             self.conn.execute("BEGIN")
             self.conn.execute(CREATE_ACCOUNTS)
             self.conn.execute(CREATE_SEEN)
+            self.conn.execute(CREATE_EXPIRED)
+            self.conn.execute(CREATE_EXPIRED_UNTIL)
             self.conn.execute(CREATE_RANGES)
             self.conn.execute(CREATE_GATEWAYS)
             self.conn.execute(CREATE_QUARANTINE)
@@ -276,8 +298,9 @@ class Central:
         """The uplink_seen rows of the datagrams in chunks the retention deletes (in its
         transaction).  Every one was received before the retention's cutoff, so a replay of it
         is refused by age (uplink_expired_readings) and its identity is no longer needed to keep
-        it out: the table holds the payload-1/2 datagrams within the retention (and those that
-        came older than it, never stored), not every one for good."""
+        it out: the table holds the payload-1/2 datagrams within the retention (those that came
+        older than it go to uplink_expired instead: _readings; those of a chunk set aside go:
+        _chunk_refused), not every one for good."""
         for chunk_id in chunk_ids:
             sensor, boot, blob = conn.execute(
                 "SELECT sensor, boot, blob FROM chunks WHERE id = ?", (chunk_id,)
@@ -292,6 +315,12 @@ class Central:
                 continue
             conn.executemany(FORGET_SEEN, [(sensor, boot, seq, t) for seq, t in zip(seqs, ts)])
             self._legacy.pop(sensor.split(":", 1)[0], None)  # its highest seqs: read again when needed
+
+    @staticmethod
+    def _forget_expired(conn: sqlite3.Connection, now: float) -> None:
+        """The uplink_expired rows past their time (in the retention step's transaction, a bounded
+        number): a delivery of those datagrams after that counts in uplink_expired_readings again."""
+        conn.execute(TRIM_EXPIRED, (now, EXPIRED_PER_STEP))
 
     def settle(self) -> None:
         """Insert the chunks of heads closed by the workers (a transaction of its own): when
@@ -314,6 +343,7 @@ class Central:
         finally:
             self.store.chunk_refused = None  # the cycle Central -> Store -> Central gone: freed by refcount
             self.store.maintenance.on_expire = None
+            self.store.maintenance.on_step = None
             self.store.close()
 
     def quarantine(self, gateway: str, subject: str, stream_seq: int, error: str, payload: bytes, now: float) -> int:
@@ -501,6 +531,13 @@ class Central:
             metrics,
         )
         error = f"{exc.__class__.__name__}: {exc}"
+        if conn.execute(
+            "SELECT 1 FROM uplink_seen WHERE sensor = ? AND boot = ? LIMIT 1", (head.sensor, head.boot)
+        ).fetchone():
+            # Payload 1/2 brought some: their identities go with the chunk, or the message published
+            # again from uplink_quarantine would be taken for a replay and stored nowhere.
+            conn.executemany(FORGET_SEEN, [(head.sensor, head.boot, s, t) for s, t in zip(head.seqs, head.ts)])
+            self._legacy.pop(gateway, None)
         ids = []
         for m in core.readings_messages(self.subject_prefix, item):
             cur = conn.execute(INSERT_QUARANTINE, (self._now, gateway, m.subject, 0, error[:1000], m.payload))
@@ -607,8 +644,17 @@ class Central:
         seen = conn.execute(SEEN_IN_RANGE, (sensor, boot, lo, hi)).fetchall()
         if ready is not None:  # payload 3 stored datagrams of this gateway without uplink_seen rows
             seen += self._held(sensor, item.boot, lo, hi, item.received, groups, ready)
+        # A datagram received before the retention's cutoff is not stored (_unexpired): its
+        # identity goes into uplink_expired, trimmed `retain` after it came, not uplink_seen,
+        # whose rows go with the chunks the retention deletes (this one is in none).
+        cutoff = self._now - self.retain if self.retain and min(item.received) < self._now - self.retain else None
+        if cutoff is not None:
+            seen += conn.execute(EXPIRED_IN_RANGE, (sensor, boot, lo, hi)).fetchall()
         if not seen and len(set(keys)) == n:
-            conn.executemany(MARK_SEEN, [(sensor, boot, seq, ts) for seq, ts in keys])
+            if cutoff is None:
+                conn.executemany(MARK_SEEN, [(sensor, boot, seq, ts) for seq, ts in keys])
+            else:
+                self._mark(sensor, boot, keys, range(n), item.received, cutoff)
             done["uplink_readings"] += total
             keep = None
         else:
@@ -618,7 +664,10 @@ class Central:
                 if key not in seen_set:
                     seen_set.add(key)
                     keep.append(i)
-            conn.executemany(MARK_SEEN, [(sensor, boot, *keys[i]) for i in keep])
+            if cutoff is None:
+                conn.executemany(MARK_SEEN, [(sensor, boot, *keys[i]) for i in keep])
+            else:
+                self._mark(sensor, boot, keys, keep, item.received, cutoff)
             taken = sum(sum(values[i] is not None for values in item.metrics.values()) for i in keep)
             done["uplink_readings"] += taken
             done["uplink_replayed_readings"] += total - taken
@@ -647,6 +696,13 @@ class Central:
                 metrics,
             )
         groups.setdefault((sensor, item.boot), []).append(group)
+
+    def _mark(self, sensor: str, boot: int, keys: list, taken, received: list[float], cutoff: float) -> None:
+        """Remember the datagrams `taken` (positions in keys): in uplink_seen, or, those received
+        before `cutoff` (not stored), in uplink_expired until `retain` from now."""
+        until = self._now + self.retain
+        self.conn.executemany(MARK_SEEN, [(sensor, boot, *keys[i]) for i in taken if received[i] >= cutoff])
+        self.conn.executemany(MARK_EXPIRED, [(sensor, boot, *keys[i], until) for i in taken if received[i] < cutoff])
 
     # ------------------------------------------------------------ payload 3
 
