@@ -261,6 +261,43 @@ def test_a_consumer_takes_payload_2_after_payload_3_of_the_same_rows_once(tmp_pa
     assert counters["uplink_replayed_readings"] == len(old)
 
 
+def test_a_higher_tier_with_its_own_durable_on_the_same_stream_gets_everything_once(tmp_path, consumer):
+    """docs/OPERATIONS.md "The central side": a higher tier reads the gateways' own stream with a
+    second `consume` and its own durable name.  Two real consumers on one real stream, each
+    writing its own central database: both hold every reading and account exactly once; the
+    second, stopped while a message comes and started again, takes only that message from its
+    own position (nothing redelivered to it, nothing taken from the first one's)."""
+    central, tier = str(tmp_path / "central.db"), str(tmp_path / "tier-2.db")
+    later = [[group("a", 7, (5, 6)), group("c", 1, (1,))]]
+    with NatsServer(tmp_path) as ns:
+        pub = Publisher(ns.url)
+        try:
+            a = consumer(central, [ns.url], "--close-workers", "0")
+            b = consumer(tier, [ns.url], "--close-workers", "0", "--durable", "tier-2")
+            for m in (columns3("site-1", *ROWS), columns3("site-2", *ROWS), snapshot("site-1", "a")):
+                pub.publish(m)
+            for path in (central, tier):
+                wait_for(lambda p=path: db_counters(p)["uplink_messages"] == 3, 30, 0.05, what=f"3 messages in {path}")
+            assert b.stop() == 0
+            published(pub, central, columns3("site-1", *later, first_id=3), 4, "the later message")
+            b = consumer(tier, [ns.url], "--close-workers", "0", "--durable", "tier-2")
+            wait_for(lambda: db_counters(tier)["uplink_messages"] == 4, 30, 0.05, what="the later message in tier-2")
+            assert a.stop() == 0 and b.stop() == 0
+            durables = {pub.consumer_info().name}
+            durables.add(pub.loop.run_until_complete(pub.js.consumer_info("TELEMETRY", "tier-2")).name)
+        finally:
+            pub.close()
+    assert durables == {"telemetry-central", "tier-2"}
+    want = sorted(expected("site-1", *ROWS, *later) + expected("site-2", *ROWS))
+    assert len(want) == 27
+    for path in (central, tier):
+        assert central_rows(path) == want, path
+        counters = db_counters(path)
+        assert (counters["uplink_messages"], counters["uplink_readings"], counters["uplink_accounts"]) == (4, 27, 1)
+        assert (counters["uplink_replayed_readings"], counters["uplink_rejected:bad_shape"]) == (0, 0)
+        assert db_query(path, "SELECT sensor, gateway, as_of FROM uplink_accounts") == [("site-1:a", "site-1", 5)]
+
+
 # ---------------------------------------------------------------- open heads bounded
 
 
