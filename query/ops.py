@@ -111,6 +111,10 @@ class Ops:
         self.heads = HeadCache()
         self._chunks: OrderedDict[tuple[int, str], tuple | str | None] = OrderedDict()
         self.meta: dict[str, Any] = {}
+        # The schema version the file had when opened (schema.open_reader checked it).  A collector
+        # that upgrades the file while this runs may change what the caches above mean (version 6:
+        # chunk ids a version 5 file handed out again), so every request checks it: _schema.
+        self.schema = self._schema()
         conn.set_progress_handler(self._over_budget, _PROGRESS_STEPS)
 
     def close(self) -> None:
@@ -127,6 +131,13 @@ class Ops:
         try:
             # One snapshot for the whole request: chunks and heads agree.
             conn.execute("BEGIN")
+            found = self._schema()
+            if found != self.schema:
+                raise RequestError(
+                    "schema_changed",
+                    f"the database was upgraded to schema version {found} while this server ran "
+                    f"(it opened version {self.schema}): restart telemetry-query serve",
+                )
             self.heads.refresh(conn, self._deadline)
             return handler(**request.params)
         except sqlite3.OperationalError as exc:
@@ -140,6 +151,11 @@ class Ops:
             self._deadline = math.inf
             if conn.in_transaction:
                 conn.execute("COMMIT")
+
+    def _schema(self) -> str | None:
+        """meta.schema_version as stored (one primary-key read)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return None if row is None else str(row[0])
 
     def _note(self, text: str) -> None:
         notes = self.meta.setdefault("notes", [])

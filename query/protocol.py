@@ -32,7 +32,7 @@ MAX_ABS_TIME = 1e12  # Unix seconds; far beyond any real clock, well inside floa
 MIN_BUCKET = 0.001  # seconds
 MAX_ID_DEPTH = 32  # nesting of the echoed `id`
 
-CODES = ("bad_json", "bad_request", "unknown_op", "too_large", "internal", "slow_consumer")
+CODES = ("bad_json", "bad_request", "unknown_op", "too_large", "internal", "slow_consumer", "schema_changed")
 
 
 class RequestError(Exception):
