@@ -755,6 +755,20 @@ def refuse_chunks(central: str, sensor: str = BAD) -> sqlite3.Connection:
     return conn
 
 
+def publish_again(central: str, workers: int, trigger: sqlite3.Connection, payload: bytes, now: float) -> Counter:
+    """The operator's fix: the trigger of refuse_chunks dropped, the message kept in
+    uplink_quarantine published again to a new consumer; what that transaction counted."""
+    trigger.execute("DROP TRIGGER refuse_chunk")
+    trigger.close()
+    c = Central(central, workers)
+    try:
+        done = c.apply([core.decode(payload)], now=now)
+        c.settle()
+    finally:
+        c.close()
+    return done
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_payload_2_datagrams_of_a_chunk_set_aside_are_stored_when_published_again(tmp_path, workers):
     """Payload 2 leaves an uplink_seen row per datagram taken.  When the chunk of those datagrams
@@ -775,14 +789,7 @@ def test_payload_2_datagrams_of_a_chunk_set_aside_are_stored_when_published_agai
         c.close()
     ((payload,),) = db_query(path, "SELECT payload FROM uplink_quarantine")
     assert db_query(path, "SELECT sensor, count(*) FROM uplink_seen GROUP BY sensor") == [("site-1:good", 3)]
-    trigger.execute("DROP TRIGGER refuse_chunk")
-    trigger.close()
-    c = Central(path, workers)
-    try:
-        done = c.apply([core.decode(payload)], now=now)
-        c.settle()
-    finally:
-        c.close()
+    done = publish_again(path, workers, trigger, payload, now)
     assert (done["uplink_readings"], done["uplink_replayed_readings"]) == (5, 0)
     assert central_rows(path) == expected("site-1", *rows)
     assert db_query(path, "SELECT sensor, count(*) FROM uplink_seen GROUP BY sensor ORDER BY 1") == [
@@ -838,14 +845,7 @@ def test_a_chunk_that_can_never_be_written_is_set_aside_and_the_rest_is_written(
         "operator): kept in uplink_quarantine id 1 as payload-1 messages"
     )
     # the cause fixed, the message published again: nothing was lost
-    trigger.execute("DROP TRIGGER refuse_chunk")
-    trigger.close()
-    c = Central(path, workers)
-    try:
-        done = c.apply([core.decode(payload)], now=now)
-        c.settle()
-    finally:
-        c.close()
+    done = publish_again(path, workers, trigger, payload, now)
     assert done["uplink_readings"] == 5 and done["uplink_replayed_readings"] == 0
     assert central_rows(path) == sorted(good)
 
