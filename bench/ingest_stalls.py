@@ -209,23 +209,24 @@ class Sampler:
     """The collector's socket from outside, every `every` s, in a thread of this process pinned to
     the sender's core: (time.perf_counter, bytes queued (rx_queue: truesize, what the buffer
     counts), the socket's drops, UDP datagrams the host delivered plus dropped for lack of
-    buffer (/proc/net/snmp: the arrivals, whoever sent them))."""
+    buffer (/proc/net/snmp: the arrivals, whoever sent them), and ns the loop's thread ran, ns it
+    waited runnable, ns the other threads ran (/proc/PID/task/TID/schedstat))."""
 
     def __init__(self, port: int, core: int | None, pid: int, every: float = 0.002) -> None:
         import threading
 
-        self.port, self.core, self.every, self.pid = f":{port:04X} ", core, every, pid
+        self.port, self.core, self.every, self.pid = f":{port:04X}", core, every, pid
         self.samples: list[tuple] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _read(self) -> tuple[int, int, int] | None:
+    def _read(self) -> tuple[int, int, int, int, int, int] | None:
         rx = drops = None
         with open("/proc/net/udp") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) > 12 and parts[1].endswith(self.port.strip()) and parts[1][8:9] == ":":
+                if len(parts) > 12 and parts[1].endswith(self.port) and parts[1][8:9] == ":":
                     rx, drops = int(parts[4].split(":")[1], 16), int(parts[-1])
                     break
         if rx is None:
@@ -260,7 +261,7 @@ class Sampler:
                 self.samples.append((time.perf_counter(), *got))
             self._stop.wait(self.every)
 
-    def stop(self) -> list[tuple[float, int, int, int]]:
+    def stop(self) -> list[tuple]:
         self._stop.set()
         self._thread.join()
         return self.samples

@@ -62,6 +62,27 @@ def db_query(db_path: str, sql: str, *params) -> list[tuple]:
         conn.close()
 
 
+def as_plain_primary_key(path: str, table: str, version: int) -> None:
+    """Turn a file this code made back into the `version` it grew from, where `table`'s id was a
+    plain INTEGER PRIMARY KEY with no sqlite_sequence row (the inverse of
+    schema.declare_autoincrement: version 5 for `chunks`, 6 for `uplink_quarantine`)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+    (schema_version,) = conn.execute("PRAGMA schema_version").fetchone()
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("PRAGMA writable_schema=ON")
+    conn.execute(
+        "UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = ?",
+        (sql.replace("PRIMARY KEY AUTOINCREMENT,", "PRIMARY KEY,"), table),
+    )
+    conn.execute(f"PRAGMA schema_version={schema_version + 1}")
+    conn.execute("PRAGMA writable_schema=OFF")
+    conn.execute("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+    conn.execute("COMMIT")
+    conn.close()
+
+
 def db_counters(db_path: str) -> dict:
     return dict(db_query(db_path, "SELECT name, value FROM counters"))
 

@@ -16,6 +16,8 @@ from collector.store import open_ingest
 from query.ops import Ops
 from query.protocol import parse_request
 
+from helpers import as_plain_primary_key
+
 T0 = 1_700_000_000.0
 DAY = 86400.0
 
@@ -85,21 +87,7 @@ def test_a_corrupt_chunk_record_stays_with_its_chunk_not_a_later_one(db_path):
 def as_version_5(path: str) -> None:
     """Turn a file this collector made into the version 5 it grew from: `chunks.id` a plain
     INTEGER PRIMARY KEY, no sqlite_sequence row for it (the migration's inverse)."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'chunks'").fetchone()
-    (version,) = conn.execute("PRAGMA schema_version").fetchone()
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute("PRAGMA writable_schema=ON")
-    conn.execute(
-        "UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'chunks'",
-        (sql.replace("PRIMARY KEY AUTOINCREMENT,", "PRIMARY KEY,"),),
-    )
-    conn.execute(f"PRAGMA schema_version={version + 1}")
-    conn.execute("PRAGMA writable_schema=OFF")
-    conn.execute("DELETE FROM sqlite_sequence WHERE name = 'chunks'")
-    conn.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
-    conn.execute("COMMIT")
-    conn.close()
+    as_plain_primary_key(path, "chunks", 5)
 
 
 def test_the_version_6_migration_counts_on_from_the_highest_id_a_minute_block_or_fault_still_names(db_path):

@@ -14,7 +14,7 @@ import sqlite3
 from collector import schema
 from collector.uplink.central import Central, summary
 
-from helpers import db_counters, db_query
+from helpers import as_plain_primary_key, db_counters, db_query
 
 
 def set_aside(path: str, n: int, now: float = 1000.0) -> list[int]:
@@ -49,21 +49,7 @@ def test_the_id_of_a_deleted_newest_row_is_not_given_to_the_next_message_set_asi
 def as_version_6(path: str) -> None:
     """Turn a central file this code made into the version 6 it grew from: uplink_quarantine.id a
     plain INTEGER PRIMARY KEY, no sqlite_sequence row for it (the v7 migration's inverse)."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'uplink_quarantine'").fetchone()
-    (version,) = conn.execute("PRAGMA schema_version").fetchone()
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute("PRAGMA writable_schema=ON")
-    conn.execute(
-        "UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'uplink_quarantine'",
-        (sql.replace("PRIMARY KEY AUTOINCREMENT,", "PRIMARY KEY,"),),
-    )
-    conn.execute(f"PRAGMA schema_version={version + 1}")
-    conn.execute("PRAGMA writable_schema=OFF")
-    conn.execute("DELETE FROM sqlite_sequence WHERE name = 'uplink_quarantine'")
-    conn.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
-    conn.execute("COMMIT")
-    conn.close()
+    as_plain_primary_key(path, "uplink_quarantine", 6)
 
 
 def test_the_version_7_migration_counts_on_from_every_message_ever_set_aside(tmp_path):
